@@ -1,0 +1,259 @@
+"""Experiment configuration: frozen dataclasses, YAML loading, dotted overrides, validation.
+
+A config is YAML plus ``key=value`` overrides (``nodes=16 topology.graph=ring``). Unknown keys and bad
+values stop the run before any work, with an error that names the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm"  # "minilm" (shipped) | "tiny-bert" (random, for tests) | a local model folder
+    target_modules: tuple[str, ...] = ("query", "value")
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    dropout: float = 0.0
+    head: str = "train"  # train: per-node classifier head, trained and mixed | frozen
+    max_length: int = 128
+    init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "rotten_tomatoes"  # rotten_tomatoes | bbc_news | a .csv / .jsonl file
+    test_file: str | None = None  # for a user's file: held-out file (else a seeded split)
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = 0.2
+    train_limit: int | None = None  # keep at most this many training examples (seeded choice)
+    test_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    kind: str = "iid"  # iid | dirichlet | proportions | shards | quantity_skew
+    alpha: float = 0.5  # dirichlet concentration (also quantity_skew)
+    min_size: int = 8  # dirichlet / quantity_skew: resample until every node has this many
+    proportions: tuple[tuple[float, ...], ...] | None = None  # one label distribution per node
+    shards_per_node: int = 2
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    graph: str = "ring"
+    weights: str = "metropolis_hastings"
+    lazy: bool = False  # use (I + W) / 2
+    p: float = 0.3  # erdos_renyi / dynamic erdos_renyi edge probability
+    degree: int = 4  # random regular degree; small-world neighbours
+    rewire: float = 0.1  # small-world rewiring probability
+    edge_list: str | None = None  # graph: file
+    weight_file: str | None = None  # weights: file
+    allow_disconnected: bool = False
+    schedule: str = "static"  # static | dynamic_er | pairwise | one_peer_exponential | periodic_full
+    encounter_prob: float = 0.1  # pairwise: probability that a pair meets in a round
+    period: int = 10  # periodic_full: full averaging every `period` rounds
+    link_failure: float = 0.0  # each edge fails independently with this probability per round
+    node_dropout: float = 0.0  # each node is offline with this probability per round
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    head_lr: float | None = None  # defaults to lr
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    batch_size: int = 16
+    local_steps: int = 5
+    local_unit: str = "steps"  # steps | epochs
+    max_grad_norm: float | None = 1.0  # per-node clipping; null disables
+    tokens_per_chunk: int = 8192  # forward micro-batch budget (padded tokens); same result, less memory
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 5  # rounds between evaluations (the last round is always evaluated)
+    node_examples: int = 500  # test examples used for each node's own accuracy
+    consensus_examples: int | None = None  # test examples for the consensus models (None: all)
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "dec_lora"
+
+
+@dataclass(frozen=True)
+class Config:
+    nodes: int = 8
+    rounds: int = 20
+    seed: int = 0
+    run_dir: str | None = None  # default: runs/<algorithm>-<timestamp>
+    checkpoint_every: int = 5
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.head": ("train", "frozen"),
+    "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
+    "train.local_unit": ("steps", "epochs"),
+}
+POSITIVE = ("nodes", "rounds", "checkpoint_every", "model.rank", "model.max_length", "train.batch_size",
+            "train.local_steps", "train.tokens_per_chunk", "eval.every", "eval.batch_size")
+
+
+# ---------------------------------------------------------------- building from plain dicts
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                              f"got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; allowed under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"topology.graph=ring"`` -> ("topology.graph", "ring"); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example nodes=16)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return {f.name: (to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+                     else plain(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)}
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types alone cannot express; names the bad value and the allowed ones."""
+    flat = _flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")
+    for key in POSITIVE:
+        if flat[key] is None or flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
+    # Registries are checked here so that a typo stops the run before the model loads.
+    from declora.algorithms import ALGORITHMS
+
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}")
+    return cfg
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML (or defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return validate(_build(Config, tree))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

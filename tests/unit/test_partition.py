@@ -1,0 +1,178 @@
+"""Partitioners on small synthetic label arrays: disjoint, seeded, and skewed the way each one promises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from declora.config import PartitionConfig
+from declora.partition import (
+    ADF_TAD_BINARY,
+    ADF_TAD_MNLI,
+    PARTITIONERS,
+    describe_partition,
+    partition,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def synthetic_labels(n: int = 600, k: int = 3, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, k, size=n)
+
+
+def cfg_for(kind: str, **kw: object) -> PartitionConfig:
+    if kind == "proportions" and "proportions" not in kw:
+        kw["proportions"] = ((0.8, 0.1, 0.1), (0.1, 0.8, 0.1), (0.1, 0.1, 0.8), (1 / 3, 1 / 3, 1 / 3))
+    return PartitionConfig(kind=kind, **kw)  # type: ignore[arg-type]
+
+
+def mean_label_entropy(parts: list[np.ndarray], labels: np.ndarray, k: int) -> float:
+    ents = []
+    for p in parts:
+        q = np.bincount(labels[p], minlength=k) / len(p)
+        q = q[q > 0]
+        ents.append(float(-(q * np.log(q)).sum()))
+    return float(np.mean(ents))
+
+
+@pytest.mark.parametrize("kind", sorted(PARTITIONERS))
+def test_disjoint_nonempty_and_deterministic(kind: str) -> None:
+    labels = synthetic_labels()
+    cfg = cfg_for(kind)
+    parts = partition(labels, 4, cfg, seed=1)
+    assert len(parts) == 4
+    assert all(len(p) >= 1 and p.dtype == np.int64 for p in parts)
+    flat = np.concatenate(parts)
+    assert len(np.unique(flat)) == len(flat)  # disjoint
+    assert flat.min() >= 0 and flat.max() < len(labels)
+    again = partition(labels, 4, cfg, seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition(labels, 4, cfg, seed=2)
+    assert any(not np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "shards", "quantity_skew"])
+def test_covers_every_example(kind: str) -> None:
+    labels = synthetic_labels()
+    parts = partition(labels, 5, cfg_for(kind), seed=0)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
+
+
+def test_parts_are_shuffled_not_sorted() -> None:
+    parts = partition(synthetic_labels(), 3, cfg_for("iid"), seed=0)
+    assert not all(np.array_equal(p, np.sort(p)) for p in parts)
+
+
+def test_iid_sizes_near_equal() -> None:
+    sizes = [len(p) for p in partition(synthetic_labels(n=603), 4, cfg_for("iid"), seed=0)]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_dirichlet_min_size_respected() -> None:
+    labels = synthetic_labels(n=400, k=2)
+    parts = partition(labels, 8, cfg_for("dirichlet", alpha=0.3, min_size=20), seed=0)
+    assert min(len(p) for p in parts) >= 20
+
+
+def test_dirichlet_smaller_alpha_more_skew() -> None:
+    labels = synthetic_labels(n=1000, k=4)
+    ents = {}
+    for alpha in (0.1, 100.0):
+        cfg = cfg_for("dirichlet", alpha=alpha, min_size=1)
+        ents[alpha] = np.mean([mean_label_entropy(partition(labels, 6, cfg, s), labels, 4) for s in range(5)])
+    assert ents[0.1] < ents[100.0] - 0.3
+    assert ents[100.0] > 0.95 * np.log(4)  # large alpha is close to iid
+
+
+def test_dirichlet_impossible_setting_names_values() -> None:
+    labels = synthetic_labels(n=100, k=2)
+    with pytest.raises(ValueError, match=r"alpha=0\.001.*100 examples"):
+        partition(labels, 10, cfg_for("dirichlet", alpha=0.001, min_size=5), seed=0)
+    with pytest.raises(ValueError, match="min_size=50"):
+        partition(labels, 10, cfg_for("dirichlet", min_size=50), seed=0)
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_proportions_match_request(n: int) -> None:
+    labels = synthetic_labels(n=n, k=2, seed=3)
+    cfg = cfg_for("proportions", proportions=ADF_TAD_BINARY)
+    parts = partition(labels, 10, cfg, seed=0)
+    sizes = {len(p) for p in parts}
+    assert len(sizes) == 1  # equal share
+    size = sizes.pop()
+    assert size <= n // 10
+    for p, want in zip(parts, ADF_TAD_BINARY, strict=True):
+        got = np.bincount(labels[p], minlength=2) / size
+        assert np.allclose(got, want, atol=1.0 / size + 1e-9)
+
+
+def test_proportions_size_capped_by_scarce_label() -> None:
+    labels = np.array([0] * 900 + [1] * 100)
+    cfg = cfg_for("proportions", proportions=((0.5, 0.5), (0.5, 0.5)))
+    parts = partition(labels, 2, cfg, seed=0)
+    assert [len(p) for p in parts] == [100, 100]  # label 1 has 100: 50 each, not floor(1000 / 2)
+    assert all(np.bincount(labels[p]).tolist() == [50, 50] for p in parts)
+
+
+def test_mnli_preset_three_classes() -> None:
+    labels = synthetic_labels(n=900, k=3)
+    parts = partition(labels, 10, cfg_for("proportions", proportions=ADF_TAD_MNLI), seed=0)
+    hist = describe_partition(parts, labels, 3)
+    assert [int(np.argmax(h["label_counts"])) for h in hist] == [0] * 4 + [1] * 3 + [2] * 3
+
+
+@pytest.mark.parametrize(
+    ("props", "pattern"),
+    [
+        (((0.5, 0.5),), r"1 distributions but nodes=2"),
+        (((0.5, 0.5), (0.5, 0.4)), r"proportions\[1\]=\[0\.5, 0\.4\].*sum to 1"),
+        (((0.5, 0.5), (0.3, 0.3, 0.4)), r"proportions\[1\].*3 entries.*2 values"),
+        (((1.2, -0.2), (0.5, 0.5)), r"proportions\[0\].*non-negative"),
+    ],
+)
+def test_proportions_errors_name_bad_node(props: tuple, pattern: str) -> None:
+    labels = synthetic_labels(n=100, k=2)
+    with pytest.raises(ValueError, match=pattern):
+        partition(labels, 2, cfg_for("proportions", proportions=props), seed=0)
+
+
+def test_proportions_missing() -> None:
+    with pytest.raises(ValueError, match="needs partition.proportions"):
+        partition(synthetic_labels(), 2, PartitionConfig(kind="proportions"), seed=0)
+
+
+def test_shards_few_labels_per_node() -> None:
+    labels = np.repeat(np.arange(10), 20)  # 10 labels x 20
+    parts = partition(labels, 10, cfg_for("shards", shards_per_node=2), seed=0)
+    assert all(len(p) == 20 for p in parts)
+    assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+
+
+def test_quantity_skew_sizes_vary_labels_mixed() -> None:
+    labels = synthetic_labels(n=1000, k=2)
+    parts = partition(labels, 5, cfg_for("quantity_skew", alpha=0.5, min_size=30), seed=0)
+    sizes = [len(p) for p in parts]
+    assert min(sizes) >= 30 and sum(sizes) == 1000
+    assert max(sizes) > 2 * min(sizes)
+
+
+def test_describe_partition() -> None:
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    out = describe_partition([np.array([0, 1]), np.array([2, 3, 4, 5])], labels, 4)
+    assert out == [
+        {"node": 0, "size": 2, "label_counts": [1, 1, 0, 0]},
+        {"node": 1, "size": 4, "label_counts": [0, 1, 3, 0]},
+    ]
+
+
+def test_bad_arguments_named() -> None:
+    labels = synthetic_labels(n=10)
+    with pytest.raises(ValueError, match="nodes=11"):
+        partition(labels, 11, cfg_for("iid"), seed=0)
+    with pytest.raises(ValueError, match="'nope'.*iid"):
+        partition(labels, 2, dataclasses.replace(cfg_for("iid"), kind="nope"), seed=0)
+    with pytest.raises(ValueError, match="shards_per_node=6"):
+        partition(labels, 2, cfg_for("shards", shards_per_node=6), seed=0)

@@ -1,0 +1,84 @@
+"""The node-stacked LoRA layer: one frozen base linear, every node's factors on a leading node axis.
+
+A batch row belongs to one node; ``NodeRouting.rows`` says which. Each row is multiplied by its own
+node's factors with a batched matmul, so one forward/backward trains every node at once, exactly as if
+each had its own model copy, while the base weights exist once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class NodeRouting:
+    """Which node each row of the current batch belongs to; shared by every stacked layer of a model."""
+
+    def __init__(self) -> None:
+        self.rows: Tensor | None = None  # (batch,) long
+
+    def require(self, batch: int) -> Tensor:
+        if self.rows is None:
+            raise RuntimeError("no node routing set: run the model inside Federation.route(node_ids)")
+        if self.rows.shape[0] != batch:
+            raise RuntimeError(f"routing holds {self.rows.shape[0]} rows but the batch has {batch}")
+        return self.rows
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+class StackedLoRALinear(nn.Module):
+    """``y = base(x) + s * B[node] A[node] dropout(x)`` for every row, with A: (n, r, d_in), B: (n, d_out, r)."""
+
+    def __init__(self, base: nn.Linear, n: int, rank: int, scale: float, dropout: float,
+                 routing: NodeRouting, init_A: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        if init_A.shape != (rank, d_in):
+            raise ValueError(f"init_A has shape {tuple(init_A.shape)}, expected {(rank, d_in)}")
+        # Every node starts from the same A and B = 0, so every node starts at the base model.
+        self.A = nn.Parameter(init_A.to(base.weight.dtype).expand(n, rank, d_in).clone())  # (n, r, d_in)
+        self.B = nn.Parameter(torch.zeros(n, d_out, rank, dtype=base.weight.dtype))  # (n, d_out, r)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.routing = routing
+        # Evaluation may swap in other stacked factors (the averaged adapter, say) without touching A, B.
+        self.override: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        A, B = self.override if self.override is not None else (self.A, self.B)
+        rows = self.routing.require(x.shape[0])
+        h = self.dropout(x)
+        if h.dim() == 2:  # (rows, d_in): one token per row
+            h = h.unsqueeze(1)
+        h = h.reshape(h.shape[0], -1, h.shape[-1])  # (rows, seq, d_in)
+        z = torch.bmm(h, A[rows].transpose(1, 2))  # (rows, seq, r)
+        z = torch.bmm(z, B[rows].transpose(1, 2))  # (rows, seq, d_out)
+        return out + (self.scale * z).reshape(out.shape)
+
+
+class StackedLinear(nn.Module):
+    """A per-node linear layer (the classifier head): weight (n, out, in), bias (n, out)."""
+
+    def __init__(self, base: nn.Linear, n: int, routing: NodeRouting) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(base.weight.detach().expand(n, *base.weight.shape).clone())
+        bias = base.bias if base.bias is not None else torch.zeros(base.weight.shape[0])
+        self.bias = nn.Parameter(bias.detach().expand(n, bias.shape[0]).clone())
+        self.routing = routing
+        self.override: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (rows, ..., in)
+        weight, bias = self.override if self.override is not None else (self.weight, self.bias)
+        rows = self.routing.require(x.shape[0])
+        h = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, seq, in)
+        y = torch.bmm(h, weight[rows].transpose(1, 2)) + bias[rows].unsqueeze(1)  # (rows, seq, out)
+        return y.reshape(*x.shape[:-1], weight.shape[1])

@@ -1,0 +1,225 @@
+"""The federation as one model: a frozen base with node-stacked LoRA in its target modules.
+
+PEFT is the interchange format, not the training engine: any node's adapter (or a consensus adapter)
+exports as a standard PEFT folder, and a PEFT adapter can seed every node of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from declora.assets import model_path
+from declora.config import ModelConfig
+from declora.lora import NodeRouting, StackedLinear, StackedLoRALinear, lora_scale
+from declora.seeding import torch_generator
+
+log = logging.getLogger(__name__)
+HEAD_ROOTS = ("classifier", "score")  # where transformers puts sequence-classification heads
+KINDS = ("A", "B", "head")
+
+
+class Federation(nn.Module):
+    """Holds the HF model (frozen) and, per adapted module, the stacked factors of all ``n`` nodes."""
+
+    def __init__(self, model: nn.Module, n: int, cfg: ModelConfig, path: Path, routing: NodeRouting,
+                 lora: dict[str, StackedLoRALinear], heads: dict[str, StackedLinear]) -> None:
+        super().__init__()
+        self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
+        self.lora, self.heads = lora, heads
+        self.scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
+
+    # ---- the node-stacked tensors, by name: "<module>.lora_A", "<module>.lora_B", "<head>.weight"
+    def tensors(self, kinds: tuple[str, ...] = KINDS) -> dict[str, nn.Parameter]:
+        out: dict[str, nn.Parameter] = {}
+        for name, layer in self.lora.items():
+            if "A" in kinds:
+                out[f"{name}.lora_A"] = layer.A
+            if "B" in kinds:
+                out[f"{name}.lora_B"] = layer.B
+        if "head" in kinds:
+            for name, head in self.heads.items():
+                out[f"{name}.weight"], out[f"{name}.bias"] = head.weight, head.bias
+        return out
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        return {name: (layer.A.detach(), layer.B.detach()) for name, layer in self.lora.items()}
+
+    @staticmethod
+    def kind_of(tensor_name: str) -> str:
+        return "A" if tensor_name.endswith(".lora_A") else "B" if tensor_name.endswith(".lora_B") else "head"
+
+    def set_training(self, on: bool) -> None:
+        """LoRA dropout on or off; the frozen base always runs in eval mode (no base dropout)."""
+        for layer in self.lora.values():
+            layer.dropout.train(on)
+
+    @contextmanager
+    def route(self, rows: Tensor) -> Iterator[None]:
+        """Run the model with batch row k belonging to node ``rows[k]``."""
+        previous, self.routing.rows = self.routing.rows, rows
+        try:
+            yield
+        finally:
+            self.routing.rows = previous
+
+    @contextmanager
+    def override(self, stacked: dict[str, Tensor]) -> Iterator[None]:
+        """Evaluate with other stacked tensors (leading axis m, any rank) in place of the nodes' own."""
+        for name, layer in self.lora.items():
+            layer.override = (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"])
+        for name, head in self.heads.items():
+            head.override = (stacked[f"{name}.weight"], stacked[f"{name}.bias"])
+        try:
+            yield
+        finally:
+            for module in [*self.lora.values(), *self.heads.values()]:
+                module.override = None
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+# ---------------------------------------------------------------- building
+
+
+def _kaiming_uniform(rank: int, d_in: int, generator: torch.Generator) -> Tensor:
+    # PEFT's default lora_A init: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
+
+
+def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def load_base(cfg: ModelConfig, num_labels: int) -> tuple[nn.Module, Path]:
+    """The frozen transformers model; its head is initialised from ``cfg.init_seed`` (same on every process)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = model_path(cfg.name)
+    hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.init_seed)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   dtype=torch.float32)
+    model.eval()  # base dropout off: the LoRA dropout is ours; see ModelConfig.dropout
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, path
+
+
+def build_federation(cfg: ModelConfig, n: int, num_labels: int) -> Federation:
+    model, path = load_base(cfg, num_labels)
+    routing = NodeRouting()
+    scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
+    lora: dict[str, StackedLoRALinear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in cfg.target_modules \
+                and not name.startswith(HEAD_ROOTS):
+            init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
+            lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A)
+    if not lora:
+        linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"model.target_modules={list(cfg.target_modules)} matches no linear layer of "
+                         f"{path}; its linear layer names are {linears}")
+    for name, layer in lora.items():
+        _replace(model, name, layer)
+    heads = {name: StackedLinear(m, n, routing) for name, m in list(model.named_modules())
+             if isinstance(m, nn.Linear) and name.startswith(HEAD_ROOTS)}
+    for name, head in heads.items():
+        _replace(model, name, head)
+        head.requires_grad_(cfg.head == "train")
+    log.info("model %s: %d adapted modules, rank %d, %d head tensors, %d nodes", path, len(lora), cfg.rank,
+             2 * len(heads), n)
+    return Federation(model, n, cfg, path, routing, lora, heads)
+
+
+# ---------------------------------------------------------------- derived adapters
+
+
+def node_slice(stacked: dict[str, Tensor], node: int) -> dict[str, Tensor]:
+    return {k: v[node : node + 1] for k, v in stacked.items()}
+
+
+def averaged_factors(stacked: dict[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+    """Mean of every stacked tensor over the nodes (optionally weighted), keeping a node axis of 1."""
+    if weights is None:
+        return {k: v.detach().mean(0, keepdim=True) for k, v in stacked.items()}
+    w = weights.to(torch.float32) / weights.sum()
+    return {k: torch.einsum("n,n...->...", w, v.detach()).unsqueeze(0) for k, v in stacked.items()}
+
+
+def averaged_product(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The exact mean of the products B_i A_i as one adapter of rank n*r, never forming B A.
+
+    [B_1 ... B_n] / n  times  [A_1; ...; A_n]  =  mean_i B_i A_i.
+    """
+    out: dict[str, Tensor] = {}
+    for k, v in stacked.items():
+        v = v.detach()
+        n = v.shape[0]
+        if k.endswith(".lora_A"):  # (n, r, d_in) -> (1, n*r, d_in)
+            out[k] = v.reshape(1, -1, v.shape[-1])
+        elif k.endswith(".lora_B"):  # (n, d_out, r) -> (1, d_out, n*r)
+            out[k] = v.permute(1, 0, 2).reshape(1, v.shape[1], -1) / n
+        else:
+            out[k] = v.mean(0, keepdim=True)
+    return out
+
+
+# ---------------------------------------------------------------- PEFT interchange
+
+
+def export_peft(fed: Federation, single: dict[str, Tensor], folder: str | Path) -> Path:
+    """Write one adapter (tensors with a node axis of 1) as a PEFT folder that PeftModel loads."""
+    from peft import LoraConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rank = next(v.shape[1] for k, v in single.items() if k.endswith(".lora_A"))
+    state = {}
+    for k, v in single.items():
+        module, _, leaf = k.rpartition(".")
+        key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else k
+        state[f"base_model.model.{key}"] = v[0].detach().contiguous().clone()
+    # A rank-m adapter keeps the run's effective scale s: PEFT applies alpha'/m (or alpha'/sqrt(m)).
+    alpha = fed.scale * (math.sqrt(rank) if fed.cfg.rslora else rank)
+    roots = sorted({name.split(".")[0] for name in fed.heads})
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(fed.cfg.target_modules),
+                        lora_dropout=fed.cfg.dropout, use_rslora=fed.cfg.rslora, task_type="SEQ_CLS",
+                        modules_to_save=roots or None, base_model_name_or_path=str(fed.path))
+    config.save_pretrained(str(folder))
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def import_peft(fed: Federation, folder: str | Path) -> None:
+    """Seed every node with the adapter in a PEFT folder (same targets and rank as the run)."""
+    folder = Path(folder)
+    cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: need adapter_config.json and "
+                                "adapter_model.safetensors")
+    rank = json.loads(cfg_file.read_text())["r"]
+    if rank != fed.cfg.rank:
+        raise ValueError(f"adapter in {folder} has rank {rank}, the run has model.rank={fed.cfg.rank}")
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
+    with torch.no_grad():
+        for name, param in fed.tensors().items():
+            module, _, leaf = name.rpartition(".")
+            key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else name
+            if key in state:
+                param.copy_(state[key].expand_as(param))
+            elif Federation.kind_of(name) != "head":
+                raise KeyError(f"adapter in {folder} has no tensor for {key}")

@@ -1,0 +1,78 @@
+"""Per-node AdamW on node-stacked tensors, and per-node gradient clipping.
+
+Row i of every tensor is node i's own parameter. A node that does not train in a step (inactive,
+offline, or done with its epochs) neither moves nor changes its moments; each node keeps its own step
+count, so bias correction is per node: exactly what n independent torch AdamW optimizers would do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def clip_per_node(grads: list[Tensor], max_norm: float) -> Tensor:
+    """Scale each node's gradient (over all tensors together) to norm <= max_norm; returns the norms (n,)."""
+    sq = sum(g.pow(2).reshape(g.shape[0], -1).sum(1) for g in grads)  # (n,)
+    norms = torch.as_tensor(sq).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for g in grads:
+        g.mul_(_rows(coef, g))
+    return norms
+
+
+class NodeAdamW:
+    """AdamW (decoupled weight decay) with a step counter and moments per node and tensor."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], lrs: dict[str, float],
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        self.params, self.lrs = params, lrs
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.steps = {k: torch.zeros(p.shape[0], dtype=torch.long) for k, p in params.items()}
+
+    @torch.no_grad()
+    def step(self, active: Tensor, names: list[str]) -> None:
+        """One step for the nodes in ``active`` (n,) bool, on the named tensors that have a gradient."""
+        b1, b2 = self.betas
+        for name in names:
+            p = self.params[name]
+            if p.grad is None:
+                continue
+            mask = _rows(active, p)
+            self.steps[name] += active.long()
+            step = self.steps[name].clamp(min=1).to(p.dtype)
+            m, v, g = self.exp_avg[name], self.exp_avg_sq[name], p.grad
+            m.copy_(torch.where(mask, m * b1 + g * (1 - b1), m))
+            v.copy_(torch.where(mask, v * b2 + g * g * (1 - b2), v))
+            bc1 = _rows(1 - b1**step, p)
+            bc2 = _rows(1 - b2**step, p)
+            lr = self.lrs[name]
+            update = (m / bc1) / ((v / bc2).sqrt() + self.eps) + self.weight_decay * p
+            p.copy_(torch.where(mask, p - lr * update, p))
+
+    def reset(self, names: list[str] | None = None, nodes: Tensor | None = None) -> None:
+        """Forget moments and step counts (after a re-factorization, say) for some tensors and nodes."""
+        for name in names if names is not None else list(self.params):
+            keep = torch.ones(self.steps[name].shape[0], dtype=torch.bool) if nodes is None else ~nodes
+            self.steps[name] *= keep.long()
+            self.exp_avg[name] *= _rows(keep, self.exp_avg[name])
+            self.exp_avg_sq[name] *= _rows(keep, self.exp_avg_sq[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for k in self.params:
+            out[f"exp_avg/{k}"], out[f"exp_avg_sq/{k}"] = self.exp_avg[k], self.exp_avg_sq[k]
+            out[f"steps/{k}"] = self.steps[k]
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self.params:
+            self.exp_avg[k].copy_(state[f"exp_avg/{k}"])
+            self.exp_avg_sq[k].copy_(state[f"exp_avg_sq/{k}"])
+            self.steps[k].copy_(state[f"steps/{k}"])

@@ -1,0 +1,173 @@
+"""Batched local training and evaluation of all nodes at once.
+
+A local step lays every active node's minibatch end to end. The rows are sorted by length and cut into
+micro-batches under a token budget, each padded only to its own longest row: the padding a union batch
+would waste is gone, and the result is the same as one big batch (the loss is a per-row weighted sum,
+weight 1/b_i for node i's rows, so node i's gradient is the gradient of its own mean loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from declora.model import Federation
+from declora.optim import NodeAdamW, clip_per_node
+from declora.seeding import numpy_rng
+
+
+class NodeStreams:
+    """Each node's minibatches: its indices reshuffled every epoch from (seed, node, epoch)."""
+
+    def __init__(self, parts: list[np.ndarray], batch_size: int, seed: int) -> None:
+        self.parts, self.batch_size, self.seed = parts, batch_size, seed
+        self.epoch = np.zeros(len(parts), dtype=np.int64)
+        self.pos = np.zeros(len(parts), dtype=np.int64)
+
+    def steps_per_epoch(self, node: int) -> int:
+        return -(-len(self.parts[node]) // self.batch_size)
+
+    def next_batch(self, node: int) -> np.ndarray:
+        order = numpy_rng(self.seed, "stream", node, int(self.epoch[node])).permutation(len(self.parts[node]))
+        start = int(self.pos[node])
+        batch = self.parts[node][order[start : start + self.batch_size]]
+        self.pos[node] = start + len(batch)
+        if self.pos[node] >= len(order):  # epoch done: the next batch starts a fresh shuffle
+            self.epoch[node] += 1
+            self.pos[node] = 0
+        return batch
+
+    def state(self) -> dict[str, list[int]]:
+        return {"epoch": self.epoch.tolist(), "pos": self.pos.tolist()}
+
+    def load_state(self, state: dict[str, list[int]]) -> None:
+        self.epoch[:], self.pos[:] = state["epoch"], state["pos"]
+
+
+@dataclass
+class Rows:
+    """Examples of several nodes laid end to end: token ids, label, owning node and loss weight per row."""
+
+    ids: list[list[int]]
+    labels: Tensor  # (rows,)
+    nodes: Tensor  # (rows,) long
+    weights: Tensor  # (rows,)
+
+
+def micro_batches(lengths: list[int], tokens_per_chunk: int) -> list[list[int]]:
+    """Row indices grouped by length so each group, padded to its longest row, fits the token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the newest row is always the longest of its chunk
+        if current and (len(current) + 1) * lengths[i] > tokens_per_chunk:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for k, x in enumerate(ids):
+        input_ids[k, : len(x)] = torch.as_tensor(x)
+        mask[k, : len(x)] = 1
+    return input_ids, mask
+
+
+def accumulate_gradients(fed: Federation, rows: Rows, pad_id: int, tokens_per_chunk: int) -> Tensor:
+    """Forward/backward every row in micro-batches; returns each node's mean loss (n,)."""
+    node_loss = torch.zeros(fed.n)
+    for chunk in micro_batches([len(x) for x in rows.ids], tokens_per_chunk):
+        index = torch.as_tensor(chunk)
+        input_ids, mask = pad([rows.ids[k] for k in chunk], pad_id)
+        with fed.route(rows.nodes[index]):
+            logits = fed(input_ids, mask)
+        losses = F.cross_entropy(logits.float(), rows.labels[index], reduction="none")  # (chunk,)
+        weighted = losses * rows.weights[index]
+        weighted.sum().backward()
+        node_loss.index_add_(0, rows.nodes[index], weighted.detach())
+    return node_loss
+
+
+class LocalTrainer:
+    """Runs K local steps (or epochs) for the active nodes on the trainable kinds of tensors."""
+
+    def __init__(self, fed: Federation, optimizer: NodeAdamW, streams: NodeStreams, token_ids: list[list[int]],
+                 labels: np.ndarray, pad_id: int, max_grad_norm: float | None, tokens_per_chunk: int) -> None:
+        self.fed, self.optimizer, self.streams = fed, optimizer, streams
+        self.token_ids, self.labels, self.pad_id = token_ids, labels, pad_id
+        self.max_grad_norm, self.tokens_per_chunk = max_grad_norm, tokens_per_chunk
+
+    def step(self, active: Tensor, names: list[str]) -> Tensor:
+        """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
+        ids: list[list[int]] = []
+        labels, nodes, weights = [], [], []
+        for node in torch.nonzero(active).flatten().tolist():
+            batch = self.streams.next_batch(node)
+            ids += [self.token_ids[k] for k in batch]
+            labels.append(torch.as_tensor(self.labels[batch]))
+            nodes.append(torch.full((len(batch),), node, dtype=torch.long))
+            weights.append(torch.full((len(batch),), 1.0 / len(batch)))
+        rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights))
+        params = self.optimizer.params
+        for name in names:
+            params[name].grad = None
+        self.fed.set_training(True)
+        node_loss = accumulate_gradients(self.fed, rows, self.pad_id, self.tokens_per_chunk)
+        grads = [params[k].grad for k in names if params[k].grad is not None]
+        if self.max_grad_norm is not None and grads:
+            clip_per_node(grads, self.max_grad_norm)
+        self.optimizer.step(active, names)
+        return torch.where(active, node_loss, torch.full_like(node_loss, float("nan")))
+
+    def local_work(self, active: Tensor, names: list[str], amount: int, unit: str) -> tuple[Tensor, int]:
+        """``amount`` steps, or epochs (then nodes with less data finish early and wait).
+
+        Returns each active node's mean loss over its steps (n,) and the optimizer steps taken by the
+        busiest node.
+        """
+        if unit == "epochs":
+            budget = torch.tensor([amount * self.streams.steps_per_epoch(i) for i in range(self.fed.n)])
+        else:
+            budget = torch.full((self.fed.n,), amount)
+        budget = torch.where(active, budget, torch.zeros_like(budget))
+        total, count = torch.zeros(self.fed.n), torch.zeros(self.fed.n)
+        steps = int(budget.max()) if len(budget) else 0
+        for s in range(steps):
+            now = budget > s
+            loss = self.step(now, names)
+            total += torch.nan_to_num(loss)
+            count += now.float()
+        return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan"))), steps
+
+
+@torch.no_grad()
+def predict(fed: Federation, token_ids: list[list[int]], nodes: Tensor, pad_id: int,
+            tokens_per_chunk: int) -> Tensor:
+    """Predicted label of every row, row k scored by (possibly overridden) node ``nodes[k]``."""
+    preds = torch.empty(len(token_ids), dtype=torch.long)
+    fed.set_training(False)
+    for chunk in micro_batches([len(x) for x in token_ids], tokens_per_chunk):
+        index = torch.as_tensor(chunk)
+        input_ids, mask = pad([token_ids[k] for k in chunk], pad_id)
+        with fed.route(nodes[index]):
+            preds[index] = fed(input_ids, mask).argmax(-1)
+    return preds
+
+
+def accuracy_per_node(fed: Federation, token_ids: list[list[int]], labels: np.ndarray, nodes: int,
+                      pad_id: int, tokens_per_chunk: int) -> Tensor:
+    """Accuracy of each of ``nodes`` stacked models on the same examples, all in one pass: (nodes,)."""
+    m = len(token_ids)
+    rows = torch.arange(nodes).repeat_interleave(m)
+    preds = predict(fed, token_ids * nodes, rows, pad_id, tokens_per_chunk).view(nodes, m)
+    return (preds == torch.as_tensor(labels).view(1, m)).float().mean(1)

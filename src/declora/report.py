@@ -1,0 +1,253 @@
+"""Tables and plots from a run folder's metrics.jsonl.
+
+The papers disagree on what they report (ALGORITHMS.md §8h): Dec-LoRA the *best* score of the averaged
+model, ADF/TAD the *final* mean ± std over nodes, FSLoRA the server model. So the summary keeps best and
+final for every evaluation mode that was logged, next to the consensus, bytes, time and memory of the run.
+
+metrics.jsonl holds one JSON object per line. ``"event": "eval"`` lines carry ``round`` and any of the
+accuracy, loss, consensus and cost keys; ``"event": "round"`` lines carry the per-round costs. Every other
+event is ignored, and a key may be missing or null in any line. Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["format_table", "plot_run", "read_metrics", "summarize", "write_report"]
+
+log = logging.getLogger(__name__)
+
+# Evaluation modes in the order the table shows them; any other ``acc_*`` key follows, sorted.
+ACCURACY_KEYS = ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "acc_server")
+CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
+FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
+STD_KEY = "acc_node_std"  # the spread that goes with acc_node_mean (ADF/TAD: mean ± std over nodes)
+# Per-node spread statistics: companions of acc_node_mean, not evaluation modes with a "best".
+SPREAD_KEYS = frozenset({STD_KEY, "acc_node_min", "acc_node_max"})
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl, in order. A line that does not parse (a run killed mid-write) is
+    skipped with a warning rather than losing the whole report."""
+    records = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            log.warning("%s:%d: skipping unreadable line (%s)", path, lineno, err)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _number(record: dict[str, Any], key: str) -> float | None:
+    """The value of ``key`` as a float, or None when it is missing, null or not a number."""
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _events(records: list[dict[str, Any]], *events: str) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("event") in events]
+
+
+def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
+    seen = {
+        k
+        for r in evals
+        for k in r
+        if k.startswith("acc_") and k not in SPREAD_KEYS and _number(r, k) is not None
+    }
+    return [k for k in ACCURACY_KEYS if k in seen] + sorted(seen - set(ACCURACY_KEYS))
+
+
+def _best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Final and best (earliest round on ties, NaN never best) of one accuracy key over the evaluations."""
+    points = [(r, _number(r, key)) for r in evals if _number(r, key) is not None]
+    final_rec, final = points[-1]
+    finite = [(r, v) for r, v in points if math.isfinite(v)]
+    best_rec, best = max(finite, key=lambda p: p[1]) if finite else (final_rec, final)
+    entry = {
+        "final": final,
+        "final_round": final_rec.get("round"),
+        "best": best,
+        "best_round": best_rec.get("round"),
+    }
+    if key == "acc_node_mean":
+        entry["final_std"], entry["best_std"] = _number(final_rec, STD_KEY), _number(best_rec, STD_KEY)
+    return entry
+
+
+def _last(records: list[dict[str, Any]], key: str) -> float | None:
+    values = [v for r in records if (v := _number(r, key)) is not None]
+    return values[-1] if values else None
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Best and final of every accuracy key, final consensus/loss/cost values and peak memory.
+
+    Returns ``{"rounds", "evals", "accuracy": {key: {final, final_round, best, best_round[, final_std,
+    best_std]}}, "final": {key: value}, "peak_mem_mb"}``. Consensus keys come from the last evaluation that
+    logged them; bytes_total, wall_s and train_loss from the last eval or round line (round lines are the
+    more recent); peak_mem_mb is the maximum over both. Absent values are None.
+    """
+    evals = _events(records, "eval")
+    progress = _events(records, "eval", "round")
+    rounds = [v for r in progress if (v := _number(r, "round")) is not None]
+    final = {k: _last(evals, k) for k in CONSENSUS_KEYS}
+    final |= {k: _last(progress, k) for k in ("train_loss", "bytes_total", "wall_s")}
+    mems = [v for r in progress if (v := _number(r, "peak_mem_mb")) is not None]
+    return {
+        "rounds": int(max(rounds)) if rounds else None,
+        "evals": len(evals),
+        "accuracy": {k: _best_final(evals, k) for k in _accuracy_keys(evals)},
+        "final": {k: final[k] for k in FINAL_KEYS},
+        "peak_mem_mb": max(mems) if mems else None,
+    }
+
+
+def _pct(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def _fmt(key: str, value: float | None) -> str:
+    """A final value in the unit its key implies."""
+    if value is None:
+        return "-"
+    if key == "bytes_total":
+        return f"{value / 1e6:.2f} MB"
+    if key == "wall_s":
+        return f"{value:.1f} s"
+    if key == "peak_mem_mb":
+        return f"{value:.1f} MB"
+    if key == "train_loss":
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+def _round(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _rows(summary: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for key, e in summary["accuracy"].items():
+        best = _pct(e["best"], e.get("best_std"))
+        rows.append([key, _pct(e["final"], e.get("final_std")), best, _round(e["best_round"])])
+    for key, value in summary["final"].items():
+        if value is not None:
+            rows.append([key, _fmt(key, value), "", ""])
+    if summary.get("peak_mem_mb") is not None:
+        rows.append(["peak_mem_mb (max)", _fmt("peak_mem_mb", summary["peak_mem_mb"]), "", ""])
+    return rows
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A markdown table (metric | final | best | best round), padded so it also reads in a terminal."""
+    header = ["metric", "final", "best", "best round"]
+    rows = _rows(summary)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+    def line(cells: list[str]) -> str:
+        padded = [cells[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
+    note = (
+        f"Rounds: {_round(summary.get('rounds'))}, evaluations: {summary.get('evals', 0)}.\n"
+        "Accuracies in % (node mean ± population std over nodes); bytes in MB (1 MB = 1e6 bytes);\n"
+        "times in seconds; consensus_* are squared Frobenius distances, cross_term a Frobenius norm."
+    )
+    return "\n".join([note, "", line(header), rule, *(line(r) for r in rows)]) + "\n"
+
+
+def _series(evals: list[dict[str, Any]], key: str, positive: bool = False) -> tuple[list[float], list[float]]:
+    """(rounds, values) of one key over the evaluations, skipping gaps (and values ≤ 0 for log axes)."""
+    xs, ys = [], []
+    for r in evals:
+        x, y = _number(r, "round"), _number(r, key)
+        if x is not None and y is not None and math.isfinite(y) and (y > 0 or not positive):
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+def _shade_std(ax: Any, evals: list[dict[str, Any]], key: str, color: str) -> None:
+    """Shade mean ± std over nodes at the evaluations that logged both."""
+    xs, lo, hi = [], [], []
+    for r in evals:
+        x, y, s = _number(r, "round"), _number(r, key), _number(r, STD_KEY)
+        if x is not None and y is not None and s is not None:
+            xs.append(x)
+            lo.append(100 * (y - s))
+            hi.append(100 * (y + s))
+    if xs:
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, label=f"{key} ± std")
+
+
+def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
+    for key in _accuracy_keys(evals):
+        xs, ys = _series(evals, key)
+        (line,) = ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=key)
+        if key == "acc_node_mean":
+            _shade_std(ax, evals, key, line.get_color())
+    ax.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
+
+
+def _plot_consensus(ax: Any, evals: list[dict[str, Any]]) -> None:
+    for key in CONSENSUS_KEYS[:3]:
+        xs, ys = _series(evals, key, positive=True)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=key)
+    ax.set(title="Consensus distance", xlabel="round", ylabel="disagreement (squared Frobenius)")
+    if ax.lines:
+        ax.set_yscale("log")
+
+
+def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
+    """One PNG: accuracy vs round, and consensus distances vs round on a log scale.
+
+    Uses a bare ``Figure`` (Agg canvas) rather than pyplot so that it needs no display and leaves the
+    process-wide matplotlib state alone.
+    """
+    evals = _events(records, "eval")
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_acc, ax_cons = fig.subplots(1, 2)
+    _plot_accuracy(ax_acc, evals)
+    _plot_consensus(ax_cons, evals)
+    for ax in (ax_acc, ax_cons):
+        if ax.lines:
+            ax.legend(fontsize="small")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        else:
+            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
+    fig.savefig(path, dpi=120)
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write run_dir/report.md (the table) and run_dir/curves.png from run_dir/metrics.jsonl.
+
+    Returns the table text.
+    """
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    table = format_table(summarize(records))
+    (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n![curves](curves.png)\n")
+    plot_run(records, run_dir / "curves.png")
+    return table

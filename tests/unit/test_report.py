@@ -1,0 +1,158 @@
+"""Summary, table and plot of a small hand-written metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from declora.report import format_table, plot_run, read_metrics, summarize, write_report
+
+pytestmark = pytest.mark.unit
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+RECORDS = [
+    {"event": "start", "config": {"rounds": 3}, "acc_node_mean": 0.99},  # not an eval: ignored
+    {"event": "partition", "sizes": [10, 12]},
+    {"event": "round", "round": 1, "train_loss": 0.9, "bytes_round": 1e6, "bytes_total": 1e6, "wall_s": 1.0},
+    {
+        "event": "eval",
+        "round": 1,
+        "acc_node_mean": 0.6,
+        "acc_node_std": 0.05,
+        "acc_node_min": 0.5,
+        "acc_node_max": 0.7,
+        "acc_avg_factors": 0.62,
+        "consensus_A": 0.1,
+        "consensus_B": 0.0,
+        "consensus_BA": 0.2,
+        "cross_term": 0.01,
+        "peak_mem_mb": 100.0,
+    },
+    {"event": "round", "round": 2, "train_loss": 0.7, "bytes_round": 1e6, "bytes_total": 2e6, "wall_s": 2.05},
+    {
+        "event": "eval",
+        "round": 2,
+        "acc_node_mean": 0.8,
+        "acc_node_std": 0.02,
+        "acc_avg_factors": None,
+        "consensus_A": 0.05,
+        "consensus_B": 0.01,
+        "consensus_BA": 0.1,
+        "peak_mem_mb": 150.5,
+    },
+    {"event": "round", "round": 3, "train_loss": 0.5, "bytes_round": 1123456, "bytes_total": 3123456},
+    {
+        "event": "eval",
+        "round": 3,
+        "acc_node_mean": 0.75,
+        "acc_node_std": 0.04,
+        "acc_avg_factors": 0.7,
+        "acc_server": 0.65,
+        "acc_f1": 0.61,
+        "consensus_A": 0.02,
+        "consensus_B": 0.005,
+        "consensus_BA": 0.0,
+        "cross_term": 0.003,
+        "wall_s": 3.14159,
+        "peak_mem_mb": 120.0,
+    },
+]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    lines = [json.dumps(r) for r in RECORDS]
+    lines.insert(3, "")  # blank line
+    lines.append('{"event": "eval", "rou')  # a run killed mid-write
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_read_metrics_skips_blank_and_broken_lines(run_dir: Path) -> None:
+    assert read_metrics(run_dir / "metrics.jsonl") == RECORDS
+
+
+def test_summary_matches_hand_computation(run_dir: Path) -> None:
+    s = summarize(read_metrics(run_dir / "metrics.jsonl"))
+    assert s["rounds"] == 3
+    assert s["evals"] == 3
+    # known modes first, other acc_* keys after; per-node min/max/std are not modes of their own
+    assert list(s["accuracy"]) == ["acc_node_mean", "acc_avg_factors", "acc_server", "acc_f1"]
+    assert s["accuracy"]["acc_node_mean"] == {
+        "final": 0.75,
+        "final_round": 3,
+        "best": 0.8,
+        "best_round": 2,
+        "final_std": 0.04,
+        "best_std": 0.02,
+    }
+    assert s["accuracy"]["acc_avg_factors"] == {"final": 0.7, "final_round": 3, "best": 0.7, "best_round": 3}
+    assert s["accuracy"]["acc_server"] == {"final": 0.65, "final_round": 3, "best": 0.65, "best_round": 3}
+    assert s["final"] == {
+        "train_loss": 0.5,
+        "consensus_A": 0.02,
+        "consensus_B": 0.005,
+        "consensus_BA": 0.0,
+        "cross_term": 0.003,
+        "bytes_total": 3123456.0,
+        "wall_s": 3.14159,
+    }
+    assert s["peak_mem_mb"] == 150.5
+
+
+def test_best_is_the_earliest_of_ties_and_missing_final_falls_back() -> None:
+    evals = [
+        {"event": "eval", "round": 1, "acc_server": 0.5},
+        {"event": "eval", "round": 2, "acc_server": 0.5, "consensus_A": 0.3},
+        {"event": "eval", "round": 3, "consensus_A": None},
+    ]
+    s = summarize(evals)
+    assert s["accuracy"]["acc_server"] == {"final": 0.5, "final_round": 2, "best": 0.5, "best_round": 1}
+    assert s["final"]["consensus_A"] == 0.3
+    assert s["final"]["cross_term"] is None
+    assert s["peak_mem_mb"] is None
+
+
+def test_table_shows_formatted_numbers(run_dir: Path) -> None:
+    table = format_table(summarize(read_metrics(run_dir / "metrics.jsonl")))
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:5]] for line in lines[2:]}
+    assert rows["acc_node_mean"] == ["75.00 ± 4.00", "80.00 ± 2.00", "2"]
+    assert rows["acc_avg_factors"] == ["70.00", "70.00", "3"]
+    assert rows["acc_server"] == ["65.00", "65.00", "3"]
+    assert rows["acc_f1"] == ["61.00", "61.00", "3"]
+    assert rows["bytes_total"][0] == "3.12 MB"
+    assert rows["wall_s"][0] == "3.1 s"
+    assert rows["peak_mem_mb (max)"][0] == "150.5 MB"
+    assert rows["consensus_A"][0] == "2.000e-02"
+    assert rows["train_loss"][0] == "0.5000"
+    assert "1 MB = 1e6 bytes" in table
+    assert "| metric" in table and "best round |" in table
+    # padded: every table line has the same width
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_plot_is_a_valid_png(run_dir: Path) -> None:
+    path = run_dir / "curves.png"
+    plot_run(read_metrics(run_dir / "metrics.jsonl"), path)
+    assert path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[1] > image.shape[0] > 100
+
+
+def test_write_report_writes_both_files(run_dir: Path) -> None:
+    table = write_report(run_dir)
+    assert table in (run_dir / "report.md").read_text()
+    assert (run_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_run_without_evaluations_still_reports(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n")
+    table = write_report(tmp_path)
+    assert "| metric" in table
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC

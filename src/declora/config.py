@@ -6,6 +6,7 @@ values stop the run before any work, with an error that names the bad value and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -31,6 +32,7 @@ class ModelConfig:
     head: str = "train"  # train: per-node classifier head, trained and mixed | frozen
     max_length: int = 128
     init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
+    init_adapter: str | None = None  # a PEFT adapter folder that seeds every node
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Config:
     seed: int = 0
     run_dir: str | None = None  # default: runs/<algorithm>-<timestamp>
     checkpoint_every: int = 5
+    export: str = "all"  # PEFT adapters written at the end: all (consensus + every node) | consensus | none
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,12 +119,23 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "export": ("all", "consensus", "none"),
     "model.head": ("train", "frozen"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
     "train.local_unit": ("steps", "epochs"),
 }
-POSITIVE = ("nodes", "rounds", "checkpoint_every", "model.rank", "model.max_length", "train.batch_size",
-            "train.local_steps", "train.tokens_per_chunk", "eval.every", "eval.batch_size")
+POSITIVE = (
+    "nodes",
+    "rounds",
+    "checkpoint_every",
+    "model.rank",
+    "model.max_length",
+    "train.batch_size",
+    "train.local_steps",
+    "train.tokens_per_chunk",
+    "eval.every",
+    "eval.batch_size",
+)
 
 
 # ---------------------------------------------------------------- building from plain dicts
@@ -138,8 +152,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                f"got {value!r}"
+            )
         return _build(tp, value, prefix=f"{key}.")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -148,7 +164,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -158,6 +174,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -173,8 +192,10 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; allowed under "
-                          f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}")
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; allowed under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -203,8 +224,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return [plain(x) for x in v]
         return v
 
-    return {f.name: (to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
-                     else plain(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)}
+    return {
+        f.name: (
+            to_dict(getattr(cfg, f.name))
+            if dataclasses.is_dataclass(getattr(cfg, f.name))
+            else plain(getattr(cfg, f.name))
+        )
+        for f in dataclasses.fields(cfg)
+    }
 
 
 def validate(cfg: Config) -> Config:
@@ -222,9 +249,20 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS
+    from declora.schedules import SCHEDULES
+    from declora.topology import GRAPHS, WEIGHTS
 
+    for key, registry in (
+        ("topology.graph", GRAPHS),
+        ("topology.weights", WEIGHTS),
+        ("topology.schedule", SCHEDULES),
+    ):
+        if flat[key] not in registry:
+            raise ConfigError(f"{key}={flat[key]!r} is not known; choose one of {sorted(registry)}")
     if cfg.algorithm.name not in ALGORITHMS:
-        raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}")
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"
+        )
     return cfg
 
 

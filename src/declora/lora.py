@@ -32,10 +32,18 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 
 class StackedLoRALinear(nn.Module):
-    """``y = base(x) + s * B[node] A[node] dropout(x)`` for every row, with A: (n, r, d_in), B: (n, d_out, r)."""
+    """``y = base(x) + s * B[node] A[node] dropout(x)`` per row; A: (n, r, d_in), B: (n, d_out, r)."""
 
-    def __init__(self, base: nn.Linear, n: int, rank: int, scale: float, dropout: float,
-                 routing: NodeRouting, init_A: Tensor) -> None:
+    def __init__(
+        self,
+        base: nn.Linear,
+        n: int,
+        rank: int,
+        scale: float,
+        dropout: float,
+        routing: NodeRouting,
+        init_A: Tensor,
+    ) -> None:
         super().__init__()
         self.base = base
         for p in self.base.parameters():

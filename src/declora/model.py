@@ -30,8 +30,16 @@ KINDS = ("A", "B", "head")
 class Federation(nn.Module):
     """Holds the HF model (frozen) and, per adapted module, the stacked factors of all ``n`` nodes."""
 
-    def __init__(self, model: nn.Module, n: int, cfg: ModelConfig, path: Path, routing: NodeRouting,
-                 lora: dict[str, StackedLoRALinear], heads: dict[str, StackedLinear]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        n: int,
+        cfg: ModelConfig,
+        path: Path,
+        routing: NodeRouting,
+        lora: dict[str, StackedLoRALinear],
+        heads: dict[str, StackedLinear],
+    ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
         self.lora, self.heads = lora, heads
@@ -103,7 +111,7 @@ def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
 
 
 def load_base(cfg: ModelConfig, num_labels: int) -> tuple[nn.Module, Path]:
-    """The frozen transformers model; its head is initialised from ``cfg.init_seed`` (same on every process)."""
+    """The frozen transformers model; its head is initialised from ``cfg.init_seed`` (same everywhere)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -111,8 +119,9 @@ def load_base(cfg: ModelConfig, num_labels: int) -> tuple[nn.Module, Path]:
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                   dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, dtype=torch.float32
+        )
     model.eval()  # base dropout off: the LoRA dropout is ours; see ModelConfig.dropout
     for p in model.parameters():
         p.requires_grad_(False)
@@ -125,23 +134,37 @@ def build_federation(cfg: ModelConfig, n: int, num_labels: int) -> Federation:
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     lora: dict[str, StackedLoRALinear] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in cfg.target_modules \
-                and not name.startswith(HEAD_ROOTS):
+        if (
+            isinstance(module, nn.Linear)
+            and name.split(".")[-1] in cfg.target_modules
+            and not name.startswith(HEAD_ROOTS)
+        ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
             lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A)
     if not lora:
         linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"model.target_modules={list(cfg.target_modules)} matches no linear layer of "
-                         f"{path}; its linear layer names are {linears}")
+        raise ValueError(
+            f"model.target_modules={list(cfg.target_modules)} matches no linear layer of "
+            f"{path}; its linear layer names are {linears}"
+        )
     for name, layer in lora.items():
         _replace(model, name, layer)
-    heads = {name: StackedLinear(m, n, routing) for name, m in list(model.named_modules())
-             if isinstance(m, nn.Linear) and name.startswith(HEAD_ROOTS)}
+    heads = {
+        name: StackedLinear(m, n, routing)
+        for name, m in list(model.named_modules())
+        if isinstance(m, nn.Linear) and name.startswith(HEAD_ROOTS)
+    }
     for name, head in heads.items():
         _replace(model, name, head)
         head.requires_grad_(cfg.head == "train")
-    log.info("model %s: %d adapted modules, rank %d, %d head tensors, %d nodes", path, len(lora), cfg.rank,
-             2 * len(heads), n)
+    log.info(
+        "model %s: %d adapted modules, rank %d, %d head tensors, %d nodes",
+        path,
+        len(lora),
+        cfg.rank,
+        2 * len(heads),
+        n,
+    )
     return Federation(model, n, cfg, path, routing, lora, heads)
 
 
@@ -196,9 +219,16 @@ def export_peft(fed: Federation, single: dict[str, Tensor], folder: str | Path) 
     # A rank-m adapter keeps the run's effective scale s: PEFT applies alpha'/m (or alpha'/sqrt(m)).
     alpha = fed.scale * (math.sqrt(rank) if fed.cfg.rslora else rank)
     roots = sorted({name.split(".")[0] for name in fed.heads})
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(fed.cfg.target_modules),
-                        lora_dropout=fed.cfg.dropout, use_rslora=fed.cfg.rslora, task_type="SEQ_CLS",
-                        modules_to_save=roots or None, base_model_name_or_path=str(fed.path))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(fed.cfg.target_modules),
+        lora_dropout=fed.cfg.dropout,
+        use_rslora=fed.cfg.rslora,
+        task_type="SEQ_CLS",
+        modules_to_save=roots or None,
+        base_model_name_or_path=str(fed.path),
+    )
     config.save_pretrained(str(folder))
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return folder
@@ -209,8 +239,9 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
     folder = Path(folder)
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: need adapter_config.json and "
-                                "adapter_model.safetensors")
+        raise FileNotFoundError(
+            f"{folder} is not a PEFT adapter folder: need adapter_config.json and adapter_model.safetensors"
+        )
     rank = json.loads(cfg_file.read_text())["r"]
     if rank != fed.cfg.rank:
         raise ValueError(f"adapter in {folder} has rank {rank}, the run has model.rank={fed.cfg.rank}")

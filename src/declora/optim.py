@@ -28,8 +28,14 @@ def clip_per_node(grads: list[Tensor], max_norm: float) -> Tensor:
 class NodeAdamW:
     """AdamW (decoupled weight decay) with a step counter and moments per node and tensor."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], lrs: dict[str, float],
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: dict[str, torch.nn.Parameter],
+        lrs: dict[str, float],
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         self.params, self.lrs = params, lrs
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}

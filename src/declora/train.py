@@ -101,8 +101,17 @@ def accumulate_gradients(fed: Federation, rows: Rows, pad_id: int, tokens_per_ch
 class LocalTrainer:
     """Runs K local steps (or epochs) for the active nodes on the trainable kinds of tensors."""
 
-    def __init__(self, fed: Federation, optimizer: NodeAdamW, streams: NodeStreams, token_ids: list[list[int]],
-                 labels: np.ndarray, pad_id: int, max_grad_norm: float | None, tokens_per_chunk: int) -> None:
+    def __init__(
+        self,
+        fed: Federation,
+        optimizer: NodeAdamW,
+        streams: NodeStreams,
+        token_ids: list[list[int]],
+        labels: np.ndarray,
+        pad_id: int,
+        max_grad_norm: float | None,
+        tokens_per_chunk: int,
+    ) -> None:
         self.fed, self.optimizer, self.streams = fed, optimizer, streams
         self.token_ids, self.labels, self.pad_id = token_ids, labels, pad_id
         self.max_grad_norm, self.tokens_per_chunk = max_grad_norm, tokens_per_chunk
@@ -151,8 +160,9 @@ class LocalTrainer:
 
 
 @torch.no_grad()
-def predict(fed: Federation, token_ids: list[list[int]], nodes: Tensor, pad_id: int,
-            tokens_per_chunk: int) -> Tensor:
+def predict(
+    fed: Federation, token_ids: list[list[int]], nodes: Tensor, pad_id: int, tokens_per_chunk: int
+) -> Tensor:
     """Predicted label of every row, row k scored by (possibly overridden) node ``nodes[k]``."""
     preds = torch.empty(len(token_ids), dtype=torch.long)
     fed.set_training(False)
@@ -164,8 +174,14 @@ def predict(fed: Federation, token_ids: list[list[int]], nodes: Tensor, pad_id: 
     return preds
 
 
-def accuracy_per_node(fed: Federation, token_ids: list[list[int]], labels: np.ndarray, nodes: int,
-                      pad_id: int, tokens_per_chunk: int) -> Tensor:
+def accuracy_per_node(
+    fed: Federation,
+    token_ids: list[list[int]],
+    labels: np.ndarray,
+    nodes: int,
+    pad_id: int,
+    tokens_per_chunk: int,
+) -> Tensor:
     """Accuracy of each of ``nodes`` stacked models on the same examples, all in one pass: (nodes,)."""
     m = len(token_ids)
     rows = torch.arange(nodes).repeat_interleave(m)

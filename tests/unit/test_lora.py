@@ -103,8 +103,9 @@ def _trainer(tiny_bert, n, parts, token_ids, labels, chunk, start=None):
                 v.copy_(start[k])
     opt = NodeAdamW(dict(fed.tensors()), {k: 1e-2 for k in fed.tensors()})
     streams = NodeStreams(parts, batch_size=4, seed=0)
-    return fed, LocalTrainer(fed, opt, streams, token_ids, labels, pad_id=0, max_grad_norm=1.0,
-                             tokens_per_chunk=chunk)
+    return fed, LocalTrainer(
+        fed, opt, streams, token_ids, labels, pad_id=0, max_grad_norm=1.0, tokens_per_chunk=chunk
+    )
 
 
 def test_batched_training_equals_each_node_alone(tiny_bert):
@@ -119,8 +120,9 @@ def test_batched_training_equals_each_node_alone(tiny_bert):
     names = list(fed.tensors())
     trainer.local_work(torch.ones(3, dtype=torch.bool), names, amount=3, unit="steps")
     for node in range(3):
-        solo_fed, solo = _trainer(tiny_bert, 1, [parts[node]], token_ids, labels, chunk=10_000,
-                                  start=node_slice(start, node))
+        solo_fed, solo = _trainer(
+            tiny_bert, 1, [parts[node]], token_ids, labels, chunk=10_000, start=node_slice(start, node)
+        )
         # node `node` of the batched run drew from stream (seed, node); make the solo run do the same
         solo.streams.next_batch = _shifted(solo.streams, node)  # type: ignore[method-assign]
         solo.local_work(torch.ones(1, dtype=torch.bool), list(solo_fed.tensors()), amount=3, unit="steps")

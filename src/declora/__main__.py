@@ -1,0 +1,5 @@
+import sys
+
+from declora.cli import main
+
+sys.exit(main())

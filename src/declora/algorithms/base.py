@@ -1,0 +1,52 @@
+"""The one interface every algorithm implements (ALGORITHMS.md §10), and what a round hands it.
+
+An algorithm says, per round, what trains and who is active (``plan``), and how the nodes' tensors are
+combined after local work (``communicate``). Everything else (batched local training, evaluation,
+logging, checkpoints) is the engine's and is the same for every algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from declora.comm.exchange import Exchange
+from declora.model import Federation
+from declora.optim import NodeAdamW
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    train: tuple[str, ...]  # kinds of tensors trained this round: a subset of ("A", "B", "head")
+    active: Tensor | None = None  # (n,) bool: nodes that train this round; None = every online node
+
+
+@dataclass
+class RoundContext:
+    round: int
+    fed: Federation
+    W: Tensor  # (n, n) mixing matrix of this round (offline nodes: identity rows/columns)
+    online: Tensor  # (n,) bool
+    exchange: Exchange
+    optimizer: NodeAdamW
+    data_sizes: Tensor  # (n,) examples per node
+
+
+class Algorithm(Protocol):
+    name: str
+    single_node: bool  # True: one node holds all the data (centralized)
+
+    def plan(self, t: int) -> RoundPlan: ...
+
+    def communicate(self, ctx: RoundContext) -> None: ...
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        """The server model (node axis 1) for server algorithms, evaluated as acc_server; else None."""
+        ...
+
+
+def trained_kinds(fed: Federation, kinds: tuple[str, ...] = ("A", "B")) -> tuple[str, ...]:
+    """``kinds`` plus the head when the config trains it."""
+    return (*kinds, "head") if fed.cfg.head == "train" and fed.heads else kinds

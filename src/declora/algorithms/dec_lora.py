@@ -1,0 +1,39 @@
+"""Dec-LoRA: decentralized LoRA, both factors gossiped.
+
+Ghiasvand, Alizadeh, Pedarsani. "Decentralized Low-Rank Fine-Tuning of Large Language Models."
+arXiv 2501.15361 (REALM @ ACL 2025). ALGORITHMS.md §2.
+
+Each round, node i trains (A_i, B_i) (and a trained head) locally, then mixes with its neighbours:
+
+    A_i <- sum_j W_ij A_j        B_i <- sum_j W_ij B_j        head_i <- sum_j W_ij head_j
+
+With W = I this is local-only training; with W = 11^T/n it is FedAvg of the factors (FedIT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.model import Federation
+
+
+@dataclass
+class DecLoRA:
+    fed: Federation
+    name: str = "dec_lora"
+    single_node: bool = False
+
+    def plan(self, t: int) -> RoundPlan:
+        return RoundPlan(train=trained_kinds(self.fed))
+
+    def communicate(self, ctx: RoundContext) -> None:
+        tensors = ctx.fed.tensors(self.plan(ctx.round).train)
+        mixed = ctx.exchange.gossip({k: v.detach() for k, v in tensors.items()}, ctx.W, ctx.round)
+        for name, value in mixed.items():
+            tensors[name].data.copy_(value)
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return None

@@ -1,0 +1,29 @@
+"""Local-only training: every node trains on its own data and never communicates (W = I).
+
+The lower reference of every decentralized paper (ALGORITHMS.md §9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.model import Federation
+
+
+@dataclass
+class LocalOnly:
+    fed: Federation
+    name: str = "local"
+    single_node: bool = False
+
+    def plan(self, t: int) -> RoundPlan:
+        return RoundPlan(train=trained_kinds(self.fed))
+
+    def communicate(self, ctx: RoundContext) -> None:
+        return None  # nothing is sent: the bytes ledger stays at zero
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return None

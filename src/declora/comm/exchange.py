@@ -1,0 +1,118 @@
+"""Exchanges: how the nodes' messages meet, and the ledger of bytes they cost.
+
+``LocalExchange`` simulates the whole federation in one process: gossip is one matrix product over the
+node axis. Bytes are counted per edge from the encoded messages actually mixed: node i's message costs
+its encoded size once for every neighbour j != i with W_ji > 0 in this round.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from declora.seeding import torch_generator
+
+
+class MessageCodec(Protocol):
+    name: str
+
+    def roundtrip(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        """(what the receivers decode, bytes of one node's encoded message) for stacked x: (n, ...)."""
+        ...
+
+
+class Identity:
+    """fp32 messages: the tensors themselves."""
+
+    name = "fp32"
+
+    def roundtrip(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+        return x, x[0].numel() * x.element_size()
+
+
+class Exchange(Protocol):
+    def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
+
+    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]: ...
+
+
+class ByteLedger:
+    """Bytes sent: per directed edge (sender -> receiver) this round, and in total."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.edges = torch.zeros(n, n, dtype=torch.long)  # [i, j]: bytes node i sent to node j this round
+        self.server_sent = 0  # bytes the server sent this round
+        self.total = 0
+
+    def start_round(self) -> None:
+        self.edges.zero_()
+        self.server_sent = 0
+
+    def add_edges(self, sends: Tensor, nbytes: int) -> None:
+        self.edges += sends.long() * nbytes
+        self.total += int(sends.sum()) * nbytes
+
+    def add_server(self, receivers: int, nbytes: int) -> None:
+        self.server_sent += receivers * nbytes
+        self.total += receivers * nbytes
+
+    def round_summary(self) -> dict[str, float]:
+        per_node = self.edges.sum(1).double()
+        return {
+            "bytes_round": int(self.edges.sum()) + self.server_sent,
+            "bytes_total": self.total,
+            "bytes_node_mean": float(per_node.mean()),
+            "bytes_node_max": int(per_node.max()),
+            "bytes_server_round": self.server_sent,
+        }
+
+    def state(self) -> dict[str, int]:
+        return {"total": self.total}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.total = int(state["total"])
+
+
+class LocalExchange:
+    """In-process exchange: ``X <- W X`` over the node axis, with encoded off-diagonal messages."""
+
+    def __init__(self, n: int, codec: MessageCodec | None = None, seed: int = 0) -> None:
+        self.codec = codec or Identity()
+        self.ledger = ByteLedger(n)
+        self.seed = seed
+
+    def _encode(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
+        return self.codec.roundtrip(x, torch_generator(self.seed, "codec", round, name))
+
+    def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        n = W.shape[0]
+        eye = torch.eye(n, dtype=torch.bool)
+        sends = (W.T > 0) & ~eye  # [i, j]: i's message reaches j
+        off = (W * ~eye).to(torch.float32)  # (n, n)
+        own = torch.diagonal(W).to(torch.float32)  # a node mixes its own exact tensor, others' decoded
+        out: dict[str, Tensor] = {}
+        for name, x in tensors.items():
+            if not sends.any():
+                out[name] = x
+                continue
+            decoded, nbytes = self._encode(name, x, round)
+            flat, dec = x.reshape(n, -1), decoded.reshape(n, -1).to(x.dtype)
+            out[name] = (off.to(x.dtype) @ dec + own.to(x.dtype)[:, None] * flat).view_as(x)
+            self.ledger.add_edges(sends, nbytes)
+        return out
+
+    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]:
+        """Weighted mean over the nodes with weight > 0; they upload, the server sends the mean back."""
+        senders = weights > 0
+        w = (weights / weights.sum()).to(torch.float32)
+        out: dict[str, Tensor] = {}
+        for name, x in tensors.items():
+            decoded, nbytes = self._encode(name, x, round)
+            out[name] = torch.einsum("n,n...->...", w.to(x.dtype), decoded.to(x.dtype))
+            # Uploads go to the server, not to a node: they are booked on the sender's diagonal entry.
+            self.ledger.add_edges(torch.diag(senders), nbytes)
+            self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())
+        return out

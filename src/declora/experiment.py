@@ -1,0 +1,115 @@
+"""Build every part of a run from a validated config: data, partitions, model, schedule, algorithm."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from declora.algorithms import ALGORITHMS
+from declora.algorithms.base import Algorithm
+from declora.comm.exchange import LocalExchange
+from declora.config import Config
+from declora.data import load_dataset, tokenize
+from declora.model import Federation, build_federation, import_peft
+from declora.optim import NodeAdamW
+from declora.partition import describe_partition, partition
+from declora.schedules import build_schedule
+from declora.seeding import numpy_rng
+from declora.train import LocalTrainer, NodeStreams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    token_ids: list[list[int]]
+    labels: np.ndarray
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    run_dir: Path
+    fed: Federation
+    algorithm: Algorithm
+    schedule: object  # declora.topology Schedule: matrix(t), online(t)
+    exchange: LocalExchange
+    optimizer: NodeAdamW
+    trainer: LocalTrainer
+    streams: NodeStreams
+    parts: list[np.ndarray]
+    node_eval: EvalSet  # examples every node is scored on
+    consensus_eval: EvalSet  # examples the consensus / server models are scored on
+    pad_id: int
+    partition_summary: list[dict]
+
+    @property
+    def n(self) -> int:
+        return self.fed.n
+
+
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _eval_subset(token_ids: list[list[int]], labels: np.ndarray, limit: int | None, seed: int) -> EvalSet:
+    order = numpy_rng(seed, "eval").permutation(len(labels))
+    keep = order if limit is None else order[:limit]
+    return EvalSet([token_ids[i] for i in keep], labels[keep])
+
+
+def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    algorithm_cls = ALGORITHMS[cfg.algorithm.name]
+    n = 1 if getattr(algorithm_cls, "single_node", False) else cfg.nodes
+    train, test = load_dataset(cfg.data, cfg.seed)
+    parts = [np.arange(len(train))] if n == 1 else partition(train.labels, n, cfg.partition, cfg.seed)
+    summary = describe_partition(parts, train.labels, train.num_labels)
+    fed = build_federation(cfg.model, n, train.num_labels)
+    if cfg.model.init_adapter:
+        import_peft(fed, cfg.model.init_adapter)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
+    train_ids = tokenize(train.texts, tokenizer, cfg.model.max_length)
+    test_ids = tokenize(test.texts, tokenizer, cfg.model.max_length)
+    lrs = {
+        k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
+        for k in fed.tensors()
+    }
+    optimizer = NodeAdamW(dict(fed.tensors()), lrs, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
+    streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    trainer = LocalTrainer(
+        fed,
+        optimizer,
+        streams,
+        train_ids,
+        train.labels,
+        pad_id,
+        cfg.train.max_grad_norm,
+        cfg.train.tokens_per_chunk,
+    )
+    schedule = build_schedule(cfg.topology, n, cfg.seed)
+    return Experiment(
+        cfg=cfg,
+        run_dir=run_dir or Path(cfg.run_dir or default_run_dir(cfg)),
+        fed=fed,
+        algorithm=algorithm_cls(fed),
+        schedule=schedule,
+        exchange=LocalExchange(n, seed=cfg.seed),
+        optimizer=optimizer,
+        trainer=trainer,
+        streams=streams,
+        parts=parts,
+        node_eval=_eval_subset(test_ids, test.labels, cfg.eval.node_examples, cfg.seed),
+        consensus_eval=_eval_subset(test_ids, test.labels, cfg.eval.consensus_examples, cfg.seed),
+        pad_id=pad_id,
+        partition_summary=summary,
+    )

@@ -98,6 +98,15 @@ class EvalConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: str = "dec_lora"
+    # Alternating methods (adf_lora, tad_lora, rolora, rolora_dfl): rounds per phase, or "auto" (TAD-LoRA:
+    # T = ceil(auto_c / sqrt(1 - rho)) clipped to [1, auto_max], rho the schedule's expected contraction).
+    switch_interval: int | str = 5
+    first_phase: str = "B"  # B first: with B = 0 at init the gradient of A is zero
+    auto_c: float = 1.0
+    auto_max: int = 20
+    # Optimizer moments after a re-factorization (DeCAF) or a phase switch: reset | keep.
+    optimizer_policy: str = "reset"
+    svd_split: str = "balanced"  # DeCAF: B = U S^(1/2), A = S^(1/2) V^T | left: B = U S | right: A = S V^T
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.head": ("train", "frozen"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
     "train.local_unit": ("steps", "epochs"),
+    "algorithm.first_phase": ("A", "B"),
+    "algorithm.optimizer_policy": ("reset", "keep"),
+    "algorithm.svd_split": ("balanced", "left", "right"),
 }
 POSITIVE = (
     "nodes",
@@ -148,8 +160,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):  # first type that accepts the value
+            try:
+                return _coerce(value, inner, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError("; or ".join(errors))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(
@@ -245,6 +262,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    interval = cfg.algorithm.switch_interval
+    if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
+        raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     # Registries are checked here so that a typo stops the run before the model loads.

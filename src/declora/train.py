@@ -128,8 +128,9 @@ class LocalTrainer:
             weights.append(torch.full((len(batch),), 1.0 / len(batch)))
         rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights))
         params = self.optimizer.params
-        for name in names:
-            params[name].grad = None
+        for name, p in params.items():  # a frozen kind (ADF's inactive factor, say) gets no gradient at all
+            p.grad = None
+            p.requires_grad_(name in names)
         self.fed.set_training(True)
         node_loss = accumulate_gradients(self.fed, rows, self.pad_id, self.tokens_per_chunk)
         grads = [params[k].grad for k in names if params[k].grad is not None]

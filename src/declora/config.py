@@ -74,6 +74,21 @@ class TopologyConfig:
 
 
 @dataclass(frozen=True)
+class CommConfig:
+    codec: str = "fp32"  # fp32 | fp16 | bf16 | quantize | topk: what each message is encoded as
+    bits: int = 8  # quantize: bits per entry (2..8)
+    block_size: int | None = None  # quantize: one scale per block of this many entries (None: per row)
+    fraction: float = 0.1  # topk: fraction of entries kept per message
+    error_feedback: bool = False  # topk: carry what was not sent into the next round
+
+    def codec_params(self) -> dict[str, object]:
+        return {
+            "quantize": {"bits": self.bits, "block_size": self.block_size},
+            "topk": {"fraction": self.fraction, "error_feedback": self.error_feedback},
+        }.get(self.codec, {})
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-3
     head_lr: float | None = None  # defaults to lr
@@ -122,6 +137,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -279,6 +295,12 @@ def validate(cfg: Config) -> Config:
     ):
         if flat[key] not in registry:
             raise ConfigError(f"{key}={flat[key]!r} is not known; choose one of {sorted(registry)}")
+    from declora.comm.codecs import build_codec
+
+    try:
+        build_codec(cfg.comm.codec, **cfg.comm.codec_params())
+    except ValueError as err:
+        raise ConfigError(f"comm: {err}") from err
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(
             f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"

@@ -12,6 +12,7 @@ import torch
 
 from declora.algorithms import ALGORITHMS
 from declora.algorithms.base import Algorithm
+from declora.comm.codecs import build_codec
 from declora.comm.exchange import LocalExchange
 from declora.config import Config
 from declora.data import load_dataset, tokenize
@@ -103,7 +104,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
         fed=fed,
         algorithm=algorithm_cls(fed),
         schedule=schedule,
-        exchange=LocalExchange(n, seed=cfg.seed),
+        exchange=LocalExchange(n, build_codec(cfg.comm.codec, **cfg.comm.codec_params()), cfg.seed),
         optimizer=optimizer,
         trainer=trainer,
         streams=streams,

@@ -145,3 +145,28 @@ def test_epochs_give_nodes_with_more_data_more_steps(tiny_bert):
     trainer.local_work(torch.ones(2, dtype=torch.bool), list(fed.tensors()), amount=1, unit="epochs")
     steps = trainer.optimizer.steps[next(iter(fed.tensors()))]
     assert steps.tolist() == [2, 6]
+
+
+def test_averaged_product_adapter_is_the_exact_mean_of_node_products(tiny_bert):
+    from declora.model import averaged_factors, averaged_product
+
+    fed = build_federation(ModelConfig(name=str(tiny_bert), rank=4, alpha=8), n=3, num_labels=2)
+    _randomize(fed)
+    stacked = {k: v.detach() for k, v in fed.tensors().items()}
+    ids, mask = _batch(2)
+    rows = torch.zeros(2, dtype=torch.long)
+    with torch.no_grad(), fed.route(rows), fed.override(averaged_product(stacked)):
+        product = fed(ids, mask)
+    with torch.no_grad(), fed.route(rows), fed.override(averaged_factors(stacked)):
+        factors = fed(ids, mask)
+    # Reference: fold s * mean_i B_i A_i densely into a copy of each base weight, B = 0 otherwise.
+    dense = {k: v.clone() for k, v in averaged_factors(stacked).items()}
+    with torch.no_grad():
+        for name, layer in fed.lora.items():
+            delta = fed.scale * torch.einsum("nor,nri->oi", layer.B, layer.A) / fed.n
+            layer.base.weight += delta
+            dense[f"{name}.lora_B"] = torch.zeros_like(dense[f"{name}.lora_B"])
+        with fed.route(rows), fed.override(dense):
+            reference = fed(ids, mask)
+    torch.testing.assert_close(product, reference, atol=1e-5, rtol=0)
+    assert (factors - reference).abs().max() > 1e-4  # the cross-term makes them differ

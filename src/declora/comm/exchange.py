@@ -12,24 +12,22 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from declora.comm.codecs import CastCodec
 from declora.seeding import torch_generator
 
 
 class MessageCodec(Protocol):
     name: str
 
-    def roundtrip(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    def roundtrip(
+        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
+    ) -> tuple[Tensor, int]:
         """(what the receivers decode, bytes of one node's encoded message) for stacked x: (n, ...)."""
         ...
 
+    def state_dict(self) -> dict[str, Tensor]: ...
 
-class Identity:
-    """fp32 messages: the tensors themselves."""
-
-    name = "fp32"
-
-    def roundtrip(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-        return x, x[0].numel() * x.element_size()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
 
 class Exchange(Protocol):
@@ -80,12 +78,12 @@ class LocalExchange:
     """In-process exchange: ``X <- W X`` over the node axis, with encoded off-diagonal messages."""
 
     def __init__(self, n: int, codec: MessageCodec | None = None, seed: int = 0) -> None:
-        self.codec = codec or Identity()
+        self.codec = codec or CastCodec("fp32")
         self.ledger = ByteLedger(n)
         self.seed = seed
 
     def _encode(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
-        return self.codec.roundtrip(x, torch_generator(self.seed, "codec", round, name))
+        return self.codec.roundtrip(x, torch_generator(self.seed, "codec", round, name), key=name)
 
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         n = W.shape[0]

@@ -102,7 +102,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
         cfg=cfg,
         run_dir=run_dir or Path(cfg.run_dir or default_run_dir(cfg)),
         fed=fed,
-        algorithm=algorithm_cls(fed),
+        algorithm=algorithm_cls(fed, cfg=cfg, schedule=schedule),
         schedule=schedule,
         exchange=LocalExchange(n, build_codec(cfg.comm.codec, **cfg.comm.codec_params()), cfg.seed),
         optimizer=optimizer,

@@ -65,7 +65,7 @@ class NodeAdamW:
     def reset(self, names: list[str] | None = None, nodes: Tensor | None = None) -> None:
         """Forget moments and step counts (after a re-factorization, say) for some tensors and nodes."""
         for name in names if names is not None else list(self.params):
-            keep = torch.ones(self.steps[name].shape[0], dtype=torch.bool) if nodes is None else ~nodes
+            keep = torch.zeros(self.steps[name].shape[0], dtype=torch.bool) if nodes is None else ~nodes
             self.steps[name] *= keep.long()
             self.exp_avg[name] *= _rows(keep, self.exp_avg[name])
             self.exp_avg_sq[name] *= _rows(keep, self.exp_avg_sq[name])

@@ -5,14 +5,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from declora.algorithms.adf_lora import ADFLoRA
 from declora.algorithms.centralized import Centralized
 from declora.algorithms.dec_lora import DecLoRA
+from declora.algorithms.decaf import DeCAF
+from declora.algorithms.dlora_fa import DLoRAFA
 from declora.algorithms.fedavg import FedAvg
+from declora.algorithms.ffa_lora import FFALoRA
 from declora.algorithms.local import LocalOnly
+from declora.algorithms.rolora import RoLoRA
+from declora.algorithms.rolora_dfl import RoLoRADFL
+from declora.algorithms.tad_lora import TADLoRA
 
 ALGORITHMS: dict[str, Callable[..., Any]] = {
     "dec_lora": DecLoRA,
     "local": LocalOnly,
     "fedavg": FedAvg,
     "centralized": Centralized,
+    "decaf": DeCAF,
+    "dlora_fa": DLoRAFA,
+    "ffa_lora": FFALoRA,
+    "adf_lora": ADFLoRA,
+    "tad_lora": TADLoRA,
+    "rolora": RoLoRA,
+    "rolora_dfl": RoLoRADFL,
 }

@@ -19,6 +19,8 @@ class Centralized:
     fed: Federation
     name: str = "centralized"
     single_node: bool = True
+    cfg: object = None  # the run's Config and schedule: every algorithm is built with them; unused here
+    schedule: object = None
 
     def plan(self, t: int) -> RoundPlan:
         return RoundPlan(train=trained_kinds(self.fed))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.mixing import gossip_kinds
 from declora.model import Federation
 
 
@@ -25,15 +26,14 @@ class DecLoRA:
     fed: Federation
     name: str = "dec_lora"
     single_node: bool = False
+    cfg: object = None  # the run's Config and schedule: every algorithm is built with them; unused here
+    schedule: object = None
 
     def plan(self, t: int) -> RoundPlan:
         return RoundPlan(train=trained_kinds(self.fed))
 
     def communicate(self, ctx: RoundContext) -> None:
-        tensors = ctx.fed.tensors(self.plan(ctx.round).train)
-        mixed = ctx.exchange.gossip({k: v.detach() for k, v in tensors.items()}, ctx.W, ctx.round)
-        for name, value in mixed.items():
-            tensors[name].data.copy_(value)
+        gossip_kinds(ctx, self.plan(ctx.round).train)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return None

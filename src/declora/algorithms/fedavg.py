@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.mixing import server_average
 from declora.model import Federation, averaged_factors
 
 
@@ -26,17 +26,14 @@ class FedAvg:
     fed: Federation
     name: str = "fedavg"
     single_node: bool = False
+    cfg: object = None  # the run's Config and schedule: every algorithm is built with them; unused here
+    schedule: object = None
 
     def plan(self, t: int) -> RoundPlan:
         return RoundPlan(train=trained_kinds(self.fed))
 
     def communicate(self, ctx: RoundContext) -> None:
-        tensors = ctx.fed.tensors(self.plan(ctx.round).train)
-        weights = ctx.online.to(torch.float32)
-        means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)
-        for name, mean in means.items():  # every participant receives the server model
-            rows = ctx.online.view(-1, *([1] * mean.dim()))
-            tensors[name].data.copy_(torch.where(rows, mean.unsqueeze(0), tensors[name].data))
+        server_average(ctx, self.plan(ctx.round).train)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # after aggregation: what every participant holds

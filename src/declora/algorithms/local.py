@@ -18,6 +18,8 @@ class LocalOnly:
     fed: Federation
     name: str = "local"
     single_node: bool = False
+    cfg: object = None  # the run's Config and schedule: every algorithm is built with them; unused here
+    schedule: object = None
 
     def plan(self, t: int) -> RoundPlan:
         return RoundPlan(train=trained_kinds(self.fed))

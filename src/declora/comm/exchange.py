@@ -35,6 +35,8 @@ class Exchange(Protocol):
 
     def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]: ...
 
+    def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
+
 
 class ByteLedger:
     """Bytes sent: per directed edge (sender -> receiver) this round, and in total."""
@@ -113,4 +115,18 @@ class LocalExchange:
             # Uploads go to the server, not to a node: they are booked on the sender's diagonal entry.
             self.ledger.add_edges(torch.diag(senders), nbytes)
             self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())
+        return out
+
+    def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        """Every node's tensors as its neighbours decode them (n, ...), for combinations that are not
+        linear in the messages (DeCAF's product mix); bytes are booked per edge W_ji != 0, as gossip."""
+        sends = (W.T != 0) & ~torch.eye(W.shape[0], dtype=torch.bool)  # [i, j]: i's message reaches j
+        out: dict[str, Tensor] = {}
+        for name, x in tensors.items():
+            if not sends.any():
+                out[name] = x
+                continue
+            decoded, nbytes = self._encode(name, x, round)
+            out[name] = decoded.to(x.dtype)
+            self.ledger.add_edges(sends, nbytes)
         return out

@@ -1,0 +1,57 @@
+"""TAD-LoRA: topology-aware alternating LoRA for dynamic, sparse graphs.
+
+Wang, Li, Zhou, Li, Liu. "TAD-LoRA." arXiv 2602.00451 (2026). ALGORITHMS.md §5, §8d, §8k.
+
+The ADF-LoRA round (global phase p = phase(t); train only factor p; mix BOTH factors and a trained
+head with W(t) every round):
+
+    A_i <- sum_j W_ij(t) A_j      B_i <- sum_j W_ij(t) B_j
+
+with a switching interval matched to the topology. switch_interval="auto" (set it: the config's default
+is the fixed 5) picks
+
+    T = ceil(auto_c / sqrt(1 - rho))  clipped to [1, auto_max],   rho = lambda_2(E[W(t)^T W(t)])
+
+[M: the paper's T*(rho) ~ Theta(1/sqrt(1 - rho)) made operational; auto_c = 1, auto_max = 20 are config
+fields]. A sparser graph (rho nearer 1) gets longer phases. ``rho`` and ``interval`` are logged and kept
+as attributes (rho is None for a fixed T). The paper freezes the head (model.head=frozen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from declora.algorithms.alternating import PhaseClock, build_clock, end_of_round
+from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.mixing import gossip_kinds
+from declora.config import Config
+from declora.model import Federation
+from declora.schedules import Schedule
+
+
+@dataclass
+class TADLoRA:
+    fed: Federation
+    name: str = "tad_lora"
+    single_node: bool = False
+    cfg: Config | None = None
+    schedule: Schedule | None = None
+    clock: PhaseClock = field(init=False)
+    rho: float | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.acfg = (self.cfg or Config()).algorithm
+        self.clock, self.rho = build_clock(self.acfg, self.schedule, self.name, allow_auto=True)
+        self.interval = self.clock.interval
+
+    def plan(self, t: int) -> RoundPlan:
+        return RoundPlan(train=trained_kinds(self.fed, (self.clock.phase(t),)))
+
+    def communicate(self, ctx: RoundContext) -> None:
+        gossip_kinds(ctx, trained_kinds(ctx.fed, ("A", "B")))
+        end_of_round(ctx, self.clock, self.acfg.optimizer_policy)
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return None

@@ -1,0 +1,223 @@
+"""Compare methods like a paper does: a grid of runs, one folder per cell, and one table and figure set.
+
+A grid file names a base config, fixed overrides, the axes to sweep and the seeds::
+
+    base: configs/smoke.yaml
+    out: runs/compare-smoke
+    overrides: [rounds=6]
+    grid:
+      algorithm.name: [dec_lora, local, fedavg]
+      topology.graph: [ring, complete]
+    seeds: [0, 1]
+    metric: acc_avg_factors        # the accuracy the table ranks
+    target_accuracy: 0.6           # bytes needed to first reach it
+
+Cells already finished are skipped and half-finished ones resume, so a stopped grid continues.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from declora.config import ConfigError, load_config
+from declora.report import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Grid:
+    base: str | None
+    out: Path
+    overrides: tuple[str, ...] = ()
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    metric: str = "acc_avg_factors"
+    target_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str  # the grid point without the seed: one row of the table, one line of a figure
+    seed: int
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+
+GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy"}
+
+
+def load_grid(path: str | Path) -> Grid:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(data) - GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown grid key {unknown[0]!r} in {path}; allowed: {sorted(GRID_KEYS)}")
+    axes = data.get("grid") or {}
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key} must be a non-empty list, got {values!r}")
+    base = data.get("base")
+    if base is not None and not Path(base).exists():  # relative to the grid file, else to the cwd
+        beside = Path(path).parent / base
+        base = str(beside) if beside.exists() else base
+    return Grid(
+        base=base,
+        out=Path(data.get("out", f"runs/compare-{Path(path).stem}")),
+        overrides=tuple(data.get("overrides") or ()),
+        axes=axes,
+        seeds=tuple(data.get("seeds") or (0,)),
+        metric=data.get("metric", "acc_avg_factors"),
+        target_accuracy=data.get("target_accuracy"),
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
+def expand(grid: Grid) -> list[Cell]:
+    """Every combination of the axes, times every seed; validated before anything runs."""
+    keys = list(grid.axes)
+    cells = []
+    for values in itertools.product(*(grid.axes[k] for k in keys)):
+        point = [
+            f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in zip(keys, values, strict=True)
+        ]
+        method = ",".join(point) or "base"
+        for seed in grid.seeds:
+            run_dir = grid.out / _slug(f"{method},seed={seed}")
+            overrides = (*grid.overrides, *point, f"seed={seed}", f"run_dir={run_dir}")
+            load_config(grid.base, overrides)  # a typo in any cell stops the grid before the first run
+            cells.append(Cell(method, seed, overrides, run_dir))
+    return cells
+
+
+def cell_state(cell: Cell) -> str:
+    """ "done", "partial" (a checkpoint to resume from) or "new"."""
+    latest = cell.run_dir / "state" / "latest.json"
+    if not latest.is_file():
+        return "new"
+    cfg = load_config(cell.run_dir / "config.yaml")
+    done = json.loads(latest.read_text())["round"] >= cfg.rounds and (cell.run_dir / "report.md").is_file()
+    return "done" if done else "partial"
+
+
+def run_grid(grid: Grid, on_cell: Any = None) -> list[Cell]:
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    cells = expand(grid)
+    for k, cell in enumerate(cells):
+        state = cell_state(cell)
+        if on_cell is not None:
+            on_cell(k, len(cells), cell, state)
+        if state == "done":
+            continue
+        if state == "partial":
+            exp = build_experiment(load_config(cell.run_dir / "config.yaml"), cell.run_dir)
+        else:
+            exp = build_experiment(load_config(grid.base, cell.overrides))
+        run(exp, resume=state == "partial")
+    return cells
+
+
+# ---------------------------------------------------------------- the table
+
+
+def run_summary(records: list[dict[str, Any]], metric: str, target: float | None) -> dict[str, float]:
+    evals = [r for r in records if r.get("event") == "eval" and r.get(metric) is not None]
+    if not evals:
+        return {}
+    values = [r[metric] for r in evals]
+    reached = next((r["bytes_total"] for r in evals if target is not None and r[metric] >= target), math.nan)
+    return {
+        "best": max(values),
+        "final": values[-1],
+        "bytes_total": evals[-1]["bytes_total"],
+        "bytes_to_target": reached,
+        "wall_s": evals[-1]["wall_s"],
+    }
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    arr = np.asarray(xs, dtype=float)
+    if np.isnan(arr).any():
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std())
+
+
+def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | None) -> list[dict[str, Any]]:
+    """One row per method: mean and population std over its runs (seeds) of each summary number."""
+    rows = []
+    for method, dirs in runs.items():
+        summaries = [run_summary(read_metrics(d / "metrics.jsonl"), metric, target) for d in dirs]
+        summaries = [s for s in summaries if s]
+        if not summaries:
+            continue
+        row: dict[str, Any] = {"method": method, "runs": len(summaries)}
+        for key in ("best", "final", "bytes_total", "bytes_to_target", "wall_s"):
+            row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
+        rows.append(row)
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | None) -> str:
+    def acc(r: dict[str, Any], k: str) -> str:
+        return f"{100 * r[k]:.2f} ± {100 * r[k + '_std']:.2f}"
+
+    def mb(x: float) -> str:
+        return "not reached" if math.isnan(x) else f"{x / 1e6:.2f}"
+
+    target_txt = f"{100 * target:.1f}%" if target is not None else "n/a"
+    lines = [
+        f"Accuracy: {metric} in % (mean ± std over runs); MB = 1e6 bytes; target {target_txt}.",
+        "",
+        "| method | runs | best | final | MB sent | MB to target | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['runs']} | {acc(r, 'best')} | {acc(r, 'final')} | "
+            f"{mb(r['bytes_total'])} | {mb(r['bytes_to_target'])} | {r['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_comparison(runs: dict[str, list[Path]], out: Path, metric: str, target: float | None) -> str:
+    from declora.compare_plots import plot_comparison
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(runs, metric, target)
+    table = format_comparison(rows, metric, target)
+    (out / "comparison.md").write_text(table + "\n\n![curves](comparison.png)\n")
+    (out / "comparison.csv").write_text(rows_csv(rows))
+    plot_comparison(runs, out / "comparison.png", metric)
+    return table
+
+
+def group_cells(cells: list[Cell]) -> dict[str, list[Path]]:
+    runs: dict[str, list[Path]] = {}
+    for cell in cells:
+        runs.setdefault(cell.method, []).append(cell.run_dir)
+    return runs

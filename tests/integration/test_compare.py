@@ -1,0 +1,145 @@
+"""Grids: expansion, skip of finished cells, resume of half-finished ones, table numbers, figures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from declora.compare import (
+    cell_state,
+    comparison_rows,
+    expand,
+    group_cells,
+    load_grid,
+    run_grid,
+    write_comparison,
+)
+from declora.config import ConfigError
+
+pytestmark = pytest.mark.integration
+
+
+def _grid_file(tmp_path, tiny_bert, **extra):
+    grid = {
+        "out": str(tmp_path / "grid"),
+        "overrides": [
+            f"model.name={tiny_bert}",
+            "model.rank=2",
+            "nodes=3",
+            "rounds=2",
+            "data.train_limit=48",
+            "data.test_limit=12",
+            "train.batch_size=4",
+            "train.local_steps=1",
+            "eval.every=1",
+            "eval.node_examples=6",
+            "checkpoint_every=1",
+            "export=none",
+            "threads=1",
+        ],
+        "grid": {"algorithm.name": ["dec_lora", "local"]},
+        "seeds": [0, 1],
+        "target_accuracy": 0.0,
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_expand_is_the_product_of_axes_and_seeds(tmp_path, tiny_bert):
+    cells = expand(load_grid(_grid_file(tmp_path, tiny_bert)))
+    assert [(c.method, c.seed) for c in cells] == [
+        ("algorithm.name=dec_lora", 0),
+        ("algorithm.name=dec_lora", 1),
+        ("algorithm.name=local", 0),
+        ("algorithm.name=local", 1),
+    ]
+    assert len({c.run_dir for c in cells}) == 4
+
+
+def test_a_typo_in_any_cell_stops_the_grid(tmp_path, tiny_bert):
+    path = _grid_file(tmp_path, tiny_bert, grid={"algorithm.name": ["dec_lora", "dec-lora"]})
+    with pytest.raises(ConfigError, match="dec-lora"):
+        expand(load_grid(path))
+
+
+def test_finished_cells_are_skipped_and_half_finished_resume(tmp_path, tiny_bert):
+    grid = load_grid(_grid_file(tmp_path, tiny_bert, seeds=[0]))
+    from declora.config import load_config
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    first = expand(grid)[0]
+    exp = build_experiment(load_config(grid.base, first.overrides))
+
+    def crash(record):
+        if record["round"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(exp, on_round=crash)
+    assert cell_state(first) == "partial"
+    seen = []
+    run_grid(grid, on_cell=lambda k, total, cell, state: seen.append(state))
+    assert seen == ["partial", "new"]
+    seen.clear()
+    run_grid(grid, on_cell=lambda k, total, cell, state: seen.append(state))
+    assert seen == ["done", "done"]
+    rounds = [json.loads(x)["round"] for x in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 0, 1, 2]  # start, partition, then each round exactly once
+
+
+def _fake_run(folder, accs, bytes_per_round, wall):
+    folder.mkdir(parents=True)
+    lines = [{"event": "start", "round": 0}]
+    for t, acc in enumerate(accs, 1):
+        lines.append(
+            {
+                "event": "eval",
+                "round": t,
+                "acc_avg_factors": acc,
+                "bytes_total": t * bytes_per_round,
+                "wall_s": wall * t,
+                "consensus_BA": 1.0 / t,
+            }
+        )
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def test_table_numbers_equal_a_hand_computation(tmp_path):
+    a = _fake_run(tmp_path / "a", [0.5, 0.7, 0.6], 1_000_000, 2.0)
+    b = _fake_run(tmp_path / "b", [0.6, 0.65, 0.8], 2_000_000, 3.0)
+    rows = comparison_rows({"m": [a, b]}, "acc_avg_factors", target=0.65)
+    row = rows[0]
+    assert row["runs"] == 2
+    assert row["best"] == pytest.approx((0.7 + 0.8) / 2) and row["best_std"] == pytest.approx(0.05)
+    assert row["final"] == pytest.approx((0.6 + 0.8) / 2) and row["final_std"] == pytest.approx(0.1)
+    assert row["bytes_total"] == pytest.approx((3e6 + 6e6) / 2)
+    assert row["bytes_to_target"] == pytest.approx((2e6 + 4e6) / 2)  # a reaches 0.65 at round 2, b at round 2
+    assert row["wall_s"] == pytest.approx((6.0 + 9.0) / 2)
+    never = comparison_rows({"m": [a]}, "acc_avg_factors", target=0.99)[0]
+    assert math.isnan(never["bytes_to_target"])
+
+
+def test_comparison_files_are_written(tmp_path):
+    runs = {
+        "x": [_fake_run(tmp_path / "a", [0.5, 0.7], 10, 1.0)],
+        "y": [_fake_run(tmp_path / "b", [0.4, 0.8], 20, 1.0)],
+    }
+    table = write_comparison(runs, tmp_path / "out", "acc_avg_factors", 0.6)
+    assert "| x | 1 | 70.00 ± 0.00 |" in table
+    png = (tmp_path / "out" / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "out" / "comparison.csv").read_text().startswith("method,runs,best")
+
+
+def test_grid_groups_by_method(tmp_path, tiny_bert):
+    cells = expand(load_grid(_grid_file(tmp_path, tiny_bert)))
+    groups = group_cells(cells)
+    assert list(groups) == ["algorithm.name=dec_lora", "algorithm.name=local"]
+    assert all(len(v) == 2 for v in groups.values())

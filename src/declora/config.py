@@ -33,6 +33,7 @@ class ModelConfig:
     max_length: int = 128
     init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
     init_adapter: str | None = None  # a PEFT adapter folder that seeds every node
+    base_quantization: str = "none"  # none | int8 | nf4: frozen base linears stored quantized (QLoRA-style)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class EvalConfig:
     node_examples: int = 500  # test examples used for each node's own accuracy
     consensus_examples: int | None = None  # test examples for the consensus models (None: all)
     batch_size: int = 128
+    # The metric the paper reports, marked first in the report (ALGORITHMS.md §8h): acc_avg_factors
+    # (Dec-LoRA), acc_avg_product, acc_node_mean (ADF/TAD: mean ± std over nodes), acc_server (FSLoRA).
+    headline: str = "acc_avg_factors"
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,23 @@ class AlgorithmConfig:
     # Optimizer moments after a re-factorization (DeCAF) or a phase switch: reset | keep.
     optimizer_policy: str = "reset"
     svd_split: str = "balanced"  # DeCAF: B = U S^(1/2), A = S^(1/2) V^T | left: B = U S | right: A = S V^T
+    # Heterogeneous ranks and server optimizers (fslora, hetlora, flexlora; see algorithms/ranks.py).
+    ranks: tuple[int, ...] | None = None  # hetlora/flexlora: r_i <= model.rank per node; None: model.rank
+    sketch_ratios: tuple[float, ...] | None = None  # fslora: k_i / r per node in (0, 1]; None: sketch_dist
+    sketch_dist: str = "uniform"  # fslora: uniform over {1/8, 1/4, 1/2} | normal | heavy_tailed (seeded)
+    clients_per_round: int | None = None  # fslora/hetlora/flexlora: nodes the server samples; None: all
+    server_lr: float = 1e-3  # fslora/hetlora: server AdamW on the mean delta
+    server_weight_decay: float = 0.0  # [M] upstream FSLoRA uses torch AdamW's default 0.01 (?)
+    flex_weights: str = "data_size"  # flexlora: p_i proportional to n_i | uniform
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Multi-process runs (torchrun): each rank hosts a contiguous slice of the nodes."""
+
+    backend: str = "auto"  # auto (nccl when every rank has its own GPU, else gloo) | gloo | nccl
+    timeout_s: float = 60.0  # a rank that dies or hangs stops every other rank within this time
+    node_slices: tuple[int, ...] | None = None  # nodes hosted by each rank, in rank order; None: even split
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,7 @@ class Config:
     seed: int = 0
     run_dir: str | None = None  # default: runs/<algorithm>-<timestamp>
     checkpoint_every: int = 5
+    tensorboard: bool = False  # also mirror the per-round metrics to RUN_DIR/tensorboard
     export: str = "all"  # PEFT adapters written at the end: all (consensus + every node) | consensus | none
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,16 +163,22 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "export": ("all", "consensus", "none"),
     "model.head": ("train", "frozen"),
+    "model.base_quantization": ("none", "int8", "nf4"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
     "train.local_unit": ("steps", "epochs"),
     "algorithm.first_phase": ("A", "B"),
     "algorithm.optimizer_policy": ("reset", "keep"),
     "algorithm.svd_split": ("balanced", "left", "right"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+    "algorithm.sketch_dist": ("uniform", "normal", "heavy_tailed"),
+    "algorithm.flex_weights": ("data_size", "uniform"),
+    "eval.headline": ("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
 }
 POSITIVE = (
     "nodes",
@@ -283,6 +311,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
+    if cfg.dist.timeout_s <= 0:
+        raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds)")
+    _validate_heterogeneous(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS
     from declora.schedules import SCHEDULES
@@ -306,6 +337,25 @@ def validate(cfg: Config) -> Config:
             f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"
         )
     return cfg
+
+
+def _validate_heterogeneous(cfg: Config) -> None:
+    a, r = cfg.algorithm, cfg.model.rank
+    for key, values in (("ranks", a.ranks), ("sketch_ratios", a.sketch_ratios)):
+        if values is not None and len(values) != cfg.nodes:
+            raise ConfigError(f"algorithm.{key} has {len(values)} entries; nodes={cfg.nodes} needs one each")
+    if a.ranks is not None and not all(1 <= k <= r for k in a.ranks):
+        raise ConfigError(f"algorithm.ranks={list(a.ranks)}: every rank must be in [1, model.rank={r}]")
+    if a.sketch_ratios is not None and not all(0 < x <= 1 for x in a.sketch_ratios):
+        raise ConfigError(f"algorithm.sketch_ratios={list(a.sketch_ratios)}: every ratio must be in (0, 1]")
+    m = a.clients_per_round
+    if m is not None and not 1 <= m <= cfg.nodes:
+        raise ConfigError(f"algorithm.clients_per_round={m} must be in [1, nodes={cfg.nodes}] or null")
+    if a.server_lr <= 0 or a.server_weight_decay < 0:
+        raise ConfigError(
+            f"algorithm.server_lr={a.server_lr} must be positive and "
+            f"algorithm.server_weight_decay={a.server_weight_decay} non-negative"
+        )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

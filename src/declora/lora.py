@@ -27,6 +27,18 @@ class NodeRouting:
         return self.rows
 
 
+class RankMask:
+    """Per-node gates on the rank components, shared by every stacked layer of a model.
+
+    ``gate`` (n, r) = mask_i * multiplier_i: node i's layer computes ``s * B diag(gate_i) A x``, so a
+    component with gate 0 contributes nothing and gets zero gradient in A and B (FSLoRA sketches,
+    heterogeneous ranks). None (the default) means all ones, at no extra cost.
+    """
+
+    def __init__(self) -> None:
+        self.gate: Tensor | None = None  # (n, r)
+
+
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
@@ -59,6 +71,7 @@ class StackedLoRALinear(nn.Module):
         self.routing = routing
         # Evaluation may swap in other stacked factors (the averaged adapter, say) without touching A, B.
         self.override: tuple[Tensor, Tensor] | None = None
+        self.rank_mask = RankMask()  # Federation shares one mask among all its layers
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
@@ -69,6 +82,9 @@ class StackedLoRALinear(nn.Module):
             h = h.unsqueeze(1)
         h = h.reshape(h.shape[0], -1, h.shape[-1])  # (rows, seq, d_in)
         z = torch.bmm(h, A[rows].transpose(1, 2))  # (rows, seq, r)
+        gate = self.rank_mask.gate
+        if gate is not None and self.override is None:  # an override carries its own (ungated) factors
+            z = z * gate.to(z.dtype)[rows].unsqueeze(1)
         z = torch.bmm(z, B[rows].transpose(1, 2))  # (rows, seq, d_out)
         return out + (self.scale * z).reshape(out.shape)
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from declora.assets import model_path
 from declora.config import ModelConfig
-from declora.lora import NodeRouting, StackedLinear, StackedLoRALinear, lora_scale
+from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
+from declora.quantize import QuantizedLinear, quantize_linears
 from declora.seeding import torch_generator
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class Federation(nn.Module):
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
         self.lora, self.heads = lora, heads
         self.scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
+        self.rank_mask = RankMask()  # per-node rank gates (n, r), one object shared by every layer
+        for layer in lora.values():
+            layer.rank_mask = self.rank_mask
 
     # ---- the node-stacked tensors, by name: "<module>.lora_A", "<module>.lora_B", "<head>.weight"
     def tensors(self, kinds: tuple[str, ...] = KINDS) -> dict[str, nn.Parameter]:
@@ -125,6 +129,7 @@ def load_base(cfg: ModelConfig, num_labels: int) -> tuple[nn.Module, Path]:
     model.eval()  # base dropout off: the LoRA dropout is ours; see ModelConfig.dropout
     for p in model.parameters():
         p.requires_grad_(False)
+    quantize_linears(model, cfg.base_quantization, skip=HEAD_ROOTS)  # "none": untouched
     return model, path
 
 
@@ -135,14 +140,15 @@ def build_federation(cfg: ModelConfig, n: int, num_labels: int) -> Federation:
     lora: dict[str, StackedLoRALinear] = {}
     for name, module in list(model.named_modules()):
         if (
-            isinstance(module, nn.Linear)
+            isinstance(module, (nn.Linear, QuantizedLinear))
             and name.split(".")[-1] in cfg.target_modules
             and not name.startswith(HEAD_ROOTS)
         ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
             lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A)
     if not lora:
-        linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
+        kinds = (nn.Linear, QuantizedLinear)
+        linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, kinds)})
         raise ValueError(
             f"model.target_modules={list(cfg.target_modules)} matches no linear layer of "
             f"{path}; its linear layer names are {linears}"
@@ -173,6 +179,24 @@ def build_federation(cfg: ModelConfig, n: int, num_labels: int) -> Federation:
 
 def node_slice(stacked: dict[str, Tensor], node: int) -> dict[str, Tensor]:
     return {k: v[node : node + 1] for k, v in stacked.items()}
+
+
+def node_adapter(fed: Federation, stacked: dict[str, Tensor], node: int) -> dict[str, Tensor]:
+    """Node ``node``'s effective adapter: only its active rank components (gate != 0), the gate's
+    multiplier folded into B, so a rank-k export keeps the node's forward. No gate: ``node_slice``."""
+    single = node_slice(stacked, node)
+    if fed.rank_mask.gate is None:
+        return single
+    gate = fed.rank_mask.gate[node].detach()  # (r,)
+    keep = gate.nonzero().flatten()
+    out: dict[str, Tensor] = {}
+    for k, v in single.items():
+        if k.endswith(".lora_A"):  # (1, r, d_in) -> (1, k, d_in)
+            v = v[:, keep.to(v.device)]
+        elif k.endswith(".lora_B"):  # (1, d_out, r) -> (1, d_out, k)
+            v = v[..., keep.to(v.device)] * gate[keep].to(v)
+        out[k] = v
+    return out
 
 
 def averaged_factors(stacked: dict[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:

@@ -12,6 +12,9 @@ from declora.algorithms.decaf import DeCAF
 from declora.algorithms.dlora_fa import DLoRAFA
 from declora.algorithms.fedavg import FedAvg
 from declora.algorithms.ffa_lora import FFALoRA
+from declora.algorithms.flexlora import FlexLoRA
+from declora.algorithms.fslora import FSLoRA
+from declora.algorithms.hetlora import HetLoRA
 from declora.algorithms.local import LocalOnly
 from declora.algorithms.rolora import RoLoRA
 from declora.algorithms.rolora_dfl import RoLoRADFL
@@ -29,4 +32,7 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "tad_lora": TADLoRA,
     "rolora": RoLoRA,
     "rolora_dfl": RoLoRADFL,
+    "fslora": FSLoRA,
+    "hetlora": HetLoRA,
+    "flexlora": FlexLoRA,
 }

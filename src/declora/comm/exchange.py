@@ -12,8 +12,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from declora.comm.codecs import CastCodec
+from declora.comm.codecs import CastCodec, QuantizeCodec
 from declora.seeding import torch_generator
+
+RANDOM_CODECS = (QuantizeCodec,)  # codecs that draw from the generator: one generator per node
 
 
 class MessageCodec(Protocol):
@@ -36,6 +38,10 @@ class Exchange(Protocol):
     def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]: ...
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
+
+    def upload_masked(
+        self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
+    ) -> dict[str, Tensor]: ...
 
 
 class ByteLedger:
@@ -85,7 +91,15 @@ class LocalExchange:
         self.seed = seed
 
     def _encode(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
-        return self.codec.roundtrip(x, torch_generator(self.seed, "codec", round, name), key=name)
+        if not isinstance(self.codec, RANDOM_CODECS):
+            return self.codec.roundtrip(x, torch_generator(self.seed, "codec", round, name), key=name)
+        # Node i draws from (seed, round, tensor, i): a multi-process run, whose ranks encode slices of the
+        # node axis, draws exactly the same (comm/dist_exchange.py).
+        out = [
+            self.codec.roundtrip(x[i : i + 1], torch_generator(self.seed, "codec", round, name, i), key=name)
+            for i in range(x.shape[0])
+        ]
+        return torch.cat([decoded for decoded, _ in out]), out[0][1]
 
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         n = W.shape[0]
@@ -115,6 +129,29 @@ class LocalExchange:
             # Uploads go to the server, not to a node: they are booked on the sender's diagonal entry.
             self.ledger.add_edges(torch.diag(senders), nbytes)
             self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())
+        return out
+
+    def upload_masked(
+        self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
+    ) -> dict[str, Tensor]:
+        """What the server decodes when each node i in ``senders`` (n,) uploads only the slices ``keep[i]``
+        ((n, r) bool) of every tensor ``x`` (n, ...) along its ``dim``: zero elsewhere and for other nodes.
+
+        Bytes, per sender: its encoded sub-tensors, plus int32 slice indices once per call if ``indices``,
+        on its diagonal (upload); and the server's download of the same slices (uncoded, as server_mean
+        books it), which a sender fetched at the start of the round (FSLoRA, HetLoRA, FlexLoRA).
+        """
+        out = {name: torch.zeros_like(x) for name, (x, _) in tensors.items()}
+        for i in senders.nonzero().flatten().tolist():
+            idx = keep[i].nonzero().flatten()
+            up = down = 4 * len(idx) if indices else 0
+            for name, (x, dim) in tensors.items():
+                sub = x[i : i + 1].index_select(dim, idx.to(x.device))
+                decoded, nbytes = self._encode(f"{name}@{i}", sub, round)
+                out[name][i : i + 1].index_copy_(dim, idx.to(x.device), decoded.to(x.dtype))
+                up, down = up + nbytes, down + sub.numel() * sub.element_size()
+            self.ledger.add_edges(torch.diag(torch.arange(self.ledger.n) == i), up)
+            self.ledger.add_server(1, down)
         return out
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:

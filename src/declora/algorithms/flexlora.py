@@ -1,0 +1,109 @@
+"""FlexLoRA: heterogeneous ranks; the server averages the LoRA products and re-factorizes them by SVD.
+
+Bai, Chen, Qian, Yao, Li. "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
+Client Resources." NeurIPS 2024. ALGORITHMS.md §9, §8c, §8f, §8g.
+
+Node i has rank r_i = algorithm.ranks[i] (gate 1[j < r_i], fixed; r_max = model.rank). Round t, sampled
+nodes S (``ranks.sample_clients``), after local training (train.lr, no server optimizer):
+
+    upload (B_i[:, :r_i], A_i[:r_i, :]): r_i (d_in + d_out) floats per module
+    M = sum_{i in S} p_i B_i G_i A_i     p_i = n_i / sum_{j in S} n_j (flex_weights=data_size, default)
+                                         or 1/|S| (flex_weights=uniform); G_i = diag(gate_i)
+    U Sigma V^T = TSVD_{r_max}(M)       via decaf.tsvd_factors on P = [p_1 B_1 G_1 ... ], Q = [A_1; ...]
+                                         (QR of both, SVD of the small core: never the dense M)
+    every node: B = U Sigma, A = V^T;  its gate keeps the first r_i, so B G_i A = TSVD_{r_i}(M):
+                node i receives B_i = U[:, :r_i] Sigma[:r_i], A_i = V[:, :r_i]^T
+    head (model.head=train): FedAvg with the same p_i
+
+Scale (§8f): M is formed from the unscaled factors and the run's one scale s stays in the forward, so
+node i's s B G_i A is the rank-r_i truncation of the weighted mean of the s B_j G_j A_j, exactly. (The
+FSLoRA reimplementation rescales by sqrt(r_i) because its clients carry their own rsLoRA scales
+alpha/sqrt(r_i) [C]; nodes here share s [M].) Device optimizer: algorithm.optimizer_policy, reset
+(default: the SVD changes the factors' gauge, §8g) or keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.decaf import tsvd_factors
+from declora.algorithms.ranks import (
+    active_components,
+    average_head,
+    factor_messages,
+    first_components,
+    install_gate,
+    node_ranks,
+    sample_clients,
+)
+from declora.config import Config
+from declora.model import Federation, averaged_factors
+from declora.schedules import Schedule
+
+
+def flex_aggregate(A: Tensor, B: Tensor, gate: Tensor | None, p: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """(A', B'): (r, d_in), (d_out, r) with B' A' = TSVD_r(sum_i p_i B_i G_i A_i); A: (n, r, d_in),
+    B: (n, d_out, r), gate: (n, r) or None, p: (n,) with 0 for nodes that did not take part."""
+    take = (p > 0).nonzero().flatten().to(A.device)
+    dtype = torch.float32 if A.device.type == "mps" else torch.float64
+    A_s, B_s = A[take].to(dtype), B[take].to(dtype)  # (m, r, d_in), (m, d_out, r)
+    if gate is not None:
+        B_s = B_s * gate.to(A.device, dtype)[take][:, None, :]
+    m, d_out, d_in = len(take), B.shape[1], A.shape[2]
+    P = (p.to(A.device, dtype)[take][:, None, None] * B_s).permute(1, 0, 2).reshape(1, d_out, -1)
+    Qt = A_s.permute(2, 0, 1).reshape(1, d_in, m * A.shape[1])  # (1, d_in, m r)
+    B_new, A_new = tsvd_factors(P, Qt, r, split="left")  # B = U Sigma, A = V^T
+    return A_new[0].to(A.dtype), B_new[0].to(B.dtype)
+
+
+@dataclass
+class FlexLoRA:
+    fed: Federation
+    name: str = "flexlora"
+    single_node: bool = False
+    cfg: Config | None = None
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        cfg = self.cfg or Config()
+        self.acfg, self.seed = cfg.algorithm, cfg.seed
+        weights, policy = self.acfg.flex_weights, self.acfg.optimizer_policy
+        if weights not in ("data_size", "uniform") or policy not in ("reset", "keep"):
+            raise ValueError(
+                f"flexlora: flex_weights={weights!r} (data_size or uniform), "
+                f"optimizer_policy={policy!r} (reset or keep)"
+            )
+        self.ranks = node_ranks(self.acfg.ranks, self.fed.n, self.fed.cfg.rank)
+        self.gate = first_components(self.ranks, self.fed.cfg.rank)
+        install_gate(self.fed, self.gate)
+
+    def plan(self, t: int) -> RoundPlan:
+        active = sample_clients(self.fed.n, self.acfg.clients_per_round, self.seed, t)
+        return RoundPlan(train=trained_kinds(self.fed), active=active)
+
+    def communicate(self, ctx: RoundContext) -> None:
+        fed, kinds = ctx.fed, trained_kinds(ctx.fed)
+        senders = sample_clients(fed.n, self.acfg.clients_per_round, self.seed, ctx.round) & ctx.online.cpu()
+        if not senders.any():
+            return
+        sizes = ctx.data_sizes.float() if self.acfg.flex_weights == "data_size" else torch.ones(fed.n)
+        p = torch.where(senders, sizes.cpu(), torch.zeros(fed.n))
+        p = p / p.sum()  # (n,)
+        keep = active_components(fed, self.gate)
+        received = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
+        for name, layer in fed.lora.items():
+            a, b = f"{name}.lora_A", f"{name}.lora_B"
+            A_new, B_new = flex_aggregate(received[a], received[b], self.gate, p, fed.cfg.rank)
+            with torch.no_grad():
+                layer.A.copy_(A_new.expand_as(layer.A))
+                layer.B.copy_(B_new.expand_as(layer.B))
+        average_head(ctx, kinds, p)
+        if self.acfg.optimizer_policy == "reset":
+            ctx.optimizer.reset(list(fed.tensors(kinds)))
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return averaged_factors(fed.tensors())  # after aggregation: every node holds the server's factors

@@ -1,0 +1,128 @@
+"""What the heterogeneous-rank server methods share (fslora, hetlora, flexlora). ALGORITHMS.md §6, §9.
+
+Node i's adapter is the run's rank-r adapter (r = model.rank) seen through a per-node gate g_i
+(``lora.RankMask``): W_i = W0 + s B_i diag(g_i) A_i, with the run's one scale s (alpha/r, alpha/sqrt(r)).
+A gate of 0 removes a component: it contributes nothing and gets zero gradient in A and B.
+
+- Participation: the server samples m = algorithm.clients_per_round nodes per round without replacement,
+  from (seed, "clients", t); None: every node. Offline nodes (topology.node_dropout) do not take part.
+- Messages: a node with k_i active components uploads k_i (d_in + d_out) floats per module (plus k_i
+  int32 indices once per round where the set is random) and fetched the same slices at the start of the
+  round: both booked by ``exchange.upload_masked``.
+- ``ServerFactors``: the global (A, B), node axis 1, and a server AdamW (lr algorithm.server_lr, weight
+  decay algorithm.server_weight_decay [M], betas (0.9, 0.999), eps 1e-8) taking as its gradient
+
+      g = (1/|S|) sum_{i in S} pad_i(theta_server - theta_i)      (zero outside node i's components)
+
+  Its factors and moments are the algorithm's checkpointed state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from declora.algorithms.base import RoundContext
+from declora.model import Federation
+from declora.optim import NodeAdamW
+from declora.seeding import numpy_rng
+
+RANK_DIM = {"A": 1, "B": 2}  # A: (n, r, d_in), B: (n, d_out, r)
+
+
+def sample_clients(n: int, m: int | None, seed: int, t: int) -> Tensor:
+    """(n,) bool: the nodes the server picks in round t (all of them when m is None)."""
+    if m is None or m >= n:
+        return torch.ones(n, dtype=torch.bool)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.as_tensor(numpy_rng(seed, "clients", t).choice(n, size=m, replace=False))] = True
+    return chosen
+
+
+def node_ranks(ranks: tuple[int, ...] | None, n: int, r: int) -> list[int]:
+    """Each node's rank r_i in [1, r] (algorithm.ranks; None: r everywhere)."""
+    if ranks is None:
+        return [r] * n
+    if len(ranks) != n or not all(1 <= k <= r for k in ranks):
+        raise ValueError(f"algorithm.ranks={list(ranks)} needs {n} entries in [1, model.rank={r}]")
+    return list(ranks)
+
+
+def first_components(ranks: list[int], r: int) -> Tensor | None:
+    """Gate (n, r) = 1[j < r_i]; None when every node has the full rank (no gate, no cost)."""
+    if all(k == r for k in ranks):
+        return None
+    return (torch.arange(r)[None, :] < torch.tensor(ranks)[:, None]).float()
+
+
+def install_gate(fed: Federation, gate: Tensor | None) -> None:
+    device = next(iter(fed.lora.values())).A.device
+    fed.rank_mask.gate = None if gate is None else gate.to(device)
+
+
+def active_components(fed: Federation, gate: Tensor | None) -> Tensor:
+    """(n, r) bool: the components each node trains and sends."""
+    return torch.ones(fed.n, fed.cfg.rank, dtype=torch.bool) if gate is None else gate.cpu() != 0
+
+
+def factor_messages(fed: Federation, minus: dict[str, Tensor] | None = None) -> dict[str, tuple[Tensor, int]]:
+    """Every A and B (n, ...) with its rank dim, for upload_masked; ``minus``: send minus[k] - x (a delta)."""
+    out: dict[str, tuple[Tensor, int]] = {}
+    for k, v in fed.tensors(("A", "B")).items():
+        x = v.detach() if minus is None else minus[k] - v.detach()
+        out[k] = (x, RANK_DIM[fed.kind_of(k)])
+    return out
+
+
+def average_head(ctx: RoundContext, kinds: tuple[str, ...], weights: Tensor) -> None:
+    """FedAvg of a trained head: nodes with weight > 0 upload it, every node gets the weighted mean."""
+    heads = ctx.fed.tensors(tuple(k for k in kinds if k == "head"))
+    if not heads or not (weights > 0).any():
+        return
+    means = ctx.exchange.server_mean({k: v.detach() for k, v in heads.items()}, weights, ctx.round)
+    with torch.no_grad():
+        for k, mean in means.items():
+            heads[k].copy_(mean.unsqueeze(0).expand_as(heads[k]))
+
+
+class ServerFactors:
+    """The server's global factors (node axis 1) and its AdamW on the mean of the nodes' deltas."""
+
+    def __init__(self, fed: Federation, lr: float, weight_decay: float) -> None:
+        self.params = {
+            k: nn.Parameter(v.detach().mean(0, keepdim=True).clone())
+            for k, v in fed.tensors(("A", "B")).items()
+        }
+        self.optimizer = NodeAdamW(self.params, dict.fromkeys(self.params, lr), weight_decay=weight_decay)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: p.detach() for k, p in self.params.items()}
+
+    def step(self, ctx: RoundContext, keep: Tensor, senders: Tensor, indices: bool) -> None:
+        """Senders upload theta_server - theta_i on their ``keep`` (n, r) components; one AdamW step."""
+        if not senders.any():
+            return
+        decoded = ctx.exchange.upload_masked(
+            factor_messages(ctx.fed, self.tensors()), keep, senders, ctx.round, indices
+        )
+        for k, p in self.params.items():
+            p.grad = decoded[k].sum(0, keepdim=True) / senders.sum().to(p.dtype)  # divisor |S| (§8j)
+        self.optimizer.step(torch.ones(1, dtype=torch.bool), list(self.params))
+        for p in self.params.values():
+            p.grad = None
+
+    def broadcast(self, fed: Federation) -> None:
+        with torch.no_grad():
+            for k, v in fed.tensors(("A", "B")).items():
+                v.copy_(self.params[k].detach().expand_as(v))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"server/{k}": p.detach() for k, p in self.params.items()}
+        return state | {f"server_adamw/{k}": v for k, v in self.optimizer.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state[f"server/{k}"])
+        n = len("server_adamw/")
+        self.optimizer.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_adamw/")})

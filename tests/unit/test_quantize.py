@@ -1,0 +1,209 @@
+"""Quantized frozen base (int8, NF4): error bounds, exact storage, forward/backward, LoRA training on top."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from declora.config import CHOICES, ConfigError, ModelConfig, load_config
+from declora.model import build_federation, export_peft, node_slice
+from declora.quantize import (
+    NF4_BLOCK,
+    NF4_LEVELS,
+    QUANTIZERS,
+    QuantizedLinear,
+    dequantize_int8,
+    dequantize_nf4,
+    quantize_int8,
+    quantize_linears,
+    quantize_nf4,
+)
+
+pytestmark = pytest.mark.unit
+torch.set_num_threads(1)
+
+
+def _weight(out: int, inp: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian weights with a few outliers and an all-zero row: the cases that stress absmax scaling."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    w[1, 3] = 0.9  # an outlier that dominates its row / block
+    w[2] = 0.0
+    return w
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_int8_error_is_at_most_half_a_step_per_row():
+    w = _weight(37, 50)
+    state = quantize_int8(w)
+    assert state["codes"].dtype == torch.int8 and state["codes"].abs().max() <= 127
+    err = (dequantize_int8(state, w.shape) - w).abs()
+    bound = w.abs().amax(1, keepdim=True) / 127 / 2  # (out, 1)
+    assert (err <= bound + 1e-7).all()
+    assert torch.equal(dequantize_int8(state, w.shape)[2], torch.zeros(50))  # zero row stays exact
+
+
+def test_nf4_levels_are_qloras():
+    assert NF4_LEVELS.shape == (16,) and torch.all(NF4_LEVELS[1:] > NF4_LEVELS[:-1])
+    assert NF4_LEVELS[0] == -1 and NF4_LEVELS[-1] == 1 and NF4_LEVELS[7] == 0
+    # Each level times a block absmax decodes to itself (the levels are the grid).
+    w = (NF4_LEVELS * 0.3).repeat(8).reshape(2, 64)
+    assert torch.allclose(dequantize_nf4(quantize_nf4(w), w.shape), w, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(37, 50), (64, 64), (3, 5)])
+def test_nf4_error_is_at_most_half_the_widest_gap_times_block_absmax(shape):
+    w = _weight(*shape, seed=1) if shape[0] > 2 else torch.randn(shape)
+    state = quantize_nf4(w)
+    flat = F.pad(w.reshape(-1), (0, (-w.numel()) % NF4_BLOCK)).reshape(-1, NF4_BLOCK)
+    absmax = flat.abs().amax(1, keepdim=True)  # (blocks, 1)
+    torch.testing.assert_close(state["absmax"], absmax.squeeze(1))
+    half_gap = float((NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max()) / 2
+    err = F.pad((dequantize_nf4(state, w.shape) - w).reshape(-1), (0, flat.numel() - w.numel()))
+    assert (err.reshape(-1, NF4_BLOCK).abs() <= half_gap * absmax + 1e-6).all()
+
+
+def test_nf4_is_better_than_its_worst_case_on_gaussian_weights():
+    """Most NF4 gaps are far narrower than the widest one: the mean error is a fraction of the bound."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(2))
+    err = (dequantize_nf4(quantize_nf4(w), w.shape) - w).abs()
+    assert err.mean() < 0.05 * w.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(384, 384), (37, 50), (1, 1)])
+def test_storage_is_exact(shape):
+    w = torch.randn(shape)
+    m = w.numel()
+    blocks = -(-m // NF4_BLOCK)
+    nf4 = QuantizedLinear(_linear(w), "nf4")
+    assert nf4.packed.dtype == torch.uint8 and nf4.packed.numel() == blocks * NF4_BLOCK // 2
+    assert nf4.nbytes() == blocks * NF4_BLOCK // 2 + 4 * blocks + 4 * shape[0]  # codes + absmax + bias
+    int8 = QuantizedLinear(_linear(w), "int8")
+    assert int8.nbytes() == m + 4 * shape[0] + 4 * shape[0]  # codes + row scales + bias
+    if shape == (384, 384):  # the MiniLM attention projection: 0.5625 byte per weight + bias
+        assert nf4.nbytes() - 4 * 384 == 0.5625 * m
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def _linear(w: torch.Tensor, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    return layer
+
+
+@pytest.mark.parametrize("kind", sorted(QUANTIZERS))
+def test_forward_and_input_gradient_use_the_dequantized_weight(kind):
+    linear = _linear(_weight(24, 40))
+    q = QuantizedLinear(linear, kind)
+    assert (q.in_features, q.out_features) == (40, 24)
+    assert q.weight.shape == linear.weight.shape and q.weight.dtype == torch.float32
+    assert list(q.parameters()) == []  # nothing the optimizer could touch
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = q(x)
+    ref = F.linear(x_ref, q.dequantize(), linear.bias.detach())
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), ref)
+
+
+def test_quantize_linears_skips_the_head_and_rejects_unknown_kinds():
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(8, 8))
+    model.add_module("classifier", nn.Linear(8, 2))
+    quantize_linears(model, "nf4", skip=("classifier",))
+    assert isinstance(model.body, QuantizedLinear) and isinstance(model.classifier, nn.Linear)
+    assert quantize_linears(model, "none") is model
+    with pytest.raises(ValueError, match="'int8', 'nf4'"):
+        quantize_linears(model, "fp4")
+
+
+def test_config_choices_match_the_registry_and_bad_values_name_the_allowed():
+    assert CHOICES["model.base_quantization"] == ("none", *QUANTIZERS)
+    assert load_config(None, ["model.base_quantization=nf4"]).model.base_quantization == "nf4"
+    with pytest.raises(ConfigError, match=r"model.base_quantization='int4'.*\['none', 'int8', 'nf4'\]"):
+        load_config(None, ["model.base_quantization=int4"])
+
+
+# ---------------------------------------------------------------- LoRA on a quantized base
+
+
+def _batch(rows: int, seq: int = 10):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1000, 2000, (rows, seq), generator=g), torch.ones(rows, seq, dtype=torch.long)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_lora_trains_on_a_quantized_tiny_bert_and_the_base_stays_frozen(tiny_bert, kind):
+    fed = build_federation(ModelConfig(name=str(tiny_bert), rank=4, base_quantization=kind), 2, 2)
+    quantized = {k: m for k, m in fed.model.named_modules() if isinstance(m, QuantizedLinear)}
+    plain = [k for k, m in fed.model.named_modules() if type(m) is nn.Linear]
+    assert plain == []  # every base linear is quantized; the head became a (fp32) StackedLinear
+    assert {f"{k}.base" for k in fed.lora} <= set(quantized)
+    assert all(isinstance(layer.base, QuantizedLinear) for layer in fed.lora.values())
+    assert fed.heads and all(h.weight.dtype == torch.float32 for h in fed.heads.values())
+    assert not any(p.requires_grad for p in fed.model.parameters() if not _is_node_tensor(fed, p))
+    codes_before = {k: [b.clone() for b in m.buffers()] for k, m in quantized.items()}
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B != 0 so that A gets a gradient too
+        for layer in fed.lora.values():
+            layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.1)
+    ids, mask = _batch(4)
+    with fed.route(torch.tensor([0, 0, 1, 1])):
+        loss = F.cross_entropy(fed(ids, mask), torch.tensor([0, 1, 1, 0]))
+    loss.backward()
+    for name, p in fed.tensors().items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name  # layer 0's factors: the gradient crossed quantized layers
+    for k, m in quantized.items():
+        assert all(torch.equal(a, b) for a, b in zip(codes_before[k], m.buffers(), strict=True)), k
+
+
+def _is_node_tensor(fed, p) -> bool:
+    return any(p is t for t in fed.tensors().values())
+
+
+def test_peft_export_of_a_quantized_run_matches_peft_on_the_dequantized_base(tiny_bert, tmp_path):
+    """The adapter holds no base weights; on a base that carries the dequantized weights PEFT gives our
+    forward exactly."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    fed = build_federation(ModelConfig(name=str(tiny_bert), rank=4, base_quantization="nf4"), 2, 2)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in fed.tensors().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ids, mask = _batch(3)
+    with torch.no_grad(), fed.route(torch.full((3,), 1)):
+        ours = fed(ids, mask)
+    folder = export_peft(fed, node_slice({k: v.detach() for k, v in fed.tensors().items()}, 1), tmp_path)
+    keys = load_file(str(folder / "adapter_model.safetensors"))
+    assert all("lora_" in k or ".classifier." in k for k in keys), sorted(keys)
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    dequantized = {k: m for k, m in fed.model.named_modules() if isinstance(m, QuantizedLinear)}
+    copied = 0
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            key = next((k for k in (name, f"{name}.base") if k in dequantized), None)
+            if isinstance(module, nn.Linear) and key is not None:
+                module.weight.copy_(dequantized[key].dequantize())
+                copied += 1
+    assert copied == len(dequantized)
+    theirs = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours, theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)

@@ -1,19 +1,24 @@
 """Checkpoints: every node-stacked tensor, the optimizer moments and the run's counters.
 
-Written atomically (temporary file, then rename), tensors first and the JSON that names them last, so
-a run killed at any moment leaves either the previous complete checkpoint or the new one.
+Each rank (one in a one-process run) writes its shard, ``state/round_R.rank_K.safetensors`` with its
+counters in ``round_R.rank_K.json``, each atomically (temporary file, then rename). After a barrier,
+when every shard of round R is on disk, rank 0 writes ``latest.json`` (atomically, last): a round is
+saved by every rank or, for resuming, by none. A rank keeps its last two shards (the one latest.json
+names may be the older while rank 0 is still writing), so a run killed at any moment resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from declora.config import ConfigError
 from declora.experiment import Experiment
 
 LATEST = "latest.json"
@@ -25,8 +30,12 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def shard_name(round_done: int, rank: int) -> str:
+    return f"round_{round_done:06d}.rank_{rank}"
+
+
 def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
-    state_dir = exp.run_dir / "state"
+    group, state_dir = exp.group, exp.run_dir / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"model/{k}": v.detach().contiguous() for k, v in exp.fed.tensors().items()}
     tensors.update({f"optim/{k}": v.contiguous() for k, v in exp.optimizer.state_dict().items()})
@@ -34,29 +43,52 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
     algo_state = getattr(exp.algorithm, "state_dict", None)
     if algo_state is not None:
         tensors.update({f"algorithm/{k}": v.contiguous() for k, v in algo_state().items()})
-    name = f"round_{round_done:06d}.safetensors"
-    _atomic_write(state_dir / name, lambda p: save_file(tensors, str(p)))
-    meta = {
-        "round": round_done,
-        "tensors": name,
-        "wall_s": wall_s,
-        "streams": exp.streams.state(),
-        "ledger": exp.exchange.ledger.state(),
-    }
-    _atomic_write(state_dir / LATEST, lambda p: p.write_text(json.dumps(meta, indent=1)))
-    for old in state_dir.glob("round_*.safetensors"):
-        if old.name != name:
+    name = shard_name(round_done, group.rank)
+    _atomic_write(state_dir / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    counters = {"round": round_done, "streams": exp.streams.state(), "ledger": exp.exchange.ledger.state()}
+    _atomic_write(state_dir / f"{name}.json", lambda p: p.write_text(json.dumps(counters, indent=1)))
+    group.barrier()  # every rank's shard of this round is complete
+    if group.is_main:
+        meta = {"round": round_done, "wall_s": wall_s, "node_slices": list(group.layout.counts)}
+        _atomic_write(state_dir / LATEST, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _prune(state_dir, group.rank, round_done)
+    return state_dir / f"{name}.safetensors"
+
+
+def _prune(state_dir: Path, rank: int, round_done: int) -> None:
+    """Keep this rank's shard of ``round_done`` and its newest older one (the last committed round)."""
+    pattern = re.compile(rf"round_(\d+)\.rank_{rank}\.(safetensors|json)$")
+    rounds = {int(m.group(1)) for p in state_dir.iterdir() if (m := pattern.match(p.name))}
+    older = [r for r in rounds if r < round_done]
+    keep = {round_done, max(older)} if older else {round_done}
+    for r in rounds - keep:
+        for suffix in ("safetensors", "json"):
+            (state_dir / f"{shard_name(r, rank)}.{suffix}").unlink(missing_ok=True)
+    for old in state_dir.iterdir():  # the one-file format of earlier versions, no longer referenced
+        if re.fullmatch(r"round_\d+\.safetensors", old.name):
             old.unlink()
-    return state_dir / name
 
 
 def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     """Restore the last complete checkpoint of ``exp.run_dir``; returns (rounds done, wall seconds)."""
-    latest = exp.run_dir / "state" / LATEST
-    if not latest.is_file():
+    group, state_dir = exp.group, exp.run_dir / "state"
+    latest = state_dir / LATEST
+    meta = group.broadcast(json.loads(latest.read_text()) if group.is_main and latest.is_file() else None)
+    if meta is None:
         raise FileNotFoundError(f"no checkpoint in {exp.run_dir}: {latest} is missing (nothing to resume)")
-    meta = json.loads(latest.read_text())
-    tensors = load_file(str(exp.run_dir / "state" / meta["tensors"]))
+    if "tensors" in meta:  # one file, counters in latest.json: a one-process run of an earlier version
+        tensors, counters = load_file(str(state_dir / meta["tensors"])), meta
+    else:
+        saved = tuple(meta["node_slices"])
+        if saved != group.layout.counts:
+            raise ConfigError(
+                f"{exp.run_dir} was saved with node slices {list(saved)} (one per process); this launch has "
+                f"{list(group.layout.counts)}: relaunch with {len(saved)} processes and dist.node_slices="
+                f"[{','.join(map(str, saved))}]"
+            )
+        name = shard_name(int(meta["round"]), group.rank)
+        tensors = load_file(str(state_dir / f"{name}.safetensors"))
+        counters = json.loads((state_dir / f"{name}.json").read_text())
     with torch.no_grad():
         for k, v in exp.fed.tensors().items():
             v.copy_(tensors[f"model/{k}"])
@@ -69,6 +101,6 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     algo_load = getattr(exp.algorithm, "load_state_dict", None)
     if algo_load is not None:
         algo_load({k[len("algorithm/") :]: v for k, v in tensors.items() if k.startswith("algorithm/")})
-    exp.streams.load_state(meta["streams"])
-    exp.exchange.ledger.load_state(meta["ledger"])
+    exp.streams.load_state(counters["streams"])
+    exp.exchange.ledger.load_state(counters["ledger"])
     return int(meta["round"]), float(meta["wall_s"])

@@ -18,10 +18,11 @@ from declora.checkpoint import load_checkpoint, save_checkpoint
 from declora.config import save_config, to_dict
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
-from declora.model import averaged_factors, export_peft, node_slice
+from declora.model import averaged_factors, export_peft, node_adapter
 from declora.report import write_report
 from declora.schedules import describe
 from declora.seeding import seed_for
+from declora.tensorboard import TensorBoardLogger
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -66,63 +67,107 @@ def _start(exp: Experiment, metrics: MetricsLog) -> None:
         log.info("node %d: %s", i, node)
 
 
+class PhaseTimes:
+    """Where a round's time goes on this process (logged per rank: rank_K.log in multi-process runs)."""
+
+    def __init__(self, exp: Experiment, t: int) -> None:
+        self.exp, self.t, self.seconds, self.mark, self.phase = exp, t, {}, time.perf_counter(), ""
+
+    def enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self.phase:
+            self.seconds[self.phase] = now - self.mark
+        self.exp.group.enter(self.t, phase)  # progress stamp; "round" waits for every rank
+        self.phase, self.mark = phase, time.perf_counter()
+
+    def done(self) -> None:
+        self.seconds[self.phase] = time.perf_counter() - self.mark
+        log.info("round %d: %s", self.t + 1, ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items()))
+
+
 def run(
     exp: Experiment, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
-    """Run (or resume) every round of ``exp``; returns the per-round records written to metrics.jsonl."""
-    cfg, fed = exp.cfg, exp.fed
+    """Run (or resume) every round of ``exp``; returns the per-round records written to metrics.jsonl.
+
+    Every process of a multi-process run runs this loop on its slice of the nodes; ``exp.group``
+    gathers the per-node numbers, and rank 0 alone writes the run folder.
+    """
+    cfg, fed, group = exp.cfg, exp.fed, exp.group
     metrics = MetricsLog(exp.run_dir / METRICS)
     start, wall_before = 0, 0.0
     if resume:
         start, wall_before = load_checkpoint(exp)
-        metrics.truncate_after(start)
+        if group.is_main:
+            metrics.truncate_after(start)
         log.info("resuming %s after round %d", exp.run_dir, start)
-    else:
+    elif group.is_main:
         _start(exp, metrics)
-    sizes = torch.tensor([len(p) for p in exp.parts])
+    sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
+    board = TensorBoardLogger(exp.run_dir) if cfg.tensorboard and group.is_main else None
     began = time.perf_counter()
     records = []
     for t in range(start, cfg.rounds):
+        phases = PhaseTimes(exp, t)
+        phases.enter("round")
+        phases.enter("train")
         torch.manual_seed(seed_for(cfg.seed, "dropout", t))  # a resumed run draws the same dropout masks
         plan = exp.algorithm.plan(t)
-        online = exp.schedule.online(t)
-        active = online if plan.active is None else plan.active & online
+        online = exp.local(exp.schedule.online(t))
+        active = online if plan.active is None else exp.local(plan.active) & online
         names = list(fed.tensors(plan.train))
         loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
+        phases.enter("communicate")
         exp.exchange.ledger.start_round()
+        W = exp.schedule.matrix(t)  # global (n, n)
         exp.algorithm.communicate(
-            RoundContext(t, fed, exp.schedule.matrix(t), online, exp.exchange, exp.optimizer, sizes)
+            RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
         )
+        loss = group.gather_nodes(loss)  # (n,)
         trained = loss[~loss.isnan()]
         record: dict[str, Any] = {
             "event": "round",
             "round": t + 1,
             "train_loss": float(trained.mean()) if len(trained) else math.nan,
-            "local_steps": steps,
-            "active_nodes": int(active.sum()),
+            "local_steps": int(group.all_max(torch.tensor(steps))),
+            "active_nodes": int(group.all_sum(active.sum())),
             **exp.exchange.ledger.round_summary(),
         }
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
+            phases.enter("evaluate")
             record.update(event="eval", **evaluate(exp))
-        record.update(wall_s=wall_before + time.perf_counter() - began, peak_mem_mb=peak_memory_mb())
-        metrics.write(record)
+        peak = float(group.all_max(torch.tensor(peak_memory_mb())))  # the largest process
+        record.update(wall_s=wall_before + time.perf_counter() - began, peak_mem_mb=peak)
+        if group.is_main:
+            metrics.write(record)
+        if board is not None:
+            board(record)
         records.append(record)
         if on_round is not None:
             on_round(record)
         if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == cfg.rounds:
+            phases.enter("checkpoint")
             save_checkpoint(exp, t + 1, record["wall_s"])
+        phases.done()
+    if board is not None:
+        board.close()
+    group.enter(cfg.rounds, "finish")
     export_adapters(exp)
-    write_report(exp.run_dir)
+    if group.is_main:
+        write_report(exp.run_dir)
     return records
 
 
 def export_adapters(exp: Experiment) -> None:
-    """The consensus adapter (averaged factors) and, with export=all, every node's adapter."""
+    """The consensus adapter (averaged factors) and, with export=all, every node's adapter (rank 0
+    writes them all from the gathered factors: the same folders as a one-process run)."""
     if exp.cfg.export == "none":
         return
-    stacked = {k: v.detach() for k, v in exp.fed.tensors().items()}
+    stacked = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
+    if not exp.group.is_main:
+        return
     folder = exp.run_dir / "adapters"
     export_peft(exp.fed, averaged_factors(stacked), folder / "consensus")
     if exp.cfg.export == "all":
         for i in range(exp.n):
-            export_peft(exp.fed, node_slice(stacked, i), folder / f"node_{i:03d}")
+            export_peft(exp.fed, node_adapter(exp.fed, stacked, i), folder / f"node_{i:03d}")

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from declora.algorithms import ALGORITHMS
 from declora.algorithms.base import Algorithm
 from declora.comm.codecs import build_codec
+from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
-from declora.config import Config
+from declora.config import Config, ConfigError
 from declora.data import load_dataset, tokenize
+from declora.dist import Distributed, Solo
 from declora.model import Federation, build_federation, import_peft
 from declora.optim import NodeAdamW
 from declora.partition import describe_partition, partition
@@ -24,6 +27,20 @@ from declora.seeding import numpy_rng
 from declora.train import LocalTrainer, NodeStreams
 
 log = logging.getLogger(__name__)
+# Algorithms whose every step works on a slice of the nodes (verified against the simulator). The
+# heterogeneous-rank server methods (fslora, hetlora, flexlora) still assume local == global.
+MULTI_PROCESS = {
+    "dec_lora",
+    "local",
+    "fedavg",
+    "decaf",
+    "dlora_fa",
+    "ffa_lora",
+    "adf_lora",
+    "tad_lora",
+    "rolora",
+    "rolora_dfl",
+}
 
 
 @dataclass
@@ -47,11 +64,17 @@ class Experiment:
     node_eval: EvalSet  # examples every node is scored on
     consensus_eval: EvalSet  # examples the consensus / server models are scored on
     pad_id: int
-    partition_summary: list[dict]
+    partition_summary: list[dict]  # every node's, on every rank
+    group: Solo = field(default_factory=Solo)  # the processes of the run (Solo: this one hosts all nodes)
 
     @property
     def n(self) -> int:
-        return self.fed.n
+        """Nodes of the whole federation (this process hosts ``fed.n`` of them: ``group.nodes``)."""
+        return self.group.layout.n or self.fed.n
+
+    def local(self, mask: Tensor) -> Tensor:
+        """This process's rows of a global (n,) per-node tensor (a local one is returned as it is)."""
+        return mask[self.group.nodes] if mask.shape[0] == self.n else mask
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -64,15 +87,26 @@ def _eval_subset(token_ids: list[list[int]], labels: np.ndarray, limit: int | No
     return EvalSet([token_ids[i] for i in keep], labels[keep])
 
 
-def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
+def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | None = None) -> Experiment:
+    """Everything global (partitions, W(t), data seeds) is derived for all n nodes; this process then
+    keeps its slice ``group.nodes`` (all of them in one process) with its own frozen base."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    group = group or Solo()
     algorithm_cls = ALGORITHMS[cfg.algorithm.name]
     n = 1 if getattr(algorithm_cls, "single_node", False) else cfg.nodes
+    if group.world > 1 and cfg.algorithm.name not in MULTI_PROCESS:
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name} runs in one process only; multi-process runs support "
+            f"{sorted(MULTI_PROCESS)}"
+        )
+    group.set_nodes(n, cfg.dist.node_slices)
+    first, n_local = group.layout.starts[group.rank], group.layout.counts[group.rank]
     train, test = load_dataset(cfg.data, cfg.seed)
     parts = [np.arange(len(train))] if n == 1 else partition(train.labels, n, cfg.partition, cfg.seed)
     summary = describe_partition(parts, train.labels, train.num_labels)
-    fed = build_federation(cfg.model, n, train.num_labels)
+    parts = parts[first : first + n_local]
+    fed = build_federation(cfg.model, n_local, train.num_labels)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)
     from transformers import AutoTokenizer
@@ -85,7 +119,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
         for k in fed.tensors()
     }
     optimizer = NodeAdamW(dict(fed.tensors()), lrs, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
-    streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed)
+    streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed, offset=first)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = LocalTrainer(
         fed,
@@ -98,13 +132,19 @@ def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
         cfg.train.tokens_per_chunk,
     )
     schedule = build_schedule(cfg.topology, n, cfg.seed)
+    codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
+    exchange = (
+        DistExchange(group, n, codec, cfg.seed)
+        if isinstance(group, Distributed)
+        else LocalExchange(n, codec, cfg.seed)
+    )
     return Experiment(
         cfg=cfg,
-        run_dir=run_dir or Path(cfg.run_dir or default_run_dir(cfg)),
+        run_dir=group.broadcast(run_dir or Path(cfg.run_dir or default_run_dir(cfg))),  # rank 0's clock
         fed=fed,
         algorithm=algorithm_cls(fed, cfg=cfg, schedule=schedule),
         schedule=schedule,
-        exchange=LocalExchange(n, build_codec(cfg.comm.codec, **cfg.comm.codec_params()), cfg.seed),
+        exchange=exchange,
         optimizer=optimizer,
         trainer=trainer,
         streams=streams,
@@ -113,4 +153,5 @@ def build_experiment(cfg: Config, run_dir: Path | None = None) -> Experiment:
         consensus_eval=_eval_subset(test_ids, test.labels, cfg.eval.consensus_examples, cfg.seed),
         pad_id=pad_id,
         partition_summary=summary,
+        group=group,
     )

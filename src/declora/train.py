@@ -21,10 +21,14 @@ from declora.seeding import numpy_rng
 
 
 class NodeStreams:
-    """Each node's minibatches: its indices reshuffled every epoch from (seed, node, epoch)."""
+    """Each node's minibatches: its indices reshuffled every epoch from (seed, node, epoch).
 
-    def __init__(self, parts: list[np.ndarray], batch_size: int, seed: int) -> None:
-        self.parts, self.batch_size, self.seed = parts, batch_size, seed
+    ``parts[k]`` belongs to global node ``offset + k``: a process hosting a slice of the nodes draws
+    exactly the batches the one-process run draws for them.
+    """
+
+    def __init__(self, parts: list[np.ndarray], batch_size: int, seed: int, offset: int = 0) -> None:
+        self.parts, self.batch_size, self.seed, self.offset = parts, batch_size, seed, offset
         self.epoch = np.zeros(len(parts), dtype=np.int64)
         self.pos = np.zeros(len(parts), dtype=np.int64)
 
@@ -32,7 +36,8 @@ class NodeStreams:
         return -(-len(self.parts[node]) // self.batch_size)
 
     def next_batch(self, node: int) -> np.ndarray:
-        order = numpy_rng(self.seed, "stream", node, int(self.epoch[node])).permutation(len(self.parts[node]))
+        key = (self.seed, "stream", self.offset + node, int(self.epoch[node]))
+        order = numpy_rng(*key).permutation(len(self.parts[node]))
         start = int(self.pos[node])
         batch = self.parts[node][order[start : start + self.batch_size]]
         self.pos[node] = start + len(batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from declora.comm.exchange import Exchange
@@ -32,6 +33,13 @@ class RoundContext:
     exchange: Exchange
     optimizer: NodeAdamW
     data_sizes: Tensor  # (n,) examples per node
+    # Multi-process runs: the global ids of this process's nodes (the rows of fed's tensors); W is global
+    # (n_global, n_global), while online and data_sizes are per local row. None: every node, local = global.
+    nodes: Tensor | None = None
+
+    @property
+    def node_ids(self) -> Tensor:
+        return torch.arange(self.W.shape[0]) if self.nodes is None else self.nodes
 
 
 class Algorithm(Protocol):

@@ -80,19 +80,22 @@ def product_mix(
     split: str = "balanced",
     received: tuple[Tensor, Tensor] | None = None,
     nodes: Tensor | None = None,
+    first: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Rank-r factors of TSVD_r(sum_j W_ij B_j A_j) for each node i in ``nodes`` (default: all).
 
     A: (n, r, d_in), B: (n, d_out, r), W: (n, n). ``received`` = (A, B) as the neighbours decode them
     (a lossy codec); node i always uses its own exact factors. Returns (A', B'): (k, r, d_in), (k, d_out, r).
+    A process hosting a slice of the nodes passes its own rows as A, B (node ``first`` first) and
+    ``received`` as tables over all n nodes, filled where its nodes have neighbours.
     """
     A_recv, B_recv = received if received is not None else (A, B)
     index, weight = (t.to(A.device) for t in neighbour_table(W))  # (n, m)
     if nodes is not None:
         index, weight = index[nodes.to(A.device)], weight[nodes.to(A.device)]
     dtype = torch.float32 if A.device.type == "mps" else torch.float64  # thin QRs: double is cheap
-    As = torch.cat([A[index[:, :1]], A_recv[index[:, 1:]]], 1).to(dtype)  # (k, m, r, d_in)
-    Bs = torch.cat([B[index[:, :1]], B_recv[index[:, 1:]]], 1).to(dtype)  # (k, m, d_out, r)
+    As = torch.cat([A[index[:, :1] - first], A_recv[index[:, 1:]]], 1).to(dtype)  # (k, m, r, d_in)
+    Bs = torch.cat([B[index[:, :1] - first], B_recv[index[:, 1:]]], 1).to(dtype)  # (k, m, d_out, r)
     k, m, r, d_in = As.shape
     P = (weight.to(dtype)[:, :, None, None] * Bs).permute(0, 2, 1, 3).reshape(k, -1, m * r)  # (k, d_out, mr)
     Qt = As.permute(0, 3, 1, 2).reshape(k, d_in, m * r)  # (k, d_in, m r)
@@ -127,17 +130,24 @@ class DeCAF:
             return
         factors = {k: v.detach() for k, v in ctx.fed.tensors(("A", "B")).items()}
         received = ctx.exchange.share(factors, ctx.W, ctx.round)  # what the neighbours decode
-        nodes = linked.nonzero().flatten()  # (k,)
+        here = linked[ctx.node_ids]  # (n_local,) this process's rows that hear a neighbour
+        nodes = ctx.node_ids[here]  # (k,) their global ids
         for name, layer in ctx.fed.lora.items():
             a, b = f"{name}.lora_A", f"{name}.lora_B"
             A_new, B_new = product_mix(
-                factors[a], factors[b], ctx.W, self.acfg.svd_split, (received[a], received[b]), nodes
+                factors[a],
+                factors[b],
+                ctx.W,
+                self.acfg.svd_split,
+                (received[a], received[b]),
+                nodes,
+                int(ctx.node_ids[0]),
             )
             with torch.no_grad():
-                layer.A[nodes.to(layer.A.device)] = A_new
-                layer.B[nodes.to(layer.B.device)] = B_new
+                layer.A[here.to(layer.A.device)] = A_new
+                layer.B[here.to(layer.B.device)] = B_new
         if self.acfg.optimizer_policy == "reset":
-            ctx.optimizer.reset(list(factors), linked)
+            ctx.optimizer.reset(list(factors), here)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return None

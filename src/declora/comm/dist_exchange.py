@@ -1,0 +1,248 @@
+"""The exchange of a multi-process run: neighbour send/receive for gossip, all_reduce for servers.
+
+Each rank holds the rows of its own nodes (``group.nodes``, global ids) and the global W(t). Gossip and
+``share`` send node j's encoded message only to the ranks that host a neighbour of j in W(t) (one copy
+per receiving rank, with ``batch_isend_irecv``), and a rank receives only what its nodes need; there is
+no server. ``server_mean`` is a collective: each rank sums its senders' weighted decoded messages and one
+``all_reduce`` gives every rank the mean (no rank aggregates for the others).
+
+What crosses a process boundary is the codec's payload of adapter tensors (values, and a codec's
+indices and scales), never data or base weights. The ledger books, per rank, its own senders' per-edge
+bytes exactly as ``LocalExchange`` does (the logged totals are summed over ranks), and separately the
+bytes that actually went through send/recv: ``bytes_cross_process``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from declora.comm.codecs import Codec, Encoded
+from declora.comm.exchange import RANDOM_CODECS, ByteLedger, LocalExchange
+from declora.dist import Distributed, talking
+from declora.seeding import torch_generator
+
+
+class DistLedger(ByteLedger):
+    """This rank's senders' bytes on the global (n, n) edge table; summaries are summed over ranks."""
+
+    def __init__(self, n: int, group: Distributed) -> None:
+        super().__init__(n)
+        self.group = group
+        self.cross_round = 0  # bytes this rank put on the wire this round
+        self.cross_total = 0
+
+    def start_round(self) -> None:
+        super().start_round()
+        self.cross_round = 0
+
+    def add_cross(self, nbytes: int) -> None:
+        self.cross_round += nbytes
+        self.cross_total += nbytes
+
+    def round_summary(self) -> dict[str, float]:
+        mine = torch.tensor([self.server_sent, self.total, self.cross_round, self.cross_total])
+        summed = self.group.all_sum(torch.cat([self.edges.sum(1), mine]))  # (n + 4,) int64
+        per_node, (server, total, cross, cross_total) = summed[: self.n].double(), summed[self.n :].tolist()
+        return {
+            "bytes_round": int(per_node.sum()) + server,
+            "bytes_total": total,
+            "bytes_node_mean": float(per_node.mean()),
+            "bytes_node_max": int(per_node.max()),
+            "bytes_server_round": server,
+            "bytes_cross_process": cross,
+            "bytes_cross_process_total": cross_total,
+        }
+
+    def state(self) -> dict[str, int]:
+        return {"total": self.total, "cross_total": self.cross_total}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.total, self.cross_total = int(state["total"]), int(state.get("cross_total", 0))
+
+
+class DistExchange(LocalExchange):
+    """Gossip, share and server_mean over torch.distributed; tensors are this rank's rows (n_local, ...)."""
+
+    def __init__(self, group: Distributed, n: int, codec: Codec, seed: int = 0) -> None:
+        super().__init__(n, codec, seed)
+        self.group, self.n = group, n
+        self.ledger: DistLedger = DistLedger(n, group)
+        self.nodes = group.nodes  # (n_local,) global ids of this rank's rows
+        self.owner = group.layout.owners()  # (n,) rank of every node
+        self.mine = self.owner == group.rank  # (n,) bool
+
+    # ---------------------------------------------------------------- encoding and routing
+
+    def _encode_rows(self, name: str, x: Tensor, round: int) -> Encoded:
+        """This rank's messages; a random codec draws per GLOBAL node, as LocalExchange does."""
+        if not isinstance(self.codec, RANDOM_CODECS):
+            return self.codec.encode(x, torch_generator(self.seed, "codec", round, name), key=name)
+        encs = [
+            self.codec.encode(
+                x[k : k + 1], torch_generator(self.seed, "codec", round, name, int(i)), key=name
+            )
+            for k, i in enumerate(self.nodes)
+        ]
+        return Encoded({p: torch.cat([e.parts[p] for e in encs]) for p in encs[0].parts}, tuple(x.shape))
+
+    def _route(self, reach: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """reach (n, n) bool, [i, j]: node j needs node i's message. Returns, per other rank, the local
+        rows to send it and the global ids to receive from it (both ascending)."""
+        sends, recvs = {}, {}
+        for k in range(self.group.world):
+            if k == self.group.rank:
+                continue
+            theirs = self.owner == k
+            out = reach[self.mine][:, theirs].any(1).nonzero().flatten()  # local rows
+            inc = (reach[:, self.mine].any(1) & theirs).nonzero().flatten()  # global ids
+            if len(out):
+                sends[k] = out
+            if len(inc):
+                recvs[k] = inc
+        return sends, recvs
+
+    def _swap(self, payloads: dict[int, Tensor], sizes: dict[int, int]) -> dict[int, Tensor]:
+        """Send each payload to its rank and receive ``sizes[k]`` bytes from each rank k, all at once."""
+        device = self.group.device
+        received = {k: torch.empty(size, dtype=torch.uint8, device=device) for k, size in sizes.items()}
+        ops = [dist.P2POp(dist.isend, buf.to(device), k) for k, buf in payloads.items()]
+        ops += [dist.P2POp(dist.irecv, buf, k) for k, buf in received.items()]
+        if ops:
+            with talking():
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+        self.ledger.add_cross(sum(int(b.numel()) for b in payloads.values()))
+        return {k: b.cpu() for k, b in received.items()}
+
+    def _exchange(
+        self, tensors: dict[str, Tensor], reach: Tensor, round: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, dict[str, int]]:
+        """Encode every tensor once, send each rank the rows it needs, decode what arrives.
+
+        Returns (local decoded (n_local, ...), remote decoded (m, ...), remote ids (m,), bytes per
+        node message) per tensor name; remote ids ascend.
+        """
+        encs = {name: self._encode_rows(name, x, round) for name, x in tensors.items()}
+        sends, recvs = self._route(reach)
+        payloads = {k: _pack(encs, rows) for k, rows in sends.items()}
+        row_bytes = sum(_row_bytes(enc) for enc in encs.values())
+        arrived = self._swap(payloads, {k: row_bytes * len(ids) for k, ids in recvs.items()})
+        ids = torch.cat([recvs[k] for k in sorted(recvs)]) if recvs else torch.zeros(0, dtype=torch.long)
+        remote_parts = [_unpack(encs, arrived[k], len(recvs[k])) for k in sorted(recvs)]
+        local, remote, nbytes = {}, {}, {}
+        for name, x in tensors.items():
+            local[name] = self.codec.decode(encs[name]).to(x.dtype)
+            nbytes[name] = encs[name].nbytes_per_node()
+            if remote_parts:
+                parts = {p: torch.cat([rp[name][p] for rp in remote_parts]) for p in encs[name].parts}
+                remote[name] = self.codec.decode(Encoded(parts, (len(ids), *x.shape[1:]))).to(x.dtype)
+            else:
+                remote[name] = x.new_zeros(0, *x.shape[1:])
+        return local, remote, ids, nbytes
+
+    def _book(self, reach: Tensor, nbytes: int) -> None:
+        self.ledger.add_edges(reach & self.mine[:, None], nbytes)  # only this rank's senders
+
+    # ---------------------------------------------------------------- the Exchange protocol
+
+    def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        eye = torch.eye(self.n, dtype=torch.bool)
+        reach = (W.T > 0) & ~eye  # [i, j]: i's message reaches j
+        if not reach.any() or not tensors:
+            return dict(tensors)
+        local, remote, ids, nbytes = self._exchange(tensors, reach, round)
+        columns = torch.cat([self.nodes, ids])
+        order = torch.argsort(columns)  # neighbours in node order, as the simulator's matmul
+        off = (W * ~eye).to(torch.float32)[self.nodes][:, columns[order]]  # (n_local, m)
+        own = torch.diagonal(W).to(torch.float32)[self.nodes]  # (n_local,)
+        out = {}
+        for name, x in tensors.items():
+            flat = x.reshape(x.shape[0], -1)
+            dec = torch.cat([local[name], remote[name]]).reshape(len(columns), -1)[order]
+            out[name] = (off.to(x.dtype) @ dec + own.to(x.dtype)[:, None] * flat).view_as(x)
+            self._book(reach, nbytes[name])
+        return out
+
+    def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        """Decoded messages as (n, ...) tables by global id: this rank's nodes and the neighbours its
+        nodes hear from are filled, every other row is zero (never read)."""
+        reach = (W.T != 0) & ~torch.eye(self.n, dtype=torch.bool)
+        if not reach.any() or not tensors:
+            return dict(tensors)
+        local, remote, ids, nbytes = self._exchange(tensors, reach, round)
+        out = {}
+        for name, x in tensors.items():
+            table = x.new_zeros(self.n, *x.shape[1:])
+            table[self.nodes], table[ids] = local[name], remote[name]
+            out[name] = table
+            self._book(reach, nbytes[name])
+        return out
+
+    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]:
+        """Weighted mean over the senders (weight > 0) of every rank: local sums, one all_reduce."""
+        senders = weights > 0  # (n_local,)
+        w = (weights / self.group.all_sum(weights.sum())).to(torch.float32)
+        sums, nbytes = [], {}
+        for name, x in tensors.items():
+            decoded, nbytes[name] = self._encode_local(name, x, round)
+            sums.append(torch.einsum("n,n...->...", w.to(x.dtype), decoded.to(x.dtype)).reshape(-1))
+        flat = torch.cat(sums) if sums else torch.zeros(0)
+        total = self.group.all_sum(flat)
+        if self.group.world > 1:  # one buffer up to the (logical) server and one down, per rank
+            self.ledger.add_cross(2 * flat.numel() * flat.element_size())
+        out, at = {}, 0
+        uploads = torch.zeros(self.n, dtype=torch.bool)
+        uploads[self.nodes] = senders
+        for name, x in tensors.items():
+            size = x[0].numel()
+            out[name] = total[at : at + size].view(x.shape[1:]).to(x.dtype)
+            at += size
+            self.ledger.add_edges(torch.diag(uploads), nbytes[name])  # uploads on the sender's diagonal
+            self.ledger.add_server(int(senders.sum()), size * x.element_size())
+        return out
+
+    def _encode_local(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
+        enc = self._encode_rows(name, x, round)
+        return self.codec.decode(enc), enc.nbytes_per_node()
+
+    def upload_masked(
+        self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError(
+            "upload_masked (fslora, hetlora, flexlora) assumes every node in one process; "
+            "run these algorithms without torchrun"
+        )
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def _row_bytes(enc: Encoded) -> int:
+    return sum(p[0].numel() * p.element_size() for p in enc.parts.values())
+
+
+def _pack(encs: dict[str, Encoded], rows: Tensor) -> Tensor:
+    """The messages of ``rows`` (local indices), every tensor and codec part, as one uint8 buffer."""
+    chunks = [
+        part[rows].contiguous().view(-1).view(torch.uint8)
+        for enc in encs.values()
+        for part in enc.parts.values()
+    ]
+    return torch.cat(chunks)
+
+
+def _unpack(encs: dict[str, Encoded], buf: Tensor, rows: int) -> dict[str, dict[str, Tensor]]:
+    """Inverse of :func:`_pack` for ``rows`` messages; the layout (dtype and shape of every part of one
+    node's message) is this rank's own, which is every rank's."""
+    out: dict[str, dict[str, Tensor]] = {}
+    at = 0
+    for name, enc in encs.items():
+        out[name] = {}
+        for key, part in enc.parts.items():
+            size = rows * part[0].numel() * part.element_size()
+            piece = buf[at : at + size].clone()  # a fresh buffer: aligned for any dtype
+            out[name][key] = piece.view(part.dtype).reshape(rows, *part.shape[1:])
+            at += size
+    return out

@@ -1,0 +1,140 @@
+"""What the distributed tests share: the tiny run, torchrun launches, and comparisons with the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "default.yaml"  # what `declora run` uses without a config argument
+NOT_COMPARED = {"wall_s", "peak_mem_mb", "bytes_cross_process", "bytes_cross_process_total"}
+
+
+def tiny_overrides(model: Path, run_dir: Path, algorithm: str, *extra: str) -> list[str]:
+    """A few seconds per run: 2-layer BERT (hidden 32), 5 nodes on a ring, 3 rounds, all evaluated."""
+    return [
+        f"model.name={model}",
+        "model.rank=4",
+        "model.max_length=32",
+        "nodes=5",
+        "partition.kind=iid",
+        "rounds=3",
+        "threads=1",
+        "data.train_limit=96",
+        "data.test_limit=24",
+        "train.batch_size=4",
+        "train.local_steps=2",
+        "eval.every=1",
+        "eval.node_examples=12",
+        "checkpoint_every=1",
+        "algorithm.switch_interval=1",  # tad_lora alternates every round: both phases within 3 rounds
+        f"algorithm.name={algorithm}",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Launch:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def torchrun(
+    args: list[str],
+    procs: int,
+    port: int | None = None,
+    hosts: tuple[int, int] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 240,
+) -> subprocess.Popen:
+    """Start ``torchrun`` on this machine; ``hosts`` = (node rank, number of hosts) for multi-host."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]
+    if hosts is None:  # the launcher binds a free port itself: no race with other processes
+        launcher += ["--standalone"]
+    else:
+        launcher += [f"--nnodes={hosts[1]}", f"--node-rank={hosts[0]}", "--master-addr=127.0.0.1"]
+        launcher += [f"--master-port={port or free_port()}"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(
+        launcher + args,
+        cwd=cwd or ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, began: float, timeout: float = 240) -> Launch:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        raise AssertionError(f"torchrun did not finish in {timeout} s:\n{output[-4000:]}") from None
+    return Launch(proc.returncode, output, time.monotonic() - began)
+
+
+def launch(args: list[str], procs: int, **kwargs) -> Launch:
+    began = time.monotonic()
+    return finish(torchrun(args, procs, **kwargs), began)
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] in ("round", "eval")]
+
+
+def assert_same_metrics(simulated: Path, distributed: Path, atol: float = 1e-6) -> None:
+    sim, dist = records(simulated), records(distributed)
+    assert [r["round"] for r in sim] == [r["round"] for r in dist]
+    for a, b in zip(sim, dist, strict=True):
+        assert set(a) - NOT_COMPARED == set(b) - NOT_COMPARED
+        for key in set(a) - NOT_COMPARED:
+            if isinstance(a[key], float):
+                assert abs(a[key] - b[key]) <= atol, (a["round"], key, a[key], b[key])
+            else:
+                assert a[key] == b[key], (a["round"], key, a[key], b[key])
+
+
+def assert_same_adapters(simulated: Path, distributed: Path, atol: float = 1e-6) -> None:
+    """Every exported PEFT folder (consensus and each node's): same files, same tensors."""
+    folders = sorted(p.name for p in (simulated / "adapters").iterdir())
+    assert folders == sorted(p.name for p in (distributed / "adapters").iterdir())
+    for name in folders:
+        a = load_file(str(simulated / "adapters" / name / "adapter_model.safetensors"))
+        b = load_file(str(distributed / "adapters" / name / "adapter_model.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0, msg=f"{name} {key}")
+
+
+def cut_bytes(edges: torch.Tensor, counts: list[int]) -> tuple[int, int]:
+    """From the simulator's per-edge ledger of one round: (bytes on edges between nodes of different
+    ranks, the same with one copy per (sender, receiving rank): what goes on the wire)."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    cut = owner[:, None] != owner[None, :]
+    per_edge = int(edges[cut].sum())
+    wire = 0
+    for rank in range(len(counts)):
+        to_rank = edges[:, owner == rank] * (owner != rank)[:, None]  # senders elsewhere -> nodes on rank
+        wire += int(to_rank.max(1).values.sum())  # every edge of a sender carries the same message
+    return per_edge, wire

@@ -1,0 +1,114 @@
+"""One run over 1, 2 and 4 processes gives the in-process simulator's numbers (CPU, fp32, atol 1e-6):
+every metric, every final adapter, and the bytes that cross process boundaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from dist_helpers import (
+    assert_same_adapters,
+    assert_same_metrics,
+    cut_bytes,
+    free_port,
+    launch,
+    records,
+    tiny_overrides,
+)
+
+from declora.config import DistConfig, load_config
+from declora.dist import Distributed
+from declora.engine import run
+from declora.experiment import build_experiment
+
+pytestmark = pytest.mark.distributed
+WORKER = Path(__file__).with_name("worker.py")
+# label: (algorithm, extra overrides). The codecs: a random one (per-node draws must not depend on the
+# slicing; packed codes and fp32 scales on the wire) and a stateful one (error feedback kept per rank).
+# fedavg: the server path (one all_reduce), with offline nodes (per-rank online masks, global weights).
+CASES = {
+    "dec_lora": ("dec_lora", []),
+    "decaf": ("decaf", []),
+    "tad_lora": ("tad_lora", []),
+    "dec_lora_quantize": ("dec_lora", ["comm.codec=quantize", "comm.bits=4", "comm.block_size=16"]),
+    "decaf_topk": ("decaf", ["comm.codec=topk", "comm.fraction=0.25", "comm.error_feedback=true"]),
+    "fedavg_dropout": ("fedavg", ["topology.node_dropout=0.3"]),
+}
+SERVER = {"fedavg_dropout"}
+# Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
+# other rank: one message on the wire serves two edges of the ledger.
+SLICES = {
+    2: {
+        "dec_lora": (3, 2),
+        "decaf": (1, 4),
+        "tad_lora": (3, 2),
+        "dec_lora_quantize": (2, 3),
+        "decaf_topk": (3, 2),
+        "fedavg_dropout": (3, 2),
+    },
+    4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
+}
+
+
+def overrides(model: Path, out: Path, label: str, *extra: str) -> list[str]:
+    algorithm, more = CASES[label]
+    return tiny_overrides(model, out / label, algorithm, *more, *extra)
+
+
+@pytest.fixture(scope="module")
+def simulator(tiny_bert, tmp_path_factory):
+    """The one-process runs, with the simulator's per-edge ledger of every round."""
+    out = tmp_path_factory.mktemp("simulator")
+    runs = {}
+    for label in CASES:
+        exp = build_experiment(load_config(None, overrides(tiny_bert, out, label)))
+        edges: list = []
+        run(
+            exp, on_round=lambda record, exp=exp, edges=edges: edges.append(exp.exchange.ledger.edges.clone())
+        )
+        runs[label] = (exp.run_dir, edges)
+    return runs
+
+
+def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
+    for label, counts in slices.items():
+        sim_dir, edges = simulator[label]
+        assert_same_metrics(sim_dir, out / label)
+        assert_same_adapters(sim_dir, out / label)
+        wire = [r["bytes_cross_process"] for r in records(out / label)]
+        if label in SERVER:  # the all_reduce moves one adapter-sized buffer per rank each way
+            assert len(set(wire)) == 1 and wire[0] > 0, wire
+            continue
+        expected = [cut_bytes(e, list(counts)) for e in edges]  # (per edge across the cut, on the wire)
+        assert wire == [w for _, w in expected], label
+        if counts != (1, 4):  # no node has two neighbours on one other rank: every cut edge is a message
+            assert wire == [p for p, _ in expected], label
+        else:
+            assert all(w < p for p, w in expected)
+
+
+@pytest.mark.parametrize("procs", [2, 4])
+def test_processes_give_the_simulators_numbers(procs, simulator, tiny_bert, tmp_path):
+    cases = {
+        label: overrides(tiny_bert, tmp_path, label, f"dist.node_slices=[{','.join(map(str, counts))}]")
+        for label, counts in SLICES[procs].items()
+    }
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    result = launch([str(WORKER), str(tmp_path / "cases.json")], procs)
+    assert result.returncode == 0, result.output[-4000:]
+    check(simulator, tmp_path, SLICES[procs])
+
+
+def test_one_process_group_gives_the_simulators_numbers(simulator, tiny_bert, tmp_path, monkeypatch):
+    """torch.distributed with a single rank (in this process): the DistExchange path, nothing on the wire."""
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1"}
+    for key, value in {**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    group = Distributed(DistConfig(timeout_s=30))
+    try:
+        for label in ("dec_lora", "decaf", "tad_lora"):
+            run(build_experiment(load_config(None, overrides(tiny_bert, tmp_path, label)), None, group))
+    finally:
+        group.close()
+    check(simulator, tmp_path, dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (5,)))

@@ -1,0 +1,57 @@
+"""A rank that dies or hangs stops the whole run within dist.timeout_s, naming the rank and the round;
+the last complete checkpoint then resumes to the uninterrupted run's numbers."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from datetime import datetime
+
+import pytest
+from dist_helpers import CONFIG, assert_same_adapters, assert_same_metrics, launch, tiny_overrides
+
+from declora.config import load_config
+from declora.engine import run
+from declora.experiment import build_experiment
+
+pytestmark = pytest.mark.distributed
+TIMEOUT = 10  # dist.timeout_s in these tests
+
+
+def fault_time(run_dir, rank: int) -> float:
+    """When the injected fault fired, from the rank's log line."""
+    line = next(x for x in (run_dir / f"rank_{rank}.log").read_text().splitlines() if "injected fault" in x)
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(tiny_bert, tmp_path):
+    overrides = tiny_overrides(
+        tiny_bert, tmp_path / "run", "dec_lora", "rounds=4", f"dist.timeout_s={TIMEOUT}"
+    )
+    killed = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2, env={"DECLORA_FAULT": "kill:1:3"})
+    stopped = time.time()
+    assert killed.returncode != 0
+    assert re.search(r"rank 1 died in round 3", killed.output), killed.output[-4000:]
+    assert "declora: error (rank 0)" in killed.output
+    assert stopped - fault_time(tmp_path / "run", 1) < TIMEOUT
+    assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 2
+
+    resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    overrides = tiny_overrides(tiny_bert, tmp_path / "sim", "dec_lora", "rounds=4")
+    uninterrupted = build_experiment(load_config(CONFIG, overrides))
+    run(uninterrupted)
+    assert_same_metrics(tmp_path / "sim", tmp_path / "run")
+    assert_same_adapters(tmp_path / "sim", tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").glob("rank_*.log")) == ["rank_0.log", "rank_1.log"]
+
+
+def test_hung_rank_stops_every_rank_after_the_timeout(tiny_bert, tmp_path):
+    overrides = tiny_overrides(tiny_bert, tmp_path / "run", "decaf", f"dist.timeout_s={TIMEOUT}")
+    hung = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2, env={"DECLORA_FAULT": "hang:1:2"})
+    stopped = time.time()
+    assert hung.returncode != 0
+    assert re.search(r"rank 1 hung in round 2", hung.output), hung.output[-4000:]
+    assert TIMEOUT - 1 < stopped - fault_time(tmp_path / "run", 1) < 2 * TIMEOUT
+    assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 1

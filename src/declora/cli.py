@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from declora.config import ConfigError, load_config
+from declora.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from declora.dist import Solo
+    from declora.experiment import Experiment
+
+log = logging.getLogger(__name__)
 
 # configs/default.yaml of the working directory, else of the source checkout (editable installs).
 DEFAULT_CONFIGS = (Path("configs/default.yaml"), Path(__file__).resolve().parents[2] / "configs/default.yaml")
@@ -19,61 +27,162 @@ def _config_path(arg: str | None) -> Path | None:
     return next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from declora.engine import run
-    from declora.experiment import build_experiment
-    from declora.report import format_table, read_metrics, summarize
-
+def _run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
-    else:
-        cfg = load_config(_config_path(args.config), args.overrides)
-        run_dir = None
-    exp = build_experiment(cfg, run_dir)
-    print(f"run folder: {exp.run_dir}  ({exp.n} nodes, {cfg.algorithm.name}, {cfg.topology.graph})")
-    bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+        return load_config(run_dir / "config.yaml", args.overrides), run_dir
+    return load_config(_config_path(args.config), args.overrides), None
 
-    def on_round(record: dict) -> None:
-        bar.n = record["round"]
-        shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
-        if "acc_avg_factors" in record:
-            shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"
-        bar.set_postfix(shown)
-        bar.refresh()
 
+def _die(message: str) -> None:
+    """A multi-process run failed: say so once per rank, then leave without waiting on dead peers."""
+    print(f"declora: error (rank {os.environ.get('RANK', 0)}): {message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
+    """Under torchrun, join the process group; rank 0's config is the run's (another host may hold a
+    different file, or no run folder to resume from)."""
+    from declora.config import DistConfig
+    from declora.dist import Distributed, Solo, launched
+
+    if not launched():
+        return (*_run_config(args), Solo())
+    cfg, run_dir, error = None, None, None
     try:
-        run(exp, resume=bool(args.resume), on_round=on_round)
-    finally:
-        bar.close()
-    print(format_table(summarize(read_metrics(exp.run_dir / "metrics.jsonl"))))
-    print(
-        f"\nmetrics: {exp.run_dir / 'metrics.jsonl'}   plot: {exp.run_dir / 'curves.png'}   "
-        f"adapters: {exp.run_dir / 'adapters'}"
-    )
+        cfg, run_dir = _run_config(args)
+    except (ConfigError, FileNotFoundError) as err:
+        error = str(err)
+    group = Distributed(cfg.dist if cfg is not None else DistConfig(), on_fatal=_die)
+    with group.guard():
+        cfg, run_dir, error = group.broadcast((cfg, run_dir, error))
+    if error is not None:
+        raise ConfigError(error)
+    return cfg, run_dir, group
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    cfg, run_dir, group = _launch(args)
+    with group.guard():
+        exp = build_experiment(cfg, run_dir, group)
+        if group.world > 1:
+            _log_to(exp.run_dir / f"rank_{group.rank}.log")
+            log.info("rank %d hosts nodes %s", group.rank, group.layout.nodes_of(group.rank))
+        bar = _progress(exp, group)
+        try:
+            run(exp, resume=bool(args.resume), on_round=bar.on_round if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        group.close()
+    if group.is_main:
+        from declora.report import format_table, read_metrics, summarize
+
+        print(format_table(summarize(read_metrics(exp.run_dir / "metrics.jsonl"))))
+        print(
+            f"\nmetrics: {exp.run_dir / 'metrics.jsonl'}   plot: {exp.run_dir / 'curves.png'}   "
+            f"adapters: {exp.run_dir / 'adapters'}"
+        )
     return 0
 
 
+class _Bar:
+    """The rounds progress bar (rank 0 only)."""
+
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def on_round(self, record: dict) -> None:
+        self.bar.n = record["round"]
+        shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
+        if "acc_avg_factors" in record:
+            shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"
+        self.bar.set_postfix(shown)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(exp: Experiment, group: Solo) -> _Bar | None:
+    if not group.is_main:
+        return None
+    cfg = exp.cfg
+    where = (
+        f", {group.world} processes: nodes per rank {list(group.layout.counts)}" if group.world > 1 else ""
+    )
+    print(f"run folder: {exp.run_dir}  ({exp.n} nodes, {cfg.algorithm.name}, {cfg.topology.graph}{where})")
+    return _Bar(cfg.rounds)
+
+
+def _log_to(path: Path) -> None:
+    """Per-rank details (slice, phase times per round) in the run folder, whatever the console shows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    for other in root.handlers:  # the console keeps the level it had
+        if other.level == logging.NOTSET:
+            other.setLevel(root.level)
+    root.addHandler(handler)
+    root.setLevel(min(root.level, logging.INFO))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from declora.compare import write_comparison
     from declora.report import write_report
 
     for run_dir in args.run_dirs:
         print(f"## {run_dir}\n")
         print(write_report(Path(run_dir)))
+    if len(args.run_dirs) > 1:  # one row per run folder, as a grid would show them
+        runs = {Path(d).name: [Path(d)] for d in args.run_dirs}
+        print(f"\n## comparison ({args.out})\n")
+        print(write_comparison(runs, Path(args.out), args.metric, args.target))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from declora.compare import group_cells, load_grid, run_grid, write_comparison
+
+    grid = load_grid(args.grid)
+
+    def on_cell(k: int, total: int, cell, state: str) -> None:
+        verb = {"done": "finished, skipped", "partial": "resuming", "new": "running"}[state]
+        print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {verb}", flush=True)
+
+    cells = run_grid(grid, on_cell)
+    table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy)
+    print(
+        f"\n{table}\n\ntable: {grid.out / 'comparison.md'}  csv: {grid.out / 'comparison.csv'}  "
+        f"figures: {grid.out / 'comparison.png'}"
+    )
     return 0
 
 
 def cmd_topology(args: argparse.Namespace) -> int:
+    from declora.algorithms.alternating import auto_interval
     from declora.schedules import build_schedule, describe, draw
 
     cfg = load_config(_config_path(args.config), args.overrides)
     schedule = build_schedule(cfg.topology, cfg.nodes, cfg.seed)
-    for key, value in describe(schedule).items():
+    info = describe(schedule)
+    for key, value in info.items():
         print(f"{key}: {value}")
+    # The interval TAD-LoRA picks with switch_interval=auto (same rho as expected_contraction).
+    rho = info["rho"] if "rho" in info else (1.0 - info["spectral_gap"]) ** 2
+    c, cap = cfg.algorithm.auto_c, cfg.algorithm.auto_max
+    auto_t = auto_interval(rho, c, cap)
+    print(f"tad_lora auto T: {auto_t}  (ceil({c} / sqrt(1 - rho)) in [1, {cap}], rho = {rho:.4f})")
     draw(schedule, args.out)
     print(f"picture: {args.out}")
     return 0
@@ -90,7 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="table and plot from existing run folders")
     p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="runs/report", help="where the comparison of several runs goes")
+    p.add_argument("--metric", default="acc_avg_factors", help="accuracy key the comparison ranks")
+    p.add_argument("--target", type=float, default=None, help="accuracy whose bytes-to-reach is reported")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser(
+        "compare", help="run a grid of experiments and compare them: declora compare GRID.yaml"
+    )
+    p.add_argument("grid")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("topology", help="describe and draw a config's communication graph")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*")
@@ -107,14 +224,21 @@ def _split_overrides(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from declora.dist import DistributedRunError
+
     args = build_parser().parse_args(argv)
     _split_overrides(args)
+    # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
+    quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         return args.func(args)
+    except DistributedRunError as err:
+        _die(str(err))
+        return 1
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"declora: error: {err}", file=sys.stderr)
         return 2

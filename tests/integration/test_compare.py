@@ -22,7 +22,7 @@ from declora.config import ConfigError
 pytestmark = pytest.mark.integration
 
 
-def _grid_file(tmp_path, tiny_bert, **extra):
+def _grid_file(tmp_path, tiny_bert, more_overrides=(), **extra):
     grid = {
         "out": str(tmp_path / "grid"),
         "overrides": [
@@ -39,6 +39,7 @@ def _grid_file(tmp_path, tiny_bert, **extra):
             "checkpoint_every=1",
             "export=none",
             "threads=1",
+            *more_overrides,
         ],
         "grid": {"algorithm.name": ["dec_lora", "local"]},
         "seeds": [0, 1],
@@ -143,3 +144,16 @@ def test_grid_groups_by_method(tmp_path, tiny_bert):
     groups = group_cells(cells)
     assert list(groups) == ["algorithm.name=dec_lora", "algorithm.name=local"]
     assert all(len(v) == 2 for v in groups.values())
+
+
+def test_compare_cli_and_multi_run_report(tmp_path, tiny_bert, capsys):
+    from declora.cli import main
+
+    path = _grid_file(tmp_path, tiny_bert, more_overrides=["tensorboard=true"], seeds=[0])
+    assert main(["compare", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] algorithm.name=dec_lora seed=0: running" in out and "| algorithm.name=local | 1 |" in out
+    cells = expand(load_grid(path))
+    assert (cells[0].run_dir / "tensorboard").is_dir()
+    assert main(["report", *(str(c.run_dir) for c in cells), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "comparison.png").is_file()

@@ -78,7 +78,7 @@ class TopologyConfig:
 class CommConfig:
     codec: str = "fp32"  # fp32 | fp16 | bf16 | quantize | topk: what each message is encoded as
     bits: int = 8  # quantize: bits per entry (2..8)
-    block_size: int | None = None  # quantize: one scale per block of this many entries (None: per row)
+    block_size: int | None = 256  # quantize: one (lo, scale) per block of a node's message (None: per row)
     fraction: float = 0.1  # topk: fraction of entries kept per message
     error_feedback: bool = False  # topk: carry what was not sent into the next round
 

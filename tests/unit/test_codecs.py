@@ -31,8 +31,15 @@ def message(n: int = 3, rows: int = 4, cols: int = 37, seed: int = 0) -> torch.T
     return torch.randn(n, rows, cols, generator=gen(seed))
 
 
-def block_ranges(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Per-entry max - min of the entry's block along the last dim, same shape as x."""
+def block_ranges(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """Per-entry max - min of the entry's block, same shape as x: blocks are last-dim rows (None) or run
+    over each node's flattened message."""
+    if block is not None:
+        return _row_ranges(x.reshape(x.shape[0], -1), block).reshape(x.shape)
+    return _row_ranges(x, x.shape[-1])
+
+
+def _row_ranges(x: torch.Tensor, block: int) -> torch.Tensor:
     out = torch.empty_like(x)
     for start in range(0, x.shape[-1], block):
         chunk = x[..., start : start + block]
@@ -53,7 +60,7 @@ def test_quantize_is_unbiased_and_within_one_step(bits: int, block_size: int | N
     # Stacking the same message `draws` times along the node axis gives independent draws in one call.
     decoded, _ = codec.roundtrip(x.repeat(draws, 1, 1), gen(bits))  # (draws * 2, 3, 37)
     decoded = decoded.reshape(draws, *x.shape)
-    step = block_ranges(x, block_size or x.shape[-1]) / (2**bits - 1)  # (2, 3, 37)
+    step = block_ranges(x, block_size) / (2**bits - 1)  # (2, 3, 37)
     # Each draw lies in [x - step, x + step]: Hoeffding puts the mean within step * sqrt(ln(2/d) / (2 draws))
     # with probability 1 - d per entry; d = 1e-6 over ~2000 entries keeps the seeded test far from flaky.
     assert ((decoded - x).abs() <= step * (1 + 1e-5) + 1e-6).all()
@@ -76,7 +83,7 @@ def test_quantize_handles_one_entry_per_node_and_block_larger_than_row() -> None
     x = torch.randn(4, generator=gen())  # (n,): one scalar per node is a constant block
     decoded, nbytes = QuantizeCodec(bits=3).roundtrip(x, gen())
     assert torch.equal(decoded, x) and nbytes == 1 + 8
-    y = message(cols=7)
+    y = message(rows=1, cols=7)  # one 7-entry row: a 64-entry block is the whole message
     wide, _ = QuantizeCodec(bits=8, block_size=64).roundtrip(y, gen(1))
     rowwise, _ = QuantizeCodec(bits=8).roundtrip(y, gen(1))
     assert torch.equal(wide, rowwise)
@@ -109,7 +116,7 @@ def test_bytes_equal_the_payload(name: str, params: dict) -> None:
 def test_quantize_bytes_formula(bits: int, block_size: int | None) -> None:
     n, rows, cols = 3, 4, 37
     _, nbytes = QuantizeCodec(bits=bits, block_size=block_size).roundtrip(message(n, rows, cols), gen())
-    blocks = rows * math.ceil(cols / (block_size or cols))
+    blocks = rows if block_size is None else math.ceil(rows * cols / block_size)
     assert nbytes == math.ceil(rows * cols * bits / 8) + blocks * 2 * 4  # packed codes + fp32 (lo, scale)
 
 

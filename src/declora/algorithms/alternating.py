@@ -7,7 +7,7 @@ ALGORITHMS.md §4, §5, §8d, §8g. One global clock, so every node trains the s
 - ``first_phase`` = cfg.algorithm.first_phase, default "B" [M: order]: B = 0 at init makes grad_A = 0.
 - T = cfg.algorithm.switch_interval (default 5, ADF-LoRA's best). Only TAD-LoRA may set it to "auto":
 
-      T = ceil(auto_c / sqrt(1 - rho))  clipped to [1, auto_max]      (auto_c = 1, auto_max = 20)
+      T = ceil(auto_c / sqrt(1 - rho))  clipped to [1, auto_max]      (auto_c = 3, auto_max = 20)
 
   with rho = lambda_2(E[W^T W]) from ``schedules.expected_contraction`` [M: TAD-LoRA's T*(rho) ~
   Theta(1/sqrt(1 - rho)) made operational; the paper sweeps T]. rho >= 1 (never mixes) gives auto_max.

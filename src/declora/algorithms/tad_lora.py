@@ -12,7 +12,7 @@ is the fixed 5) picks
 
     T = ceil(auto_c / sqrt(1 - rho))  clipped to [1, auto_max],   rho = lambda_2(E[W(t)^T W(t)])
 
-[M: the paper's T*(rho) ~ Theta(1/sqrt(1 - rho)) made operational; auto_c = 1, auto_max = 20 are config
+[M: the paper's T*(rho) ~ Theta(1/sqrt(1 - rho)) made operational; auto_c = 3, auto_max = 20 are config
 fields]. A sparser graph (rho nearer 1) gets longer phases. ``rho`` and ``interval`` are logged and kept
 as attributes (rho is None for a fixed T). The paper freezes the head (model.head=frozen).
 """

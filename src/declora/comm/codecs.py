@@ -192,8 +192,10 @@ class QuantizeCodec(_CodecBase):
 
     Each entry goes to one of its two neighbouring grid points with probabilities that make its mean exact,
     so E[decode(encode(x))] = x and |decode - x| < scale / (2^bits - 1), scale = block max - block min.
-    Constant blocks (scale 0) decode exactly. ``block_size=None`` means one block per last-dim row; a row
-    whose length ``block_size`` does not divide ends in a shorter block (no padded codes are sent).
+    Constant blocks (scale 0) decode exactly. ``block_size=None`` means one block per last-dim row. With
+    a ``block_size``, blocks run over each node's whole flattened message (so a B factor, whose rows hold
+    only r entries, still pays one (lo, scale) per block, not per tiny row); a message whose length
+    ``block_size`` does not divide ends in a shorter block (no padded codes are sent).
     """
 
     bits: int = 8
@@ -209,9 +211,13 @@ class QuantizeCodec(_CodecBase):
     def levels(self) -> int:
         return 2**self.bits - 1
 
+    def _layout(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape blocks are cut along: rows of the last dim, or each node's flattened message."""
+        return shape if self.block_size is None else (shape[0], 1, math.prod(shape[1:]))
+
     def _blocks(self, x: Tensor) -> Tensor:
         """(n, ...) -> (n, rows, blocks, block) float32; a short last block repeats its last entry."""
-        n, rows, row_len, block, nb = _geometry(tuple(x.shape), self.block_size)
+        n, rows, row_len, block, nb = _geometry(self._layout(tuple(x.shape)), self.block_size)
         x = x.detach().to(torch.float32).reshape(n, rows, row_len)
         pad = nb * block - row_len
         if pad:  # repeating an entry leaves the block's min and max unchanged
@@ -228,13 +234,13 @@ class QuantizeCodec(_CodecBase):
         floor = t.floor()
         up = _uniform(t.shape, generator, t.device) < (t - floor)  # P(up) = t - floor: unbiased
         codes = (floor + up).to(torch.uint8)
-        n, rows, row_len, _, _ = _geometry(tuple(x.shape), self.block_size)
+        n, rows, row_len, _, _ = _geometry(self._layout(tuple(x.shape)), self.block_size)
         codes = codes.reshape(n, rows, -1)[..., :row_len].reshape(n, rows * row_len)  # (n, m), unpadded
         parts = {"codes": _pack(codes, self.bits), "lo": lo.squeeze(-1), "scale": scale.squeeze(-1)}
         return Encoded(parts, tuple(x.shape))
 
     def decode(self, enc: Encoded) -> Tensor:
-        n, rows, row_len, block, nb = _geometry(enc.shape, self.block_size)
+        n, rows, row_len, block, nb = _geometry(self._layout(enc.shape), self.block_size)
         codes = _unpack(enc.parts["codes"], self.bits, rows * row_len).reshape(n, rows, row_len)
         codes = torch.nn.functional.pad(codes, (0, nb * block - row_len)).reshape(n, rows, nb, block)
         step = enc.parts["scale"].unsqueeze(-1) / self.levels  # (n, rows, nb, 1)

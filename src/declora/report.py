@@ -17,10 +17,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["format_table", "plot_run", "read_metrics", "summarize", "write_report"]
+__all__ = ["format_table", "headline_line", "plot_run", "read_metrics", "summarize", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +95,25 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+def _config_headline(records: list[dict[str, Any]]) -> str | None:
+    """eval.headline of the config logged in the run's ``start`` line, if any."""
+    for r in _events(records, "start"):
+        config = r.get("config")
+        section = config.get("eval") if isinstance(config, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("headline"), str):
+            return section["headline"]
+    return None
+
+
+def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dict[str, Any]:
     """Best and final of every accuracy key, final consensus/loss/cost values and peak memory.
 
     Returns ``{"rounds", "evals", "accuracy": {key: {final, final_round, best, best_round[, final_std,
-    best_std]}}, "final": {key: value}, "peak_mem_mb"}``. Consensus keys come from the last evaluation that
-    logged them; bytes_total, wall_s and train_loss from the last eval or round line (round lines are the
-    more recent); peak_mem_mb is the maximum over both. Absent values are None.
+    best_std]}}, "final": {key: value}, "peak_mem_mb", "headline"}``. Consensus keys come from the last
+    evaluation that logged them; bytes_total, wall_s and train_loss from the last eval or round line (round
+    lines are the more recent); peak_mem_mb is the maximum over both. ``headline`` is the metric the
+    paper reports (config eval.headline): the argument, else the one in the run's ``start`` line, else
+    None. Absent values are None.
     """
     evals = _events(records, "eval")
     progress = _events(records, "eval", "round")
@@ -114,6 +127,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "accuracy": {k: _best_final(evals, k) for k in _accuracy_keys(evals)},
         "final": {k: final[k] for k in FINAL_KEYS},
         "peak_mem_mb": max(mems) if mems else None,
+        "headline": headline if headline is not None else _config_headline(records),
     }
 
 
@@ -155,10 +169,27 @@ def _rows(summary: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A markdown table (metric | final | best | best round), padded so it also reads in a terminal."""
+def headline_line(summary: dict[str, Any], headline: str | None = None) -> str | None:
+    """``headline (<key>): final X%, best Y% at round R`` for the headline metric, or None without one."""
+    key = headline if headline is not None else summary.get("headline")
+    if not key:
+        return None
+    e = summary["accuracy"].get(key)
+    if e is None:
+        return f"headline ({key}): not logged by this run"
+    final, best = _pct(e["final"], e.get("final_std")), _pct(e["best"], e.get("best_std"))
+    return f"headline ({key}): final {final}%, best {best}% at round {_round(e['best_round'])}"
+
+
+def format_table(summary: dict[str, Any], headline: str | None = None) -> str:
+    """A markdown table (metric | final | best | best round), padded so it also reads in a terminal.
+
+    With a headline metric (the argument, else ``summary["headline"]``) a first line states its final and
+    best value, and its row is marked with ``*``.
+    """
+    mark = headline if headline is not None else summary.get("headline")
     header = ["metric", "final", "best", "best round"]
-    rows = _rows(summary)
+    rows = [[f"{r[0]} *" if r[0] == mark else r[0], *r[1:]] for r in _rows(summary)]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
 
     def line(cells: list[str]) -> str:
@@ -173,7 +204,11 @@ def format_table(summary: dict[str, Any]) -> str:
         "Accuracies in % (node mean ± population std over nodes); bytes in MB (1 MB = 1e6 bytes);\n"
         "times in seconds; consensus_* are squared Frobenius distances, cross_term a Frobenius norm."
     )
-    return "\n".join([note, "", line(header), rule, *(line(r) for r in rows)]) + "\n"
+    first = headline_line(summary, headline)
+    if first is not None and mark in summary["accuracy"]:
+        first += " (* in the table)"
+    top = [] if first is None else [first]
+    return "\n".join([*top, note, "", line(header), rule, *(line(r) for r in rows)]) + "\n"
 
 
 def _series(evals: list[dict[str, Any]], key: str, positive: bool = False) -> tuple[list[float], list[float]]:
@@ -240,6 +275,21 @@ def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _run_headline(run_dir: Path) -> str | None:
+    """eval.headline from run_dir/config.yaml; None when the file or the key is missing or unreadable."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        log.warning("%s: cannot read the headline metric (%s)", path, err)
+        return None
+    section = config.get("eval") if isinstance(config, dict) else None
+    value = section.get("headline") if isinstance(section, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def write_report(run_dir: str | Path) -> str:
     """Write run_dir/report.md (the table) and run_dir/curves.png from run_dir/metrics.jsonl.
 
@@ -247,7 +297,7 @@ def write_report(run_dir: str | Path) -> str:
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    table = format_table(summarize(records))
+    table = format_table(summarize(records, _run_headline(run_dir)))
     (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n![curves](curves.png)\n")
     plot_run(records, run_dir / "curves.png")
     return table

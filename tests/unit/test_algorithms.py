@@ -135,3 +135,20 @@ def test_tad_auto_gives_longer_phases_on_sparser_dynamic_graphs():
     assert algos[0.1].rho > algos[0.5].rho
     assert algos[0.1].interval > algos[0.5].interval >= 1
     assert algos[0.1].clock.interval == algos[0.1].interval
+
+
+def test_decaf_factors_agree_in_sign_when_products_agree():
+    """Two nodes re-factorizing the same product from differently ordered neighbours get equal factors."""
+    from declora.algorithms.decaf import tsvd_factors
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(3, 6, 2, generator=g, dtype=torch.float64)
+    A = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    P = torch.cat([B[i] for i in range(3)], 1)  # (6, 6)
+    Qt = torch.cat([A[i] for i in range(3)], 0).mT  # (5, 6)
+    order = [2, 0, 1]
+    P2 = torch.cat([B[i] for i in order], 1)
+    Qt2 = torch.cat([A[i] for i in order], 0).mT
+    Bf, Af = tsvd_factors(torch.stack([P, P2]), torch.stack([Qt, Qt2]), 2)
+    torch.testing.assert_close(Bf[0], Bf[1], atol=1e-9, rtol=0)
+    torch.testing.assert_close(Af[0], Af[1], atol=1e-9, rtol=0)

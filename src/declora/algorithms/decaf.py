@@ -65,6 +65,11 @@ def tsvd_factors(P: Tensor, Qt: Tensor, r: int, split: str = "balanced") -> tupl
         missing = r - S.shape[-1]
         U, S, Vh = F.pad(U, (0, missing)), F.pad(S, (0, missing)), F.pad(Vh, (0, 0, 0, missing))
     left, right = Q1 @ U, Vh @ Q2.mT  # (k, d_out, r), (k, r, d_in)
+    # Singular vectors are unique only up to sign: fix it (largest-magnitude entry of each left vector
+    # positive) so nodes holding the same product hold the same factors, and averaging them is meaningful.
+    peak = left.gather(1, left.abs().argmax(1, keepdim=True))  # (k, 1, r)
+    sign = torch.where(peak < 0, -1.0, 1.0).to(left.dtype)
+    left, right = left * sign, right * sign.mT
     if split == "left":
         return left * S[:, None, :], right
     if split == "right":

@@ -55,6 +55,7 @@ SEED, BATCH, STEPS, LR, RANK, ALPHA, MAX_LENGTH = 0, 8, 5, 1e-3, 8, 16.0, 128
 SWEEP_CHUNKS = (2048, 8192, 16384)  # declora tokens_per_chunk tried at the sweep N
 SWEEP_N = 8
 MEMORY_NODES = (1, 128, 1024)  # declora only: memory growth with N
+QUIET_CORES = 0.3  # other processes using fewer cores than this: an idle machine
 BIG_N = 128  # from here on: one timed round of one local step (memory is the point)
 
 
@@ -237,7 +238,7 @@ def timed(fn: Callable[[], None]) -> dict:
     return {"wall": wall, "cpu": cpu, "others": max(0.0, machine_busy_s() - busy - cpu) / wall}
 
 
-def wait_quiet(max_wait_s: float, busy_cores: float = 0.3, sample_s: float = 3.0) -> float:
+def wait_quiet(max_wait_s: float, busy_cores: float = QUIET_CORES, sample_s: float = 3.0) -> float:
     """Wait (up to ``max_wait_s``) until other processes use < ``busy_cores``; returns the last sample."""
     deadline = time.monotonic() + max_wait_s
     while True:
@@ -306,14 +307,14 @@ def worker(spec: str) -> None:
     print(MARKER + json.dumps(measure(job)), flush=True)
 
 
-def profile(method: str, n: int, threads: int, rows: int = 25) -> None:
+def profile(method: str, n: int, threads: int, chunk: int, rows: int = 25) -> None:
     """One warm-up round, then one round under torch.profiler; prints the top ops by self CPU time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     if threads:
         torch.set_num_threads(threads)
-    job = Job(method, n, threads=threads)
+    job = Job(method, n, threads=threads, tokens_per_chunk=chunk)
     one_round, _ = SETUPS[method](job, load_workload(job))
     one_round(0)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -346,7 +347,13 @@ def big_job(method: str, n: int, purpose: str) -> Job:
     return Job(method, n, steps=1, rounds=1, warmup_nodes=SWEEP_N, purpose=purpose)
 
 
-def plan(methods: list[str], nodes: list[int], threads: list[int], quick: bool) -> list[Job]:
+def plan(
+    methods: list[str],
+    nodes: list[int],
+    threads: list[int],
+    quick: bool,
+    chunks: tuple[int, ...] = SWEEP_CHUNKS,
+) -> list[Job]:
     """The sweep (declora chunk sizes at N=8), then every method at every N, then declora's memory Ns.
 
     Speed rows run once per thread count, back to back; the big-N memory rows only with the first one.
@@ -358,7 +365,7 @@ def plan(methods: list[str], nodes: list[int], threads: list[int], quick: bool) 
         return [replace(j, threads=t) for j in jobs for t in threads]
     speed, memory = [], []
     if "declora" in methods:
-        speed += [Job("declora", SWEEP_N, tokens_per_chunk=c, purpose="sweep") for c in SWEEP_CHUNKS]
+        speed += [Job("declora", SWEEP_N, tokens_per_chunk=c, purpose="sweep") for c in chunks]
         extra = [n for n in MEMORY_NODES if n not in nodes]
         speed += [Job("declora", n, purpose="memory") for n in extra if n < BIG_N]
         memory += [big_job("declora", n, "memory") for n in extra if n >= BIG_N]
@@ -389,22 +396,35 @@ def run_all(jobs: list[Job], max_wait_s: float) -> list[dict]:
 
 
 def memory_model(results: list[dict]) -> dict:
-    """Theoretical adapter + optimizer bytes per node against the measured growth between two declora Ns."""
-    by_n: dict[int, dict] = {}
-    for r in results:
-        if r["method"] == "declora" and r["purpose"] != "sweep":
-            by_n.setdefault(r["n"], r)
-    if len(by_n) < 2:
+    """Theoretical adapter + optimizer bytes per node, and the measured growth between the two largest
+    declora Ns (one comparison per tokens_per_chunk: the chunk sets the activation memory)."""
+    rows = [r for r in results if r["method"] == "declora" and r["purpose"] != "sweep"]
+    if not rows:
         return {}
-    small, big = (by_n[n] for n in sorted(by_n)[-2:])
-    per_node, dn, gb = small["params_per_node"], big["n"] - small["n"], 2**30
+    per_node, gb = rows[0]["params_per_node"], 2**30
+    growth = []
+    for chunk in sorted({r["tokens_per_chunk"] for r in rows if r["n"] >= BIG_N}):
+        by_n: dict[int, dict] = {}
+        for r in rows:
+            if r["tokens_per_chunk"] == chunk:
+                by_n.setdefault(r["n"], r)
+        if len(by_n) < 2:
+            continue
+        small, big = (by_n[n] for n in sorted(by_n)[-2:])
+        dn = big["n"] - small["n"]
+        growth.append(
+            {
+                "tokens_per_chunk": chunk,
+                "between_n": [small["n"], big["n"]],
+                "setup_bytes_per_node": (big["rss_after_setup_gb"] - small["rss_after_setup_gb"]) * gb / dn,
+                "peak_bytes_per_node": (big["peak_rss_gb"] - small["peak_rss_gb"]) * gb / dn,
+            }
+        )
     return {
         "params_per_node": per_node,
         "theory_param_adam_bytes_per_node": per_node * 4 * 3,  # param + 2 Adam moments, fp32
         "theory_with_grad_bytes_per_node": per_node * 4 * 4,  # ... + the dense (n, ...) gradient
-        "between_n": [small["n"], big["n"]],
-        "measured_peak_bytes_per_node": (big["peak_rss_gb"] - small["peak_rss_gb"]) * gb / dn,
-        "measured_setup_bytes_per_node": (big["rss_after_setup_gb"] - small["rss_after_setup_gb"]) * gb / dn,
+        "measured_growth": growth,
     }
 
 
@@ -456,15 +476,19 @@ def memory_lines(mem: dict) -> list[str]:
     if not mem:
         return []
     mb = 1e6
-    return [
+    lines = [
         "",
         f"Per node: {mem['params_per_node']} trainable parameters (A, B, head). Theory: "
         f"{mem['theory_param_adam_bytes_per_node'] / mb:.3f} MB (param + 2 Adam moments, fp32), "
         f"{mem['theory_with_grad_bytes_per_node'] / mb:.3f} MB with the gradient.",
-        f"Measured growth N={mem['between_n'][0]} -> {mem['between_n'][1]}: "
-        f"{mem['measured_setup_bytes_per_node'] / mb:.3f} MB/node after setup (params + moments), "
-        f"{mem['measured_peak_bytes_per_node'] / mb:.3f} MB/node at peak RSS.",
     ]
+    for g in mem["measured_growth"]:
+        lines.append(
+            f"Measured growth N={g['between_n'][0]} -> {g['between_n'][1]} (chunk {g['tokens_per_chunk']}): "
+            f"{g['setup_bytes_per_node'] / mb:.3f} MB/node after setup (params + moments), "
+            f"{g['peak_bytes_per_node'] / mb:.3f} MB/node at peak RSS."
+        )
+    return lines
 
 
 def write(results: list[dict], command: str, out: Path) -> None:
@@ -475,13 +499,28 @@ def write(results: list[dict], command: str, out: Path) -> None:
     (out / "round_cost.md").write_text(markdown(doc))
 
 
+def caveat(results: list[dict]) -> list[str]:
+    busy = [r["others_busy_cores"] for r in results]
+    if max(busy) < QUIET_CORES:
+        return []
+    return [
+        f"**Measured under load: other processes kept {min(busy):.1f}-{max(busy):.1f} of the "
+        f"{os.cpu_count()} cores busy during the timed rounds** (notes column). Wall times compare methods "
+        "only loosely; the own-CPU column and the padded/real token ratio are the steadier guides. "
+        "Rerun on an idle machine before quoting speeds.",
+        "",
+    ]
+
+
 def markdown(doc: dict) -> str:
     env = doc["environment"]
     load = " / ".join(f"{x:.2f}" for x in env["loadavg_end"])
+    commands = doc["command"] if isinstance(doc["command"], list) else [doc["command"]]
     head = [
         "# Cost of one round (MiniLM, LoRA r=8 on query/value + head, K=5 steps x 8 examples per node)",
         "",
-        f"Command: `{doc['command']}`",
+        *caveat(doc["results"]),
+        "Command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands),
         "",
         f"{env['date']}, torch {env['torch']}, default {env['threads']} threads, {env['cpu_count']} CPUs, "
         f"load average at the end {load}. s/round: mean of the timed rounds after one warm-up round; "
@@ -489,7 +528,7 @@ def markdown(doc: dict) -> str:
         "measuring process (one per row); others busy: cores used by other processes meanwhile.",
         "",
     ]
-    return "\n".join(head + table(doc["results"]) + memory_lines(doc["memory_per_node"])) + "\n"
+    return "\n".join(head + table(doc["results"]) + memory_lines(memory_model(doc["results"]))) + "\n"
 
 
 def rerender(path: Path) -> None:
@@ -506,6 +545,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--threads",
         default="0",
         help="comma-separated torch thread counts, each measured (0: torch's default)",
+    )
+    ap.add_argument(
+        "--chunks",
+        default=",".join(map(str, SWEEP_CHUNKS)),
+        help=f"declora tokens_per_chunk values swept at N={SWEEP_N}; the fastest is used for the other rows",
     )
     ap.add_argument(
         "--wait-quiet",
@@ -531,14 +575,16 @@ def main(argv: list[str] | None = None) -> None:
         return rerender(args.report)
     if args.profile:
         method, n = args.profile.split(":")
-        return profile(method, int(n), int(args.threads.split(",")[0]))
+        first = [int(x.split(",")[0]) for x in (args.threads, args.chunks)]
+        return profile(method, int(n), *first)
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     nodes = [int(x) for x in args.nodes.split(",") if x]
     threads = [int(x) for x in args.threads.split(",") if x]
-    results = run_all(plan(methods, nodes, threads, args.quick), args.wait_quiet)
+    chunks = tuple(int(x) for x in args.chunks.split(",") if x)
+    results = run_all(plan(methods, nodes, threads, args.quick, chunks), args.wait_quiet)
     write(results, "python " + " ".join(["benchmarks/round_cost.py", *sys.argv[1:]]), args.out)
 
 

@@ -127,7 +127,11 @@ def peft_model() -> torch.nn.Module:
 
 
 def peft_step(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, ids: list[list[int]], labels, pad_id
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ids: list[list[int]],
+    labels: torch.Tensor,
+    pad_id: int,
 ) -> None:
     from declora.train import pad
 

@@ -100,7 +100,7 @@ class TrainConfig:
     local_steps: int = 5
     local_unit: str = "steps"  # steps | epochs
     max_grad_norm: float | None = 1.0  # per-node clipping; null disables
-    tokens_per_chunk: int = 8192  # forward micro-batch budget (padded tokens); same result, less memory
+    tokens_per_chunk: int = 2048  # forward micro-batch budget (padded tokens); same result, less memory
 
 
 @dataclass(frozen=True)

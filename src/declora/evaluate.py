@@ -1,9 +1,12 @@
 """Evaluation modes (ALGORITHMS.md §8h): each node's own model, the averaged-factor model, the
 averaged-product model and, for server algorithms, the server model; plus consensus metrics.
 
+The metric is the task's (``declora.tasks``): accuracy (keys ``acc_*``) or, for plain causal language
+modelling, perplexity (keys ``ppl_*``).
+
 In a multi-process run each rank scores its own nodes, and the consensus and server models (built from
 every node's factors, gathered: adapter-sized) are scored on each rank's share of the examples; the
-correct counts are summed, so every number equals the one-process run's.
+metric's (sum, count) pairs are summed, so every number equals the one-process run's.
 """
 
 from __future__ import annotations
@@ -16,20 +19,19 @@ import torch
 from declora.experiment import EvalSet, Experiment
 from declora.metrics import consensus_metrics, mean_std
 from declora.model import Federation, averaged_factors, averaged_product
-from declora.train import accuracy_per_node, predict
+from declora.train import metric_per_node, row_stats
 
 
-def _accuracy_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet) -> float:
+def _metric_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet) -> float:
     share = exp.group.share_of(len(data.labels))
     token_ids, labels = data.token_ids[share], torch.as_tensor(data.labels[share])
-    correct = torch.zeros((), dtype=torch.long)
+    totals = torch.zeros(2)
     if len(token_ids):
         with exp.fed.override(stacked):
             rows = torch.zeros(len(token_ids), dtype=torch.long)
-            preds = predict(exp.fed, token_ids, rows, exp.pad_id, exp.cfg.train.tokens_per_chunk)
-        correct = (preds == labels).sum()
-    total = exp.group.all_sum(correct)
-    return float(total.float() / len(data.labels))  # float32, as a mean of 0/1 floats
+            chunk = exp.cfg.train.tokens_per_chunk
+            totals = row_stats(exp.fed, token_ids, labels, rows, exp.pad_id, chunk, exp.task).sum(0)
+    return float(exp.task.finalize(exp.group.all_sum(totals)))  # summed over processes, then finalized
 
 
 @contextmanager
@@ -51,28 +53,29 @@ def all_nodes(fed: Federation, stacked: dict[str, torch.Tensor]) -> Iterator[Fed
 
 def evaluate(exp: Experiment) -> dict[str, float]:
     fed, chunk, group = exp.fed, exp.cfg.train.tokens_per_chunk, exp.group
-    own = accuracy_per_node(fed, exp.node_eval.token_ids, exp.node_eval.labels, fed.n, exp.pad_id, chunk)
+    data, m = exp.node_eval, exp.task.metric  # m: "acc" | "ppl"
+    own = metric_per_node(fed, data.token_ids, data.labels, fed.n, exp.pad_id, chunk, exp.task)
     per_node = group.gather_nodes(own)  # (n,)
     mean, std = mean_std(per_node)
     out: dict[str, float] = {
-        "acc_node_mean": mean,
-        "acc_node_std": std,
-        "acc_node_min": float(per_node.min()),
-        "acc_node_max": float(per_node.max()),
+        f"{m}_node_mean": mean,
+        f"{m}_node_std": std,
+        f"{m}_node_min": float(per_node.min()),
+        f"{m}_node_max": float(per_node.max()),
     }
     stacked = {k: group.gather_nodes(v.detach()) for k, v in fed.tensors().items()}  # (n, ...) each
     if exp.n > 1:
-        out["acc_avg_factors"] = _accuracy_of(exp, averaged_factors(stacked), exp.consensus_eval)
-        out["acc_avg_product"] = _accuracy_of(exp, averaged_product(stacked), exp.consensus_eval)
+        out[f"{m}_avg_factors"] = _metric_of(exp, averaged_factors(stacked), exp.consensus_eval)
+        out[f"{m}_avg_product"] = _metric_of(exp, averaged_product(stacked), exp.consensus_eval)
     else:
-        out["acc_avg_factors"] = out["acc_avg_product"] = _accuracy_of(exp, stacked, exp.consensus_eval)
+        out[f"{m}_avg_factors"] = out[f"{m}_avg_product"] = _metric_of(exp, stacked, exp.consensus_eval)
     if group.world == 1:
         server = exp.algorithm.server_tensors(fed)
     else:
         with all_nodes(fed, stacked):
             server = exp.algorithm.server_tensors(fed)
     if server is not None:
-        out["acc_server"] = _accuracy_of(exp, server, exp.consensus_eval)
+        out[f"{m}_server"] = _metric_of(exp, server, exp.consensus_eval)
     factors = {name: (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"]) for name in fed.lora}
     out.update(consensus_metrics(factors, fed.scale))
     return out

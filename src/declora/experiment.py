@@ -17,13 +17,14 @@ from declora.comm.codecs import build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError
-from declora.data import load_dataset, tokenize
+from declora.data import load_dataset
 from declora.dist import Distributed, Solo
 from declora.model import Federation, build_federation, import_peft
 from declora.optim import NodeAdamW
 from declora.partition import describe_partition, partition
 from declora.schedules import build_schedule
 from declora.seeding import numpy_rng
+from declora.tasks import CAUSAL_KINDS, Task, build_task
 from declora.train import LocalTrainer, NodeStreams
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Experiment:
     consensus_eval: EvalSet  # examples the consensus / server models are scored on
     pad_id: int
     partition_summary: list[dict]  # every node's, on every rank
+    task: Task  # what a row's loss and metric are (declora.tasks)
     group: Solo = field(default_factory=Solo)  # the processes of the run (Solo: this one hosts all nodes)
 
     @property
@@ -106,14 +108,15 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     parts = [np.arange(len(train))] if n == 1 else partition(train.labels, n, cfg.partition, cfg.seed)
     summary = describe_partition(parts, train.labels, train.num_labels)
     parts = parts[first : first + n_local]
-    fed = build_federation(cfg.model, n_local, train.num_labels)
+    fed = build_federation(cfg.model, n_local, train.num_labels, causal=cfg.task.kind in CAUSAL_KINDS)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
-    train_ids = tokenize(train.texts, tokenizer, cfg.model.max_length)
-    test_ids = tokenize(test.texts, tokenizer, cfg.model.max_length)
+    task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
+    train_ids = task.encode(train.texts, train.labels, train=True)
+    test_ids = task.encode(test.texts, test.labels, train=False)
     lrs = {
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
         for k in fed.tensors()
@@ -130,6 +133,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         pad_id,
         cfg.train.max_grad_norm,
         cfg.train.tokens_per_chunk,
+        task,
     )
     schedule = build_schedule(cfg.topology, n, cfg.seed)
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
@@ -153,5 +157,6 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         consensus_eval=_eval_subset(test_ids, test.labels, cfg.eval.consensus_examples, cfg.seed),
         pad_id=pad_id,
         partition_summary=summary,
+        task=task,
         group=group,
     )

@@ -2,6 +2,9 @@
 
 PEFT is the interchange format, not the training engine: any node's adapter (or a consensus adapter)
 exports as a standard PEFT folder, and a PEFT adapter can seed every node of a run.
+
+The base is an encoder with a sequence-classification head, or (``causal=True``) a causal LM such as a
+LLaMA-family model: it has no per-node head (its LM head stays frozen and shared, like the embeddings).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from declora.seeding import torch_generator
 
 log = logging.getLogger(__name__)
 HEAD_ROOTS = ("classifier", "score")  # where transformers puts sequence-classification heads
+KEEP_FP32 = (*HEAD_ROOTS, "lm_head")  # never quantized: trained heads, and the LM head tied to the embeddings
 KINDS = ("A", "B", "head")
 
 
@@ -40,9 +44,11 @@ class Federation(nn.Module):
         routing: NodeRouting,
         lora: dict[str, StackedLoRALinear],
         heads: dict[str, StackedLinear],
+        causal: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
+        self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
         self.lora, self.heads = lora, heads
         self.scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
         self.rank_mask = RankMask()  # per-node rank gates (n, r), one object shared by every layer
@@ -97,6 +103,8 @@ class Federation(nn.Module):
                 module.override = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.causal:  # no generation here: a KV cache would only cost memory
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
@@ -114,27 +122,32 @@ def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def load_base(cfg: ModelConfig, num_labels: int) -> tuple[nn.Module, Path]:
-    """The frozen transformers model; its head is initialised from ``cfg.init_seed`` (same everywhere)."""
-    from transformers import AutoModelForSequenceClassification
+def load_base(cfg: ModelConfig, num_labels: int, causal: bool = False) -> tuple[nn.Module, Path]:
+    """The frozen transformers model; a classifier head is initialised from ``cfg.init_seed`` (same
+    everywhere). ``causal``: the model as a causal LM (``num_labels`` unused)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     path = model_path(cfg.name)
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, dtype=torch.float32
-        )
+        if causal:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch.float32
+            )
     model.eval()  # base dropout off: the LoRA dropout is ours; see ModelConfig.dropout
     for p in model.parameters():
         p.requires_grad_(False)
-    quantize_linears(model, cfg.base_quantization, skip=HEAD_ROOTS)  # "none": untouched
+    quantize_linears(model, cfg.base_quantization, skip=KEEP_FP32)  # "none": untouched
     return model, path
 
 
-def build_federation(cfg: ModelConfig, n: int, num_labels: int) -> Federation:
-    model, path = load_base(cfg, num_labels)
+def build_federation(cfg: ModelConfig, n: int, num_labels: int, causal: bool = False) -> Federation:
+    """``n`` nodes' stacked LoRA on one frozen base (``causal``: a causal LM, see ``load_base``)."""
+    model, path = load_base(cfg, num_labels, causal)
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     lora: dict[str, StackedLoRALinear] = {}
@@ -171,7 +184,7 @@ def build_federation(cfg: ModelConfig, n: int, num_labels: int) -> Federation:
         2 * len(heads),
         n,
     )
-    return Federation(model, n, cfg, path, routing, lora, heads)
+    return Federation(model, n, cfg, path, routing, lora, heads, causal)
 
 
 # ---------------------------------------------------------------- derived adapters
@@ -249,7 +262,7 @@ def export_peft(fed: Federation, single: dict[str, Tensor], folder: str | Path) 
         target_modules=sorted(fed.cfg.target_modules),
         lora_dropout=fed.cfg.dropout,
         use_rslora=fed.cfg.rslora,
-        task_type="SEQ_CLS",
+        task_type="CAUSAL_LM" if fed.causal else "SEQ_CLS",
         modules_to_save=roots or None,
         base_model_name_or_path=str(fed.path),
     )

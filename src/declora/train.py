@@ -3,7 +3,8 @@
 A local step lays every active node's minibatch end to end. The rows are sorted by length and cut into
 micro-batches under a token budget, each padded only to its own longest row: the padding a union batch
 would waste is gone, and the result is the same as one big batch (the loss is a per-row weighted sum,
-weight 1/b_i for node i's rows, so node i's gradient is the gradient of its own mean loss).
+weight 1/b_i for node i's rows, so node i's gradient is the gradient of its own mean loss). What a row's
+loss and metric are is the task's (``declora.tasks``): a classifier head's cross-entropy by default.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from declora.model import Federation
 from declora.optim import NodeAdamW, clip_per_node
 from declora.seeding import numpy_rng
+from declora.tasks import SequenceClassification, Task
+
+CLASSIFY: Task = SequenceClassification(tokenizer=None, max_length=0)  # its losses need no tokenizer
 
 
 class NodeStreams:
@@ -88,7 +91,9 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, mask
 
 
-def accumulate_gradients(fed: Federation, rows: Rows, pad_id: int, tokens_per_chunk: int) -> Tensor:
+def accumulate_gradients(
+    fed: Federation, rows: Rows, pad_id: int, tokens_per_chunk: int, task: Task = CLASSIFY
+) -> Tensor:
     """Forward/backward every row in micro-batches; returns each node's mean loss (n,)."""
     node_loss = torch.zeros(fed.n)
     for chunk in micro_batches([len(x) for x in rows.ids], tokens_per_chunk):
@@ -96,7 +101,7 @@ def accumulate_gradients(fed: Federation, rows: Rows, pad_id: int, tokens_per_ch
         input_ids, mask = pad([rows.ids[k] for k in chunk], pad_id)
         with fed.route(rows.nodes[index]):
             logits = fed(input_ids, mask)
-        losses = F.cross_entropy(logits.float(), rows.labels[index], reduction="none")  # (chunk,)
+        losses = task.row_loss(logits, input_ids, mask, rows.labels[index])  # (chunk,)
         weighted = losses * rows.weights[index]
         weighted.sum().backward()
         node_loss.index_add_(0, rows.nodes[index], weighted.detach())
@@ -116,10 +121,11 @@ class LocalTrainer:
         pad_id: int,
         max_grad_norm: float | None,
         tokens_per_chunk: int,
+        task: Task = CLASSIFY,
     ) -> None:
         self.fed, self.optimizer, self.streams = fed, optimizer, streams
         self.token_ids, self.labels, self.pad_id = token_ids, labels, pad_id
-        self.max_grad_norm, self.tokens_per_chunk = max_grad_norm, tokens_per_chunk
+        self.max_grad_norm, self.tokens_per_chunk, self.task = max_grad_norm, tokens_per_chunk, task
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
@@ -137,7 +143,7 @@ class LocalTrainer:
             p.grad = None
             p.requires_grad_(name in names)
         self.fed.set_training(True)
-        node_loss = accumulate_gradients(self.fed, rows, self.pad_id, self.tokens_per_chunk)
+        node_loss = accumulate_gradients(self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task)
         grads = [params[k].grad for k in names if params[k].grad is not None]
         if self.max_grad_norm is not None and grads:
             clip_per_node(grads, self.max_grad_norm)
@@ -166,30 +172,41 @@ class LocalTrainer:
 
 
 @torch.no_grad()
-def predict(
-    fed: Federation, token_ids: list[list[int]], nodes: Tensor, pad_id: int, tokens_per_chunk: int
+def row_stats(
+    fed: Federation,
+    token_ids: list[list[int]],
+    labels: Tensor,
+    nodes: Tensor,
+    pad_id: int,
+    tokens_per_chunk: int,
+    task: Task = CLASSIFY,
 ) -> Tensor:
-    """Predicted label of every row, row k scored by (possibly overridden) node ``nodes[k]``."""
-    preds = torch.empty(len(token_ids), dtype=torch.long)
+    """The task's (sum, count) of its metric for every row, row k scored by (possibly overridden) node
+    ``nodes[k]``: (rows, 2)."""
+    stats = torch.empty(len(token_ids), 2)
     fed.set_training(False)
     for chunk in micro_batches([len(x) for x in token_ids], tokens_per_chunk):
         index = torch.as_tensor(chunk)
         input_ids, mask = pad([token_ids[k] for k in chunk], pad_id)
         with fed.route(nodes[index]):
-            preds[index] = fed(input_ids, mask).argmax(-1)
-    return preds
+            logits = fed(input_ids, mask)
+        stats[index] = task.row_stats(logits, input_ids, mask, labels[index]).float()
+    return stats
 
 
-def accuracy_per_node(
+def metric_per_node(
     fed: Federation,
     token_ids: list[list[int]],
     labels: np.ndarray,
     nodes: int,
     pad_id: int,
     tokens_per_chunk: int,
+    task: Task = CLASSIFY,
 ) -> Tensor:
-    """Accuracy of each of ``nodes`` stacked models on the same examples, all in one pass: (nodes,)."""
+    """The metric (accuracy, perplexity) of each of ``nodes`` stacked models on the same examples, all in
+    one pass: (nodes,)."""
     m = len(token_ids)
     rows = torch.arange(nodes).repeat_interleave(m)
-    preds = predict(fed, token_ids * nodes, rows, pad_id, tokens_per_chunk).view(nodes, m)
-    return (preds == torch.as_tensor(labels).view(1, m)).float().mean(1)
+    y = torch.as_tensor(labels).repeat(nodes)
+    stats = row_stats(fed, token_ids * nodes, y, rows, pad_id, tokens_per_chunk, task)
+    return task.finalize(stats.view(nodes, m, 2).sum(1))

@@ -1,0 +1,197 @@
+"""What a model learns from a row of tokens: how the row is encoded, its loss, and its metric.
+
+- ``sequence_classification``: an encoder with a per-node classifier head; logits (rows, K); cross-entropy;
+  accuracy.
+- ``label_words``: classification as generation with a causal LM. A training row is the prompt (the
+  template around the text) followed by the label word's tokens; the loss is the next-token cross-entropy
+  on the label word's tokens only, the prompt masked out. A test row is the prompt alone, and its
+  prediction is the label whose word's first token has the largest logit after the prompt.
+- ``causal_lm``: plain language modelling; the loss is the next-token cross-entropy on every token, and
+  the metric perplexity exp(total NLL / total predicted tokens) over the test rows.
+
+Rows are right-padded (real tokens first), so a row's last real token sits at ``mask.sum() - 1``. The
+metric of a set of rows is ``finalize`` of the column sums of ``row_stats`` (rows, 2), so per-node,
+per-chunk and per-process sums all give the same number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from declora.config import TaskConfig
+from declora.data import tokenize
+
+IGNORE = -100  # target of a position that contributes no loss (the transformers convention)
+
+
+class Task(Protocol):
+    metric: str  # "acc" | "ppl": the prefix of the evaluation keys
+    causal: bool  # True: the base is a causal LM (AutoModelForCausalLM), with no classifier head
+
+    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]: ...
+
+    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """(rows,) each row's mean loss (what training minimises)."""
+        ...
+
+    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        """(rows, 2): each row's (sum, count) of the metric."""
+        ...
+
+    def finalize(self, totals: Tensor) -> Tensor:
+        """(..., 2) summed stats -> (...) metric values."""
+        ...
+
+
+# ---------------------------------------------------------------- maths on logits
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token NLL of ``targets`` (rows, seq; IGNORE = no loss) under ``logits`` (rows, seq, V).
+
+    Position p's logits predict token p + 1. Returns each row's summed NLL and its number of targets.
+    """
+    shifted = targets[:, 1:]  # (rows, seq - 1)
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
+    )  # (rows, seq - 1), 0 where ignored
+    return nll.sum(1), (shifted != IGNORE).sum(1)
+
+
+def answer_targets(input_ids: Tensor, mask: Tensor, answer_len: Tensor) -> Tensor:
+    """Targets (rows, seq) keeping only each row's last ``answer_len`` real tokens (the label word)."""
+    pos = torch.arange(input_ids.shape[1]).unsqueeze(0)  # (1, seq)
+    length = mask.sum(1, keepdim=True)  # (rows, 1)
+    keep = (pos >= length - answer_len.unsqueeze(1)) & (pos < length)
+    return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE))
+
+
+def last_logits(logits: Tensor, mask: Tensor) -> Tensor:
+    """(rows, V): the logits at each row's last real token (what follows the prompt)."""
+    return logits[torch.arange(logits.shape[0]), mask.sum(1) - 1]
+
+
+def _ratio(totals: Tensor) -> Tensor:
+    return totals[..., 0] / totals[..., 1].clamp(min=1)
+
+
+# ---------------------------------------------------------------- the tasks
+
+
+class SequenceClassification:
+    metric, causal = "acc", False
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+        return tokenize(texts, self.tokenizer, self.max_length)
+
+    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        correct = (logits.argmax(-1) == labels).float()
+        return torch.stack([correct, torch.ones_like(correct)], 1)
+
+    def finalize(self, totals: Tensor) -> Tensor:
+        return _ratio(totals)
+
+
+class LabelWords:
+    """Classification as generation: ``template`` with the text, then the label word (see the module)."""
+
+    metric, causal = "acc", True
+
+    def __init__(self, tokenizer: Any, max_length: int, template: str, words: Sequence[str]) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.prefix, self.suffix = template.split("{text}", 1)
+        self.tail = tokenizer(self.suffix, add_special_tokens=False)["input_ids"]
+        self.answers = [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
+        firsts = [a[0] if a else None for a in self.answers]
+        if None in firsts or len(set(firsts)) != len(firsts):
+            raise ValueError(
+                f"task.label_words={list(words)} must each start with a different token (first tokens: "
+                f"{firsts}): accuracy compares the first token's logits"
+            )
+        self.first_ids = torch.tensor(firsts)  # (K,)
+        # Train and test prompts get the same budget, so a test prompt is exactly its training prefix.
+        self.budget = max_length - len(self.tail) - max(len(a) for a in self.answers)
+        if self.budget < 2:
+            raise ValueError(
+                f"model.max_length={max_length} leaves no room for the text: the template's end and the "
+                f"longest label word take {max_length - self.budget} tokens"
+            )
+
+    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+        # prefix + text in one call (the tokenizer may add BOS), truncated; the template's end follows.
+        heads = self.tokenizer([self.prefix + t for t in texts])["input_ids"]
+        prompts = [list(h[: self.budget]) + self.tail for h in heads]
+        if not train:
+            return prompts
+        return [p + self.answers[int(y)] for p, y in zip(prompts, labels, strict=True)]
+
+    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        answer_len = torch.tensor([len(self.answers[int(y)]) for y in labels])
+        total, count = token_nll(logits, answer_targets(input_ids, mask, answer_len))
+        return total / count.clamp(min=1)
+
+    def scores(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """(rows, K): each label word's first-token logit after the prompt."""
+        return last_logits(logits, mask)[:, self.first_ids.to(logits.device)]
+
+    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        correct = (self.scores(logits, mask).argmax(-1) == labels).float()
+        return torch.stack([correct, torch.ones_like(correct)], 1)
+
+    def finalize(self, totals: Tensor) -> Tensor:
+        return _ratio(totals)
+
+
+class CausalLM:
+    metric, causal = "ppl", True
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+        return tokenize(texts, self.tokenizer, self.max_length)
+
+    def _nll(self, logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return token_nll(logits, torch.where(mask.bool(), input_ids, torch.full_like(input_ids, IGNORE)))
+
+    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        total, count = self._nll(logits, input_ids, mask)
+        return total / count.clamp(min=1)
+
+    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        return torch.stack([t.to(torch.float32) for t in self._nll(logits, input_ids, mask)], 1)
+
+    def finalize(self, totals: Tensor) -> Tensor:
+        return torch.exp(_ratio(totals))
+
+
+def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Sequence[str]) -> Task:
+    if cfg.kind == "sequence_classification":
+        return SequenceClassification(tokenizer, max_length)
+    if cfg.kind == "causal_lm":
+        return CausalLM(tokenizer, max_length)
+    if cfg.kind == "label_words":
+        words = cfg.label_words or tuple(f" {name}" for name in label_names)
+        if len(words) != len(label_names):
+            raise ValueError(
+                f"task.label_words has {len(words)} words {list(words)}; the data has {len(label_names)} "
+                f"labels {list(label_names)} (one word each, in that order)"
+            )
+        return LabelWords(tokenizer, max_length, cfg.template, words)
+    raise ValueError(
+        f"task.kind={cfg.kind!r} is not known; choose one of sequence_classification, label_words, causal_lm"
+    )
+
+
+CAUSAL_KINDS = ("label_words", "causal_lm")

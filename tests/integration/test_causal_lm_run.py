@@ -1,0 +1,148 @@
+"""Causal LMs through the normal engine and CLI, on the tiny random LLaMA (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from declora import engine
+from declora.algorithms import ALGORITHMS
+from declora.cli import main
+from declora.config import load_config
+from declora.experiment import build_experiment
+from declora.model import averaged_factors
+from declora.train import pad
+
+pytestmark = pytest.mark.integration
+WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad"]
+LABEL_WORDS = "task.label_words=[' negative',' positive']"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    rows = [{"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 6)), "label": i % 2} for i in range(40)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny(tiny_llama, reviews, tmp_path, *extra):
+    return build_experiment(
+        load_config(
+            None,
+            [
+                f"model.name={tiny_llama}",
+                "model.target_modules=[q_proj,v_proj]",
+                "model.head=none",
+                "model.rank=2",
+                "model.max_length=24",
+                "task.kind=label_words",
+                "task.template='Review: {text}\nSentiment:'",
+                LABEL_WORDS,
+                f"data.dataset={reviews}",
+                "nodes=4",
+                "rounds=2",
+                "train.batch_size=4",
+                "train.local_steps=1",
+                "train.lr=0.01",
+                "eval.every=2",
+                "eval.node_examples=8",
+                "checkpoint_every=2",
+                "export=consensus",
+                "algorithm.switch_interval=1",
+                "threads=1",
+                f"run_dir={tmp_path / 'run'}",
+                *extra,
+            ],
+        )
+    )
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_algorithm_runs_on_a_causal_lm(name, tiny_llama, reviews, tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)  # the report has its own tests
+    exp = tiny(tiny_llama, reviews, tmp_path, f"algorithm.name={name}")
+    assert not exp.fed.heads and exp.fed.causal
+    records = engine.run(exp)
+    assert len(records) == 2 and all(math.isfinite(r["train_loss"]) for r in records)
+    for key in ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "consensus_BA"):
+        assert math.isfinite(records[-1][key]), key
+    config = json.loads((exp.run_dir / "adapters" / "consensus" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM"
+
+
+def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tmp_path, monkeypatch):
+    """AutoModelForCausalLM + PeftModel.from_pretrained on the consensus folder: the same label-word
+    logits, predictions and accuracy as declora's averaged-factor evaluation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+    exp = tiny(tiny_llama, reviews, tmp_path, "algorithm.name=dec_lora", "train.local_steps=3")
+    record = engine.run(exp)[-1]
+    data = exp.consensus_eval
+    input_ids, mask = pad(data.token_ids, pad_id=0)
+    stacked = averaged_factors({k: v.detach() for k, v in exp.fed.tensors().items()})
+    with (
+        torch.no_grad(),
+        exp.fed.override(stacked),
+        exp.fed.route(torch.zeros(len(input_ids), dtype=torch.long)),
+    ):
+        ours = exp.task.scores(exp.fed(input_ids, mask), mask)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(exp.run_dir / "adapters" / "consensus")).eval()
+    with torch.no_grad():
+        theirs = exp.task.scores(model(input_ids=input_ids, attention_mask=mask).logits, mask)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    preds = theirs.argmax(-1)
+    assert torch.equal(preds, ours.argmax(-1))
+    accuracy = float((preds == torch.as_tensor(data.labels)).float().mean())
+    assert accuracy == pytest.approx(record["acc_avg_factors"], abs=1e-6)
+
+
+def test_cli_language_modelling_on_a_text_file_resumes(tiny_llama, tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n".join(f"The {w} cat sat on the {v} mat." for w in WORDS for v in WORDS[:3]))
+    run_dir = tmp_path / "lm"
+    args = [
+        f"model.name={tiny_llama}",
+        "model.target_modules=[q_proj,v_proj]",
+        "model.head=none",
+        "model.rank=2",
+        "model.max_length=16",
+        "task.kind=causal_lm",
+        "partition.kind=iid",
+        "eval.headline=ppl_avg_factors",
+        f"data.dataset={text}",
+        "nodes=2",
+        "rounds=2",
+        "train.batch_size=4",
+        "train.local_steps=2",
+        "train.lr=0.01",
+        "eval.every=1",
+        "eval.node_examples=4",
+        "checkpoint_every=1",
+        "threads=1",
+        f"run_dir={run_dir}",
+    ]
+    assert main(["run", *args]) == 0
+    assert main(["run", "--resume", str(run_dir), "rounds=3"]) == 0
+    out = capsys.readouterr().out
+    assert "ppl_avg_factors *" in out and "headline (ppl_avg_factors): final" in out
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["round"] for r in evals] == [1, 2, 3]
+    for key in ("ppl_node_mean", "ppl_avg_factors", "ppl_avg_product"):
+        assert all(1.0 < r[key] < 1e6 for r in evals), key
+    assert evals[-1]["ppl_avg_factors"] < evals[0]["ppl_avg_factors"]  # the tiny model learns the text
+    assert (run_dir / "curves.png").is_file() and (run_dir / "adapters" / "node_001").is_dir()

@@ -33,3 +33,16 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The fidelity suite (not in CI): six compare grids, configs/fidelity/C*.yaml, about 35 min on an idle
+# 2-core CPU; run folders under runs/fidelity/, then tables and figures into docs/results.md.
+FIDELITY_GRIDS := $(sort $(wildcard configs/fidelity/C*.yaml))
+.PHONY: fidelity
+fidelity: install
+	@mkdir -p runs/fidelity
+	@echo "start $$(date -Is) $$(uptime)" >> runs/fidelity/times.log
+	@for g in $(FIDELITY_GRIDS); do s=$$(date +%s); \
+	  $(VENV)/bin/declora compare $$g || exit 1; \
+	  echo "grid $$(basename $$g .yaml) $$(( $$(date +%s) - s ))" >> runs/fidelity/times.log; done
+	@echo "end $$(date -Is) $$(uptime)" >> runs/fidelity/times.log
+	$(PY) benchmarks/fidelity.py runs/fidelity

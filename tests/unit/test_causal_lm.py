@@ -198,3 +198,17 @@ def test_smollm2_loads_from_its_gguf_as_a_llama():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(prompt)).logits
     assert torch.isfinite(logits).all() and logits.shape == (1, len(prompt[0]), 49152)
+
+
+def test_report_takes_the_lowest_perplexity_as_best():
+    from declora.report import format_table, summarize
+
+    records = [
+        {"event": "eval", "round": r, "ppl_avg_factors": p, "ppl_node_mean": p + 1, "ppl_node_std": 0.5}
+        for r, p in ((1, 30.0), (2, 12.5), (3, 14.0))
+    ]
+    summary = summarize(records, headline="ppl_avg_factors")
+    entry = summary["accuracy"]["ppl_avg_factors"]
+    assert (entry["best"], entry["best_round"], entry["final"]) == (12.5, 2, 14.0)
+    assert summary["accuracy"]["ppl_node_mean"]["final_std"] == 0.5
+    assert "headline (ppl_avg_factors): final 14.00, best 12.50 at round 2" in format_table(summary)

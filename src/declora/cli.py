@@ -202,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="table and plot from existing run folders")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="runs/report", help="where the comparison of several runs goes")
-    p.add_argument("--metric", default="acc_avg_factors", help="accuracy key the comparison ranks")
-    p.add_argument("--target", type=float, default=None, help="accuracy whose bytes-to-reach is reported")
+    p.add_argument("--metric", default="acc_avg_factors", help="key to rank (ppl_*: lowest is best)")
+    p.add_argument("--target", type=float, default=None, help="metric value whose bytes-to-reach is reported")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
         "compare", help="run a grid of experiments and compare them: declora compare GRID.yaml"

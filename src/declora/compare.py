@@ -12,6 +12,9 @@ A grid file names a base config, fixed overrides, the axes to sweep and the seed
     metric: acc_avg_factors        # the accuracy the table ranks
     target_accuracy: 0.6           # bytes needed to first reach it
 
+A perplexity metric (``ppl_*``, task.kind=causal_lm) ranks the other way: best is the lowest, and
+``target_accuracy`` is then a perplexity to get down to (first evaluation with metric <= target).
+
 Cells already finished are skipped and half-finished ones resume, so a stopped grid continues.
 """
 
@@ -32,7 +35,7 @@ import numpy as np
 import yaml
 
 from declora.config import ConfigError, load_config
-from declora.report import read_metrics
+from declora.report import best_final, display_scale, lower_is_better, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +139,22 @@ def run_grid(grid: Grid, on_cell: Any = None) -> list[Cell]:
 # ---------------------------------------------------------------- the table
 
 
+def reaches(metric: str, value: float, target: float) -> bool:
+    """Whether ``value`` of ``metric`` is at the target or better (a perplexity at or below it)."""
+    return value <= target if lower_is_better(metric) else value >= target
+
+
 def run_summary(records: list[dict[str, Any]], metric: str, target: float | None) -> dict[str, float]:
+    """Best (highest accuracy, lowest perplexity), final, bytes sent, bytes at the first evaluation that
+    reached the target (NaN if none did) and wall time of one run's evaluations of ``metric``."""
     evals = [r for r in records if r.get("event") == "eval" and r.get(metric) is not None]
     if not evals:
         return {}
-    values = [r[metric] for r in evals]
-    reached = next((r["bytes_total"] for r in evals if target is not None and r[metric] >= target), math.nan)
+    hits = [r["bytes_total"] for r in evals if target is not None and reaches(metric, r[metric], target)]
+    reached = hits[0] if hits else math.nan
     return {
-        "best": max(values),
-        "final": values[-1],
+        "best": best_final(evals, metric)["best"],
+        "final": evals[-1][metric],
         "bytes_total": evals[-1]["bytes_total"],
         "bytes_to_target": reached,
         "wall_s": evals[-1]["wall_s"],
@@ -174,15 +184,22 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
 
 
 def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | None) -> str:
-    def acc(r: dict[str, Any], k: str) -> str:
-        return f"{100 * r[k]:.2f} ± {100 * r[k + '_std']:.2f}"
+    k = display_scale(metric)  # accuracies in %, perplexities as they are
+
+    def acc(r: dict[str, Any], key: str) -> str:
+        return f"{k * r[key]:.2f} ± {k * r[key + '_std']:.2f}"
 
     def mb(x: float) -> str:
         return "not reached" if math.isnan(x) else f"{x / 1e6:.2f}"
 
-    target_txt = f"{100 * target:.1f}%" if target is not None else "n/a"
+    if lower_is_better(metric):
+        what = f"Perplexity: {metric}, best = lowest"
+        target_txt = f"{target:.2f} (first evaluation at or below it)" if target is not None else "n/a"
+    else:
+        what = f"Accuracy: {metric} in %"
+        target_txt = f"{100 * target:.1f}%" if target is not None else "n/a"
     lines = [
-        f"Accuracy: {metric} in % (mean ± std over runs); MB = 1e6 bytes; target {target_txt}.",
+        f"{what} (mean ± std over runs); MB = 1e6 bytes; target {target_txt}.",
         "",
         "| method | runs | best | final | MB sent | MB to target | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|",

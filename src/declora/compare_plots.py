@@ -1,4 +1,6 @@
-"""Figures of a comparison: accuracy vs round, accuracy vs bytes, consensus distance vs round.
+"""Figures of a comparison: metric vs round, metric vs bytes, consensus distance vs round.
+
+The metric is an accuracy (plotted in %) or, for ``ppl_*`` keys, a perplexity (plotted as it is).
 
 One line per method, the mean over its runs (seeds) at each evaluated round.
 """
@@ -11,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from declora.report import read_metrics
+from declora.report import display_scale, lower_is_better, read_metrics
 
 
 def _curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
@@ -37,17 +39,18 @@ def plot_comparison(runs: dict[str, list[Path]], path: Path, metric: str) -> Non
     fig = Figure(figsize=(15, 4.5))
     FigureCanvasAgg(fig)
     ax_round, ax_bytes, ax_cons = fig.subplots(1, 3)
+    k, label = display_scale(metric), "perplexity" if lower_is_better(metric) else "accuracy (%)"
     for method, dirs in runs.items():
         c = _curves(dirs, metric)
         if not len(c["round"]):
             continue
-        ax_round.plot(c["round"], 100 * c["acc"], marker="o", label=method)
-        ax_bytes.plot(c["bytes"] / 1e6, 100 * c["acc"], marker="o", label=method)
+        ax_round.plot(c["round"], k * c["acc"], marker="o", label=method)
+        ax_bytes.plot(c["bytes"] / 1e6, k * c["acc"], marker="o", label=method)
         positive = c["consensus"] > 0
         if positive.any():
             ax_cons.plot(c["round"][positive], c["consensus"][positive], marker="o", label=method)
-    ax_round.set(title=f"{metric} vs round", xlabel="round", ylabel="accuracy (%)")
-    ax_bytes.set(title=f"{metric} vs bytes sent", xlabel="MB sent (all nodes)", ylabel="accuracy (%)")
+    ax_round.set(title=f"{metric} vs round", xlabel="round", ylabel=label)
+    ax_bytes.set(title=f"{metric} vs bytes sent", xlabel="MB sent (all nodes)", ylabel=label)
     ax_cons.set(title="product consensus distance", xlabel="round", ylabel="consensus_BA", yscale="log")
     for ax in (ax_round, ax_bytes, ax_cons):
         ax.grid(alpha=0.3)

@@ -36,6 +36,16 @@ SPREAD_KEYS = frozenset(f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std",
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 
 
+def lower_is_better(key: str) -> bool:
+    """Whether a metric improves as it falls: perplexities (``ppl_*``) do, accuracies rise."""
+    return key.startswith(LOWER_IS_BETTER)
+
+
+def display_scale(key: str) -> int:
+    """The factor a metric is shown with: 100 for an accuracy (in %), 1 for a perplexity."""
+    return 1 if lower_is_better(key) else 100
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl, in order. A line that does not parse (a run killed mid-write) is
     skipped with a warning rather than losing the whole report."""
@@ -75,13 +85,13 @@ def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
     return [k for k in ACCURACY_KEYS if k in seen] + sorted(seen - set(ACCURACY_KEYS))
 
 
-def _best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
+def best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Final and best (earliest round on ties, NaN never best) of one metric key over the evaluations:
     the highest accuracy, or the lowest perplexity."""
     points = [(r, _number(r, key)) for r in evals if _number(r, key) is not None]
     final_rec, final = points[-1]
     finite = [(r, v) for r, v in points if math.isfinite(v)]
-    better = min if key.startswith(LOWER_IS_BETTER) else max
+    better = min if lower_is_better(key) else max
     best_rec, best = better(finite, key=lambda p: p[1]) if finite else (final_rec, final)
     entry = {
         "final": final,
@@ -129,7 +139,7 @@ def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dic
     return {
         "rounds": int(max(rounds)) if rounds else None,
         "evals": len(evals),
-        "accuracy": {k: _best_final(evals, k) for k in _accuracy_keys(evals)},
+        "accuracy": {k: best_final(evals, k) for k in _accuracy_keys(evals)},
         "final": {k: final[k] for k in FINAL_KEYS},
         "peak_mem_mb": max(mems) if mems else None,
         "headline": headline if headline is not None else _config_headline(records),
@@ -140,7 +150,7 @@ def _pct(value: float | None, std: float | None = None, key: str = "acc_") -> st
     """An accuracy in % (a perplexity, for ``ppl_*`` keys, as it is)."""
     if value is None:
         return "-"
-    k = 1 if key.startswith(LOWER_IS_BETTER) else 100
+    k = display_scale(key)
     return f"{k * value:.2f}" + ("" if std is None else f" ± {k * std:.2f}")
 
 
@@ -185,7 +195,7 @@ def headline_line(summary: dict[str, Any], headline: str | None = None) -> str |
     if e is None:
         return f"headline ({key}): not logged by this run"
     final, best = _pct(e["final"], e.get("final_std"), key), _pct(e["best"], e.get("best_std"), key)
-    unit = "" if key.startswith(LOWER_IS_BETTER) else "%"
+    unit = "" if lower_is_better(key) else "%"
     return f"headline ({key}): final {final}{unit}, best {best}{unit} at round {_round(e['best_round'])}"
 
 
@@ -246,7 +256,7 @@ def _shade_std(ax: Any, evals: list[dict[str, Any]], key: str, color: str) -> No
 
 def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
     keys = _accuracy_keys(evals)
-    if keys and all(k.startswith(LOWER_IS_BETTER) for k in keys):  # a causal LM run: perplexity
+    if keys and all(lower_is_better(k) for k in keys):  # a causal LM run: perplexity
         for key in keys:
             ax.plot(*_series(evals, key), marker="o", markersize=3, label=key)
         ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")

@@ -94,7 +94,7 @@ def test_finished_cells_are_skipped_and_half_finished_resume(tmp_path, tiny_bert
     assert rounds == [0, 0, 1, 2]  # start, partition, then each round exactly once
 
 
-def _fake_run(folder, accs, bytes_per_round, wall):
+def _fake_run(folder, accs, bytes_per_round, wall, key="acc_avg_factors"):
     folder.mkdir(parents=True)
     lines = [{"event": "start", "round": 0}]
     for t, acc in enumerate(accs, 1):
@@ -102,7 +102,7 @@ def _fake_run(folder, accs, bytes_per_round, wall):
             {
                 "event": "eval",
                 "round": t,
-                "acc_avg_factors": acc,
+                key: acc,
                 "bytes_total": t * bytes_per_round,
                 "wall_s": wall * t,
                 "consensus_BA": 1.0 / t,
@@ -125,6 +125,25 @@ def test_table_numbers_equal_a_hand_computation(tmp_path):
     assert row["wall_s"] == pytest.approx((6.0 + 9.0) / 2)
     never = comparison_rows({"m": [a]}, "acc_avg_factors", target=0.99)[0]
     assert math.isnan(never["bytes_to_target"])
+
+
+def test_perplexity_table_numbers_equal_a_hand_computation(tmp_path):
+    # Lower is better: best is each run's lowest, the target is reached at the first value <= it.
+    a = _fake_run(tmp_path / "a", [30.0, 12.0, 15.0], 1_000_000, 2.0, key="ppl_avg_factors")
+    b = _fake_run(tmp_path / "b", [25.0, 20.0, 10.0], 2_000_000, 3.0, key="ppl_avg_factors")
+    row = comparison_rows({"m": [a, b]}, "ppl_avg_factors", target=20.0)[0]
+    assert row["runs"] == 2
+    assert row["best"] == pytest.approx((12.0 + 10.0) / 2) and row["best_std"] == pytest.approx(1.0)
+    assert row["final"] == pytest.approx((15.0 + 10.0) / 2) and row["final_std"] == pytest.approx(2.5)
+    assert row["bytes_total"] == pytest.approx((3e6 + 6e6) / 2)
+    assert row["bytes_to_target"] == pytest.approx((2e6 + 4e6) / 2)  # a: 12 <= 20 at round 2, b: 20 at 2
+    assert row["wall_s"] == pytest.approx((6.0 + 9.0) / 2)
+    early = comparison_rows({"m": [a]}, "ppl_avg_factors", target=30.0)[0]
+    assert early["bytes_to_target"] == pytest.approx(1e6)  # at the target counts (<=), round 1
+    assert math.isnan(comparison_rows({"m": [a]}, "ppl_avg_factors", target=5.0)[0]["bytes_to_target"])
+    table = write_comparison({"m": [a, b]}, tmp_path / "out", "ppl_avg_factors", 20.0)
+    assert table.startswith("Perplexity: ppl_avg_factors, best = lowest")
+    assert "| m | 2 | 11.00 ± 1.00 | 12.50 ± 2.50 | 4.50 | 3.00 |" in table  # as they are, not in %
 
 
 def test_comparison_files_are_written(tmp_path):

@@ -71,16 +71,26 @@ def grid_table(runs: dict[str, list[Path]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def grid_times(log: Path) -> dict[str, int]:
-    """Seconds per grid from the latest `make fidelity` (lines ``grid NAME SECONDS``)."""
+def grid_times(log: Path) -> tuple[dict[str, int], list[str]]:
+    """Seconds per grid and the start/end lines (date, uptime) of the latest `make fidelity`."""
     times: dict[str, int] = {}
+    marks: list[str] = []
     for line in log.read_text().splitlines() if log.is_file() else []:
         if line.startswith("start"):
-            times = {}
+            times, marks = {}, [line]
+        elif line.startswith("end"):
+            marks.append(line)
         elif line.startswith("grid "):
             _, name, secs = line.split()
             times[name] = int(secs)
-    return times
+    return times, marks
+
+
+def summary(times: dict[str, int], marks: list[str], runs: dict[str, int]) -> str:
+    lines = ["| grid | runs | wall time (min) |", "|---|---:|---:|"]
+    lines += [f"| `{name}` | {runs.get(name, 0)} | {secs / 60:.1f} |" for name, secs in times.items()]
+    lines.append(f"| **whole suite** | {sum(runs.values())} | **{sum(times.values()) / 60:.1f}** |")
+    return "\n".join([*lines, "", *(f"`{m}`  " for m in marks)])
 
 
 def small_figure(runs: dict[str, list[Path]], metric: str, path: Path) -> None:
@@ -91,9 +101,18 @@ def small_figure(runs: dict[str, list[Path]], metric: str, path: Path) -> None:
     img.quantize(colors=64).save(path, optimize=True)
 
 
+def replace_block(text: str, name: str, block: str) -> str:
+    begin, end = f"<!-- fidelity:{name}:begin -->", f"<!-- fidelity:{name}:end -->"
+    if begin not in text:
+        text += f"\n## {name}\n\n{begin}\n{end}\n"
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return f"{text[:start]}\n{block}\n{text[stop:]}"
+
+
 def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")) -> None:
     text = doc.read_text() if doc.is_file() else "# Fidelity suite\n"
-    times = grid_times(root / "times.log")
+    times, marks = grid_times(root / "times.log")
+    counts: dict[str, int] = {}
     for grid_file in sorted(Path("configs/fidelity").glob("C*.yaml")):
         claim = grid_file.stem.split("_")[0]
         grid = load_grid(grid_file)
@@ -107,6 +126,7 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
         figure = Path("docs/figures/fidelity") / f"{claim}.png"
         small_figure(runs, grid.metric, figure)
         secs = times.get(grid_file.stem)
+        counts[grid_file.stem] = sum(map(len, runs.values()))
         block = "\n".join(
             [
                 f"`declora compare {grid_file}`: {sum(map(len, runs.values()))} runs, "
@@ -118,11 +138,8 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
                 f"![{claim}](figures/fidelity/{claim}.png)",
             ]
         )
-        begin, end = f"<!-- fidelity:{claim}:begin -->", f"<!-- fidelity:{claim}:end -->"
-        if begin not in text:
-            text += f"\n## {claim}\n\n{begin}\n{end}\n"
-        start, stop = text.index(begin) + len(begin), text.index(end)
-        text = f"{text[:start]}\n{block}\n{text[stop:]}"
+        text = replace_block(text, claim, block)
+    text = replace_block(text, "summary", summary(times, marks, counts))
     doc.write_text(text)
     print(f"wrote {doc} and docs/figures/fidelity/")
 

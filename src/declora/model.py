@@ -9,6 +9,7 @@ LLaMA-family model: it has no per-node head (its LM head stays frozen and shared
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -49,6 +50,8 @@ class Federation(nn.Module):
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
+        # Most transformers causal LMs apply their LM head only at ``logits_to_keep`` positions.
+        self.keeps_logits = causal and "logits_to_keep" in inspect.signature(model.forward).parameters
         self.lora, self.heads = lora, heads
         self.scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
         self.rank_mask = RankMask()  # per-node rank gates (n, r), one object shared by every layer
@@ -102,10 +105,18 @@ class Federation(nn.Module):
             for module in [*self.lora.values(), *self.heads.values()]:
                 module.override = None
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.causal:  # no generation here: a KV cache would only cost memory
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Logits: (rows, K) of the heads, or a causal LM's (rows, seq, V), or (rows, P, V) at the sorted
+        ``positions`` (P,) only: the LM head then projects just those (``Task.positions``)."""
+        if not self.causal:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # No generation here: a KV cache would only cost memory.
+        if positions is not None and self.keeps_logits:
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=positions
+            ).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return logits if positions is None else logits[:, positions]
 
 
 # ---------------------------------------------------------------- building

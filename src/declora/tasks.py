@@ -12,6 +12,11 @@
 Rows are right-padded (real tokens first), so a row's last real token sits at ``mask.sum() - 1``. The
 metric of a set of rows is ``finalize`` of the column sums of ``row_stats`` (rows, 2), so per-node,
 per-chunk and per-process sums all give the same number.
+
+A task may read the logits at a few positions only (``positions``: label words read the answer's
+positions in training and the prompt's last one in evaluation); the model then projects just those onto
+the vocabulary, and ``row_loss`` / ``row_stats`` get logits (rows, P, V) at those P positions. The numbers
+are the same as from full logits.
 """
 
 from __future__ import annotations
@@ -35,12 +40,21 @@ class Task(Protocol):
 
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]: ...
 
-    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-        """(rows,) each row's mean loss (what training minimises)."""
+    def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
+        """Sorted positions (P,), the same for every row, whose logits ``row_loss`` (``train``) or
+        ``row_stats`` read; None: every position (or a classifier's (rows, K) logits)."""
         ...
 
-    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-        """(rows, 2): each row's (sum, count) of the metric."""
+    def row_loss(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        """(rows,) each row's mean loss (what training minimises); ``logits`` at ``positions`` if given."""
+        ...
+
+    def row_stats(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        """(rows, 2): each row's (sum, count) of the metric; ``logits`` at ``positions`` if given."""
         ...
 
     def finalize(self, totals: Tensor) -> Tensor:
@@ -51,29 +65,42 @@ class Task(Protocol):
 # ---------------------------------------------------------------- maths on logits
 
 
-def token_nll(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Next-token NLL of ``targets`` (rows, seq; IGNORE = no loss) under ``logits`` (rows, seq, V).
+def token_nll(logits: Tensor, targets: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Next-token NLL of ``targets`` (rows, seq; IGNORE = no loss) under ``logits`` (rows, seq, V), or
+    (rows, P, V) at ``positions`` (P,), each below seq - 1, that cover every target's predecessor.
 
     Position p's logits predict token p + 1. Returns each row's summed NLL and its number of targets.
     """
-    shifted = targets[:, 1:]  # (rows, seq - 1)
+    if positions is None:
+        logits, shifted = logits[:, :-1], targets[:, 1:]  # (rows, seq - 1)
+    else:
+        shifted = targets[:, positions + 1]  # (rows, P)
     nll = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
-    )  # (rows, seq - 1), 0 where ignored
+        logits.float().transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none"
+    )  # (rows, seq - 1 or P), 0 where ignored
     return nll.sum(1), (shifted != IGNORE).sum(1)
+
+
+def answer_span(mask: Tensor, answer_len: Tensor, shift: int = 0) -> Tensor:
+    """(rows, seq) True at each row's last ``answer_len`` real tokens (the label word), moved ``shift``."""
+    pos = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # (1, seq)
+    length = mask.sum(1, keepdim=True) + shift  # (rows, 1)
+    return (pos >= length - answer_len.unsqueeze(1)) & (pos < length)
 
 
 def answer_targets(input_ids: Tensor, mask: Tensor, answer_len: Tensor) -> Tensor:
     """Targets (rows, seq) keeping only each row's last ``answer_len`` real tokens (the label word)."""
-    pos = torch.arange(input_ids.shape[1]).unsqueeze(0)  # (1, seq)
-    length = mask.sum(1, keepdim=True)  # (rows, 1)
-    keep = (pos >= length - answer_len.unsqueeze(1)) & (pos < length)
+    keep = answer_span(mask, answer_len.to(mask.device))
     return torch.where(keep, input_ids, torch.full_like(input_ids, IGNORE))
 
 
-def last_logits(logits: Tensor, mask: Tensor) -> Tensor:
-    """(rows, V): the logits at each row's last real token (what follows the prompt)."""
-    return logits[torch.arange(logits.shape[0]), mask.sum(1) - 1]
+def last_logits(logits: Tensor, mask: Tensor, positions: Tensor | None = None) -> Tensor:
+    """(rows, V): the logits at each row's last real token (what follows the prompt); ``logits`` at
+    ``positions`` (which hold every row's last token) if given."""
+    last = mask.sum(1) - 1  # (rows,)
+    if positions is not None:
+        last = torch.searchsorted(positions, last)  # where it sits among the kept positions
+    return logits[torch.arange(logits.shape[0]), last]
 
 
 def _ratio(totals: Tensor) -> Tensor:
@@ -92,10 +119,17 @@ class SequenceClassification:
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
         return tokenize(texts, self.tokenizer, self.max_length)
 
-    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
+        return None  # the head's logits are (rows, K) already
+
+    def row_loss(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
         return F.cross_entropy(logits.float(), labels, reduction="none")
 
-    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    def row_stats(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
         correct = (logits.argmax(-1) == labels).float()
         return torch.stack([correct, torch.ones_like(correct)], 1)
 
@@ -136,17 +170,32 @@ class LabelWords:
             return prompts
         return [p + self.answers[int(y)] for p, y in zip(prompts, labels, strict=True)]
 
-    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-        answer_len = torch.tensor([len(self.answers[int(y)]) for y in labels])
-        total, count = token_nll(logits, answer_targets(input_ids, mask, answer_len))
+    def _answer_len(self, labels: Tensor) -> Tensor:
+        return torch.tensor([len(self.answers[int(y)]) for y in labels])
+
+    def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
+        """Training: the positions that predict some row's answer tokens (one before each); evaluation:
+        every row's last prompt token."""
+        if not train:
+            return torch.unique(mask.sum(1) - 1)  # sorted
+        needed = answer_span(mask, self._answer_len(labels).to(mask.device), shift=-1)  # (rows, seq)
+        return torch.nonzero(needed.any(0)).flatten()
+
+    def row_loss(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        targets = answer_targets(input_ids, mask, self._answer_len(labels))
+        total, count = token_nll(logits, targets, positions)
         return total / count.clamp(min=1)
 
-    def scores(self, logits: Tensor, mask: Tensor) -> Tensor:
+    def scores(self, logits: Tensor, mask: Tensor, positions: Tensor | None = None) -> Tensor:
         """(rows, K): each label word's first-token logit after the prompt."""
-        return last_logits(logits, mask)[:, self.first_ids.to(logits.device)]
+        return last_logits(logits, mask, positions)[:, self.first_ids.to(logits.device)]
 
-    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-        correct = (self.scores(logits, mask).argmax(-1) == labels).float()
+    def row_stats(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        correct = (self.scores(logits, mask, positions).argmax(-1) == labels).float()
         return torch.stack([correct, torch.ones_like(correct)], 1)
 
     def finalize(self, totals: Tensor) -> Tensor:
@@ -162,14 +211,21 @@ class CausalLM:
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
         return tokenize(texts, self.tokenizer, self.max_length)
 
+    def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
+        return None  # every token is predicted
+
     def _nll(self, logits: Tensor, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return token_nll(logits, torch.where(mask.bool(), input_ids, torch.full_like(input_ids, IGNORE)))
 
-    def row_loss(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    def row_loss(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
         total, count = self._nll(logits, input_ids, mask)
         return total / count.clamp(min=1)
 
-    def row_stats(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    def row_stats(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
         return torch.stack([t.to(torch.float32) for t in self._nll(logits, input_ids, mask)], 1)
 
     def finalize(self, totals: Tensor) -> Tensor:

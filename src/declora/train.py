@@ -99,9 +99,10 @@ def accumulate_gradients(
     for chunk in micro_batches([len(x) for x in rows.ids], tokens_per_chunk):
         index = torch.as_tensor(chunk)
         input_ids, mask = pad([rows.ids[k] for k in chunk], pad_id)
+        keep = task.positions(input_ids, mask, rows.labels[index], train=True)  # None: every position
         with fed.route(rows.nodes[index]):
-            logits = fed(input_ids, mask)
-        losses = task.row_loss(logits, input_ids, mask, rows.labels[index])  # (chunk,)
+            logits = fed(input_ids, mask, keep)
+        losses = task.row_loss(logits, input_ids, mask, rows.labels[index], keep)  # (chunk,)
         weighted = losses * rows.weights[index]
         weighted.sum().backward()
         node_loss.index_add_(0, rows.nodes[index], weighted.detach())
@@ -188,9 +189,10 @@ def row_stats(
     for chunk in micro_batches([len(x) for x in token_ids], tokens_per_chunk):
         index = torch.as_tensor(chunk)
         input_ids, mask = pad([token_ids[k] for k in chunk], pad_id)
+        keep = task.positions(input_ids, mask, labels[index], train=False)  # None: every position
         with fed.route(nodes[index]):
-            logits = fed(input_ids, mask)
-        stats[index] = task.row_stats(logits, input_ids, mask, labels[index]).float()
+            logits = fed(input_ids, mask, keep)
+        stats[index] = task.row_stats(logits, input_ids, mask, labels[index], keep).float()
     return stats
 
 

@@ -93,6 +93,47 @@ def test_label_word_scores_equal_a_hand_computation_from_logits(tiny_llama):
     assert torch.equal(stats, torch.stack([torch.ones(4), torch.ones(4)], 1))  # predicted = hand argmax
 
 
+def _answer_loss_and_grads(fed, task, input_ids, mask, labels, keep):
+    for p in fed.tensors().values():
+        p.grad = None
+        p.requires_grad_(True)
+    with fed.route(torch.tensor([0, 1, 1, 0])):
+        logits = fed(input_ids, mask, keep)
+    loss = task.row_loss(logits, input_ids, mask, labels, keep)
+    loss.sum().backward()
+    return logits, loss.detach(), {k: p.grad.clone() for k, p in fed.tensors().items()}
+
+
+@pytest.mark.parametrize("model_slices", [True, False])  # logits_to_keep, or full logits then indexed
+def test_answer_positions_only_give_the_full_loss_and_gradients(tiny_llama, model_slices):
+    fed = _fed(tiny_llama, n=2)
+    assert fed.keeps_logits  # LlamaForCausalLM takes logits_to_keep
+    fed.keeps_logits = model_slices
+    task = LabelWords(_tokenizer(tiny_llama), 32, TEMPLATE, (" negative", " very positive"))
+    labels = torch.tensor([1, 0, 1, 0])
+    input_ids, mask = pad(task.encode(TEXTS, labels.tolist(), train=True), pad_id=0)
+    keep = task.positions(input_ids, mask, labels, train=True)
+    assert len(keep) < input_ids.shape[1]  # fewer positions go through the LM head
+    _, full, full_grads = _answer_loss_and_grads(fed, task, input_ids, mask, labels, None)
+    logits, cheap, cheap_grads = _answer_loss_and_grads(fed, task, input_ids, mask, labels, keep)
+    assert logits.shape == (4, len(keep), len(task.tokenizer))
+    torch.testing.assert_close(cheap, full, atol=1e-5, rtol=0)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cheap_grads[name], grad, atol=1e-5, rtol=0)
+
+
+def test_label_word_scores_read_only_the_last_prompt_positions(tiny_llama):
+    fed = _fed(tiny_llama, n=2)
+    task = LabelWords(_tokenizer(tiny_llama), 32, TEMPLATE, (" negative", " positive"))
+    input_ids, mask = pad(task.encode(TEXTS, [0] * 4, train=False), pad_id=0)
+    keep = task.positions(input_ids, mask, torch.zeros(4, dtype=torch.long), train=False)
+    assert keep.tolist() == sorted(set((mask.sum(1) - 1).tolist()))
+    with torch.no_grad(), fed.route(torch.tensor([0, 1, 0, 1])):
+        full = task.scores(fed(input_ids, mask), mask)
+        cheap = task.scores(fed(input_ids, mask, keep), mask, keep)
+    torch.testing.assert_close(cheap, full, atol=1e-5, rtol=0)
+
+
 def test_one_node_forward_equals_peft_lora_on_llama(tiny_llama, tmp_path):
     import json
 

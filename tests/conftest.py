@@ -8,6 +8,15 @@ import pytest
 import torch
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny matmuls: more threads only spin on busy cores), then back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with random weights (hidden 32) saved as a local model folder."""

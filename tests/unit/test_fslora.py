@@ -6,75 +6,34 @@ import json
 
 import pytest
 import torch
+from unit_helpers import perturb, round_context, tiny_experiment, write_tiny_data
 
 from declora import engine
-from declora.algorithms.base import RoundContext
 from declora.algorithms.fslora import draw_ratios, sketch_gate, sketch_sizes
-from declora.config import load_config
 from declora.experiment import build_experiment
 from declora.lora import NodeRouting, RankMask, StackedLoRALinear
 
-pytestmark = pytest.mark.unit
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
 def tiny_data(tmp_path):
-    path = tmp_path / "tiny.jsonl"
-    rows = [{"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 6)), "label": i % 2} for i in range(32)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_tiny_data(tmp_path / "tiny.jsonl", rows=32)
 
 
 def tiny(tiny_bert, tiny_data, tmp_path, *extra):
-    return build_experiment(
-        load_config(
-            None,
-            [
-                f"model.name={tiny_bert}",
-                f"data.dataset={tiny_data}",
-                "model.rank=4",
-                "model.max_length=16",
-                "nodes=4",
-                "rounds=3",
-                "train.batch_size=4",
-                "train.local_steps=1",
-                "eval.every=1",
-                "eval.node_examples=4",
-                "checkpoint_every=1",
-                "export=none",
-                "threads=1",
-                "algorithm.name=fslora",
-                "algorithm.server_lr=0.01",
-                f"run_dir={tmp_path / 'run'}",
-                *extra,
-            ],
-        )
+    return tiny_experiment(
+        tiny_bert,
+        tiny_data,
+        tmp_path,
+        "rounds=3",
+        "train.local_steps=1",
+        "eval.every=1",
+        "eval.node_examples=4",
+        "checkpoint_every=1",
+        "algorithm.name=fslora",
+        *extra,
     )
-
-
-def _perturb(exp, seed=0):
-    """Random factors, the same on every node (a server model with B != 0), and a fresh algorithm."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in exp.fed.tensors(("A", "B")).values():
-            p.copy_(0.1 * torch.randn(p.shape[1:], generator=g).expand_as(p))
-    exp.algorithm = type(exp.algorithm)(exp.fed, cfg=exp.cfg, schedule=exp.schedule)
-
-
-def _context(exp, t=0):
-    n = exp.n
-    sizes = torch.tensor([len(p) for p in exp.parts])
-    W = exp.schedule.matrix(t)
-    return RoundContext(t, exp.fed, W, torch.ones(n, dtype=torch.bool), exp.exchange, exp.optimizer, sizes)
 
 
 def test_sketch_is_unbiased_per_index():
@@ -122,7 +81,7 @@ def test_one_index_set_for_B_and_A_and_a_real_sub_adapter():
 def test_masked_coordinates_never_move_and_bytes_are_exact(tiny_bert, tiny_data, tmp_path):
     ratios = "algorithm.sketch_ratios=[0.25,0.5,0.75,1.0]"
     exp = tiny(tiny_bert, tiny_data, tmp_path, ratios, "model.head=frozen")
-    _perturb(exp)
+    perturb(exp)
     fed, sizes = exp.fed, [1, 2, 3, 4]
     before = {k: v.detach().clone() for k, v in fed.tensors(("A", "B")).items()}
     plan = exp.algorithm.plan(0)
@@ -134,7 +93,7 @@ def test_masked_coordinates_never_move_and_bytes_are_exact(tiny_bert, tiny_data,
         assert (per_component[gate == 0] == 0).all(), k  # zero gradient, fresh Adam: never moves
         assert (per_component[gate != 0] > 0).all(), k
     exp.exchange.ledger.start_round()
-    exp.algorithm.communicate(_context(exp))
+    exp.algorithm.communicate(round_context(exp))
     modules = sum(a.shape[-1] + b.shape[1] for a, b in fed.factors().values())  # sum of (d_in + d_out)
     expected = torch.tensor([4 * k * modules + 4 * k for k in sizes])  # fp32 floats + int32 indices
     assert torch.equal(exp.exchange.ledger.edges.diagonal(), expected)
@@ -149,8 +108,8 @@ def test_full_ratios_equal_fedavg_with_the_same_server_adamw(tiny_bert, tiny_dat
     ones = "algorithm.sketch_ratios=[1.0,1.0,1.0,1.0]"
     sk = tiny(tiny_bert, tiny_data, tmp_path / "s", ones)
     ref = tiny(tiny_bert, tiny_data, tmp_path / "f", "algorithm.name=fedavg")
-    _perturb(sk)
-    _perturb(ref)
+    perturb(sk)
+    perturb(ref)
     theta0 = {k: v.detach()[0].clone() for k, v in ref.fed.tensors().items()}
     # Reference: FedAvg-LoRA local step, then one torch AdamW step on the averaged delta.
     ref.trainer.local_work(torch.ones(4, dtype=torch.bool), list(ref.fed.tensors()), 1, "steps")
@@ -164,7 +123,7 @@ def test_full_ratios_equal_fedavg_with_the_same_server_adamw(tiny_bert, tiny_dat
     sk.trainer.local_work(plan.active, list(sk.fed.tensors(plan.train)), 1, "steps")
     for k, v in sk.fed.tensors().items():
         torch.testing.assert_close(v.detach(), ref.fed.tensors()[k].detach(), atol=1e-7, rtol=0)
-    sk.algorithm.communicate(_context(sk))
+    sk.algorithm.communicate(round_context(sk))
     for k, v in sk.fed.tensors().items():
         want = params[k].detach() if k in params else ref.fed.tensors()[k].detach().mean(0)  # head: FedAvg
         torch.testing.assert_close(v.detach(), want.expand_as(v), atol=1e-6, rtol=1e-5)

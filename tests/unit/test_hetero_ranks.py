@@ -2,74 +2,33 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from unit_helpers import perturb, round_context, tiny_experiment, write_tiny_data
 
-from declora.algorithms.base import RoundContext
 from declora.algorithms.flexlora import flex_aggregate
 from declora.config import ConfigError, ModelConfig, load_config
-from declora.experiment import build_experiment
 from declora.lora import NodeRouting, RankMask, StackedLoRALinear
 from declora.model import build_federation, export_peft, node_adapter
 
-pytestmark = pytest.mark.unit
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
 def tiny_data(tmp_path):
-    path = tmp_path / "tiny.jsonl"
-    rows = [{"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 6)), "label": i % 2} for i in range(80)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
 
 
 def tiny(tiny_bert, tiny_data, tmp_path, *extra):
-    return build_experiment(
-        load_config(
-            None,
-            [
-                f"model.name={tiny_bert}",
-                f"data.dataset={tiny_data}",
-                "model.rank=4",
-                "model.max_length=16",
-                "model.head=frozen",
-                "nodes=4",
-                "partition.kind=quantity_skew",
-                "train.batch_size=4",
-                "algorithm.ranks=[1,2,4,3]",
-                "algorithm.server_lr=0.01",
-                "export=none",
-                "threads=1",
-                f"run_dir={tmp_path / 'run'}",
-                *extra,
-            ],
-        )
+    return tiny_experiment(
+        tiny_bert,
+        tiny_data,
+        tmp_path,
+        "model.head=frozen",
+        "partition.kind=quantity_skew",
+        "algorithm.ranks=[1,2,4,3]",
+        *extra,
     )
-
-
-def _perturb(exp, same=True):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in exp.fed.tensors(("A", "B")).values():
-            p.copy_(0.1 * torch.randn(p.shape[1:] if same else p.shape, generator=g).expand_as(p))
-    exp.algorithm = type(exp.algorithm)(exp.fed, cfg=exp.cfg, schedule=exp.schedule)
-
-
-def _context(exp):
-    sizes = torch.tensor([len(p) for p in exp.parts])
-    ones = torch.ones(exp.n, dtype=torch.bool)
-    return RoundContext(0, exp.fed, exp.schedule.matrix(0), ones, exp.exchange, exp.optimizer, sizes)
 
 
 def _effective(fed):
@@ -140,8 +99,8 @@ def test_flexlora_aggregate_is_the_rank_ri_truncation_of_the_weighted_mean():
 
 def test_flexlora_round_gives_every_node_its_truncation_and_counts_bytes(tiny_bert, tiny_data, tmp_path):
     exp = tiny(tiny_bert, tiny_data, tmp_path, "algorithm.name=flexlora")
-    _perturb(exp, same=False)
-    ctx = _context(exp)
+    perturb(exp, same=False)
+    ctx = round_context(exp)
     p = ctx.data_sizes.double() / ctx.data_sizes.sum()
     means = {
         k: sum(p[i] * B[i].double() @ A[i].double() for i in range(4))
@@ -160,7 +119,7 @@ def test_flexlora_round_gives_every_node_its_truncation_and_counts_bytes(tiny_be
 
 def test_hetlora_keeps_components_beyond_ri_zero_and_steps_the_server(tiny_bert, tiny_data, tmp_path):
     exp = tiny(tiny_bert, tiny_data, tmp_path, "algorithm.name=hetlora")
-    _perturb(exp)
+    perturb(exp)
     fed, ranks = exp.fed, [1, 2, 4, 3]
     theta0 = {k: v.detach()[0].clone() for k, v in fed.tensors(("A", "B")).items()}
     plan = exp.algorithm.plan(0)
@@ -180,7 +139,7 @@ def test_hetlora_keeps_components_beyond_ri_zero_and_steps_the_server(tiny_bert,
         v.grad = (delta * (keep[:, :, None] if k.endswith("lora_A") else keep[:, None, :])).mean(0)
     opt.step()
     exp.exchange.ledger.start_round()
-    exp.algorithm.communicate(_context(exp))
+    exp.algorithm.communicate(round_context(exp))
     for k, v in fed.tensors(("A", "B")).items():
         torch.testing.assert_close(v.detach(), params[k].detach().expand_as(v), atol=1e-6, rtol=1e-5)
     modules = sum(a.shape[-1] + b.shape[1] for a, b in fed.factors().values())

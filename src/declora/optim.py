@@ -46,21 +46,28 @@ class NodeAdamW:
     def step(self, active: Tensor, names: list[str]) -> None:
         """One step for the nodes in ``active`` (n,) bool, on the named tensors that have a gradient."""
         b1, b2 = self.betas
+        nodes = torch.nonzero(active).flatten()
         for name in names:
             p = self.params[name]
-            if p.grad is None:
+            if p.grad is None or len(nodes) == 0:
                 continue
-            mask = _rows(active, p)
-            self.steps[name] += active.long()
-            step = self.steps[name].clamp(min=1).to(p.dtype)
-            m, v, g = self.exp_avg[name], self.exp_avg_sq[name], p.grad
-            m.copy_(torch.where(mask, m * b1 + g * (1 - b1), m))
-            v.copy_(torch.where(mask, v * b2 + g * g * (1 - b2), v))
-            bc1 = _rows(1 - b1**step, p)
-            bc2 = _rows(1 - b2**step, p)
+            self.steps[name][nodes] += 1
+            # All nodes active (the common case): update the tensors in place, with no per-node copies.
+            # Otherwise work on the active rows and write them back, so idle rows stay untouched.
+            every = len(nodes) == p.shape[0]
+            m, v = self.exp_avg[name], self.exp_avg_sq[name]
+            param, m, v, g = (t if every else t.index_select(0, nodes) for t in (p, m, v, p.grad))
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            step = self.steps[name][nodes].to(p.dtype)
+            bc1, bc2 = _rows(1 - b1**step, p), _rows(1 - b2**step, p)
             lr = self.lrs[name]
-            update = (m / bc1) / ((v / bc2).sqrt() + self.eps) + self.weight_decay * p
-            p.copy_(torch.where(mask, p - lr * update, p))
+            param.mul_(1 - lr * self.weight_decay)  # decoupled weight decay, as torch AdamW
+            param.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(self.eps), value=-lr)
+            if not every:
+                p.index_copy_(0, nodes, param)
+                self.exp_avg[name].index_copy_(0, nodes, m)
+                self.exp_avg_sq[name].index_copy_(0, nodes, v)
 
     def reset(self, names: list[str] | None = None, nodes: Tensor | None = None) -> None:
         """Forget moments and step counts (after a re-factorization, say) for some tensors and nodes."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from declora.config import ModelConfig
+from declora.lora import gather_rows
 from declora.model import build_federation, export_peft, node_slice
 from declora.optim import NodeAdamW, clip_per_node
 from declora.train import LocalTrainer, NodeStreams
@@ -72,6 +73,45 @@ def test_node_adamw_equals_torch_adamw_for_one_node():
         opt.step(torch.tensor([True]), ["x"])
         ref_opt.step()
     torch.testing.assert_close(ours.detach()[0], ref.detach(), atol=1e-6, rtol=0)
+
+
+def test_node_adamw_with_changing_active_sets_equals_one_torch_adamw_per_node():
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(3, 4, 2))
+    refs = [torch.nn.Parameter(ours.detach()[i].clone()) for i in range(3)]
+    opt = NodeAdamW({"x": ours}, {"x": 0.01}, weight_decay=0.1)
+    ref_opts = [torch.optim.AdamW([r], lr=0.01, weight_decay=0.1) for r in refs]
+    actives = [[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]]
+    for step, active in enumerate(actives):
+        g = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(step))
+        ours.grad = g.clone()
+        opt.step(torch.tensor(active, dtype=torch.bool), ["x"])
+        for i in range(3):
+            if active[i]:
+                refs[i].grad = g[i].clone()
+                ref_opts[i].step()
+    for i in range(3):
+        torch.testing.assert_close(ours.detach()[i], refs[i].detach(), atol=1e-6, rtol=0)
+        assert int(opt.steps["x"][i]) == sum(a[i] for a in actives)
+
+
+def test_gathered_rows_accumulate_the_same_gradient_as_plain_indexing():
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(5, 3, 2))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    for rows in (torch.tensor([4, 0, 4, 2]), torch.tensor([1, 4])):  # two micro-batches, repeated rows
+        weights = torch.randn(len(rows), 3, 2)
+        (gather_rows(ours, rows) * weights).sum().backward()
+        (ref[rows] * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-6, rtol=0)
+    assert ours.grad[3].abs().sum() == 0  # a node with no rows gets a zero gradient row
+
+
+def test_gathered_rows_of_a_frozen_tensor_get_no_gradient():
+    frozen = torch.nn.Parameter(torch.randn(3, 2), requires_grad=False)
+    x = torch.randn(2, 2, requires_grad=True)
+    (gather_rows(frozen, torch.tensor([0, 2])) * x).sum().backward()
+    assert frozen.grad is None and x.grad is not None
 
 
 def test_inactive_node_keeps_parameters_and_moments():

@@ -52,7 +52,7 @@ RESULTS = HERE / "results"
 MARKER = "ROUND_COST_JSON "
 METHODS = ("declora", "sequential_peft", "union_batch")
 SEED, BATCH, STEPS, LR, RANK, ALPHA, MAX_LENGTH = 0, 8, 5, 1e-3, 8, 16.0, 128
-SWEEP_CHUNKS = (2048, 8192, 16384)  # declora tokens_per_chunk tried at the sweep N
+SWEEP_CHUNKS = (256, 512, 1024, 2048, 8192)  # declora tokens_per_chunk tried at the sweep N
 SWEEP_N = 8
 MEMORY_NODES = (1, 128, 1024)  # declora only: memory growth with N
 QUIET_CORES = 0.3  # other processes using fewer cores than this: an idle machine
@@ -380,17 +380,18 @@ def plan(
     ]
 
 
-def best_chunk(results: list[dict], threads: int) -> int | None:
-    sweep = [r for r in results if r["purpose"] == "sweep" and r["threads_requested"] == threads]
-    return min(sweep, key=lambda r: r["s_per_round"])["tokens_per_chunk"] if sweep else None
+def default_chunk() -> int:
+    """The micro-batch budget a user gets: the rows after the sweep measure what ``declora run`` does."""
+    from declora.config import TrainConfig
+
+    return TrainConfig().tokens_per_chunk
 
 
-def run_all(jobs: list[Job], max_wait_s: float) -> list[dict]:
-    """Runs the jobs in order; declora rows after the sweep use its fastest chunk (per thread count)."""
+def run_all(jobs: list[Job], max_wait_s: float, chunk: int) -> list[dict]:
+    """Runs the jobs in order; declora rows other than the sweep use ``chunk``."""
     results: list[dict] = []
     for job in jobs:
-        chunk = best_chunk(results, job.threads)
-        if job.method == "declora" and job.purpose != "sweep" and chunk is not None:
+        if job.method == "declora" and job.purpose != "sweep":
             job = replace(job, tokens_per_chunk=chunk)
         results.append(run_job(job, max_wait_s))
     return results
@@ -444,10 +445,10 @@ def environment() -> dict:
     }
 
 
-def note(r: dict, best: int | None) -> str:
+def note(r: dict, chunk: int) -> str:
     parts = [f"K={r['steps']}"]
     if r["method"] == "declora":
-        parts.append(f"chunk={r['tokens_per_chunk']}" + (" (best)" if r["tokens_per_chunk"] == best else ""))
+        parts.append(f"chunk={r['tokens_per_chunk']}" + (" (main)" if r["tokens_per_chunk"] == chunk else ""))
     if r["steps"] != STEPS:  # one local step only (memory runs): scale to a full round
         parts.append(f"1 step timed, x{STEPS} = {r['s_per_round'] * STEPS:.1f} s for K={STEPS}")
     if r.get("warmup_nodes"):
@@ -460,7 +461,7 @@ def note(r: dict, best: int | None) -> str:
     return ", ".join(parts)
 
 
-def table(results: list[dict]) -> list[str]:
+def table(results: list[dict], chunk: int) -> list[str]:
     lines = [
         "| method | N | threads | s/round | examples/s | CPU s/round | peak RSS GB | notes |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -471,7 +472,7 @@ def table(results: list[dict]) -> list[str]:
         lines.append(
             f"| {r['method']} | {r['n']} | {r['threads']} | {r['s_per_round']:.2f} | "
             f"{r['examples_per_s']:.1f} | {cpu:.2f} | {r['peak_rss_gb']:.2f} | "
-            f"{note(r, best_chunk(results, r['threads_requested']))} |"
+            f"{note(r, chunk)} |"
         )
     return lines
 
@@ -495,9 +496,10 @@ def memory_lines(mem: dict) -> list[str]:
     return lines
 
 
-def write(results: list[dict], command: str, out: Path) -> None:
+def write(results: list[dict], command: str, out: Path, chunk: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"command": command, "environment": environment(), "memory_per_node": memory_model(results)}
+    doc["main_tokens_per_chunk"] = chunk
     doc["results"] = results
     (out / "round_cost.json").write_text(json.dumps(doc, indent=2) + "\n")
     (out / "round_cost.md").write_text(markdown(doc))
@@ -532,7 +534,8 @@ def markdown(doc: dict) -> str:
         "measuring process (one per row); others busy: cores used by other processes meanwhile.",
         "",
     ]
-    return "\n".join(head + table(doc["results"]) + memory_lines(memory_model(doc["results"]))) + "\n"
+    chunk = doc.get("main_tokens_per_chunk", 0)
+    return "\n".join(head + table(doc["results"], chunk) + memory_lines(memory_model(doc["results"]))) + "\n"
 
 
 def rerender(path: Path) -> None:
@@ -553,7 +556,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--chunks",
         default=",".join(map(str, SWEEP_CHUNKS)),
-        help=f"declora tokens_per_chunk values swept at N={SWEEP_N}; the fastest is used for the other rows",
+        help=f"declora tokens_per_chunk values swept at N={SWEEP_N}",
+    )
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        default=0,
+        help="declora tokens_per_chunk for the rows after the sweep (0: declora's default)",
     )
     ap.add_argument(
         "--wait-quiet",
@@ -588,8 +597,9 @@ def main(argv: list[str] | None = None) -> None:
     nodes = [int(x) for x in args.nodes.split(",") if x]
     threads = [int(x) for x in args.threads.split(",") if x]
     chunks = tuple(int(x) for x in args.chunks.split(",") if x)
-    results = run_all(plan(methods, nodes, threads, args.quick, chunks), args.wait_quiet)
-    write(results, "python " + " ".join(["benchmarks/round_cost.py", *sys.argv[1:]]), args.out)
+    chunk = args.chunk or default_chunk()
+    results = run_all(plan(methods, nodes, threads, args.quick, chunks), args.wait_quiet, chunk)
+    write(results, "python " + " ".join(["benchmarks/round_cost.py", *sys.argv[1:]]), args.out, chunk)
 
 
 if __name__ == "__main__":

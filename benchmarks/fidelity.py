@@ -72,18 +72,20 @@ def grid_table(runs: dict[str, list[Path]], metric: str) -> str:
 
 
 def grid_times(log: Path) -> tuple[dict[str, int], list[str]]:
-    """Seconds per grid and the start/end lines (date, uptime) of the latest `make fidelity`."""
+    """Seconds per grid, summed over every `make fidelity` logged (a rerun skips finished cells), and
+    the first start and the last end line (date, uptime)."""
     times: dict[str, int] = {}
-    marks: list[str] = []
+    starts: list[str] = []
+    ends: list[str] = []
     for line in log.read_text().splitlines() if log.is_file() else []:
         if line.startswith("start"):
-            times, marks = {}, [line]
+            starts.append(line)
         elif line.startswith("end"):
-            marks.append(line)
+            ends.append(line)
         elif line.startswith("grid "):
             _, name, secs = line.split()
-            times[name] = int(secs)
-    return times, marks
+            times[name] = times.get(name, 0) + int(secs)
+    return times, starts[:1] + ends[-1:]
 
 
 def summary(times: dict[str, int], marks: list[str], runs: dict[str, int]) -> str:
@@ -114,7 +116,7 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
     times, marks = grid_times(root / "times.log")
     counts: dict[str, int] = {}
     for grid_file in sorted(Path("configs/fidelity").glob("C*.yaml")):
-        claim = grid_file.stem.split("_")[0]
+        claim = grid_file.stem.split("_")[0]  # C1, C1b, C2, ...
         grid = load_grid(grid_file)
         runs = {
             m: [d for d in dirs if (d / "report.md").is_file()]

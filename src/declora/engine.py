@@ -18,6 +18,7 @@ from declora.checkpoint import load_checkpoint, save_checkpoint
 from declora.config import save_config, to_dict
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
+from declora.heap import release_free_memory
 from declora.model import averaged_factors, export_peft, node_adapter
 from declora.report import write_report
 from declora.schedules import describe
@@ -148,6 +149,7 @@ def run(
         if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == cfg.rounds:
             phases.enter("checkpoint")
             save_checkpoint(exp, t + 1, record["wall_s"])
+        release_free_memory()  # see heap.py: without it resident memory creeps up round after round
         phases.done()
     if board is not None:
         board.close()

@@ -3,9 +3,10 @@
 Every micro-batch allocates and frees activations of a different size. glibc keeps freed blocks in
 its heap for reuse, and as the sizes change from step to step the heap's footprint creeps up round
 after round: +25 MB a round for the default experiment, whose resident memory went from 1.45 GB after
-round 1 to 2.15 GB after round 30 with no tensor kept. ``malloc_trim(0)`` once a round hands the free
-pages back (milliseconds), so resident memory follows what the run really holds. On other C libraries
-(macOS, musl) it does nothing.
+round 1 to 2.15 GB after round 30 with no tensor kept. ``malloc_trim(0)`` once a round hands the
+free pages back (milliseconds), so resident memory stays closer to what the run really holds: over 8
+rounds of the default at a 512-token budget the peak grew by 44 MB instead of 93 MB. On other C
+libraries (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations

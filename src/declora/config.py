@@ -109,7 +109,10 @@ class TrainConfig:
     local_steps: int = 5
     local_unit: str = "steps"  # steps | epochs
     max_grad_norm: float | None = 1.0  # per-node clipping; null disables
-    tokens_per_chunk: int = 2048  # forward micro-batch budget (padded tokens); same result, less memory
+    # Forward micro-batch budget (padded tokens): the result does not depend on it, time and memory do.
+    # Rows are sorted by length, so small budgets pad little; 256 was fastest and leanest on 2 CPU
+    # cores (benchmarks/README.md): activation memory grows with the budget.
+    tokens_per_chunk: int = 256
 
 
 @dataclass(frozen=True)

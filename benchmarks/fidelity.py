@@ -90,7 +90,7 @@ def grid_times(log: Path) -> tuple[dict[str, int], list[str]]:
 
 def summary(times: dict[str, int], marks: list[str], runs: dict[str, int]) -> str:
     lines = ["| grid | runs | wall time (min) |", "|---|---:|---:|"]
-    lines += [f"| `{name}` | {runs.get(name, 0)} | {secs / 60:.1f} |" for name, secs in times.items()]
+    lines += [f"| `{name}` | {runs.get(name, 0)} | {secs / 60:.1f} |" for name, secs in sorted(times.items())]
     lines.append(f"| **whole suite** | {sum(runs.values())} | **{sum(times.values()) / 60:.1f}** |")
     return "\n".join([*lines, "", *(f"`{m}`  " for m in marks)])
 

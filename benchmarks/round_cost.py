@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -357,6 +358,7 @@ def plan(
     threads: list[int],
     quick: bool,
     chunks: tuple[int, ...] = SWEEP_CHUNKS,
+    memory_nodes: tuple[int, ...] = MEMORY_NODES,
 ) -> list[Job]:
     """The sweep (declora chunk sizes at N=8), then every method at every N, then declora's memory Ns.
 
@@ -370,7 +372,7 @@ def plan(
     speed, memory = [], []
     if "declora" in methods:
         speed += [Job("declora", SWEEP_N, tokens_per_chunk=c, purpose="sweep") for c in chunks]
-        extra = [n for n in MEMORY_NODES if n not in nodes]
+        extra = [n for n in memory_nodes if n not in nodes]
         speed += [Job("declora", n, purpose="memory") for n in extra if n < BIG_N]
         memory += [big_job("declora", n, "memory") for n in extra if n >= BIG_N]
     for n in nodes:
@@ -496,7 +498,20 @@ def memory_lines(mem: dict) -> list[str]:
     return lines
 
 
-def write(results: list[dict], command: str, out: Path, chunk: int) -> None:
+def merged(results: list[dict], command: str, out: Path) -> tuple[list[dict], list[str]]:
+    """The results already in ``out`` with rows measured again replaced, and both commands."""
+    old = json.loads((out / "round_cost.json").read_text())
+
+    def key(r: dict) -> tuple:
+        return r["method"], r["n"], r["purpose"], r["tokens_per_chunk"], r["threads_requested"]
+
+    again = {key(r) for r in results}
+    kept = [r for r in old["results"] if key(r) not in again]
+    commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
+    return kept + results, [*commands, command]
+
+
+def write(results: list[dict], command: str | list[str], out: Path, chunk: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     doc = {"command": command, "environment": environment(), "memory_per_node": memory_model(results)}
     doc["main_tokens_per_chunk"] = chunk
@@ -571,6 +586,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="S",
         help="before each measurement wait up to S seconds for other processes to leave the CPUs idle",
     )
+    ap.add_argument(
+        "--memory-nodes",
+        default=",".join(map(str, MEMORY_NODES)),
+        help="declora-only N for the memory-growth rows ('' for none)",
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace the re-measured rows in OUT/round_cost.json (a row disturbed by load, say) "
+        "instead of writing a new file",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--profile", metavar="METHOD:N", help="print a torch.profiler table of one round")
@@ -598,8 +624,12 @@ def main(argv: list[str] | None = None) -> None:
     threads = [int(x) for x in args.threads.split(",") if x]
     chunks = tuple(int(x) for x in args.chunks.split(",") if x)
     chunk = args.chunk or default_chunk()
-    results = run_all(plan(methods, nodes, threads, args.quick, chunks), args.wait_quiet, chunk)
-    write(results, "python " + " ".join(["benchmarks/round_cost.py", *sys.argv[1:]]), args.out, chunk)
+    memory_nodes = tuple(int(x) for x in args.memory_nodes.split(",") if x)
+    results = run_all(plan(methods, nodes, threads, args.quick, chunks, memory_nodes), args.wait_quiet, chunk)
+    command: str | list[str] = "python " + shlex.join(["benchmarks/round_cost.py", *sys.argv[1:]])
+    if args.merge:
+        results, command = merged(results, command, args.out)
+    write(results, command, args.out, chunk)
 
 
 if __name__ == "__main__":

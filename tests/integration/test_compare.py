@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -176,3 +177,19 @@ def test_compare_cli_and_multi_run_report(tmp_path, tiny_bert, capsys):
     assert (cells[0].run_dir / "tensorboard").is_dir()
     assert main(["report", *(str(c.run_dir) for c in cells), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "comparison.png").is_file()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_GRIDS = sorted((ROOT / "configs/grids").glob("*.yaml")) + sorted(
+    (ROOT / "configs/fidelity").glob("C*.yaml")
+)
+
+
+@pytest.mark.parametrize("path", SHIPPED_GRIDS, ids=lambda p: p.stem)
+def test_shipped_grids_expand_to_valid_configs(path, monkeypatch):
+    # Every cell of every shipped grid validates (expand checks each cell's config) before any work.
+    monkeypatch.chdir(ROOT)  # grids may name their base relative to the repository
+    grid = load_grid(path)
+    cells = expand(grid)
+    per_seed = math.prod(len(v) for v in grid.axes.values())
+    assert len(cells) == per_seed * len(grid.seeds) and len({c.run_dir for c in cells}) == len(cells)

@@ -34,8 +34,8 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-# The fidelity suite (not in CI): six compare grids, configs/fidelity/C*.yaml, about 35 min on an idle
-# 2-core CPU; run folders under runs/fidelity/, then tables and figures into docs/results.md.
+# The fidelity suite (not in CI): the compare grids configs/fidelity/C*.yaml (docs/results.md gives the
+# measured run time); run folders under runs/fidelity/, then tables and figures into docs/results.md.
 FIDELITY_GRIDS := $(sort $(wildcard configs/fidelity/C*.yaml))
 .PHONY: fidelity
 fidelity: install

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
+from helpers import write_tiny_data
 
 from declora import engine
 from declora.algorithms import ALGORITHMS
@@ -15,7 +15,6 @@ from declora.config import load_config
 from declora.experiment import build_experiment
 
 pytestmark = pytest.mark.integration
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,10 +28,7 @@ def _restore_threads():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     """48 short labelled texts as a .jsonl file (loading the shipped corpus costs more than a tiny run)."""
-    path = tmp_path_factory.mktemp("data") / "tiny.jsonl"
-    rows = [{"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 6)), "label": i % 2} for i in range(48)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", 48)
 
 
 def tiny(tiny_bert, tiny_data, tmp_path, *extra):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from helpers import WORDS, write_tiny_data
 
 from declora import engine
 from declora.algorithms import ALGORITHMS
@@ -17,7 +18,6 @@ from declora.model import averaged_factors
 from declora.train import pad
 
 pytestmark = pytest.mark.integration
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad"]
 LABEL_WORDS = "task.label_words=[' negative',' positive']"
 
 
@@ -30,10 +30,7 @@ def _restore_threads():
 
 @pytest.fixture(scope="module")
 def reviews(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
-    rows = [{"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 6)), "label": i % 2} for i in range(40)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "reviews.jsonl", 40)
 
 
 def tiny(tiny_llama, reviews, tmp_path, *extra):

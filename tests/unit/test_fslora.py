@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from unit_helpers import perturb, round_context, tiny_experiment, write_tiny_data
+from helpers import write_tiny_data
+from unit_helpers import perturb, round_context, tiny_experiment
 
 from declora import engine
 from declora.algorithms.fslora import draw_ratios, sketch_gate, sketch_sizes

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from unit_helpers import perturb, round_context, tiny_experiment, write_tiny_data
+from helpers import write_tiny_data
+from unit_helpers import perturb, round_context, tiny_experiment
 
 from declora.algorithms.flexlora import flex_aggregate
 from declora.config import ConfigError, ModelConfig, load_config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,17 +9,6 @@ import torch
 from declora.algorithms.base import RoundContext
 from declora.config import load_config
 from declora.experiment import Experiment, build_experiment
-
-WORDS = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "sad"]
-
-
-def write_tiny_data(path: Path, rows: int) -> Path:
-    """``rows`` five-word texts with alternating labels as a .jsonl file."""
-    lines = [
-        {"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 6)), "label": i % 2} for i in range(rows)
-    ]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def tiny_experiment(tiny_bert: Path, tiny_data: Path, tmp_path: Path, *overrides: str) -> Experiment:

@@ -37,7 +37,13 @@ import torch
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.ranks import ServerFactors, average_head, install_gate, sample_clients
+from declora.algorithms.ranks import (
+    ServedByServerFactors,
+    ServerFactors,
+    average_head,
+    install_gate,
+    sample_clients,
+)
 from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
@@ -78,7 +84,7 @@ def sketch_gate(sizes: list[int], r: int, seed: int, t: int) -> Tensor:
 
 
 @dataclass
-class FSLoRA:
+class FSLoRA(ServedByServerFactors):
     fed: Federation
     name: str = "fslora"
     single_node: bool = False
@@ -111,13 +117,3 @@ class FSLoRA:
         self.server.broadcast(ctx.fed)
         install_gate(ctx.fed, None)
         ctx.optimizer.reset(list(ctx.fed.tensors(kinds)))  # a fresh device optimizer every round
-
-    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
-        heads = {k: v.detach().mean(0, keepdim=True) for k, v in fed.tensors(("head",)).items()}
-        return self.server.tensors() | heads
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.server.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.server.load_state_dict(state)

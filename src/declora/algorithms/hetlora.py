@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
-
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
 from declora.algorithms.ranks import (
+    ServedByServerFactors,
     ServerFactors,
     active_components,
     average_head,
@@ -43,7 +42,7 @@ from declora.schedules import Schedule
 
 
 @dataclass
-class HetLoRA:
+class HetLoRA(ServedByServerFactors):
     fed: Federation
     name: str = "hetlora"
     single_node: bool = False
@@ -73,13 +72,3 @@ class HetLoRA:
         self.server.broadcast(ctx.fed)
         if self.acfg.optimizer_policy == "reset":
             ctx.optimizer.reset(list(ctx.fed.tensors(kinds)))
-
-    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
-        heads = {k: v.detach().mean(0, keepdim=True) for k, v in fed.tensors(("head",)).items()}
-        return self.server.tensors() | heads
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.server.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.server.load_state_dict(state)

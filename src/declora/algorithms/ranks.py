@@ -126,3 +126,20 @@ class ServerFactors:
                 p.copy_(state[f"server/{k}"])
         n = len("server_adamw/")
         self.optimizer.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_adamw/")})
+
+
+class ServedByServerFactors:
+    """The server side shared by algorithms whose server keeps ``self.server`` (ServerFactors): the
+    server model for evaluation (its factors and the mean head) and its state for checkpoints."""
+
+    server: ServerFactors
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        heads = {k: v.detach().mean(0, keepdim=True) for k, v in fed.tensors(("head",)).items()}
+        return self.server.tensors() | heads
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.server.load_state_dict(state)

@@ -17,6 +17,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def restore_threads():
+    """For modules whose runs set torch's threads (config ``threads=1``): later tests get them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with random weights (hidden 32) saved as a local model folder."""

@@ -14,15 +14,7 @@ from declora.algorithms.base import RoundContext
 from declora.config import load_config
 from declora.experiment import build_experiment
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """The runs use threads=1 (tiny matmuls on busy cores); later tests get torch's setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
 
 
 @pytest.fixture(scope="module")

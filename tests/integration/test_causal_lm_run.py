@@ -17,15 +17,8 @@ from declora.experiment import build_experiment
 from declora.model import averaged_factors
 from declora.train import pad
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
 LABEL_WORDS = "task.label_words=[' negative',' positive']"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

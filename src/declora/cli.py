@@ -1,4 +1,4 @@
-"""Command line: ``declora run | report | topology | export``. The only module that prints."""
+"""Command line: ``declora run | report | compare | topology``. The only module that prints."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from declora.compare import group_cells, load_grid, run_grid, write_comparison
 
-    grid = load_grid(args.grid)
+    grid = load_grid(args.grid, tuple(args.overrides), args.out)
 
     def on_cell(k: int, total: int, cell, state: str) -> None:
         verb = {"done": "finished, skipped", "partial": "resuming", "new": "running"}[state]
@@ -206,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None, help="metric value whose bytes-to-reach is reported")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
-        "compare", help="run a grid of experiments and compare them: declora compare GRID.yaml"
+        "compare", help="run a grid of experiments and compare them: declora compare GRID [key=value ...]"
     )
-    p.add_argument("grid")
+    p.add_argument("grid", help="grid YAML (configs/grids/smoke.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell, e.g. rounds=2")
+    p.add_argument("--out", default=None, help="output folder (default: the grid's out)")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("topology", help="describe and draw a config's communication graph")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. nodes=16 topology.graph=ring")
     p.add_argument("--out", default="topology.png")
     p.set_defaults(func=cmd_topology)
     return parser

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from declora.config import ConfigError, load_config
+from declora.config import ConfigError, load_config, parse_override
 from declora.report import best_final, display_scale, lower_is_better, read_metrics
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,9 @@ class Cell:
 GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy"}
 
 
-def load_grid(path: str | Path) -> Grid:
+def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None = None) -> Grid:
+    """The grid file; ``overrides`` (``declora compare GRID key=value ...``) apply to every cell after
+    the file's own, ``out`` replaces its output folder."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown:
@@ -71,14 +73,18 @@ def load_grid(path: str | Path) -> Grid:
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key} must be a non-empty list, got {values!r}")
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key in axes or key in ("seed", "run_dir"):
+            raise ConfigError(f"override {text!r}: {key} is set per cell by the grid; edit the grid file")
     base = data.get("base")
     if base is not None and not Path(base).exists():  # relative to the grid file, else to the cwd
         beside = Path(path).parent / base
         base = str(beside) if beside.exists() else base
     return Grid(
         base=base,
-        out=Path(data.get("out", f"runs/compare-{Path(path).stem}")),
-        overrides=tuple(data.get("overrides") or ()),
+        out=Path(out or data.get("out", f"runs/compare-{Path(path).stem}")),
+        overrides=(*(data.get("overrides") or ()), *overrides),
         axes=axes,
         seeds=tuple(data.get("seeds") or (0,)),
         metric=data.get("metric", "acc_avg_factors"),

@@ -1,5 +1,5 @@
-"""Evaluation modes (ALGORITHMS.md §8h): each node's own model, the averaged-factor model, the
-averaged-product model and, for server algorithms, the server model; plus consensus metrics.
+"""Evaluation modes (docs/algorithms.md: evaluation protocols): each node's own model, the averaged-factor
+model, the averaged-product model and, for server algorithms, the server model; plus consensus metrics.
 
 The metric is the task's (``declora.tasks``): accuracy (keys ``acc_*``) or, for plain causal language
 modelling, perplexity (keys ``ppl_*``).

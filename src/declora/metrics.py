@@ -1,11 +1,11 @@
-"""Consensus metrics over node-stacked LoRA factors (ALGORITHMS.md §1 and §8a).
+"""Consensus metrics over node-stacked LoRA factors (docs/algorithms.md: conventions, cross-term).
 
 Every adapted layer holds all n nodes' factors on a leading axis, ``A: (n, r, d_in)``, ``B: (n, d_out, r)``,
 and node i's update is ``s * B[i] @ A[i]``. The metrics say how far the nodes are from agreeing:
 
 - factor disagreement  ``(1/n) Σ_i ‖X_i − X̄‖_F²`` for X ∈ {A, B};
 - product disagreement ``(1/n) Σ_i ‖s B_iA_i − mean_j s B_jA_j‖_F²``;
-- cross-term norm      ``‖s mean_i(B_iA_i) − s B̄Ā‖_F = ‖(s/n) Σ_i (B_i − B̄)(A_i − Ā)‖_F`` (§8a).
+- cross-term norm      ``‖s mean_i(B_iA_i) − s B̄Ā‖_F = ‖(s/n) Σ_i (B_i − B̄)(A_i − Ā)‖_F`` (see cross-term).
 
 A layer's product is d_out × d_in (4096² for a 7B model) and there may be a thousand nodes, so no product is
 ever formed: Frobenius norms of low-rank products go through r×r Gram matrices,
@@ -100,7 +100,7 @@ def _layer_stats(A: Tensor, B: Tensor, online: Tensor | None, chunk: int | None)
     Both are written in the centred factors B̃_i = B_i − B̄, Ã_i = A_i − Ā, so that every Gram entry is of
     the size of the disagreement rather than of the product itself (no cancellation of large terms):
     ``B_iA_i − B̄Ā = B̃_iA_i + B̄Ã_i = [B̃_i, B̄] [A_i; Ã_i]`` (rank 2r, per node) and
-    ``mean_i B_iA_i − B̄Ā = (1/n) Σ_i B̃_iÃ_i`` (§8a), whose squared norm is a sum over node pairs of
+    ``mean_i B_iA_i − B̄Ā = (1/n) Σ_i B̃_iÃ_i`` (see cross-term), whose squared norm is a sum over node pairs of
     ``tr((B̃_kᵀB̃_l)(Ã_lÃ_kᵀ))``, taken block by block over the upper triangle of chunk pairs.
     """
     n, r, d_in = A.shape
@@ -145,7 +145,8 @@ def product_disagreement(
     """``(1/n) Σ_i ‖s B_iA_i − mean_j s B_jA_j‖_F²`` for one layer, A: (n, r, d_in), B: (n, d_out, r).
 
     The disagreement of the models the nodes actually run; unlike factor disagreement it is blind to
-    gauge (``(BG)(G⁻¹A) = BA``, §8c), so it is the fair yardstick across factor- and product-mixing methods.
+    gauge (``(BG)(G⁻¹A) = BA``, see gauge), so it is the fair yardstick across factor- and
+    product-mixing methods.
     """
     return _product_disagreement_from(_layer_stats(A, B, online, chunk), scale)
 
@@ -154,7 +155,7 @@ def cross_term_norm(
     A: Tensor, B: Tensor, scale: float, *, online: Tensor | None = None, chunk: int | None = None
 ) -> float:
     """``‖s mean_i(B_iA_i) − s B̄Ā‖_F`` for one layer: what averaging the factors loses against averaging
-    the products (§8a). Zero when either factor agrees across nodes."""
+    the products (see cross-term). Zero when either factor agrees across nodes."""
     return abs(scale) * _layer_stats(A, B, online, chunk)[1] ** 0.5
 
 

@@ -1,8 +1,9 @@
 """Tables and plots from a run folder's metrics.jsonl.
 
-The papers disagree on what they report (ALGORITHMS.md §8h): Dec-LoRA the *best* score of the averaged
-model, ADF/TAD the *final* mean ± std over nodes, FSLoRA the server model. So the summary keeps best and
-final for every evaluation mode that was logged, next to the consensus, bytes, time and memory of the run.
+The papers disagree on what they report (docs/algorithms.md: evaluation protocols): Dec-LoRA the *best*
+score of the averaged model, ADF/TAD the *final* mean ± std over nodes, FSLoRA the server model. So the
+summary keeps best and final for every evaluation mode that was logged, next to the consensus, bytes, time
+and memory of the run.
 
 metrics.jsonl holds one JSON object per line. ``"event": "eval"`` lines carry ``round`` and any of the
 accuracy, loss, consensus and cost keys; ``"event": "round"`` lines carry the per-round costs. Every other

@@ -164,7 +164,7 @@ def _lambda2(m: np.ndarray) -> float:
 
 def expected_contraction(schedule: Schedule, samples: int = 200, batches: int = 10) -> tuple[float, float]:
     """rho = lambda_2(E[W^T W]) and its standard error: the factor by which a round shrinks disagreement
-    in expectation (ALGORITHMS.md §1). Static: (max(|lambda_2|, |lambda_n|)^2, 0.0), exact.
+    in expectation (docs/algorithms.md: conventions). Static: (max(|lambda_2|, |lambda_n|)^2, 0.0), exact.
 
     Random: E is the mean over rounds 0..samples-1. The standard error is by batch means: the rounds are
     cut into ``batches`` contiguous blocks, rho is computed from each block's mean, and the error is the

@@ -3,8 +3,8 @@
 Every topology in declora is a mixing matrix (epfml style): local-only training is W = I, full averaging is
 W = 11^T/n, gossip on a ring is the 1/3 tridiagonal. This module holds the static pieces: graph families
 (``GRAPHS``), weight rules (``WEIGHTS``), the validity check and the spectral gap. Time-varying W(t) lives
-in ``declora.schedules``. Conventions follow ALGORITHMS.md §1: W is symmetric and doubly stochastic, and
-w_ij > 0 only on edges of the graph or the diagonal.
+in ``declora.schedules``. Conventions follow docs/algorithms.md: W is symmetric and doubly stochastic,
+and w_ij > 0 only on edges of the graph or the diagonal.
 """
 
 from __future__ import annotations

@@ -193,3 +193,16 @@ def test_shipped_grids_expand_to_valid_configs(path, monkeypatch):
     cells = expand(grid)
     per_seed = math.prod(len(v) for v in grid.axes.values())
     assert len(cells) == per_seed * len(grid.seeds) and len({c.run_dir for c in cells}) == len(cells)
+
+
+def test_command_line_overrides_reach_every_cell(tmp_path, tiny_bert):
+    grid = load_grid(_grid_file(tmp_path, tiny_bert), ("rounds=1", "train.lr=0.01"), str(tmp_path / "o"))
+    cells = expand(grid)
+    from declora.config import load_config
+
+    for cell in cells:
+        cfg = load_config(grid.base, cell.overrides)
+        assert (cfg.rounds, cfg.train.lr) == (1, 0.01)
+        assert cell.run_dir.parent == tmp_path / "o"
+    with pytest.raises(ConfigError, match="algorithm.name is set per cell"):
+        load_grid(_grid_file(tmp_path, tiny_bert), ("algorithm.name=fedavg",))

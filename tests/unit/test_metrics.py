@@ -1,4 +1,5 @@
-"""Gram-based consensus metrics against a dense float64 reference (ALGORITHMS.md §1, §8a)."""
+"""Gram-based consensus metrics against a dense float64 reference
+(docs/algorithms.md: conventions, cross-term)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def test_all_equal_factors_give_zero() -> None:
 
 @pytest.mark.parametrize("shared", ["A", "B"])
 def test_cross_term_vanishes_when_one_factor_agrees(shared: str) -> None:
-    # §8a: mean(BA) − mean(B)mean(A) = mean((B−B̄)(A−Ā)) is zero when either factor is common.
+    # see cross-term: mean(BA) − mean(B)mean(A) = mean((B−B̄)(A−Ā)) is zero when either factor is common.
     A, B = _factors(4)
     if shared == "A":
         A = A[:1].expand_as(A).clone()

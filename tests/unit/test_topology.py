@@ -1,4 +1,5 @@
-"""Static graphs, weight rules, the mixing-matrix check and the spectral gap (ALGORITHMS.md §1)."""
+"""Static graphs, weight rules, the mixing-matrix check and the spectral gap
+(docs/algorithms.md: conventions)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """ADF-LoRA: alternating LoRA in decentralized FL, with a global phase and both factors mixed.
 
-Wang, Li, Zhou, Li, Liu. "ADF-LoRA." arXiv 2511.18291 (2025). ALGORITHMS.md §4, §8d.
+Wang, Li, Zhou, Li, Liu. "ADF-LoRA." arXiv 2511.18291 (2025). docs/algorithms.md: phase mismatch.
 
 Round t, phase p = phase(t) (the shared clock in ``alternating.py``; T = switch_interval, default 5):
 

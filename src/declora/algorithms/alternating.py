@@ -1,6 +1,7 @@
 """The shared phase clock of the alternating methods: ADF-LoRA, TAD-LoRA, RoLoRA and RoLoRA-DFL.
 
-ALGORITHMS.md §4, §5, §8d, §8g. One global clock, so every node trains the same factor in a round:
+docs/algorithms.md: phase mismatch, optimizer state. One global clock, so every node trains the same
+factor in a round:
 
     phase(t) = first_phase  if floor(t / T) is even  else the other factor
 

@@ -1,4 +1,4 @@
-"""The one interface every algorithm implements (ALGORITHMS.md §10), and what a round hands it.
+"""The one interface every algorithm implements (docs/algorithms.md), and what a round hands it.
 
 An algorithm says, per round, what trains and who is active (``plan``), and how the nodes' tensors are
 combined after local work (``communicate``). Everything else (batched local training, evaluation,

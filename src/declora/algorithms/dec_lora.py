@@ -1,7 +1,7 @@
 """Dec-LoRA: decentralized LoRA, both factors gossiped.
 
 Ghiasvand, Alizadeh, Pedarsani. "Decentralized Low-Rank Fine-Tuning of Large Language Models."
-arXiv 2501.15361 (REALM @ ACL 2025). ALGORITHMS.md §2.
+arXiv 2501.15361 (REALM @ ACL 2025). docs/algorithms.md.
 
 Each round, node i trains (A_i, B_i) (and a trained head) locally, then mixes with its neighbours:
 

@@ -1,7 +1,8 @@
 """DeCAF: consensus on the LoRA products, then truncated-SVD re-factorization.
 
 Saadati, Jiang, Waite, Ganguly, Balu, Hegde, Sarkar. "DeCAF: Decentralized Consensus-And-Factorization
-for Low-Rank Adaptation of Foundation Models." arXiv 2505.21382. ALGORITHMS.md §3, §8b, §8c, §8f, §8g.
+for Low-Rank Adaptation of Foundation Models." arXiv 2505.21382.
+docs/algorithms.md: consensus interference, gauge, scale, optimizer state.
 
 After local work node i receives its neighbours' factors (not the dense products) and sets
 
@@ -16,9 +17,10 @@ TSVD without the dense matrix [M, standard]: P = [W_i1 B_1 ... W_im B_m] (d_out 
 Q^T = [A_1; ...; A_m]^T (d_in x m r) over i and its neighbours; P = Q1 R1, Q^T = Q2 R2;
 R1 R2^T = U' S V'^T (m r x m r); U = Q1 U', V = Q2 V'. Batched over the nodes: each node gathers its
 neighbours up to m = 1 + max degree (padding has weight 0). M is formed from the unscaled factors; the
-scale s stays in the forward pass (§8f). A node with no neighbour this round keeps its factors and
+scale s stays in the forward pass (see scale). A node with no neighbour this round keeps its factors and
 moments (TSVD_r of a rank-r product is itself). optimizer_policy [M]: "reset" (default) clears the A
-and B moments of re-factorized nodes (their coordinates changed gauge, §8g), "keep" leaves them.
+and B moments of re-factorized nodes (their coordinates changed
+gauge, see optimizer state), "keep" leaves them.
 """
 
 from __future__ import annotations

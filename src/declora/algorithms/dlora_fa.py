@@ -1,7 +1,7 @@
 """DLoRA-FA: decentralized LoRA with A frozen at the shared init; only B (and a head) is gossiped.
 
 Saadati et al., "DeCAF: Decentralized Consensus-And-Factorization for Low-Rank Adaptation of Foundation
-Models." arXiv 2505.21382, the DLoRA-FA baseline. ALGORITHMS.md §3, §8a, §8e.
+Models." arXiv 2505.21382, the DLoRA-FA baseline. docs/algorithms.md: cross-term, initialization.
 
 Every node starts from the same A^0 (model.init_seed) and B^0 = 0. Each round node i trains B_i (and a
 trained head) and mixes:

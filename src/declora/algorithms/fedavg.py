@@ -1,12 +1,12 @@
 """FedAvg-LoRA (FedIT): a server averages the factors of the participating nodes.
 
 Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning" (FedIT), ICASSP 2024;
-ALGORITHMS.md §9. Each round every node trains locally, uploads (A_i, B_i, head_i), and the server sends
+docs/algorithms.md. Each round every node trains locally, uploads (A_i, B_i, head_i), and the server sends
 back
 
     A <- sum_i p_i A_i      B <- sum_i p_i B_i      (p_i uniform, as a complete graph with W = 11^T/n)
 
-The mean of the factors is not the mean of the products B_i A_i (the cross-term error, §8a): the
+The mean of the factors is not the mean of the products B_i A_i (the cross-term error, see cross-term): the
 ``cross_term`` metric measures exactly that gap before each aggregation.
 """
 

@@ -1,7 +1,7 @@
 """FFA-LoRA: federated LoRA with A frozen at the shared init; a server averages only B (and a head).
 
 Sun, Li, Li, Ding. "Improving LoRA in Privacy-preserving Federated Learning." ICLR 2024.
-ALGORITHMS.md §9, §8a, §8e.
+docs/algorithms.md: cross-term, initialization.
 
 Every node starts from the same A^0 (model.init_seed) and B^0 = 0. Each round the participants S
 train B_i (and a trained head), and the server sends back

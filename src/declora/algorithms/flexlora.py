@@ -1,7 +1,7 @@
 """FlexLoRA: heterogeneous ranks; the server averages the LoRA products and re-factorizes them by SVD.
 
 Bai, Chen, Qian, Yao, Li. "Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and
-Client Resources." NeurIPS 2024. ALGORITHMS.md §9, §8c, §8f, §8g.
+Client Resources." NeurIPS 2024. docs/algorithms.md: gauge, scale, optimizer state.
 
 Node i has rank r_i = algorithm.ranks[i] (gate 1[j < r_i], fixed; r_max = model.rank). Round t, sampled
 nodes S (``ranks.sample_clients``), after local training (train.lr, no server optimizer):
@@ -15,11 +15,11 @@ nodes S (``ranks.sample_clients``), after local training (train.lr, no server op
                 node i receives B_i = U[:, :r_i] Sigma[:r_i], A_i = V[:, :r_i]^T
     head (model.head=train): FedAvg with the same p_i
 
-Scale (§8f): M is formed from the unscaled factors and the run's one scale s stays in the forward, so
+Scale (see scale): M is formed from the unscaled factors and the run's one scale s stays in the forward, so
 node i's s B G_i A is the rank-r_i truncation of the weighted mean of the s B_j G_j A_j, exactly. (The
 FSLoRA reimplementation rescales by sqrt(r_i) because its clients carry their own rsLoRA scales
 alpha/sqrt(r_i) [C]; nodes here share s [M].) Device optimizer: algorithm.optimizer_policy, reset
-(default: the SVD changes the factors' gauge, §8g) or keep.
+(default: the SVD changes the factors' gauge, see optimizer state) or keep.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """FSLoRA: each sampled device trains a random rank-k_i sketch of the server's global LoRA factors.
 
 Fang, Han, Yuan, Hosseinalipour, Brinton. "Federated Sketching LoRA: On-Device Collaborative Fine-Tuning
-of Large Language Models." arXiv 2501.19389. ALGORITHMS.md §6, §8f, §8g, §8j.
+of Large Language Models." arXiv 2501.19389. docs/algorithms.md: scale, optimizer state, FSLoRA details.
 
 The server holds (A, B) of rank r = model.rank. Round t, devices S sampled (``ranks.sample_clients``):
 
@@ -14,16 +14,17 @@ The server holds (A, B) of rank r = model.rank. Round t, devices S sampled (``ra
     g = (1/|S|) sum_{i in S} pad(Delta_i);   (A, B) <- AdamW_server((A, B), g)      (algorithm.server_lr)
     head (model.head=train): FedAvg of the devices' heads. Every node then holds the server model.
 
-Choices [M]: one index set per device and round, shared by B's columns and A's rows (mandatory, §8j) and
-by every module (the indices travel once per round). Ratios: algorithm.sketch_ratios, else drawn once
-per run from (seed, "sketch_ratios") by algorithm.sketch_dist, all on [1/8, 1/2]:
+Choices [M]: one index set per device and round, shared by B's columns and A's rows (mandatory, see FSLoRA
+details) and by every module (the indices travel once per round). Ratios: algorithm.sketch_ratios, else
+drawn once per run from (seed, "sketch_ratios") by algorithm.sketch_dist, all on [1/8, 1/2]:
   uniform       each ratio uniform on {1/8, 1/4, 1/2} (the GLUE code [C])
   normal        N(5/16, (1/16)^2) clipped to [1/8, 1/2] (the code's mean (a+b)/2, std (b-a)/6 [C])
   heavy_tailed  x_i = exp(-Z_i), Z_i ~ N(0, 1), min-max rescaled over the nodes onto [1/8, 1/2] (the
                 code's "heavy_tail_low", 1/lognormal: most devices near 1/8 [C]; a single node gets 1/8)
 Download: a sampled device fetches B[:, I_i], A[I_i, :] (and the head) at the start of its round, booked
 with its upload. Between rounds the gates are off and every node's rows are the server model, so
-acc_node = acc_server. The released code never applies its masks (§6); this is the paper's method.
+acc_node = acc_server. The released code never applies its masks (see docs/algorithms.md); this is the
+paper's method.
 With train.weight_decay > 0, masked coordinates may decay locally; they are neither used (gate 0) nor
 sent, so the device still trains exactly its sub-adapter.
 """

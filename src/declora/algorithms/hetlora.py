@@ -1,7 +1,7 @@
 """HetLoRA: heterogeneous client ranks by zero padding, with a server AdamW (as FSLoRA reimplements it).
 
 Cho, Liu, Bai, Joshi, et al. "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation
-Models." EMNLP 2024. ALGORITHMS.md §9 (the FSLoRA reimplementation [C]), §8f.
+Models." EMNLP 2024. docs/algorithms.md: scale.
 
 Global rank r_max = model.rank; node i has rank r_i = algorithm.ranks[i] and uses the first r_i
 components (gate 1[j < r_i], fixed for the run). Round t, sampled nodes S (``ranks.sample_clients``):

@@ -1,6 +1,6 @@
 """Local-only training: every node trains on its own data and never communicates (W = I).
 
-The lower reference of every decentralized paper (ALGORITHMS.md §9).
+The lower reference of every decentralized paper (docs/algorithms.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What the heterogeneous-rank server methods share (fslora, hetlora, flexlora). ALGORITHMS.md §6, §9.
+"""What the heterogeneous-rank server methods share (fslora, hetlora, flexlora). docs/algorithms.md.
 
 Node i's adapter is the run's rank-r adapter (r = model.rank) seen through a per-node gate g_i
 (``lora.RankMask``): W_i = W0 + s B_i diag(g_i) A_i, with the run's one scale s (alpha/r, alpha/sqrt(r)).
@@ -106,7 +106,7 @@ class ServerFactors:
             factor_messages(ctx.fed, self.tensors()), keep, senders, ctx.round, indices
         )
         for k, p in self.params.items():
-            p.grad = decoded[k].sum(0, keepdim=True) / senders.sum().to(p.dtype)  # divisor |S| (§8j)
+            p.grad = decoded[k].sum(0, keepdim=True) / senders.sum().to(p.dtype)  # |S|: FSLoRA details
         self.optimizer.step(torch.ones(1, dtype=torch.bool), list(self.params))
         for p in self.params.values():
             p.grad = None

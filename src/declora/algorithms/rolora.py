@@ -1,7 +1,7 @@
 """RoLoRA: alternating LoRA with a server; only the active factor is trained and averaged.
 
 Chen et al., "Robust Federated Finetuning of LLMs via Alternating Optimization of LoRA" (RoLoRA),
-NeurIPS 2025. ALGORITHMS.md §9.
+NeurIPS 2025. docs/algorithms.md.
 
 Round t, phase p = phase(t) (the shared clock in ``alternating.py``):
 

@@ -1,7 +1,7 @@
 """RoLoRA-DFL: RoLoRA carried naively into decentralized FL; only the active factor is gossiped.
 
 The "RoLoRA-in-DFL" baseline of ADF-LoRA (arXiv 2511.18291) and TAD-LoRA (arXiv 2602.00451), after
-Chen et al.'s RoLoRA (NeurIPS 2025). ALGORITHMS.md §8d, §9, §10.
+Chen et al.'s RoLoRA (NeurIPS 2025). docs/algorithms.md: phase mismatch.
 
 Round t, phase p = phase(t) (the shared clock in ``alternating.py``):
 

@@ -1,0 +1,62 @@
+"""The command line, its --help and the README's usage block name the same commands, and every usage
+line of the README parses."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+import declora.cli
+from declora.cli import build_parser
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _usage_lines() -> list[str]:
+    """The ``declora ...`` lines of the first code block under "## Usage", comments dropped."""
+    section = README.read_text().split("\n## Usage\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("declora ")]
+
+
+def _subcommands() -> set[str]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(action.choices)
+
+
+def test_readme_usage_names_exactly_the_cli_commands():
+    named = {line.split()[1] for line in _usage_lines()}
+    assert named == _subcommands()
+
+
+def test_help_and_module_doc_name_exactly_the_cli_commands(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    listed = re.search(r"\{([a-z,]+)\}", capsys.readouterr().out).group(1)
+    assert set(listed.split(",")) == _subcommands()
+    in_doc = set(re.search(r"``declora ([a-z |]+)``", declora.cli.__doc__).group(1).split(" | "))
+    assert in_doc == _subcommands()
+
+
+@pytest.mark.parametrize("line", _usage_lines())
+def test_every_readme_usage_line_parses(line):
+    """Optional parts ([...]) dropped, placeholders kept: argparse accepts the line's shape."""
+    words = re.sub(r"\[[^\]]*\]", " ", line).split()[1:]
+    args = build_parser().parse_args(words)
+    assert args.command == words[0]
+
+
+def test_the_repository_documents_itself():
+    """No file points at documents outside the repository (the algorithms are in docs/algorithms.md)."""
+    root = README.parent
+    outside = ("ALGORITHMS" + ".md", "../" + "shared")
+    files = [root / "README.md", root / "Makefile", root / "pyproject.toml"]
+    for folder in ("src", "docs", "configs", "tests", "benchmarks"):
+        files += [p for p in (root / folder).rglob("*") if p.suffix in {".py", ".md", ".yaml", ".txt"}]
+    hits = [f"{p}: {s}" for p in files for s in outside if s in p.read_text(errors="ignore")]
+    assert hits == []
+    assert (root / "docs" / "algorithms.md").is_file()

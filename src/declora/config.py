@@ -47,8 +47,14 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "rotten_tomatoes"  # rotten_tomatoes | bbc_news | a .csv / .jsonl / .txt file
-    test_file: str | None = None  # for a user's file: held-out file (else a seeded split)
+    # rotten_tomatoes | bbc_news | a .csv/.tsv/.json/.jsonl/.parquet/.arrow file or a datasets
+    # save_to_disk folder (read by HF datasets) | a .txt file (causal_lm)
+    dataset: str = "rotten_tomatoes"
+    split: str = "train"  # the training split of a save_to_disk DatasetDict (a plain file is "train")
+    # held-out rows: test_file (its split test_split or "train"), else the split test_split, else the
+    # source's own "test" split, else a seeded split of the training rows
+    test_file: str | None = None
+    test_split: str | None = None
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2

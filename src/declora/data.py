@@ -1,4 +1,5 @@
-"""Text datasets: the shipped corpora, a user's CSV/JSONL file or plain text file, and tokenization.
+"""Text datasets: the shipped corpora, a user's table (CSV, JSON(L), parquet, Arrow, save_to_disk folder,
+read by ``datasets``) or plain text file, and tokenization.
 
 Every loader returns a ``(train, test)`` pair of ``TextDataset`` with labels already mapped to
 ``0..K-1``; partitioning across nodes happens later (``declora.partition``), on the train labels only.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 
 from declora.assets import data_path
-from declora.config import DataConfig
+from declora.config import ConfigError, DataConfig
 from declora.seeding import numpy_rng
-
-USER_SUFFIXES = (".csv", ".jsonl", ".json", ".txt")
+from declora.tables import TABLE_SUFFIXES, class_names, column, is_table, open_split, splits_of
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
@@ -32,6 +31,7 @@ class TextDataset:
     labels: np.ndarray  # (N,) int64 in 0..num_labels-1
     label_names: tuple[str, ...]
     groups: np.ndarray | None = None  # (N,) int64
+    clients: np.ndarray | None = None  # (N,) int64: the row's value of partition.column, as an index
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
@@ -53,7 +53,8 @@ class TextDataset:
         """The examples at ``idx``, in that order (label names kept, so label ids stay comparable)."""
         idx = np.asarray(idx, dtype=np.int64)
         groups = None if self.groups is None else self.groups[idx]
-        return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.label_names, groups)
+        clients = None if self.clients is None else self.clients[idx]
+        return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.label_names, groups, clients)
 
 
 # ---------------------------------------------------------------- seeded splits
@@ -147,33 +148,7 @@ def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]
     return ds.subset(train_idx), ds.subset(test_idx)
 
 
-# ---------------------------------------------------------------- a user's file
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of a .csv, .jsonl (one object per line) or .json (a list of objects, or JSON lines) file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return list(json.loads(text))
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _column(rows: list[dict[str, Any]], column: str, key: str, path: Path) -> list[Any]:
-    """The values of ``column``; a missing column or empty cell is an error naming it and what was found."""
-    if not rows:
-        raise ValueError(f"data file {str(path)!r} holds no rows")
-    if column not in rows[0]:
-        raise ValueError(f"data.{key}={column!r} is not a column of {str(path)!r}; found {sorted(rows[0])}")
-    values = [row.get(column) for row in rows]
-    for i, v in enumerate(values):
-        if v is None or v == "":
-            raise ValueError(f"row {i} of {str(path)!r} has no value in column {column!r}")
-    return values
+# ---------------------------------------------------------------- a user's table (declora.tables)
 
 
 def _label_order(values: Sequence[str]) -> tuple[str, ...]:
@@ -185,30 +160,72 @@ def _label_order(values: Sequence[str]) -> tuple[str, ...]:
         return tuple(sorted(distinct))
 
 
-def _read_user_file(path: Path, cfg: DataConfig) -> tuple[list[str], list[str]]:
-    rows = _read_rows(path)
-    texts = [str(t) for t in _column(rows, cfg.text_column, "text_column", path)]
-    labels = [str(v).strip() for v in _column(rows, cfg.label_column, "label_column", path)]
-    return texts, labels
+@dataclass(frozen=True)
+class Rows:
+    """One split's columns as read: label values as strings, the ClassLabel names when the column has them."""
+
+    texts: list[str]
+    labels: list[str]
+    names: tuple[str, ...] | None
+    clients: list[str] | None  # partition.column's values (kind=column)
+    where: str
 
 
-def _encode(texts: list[str], labels: list[str], names: tuple[str, ...], path: Path) -> TextDataset:
+def read_rows(
+    source: str, split: str, cfg: DataConfig, client_column: str | None = None, key: str = ""
+) -> Rows:
+    table = open_split(source, split, key or "data.split")
+    where = f"{source!r} (split {split!r})"
+    texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where)]
+    raw = column(table, cfg.label_column, "data.label_column", where)
+    names = class_names(table, cfg.label_column)
+    if names is not None:
+        bad = next((i for i, v in enumerate(raw) if not 0 <= int(v) < len(names)), None)
+        if bad is not None:
+            raise ValueError(f"row {bad} of {where} has label {raw[bad]}, not one of 0..{len(names) - 1}")
+    labels = [names[int(v)] if names else str(v).strip() for v in raw]
+    clients = None
+    if client_column is not None:
+        clients = [str(v) for v in column(table, client_column, "partition.column", where)]
+    return Rows(texts, labels, names, clients, where)
+
+
+def encode_rows(rows: Rows, names: tuple[str, ...]) -> TextDataset:
     ids = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(labels) - set(ids))
+    unknown = sorted(set(rows.labels) - set(ids))
     if unknown:
-        raise ValueError(f"labels {unknown} in {str(path)!r} do not occur in the training file {list(names)}")
-    return TextDataset(texts, np.array([ids[v] for v in labels]), names)
+        raise ValueError(f"labels {unknown} in {rows.where} do not occur in the training data {list(names)}")
+    clients = None
+    if rows.clients is not None:
+        order = sorted(set(rows.clients))
+        index = {c: i for i, c in enumerate(order)}
+        clients = np.array([index[c] for c in rows.clients], dtype=np.int64)
+    return TextDataset(rows.texts, np.array([ids[v] for v in rows.labels]), names, clients=clients)
 
 
-def load_user_file(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
-    """A .csv/.jsonl/.json file; ``cfg.test_file`` (same columns and labels) or a seeded stratified split."""
-    path = Path(cfg.dataset).expanduser()
-    texts, labels = _read_user_file(path, cfg)
-    names = _label_order(labels)
-    train = _encode(texts, labels, names, path)
+def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
+    """Where the held-out examples come from: data.test_file, a named split (data.test_split, or the
+    source's own "test" split), or None for a seeded split of the training rows."""
     if cfg.test_file is not None:
-        test_path = Path(cfg.test_file).expanduser()
-        return train, _encode(*_read_user_file(test_path, cfg), names, test_path)
+        return cfg.test_file, cfg.test_split or "train"
+    if cfg.test_split is not None:
+        return cfg.dataset, cfg.test_split
+    saved = Path(cfg.dataset).expanduser().is_dir()  # a plain file has one split, "train"
+    return (
+        (cfg.dataset, "test") if saved and cfg.split != "test" and "test" in splits_of(cfg.dataset) else None
+    )
+
+
+def load_user_file(
+    cfg: DataConfig, seed: int, client_column: str | None = None
+) -> tuple[TextDataset, TextDataset]:
+    """A table (declora.tables) split ``cfg.split``; the test rows per ``held_out_source``."""
+    rows = read_rows(cfg.dataset, cfg.split, cfg, client_column)
+    names = rows.names or _label_order(rows.labels)
+    train = encode_rows(rows, names)
+    held = held_out_source(cfg)
+    if held is not None:
+        return train, encode_rows(read_rows(*held, cfg, key="data.test_split"), names)
     train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
     return train.subset(train_idx), train.subset(test_idx)
 
@@ -241,18 +258,26 @@ DATASETS: dict[str, Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]
 }
 
 
-def load_dataset(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
-    """(train, test) for ``cfg.dataset``: a shipped name or a user file, then train/test limits applied."""
+def load_dataset(
+    cfg: DataConfig, seed: int, client_column: str | None = None
+) -> tuple[TextDataset, TextDataset]:
+    """(train, test) for ``cfg.dataset``: a shipped name or a user's table, then train/test limits applied.
+    ``client_column`` (partition.kind=column) is read into ``train.clients``."""
+    if client_column is not None and cfg.dataset in DATASETS:
+        raise ConfigError(
+            f"partition.kind=column reads partition.column from a user's table; data.dataset={cfg.dataset!r} "
+            "is a shipped corpus without one"
+        )
     if cfg.dataset in DATASETS:
         train, test = DATASETS[cfg.dataset](cfg, seed)
     elif cfg.dataset.endswith(".txt"):
         train, test = load_text_file(cfg, seed)
-    elif cfg.dataset.endswith(USER_SUFFIXES):
-        train, test = load_user_file(cfg, seed)
+    elif is_table(cfg.dataset):
+        train, test = load_user_file(cfg, seed, client_column)
     else:
-        raise ValueError(
-            f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)} "
-            f"nor a file ending in {list(USER_SUFFIXES)}"
+        raise ConfigError(
+            f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)}, a file ending in "
+            f"{[*TABLE_SUFFIXES, '.txt']} nor a datasets save_to_disk folder"
         )
     if len(train) == 0 or len(test) == 0:
         raise ValueError(

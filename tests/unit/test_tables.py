@@ -1,0 +1,146 @@
+"""A user's table read through HF datasets: every file kind gives the same examples; splits and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from declora.config import ConfigError, DataConfig
+from declora.data import load_dataset
+
+pytestmark = pytest.mark.unit
+
+ROWS = [
+    {"review": f"text number {i}", "stars": ["neg", "pos", "mid"][i % 3], "user": f"u{i % 4}"}
+    for i in range(30)
+]
+
+
+def _write(kind: str, folder: Path, rows=ROWS) -> Path:
+    import datasets
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows)
+    path = folder / f"data.{kind}"
+    if kind in ("csv", "tsv"):
+        with path.open("w", encoding="utf-8-sig", newline="") as f:  # a byte-order mark, as Excel writes
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if kind == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif kind == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif kind == "json":
+        path.write_text(json.dumps(rows))
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif kind == "arrow":  # the Arrow IPC stream format datasets itself writes
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    elif kind == "arrow_file":  # the Arrow IPC file format (Feather v2) pyarrow and pandas write
+        import pyarrow.feather as feather
+
+        path = folder / "data.arrow"
+        feather.write_feather(table, str(path))
+    elif kind == "saved":
+        path = folder / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+KINDS = ["csv", "tsv", "json", "jsonl", "parquet", "arrow", "arrow_file", "saved"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_file_kind_gives_the_same_examples(tmp_path, kind):
+    cfg = DataConfig(dataset=str(_write(kind, tmp_path)), text_column="review", label_column="stars")
+    train, test = load_dataset(cfg, seed=0)
+    assert train.label_names == ("mid", "neg", "pos")  # sorted label values
+    assert len(train) + len(test) == 30 and len(test) == 6  # stratified 20 %: 2 per label
+    reference = {f"text number {i}": ["neg", "pos", "mid"][i % 3] for i in range(30)}
+    for ds in (train, test):
+        assert {
+            t: ds.label_names[y] for t, y in zip(ds.texts, ds.labels, strict=True)
+        }.items() <= reference.items()
+    again, _ = load_dataset(cfg, seed=0)
+    assert again.texts == train.texts
+
+
+def test_byte_order_mark_does_not_rename_the_first_column(tmp_path):
+    path = _write("csv", tmp_path)
+    assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
+    cfg = DataConfig(dataset=str(path), text_column="review", label_column="stars")
+    assert load_dataset(cfg, seed=0)[0].texts[0].startswith("text number")
+
+
+def test_named_splits_and_class_label_names_of_a_saved_dataset_dict(tmp_path):
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["no", "yes"])}
+    )
+    make = lambda n, tag: datasets.Dataset.from_dict(  # noqa: E731
+        {"text": [f"{tag} {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}, features=features
+    )
+    folder = tmp_path / "dd"
+    datasets.DatasetDict(
+        {"train": make(20, "tr"), "validation": make(6, "va"), "test": make(4, "te")}
+    ).save_to_disk(str(folder))
+    train, test = load_dataset(DataConfig(dataset=str(folder)), seed=0)
+    assert train.label_names == ("no", "yes")  # from the ClassLabel, not from the values
+    assert len(train) == 20 and test.texts == [f"te {i}" for i in range(4)]  # the source's own test split
+    _, val = load_dataset(DataConfig(dataset=str(folder), test_split="validation"), seed=0)
+    assert val.texts == [f"va {i}" for i in range(6)] and val.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    with pytest.raises(
+        ConfigError, match=r"data.split='dev' is not a split .* \['test', 'train', 'validation'\]"
+    ):
+        load_dataset(DataConfig(dataset=str(folder), split="dev"), seed=0)
+
+
+def test_test_file_of_another_kind(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    train_path = _write("parquet", tmp_path / "a")
+    test_path = _write("jsonl", tmp_path / "b", ROWS[:5])
+    cfg = DataConfig(
+        dataset=str(train_path), test_file=str(test_path), text_column="review", label_column="stars"
+    )
+    train, test = load_dataset(cfg, seed=0)
+    assert len(train) == 30 and test.texts == [r["review"] for r in ROWS[:5]]
+    assert [test.label_names[y] for y in test.labels] == [r["stars"] for r in ROWS[:5]]
+
+
+def test_clear_errors(tmp_path):
+    path = _write("parquet", tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"data.text_column='text' is not a column .* found \['review', 'stars', 'user'\]"
+    ):
+        load_dataset(DataConfig(dataset=str(path), label_column="stars"), seed=0)
+    with pytest.raises(ConfigError, match="data.dataset='nope.xlsx' is neither"):
+        load_dataset(DataConfig(dataset="nope.xlsx"), seed=0)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="is neither"):
+        load_dataset(DataConfig(dataset=str(tmp_path / "plain")), seed=0)
+    gaps = [dict(r) for r in ROWS]
+    gaps[3]["review"] = None
+    (tmp_path / "g").mkdir()
+    with pytest.raises(ValueError, match="row 3 .* no value in column 'review'"):
+        load_dataset(
+            DataConfig(
+                dataset=str(_write("jsonl", tmp_path / "g", gaps)), text_column="review", label_column="stars"
+            ),
+            seed=0,
+        )
+
+
+def test_client_column_is_read_as_indices(tmp_path):
+    cfg = DataConfig(dataset=str(_write("csv", tmp_path)), text_column="review", label_column="stars")
+    train, test = load_dataset(cfg, seed=0, client_column="user")
+    index = {int(t.split()[-1]): c for t, c in zip(train.texts, train.clients, strict=True)}
+    assert all(index[i] == i % 4 for i in index)  # "u0".."u3" -> 0..3
+    assert isinstance(train.clients, np.ndarray)

@@ -40,6 +40,7 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
     tensors = {f"model/{k}": v.detach().contiguous() for k, v in exp.fed.tensors().items()}
     tensors.update({f"optim/{k}": v.contiguous() for k, v in exp.optimizer.state_dict().items()})
     tensors.update({f"codec/{k}": v.contiguous() for k, v in exp.exchange.codec.state_dict().items()})
+    tensors.update({f"exchange/{k}": v.contiguous() for k, v in exp.exchange.state_dict().items()})
     algo_state = getattr(exp.algorithm, "state_dict", None)
     if algo_state is not None:
         tensors.update({f"algorithm/{k}": v.contiguous() for k, v in algo_state().items()})
@@ -97,6 +98,9 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     )
     exp.exchange.codec.load_state_dict(
         {k[len("codec/") :]: v for k, v in tensors.items() if k.startswith("codec/")}
+    )
+    exp.exchange.load_state_dict(
+        {k[len("exchange/") :]: v for k, v in tensors.items() if k.startswith("exchange/")}
     )
     algo_load = getattr(exp.algorithm, "load_state_dict", None)
     if algo_load is not None:

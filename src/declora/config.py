@@ -95,7 +95,9 @@ class CommConfig:
     bits: int = 8  # quantize: bits per entry (2..8)
     block_size: int | None = 256  # quantize: one (lo, scale) per block of a node's message (None: per row)
     fraction: float = 0.1  # topk: fraction of entries kept per message
-    error_feedback: bool = False  # topk: carry what was not sent into the next round
+    error_feedback: bool = False  # topk on a server upload: carry what was not sent into the next round
+    # topk on gossip runs CHOCO-gossip (comm/choco.py): X_i += consensus_step * sum_j W_ij (X̂_j - X̂_i).
+    consensus_step: float = 0.3  # fastest of {0.2, 0.3, 0.5, 0.7, 1} for fraction 0.1 on a ring of 8 (README)
 
     def codec_params(self) -> dict[str, object]:
         return {
@@ -339,6 +341,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds)")
     _validate_heterogeneous(cfg)
     _validate_task(cfg)
+    _validate_topk(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS
     from declora.schedules import SCHEDULES
@@ -381,6 +384,40 @@ def _validate_heterogeneous(cfg: Config) -> None:
             f"algorithm.server_lr={a.server_lr} must be positive and "
             f"algorithm.server_weight_decay={a.server_weight_decay} non-negative"
         )
+
+
+def _validate_topk(cfg: Config) -> None:
+    """topk is sound where a node sends a change against a reference its receivers share: gossip through
+    CHOCO's public copies on a fixed graph, and FSLoRA/HetLoRA's deltas to the server."""
+    from declora.algorithms import SENDS_STATES
+
+    c, t, name = cfg.comm, cfg.topology, cfg.algorithm.name
+    if not 0 < c.consensus_step <= 1:
+        raise ConfigError(f"comm.consensus_step={c.consensus_step} must be in (0, 1]")
+    if c.codec != "topk" or name in ("local", "centralized"):
+        return
+    if name in SENDS_STATES or (name in ("fslora", "hetlora") and cfg.model.head == "train"):
+        what = "its trained head" if name not in SENDS_STATES else "whole factors"
+        raise ConfigError(
+            f"comm.codec=topk with algorithm.name={name}: the nodes upload {what} to the server, and top-k "
+            "of a state (not of a change) drops most of it; use comm.codec=quantize or fp16"
+            + (", or model.head=frozen" if name not in SENDS_STATES else "")
+        )
+    if name in ("fslora", "hetlora"):
+        return
+    if c.error_feedback:
+        raise ConfigError(
+            "comm.error_feedback=true with gossip: CHOCO-gossip already carries what was not sent "
+            "(X - X̂ is sent again next round); set comm.error_feedback=false"
+        )
+    moving = {"topology.schedule": (t.schedule, "static"), "topology.link_failure": (t.link_failure, 0.0)}
+    moving["topology.node_dropout"] = (t.node_dropout, 0.0)
+    for key, (value, needed) in moving.items():
+        if value != needed:
+            raise ConfigError(
+                f"{key}={value!r} with comm.codec=topk: CHOCO-gossip needs every neighbour to hear every "
+                f"message so that their public copies agree; use {key}={needed!r} (or another codec)"
+            )
 
 
 def _validate_task(cfg: Config) -> None:

@@ -138,10 +138,11 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     schedule = build_schedule(cfg.topology, n, cfg.seed)
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
     exchange = (
-        DistExchange(group, n, codec, cfg.seed)
+        DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)
         if isinstance(group, Distributed)
-        else LocalExchange(n, codec, cfg.seed)
+        else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
     )
+    exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
     return Experiment(
         cfg=cfg,
         run_dir=group.broadcast(run_dir or Path(cfg.run_dir or default_run_dir(cfg))),  # rank 0's clock

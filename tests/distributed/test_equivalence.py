@@ -25,14 +25,16 @@ from declora.experiment import build_experiment
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("worker.py")
 # label: (algorithm, extra overrides). The codecs: a random one (per-node draws must not depend on the
-# slicing; packed codes and fp32 scales on the wire) and a stateful one (error feedback kept per rank).
+# slicing; packed codes and fp32 scales on the wire) and a stateful one (CHOCO's public copies kept per
+# rank, for gossip and for DeCAF's shared factors).
 # fedavg: the server path (one all_reduce), with offline nodes (per-rank online masks, global weights).
 CASES = {
     "dec_lora": ("dec_lora", []),
     "decaf": ("decaf", []),
     "tad_lora": ("tad_lora", []),
     "dec_lora_quantize": ("dec_lora", ["comm.codec=quantize", "comm.bits=4", "comm.block_size=16"]),
-    "decaf_topk": ("decaf", ["comm.codec=topk", "comm.fraction=0.25", "comm.error_feedback=true"]),
+    "decaf_topk": ("decaf", ["comm.codec=topk", "comm.fraction=0.25"]),
+    "dec_lora_topk": ("dec_lora", ["comm.codec=topk", "comm.fraction=0.1"]),
     "fedavg_dropout": ("fedavg", ["topology.node_dropout=0.3"]),
 }
 SERVER = {"fedavg_dropout"}
@@ -45,6 +47,7 @@ SLICES = {
         "tad_lora": (3, 2),
         "dec_lora_quantize": (2, 3),
         "decaf_topk": (3, 2),
+        "dec_lora_topk": (1, 4),
         "fedavg_dropout": (3, 2),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),

@@ -99,11 +99,14 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in ("wall_s", "peak_mem_mb")} for r in records]
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path):
-    full = build_experiment(tiny_config(tiny_bert, tmp_path / "a", "model.dropout=0.1"))
+@pytest.mark.parametrize(
+    "extra", [("model.dropout=0.1",), ("comm.codec=topk", "comm.fraction=0.2")], ids=["dropout", "choco"]
+)
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path, extra):
+    full = build_experiment(tiny_config(tiny_bert, tmp_path / "a", *extra))
     run(full)
 
-    crashed = build_experiment(tiny_config(tiny_bert, tmp_path / "b", "model.dropout=0.1"))
+    crashed = build_experiment(tiny_config(tiny_bert, tmp_path / "b", *extra))
 
     def crash(record):
         if record["round"] == 2:  # after round 2 is logged, before its checkpoint: round 1 is the last

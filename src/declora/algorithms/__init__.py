@@ -36,3 +36,7 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "hetlora": HetLoRA,
     "flexlora": FlexLoRA,
 }
+
+# Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying
+# codec is unsound for them (config refuses comm.codec=topk).
+SENDS_STATES = frozenset({"fedavg", "ffa_lora", "rolora", "flexlora"})

@@ -10,6 +10,10 @@ What crosses a process boundary is the codec's payload of adapter tensors (value
 indices and scales), never data or base weights. The ledger books, per rank, its own senders' per-edge
 bytes exactly as ``LocalExchange`` does (the logged totals are summed over ranks), and separately the
 bytes that actually went through send/recv: ``bytes_cross_process``.
+
+CHOCO-gossip (a ``topk`` codec, comm/choco.py): a rank keeps the public copies of every node in a global
+(n, ...) table, sends its nodes' C(X - X̂) along the same routes, and updates the rows of its own nodes and
+of the neighbours it heard from; rows of nodes it never hears from are never read (their W entries are 0).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from declora.comm.choco import choco_mix
 from declora.comm.codecs import Codec, Encoded
 from declora.comm.exchange import RANDOM_CODECS, ByteLedger, LocalExchange
 from declora.dist import Distributed, talking
@@ -65,8 +70,8 @@ class DistLedger(ByteLedger):
 class DistExchange(LocalExchange):
     """Gossip, share and server_mean over torch.distributed; tensors are this rank's rows (n_local, ...)."""
 
-    def __init__(self, group: Distributed, n: int, codec: Codec, seed: int = 0) -> None:
-        super().__init__(n, codec, seed)
+    def __init__(self, group: Distributed, n: int, codec: Codec, seed: int = 0, step: float = 0.3) -> None:
+        super().__init__(n, codec, seed, step)
         self.group, self.n = group, n
         self.ledger: DistLedger = DistLedger(n, group)
         self.nodes = group.nodes  # (n_local,) global ids of this rank's rows
@@ -142,6 +147,21 @@ class DistExchange(LocalExchange):
                 remote[name] = x.new_zeros(0, *x.shape[1:])
         return local, remote, ids, nbytes
 
+    def _publish_rows(
+        self, tensors: dict[str, Tensor], reach: Tensor, round: int
+    ) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """CHOCO: send this rank's C(X - X̂), add what was sent and received to the copies.
+
+        Returns (X̂ tables (n, ...), bytes per node message) per tensor name."""
+        assert self.copies is not None
+        hats = {name: self.copies.table(name, x) for name, x in tensors.items()}
+        diffs = {name: x.to(hats[name].dtype) - hats[name][self.nodes] for name, x in tensors.items()}
+        local, remote, ids, nbytes = self._exchange(diffs, reach, round)
+        for name, table in hats.items():
+            table[self.nodes] += local[name]
+            table[ids] += remote[name]
+        return hats, nbytes
+
     def _book(self, reach: Tensor, nbytes: int) -> None:
         self.ledger.add_edges(reach & self.mine[:, None], nbytes)  # only this rank's senders
 
@@ -152,6 +172,15 @@ class DistExchange(LocalExchange):
         reach = (W.T > 0) & ~eye  # [i, j]: i's message reaches j
         if not reach.any() or not tensors:
             return dict(tensors)
+        if self.copies is not None:
+            hats, nbytes = self._publish_rows(tensors, reach, round)
+            off_rows = (W * ~eye).to(torch.float32)[self.nodes]  # (n_local, n)
+            for name in tensors:
+                self._book(reach, nbytes[name])
+            return {
+                name: choco_mix(x, hats[name], off_rows, self.nodes, self.copies.step)
+                for name, x in tensors.items()
+            }
         local, remote, ids, nbytes = self._exchange(tensors, reach, round)
         columns = torch.cat([self.nodes, ids])
         order = torch.argsort(columns)  # neighbours in node order, as the simulator's matmul
@@ -171,6 +200,11 @@ class DistExchange(LocalExchange):
         reach = (W.T != 0) & ~torch.eye(self.n, dtype=torch.bool)
         if not reach.any() or not tensors:
             return dict(tensors)
+        if self.copies is not None:  # the neighbours' view is the public copies
+            hats, nbytes = self._publish_rows(tensors, reach, round)
+            for name in tensors:
+                self._book(reach, nbytes[name])
+            return {name: hats[name].to(x.dtype).clone() for name, x in tensors.items()}
         local, remote, ids, nbytes = self._exchange(tensors, reach, round)
         out = {}
         for name, x in tensors.items():

@@ -3,6 +3,9 @@
 ``LocalExchange`` simulates the whole federation in one process: gossip is one matrix product over the
 node axis. Bytes are counted per edge from the encoded messages actually mixed: node i's message costs
 its encoded size once for every neighbour j != i with W_ji > 0 in this round.
+
+A sparsifying codec (``topk``) gossips the CHOCO way (comm/choco.py): nodes send the compressed change
+of their state against public copies that every neighbour holds, and mix on the copies.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from declora.comm.codecs import CastCodec, QuantizeCodec
+from declora.comm.choco import PublicCopies, choco_mix
+from declora.comm.codecs import CastCodec, QuantizeCodec, TopKCodec
 from declora.seeding import torch_generator
 
 RANDOM_CODECS = (QuantizeCodec,)  # codecs that draw from the generator: one generator per node
+# Codecs that lose most of a message (sparsifiers): gossip sends C(X - X̂), never C(X) (CHOCO).
+DIFFERENTIAL_CODECS = (TopKCodec,)
 
 
 class MessageCodec(Protocol):
@@ -85,10 +91,34 @@ class ByteLedger:
 class LocalExchange:
     """In-process exchange: ``X <- W X`` over the node axis, with encoded off-diagonal messages."""
 
-    def __init__(self, n: int, codec: MessageCodec | None = None, seed: int = 0) -> None:
+    def __init__(self, n: int, codec: MessageCodec | None = None, seed: int = 0, step: float = 0.3) -> None:
         self.codec = codec or CastCodec("fp32")
         self.ledger = ByteLedger(n)
         self.seed = seed
+        # CHOCO's public copies (and consensus step size ``step``) for a differential codec, else None.
+        self.copies = PublicCopies(n, step) if isinstance(self.codec, DIFFERENTIAL_CODECS) else None
+
+    def start(self, tensors: dict[str, Tensor]) -> None:
+        """The run's initial node tensors: where the public copies start (every node knows them)."""
+        if self.copies is not None:
+            self.copies.start(tensors)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {} if self.copies is None else self.copies.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.copies is not None:
+            self.copies.load_state_dict(state)
+        elif state:
+            raise ValueError(f"codec {self.codec.name!r} keeps no public copies; got {sorted(state)}")
+
+    def _publish(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
+        """CHOCO: every node sends C(X_i - X̂_i) and every copy adds it; (the new X̂ (n, ...), bytes)."""
+        assert self.copies is not None
+        hats = self.copies.table(name, x)
+        q, nbytes = self._encode(name, x.to(hats.dtype) - hats, round)
+        hats += q.to(hats.dtype)
+        return hats, nbytes
 
     def _encode(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
         if not isinstance(self.codec, RANDOM_CODECS):
@@ -111,6 +141,11 @@ class LocalExchange:
         for name, x in tensors.items():
             if not sends.any():
                 out[name] = x
+                continue
+            if self.copies is not None:
+                hats, nbytes = self._publish(name, x, round)
+                out[name] = choco_mix(x, hats, off, torch.arange(n), self.copies.step)
+                self.ledger.add_edges(sends, nbytes)
                 continue
             decoded, nbytes = self._encode(name, x, round)
             flat, dec = x.reshape(n, -1), decoded.reshape(n, -1).to(x.dtype)
@@ -156,14 +191,19 @@ class LocalExchange:
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         """Every node's tensors as its neighbours decode them (n, ...), for combinations that are not
-        linear in the messages (DeCAF's product mix); bytes are booked per edge W_ji != 0, as gossip."""
+        linear in the messages (DeCAF's product mix); bytes are booked per edge W_ji != 0, as gossip.
+        A differential codec shares the public copies X̂ (the neighbours' view after this round's update)."""
         sends = (W.T != 0) & ~torch.eye(W.shape[0], dtype=torch.bool)  # [i, j]: i's message reaches j
         out: dict[str, Tensor] = {}
         for name, x in tensors.items():
             if not sends.any():
                 out[name] = x
                 continue
-            decoded, nbytes = self._encode(name, x, round)
+            if self.copies is not None:
+                hats, nbytes = self._publish(name, x, round)
+                decoded = hats.clone()
+            else:
+                decoded, nbytes = self._encode(name, x, round)
             out[name] = decoded.to(x.dtype)
             self.ledger.add_edges(sends, nbytes)
         return out

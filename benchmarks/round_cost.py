@@ -384,9 +384,9 @@ def plan(
 
 def default_chunk() -> int:
     """The micro-batch budget a user gets: the rows after the sweep measure what ``declora run`` does."""
-    from declora.config import TrainConfig
+    from declora.device import TOKENS_PER_CHUNK
 
-    return TrainConfig().tokens_per_chunk
+    return TOKENS_PER_CHUNK["cpu"]  # the CPU default of train.tokens_per_chunk
 
 
 def run_all(jobs: list[Job], max_wait_s: float, chunk: int) -> list[dict]:

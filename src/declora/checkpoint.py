@@ -5,6 +5,9 @@ counters in ``round_R.rank_K.json``, each atomically (temporary file, then renam
 when every shard of round R is on disk, rank 0 writes ``latest.json`` (atomically, last): a round is
 saved by every rank or, for resuming, by none. A rank keeps its last two shards (the one latest.json
 names may be the older while rank 0 is still writing), so a run killed at any moment resumes.
+
+Checkpoints are device-neutral: tensors are written from the CPU and read onto the run's device, so a
+run saved on a GPU resumes on the CPU (``device=cpu``) and the other way round.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ def shard_name(round_done: int, rank: int) -> str:
 def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
     group, state_dir = exp.group, exp.run_dir / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model/{k}": v.detach().contiguous() for k, v in exp.fed.tensors().items()}
-    tensors.update({f"optim/{k}": v.contiguous() for k, v in exp.optimizer.state_dict().items()})
-    tensors.update({f"codec/{k}": v.contiguous() for k, v in exp.exchange.codec.state_dict().items()})
-    tensors.update({f"exchange/{k}": v.contiguous() for k, v in exp.exchange.state_dict().items()})
+    tensors = {f"model/{k}": v.detach() for k, v in exp.fed.tensors().items()}
+    tensors.update({f"optim/{k}": v for k, v in exp.optimizer.state_dict().items()})
+    tensors.update({f"codec/{k}": v for k, v in exp.exchange.codec.state_dict().items()})
+    tensors.update({f"exchange/{k}": v for k, v in exp.exchange.state_dict().items()})
     algo_state = getattr(exp.algorithm, "state_dict", None)
     if algo_state is not None:
-        tensors.update({f"algorithm/{k}": v.contiguous() for k, v in algo_state().items()})
+        tensors.update({f"algorithm/{k}": v for k, v in algo_state().items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # device-neutral
     name = shard_name(round_done, group.rank)
     _atomic_write(state_dir / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
     counters = {"round": round_done, "streams": exp.streams.state(), "ledger": exp.exchange.ledger.state()}
@@ -78,7 +82,7 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {exp.run_dir}: {latest} is missing (nothing to resume)")
     if "tensors" in meta:  # one file, counters in latest.json: a one-process run of an earlier version
-        tensors, counters = load_file(str(state_dir / meta["tensors"])), meta
+        tensors, counters = load_file(str(state_dir / meta["tensors"]), device=str(exp.fed.device)), meta
     else:
         saved = tuple(meta["node_slices"])
         if saved != group.layout.counts:
@@ -88,7 +92,7 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
                 f"[{','.join(map(str, saved))}]"
             )
         name = shard_name(int(meta["round"]), group.rank)
-        tensors = load_file(str(state_dir / f"{name}.safetensors"))
+        tensors = load_file(str(state_dir / f"{name}.safetensors"), device=str(exp.fed.device))
         counters = json.loads((state_dir / f"{name}.json").read_text())
     with torch.no_grad():
         for k, v in exp.fed.tensors().items():

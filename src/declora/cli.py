@@ -103,6 +103,7 @@ class _Bar:
     def on_round(self, record: dict) -> None:
         self.bar.n = record["round"]
         shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
+        shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
         if "acc_avg_factors" in record:
             shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"
         if "ppl_avg_factors" in record:  # task.kind=causal_lm

@@ -118,9 +118,9 @@ class TrainConfig:
     local_unit: str = "steps"  # steps | epochs
     max_grad_norm: float | None = 1.0  # per-node clipping; null disables
     # Forward micro-batch budget (padded tokens): the result does not depend on it, time and memory do.
-    # Rows are sorted by length, so small budgets pad little; 256 was fastest and leanest on 2 CPU
-    # cores (benchmarks/README.md): activation memory grows with the budget.
-    tokens_per_chunk: int = 256
+    # Rows are sorted by length, so small budgets pad little. null: the device's default (declora.device:
+    # 256 on the CPU, fastest and leanest on 2 cores; 32768 on a GPU, which needs big batches to be busy).
+    tokens_per_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -176,6 +176,8 @@ class Config:
     tensorboard: bool = False  # also mirror the per-round metrics to RUN_DIR/tensorboard
     export: str = "all"  # PEFT adapters written at the end: all (consensus + every node) | consensus | none
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:K; torchrun: cuda:LOCAL_RANK
+    precision: str = "fp32"  # fp32 | bf16: frozen base in bf16 under autocast, fp32 masters (declora.device)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +191,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("fp32", "bf16"),
     "export": ("all", "consensus", "none"),
     "model.head": ("train", "frozen", "none"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm"),
@@ -214,7 +217,6 @@ POSITIVE = (
     "model.max_length",
     "train.batch_size",
     "train.local_steps",
-    "train.tokens_per_chunk",
     "eval.every",
     "eval.batch_size",
 )
@@ -330,6 +332,14 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
+    if cfg.train.tokens_per_chunk is not None and cfg.train.tokens_per_chunk <= 0:
+        raise ConfigError(f"train.tokens_per_chunk={cfg.train.tokens_per_chunk} must be a positive integer or null")
+    from declora.device import check_device
+
+    try:
+        check_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     interval = cfg.algorithm.switch_interval

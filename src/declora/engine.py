@@ -16,6 +16,7 @@ import torch
 from declora.algorithms.base import RoundContext
 from declora.checkpoint import load_checkpoint, save_checkpoint
 from declora.config import save_config, to_dict
+from declora.device import peak_gpu_memory_mb
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.heap import release_free_memory
@@ -27,6 +28,8 @@ from declora.tensorboard import TensorBoardLogger
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
+# Record keys that measure the machine, not the run: they differ between two runs of the same config.
+MEASURED = ("wall_s", "tokens_per_s", "peak_mem_mb", "peak_gpu_mem_mb")
 
 
 def peak_memory_mb() -> float:
@@ -117,8 +120,10 @@ def run(
         online = exp.local(exp.schedule.online(t))
         active = online if plan.active is None else exp.local(plan.active) & online
         names = list(fed.tensors(plan.train))
+        exp.trainer.tokens = 0
         loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
         phases.enter("communicate")
+        speed = train_speed(exp, phases.seconds["train"])
         exp.exchange.ledger.start_round()
         W = exp.schedule.matrix(t)  # global (n, n)
         exp.algorithm.communicate(
@@ -132,13 +137,13 @@ def run(
             "train_loss": float(trained.mean()) if len(trained) else math.nan,
             "local_steps": int(group.all_max(torch.tensor(steps))),
             "active_nodes": int(group.all_sum(active.sum())),
+            **speed,
             **exp.exchange.ledger.round_summary(),
         }
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
             phases.enter("evaluate")
             record.update(event="eval", **evaluate(exp))
-        peak = float(group.all_max(torch.tensor(peak_memory_mb())))  # the largest process
-        record.update(wall_s=wall_before + time.perf_counter() - began, peak_mem_mb=peak)
+        record.update(wall_s=wall_before + time.perf_counter() - began, **peak_memory(exp))
         if group.is_main:
             metrics.write(record)
         if board is not None:
@@ -158,6 +163,22 @@ def run(
     if group.is_main:
         write_report(exp.run_dir)
     return records
+
+
+def train_speed(exp: Experiment, seconds: float) -> dict[str, float]:
+    """Tokens trained this round (every process) and their rate over the slowest process's train time."""
+    tokens = int(exp.group.all_sum(torch.tensor(exp.trainer.tokens)))
+    slowest = float(exp.group.all_max(torch.tensor(seconds)))
+    return {"train_tokens": tokens, "tokens_per_s": tokens / slowest if slowest > 0 else 0.0}
+
+
+def peak_memory(exp: Experiment) -> dict[str, float]:
+    """Peak resident memory of the largest process, and on a GPU its peak allocated GPU memory too."""
+    out = {"peak_mem_mb": float(exp.group.all_max(torch.tensor(peak_memory_mb())))}
+    gpu = peak_gpu_memory_mb(exp.fed.device)
+    if gpu is not None:
+        out["peak_gpu_mem_mb"] = float(exp.group.all_max(torch.tensor(gpu)))
+    return out
 
 
 def export_adapters(exp: Experiment) -> None:

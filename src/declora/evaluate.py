@@ -29,7 +29,7 @@ def _metric_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet)
     if len(token_ids):
         with exp.fed.override(stacked):
             rows = torch.zeros(len(token_ids), dtype=torch.long)
-            chunk = exp.cfg.train.tokens_per_chunk
+            chunk = exp.trainer.tokens_per_chunk
             totals = row_stats(exp.fed, token_ids, labels, rows, exp.pad_id, chunk, exp.task).sum(0)
     return float(exp.task.finalize(exp.group.all_sum(totals)))  # summed over processes, then finalized
 
@@ -52,7 +52,7 @@ def all_nodes(fed: Federation, stacked: dict[str, torch.Tensor]) -> Iterator[Fed
 
 
 def evaluate(exp: Experiment) -> dict[str, float]:
-    fed, chunk, group = exp.fed, exp.cfg.train.tokens_per_chunk, exp.group
+    fed, chunk, group = exp.fed, exp.trainer.tokens_per_chunk, exp.group
     data, m = exp.node_eval, exp.task.metric  # m: "acc" | "ppl"
     own = metric_per_node(fed, data.token_ids, data.labels, fed.n, exp.pad_id, chunk, exp.task)
     per_node = group.gather_nodes(own)  # (n,)

@@ -18,6 +18,7 @@ from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError
 from declora.data import load_dataset
+from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.model import Federation, build_federation, import_peft
 from declora.optim import NodeAdamW
@@ -108,7 +109,10 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     parts = [np.arange(len(train))] if n == 1 else partition(train.labels, n, cfg.partition, cfg.seed)
     summary = describe_partition(parts, train.labels, train.num_labels)
     parts = parts[first : first + n_local]
-    fed = build_federation(cfg.model, n_local, train.num_labels, causal=cfg.task.kind in CAUSAL_KINDS)
+    device = resolve_device(cfg.device)  # torchrun: this rank's GPU
+    causal = cfg.task.kind in CAUSAL_KINDS
+    fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
+    log.info("device %s, precision %s", device, cfg.precision)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)
     from transformers import AutoTokenizer
@@ -132,7 +136,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         train.labels,
         pad_id,
         cfg.train.max_grad_norm,
-        cfg.train.tokens_per_chunk,
+        cfg.train.tokens_per_chunk or default_tokens_per_chunk(device),
         task,
     )
     schedule = build_schedule(cfg.topology, n, cfg.seed)

@@ -96,9 +96,11 @@ class StackedLoRALinear(nn.Module):
         d_out, d_in = base.weight.shape
         if init_A.shape != (rank, d_in):
             raise ValueError(f"init_A has shape {tuple(init_A.shape)}, expected {(rank, d_in)}")
-        # Every node starts from the same A and B = 0, so every node starts at the base model.
-        self.A = nn.Parameter(init_A.to(base.weight.dtype).expand(n, rank, d_in).clone())  # (n, r, d_in)
-        self.B = nn.Parameter(torch.zeros(n, d_out, rank, dtype=base.weight.dtype))  # (n, d_out, r)
+        # Every node starts from the same A and B = 0, so every node starts at the base model. The factors
+        # are fp32 master copies whatever the base's dtype (bf16 under precision=bf16: autocast rounds them
+        # per matmul, the optimizer updates them in fp32).
+        self.A = nn.Parameter(init_A.float().expand(n, rank, d_in).clone())  # (n, r, d_in)
+        self.B = nn.Parameter(torch.zeros(n, d_out, rank))  # (n, d_out, r)
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.routing = routing
@@ -127,9 +129,10 @@ class StackedLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, n: int, routing: NodeRouting) -> None:
         super().__init__()
-        self.weight = nn.Parameter(base.weight.detach().expand(n, *base.weight.shape).clone())
-        bias = base.bias if base.bias is not None else torch.zeros(base.weight.shape[0])
-        self.bias = nn.Parameter(bias.detach().expand(n, bias.shape[0]).clone())
+        weight = base.weight.detach().float()  # fp32 master copies, as the LoRA factors
+        self.weight = nn.Parameter(weight.expand(n, *weight.shape).clone())
+        bias = base.bias.detach().float() if base.bias is not None else torch.zeros(weight.shape[0])
+        self.bias = nn.Parameter(bias.expand(n, bias.shape[0]).clone())
         self.routing = routing
         self.override: tuple[Tensor, Tensor] | None = None
 

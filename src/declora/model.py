@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from declora.assets import model_path
 from declora.config import ModelConfig
+from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
 from declora.quantize import QuantizedLinear, quantize_linears
 from declora.seeding import torch_generator
@@ -46,9 +47,11 @@ class Federation(nn.Module):
         lora: dict[str, StackedLoRALinear],
         heads: dict[str, StackedLinear],
         causal: bool = False,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
+        self.precision = precision  # fp32 | bf16 (declora.device): the base's dtype and the forward's autocast
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
         # Most transformers causal LMs apply their LM head only at ``logits_to_keep`` positions.
         self.keeps_logits = causal and "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -78,6 +81,11 @@ class Federation(nn.Module):
     def kind_of(tensor_name: str) -> str:
         return "A" if tensor_name.endswith(".lora_A") else "B" if tensor_name.endswith(".lora_B") else "head"
 
+    @property
+    def device(self) -> torch.device:
+        """Where the base, the stacked tensors and every batch live (moved there by ``Module.to``)."""
+        return next(iter(self.lora.values())).A.device
+
     def set_training(self, on: bool) -> None:
         """LoRA dropout on or off; the frozen base always runs in eval mode (no base dropout)."""
         for layer in self.lora.values():
@@ -86,7 +94,7 @@ class Federation(nn.Module):
     @contextmanager
     def route(self, rows: Tensor) -> Iterator[None]:
         """Run the model with batch row k belonging to node ``rows[k]``."""
-        previous, self.routing.rows = self.routing.rows, rows
+        previous, self.routing.rows = self.routing.rows, rows.to(self.device)
         try:
             yield
         finally:
@@ -107,7 +115,15 @@ class Federation(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None = None) -> Tensor:
         """Logits: (rows, K) of the heads, or a causal LM's (rows, seq, V), or (rows, P, V) at the sorted
-        ``positions`` (P,) only: the LM head then projects just those (``Task.positions``)."""
+        ``positions`` (P,) only: the LM head then projects just those (``Task.positions``).
+
+        The inputs are on ``self.device``; under precision=bf16 the forward runs in autocast and the logits
+        come back as float32, so losses and metrics are computed in fp32."""
+        with autocast(self.device, self.precision):
+            logits = self._logits(input_ids, attention_mask, positions)
+        return logits.float()
+
+    def _logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None) -> Tensor:
         if not self.causal:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         # No generation here: a KV cache would only cost memory.
@@ -133,9 +149,13 @@ def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def load_base(cfg: ModelConfig, num_labels: int, causal: bool = False) -> tuple[nn.Module, Path]:
+def load_base(
+    cfg: ModelConfig, num_labels: int, causal: bool = False, precision: str = "fp32"
+) -> tuple[nn.Module, Path]:
     """The frozen transformers model; a classifier head is initialised from ``cfg.init_seed`` (same
-    everywhere). ``causal``: the model as a causal LM (``num_labels`` unused)."""
+    everywhere). ``causal``: the model as a causal LM (``num_labels`` unused). ``precision``: the
+    frozen weights' storage dtype (the head is initialised in fp32 first, then every node's copy of it
+    stays fp32: see StackedLinear)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -149,6 +169,9 @@ def load_base(cfg: ModelConfig, num_labels: int, causal: bool = False) -> tuple[
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, dtype=torch.float32
             )
+    for name, p in model.named_parameters():  # the head keeps its fp32 init; buffers (rotary) stay as built
+        if not name.startswith(HEAD_ROOTS):
+            p.data = p.data.to(PRECISIONS[precision])
     model.eval()  # base dropout off: the LoRA dropout is ours; see ModelConfig.dropout
     for p in model.parameters():
         p.requires_grad_(False)
@@ -156,9 +179,17 @@ def load_base(cfg: ModelConfig, num_labels: int, causal: bool = False) -> tuple[
     return model, path
 
 
-def build_federation(cfg: ModelConfig, n: int, num_labels: int, causal: bool = False) -> Federation:
-    """``n`` nodes' stacked LoRA on one frozen base (``causal``: a causal LM, see ``load_base``)."""
-    model, path = load_base(cfg, num_labels, causal)
+def build_federation(
+    cfg: ModelConfig,
+    n: int,
+    num_labels: int,
+    causal: bool = False,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> Federation:
+    """``n`` nodes' stacked LoRA on one frozen base (``causal``: a causal LM, see ``load_base``), moved to
+    ``device``; ``precision``: the base's storage dtype and the forward's autocast (declora.device)."""
+    model, path = load_base(cfg, num_labels, causal, precision)
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     lora: dict[str, StackedLoRALinear] = {}
@@ -195,7 +226,7 @@ def build_federation(cfg: ModelConfig, n: int, num_labels: int, causal: bool = F
         2 * len(heads),
         n,
     )
-    return Federation(model, n, cfg, path, routing, lora, heads, causal)
+    return Federation(model, n, cfg, path, routing, lora, heads, causal, precision).to(device)
 
 
 # ---------------------------------------------------------------- derived adapters

@@ -40,15 +40,15 @@ class NodeAdamW:
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.steps = {k: torch.zeros(p.shape[0], dtype=torch.long) for k, p in params.items()}
+        self.steps = {k: torch.zeros(p.shape[0], dtype=torch.long, device=p.device) for k, p in params.items()}
 
     @torch.no_grad()
     def step(self, active: Tensor, names: list[str]) -> None:
         """One step for the nodes in ``active`` (n,) bool, on the named tensors that have a gradient."""
         b1, b2 = self.betas
-        nodes = torch.nonzero(active).flatten()
         for name in names:
             p = self.params[name]
+            nodes = torch.nonzero(active).flatten().to(p.device)  # active: (n,) bool, possibly on the CPU
             if p.grad is None or len(nodes) == 0:
                 continue
             self.steps[name][nodes] += 1
@@ -72,7 +72,9 @@ class NodeAdamW:
     def reset(self, names: list[str] | None = None, nodes: Tensor | None = None) -> None:
         """Forget moments and step counts (after a re-factorization, say) for some tensors and nodes."""
         for name in names if names is not None else list(self.params):
-            keep = torch.zeros(self.steps[name].shape[0], dtype=torch.bool) if nodes is None else ~nodes
+            device = self.steps[name].device
+            keep = torch.zeros(len(self.steps[name]), dtype=torch.bool, device=device) if nodes is None else ~nodes
+            keep = keep.to(device)
             self.steps[name] *= keep.long()
             self.exp_avg[name] *= _rows(keep, self.exp_avg[name])
             self.exp_avg_sq[name] *= _rows(keep, self.exp_avg_sq[name])

@@ -100,7 +100,7 @@ def last_logits(logits: Tensor, mask: Tensor, positions: Tensor | None = None) -
     last = mask.sum(1) - 1  # (rows,)
     if positions is not None:
         last = torch.searchsorted(positions, last)  # where it sits among the kept positions
-    return logits[torch.arange(logits.shape[0]), last]
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
 def _ratio(totals: Tensor) -> Tensor:
@@ -171,14 +171,14 @@ class LabelWords:
         return [p + self.answers[int(y)] for p, y in zip(prompts, labels, strict=True)]
 
     def _answer_len(self, labels: Tensor) -> Tensor:
-        return torch.tensor([len(self.answers[int(y)]) for y in labels])
+        return torch.tensor([len(self.answers[int(y)]) for y in labels], device=labels.device)
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
         """Training: the positions that predict some row's answer tokens (one before each); evaluation:
         every row's last prompt token."""
         if not train:
             return torch.unique(mask.sum(1) - 1)  # sorted
-        needed = answer_span(mask, self._answer_len(labels).to(mask.device), shift=-1)  # (rows, seq)
+        needed = answer_span(mask, self._answer_len(labels), shift=-1)  # (rows, seq)
         return torch.nonzero(needed.any(0)).flatten()
 
     def row_loss(

@@ -18,7 +18,9 @@ GROUPS = {
     "bytes_": "bytes",
     "train_loss": "train",
     "wall_s": "time",
+    "tokens_per_s": "time",
     "peak_mem_mb": "memory",
+    "peak_gpu_mem_mb": "memory",
 }
 
 

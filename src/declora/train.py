@@ -94,19 +94,23 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 def accumulate_gradients(
     fed: Federation, rows: Rows, pad_id: int, tokens_per_chunk: int, task: Task = CLASSIFY
 ) -> Tensor:
-    """Forward/backward every row in micro-batches; returns each node's mean loss (n,)."""
-    node_loss = torch.zeros(fed.n)
+    """Forward/backward every row in micro-batches; returns each node's mean loss (n,), on the CPU.
+
+    Each micro-batch goes to ``fed.device``; the per-node bookkeeping of the engine stays on the CPU."""
+    device = fed.device
+    node_loss = torch.zeros(fed.n, device=device)
     for chunk in micro_batches([len(x) for x in rows.ids], tokens_per_chunk):
         index = torch.as_tensor(chunk)
-        input_ids, mask = pad([rows.ids[k] for k in chunk], pad_id)
-        keep = task.positions(input_ids, mask, rows.labels[index], train=True)  # None: every position
-        with fed.route(rows.nodes[index]):
+        input_ids, mask = (t.to(device) for t in pad([rows.ids[k] for k in chunk], pad_id))
+        labels, nodes = rows.labels[index].to(device), rows.nodes[index].to(device)
+        keep = task.positions(input_ids, mask, labels, train=True)  # None: every position
+        with fed.route(nodes):
             logits = fed(input_ids, mask, keep)
-        losses = task.row_loss(logits, input_ids, mask, rows.labels[index], keep)  # (chunk,)
-        weighted = losses * rows.weights[index]
+        losses = task.row_loss(logits, input_ids, mask, labels, keep)  # (chunk,)
+        weighted = losses * rows.weights[index].to(device)
         weighted.sum().backward()
-        node_loss.index_add_(0, rows.nodes[index], weighted.detach())
-    return node_loss
+        node_loss.index_add_(0, nodes, weighted.detach())
+    return node_loss.cpu()
 
 
 class LocalTrainer:
@@ -127,6 +131,7 @@ class LocalTrainer:
         self.fed, self.optimizer, self.streams = fed, optimizer, streams
         self.token_ids, self.labels, self.pad_id = token_ids, labels, pad_id
         self.max_grad_norm, self.tokens_per_chunk, self.task = max_grad_norm, tokens_per_chunk, task
+        self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
@@ -139,6 +144,7 @@ class LocalTrainer:
             nodes.append(torch.full((len(batch),), node, dtype=torch.long))
             weights.append(torch.full((len(batch),), 1.0 / len(batch)))
         rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights))
+        self.tokens += sum(len(x) for x in ids)
         params = self.optimizer.params
         for name, p in params.items():  # a frozen kind (ADF's inactive factor, say) gets no gradient at all
             p.grad = None
@@ -188,11 +194,12 @@ def row_stats(
     fed.set_training(False)
     for chunk in micro_batches([len(x) for x in token_ids], tokens_per_chunk):
         index = torch.as_tensor(chunk)
-        input_ids, mask = pad([token_ids[k] for k in chunk], pad_id)
-        keep = task.positions(input_ids, mask, labels[index], train=False)  # None: every position
+        input_ids, mask = (t.to(fed.device) for t in pad([token_ids[k] for k in chunk], pad_id))
+        y = labels[index].to(fed.device)
+        keep = task.positions(input_ids, mask, y, train=False)  # None: every position
         with fed.route(nodes[index]):
             logits = fed(input_ids, mask, keep)
-        stats[index] = task.row_stats(logits, input_ids, mask, labels[index], keep).float()
+        stats[index] = task.row_stats(logits, input_ids, mask, y, keep).float().cpu()
     return stats
 
 

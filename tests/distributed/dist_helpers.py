@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from declora.engine import MEASURED
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "default.yaml"  # what `declora run` uses without a config argument
-NOT_COMPARED = {"wall_s", "peak_mem_mb", "bytes_cross_process", "bytes_cross_process_total"}
+NOT_COMPARED = {*MEASURED, "bytes_cross_process", "bytes_cross_process_total"}
 
 
 def tiny_overrides(model: Path, run_dir: Path, algorithm: str, *extra: str) -> list[str]:

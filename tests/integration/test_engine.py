@@ -10,7 +10,7 @@ import torch
 from declora.algorithms.base import RoundContext
 from declora.comm.exchange import LocalExchange
 from declora.config import load_config
-from declora.engine import run
+from declora.engine import MEASURED, run
 from declora.experiment import build_experiment
 
 pytestmark = pytest.mark.integration
@@ -96,7 +96,7 @@ def test_fedavg_server_bytes(tiny_bert, tmp_path):
 
 
 def _comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "peak_mem_mb")} for r in records]
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ def choco_mix(x: Tensor, hats: Tensor, off: Tensor, rows: Tensor, step: float) -
     off: (k, n) the off-diagonal of W for those nodes (rows of W sum to 1, so the diagonal drops out).
     """
     flat = hats.reshape(hats.shape[0], -1).to(x.dtype)  # (n, m)
-    off = off.to(x.dtype)
+    off = off.to(x.device, x.dtype)  # W lives on the CPU
     pull = off @ flat - off.sum(1, keepdim=True) * flat[rows]  # (k, m)
     return x + step * pull.view_as(x)
 

@@ -135,7 +135,7 @@ class LocalExchange:
         n = W.shape[0]
         eye = torch.eye(n, dtype=torch.bool)
         sends = (W.T > 0) & ~eye  # [i, j]: i's message reaches j
-        off = (W * ~eye).to(torch.float32)  # (n, n)
+        off = (W * ~eye).to(torch.float32)  # (n, n), on the CPU (the schedule's); moved to each tensor
         own = torch.diagonal(W).to(torch.float32)  # a node mixes its own exact tensor, others' decoded
         out: dict[str, Tensor] = {}
         for name, x in tensors.items():
@@ -149,7 +149,8 @@ class LocalExchange:
                 continue
             decoded, nbytes = self._encode(name, x, round)
             flat, dec = x.reshape(n, -1), decoded.reshape(n, -1).to(x.dtype)
-            out[name] = (off.to(x.dtype) @ dec + own.to(x.dtype)[:, None] * flat).view_as(x)
+            off_x, own_x = off.to(x.device, x.dtype), own.to(x.device, x.dtype)
+            out[name] = (off_x @ dec + own_x[:, None] * flat).view_as(x)
             self.ledger.add_edges(sends, nbytes)
         return out
 
@@ -160,7 +161,7 @@ class LocalExchange:
         out: dict[str, Tensor] = {}
         for name, x in tensors.items():
             decoded, nbytes = self._encode(name, x, round)
-            out[name] = torch.einsum("n,n...->...", w.to(x.dtype), decoded.to(x.dtype))
+            out[name] = torch.einsum("n,n...->...", w.to(x.device, x.dtype), decoded.to(x.dtype))
             # Uploads go to the server, not to a node: they are booked on the sender's diagonal entry.
             self.ledger.add_edges(torch.diag(senders), nbytes)
             self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())

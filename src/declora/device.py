@@ -1,0 +1,69 @@
+"""Where a run computes and in what precision: the ``device`` and ``precision`` keys, resolved once.
+
+``device``: auto (CUDA when this torch sees a GPU, else the CPU) | cpu | cuda | cuda:K. Under torchrun,
+``cuda`` and ``auto`` mean this rank's own GPU, cuda:LOCAL_RANK (ranks share GPUs round-robin when there
+are fewer GPUs than ranks on a machine).
+
+``precision``: fp32 | bf16. bf16 stores the frozen base in bfloat16 and runs the forward under
+``torch.autocast``; the trained tensors (LoRA factors, heads) and the optimizer moments stay float32
+master copies, so a step's update is as exact as in fp32 and only the activations are rounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+import torch
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the frozen base's storage dtype
+# Default forward micro-batch budget (padded tokens) when train.tokens_per_chunk is null. 256 was fastest
+# and leanest on 2 CPU cores (benchmarks/README.md); a GPU needs tens of thousands of tokens per kernel
+# launch to be busy, and 32768 tokens of a 30-layer, 576-wide model take a few GB of activations.
+TOKENS_PER_CHUNK = {"cpu": 256, "cuda": 32768}
+
+
+def check_device(choice: str) -> None:
+    """A ConfigError-worthy message for a device this machine cannot give, else None (raises ValueError)."""
+    if not DEVICE_PATTERN.fullmatch(choice):
+        raise ValueError(f"device={choice!r} is not allowed; choose auto, cpu, cuda or cuda:K (K a GPU index)")
+    if not choice.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device={choice!r} but this torch ({torch.__version__}) sees no CUDA GPU; "
+            "use device=cpu or device=auto"
+        )
+    count = torch.cuda.device_count()
+    if ":" in choice and int(choice.split(":")[1]) >= count:
+        raise ValueError(f"device={choice!r} but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}")
+
+
+def resolve_device(choice: str) -> torch.device:
+    """The torch device for ``choice`` (validated by check_device); torchrun ranks take cuda:LOCAL_RANK."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if ":" in choice:
+        return torch.device(choice)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward's autocast region: bf16 matmuls for precision=bf16, nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def default_tokens_per_chunk(device: torch.device) -> int:
+    return TOKENS_PER_CHUNK.get(device.type, TOKENS_PER_CHUNK["cpu"])
+
+
+def peak_gpu_memory_mb(device: torch.device) -> float | None:
+    """torch.cuda.max_memory_allocated of the run's GPU in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20

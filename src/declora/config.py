@@ -333,7 +333,9 @@ def validate(cfg: Config) -> Config:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
     if cfg.train.tokens_per_chunk is not None and cfg.train.tokens_per_chunk <= 0:
-        raise ConfigError(f"train.tokens_per_chunk={cfg.train.tokens_per_chunk} must be a positive integer or null")
+        raise ConfigError(
+            f"train.tokens_per_chunk={cfg.train.tokens_per_chunk} must be a positive integer or null"
+        )
     from declora.device import check_device
 
     try:

@@ -28,7 +28,9 @@ TOKENS_PER_CHUNK = {"cpu": 256, "cuda": 32768}
 def check_device(choice: str) -> None:
     """A ConfigError-worthy message for a device this machine cannot give, else None (raises ValueError)."""
     if not DEVICE_PATTERN.fullmatch(choice):
-        raise ValueError(f"device={choice!r} is not allowed; choose auto, cpu, cuda or cuda:K (K a GPU index)")
+        raise ValueError(
+            f"device={choice!r} is not allowed; choose auto, cpu, cuda or cuda:K (K a GPU index)"
+        )
     if not choice.startswith("cuda"):
         return
     if not torch.cuda.is_available():
@@ -38,7 +40,9 @@ def check_device(choice: str) -> None:
         )
     count = torch.cuda.device_count()
     if ":" in choice and int(choice.split(":")[1]) >= count:
-        raise ValueError(f"device={choice!r} but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}")
+        raise ValueError(
+            f"device={choice!r} but this machine has {count} CUDA GPU(s): cuda:0..cuda:{count - 1}"
+        )
 
 
 def resolve_device(choice: str) -> torch.device:

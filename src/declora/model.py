@@ -51,7 +51,9 @@ class Federation(nn.Module):
     ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
-        self.precision = precision  # fp32 | bf16 (declora.device): the base's dtype and the forward's autocast
+        self.precision = (
+            precision  # fp32 | bf16 (declora.device): the base's dtype and the forward's autocast
+        )
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
         # Most transformers causal LMs apply their LM head only at ``logits_to_keep`` positions.
         self.keeps_logits = causal and "logits_to_keep" in inspect.signature(model.forward).parameters

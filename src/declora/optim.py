@@ -40,7 +40,9 @@ class NodeAdamW:
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.steps = {k: torch.zeros(p.shape[0], dtype=torch.long, device=p.device) for k, p in params.items()}
+        self.steps = {
+            k: torch.zeros(p.shape[0], dtype=torch.long, device=p.device) for k, p in params.items()
+        }
 
     @torch.no_grad()
     def step(self, active: Tensor, names: list[str]) -> None:
@@ -72,9 +74,8 @@ class NodeAdamW:
     def reset(self, names: list[str] | None = None, nodes: Tensor | None = None) -> None:
         """Forget moments and step counts (after a re-factorization, say) for some tensors and nodes."""
         for name in names if names is not None else list(self.params):
-            device = self.steps[name].device
-            keep = torch.zeros(len(self.steps[name]), dtype=torch.bool, device=device) if nodes is None else ~nodes
-            keep = keep.to(device)
+            steps = self.steps[name]
+            keep = torch.zeros_like(steps, dtype=torch.bool) if nodes is None else ~nodes.to(steps.device)
             self.steps[name] *= keep.long()
             self.exp_avg[name] *= _rows(keep, self.exp_avg[name])
             self.exp_avg_sq[name] *= _rows(keep, self.exp_avg_sq[name])

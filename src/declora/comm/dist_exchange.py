@@ -142,7 +142,9 @@ class DistExchange(LocalExchange):
             nbytes[name] = encs[name].nbytes_per_node()
             if remote_parts:
                 parts = {p: torch.cat([rp[name][p] for rp in remote_parts]) for p in encs[name].parts}
-                remote[name] = self.codec.decode(Encoded(parts, (len(ids), *x.shape[1:]))).to(x.dtype)
+                remote[name] = self.codec.decode(Encoded(parts, (len(ids), *x.shape[1:]))).to(
+                    x.device, x.dtype
+                )
             else:
                 remote[name] = x.new_zeros(0, *x.shape[1:])
         return local, remote, ids, nbytes
@@ -190,7 +192,8 @@ class DistExchange(LocalExchange):
         for name, x in tensors.items():
             flat = x.reshape(x.shape[0], -1)
             dec = torch.cat([local[name], remote[name]]).reshape(len(columns), -1)[order]
-            out[name] = (off.to(x.dtype) @ dec + own.to(x.dtype)[:, None] * flat).view_as(x)
+            off_x, own_x = off.to(x.device, x.dtype), own.to(x.device, x.dtype)  # W lives on the CPU
+            out[name] = (off_x @ dec + own_x[:, None] * flat).view_as(x)
             self._book(reach, nbytes[name])
         return out
 
@@ -221,7 +224,7 @@ class DistExchange(LocalExchange):
         sums, nbytes = [], {}
         for name, x in tensors.items():
             decoded, nbytes[name] = self._encode_local(name, x, round)
-            sums.append(torch.einsum("n,n...->...", w.to(x.dtype), decoded.to(x.dtype)).reshape(-1))
+            sums.append(torch.einsum("n,n...->...", w.to(x.device, x.dtype), decoded.to(x.dtype)).reshape(-1))
         flat = torch.cat(sums) if sums else torch.zeros(0)
         total = self.group.all_sum(flat)
         if self.group.world > 1:  # one buffer up to the (logical) server and one down, per rank

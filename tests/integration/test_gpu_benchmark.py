@@ -1,0 +1,58 @@
+"""benchmarks/gpu.py in its CPU quick mode: the harness the GPU check runs, on tiny shapes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_cpu_mode_measures_both_methods_and_writes_json_and_markdown(tmp_path, one_thread):
+    bench = _bench()
+    doc = bench.main(["--device", "cpu", "--quick", "--nodes", "1,3", "--steps", "1", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "gpu_quick.json").read_text())["rows"] == doc["rows"]
+    rows = {(r["model"], r["method"], r["n"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, k, n) for m in ("minilm", "smollm2") for k in bench.SETUPS for n in (1, 3)}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["examples_per_s"] > 0 and 0 < r["mfu"] < 1, r
+        assert r["tokens_per_s"] > r["examples_per_s"]  # rows of several tokens
+    declora = rows[("minilm", "declora", 3)]
+    peft = rows[("minilm", "sequential_peft", 3)]
+    assert declora["speedup_vs_sequential_peft"] == pytest.approx(
+        declora["examples_per_s"] / peft["examples_per_s"]
+    )
+    assert doc["largest_n_that_fits"] == {"minilm": 3, "smollm2": 3}
+    table = (tmp_path / "gpu_quick.md").read_text()
+    assert "| smollm2 | declora | 3 | ok |" in table and "Largest N measured that fits" in table
+
+
+def test_useful_flops_of_the_smollm2_shapes():
+    bench = _bench()
+    shape = bench.SHAPES["smollm2"]
+    # 30 layers x (2 x 576^2 + 2 x 576 x 192 + 3 x 1536 x 576) + the 49152 x 576 LM head = 134.5 M matmul
+    # parameters; forward 2 x that + attention 4 x 30 x 128 x 576; training (frozen base) twice the forward.
+    matmul = 30 * (2 * 576**2 + 2 * 576 * 192 + 3 * 1536 * 576) + 49152 * 576
+    assert bench.flops_per_token(shape, 128) == 2 * (2 * matmul + 4 * 30 * 128 * 576)
+    assert 134e6 < matmul < 135e6
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_cuda_without_cuda_stops_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        _bench().main(["--device", "cuda", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())

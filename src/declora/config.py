@@ -30,6 +30,9 @@ class ModelConfig:
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     dropout: float = 0.0
     head: str = "train"  # train: per-node classifier head, trained and mixed | frozen | none (causal LMs)
+    # What an encoder's head reads: mean (of the real tokens' states) | cls (the model's pooler) | auto (the
+    # folder's sentence-transformers pooling config, else cls). See declora/pooling.py.
+    pooling: str = "auto"
     max_length: int = 128
     init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
     init_adapter: str | None = None  # a PEFT adapter folder that seeds every node
@@ -194,6 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16"),
     "export": ("all", "consensus", "none"),
     "model.head": ("train", "frozen", "none"),
+    "model.pooling": ("auto", "mean", "cls"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm"),
     "model.base_quantization": ("none", "int8", "nf4"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
@@ -437,6 +441,11 @@ def _validate_task(cfg: Config) -> None:
     prefix = "ppl_" if kind == "causal_lm" else "acc_"  # perplexity for plain LM, else accuracy
     if not headline.startswith(prefix):
         raise ConfigError(f"eval.headline={headline!r} is not measured for task.kind={kind}; use {prefix}*")
+    if kind != "sequence_classification" and cfg.model.pooling == "mean":
+        raise ConfigError(
+            f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "
+            f"task.kind={kind} reads the causal LM's own logits: leave model.pooling=auto"
+        )
     if kind == "sequence_classification":
         if head == "none":
             raise ConfigError(

@@ -25,6 +25,7 @@ from declora.assets import model_path
 from declora.config import ModelConfig
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
+from declora.pooling import pooled_logits, resolve_pooling, write_pooling_note
 from declora.quantize import QuantizedLinear, quantize_linears
 from declora.seeding import torch_generator
 
@@ -48,6 +49,7 @@ class Federation(nn.Module):
         heads: dict[str, StackedLinear],
         causal: bool = False,
         precision: str = "fp32",
+        pooling: str = "cls",
     ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
@@ -55,6 +57,7 @@ class Federation(nn.Module):
             precision  # fp32 | bf16 (declora.device): the base's dtype and the forward's autocast
         )
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
+        self.pooling = pooling  # what the head reads: "cls" (the model's own) | "mean" (pooling.py)
         # Most transformers causal LMs apply their LM head only at ``logits_to_keep`` positions.
         self.keeps_logits = causal and "logits_to_keep" in inspect.signature(model.forward).parameters
         self.lora, self.heads = lora, heads
@@ -127,6 +130,8 @@ class Federation(nn.Module):
 
     def _logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None) -> Tensor:
         if not self.causal:
+            if self.pooling == "mean":
+                return pooled_logits(self.model, input_ids, attention_mask)
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         # No generation here: a KV cache would only cost memory.
         if positions is not None and self.keeps_logits:
@@ -192,6 +197,7 @@ def build_federation(
     """``n`` nodes' stacked LoRA on one frozen base (``causal``: a causal LM, see ``load_base``), moved to
     ``device``; ``precision``: the base's storage dtype and the forward's autocast (declora.device)."""
     model, path = load_base(cfg, num_labels, causal, precision)
+    pooling = "cls" if causal else resolve_pooling(cfg.pooling, path, model)  # before heads are stacked
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     lora: dict[str, StackedLoRALinear] = {}
@@ -221,14 +227,10 @@ def build_federation(
         _replace(model, name, head)
         head.requires_grad_(cfg.head == "train")
     log.info(
-        "model %s: %d adapted modules, rank %d, %d head tensors, %d nodes",
-        path,
-        len(lora),
-        cfg.rank,
-        2 * len(heads),
-        n,
+        "model %s: %d adapted modules, rank %d, %d head tensors (pooling %s), %d nodes",
+        *(path, len(lora), cfg.rank, 2 * len(heads), pooling, n),
     )
-    return Federation(model, n, cfg, path, routing, lora, heads, causal, precision).to(device)
+    return Federation(model, n, cfg, path, routing, lora, heads, causal, precision, pooling).to(device)
 
 
 # ---------------------------------------------------------------- derived adapters
@@ -312,6 +314,8 @@ def export_peft(fed: Federation, single: dict[str, Tensor], folder: str | Path) 
     )
     config.save_pretrained(str(folder))
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
+        write_pooling_note(folder, fed.pooling, str(fed.path), int(fed.model.config.num_labels))
     return folder
 
 

@@ -1,0 +1,122 @@
+"""model.pooling: the head reads the mean of the real tokens' states (or the [CLS] pooler); the exported
+folder's README recipe, run with stock transformers + PEFT, gives declora's logits."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from declora.config import ConfigError, ModelConfig, load_config
+from declora.model import build_federation, export_peft, node_adapter
+from declora.pooling import POOLING_FILE, masked_mean
+
+pytestmark = pytest.mark.unit
+TEXTS = ["a fine and moving film", "dull", "great fun from start to end, with a sad plot in the middle"]
+
+
+def _randomize(fed, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in fed.tensors().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def st_bert(tiny_bert, tmp_path_factory):
+    """The tiny BERT as a sentence-transformers folder that pools mean tokens."""
+    folder = tmp_path_factory.mktemp("st-bert") / "model"
+    shutil.copytree(tiny_bert, folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return folder
+
+
+def test_auto_reads_the_folders_pooling_config(tiny_bert, st_bert):
+    assert build_federation(ModelConfig(name=str(st_bert), rank=2), 1, 2).pooling == "mean"
+    assert build_federation(ModelConfig(name=str(tiny_bert), rank=2), 1, 2).pooling == "cls"
+    assert build_federation(ModelConfig(name=str(st_bert), rank=2, pooling="cls"), 1, 2).pooling == "cls"
+
+
+def test_masked_mean_ignores_padding():
+    hidden = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    torch.testing.assert_close(masked_mean(hidden, mask)[0], hidden[0, :3].mean(0))
+    torch.testing.assert_close(masked_mean(hidden, mask)[1], hidden[1].mean(0))
+
+
+def test_mean_pooled_logits_do_not_depend_on_padding(tiny_bert):
+    fed = build_federation(ModelConfig(name=str(tiny_bert), rank=4, pooling="mean"), 1, 2)
+    _randomize(fed)
+    ids = torch.randint(1000, 2000, (1, 6), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], 1)
+    with torch.no_grad(), fed.route(torch.zeros(1, dtype=torch.long)):
+        short = fed(ids, torch.ones_like(ids))
+        long = fed(padded, mask)
+    torch.testing.assert_close(short, long, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_path, pooling):
+    from transformers import AutoTokenizer
+
+    fed = build_federation(
+        ModelConfig(name=str(st_bert), rank=4, alpha=8, pooling=pooling), n=3, num_labels=2
+    )
+    _randomize(fed)
+    node = 1
+    batch = AutoTokenizer.from_pretrained(str(st_bert))(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad(), fed.route(torch.full((len(TEXTS),), node)):
+        ours = fed(batch["input_ids"], batch["attention_mask"])
+    stacked = {k: v.detach() for k, v in fed.tensors().items()}
+    folder = export_peft(fed, node_adapter(fed, stacked, node), tmp_path / "adapter")
+    assert json.loads((folder / POOLING_FILE).read_text()) == {"pooling": pooling, "num_labels": 2}
+    readme = (folder / "README.md").read_text()
+    if pooling == "cls":
+        from peft import PeftModel
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(str(st_bert), num_labels=2)
+        with torch.no_grad():
+            theirs = PeftModel.from_pretrained(base, str(folder)).eval()(**batch).logits
+    else:  # run the README's own code block, as a user would
+        code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+        scope = {"BASE": str(st_bert), "FOLDER": str(folder), "texts": TEXTS}
+        exec(code, scope)
+        theirs = scope["logits"]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert not torch.allclose(ours[0], ours[1])  # the texts are told apart: a real forward
+
+
+def test_mean_pooling_needs_a_linear_head(tmp_path):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    from declora.assets import model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path("minilm")))
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "roberta")
+    with pytest.raises(ValueError, match=r"model.pooling='mean' needs a classifier.*use model.pooling=cls"):
+        build_federation(ModelConfig(name=str(tmp_path / "roberta"), rank=2, pooling="mean"), 1, 2)
+    assert build_federation(ModelConfig(name=str(tmp_path / "roberta"), rank=2), 1, 2).pooling == "cls"
+
+
+def test_config_refuses_mean_pooling_for_a_causal_lm():
+    with pytest.raises(ConfigError, match=r"model.pooling='mean' is for encoder classifiers"):
+        load_config(
+            None,
+            ["task.kind=causal_lm", "model.head=none", "eval.headline=ppl_avg_factors", "model.pooling=mean"],
+        )
+    with pytest.raises(ConfigError, match=r"model.pooling='max' is not allowed.*auto.*mean.*cls"):
+        load_config(None, ["model.pooling=max"])

@@ -61,13 +61,18 @@ class DataConfig:
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = 0.2
-    train_limit: int | None = None  # keep at most this many training examples (seeded choice)
+    # One table per node (the node's own rows; partition is then not used): a list with one path per
+    # node, or a folder whose files (sorted by name) are the nodes'. Each process reads only its nodes'.
+    node_files: tuple[str, ...] | str | None = None
+    train_limit: int | None = None  # keep at most this many training examples (node_files: per node)
     test_limit: int | None = None
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    kind: str = "iid"  # iid | dirichlet | proportions | shards | quantity_skew
+    kind: str = "iid"  # iid | dirichlet | proportions | shards | quantity_skew | column
+    column: str | None = None  # kind=column: one node per distinct value of this column (a user id)
+    max_per_node: int | None = None  # kind=column: keep at most this many examples per node (seeded)
     alpha: float = 0.5  # dirichlet concentration (also quantity_skew)
     min_size: int = 8  # dirichlet / quantity_skew: resample until every node has this many
     proportions: tuple[tuple[float, ...], ...] | None = None  # one label distribution per node
@@ -200,7 +205,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("auto", "mean", "cls"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm"),
     "model.base_quantization": ("none", "int8", "nf4"),
-    "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew"),
+    "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
     "train.local_unit": ("steps", "epochs"),
     "algorithm.first_phase": ("A", "B"),
     "algorithm.optimizer_policy": ("reset", "keep"),
@@ -327,6 +332,20 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     }
 
 
+def _validate_partition(cfg: Config) -> None:
+    part = cfg.partition
+    if part.kind == "column" and not part.column:
+        raise ConfigError(
+            "partition.kind=column needs partition.column, the column whose values are the nodes"
+        )
+    if part.max_per_node is not None and part.max_per_node <= 0:
+        raise ConfigError(f"partition.max_per_node={part.max_per_node} must be a positive integer or null")
+    if cfg.data.node_files is not None and cfg.data.test_file is None:
+        raise ConfigError(
+            "data.node_files needs data.test_file: every node is scored on the same held-out rows"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; names the bad value and the allowed ones."""
     flat = _flatten(to_dict(cfg))
@@ -358,6 +377,7 @@ def validate(cfg: Config) -> Config:
     _validate_heterogeneous(cfg)
     _validate_task(cfg)
     _validate_topk(cfg)
+    _validate_partition(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS
     from declora.schedules import SCHEDULES

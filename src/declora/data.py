@@ -89,7 +89,7 @@ def group_split(groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.flatnonzero(~in_test), np.flatnonzero(in_test)
 
 
-def _limit(ds: TextDataset, limit: int | None, seed: int, purpose: str) -> TextDataset:
+def limit(ds: TextDataset, limit: int | None, seed: int, purpose: str) -> TextDataset:
     """A seeded random subset of ``limit`` examples (original order kept), or ``ds`` if it is small enough."""
     if limit is not None and limit <= 0:
         raise ValueError(f"data.{purpose}={limit} must be a positive integer or null")
@@ -151,7 +151,7 @@ def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]
 # ---------------------------------------------------------------- a user's table (declora.tables)
 
 
-def _label_order(values: Sequence[str]) -> tuple[str, ...]:
+def label_order(values: Sequence[str]) -> tuple[str, ...]:
     """Distinct labels in sorted order; numerically when all look like integers (so '10' follows '9')."""
     distinct = set(values)
     try:
@@ -221,7 +221,7 @@ def load_user_file(
 ) -> tuple[TextDataset, TextDataset]:
     """A table (declora.tables) split ``cfg.split``; the test rows per ``held_out_source``."""
     rows = read_rows(cfg.dataset, cfg.split, cfg, client_column)
-    names = rows.names or _label_order(rows.labels)
+    names = rows.names or label_order(rows.labels)
     train = encode_rows(rows, names)
     held = held_out_source(cfg)
     if held is not None:
@@ -284,8 +284,8 @@ def load_dataset(
             f"data.dataset={cfg.dataset!r} split into {len(train)} train and {len(test)} test examples "
             f"at data.test_fraction={cfg.test_fraction}; both must be non-empty"
         )
-    train = _limit(train, cfg.train_limit, seed, "train_limit")
-    return train, _limit(test, cfg.test_limit, seed, "test_limit")
+    train = limit(train, cfg.train_limit, seed, "train_limit")
+    return train, limit(test, cfg.test_limit, seed, "test_limit")
 
 
 def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:

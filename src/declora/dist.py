@@ -129,6 +129,10 @@ class Solo:
     def broadcast(self, obj: Any) -> Any:
         return obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        return [obj]
+
     def enter(self, round: int, phase: str) -> None:
         return None
 
@@ -210,6 +214,12 @@ class Distributed(Solo):
         with talking():
             dist.broadcast_object_list(box, src=0, group=self.ctrl)
         return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        with talking():
+            dist.all_gather_object(out, obj, group=self.ctrl)
+        return out
 
     def barrier(self) -> None:
         with talking():

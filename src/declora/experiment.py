@@ -17,12 +17,11 @@ from declora.comm.codecs import build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError
-from declora.data import load_dataset
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.model import Federation, build_federation, import_peft
+from declora.node_data import build_node_data
 from declora.optim import NodeAdamW
-from declora.partition import describe_partition, partition
 from declora.schedules import build_schedule
 from declora.seeding import numpy_rng
 from declora.tasks import CAUSAL_KINDS, Task, build_task
@@ -105,10 +104,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         )
     group.set_nodes(n, cfg.dist.node_slices)
     first, n_local = group.layout.starts[group.rank], group.layout.counts[group.rank]
-    train, test = load_dataset(cfg.data, cfg.seed)
-    parts = [np.arange(len(train))] if n == 1 else partition(train.labels, n, cfg.partition, cfg.seed)
-    summary = describe_partition(parts, train.labels, train.num_labels)
-    parts = parts[first : first + n_local]
+    data = build_node_data(cfg, n, range(first, first + n_local), group)
+    train, test, parts, summary = data.train, data.test, data.parts, data.summary
     device = resolve_device(cfg.device)  # torchrun: this rank's GPU
     causal = cfg.task.kind in CAUSAL_KINDS
     fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)

@@ -1,6 +1,7 @@
-"""Split a training set across nodes: iid, Dirichlet label skew, fixed label proportions, shards, size skew.
+"""Split a training set across nodes: iid, Dirichlet label skew, fixed label proportions, shards, size skew,
+or the natural partition by a column (a user or client id).
 
-Partitioners work on the label column alone and return one index array per node (disjoint, shuffled).
+Label partitioners work on the label column alone and return one index array per node (disjoint, shuffled).
 All randomness comes from ``numpy_rng(seed, "partition", ...)``, so every process derives the same split
 without talking. A node with no data cannot train, so every partitioner either gives each node at least one
 example or raises an error that names the setting to change.
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.config import PartitionConfig
+from declora.config import ConfigError, PartitionConfig
 from declora.seeding import numpy_rng
 
 Partitioner = Callable[[np.ndarray, int, PartitionConfig, int], list[np.ndarray]]
@@ -177,16 +178,51 @@ PARTITIONERS: dict[str, Partitioner] = {
 }
 
 
-def partition(labels: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
-    """One shuffled index array per node into ``labels`` (disjoint); ``cfg.kind`` picks the partitioner."""
+def by_column(clients: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+    """Natural partition: node i holds the rows of the i-th distinct value of ``cfg.column`` (values as
+    indices, ``clients``). With more values than nodes the values are merged: taken in a seeded order,
+    each joins the node holding the fewest rows so far (ties: lowest node), so sizes stay balanced.
+    ``cfg.max_per_node`` then keeps a seeded subset of each node's rows."""
+    values, counts = np.unique(clients, return_counts=True)
+    if len(values) < n_nodes:
+        raise ConfigError(
+            f"partition.column={cfg.column!r} has {len(values)} distinct values in the training rows, fewer "
+            f"than nodes={n_nodes}; use nodes<={len(values)}"
+        )
+    owner = np.arange(len(values))
+    if len(values) > n_nodes:
+        sizes = np.zeros(n_nodes, dtype=np.int64)
+        for v in numpy_rng(seed, "partition", "column").permutation(len(values)):
+            owner[v] = int(np.argmin(sizes))
+            sizes[owner[v]] += counts[v]
+    node_of_row = owner[np.searchsorted(values, clients)]
+    parts = [np.flatnonzero(node_of_row == i) for i in range(n_nodes)]
+    cap = cfg.max_per_node
+    if cap is not None:
+        rng = numpy_rng(seed, "partition", "max_per_node")
+        parts = [np.sort(rng.choice(p, size=cap, replace=False)) if len(p) > cap else p for p in parts]
+    return parts
+
+
+def partition(
+    labels: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int, clients: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """One shuffled index array per node into ``labels`` (disjoint); ``cfg.kind`` picks the partitioner.
+    ``clients`` (kind=column): each row's value of ``cfg.column``, as an index."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
         raise ValueError(f"labels must be a 1-D array of ints, got {labels.dtype} {labels.shape}")
     if n_nodes < 1 or n_nodes > len(labels):
         raise ValueError(f"nodes={n_nodes} must be between 1 and the {len(labels)} training examples")
-    if cfg.kind not in PARTITIONERS:
-        raise ValueError(f"partition.kind={cfg.kind!r} is not known; choose one of {sorted(PARTITIONERS)}")
-    parts = PARTITIONERS[cfg.kind](labels, n_nodes, cfg, seed)
+    if cfg.kind == "column":
+        if clients is None or len(clients) != len(labels):
+            raise ValueError("partition.kind=column needs each training row's value of partition.column")
+        parts = by_column(np.asarray(clients), n_nodes, cfg, seed)
+    elif cfg.kind not in PARTITIONERS:
+        kinds = sorted([*PARTITIONERS, "column"])
+        raise ValueError(f"partition.kind={cfg.kind!r} is not known; choose one of {kinds}")
+    else:
+        parts = PARTITIONERS[cfg.kind](labels, n_nodes, cfg, seed)
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise ValueError(f"partition.kind={cfg.kind!r} left nodes {empty} without data; use fewer nodes")

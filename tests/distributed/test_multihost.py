@@ -46,3 +46,47 @@ def test_two_launches_join_one_run_with_the_simulators_numbers(tiny_bert, tmp_pa
     run(build_experiment(load_config(CONFIG, tiny_overrides(tiny_bert, simulated, "dec_lora"))))
     assert_same_metrics(simulated, main)
     assert_same_adapters(simulated, main)
+
+
+def test_each_host_reads_only_its_own_nodes_files(tiny_bert, tmp_path):
+    """data.node_files as relative paths: host A holds nodes 0-2's files, host B nodes 3-4's, and
+    neither holds the other's; the run equals one process reading every file."""
+    import json
+
+    from helpers import WORDS
+
+    def rows(node: int, n: int) -> str:
+        texts = (" ".join(WORDS[(i * k + node) % 10] for k in range(1, 5)) for i in range(n))
+        return "".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts))
+
+    hosts, everything = [tmp_path / "host_a", tmp_path / "host_b"], tmp_path / "all"
+    for folder in (*hosts, everything):
+        folder.mkdir()
+        (folder / "test.jsonl").write_text(rows(9, 12))
+    for node in range(5):
+        for folder in (hosts[0] if node < 3 else hosts[1], everything):
+            (folder / f"node_{node}.jsonl").write_text(rows(node, 10 + 2 * node))
+    files = json.dumps([f"node_{i}.jsonl" for i in range(5)])
+    extra = [f"data.node_files={files}", "data.test_file=test.jsonl", "dist.node_slices=[3,2]"]
+    args = ["-m", "declora", "run", str(CONFIG), *tiny_overrides(tiny_bert, "runs/files", "dec_lora", *extra)]
+    for _attempt in range(3):
+        port, began = free_port(), time.monotonic()
+        procs = [torchrun(args, 1, port=port, hosts=(k, 2), cwd=cwd) for k, cwd in enumerate(hosts)]
+        results = [finish(p, began) for p in procs]
+        if not any("address already in use" in r.output.lower() for r in results):
+            break
+    for result in results:
+        assert result.returncode == 0, result.output[-4000:]
+    main = hosts[0] / "runs" / "files"
+    partition = next(
+        r
+        for r in map(json.loads, (main / "metrics.jsonl").read_text().splitlines())
+        if r["event"] == "partition"
+    )
+    assert [n["size"] for n in partition["nodes"]] == [10, 12, 14, 16, 18]
+
+    simulated = tmp_path / "sim"
+    absolute = json.dumps([str(everything / f"node_{i}.jsonl") for i in range(5)])
+    local = [f"data.node_files={absolute}", f"data.test_file={everything / 'test.jsonl'}"]
+    run(build_experiment(load_config(CONFIG, tiny_overrides(tiny_bert, simulated, "dec_lora", *local))))
+    assert_same_metrics(simulated, main)

@@ -176,3 +176,40 @@ def test_bad_arguments_named() -> None:
         partition(labels, 2, dataclasses.replace(cfg_for("iid"), kind="nope"), seed=0)
     with pytest.raises(ValueError, match="shards_per_node=6"):
         partition(labels, 2, cfg_for("shards", shards_per_node=6), seed=0)
+
+
+def _column_cfg(**kw: object) -> PartitionConfig:
+    return PartitionConfig(kind="column", column="user", **kw)  # type: ignore[arg-type]
+
+
+def test_column_one_node_per_value_in_sorted_order() -> None:
+    clients = np.array([2, 0, 1, 2, 2, 0, 1, 1, 1])
+    parts = partition(np.zeros(9, dtype=np.int64), 3, _column_cfg(), seed=0, clients=clients)
+    assert [sorted(p.tolist()) for p in parts] == [[1, 5], [2, 6, 7, 8], [0, 3, 4]]
+
+
+def test_column_merges_extra_values_seeded_and_balanced() -> None:
+    rng = np.random.default_rng(0)
+    clients = rng.integers(0, 40, size=2000)  # 40 users onto 6 nodes
+    labels = np.zeros(2000, dtype=np.int64)
+    parts = partition(labels, 6, _column_cfg(), seed=3, clients=clients)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(2000))
+    values = [set(clients[p].tolist()) for p in parts]
+    assert all(not (a & b) for i, a in enumerate(values) for b in values[i + 1 :])  # a user stays whole
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= np.bincount(clients).max()  # greedy: within one user's rows
+    again = partition(labels, 6, _column_cfg(), seed=3, clients=clients)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition(labels, 6, _column_cfg(), seed=4, clients=clients)
+    assert [set(clients[p].tolist()) for p in other] != values
+
+
+def test_column_cap_and_too_few_values() -> None:
+    from declora.config import ConfigError
+
+    clients = np.repeat(np.arange(3), [50, 5, 20])
+    parts = partition(np.zeros(75, dtype=np.int64), 3, _column_cfg(max_per_node=10), seed=0, clients=clients)
+    assert [len(p) for p in parts] == [10, 5, 10]
+    assert all(set(clients[p].tolist()) == {i} for i, p in enumerate(parts))
+    with pytest.raises(ConfigError, match=r"partition.column='user' has 3 distinct values .* nodes=4"):
+        partition(np.zeros(75, dtype=np.int64), 4, _column_cfg(), seed=0, clients=clients)

@@ -1,0 +1,95 @@
+"""Each node's training rows: a partition of one dataset, or each node's own file.
+
+A partition is derived from the whole training set on every process (seeded, so every process agrees
+without talking). Per-node files (``data.node_files``) are the federated case: a process opens only the
+files of the nodes it hosts, and only label names and per-node counts cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from declora.config import Config, ConfigError
+from declora.data import TextDataset, encode_rows, label_order, limit, load_dataset, read_rows
+from declora.dist import Solo
+from declora.partition import describe_partition, partition
+from declora.tables import is_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeData:
+    train: TextDataset  # the rows the hosted nodes train on (every row, for a partitioned dataset)
+    test: TextDataset
+    parts: list[np.ndarray]  # per hosted node: its indices into ``train``
+    summary: list[dict]  # every node's size and label histogram, on every process
+
+
+def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData:
+    """The data of nodes ``hosted`` (global ids) of a federation of ``n``."""
+    if cfg.data.node_files is not None:
+        return _from_node_files(cfg, n, hosted, group)
+    column = cfg.partition.column if cfg.partition.kind == "column" else None
+    train, test = load_dataset(cfg.data, cfg.seed, column)
+    if n == 1:
+        parts = [np.arange(len(train))]
+    else:
+        parts = partition(train.labels, n, cfg.partition, cfg.seed, train.clients)
+    summary = describe_partition(parts, train.labels, train.num_labels)
+    if train.clients is not None:  # how many column values each node merged
+        for node, p in zip(summary, parts, strict=True):
+            node["clients"] = len(np.unique(train.clients[p]))
+    return NodeData(train, test, parts[hosted.start : hosted.stop], summary)
+
+
+def node_file_list(cfg: Config) -> list[str]:
+    """data.node_files as one path per node: the list itself, or a folder's tables sorted by name."""
+    spec = cfg.data.node_files
+    if isinstance(spec, str):
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"data.node_files={spec!r} is neither a list of files nor a folder")
+        files = sorted(str(p) for p in folder.iterdir() if is_table(p))
+    else:
+        files = list(spec or ())
+    if len(files) != cfg.nodes:
+        raise ConfigError(
+            f"data.node_files gives {len(files)} files for nodes={cfg.nodes}; it needs one per node"
+        )
+    return files
+
+
+def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData:
+    files = node_file_list(cfg)
+    if cfg.partition.kind != "iid":
+        log.warning("data.node_files: each node trains on its own file; partition.kind is not used")
+    sources = [files] if n == 1 else [[f] for f in files]  # a single-node algorithm pools every file
+    rows = {i: [read_rows(f, cfg.data.split, cfg.data) for f in sources[i]] for i in hosted}
+    mine = [r for node_rows in rows.values() for r in node_rows]
+    # Label names: a ClassLabel's if the files carry one, else every process's label values, sorted.
+    seen = group.all_gather_object(
+        (next((r.names for r in mine if r.names), None), sorted({v for r in mine for v in r.labels}))
+    )
+    names = next((s[0] for s in seen if s[0]), None) or label_order([v for s in seen for v in s[1]])
+    nodes = []
+    for i in hosted:
+        pooled = [encode_rows(r, names) for r in rows[i]]
+        ds = TextDataset(
+            [t for d in pooled for t in d.texts], np.concatenate([d.labels for d in pooled]), names
+        )
+        nodes.append(limit(ds, cfg.data.train_limit, cfg.seed + i, "train_limit"))
+    sizes = np.cumsum([0, *(len(d) for d in nodes)])
+    train = TextDataset([t for d in nodes for t in d.texts], np.concatenate([d.labels for d in nodes]), names)
+    parts = [np.arange(sizes[k], sizes[k + 1]) for k in range(len(nodes))]
+    local = describe_partition(parts, train.labels, len(names))
+    for k, node in enumerate(local):
+        node["node"], node["file"] = hosted[k], " + ".join(sources[hosted[k]])
+    summary = [node for rank_nodes in group.all_gather_object(local) for node in rank_nodes]
+    held = read_rows(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, key="data.test_split")
+    test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.seed, "test_limit")
+    return NodeData(train, test, parts, summary)

@@ -1,0 +1,71 @@
+"""Per-node files: each node trains on its own table, a process opens only its nodes' files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from declora.config import ConfigError, load_config
+from declora.dist import Solo
+from declora.node_data import build_node_data
+
+pytestmark = pytest.mark.unit
+
+LABELS = [["pos", "neg"], ["neg"], ["pos", "neg", "mid"]]  # node 1 sees one label, node 2 a third one
+
+
+def _node_files(folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, labels in enumerate(LABELS):
+        rows = [{"text": f"node {i} row {k}", "label": labels[k % len(labels)]} for k in range(4 + 3 * i)]
+        files.append(folder / f"client_{i}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "README.txt").write_text("not a table: .txt is skipped in a node_files folder")
+    return files
+
+
+def _cfg(tmp_path: Path, node_files: object, *extra: str):
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nheld a,pos\nheld b,mid\n")
+    return load_config(
+        None, ["nodes=3", f"data.node_files={json.dumps(node_files)}", f"data.test_file={test}", *extra]
+    )
+
+
+def test_each_node_holds_exactly_its_file(tmp_path):
+    files = _node_files(tmp_path / "nodes")
+    data = build_node_data(_cfg(tmp_path, str(tmp_path / "nodes")), 3, range(3), Solo())
+    assert data.train.label_names == ("mid", "neg", "pos")  # the union over every node, sorted
+    for i, part in enumerate(data.parts):
+        assert [data.train.texts[j] for j in part] == [f"node {i} row {k}" for k in range(4 + 3 * i)]
+    assert [s["size"] for s in data.summary] == [4, 7, 10]
+    assert data.summary[1]["label_counts"] == [0, 7, 0] and data.summary[2]["file"] == str(files[2])
+    assert data.test.texts == ["held a", "held b"] and data.test.labels.tolist() == [2, 0]
+
+
+def test_a_process_opens_only_its_own_nodes_files(tmp_path):
+    files = _node_files(tmp_path / "nodes")
+    for f in files[:2]:
+        f.unlink()  # as on a host that holds only node 2's data
+    listed = [str(f) for f in files]
+    data = build_node_data(_cfg(tmp_path, listed), 3, range(2, 3), Solo())
+    assert len(data.parts) == 1 and [data.train.texts[j] for j in data.parts[0]][:2] == [
+        "node 2 row 0",
+        "node 2 row 1",
+    ]
+    assert np.array_equal(data.parts[0], np.arange(10))
+    assert data.summary == [{"node": 2, "size": 10, "label_counts": [3, 3, 4], "file": listed[2]}]
+
+
+def test_node_files_errors(tmp_path):
+    _node_files(tmp_path / "nodes")
+    with pytest.raises(ConfigError, match="data.node_files gives 3 files for nodes=4"):
+        build_node_data(_cfg(tmp_path, str(tmp_path / "nodes"), "nodes=4"), 4, range(4), Solo())
+    with pytest.raises(ConfigError, match="data.node_files needs data.test_file"):
+        load_config(None, [f"data.node_files={tmp_path / 'nodes'}"])
+    with pytest.raises(ConfigError, match="is neither a list of files nor a folder"):
+        build_node_data(_cfg(tmp_path, str(tmp_path / "absent")), 3, range(3), Solo())

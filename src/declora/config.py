@@ -166,6 +166,23 @@ class AlgorithmConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """How a server algorithm (fedavg, ffa_lora, rolora, fslora, hetlora, flexlora) aggregates and samples
+    (algorithms/server.py, server_opt.py)."""
+
+    # auto: each method's own rule (fslora, hetlora: adamw at algorithm.server_lr; the others: average) |
+    # average | sgd | avgm | adagrad | yogi | adam (Reddi et al. 2021) | adamw (torch AdamW, FSLoRA's server)
+    optimizer: str = "auto"
+    lr: float | None = (
+        None  # None: 1 (average/sgd/avgm), 0.01 (adagrad/yogi/adam), algorithm.server_lr (adamw)
+    )
+    betas: tuple[float, float] | None = None  # None: (0.9, 0.99); adamw (0.9, 0.999). avgm: betas[0]
+    tau: float = 1e-3  # adaptivity of adagrad/yogi/adam: x += lr m / (sqrt(v) + tau)
+    weighting: str = "auto"  # auto (flexlora: algorithm.flex_weights; others: uniform) | size | uniform
+    fraction: float = 1.0  # nodes sampled per round, max(1, round(fraction n)), from (seed, round)
+
+
+@dataclass(frozen=True)
 class DistConfig:
     """Multi-process runs (torchrun): each rank hosts a contiguous slice of the nodes."""
 
@@ -195,6 +212,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
 
@@ -213,6 +231,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "gloo", "nccl"),
     "algorithm.sketch_dist": ("uniform", "normal", "heavy_tailed"),
     "algorithm.flex_weights": ("data_size", "uniform"),
+    "server.optimizer": ("auto", "average", "sgd", "avgm", "adagrad", "yogi", "adam", "adamw"),
+    "server.weighting": ("auto", "size", "uniform"),
     "eval.headline": (
         *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
         *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
@@ -375,6 +395,7 @@ def validate(cfg: Config) -> Config:
     if cfg.dist.timeout_s <= 0:
         raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds)")
     _validate_heterogeneous(cfg)
+    _validate_server(cfg)
     _validate_task(cfg)
     _validate_topk(cfg)
     _validate_partition(cfg)
@@ -454,6 +475,23 @@ def _validate_topk(cfg: Config) -> None:
                 f"{key}={value!r} with comm.codec=topk: CHOCO-gossip needs every neighbour to hear every "
                 f"message so that their public copies agree; use {key}={needed!r} (or another codec)"
             )
+
+
+def _validate_server(cfg: Config) -> None:
+    s = cfg.server
+    if s.lr is not None and s.lr <= 0:
+        raise ConfigError(f"server.lr={s.lr} must be positive (or null for the optimizer's default)")
+    if s.betas is not None and not all(0 <= b < 1 for b in s.betas):
+        raise ConfigError(f"server.betas={list(s.betas)}: each must be in [0, 1)")
+    if s.tau < 0:
+        raise ConfigError(f"server.tau={s.tau} must be non-negative")
+    if not 0 < s.fraction <= 1:
+        raise ConfigError(f"server.fraction={s.fraction} must be in (0, 1]")
+    if s.fraction < 1 and cfg.algorithm.clients_per_round is not None:
+        raise ConfigError(
+            f"server.fraction={s.fraction} and algorithm.clients_per_round={cfg.algorithm.clients_per_round} "
+            "both sample nodes: set only one"
+        )
 
 
 def _validate_task(cfg: Config) -> None:

@@ -36,8 +36,10 @@ CASES = {
     "decaf_topk": ("decaf", ["comm.codec=topk", "comm.fraction=0.25"]),
     "dec_lora_topk": ("dec_lora", ["comm.codec=topk", "comm.fraction=0.1"]),
     "fedavg_dropout": ("fedavg", ["topology.node_dropout=0.3"]),
+    # a server optimizer with state, sampled clients and size weights: every rank moves its own copy
+    "fedadam_sampled": ("fedavg", ["server.optimizer=adam", "server.fraction=0.6", "server.weighting=size"]),
 }
-SERVER = {"fedavg_dropout"}
+SERVER = {"fedavg_dropout", "fedadam_sampled"}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
 # other rank: one message on the wire serves two edges of the ledger.
 SLICES = {
@@ -49,6 +51,7 @@ SLICES = {
         "decaf_topk": (3, 2),
         "dec_lora_topk": (1, 4),
         "fedavg_dropout": (3, 2),
+        "fedadam_sampled": (2, 3),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

@@ -154,4 +154,4 @@ def test_server_state_survives_a_crash_and_resume(tiny_bert, tiny_data, tmp_path
     full_lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert accs == [r["acc_server"] for r in full_lines if r.get("event") == "eval"]
     assert all(r["active_nodes"] == 2 for r in lines if r.get("event") == "eval")
-    assert int(full.algorithm.server.optimizer.steps[next(iter(full.algorithm.server.params))][0]) == 3
+    assert full.algorithm.server.opt.steps[next(iter(full.algorithm.server.x))] == 3

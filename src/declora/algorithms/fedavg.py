@@ -6,6 +6,9 @@ back
 
     A <- sum_i p_i A_i      B <- sum_i p_i B_i      (p_i uniform, as a complete graph with W = 11^T/n)
 
+over the sampled participants, with p_i uniform or by data size (server.weighting), or any server
+optimizer on the mean change (server.optimizer; algorithms/server.py, server_opt.py).
+
 The mean of the factors is not the mean of the products B_i A_i (the cross-term error, see cross-term): the
 ``cross_term`` metric measures exactly that gap before each aggregation.
 """
@@ -17,8 +20,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.mixing import server_average
+from declora.algorithms.server import ServerModel, active_nodes
+from declora.config import Config
 from declora.model import Federation, averaged_factors
+from declora.schedules import Schedule
 
 
 @dataclass
@@ -26,14 +31,24 @@ class FedAvg:
     fed: Federation
     name: str = "fedavg"
     single_node: bool = False
-    cfg: object = None  # the run's Config and schedule: every algorithm is built with them; unused here
-    schedule: object = None
+    cfg: Config | None = None
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        self.cfg = self.cfg or Config()
+        self.server = ServerModel(self.fed, self.cfg, self.schedule)
 
     def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed))
+        return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
 
     def communicate(self, ctx: RoundContext) -> None:
-        server_average(ctx, self.plan(ctx.round).train)
+        self.server.aggregate(ctx, self.plan(ctx.round).train)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # after aggregation: what every participant holds
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.server.load_state_dict(state)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.mixing import server_average
+from declora.algorithms.server import ServerModel, active_nodes
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
@@ -33,11 +33,21 @@ class FFALoRA:
     cfg: Config | None = None
     schedule: Schedule | None = None
 
+    def __post_init__(self) -> None:
+        self.cfg = self.cfg or Config()
+        self.server = ServerModel(self.fed, self.cfg, self.schedule)
+
     def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed, ("B",)))
+        return RoundPlan(train=trained_kinds(self.fed, ("B",)), active=active_nodes(self.cfg, t))
 
     def communicate(self, ctx: RoundContext) -> None:
-        server_average(ctx, self.plan(ctx.round).train)
+        self.server.aggregate(ctx, self.plan(ctx.round).train)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # after aggregation: what every participant holds
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.server.load_state_dict(state)

@@ -4,16 +4,21 @@ Bai, Chen, Qian, Yao, Li. "Federated Fine-tuning of Large Language Models under 
 Client Resources." NeurIPS 2024. docs/algorithms.md: gauge, scale, optimizer state.
 
 Node i has rank r_i = algorithm.ranks[i] (gate 1[j < r_i], fixed; r_max = model.rank). Round t, sampled
-nodes S (``ranks.sample_clients``), after local training (train.lr, no server optimizer):
+nodes S (``server.participants``), after local training (train.lr):
 
     upload (B_i[:, :r_i], A_i[:r_i, :]): r_i (d_in + d_out) floats per module
     M = sum_{i in S} p_i B_i G_i A_i     p_i = n_i / sum_{j in S} n_j (flex_weights=data_size, default)
-                                         or 1/|S| (flex_weights=uniform); G_i = diag(gate_i)
+                                         or 1/|S| (flex_weights=uniform; server.weighting overrides it);
+                                         G_i = diag(gate_i)
     U Sigma V^T = TSVD_{r_max}(M)       via decaf.tsvd_factors on P = [p_1 B_1 G_1 ... ], Q = [A_1; ...]
                                          (QR of both, SVD of the small core: never the dense M)
     every node: B = U Sigma, A = V^T;  its gate keeps the first r_i, so B G_i A = TSVD_{r_i}(M):
                 node i receives B_i = U[:, :r_i] Sigma[:r_i], A_i = V[:, :r_i]^T
     head (model.head=train): FedAvg with the same p_i
+
+With a server optimizer other than average (server.optimizer), the server keeps the dense product W
+(d_out, d_in) per module and moves it by its rule on Delta = M - W, then sends the factors of TSVD_r(W):
+d_out d_in floats (times 1 to 3 with the optimizer's moments) per module on the server, never on a node.
 
 Scale (see scale): M is formed from the unscaled factors and the run's one scale s stays in the forward, so
 node i's s B G_i A is the rank-r_i truncation of the weighted mean of the s B_j G_j A_j, exactly. (The
@@ -38,11 +43,12 @@ from declora.algorithms.ranks import (
     first_components,
     install_gate,
     node_ranks,
-    sample_clients,
 )
+from declora.algorithms.server import participants, upload_weights, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
+from declora.server_opt import build_server_optimizer
 
 
 def flex_aggregate(A: Tensor, B: Tensor, gate: Tensor | None, p: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -69,7 +75,7 @@ class FlexLoRA:
     schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
-        cfg = self.cfg or Config()
+        cfg = self.run_cfg = self.cfg or Config()
         self.acfg, self.seed = cfg.algorithm, cfg.seed
         weights, policy = self.acfg.flex_weights, self.acfg.optimizer_policy
         if weights not in ("data_size", "uniform") or policy not in ("reset", "keep"):
@@ -80,24 +86,50 @@ class FlexLoRA:
         self.ranks = node_ranks(self.acfg.ranks, self.fed.n, self.fed.cfg.rank)
         self.gate = first_components(self.ranks, self.fed.cfg.rank)
         install_gate(self.fed, self.gate)
+        self.weighting = weighting(cfg, "size" if weights == "data_size" else "uniform")
+        self.opt = build_server_optimizer(cfg, "average")
+        # Any other server rule moves the dense server product W (d_out, d_in) per module (see above).
+        dense = self.opt.rule != "average"
+        self.W = {n: (l.B[0] @ l.A[0]).detach().clone() for n, l in self.fed.lora.items() if dense}
+
+    def server_step(self, name: str, A: Tensor, B: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
+        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i; the factors of TSVD_r(W): (A', B')."""
+        Bg = B if self.gate is None else B * self.gate.to(B.device)[:, None, :]
+        M = torch.einsum("n,nor,nri->oi", p.to(A.device, A.dtype), Bg, A)  # (d_out, d_in)
+        self.opt.step(self.W, {name: M - self.W[name]})
+        eye = torch.eye(A.shape[2], dtype=torch.float64, device=A.device)[None]
+        B_new, A_new = tsvd_factors(self.W[name].double()[None], eye, self.fed.cfg.rank, split="left")
+        return A_new[0].to(A.dtype), B_new[0].to(B.dtype)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"server/{k}": v for k, v in self.W.items()}
+        return state | {f"server_opt/{k}": v for k, v in self.opt.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k, v in self.W.items():
+            v.copy_(state[f"server/{k}"])
+        n = len("server_opt/")
+        self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})
 
     def plan(self, t: int) -> RoundPlan:
-        active = sample_clients(self.fed.n, self.acfg.clients_per_round, self.seed, t)
+        active = participants(self.run_cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
     def communicate(self, ctx: RoundContext) -> None:
         fed, kinds = ctx.fed, trained_kinds(ctx.fed)
-        senders = sample_clients(fed.n, self.acfg.clients_per_round, self.seed, ctx.round) & ctx.online.cpu()
+        senders = participants(self.run_cfg, ctx.round) & ctx.online.cpu()
         if not senders.any():
             return
-        sizes = ctx.data_sizes.float() if self.acfg.flex_weights == "data_size" else torch.ones(fed.n)
-        p = torch.where(senders, sizes.cpu(), torch.zeros(fed.n))
+        p = upload_weights(self.weighting, senders, ctx.data_sizes.cpu())
         p = p / p.sum()  # (n,)
         keep = active_components(fed, self.gate)
         received = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
         for name, layer in fed.lora.items():
             a, b = f"{name}.lora_A", f"{name}.lora_B"
-            A_new, B_new = flex_aggregate(received[a], received[b], self.gate, p, fed.cfg.rank)
+            if self.opt.rule == "average":
+                A_new, B_new = flex_aggregate(received[a], received[b], self.gate, p, fed.cfg.rank)
+            else:
+                A_new, B_new = self.server_step(name, received[a], received[b], p)
             with torch.no_grad():
                 layer.A.copy_(A_new.expand_as(layer.A))
                 layer.B.copy_(B_new.expand_as(layer.B))

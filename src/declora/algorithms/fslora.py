@@ -3,7 +3,7 @@
 Fang, Han, Yuan, Hosseinalipour, Brinton. "Federated Sketching LoRA: On-Device Collaborative Fine-Tuning
 of Large Language Models." arXiv 2501.19389. docs/algorithms.md: scale, optimizer state, FSLoRA details.
 
-The server holds (A, B) of rank r = model.rank. Round t, devices S sampled (``ranks.sample_clients``):
+The server holds (A, B) of rank r = model.rank. Round t, devices S sampled (``server.participants``):
 
     I_i subset {1..r}, |I_i| = k_i = max(1, round(ratio_i r)), uniform without replacement, (seed, t, i)
     S_i = (r / k_i) sum_{j in I_i} e_j e_j^T                                    (E[S_i] = identity)
@@ -43,8 +43,8 @@ from declora.algorithms.ranks import (
     ServerFactors,
     average_head,
     install_gate,
-    sample_clients,
 )
+from declora.algorithms.server import participants
 from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
@@ -93,13 +93,13 @@ class FSLoRA(ServedByServerFactors):
     schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
-        cfg = self.cfg or Config()
+        cfg = self.run_cfg = self.cfg or Config()
         self.acfg, self.seed, n = cfg.algorithm, cfg.seed, self.fed.n
         ratios = self.acfg.sketch_ratios or draw_ratios(self.acfg.sketch_dist, n, self.seed)
         if len(ratios) != n:
             raise ValueError(f"algorithm.sketch_ratios has {len(ratios)} entries for {n} nodes")
         self.sizes = sketch_sizes(list(ratios), self.fed.cfg.rank)  # k_i
-        self.server = ServerFactors(self.fed, self.acfg.server_lr, self.acfg.server_weight_decay)
+        self.server = ServerFactors(self.fed, cfg)
 
     def gate(self, t: int) -> Tensor:
         return sketch_gate(self.sizes, self.fed.cfg.rank, self.seed, t)
@@ -107,12 +107,12 @@ class FSLoRA(ServedByServerFactors):
     def plan(self, t: int) -> RoundPlan:
         """Round t's devices; installs their sketch gates for local training."""
         install_gate(self.fed, self.gate(t))
-        active = sample_clients(self.fed.n, self.acfg.clients_per_round, self.seed, t)
+        active = participants(self.run_cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
     def communicate(self, ctx: RoundContext) -> None:
         t, kinds = ctx.round, trained_kinds(ctx.fed)
-        senders = sample_clients(ctx.fed.n, self.acfg.clients_per_round, self.seed, t) & ctx.online.cpu()
+        senders = participants(self.run_cfg, t) & ctx.online.cpu()
         self.server.step(ctx, self.gate(t) != 0, senders, indices=True)
         average_head(ctx, kinds, senders.float())
         self.server.broadcast(ctx.fed)

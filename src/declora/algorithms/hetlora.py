@@ -4,7 +4,7 @@ Cho, Liu, Bai, Joshi, et al. "Heterogeneous LoRA for Federated Fine-tuning of On
 Models." EMNLP 2024. docs/algorithms.md: scale.
 
 Global rank r_max = model.rank; node i has rank r_i = algorithm.ranks[i] and uses the first r_i
-components (gate 1[j < r_i], fixed for the run). Round t, sampled nodes S (``ranks.sample_clients``):
+components (gate 1[j < r_i], fixed for the run). Round t, sampled nodes S (``server.participants``):
 
     device i trains (B[:, :r_i], A[:r_i, :]) starting from the server factors
     upload Delta_i = theta_server - theta_i on its first r_i components: r_i (d_in + d_out) floats per
@@ -34,8 +34,8 @@ from declora.algorithms.ranks import (
     first_components,
     install_gate,
     node_ranks,
-    sample_clients,
 )
+from declora.algorithms.server import participants
 from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
@@ -50,22 +50,22 @@ class HetLoRA(ServedByServerFactors):
     schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
-        cfg = self.cfg or Config()
+        cfg = self.run_cfg = self.cfg or Config()
         self.acfg, self.seed = cfg.algorithm, cfg.seed
         if self.acfg.optimizer_policy not in ("reset", "keep"):
             raise ValueError(f"hetlora: optimizer_policy={self.acfg.optimizer_policy!r} (reset or keep)")
         self.ranks = node_ranks(self.acfg.ranks, self.fed.n, self.fed.cfg.rank)
         self.gate = first_components(self.ranks, self.fed.cfg.rank)
         install_gate(self.fed, self.gate)
-        self.server = ServerFactors(self.fed, self.acfg.server_lr, self.acfg.server_weight_decay)
+        self.server = ServerFactors(self.fed, cfg)
 
     def plan(self, t: int) -> RoundPlan:
-        active = sample_clients(self.fed.n, self.acfg.clients_per_round, self.seed, t)
+        active = participants(self.run_cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
     def communicate(self, ctx: RoundContext) -> None:
         kinds = trained_kinds(ctx.fed)
-        senders = sample_clients(ctx.fed.n, self.acfg.clients_per_round, self.seed, ctx.round)
+        senders = participants(self.run_cfg, ctx.round)
         senders = senders & ctx.online.cpu()
         self.server.step(ctx, active_components(ctx.fed, self.gate), senders, indices=False)
         average_head(ctx, kinds, senders.float())

@@ -4,39 +4,32 @@ Node i's adapter is the run's rank-r adapter (r = model.rank) seen through a per
 (``lora.RankMask``): W_i = W0 + s B_i diag(g_i) A_i, with the run's one scale s (alpha/r, alpha/sqrt(r)).
 A gate of 0 removes a component: it contributes nothing and gets zero gradient in A and B.
 
-- Participation: the server samples m = algorithm.clients_per_round nodes per round without replacement,
-  from (seed, "clients", t); None: every node. Offline nodes (topology.node_dropout) do not take part.
+- Participation: ``server.participants`` (algorithm.clients_per_round or server.fraction, seeded per
+  round). Offline nodes (topology.node_dropout) do not take part.
 - Messages: a node with k_i active components uploads k_i (d_in + d_out) floats per module (plus k_i
   int32 indices once per round where the set is random) and fetched the same slices at the start of the
   round: both booked by ``exchange.upload_masked``.
-- ``ServerFactors``: the global (A, B), node axis 1, and a server AdamW (lr algorithm.server_lr, weight
-  decay algorithm.server_weight_decay [M], betas (0.9, 0.999), eps 1e-8) taking as its gradient
+- ``ServerFactors``: the global (A, B), node axis 1, and a server optimizer (``declora.server_opt``; by
+  default the papers' AdamW: lr algorithm.server_lr, weight decay algorithm.server_weight_decay [M], betas
+  (0.9, 0.999), eps 1e-8; any server.optimizer otherwise) on Delta = -g, where
 
       g = (1/|S|) sum_{i in S} pad_i(theta_server - theta_i)      (zero outside node i's components)
 
-  Its factors and moments are the algorithm's checkpointed state.
+  (p_i = n_i / sum_S n_j instead of 1/|S| with server.weighting=size). Its factors and moments are the
+  algorithm's checkpointed state.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from declora.algorithms.base import RoundContext
+from declora.config import Config
 from declora.model import Federation
-from declora.optim import NodeAdamW
-from declora.seeding import numpy_rng
+from declora.server_opt import build_server_optimizer
 
 RANK_DIM = {"A": 1, "B": 2}  # A: (n, r, d_in), B: (n, d_out, r)
-
-
-def sample_clients(n: int, m: int | None, seed: int, t: int) -> Tensor:
-    """(n,) bool: the nodes the server picks in round t (all of them when m is None)."""
-    if m is None or m >= n:
-        return torch.ones(n, dtype=torch.bool)
-    chosen = torch.zeros(n, dtype=torch.bool)
-    chosen[torch.as_tensor(numpy_rng(seed, "clients", t).choice(n, size=m, replace=False))] = True
-    return chosen
 
 
 def node_ranks(ranks: tuple[int, ...] | None, n: int, r: int) -> list[int]:
@@ -86,46 +79,46 @@ def average_head(ctx: RoundContext, kinds: tuple[str, ...], weights: Tensor) -> 
 
 
 class ServerFactors:
-    """The server's global factors (node axis 1) and its AdamW on the mean of the nodes' deltas."""
+    """The server's global factors (node axis 1) and its optimizer on the mean of the nodes' deltas."""
 
-    def __init__(self, fed: Federation, lr: float, weight_decay: float) -> None:
-        self.params = {
-            k: nn.Parameter(v.detach().mean(0, keepdim=True).clone())
-            for k, v in fed.tensors(("A", "B")).items()
-        }
-        self.optimizer = NodeAdamW(self.params, dict.fromkeys(self.params, lr), weight_decay=weight_decay)
+    def __init__(self, fed: Federation, cfg: Config) -> None:
+        self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(("A", "B")).items()}
+        self.opt = build_server_optimizer(cfg, "adamw")  # the paper's server unless server.optimizer is set
+        self.weighting = cfg.server.weighting
 
     def tensors(self) -> dict[str, Tensor]:
-        return {k: p.detach() for k, p in self.params.items()}
+        return dict(self.x)
 
     def step(self, ctx: RoundContext, keep: Tensor, senders: Tensor, indices: bool) -> None:
-        """Senders upload theta_server - theta_i on their ``keep`` (n, r) components; one AdamW step."""
+        """Senders upload theta_server - theta_i on their ``keep`` (n, r) components; one server step on
+        Delta = -sum_i p_i pad_i(theta_server - theta_i), p_i = 1/|S| (FSLoRA details) or by data size."""
         if not senders.any():
             return
         decoded = ctx.exchange.upload_masked(
             factor_messages(ctx.fed, self.tensors()), keep, senders, ctx.round, indices
         )
-        for k, p in self.params.items():
-            p.grad = decoded[k].sum(0, keepdim=True) / senders.sum().to(p.dtype)  # |S|: FSLoRA details
-        self.optimizer.step(torch.ones(1, dtype=torch.bool), list(self.params))
-        for p in self.params.values():
-            p.grad = None
+        if self.weighting == "size":
+            p = senders.float() * ctx.data_sizes.float().cpu()
+            p = p / p.sum()  # (n,)
+            g = {k: torch.einsum("n,n...->...", p.to(d.dtype), d).unsqueeze(0) for k, d in decoded.items()}
+        else:
+            g = {k: d.sum(0, keepdim=True) / senders.sum().to(d.dtype) for k, d in decoded.items()}
+        self.opt.step(self.x, {k: -v for k, v in g.items()})
 
     def broadcast(self, fed: Federation) -> None:
         with torch.no_grad():
             for k, v in fed.tensors(("A", "B")).items():
-                v.copy_(self.params[k].detach().expand_as(v))
+                v.copy_(self.x[k].expand_as(v))
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {f"server/{k}": p.detach() for k, p in self.params.items()}
-        return state | {f"server_adamw/{k}": v for k, v in self.optimizer.state_dict().items()}
+        state = {f"server/{k}": v for k, v in self.x.items()}
+        return state | {f"server_opt/{k}": v for k, v in self.opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(state[f"server/{k}"])
-        n = len("server_adamw/")
-        self.optimizer.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_adamw/")})
+        for k, v in self.x.items():
+            v.copy_(state[f"server/{k}"])
+        n = len("server_opt/")
+        self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})
 
 
 class ServedByServerFactors:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from declora.algorithms.alternating import PhaseClock, build_clock, end_of_round
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.mixing import server_average
+from declora.algorithms.server import ServerModel, active_nodes
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
@@ -39,16 +39,25 @@ class RoLoRA:
     clock: PhaseClock = field(init=False)
 
     def __post_init__(self) -> None:
-        self.acfg = (self.cfg or Config()).algorithm
+        self.cfg = self.cfg or Config()
+        self.acfg = self.cfg.algorithm
+        self.server = ServerModel(self.fed, self.cfg, self.schedule)
         self.clock, _ = build_clock(self.acfg, self.schedule, self.name)
         self.interval = self.clock.interval
 
     def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed, (self.clock.phase(t),)))
+        phase = (self.clock.phase(t),)
+        return RoundPlan(train=trained_kinds(self.fed, phase), active=active_nodes(self.cfg, t))
 
     def communicate(self, ctx: RoundContext) -> None:
-        server_average(ctx, self.plan(ctx.round).train)
+        self.server.aggregate(ctx, self.plan(ctx.round).train)
         end_of_round(ctx, self.clock, self.acfg.optimizer_policy)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # after aggregation: what every participant holds
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.server.load_state_dict(state)

@@ -1,0 +1,109 @@
+"""What every server algorithm shares: who takes part in a round, how uploads are weighted, and the server
+model that the server optimizer (``declora.server_opt``) moves.
+
+- Participation: m nodes sampled per round without replacement from (seed, "clients", t), where
+  m = algorithm.clients_per_round, else max(1, round(server.fraction n)); fraction 1: every node. A node
+  offline this round (topology.node_dropout) does not take part either.
+- Weights: p_i = 1/|S| (server.weighting=uniform) or n_i / sum_{j in S} n_j (size), over the senders S.
+- ``ServerModel`` (fedavg, ffa_lora, rolora): the server keeps x (node axis 1) for every trained tensor and,
+  after local training, moves it by its rule on Delta = sum_i p_i x_i - x; every online node then holds x.
+  Under ``average`` this is the weighted mean of the uploads itself and keeps no state. A node that did
+  not take part still receives x (the download is booked), so the next round starts from the server model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from declora.algorithms.base import RoundContext
+from declora.config import Config
+from declora.model import KINDS, Federation
+from declora.schedules import Schedule
+from declora.seeding import numpy_rng
+from declora.server_opt import build_server_optimizer
+
+
+def sample_clients(n: int, m: int | None, seed: int, t: int) -> Tensor:
+    """(n,) bool: the nodes the server picks in round t (all of them when m is None)."""
+    if m is None or m >= n:
+        return torch.ones(n, dtype=torch.bool)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.as_tensor(numpy_rng(seed, "clients", t).choice(n, size=m, replace=False))] = True
+    return chosen
+
+
+def clients_per_round(cfg: Config) -> int | None:
+    """Nodes the server samples each round; None: all of them."""
+    if cfg.algorithm.clients_per_round is not None:
+        return cfg.algorithm.clients_per_round
+    return None if cfg.server.fraction >= 1 else max(1, round(cfg.server.fraction * cfg.nodes))
+
+
+def participants(cfg: Config, t: int) -> Tensor:
+    """(n,) bool over the global nodes: who the server samples in round t."""
+    return sample_clients(cfg.nodes, clients_per_round(cfg), cfg.seed, t)
+
+
+def active_nodes(cfg: Config, t: int) -> Tensor | None:
+    """RoundPlan.active: the sampled nodes, or None when every node takes part."""
+    return None if clients_per_round(cfg) is None else participants(cfg, t)
+
+
+def weighting(cfg: Config, default: str = "uniform") -> str:
+    return default if cfg.server.weighting == "auto" else cfg.server.weighting
+
+
+def upload_weights(rule: str, senders: Tensor, sizes: Tensor) -> Tensor:
+    """(n,) unnormalized weights: 0 for non-senders, 1 (uniform) or the node's example count (size)."""
+    w = senders.float()
+    return w * sizes.float().to(w.device) if rule == "size" else w
+
+
+def book_downloads(ctx: RoundContext, receivers: Tensor, senders: Tensor, tensors: dict[str, Tensor]) -> None:
+    """The server model goes to receivers that did not upload (server_mean books the senders' copies)."""
+    extra = int((receivers & ~senders).sum())
+    if extra:
+        ctx.exchange.ledger.add_server(extra, sum(v[0].numel() * v.element_size() for v in tensors.values()))
+
+
+class ServerModel:
+    """Server aggregation with an optimizer for the algorithms whose nodes all hold the server model."""
+
+    def __init__(self, fed: Federation, cfg: Config, schedule: Schedule | None, default: str = "average"):
+        self.cfg, self.schedule, self.opt = cfg, schedule, build_server_optimizer(cfg, default)
+        self.weighting = weighting(cfg)
+        # Every node starts from the same adapter, so the mean of this process's rows is the server model.
+        keep = self.opt.rule != "average"
+        self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items() if keep}
+
+    def aggregate(self, ctx: RoundContext, kinds: tuple[str, ...]) -> None:
+        """Round ctx.round: the sampled online nodes upload ``kinds``; every online node gets the result."""
+        tensors = ctx.fed.tensors(kinds)
+        online = ctx.online.cpu()
+        sampled = participants(self.cfg, ctx.round)
+        senders = sampled[ctx.node_ids] & online  # (n_local,)
+        # Whether anyone uploads, known on every process without talking (the schedule is global).
+        anyone = senders.any() if self.schedule is None else (sampled & self.schedule.online(ctx.round)).any()
+        if not tensors or not bool(anyone):
+            return
+        weights = upload_weights(self.weighting, senders, ctx.data_sizes)
+        means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)
+        book_downloads(ctx, online, senders, tensors)
+        if self.opt.rule != "average":
+            self.opt.step(self.x, {k: mean.unsqueeze(0) - self.x[k] for k, mean in means.items()})
+            means = {k: self.x[k][0] for k in means}
+        with torch.no_grad():
+            for name, mean in means.items():
+                rows = online.view(-1, *([1] * mean.dim())).to(mean.device)
+                tensors[name].copy_(torch.where(rows, mean.unsqueeze(0), tensors[name]))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {f"server/{k}": v for k, v in self.x.items()}
+        return state | {f"server_opt/{k}": v for k, v in self.opt.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self.x:
+            self.x[k].copy_(state[f"server/{k}"])
+        n = len("server_opt/")
+        self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})

@@ -1,0 +1,222 @@
+"""Server optimizers (server_opt.py), weighting and client sampling (algorithms/server.py): the rules on
+tiny tensors, then one real round of every server algorithm on the tiny BERT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import write_tiny_data
+from torch import Tensor
+from unit_helpers import perturb, round_context, tiny_experiment
+
+from declora.algorithms.server import participants
+from declora.config import ConfigError, load_config
+from declora.server_opt import ServerOptimizer
+
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
+
+
+def _run(opt: ServerOptimizer, x0: Tensor, deltas: list) -> Tensor:
+    x = {"w": x0.clone()}
+    for d in deltas:
+        opt.step(x, {"w": d})
+    return x["w"]
+
+
+def _deltas(k: int = 3, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 5, generator=g) for _ in range(k)]
+
+
+def test_sgd_lr1_and_avgm_without_momentum_are_averaging():
+    x0, ds = torch.randn(2, 5), _deltas()
+    plain = _run(ServerOptimizer("average"), x0, ds)
+    assert torch.allclose(plain, x0 + sum(ds), atol=1e-6)
+    assert torch.allclose(_run(ServerOptimizer("sgd", lr=1.0), x0, ds), plain, atol=1e-6)
+    assert torch.allclose(_run(ServerOptimizer("avgm", lr=1.0, betas=(0.0, 0.99)), x0, ds), plain, atol=1e-6)
+
+
+def test_avgm_is_heavy_ball_momentum():
+    x0, (d1, d2) = torch.zeros(2, 5), _deltas(2)
+    out = _run(ServerOptimizer("avgm", lr=0.5, betas=(0.9, 0.99)), x0, [d1, d2])
+    assert torch.allclose(out, 0.5 * d1 + 0.5 * (0.9 * d1 + d2), atol=1e-6)
+
+
+def test_adaptive_rules_first_steps():
+    x0, (d1, d2) = torch.zeros(2, 5), _deltas(2)
+    # FedAdam with b1 = b2 = 0 and tau = 0 is sign descent on the mean change: x + lr sign(Delta)
+    sign = _run(ServerOptimizer("adam", lr=0.1, betas=(0.0, 0.0), tau=0.0), x0, [d1])
+    assert torch.allclose(sign, 0.1 * torch.sign(d1), atol=1e-6)
+    # from zero moments the first yogi step is adam's (v = (1 - b2) Delta^2 for both)
+    yogi = _run(ServerOptimizer("yogi", lr=0.1, tau=1e-3), x0, [d1])
+    assert torch.allclose(yogi, _run(ServerOptimizer("adam", lr=0.1, tau=1e-3), x0, [d1]), atol=1e-7)
+    # adagrad: v accumulates Delta^2, m is the b1-average of Delta
+    ada = _run(ServerOptimizer("adagrad", lr=0.1, betas=(0.9, 0.99), tau=1e-3), x0, [d1, d2])
+    m1, m2 = 0.1 * d1, 0.9 * 0.1 * d1 + 0.1 * d2
+    want = 0.1 * m1 / (d1.abs() + 1e-3) + 0.1 * m2 / ((d1**2 + d2**2).sqrt() + 1e-3)
+    assert torch.allclose(ada, want, atol=1e-6)
+
+
+def test_adamw_is_torch_adamw_on_minus_delta():
+    x0, ds = torch.randn(2, 5), _deltas(3)
+    ours = _run(ServerOptimizer("adamw", lr=0.01, betas=(0.9, 0.999), weight_decay=0.1), x0, ds)
+    p = torch.nn.Parameter(x0.clone())
+    opt = torch.optim.AdamW([p], lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for d in ds:
+        p.grad = -d
+        opt.step()
+    assert torch.allclose(ours, p.detach(), atol=1e-6)
+
+
+def test_state_round_trips():
+    x0, ds = torch.randn(2, 5), _deltas(4)
+    full = _run(ServerOptimizer("yogi", lr=0.1), x0, ds)
+    first = ServerOptimizer("yogi", lr=0.1)
+    half = _run(first, x0, ds[:2])
+    second = ServerOptimizer("yogi", lr=0.1)
+    second.load_state_dict(first.state_dict())
+    assert torch.equal(_run(second, half, ds[2:]), full)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("server.optimizer=lamb", "server.optimizer"),
+        ("server.weighting=median", "server.weighting"),
+        ("server.fraction=0", "server.fraction"),
+        ("server.lr=-1", "server.lr"),
+        ("server.betas=[0.9,1.0]", "server.betas"),
+    ],
+)
+def test_bad_server_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_fraction_and_clients_per_round_together_are_refused():
+    with pytest.raises(ConfigError, match="set only one"):
+        load_config(None, ["server.fraction=0.5", "algorithm.clients_per_round=2"])
+
+
+def test_sampling_is_seeded_per_round_and_fraction_one_is_everyone():
+    cfg = load_config(None, ["nodes=10", "server.fraction=0.3"])
+    rounds = [participants(cfg, t) for t in range(5)]
+    assert all(int(r.sum()) == 3 for r in rounds)
+    assert torch.equal(rounds[2], participants(cfg, 2)) and not all(torch.equal(rounds[0], r) for r in rounds)
+    assert bool(participants(load_config(None, ["nodes=10"]), 0).all())
+
+
+# ---------------------------------------------------------------- one round on the tiny BERT
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
+
+
+def _round(exp, t: int = 0) -> dict:
+    """Local training of the planned nodes, then the algorithm's aggregation; the nodes' tensors."""
+    plan = exp.algorithm.plan(t)
+    active = torch.ones(exp.n, dtype=torch.bool) if plan.active is None else plan.active
+    exp.trainer.local_work(active, list(exp.fed.tensors(plan.train)), 1, "steps")
+    before = {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
+    exp.algorithm.communicate(round_context(exp, t))
+    return before
+
+
+def _after(exp) -> dict:
+    return {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
+
+
+def _close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ffa_lora", "rolora", "fslora", "hetlora", "flexlora"])
+def test_sgd_lr1_equals_averaging_for_every_server_algorithm(name, tiny_bert, tiny_data, tmp_path):
+    runs = {}
+    for rule in ("average", "sgd"):
+        exp = tiny_experiment(
+            tiny_bert, tiny_data, tmp_path / rule, f"algorithm.name={name}", f"server.optimizer={rule}"
+        )
+        perturb(exp)
+        _round(exp, 0)
+        _round(exp, 1)
+        runs[rule] = _after(exp)
+    _close(runs["sgd"], runs["average"], atol=1e-5)
+
+
+def test_fedavg_weighting_size_and_uniform_on_unequal_data(tiny_bert, tiny_data, tmp_path):
+    for rule in ("uniform", "size"):
+        exp = tiny_experiment(
+            tiny_bert,
+            tiny_data,
+            tmp_path / rule,
+            "algorithm.name=fedavg",
+            "partition.kind=quantity_skew",
+            f"server.weighting={rule}",
+        )
+        sizes = torch.tensor([len(p) for p in exp.parts], dtype=torch.float32)
+        assert len(set(sizes.tolist())) > 1  # the test needs unequal data
+        before = _round(exp)
+        p = sizes / sizes.sum() if rule == "size" else torch.full((exp.n,), 1 / exp.n)
+        for k, v in exp.fed.tensors().items():
+            want = torch.einsum("n,n...->...", p, before[k])
+            torch.testing.assert_close(v.detach(), want.expand_as(v), atol=1e-6, rtol=0)
+
+
+def test_fedadam_moves_from_the_server_model_and_every_node_holds_it(tiny_bert, tiny_data, tmp_path):
+    exp = tiny_experiment(
+        tiny_bert, tiny_data, tmp_path, "algorithm.name=fedavg", "server.optimizer=adam", "server.lr=0.05"
+    )
+    perturb(exp)
+    x0 = {k: v.detach()[0].clone() for k, v in exp.fed.tensors().items()}
+    before = _round(exp)
+    for k, v in exp.fed.tensors().items():
+        d = before[k].mean(0) - x0[k]
+        m, sq = 0.1 * d, (0.01 * d * d).sqrt()
+        want = x0[k] + 0.05 * m / (sq + 1e-3)
+        torch.testing.assert_close(v.detach(), want.expand_as(v), atol=1e-6, rtol=1e-5)
+    assert set(exp.algorithm.state_dict()) >= {f"server/{k}" for k in x0}
+
+
+def test_hetlora_with_full_ranks_and_averaging_is_fedavg(tiny_bert, tiny_data, tmp_path):
+    out = {}
+    for name in ("fedavg", "hetlora"):
+        exp = tiny_experiment(
+            tiny_bert, tiny_data, tmp_path / name, f"algorithm.name={name}", "server.optimizer=average"
+        )
+        perturb(exp)
+        _round(exp)
+        out[name] = _after(exp)
+    _close(out["hetlora"], out["fedavg"])
+
+
+def test_sampled_round_trains_only_the_sample_and_everyone_gets_the_server_model(
+    tiny_bert, tiny_data, tmp_path
+):
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=fedavg", "server.fraction=0.5")
+    perturb(exp)
+    plan = exp.algorithm.plan(3)
+    assert int(plan.active.sum()) == 2 and torch.equal(plan.active, participants(exp.cfg, 3))
+    exp.exchange.ledger.start_round()
+    before = _round(exp, 3)
+    for k, v in exp.fed.tensors().items():
+        torch.testing.assert_close(v.detach(), before[k][plan.active].mean(0).expand_as(v), atol=1e-6, rtol=0)
+    up = exp.exchange.ledger.edges.diagonal()
+    assert torch.equal(up > 0, plan.active)  # only the sample uploads
+    assert exp.exchange.ledger.server_sent == 4 * int(up.max())  # the new model goes to all 4 (fp32)
+
+
+def test_fraction_one_is_no_sampling(tiny_bert, tiny_data, tmp_path):
+    out = {}
+    for extra in ((), ("server.fraction=1.0",)):
+        exp = tiny_experiment(
+            tiny_bert, tiny_data, tmp_path / str(len(extra)), "algorithm.name=fedavg", *extra
+        )
+        assert exp.algorithm.plan(0).active is None
+        _round(exp)
+        out[len(extra)] = _after(exp)
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[1][k])

@@ -100,7 +100,7 @@ class ServerFactors:
         if self.weighting == "size":
             p = senders.float() * ctx.data_sizes.float().cpu()
             p = p / p.sum()  # (n,)
-            g = {k: torch.einsum("n,n...->...", p.to(d.dtype), d).unsqueeze(0) for k, d in decoded.items()}
+            g = {k: torch.einsum("n,n...->...", p.to(d.device, d.dtype), d)[None] for k, d in decoded.items()}
         else:
             g = {k: d.sum(0, keepdim=True) / senders.sum().to(d.dtype) for k, d in decoded.items()}
         self.opt.step(self.x, {k: -v for k, v in g.items()})

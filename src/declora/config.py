@@ -129,6 +129,11 @@ class TrainConfig:
     # Rows are sorted by length, so small budgets pad little. null: the device's default (declora.device:
     # 256 on the CPU, fastest and leanest on 2 cores; 32768 on a GPU, which needs big batches to be busy).
     tokens_per_chunk: int | None = None
+    # The LoRA product: per_row (a batched matmul over rows, each gathering its node's factors), grouped
+    # (rows ordered by node, one grouped matmul per layer over the node segments) or auto (grouped once a
+    # node owns enough tokens of a micro-batch; the measured thresholds are in declora/grouped.py).
+    # The result is the same; only time and memory differ.
+    lora_product: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.base_quantization": ("none", "int8", "nf4"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
     "train.local_unit": ("steps", "epochs"),
+    "train.lora_product": ("auto", "per_row", "grouped"),
     "algorithm.first_phase": ("A", "B"),
     "algorithm.optimizer_policy": ("reset", "keep"),
     "algorithm.svd_split": ("balanced", "left", "right"),

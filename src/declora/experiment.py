@@ -109,6 +109,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     device = resolve_device(cfg.device)  # torchrun: this rank's GPU
     causal = cfg.task.kind in CAUSAL_KINDS
     fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
+    fed.routing.product = cfg.train.lora_product
     log.info("device %s, precision %s", device, cfg.precision)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)

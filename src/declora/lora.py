@@ -1,8 +1,10 @@
 """The node-stacked LoRA layer: one frozen base linear, every node's factors on a leading node axis.
 
 A batch row belongs to one node; ``NodeRouting.rows`` says which. Each row is multiplied by its own
-node's factors with a batched matmul, so one forward/backward trains every node at once, exactly as if
-each had its own model copy, while the base weights exist once.
+node's factors, so one forward/backward trains every node at once, exactly as if each had its own model
+copy, while the base weights exist once. Two products compute the same thing: per row (a batched matmul
+over rows, each with its own gathered copy of the factors) or grouped by node (``declora.grouped``);
+``NodeRouting.product`` chooses (config ``train.lora_product``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,39 @@ import math
 import torch
 from torch import Tensor, nn
 
+from declora.grouped import PRODUCTS, NodeGroups, grouped_pays, grouped_product, node_groups
+
 
 class NodeRouting:
-    """Which node each row of the current batch belongs to; shared by every stacked layer of a model."""
+    """Which node each row of the current batch belongs to; shared by every stacked layer of a model.
 
-    def __init__(self) -> None:
-        self.rows: Tensor | None = None  # (batch,) long
+    ``product``: auto | per_row | grouped, the LoRA product the layers use (auto: ``grouped_pays``).
+    """
+
+    def __init__(self, product: str = "auto") -> None:
+        if product not in PRODUCTS:
+            raise ValueError(f"train.lora_product={product!r} is not known; choose one of {list(PRODUCTS)}")
+        self.product = product
+        self._rows: Tensor | None = None  # (batch,) long
+        self._groups: NodeGroups | None = None  # the rows grouped by node, computed on first use
+
+    @property
+    def rows(self) -> Tensor | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: Tensor | None) -> None:
+        self._rows, self._groups = rows, None
+
+    def groups(self, seq: int, device: torch.device) -> NodeGroups | None:
+        """The current rows grouped by node when the grouped product is to be used, else None."""
+        if self.product == "per_row" or self._rows is None:
+            return None
+        if self._groups is None:  # once per micro-batch, shared by every layer
+            self._groups = node_groups(self._rows)
+        if self.product == "auto" and not grouped_pays(self._groups, seq, device):
+            return None
+        return self._groups
 
     def require(self, batch: int) -> Tensor:
         if self.rows is None:
@@ -76,6 +105,15 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def per_row_product(h: Tensor, A: Tensor, B: Tensor, rows: Tensor, gate: Tensor | None) -> Tensor:
+    """``B[k] diag(gate[k]) A[k] h_k`` per row: h (rows, seq, d_in), A (n, r, d_in), B (n, d_out, r),
+    gate (n, r) or None, rows (rows,) the node of each row -> (rows, seq, d_out)."""
+    z = torch.bmm(h, gather_rows(A, rows).transpose(1, 2))  # (rows, seq, r)
+    if gate is not None:
+        z = z * gate.to(z.dtype)[rows].unsqueeze(1)
+    return torch.bmm(z, gather_rows(B, rows).transpose(1, 2))  # (rows, seq, d_out)
+
+
 class StackedLoRALinear(nn.Module):
     """``y = base(x) + s * B[node] A[node] dropout(x)`` per row; A: (n, r, d_in), B: (n, d_out, r)."""
 
@@ -111,16 +149,16 @@ class StackedLoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         A, B = self.override if self.override is not None else (self.A, self.B)
+        gate = self.rank_mask.gate if self.override is None else None  # an override is ungated
         rows = self.routing.require(x.shape[0])
-        h = self.dropout(x)
-        if h.dim() == 2:  # (rows, d_in): one token per row
-            h = h.unsqueeze(1)
-        h = h.reshape(h.shape[0], -1, h.shape[-1])  # (rows, seq, d_in)
-        z = torch.bmm(h, gather_rows(A, rows).transpose(1, 2))  # (rows, seq, r)
-        gate = self.rank_mask.gate
-        if gate is not None and self.override is None:  # an override carries its own (ungated) factors
-            z = z * gate.to(z.dtype)[rows].unsqueeze(1)
-        z = torch.bmm(z, gather_rows(B, rows).transpose(1, 2))  # (rows, seq, d_out)
+        h = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])  # (rows, seq, d_in); 2D x: seq 1
+        groups = self.routing.groups(h.shape[1], h.device)
+        if groups is None:
+            z = per_row_product(h, A, B, rows, gate)
+        else:
+            present = groups.present
+            gated = None if gate is None else gate.index_select(0, present)
+            z = grouped_product(h, gather_rows(A, present), gather_rows(B, present), groups, gated)
         return out + (self.scale * z).reshape(out.shape)
 
 

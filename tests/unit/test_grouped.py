@@ -1,0 +1,160 @@
+"""The node-grouped LoRA product equals the per-row product: outputs and gradients, training metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from declora.config import ConfigError, load_config
+from declora.grouped import grouped_linear, node_groups
+from declora.lora import NodeRouting, StackedLoRALinear
+
+pytestmark = pytest.mark.unit
+torch.set_num_threads(1)
+
+# Unequal groups, an idle node (3) and rows not sorted by node: nodes of 11 rows among n = 5.
+ROWS = torch.tensor([2, 0, 4, 2, 2, 0, 4, 1, 2, 4, 2])
+
+
+def _layer(n: int = 5, d_in: int = 16, d_out: int = 12, rank: int = 4, dropout: float = 0.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(d_in, d_out)
+    layer = StackedLoRALinear(
+        base, n, rank, 0.5, dropout, NodeRouting(), torch.randn(rank, d_in, generator=g)
+    )
+    with torch.no_grad():
+        layer.A.copy_(torch.randn(layer.A.shape, generator=g))
+        layer.B.copy_(torch.randn(layer.B.shape, generator=g))
+    return layer
+
+
+def _run(layer: StackedLoRALinear, x: torch.Tensor, product: str, seed: int = 0):
+    """Output, input gradient and the A, B gradients of ``layer`` on x with the given product."""
+    layer.A.grad = layer.B.grad = None
+    layer.routing.product = product
+    layer.routing.rows = ROWS
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout mask for both products
+    y = layer(x)
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    (y * weights).sum().backward()
+    return y.detach(), x.grad, layer.A.grad.clone(), layer.B.grad.clone()
+
+
+@pytest.mark.parametrize("shape", [(11, 16), (11, 5, 16)], ids=["2d", "3d"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_grouped_equals_per_row_outputs_and_gradients(shape, gated, dropout):
+    layer = _layer(dropout=dropout)
+    if gated:  # rank gates: masked components and per-node multipliers (the idle node's gate unused)
+        layer.rank_mask.gate = torch.tensor(
+            [[1, 1, 0, 0], [1, 0, 1, 0], [2, 1, 1, 0.5], [0, 0, 0, 0], [1, 1, 1, 1]]
+        )
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    per_row = _run(layer, x, "per_row")
+    grouped = _run(layer, x, "grouped")
+    for ours, ref in zip(grouped, per_row, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    assert grouped[2][3].abs().sum() == 0 and grouped[3][3].abs().sum() == 0  # the idle node: no gradient
+    if gated:  # a masked component gets no gradient
+        assert grouped[2][0, 2:].abs().sum() == 0 and grouped[3][0, :, 2:].abs().sum() == 0
+
+
+def test_grouped_gradients_accumulate_across_micro_batches_like_per_row():
+    layer = _layer()
+    x1, x2 = torch.randn(11, 3, 16), torch.randn(11, 3, 16)
+    weights = torch.randn(11, 3, 12)
+    grads = {}
+    for product in ("per_row", "grouped"):
+        layer.A.grad = layer.B.grad = None
+        layer.routing.product = product
+        for x, rows in ((x1, ROWS), (x2, ROWS.flip(0))):
+            layer.routing.rows = rows
+            (layer(x) * weights).sum().backward()
+        grads[product] = (layer.A.grad.clone(), layer.B.grad.clone())
+    for ours, ref in zip(grads["grouped"], grads["per_row"], strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_grouped_equals_per_row_with_an_override():
+    layer = _layer()
+    layer.rank_mask.gate = torch.zeros(5, 4)  # an override is never gated
+    g = torch.Generator().manual_seed(5)
+    override = (torch.randn(5, 4, 16, generator=g), torch.randn(5, 12, 4, generator=g))
+    x = torch.randn(11, 5, 16)
+    outs = []
+    for product in ("per_row", "grouped"):
+        layer.routing.product, layer.routing.rows, layer.override = product, ROWS, override
+        with torch.no_grad():
+            outs.append(layer(x))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(outs[0], layer.base(x))  # the override's factors were used
+
+
+def test_groups_are_computed_once_per_micro_batch_and_reset_by_new_rows():
+    routing = NodeRouting("grouped")
+    routing.rows = ROWS
+    groups = routing.groups(5, torch.device("cpu"))
+    assert routing.groups(5, torch.device("cpu")) is groups  # shared by every layer
+    assert groups.present.tolist() == [0, 1, 2, 4] and groups.sizes == (2, 1, 5, 3)
+    assert torch.equal(ROWS[groups.order], ROWS.sort(stable=True).values)
+    assert torch.equal(groups.order[groups.inverse], torch.arange(11))
+    routing.rows = torch.tensor([0, 0, 1])
+    again = routing.groups(5, torch.device("cpu"))
+    assert again is not groups and again.inverse is None  # already sorted: no permutation
+    assert NodeRouting("per_row").groups(5, torch.device("cpu")) is None
+
+
+def test_auto_chooses_grouped_only_with_many_tokens_per_node_on_cpu():
+    routing = NodeRouting("auto")
+    routing.rows = torch.arange(8)  # one row per node: per row
+    assert routing.groups(30, torch.device("cpu")) is None
+    routing.rows = torch.zeros(16, dtype=torch.long)  # one node, 16 rows of 30 tokens
+    assert routing.groups(30, torch.device("cpu")) is not None
+
+
+@pytest.mark.parametrize("d", [16, 5], ids=["grouped_mm", "segment_loop"])  # 5 floats: not 16-byte aligned
+def test_grouped_linear_multiplies_each_segment_by_its_weight(d):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, d, generator=g), torch.randn(3, 7, d, generator=g)
+    groups = node_groups(torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 2]))  # node 1 idle, via present only
+    sizes = groups.sizes
+    offs = torch.cumsum(groups.counts, 0).to(torch.int32)
+    y = grouped_linear(x, w[groups.present], offs, sizes)
+    torch.testing.assert_close(y, torch.cat([x[:4] @ w[0].T, x[4:] @ w[2].T]), atol=1e-6, rtol=0)
+
+
+def test_lora_product_is_validated():
+    assert load_config(None, ["train.lora_product=grouped"]).train.lora_product == "grouped"
+    with pytest.raises(ConfigError, match=r"train.lora_product='rowwise'.*auto.*per_row.*grouped"):
+        load_config(None, ["train.lora_product=rowwise"])
+
+
+def test_a_short_training_run_gives_the_same_metrics_per_row_and_grouped(tiny_bert, tmp_path):
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    def records(product: str) -> list[dict]:
+        cfg = load_config(
+            None,
+            [
+                *(f"model.name={tiny_bert}", "model.rank=4", "model.max_length=32", "model.dropout=0.1"),
+                *("nodes=4", "rounds=2", "data.train_limit=64", "data.test_limit=16", "eval.every=1"),
+                *("train.batch_size=4", "train.local_steps=2", "eval.node_examples=8", "threads=1"),
+                "train.tokens_per_chunk=512",  # several rows per node in each micro-batch
+                f"train.lora_product={product}",
+                f"run_dir={tmp_path / product}",
+            ],
+        )
+        return run(build_experiment(cfg))
+
+    per_row, grouped = records("per_row"), records("grouped")
+    assert len(per_row) == len(grouped) > 0
+    compared = 0
+    for ours, ref in zip(grouped, per_row, strict=True):
+        for key, value in ref.items():
+            if isinstance(value, float) and key not in ("wall_s", "peak_mem_mb"):  # all but the cost
+                assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+                compared += 1
+    assert compared > 5

@@ -14,6 +14,7 @@ gradients and temporaries scale with the nodes present, never with the whole nod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +23,18 @@ from torch import Tensor
 
 PRODUCTS = ("auto", "per_row", "grouped")
 
-# The auto rule, from benchmarks/grouped_product.py (results/grouped_product.md): the grouped product
-# pays once a node owns at least this many tokens of the micro-batch on the device type; below it the
-# per-row batched matmul is as fast or faster. Devices not listed use the "cuda" entry.
-GROUPED_MIN_TOKENS_PER_NODE = {"cpu": 256, "cuda": 64}
+# The auto rule, measured on the CPU by benchmarks/grouped_product.py (results/grouped_product.md: one
+# MiniLM-shaped 384x384 layer, rank 8, fp32, torch 2.13, 1 thread; 8 and 64 nodes, 1 to 32 rows per
+# node, 1 to 128 tokens per row). Per row, the product gathers rank x (d_in + d_out) factor entries per
+# row; grouped, it permutes seq x (d_in + d_out) activation entries per row instead, and shares each
+# node's factors among its rows. So grouping pays when rows are short and nodes own many: with at most
+# 8 tokens per row and at least 8 rows per node it took 1.07x to 3.6x less CPU time at every measured
+# point; at 16 tokens per row the ratio was 0.63x to 1.09x, from 32 on the per-row product was ~10%
+# faster, and with fewer than 8 rows per node grouping was not reliably faster. Transformer layers see
+# whole sequences (16+ tokens), so on the CPU auto keeps today's per-row product there.
+# device type -> (most tokens per row, fewest rows per node) for which auto groups. Not yet measured on
+# a GPU: other devices use the CPU's rule until ``benchmarks/grouped_product.py --device cuda`` is run.
+AUTO_GROUPED: dict[str, tuple[int, int]] = {"cpu": (8, 8)}
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,14 @@ def node_groups(rows: Tensor) -> NodeGroups:
     return NodeGroups(order, inverse, present, counts, tuple(counts.tolist()))
 
 
-def grouped_pays(groups: NodeGroups, seq: int, device: torch.device) -> bool:
-    """The measured auto rule: grouped when the mean tokens per present node reach the device's threshold."""
-    threshold = GROUPED_MIN_TOKENS_PER_NODE.get(device.type, GROUPED_MIN_TOKENS_PER_NODE["cuda"])
-    return groups.rows_per_node * seq >= threshold
+def auto_min_rows_per_node(h: Tensor) -> float:
+    """The auto rule for input h (rows, seq, d_in): group once the present nodes own this many rows on
+    average; inf where auto never groups (rows too long; no grouped_mm kernel: the segment loop
+    launches one product per node)."""
+    max_seq, min_rows = AUTO_GROUPED.get(h.device.type, AUTO_GROUPED["cpu"])
+    if h.shape[1] > max_seq or not _grouped_mm_works(h.device, _compute_dtype(h)):
+        return math.inf
+    return min_rows
 
 
 # ---------------------------------------------------------------- the grouped matmul
@@ -84,6 +97,13 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
             except (RuntimeError, NotImplementedError, TypeError):
                 pass
     return _SUPPORT[key]
+
+
+def _compute_dtype(h: Tensor) -> torch.dtype:
+    """The dtype the products run in: autocast's where it is on (bf16 training), else the input's."""
+    kind = h.device.type
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    return torch.get_autocast_dtype(kind) if on else h.dtype
 
 
 def _aligned(*dims: int, itemsize: int) -> bool:
@@ -116,11 +136,8 @@ def grouped_product(h: Tensor, A: Tensor, B: Tensor, groups: NodeGroups, gate: T
     rows, seq, d_in = h.shape
     if gate is not None:  # a gated component contributes nothing and gets zero gradient, as per row
         A = A * gate.to(A.dtype).unsqueeze(-1)  # (m, r, d_in)
-    if torch.is_autocast_enabled(h.device.type):  # grouped_mm has no autocast rule: cast as bmm would
-        dtype = torch.get_autocast_dtype(h.device.type)
-        h, A, B = h.to(dtype), A.to(dtype), B.to(dtype)
-    else:
-        A, B = A.to(h.dtype), B.to(h.dtype)
+    dtype = _compute_dtype(h)  # grouped_mm has no autocast rule: cast as autocast casts bmm
+    h, A, B = h.to(dtype), A.to(dtype), B.to(dtype)
     if groups.inverse is not None:
         h = h.index_select(0, groups.order)
     tokens = h.reshape(rows * seq, d_in)  # (T, d_in): node segments end to end

@@ -14,13 +14,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-from declora.grouped import PRODUCTS, NodeGroups, grouped_pays, grouped_product, node_groups
+from declora.grouped import PRODUCTS, NodeGroups, auto_min_rows_per_node, grouped_product, node_groups
 
 
 class NodeRouting:
     """Which node each row of the current batch belongs to; shared by every stacked layer of a model.
 
-    ``product``: auto | per_row | grouped, the LoRA product the layers use (auto: ``grouped_pays``).
+    ``product``: auto | per_row | grouped, the LoRA product the layers use (auto: the measured rule of
+    ``declora.grouped.auto_min_rows_per_node``).
     """
 
     def __init__(self, product: str = "auto") -> None:
@@ -38,15 +39,17 @@ class NodeRouting:
     def rows(self, rows: Tensor | None) -> None:
         self._rows, self._groups = rows, None
 
-    def groups(self, seq: int, device: torch.device) -> NodeGroups | None:
-        """The current rows grouped by node when the grouped product is to be used, else None."""
+    def groups(self, h: Tensor) -> NodeGroups | None:
+        """The current rows grouped by node if the grouped product is to be used on h (rows, seq, d_in),
+        else None (per row)."""
         if self.product == "per_row" or self._rows is None:
+            return None
+        threshold = 0.0 if self.product == "grouped" else auto_min_rows_per_node(h)
+        if threshold == math.inf:  # auto where grouping never pays: not even the grouping is computed
             return None
         if self._groups is None:  # once per micro-batch, shared by every layer
             self._groups = node_groups(self._rows)
-        if self.product == "auto" and not grouped_pays(self._groups, seq, device):
-            return None
-        return self._groups
+        return self._groups if self._groups.rows_per_node >= threshold else None
 
     def require(self, batch: int) -> Tensor:
         if self.rows is None:
@@ -152,7 +155,7 @@ class StackedLoRALinear(nn.Module):
         gate = self.rank_mask.gate if self.override is None else None  # an override is ungated
         rows = self.routing.require(x.shape[0])
         h = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])  # (rows, seq, d_in); 2D x: seq 1
-        groups = self.routing.groups(h.shape[1], h.device)
+        groups = self.routing.groups(h)
         if groups is None:
             z = per_row_product(h, A, B, rows, gate)
         else:

@@ -95,23 +95,26 @@ def test_grouped_equals_per_row_with_an_override():
 def test_groups_are_computed_once_per_micro_batch_and_reset_by_new_rows():
     routing = NodeRouting("grouped")
     routing.rows = ROWS
-    groups = routing.groups(5, torch.device("cpu"))
-    assert routing.groups(5, torch.device("cpu")) is groups  # shared by every layer
+    groups = routing.groups(torch.zeros(11, 5, 16))
+    assert routing.groups(torch.zeros(11, 5, 16)) is groups  # shared by every layer
     assert groups.present.tolist() == [0, 1, 2, 4] and groups.sizes == (2, 1, 5, 3)
     assert torch.equal(ROWS[groups.order], ROWS.sort(stable=True).values)
     assert torch.equal(groups.order[groups.inverse], torch.arange(11))
     routing.rows = torch.tensor([0, 0, 1])
-    again = routing.groups(5, torch.device("cpu"))
+    again = routing.groups(torch.zeros(3, 5, 16))
     assert again is not groups and again.inverse is None  # already sorted: no permutation
-    assert NodeRouting("per_row").groups(5, torch.device("cpu")) is None
+    per_row = NodeRouting("per_row")
+    per_row.rows = ROWS
+    assert per_row.groups(torch.zeros(11, 5, 16)) is None
 
 
-def test_auto_chooses_grouped_only_with_many_tokens_per_node_on_cpu():
+def test_auto_groups_short_rows_of_nodes_with_many_rows_on_cpu():
     routing = NodeRouting("auto")
-    routing.rows = torch.arange(8)  # one row per node: per row
-    assert routing.groups(30, torch.device("cpu")) is None
-    routing.rows = torch.zeros(16, dtype=torch.long)  # one node, 16 rows of 30 tokens
-    assert routing.groups(30, torch.device("cpu")) is not None
+    routing.rows = torch.arange(4).repeat_interleave(8)  # 4 nodes, 8 rows each
+    assert routing.groups(torch.zeros(32, 4, 16)) is not None  # 4 tokens per row: grouped
+    assert routing.groups(torch.zeros(32, 32, 16)) is None  # 32 tokens per row: per row
+    routing.rows = torch.arange(32)  # one row per node
+    assert routing.groups(torch.zeros(32, 4, 16)) is None
 
 
 @pytest.mark.parametrize("d", [16, 5], ids=["grouped_mm", "segment_loop"])  # 5 floats: not 16-byte aligned

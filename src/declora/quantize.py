@@ -1,9 +1,10 @@
 """Weight-only quantization of the frozen base: Dec-LoRA's "quantization constraints" (a 4-bit base).
 
-QLoRA-style, written for CPU (bitsandbytes is not needed): every ``nn.Linear`` of the frozen base becomes a
-:class:`QuantizedLinear` that STORES its weight quantized and dequantizes it to fp32 on the fly, in the
-forward and again in the backward. Activations, the gradient with respect to the input (what LoRA
-training needs) and the LoRA factors stay fp32; the base weight never receives a gradient.
+QLoRA-style, in plain torch (bitsandbytes is not needed): every ``nn.Linear`` of the frozen base becomes a
+:class:`QuantizedLinear` that STORES its weight quantized and dequantizes it on the fly, in the forward
+and again in the backward, on the device of its buffers (they follow ``.to(device)``: CPU or GPU) and in
+the dtype of the activations (fp32; bf16 under bf16 training). The gradient with respect to the input
+(what LoRA training needs) flows; the base weight never receives a gradient.
 
 - ``int8``: one fp32 absmax scale per output row, codes ``round(w / (absmax / 127))`` in [-127, 127].
   Error per entry <= absmax / 254.
@@ -19,6 +20,7 @@ Embeddings and layer norms stay fp32, as in QLoRA; so does the classifier head (
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -71,8 +73,10 @@ def quantize_int8(w: Tensor) -> dict[str, Tensor]:
     return {"codes": codes, "scale": scale}
 
 
-def dequantize_int8(state: dict[str, Tensor], shape: torch.Size) -> Tensor:
-    return state["codes"].to(torch.float32) * state["scale"][:, None]
+def dequantize_int8(
+    state: dict[str, Tensor], shape: torch.Size, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    return (state["codes"].to(torch.float32) * state["scale"][:, None]).to(dtype)
 
 
 # ---------------------------------------------------------------- nf4: blockwise absmax, packed nibbles
@@ -91,17 +95,24 @@ def quantize_nf4(w: Tensor, block: int = NF4_BLOCK) -> dict[str, Tensor]:
     absmax = flat.abs().amax(dim=1)  # (blocks,)
     normed = (flat / _safe(absmax)[:, None]).reshape(-1)
     # Nearest level: count the midpoints below each value (ties go up; either is within the bound).
-    mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+    levels = _levels(flat.device)
+    mids = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(normed, mids).to(torch.uint8)  # (m_padded,) in 0..15
     packed = (codes[0::2] << 4) | codes[1::2]
     return {"packed": packed, "absmax": absmax}
 
 
-def dequantize_nf4(state: dict[str, Tensor], shape: torch.Size) -> Tensor:
+def dequantize_nf4(state: dict[str, Tensor], shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
     packed, absmax = state["packed"], state["absmax"]
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(-1)  # (m_padded,)
-    values = NF4_LEVELS.to(packed.device)[codes.long()].reshape(absmax.shape[0], -1) * absmax[:, None]
-    return values.reshape(-1)[: shape.numel()].reshape(shape)
+    values = _levels(packed.device)[codes.long()].reshape(absmax.shape[0], -1) * absmax[:, None]
+    return values.reshape(-1)[: shape.numel()].reshape(shape).to(dtype)
+
+
+@functools.cache
+def _levels(device: torch.device) -> Tensor:
+    """NF4_LEVELS on ``device``, copied there once (not at every dequantization)."""
+    return NF4_LEVELS.to(device)
 
 
 QUANTIZERS: dict[str, tuple[Callable[[Tensor], dict[str, Tensor]], Callable[..., Tensor]]] = {
@@ -120,13 +131,13 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: QuantizedLinear) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(), layer.bias)
+        return layer.linear(x)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None
-        return grad_out.matmul(ctx.layer.dequantize()), None  # (..., out) @ (out, in)
+        return grad_out.matmul(ctx.layer.dequantize(grad_out.dtype)), None  # (..., out) @ (out, in)
 
 
 class QuantizedLinear(nn.Module):
@@ -151,9 +162,14 @@ class QuantizedLinear(nn.Module):
     def _state(self) -> dict[str, Tensor]:
         return {k: v for k, v in self.named_buffers(recurse=False) if k != "bias" and v is not None}
 
-    def dequantize(self) -> Tensor:
-        """The fp32 weight (out, in), rebuilt from the codes; never requires grad."""
-        return QUANTIZERS[self.kind][1](self._state(), self.shape)
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight (out, in) in ``dtype``, rebuilt from the codes on their device; never requires grad."""
+        return QUANTIZERS[self.kind][1](self._state(), self.shape, dtype)
+
+    def linear(self, x: Tensor) -> Tensor:
+        """x W^T + b with W dequantized in the dtype of x (under autocast, F.linear casts as usual)."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
 
     @property
     def weight(self) -> Tensor:
@@ -166,7 +182,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _DequantLinear.apply(x, self)
-        return F.linear(x, self.dequantize(), self.bias)
+        return self.linear(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"

@@ -118,6 +118,30 @@ def test_forward_and_input_gradient_use_the_dequantized_weight(kind):
         torch.testing.assert_close(q(x), ref)
 
 
+@pytest.mark.parametrize("kind", sorted(QUANTIZERS))
+def test_the_layer_follows_its_device_and_the_activations_dtype(kind):
+    """Device-agnostic: no tensor stays behind on the CPU (the meta device fails on any CPU operand),
+    and bf16 activations (bf16 input, or fp32 under bf16 autocast) get a bf16 product and input grad."""
+    q = QuantizedLinear(_linear(_weight(24, 40)), kind)
+    on_meta = QuantizedLinear(_linear(_weight(24, 40)), kind).to("meta")
+    assert all(b.device.type == "meta" for b in on_meta.buffers())
+    x = torch.randn(3, 40, device="meta", requires_grad=True)
+    y = on_meta(x)
+    y.sum().backward()
+    assert y.device.type == x.grad.device.type == on_meta.dequantize().device.type == "meta"
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    ref = q(x).detach()
+    assert q(x.detach().bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(q(x.detach().bfloat16()).float(), ref, atol=0.05, rtol=0.02)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand_as(x), atol=0.05, rtol=0.02)
+
+
 def test_quantize_linears_skips_the_head_and_rejects_unknown_kinds():
     model = nn.Sequential()
     model.add_module("body", nn.Linear(8, 8))

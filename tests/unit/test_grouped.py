@@ -61,6 +61,19 @@ def test_grouped_equals_per_row_outputs_and_gradients(shape, gated, dropout):
         assert grouped[2][0, 2:].abs().sum() == 0 and grouped[3][0, :, 2:].abs().sum() == 0
 
 
+def test_grouped_equals_per_row_under_bf16_autocast():
+    """precision=bf16: grouped_mm has no autocast rule, so the grouped product casts as bmm is cast."""
+    layer = _layer()
+    x = torch.randn(11, 5, 16)
+    outs = {}
+    for product in ("per_row", "grouped"):
+        with torch.autocast("cpu", torch.bfloat16):
+            outs[product] = _run(layer, x, product)
+    assert outs["grouped"][0].dtype == torch.bfloat16
+    for ours, ref in zip(outs["grouped"], outs["per_row"], strict=True):
+        torch.testing.assert_close(ours.float(), ref.float(), atol=0.1, rtol=0.02)
+
+
 def test_grouped_gradients_accumulate_across_micro_batches_like_per_row():
     layer = _layer()
     x1, x2 = torch.randn(11, 3, 16), torch.randn(11, 3, 16)
@@ -135,7 +148,7 @@ def test_lora_product_is_validated():
 
 
 def test_a_short_training_run_gives_the_same_metrics_per_row_and_grouped(tiny_bert, tmp_path):
-    from declora.engine import run
+    from declora.engine import MEASURED, run
     from declora.experiment import build_experiment
 
     def records(product: str) -> list[dict]:
@@ -157,7 +170,7 @@ def test_a_short_training_run_gives_the_same_metrics_per_row_and_grouped(tiny_be
     compared = 0
     for ours, ref in zip(grouped, per_row, strict=True):
         for key, value in ref.items():
-            if isinstance(value, float) and key not in ("wall_s", "peak_mem_mb"):  # all but the cost
+            if isinstance(value, float) and key not in MEASURED:  # all but time and memory
                 assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
                 compared += 1
     assert compared > 5

@@ -1,0 +1,180 @@
+"""Byzantine-robust mixing (``robust.aggregator``): how node i combines its own state x_i with the decoded
+messages v_j of its neighbours N_i = {j != i : W_ij > 0}, with this round's weights W(t).
+
+    mean          x_i' = W_ii x_i + sum_j W_ij v_j                    (plain gossip)
+    trimmed_mean  per coordinate, of the k values {x_i} + {v_j}, the b = floor(trim * k) smallest and the
+                  b largest are dropped; the rest are averaged with their W weights, renormalized
+    median        per coordinate, the W-weighted median of {x_i} + {v_j}
+    clipped       x_i' = x_i + sum_j W_ij clip(v_j - x_i, tau),   clip(d, tau) = d * min(1, tau / ||d||)
+                  (ClippedGossip: He, Karimireddy, Jaggi, "Byzantine-Robust Decentralized Learning via
+                  ClippedGossip", arXiv 2202.01545, 2022). ||d|| is over the whole message of the call
+                  (every tensor a node sends in it), as the paper clips the whole model difference.
+
+Every rule is computed as the plain mean plus a correction that is exactly zero when nothing is trimmed
+or clipped: without attackers, trimmed_mean with trim 0 and clipped with a large tau give the plain mean
+bit for bit.
+
+Server algorithms (fedavg, ffa_lora, rolora) aggregate the uploads of the senders S with the same rules
+(trimmed_mean, median over S; clipped around the uploads' coordinate median, a robust centre, since the
+server keeps no model of its own between rounds) or with Krum (Blanchard et al., NeurIPS 2017): the upload
+whose summed squared distance to its |S| - f - 2 nearest other uploads is smallest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AGGREGATORS = ("mean", "trimmed_mean", "median", "clipped")  # gossip rules
+SERVER_AGGREGATORS = (*AGGREGATORS, "krum")
+
+
+# ---------------------------------------------------------------- rules on one node's k values
+
+
+def trimmed_correction(values: Tensor, w: Tensor, b: int) -> Tensor:
+    """sum_k (w'_k - w_k) v_k per coordinate, w' the weights after dropping the b smallest and b largest
+    values of each coordinate and renormalizing; exactly zero where nothing is dropped.
+    values: (k, D), w: (k,) -> (D,)."""
+    k = values.shape[0]
+    if b <= 0:
+        return values.new_zeros(values.shape[1:])
+    if 2 * b >= k:
+        b = (k - 1) // 2  # keep at least one value (the median's neighbourhood)
+    rank = values.argsort(dim=0, stable=True).argsort(
+        dim=0, stable=True
+    )  # (k, D): each value's place in its coordinate
+    keep = (rank >= b) & (rank < k - b)
+    kept = w[:, None] * keep  # (k, D)
+    new = kept * (w.sum() / kept.sum(0))  # renormalized to the full weight
+    return ((new - w[:, None]) * values).sum(0)
+
+
+def weighted_median(values: Tensor, w: Tensor) -> Tensor:
+    """Per coordinate, the smallest value whose cumulative weight reaches half the total.
+    values: (k, D), w: (k,) -> (D,)."""
+    ordered, order = values.sort(dim=0, stable=True)  # (k, D)
+    cum = w[order].cumsum(0)  # (k, D)
+    pick = (cum < w.sum() / 2).sum(0, keepdim=True).clamp(max=values.shape[0] - 1)  # (1, D)
+    return ordered.gather(0, pick)[0]
+
+
+def clip_coefficients(sq_norms: Tensor, tau: float) -> Tensor:
+    """min(1, tau / ||d||) from squared norms (any shape); 1 for a zero difference."""
+    return (tau / sq_norms.sqrt()).clamp(max=1.0)
+
+
+def krum_index(flat: Tensor, f: int) -> int:
+    """Krum's choice among m uploads flat: (m, D): the smallest sum of squared distances to its
+    m - f - 2 nearest others (at least one)."""
+    m = flat.shape[0]
+    dist = torch.cdist(flat.double(), flat.double()).square()  # (m, m)
+    dist.fill_diagonal_(float("inf"))
+    near = max(1, min(m - 1, m - f - 2))
+    scores = dist.sort(1).values[:, :near].sum(1)  # (m,)
+    return int(scores.argmin())
+
+
+# ---------------------------------------------------------------- gossip: every local node at once
+
+
+def robust_gossip(
+    rule: str,
+    own: dict[str, Tensor],
+    table: dict[str, Tensor],
+    W: Tensor,
+    nodes: Tensor,
+    trim: float = 0.0,
+    tau: float = float("inf"),
+) -> dict[str, Tensor]:
+    """Mix this process's nodes. own: name -> (m, ...) their exact tensors; table: name -> (n, ...) the
+    decoded messages by global id (rows of nodes no local node hears are never read); W: (n, n) global;
+    nodes: (m,) global ids of own's rows. Returns name -> (m, ...)."""
+    eye = torch.eye(W.shape[0], dtype=torch.bool)
+    off = (W * ~eye).to(torch.float32)[nodes]  # (m, n)
+    diag = torch.diagonal(W).to(torch.float32)[nodes]  # (m,)
+    out: dict[str, Tensor] = {}
+    for name, x in own.items():  # the plain mean, exactly as the exchange's gossip computes it
+        flat, tab = x.reshape(x.shape[0], -1), table[name].reshape(table[name].shape[0], -1)
+        out[name] = off.to(x.dtype) @ tab + diag.to(x.dtype)[:, None] * flat  # (m, D)
+    if rule != "mean":
+        for r in range(len(nodes)):
+            _correct_node(rule, r, off[r], diag[r], own, table, out, trim, tau)
+    return {name: out[name].view_as(x) for name, x in own.items()}
+
+
+def _correct_node(
+    rule: str,
+    r: int,
+    off_row: Tensor,
+    self_weight: Tensor,
+    own: dict[str, Tensor],
+    table: dict[str, Tensor],
+    out: dict[str, Tensor],
+    trim: float,
+    tau: float,
+) -> None:
+    """Apply ``rule`` to local row r in place of (or on top of) its plain mean ``out[name][r]``."""
+    nb = (off_row > 0).nonzero().flatten()  # (k - 1,) global ids of its neighbours
+    if len(nb) == 0:
+        return
+    w = torch.cat([self_weight.view(1), off_row[nb]])  # (k,)
+    values = {
+        name: torch.cat([x[r : r + 1].reshape(1, -1), table[name].reshape(table[name].shape[0], -1)[nb]])
+        for name, x in own.items()
+    }  # name -> (k, D): own state first, then the neighbours' messages
+    if rule == "clipped":
+        diffs = {name: v[1:] - v[:1] for name, v in values.items()}  # (k - 1, D)
+        sq = sum(d.double().square().sum(1) for d in diffs.values())  # (k - 1,)
+        shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(w.dtype) * w[1:]  # (k - 1,)
+        for name, d in diffs.items():
+            out[name][r] -= (shrink.to(d.dtype)[:, None] * d).sum(0)
+        return
+    for name, v in values.items():
+        wv = w.to(v.dtype)
+        if rule == "trimmed_mean":
+            out[name][r] += trimmed_correction(v, wv, int(trim * v.shape[0]))
+        elif rule == "median":
+            out[name][r] = weighted_median(v, wv)
+        else:
+            raise ValueError(f"robust.aggregator={rule!r} is not a gossip rule; choose one of {AGGREGATORS}")
+
+
+# ---------------------------------------------------------------- server: one aggregate of the uploads
+
+
+def server_aggregate(
+    rule: str,
+    decoded: dict[str, Tensor],
+    weights: Tensor,
+    trim: float = 0.0,
+    tau: float = float("inf"),
+    krum_f: int = 1,
+) -> dict[str, Tensor]:
+    """The server's aggregate of the uploads decoded: name -> (n, ...), from the senders weights > 0
+    (weights: (n,)). Returns name -> (...)."""
+    senders = (weights > 0).nonzero().flatten()
+    w = (weights / weights.sum()).to(torch.float32)
+    out = {n: torch.einsum("n,n...->...", w.to(x.dtype), x) for n, x in decoded.items()}  # plain mean
+    if rule == "mean":
+        return out
+    flat = {n: x[senders].reshape(len(senders), -1) for n, x in decoded.items()}  # (k, D)
+    ws = w[senders]
+    if rule == "krum":
+        pick = krum_index(torch.cat(list(flat.values()), 1), krum_f)
+        return {n: decoded[n][senders[pick]].clone() for n in decoded}
+    if rule == "clipped":
+        centre = {n: weighted_median(v, ws.to(v.dtype)) for n, v in flat.items()}
+        sq = sum((v - centre[n]).double().square().sum(1) for n, v in flat.items())  # (k,)
+        shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(ws.dtype) * ws  # (k,)
+        for n, v in flat.items():
+            out[n] = out[n] - (shrink.to(v.dtype)[:, None] * (v - centre[n])).sum(0).view_as(out[n])
+        return out
+    for n, v in flat.items():
+        if rule == "trimmed_mean":
+            out[n] = out[n] + trimmed_correction(v, ws.to(v.dtype), int(trim * v.shape[0])).view_as(out[n])
+        elif rule == "median":
+            out[n] = weighted_median(v, ws.to(v.dtype)).view_as(out[n])
+        else:
+            raise ValueError(f"robust.aggregator={rule!r} is not known; choose one of {SERVER_AGGREGATORS}")
+    return out

@@ -1,0 +1,93 @@
+"""Robust mixing rules (declora.robust) on tiny tensors: equal to the plain mean without attackers,
+the trimmed mean and median by hand, and an outlier neighbour contained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from declora.comm.exchange import LocalExchange
+from declora.config import TopologyConfig
+from declora.robust import (
+    krum_index,
+    robust_gossip,
+    server_aggregate,
+    trimmed_correction,
+    weighted_median,
+)
+from declora.topology import build_graph, mixing_matrix
+
+pytestmark = pytest.mark.unit
+
+
+def _ring_state(n: int = 6, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"a": torch.randn(n, 3, 4, generator=g), "b": torch.randn(n, 5, generator=g)}
+    cfg = TopologyConfig(graph="ring")
+    W = mixing_matrix(build_graph(cfg, n, seed), cfg)
+    return tensors, torch.as_tensor(W, dtype=torch.float32)
+
+
+def test_without_attackers_every_rule_with_nothing_to_cut_is_the_exchanges_gossip_bit_for_bit():
+    tensors, W = _ring_state()
+    gossip = LocalExchange(6).gossip(tensors, W, 0)
+    nodes = torch.arange(6)
+    for rule, kw in (("mean", {}), ("trimmed_mean", {"trim": 0.0}), ("clipped", {"tau": 1e30})):
+        mixed = robust_gossip(rule, tensors, tensors, W, nodes, **kw)
+        for k in tensors:
+            assert torch.equal(mixed[k], gossip[k]), (rule, k)
+
+
+def test_trimmed_correction_drops_each_coordinates_extremes_and_renormalizes():
+    values = torch.tensor([[1.0, 10.0], [2.0, -5.0], [3.0, 0.0], [100.0, 1.0], [4.0, 2.0]])  # (k=5, D=2)
+    w = torch.full((5,), 0.2)
+    plain = (w[:, None] * values).sum(0)
+    trimmed = plain + trimmed_correction(values, w, 1)
+    # column 0 keeps 2, 3, 4; column 1 keeps 0, 1, 2 (each of equal weight)
+    torch.testing.assert_close(trimmed, torch.tensor([3.0, 1.0]))
+
+
+def test_weighted_median_matches_torch_median_for_equal_weights_and_follows_the_weights():
+    values = torch.tensor([[5.0, -1.0], [1.0, 7.0], [3.0, 2.0]])
+    assert torch.equal(weighted_median(values, torch.ones(3)), values.median(0).values)
+    heavy = weighted_median(values, torch.tensor([0.7, 0.2, 0.1]))  # node 0 holds most of the weight
+    assert torch.equal(heavy, values[0])
+
+
+def test_clipped_gossip_bounds_an_outlier_neighbours_pull_by_its_weight_times_tau():
+    tensors, W = _ring_state()
+    bad = {k: v.clone() for k, v in tensors.items()}
+    for v in bad.values():
+        v[1] = 1e6  # node 1 sends garbage to nodes 0 and 2
+    tau = 0.5
+    mixed = robust_gossip("clipped", tensors, bad, W, torch.arange(6), tau=tau)
+    clean = robust_gossip("mean", tensors, tensors, W, torch.arange(6))
+    for i in (0, 2):  # each neighbour moves node i by at most W_ij * tau in total norm
+        moved = sum((mixed[k][i] - tensors[k][i]).square().sum() for k in tensors).sqrt()
+        assert moved <= float(W[i].sum() - W[i, i]) * tau + 1e-5
+    for i in (3, 4):  # nodes that do not hear node 1: clipping changes them only where a neighbour is far
+        for k in tensors:
+            assert mixed[k][i].abs().max() < 10 and clean[k][i].abs().max() < 10
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
+def test_coordinate_rules_ignore_one_outlier_among_five(rule):
+    n = 5
+    W = torch.full((n, n), 1.0 / n)  # complete graph: every node hears all four others
+    x = {"a": torch.arange(n, dtype=torch.float32).view(n, 1).repeat(1, 3)}  # node i holds i
+    bad = {"a": x["a"].clone()}
+    bad["a"][4] = 1e9
+    mixed = robust_gossip(rule, x, bad, W, torch.arange(n), trim=0.2)
+    assert mixed["a"].abs().max() <= 4.0  # the outlier is cut at every node
+
+
+def test_server_rules_equal_the_mean_without_outliers_and_krum_picks_a_central_upload():
+    g = torch.Generator().manual_seed(1)
+    up = {"a": torch.randn(6, 4, generator=g)}
+    w = torch.ones(6)
+    mean = server_aggregate("mean", up, w)
+    assert torch.equal(server_aggregate("trimmed_mean", up, w, trim=0.0)["a"], mean["a"])
+    assert torch.equal(server_aggregate("clipped", up, w, tau=1e30)["a"], mean["a"])
+    up["a"][2] = 1e6
+    assert krum_index(up["a"], f=1) != 2
+    assert server_aggregate("median", up, w)["a"].abs().max() < 10

@@ -37,16 +37,20 @@ def shard_name(round_done: int, rank: int) -> str:
     return f"round_{round_done:06d}.rank_{rank}"
 
 
+def _stateful(exp: Experiment) -> list[tuple[str, Any]]:
+    """Parts with state of their own (state_dict / load_state_dict), by checkpoint prefix."""
+    owners = {"algorithm": exp.algorithm, "exchange": exp.exchange, "privacy": exp.privacy}
+    return [(k, v) for k, v in owners.items() if v is not None and hasattr(v, "state_dict")]
+
+
 def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
     group, state_dir = exp.group, exp.run_dir / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"model/{k}": v.detach() for k, v in exp.fed.tensors().items()}
     tensors.update({f"optim/{k}": v for k, v in exp.optimizer.state_dict().items()})
     tensors.update({f"codec/{k}": v for k, v in exp.exchange.codec.state_dict().items()})
-    tensors.update({f"exchange/{k}": v for k, v in exp.exchange.state_dict().items()})
-    algo_state = getattr(exp.algorithm, "state_dict", None)
-    if algo_state is not None:
-        tensors.update({f"algorithm/{k}": v for k, v in algo_state().items()})
+    for prefix, owner in _stateful(exp):
+        tensors.update({f"{prefix}/{k}": v for k, v in owner.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # device-neutral
     name = shard_name(round_done, group.rank)
     _atomic_write(state_dir / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
@@ -103,12 +107,10 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     exp.exchange.codec.load_state_dict(
         {k[len("codec/") :]: v for k, v in tensors.items() if k.startswith("codec/")}
     )
-    exp.exchange.load_state_dict(
-        {k[len("exchange/") :]: v for k, v in tensors.items() if k.startswith("exchange/")}
-    )
-    algo_load = getattr(exp.algorithm, "load_state_dict", None)
-    if algo_load is not None:
-        algo_load({k[len("algorithm/") :]: v for k, v in tensors.items() if k.startswith("algorithm/")})
+    for prefix, owner in _stateful(exp):
+        owner.load_state_dict(
+            {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+        )
     exp.streams.load_state(counters["streams"])
     exp.exchange.ledger.load_state(counters["ledger"])
     return int(meta["round"]), float(meta["wall_s"])

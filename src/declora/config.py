@@ -197,6 +197,38 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy (declora.privacy): what is clipped and noised, and the budget it spends."""
+
+    level: str = "none"  # none | node (every message a node sends) | example (DP-SGD in local steps)
+    clip: float = 1.0  # node: L2 bound on a message's change since the last one; example: per-example grad
+    noise_multiplier: float | None = None  # sigma: Gaussian noise std = sigma * clip
+    target_epsilon: float | None = None  # instead of sigma: the sigma that spends this epsilon over the run
+    delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | prv: opacus' accountants
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """How a node combines its own state with its neighbours' messages (declora.robust)."""
+
+    aggregator: str = "mean"  # mean | trimmed_mean | median | clipped | krum (server algorithms only)
+    trim: float = 0.25  # trimmed_mean: floor(trim * k) of the k values dropped at each end, per coordinate
+    clip_radius: float = 1.0  # clipped: tau, the L2 radius of a neighbour's difference
+    krum_f: int = 1  # krum: Byzantine senders tolerated
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Byzantine nodes, to test robust mixing (declora.attack)."""
+
+    kind: str = "none"  # none | sign_flip | gaussian | scaled | label_flip
+    nodes: tuple[int, ...] | float | None = None  # attacker ids, or a fraction of the nodes (seeded)
+    scale: float = 10.0  # scaled: the factor a message is multiplied by
+    std: float = 1.0  # gaussian: std of the noise added to every entry of a message
+
+
+@dataclass(frozen=True)
 class Config:
     nodes: int = 8
     rounds: int = 20
@@ -219,6 +251,9 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -239,6 +274,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.flex_weights": ("data_size", "uniform"),
     "server.optimizer": ("auto", "average", "sgd", "avgm", "adagrad", "yogi", "adam", "adamw"),
     "server.weighting": ("auto", "size", "uniform"),
+    "privacy.level": ("none", "node", "example"),
+    "privacy.accountant": ("rdp", "prv"),
+    "robust.aggregator": ("mean", "trimmed_mean", "median", "clipped", "krum"),
+    "attack.kind": ("none", "sign_flip", "gaussian", "scaled", "label_flip"),
     "eval.headline": (
         *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
         *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
@@ -405,6 +444,9 @@ def validate(cfg: Config) -> Config:
     _validate_task(cfg)
     _validate_topk(cfg)
     _validate_partition(cfg)
+    from declora.guard import validate_guard  # privacy, robust mixing and attacks
+
+    validate_guard(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS
     from declora.schedules import SCHEDULES

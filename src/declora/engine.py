@@ -140,6 +140,8 @@ def run(
             **speed,
             **exp.exchange.ledger.round_summary(),
         }
+        if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
+            record.update(exp.privacy.summary(group))
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
             phases.enter("evaluate")
             record.update(event="eval", **evaluate(exp))

@@ -78,4 +78,26 @@ def evaluate(exp: Experiment) -> dict[str, float]:
         out[f"{m}_server"] = _metric_of(exp, server, exp.consensus_eval)
     factors = {name: (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"]) for name in fed.lora}
     out.update(consensus_metrics(factors, fed.scale))
+    if exp.honest is not None:
+        out.update(honest_metrics(exp, per_node, stacked, factors))
+    return out
+
+
+def honest_metrics(
+    exp: Experiment,
+    per_node: torch.Tensor,
+    stacked: dict[str, torch.Tensor],
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, float]:
+    """Under attack (declora.attack), the same numbers over the honest nodes only: their own metric's
+    mean and min, their averaged factors' metric, and their consensus."""
+    honest, m = exp.honest, exp.task.metric  # (n,) bool
+    assert honest is not None
+    mine = per_node[honest.to(per_node.device)]
+    out = {f"{m}_honest_mean": float(mine.mean()), f"{m}_honest_min": float(mine.min())}
+    if exp.n > 1:
+        kept = {k: v[honest.to(v.device)] for k, v in stacked.items()}
+        out[f"{m}_honest_avg_factors"] = _metric_of(exp, averaged_factors(kept), exp.consensus_eval)
+    consensus = consensus_metrics(factors, exp.fed.scale, online=honest)
+    out.update({f"{k}_honest": v for k, v in consensus.items()})
     return out

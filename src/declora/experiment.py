@@ -13,15 +13,18 @@ from torch import Tensor
 
 from declora.algorithms import ALGORITHMS
 from declora.algorithms.base import Algorithm
+from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
+from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.model import Federation, build_federation, import_peft
 from declora.node_data import build_node_data
 from declora.optim import NodeAdamW
+from declora.privacy import PrivacyAccount
 from declora.schedules import build_schedule
 from declora.seeding import numpy_rng
 from declora.tasks import CAUSAL_KINDS, Task, build_task
@@ -68,6 +71,8 @@ class Experiment:
     partition_summary: list[dict]  # every node's, on every rank
     task: Task  # what a row's loss and metric are (declora.tasks)
     group: Solo = field(default_factory=Solo)  # the processes of the run (Solo: this one hosts all nodes)
+    privacy: PrivacyAccount | None = None  # privacy.level node or example: the budget spent so far
+    honest: Tensor | None = None  # (n,) bool, global: the nodes that do not attack (None: no attack)
 
     @property
     def n(self) -> int:
@@ -106,6 +111,10 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     first, n_local = group.layout.starts[group.rank], group.layout.counts[group.rank]
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
+    attackers = attacker_mask(cfg.attack, n, cfg.seed)  # (n,) bool
+    labels = train.labels  # label_flip: the attackers train on poisoned labels (their parts unchanged)
+    if cfg.attack.kind == "label_flip":
+        labels = flip_labels(train.labels, parts, attackers[first : first + n_local], train.num_labels)
     device = resolve_device(cfg.device)  # torchrun: this rank's GPU
     causal = cfg.task.kind in CAUSAL_KINDS
     fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
@@ -117,7 +126,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
 
     tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
     task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
-    train_ids = task.encode(train.texts, train.labels, train=True)
+    train_ids = task.encode(train.texts, labels, train=True)
     test_ids = task.encode(test.texts, test.labels, train=False)
     lrs = {
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
@@ -131,7 +140,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         optimizer,
         streams,
         train_ids,
-        train.labels,
+        labels,
         pad_id,
         cfg.train.max_grad_norm,
         cfg.train.tokens_per_chunk or default_tokens_per_chunk(device),
@@ -145,6 +154,10 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
     )
     exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
+    account = build_account(cfg, [node["size"] for node in summary], group.nodes)
+    if needs_guard(cfg):
+        _check_guard_processes(cfg, group)
+        exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)
     return Experiment(
         cfg=cfg,
         run_dir=group.broadcast(run_dir or Path(cfg.run_dir or default_run_dir(cfg))),  # rank 0's clock
@@ -162,4 +175,18 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         partition_summary=summary,
         task=task,
         group=group,
+        privacy=account,
+        honest=~attackers if cfg.attack.kind != "none" else None,
     )
+
+
+def _check_guard_processes(cfg: Config, group: Solo) -> None:
+    if (
+        group.world > 1
+        and cfg.robust.aggregator != "mean"
+        and cfg.algorithm.name in ("fedavg", "ffa_lora", "rolora")
+    ):
+        raise ConfigError(
+            f"robust.aggregator={cfg.robust.aggregator} at a server needs every upload in one process; "
+            "run server algorithms with a robust rule without torchrun (gossip rules work under torchrun)"
+        )

@@ -33,7 +33,11 @@ CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
 FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
 STD_KEY = "acc_node_std"  # the spread that goes with acc_node_mean (ADF/TAD: mean ± std over nodes)
 # Per-node spread statistics: companions of *_node_mean, not evaluation modes with a "best".
-SPREAD_KEYS = frozenset(f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std", "min", "max"))
+SPREAD_KEYS = frozenset(
+    [f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std", "min", "max")]
+    + ["acc_honest_min", "ppl_honest_min"]
+)
+PRIVACY_KEY = "privacy_epsilon_max"  # privacy.level node/example: the largest epsilon any node has spent
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 
 
@@ -137,11 +141,14 @@ def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dic
     final = {k: _last(evals, k) for k in CONSENSUS_KEYS}
     final |= {k: _last(progress, k) for k in ("train_loss", "bytes_total", "wall_s")}
     mems = [v for r in progress if (v := _number(r, "peak_mem_mb")) is not None]
+    kept = {k: final[k] for k in FINAL_KEYS}
+    if (eps := _last(progress, PRIVACY_KEY)) is not None:  # private runs only
+        kept[PRIVACY_KEY] = eps
     return {
         "rounds": int(max(rounds)) if rounds else None,
         "evals": len(evals),
         "accuracy": {k: best_final(evals, k) for k in _accuracy_keys(evals)},
-        "final": {k: final[k] for k in FINAL_KEYS},
+        "final": kept,
         "peak_mem_mb": max(mems) if mems else None,
         "headline": headline if headline is not None else _config_headline(records),
     }
@@ -167,6 +174,8 @@ def _fmt(key: str, value: float | None) -> str:
         return f"{value:.1f} MB"
     if key == "train_loss":
         return f"{value:.4f}"
+    if key == PRIVACY_KEY:
+        return f"{value:.2f}"
     return f"{value:.3e}"
 
 

@@ -96,7 +96,7 @@ def robust_gossip(
     out: dict[str, Tensor] = {}
     for name, x in own.items():  # the plain mean, exactly as the exchange's gossip computes it
         flat, tab = x.reshape(x.shape[0], -1), table[name].reshape(table[name].shape[0], -1)
-        out[name] = off.to(x.dtype) @ tab + diag.to(x.dtype)[:, None] * flat  # (m, D)
+        out[name] = off.to(x.device, x.dtype) @ tab + diag.to(x.device, x.dtype)[:, None] * flat  # (m, D)
     if rule != "mean":
         for r in range(len(nodes)):
             _correct_node(rule, r, off[r], diag[r], own, table, out, trim, tau)
@@ -126,12 +126,12 @@ def _correct_node(
     if rule == "clipped":
         diffs = {name: v[1:] - v[:1] for name, v in values.items()}  # (k - 1, D)
         sq = sum(d.double().square().sum(1) for d in diffs.values())  # (k - 1,)
-        shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(w.dtype) * w[1:]  # (k - 1,)
-        for name, d in diffs.items():
+        shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(w.dtype) * w[1:].to(sq.device)
+        for name, d in diffs.items():  # shrink: (k - 1,)
             out[name][r] -= (shrink.to(d.dtype)[:, None] * d).sum(0)
         return
     for name, v in values.items():
-        wv = w.to(v.dtype)
+        wv = w.to(v.device, v.dtype)
         if rule == "trimmed_mean":
             out[name][r] += trimmed_correction(v, wv, int(trim * v.shape[0]))
         elif rule == "median":
@@ -155,11 +155,11 @@ def server_aggregate(
     (weights: (n,)). Returns name -> (...)."""
     senders = (weights > 0).nonzero().flatten()
     w = (weights / weights.sum()).to(torch.float32)
-    out = {n: torch.einsum("n,n...->...", w.to(x.dtype), x) for n, x in decoded.items()}  # plain mean
+    out = {n: torch.einsum("n,n...->...", w.to(x.device, x.dtype), x) for n, x in decoded.items()}  # mean
     if rule == "mean":
         return out
     flat = {n: x[senders].reshape(len(senders), -1) for n, x in decoded.items()}  # (k, D)
-    ws = w[senders]
+    ws = w[senders].to(next(iter(decoded.values())).device)
     if rule == "krum":
         pick = krum_index(torch.cat(list(flat.values()), 1), krum_f)
         return {n: decoded[n][senders[pick]].clone() for n in decoded}

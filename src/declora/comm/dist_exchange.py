@@ -244,6 +244,12 @@ class DistExchange(LocalExchange):
         enc = self._encode_rows(name, x, round)
         return self.codec.decode(enc), enc.nbytes_per_node()
 
+    def server_reduce(self, tensors, weights, round, reduce):  # type: ignore[no-untyped-def]
+        raise NotImplementedError(
+            "a robust server rule (robust.aggregator other than mean) needs every upload in one process; "
+            "run it without torchrun"
+        )
+
     def upload_masked(
         self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
     ) -> dict[str, Tensor]:

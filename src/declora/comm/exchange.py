@@ -10,6 +10,7 @@ of their state against public copies that every neighbour holds, and mix on the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -162,10 +163,29 @@ class LocalExchange:
         for name, x in tensors.items():
             decoded, nbytes = self._encode(name, x, round)
             out[name] = torch.einsum("n,n...->...", w.to(x.device, x.dtype), decoded.to(x.dtype))
-            # Uploads go to the server, not to a node: they are booked on the sender's diagonal entry.
-            self.ledger.add_edges(torch.diag(senders), nbytes)
-            self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())
+            self._book_upload(senders, nbytes, x)
         return out
+
+    def server_reduce(
+        self,
+        tensors: dict[str, Tensor],
+        weights: Tensor,
+        round: int,
+        reduce: Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """As server_mean, with the server's aggregate ``reduce(decoded, weights)`` of all the decoded
+        uploads at once (a robust rule, declora.robust); the same bytes."""
+        decoded: dict[str, Tensor] = {}
+        for name, x in tensors.items():
+            dec, nbytes = self._encode(name, x, round)
+            decoded[name] = dec.to(x.dtype)
+            self._book_upload(weights > 0, nbytes, x)
+        return reduce(decoded, weights)
+
+    def _book_upload(self, senders: Tensor, nbytes: int, x: Tensor) -> None:
+        # Uploads go to the server, not to a node: they are booked on the sender's diagonal entry.
+        self.ledger.add_edges(torch.diag(senders), nbytes)
+        self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())
 
     def upload_masked(
         self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool

@@ -1,0 +1,235 @@
+"""The exchange as private, possibly Byzantine nodes and robust receivers see it.
+
+``GuardedExchange`` wraps the run's exchange (in-process or torch.distributed) and changes three things,
+each defined in its own module:
+
+    what a node sends      privacy.privatize (node-level DP), then attack.corrupt (Byzantine senders)
+    how a node mixes       robust.robust_gossip over its own exact state and the decoded messages
+    what a server keeps    robust.server_aggregate over the decoded uploads
+
+Encoding, routing and byte counts stay the inner exchange's: a gossip becomes the inner ``share`` (the
+same messages, edges and bytes) followed by the robust rule. Without privacy, attack or a robust rule
+the wrapper is not installed at all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
+from declora.config import Config, ConfigError
+from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
+from declora.robust import robust_gossip, server_aggregate
+
+# Which exchange each algorithm's messages go through: robust rules need a plain gossip or server mean.
+GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
+SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora")
+PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
+MASKED_UPLOADS = ("fslora", "hetlora", "flexlora")  # upload_masked: no node-level DP or message attacks yet
+
+
+class GuardedExchange:
+    """An exchange whose nodes privatize and corrupt what they send and mix what they receive robustly."""
+
+    def __init__(
+        self,
+        inner,
+        cfg: Config,
+        nodes: Tensor,
+        initial: dict[str, Tensor] | None = None,
+        account: PrivacyAccount | None = None,
+    ) -> None:
+        self.inner, self.cfg, self.nodes = inner, cfg, nodes  # nodes: (m,) global ids of local rows
+        self.attackers = attacker_mask(cfg.attack, cfg.nodes, cfg.seed)  # (n,) bool
+        self.account = account if cfg.privacy.level == "node" else None
+        # Node-level DP clips each message's change since the node's previous message of that tensor.
+        self.prev = {k: v.detach().clone() for k, v in (initial or {}).items()}
+
+    @property
+    def ledger(self):
+        return self.inner.ledger
+
+    @property
+    def codec(self):
+        return self.inner.codec
+
+    def _outgoing(self, tensors: dict[str, Tensor], senders: Tensor, round: int) -> dict[str, Tensor]:
+        """What the local nodes send; ``senders`` (m,) bool: whose message reaches anyone this time."""
+        msgs = dict(tensors)
+        if self.account is not None and senders.any():
+            p = self.cfg.privacy
+            prev = {k: self.prev[k] for k in msgs}
+            msgs = privatize(
+                msgs, prev, p.clip, noise_std(self.account.sigma, p.clip), self.nodes, self.cfg.seed, round
+            )
+            for k, v in msgs.items():  # a node that sent nothing keeps its previous message
+                rows = senders.to(v.device).view(-1, *[1] * (v.dim() - 1))
+                self.prev[k] = torch.where(rows, v, self.prev[k])
+            self.account.spend(senders)
+        if self.cfg.attack.kind in MESSAGE_ATTACKS:
+            a, seed = self.cfg.attack, self.cfg.seed
+            msgs = {k: corrupt(a, k, v, self.attackers, self.nodes, seed, round) for k, v in msgs.items()}
+        return msgs
+
+    def _senders(self, W: Tensor) -> Tensor:
+        reach = (W.T != 0) & ~torch.eye(W.shape[0], dtype=torch.bool)  # [i, j]: i's message reaches j
+        return reach[self.nodes].any(1)
+
+    def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        if not tensors or not self._senders(W).any():
+            return dict(tensors)
+        msgs = self._outgoing(tensors, self._senders(W), round)
+        table = self.inner.share(msgs, W, round)  # name -> (n, ...) decoded, bytes booked per edge
+        r = self.cfg.robust
+        return robust_gossip(r.aggregator, tensors, table, W, self.nodes, r.trim, r.clip_radius)
+
+    def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        return self.inner.share(self._outgoing(tensors, self._senders(W), round), W, round)
+
+    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]:
+        msgs = self._outgoing(tensors, weights > 0, round)
+        r = self.cfg.robust
+        if r.aggregator == "mean":
+            return self.inner.server_mean(msgs, weights, round)
+
+        def reduce(decoded: dict[str, Tensor], w: Tensor) -> dict[str, Tensor]:
+            return server_aggregate(r.aggregator, decoded, w, r.trim, r.clip_radius, r.krum_f)
+
+        return self.inner.server_reduce(msgs, weights, round, reduce)
+
+    def upload_masked(self, tensors, keep, senders, round, indices):  # validated away with DP or attacks
+        return self.inner.upload_masked(tensors, keep, senders, round, indices)
+
+    def start(self, tensors: dict[str, Tensor]) -> None:
+        self.inner.start(tensors)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self.inner.state_dict(), **{f"{PREV}{k}": v.contiguous() for k, v in self.prev.items()}}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.inner.load_state_dict({k: v for k, v in state.items() if not k.startswith(PREV)})
+        for k in self.prev:
+            self.prev[k].copy_(state[f"{PREV}{k}"])
+
+
+def build_account(cfg: Config, sizes: list[int], nodes: Tensor) -> PrivacyAccount | None:
+    """The privacy account of this process's nodes ``nodes`` (m,) given every node's data size, with
+    sigma as configured or solved for ``target_epsilon`` over the run's planned steps: one message per
+    round (node level), or every local step at sampling rate b / |D_i| (example level)."""
+    p, t = cfg.privacy, cfg.train
+    if p.level == "none":
+        return None
+    if p.level == "node":
+        rates = [1.0] * len(sizes)
+        steps = [cfg.rounds] * len(sizes)
+    else:
+        rates = [min(1.0, t.batch_size / size) for size in sizes]
+        per_round = [
+            t.local_steps * (-(-size // t.batch_size) if t.local_unit == "epochs" else 1) for size in sizes
+        ]
+        steps = [cfg.rounds * k for k in per_round]
+    sigma = resolve_sigma(p, list(zip(rates, steps, strict=True)))
+    return PrivacyAccount(p, sigma, torch.tensor(rates, dtype=torch.float64)[nodes])
+
+
+def needs_guard(cfg: Config) -> bool:
+    return (
+        cfg.privacy.level == "node" or cfg.robust.aggregator != "mean" or cfg.attack.kind in MESSAGE_ATTACKS
+    )
+
+
+# ---------------------------------------------------------------- validation (config.validate calls it)
+
+
+def validate_guard(cfg: Config) -> None:
+    _validate_privacy(cfg)
+    _validate_robust(cfg)
+    _validate_attack(cfg)
+    _validate_codec(cfg)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p = cfg.privacy
+    if p.level == "none":
+        return
+    if not p.clip > 0:
+        raise ConfigError(f"privacy.clip={p.clip} must be positive (.inf: no clipping)")
+    if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        raise ConfigError(
+            f"privacy.level={p.level} needs exactly one of privacy.noise_multiplier and "
+            "privacy.target_epsilon; "
+            f"got noise_multiplier={p.noise_multiplier}, target_epsilon={p.target_epsilon}"
+        )
+    if p.noise_multiplier is not None and (p.noise_multiplier < 0 or math.isinf(p.noise_multiplier)):
+        raise ConfigError(f"privacy.noise_multiplier={p.noise_multiplier} must be finite and >= 0")
+    if p.target_epsilon is not None and not (0 < p.target_epsilon < math.inf and math.isfinite(p.clip)):
+        raise ConfigError(
+            f"privacy.target_epsilon={p.target_epsilon} must be positive and finite, with a finite "
+            f"privacy.clip (got {p.clip})"
+        )
+    if not 0 < p.delta < 1:
+        raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1)")
+    if p.level == "node" and cfg.algorithm.name in MASKED_UPLOADS:
+        raise ConfigError(
+            f"privacy.level=node is not supported for algorithm.name={cfg.algorithm.name} (masked uploads); "
+            f"use one of {sorted(GOSSIP_ALGORITHMS + SERVER_ALGORITHMS + ('decaf',))}"
+        )
+    try:
+        import opacus.accountants  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"privacy.level={p.level} needs opacus' accountants: pip install 'declora[privacy]' ({err})"
+        ) from err
+
+
+def _validate_robust(cfg: Config) -> None:
+    r, name = cfg.robust, cfg.algorithm.name
+    if r.aggregator == "mean":
+        pass
+    elif r.aggregator == "krum" and name not in SERVER_ALGORITHMS:
+        raise ConfigError(
+            f"robust.aggregator=krum runs at a server; algorithm.name={name} is not one of "
+            f"{list(SERVER_ALGORITHMS)}"
+        )
+    elif name not in GOSSIP_ALGORITHMS + SERVER_ALGORITHMS:
+        raise ConfigError(
+            f"robust.aggregator={r.aggregator} needs a plain gossip or server mean; algorithm.name={name} "
+            f"mixes otherwise: use one of {sorted(GOSSIP_ALGORITHMS + SERVER_ALGORITHMS)}"
+        )
+    if not 0 <= r.trim < 0.5:
+        raise ConfigError(f"robust.trim={r.trim} must be in [0, 0.5)")
+    if not r.clip_radius > 0:
+        raise ConfigError(f"robust.clip_radius={r.clip_radius} must be positive (.inf: never clip)")
+    if r.krum_f < 0:
+        raise ConfigError(f"robust.krum_f={r.krum_f} must be >= 0")
+
+
+def _validate_codec(cfg: Config) -> None:
+    if needs_guard(cfg) and cfg.comm.codec == "topk":
+        raise ConfigError(
+            "comm.codec=topk gossips CHOCO-style on public copies, which node-level DP, message attacks and "
+            "robust rules do not handle yet: use another codec (fp32, fp16, bf16, quantize) with "
+            f"privacy.level={cfg.privacy.level}, attack.kind={cfg.attack.kind}, "
+            f"robust.aggregator={cfg.robust.aggregator}"
+        )
+
+
+def _validate_attack(cfg: Config) -> None:
+    a = cfg.attack
+    if a.kind == "none":
+        if a.nodes is not None:
+            raise ConfigError(f"attack.nodes={a.nodes!r} needs an attack.kind (not 'none')")
+        return
+    if a.nodes is None:
+        raise ConfigError(f"attack.kind={a.kind} needs attack.nodes: a list of node ids or a fraction")
+    if isinstance(a.nodes, float) and not 0 < a.nodes < 1:
+        raise ConfigError(f"attack.nodes={a.nodes} as a fraction must be in (0, 1)")
+    if isinstance(a.nodes, tuple) and not all(0 <= i < cfg.nodes for i in a.nodes):
+        raise ConfigError(f"attack.nodes={list(a.nodes)}: every id must be in [0, nodes={cfg.nodes})")
+    if a.kind in MESSAGE_ATTACKS and cfg.algorithm.name in MASKED_UPLOADS:
+        raise ConfigError(f"attack.kind={a.kind} is not supported for algorithm.name={cfg.algorithm.name}")
+    if a.kind in DATA_ATTACKS and cfg.task.kind == "causal_lm":
+        raise ConfigError("attack.kind=label_flip needs labels; task.kind=causal_lm has none")

@@ -1,0 +1,168 @@
+"""Differential privacy: clipped, noised messages (``privacy.level: node``) or per-example clipped, noised
+gradients (``privacy.level: example``), and the budget they spend, from opacus' accountants.
+
+Node level. Every time node i sends (a gossip, a share, a server upload), it sends
+
+    m_t = m_prev + clip(x_t - m_prev, C) + sigma * C * z,     clip(d, C) = d * min(1, C / ||d||)
+
+with x_t its tensors of that exchange, m_prev its previous message of those tensors (at first the common
+initial adapter, which is public), ||.|| over all the tensors of the exchange together, and z ~ N(0, I)
+drawn from (seed, "privacy", round, tensor, node): the same numbers in one process and under torchrun.
+Noise is added before the codec encodes the message. The node's own state stays exact; only what it sends
+is private.
+
+Guarantee (node level). For each node i, the sequence of all messages i sends during the run is
+(epsilon, delta)-DP with respect to node i's whole local dataset, under the *zero-out* relation: the
+neighbouring run is one where node i's data is replaced by data whose every clipped change is zero (add /
+remove of the node's contribution, as user-level DP-FedAvg, McMahan et al., ICLR 2018). Each message is a
+Gaussian mechanism of sensitivity C and noise sigma * C given everything sent before (adaptive
+composition), so the accountant composes ``steps`` mechanisms at sampling rate 1. The adversary may see
+every message of every node; what neighbours do with the messages is post-processing. For the *replace*
+relation (node i's data swapped for any other data) the sensitivity is 2C: the epsilon is that of
+noise multiplier sigma / 2. The guarantee says nothing about a node's own state or its evaluation.
+
+Example level (DP-SGD, Abadi et al., CCS 2016). In every local step node i clips each of its examples'
+gradients to C (norm over every trained tensor), sums them, adds sigma * C * z and divides by its batch
+size b_i; z is drawn from (seed, "privacy", "example", node, step). The guarantee is per example of node
+i's data, under the add/remove relation, for everything node i computes and sends; the accountant is fed
+node i's sampling rate q_i = b_i / |D_i| and its number of steps. As in Opacus' default data loaders
+being replaced by fixed shuffled batches, the accounting assumes Poisson sampling at rate q_i, which the
+batches (shuffled, fixed size) approximate.
+
+The accountant is opacus' RDP accountant (``privacy.accountant: rdp``, Mironov 2017) or its PRV
+accountant (``prv``, Gopi et al. 2021). Only the accountants are used: never Opacus' PrivacyEngine or
+GradSampleModule (opacus #820: silent wrong LoRA updates with PEFT >= 0.14); the per-example gradients
+come from declora's own stacked layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from declora.config import PrivacyConfig
+from declora.seeding import torch_generator
+
+
+@functools.lru_cache(maxsize=4096)
+def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """The epsilon at ``delta`` of ``steps`` sampled Gaussian mechanisms, from opacus' accountant."""
+    if steps == 0:
+        return 0.0
+    if sigma <= 0:
+        return math.inf
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(sigma, sample_rate, steps)]
+    return float(acc.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def noise_for(target: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
+    """The noise multiplier that spends ``target`` epsilon at ``delta`` in ``steps`` steps (opacus)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+def resolve_sigma(cfg: PrivacyConfig, plans: list[tuple[float, int]]) -> float:
+    """sigma as given, or the smallest that keeps every node's planned (sample rate, steps) within
+    ``target_epsilon``."""
+    if cfg.noise_multiplier is not None:
+        return cfg.noise_multiplier
+    assert cfg.target_epsilon is not None  # validated
+    return max(noise_for(cfg.target_epsilon, q, s, cfg.delta, cfg.accountant) for q, s in set(plans))
+
+
+# ---------------------------------------------------------------- node level: messages
+
+
+def clip_change(x: dict[str, Tensor], prev: dict[str, Tensor], clip: float) -> dict[str, Tensor]:
+    """m_prev + clip(x - m_prev, C) per row (node), the norm over all the tensors together; written as
+    x + (c - 1)(x - m_prev) so that an unclipped row is x exactly. x, prev: name -> (m, ...)."""
+    diffs = {k: v - prev[k] for k, v in x.items()}
+    sq = sum(d.double().reshape(d.shape[0], -1).square().sum(1) for d in diffs.values())  # (m,)
+    coef = (clip / torch.as_tensor(sq).sqrt()).clamp(max=1.0)  # (m,)
+    return {k: v + (coef.to(v.dtype) - 1).view(-1, *[1] * (v.dim() - 1)) * diffs[k] for k, v in x.items()}
+
+
+def noise_std(sigma: float, clip: float) -> float:
+    """sigma * C, with no noise at all for sigma = 0 (also with an infinite clip)."""
+    return sigma * clip if sigma > 0 else 0.0
+
+
+def gaussian_noise(shape: torch.Size, std: float, *keys: int | str, seed: int) -> Tensor:
+    """std * N(0, I) of ``shape`` from the generator of (seed, *keys)."""
+    return std * torch.randn(shape, generator=torch_generator(seed, *keys))
+
+
+def privatize(
+    x: dict[str, Tensor],
+    prev: dict[str, Tensor],
+    clip: float,
+    std: float,
+    nodes: Tensor,
+    seed: int,
+    round: int,
+) -> dict[str, Tensor]:
+    """What the nodes ``nodes`` (m,) send: their clipped change plus noise of std ``std`` (= sigma C)."""
+    out = clip_change(x, prev, clip)
+    if std == 0:
+        return out
+    for name, v in out.items():
+        noise = torch.stack(
+            [gaussian_noise(v.shape[1:], std, "privacy", round, name, int(i), seed=seed) for i in nodes]
+        )
+        out[name] = v + noise.to(v.device, v.dtype)
+    return out
+
+
+class PrivacyAccount:
+    """Mechanisms each of this process's nodes has run, and the epsilon they add up to."""
+
+    def __init__(self, cfg: PrivacyConfig, sigma: float, sample_rates: Tensor) -> None:
+        self.cfg, self.sigma = cfg, sigma
+        self.rates = sample_rates.double()  # (m,)
+        self.steps = torch.zeros(len(sample_rates), dtype=torch.long)  # (m,)
+
+    def spend(self, nodes: Tensor) -> None:
+        """One more mechanism for the local rows where ``nodes`` (m,) bool is True."""
+        self.steps += nodes.long()
+
+    def epsilons(self, steps: Tensor, rates: Tensor) -> list[float]:
+        c = self.cfg
+        return [
+            epsilon(self.sigma, float(q), int(s), c.delta, c.accountant)
+            for q, s in zip(rates.tolist(), steps.tolist(), strict=True)
+        ]
+
+    def summary(self, group) -> dict[str, object]:
+        """Per-round metrics: every node's epsilon so far (gathered over processes), its max and mean."""
+        steps, rates = group.gather_nodes(self.steps), group.gather_nodes(self.rates)
+        eps = self.epsilons(steps, rates)
+        return {
+            "privacy_epsilon_max": max(eps),
+            "privacy_epsilon_mean": sum(eps) / len(eps),
+            "privacy_epsilon": eps,
+            "privacy_delta": self.cfg.delta,
+            "privacy_noise_multiplier": self.sigma,
+        }
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.steps.copy_(state["steps"])

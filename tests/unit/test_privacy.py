@@ -1,0 +1,103 @@
+"""Node-level DP and attacks on raw tensors: the accountant's answer is opacus' own, clipping is exact,
+noise and attacks are seeded per (seed, round, tensor, node), and bad settings stop with a clear error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from declora.attack import attacker_mask, corrupt, flip_labels
+from declora.config import AttackConfig, ConfigError, PrivacyConfig, load_config
+from declora.dist import Solo
+from declora.privacy import PrivacyAccount, clip_change, epsilon, privatize, resolve_sigma
+
+pytestmark = pytest.mark.unit
+opacus = pytest.importorskip("opacus.accountants")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_per_node_is_the_opacus_accountants_own_answer(accountant):
+    sigma, delta = 1.1, 1e-5
+    rates = torch.tensor([1.0, 0.25, 0.05], dtype=torch.float64)
+    account = PrivacyAccount(PrivacyConfig(level="node", delta=delta, accountant=accountant), sigma, rates)
+    for step in range(7):
+        account.spend(torch.tensor([True, step % 2 == 0, True]))  # node 1 skips every other round
+    got = account.summary(Solo())["privacy_epsilon"]
+    for q, steps, eps in zip(rates.tolist(), (7, 4, 7), got, strict=True):
+        ref = opacus.RDPAccountant() if accountant == "rdp" else opacus.PRVAccountant()
+        for _ in range(steps):
+            ref.step(noise_multiplier=sigma, sample_rate=q)  # the library's own bookkeeping
+        assert eps == pytest.approx(ref.get_epsilon(delta), rel=1e-9)
+
+
+def test_target_epsilon_gives_a_sigma_that_spends_at_most_the_target():
+    cfg = PrivacyConfig(level="node", target_epsilon=8.0, delta=1e-5, clip=1.0)
+    sigma = resolve_sigma(cfg, [(1.0, 20)])
+    spent = epsilon(sigma, 1.0, 20, 1e-5)
+    assert spent <= 8.0 and spent == pytest.approx(8.0, abs=0.05)
+    assert epsilon(0.0, 1.0, 3, 1e-5) == math.inf and epsilon(1.0, 1.0, 0, 1e-5) == 0.0
+
+
+def test_clip_change_bounds_the_change_over_all_tensors_and_leaves_small_changes_exact():
+    g = torch.Generator().manual_seed(0)
+    x = {"a": torch.randn(3, 4, 5, generator=g), "b": torch.randn(3, 7, generator=g)}
+    prev = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}
+    prev["a"][1] += 5.0  # node 1 moved far since its last message
+    out = clip_change(x, prev, clip=1.0)
+    norms = sum((out[k] - prev[k]).reshape(3, -1).square().sum(1) for k in x).sqrt()
+    assert norms[1] == pytest.approx(1.0, rel=1e-5)
+    for k in x:  # nodes 0 and 2 moved less than the bound: their message is their state, bit for bit
+        assert torch.equal(out[k][[0, 2]], x[k][[0, 2]])
+    same = clip_change(x, prev, clip=math.inf)
+    assert all(torch.equal(same[k], x[k]) for k in x)
+
+
+def test_noise_is_drawn_per_global_node_so_a_slice_draws_what_the_whole_draws():
+    x = {"a": torch.zeros(4, 3)}
+    whole = privatize(x, x, 1.0, 0.5, torch.arange(4), seed=3, round=2)["a"]
+    part = privatize({"a": x["a"][2:]}, {"a": x["a"][2:]}, 1.0, 0.5, torch.tensor([2, 3]), seed=3, round=2)
+    assert torch.equal(whole[2:], part["a"])
+    again = privatize(x, x, 1.0, 0.5, torch.arange(4), seed=3, round=3)["a"]
+    assert not torch.equal(whole, again) and whole.std() == pytest.approx(0.5, rel=0.6)
+
+
+def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
+    assert attacker_mask(AttackConfig("sign_flip", (1, 3)), 5, 0).tolist() == [0, 1, 0, 1, 0]
+    frac = attacker_mask(AttackConfig("sign_flip", 0.2), 10, 7)
+    assert int(frac.sum()) == 2 and torch.equal(frac, attacker_mask(AttackConfig("sign_flip", 0.2), 10, 7))
+    x, mask, nodes = torch.ones(4, 2), torch.tensor([False, True, False, True]), torch.arange(4)
+    assert corrupt(AttackConfig("sign_flip", (1, 3)), "a", x, mask, nodes, 0, 0)[:, 0].tolist() == [
+        1,
+        -1,
+        1,
+        -1,
+    ]
+    scaled = corrupt(AttackConfig("scaled", (1, 3), scale=3.0), "a", x, mask, nodes, 0, 0)
+    assert scaled[:, 0].tolist() == [1, 3, 1, 3]
+    noisy = corrupt(AttackConfig("gaussian", (1, 3)), "a", x, mask, nodes, 0, 0)
+    assert torch.equal(noisy[[0, 2]], x[[0, 2]]) and not torch.equal(noisy[1], x[1])
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    flipped = flip_labels(labels, [np.array([0, 1, 2]), np.array([3, 4, 5])], torch.tensor([False, True]), 3)
+    assert flipped.tolist() == [0, 1, 2, 2, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy.level=node"], "exactly one of privacy.noise_multiplier"),
+        (["privacy.level=node", "privacy.noise_multiplier=1", "privacy.delta=2"], "privacy.delta=2.0"),
+        (["privacy.level=node", "privacy.noise_multiplier=1", "algorithm.name=fslora"], "fslora"),
+        (["robust.aggregator=krum"], "robust.aggregator=krum runs at a server"),
+        (["robust.aggregator=median", "algorithm.name=decaf"], "algorithm.name=decaf"),
+        (["robust.aggregator=foo"], "robust.aggregator='foo' is not allowed"),
+        (["attack.kind=sign_flip"], "needs attack.nodes"),
+        (["attack.kind=sign_flip", "attack.nodes=[9]", "nodes=4"], "attack.nodes=[9]"),
+        (["attack.nodes=[1]"], "needs an attack.kind"),
+    ],
+)
+def test_bad_settings_name_the_key_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, overrides)

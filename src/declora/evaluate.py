@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from declora.experiment import EvalSet, Experiment
-from declora.metrics import consensus_metrics, mean_std
+from declora.metrics import consensus_metrics, gated, head_disagreement, mean_std
 from declora.model import Federation, averaged_factors, averaged_product
 from declora.train import metric_per_node, row_stats
 
@@ -76,8 +76,12 @@ def evaluate(exp: Experiment) -> dict[str, float]:
             server = exp.algorithm.server_tensors(fed)
     if server is not None:
         out[f"{m}_server"] = _metric_of(exp, server, exp.consensus_eval)
-    factors = {name: (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"]) for name in fed.lora}
+    gate = fed.rank_mask.gate  # (n, r) rank gates: the metrics read the factors the nodes run
+    gate = None if gate is None else group.gather_nodes(gate.detach())
+    factors = {name: gated(stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"], gate) for name in fed.lora}
     out.update(consensus_metrics(factors, fed.scale))
+    if fed.heads:
+        out["consensus_head"] = head_disagreement({k: stacked[k] for k in fed.tensors(("head",))})
     if exp.honest is not None:
         out.update(honest_metrics(exp, per_node, stacked, factors))
     return out

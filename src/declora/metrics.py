@@ -5,7 +5,11 @@ and node i's update is ``s * B[i] @ A[i]``. The metrics say how far the nodes ar
 
 - factor disagreement  ``(1/n) Σ_i ‖X_i − X̄‖_F²`` for X ∈ {A, B};
 - product disagreement ``(1/n) Σ_i ‖s B_iA_i − mean_j s B_jA_j‖_F²``;
-- cross-term norm      ``‖s mean_i(B_iA_i) − s B̄Ā‖_F = ‖(s/n) Σ_i (B_i − B̄)(A_i − Ā)‖_F`` (see cross-term).
+- cross-term norm      ``‖s mean_i(B_iA_i) − s B̄Ā‖_F = ‖(s/n) Σ_i (B_i − B̄)(A_i − Ā)‖_F`` (see cross-term);
+- head disagreement    ``(1/n) Σ_i ‖H_i − H̄‖_F²`` over a classifier head's weight and bias.
+
+Nodes with rank gates (HetLoRA, FlexLoRA, FSLoRA) run ``s B_i diag(g_i) A_i``: the metrics read those
+effective factors (``gated``), so nodes that run different ranks disagree even when the stored tensors agree.
 
 A layer's product is d_out × d_in (4096² for a 7B model) and there may be a thousand nodes, so no product is
 ever formed: Frobenius norms of low-rank products go through r×r Gram matrices,
@@ -23,6 +27,8 @@ from torch import Tensor
 
 __all__ = [
     "consensus_metrics",
+    "gated",
+    "head_disagreement",
     "cross_term_norm",
     "factor_disagreement",
     "mean_std",
@@ -182,6 +188,20 @@ def consensus_metrics(
         cross_sq += scale**2 * stats[1]
     out["cross_term"] = cross_sq**0.5
     return out
+
+
+def gated(A: Tensor, B: Tensor, gate: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The factors the nodes run under rank gates ``gate`` (n, r): components with gate 0 are dropped
+    (zero rows of A), the gate's multiplier is folded into B's columns. None: (A, B) as they are."""
+    if gate is None:
+        return A, B
+    g = gate.to(device=A.device, dtype=A.dtype)
+    return A * (g != 0).to(A.dtype).unsqueeze(-1), B * g.unsqueeze(1)  # (n, r, d_in), (n, d_out, r)
+
+
+def head_disagreement(heads: dict[str, Tensor], online: Tensor | None = None) -> float:
+    """``(1/n) Σ_i ‖H_i − H̄‖_F²`` summed over a head's stacked tensors (weight (n, K, h), bias (n, K))."""
+    return sum(factor_disagreement(v, online=online) for v in heads.values())
 
 
 def mean_std(values: Tensor) -> tuple[float, float]:

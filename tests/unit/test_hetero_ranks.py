@@ -162,3 +162,37 @@ def test_hetlora_keeps_components_beyond_ri_zero_and_steps_the_server(tiny_bert,
 def test_config_rejects_bad_heterogeneous_settings(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("]", r"\]")):
         load_config(None, ["nodes=4", "model.rank=4", override])
+
+
+@pytest.mark.parametrize(("ranks", "disagree"), [("[1,2,4,3]", True), ("[4,4,4,4]", False)])
+def test_consensus_metrics_read_the_gated_factors_the_nodes_run(
+    tiny_bert, tiny_data, tmp_path, ranks, disagree
+):
+    """Same stored factors on every node (a HetLoRA broadcast): only different ranks make them disagree."""
+    from declora.evaluate import evaluate
+
+    exp = tiny_experiment(
+        tiny_bert,
+        tiny_data,
+        tmp_path,
+        "model.head=frozen",
+        "algorithm.name=hetlora",
+        f"algorithm.ranks={ranks}",
+        "eval.node_examples=8",
+        "data.test_limit=8",
+    )
+    perturb(exp)  # every node holds the same A and B != 0
+    out = evaluate(exp)
+    effective = exp.fed.factors() if exp.fed.rank_mask.gate is None else _effective(exp.fed)
+    want = (
+        sum(
+            float(
+                sum(((B[i] @ A[i] - sum(B[j] @ A[j] for j in range(4)) / 4) ** 2).sum() for i in range(4)) / 4
+            )
+            for A, B in effective.values()
+        )
+        * exp.fed.scale**2
+    )
+    assert out["consensus_BA"] == pytest.approx(want, rel=1e-4, abs=1e-12)
+    assert (out["consensus_BA"] > 1e-6) == disagree and (out["consensus_B"] > 1e-6) == disagree
+    assert out["consensus_head"] == 0.0  # a frozen head: every node reads the same one

@@ -177,3 +177,27 @@ def test_factors_that_require_grad_are_fine() -> None:
     A, B = (t.requires_grad_() for t in _factors(14))
     got = consensus_metrics({"layer": (A, B)}, 1.0)
     assert _close(got["consensus_BA"], _dense_product(A.detach(), B.detach(), 1.0))
+
+
+def test_head_disagreement_is_the_spread_of_weight_and_bias() -> None:
+    from declora.metrics import head_disagreement
+
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(5, 2, 7, generator=g), torch.randn(5, 2, generator=g)
+    got = head_disagreement({"classifier.weight": weight, "classifier.bias": bias})
+    want = sum(float(((v.double() - v.double().mean(0)) ** 2).sum()) / 5 for v in (weight, bias))
+    assert got == pytest.approx(want, rel=1e-9)
+    assert head_disagreement({"w": weight[:1].expand(5, 2, 7)}) == 0.0
+
+
+def test_gated_factors_drop_closed_components_and_fold_the_multiplier_into_b() -> None:
+    from declora.metrics import gated
+
+    g = torch.Generator().manual_seed(6)
+    A, B = torch.randn(3, 4, 6, generator=g), torch.randn(3, 5, 4, generator=g)
+    gate = torch.tensor([[1.0, 1, 0, 0], [2.0, 0, 1, 1], [1.0, 1, 1, 1]])
+    Ag, Bg = gated(A, B, gate)
+    for i in range(3):
+        torch.testing.assert_close(Bg[i] @ Ag[i], B[i] @ torch.diag(gate[i]) @ A[i])
+    assert Ag[0, 2:].abs().sum() == 0 and Bg[0, :, 2:].abs().sum() == 0
+    assert gated(A, B, None) == (A, B)

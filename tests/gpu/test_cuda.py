@@ -1,0 +1,129 @@
+"""On a CUDA GPU (marker ``gpu``, never in CI; benchmarks/gpu_check.sh runs them): the same runs as on the
+CPU, within fp32 or bf16 tolerance, for algorithms and codecs that exercise every device path (gossip,
+CHOCO copies, DeCAF's batched SVDs, the server mean, FSLoRA's rank gates, FlexLoRA's SVD, evaluation);
+causal LMs in bf16; and a checkpoint written on the GPU resumed on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import WORDS, write_tiny_data
+
+from declora.config import load_config
+from declora.engine import MEASURED, run
+from declora.experiment import build_experiment
+
+LABEL_WORDS = "task.label_words=[' negative',' positive']"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+CASES = {
+    "dec_lora_topk": ["algorithm.name=dec_lora", "comm.codec=topk", "comm.fraction=0.25"],
+    "decaf_quantize": ["algorithm.name=decaf", "comm.codec=quantize", "comm.bits=4"],
+    "fedavg_dropout": ["algorithm.name=fedavg", "topology.node_dropout=0.3"],
+    "fslora": ["algorithm.name=fslora"],
+    "flexlora": ["algorithm.name=flexlora", "algorithm.ranks=[2,4,4,2]"],
+    "tad_lora": ["algorithm.name=tad_lora", "algorithm.switch_interval=1"],
+}
+
+
+def tiny(model, run_dir, *extra):
+    return load_config(
+        None,
+        [
+            f"model.name={model}",
+            "model.rank=4",
+            "model.max_length=32",
+            "nodes=4",
+            "rounds=3",
+            "data.train_limit=64",
+            "data.test_limit=16",
+            "train.batch_size=4",
+            "train.local_steps=2",
+            "eval.every=1",
+            "eval.node_examples=8",
+            "checkpoint_every=1",
+            "export=consensus",
+            f"run_dir={run_dir}",
+            *extra,
+        ],
+    )
+
+
+def evals(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in lines if r["event"] == "eval"]
+
+
+def close(a: list[dict], b: list[dict], loss_atol: float, acc_atol: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=loss_atol)
+        assert y["bytes_total"] == x["bytes_total"]  # the same messages cross the same edges
+        for key in (k for k in x if k.startswith("acc_")):
+            assert y[key] == pytest.approx(x[key], abs=acc_atol), key
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cuda_fp32_run_equals_the_cpu_run(case, tiny_bert, tmp_path):
+    cpu = build_experiment(tiny(tiny_bert, tmp_path / "cpu", "device=cpu", *CASES[case]))
+    cuda = build_experiment(tiny(tiny_bert, tmp_path / "cuda", "device=cuda", *CASES[case]))
+    assert cuda.fed.device.type == "cuda" and all(p.is_cuda for p in cuda.fed.parameters())
+    run(cpu)
+    run(cuda)
+    close(evals(cpu.run_dir), evals(cuda.run_dir), loss_atol=1e-4, acc_atol=1e-6)
+    for k, v in cpu.fed.tensors().items():
+        torch.testing.assert_close(cuda.fed.tensors()[k].detach().cpu(), v.detach(), atol=2e-4, rtol=1e-3)
+    assert all(
+        r["peak_gpu_mem_mb"] > 0
+        for r in map(json.loads, (cuda.run_dir / "metrics.jsonl").open())
+        if r["event"] in ("round", "eval")
+    )
+
+
+def test_cuda_bf16_run_is_close_to_the_cpu_fp32_run(tiny_bert, tmp_path):
+    cpu = build_experiment(tiny(tiny_bert, tmp_path / "cpu", "device=cpu"))
+    cuda = build_experiment(tiny(tiny_bert, tmp_path / "cuda", "device=cuda", "precision=bf16"))
+    assert next(iter(cuda.fed.lora.values())).base.weight.dtype == torch.bfloat16
+    run(cpu)
+    run(cuda)
+    close(evals(cpu.run_dir), evals(cuda.run_dir), loss_atol=2e-2, acc_atol=0.13)
+
+
+@pytest.mark.parametrize("kind", ["label_words", "causal_lm"])
+def test_causal_lm_bf16_on_cuda_is_close_to_the_cpu(kind, tiny_llama, tmp_path):
+    if kind == "causal_lm":  # plain language modelling on a text file, perplexity
+        data = tmp_path / "book.txt"
+        data.write_text("\n\n".join(f"The {w} cat sat on the {v} mat." for w in WORDS for v in WORDS[:4]))
+        task = ["task.kind=causal_lm", "eval.headline=ppl_avg_factors", "partition.kind=iid"]
+    else:
+        data = write_tiny_data(tmp_path / "reviews.jsonl", 64)
+        task = ["task.kind=label_words", "task.template='Review: {text}\nSentiment:'", LABEL_WORDS]
+    extra = ["model.target_modules=[q_proj,v_proj]", "model.head=none", f"data.dataset={data}", *task]
+    cpu = build_experiment(tiny(tiny_llama, tmp_path / "cpu", "device=cpu", *extra))
+    cuda = build_experiment(tiny(tiny_llama, tmp_path / "cuda", "device=cuda", "precision=bf16", *extra))
+    for x, y in zip(run(cpu), run(cuda), strict=True):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=2e-2)
+
+
+def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu(tiny_bert, tmp_path):
+    full = build_experiment(tiny(tiny_bert, tmp_path / "full", "device=cuda"))
+    run(full)
+    crashed = build_experiment(tiny(tiny_bert, tmp_path / "moved", "device=cuda"))
+
+    def crash(record):
+        if record["round"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(crashed, on_round=crash)
+    on_cpu = build_experiment(tiny(tiny_bert, tmp_path / "moved", "device=cpu"), crashed.run_dir)
+    run(on_cpu, resume=True)
+    assert on_cpu.fed.device.type == "cpu"
+    close(evals(full.run_dir), evals(on_cpu.run_dir), loss_atol=1e-4, acc_atol=1e-6)
+    for k, v in full.fed.tensors().items():
+        torch.testing.assert_close(on_cpu.fed.tensors()[k].detach(), v.detach().cpu(), atol=2e-4, rtol=1e-3)

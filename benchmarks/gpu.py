@@ -285,21 +285,24 @@ def measure(method: str, shape: Shape, folder: Path, n: int, args: argparse.Name
     return row
 
 
-def run_model(shape: Shape, args: argparse.Namespace, rate: float, deadline: float) -> list[dict]:
+def run_all(shapes: list[Shape], args: argparse.Namespace, rate: float, deadline: float) -> list[dict]:
+    """N ascending, both models at each N (so a time budget cuts the largest N, not a whole model)."""
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_model(shape, Path(tmp))
+        folders = {s.name: build_model(s, Path(tmp) / s.name) for s in shapes}
         for n in args.nodes:
-            for method in args.methods:
-                if time.perf_counter() > deadline:
-                    rows.append(
-                        {"model": shape.name, "method": method, "n": n, "status": "skipped: time budget"}
-                    )
-                    continue
-                if any(r["method"] == method and r["status"] == "oom" for r in rows):
-                    continue  # a larger N than one that did not fit
-                rows.append(measure(method, shape, folder, n, args, rate))
-                print(json.dumps(rows[-1]), flush=True)
+            for shape in shapes:
+                for method in args.methods:
+                    row = {"model": shape.name, "method": method, "n": n}
+                    if any(
+                        (r["model"], r["method"], r["status"]) == (shape.name, method, "oom") for r in rows
+                    ):
+                        continue  # a larger N than one that did not fit
+                    if time.perf_counter() > deadline:
+                        rows.append({**row, "status": "skipped: time budget"})
+                        continue
+                    rows.append(measure(method, shape, folders[shape.name], n, args, rate))
+                    print(json.dumps(rows[-1]), flush=True)  # a killed run still leaves its rows in the log
     return rows
 
 
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
     rate = matmul_rate(device, *((256, 4) if args.quick else (8192, 50)))
     shapes = TINY if args.quick else SHAPES
-    rows = [r for m in args.models for r in run_model(shapes[m], args, rate, began + args.budget_s)]
+    rows = run_all([shapes[m] for m in args.models], args, rate, began + args.budget_s)
     speedups(rows)
     doc = {
         "command": " ".join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,3 +58,29 @@ def test_cuda_without_cuda_stops_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="sees no CUDA GPU"):
         _bench().main(["--device", "cuda", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+CHECK = SCRIPT.with_name("gpu_check.sh")
+
+
+def test_gpu_check_script_parses_and_names_existing_tests():
+    assert subprocess.run(["bash", "-n", str(CHECK)], check=False).returncode == 0
+    text = CHECK.read_text()
+    for path in ("tests/gpu", "tests/distributed/test_gpu_ranks.py", "benchmarks/gpu.py"):
+        assert path in text and (SCRIPT.parents[1] / path).exists(), path
+
+
+@pytest.mark.slow
+def test_gpu_check_script_on_the_cpu(tmp_path):
+    """The whole script on a CPU: the gpu tests skip, the benchmark runs its quick mode (about 50 s)."""
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "BENCH_ARGS": "--device cpu --quick --nodes 1,2 --steps 1 --models minilm",
+    }
+    done = subprocess.run(["bash", str(CHECK)], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
+    rows = json.loads((tmp_path / "gpu_quick.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 4

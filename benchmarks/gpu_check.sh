@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check, in one command from the repository root of a machine with CUDA (torch, transformers and
+# peft installed; nothing is pip-installed, declora runs from src/):
+#
+#     bash benchmarks/gpu_check.sh                  # logs and results under $OUT (default benchmarks/out)
+#
+# 1. the tests marked gpu (tests/gpu, tests/distributed/test_gpu_ranks.py), at most 210 s;
+# 2. benchmarks/gpu.py (declora vs the sequential PEFT swap, MiniLM-L6 and SmolLM2-135M shapes, bf16),
+#    which starts no measurement after 210 s and is stopped at 330 s: about 9 minutes at the very most.
+# BENCH_ARGS adds arguments to gpu.py; on a CPU (tests skip) BENCH_ARGS="--device cpu --quick" checks
+# the script itself.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+export PYTHONUNBUFFERED=1
+
+{
+    date -u
+    nvidia-smi || true
+    "$PY" -c "import sys, torch, transformers, peft; print(sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, torch.cuda.is_available(), torch.cuda.device_count(), 'transformers', \
+transformers.__version__, 'peft', peft.__version__)"
+} > "$OUT/environment.txt" 2>&1
+
+began=$(date +%s)
+timeout 210 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rs \
+    tests/gpu tests/distributed/test_gpu_ranks.py --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+tests=$?
+tested=$(date +%s)
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
+timeout 330 "$PY" benchmarks/gpu.py --out "$OUT" --budget-s 210 ${BENCH_ARGS:-} > "$OUT/gpu_benchmark.log" 2>&1
+bench=$?
+done_at=$(date +%s)
+
+echo "gpu tests: exit $tests in $((tested - began)) s (log $OUT/gpu_tests.log)"
+tail -n 3 "$OUT/gpu_tests.log"
+echo "benchmark: exit $bench in $((done_at - tested)) s (log $OUT/gpu_benchmark.log)"
+cat "$OUT"/gpu*.md 2>/dev/null || tail -n 20 "$OUT/gpu_benchmark.log"
+exit $((tests != 0 || bench != 0))

@@ -24,7 +24,7 @@ from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.model import Federation, build_federation, import_peft
 from declora.node_data import build_node_data
 from declora.optim import NodeAdamW
-from declora.privacy import PrivacyAccount
+from declora.privacy import ExampleDP, PrivacyAccount
 from declora.schedules import build_schedule
 from declora.seeding import numpy_rng
 from declora.tasks import CAUSAL_KINDS, Task, build_task
@@ -118,7 +118,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     device = resolve_device(cfg.device)  # torchrun: this rank's GPU
     causal = cfg.task.kind in CAUSAL_KINDS
     fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
-    fed.routing.product = cfg.train.lora_product
+    # Example-level DP reads each row's own gradient: only the per-row product has one per row.
+    fed.routing.product = "per_row" if cfg.privacy.level == "example" else cfg.train.lora_product
     log.info("device %s, precision %s", device, cfg.precision)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)
@@ -135,6 +136,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     optimizer = NodeAdamW(dict(fed.tensors()), lrs, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
     streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed, offset=first)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    account = build_account(cfg, [node["size"] for node in summary], group.nodes)
+    example_dp = ExampleDP(cfg.privacy.clip, account, group.nodes, cfg.seed) if account is not None else None
     trainer = LocalTrainer(
         fed,
         optimizer,
@@ -145,6 +148,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         cfg.train.max_grad_norm,
         cfg.train.tokens_per_chunk or default_tokens_per_chunk(device),
         task,
+        example_dp if cfg.privacy.level == "example" else None,
     )
     schedule = build_schedule(cfg.topology, n, cfg.seed)
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
@@ -154,7 +158,6 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
     )
     exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
-    account = build_account(cfg, [node["size"] for node in summary], group.nodes)
     if needs_guard(cfg):
         _check_guard_processes(cfg, group)
         exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)

@@ -10,6 +10,8 @@ over rows, each with its own gathered copy of the factors) or grouped by node (`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +73,25 @@ class RankMask:
         self.gate: Tensor | None = None  # (n, r)
 
 
+# Example-level DP (declora.privacy): while ``row_gradients`` is open, the trained gathers hand their per-row
+# gradients here instead of summing them into ``.grad``.
+_ROW_SINK: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+
+@contextmanager
+def row_gradients() -> Iterator[list[tuple[Tensor, Tensor, Tensor]]]:
+    """Collect ``(weight, rows, grad)`` of every trained gather in a backward, grad (rows, ...): on the
+    per-row product every row multiplies its own gathered copy of its node's factors (and head), so
+    grad[k] is example k's own gradient. The caller adds what it wants of them to ``.grad``."""
+    global _ROW_SINK
+    sink: list[tuple[Tensor, Tensor, Tensor]] = []
+    _ROW_SINK = sink
+    try:
+        yield sink
+    finally:
+        _ROW_SINK = None
+
+
 class _GatherRows(torch.autograd.Function):
     """``weight[rows]`` whose backward adds the row gradients straight into ``weight.grad``.
 
@@ -91,6 +112,9 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[None, None]:  # type: ignore[override]
         (rows,) = ctx.saved_tensors
         weight = ctx.weight
+        if _ROW_SINK is not None:
+            _ROW_SINK.append((weight, rows, grad))
+            return None, None
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         weight.grad.index_add_(0, rows, grad.to(weight.dtype))

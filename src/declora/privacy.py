@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -166,3 +167,46 @@ class PrivacyAccount:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.steps.copy_(state["steps"])
+
+
+# ---------------------------------------------------------------- example level: DP-SGD in the batched pass
+
+
+@dataclass
+class ExampleDP:
+    """Per-example clipping and per-node noise for the local steps of this process's nodes."""
+
+    clip: float
+    account: PrivacyAccount  # its steps count each node's DP-SGD steps: the noise's key
+    nodes: Tensor  # (m,) global ids of the local rows
+    seed: int
+
+    def clip_into(self, captured: list[tuple[Tensor, Tensor, Tensor]], weights: Tensor) -> None:
+        """Add sum_k w_k clip(g_k, C) to ``.grad`` from the per-row gradients ``captured`` of one
+        micro-batch (``lora.row_gradients``: w_k g_k, w_k = 1/b_i the row's loss weight (rows,))."""
+        if not captured:
+            return
+        if any(g.shape[0] != weights.shape[0] for _, _, g in captured):
+            raise RuntimeError("example-level DP needs one gradient per row: the per-row LoRA product")
+        sq = sum(g.double().reshape(g.shape[0], -1).square().sum(1) for _, _, g in captured)  # (rows,)
+        norms = torch.as_tensor(sq).sqrt() / weights.to(sq.device, torch.float64)  # unweighted ||g_k||
+        coef = (self.clip / norms).clamp(max=1.0)  # (rows,)
+        for weight, rows, g in captured:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            scaled = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
+            weight.grad.index_add_(0, rows, scaled.to(weight.dtype))
+
+    def add_noise(self, params: dict[str, Tensor], names: list[str], active: Tensor, batch: Tensor) -> None:
+        """grad_i += sigma C z / b_i for every active node i (batch: (m,) its batch size this step) and
+        trained tensor, z from (seed, "privacy", "example", node, its step, tensor); counts the step."""
+        std = noise_std(self.account.sigma, self.clip)
+        for r in active.nonzero().flatten().tolist():
+            step, node = int(self.account.steps[r]), int(self.nodes[r])
+            for name in names:
+                p = params[name]
+                if std == 0 or p.grad is None:
+                    continue
+                z = gaussian_noise(p.shape[1:], std, "privacy", "example", node, step, name, seed=self.seed)
+                p.grad[r] += (z / float(batch[r])).to(p.grad.device, p.grad.dtype)
+        self.account.spend(active)

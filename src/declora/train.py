@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from declora.lora import row_gradients
 from declora.model import Federation
 from declora.optim import NodeAdamW, clip_per_node
+from declora.privacy import ExampleDP
 from declora.seeding import numpy_rng
 from declora.tasks import SequenceClassification, Task
 
@@ -92,11 +94,17 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 def accumulate_gradients(
-    fed: Federation, rows: Rows, pad_id: int, tokens_per_chunk: int, task: Task = CLASSIFY
+    fed: Federation,
+    rows: Rows,
+    pad_id: int,
+    tokens_per_chunk: int,
+    task: Task = CLASSIFY,
+    dp: ExampleDP | None = None,
 ) -> Tensor:
     """Forward/backward every row in micro-batches; returns each node's mean loss (n,), on the CPU.
 
-    Each micro-batch goes to ``fed.device``; the per-node bookkeeping of the engine stays on the CPU."""
+    Each micro-batch goes to ``fed.device``; the per-node bookkeeping of the engine stays on the CPU.
+    With ``dp`` (example-level DP) each row's gradient is clipped before it is added to ``.grad``."""
     device = fed.device
     node_loss = torch.zeros(fed.n, device=device)
     for chunk in micro_batches([len(x) for x in rows.ids], tokens_per_chunk):
@@ -108,7 +116,12 @@ def accumulate_gradients(
             logits = fed(input_ids, mask, keep)
         losses = task.row_loss(logits, input_ids, mask, labels, keep)  # (chunk,)
         weighted = losses * rows.weights[index].to(device)
-        weighted.sum().backward()
+        if dp is None:
+            weighted.sum().backward()
+        else:
+            with row_gradients() as captured:
+                weighted.sum().backward()
+            dp.clip_into(captured, rows.weights[index])
         node_loss.index_add_(0, nodes, weighted.detach())
     return node_loss.cpu()
 
@@ -127,8 +140,10 @@ class LocalTrainer:
         max_grad_norm: float | None,
         tokens_per_chunk: int,
         task: Task = CLASSIFY,
+        dp: ExampleDP | None = None,
     ) -> None:
         self.fed, self.optimizer, self.streams = fed, optimizer, streams
+        self.dp = dp  # example-level DP-SGD: per-example clipping and per-node noise replace max_grad_norm
         self.token_ids, self.labels, self.pad_id = token_ids, labels, pad_id
         self.max_grad_norm, self.tokens_per_chunk, self.task = max_grad_norm, tokens_per_chunk, task
         self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
@@ -150,9 +165,14 @@ class LocalTrainer:
             p.grad = None
             p.requires_grad_(name in names)
         self.fed.set_training(True)
-        node_loss = accumulate_gradients(self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task)
+        node_loss = accumulate_gradients(
+            self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task, self.dp
+        )
         grads = [params[k].grad for k in names if params[k].grad is not None]
-        if self.max_grad_norm is not None and grads:
+        if self.dp is not None:
+            batch = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) this step's batch sizes
+            self.dp.add_noise(params, names, active, batch)
+        elif self.max_grad_norm is not None and grads:
             clip_per_node(grads, self.max_grad_norm)
         self.optimizer.step(active, names)
         return torch.where(active, node_loss, torch.full_like(node_loss, float("nan")))

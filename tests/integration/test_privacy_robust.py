@@ -1,7 +1,8 @@
 """Privacy, attacks and robust mixing through the real CLI on a tiny 2-layer BERT (6 nodes on a ring).
 
 - node-level DP with zero noise and an infinite clip, mixed by clipped gossip with an infinite radius,
-  is the plain run bit for bit (metrics and every exported adapter);
+  is the plain run bit for bit (metrics and every exported adapter); so is example-level DP-SGD with
+  zero noise and an infinite clip;
 - two sign-flipping nodes move the honest nodes' adapters away from the attack-free run; the honest
   nodes are reported separately, and clipped gossip keeps them closer to the attack-free run than the
   plain mean does.
@@ -107,3 +108,21 @@ def test_sign_flipping_nodes_are_contained_by_clipped_gossip_and_honest_nodes_re
     hit, kept = _distance_to(plain, mean), _distance_to(plain, clipped)
     assert hit > 0.1  # the attack changes the honest nodes' adapters
     assert kept < hit / 2, (kept, hit)  # clipped gossip bounds what the attackers can do
+
+
+def test_example_level_dp_with_zero_noise_and_infinite_clip_is_the_plain_run(tiny_bert, tmp_path):
+    """DP-SGD's per-row path (clip each example, then add) with nothing clipped or added trains exactly
+    as the plain batched step (per-node clipping off in both)."""
+    plain = _run(tiny_bert, tmp_path / "plain", "train.max_grad_norm=null", "train.lora_product=per_row")
+    private = _run(
+        tiny_bert,
+        tmp_path / "private",
+        "train.max_grad_norm=null",
+        "privacy.level=example",
+        "privacy.noise_multiplier=0",
+        "privacy.clip=.inf",
+    )
+    for node in range(6):
+        ref, got = _adapter(plain, node), _adapter(private, node)
+        assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert _records(private)[-1]["privacy_epsilon"] == [float("inf")] * 6

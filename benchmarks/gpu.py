@@ -14,6 +14,8 @@ bf16 (frozen base in bf16 under autocast, fp32 LoRA, heads and moments). Two way
 - ``sequential_peft``: what OpenFedLLM and FS-LLM do. ONE PEFT model; nodes train one after another, each
   loading its adapter and its AdamW state, K steps, saving both back. Its cost is linear in N (one node
   after another), so it is timed on min(N, --peft-nodes) nodes and its rate (examples/s) reported.
+- ``declora_per_row`` / ``declora_grouped`` (at --products-at, default N = 64 and 256): declora with
+  ``train.lora_product`` forced to each LoRA product (``declora`` itself uses ``auto``).
 
 Per (model, N): examples/s, tokens/s (real tokens, padding excluded), model FLOP utilisation = useful
 FLOPs / s over the bf16 matmul rate measured at startup (useful FLOPs per token: the forward, 2 x the
@@ -37,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +173,9 @@ def task_of(shape: Shape):  # noqa: ANN201 - a declora.tasks.Task
 Round = Callable[[int], None]  # argument: local steps this round
 
 
-def setup_declora(shape: Shape, folder: Path, n: int, work: Workload, device: torch.device) -> Round:
+def setup_declora(
+    shape: Shape, folder: Path, n: int, work: Workload, device: torch.device, product: str = "auto"
+) -> Round:
     from declora.config import ModelConfig
     from declora.device import default_tokens_per_chunk
     from declora.model import build_federation
@@ -180,6 +185,7 @@ def setup_declora(shape: Shape, folder: Path, n: int, work: Workload, device: to
     head = "none" if shape.family == "llama" else "train"
     cfg = ModelConfig(name=str(folder), target_modules=shape.targets, rank=RANK, alpha=ALPHA, head=head)
     fed = build_federation(cfg, n, 2, shape.family == "llama", device, "bf16")
+    fed.routing.product = product  # train.lora_product: auto | per_row | grouped
     params = dict(fed.tensors())
     optimizer = NodeAdamW(params, dict.fromkeys(params, LR))
     parts = [np.arange(i * work.per_node, (i + 1) * work.per_node) for i in range(n)]
@@ -242,7 +248,14 @@ def setup_sequential_peft(shape: Shape, folder: Path, n: int, work: Workload, de
     return one_round
 
 
-SETUPS = {"declora": setup_declora, "sequential_peft": setup_sequential_peft}
+SETUPS = {
+    "declora": setup_declora,
+    "sequential_peft": setup_sequential_peft,
+    # train.lora_product forced either way (declora itself uses auto), side by side at --products-at
+    "declora_per_row": partial(setup_declora, product="per_row"),
+    "declora_grouped": partial(setup_declora, product="grouped"),
+}
+PRODUCT_METHODS = ("declora_per_row", "declora_grouped")
 
 
 # ---------------------------------------------------------------- one measurement
@@ -292,7 +305,7 @@ def run_all(shapes: list[Shape], args: argparse.Namespace, rate: float, deadline
         folders = {s.name: build_model(s, Path(tmp) / s.name) for s in shapes}
         for n in args.nodes:
             for shape in shapes:
-                for method in args.methods:
+                for method in args.methods + (list(PRODUCT_METHODS) if n in args.products_at else []):
                     row = {"model": shape.name, "method": method, "n": n}
                     if any(
                         (r["model"], r["method"], r["status"]) == (shape.name, method, "oom") for r in rows
@@ -369,6 +382,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default="declora,sequential_peft")
     p.add_argument("--nodes", default=None, help=f"comma-separated N (default {','.join(map(str, NODES))})")
     p.add_argument("--steps", type=int, default=None, help=f"local steps K (default {STEPS})")
+    p.add_argument("--products-at", default="64,256", help="N where per_row and grouped are also timed")
     p.add_argument("--peft-nodes", type=int, default=8, help="nodes the sequential PEFT swap is timed on")
     p.add_argument(
         "--budget-s", type=float, default=420.0, help="start no measurement after this many seconds"
@@ -380,6 +394,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         [int(x) for x in args.nodes.split(",")] if args.nodes else ([1, 4] if args.quick else list(NODES))
     )
     args.steps = args.steps or (2 if args.quick else STEPS)
+    args.products_at = [int(x) for x in args.products_at.split(",") if x]
     return args
 
 

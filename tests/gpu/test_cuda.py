@@ -127,3 +127,16 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu(tiny_bert, tmp_path)
     close(evals(full.run_dir), evals(on_cpu.run_dir), loss_atol=1e-4, acc_atol=1e-6)
     for k, v in full.fed.tensors().items():
         torch.testing.assert_close(on_cpu.fed.tensors()[k].detach(), v.detach().cpu(), atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize(("precision", "atol"), [("fp32", 1e-5), ("bf16", 2e-3)])
+def test_grouped_lora_product_equals_per_row_on_cuda(precision, atol, tiny_bert, tmp_path):
+    runs = {}
+    for product in ("per_row", "grouped"):
+        extra = ("device=cuda", f"precision={precision}", f"train.lora_product={product}", "rounds=2")
+        runs[product] = build_experiment(tiny(tiny_bert, tmp_path / product, *extra))
+        run(runs[product])
+    for x, y in zip(evals(runs["per_row"].run_dir), evals(runs["grouped"].run_dir), strict=True):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], abs=atol)
+    for k, v in runs["per_row"].fed.tensors().items():
+        torch.testing.assert_close(runs["grouped"].fed.tensors()[k], v, atol=10 * atol, rtol=1e-2)

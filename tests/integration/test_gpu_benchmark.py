@@ -26,10 +26,13 @@ def _bench():
 
 def test_quick_cpu_mode_measures_both_methods_and_writes_json_and_markdown(tmp_path, one_thread):
     bench = _bench()
-    doc = bench.main(["--device", "cpu", "--quick", "--nodes", "1,3", "--steps", "1", "--out", str(tmp_path)])
+    args = ["--device", "cpu", "--quick", "--nodes", "1,3", "--steps", "1", "--products-at", "3"]
+    doc = bench.main([*args, "--out", str(tmp_path)])
     assert json.loads((tmp_path / "gpu_quick.json").read_text())["rows"] == doc["rows"]
     rows = {(r["model"], r["method"], r["n"]): r for r in doc["rows"]}
-    assert set(rows) == {(m, k, n) for m in ("minilm", "smollm2") for k in bench.SETUPS for n in (1, 3)}
+    methods = {1: ("declora", "sequential_peft"), 3: tuple(bench.SETUPS)}  # + per_row and grouped at N = 3
+    assert set(rows) == {(m, k, n) for m in ("minilm", "smollm2") for n in (1, 3) for k in methods[n]}
+    assert len(bench.SETUPS) == 4
     for r in rows.values():
         assert r["status"] == "ok" and r["examples_per_s"] > 0 and 0 < r["mfu"] < 1, r
         assert r["tokens_per_s"] > r["examples_per_s"]  # rows of several tokens

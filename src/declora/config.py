@@ -237,6 +237,8 @@ class Config:
     checkpoint_every: int = 5
     tensorboard: bool = False  # also mirror the per-round metrics to RUN_DIR/tensorboard
     export: str = "all"  # PEFT adapters written at the end: all (consensus + every node) | consensus | none
+    # final: the adapters of the last round | best: of the evaluated round with the best eval.headline
+    export_round: str = "final"
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:K; torchrun: cuda:LOCAL_RANK
     precision: str = "fp32"  # fp32 | bf16: frozen base in bf16 under autocast, fp32 masters (declora.device)
@@ -259,6 +261,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16"),
     "export": ("all", "consensus", "none"),
+    "export_round": ("final", "best"),
     "model.head": ("train", "frozen", "none"),
     "model.pooling": ("auto", "mean", "cls"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm"),

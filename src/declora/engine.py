@@ -19,8 +19,8 @@ from declora.config import save_config, to_dict
 from declora.device import peak_gpu_memory_mb
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
+from declora.export import AdapterExport
 from declora.heap import release_free_memory
-from declora.model import averaged_factors, export_peft, node_adapter
 from declora.report import write_report
 from declora.schedules import describe
 from declora.seeding import seed_for
@@ -109,6 +109,7 @@ def run(
         _start(exp, metrics)
     sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
     board = TensorBoardLogger(exp.run_dir) if cfg.tensorboard and group.is_main else None
+    export = AdapterExport(exp, resumed=resume)
     began = time.perf_counter()
     records = []
     for t in range(start, cfg.rounds):
@@ -148,6 +149,7 @@ def run(
         record.update(wall_s=wall_before + time.perf_counter() - began, **peak_memory(exp))
         if group.is_main:
             metrics.write(record)
+        export.on_round(record)
         if board is not None:
             board(record)
         records.append(record)
@@ -161,7 +163,7 @@ def run(
     if board is not None:
         board.close()
     group.enter(cfg.rounds, "finish")
-    export_adapters(exp)
+    export.finish(records[-1] if records else None)
     if group.is_main:
         write_report(exp.run_dir)
     return records
@@ -181,18 +183,3 @@ def peak_memory(exp: Experiment) -> dict[str, float]:
     if gpu is not None:
         out["peak_gpu_mem_mb"] = float(exp.group.all_max(torch.tensor(gpu)))
     return out
-
-
-def export_adapters(exp: Experiment) -> None:
-    """The consensus adapter (averaged factors) and, with export=all, every node's adapter (rank 0
-    writes them all from the gathered factors: the same folders as a one-process run)."""
-    if exp.cfg.export == "none":
-        return
-    stacked = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
-    if not exp.group.is_main:
-        return
-    folder = exp.run_dir / "adapters"
-    export_peft(exp.fed, averaged_factors(stacked), folder / "consensus")
-    if exp.cfg.export == "all":
-        for i in range(exp.n):
-            export_peft(exp.fed, node_adapter(exp.fed, stacked, i), folder / f"node_{i:03d}")

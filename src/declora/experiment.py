@@ -73,6 +73,7 @@ class Experiment:
     group: Solo = field(default_factory=Solo)  # the processes of the run (Solo: this one hosts all nodes)
     privacy: PrivacyAccount | None = None  # privacy.level node or example: the budget spent so far
     honest: Tensor | None = None  # (n,) bool, global: the nodes that do not attack (None: no attack)
+    label_names: tuple[str, ...] = ()  # classification: the name of each label id (exported with adapters)
 
     @property
     def n(self) -> int:
@@ -180,6 +181,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         group=group,
         privacy=account,
         honest=~attackers if cfg.attack.kind != "none" else None,
+        label_names=train.label_names,
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from declora.adapter_card import AdapterCard, write_card
 from declora.assets import model_path
 from declora.config import ModelConfig
 from declora.device import PRECISIONS, autocast
@@ -173,8 +174,9 @@ def load_base(
         if causal:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
+            # A base saved with a head of another label count (a fine-tuned checkpoint) gets a fresh one.
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32
+                path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True
             )
     for name, p in model.named_parameters():  # the head keeps its fp32 init; buffers (rotary) stay as built
         if not name.startswith(HEAD_ROOTS):
@@ -287,8 +289,11 @@ def averaged_product(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- PEFT interchange
 
 
-def export_peft(fed: Federation, single: dict[str, Tensor], folder: str | Path) -> Path:
-    """Write one adapter (tensors with a node axis of 1) as a PEFT folder that PeftModel loads."""
+def export_peft(
+    fed: Federation, single: dict[str, Tensor], folder: str | Path, card: AdapterCard | None = None
+) -> Path:
+    """Write one adapter (tensors with a node axis of 1) as a PEFT folder that PeftModel loads; with a
+    ``card``, also what stock loaders and people need (declora.adapter_card)."""
     from peft import LoraConfig
 
     folder = Path(folder)
@@ -316,6 +321,8 @@ def export_peft(fed: Federation, single: dict[str, Tensor], folder: str | Path) 
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
         write_pooling_note(folder, fed.pooling, str(fed.path), int(fed.model.config.num_labels))
+    if card is not None:
+        write_card(folder, card, Path(fed.path).resolve(), fed.causal, None if fed.causal else fed.pooling)
     return folder
 
 

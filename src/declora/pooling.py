@@ -88,21 +88,25 @@ def pooled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     return model.classifier(masked_mean(hidden, attention_mask))
 
 
-def write_pooling_note(folder: Path, pooling: str, base: str, num_labels: int) -> None:
-    """``declora_pooling.json`` and README.md: how a stock PEFT user reproduces this adapter's prediction."""
-    (folder / POOLING_FILE).write_text(json.dumps({"pooling": pooling, "num_labels": num_labels}, indent=1))
+def pooling_howto(pooling: str, num_labels: int) -> str:
+    """Markdown: how a stock transformers + PEFT user gets this head's prediction."""
     if pooling == "cls":
-        how = (
+        return (
             "The head reads the model's own [CLS] pooler: `model(**batch).logits` of\n"
             "`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, "
             f"num_labels={num_labels}), FOLDER)` is the prediction.\n"
         )
-    else:
-        how = (
-            "The head reads the MEAN of the last hidden states over the real tokens (attention mask 1), not\n"
-            "the [CLS] pooler, so `model(**batch).logits` is NOT this adapter's prediction. Reproduce it:\n\n"
-            + RECIPE.replace("NUM_LABELS", str(num_labels))
-        )
+    return (
+        "The head reads the MEAN of the last hidden states over the real tokens (attention mask 1), not\n"
+        "the [CLS] pooler, so `model(**batch).logits` is NOT this adapter's prediction. Reproduce it:\n\n"
+        + RECIPE.replace("NUM_LABELS", str(num_labels))
+    )
+
+
+def write_pooling_note(folder: Path, pooling: str, base: str, num_labels: int) -> None:
+    """``declora_pooling.json`` and README.md: how a stock PEFT user reproduces this adapter's prediction."""
+    (folder / POOLING_FILE).write_text(json.dumps({"pooling": pooling, "num_labels": num_labels}, indent=1))
+    how = pooling_howto(pooling, num_labels)
     (folder / "README.md").write_text(
         f"# declora adapter\n\nBase model: `{base}` (BASE below); pooling: `{pooling}` "
         f"({POOLING_FILE}).\n\n{how}"

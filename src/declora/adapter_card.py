@@ -1,0 +1,114 @@
+"""What an exported PEFT folder carries besides the weights, so that stock loaders use it as it is.
+
+``declora_adapter.json``: task type, label count and names (id2label / label2id), the head's pooling,
+the base model (the local folder the run used, which stock loaders resolve on this machine, and its
+public name for other machines), the round it was taken at and the run's key numbers there.
+``README.md``: the same for people, with the lines that load it (``AutoPeftModelFor...``) and, where
+declora's pooling differs from the stock head's, the lines that reproduce its predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from declora.pooling import POOLING_FILE, pooling_howto
+
+CARD_FILE = "declora_adapter.json"
+# Shipped models' public names (the folders inside the pip packages hold these checkpoints).
+PUBLIC_NAMES = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+@dataclass(frozen=True)
+class AdapterCard:
+    what: str  # "the consensus adapter (averaged factors)" | "node 3's adapter"
+    model_name: str  # model.name of the run: a shipped name or a local folder
+    label_names: tuple[str, ...] = ()  # classification: one per label id
+    round: int | None = None  # the round the adapter was taken at
+    numbers: dict[str, Any] = field(default_factory=dict)  # metric -> value at that round
+    run: dict[str, Any] = field(default_factory=dict)  # algorithm, nodes, rounds, run folder
+
+
+def public_name(model_name: str, base: Path) -> str | None:
+    """The hub id of the base: a shipped model's, else the ``_name_or_path`` its config.json records."""
+    if model_name in PUBLIC_NAMES:
+        return PUBLIC_NAMES[model_name]
+    config = base / "config.json"
+    if config.is_file():
+        recorded = json.loads(config.read_text()).get("_name_or_path", "")
+        if recorded.count("/") == 1 and not Path(recorded).exists():
+            return recorded
+    return None
+
+
+def write_card(folder: Path, card: AdapterCard, base: Path, causal: bool, pooling: str | None) -> None:
+    names = list(card.label_names)
+    public = public_name(card.model_name, base)
+    meta = {
+        "task_type": "CAUSAL_LM" if causal else "SEQ_CLS",
+        "num_labels": None if causal else len(names),
+        "id2label": None if causal else {str(i): n for i, n in enumerate(names)},
+        "label2id": None if causal else {n: i for i, n in enumerate(names)},
+        "pooling": pooling,
+        "base_model": str(base),
+        "base_model_public": public,
+        "round": card.round,
+        "metrics": card.numbers,
+        "run": card.run,
+    }
+    (folder / CARD_FILE).write_text(json.dumps(meta, indent=1))
+    (folder / "README.md").write_text(_readme(folder, card, meta, causal, pooling))
+
+
+def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:
+    if causal:
+        return (
+            "```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{folder}")\n```\n'
+        )
+    id2label = {int(k): v for k, v in meta["id2label"].items()}
+    return (
+        "```python\nfrom peft import AutoPeftModelForSequenceClassification\n\n"
+        "model = AutoPeftModelForSequenceClassification.from_pretrained(\n"
+        f'    "{folder}",\n    num_labels={meta["num_labels"]},\n'
+        f"    id2label={id2label!r},\n    label2id={meta['label2id']!r},\n"
+        "    ignore_mismatched_sizes=True,  # a head the base may have is replaced by this folder's\n"
+        ")\n```\n"
+    )
+
+
+def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool, pooling: str | None) -> str:
+    lines = [f"# declora adapter: {card.what}\n"]
+    run = ", ".join(f"{k} {v}" for k, v in card.run.items())
+    lines.append(f"Trained by declora ({run}); taken at round {card.round}.\n")
+    public = meta["base_model_public"] or "(not known: the local folder below)"
+    local = meta["base_model"]
+    lines.append(f"Base model: `{public}`; on the machine that trained it: `{local}` (BASE below).\n")
+    if not causal:
+        lines.append(f"Labels: {', '.join(f'{i} = {n}' for i, n in enumerate(card.label_names))}.\n")
+    if card.numbers:
+        lines.append("| metric | value at that round |\n|---|---|")
+        for k, v in card.numbers.items():
+            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+        lines.append("")
+    if pooling == "mean":  # the recipe comes first: stock logits are not this adapter's prediction
+        lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
+        lines.append(pooling_howto(pooling, len(card.label_names)))
+    lines.append("## Load it\n")
+    lines.append("Stock PEFT resolves the base from `base_model_name_or_path` (the local folder above):\n")
+    lines.append(_load_lines(folder, meta, causal))
+    lines.append(
+        "On another machine, load the public base and attach the folder: "
+        "`PeftModel.from_pretrained(AutoModelFor...from_pretrained(PUBLIC_NAME"
+        + ("" if causal else ", num_labels=..., id2label=..., label2id=...")
+        + "), FOLDER)`.\n"
+    )
+    if pooling == "cls":
+        lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
+        lines.append(pooling_howto(pooling, len(card.label_names)))
+    return "\n".join(lines)

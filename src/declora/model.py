@@ -184,7 +184,7 @@ def load_base(
     model.eval()  # base dropout off: the LoRA dropout is ours; see ModelConfig.dropout
     for p in model.parameters():
         p.requires_grad_(False)
-    quantize_linears(model, cfg.base_quantization, skip=KEEP_FP32)  # "none": untouched
+    quantize_linears(model, cfg.base_quantization, KEEP_FP32, cfg.quant_backend)  # "none": untouched
     return model, path
 
 

@@ -16,6 +16,8 @@ the dtype of the activations (fp32; bf16 under bf16 training). The gradient with
   between neighbouring levels times the block absmax.
 
 Embeddings and layer norms stay fp32, as in QLoRA; so does the classifier head (it is trained).
+``model.quant_backend`` chooses who decodes NF4: declora's torch code here, or bitsandbytes' kernel on the
+same bytes (``declora.quantize_bnb``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from declora import quantize_bnb
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ def quantize_nf4(w: Tensor, block: int = NF4_BLOCK) -> dict[str, Tensor]:
     absmax = flat.abs().amax(dim=1)  # (blocks,)
     normed = (flat / _safe(absmax)[:, None]).reshape(-1)
     # Nearest level: count the midpoints below each value (ties go up; either is within the bound).
-    levels = _levels(flat.device)
+    levels = nf4_levels(flat.device)
     mids = (levels[1:] + levels[:-1]) / 2
     codes = torch.bucketize(normed, mids).to(torch.uint8)  # (m_padded,) in 0..15
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -105,12 +109,12 @@ def quantize_nf4(w: Tensor, block: int = NF4_BLOCK) -> dict[str, Tensor]:
 def dequantize_nf4(state: dict[str, Tensor], shape: torch.Size, dtype: torch.dtype = torch.float32) -> Tensor:
     packed, absmax = state["packed"], state["absmax"]
     codes = torch.stack((packed >> 4, packed & 0x0F), dim=-1).reshape(-1)  # (m_padded,)
-    values = _levels(packed.device)[codes.long()].reshape(absmax.shape[0], -1) * absmax[:, None]
+    values = nf4_levels(packed.device)[codes.long()].reshape(absmax.shape[0], -1) * absmax[:, None]
     return values.reshape(-1)[: shape.numel()].reshape(shape).to(dtype)
 
 
 @functools.cache
-def _levels(device: torch.device) -> Tensor:
+def nf4_levels(device: torch.device) -> Tensor:
     """NF4_LEVELS on ``device``, copied there once (not at every dequantization)."""
     return NF4_LEVELS.to(device)
 
@@ -147,11 +151,15 @@ class QuantizedLinear(nn.Module):
     code written for ``nn.Linear`` (StackedLoRALinear reads ``base.weight.shape`` / ``.dtype``) keeps working.
     """
 
-    def __init__(self, linear: nn.Linear, kind: str) -> None:
+    def __init__(self, linear: nn.Linear, kind: str, backend: str = "declora") -> None:
         super().__init__()
         if kind not in QUANTIZERS:
             raise ValueError(f"unknown base quantization {kind!r}; choose one of {sorted(QUANTIZERS)}")
-        self.kind = kind
+        if backend not in quantize_bnb.BACKENDS:
+            raise ValueError(
+                f"model.quant_backend={backend!r} is not known; choose one of {quantize_bnb.BACKENDS}"
+            )
+        self.kind, self.backend = kind, backend
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.shape = linear.weight.shape
         for key, value in QUANTIZERS[kind][0](linear.weight).items():
@@ -164,7 +172,11 @@ class QuantizedLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight (out, in) in ``dtype``, rebuilt from the codes on their device; never requires grad."""
-        return QUANTIZERS[self.kind][1](self._state(), self.shape, dtype)
+        state = self._state()
+        device = next(iter(state.values())).device
+        if quantize_bnb.uses_bitsandbytes(self.backend, self.kind, device):
+            return quantize_bnb.dequantize_nf4(state, self.shape, dtype)
+        return QUANTIZERS[self.kind][1](state, self.shape, dtype)
 
     def linear(self, x: Tensor) -> Tensor:
         """x W^T + b with W dequantized in the dtype of x (under autocast, F.linear casts as usual)."""
@@ -185,7 +197,10 @@ class QuantizedLinear(nn.Module):
         return self.linear(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}, "
+            f"backend={self.backend}"
+        )
 
 
 def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -201,8 +216,11 @@ def module_nbytes(model: nn.Module) -> int:
     return sum(seen.values())
 
 
-def quantize_linears(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace (in place) every ``nn.Linear`` of ``model`` not under a ``skip`` prefix by a QuantizedLinear.
+def quantize_linears(
+    model: nn.Module, kind: str, skip: tuple[str, ...] = (), backend: str = "declora"
+) -> nn.Module:
+    """Replace (in place) every ``nn.Linear`` of ``model`` not under a ``skip`` prefix by a QuantizedLinear
+    decoded by ``backend`` (model.quant_backend).
 
     ``kind="none"`` returns the model untouched. Logs the model's bytes before and after.
     """
@@ -218,11 +236,13 @@ def quantize_linears(model: nn.Module, kind: str, skip: tuple[str, ...] = ()) ->
         if isinstance(m, nn.Linear) and not name.startswith(skip)  # startswith(()) is False
     ]
     for name, linear in targets:
-        _replace(model, name, QuantizedLinear(linear, kind))
+        _replace(model, name, QuantizedLinear(linear, kind, backend))
     after = module_nbytes(model)
     log.info(
-        "base quantized to %s: %d linear layers, %.1f MB -> %.1f MB (embeddings, norms and head stay fp32)",
+        "base quantized to %s (%s backend): %d linear layers, %.1f MB -> %.1f MB (embeddings, norms and "
+        "head stay fp32)",
         kind,
+        backend,
         len(targets),
         before / 1e6,
         after / 1e6,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from declora import quantize_bnb
 from declora.config import CHOICES, ConfigError, ModelConfig, load_config
 from declora.model import build_federation, export_peft, node_slice
 from declora.quantize import (
@@ -22,6 +23,7 @@ from declora.quantize import (
 )
 
 pytestmark = pytest.mark.unit
+NEEDS_BNB = pytest.mark.skipif(not quantize_bnb.installed(), reason="bitsandbytes is not installed")
 torch.set_num_threads(1)
 
 
@@ -158,6 +160,11 @@ def test_config_choices_match_the_registry_and_bad_values_name_the_allowed():
     assert load_config(None, ["model.base_quantization=nf4"]).model.base_quantization == "nf4"
     with pytest.raises(ConfigError, match=r"model.base_quantization='int4'.*\['none', 'int8', 'nf4'\]"):
         load_config(None, ["model.base_quantization=int4"])
+    assert CHOICES["model.quant_backend"] == quantize_bnb.BACKENDS
+    with pytest.raises(
+        ConfigError, match=r"model.quant_backend='bnb'.*\['auto', 'declora', 'bitsandbytes'\]"
+    ):
+        load_config(None, ["model.quant_backend=bnb"])
 
 
 # ---------------------------------------------------------------- LoRA on a quantized base
@@ -199,14 +206,16 @@ def _is_node_tensor(fed, p) -> bool:
     return any(p is t for t in fed.tensors().values())
 
 
-def test_peft_export_of_a_quantized_run_matches_peft_on_the_dequantized_base(tiny_bert, tmp_path):
+@pytest.mark.parametrize("backend", ["declora", pytest.param("bitsandbytes", marks=NEEDS_BNB)])
+def test_peft_export_of_a_quantized_run_matches_peft_on_the_dequantized_base(tiny_bert, tmp_path, backend):
     """The adapter holds no base weights; on a base that carries the dequantized weights PEFT gives our
     forward exactly."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    fed = build_federation(ModelConfig(name=str(tiny_bert), rank=4, base_quantization="nf4"), 2, 2)
+    cfg = ModelConfig(name=str(tiny_bert), rank=4, base_quantization="nf4", quant_backend=backend)
+    fed = build_federation(cfg, 2, 2)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in fed.tensors().values():
@@ -231,3 +240,59 @@ def test_peft_export_of_a_quantized_run_matches_peft_on_the_dequantized_base(tin
     theirs = PeftModel.from_pretrained(base, str(folder)).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours, theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- the bitsandbytes backend
+
+
+@NEEDS_BNB
+@pytest.mark.parametrize("shape", [(37, 50), (64, 64), (3, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_decodes_declora_nf4_bytes_exactly(shape, dtype):
+    import bitsandbytes.functional as bnb_f
+
+    w = _weight(*shape, seed=2) if shape[0] > 2 else torch.randn(shape)
+    state = quantize_nf4(w)
+    ours = dequantize_nf4(state, w.shape, dtype)
+    assert torch.equal(quantize_bnb.dequantize_nf4(state, w.shape, dtype), ours)
+    if w.numel() % NF4_BLOCK == 0:  # whole blocks: bitsandbytes' own quantizer stores the same bytes
+        packed, _ = bnb_f.quantize_4bit(w, blocksize=NF4_BLOCK, quant_type="nf4")
+        assert torch.equal(packed.view(-1), state["packed"])
+
+
+@NEEDS_BNB
+def test_auto_decodes_nf4_with_bitsandbytes_and_int8_with_declora_on_cpu():
+    cpu = torch.device("cpu")
+    assert quantize_bnb.uses_bitsandbytes("auto", "nf4", cpu)
+    assert not quantize_bnb.uses_bitsandbytes("auto", "int8", cpu)  # one multiply: declora's is faster
+    assert not quantize_bnb.uses_bitsandbytes("declora", "nf4", cpu)
+
+
+@NEEDS_BNB
+def test_explicit_bitsandbytes_where_it_cannot_run_is_an_error_and_auto_falls_back():
+    w = _linear(_weight(24, 40))
+    with pytest.raises(RuntimeError, match="quant_backend=bitsandbytes .* does not run on meta"):
+        QuantizedLinear(w, "nf4", "bitsandbytes").to("meta").dequantize()
+    assert QuantizedLinear(w, "nf4", "auto").to("meta").dequantize().device.type == "meta"
+
+
+@NEEDS_BNB
+def test_a_quantized_federation_computes_the_same_with_either_backend(tiny_bert):
+    """Same bytes, bit-exact decoding: logits and every gradient are equal, not just close."""
+    ids, mask = _batch(4)
+    results = []
+    for backend in ("declora", "bitsandbytes"):
+        cfg = ModelConfig(name=str(tiny_bert), rank=4, base_quantization="nf4", quant_backend=backend)
+        fed = build_federation(cfg, 2, 2)
+        assert all(layer.base.backend == backend for layer in fed.lora.values())
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in fed.lora.values():
+                layer.B.copy_(torch.randn(layer.B.shape, generator=g) * 0.1)
+        with fed.route(torch.tensor([0, 0, 1, 1])):
+            logits = fed(ids, mask)
+        F.cross_entropy(logits, torch.tensor([0, 1, 1, 0])).backward()
+        results.append((logits.detach(), {k: p.grad for k, p in fed.tensors().items()}))
+    (ours, our_grads), (theirs, their_grads) = results
+    assert torch.equal(ours, theirs)
+    assert all(torch.equal(our_grads[k], their_grads[k]) for k in our_grads)

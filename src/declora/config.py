@@ -144,6 +144,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: int = 5  # rounds between evaluations (the last round is always evaluated)
+    # The evaluation set is fixed by eval.seed, not the training seed: the train/held-out split, the data
+    # limits and the scored subsets are the same for every training seed (paired comparisons).
+    seed: int = 0
     node_examples: int = 500  # test examples used for each node's own accuracy
     consensus_examples: int | None = None  # test examples for the consensus models (None: all)
     batch_size: int = 128

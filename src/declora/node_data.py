@@ -35,7 +35,7 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     if cfg.data.node_files is not None:
         return _from_node_files(cfg, n, hosted, group)
     column = cfg.partition.column if cfg.partition.kind == "column" else None
-    train, test = load_dataset(cfg.data, cfg.seed, column)
+    train, test = load_dataset(cfg.data, cfg.eval.seed, column)  # the held-out set: fixed by eval.seed
     if n == 1:
         parts = [np.arange(len(train))]
     else:
@@ -91,5 +91,5 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
         node["node"], node["file"] = hosted[k], " + ".join(sources[hosted[k]])
     summary = [node for rank_nodes in group.all_gather_object(local) for node in rank_nodes]
     held = read_rows(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, key="data.test_split")
-    test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.seed, "test_limit")
+    test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return NodeData(train, test, parts, summary)

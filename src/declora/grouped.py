@@ -107,7 +107,7 @@ def _compute_dtype(h: Tensor) -> torch.dtype:
 
 
 def _aligned(*dims: int, itemsize: int) -> bool:
-    # grouped_mm kernels need every row stride to be a multiple of 16 bytes.
+    # grouped_mm kernels need 16-byte aligned rows (and data: checked by the caller).
     return all(d * itemsize % 16 == 0 for d in dims)
 
 
@@ -117,7 +117,8 @@ def grouped_linear(x: Tensor, weight: Tensor, offs: Tensor, sizes: tuple[int, ..
     ``offs`` (m,) int32 are the segments' ends, ``sizes`` their lengths on the host (same segments).
     """
     d_out, d_in = weight.shape[1:]
-    if _aligned(d_in, d_out, itemsize=x.element_size()) and _grouped_mm_works(x.device, x.dtype):
+    fits = _aligned(d_in, d_out, itemsize=x.element_size()) and x.is_contiguous() and x.data_ptr() % 16 == 0
+    if fits and _grouped_mm_works(x.device, x.dtype):
         y = F.grouped_mm(x, weight.transpose(1, 2), offs=offs)  # (T, d_out)
         if y.requires_grad:  # its backward rejects stride-0 gradients (the gradient of a sum, say)
             y.register_hook(lambda g: g.contiguous())

@@ -130,15 +130,21 @@ def test_auto_groups_short_rows_of_nodes_with_many_rows_on_cpu():
     assert routing.groups(torch.zeros(32, 4, 16)) is None
 
 
-@pytest.mark.parametrize("d", [16, 5], ids=["grouped_mm", "segment_loop"])  # 5 floats: not 16-byte aligned
-def test_grouped_linear_multiplies_each_segment_by_its_weight(d):
+@pytest.mark.parametrize(
+    ("d", "offset", "kernel"),
+    [(16, 0, True), (5, 0, False), (16, 1, False)],  # 5 floats per row, or data 4 bytes off: no kernel
+    ids=["grouped_mm", "unaligned_rows", "unaligned_data"],
+)
+def test_grouped_linear_multiplies_each_segment_by_its_weight(d, offset, kernel):
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(9, d, generator=g), torch.randn(3, 7, d, generator=g)
-    groups = node_groups(torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 2]))  # node 1 idle, via present only
-    sizes = groups.sizes
+    x = torch.randn(9 * d + offset, generator=g)[offset:].view(9, d)
+    w = torch.randn(3, 8, d, generator=g)
+    groups = node_groups(torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 2]))  # node 1 idle: not present
     offs = torch.cumsum(groups.counts, 0).to(torch.int32)
-    y = grouped_linear(x, w[groups.present], offs, sizes)
+    with torch.profiler.profile() as prof:
+        y = grouped_linear(x, w[groups.present], offs, groups.sizes)
     torch.testing.assert_close(y, torch.cat([x[:4] @ w[0].T, x[4:] @ w[2].T]), atol=1e-6, rtol=0)
+    assert any("grouped_mm" in e.name for e in prof.events()) == kernel  # torch 2.13: fp32 on the CPU
 
 
 def test_lora_product_is_validated():

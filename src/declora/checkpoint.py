@@ -40,6 +40,7 @@ def shard_name(round_done: int, rank: int) -> str:
 def _stateful(exp: Experiment) -> list[tuple[str, Any]]:
     """Parts with state of their own (state_dict / load_state_dict), by checkpoint prefix."""
     owners = {"algorithm": exp.algorithm, "exchange": exp.exchange, "privacy": exp.privacy}
+    owners["lr_schedule"] = exp.lr_schedule
     return [(k, v) for k, v in owners.items() if v is not None and hasattr(v, "state_dict")]
 
 

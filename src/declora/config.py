@@ -139,6 +139,10 @@ class TrainConfig:
     # node owns enough tokens of a micro-batch; the measured thresholds are in declora/grouped.py).
     # The result is the same; only time and memory differ.
     lora_product: str = "auto"
+    # Learning rate across rounds, per node (declora.lr_schedule): constant | cosine | linear, after a
+    # linear warm-up over each node's first warmup_rounds rounds of training.
+    schedule: str = "constant"
+    warmup_rounds: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ class AlgorithmConfig:
     server_lr: float = 1e-3  # fslora/hetlora: server AdamW on the mean delta
     server_weight_decay: float = 0.0  # [M] upstream FSLoRA uses torch AdamW's default 0.01 (?)
     flex_weights: str = "data_size"  # flexlora: p_i proportional to n_i | uniform
+    mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||theta - theta_round_start||^2
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
     "train.local_unit": ("steps", "epochs"),
     "train.lora_product": ("auto", "per_row", "grouped"),
+    "train.schedule": ("constant", "cosine", "linear"),
     "algorithm.first_phase": ("A", "B"),
     "algorithm.optimizer_policy": ("reset", "keep"),
     "algorithm.svd_split": ("balanced", "left", "right"),
@@ -452,6 +458,10 @@ def validate(cfg: Config) -> Config:
     interval = cfg.algorithm.switch_interval
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
+    if not 0 <= cfg.train.warmup_rounds <= cfg.rounds:
+        raise ConfigError(
+            f"train.warmup_rounds={cfg.train.warmup_rounds} must be in [0, rounds={cfg.rounds}]"
+        )
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
     if cfg.dist.timeout_s <= 0:
@@ -550,6 +560,13 @@ def _validate_server(cfg: Config) -> None:
         raise ConfigError(f"server.betas={list(s.betas)}: each must be in [0, 1)")
     if s.tau < 0:
         raise ConfigError(f"server.tau={s.tau} must be non-negative")
+    if cfg.algorithm.mu < 0:
+        raise ConfigError(f"algorithm.mu={cfg.algorithm.mu} must be non-negative")
+    if cfg.algorithm.name == "scaffold" and cfg.train.local_unit != "steps":
+        raise ConfigError(
+            f"algorithm.name=scaffold with train.local_unit={cfg.train.local_unit!r}: its control variates "
+            "divide by the local step count K, the same for every node; use train.local_unit=steps"
+        )
     if not 0 < s.fraction <= 1:
         raise ConfigError(f"server.fraction={s.fraction} must be in (0, 1]")
     if s.fraction < 1 and cfg.algorithm.clients_per_round is not None:

@@ -122,7 +122,12 @@ def run(
         active = online if plan.active is None else exp.local(plan.active) & online
         names = list(fed.tensors(plan.train))
         exp.trainer.tokens = 0
+        exp.trainer.correction = plan.correction  # FedProx's pull, SCAFFOLD's control variates, or None
+        if exp.lr_schedule is not None:
+            exp.optimizer.lr_scale = exp.lr_schedule.scale()
         loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
+        if exp.lr_schedule is not None:
+            exp.lr_schedule.advance(active)
         phases.enter("communicate")
         speed = train_speed(exp, phases.seconds["train"])
         exp.exchange.ledger.start_round()

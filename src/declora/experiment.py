@@ -21,6 +21,7 @@ from declora.config import Config, ConfigError
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
+from declora.lr_schedule import RoundSchedule
 from declora.model import Federation, build_federation, import_peft
 from declora.node_data import build_node_data
 from declora.optim import NodeAdamW
@@ -37,6 +38,8 @@ MULTI_PROCESS = {
     "dec_lora",
     "local",
     "fedavg",
+    "fedprox",
+    "scaffold",
     "decaf",
     "dlora_fa",
     "ffa_lora",
@@ -74,6 +77,7 @@ class Experiment:
     privacy: PrivacyAccount | None = None  # privacy.level node or example: the budget spent so far
     honest: Tensor | None = None  # (n,) bool, global: the nodes that do not attack (None: no attack)
     label_names: tuple[str, ...] = ()  # classification: the name of each label id (exported with adapters)
+    lr_schedule: RoundSchedule | None = None  # each of this process's nodes' place in train.schedule
 
     @property
     def n(self) -> int:
@@ -182,6 +186,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         privacy=account,
         honest=~attackers if cfg.attack.kind != "none" else None,
         label_names=train.label_names,
+        lr_schedule=RoundSchedule(cfg.train.schedule, cfg.train.warmup_rounds, cfg.rounds, fed.n),
     )
 
 
@@ -189,7 +194,7 @@ def _check_guard_processes(cfg: Config, group: Solo) -> None:
     if (
         group.world > 1
         and cfg.robust.aggregator != "mean"
-        and cfg.algorithm.name in ("fedavg", "ffa_lora", "rolora")
+        and cfg.algorithm.name in ("fedavg", "ffa_lora", "rolora", "fedprox", "scaffold")
     ):
         raise ConfigError(
             f"robust.aggregator={cfg.robust.aggregator} at a server needs every upload in one process; "

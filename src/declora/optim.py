@@ -38,6 +38,7 @@ class NodeAdamW:
     ):
         self.params, self.lrs = params, lrs
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.lr_scale: Tensor | None = None  # (n,) per-node factor on every lr (lr_schedule); None: 1
         self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
         self.steps = {
@@ -64,8 +65,13 @@ class NodeAdamW:
             step = self.steps[name][nodes].to(p.dtype)
             bc1, bc2 = _rows(1 - b1**step, p), _rows(1 - b2**step, p)
             lr = self.lrs[name]
-            param.mul_(1 - lr * self.weight_decay)  # decoupled weight decay, as torch AdamW
-            param.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(self.eps), value=-lr)
+            if self.lr_scale is None:
+                param.mul_(1 - lr * self.weight_decay)  # decoupled weight decay, as torch AdamW
+                param.addcdiv_(m / bc1, (v / bc2).sqrt_().add_(self.eps), value=-lr)
+            else:  # the same step with a per-node lr: lr * scale_i on node i's rows
+                node_lr = _rows(lr * self.lr_scale.to(p.device, p.dtype)[nodes], p)
+                param.mul_(1 - node_lr * self.weight_decay)
+                param.sub_(node_lr * (m / bc1) / (v / bc2).sqrt_().add_(self.eps))
             if not every:
                 p.index_copy_(0, nodes, param)
                 self.exp_avg[name].index_copy_(0, nodes, m)

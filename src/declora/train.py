@@ -9,6 +9,7 @@ loss and metric are is the task's (``declora.tasks``): a classifier head's cross
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +148,7 @@ class LocalTrainer:
         self.token_ids, self.labels, self.pad_id = token_ids, labels, pad_id
         self.max_grad_norm, self.tokens_per_chunk, self.task = max_grad_norm, tokens_per_chunk, task
         self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
+        self.correction: Callable[[dict[str, Tensor]], None] | None = None  # RoundPlan.correction
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
@@ -168,6 +170,8 @@ class LocalTrainer:
         node_loss = accumulate_gradients(
             self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task, self.dp
         )
+        if self.correction is not None:  # FedProx, SCAFFOLD: deterministic, no data (DP noise follows)
+            self.correction({k: params[k] for k in names if params[k].grad is not None})
         grads = [params[k].grad for k in names if params[k].grad is not None]
         if self.dp is not None:
             batch = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) this step's batch sizes

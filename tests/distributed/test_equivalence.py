@@ -52,8 +52,11 @@ CASES = {
         "dec_lora",
         [*DP_SGD, "attack.kind=sign_flip", "attack.nodes=[3]", "robust.aggregator=median"],
     ),
+    # control variates on the node axis, a per-node lr schedule (K lr_i in the variates), FedProx's pull
+    "scaffold_cosine": ("scaffold", ["server.fraction=0.6", "train.schedule=cosine", "train.warmup_rounds=1"]),
+    "fedprox": ("fedprox", ["algorithm.mu=0.5"]),
 }
-SERVER = {"fedavg_dropout", "fedadam_sampled"}
+SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
 # other rank: one message on the wire serves two edges of the ledger.
 SLICES = {
@@ -68,6 +71,8 @@ SLICES = {
         "fedadam_sampled": (2, 3),
         "dec_lora_guarded": (3, 2),
         "dec_lora_dp_sgd": (2, 3),
+        "scaffold_cosine": (3, 2),
+        "fedprox": (1, 4),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

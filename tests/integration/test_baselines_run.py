@@ -50,6 +50,9 @@ RUNS = {
     "fslora_sgd": ("algorithm.name=fslora", "server.optimizer=sgd", "server.lr=0.5"),
     "hetlora_average": ("algorithm.name=hetlora", "server.optimizer=average", "algorithm.ranks=[1,2,2,1]"),
     "flexlora_adam": ("algorithm.name=flexlora", "server.optimizer=adam", "algorithm.ranks=[1,2,2,1]"),
+    "fedprox": ("algorithm.name=fedprox", "algorithm.mu=0.1"),
+    "scaffold_sampled": ("algorithm.name=scaffold", "server.fraction=0.5"),
+    "dec_lora_cosine": ("train.schedule=cosine", "train.warmup_rounds=1"),
 }
 
 
@@ -64,9 +67,17 @@ def test_two_round_cli_run(name, tiny_bert, tiny_data, tmp_path, capsys):
     assert (run_dir / "adapters" / "consensus" / "adapter_config.json").is_file()
 
 
-def test_server_optimizer_state_survives_a_crash(tiny_bert, tiny_data, tmp_path, monkeypatch):
+CRASHES = {
+    "fedadam_cosine": ("algorithm.name=fedavg", "server.optimizer=adam", "train.schedule=cosine"),
+    "scaffold_linear": ("algorithm.name=scaffold", "train.schedule=linear", "train.warmup_rounds=1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRASHES))
+def test_server_and_schedule_state_survive_a_crash(name, tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """Server optimizer moments, control variates and every node's schedule position are checkpointed."""
     monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
-    extra = ("algorithm.name=fedavg", "server.optimizer=adam", "server.fraction=0.5", "rounds=3")
+    extra = (*CRASHES[name], "server.fraction=0.5", "rounds=3")
 
     def build(folder):
         return build_experiment(load_config(None, _overrides(tiny_bert, tiny_data, folder, *extra)))
@@ -87,3 +98,4 @@ def test_server_optimizer_state_survives_a_crash(tiny_bert, tiny_data, tmp_path,
         assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
     for k, v in full.fed.tensors().items():
         assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach()), k
+    assert torch.equal(full.lr_schedule.progress, resumed.lr_schedule.progress)

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.unit
 PAPERS = Path(__file__).resolve().parents[2] / "configs" / "papers"
 CONFIGS = sorted(PAPERS.glob("*.yaml"))
 # Algorithms with a server model (acc_server): their server_tensors is not the protocol's "return None".
-SERVER_ALGORITHMS = frozenset({"fedavg", "ffa_lora", "rolora", "fslora", "flexlora", "hetlora"})
+SERVER_ALGORITHMS = frozenset(
+    {"fedavg", "ffa_lora", "rolora", "fslora", "flexlora", "hetlora", "fedprox", "scaffold"}
+)
 EVERY_ALGORITHM_REPORTS = frozenset({"acc_node_mean", "acc_avg_factors", "acc_avg_product"})
 
 

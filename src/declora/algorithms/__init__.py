@@ -11,6 +11,7 @@ from declora.algorithms.dec_lora import DecLoRA
 from declora.algorithms.decaf import DeCAF
 from declora.algorithms.dlora_fa import DLoRAFA
 from declora.algorithms.fedavg import FedAvg
+from declora.algorithms.fedprox import FedProx
 from declora.algorithms.ffa_lora import FFALoRA
 from declora.algorithms.flexlora import FlexLoRA
 from declora.algorithms.fslora import FSLoRA
@@ -18,6 +19,7 @@ from declora.algorithms.hetlora import HetLoRA
 from declora.algorithms.local import LocalOnly
 from declora.algorithms.rolora import RoLoRA
 from declora.algorithms.rolora_dfl import RoLoRADFL
+from declora.algorithms.scaffold import Scaffold
 from declora.algorithms.tad_lora import TADLoRA
 
 ALGORITHMS: dict[str, Callable[..., Any]] = {
@@ -35,8 +37,10 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "fslora": FSLoRA,
     "hetlora": HetLoRA,
     "flexlora": FlexLoRA,
+    "fedprox": FedProx,
+    "scaffold": Scaffold,
 }
 
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying
 # codec is unsound for them (config refuses comm.codec=topk).
-SENDS_STATES = frozenset({"fedavg", "ffa_lora", "rolora", "flexlora"})
+SENDS_STATES = frozenset({"fedavg", "ffa_lora", "rolora", "flexlora", "fedprox", "scaffold"})

@@ -7,6 +7,7 @@ logging, checkpoints) is the engine's and is the same for every algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,9 @@ from declora.optim import NodeAdamW
 class RoundPlan:
     train: tuple[str, ...]  # kinds of tensors trained this round: a subset of ("A", "B", "head")
     active: Tensor | None = None  # (n,) bool: nodes that train this round; None = every online node
+    # Added to the trained tensors' gradients before clipping at every local step (FedProx, SCAFFOLD):
+    # called with {name: parameter} of the trained tensors, each with its .grad. None: nothing.
+    correction: Callable[[dict[str, Tensor]], None] | None = None
 
 
 @dataclass

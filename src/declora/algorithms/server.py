@@ -77,15 +77,20 @@ class ServerModel:
         keep = self.opt.rule != "average"
         self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items() if keep}
 
+    def senders(self, ctx: RoundContext) -> tuple[Tensor, int]:
+        """(n_local,) bool: this process's nodes that upload in round ctx.round; and how many upload in all,
+        known on every process without talking (participation and the schedule are global)."""
+        sampled = participants(self.cfg, ctx.round)
+        senders = sampled[ctx.node_ids] & ctx.online.cpu()
+        total = senders.sum() if self.schedule is None else (sampled & self.schedule.online(ctx.round)).sum()
+        return senders, int(total)
+
     def aggregate(self, ctx: RoundContext, kinds: tuple[str, ...]) -> None:
         """Round ctx.round: the sampled online nodes upload ``kinds``; every online node gets the result."""
         tensors = ctx.fed.tensors(kinds)
         online = ctx.online.cpu()
-        sampled = participants(self.cfg, ctx.round)
-        senders = sampled[ctx.node_ids] & online  # (n_local,)
-        # Whether anyone uploads, known on every process without talking (the schedule is global).
-        anyone = senders.any() if self.schedule is None else (sampled & self.schedule.online(ctx.round)).any()
-        if not tensors or not bool(anyone):
+        senders, count = self.senders(ctx)
+        if not tensors or count == 0:
             return
         weights = upload_weights(self.weighting, senders, ctx.data_sizes)
         means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)

@@ -53,7 +53,7 @@ CASES = {
         [*DP_SGD, "attack.kind=sign_flip", "attack.nodes=[3]", "robust.aggregator=median"],
     ),
     # control variates on the node axis, a per-node lr schedule (K lr_i in the variates), FedProx's pull
-    "scaffold_cosine": ("scaffold", ["server.fraction=0.6", "train.schedule=cosine", "train.warmup_rounds=1"]),
+    "scaffold_cosine": ("scaffold", ["server.fraction=0.6", "train.schedule=cosine"]),
     "fedprox": ("fedprox", ["algorithm.mu=0.5"]),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}

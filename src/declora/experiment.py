@@ -125,6 +125,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
     # Example-level DP reads each row's own gradient: only the per-row product has one per row.
     fed.routing.product = "per_row" if cfg.privacy.level == "example" else cfg.train.lora_product
+    if fed.routing.product != cfg.train.lora_product:
+        log.info("privacy.level=example: train.lora_product=%s runs per_row", cfg.train.lora_product)
     log.info("device %s, precision %s", device, cfg.precision)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)

@@ -99,8 +99,20 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
 
 
+PRIVATE_ROBUST = (
+    "privacy.level=node",
+    "privacy.noise_multiplier=0.7",
+    "privacy.clip=0.5",
+    "attack.kind=gaussian",
+)
+PRIVATE_ROBUST += ("attack.nodes=[1]", "robust.aggregator=clipped", "robust.clip_radius=0.3")
+DP_SGD = ("privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip=0.5")
+
+
 @pytest.mark.parametrize(
-    "extra", [("model.dropout=0.1",), ("comm.codec=topk", "comm.fraction=0.2")], ids=["dropout", "choco"]
+    "extra",
+    [("model.dropout=0.1",), ("comm.codec=topk", "comm.fraction=0.2"), PRIVATE_ROBUST, DP_SGD],
+    ids=["dropout", "choco", "private_robust", "dp_sgd"],
 )
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path, extra):
     full = build_experiment(tiny_config(tiny_bert, tmp_path / "a", *extra))

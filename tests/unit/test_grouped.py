@@ -180,3 +180,22 @@ def test_a_short_training_run_gives_the_same_metrics_per_row_and_grouped(tiny_be
                 assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
                 compared += 1
     assert compared > 5
+
+
+@pytest.mark.parametrize("product", ["per_row", "grouped"])
+def test_a_micro_batch_allocates_nothing_the_size_of_the_node_stack(product):
+    """4,096 nodes, 2 of them in the micro-batch: forward + backward allocate in proportion to the rows
+    and present nodes; the gradients go straight into .grad (allocated once, as the profiler sees)."""
+    n, d, r = 4096, 64, 8
+    stack_bytes = n * r * d * 4
+    layer = StackedLoRALinear(nn.Linear(d, d), n, r, 1.0, 0.0, NodeRouting(product), torch.randn(r, d))
+    x = torch.randn(8, 4, d, requires_grad=True)
+
+    def largest_allocation() -> int:
+        layer.routing.rows = torch.tensor([5, 9, 5, 9, 5, 9, 5, 9])
+        with torch.profiler.profile(profile_memory=True) as prof:
+            layer(x).sum().backward()
+        return max(e.cpu_memory_usage for e in prof.events())
+
+    assert largest_allocation() >= stack_bytes  # the first backward creates A.grad and B.grad
+    assert largest_allocation() < stack_bytes // 100  # later micro-batches add into them

@@ -130,6 +130,8 @@ def _correct_node(
         for name, d in diffs.items():  # shrink: (k - 1,)
             out[name][r] -= (shrink.to(d.dtype)[:, None] * d).sum(0)
         return
+    if float(self_weight) == 0:  # W_ii = 0: the node's own state is not among the values it mixes
+        w, values = w[1:], {name: v[1:] for name, v in values.items()}
     for name, v in values.items():
         wv = w.to(v.device, v.dtype)
         if rule == "trimmed_mean":

@@ -126,3 +126,14 @@ def test_example_level_dp_with_zero_noise_and_infinite_clip_is_the_plain_run(tin
         ref, got = _adapter(plain, node), _adapter(private, node)
         assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert _records(private)[-1]["privacy_epsilon"] == [float("inf")] * 6
+
+
+def test_krum_at_the_server_keeps_a_sign_flippers_upload_out(tiny_bert, tmp_path):
+    fedavg = ["algorithm.name=fedavg"]
+    attack = ["attack.kind=sign_flip", "attack.nodes=[1]"]
+    clean = _run(tiny_bert, tmp_path / "clean", *fedavg)
+    mean = _run(tiny_bert, tmp_path / "mean", *fedavg, *attack)
+    krum = _run(tiny_bert, tmp_path / "krum", *fedavg, *attack, "robust.aggregator=krum")
+    hit, kept = _distance_to(clean, mean), _distance_to(clean, krum)
+    assert kept < hit / 2, (kept, hit)
+    assert "acc_honest_avg_factors" in _records(krum)[-1]

@@ -242,6 +242,16 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Experiment trackers (declora.trackers); metrics.jsonl is always written."""
+
+    trackers: tuple[str, ...] = ()  # any of tensorboard, wandb, mlflow
+    project: str = "declora"  # the W&B project and the MLflow experiment
+    wandb_mode: str = "offline"  # offline (sync later) | online | disabled
+    mlflow_uri: str | None = None  # tracking URI; None: a file store "mlruns" beside the run folder
+
+
+@dataclass(frozen=True)
 class Config:
     nodes: int = 8
     rounds: int = 20
@@ -266,6 +276,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -275,6 +286,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16"),
     "export": ("all", "consensus", "none"),
     "export_round": ("final", "best"),
+    "log.wandb_mode": ("offline", "online", "disabled"),
     "model.head": ("train", "frozen", "none"),
     "model.pooling": ("auto", "mean", "cls"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm"),
@@ -496,6 +508,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"
         )
+    from declora.trackers import TRACKERS
+
+    unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
+    if unknown:
+        raise ConfigError(f"log.trackers: {unknown[0]!r} is not a tracker; choose from {sorted(TRACKERS)}")
     return cfg
 
 

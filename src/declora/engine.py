@@ -24,7 +24,7 @@ from declora.heap import release_free_memory
 from declora.report import write_report
 from declora.schedules import describe
 from declora.seeding import seed_for
-from declora.tensorboard import TensorBoardLogger
+from declora.trackers import Trackers, tracker_names
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -108,7 +108,7 @@ def run(
     elif group.is_main:
         _start(exp, metrics)
     sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
-    board = TensorBoardLogger(exp.run_dir) if cfg.tensorboard and group.is_main else None
+    board = Trackers(cfg, exp.run_dir) if tracker_names(cfg) and group.is_main else None
     export = AdapterExport(exp, resumed=resume)
     began = time.perf_counter()
     records = []

@@ -1,6 +1,7 @@
 """Optional TensorBoard scalars per round. metrics.jsonl stays the source of truth; this mirrors it.
 
-Enable with ``log.tensorboard=true``; view with ``tensorboard --logdir RUN_DIR/tensorboard``.
+Enable with ``tensorboard=true`` or ``log.trackers=[tensorboard]`` (declora.trackers); view with
+``tensorboard --logdir RUN_DIR/tensorboard``.
 Needs the ``tensorboard`` package (``pip install declora[tensorboard]``).
 """
 

@@ -1,0 +1,149 @@
+"""Trackers offline: TensorBoard event files, a W&B offline run file, an MLflow file store; each holds
+the config and the same per-round numbers as the round records, and a resume continues the same run."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from declora.config import load_config
+from declora.trackers import Trackers, flat_params, scalars
+
+pytestmark = pytest.mark.unit
+
+RECORDS = [
+    {"event": "round", "round": 1, "train_loss": 0.75, "bytes_total": 100, "local_steps": 2},
+    {"event": "eval", "round": 2, "train_loss": 0.5, "acc_avg_factors": 0.625, "consensus_BA": math.nan},
+]
+EXPECTED = {  # what every tracker must hold: tag -> [(step, value)]
+    "train/train_loss": [(1, 0.75), (2, 0.5)],
+    "bytes/bytes_total": [(1, 100.0)],
+    "run/local_steps": [(1, 2.0)],
+    "accuracy/acc_avg_factors": [(2, 0.625)],
+}
+
+
+def test_scalars_are_the_records_finite_numbers():
+    assert scalars(RECORDS[1]) == {"train/train_loss": 0.5, "accuracy/acc_avg_factors": 0.625}
+
+
+def _log(tmp_path: Path, *trackers: str):
+    cfg = load_config(None, [f"log.trackers=[{','.join(trackers)}]", "train.lr=0.003", "nodes=5"])
+    run_dir = tmp_path / "runs" / "r1"
+    for records in (RECORDS[:1], RECORDS[1:]):  # the second part as a resumed run
+        board = Trackers(cfg, run_dir)
+        for record in records:
+            board(record)
+        board.close()
+    return cfg, run_dir
+
+
+def test_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    _, run_dir = _log(tmp_path, "tensorboard")
+    events = EventMultiplexer().AddRunsFromDirectory(str(run_dir / "tensorboard"))
+    events.Reload()
+    got: dict = {}
+    for run in events.Runs():
+        for tag in events.Runs()[run]["scalars"]:
+            got.setdefault(tag, []).extend((e.step, round(e.value, 6)) for e in events.Scalars(run, tag))
+    assert {k: sorted(v) for k, v in got.items()} == EXPECTED
+    texts = [
+        events.Tensors(run, "config/text_summary")
+        for run in events.Runs()
+        if "config/text_summary" in events.Runs()[run]["tensors"]
+    ]
+    assert "train.lr: 0.003" in texts[0][0].tensor_proto.string_val[0].decode()
+
+
+def test_mlflow_file_store(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    cfg, run_dir = _log(tmp_path, "mlflow")
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())  # a file store
+    experiment = client.get_experiment_by_name("declora")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_name == "r1"  # the resume continued the one run
+    assert runs[0].info.run_id == (run_dir / "mlflow_run_id").read_text()
+    assert runs[0].data.params == flat_params(cfg) and runs[0].data.params["train.lr"] == "0.003"
+    for tag, points in EXPECTED.items():
+        history = client.get_metric_history(runs[0].info.run_id, tag)
+        assert sorted((m.step, m.value) for m in history) == points, tag
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of a W&B run file (a LevelDB-style log: 7-byte header, 32 KiB blocks, each
+    record a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, parts = path.read_bytes(), 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+        elif kind == 0:
+            break
+
+
+def test_wandb_offline(tmp_path):
+    pytest.importorskip("wandb")
+    _, run_dir = _log(tmp_path, "wandb")
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1  # the resume kept the run id
+    # run.finish() returns before the wandb-core process has written the whole file: wait for its end.
+    deadline = time.monotonic() + 60
+    while not all(any(r.WhichOneof("record_type") == "exit" for r in _wandb_records(f)) for f in files):
+        assert time.monotonic() < deadline, "the W&B run files were not completed within 60 s"
+        time.sleep(0.2)
+    got: dict = {}
+    config = {}
+    for file in files:
+        for record in _wandb_records(file):
+            kind = record.WhichOneof("record_type")
+            if kind == "history":
+                items = {
+                    "/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item
+                }
+                for tag, value in items.items():
+                    if tag in EXPECTED or tag.startswith(("train/", "accuracy/", "bytes/", "run/")):
+                        got.setdefault(tag, []).append((items["_step"], value))
+            elif kind == "run":
+                config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+    assert {k: sorted(v) for k, v in got.items()} == EXPECTED
+    assert config["train"]["lr"] == 0.003 and config["nodes"] == 5
+
+
+def test_a_run_logs_to_its_trackers(tiny_bert, tmp_path):
+    pytest.importorskip("mlflow")
+    from helpers import write_tiny_data
+    from mlflow.tracking import MlflowClient
+
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    data = write_tiny_data(tmp_path / "d.jsonl", 40)
+    overrides = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=2"]
+    overrides += [f"data.dataset={data}", "train.local_steps=1", "eval.node_examples=4", "export=none"]
+    overrides += ["threads=1", "log.trackers=[mlflow]", "tensorboard=true", f"run_dir={tmp_path / 'runs/x'}"]
+    records = run(build_experiment(load_config(None, overrides)))
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    run_id = (tmp_path / "runs" / "x" / "mlflow_run_id").read_text()
+    history = client.get_metric_history(run_id, "accuracy/acc_avg_factors")
+    assert [(m.step, m.value) for m in history] == [(2, pytest.approx(records[-1]["acc_avg_factors"]))]
+    assert (tmp_path / "runs" / "x" / "tensorboard").is_dir()  # the older switch still works

@@ -13,7 +13,6 @@ run saved on a GPU resumes on the CPU (``device=cpu``) and the other way round.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from declora.config import ConfigError
 from declora.experiment import Experiment
+from declora.runfolder import atomic_write, atomic_write_text, crash_point
 
 LATEST = "latest.json"
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def shard_name(round_done: int, rank: int) -> str:
@@ -54,13 +48,14 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
         tensors.update({f"{prefix}/{k}": v for k, v in owner.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # device-neutral
     name = shard_name(round_done, group.rank)
-    _atomic_write(state_dir / f"{name}.safetensors", lambda p: save_file(tensors, str(p)))
+    atomic_write(state_dir / f"{name}.safetensors", lambda p: save_file(tensors, str(p)), "ckpt.tensors")
     counters = {"round": round_done, "streams": exp.streams.state(), "ledger": exp.exchange.ledger.state()}
-    _atomic_write(state_dir / f"{name}.json", lambda p: p.write_text(json.dumps(counters, indent=1)))
+    atomic_write_text(state_dir / f"{name}.json", json.dumps(counters, indent=1), "ckpt.counters")
     group.barrier()  # every rank's shard of this round is complete
     if group.is_main:
         meta = {"round": round_done, "wall_s": wall_s, "node_slices": list(group.layout.counts)}
-        _atomic_write(state_dir / LATEST, lambda p: p.write_text(json.dumps(meta, indent=1)))
+        atomic_write_text(state_dir / LATEST, json.dumps(meta, indent=1), "ckpt.latest")
+    crash_point("ckpt.committed")
     _prune(state_dir, group.rank, round_done)
     return state_dir / f"{name}.safetensors"
 
@@ -79,15 +74,36 @@ def _prune(state_dir: Path, rank: int, round_done: int) -> None:
             old.unlink()
 
 
+def _read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; missing, truncated or corrupt ones are errors naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"checkpoint file {path} is corrupt or truncated ({err})") from err
+
+
+def _read_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:  # safetensors raises its own SafetensorsError for a bad header or length
+        raise ConfigError(f"checkpoint file {path} is corrupt or truncated ({err})") from err
+
+
 def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     """Restore the last complete checkpoint of ``exp.run_dir``; returns (rounds done, wall seconds)."""
     group, state_dir = exp.group, exp.run_dir / "state"
     latest = state_dir / LATEST
-    meta = group.broadcast(json.loads(latest.read_text()) if group.is_main and latest.is_file() else None)
+    meta = group.broadcast(_read_json(latest) if group.is_main and latest.is_file() else None)
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {exp.run_dir}: {latest} is missing (nothing to resume)")
+    if not isinstance(meta, dict) or not isinstance(meta.get("round"), int) or "wall_s" not in meta:
+        raise ConfigError(f"checkpoint {latest}: not a declora latest.json (need round and wall_s)")
     if "tensors" in meta:  # one file, counters in latest.json: a one-process run of an earlier version
-        tensors, counters = load_file(str(state_dir / meta["tensors"]), device=str(exp.fed.device)), meta
+        tensors, counters = _read_tensors(state_dir / meta["tensors"], exp.fed.device), meta
     else:
         saved = tuple(meta["node_slices"])
         if saved != group.layout.counts:
@@ -97,11 +113,17 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
                 f"[{','.join(map(str, saved))}]"
             )
         name = shard_name(int(meta["round"]), group.rank)
-        tensors = load_file(str(state_dir / f"{name}.safetensors"), device=str(exp.fed.device))
-        counters = json.loads((state_dir / f"{name}.json").read_text())
+        tensors = _read_tensors(state_dir / f"{name}.safetensors", exp.fed.device)
+        counters = _read_json(state_dir / f"{name}.json")
     with torch.no_grad():
         for k, v in exp.fed.tensors().items():
-            v.copy_(tensors[f"model/{k}"])
+            saved_v = tensors.get(f"model/{k}")
+            if saved_v is None or saved_v.shape != v.shape:
+                found = None if saved_v is None else tuple(saved_v.shape)
+                raise ConfigError(
+                    f"checkpoint of {exp.run_dir}: tensor {k} is {found}, the run needs {tuple(v.shape)}"
+                )
+            v.copy_(saved_v)
     exp.optimizer.load_state_dict(
         {k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}
     )

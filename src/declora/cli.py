@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from declora.config import Config, ConfigError, load_config
+from declora.config import Config, ConfigError, check_resume, load_config
 
 if TYPE_CHECKING:
     from declora.dist import Solo
@@ -27,13 +28,44 @@ def _config_path(arg: str | None) -> Path | None:
     return next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
 
 
-def _run_config(args: argparse.Namespace) -> tuple[Config, Path | None]:
-    if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
-        return load_config(run_dir / "config.yaml", args.overrides), run_dir
-    return load_config(_config_path(args.config), args.overrides), None
+def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The run's config and folder, checked before any work: a new run needs an empty folder (or
+    --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
+    from declora.experiment import default_run_dir
+    from declora.runfolder import check_new_run, check_writable
+
+    if not args.resume:
+        cfg = load_config(_config_path(args.config), args.overrides)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+        check_new_run(run_dir, args.overwrite)
+        return cfg, run_dir
+    run_dir = Path(args.resume)
+    if args.config is not None:
+        raise ConfigError(
+            f"--resume {run_dir} takes its config from {run_dir / 'config.yaml'}; a config file "
+            f"({args.config}) is not allowed with it (key=value overrides are, where safe)"
+        )
+    if args.overwrite:
+        raise ConfigError("--overwrite and --resume contradict each other: choose one")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
+    saved = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", args.overrides)
+    if cfg.run_dir is not None and Path(cfg.run_dir) != run_dir:
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))  # the folder (moved or not) is the run
+    check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
+    check_writable(run_dir)
+    return cfg, run_dir
+
+
+def _rounds_done(run_dir: Path) -> int | None:
+    """The round of the last complete checkpoint (None: none yet, or unreadable: the load will say)."""
+    import json
+
+    try:
+        return int(json.loads((run_dir / "state" / "latest.json").read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _die(message: str) -> None:
@@ -76,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("rank %d hosts nodes %s", group.rank, group.layout.nodes_of(group.rank))
         bar = _progress(exp, group)
         try:
-            run(exp, resume=bool(args.resume), on_round=bar.on_round if bar else None)
+            run(exp, bool(args.resume), bar.on_round if bar else None, overwrite=args.overwrite)
         finally:
             if bar is not None:
                 bar.close()
@@ -96,11 +128,13 @@ class _Bar:
     """The rounds progress bar (rank 0 only)."""
 
     def __init__(self, total: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, desc="rounds", unit="round", dynamic_ncols=True)
+        self.total, self.bar = total, None  # drawn at the first round: a failed resume shows no bar
 
     def on_round(self, record: dict) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="rounds", unit="round", dynamic_ncols=True)
         self.bar.n = record["round"]
         shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
         shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
@@ -112,7 +146,8 @@ class _Bar:
         self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _progress(exp: Experiment, group: Solo) -> _Bar | None:
@@ -199,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. nodes=16 topology.graph=ring")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the run folder of an earlier run (run_dir=...)"
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="table and plot from existing run folders")
     p.add_argument("run_dirs", nargs="+")
@@ -245,8 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         _die(str(err))
         return 1
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"declora: error: {err}", file=sys.stderr)
-        return 2
+        return _error(err, 2)  # a bad value or file: nothing ran (or nothing was lost)
+    except (
+        ArithmeticError,
+        OSError,
+    ) as err:  # NumericalError (diverged), disk full, read-only: the last checkpoint is kept
+        return _error(err, 1)
+
+
+def _error(err: BaseException, code: int) -> int:
+    """One line on stderr (a KeyError's message without its quotes, newlines folded)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    print(f"declora: error: {' '.join(str(text).split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

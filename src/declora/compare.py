@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from declora.config import ConfigError, load_config, parse_override
+from declora.config import (
+    Config,
+    ConfigError,
+    check_resume,
+    load_config,
+    parse_override,
+    resume_changes,
+)
 from declora.report import best_final, display_scale, lower_is_better, read_metrics
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ class Cell:
     seed: int
     overrides: tuple[str, ...]
     run_dir: Path
+    cfg: Config | None = field(default=None, compare=False)  # the resolved config the grid asks for
 
 
 GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy"}
@@ -108,19 +116,30 @@ def expand(grid: Grid) -> list[Cell]:
         for seed in grid.seeds:
             run_dir = grid.out / _slug(f"{method},seed={seed}")
             overrides = (*grid.overrides, *point, f"seed={seed}", f"run_dir={run_dir}")
-            load_config(grid.base, overrides)  # a typo in any cell stops the grid before the first run
-            cells.append(Cell(method, seed, overrides, run_dir))
+            cfg = load_config(grid.base, overrides)  # a typo in any cell stops the grid before any run
+            cells.append(Cell(method, seed, overrides, run_dir, cfg))
     return cells
 
 
 def cell_state(cell: Cell) -> str:
-    """ "done", "partial" (a checkpoint to resume from) or "new"."""
+    """ "done", "partial" (a checkpoint to resume from) or "new". A cell whose folder was run with a
+    config the grid no longer asks for (beyond what a resume may change) is refused, never reported as
+    finished with its old numbers."""
     latest = cell.run_dir / "state" / "latest.json"
     if not latest.is_file():
         return "new"
-    cfg = load_config(cell.run_dir / "config.yaml")
-    done = json.loads(latest.read_text())["round"] >= cfg.rounds and (cell.run_dir / "report.md").is_file()
-    return "done" if done else "partial"
+    saved = load_config(cell.run_dir / "config.yaml")
+    cfg = cell.cfg or saved
+    rounds_done = json.loads(latest.read_text())["round"]
+    try:
+        check_resume(saved, cfg, rounds_done)
+    except ConfigError as err:
+        raise ConfigError(
+            f"grid cell {cell.run_dir} was run with another config than the grid now gives it ({err}); "
+            "delete that folder to rerun the cell, or restore the grid"
+        ) from err
+    done = rounds_done >= cfg.rounds and (cell.run_dir / "report.md").is_file()
+    return "done" if done and not resume_changes(saved, cfg) else "partial"
 
 
 def run_grid(grid: Grid, on_cell: Any = None) -> list[Cell]:
@@ -128,17 +147,15 @@ def run_grid(grid: Grid, on_cell: Any = None) -> list[Cell]:
     from declora.experiment import build_experiment
 
     cells = expand(grid)
-    for k, cell in enumerate(cells):
-        state = cell_state(cell)
+    states = [cell_state(cell) for cell in cells]  # a stale cell stops the grid before any run
+    for k, (cell, state) in enumerate(zip(cells, states, strict=True)):
         if on_cell is not None:
             on_cell(k, len(cells), cell, state)
         if state == "done":
             continue
-        if state == "partial":
-            exp = build_experiment(load_config(cell.run_dir / "config.yaml"), cell.run_dir)
-        else:
-            exp = build_experiment(load_config(grid.base, cell.overrides))
-        run(exp, resume=state == "partial")
+        cfg = cell.cfg or load_config(grid.base, cell.overrides)
+        # "new": whatever a failed start left in the folder (no checkpoint) is replaced
+        run(build_experiment(cfg, cell.run_dir), resume=state == "partial", overwrite=True)
     return cells
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,6 +266,9 @@ class Config:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:K; torchrun: cuda:LOCAL_RANK
     precision: str = "fp32"  # fp32 | bf16: frozen base in bf16 under autocast, fp32 masters (declora.device)
+    # Values that are legal but almost always a mistake (model.alpha=0: LoRA does nothing; a dataset with
+    # one label) stop the run unless this is true.
+    allow_degenerate: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -323,6 +327,88 @@ POSITIVE = (
     "train.local_steps",
     "eval.every",
     "eval.batch_size",
+)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        return f"{left}{lo}, {hi}{right}"
+
+
+PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, lo_open=True)  # [0, 1], (0, 1]
+OPEN_UNIT, BELOW_ONE = Range(0, 1, True, True), Range(0, 1, hi_open=True)  # (0, 1), [0, 1)
+ABOVE_ZERO, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
+# The allowed range of every number that POSITIVE (integers >= 1) does not cover; a null value (where the
+# type allows it) always passes. A list value (betas) is checked entry by entry. Adding a numeric config
+# key means adding it here or to POSITIVE (tests/unit/test_validation.py checks that none is missed).
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE,
+    "threads": Range(1),
+    "model.alpha": NON_NEGATIVE,  # 0 only with allow_degenerate (LoRA then adds nothing)
+    "model.dropout": BELOW_ONE,
+    "model.init_seed": NON_NEGATIVE,
+    "data.test_fraction": OPEN_UNIT,
+    "data.train_limit": Range(1),
+    "data.test_limit": Range(1),
+    "partition.alpha": ABOVE_ZERO,
+    "partition.min_size": NON_NEGATIVE,
+    "partition.shards_per_node": Range(1),
+    "topology.p": FRACTION,
+    "topology.degree": Range(1),
+    "topology.rewire": PROBABILITY,
+    "topology.encounter_prob": FRACTION,
+    "topology.period": Range(1),
+    "topology.link_failure": BELOW_ONE,
+    "topology.node_dropout": BELOW_ONE,
+    "comm.bits": Range(2, 8),
+    "comm.block_size": Range(1),
+    "comm.fraction": FRACTION,
+    "train.lr": Range(0, 1, lo_open=True),
+    "train.head_lr": Range(0, 1, lo_open=True),
+    "train.weight_decay": PROBABILITY,  # decoupled: each step shrinks weights by lr * weight_decay
+    "train.betas": BELOW_ONE,
+    "train.eps": OPEN_UNIT,
+    "train.max_grad_norm": ABOVE_ZERO,
+    "eval.node_examples": Range(1),
+    "eval.consensus_examples": Range(1),
+    "algorithm.auto_c": ABOVE_ZERO,
+    "algorithm.auto_max": Range(1),
+    "algorithm.clients_per_round": Range(1),
+    "algorithm.server_lr": Range(0, 1, lo_open=True),
+    "algorithm.server_weight_decay": PROBABILITY,
+    "dist.timeout_s": ABOVE_ZERO,
+}
+# Keys that may change when a run resumes: they do not change what the finished rounds computed or what the
+# checkpoint holds (more rounds, when to evaluate or save, how fast). Anything else is refused on resume.
+RESUME_SAFE = (
+    "rounds",
+    "run_dir",  # a moved folder: the run is where --resume points
+    "checkpoint_every",
+    "eval.every",
+    "threads",
+    "device",  # checkpoints are device-neutral
+    "export",
+    "tensorboard",
+    "train.tokens_per_chunk",
+    "dist.timeout_s",
+    "dist.backend",
 )
 
 
@@ -408,7 +494,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (for example nodes=16)")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has no key before '=' (for example nodes=16)")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from err
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -465,8 +557,7 @@ def validate(cfg: Config) -> Config:
         check_device(cfg.device)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    if not 0.0 <= cfg.model.dropout < 1.0:
-        raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    _validate_ranges(flat)
     interval = cfg.algorithm.switch_interval
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
@@ -474,10 +565,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.warmup_rounds={cfg.train.warmup_rounds} must be in [0, rounds={cfg.rounds}]"
         )
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr={cfg.train.lr} must be positive")
-    if cfg.dist.timeout_s <= 0:
-        raise ConfigError(f"dist.timeout_s={cfg.dist.timeout_s} must be positive (seconds)")
+    for check in CROSS_CHECKS:
+        check(cfg)
     _validate_heterogeneous(cfg)
     _validate_server(cfg)
     _validate_task(cfg)
@@ -514,6 +603,61 @@ def validate(cfg: Config) -> Config:
     if unknown:
         raise ConfigError(f"log.trackers: {unknown[0]!r} is not a tracker; choose from {sorted(TRACKERS)}")
     return cfg
+
+
+def _validate_ranges(flat: dict[str, Any]) -> None:
+    """Every number finite and inside its RANGES entry."""
+    for key, value in flat.items():
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"{key}={x!r} must be a finite number")
+    for key, allowed in RANGES.items():
+        value = flat[key]
+        for x in value if isinstance(value, list) else [value]:
+            if x is not None and not allowed.holds(x):
+                raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def _check_degenerate(cfg: Config) -> None:
+    if cfg.model.alpha == 0 and not cfg.allow_degenerate:
+        raise ConfigError(
+            "model.alpha=0 makes every LoRA update zero (scale alpha/r = 0); use a positive alpha, or set "
+            "allow_degenerate=true if that is what you mean"
+        )
+
+
+def _check_slices(cfg: Config) -> None:
+    slices = cfg.dist.node_slices
+    if slices is not None and (sum(slices) != cfg.nodes or min(slices) < 1):
+        raise ConfigError(
+            f"dist.node_slices={list(slices)} must be positive counts that sum to nodes={cfg.nodes}"
+        )
+
+
+# Checks that relate several keys; each takes the whole config and raises ConfigError.
+CROSS_CHECKS: list[typing.Callable[[Config], None]] = [_check_degenerate, _check_slices]
+
+
+def resume_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, new value)}`` for every key that differs between two resolved configs."""
+    old, cur = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    return {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
+
+
+def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume makes; refuses (ConfigError) any key outside RESUME_SAFE, with the reason."""
+    changes = resume_changes(saved, new)
+    unsafe = sorted(k for k in changes if k not in RESUME_SAFE)
+    if unsafe:
+        k = unsafe[0]
+        raise ConfigError(
+            f"{k} cannot change on resume ({changes[k][0]!r} -> {changes[k][1]!r}): the finished "
+            f"rounds and the checkpoint were made with {changes[k][0]!r}; "
+            f"may change on resume: {list(RESUME_SAFE)}"
+        )
+    if rounds_done is not None and new.rounds < rounds_done:
+        raise ConfigError(f"rounds={new.rounds} is below the {rounds_done} rounds already done")
+    return changes
 
 
 def _validate_heterogeneous(cfg: Config) -> None:
@@ -636,7 +780,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
         tree = loaded
@@ -646,5 +790,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(_build(Config, tree))
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax or encoding error names the file and line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from err
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from declora.runfolder import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False), "config")

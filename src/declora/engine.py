@@ -14,14 +14,21 @@ from typing import Any
 import torch
 
 from declora.algorithms.base import RoundContext
-from declora.checkpoint import load_checkpoint, save_checkpoint
-from declora.config import save_config, to_dict
+from declora.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from declora.config import ConfigError, check_resume, load_config, save_config, to_dict
 from declora.device import peak_gpu_memory_mb
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.export import AdapterExport
 from declora.heap import release_free_memory
 from declora.report import write_report
+from declora.runfolder import (
+    atomic_write_text,
+    check_new_run,
+    crash_point,
+    empty_run_folder,
+    record_resume,
+)
 from declora.schedules import describe
 from declora.seeding import seed_for
 from declora.trackers import Trackers, tracker_names
@@ -37,29 +44,48 @@ def peak_memory_mb() -> float:
 
 
 class MetricsLog:
-    """Append-only JSONL; on resume, records after the checkpoint's round are dropped first."""
+    """Append-only JSONL; on resume, records after the checkpoint's round are dropped first (atomically)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def truncate_after(self, round_done: int) -> None:
+    def records(self) -> list[tuple[str, dict[str, Any]]]:
+        """The lines as written; a torn last line (a kill in the middle of an append) is dropped, a broken
+        line anywhere else is an error naming the file and line."""
         if not self.path.exists():
-            return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line and json.loads(line).get("round", 0) <= round_done
-        ]
-        self.path.write_text("".join(line + "\n" for line in keep))
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1:
+                    break
+                raise ConfigError(f"{self.path}:{i + 1}: not a JSON line ({err.msg})") from err
+            if record is not None and not isinstance(record, dict):
+                raise ConfigError(f"{self.path}:{i + 1}: not a JSON object")
+            if record is not None:
+                keep.append((line, record))
+        return keep
+
+    def truncate_after(self, round_done: int) -> None:
+        keep = [line for line, record in self.records() if record.get("round", 0) <= round_done]
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep), "metrics.rewrite")
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with self.path.open("a", encoding="utf-8") as f:
+            crash_point("metrics.append", partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
+            f.write(line)
 
 
-def _start(exp: Experiment, metrics: MetricsLog) -> None:
+def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool) -> None:
+    check_new_run(exp.run_dir, overwrite)
+    empty_run_folder(exp.run_dir)  # only reached when empty already or with overwrite
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(exp.cfg, exp.run_dir / "config.yaml")
+    crash_point("start.config")
     metrics.path.write_text("")
     topology = {k: v for k, v in describe(exp.schedule).items() if not isinstance(v, (list, dict))}
     log.info("topology: %s", topology)
@@ -69,6 +95,26 @@ def _start(exp: Experiment, metrics: MetricsLog) -> None:
     metrics.write({"event": "partition", "round": 0, "nodes": exp.partition_summary})
     for i, node in enumerate(exp.partition_summary):
         log.info("node %d: %s", i, node)
+
+
+def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
+    """Load the last complete checkpoint, drop later metrics, record the resume (rank 0 writes)."""
+    saved = load_config(exp.run_dir / "config.yaml")
+    changes = check_resume(saved, exp.cfg)
+    if not (exp.run_dir / "state" / LATEST).is_file():  # killed before its first checkpoint: start over
+        log.info("%s has no checkpoint yet: starting it again from round 0", exp.run_dir)
+        if exp.group.is_main:
+            _start(exp, metrics, overwrite=True)
+            record_resume(exp.run_dir, 0, changes)
+        return 0, 0.0
+    start, wall_before = load_checkpoint(exp)
+    check_resume(saved, exp.cfg, rounds_done=start)
+    if exp.group.is_main:
+        metrics.truncate_after(start)
+        record_resume(exp.run_dir, start, changes)
+        save_config(exp.cfg, exp.run_dir / "config.yaml")  # the folder describes the run as it goes on
+    log.info("resuming %s after round %d", exp.run_dir, start)
+    return start, wall_before
 
 
 class PhaseTimes:
@@ -90,23 +136,24 @@ class PhaseTimes:
 
 
 def run(
-    exp: Experiment, resume: bool = False, on_round: Callable[[dict[str, Any]], None] | None = None
+    exp: Experiment,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every round of ``exp``; returns the per-round records written to metrics.jsonl.
 
     Every process of a multi-process run runs this loop on its slice of the nodes; ``exp.group``
-    gathers the per-node numbers, and rank 0 alone writes the run folder.
+    gathers the per-node numbers, and rank 0 alone writes the run folder. A new run needs an empty
+    ``exp.run_dir`` (or ``overwrite``); a resume may change only RESUME_SAFE keys (declora.config).
     """
     cfg, fed, group = exp.cfg, exp.fed, exp.group
     metrics = MetricsLog(exp.run_dir / METRICS)
     start, wall_before = 0, 0.0
     if resume:
-        start, wall_before = load_checkpoint(exp)
-        if group.is_main:
-            metrics.truncate_after(start)
-        log.info("resuming %s after round %d", exp.run_dir, start)
+        start, wall_before = _resume(exp, metrics)
     elif group.is_main:
-        _start(exp, metrics)
+        _start(exp, metrics, overwrite)
     sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
     board = Trackers(cfg, exp.run_dir) if tracker_names(cfg) and group.is_main else None
     export = AdapterExport(exp, resumed=resume)
@@ -136,6 +183,8 @@ def run(
             RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
         )
         loss = group.gather_nodes(loss)  # (n,)
+        check_health(exp, t, loss, active)
+        crash_point("round.trained")
         trained = loss[~loss.isnan()]
         record: dict[str, Any] = {
             "event": "round",
@@ -155,6 +204,7 @@ def run(
         if group.is_main:
             metrics.write(record)
         export.on_round(record)
+        crash_point("round.logged")
         if board is not None:
             board(record)
         records.append(record)
@@ -169,6 +219,7 @@ def run(
         board.close()
     group.enter(cfg.rounds, "finish")
     export.finish(records[-1] if records else None)
+    crash_point("exported")
     if group.is_main:
         write_report(exp.run_dir)
     return records
@@ -188,3 +239,35 @@ def peak_memory(exp: Experiment) -> dict[str, float]:
     if gpu is not None:
         out["peak_gpu_mem_mb"] = float(exp.group.all_max(torch.tensor(gpu)))
     return out
+
+
+class NumericalError(ArithmeticError):
+    """A NaN or Inf in a loss or a node's tensor: the run stops at that round."""
+
+
+def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tensor) -> None:
+    """Stop at round t+1 if a trained node's loss (n,) or any node's tensor after communication is NaN or
+    Inf, naming the node and tensor; every rank agrees on one bad (node, tensor) (the largest index)."""
+    names = list(exp.fed.tensors())
+    bad = -1  # node * (len(names) + 1) + k: k = 0 for the loss, 1 + tensor index otherwise
+    trained = exp.group.gather_nodes(active)  # (n,) bool
+    for node in torch.nonzero(trained & ~torch.isfinite(loss)).flatten().tolist():
+        bad = node * (len(names) + 1)
+        break
+    if bad < 0:
+        for k, v in enumerate(exp.fed.tensors().values()):
+            finite = torch.isfinite(v.detach()).flatten(1).all(1)  # (n_local,)
+            if not finite.all():
+                node = int(exp.group.nodes[int((~finite).nonzero()[0])])
+                bad = node * (len(names) + 1) + 1 + k
+                break
+    bad = int(exp.group.all_max(torch.tensor(bad)))
+    if bad < 0:
+        return
+    node, k = divmod(bad, len(names) + 1)
+    what = "its training loss" if k == 0 else f"tensor {names[k - 1]} after communication"
+    saved = (t // exp.cfg.checkpoint_every) * exp.cfg.checkpoint_every
+    raise NumericalError(
+        f"round {t + 1}: node {node}: {what} is NaN or Inf; the run stops here (last checkpoint: round "
+        f"{saved}); try a lower train.lr or a max_grad_norm"
+    )

@@ -307,7 +307,7 @@ def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
             ax.grid(alpha=0.3)
         else:
             ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # an explicit format: the atomic writer's path ends in .tmp
 
 
 def _run_headline(run_dir: Path) -> str | None:
@@ -333,6 +333,10 @@ def write_report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     table = format_table(summarize(records, _run_headline(run_dir)))
-    (run_dir / "report.md").write_text(f"# Report: {run_dir.name}\n\n{table}\n![curves](curves.png)\n")
-    plot_run(records, run_dir / "curves.png")
+    from declora.runfolder import atomic_write, atomic_write_text
+
+    atomic_write_text(
+        run_dir / "report.md", f"# Report: {run_dir.name}\n\n{table}\n![curves](curves.png)\n", "report"
+    )
+    atomic_write(run_dir / "curves.png", lambda p: plot_run(records, p), "report.plot")
     return table

@@ -197,7 +197,7 @@ class LocalTrainer:
         for s in range(steps):
             now = budget > s
             loss = self.step(now, names)
-            total += torch.nan_to_num(loss)
+            total += torch.where(now, loss, torch.zeros_like(loss))  # a trained node's NaN stays NaN
             count += now.float()
         return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan"))), steps
 

@@ -1,0 +1,135 @@
+"""Run folders are never lost: atomic rewrites, the new-run check, the resume history, crash points.
+
+A new run refuses a non-empty folder unless ``--overwrite``; and even then the folder is emptied only
+after every check has passed (``engine._start``). Every file that is rewritten (config.yaml, metrics.jsonl
+on resume, report.md, checkpoints) goes through ``atomic_write``: a temporary file beside it, then
+``os.replace``, so a kill or a full disk leaves either the old file or the new one, never half of one.
+Each resume appends one line to ``resumes.jsonl`` (time, round resumed from, the keys it changed).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from declora.config import ConfigError
+
+RESUMES = "resumes.jsonl"
+# What a declora run writes at the top of its folder: --overwrite only empties a folder that holds one of
+# these, never some other directory a run_dir typo points at.
+RUN_MARKERS = ("config.yaml", "config.yaml.tmp", "metrics.jsonl", "state")
+CRASH_ENV = "DECLORA_CRASH_AT"  # tests: "POINT" or "POINT:K" (the K-th time POINT is reached)
+
+
+class CrashPoint(BaseException):  # noqa: N818  (not an error: a simulated kill, so no handler catches it)
+    """Raised at an injected crash point (tests): the process stops there, files stay as they are."""
+
+
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str, partial: Callable[[], Any] | None = None) -> None:
+    """Tests only: stop here when DECLORA_CRASH_AT names this point (``partial`` first writes half of
+    what comes next: a torn write). DECLORA_CRASH_MODE=kill sends SIGKILL instead of raising."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    point, _, k = spec.partition(":")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] != int(k or 1):
+        return
+    if partial is not None:
+        partial()
+    if os.environ.get("DECLORA_CRASH_MODE") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise CrashPoint(f"{name}:{_reached[name]}")
+
+
+def reset_crash_counts() -> None:
+    _reached.clear()
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any], point: str = "write") -> None:
+    """``write(tmp)`` then rename onto ``path``. An OSError (disk full, read-only) removes the temporary
+    file and leaves ``path`` as it was; a kill may leave only the ``.tmp`` (ignored, overwritten later)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    crash_point(point)  # the new content is complete in .tmp, the old one still in place
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str, point: str = "write") -> None:
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), point)
+
+
+def _is_run_folder(path: Path) -> bool:
+    return any((path / m).exists() for m in RUN_MARKERS)
+
+
+def check_new_run(run_dir: Path, overwrite: bool) -> None:
+    """Before any work: a new run may write ``run_dir`` (empty, or a run folder with ``overwrite``)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir={str(run_dir)!r} is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"run folder {str(run_dir)!r} is not empty; continue it with --resume {run_dir}, "
+                "replace it with --overwrite, or choose another run_dir"
+            )
+        if not _is_run_folder(run_dir):
+            raise ConfigError(
+                f"--overwrite: {str(run_dir)!r} is not a declora run folder (no {' / '.join(RUN_MARKERS)}); "
+                "refusing to empty it"
+            )
+    check_writable(run_dir)
+
+
+def check_writable(run_dir: Path) -> None:
+    """The folder (or the nearest existing parent it would be made in) must be writable."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run folder {str(run_dir)!r}: {str(existing)!r} is not writable")
+
+
+def empty_run_folder(run_dir: Path) -> None:
+    """--overwrite, after every check passed: remove what an earlier run left."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def record_resume(run_dir: Path, round_done: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """One line of resumes.jsonl: when, from which round, and every key the resume changed (old, new)."""
+    entry = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "from_round": round_done,
+        "changes": {k: {"old": old, "new": new} for k, (old, new) in changes.items()},
+    }
+    path = run_dir / RESUMES
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    atomic_write_text(path, old + json.dumps(entry) + "\n", "resumes")
+
+
+def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / RESUMES
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -176,8 +176,8 @@ def read_rows(
 ) -> Rows:
     table = open_split(source, split, key or "data.split")
     where = f"{source!r} (split {split!r})"
-    texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where)]
-    raw = column(table, cfg.label_column, "data.label_column", where)
+    texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where, source)]
+    raw = column(table, cfg.label_column, "data.label_column", where, source)
     names = class_names(table, cfg.label_column)
     if names is not None:
         bad = next((i for i, v in enumerate(raw) if not 0 <= int(v) < len(names)), None)

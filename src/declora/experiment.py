@@ -99,6 +99,28 @@ def _eval_subset(token_ids: list[list[int]], labels: np.ndarray, limit: int | No
     return EvalSet([token_ids[i] for i in keep], labels[keep])
 
 
+def preflight_model(cfg: Config) -> None:
+    """The model folder and the seeding adapter, checked before any weight or data is loaded."""
+    from declora.assets import GGUF_MODELS, model_path
+    from declora.preflight import check_adapter, check_model_folder, check_model_shape
+
+    if cfg.model.name not in GGUF_MODELS:  # a shipped GGUF model becomes a folder on first use
+        folder = model_path(cfg.model.name)
+        check_model_folder(folder)
+        check_model_shape(cfg, folder, causal=cfg.task.kind in CAUSAL_KINDS)
+    if cfg.model.init_adapter:
+        check_adapter(cfg, Path(cfg.model.init_adapter).expanduser())
+
+
+def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
+    """One label is legal but leaves nothing to learn: refused unless allow_degenerate."""
+    if cfg.task.kind != "causal_lm" and len(names) < 2 and not cfg.allow_degenerate:
+        raise ConfigError(
+            f"data.dataset={cfg.data.dataset!r} has a single label {list(names)}: nothing to classify; "
+            "use a file with at least two labels, or set allow_degenerate=true"
+        )
+
+
 def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | None = None) -> Experiment:
     """Everything global (partitions, W(t), data seeds) is derived for all n nodes; this process then
     keeps its slice ``group.nodes`` (all of them in one process) with its own frozen base."""
@@ -114,8 +136,11 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         )
     group.set_nodes(n, cfg.dist.node_slices)
     first, n_local = group.layout.starts[group.rank], group.layout.counts[group.rank]
+    schedule = build_schedule(cfg.topology, n, cfg.seed)  # graph checks first: they cost nothing
+    preflight_model(cfg)
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
+    check_labels(cfg, train.label_names)
     attackers = attacker_mask(cfg.attack, n, cfg.seed)  # (n,) bool
     labels = train.labels  # label_flip: the attackers train on poisoned labels (their parts unchanged)
     if cfg.attack.kind == "label_flip":
@@ -157,7 +182,6 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         task,
         example_dp if cfg.privacy.level == "example" else None,
     )
-    schedule = build_schedule(cfg.topology, n, cfg.seed)
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
     exchange = (
         DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)

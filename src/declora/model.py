@@ -169,6 +169,7 @@ def load_base(
 
     path = model_path(cfg.name)
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
+    hf_logging.disable_progress_bar()  # the console shows declora's rounds bar, and errors on one line
     with torch.random.fork_rng():
         torch.manual_seed(cfg.init_seed)
         if causal:
@@ -343,6 +344,14 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
             module, _, leaf = name.rpartition(".")
             key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else name
             if key in state:
-                param.copy_(state[key].expand_as(param))
+                value = state[key]
+                if tuple(value.shape) != tuple(param.shape[1:]):
+                    raise ValueError(
+                        f"adapter in {folder}: {key} has shape {tuple(value.shape)}, the run needs "
+                        f"{tuple(param.shape[1:])}"
+                    )
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"adapter in {folder}: {key} holds NaN or Inf values")
+                param.copy_(value.expand_as(param))
             elif Federation.kind_of(name) != "head":
                 raise KeyError(f"adapter in {folder} has no tensor for {key}")

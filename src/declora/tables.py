@@ -7,6 +7,10 @@ declora only picks the split and the columns. Everything is local: the packaged 
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +63,76 @@ def splits_of(source: str | Path) -> dict[str, Any]:
     if path.suffix not in BUILDERS:
         raise ConfigError(f"data file {str(path)!r}: suffix {path.suffix!r} is not one of {list(BUILDERS)}")
     builder, kwargs = BUILDERS[path.suffix]
-    return {"train": datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)}
+    check_text_table(path)
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # datasets wraps the reader's error (pandas, pyarrow) in its own classes
+        cause = err.__cause__ or err
+        raise ValueError(f"data file {str(path)!r} cannot be read: {type(cause).__name__}: {cause}") from err
+    return {"train": table}
+
+
+def _decode(path: Path) -> str:
+    """A text table as UTF-8 (a byte-order mark allowed); a bad byte names the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def check_text_table(path: Path) -> None:
+    """Line-exact errors for what ``datasets`` would report vaguely or not at all: bad encoding, a JSON
+    line that does not parse or is not an object, a CSV row with more cells than the header or a field
+    over the size limit."""
+    if path.suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+        return
+    text = _decode(path)
+    if not text.strip():
+        raise ValueError(f"data file {str(path)!r} is empty")
+    if path.suffix in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+        try:
+            width = len(next(reader))
+            for row in reader:
+                if len(row) > width:
+                    raise ValueError(f"{path}:{reader.line_num}: {len(row)} cells, the header has {width}")
+        except csv.Error as err:
+            raise ValueError(f"{path}:{reader.line_num}: broken CSV ({err})") from err
+        return
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from err
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i}: not a JSON line ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+
+
+def row_line(source: str | Path, row: int) -> str:
+    """Where row ``row`` (0-based) of a text table is, as "file:line" (else "row N of source")."""
+    path = Path(source).expanduser()
+    if path.suffix in (".csv", ".tsv"):
+        reader = csv.reader(
+            io.StringIO(_decode(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ","
+        )
+        for k, _ in enumerate(reader):
+            if k == row + 1:  # after the header
+                return f"{path}:{reader.line_num}"
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _decode(path).lstrip().startswith("[")):
+        lines = [i for i, line in enumerate(_decode(path).splitlines(), start=1) if line.strip()]
+        if row < len(lines):
+            return f"{path}:{lines[row]}"
+    return f"row {row} of {str(source)!r}"
 
 
 def open_split(source: str | Path, split: str, key: str = "data.split") -> Any:
@@ -72,14 +145,18 @@ def open_split(source: str | Path, split: str, key: str = "data.split") -> Any:
     return found[split]
 
 
-def column(table: Any, name: str, key: str, where: str) -> list[Any]:
-    """The values of one column; a missing column or an empty cell is an error naming it."""
+def column(table: Any, name: str, key: str, where: str, source: str | Path | None = None) -> list[Any]:
+    """The values of one column; a missing column, an empty cell or a NaN is an error naming it (with
+    the file and line when ``source`` is a text table)."""
     if name not in table.column_names:
         raise ConfigError(f"{key}={name!r} is not a column of {where}; found {sorted(table.column_names)}")
     values = list(table[name])
     for i, v in enumerate(values):
-        if v is None or v == "":
-            raise ValueError(f"row {i} of {where} has no value in column {name!r}")
+        empty = v is None or (isinstance(v, str) and not v.strip())
+        if empty or (isinstance(v, float) and not math.isfinite(v)):
+            at = row_line(source, i) if source is not None else f"row {i} of {where}"
+            what = "no value" if empty else f"{v!r}, not a value"
+            raise ValueError(f"{at}: {what} in column {name!r} ({key})")
     return values
 
 

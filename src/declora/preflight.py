@@ -1,0 +1,152 @@
+"""Checks of the files a user hands in, before any weight is loaded: model folder and PEFT adapter.
+
+A model folder needs a readable config.json and safetensors weights whose header and length agree
+(pickle-only weights, ``pytorch_model.bin``, are refused without being opened: unpickling runs code). The
+model's shape comes from its config on the meta device (no memory, no weights), so that
+``model.max_length``, ``model.rank`` and ``model.target_modules`` are checked against the real model. An
+adapter must match the run exactly (rank, scale alpha/r, target modules), or it is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from declora.config import Config, ConfigError
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def read_json_file(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; missing, corrupt or non-object files name the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what}: {path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{what}: {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The header of a .safetensors file, after checking that the file holds every byte it announces."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConfigError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ConfigError(f"{path} is truncated or not a safetensors file (header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is corrupt: its safetensors header is not JSON") from err
+    try:
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError) as err:
+        raise ConfigError(f"{path} is corrupt: its safetensors header lists no tensor offsets") from err
+    announced = 8 + n + max(ends, default=0)
+    if announced != size:
+        raise ConfigError(f"{path} is truncated or corrupt: {size} bytes, its header announces {announced}")
+    return header
+
+
+def check_model_folder(folder: Path) -> dict[str, Any]:
+    """config.json readable and safetensors weights complete; returns the config."""
+    config = read_json_file(folder / "config.json", f"model folder {folder}")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise ConfigError(
+                f"model folder {folder} has only pickle weights {pickled}; they are refused without being "
+                "loaded (unpickling can run code): convert them to .safetensors"
+            )
+        raise ConfigError(f"model folder {folder} has no weights (*.safetensors)")
+    for path in weights:
+        safetensors_header(path)
+    return config
+
+
+def _meta_model(folder: Path, causal: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model folder {folder}: config.json is not a transformers config ({err})") from err
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tuple[int, int]]:
+    """max_length, rank and target modules against the model; returns {module: (d_in, d_out)}."""
+    from declora.model import HEAD_ROOTS
+
+    model = _meta_model(folder, causal)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.model.max_length > limit:
+        raise ConfigError(
+            f"model.max_length={cfg.model.max_length} exceeds the model's max_position_embeddings={limit}"
+        )
+    dims = {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        and name.split(".")[-1] in cfg.model.target_modules
+        and not name.startswith(HEAD_ROOTS)
+    }
+    if not dims:
+        linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"model.target_modules={list(cfg.model.target_modules)} matches no linear layer of {folder}; "
+            f"its linear layer names are {linears}"
+        )
+    smallest = min(min(d) for d in dims.values())
+    if cfg.model.rank > smallest:
+        raise ConfigError(
+            f"model.rank={cfg.model.rank} exceeds the smallest adapted dimension ({smallest}) of "
+            f"{list(cfg.model.target_modules)}; allowed: 1..{smallest}"
+        )
+    return dims
+
+
+def check_adapter(cfg: Config, folder: Path) -> None:
+    """A PEFT adapter that seeds the run must be applied exactly: same rank, scale and target modules."""
+    from declora.lora import lora_scale
+
+    if not folder.is_dir():
+        raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder")
+    ac = read_json_file(folder / "adapter_config.json", f"adapter {folder}")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"adapter {folder}: adapter_model.safetensors is missing")
+    safetensors_header(weights)
+    m = cfg.model
+    r, alpha, rslora = ac.get("r"), ac.get("lora_alpha"), bool(ac.get("use_rslora", False))
+    if not isinstance(r, int) or not isinstance(alpha, (int, float)):
+        raise ConfigError(f"adapter {folder}: adapter_config.json needs an integer r and a number lora_alpha")
+    if r != m.rank:
+        raise ConfigError(f"adapter {folder} has rank r={r}, the run has model.rank={m.rank}")
+    theirs, ours = lora_scale(alpha, r, rslora), lora_scale(m.alpha, m.rank, m.rslora)
+    if not math.isclose(theirs, ours, rel_tol=1e-6):
+        raise ConfigError(
+            f"adapter {folder} scales its update by {theirs:g} (lora_alpha={alpha}, r={r}, rslora={rslora}); "
+            f"the run by {ours:g} (model.alpha={m.alpha}): set model.alpha so the scales agree"
+        )
+    targets = ac.get("target_modules")
+    targets = sorted([targets] if isinstance(targets, str) else targets or [])
+    if targets != sorted(m.target_modules):
+        raise ConfigError(
+            f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
+        )

@@ -1,0 +1,128 @@
+"""Kill a run at many points (inside checkpoint and metrics writes too), resume it, and compare bit for bit.
+
+The crash points (``declora.runfolder.crash_point``, set by DECLORA_CRASH_AT=POINT:K) stop the run the
+K-th time it reaches POINT, leaving every file as it is at that moment (a torn metrics line, a checkpoint
+``.tmp`` not yet renamed, ...). In-process the stop is an exception nothing catches; two cases send a real
+SIGKILL to a subprocess. ``declora run --resume`` must then finish with exactly the uninterrupted run's
+metrics (times aside), adapters and final checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_data
+from safetensors.torch import load_file
+
+from declora.cli import main
+from declora.runfolder import CRASH_ENV, CrashPoint, read_resumes, reset_crash_counts
+
+pytestmark = pytest.mark.integration
+ROUNDS = 3
+# (point, K): every round's steps and logs, each file of each checkpoint (written but not renamed, and
+# committed but not pruned), torn metrics lines, the end (export, report), and the start.
+KILLS = [
+    *(("round.trained", k) for k in (1, 2)),  # trained and mixed, nothing logged
+    *(("metrics.append", k) for k in (1, 3, 4, 5)),  # torn line: start record, rounds 1-3
+    *(("round.logged", k) for k in (1, 2)),  # logged, not saved
+    *(("ckpt.tensors", k) for k in (1, 2, 3)),  # tensors in .tmp, not renamed
+    ("ckpt.counters", 3),
+    *(("ckpt.latest", k) for k in (1, 2, 3)),  # every shard saved, latest.json not yet
+    ("ckpt.committed", 2),  # latest.json written, older shards not pruned
+    ("start.config", 1),
+    ("exported", 1),
+    ("report", 1),
+    ("report.plot", 1),
+]
+# A second kill during the resume itself: while metrics.jsonl is rewritten, while the history is written.
+DOUBLE = [("round.logged", 2, "metrics.rewrite"), ("ckpt.latest", 3, "resumes")]
+REAL = [("ckpt.tensors", 2)]  # SIGKILL in a subprocess
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert, restore_threads):
+    root = tmp_path_factory.mktemp("kill")
+    data = write_tiny_data(root / "tiny.jsonl", 32)
+    args = [
+        f"model.name={tiny_bert}",
+        *("model.rank=2", "model.max_length=16", "model.dropout=0.1", "nodes=2", f"rounds={ROUNDS}"),
+        *(f"data.dataset={data}", "data.test_fraction=0.25", "partition.min_size=2", "train.batch_size=4"),
+        *("train.local_steps=1", "eval.every=1", "eval.node_examples=4", "checkpoint_every=1"),
+        *("export=consensus", "threads=1"),
+    ]
+    ref = root / "ref"
+    assert main(["run", *args, f"run_dir={ref}"]) == 0
+    return root, args, _outcome(ref)
+
+
+def _outcome(run: Path) -> tuple:
+    """What must match: metrics without times, the consensus adapter and the last checkpoint."""
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        r.pop("wall_s", None), r.pop("peak_mem_mb", None)
+        if r.get("event") == "start":
+            r["config"].pop("run_dir")
+    adapter = load_file(str(run / "adapters/consensus/adapter_model.safetensors"))
+    state = load_file(str(run / f"state/round_{ROUNDS:06d}.rank_0.safetensors"))
+    return records, adapter, state
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    def equal(x: dict, y: dict) -> bool:
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    return a[0] == b[0] and equal(a[1], b[1]) and equal(a[2], b[2])
+
+
+def _crash(args: list[str], spec: str, monkeypatch) -> None:
+    reset_crash_counts()
+    monkeypatch.setenv(CRASH_ENV, spec)
+    with pytest.raises(CrashPoint):
+        main(args)
+    monkeypatch.delenv(CRASH_ENV)
+    reset_crash_counts()
+
+
+def test_the_kill_test_covers_twenty_points():
+    assert len(KILLS) + len(DOUBLE) + len(REAL) >= 20
+
+
+@pytest.mark.parametrize(("point", "k"), KILLS, ids=[f"{p}:{k}" for p, k in KILLS])
+def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, point, k):
+    _, args, reference = setup
+    run = tmp_path / "run"
+    _crash(["run", *args, f"run_dir={run}"], f"{point}:{k}", monkeypatch)
+    assert main(["run", "--resume", str(run)]) == 0
+    assert _same(_outcome(run), reference)
+    assert len(read_resumes(run)) == 1
+
+
+@pytest.mark.parametrize(("point", "k", "again"), DOUBLE, ids=[f"{p}:{k}+{a}" for p, k, a in DOUBLE])
+def test_killed_twice_then_resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, point, k, again):
+    _, args, reference = setup
+    run = tmp_path / "run"
+    _crash(["run", *args, f"run_dir={run}"], f"{point}:{k}", monkeypatch)
+    _crash(["run", "--resume", str(run)], f"{again}:1", monkeypatch)
+    assert main(["run", "--resume", str(run)]) == 0
+    assert _same(_outcome(run), reference)
+
+
+@pytest.mark.parametrize(("point", "k"), REAL, ids=[f"sigkill-{p}:{k}" for p, k in REAL])
+def test_sigkilled_process_resumes_bit_identically(setup, tmp_path, point, k):
+    _, args, reference = setup
+    run = tmp_path / "run"
+    env = {**os.environ, CRASH_ENV: f"{point}:{k}", "DECLORA_CRASH_MODE": "kill", "OMP_NUM_THREADS": "1"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    killed = subprocess.run(
+        [sys.executable, "-m", "declora", "run", *args, f"run_dir={run}"], env=env, capture_output=True
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert main(["run", "--resume", str(run)]) == 0
+    assert _same(_outcome(run), reference)

@@ -1,0 +1,431 @@
+"""A corpus of malformed inputs, through the real CLI in-process (``declora.cli.main``).
+
+Every case must end in exit code 2 with ONE line on stderr that names the culprit (key, file, line or
+value), and must leave every run folder exactly as it was (hashed before and after). Config, data, model
+and adapter cases run into a fresh ``run_dir`` that must not even be created; checkpoint and resume cases
+corrupt a copy of a finished tiny run, which must not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_data
+from safetensors.torch import load_file, save_file
+
+from declora.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Ctx:
+    root: Path
+    bert: Path
+    data: Path
+    done: Path  # a finished 2-round run (its adapters seed the adapter cases)
+    target: Path = Path()  # the run folder this case must leave untouched
+
+    def tiny(self) -> list[str]:
+        return [
+            f"model.name={self.bert}",
+            "model.rank=4",
+            "model.max_length=32",
+            "nodes=2",
+            "rounds=2",
+            f"data.dataset={self.data}",
+            "data.test_fraction=0.25",
+            "partition.min_size=4",
+            "train.batch_size=4",
+            "train.local_steps=1",
+            "eval.every=1",
+            "eval.node_examples=8",
+            "checkpoint_every=1",
+            "threads=1",
+        ]
+
+    def new_run(self, *extra: str) -> list[str]:
+        self.target = self.root / "new_run"
+        return ["run", *self.tiny(), *extra, f"run_dir={self.target}"]
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def copy_done(self) -> Path:
+        self.target = self.root / "resumed"
+        shutil.copytree(self.done, self.target)
+        return self.target
+
+    def adapter(self, edit: Callable[[dict, dict], None] | None = None) -> Path:
+        """A copy of the finished run's consensus adapter, its (config, tensors) edited."""
+        folder = self.root / "adapter"
+        shutil.copytree(self.done / "adapters" / "consensus", folder)
+        if edit is not None:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+            edit(config, tensors)
+            (folder / "adapter_config.json").write_text(json.dumps(config))
+            save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    def model(self, edit: Callable[[Path], None]) -> Path:
+        folder = self.root / "model"
+        shutil.copytree(self.bert, folder)
+        edit(folder)
+        return folder
+
+
+def _digest(folder: Path) -> str | None:
+    if not folder.exists():
+        return None
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _last_shard(run: Path, suffix: str) -> Path:
+    return sorted((run / "state").glob(f"round_*.rank_0.{suffix}"))[-1]
+
+
+def _jsonl(*lines: str) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+UNKNOWN_LABEL = '{"text": "a", "label": 7}'
+GOOD = ['{"text": "good fine", "label": 0}', '{"text": "bad dull", "label": 1}'] * 6
+
+# ---------------------------------------------------------------- the corpus: (id, argv builder, culprit)
+Case = tuple[str, Callable[[Ctx], list[str]], str]
+
+CONFIG_VALUES: list[tuple[str, str]] = [
+    ("train.lr=0", "train.lr"),
+    ("train.lr=-1", "train.lr"),
+    ("train.lr=5", "train.lr"),
+    ("train.lr=.nan", "train.lr"),
+    ("train.lr=.inf", "train.lr"),
+    ("train.head_lr=0", "train.head_lr"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.weight_decay=2", "train.weight_decay"),
+    ("train.betas=[0.9,1.0]", "train.betas"),
+    ("train.betas=[-0.1,0.9]", "train.betas"),
+    ("train.betas=[0.9]", "train.betas"),
+    ("train.eps=0", "train.eps"),
+    ("train.eps=-1e-8", "train.eps"),
+    ("train.max_grad_norm=0", "train.max_grad_norm"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
+    ("train.tokens_per_chunk=0", "train.tokens_per_chunk"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("train.local_unit=minutes", "train.local_unit"),
+    ("model.alpha=0", "model.alpha"),
+    ("model.alpha=-1", "model.alpha"),
+    ("model.dropout=1.0", "model.dropout"),
+    ("model.dropout=-0.1", "model.dropout"),
+    ("model.rank=0", "model.rank"),
+    ("model.rank=abc", "model.rank"),
+    ("model.rank=1000", "model.rank"),
+    ("model.max_length=4096", "model.max_length"),
+    ("model.target_modules=[nope]", "model.target_modules"),
+    ("model.rslora=maybe", "model.rslora"),
+    ("model.init_seed=-5", "model.init_seed"),
+    ("model.head=none", "model.head"),
+    ("eval.node_examples=0", "eval.node_examples"),
+    ("eval.consensus_examples=0", "eval.consensus_examples"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.every=-1", "eval.every"),
+    ("eval.headline=ppl_avg_factors", "eval.headline"),
+    ("threads=0", "threads"),
+    ("threads=-2", "threads"),
+    ("nodes=0", "nodes"),
+    ("nodes=2.5", "nodes"),
+    ("rounds=-1", "rounds"),
+    ("checkpoint_every=0", "checkpoint_every"),
+    ("seed=-1", "seed"),
+    ("topology.p=0", "topology.p"),
+    ("topology.p=1.5", "topology.p"),
+    ("topology.rewire=2", "topology.rewire"),
+    ("topology.link_failure=1.0", "topology.link_failure"),
+    ("topology.node_dropout=1", "topology.node_dropout"),
+    ("topology.encounter_prob=0", "topology.encounter_prob"),
+    ("topology.period=0", "topology.period"),
+    ("topology.graph=moebius", "moebius"),
+    ("topology.weights=foo", "foo"),
+    ("topology.schedule=sometimes", "sometimes"),
+    ("comm.bits=1", "comm.bits"),
+    ("comm.bits=16", "comm.bits"),
+    ("comm.fraction=0", "comm.fraction"),
+    ("comm.fraction=1.5", "comm.fraction"),
+    ("comm.block_size=0", "comm.block_size"),
+    ("comm.codec=zip", "zip"),
+    ("data.test_fraction=0", "data.test_fraction"),
+    ("data.test_fraction=1", "data.test_fraction"),
+    ("data.train_limit=0", "data.train_limit"),
+    ("data.dataset=notes.xyz", "notes.xyz"),
+    ("partition.alpha=0", "partition.alpha"),
+    ("partition.shards_per_node=0", "partition.shards_per_node"),
+    ("partition.min_size=-1", "partition.min_size"),
+    ("partition.kind=zipf", "zipf"),
+    ("algorithm.name=nope", "nope"),
+    ("algorithm.auto_c=0", "algorithm.auto_c"),
+    ("algorithm.server_lr=0", "algorithm.server_lr"),
+    ("algorithm.server_weight_decay=-1", "algorithm.server_weight_decay"),
+    ("algorithm.switch_interval=0", "algorithm.switch_interval"),
+    ("algorithm.clients_per_round=0", "algorithm.clients_per_round"),
+    ("dist.timeout_s=0", "dist.timeout_s"),
+    ("dist.node_slices=[1,5]", "dist.node_slices"),
+    ("dist.backend=mpi", "dist.backend"),
+    ("export=some", "export"),
+    ("foo=1", "foo"),
+    ("train.lrr=0.1", "train.lrr"),
+    ("topology.graph=regular", "degree"),  # degree 4 with 2 nodes: the graph check, before data/model
+    ("train.betas=[0.9,", "train.betas"),  # not YAML
+]
+
+
+def _value_case(override: str, culprit: str) -> Case:
+    return (f"config:{override}", lambda c: c.new_run(override), culprit)
+
+
+CASES: list[Case] = [_value_case(o, k) for o, k in CONFIG_VALUES]
+CASES += [
+    ("config:no-equals", lambda c: c.new_run("nodes"), "nodes"),
+    ("config:empty-key", lambda c: c.new_run("=5"), "=5"),
+    (
+        "config:yaml-syntax",
+        lambda c: ["run", str(c.file("bad.yaml", "nodes: 4\nmodel: [a\n")), *c.new_run()[1:]],
+        "bad.yaml",
+    ),
+    (
+        "config:yaml-list",
+        lambda c: ["run", str(c.file("list.yaml", "- 1\n- 2\n")), *c.new_run()[1:]],
+        "list.yaml",
+    ),
+    ("config:missing-file", lambda c: ["run", str(c.root / "nope.yaml"), *c.new_run()[1:]], "nope.yaml"),
+    (
+        "config:not-utf8",
+        lambda c: ["run", str(c.file("enc.yaml", b"nodes: \xff\n")), *c.new_run()[1:]],
+        "enc.yaml",
+    ),
+    ("config:section-not-mapping", lambda c: c.new_run("model=3"), "model"),
+]
+
+DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the message must hold)
+    ("broken.jsonl", _jsonl(*GOOD[:2], '{"text": "x", "label":', *GOOD), "broken.jsonl:3"),
+    ("list-line.jsonl", _jsonl(*GOOD[:3], "[1, 2]", *GOOD), "list-line.jsonl:4"),
+    ("no-label.jsonl", _jsonl(*GOOD[:3], '{"text": "meh"}', *GOOD), "no-label.jsonl:4"),
+    ("empty-label.jsonl", _jsonl(*GOOD[:1], '{"text": "meh", "label": ""}', *GOOD), "empty-label.jsonl:2"),
+    ("nan-label.jsonl", _jsonl(*GOOD[:4], '{"text": "meh", "label": NaN}', *GOOD), "nan-label.jsonl:5"),
+    ("null-text.jsonl", _jsonl(*GOOD[:2], '{"text": null, "label": 1}', *GOOD), "null-text.jsonl:3"),
+    ("latin1.jsonl", _jsonl(*GOOD[:5]).encode() + b'{"text": "caf\xe9", "label": 1}\n', "latin1.jsonl:6"),
+    ("empty.jsonl", "", "empty.jsonl"),
+    ("one-label.jsonl", _jsonl(*GOOD[::2]), "single label"),
+    ("nan.csv", "text,label\n" + "good,0\nbad,1\n" * 5 + "meh,nan\n", "nan.csv:12"),
+    ("latin1.csv", b"text,label\ngood,0\nbad,1\ncaf\xe9,1\n", "latin1.csv:4"),
+    ("no-column.csv", "text,target\n" + "good,0\nbad,1\n" * 5, "label"),
+    ("extra-cells.csv", "text,label\ngood,0\nbad,1,oops\n", "extra-cells.csv:3"),
+    ("empty-cell.csv", "text,label\ngood,0\n,1\n", "empty-cell.csv:3"),
+    ("huge.csv", "text,label\n" + "good,0\nbad,1\n" * 3 + "x" * 200_000 + ",1\n", "huge.csv"),
+    ("broken.json", '[{"text": "a", "label": 0},\n{"text": ', "broken.json:2"),
+]
+CASES += [
+    (f"data:{name}", lambda c, n=name, t=text: c.new_run(f"data.dataset={c.file(n, t)}"), want)
+    for name, text, want in DATA
+]
+CASES += [
+    ("data:missing-file", lambda c: c.new_run(f"data.dataset={c.root / 'gone.jsonl'}"), "gone.jsonl"),
+    (
+        "data:test-file-unknown-label",
+        lambda c: c.new_run(f"data.test_file={c.file('test.jsonl', _jsonl(UNKNOWN_LABEL))}"),
+        "test.jsonl",
+    ),
+]
+
+
+def _drop(name: str) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).unlink()
+
+
+MODELS: list[tuple[str, Callable[[Path], None], str]] = [
+    ("no-config", _drop("config.json"), "config.json"),
+    ("corrupt-config", lambda f: (f / "config.json").write_text("{not json"), "config.json"),
+    ("config-not-object", lambda f: (f / "config.json").write_text("[1]"), "config.json"),
+    ("no-weights", _drop("model.safetensors"), "no weights"),
+    (
+        "pickle-only",
+        lambda f: ((f / "model.safetensors").unlink(), (f / "pytorch_model.bin").write_bytes(b"\x80\x04")),
+        "pytorch_model.bin",
+    ),
+    ("truncated-weights", lambda f: _truncate(f / "model.safetensors"), "model.safetensors"),
+    ("garbage-weights", lambda f: (f / "model.safetensors").write_bytes(b"\x05" * 64), "model.safetensors"),
+]
+CASES += [
+    (f"model:{name}", lambda c, e=edit: c.new_run(f"model.name={c.model(e)}"), want)
+    for name, edit, want in MODELS
+]
+CASES.append(("model:missing-folder", lambda c: c.new_run(f"model.name={c.root / 'nomodel'}"), "nomodel"))
+
+
+def _set(key: str, value: object) -> Callable[[dict, dict], None]:
+    return lambda config, tensors: config.__setitem__(key, value)
+
+
+def _poison(config: dict, tensors: dict) -> None:
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+
+
+def _reshape(config: dict, tensors: dict) -> None:
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+
+
+ADAPTERS: list[tuple[str, Callable[[dict, dict], None], str]] = [
+    ("rank", _set("r", 8), "rank"),
+    ("alpha", _set("lora_alpha", 3.0), "lora_alpha"),
+    ("rslora", _set("use_rslora", True), "rslora"),
+    ("targets", _set("target_modules", ["query"]), "target"),
+    ("nan", _poison, "NaN"),
+    ("shape", _reshape, "shape"),
+]
+CASES += [
+    (f"adapter:{name}", lambda c, e=edit: c.new_run(f"model.init_adapter={c.adapter(e)}"), want)
+    for name, edit, want in ADAPTERS
+]
+CASES += [
+    ("adapter:missing-folder", lambda c: c.new_run(f"model.init_adapter={c.root / 'noad'}"), "noad"),
+    (
+        "adapter:no-config",
+        lambda c: c.new_run(f"model.init_adapter={_edit(c.adapter(), _drop('adapter_config.json'))}"),
+        "adapter_config.json",
+    ),
+    (
+        "adapter:truncated",
+        lambda c: c.new_run(
+            f"model.init_adapter={_edit(c.adapter(), lambda f: _truncate(f / 'adapter_model.safetensors'))}"
+        ),
+        "adapter_model.safetensors",
+    ),
+]
+
+
+def _edit(folder: Path, edit: Callable[[Path], None]) -> Path:
+    edit(folder)
+    return folder
+
+
+def _resume(edit: Callable[[Path], None], *extra: str) -> Callable[[Ctx], list[str]]:
+    def argv(c: Ctx) -> list[str]:
+        run = c.copy_done()
+        edit(run)
+        return ["run", "--resume", str(run), *extra]
+
+    return argv
+
+
+def _nothing(run: Path) -> None:
+    pass
+
+
+CASES += [
+    (
+        "ckpt:latest-corrupt",
+        _resume(lambda r: (r / "state/latest.json").write_text('{"round": 2,')),
+        "latest.json",
+    ),
+    ("ckpt:latest-empty", _resume(lambda r: (r / "state/latest.json").write_text("")), "latest.json"),
+    ("ckpt:latest-not-object", _resume(lambda r: (r / "state/latest.json").write_text("[2]")), "latest.json"),
+    ("ckpt:shard-truncated", _resume(lambda r: _truncate(_last_shard(r, "safetensors"))), "safetensors"),
+    ("ckpt:shard-missing", _resume(lambda r: _last_shard(r, "safetensors").unlink()), "safetensors"),
+    ("ckpt:counters-corrupt", _resume(lambda r: _last_shard(r, "json").write_text("{oops")), ".json"),
+    ("ckpt:metrics-corrupt", _resume(lambda r: _corrupt_metrics(r), "rounds=3"), "metrics.jsonl:2"),
+    ("ckpt:config-yaml", _resume(lambda r: (r / "config.yaml").write_text("nodes: [\n")), "config.yaml"),
+    (
+        "resume:config-file",
+        lambda c: ["run", str(c.file("x.yaml", "nodes: 2\n")), "--resume", str(c.copy_done())],
+        "x.yaml",
+    ),
+    ("resume:unsafe-rank", _resume(_nothing, "model.rank=8"), "model.rank"),
+    ("resume:unsafe-lr", _resume(_nothing, "train.lr=0.5"), "train.lr"),
+    ("resume:unsafe-nodes", _resume(_nothing, "nodes=3"), "nodes"),
+    ("resume:fewer-rounds", _resume(_nothing, "rounds=1"), "rounds=1"),
+    ("resume:bad-value", _resume(_nothing, "rounds=0"), "rounds"),
+    ("resume:with-overwrite", _resume(_nothing, "--overwrite"), "--overwrite"),
+    ("resume:not-a-run", lambda c: ["run", "--resume", str(c.root)], "config.yaml"),
+]
+
+
+def _corrupt_metrics(run: Path) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:10]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _into_done(c: Ctx, *extra: str) -> list[str]:
+    c.target = c.copy_done()
+    return ["run", *c.tiny(), f"run_dir={c.target}", *extra]
+
+
+def _into_other(c: Ctx) -> list[str]:
+    c.target = c.root / "photos"
+    c.target.mkdir()
+    (c.target / "holiday.jpg").write_bytes(b"precious")
+    return ["run", *c.tiny(), f"run_dir={c.target}", "--overwrite"]
+
+
+def _into_file(c: Ctx) -> list[str]:
+    c.target = c.file("a-file", "x")
+    return ["run", *c.tiny(), f"run_dir={c.target}"]
+
+
+CASES += [
+    ("folder:existing-run", _into_done, "--overwrite"),
+    ("folder:existing-run-bad-value", lambda c: _into_done(c, "train.lr=0", "--overwrite"), "train.lr"),
+    ("folder:not-a-run", _into_other, "photos"),
+    ("folder:is-a-file", _into_file, "a-file"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_bert, restore_threads) -> Ctx:
+    root = tmp_path_factory.mktemp("corpus")
+    ctx = Ctx(root, tiny_bert, write_tiny_data(root / "tiny.jsonl", 40), root / "done")
+    ctx.target = ctx.done
+    assert main(["run", *ctx.tiny(), "export=consensus", f"run_dir={ctx.done}"]) == 0
+    return ctx
+
+
+def test_the_corpus_is_large_enough():
+    assert len(CASES) >= 80 and len({name for name, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("name", "argv", "culprit"), CASES, ids=[c[0] for c in CASES])
+def test_malformed_input_is_one_clear_line(corpus, tmp_path, capsys, name, argv, culprit):
+    ctx = Ctx(tmp_path, corpus.bert, corpus.data, corpus.done)
+    done_before = _digest(corpus.done)
+    args = argv(ctx)
+    target_before = _digest(ctx.target)
+    capsys.readouterr()
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("declora: error: ") and "\n" not in err, err
+    assert culprit in err, err
+    assert _digest(ctx.target) == target_before, "the run folder changed"
+    assert _digest(corpus.done) == done_before

@@ -75,9 +75,12 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
-        with self.path.open("a", encoding="utf-8") as f:
-            crash_point("metrics.append", partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
-            f.write(line)
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                crash_point("metrics.append", partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
+                f.write(line)
+        except OSError as err:  # a torn last line is dropped on resume
+            raise OSError(err.errno, f"cannot append to {self.path} ({err.strerror})") from err
 
 
 def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool) -> None:

@@ -63,9 +63,11 @@ def atomic_write(path: Path, write: Callable[[Path], Any], point: str = "write")
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
-    except OSError:
+    except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise
+        raise OSError(
+            err.errno, f"cannot write {path} ({err.strerror}); its previous version is kept"
+        ) from err
     crash_point(point)  # the new content is complete in .tmp, the old one still in place
     os.replace(tmp, path)
 

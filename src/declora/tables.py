@@ -155,7 +155,7 @@ def column(table: Any, name: str, key: str, where: str, source: str | Path | Non
         empty = v is None or (isinstance(v, str) and not v.strip())
         if empty or (isinstance(v, float) and not math.isfinite(v)):
             at = row_line(source, i) if source is not None else f"row {i} of {where}"
-            what = "no value" if empty else f"{v!r}, not a value"
+            what = "no value" if empty else f"{v!r} (not a value)"
             raise ValueError(f"{at}: {what} in column {name!r} ({key})")
     return values
 

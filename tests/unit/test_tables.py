@@ -129,7 +129,7 @@ def test_clear_errors(tmp_path):
     gaps = [dict(r) for r in ROWS]
     gaps[3]["review"] = None
     (tmp_path / "g").mkdir()
-    with pytest.raises(ValueError, match="row 3 .* no value in column 'review'"):
+    with pytest.raises(ValueError, match=r"\.jsonl:4: no value in column 'review'"):  # row 3 is line 4
         load_dataset(
             DataConfig(
                 dataset=str(_write("jsonl", tmp_path / "g", gaps)), text_column="review", label_column="stars"

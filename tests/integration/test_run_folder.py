@@ -1,0 +1,112 @@
+"""Run-folder safety end to end: --overwrite, a recorded resume, a full disk, a diverged run, stale grid
+cells. Tiny BERT, two rounds, through the real CLI in-process."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import write_tiny_data
+from safetensors.torch import load_file, save_file
+
+from declora.cli import main
+from declora.compare import load_grid, run_grid
+from declora.config import ConfigError, load_config
+from declora.runfolder import read_resumes
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_bert, restore_threads):
+    data = write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", 32)
+    return [
+        f"model.name={tiny_bert}",
+        *("model.rank=2", "model.max_length=16", "nodes=2", "rounds=2", f"data.dataset={data}"),
+        *("data.test_fraction=0.25", "partition.min_size=2", "train.batch_size=4", "train.local_steps=1"),
+        *("eval.every=1", "eval.node_examples=4", "checkpoint_every=1", "export=consensus", "threads=1"),
+    ]
+
+
+def _rounds(run: Path) -> list[int]:
+    return [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_overwrite_replaces_an_earlier_run_only_when_asked(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["run", *tiny, f"run_dir={run}", "seed=1"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (run / "metrics.jsonl").read_bytes() == before
+    (run / "stray.txt").write_text("from the earlier run")
+    assert main(["run", *tiny, f"run_dir={run}", "seed=1", "--overwrite"]) == 0
+    assert not (run / "stray.txt").exists() and load_config(run / "config.yaml").seed == 1
+    assert _rounds(run) == [0, 0, 1, 2]
+
+
+def test_resume_with_more_rounds_is_recorded(tiny, tmp_path):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    assert main(["run", "--resume", str(run), "rounds=3", "eval.every=3"]) == 0
+    assert load_config(run / "config.yaml").rounds == 3  # the folder describes the run as it went on
+    (entry,) = read_resumes(run)
+    assert entry["from_round"] == 2
+    assert entry["changes"] == {"rounds": {"old": 2, "new": 3}, "eval.every": {"old": 1, "new": 3}}
+    assert _rounds(run) == [0, 0, 1, 2, 3]
+
+
+def test_a_full_disk_is_one_line_and_the_checkpoint_survives(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit then fail with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512, hard))
+    capsys.readouterr()
+    try:
+        code = main(["run", "--resume", str(run), "rounds=3"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("declora: error:") and "\n" not in err and "metrics.jsonl" in err, err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 0 and _rounds(run)[-1] == 3
+
+
+def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["run", *tiny, f"run_dir={first}"]) == 0
+    adapter = first / "adapters" / "consensus" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, 1e30) for k, v in load_file(str(adapter)).items()}, str(adapter))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    code = main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter.parent}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "round 1: node" in err and "NaN or Inf" in err and "\n" not in err, err
+    assert not (run / "state").exists()  # nothing bad was saved
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rounds] == ["start", "partition"]  # and no 0.0 or NaN round logged
+
+
+def test_a_grid_cell_run_with_another_config_is_refused(tiny, tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({}))
+    grid = {"base": str(base), "out": str(tmp_path / "grid"), "overrides": tiny, "seeds": [0]}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    run_grid(load_grid(path))
+    grid["overrides"] = [*tiny, "train.lr=0.002"]
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError, match=r"train\.lr cannot change"):
+        run_grid(load_grid(path))
+    grid["overrides"] = [*tiny, "rounds=3"]  # more rounds: the cell resumes, and says so
+    path.write_text(yaml.safe_dump(grid))
+    states = []
+    (cell,) = run_grid(load_grid(path), lambda k, n, c, state: states.append(state))
+    assert states == ["partial"] and _rounds(cell.run_dir)[-1] == 3 and len(read_resumes(cell.run_dir)) == 1

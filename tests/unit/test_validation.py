@@ -1,0 +1,104 @@
+"""Validation tables: every number has a range, resume overrides are sorted into safe and refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import typing
+
+import pytest
+
+from declora.config import (
+    POSITIVE,
+    RANGES,
+    RESUME_SAFE,
+    Config,
+    ConfigError,
+    Range,
+    check_resume,
+    load_config,
+)
+from declora.runfolder import atomic_write_text, check_new_run
+
+pytestmark = pytest.mark.unit
+# Numbers whose checks relate them to other keys (declora.config CROSS_CHECKS and the _validate_* helpers).
+CHECKED_WITH_OTHER_KEYS = {
+    "partition.proportions",
+    "algorithm.switch_interval",
+    "algorithm.ranks",
+    "algorithm.sketch_ratios",
+    "dist.node_slices",
+}
+
+
+def _numeric_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[str]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_keys(tp, f"{prefix}{f.name}.")
+        elif "int" in str(tp) or "float" in str(tp):
+            yield prefix + f.name
+
+
+def test_every_numeric_key_has_a_range():
+    missing = set(_numeric_keys()) - set(RANGES) - set(POSITIVE) - CHECKED_WITH_OTHER_KEYS
+    assert not missing, f"add these keys to config.RANGES (or POSITIVE): {sorted(missing)}"
+    assert not (set(RANGES) - set(_numeric_keys())), "RANGES names a key that does not exist"
+
+
+def test_ranges_hold_their_bounds_and_print_them():
+    r = Range(0, 1, lo_open=True)
+    assert [r.holds(x) for x in (0, 1e-12, 1, 1.0001)] == [False, True, True, False]
+    assert str(r) == "(0, 1]" and str(Range(0)) == "[0, inf)"
+
+
+def test_defaults_and_shipped_values_pass():
+    load_config(None, [])
+
+
+@pytest.mark.parametrize("override", ["model.alpha=0", "train.lr=.nan", "train.betas=[0.9,1]"])
+def test_legal_but_mistaken_or_non_finite_values_are_refused(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(None, [override])
+
+
+def test_alpha_zero_needs_the_documented_flag():
+    assert load_config(None, ["model.alpha=0", "allow_degenerate=true"]).model.alpha == 0
+
+
+def test_resume_allows_the_safe_keys_and_names_the_rest():
+    saved = load_config(None, ["rounds=4"])
+    safe = load_config(None, ["rounds=8", "eval.every=2", "checkpoint_every=2", "threads=1", "export=none"])
+    assert set(check_resume(saved, safe, rounds_done=4)) <= set(RESUME_SAFE)
+    with pytest.raises(ConfigError, match=r"model\.rank cannot change on resume \(8 -> 4\)"):
+        check_resume(saved, load_config(None, ["rounds=4", "model.rank=4"]))
+    with pytest.raises(ConfigError, match="rounds=2 is below the 3 rounds already done"):
+        check_resume(saved, load_config(None, ["rounds=2"]), rounds_done=3)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old")
+
+    def full(p):
+        p.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from declora.runfolder import atomic_write
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write(path, full)
+    assert path.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == ["config.yaml"]
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+
+
+def test_new_run_folder_rules(tmp_path):
+    check_new_run(tmp_path / "fresh", overwrite=False)  # absent: fine
+    (tmp_path / "run").mkdir()
+    check_new_run(tmp_path / "run", overwrite=False)  # empty: fine
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        check_new_run(tmp_path / "run", overwrite=False)
+    check_new_run(tmp_path / "run", overwrite=True)

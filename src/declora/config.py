@@ -396,7 +396,9 @@ RANGES: dict[str, Range] = {
     "algorithm.server_lr": Range(0, 1, lo_open=True),
     "algorithm.server_weight_decay": PROBABILITY,
     "dist.timeout_s": ABOVE_ZERO,
+    "attack.std": NON_NEGATIVE,
 }
+INFINITE_OK = ("privacy.clip", "robust.clip_radius")  # .inf: no clipping
 # Keys that may change when a run resumes: they do not change what the finished rounds computed or what the
 # checkpoint holds (more rounds, when to evaluate or save, how fast). Anything else is refused on resume.
 RESUME_SAFE = (
@@ -608,10 +610,10 @@ def validate(cfg: Config) -> Config:
 
 
 def _validate_ranges(flat: dict[str, Any]) -> None:
-    """Every number finite and inside its RANGES entry."""
+    """Every number finite (but the INFINITE_OK ones may be .inf) and inside its RANGES entry."""
     for key, value in flat.items():
         for x in value if isinstance(value, list) else [value]:
-            if isinstance(x, float) and not math.isfinite(x):
+            if isinstance(x, float) and not math.isfinite(x) and not (key in INFINITE_OK and x == math.inf):
                 raise ConfigError(f"{key}={x!r} must be a finite number")
     for key, allowed in RANGES.items():
         value = flat[key]

@@ -101,18 +101,20 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool) -> None:
 
 
 def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
-    """Load the last complete checkpoint, drop later metrics, record the resume (rank 0 writes)."""
-    saved = load_config(exp.run_dir / "config.yaml")
-    changes = check_resume(saved, exp.cfg)
-    if not (exp.run_dir / "state" / LATEST).is_file():  # killed before its first checkpoint: start over
+    """Load the last complete checkpoint, drop later metrics, record the resume. Only rank 0 reads or
+    writes the folder (other hosts may have none); the CLI has already refused unsafe overrides."""
+    group, main = exp.group, exp.group.is_main
+    saved = load_config(exp.run_dir / "config.yaml") if main else None
+    changes = check_resume(saved, exp.cfg) if main else {}
+    if not group.broadcast((exp.run_dir / "state" / LATEST).is_file() if main else None):
         log.info("%s has no checkpoint yet: starting it again from round 0", exp.run_dir)
-        if exp.group.is_main:
+        if main:  # killed before its first checkpoint: nothing to keep
             _start(exp, metrics, overwrite=True)
             record_resume(exp.run_dir, 0, changes)
         return 0, 0.0
     start, wall_before = load_checkpoint(exp)
-    check_resume(saved, exp.cfg, rounds_done=start)
-    if exp.group.is_main:
+    if main:
+        check_resume(saved, exp.cfg, rounds_done=start)
         metrics.truncate_after(start)
         record_resume(exp.run_dir, start, changes)
         save_config(exp.cfg, exp.run_dir / "config.yaml")  # the folder describes the run as it goes on

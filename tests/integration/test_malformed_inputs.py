@@ -234,7 +234,7 @@ DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the me
     ("null-text.jsonl", _jsonl(*GOOD[:2], '{"text": null, "label": 1}', *GOOD), "null-text.jsonl:3"),
     ("latin1.jsonl", _jsonl(*GOOD[:5]).encode() + b'{"text": "caf\xe9", "label": 1}\n', "latin1.jsonl:6"),
     ("empty.jsonl", "", "empty.jsonl"),
-    ("one-label.jsonl", _jsonl(*GOOD[::2]), "single label"),
+    ("one-label.jsonl", _jsonl(*GOOD[::2] * 3), "single label"),
     ("nan.csv", "text,label\n" + "good,0\nbad,1\n" * 5 + "meh,nan\n", "nan.csv:12"),
     ("latin1.csv", b"text,label\ngood,0\nbad,1\ncaf\xe9,1\n", "latin1.csv:4"),
     ("no-column.csv", "text,target\n" + "good,0\nbad,1\n" * 5, "label"),

@@ -21,13 +21,18 @@ from declora.config import (
 from declora.runfolder import atomic_write_text, check_new_run
 
 pytestmark = pytest.mark.unit
-# Numbers whose checks relate them to other keys (declora.config CROSS_CHECKS and the _validate_* helpers).
+# Numbers checked with other keys (declora.config CROSS_CHECKS, the _validate_* helpers, guard.py).
 CHECKED_WITH_OTHER_KEYS = {
     "partition.proportions",
     "algorithm.switch_interval",
     "algorithm.ranks",
     "algorithm.sketch_ratios",
     "dist.node_slices",
+    "partition.max_per_node",  # _validate_partition
+    *("server.lr", "server.betas", "server.tau", "server.fraction"),  # _validate_server
+    *("privacy.clip", "privacy.noise_multiplier", "privacy.target_epsilon", "privacy.delta"),  # guard.py
+    *("robust.trim", "robust.clip_radius", "robust.krum_f"),  # guard.py
+    *("attack.nodes", "attack.scale"),  # guard.py; any finite scale is an attack
 }
 
 

@@ -390,6 +390,7 @@ RANGES: dict[str, Range] = {
     "train.tokens_per_chunk": Range(1),
     "eval.node_examples": Range(1),
     "eval.consensus_examples": Range(1),
+    "eval.seed": NON_NEGATIVE,
     "algorithm.auto_c": ABOVE_ZERO,
     "algorithm.auto_max": Range(1),
     "algorithm.clients_per_round": Range(1),

@@ -396,6 +396,7 @@ RANGES: dict[str, Range] = {
     "algorithm.clients_per_round": Range(1),
     "algorithm.server_lr": Range(0, 1, lo_open=True),
     "algorithm.server_weight_decay": PROBABILITY,
+    "algorithm.mu": NON_NEGATIVE,
     "dist.timeout_s": ABOVE_ZERO,
     "attack.std": NON_NEGATIVE,
 }

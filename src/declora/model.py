@@ -266,7 +266,9 @@ def averaged_factors(stacked: dict[str, Tensor], weights: Tensor | None = None) 
     if weights is None:
         return {k: v.detach().mean(0, keepdim=True) for k, v in stacked.items()}
     w = weights.to(torch.float32) / weights.sum()
-    return {k: torch.einsum("n,n...->...", w, v.detach()).unsqueeze(0) for k, v in stacked.items()}
+    return {
+        k: torch.einsum("n,n...->...", w.to(v.device), v.detach()).unsqueeze(0) for k, v in stacked.items()
+    }
 
 
 def averaged_product(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -304,7 +306,7 @@ def export_peft(
     for k, v in single.items():
         module, _, leaf = k.rpartition(".")
         key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else k
-        state[f"base_model.model.{key}"] = v[0].detach().contiguous().clone()
+        state[f"base_model.model.{key}"] = v[0].detach().cpu().contiguous().clone()  # from any device
     # A rank-m adapter keeps the run's effective scale s: PEFT applies alpha'/m (or alpha'/sqrt(m)).
     alpha = fed.scale * (math.sqrt(rank) if fed.cfg.rslora else rank)
     roots = sorted({name.split(".")[0] for name in fed.heads})

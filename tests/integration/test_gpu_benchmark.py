@@ -26,7 +26,19 @@ def _bench():
 
 def test_quick_cpu_mode_measures_both_methods_and_writes_json_and_markdown(tmp_path, one_thread):
     bench = _bench()
-    args = ["--device", "cpu", "--quick", "--nodes", "1,3", "--steps", "1", "--products-at", "3"]
+    args = [
+        "--device",
+        "cpu",
+        "--quick",
+        "--nodes",
+        "1,3",
+        "--steps",
+        "1",
+        "--products-at",
+        "3",
+        "--peft-nodes",
+        "1",
+    ]
     doc = bench.main([*args, "--out", str(tmp_path)])
     assert json.loads((tmp_path / "gpu_quick.json").read_text())["rows"] == doc["rows"]
     rows = {(r["model"], r["method"], r["n"]): r for r in doc["rows"]}
@@ -41,6 +53,7 @@ def test_quick_cpu_mode_measures_both_methods_and_writes_json_and_markdown(tmp_p
     assert declora["speedup_vs_sequential_peft"] == pytest.approx(
         declora["examples_per_s"] / peft["examples_per_s"]
     )
+    assert peft["reused_from_n"] == 1 and peft["nodes_timed"] == 1  # the swap's rate does not depend on N
     assert doc["largest_n_that_fits"] == {"minilm": 3, "smollm2": 3}
     table = (tmp_path / "gpu_quick.md").read_text()
     assert "| smollm2 | declora | 3 | ok |" in table and "Largest N measured that fits" in table

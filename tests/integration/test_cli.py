@@ -56,7 +56,8 @@ def test_smoke_run_writes_everything(smoke_run, capsys):
 
 
 def test_consensus_adapter_predicts_what_declora_evaluated(smoke_run):
-    """PeftModel.from_pretrained on the exported folder reproduces declora's consensus accuracy."""
+    """PeftModel.from_pretrained on the exported folder, read as its README says (the shipped MiniLM's head
+    reads the mean of the token states), reproduces declora's consensus accuracy."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -66,20 +67,25 @@ def test_consensus_adapter_predicts_what_declora_evaluated(smoke_run):
     from declora.seeding import numpy_rng
 
     cfg = load_config(smoke_run / "config.yaml")
-    _, test = load_dataset(cfg.data, cfg.seed)
+    _, test = load_dataset(cfg.data, cfg.eval.seed)
     path = model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    order = numpy_rng(cfg.seed, "eval").permutation(len(test))
+    order = numpy_rng(cfg.eval.seed, "eval").permutation(len(test))
     texts, labels = [test.texts[i] for i in order], test.labels[order]
+    folder = smoke_run / "adapters" / "consensus"
     model = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2),
-        str(smoke_run / "adapters" / "consensus"),
+        AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2), str(folder)
     ).eval()
+    pooling = json.loads((folder / "declora_pooling.json").read_text())["pooling"]
+    assert pooling == "mean"  # model.pooling=auto on the shipped MiniLM
     batch = tokenizer(
         texts, padding=True, truncation=True, max_length=cfg.model.max_length, return_tensors="pt"
     )
-    with torch.no_grad():
-        preds = model(**batch).logits.argmax(-1).numpy()
+    with torch.no_grad():  # the folder README's recipe
+        inner = model.get_base_model()
+        hidden = inner.base_model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        preds = inner.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).argmax(-1).numpy()
     last = [json.loads(x) for x in (smoke_run / "metrics.jsonl").read_text().splitlines()][-1]
     assert float((preds == labels).mean()) == pytest.approx(last["acc_avg_factors"], abs=1e-9)
 

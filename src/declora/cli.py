@@ -157,7 +157,10 @@ def _progress(exp: Experiment, group: Solo) -> _Bar | None:
     where = (
         f", {group.world} processes: nodes per rank {list(group.layout.counts)}" if group.world > 1 else ""
     )
-    print(f"run folder: {exp.run_dir}  ({exp.n} nodes, {cfg.algorithm.name}, {cfg.topology.graph}{where})")
+    run = (
+        f"{exp.n} nodes, {cfg.algorithm.name}, {cfg.topology.graph}, {exp.fed.device} {cfg.precision}{where}"
+    )
+    print(f"run folder: {exp.run_dir}  ({run})")
     return _Bar(cfg.rounds)
 
 

@@ -553,10 +553,6 @@ def validate(cfg: Config) -> Config:
             "model.quant_backend=bitsandbytes but bitsandbytes is not installed "
             "(pip install 'declora[quant]'); use model.quant_backend=auto or declora"
         )
-    if cfg.train.tokens_per_chunk is not None and cfg.train.tokens_per_chunk <= 0:
-        raise ConfigError(
-            f"train.tokens_per_chunk={cfg.train.tokens_per_chunk} must be a positive integer or null"
-        )
     from declora.device import check_device
 
     try:

@@ -17,28 +17,28 @@ pytestmark = pytest.mark.integration
 
 
 def tiny(tiny_bert, tmp_path, *extra):
-    return load_config(
-        None,
-        [
-            f"model.name={tiny_bert}",
-            "model.rank=4",
-            "model.max_length=32",
-            "nodes=4",
-            "rounds=2",
-            "data.train_limit=64",
-            "data.test_limit=16",
-            "train.batch_size=4",
-            "train.local_steps=2",
-            "eval.every=1",
-            "eval.node_examples=8",
-            "checkpoint_every=1",
-            "export=none",
-            "device=cpu",
-            "threads=1",
-            f"run_dir={tmp_path}",
-            *extra,
-        ],
-    )
+    return load_config(None, [*_overrides(tiny_bert, tmp_path), *extra])
+
+
+def _overrides(tiny_bert, tmp_path):
+    return [
+        f"model.name={tiny_bert}",
+        "model.rank=4",
+        "model.max_length=32",
+        "nodes=4",
+        "rounds=2",
+        "data.train_limit=64",
+        "data.test_limit=16",
+        "train.batch_size=4",
+        "train.local_steps=2",
+        "eval.every=1",
+        "eval.node_examples=8",
+        "checkpoint_every=1",
+        "export=none",
+        "device=cpu",
+        "threads=1",
+        f"run_dir={tmp_path}",
+    ]
 
 
 def test_bf16_keeps_fp32_masters_over_a_bf16_base_all_on_the_device(tiny_bert, tmp_path, restore_threads):
@@ -88,3 +88,18 @@ def test_bf16_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_pa
     assert evals(resumed) == evals(full)
     for k, v in full.fed.tensors().items():
         assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach())
+
+
+def test_cli_names_the_device_and_precision_and_logs_tokens_per_second(
+    tiny_bert, tmp_path, capsys, restore_threads
+):
+    from declora.cli import main
+
+    # the CLI starts from configs/default.yaml (dirichlet partition): iid suits 64 examples
+    assert (
+        main(["run", *_overrides(tiny_bert, tmp_path), "partition.kind=iid", "rounds=1", "precision=bf16"])
+        == 0
+    )
+    assert "(4 nodes, dec_lora, ring, cpu bf16)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens_per_s"] > 0 and "peak_gpu_mem_mb" not in record  # no GPU memory on the CPU

@@ -24,7 +24,7 @@ def test_cuda_without_cuda_is_a_config_error_naming_the_key(device):
         ("device=gpu", r"device='gpu' is not allowed; choose auto, cpu, cuda or cuda:K"),
         ("device=cuda:x", r"device='cuda:x' is not allowed"),
         ("precision=fp16", r"precision='fp16' is not allowed; choose one of \['fp32', 'bf16'\]"),
-        ("train.tokens_per_chunk=0", r"train.tokens_per_chunk=0 must be a positive integer or null"),
+        ("train.tokens_per_chunk=0", r"train.tokens_per_chunk=0 is out of range; allowed: \[1, inf\)"),
     ],
 )
 def test_bad_device_precision_and_budget_are_config_errors(override, match):

@@ -49,7 +49,8 @@ class ModelConfig:
 class TaskConfig:
     """What the model learns. Encoders classify with a head; causal LMs generate (declora.tasks)."""
 
-    kind: str = "sequence_classification"  # | label_words (classification as generation) | causal_lm
+    # | label_words (classification as generation) | causal_lm | instruction (prompt -> response)
+    kind: str = "sequence_classification"
     template: str = "{text}\nAnswer:"  # label_words: the prompt; the label word follows it
     label_words: tuple[str, ...] | None = None  # label_words: one per label, in label order; None: " <name>"
 
@@ -66,6 +67,11 @@ class DataConfig:
     test_split: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # task.kind=instruction: the messages column (a list of {role, content}, the last the assistant's
+    # answer) if the table has it, else the prompt and response columns
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str = "messages"
     test_fraction: float = 0.2
     # One table per node (the node's own rows; partition is then not used): a list with one path per
     # node, or a folder whose files (sorted by name) are the nodes'. Each process reads only its nodes'.
@@ -293,7 +299,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log.wandb_mode": ("offline", "online", "disabled"),
     "model.head": ("train", "frozen", "none"),
     "model.pooling": ("auto", "mean", "cls"),
-    "task.kind": ("sequence_classification", "label_words", "causal_lm"),
+    "task.kind": ("sequence_classification", "label_words", "causal_lm", "instruction"),
     "model.base_quantization": ("none", "int8", "nf4"),
     "model.quant_backend": ("auto", "declora", "bitsandbytes"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
@@ -741,7 +747,7 @@ def _validate_server(cfg: Config) -> None:
 
 def _validate_task(cfg: Config) -> None:
     kind, head, headline = cfg.task.kind, cfg.model.head, cfg.eval.headline
-    prefix = "ppl_" if kind == "causal_lm" else "acc_"  # perplexity for plain LM, else accuracy
+    prefix = "ppl_" if kind in ("causal_lm", "instruction") else "acc_"  # perplexity for generation
     if not headline.startswith(prefix):
         raise ConfigError(f"eval.headline={headline!r} is not measured for task.kind={kind}; use {prefix}*")
     if kind != "sequence_classification" and cfg.model.pooling == "mean":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class TextDataset:
     label_names: tuple[str, ...]
     groups: np.ndarray | None = None  # (N,) int64
     clients: np.ndarray | None = None  # (N,) int64: the row's value of partition.column, as an index
+    responses: list[str] | None = None  # task.kind=instruction: the answers (texts: the prompt turns, JSON)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
@@ -54,7 +56,9 @@ class TextDataset:
         idx = np.asarray(idx, dtype=np.int64)
         groups = None if self.groups is None else self.groups[idx]
         clients = None if self.clients is None else self.clients[idx]
-        return TextDataset([self.texts[i] for i in idx], self.labels[idx], self.label_names, groups, clients)
+        responses = None if self.responses is None else [self.responses[i] for i in idx]
+        texts = [self.texts[i] for i in idx]
+        return TextDataset(texts, self.labels[idx], self.label_names, groups, clients, responses)
 
 
 # ---------------------------------------------------------------- seeded splits
@@ -216,6 +220,36 @@ def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
     )
 
 
+def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data.split") -> TextDataset:
+    """Prompt turns (JSON lists of {role, content}) and responses: from the messages column when the
+    table has one (the last message is the assistant's answer), else the prompt and response columns."""
+    table = open_split(source, split, key)
+    where = f"{source!r} (split {split!r})"
+    if cfg.messages_column in table.column_names:
+        chats = column(table, cfg.messages_column, "data.messages_column", where)
+        for i, chat in enumerate(chats):
+            if not isinstance(chat, list) or not chat or chat[-1].get("role") != "assistant":
+                raise ValueError(
+                    f"row {i} of {where}: {cfg.messages_column!r} must end with an assistant message"
+                )
+        prompts = [json.dumps(chat[:-1]) for chat in chats]
+        responses = [str(chat[-1]["content"]) for chat in chats]
+    else:
+        asked = column(table, cfg.prompt_column, "data.prompt_column", where)
+        prompts = [json.dumps([{"role": "user", "content": str(p)}]) for p in asked]
+        responses = [str(r) for r in column(table, cfg.response_column, "data.response_column", where)]
+    return TextDataset(prompts, np.zeros(len(prompts), dtype=np.int64), ("text",), responses=responses)
+
+
+def load_instructions(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    train = read_instructions(cfg.dataset, cfg.split, cfg)
+    held = held_out_source(cfg)
+    if held is not None:
+        return train, read_instructions(*held, cfg, key="data.test_split")
+    train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
+    return train.subset(train_idx), train.subset(test_idx)
+
+
 def load_user_file(
     cfg: DataConfig, seed: int, client_column: str | None = None
 ) -> tuple[TextDataset, TextDataset]:
@@ -259,7 +293,7 @@ DATASETS: dict[str, Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]
 
 
 def load_dataset(
-    cfg: DataConfig, seed: int, client_column: str | None = None
+    cfg: DataConfig, seed: int, client_column: str | None = None, instruction: bool = False
 ) -> tuple[TextDataset, TextDataset]:
     """(train, test) for ``cfg.dataset``: a shipped name or a user's table, then train/test limits applied.
     ``client_column`` (partition.kind=column) is read into ``train.clients``."""
@@ -268,7 +302,13 @@ def load_dataset(
             f"partition.kind=column reads partition.column from a user's table; data.dataset={cfg.dataset!r} "
             "is a shipped corpus without one"
         )
-    if cfg.dataset in DATASETS:
+    if instruction:
+        if not is_table(cfg.dataset):
+            raise ConfigError(
+                f"task.kind=instruction reads a table (JSONL, parquet, ...); got data.dataset={cfg.dataset!r}"
+            )
+        train, test = load_instructions(cfg, seed)
+    elif cfg.dataset in DATASETS:
         train, test = DATASETS[cfg.dataset](cfg, seed)
     elif cfg.dataset.endswith(".txt"):
         train, test = load_text_file(cfg, seed)

@@ -159,8 +159,13 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
 
     tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
     task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
-    train_ids = task.encode(train.texts, labels, train=True)
-    test_ids = task.encode(test.texts, test.labels, train=False)
+    test_labels = test.labels
+    if train.responses is not None:  # task.kind=instruction: a row's "label" is its response length
+        train_ids, labels = task.encode_pairs(train.texts, train.responses)
+        test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
+    else:
+        train_ids = task.encode(train.texts, labels, train=True)
+        test_ids = task.encode(test.texts, test.labels, train=False)
     lrs = {
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
         for k in fed.tensors()
@@ -203,8 +208,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         trainer=trainer,
         streams=streams,
         parts=parts,
-        node_eval=_eval_subset(test_ids, test.labels, cfg.eval.node_examples, cfg.eval.seed),
-        consensus_eval=_eval_subset(test_ids, test.labels, cfg.eval.consensus_examples, cfg.eval.seed),
+        node_eval=_eval_subset(test_ids, test_labels, cfg.eval.node_examples, cfg.eval.seed),
+        consensus_eval=_eval_subset(test_ids, test_labels, cfg.eval.consensus_examples, cfg.eval.seed),
         pad_id=pad_id,
         partition_summary=summary,
         task=task,

@@ -35,7 +35,8 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     if cfg.data.node_files is not None:
         return _from_node_files(cfg, n, hosted, group)
     column = cfg.partition.column if cfg.partition.kind == "column" else None
-    train, test = load_dataset(cfg.data, cfg.eval.seed, column)  # the held-out set: fixed by eval.seed
+    instruction = cfg.task.kind == "instruction"
+    train, test = load_dataset(cfg.data, cfg.eval.seed, column, instruction)  # held-out set: eval.seed
     if n == 1:
         parts = [np.arange(len(train))]
     else:
@@ -65,6 +66,8 @@ def node_file_list(cfg: Config) -> list[str]:
 
 
 def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData:
+    if cfg.task.kind == "instruction":
+        raise ConfigError("data.node_files does not read instruction data yet; use data.dataset")
     files = node_file_list(cfg)
     if cfg.partition.kind != "iid":
         log.warning("data.node_files: each node trains on its own file; partition.kind is not used")

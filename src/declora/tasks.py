@@ -21,9 +21,11 @@ are the same as from full logits.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -232,7 +234,83 @@ class CausalLM:
         return torch.exp(_ratio(totals))
 
 
+class Instruction:
+    """Instruction / chat data: a row is the prompt turns, formatted with the tokenizer's chat template
+    when it has one (else ``role: content`` lines and ``assistant:``), then the response and EOS. The
+    loss is the next-token cross-entropy on the response tokens only; the metric is the response
+    perplexity. ``encode_pairs`` returns each row's response token count, which stands in for the row's
+    label (``answer_targets`` keeps the last that many real tokens)."""
+
+    metric, causal = "ppl", True
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def _texts(self, turns: list[dict[str, str]], response: str) -> tuple[str, str]:
+        if getattr(self.tokenizer, "chat_template", None):
+            render = self.tokenizer.apply_chat_template
+            prompt = render(turns, tokenize=False, add_generation_prompt=True)
+            full = render([*turns, {"role": "assistant", "content": response}], tokenize=False)
+            if full.startswith(prompt):  # the template's own end-of-turn tokens follow the response
+                return prompt, full[len(prompt) :]
+            return prompt, response
+        prompt = "".join(f"{m['role']}: {m['content']}\n" for m in turns) + "assistant: "
+        return prompt, response
+
+    def encode_pairs(
+        self, prompts: Sequence[str], responses: Sequence[str]
+    ) -> tuple[list[list[int]], np.ndarray]:
+        """Token rows (prompt then response; the prompt's start is cut when the row is too long, the
+        response keeps at most max_length - 1 tokens) and each row's response token count."""
+        rows, lengths = [], []
+        for turns, response in zip(prompts, responses, strict=True):
+            prompt_text, response_text = self._texts(json.loads(turns), response)
+            head = self.tokenizer(prompt_text)["input_ids"]  # BOS where the tokenizer adds one
+            answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
+            if not self.tokenizer_adds_eos(response_text):
+                answer += self.eos
+            answer = answer[: self.max_length - 1]
+            head = list(head)[-(self.max_length - len(answer)) :]
+            rows.append(head + answer)
+            lengths.append(len(answer))
+        return rows, np.array(lengths, dtype=np.int64)
+
+    def tokenizer_adds_eos(self, response_text: str) -> bool:
+        """True when the chat template already ends the turn with EOS (SmolLM2's <|im_end|> is its EOS)."""
+        eos = self.tokenizer.eos_token
+        return bool(eos) and response_text.rstrip().endswith(eos)
+
+    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+        raise ValueError("task.kind=instruction encodes (prompt, response) pairs: use encode_pairs")
+
+    def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
+        """The positions that predict some row's response tokens (one before each)."""
+        return torch.nonzero(answer_span(mask, labels, shift=-1).any(0)).flatten()
+
+    def _nll(self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None):
+        return token_nll(logits, answer_targets(input_ids, mask, labels), positions)
+
+    def row_loss(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        total, count = self._nll(logits, input_ids, mask, labels, positions)
+        return total / count.clamp(min=1)
+
+    def row_stats(
+        self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        return torch.stack(
+            [t.to(torch.float32) for t in self._nll(logits, input_ids, mask, labels, positions)], 1
+        )
+
+    def finalize(self, totals: Tensor) -> Tensor:
+        return torch.exp(_ratio(totals))
+
+
 def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Sequence[str]) -> Task:
+    if cfg.kind == "instruction":
+        return Instruction(tokenizer, max_length)
     if cfg.kind == "sequence_classification":
         return SequenceClassification(tokenizer, max_length)
     if cfg.kind == "causal_lm":
@@ -246,8 +324,9 @@ def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Se
             )
         return LabelWords(tokenizer, max_length, cfg.template, words)
     raise ValueError(
-        f"task.kind={cfg.kind!r} is not known; choose one of sequence_classification, label_words, causal_lm"
+        f"task.kind={cfg.kind!r} is not known; choose one of sequence_classification, label_words, "
+        "causal_lm, instruction"
     )
 
 
-CAUSAL_KINDS = ("label_words", "causal_lm")
+CAUSAL_KINDS = ("label_words", "causal_lm", "instruction")

@@ -1,0 +1,133 @@
+"""task.kind=instruction on the tiny LLaMA: rows are prompt + response, the loss and the perplexity read
+the response tokens only, chat templates format the prompt, messages and prompt/response tables load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from declora.config import DataConfig, load_config
+from declora.data import load_dataset
+from declora.tasks import Instruction
+from declora.train import pad
+
+pytestmark = pytest.mark.unit
+PAIRS = [("What is 2 + 3?", "2 + 3 = 5."), ("Name a colour.", "Blue."), ("Say hi", "hi there, friend")]
+
+
+def _task(tiny_llama, max_length=48):
+    from transformers import AutoTokenizer
+
+    return Instruction(AutoTokenizer.from_pretrained(str(tiny_llama)), max_length)
+
+
+def _turns(prompt: str) -> str:
+    return json.dumps([{"role": "user", "content": prompt}])
+
+
+def test_rows_are_prompt_then_response_and_eos(tiny_llama):
+    task = _task(tiny_llama)
+    rows, lengths = task.encode_pairs([_turns(p) for p, _ in PAIRS], [r for _, r in PAIRS])
+    tok = task.tokenizer
+    for row, n, (prompt, response) in zip(rows, lengths, PAIRS, strict=True):
+        assert row[-1] == tok.eos_token_id and tok.decode(row[-n:-1]) == response
+        assert tok.decode(row[: len(row) - n], skip_special_tokens=True) == f"user: {prompt}\nassistant: "
+
+
+def test_loss_and_perplexity_read_the_response_tokens_only(tiny_llama):
+    task = _task(tiny_llama)
+    rows, lengths = task.encode_pairs([_turns(p) for p, _ in PAIRS], [r for _, r in PAIRS])
+    input_ids, mask = pad(rows, pad_id=0)
+    labels = torch.as_tensor(lengths)
+    logits = torch.randn(*input_ids.shape, 50, generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.clamp(max=49)
+    keep = task.positions(input_ids, mask, labels, train=True)
+    loss = task.row_loss(logits[:, keep], input_ids, mask, labels, keep)
+    for i, n in enumerate(lengths.tolist()):  # by hand: position p predicts token p + 1
+        end = int(mask[i].sum())
+        hand = F.cross_entropy(logits[i, end - n - 1 : end - 1], input_ids[i, end - n : end])
+        torch.testing.assert_close(loss[i], hand)
+    prompt_only = logits.clone()
+    prompt_only[:, 0] += 5.0  # position 0 predicts a prompt token of every row: no effect
+    torch.testing.assert_close(
+        task.row_loss(prompt_only, input_ids, mask, labels), task.row_loss(logits, input_ids, mask, labels)
+    )
+    stats = task.row_stats(logits, input_ids, mask, labels)
+    assert stats[:, 1].tolist() == lengths.tolist()
+    assert math.isclose(
+        float(task.finalize(stats.sum(0))), math.exp(float(stats[:, 0].sum() / lengths.sum())), rel_tol=1e-6
+    )
+
+
+def test_chat_template_formats_the_prompt(tiny_llama):
+    task = _task(tiny_llama)
+    task.tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    turns = json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}])
+    (row,), (n,) = task.encode_pairs([turns], ["hi"])
+    text = task.tokenizer.decode(row)
+    assert text.startswith("<s>system\nBe brief.</s>\n<s>user\nSay hi</s>\n<s>assistant\n")
+    assert task.tokenizer.decode(row[-n:]) == "hi</s>\n"  # the template's end of turn is learnt, once
+
+
+def test_prompt_is_cut_from_its_start_when_too_long(tiny_llama):
+    task = _task(tiny_llama, max_length=12)
+    (row,), (n,) = task.encode_pairs([_turns("word " * 40)], ["ok"])
+    assert len(row) == 12 and task.tokenizer.decode(row[-n:-1]) == "ok"
+
+
+def test_messages_and_prompt_response_tables(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
+            + "\n"
+            for p, r in PAIRS * 4
+        )
+    )
+    train, test = load_dataset(DataConfig(dataset=str(chats), test_fraction=0.25), 0, instruction=True)
+    assert len(train) == 9 and len(test) == 3
+    assert {
+        (json.loads(t)[0]["content"], r) for t, r in zip(train.texts, train.responses, strict=True)
+    } <= set(PAIRS)
+    table = tmp_path / "qa.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"q": p, "a": r} for p, r in PAIRS]), table)
+    cfg = DataConfig(dataset=str(table), test_file=str(table), prompt_column="q", response_column="a")
+    train, test = load_dataset(cfg, 0, instruction=True)
+    assert train.responses == [r for _, r in PAIRS] and json.loads(train.texts[1]) == [
+        {"role": "user", "content": "Name a colour."}
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="must end with an assistant message"):
+        load_dataset(DataConfig(dataset=str(bad), test_file=str(bad)), 0, instruction=True)
+
+
+def test_a_run_learns_the_responses(tiny_llama, tmp_path):
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS * 12))
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += [
+        "model.rank=4",
+        "model.max_length=32",
+        "task.kind=instruction",
+        "eval.headline=ppl_avg_factors",
+    ]
+    overrides += [f"data.dataset={data}", "nodes=2", "rounds=4", "train.batch_size=4", "train.lr=0.1"]
+    overrides += ["train.local_steps=6", "eval.every=1", "eval.node_examples=6", "export=none", "threads=1"]
+    records = run(build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"])))
+    ppl = [r["ppl_avg_factors"] for r in records]
+    assert all(math.isfinite(p) and p > 1 for p in ppl)
+    assert all(b < a for a, b in zip(ppl, ppl[1:], strict=False)) and ppl[-1] < 0.9 * ppl[0]  # 332 -> 288

@@ -32,13 +32,15 @@ from declora.tasks import CAUSAL_KINDS, Task, build_task
 from declora.train import LocalTrainer, NodeStreams
 
 log = logging.getLogger(__name__)
-# Algorithms whose every step works on a slice of the nodes (verified against the simulator). The
-# heterogeneous-rank server methods (fslora, hetlora, flexlora) still assume local == global.
+# Algorithms whose every step works on a slice of the nodes (verified against the simulator).
 MULTI_PROCESS = {
     "dec_lora",
     "local",
     "fedavg",
     "fedprox",
+    "fslora",
+    "hetlora",
+    "flexlora",
     "scaffold",
     "decaf",
     "dlora_fa",
@@ -148,6 +150,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     device = resolve_device(cfg.device)  # torchrun: this rank's GPU
     causal = cfg.task.kind in CAUSAL_KINDS
     fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
+    fed.node_ids = group.nodes
     # Example-level DP reads each row's own gradient: only the per-row product has one per row.
     fed.routing.product = "per_row" if cfg.privacy.level == "example" else cfg.train.lora_product
     if fed.routing.product != cfg.train.lora_product:

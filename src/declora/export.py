@@ -53,6 +53,8 @@ class AdapterExport:
         if exp.cfg.export == "none":
             return
         stacked = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
+        gates = exp.fed.rank_mask.gate  # this process's rows: every node's are gathered, as the factors
+        gates = None if gates is None else exp.group.gather_nodes(gates.detach())
         if not exp.group.is_main:
             return
         cfg, folder = exp.cfg, exp.run_dir / "adapters"
@@ -72,4 +74,4 @@ class AdapterExport:
         if cfg.export == "all":
             for i in range(exp.n):
                 node = card(f"node {i}'s own adapter (acc_node_*)")
-                export_peft(exp.fed, node_adapter(exp.fed, stacked, i), folder / f"node_{i:03d}", node)
+                export_peft(exp.fed, node_adapter(exp.fed, stacked, i, gates), folder / f"node_{i:03d}", node)

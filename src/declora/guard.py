@@ -28,7 +28,8 @@ from declora.robust import robust_gossip, server_aggregate
 GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
 SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora")
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
-MASKED_UPLOADS = ("fslora", "hetlora", "flexlora")  # upload_masked: no node-level DP or message attacks yet
+# upload_masked (and SCAFFOLD's second upload, its control variates): no node-level DP or message attacks yet
+MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "scaffold")
 
 
 class GuardedExchange:
@@ -102,6 +103,9 @@ class GuardedExchange:
 
     def upload_masked(self, tensors, keep, senders, round, indices):  # validated away with DP or attacks
         return self.inner.upload_masked(tensors, keep, senders, round, indices)
+
+    def all_nodes(self, x: Tensor) -> Tensor:
+        return self.inner.all_nodes(x)
 
     def start(self, tensors: dict[str, Tensor]) -> None:
         self.inner.start(tensors)

@@ -64,6 +64,8 @@ class Federation(nn.Module):
         self.lora, self.heads = lora, heads
         self.scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
         self.rank_mask = RankMask()  # per-node rank gates (n, r), one object shared by every layer
+        # The global ids of the rows (a multi-process run hosts a slice of the nodes; build_experiment).
+        self.node_ids = torch.arange(n)
         for layer in lora.values():
             layer.rank_mask = self.rank_mask
 
@@ -243,13 +245,17 @@ def node_slice(stacked: dict[str, Tensor], node: int) -> dict[str, Tensor]:
     return {k: v[node : node + 1] for k, v in stacked.items()}
 
 
-def node_adapter(fed: Federation, stacked: dict[str, Tensor], node: int) -> dict[str, Tensor]:
+def node_adapter(
+    fed: Federation, stacked: dict[str, Tensor], node: int, gates: Tensor | None = None
+) -> dict[str, Tensor]:
     """Node ``node``'s effective adapter: only its active rank components (gate != 0), the gate's
-    multiplier folded into B, so a rank-k export keeps the node's forward. No gate: ``node_slice``."""
+    multiplier folded into B, so a rank-k export keeps the node's forward. No gate: ``node_slice``.
+    ``gates``: every node's (n, r) (a multi-process run gathers them); None: the federation's own."""
     single = node_slice(stacked, node)
-    if fed.rank_mask.gate is None:
+    gates = fed.rank_mask.gate if gates is None else gates
+    if gates is None:
         return single
-    gate = fed.rank_mask.gate[node].detach()  # (r,)
+    gate = gates[node].detach()  # (r,)
     keep = gate.nonzero().flatten()
     out: dict[str, Tensor] = {}
     for k, v in single.items():

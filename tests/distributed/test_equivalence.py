@@ -55,8 +55,17 @@ CASES = {
     # control variates on the node axis, a per-node lr schedule (K lr_i in the variates), FedProx's pull
     "scaffold_cosine": ("scaffold", ["server.fraction=0.6", "train.schedule=cosine"]),
     "fedprox": ("fedprox", ["algorithm.mu=0.5"]),
+    # masked uploads (upload_masked): random sketches, fixed heterogeneous ranks, the product's SVD
+    # (fslora with sgd: the default server Adam divides by sqrt(v) and so magnifies the last-bit
+    # differences of batching nodes differently per process to ~1e-5 in the factors; metrics still agree)
+    "fslora_sampled": ("fslora", ["algorithm.clients_per_round=3", "server.optimizer=sgd", "server.lr=0.5"]),
+    "hetlora_size": ("hetlora", ["algorithm.ranks=[1,2,4,3,2]", "server.weighting=size"]),
+    "flexlora_sampled": ("flexlora", ["algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
+SERVER |= {"fslora_sampled", "hetlora_size", "flexlora_sampled"}
+# FlexLoRA's SVD turns last-bit differences into ~1e-6 differences of singular vectors (measured 1.1e-6)
+ADAPTER_ATOL = {"flexlora_sampled": 1e-5}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
 # other rank: one message on the wire serves two edges of the ledger.
 SLICES = {
@@ -73,6 +82,9 @@ SLICES = {
         "dec_lora_dp_sgd": (2, 3),
         "scaffold_cosine": (3, 2),
         "fedprox": (1, 4),
+        "fslora_sampled": (3, 2),
+        "hetlora_size": (2, 3),
+        "flexlora_sampled": (1, 4),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }
@@ -102,7 +114,7 @@ def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
     for label, counts in slices.items():
         sim_dir, edges = simulator[label]
         assert_same_metrics(sim_dir, out / label)
-        assert_same_adapters(sim_dir, out / label)
+        assert_same_adapters(sim_dir, out / label, atol=ADAPTER_ATOL.get(label, 1e-6))
         wire = [r["bytes_cross_process"] for r in records(out / label)]
         if label in SERVER:  # the all_reduce moves one adapter-sized buffer per rank each way
             assert len(set(wire)) == 1 and wire[0] > 0, wire

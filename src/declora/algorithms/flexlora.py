@@ -83,14 +83,14 @@ class FlexLoRA:
                 f"flexlora: flex_weights={weights!r} (data_size or uniform), "
                 f"optimizer_policy={policy!r} (reset or keep)"
             )
-        self.ranks = node_ranks(self.acfg.ranks, self.fed.n, self.fed.cfg.rank)
+        self.ranks = node_ranks(self.acfg.ranks, cfg.nodes, self.fed.cfg.rank)
         self.gate = first_components(self.ranks, self.fed.cfg.rank)
         install_gate(self.fed, self.gate)
         self.weighting = weighting(cfg, "size" if weights == "data_size" else "uniform")
         self.opt = build_server_optimizer(cfg, "average")
         # Any other server rule moves the dense server product W (d_out, d_in) per module (see above).
         dense = self.opt.rule != "average"
-        self.W = {n: (l.B[0] @ l.A[0]).detach().clone() for n, l in self.fed.lora.items() if dense}
+        self.W = {k: (v.B[0] @ v.A[0]).detach().clone() for k, v in self.fed.lora.items() if dense}
 
     def server_step(self, name: str, A: Tensor, B: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
         """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i; the factors of TSVD_r(W): (A', B')."""
@@ -117,11 +117,11 @@ class FlexLoRA:
 
     def communicate(self, ctx: RoundContext) -> None:
         fed, kinds = ctx.fed, trained_kinds(ctx.fed)
-        senders = participants(self.run_cfg, ctx.round) & ctx.online.cpu()
-        if not senders.any():
+        senders = participants(self.run_cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()  # local rows
+        weights = ctx.exchange.all_nodes(upload_weights(self.weighting, senders, ctx.data_sizes.cpu()))
+        if not (weights > 0).any():  # (n,) over every process's nodes: all decide alike
             return
-        p = upload_weights(self.weighting, senders, ctx.data_sizes.cpu())
-        p = p / p.sum()  # (n,)
+        p = weights / weights.sum()  # (n,)
         keep = active_components(fed, self.gate)
         received = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
         for name, layer in fed.lora.items():
@@ -133,7 +133,7 @@ class FlexLoRA:
             with torch.no_grad():
                 layer.A.copy_(A_new.expand_as(layer.A))
                 layer.B.copy_(B_new.expand_as(layer.B))
-        average_head(ctx, kinds, p)
+        average_head(ctx, kinds, p[ctx.node_ids])
         if self.acfg.optimizer_policy == "reset":
             ctx.optimizer.reset(list(fed.tensors(kinds)))
 

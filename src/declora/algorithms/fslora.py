@@ -94,7 +94,7 @@ class FSLoRA(ServedByServerFactors):
 
     def __post_init__(self) -> None:
         cfg = self.run_cfg = self.cfg or Config()
-        self.acfg, self.seed, n = cfg.algorithm, cfg.seed, self.fed.n
+        self.acfg, self.seed, n = cfg.algorithm, cfg.seed, cfg.nodes
         ratios = self.acfg.sketch_ratios or draw_ratios(self.acfg.sketch_dist, n, self.seed)
         if len(ratios) != n:
             raise ValueError(f"algorithm.sketch_ratios has {len(ratios)} entries for {n} nodes")
@@ -112,8 +112,8 @@ class FSLoRA(ServedByServerFactors):
 
     def communicate(self, ctx: RoundContext) -> None:
         t, kinds = ctx.round, trained_kinds(ctx.fed)
-        senders = participants(self.run_cfg, t) & ctx.online.cpu()
-        self.server.step(ctx, self.gate(t) != 0, senders, indices=True)
+        senders = participants(self.run_cfg, t)[ctx.node_ids] & ctx.online.cpu()  # this process's rows
+        self.server.step(ctx, self.gate(t)[ctx.node_ids] != 0, senders, indices=True)
         average_head(ctx, kinds, senders.float())
         self.server.broadcast(ctx.fed)
         install_gate(ctx.fed, None)

@@ -54,7 +54,7 @@ class HetLoRA(ServedByServerFactors):
         self.acfg, self.seed = cfg.algorithm, cfg.seed
         if self.acfg.optimizer_policy not in ("reset", "keep"):
             raise ValueError(f"hetlora: optimizer_policy={self.acfg.optimizer_policy!r} (reset or keep)")
-        self.ranks = node_ranks(self.acfg.ranks, self.fed.n, self.fed.cfg.rank)
+        self.ranks = node_ranks(self.acfg.ranks, cfg.nodes, self.fed.cfg.rank)
         self.gate = first_components(self.ranks, self.fed.cfg.rank)
         install_gate(self.fed, self.gate)
         self.server = ServerFactors(self.fed, cfg)
@@ -65,8 +65,7 @@ class HetLoRA(ServedByServerFactors):
 
     def communicate(self, ctx: RoundContext) -> None:
         kinds = trained_kinds(ctx.fed)
-        senders = participants(self.run_cfg, ctx.round)
-        senders = senders & ctx.online.cpu()
+        senders = participants(self.run_cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()  # local rows
         self.server.step(ctx, active_components(ctx.fed, self.gate), senders, indices=False)
         average_head(ctx, kinds, senders.float())
         self.server.broadcast(ctx.fed)

@@ -49,13 +49,16 @@ def first_components(ranks: list[int], r: int) -> Tensor | None:
 
 
 def install_gate(fed: Federation, gate: Tensor | None) -> None:
+    """Gate the federation's rows by the global (n, r) ``gate`` (each process takes its nodes' rows)."""
     device = next(iter(fed.lora.values())).A.device
-    fed.rank_mask.gate = None if gate is None else gate.to(device)
+    fed.rank_mask.gate = None if gate is None else gate[fed.node_ids].to(device)
 
 
 def active_components(fed: Federation, gate: Tensor | None) -> Tensor:
-    """(n, r) bool: the components each node trains and sends."""
-    return torch.ones(fed.n, fed.cfg.rank, dtype=torch.bool) if gate is None else gate.cpu() != 0
+    """(n_local, r) bool: the components each of this process's nodes trains and sends (gate: global)."""
+    if gate is None:
+        return torch.ones(fed.n, fed.cfg.rank, dtype=torch.bool)
+    return gate[fed.node_ids].cpu() != 0
 
 
 def factor_messages(fed: Federation, minus: dict[str, Tensor] | None = None) -> dict[str, tuple[Tensor, int]]:
@@ -70,7 +73,7 @@ def factor_messages(fed: Federation, minus: dict[str, Tensor] | None = None) -> 
 def average_head(ctx: RoundContext, kinds: tuple[str, ...], weights: Tensor) -> None:
     """FedAvg of a trained head: nodes with weight > 0 upload it, every node gets the weighted mean."""
     heads = ctx.fed.tensors(tuple(k for k in kinds if k == "head"))
-    if not heads or not (weights > 0).any():
+    if not heads or not (ctx.exchange.all_nodes(weights) > 0).any():  # every process decides alike
         return
     means = ctx.exchange.server_mean({k: v.detach() for k, v in heads.items()}, weights, ctx.round)
     with torch.no_grad():
@@ -92,17 +95,18 @@ class ServerFactors:
     def step(self, ctx: RoundContext, keep: Tensor, senders: Tensor, indices: bool) -> None:
         """Senders upload theta_server - theta_i on their ``keep`` (n, r) components; one server step on
         Delta = -sum_i p_i pad_i(theta_server - theta_i), p_i = 1/|S| (FSLoRA details) or by data size."""
-        if not senders.any():
+        everyone = ctx.exchange.all_nodes(senders)  # (n,) over every process's nodes
+        if not everyone.any():
             return
-        decoded = ctx.exchange.upload_masked(
+        decoded = ctx.exchange.upload_masked(  # (n, ...) on every process
             factor_messages(ctx.fed, self.tensors()), keep, senders, ctx.round, indices
         )
         if self.weighting == "size":
-            p = senders.float() * ctx.data_sizes.float().cpu()
+            p = everyone.float() * ctx.exchange.all_nodes(ctx.data_sizes).float().cpu()
             p = p / p.sum()  # (n,)
             g = {k: torch.einsum("n,n...->...", p.to(d.device, d.dtype), d)[None] for k, d in decoded.items()}
         else:
-            g = {k: d.sum(0, keepdim=True) / senders.sum().to(d.dtype) for k, d in decoded.items()}
+            g = {k: d.sum(0, keepdim=True) / everyone.sum().to(d.dtype) for k, d in decoded.items()}
         self.opt.step(self.x, {k: -v for k, v in g.items()})
 
     def broadcast(self, fed: Federation) -> None:

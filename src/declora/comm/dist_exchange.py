@@ -253,10 +253,23 @@ class DistExchange(LocalExchange):
     def upload_masked(
         self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
     ) -> dict[str, Tensor]:
-        raise NotImplementedError(
-            "upload_masked (fslora, hetlora, flexlora) assumes every node in one process; "
-            "run these algorithms without torchrun"
-        )
+        """This rank's senders upload as in the simulator (codec draws and bytes by global id); one
+        all_reduce then gives every rank the server's whole table (n, ...) (the logical server is every
+        rank: no rank aggregates for the others)."""
+        tables = self._upload_rows(tensors, keep, senders, round, indices, self.nodes)
+        if not tables:
+            return tables
+        flat = self.group.all_sum(torch.cat([t.reshape(-1) for t in tables.values()]))
+        if self.group.world > 1:  # this rank's table up to the (logical) server and the whole one back
+            self.ledger.add_cross(2 * flat.numel() * flat.element_size())
+        out, at = {}, 0
+        for name, t in tables.items():
+            out[name] = flat[at : at + t.numel()].view_as(t)
+            at += t.numel()
+        return out
+
+    def all_nodes(self, x: Tensor) -> Tensor:
+        return self.group.gather_nodes(x)
 
 
 # ---------------------------------------------------------------- wire format

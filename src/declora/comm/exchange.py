@@ -50,6 +50,8 @@ class Exchange(Protocol):
         self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
     ) -> dict[str, Tensor]: ...
 
+    def all_nodes(self, x: Tensor) -> Tensor: ...
+
 
 class ByteLedger:
     """Bytes sent: per directed edge (sender -> receiver) this round, and in total."""
@@ -197,18 +199,36 @@ class LocalExchange:
         on its diagonal (upload); and the server's download of the same slices (uncoded, as server_mean
         books it), which a sender fetched at the start of the round (FSLoRA, HetLoRA, FlexLoRA).
         """
-        out = {name: torch.zeros_like(x) for name, (x, _) in tensors.items()}
+        return self._upload_rows(tensors, keep, senders, round, indices, torch.arange(self.ledger.n))
+
+    def _upload_rows(
+        self,
+        tensors: dict[str, tuple[Tensor, int]],
+        keep: Tensor,
+        senders: Tensor,
+        round: int,
+        indices: bool,
+        ids: Tensor,
+    ) -> dict[str, Tensor]:
+        """upload_masked for rows whose global ids are ``ids``: the decoded table (n_global, ...), filled at
+        the senders' global rows; a sender's codec draws and ledger entries are by its global id."""
+        n = self.ledger.n
+        out = {name: x.new_zeros(n, *x.shape[1:]) for name, (x, _) in tensors.items()}
         for i in senders.nonzero().flatten().tolist():
-            idx = keep[i].nonzero().flatten()
+            gid, idx = int(ids[i]), keep[i].nonzero().flatten()
             up = down = 4 * len(idx) if indices else 0
             for name, (x, dim) in tensors.items():
                 sub = x[i : i + 1].index_select(dim, idx.to(x.device))
-                decoded, nbytes = self._encode(f"{name}@{i}", sub, round)
-                out[name][i : i + 1].index_copy_(dim, idx.to(x.device), decoded.to(x.dtype))
+                decoded, nbytes = self._encode(f"{name}@{gid}", sub, round)
+                out[name][gid : gid + 1].index_copy_(dim, idx.to(x.device), decoded.to(x.dtype))
                 up, down = up + nbytes, down + sub.numel() * sub.element_size()
-            self.ledger.add_edges(torch.diag(torch.arange(self.ledger.n) == i), up)
+            self.ledger.add_edges(torch.diag(torch.arange(n) == gid), up)
             self.ledger.add_server(1, down)
         return out
+
+    def all_nodes(self, x: Tensor) -> Tensor:
+        """A per-node tensor of this process's rows as (n, ...) over every node (one process: itself)."""
+        return x
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         """Every node's tensors as its neighbours decode them (n, ...), for combinations that are not

@@ -116,7 +116,7 @@ def preflight_model(cfg: Config) -> None:
 
 def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
     """One label is legal but leaves nothing to learn: refused unless allow_degenerate."""
-    if cfg.task.kind != "causal_lm" and len(names) < 2 and not cfg.allow_degenerate:
+    if cfg.task.kind not in ("causal_lm", "instruction") and len(names) < 2 and not cfg.allow_degenerate:
         raise ConfigError(
             f"data.dataset={cfg.data.dataset!r} has a single label {list(names)}: nothing to classify; "
             "use a file with at least two labels, or set allow_degenerate=true"

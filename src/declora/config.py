@@ -418,6 +418,7 @@ RESUME_SAFE = (
     "device",  # checkpoints are device-neutral
     "export",
     "tensorboard",
+    "log.trackers",  # mirrors of metrics.jsonl
     "train.tokens_per_chunk",
     "dist.timeout_s",
     "dist.backend",

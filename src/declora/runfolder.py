@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -76,6 +77,11 @@ def atomic_write_text(path: Path, text: str, point: str = "write") -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), point)
 
 
+def _entries(run_dir: Path) -> list[Path]:
+    """What is in the folder, but this launch's per-rank logs (multi-process runs open them first)."""
+    return [p for p in run_dir.iterdir() if not re.fullmatch(r"rank_\d+\.log", p.name)]
+
+
 def _is_run_folder(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS)
 
@@ -84,7 +90,7 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """Before any work: a new run may write ``run_dir`` (empty, or a run folder with ``overwrite``)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir={str(run_dir)!r} is a file, not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and _entries(run_dir):
         if not overwrite:
             raise ConfigError(
                 f"run folder {str(run_dir)!r} is not empty; continue it with --resume {run_dir}, "
@@ -111,7 +117,7 @@ def empty_run_folder(run_dir: Path) -> None:
     """--overwrite, after every check passed: remove what an earlier run left."""
     if not run_dir.is_dir():
         return
-    for entry in run_dir.iterdir():
+    for entry in _entries(run_dir):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

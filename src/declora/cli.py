@@ -183,6 +183,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from declora.report import write_report
 
     for run_dir in args.run_dirs:
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise ConfigError(f"{run_dir}: no metrics.jsonl there; is it a declora run folder?")
+    for run_dir in args.run_dirs:
         print(f"## {run_dir}\n")
         print(write_report(Path(run_dir)))
     if len(args.run_dirs) > 1:  # one row per run folder, as a grid would show them

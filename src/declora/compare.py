@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from declora.config import (
     Config,
@@ -40,6 +39,7 @@ from declora.config import (
     check_resume,
     load_config,
     parse_override,
+    read_yaml,
     resume_changes,
 )
 from declora.report import best_final, display_scale, lower_is_better, read_metrics
@@ -73,7 +73,11 @@ GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accu
 def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None = None) -> Grid:
     """The grid file; ``overrides`` (``declora compare GRID key=value ...``) apply to every cell after
     the file's own, ``out`` replaces its output folder."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not Path(path).is_file():
+        raise ConfigError(f"grid file {str(path)!r} does not exist")
+    data = read_yaml(Path(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"grid file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown:
         raise ConfigError(f"unknown grid key {unknown[0]!r} in {path}; allowed: {sorted(GRID_KEYS)}")

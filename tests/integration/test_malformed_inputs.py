@@ -31,7 +31,7 @@ class Ctx:
     bert: Path
     data: Path
     done: Path  # a finished 2-round run (its adapters seed the adapter cases)
-    target: Path = Path()  # the run folder this case must leave untouched
+    target: Path  # the run folder this case must leave untouched (or not create)
 
     def tiny(self) -> list[str]:
         return [
@@ -402,11 +402,28 @@ CASES += [
 ]
 
 
+def _grid(c: Ctx, text: str) -> list[str]:
+    return ["compare", str(c.file("grid.yaml", text.replace("OUT", str(c.root / "out"))))]
+
+
+CASES += [
+    ("cli:report-missing", lambda c: ["report", str(c.root / "nothing")], "nothing"),
+    ("cli:report-not-a-run", lambda c: ["report", str(c.root)], "metrics.jsonl"),
+    ("cli:compare-missing", lambda c: ["compare", str(c.root / "g.yaml")], "g.yaml"),
+    ("cli:compare-yaml-syntax", lambda c: _grid(c, "grid: [\n"), "grid.yaml"),
+    ("cli:compare-not-mapping", lambda c: _grid(c, "- a\n"), "mapping"),
+    ("cli:compare-unknown-key", lambda c: _grid(c, "out: OUT\ngrids: {}\n"), "grids"),
+    ("cli:compare-empty-axis", lambda c: _grid(c, "out: OUT\ngrid: {nodes: []}\n"), "grid.nodes"),
+    ("cli:compare-bad-cell", lambda c: _grid(c, "out: OUT\ngrid: {model.rank: [4, 0]}\n"), "model.rank"),
+    ("cli:topology-bad-graph", lambda c: ["topology", "topology.graph=moebius"], "moebius"),
+    ("cli:topology-bad-degree", lambda c: ["topology", "topology.graph=regular", "nodes=3"], "degree"),
+]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_bert, restore_threads) -> Ctx:
     root = tmp_path_factory.mktemp("corpus")
-    ctx = Ctx(root, tiny_bert, write_tiny_data(root / "tiny.jsonl", 40), root / "done")
-    ctx.target = ctx.done
+    ctx = Ctx(root, tiny_bert, write_tiny_data(root / "tiny.jsonl", 40), root / "done", root / "done")
     assert main(["run", *ctx.tiny(), "export=consensus", f"run_dir={ctx.done}"]) == 0
     return ctx
 
@@ -417,7 +434,7 @@ def test_the_corpus_is_large_enough():
 
 @pytest.mark.parametrize(("name", "argv", "culprit"), CASES, ids=[c[0] for c in CASES])
 def test_malformed_input_is_one_clear_line(corpus, tmp_path, capsys, name, argv, culprit):
-    ctx = Ctx(tmp_path, corpus.bert, corpus.data, corpus.done)
+    ctx = Ctx(tmp_path, corpus.bert, corpus.data, corpus.done, tmp_path / "out")
     done_before = _digest(corpus.done)
     args = argv(ctx)
     target_before = _digest(ctx.target)

@@ -200,11 +200,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid, tuple(args.overrides), args.out)
 
+    bar: list[_Bar] = []  # the running cell's progress bar
+
     def on_cell(k: int, total: int, cell, state: str) -> None:
+        while bar:
+            bar.pop().close()
         verb = {"done": "finished, skipped", "partial": "resuming", "new": "running"}[state]
         print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {verb}", flush=True)
+        if state != "done":
+            bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds))
 
-    cells = run_grid(grid, on_cell)
+    cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)
+    while bar:
+        bar.pop().close()
     table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy)
     print(
         f"\n{table}\n\ntable: {grid.out / 'comparison.md'}  csv: {grid.out / 'comparison.csv'}  "

@@ -146,7 +146,9 @@ def cell_state(cell: Cell) -> str:
     return "done" if done and not resume_changes(saved, cfg) else "partial"
 
 
-def run_grid(grid: Grid, on_cell: Any = None) -> list[Cell]:
+def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:
+    """Run every cell not finished yet; ``on_cell(k, total, cell, state)`` before each, ``on_round(record)``
+    after each round of a cell that runs (the command line's progress bar)."""
     from declora.engine import run
     from declora.experiment import build_experiment
 
@@ -159,7 +161,8 @@ def run_grid(grid: Grid, on_cell: Any = None) -> list[Cell]:
             continue
         cfg = cell.cfg or load_config(grid.base, cell.overrides)
         # "new": whatever a failed start left in the folder (no checkpoint) is replaced
-        run(build_experiment(cfg, cell.run_dir), resume=state == "partial", overwrite=True)
+        exp = build_experiment(cfg, cell.run_dir)
+        run(exp, resume=state == "partial", on_round=on_round, overwrite=True)
     return cells
 
 

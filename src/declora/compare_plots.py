@@ -2,7 +2,9 @@
 
 The metric is an accuracy (plotted in %) or, for ``ppl_*`` keys, a perplexity (plotted as it is).
 
-One line per method, the mean over its runs (seeds) at each evaluated round.
+One line per method, the mean over its runs (seeds) at each evaluated round, in the same colour in
+every panel. Zeros are data: the ``local`` baseline sends 0 bytes and a one-node run has consensus 0,
+so the consensus panel uses a symmetric log scale that shows 0 as 0.
 """
 
 from __future__ import annotations
@@ -12,11 +14,18 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from declora.report import display_scale, lower_is_better, read_metrics
 
 
-def _curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
+def _value(record: dict, key: str) -> float:
+    """The record's number for ``key``; NaN only when it is missing or not a number (0 stays 0)."""
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
+def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
     """Mean over runs of (round, metric, bytes_total, consensus_BA) at the rounds every run evaluated."""
     per_run = []
     for d in dirs:
@@ -25,7 +34,7 @@ def _curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
 
     def mean_of(key: str) -> np.ndarray:
-        return np.array([np.nanmean([float(p[t].get(key) or np.nan) for p in per_run]) for t in rounds])
+        return np.array([np.nanmean([_value(p[t], key) for p in per_run]) for t in rounds])
 
     return {
         "round": np.array(rounds),
@@ -35,26 +44,38 @@ def _curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
     }
 
 
-def plot_comparison(runs: dict[str, list[Path]], path: Path, metric: str) -> None:
+def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
     fig = Figure(figsize=(15, 4.5))
     FigureCanvasAgg(fig)
     ax_round, ax_bytes, ax_cons = fig.subplots(1, 3)
     k, label = display_scale(metric), "perplexity" if lower_is_better(metric) else "accuracy (%)"
-    for method, dirs in runs.items():
-        c = _curves(dirs, metric)
+    smallest = np.inf  # the smallest positive consensus distance: below it the scale is linear
+    for i, (method, dirs) in enumerate(runs.items()):
+        c = curves(dirs, metric)
         if not len(c["round"]):
             continue
-        ax_round.plot(c["round"], k * c["acc"], marker="o", label=method)
-        ax_bytes.plot(c["bytes"] / 1e6, k * c["acc"], marker="o", label=method)
-        positive = c["consensus"] > 0
-        if positive.any():
-            ax_cons.plot(c["round"][positive], c["consensus"][positive], marker="o", label=method)
+        style = {"color": f"C{i % 10}", "marker": "o", "label": method}  # one colour per method
+        ax_round.plot(c["round"], k * c["acc"], **style)
+        ax_bytes.plot(c["bytes"] / 1e6, k * c["acc"], **style)
+        finite = np.isfinite(c["consensus"])
+        if finite.any():
+            ax_cons.plot(c["round"][finite], c["consensus"][finite], **style)
+            positive = c["consensus"][finite & (c["consensus"] > 0)]
+            smallest = min(smallest, positive.min()) if len(positive) else smallest
     ax_round.set(title=f"{metric} vs round", xlabel="round", ylabel=label)
     ax_bytes.set(title=f"{metric} vs bytes sent", xlabel="MB sent (all nodes)", ylabel=label)
-    ax_cons.set(title="product consensus distance", xlabel="round", ylabel="consensus_BA", yscale="log")
+    ax_cons.set(title="product consensus distance", xlabel="round", ylabel="consensus_BA")
+    if np.isfinite(smallest):
+        ax_cons.set_yscale("symlog", linthresh=smallest)
+    for ax in (ax_round, ax_cons):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_round, ax_bytes, ax_cons):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_comparison(runs: dict[str, list[Path]], path: Path, metric: str) -> None:
+    comparison_figure(runs, metric).savefig(path, dpi=110)

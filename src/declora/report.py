@@ -264,6 +264,14 @@ def _shade_std(ax: Any, evals: list[dict[str, Any]], key: str, color: str) -> No
         ax.fill_between(xs, lo, hi, color=color, alpha=0.2, label=f"{key} ± std")
 
 
+LINE_STYLES = (
+    {"linestyle": "-", "marker": "o", "markersize": 4, "linewidth": 2.2},
+    {"linestyle": "--", "marker": "x", "markersize": 6, "linewidth": 1.4},
+    {"linestyle": ":", "marker": "s", "markersize": 3, "linewidth": 1.6},
+    {"linestyle": "-.", "marker": "^", "markersize": 4, "linewidth": 1.2},
+)
+
+
 def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
     keys = _accuracy_keys(evals)
     if keys and all(lower_is_better(k) for k in keys):  # a causal LM run: perplexity
@@ -271,12 +279,20 @@ def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
             ax.plot(*_series(evals, key), marker="o", markersize=3, label=key)
         ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")
         return
-    for key in keys:
+    for j, key in enumerate(keys):
         xs, ys = _series(evals, key)
-        (line,) = ax.plot(xs, [100 * y for y in ys], marker="o", markersize=3, label=key)
+        # The two consensus models often coincide: distinct dashes and markers keep both lines visible.
+        (line,) = ax.plot(xs, [100 * y for y in ys], label=key, **LINE_STYLES[j % len(LINE_STYLES)])
         if key == "acc_node_mean":
             _shade_std(ax, evals, key, line.get_color())
     ax.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
+
+
+def _plot_loss(ax: Any, records: list[dict[str, Any]]) -> None:
+    xs, ys = _series(_events(records, "round", "eval"), "train_loss")
+    if xs:
+        ax.plot(xs, ys, marker=".", label="train_loss (mean over nodes)")
+    ax.set(title="Training loss", xlabel="round", ylabel="loss")
 
 
 def _plot_consensus(ax: Any, evals: list[dict[str, Any]]) -> None:
@@ -289,25 +305,32 @@ def _plot_consensus(ax: Any, evals: list[dict[str, Any]]) -> None:
         ax.set_yscale("log")
 
 
-def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
-    """One PNG: accuracy vs round, and consensus distances vs round on a log scale.
+def run_figure(records: list[dict[str, Any]]) -> Figure:
+    """Accuracy (or perplexity) vs round, training loss vs round, consensus distances vs round (log).
 
-    Uses a bare ``Figure`` (Agg canvas) rather than pyplot so that it needs no display and leaves the
-    process-wide matplotlib state alone.
+    A bare ``Figure`` (Agg canvas) rather than pyplot: it needs no display and leaves the process-wide
+    matplotlib state alone.
     """
     evals = _events(records, "eval")
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_acc, ax_cons = fig.subplots(1, 2)
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    ax_acc, ax_loss, ax_cons = fig.subplots(1, 3)
     _plot_accuracy(ax_acc, evals)
+    _plot_loss(ax_loss, records)
     _plot_consensus(ax_cons, evals)
-    for ax in (ax_acc, ax_cons):
+    for ax in (ax_acc, ax_loss, ax_cons):
         if ax.lines:
             ax.legend(fontsize="small")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         else:
             ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-    fig.savefig(path, dpi=120, format="png")  # an explicit format: the atomic writer's path ends in .tmp
+    return fig
+
+
+def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
+    """RUN_DIR/curves.png (``run_figure``)."""
+    # an explicit format: the atomic writer's path ends in .tmp
+    run_figure(records).savefig(path, dpi=120, format="png")
 
 
 def _run_headline(run_dir: Path) -> str | None:

@@ -206,3 +206,27 @@ def test_command_line_overrides_reach_every_cell(tmp_path, tiny_bert):
         assert cell.run_dir.parent == tmp_path / "o"
     with pytest.raises(ConfigError, match="algorithm.name is set per cell"):
         load_grid(_grid_file(tmp_path, tiny_bert), ("algorithm.name=fedavg",))
+
+
+def test_every_round_of_a_running_cell_reaches_on_round(tmp_path, tiny_bert):
+    grid = load_grid(_grid_file(tmp_path, tiny_bert, seeds=[0], grid={"algorithm.name": ["local"]}))
+    rounds: list[int] = []
+    run_grid(grid, on_round=lambda record: rounds.append(record["round"]))
+    assert rounds == [1, 2]
+    run_grid(grid, on_round=lambda record: rounds.append(record["round"]))  # finished: skipped, silent
+    assert rounds == [1, 2]
+
+
+def test_compare_command_overrides_every_cell_and_shows_each_cells_rounds(tmp_path, tiny_bert, capsys):
+    from declora.cli import main
+
+    path = _grid_file(tmp_path, tiny_bert, seeds=[0])
+    assert main(["compare", str(path), "rounds=1", "--out", str(tmp_path / "quick")]) == 0
+    out, err = capsys.readouterr()
+    assert "[1/2] algorithm.name=dec_lora seed=0: running" in out and "[2/2]" in out
+    assert err.count("rounds: 100%") >= 2  # one progress bar per running cell, to its end
+    for cell in ("algorithm.name=dec_lora_seed=0", "algorithm.name=local_seed=0"):
+        evals = [
+            json.loads(x) for x in (tmp_path / "quick" / cell / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert max(r["round"] for r in evals) == 1  # rounds=1 reached every cell

@@ -156,3 +156,56 @@ def test_run_without_evaluations_still_reports(tmp_path: Path) -> None:
     table = write_report(tmp_path)
     assert "| metric" in table
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _fake_run(folder, bytes_per_round, consensus, acc):
+    folder.mkdir(parents=True)
+    lines = [
+        {
+            "event": "eval",
+            "round": t,
+            "acc_avg_factors": acc[t - 1],
+            "acc_avg_product": acc[t - 1],
+            "bytes_total": bytes_per_round * t,
+            "consensus_BA": consensus[t - 1],
+            "train_loss": 1.0 / t,
+        }
+        for t in (1, 2, 3)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_comparison_keeps_one_colour_per_method_and_plots_zeros(tmp_path):
+    from declora.compare_plots import comparison_figure
+
+    runs = {
+        "dec_lora": [_fake_run(tmp_path / "d", 2e6, [1e-3, 5e-4, 2e-4], [0.5, 0.6, 0.7])],
+        "centralized": [_fake_run(tmp_path / "c", 0, [0.0, 0.0, 0.0], [0.6, 0.7, 0.8])],  # one node
+        "local": [_fake_run(tmp_path / "l", 0, [2e-3, 3e-3, 4e-3], [0.5, 0.55, 0.6])],
+    }
+    fig = comparison_figure(runs, "acc_avg_factors")
+    axes = fig.axes
+    for ax in axes:
+        assert [line.get_label() for line in ax.lines] == list(runs)  # every method in every panel
+    for i in range(len(runs)):
+        assert len({ax.lines[i].get_color() for ax in axes}) == 1  # the same colour in each panel
+    bytes_ax, cons_ax = axes[1], axes[2]
+    assert list(bytes_ax.lines[2].get_xdata()) == [0.0, 0.0, 0.0]  # local sends 0 bytes: plotted at 0
+    assert list(bytes_ax.lines[0].get_xdata()) == [2.0, 4.0, 6.0]
+    assert list(cons_ax.lines[1].get_ydata()) == [0.0, 0.0, 0.0] and cons_ax.get_yscale() == "symlog"
+    fig.savefig(tmp_path / "comparison.png")
+
+
+def test_curves_show_loss_and_both_consensus_accuracies(tmp_path):
+    from declora.report import run_figure
+
+    run = _fake_run(tmp_path / "r", 1e6, [1e-3, 5e-4, 2e-4], [0.5, 0.6, 0.7])
+    fig = run_figure(read_metrics(run / "metrics.jsonl"))
+    acc, loss, cons = fig.axes
+    lines = {line.get_label(): line for line in acc.lines}
+    both = (lines["acc_avg_factors"], lines["acc_avg_product"])
+    assert list(both[0].get_ydata()) == list(both[1].get_ydata()) == [50.0, 60.0, 70.0]
+    assert both[0].get_linestyle() != both[1].get_linestyle() and both[0].get_marker() != both[1].get_marker()
+    assert list(loss.lines[0].get_ydata()) == [1.0, 0.5, 1.0 / 3] and loss.get_title() == "Training loss"
+    assert cons.lines and cons.get_yscale() == "log"

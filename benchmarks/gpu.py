@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import platform
 import sys
@@ -170,7 +171,7 @@ def task_of(shape: Shape):  # noqa: ANN201 - a declora.tasks.Task
 # ---------------------------------------------------------------- the two methods: setup -> one round
 
 
-Round = Callable[[int], None]  # argument: local steps this round
+Round = Callable[[int], int]  # local steps this round -> real (unpadded) tokens trained
 
 
 def setup_declora(
@@ -196,8 +197,10 @@ def setup_declora(
     )
     active = torch.ones(n, dtype=torch.bool)
 
-    def one_round(steps: int) -> None:
+    def one_round(steps: int) -> int:
+        trainer.tokens = 0
         trainer.local_work(active, list(params), steps, "steps")
+        return trainer.tokens
 
     return one_round
 
@@ -225,7 +228,7 @@ def setup_sequential_peft(shape: Shape, folder: Path, n: int, work: Workload, de
     adapters, states = [dict(init) for _ in range(n)], [fresh] * n
     task = task_of(shape)
 
-    def step(node: int, s: int) -> None:
+    def step(node: int, s: int) -> int:
         rows = work.batch(node, s)
         input_ids, mask = (t.to(device) for t in pad([work.token_ids[k] for k in rows], 0))
         labels = torch.as_tensor(work.labels[rows]).to(device)
@@ -235,15 +238,17 @@ def setup_sequential_peft(shape: Shape, folder: Path, n: int, work: Workload, de
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return sum(len(work.token_ids[k]) for k in rows)
 
-    def one_round(steps: int) -> None:
+    def one_round(steps: int) -> int:
+        tokens = 0
         for i in range(n):
             set_peft_model_state_dict(model, adapters[i])
             opt.load_state_dict(states[i])
-            for s in range(steps):
-                step(i, s)
+            tokens += sum(step(i, s) for s in range(steps))
             adapters[i] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
             states[i] = copy.deepcopy(opt.state_dict())
+        return tokens
 
     return one_round
 
@@ -267,6 +272,7 @@ def measure(method: str, shape: Shape, folder: Path, n: int, args: argparse.Name
     nodes = min(n, args.peft_nodes) if method == "sequential_peft" else n
     work = workload(shape, nodes, args.steps)
     row = {"model": shape.name, "method": method, "n": n, "nodes_timed": nodes, "steps": args.steps}
+    gc.collect()  # the previous measurement's model (and, after an OOM, its traceback's tensors)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -275,7 +281,7 @@ def measure(method: str, shape: Shape, folder: Path, n: int, args: argparse.Name
         one_round(1)
         sync(device)
         began = time.perf_counter()
-        one_round(args.steps)
+        tokens = one_round(args.steps)
         sync(device)
         seconds = time.perf_counter() - began
     except RuntimeError as err:
@@ -283,9 +289,6 @@ def measure(method: str, shape: Shape, folder: Path, n: int, args: argparse.Name
             raise
         return {**row, "status": "oom", "error": str(err).splitlines()[0][:200]}
     examples = nodes * args.steps * BATCH
-    tokens = sum(
-        len(work.token_ids[k]) for i in range(nodes) for s in range(args.steps) for k in work.batch(i, s)
-    )
     flops = tokens * flops_per_token(shape, tokens / examples)
     row.update(
         status="ok",
@@ -419,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_device(args.device)  # device=cuda without CUDA: one clear line, before any work
     device = torch.device(args.device)
     began = time.perf_counter()
-    rate = matmul_rate(device, *((256, 4) if args.quick else (8192, 50)))
+    rate = matmul_rate(device, *((256, 4) if args.quick else (8192, 100)))
     shapes = TINY if args.quick else SHAPES
     rows = run_all([shapes[m] for m in args.models], args, rate, began + args.budget_s)
     speedups(rows)

@@ -41,6 +41,9 @@ PRIVACY_KEY = "privacy_epsilon_max"  # privacy.level node/example: the largest e
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 
 
+PEAK_KEYS = ("peak_mem_mb", "peak_gpu_mem_mb")  # resident memory; a GPU run's allocated GPU memory
+
+
 def lower_is_better(key: str) -> bool:
     """Whether a metric improves as it falls: perplexities (``ppl_*``) do, accuracies rise."""
     return key.startswith(LOWER_IS_BETTER)
@@ -140,7 +143,8 @@ def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dic
     rounds = [v for r in progress if (v := _number(r, "round")) is not None]
     final = {k: _last(evals, k) for k in CONSENSUS_KEYS}
     final |= {k: _last(progress, k) for k in ("train_loss", "bytes_total", "wall_s")}
-    mems = [v for r in progress if (v := _number(r, "peak_mem_mb")) is not None]
+    peaks = {k: [v for r in progress if (v := _number(r, k)) is not None] for k in PEAK_KEYS}
+    peaks = {k: max(values) for k, values in peaks.items() if values}
     kept = {k: final[k] for k in FINAL_KEYS}
     if (eps := _last(progress, PRIVACY_KEY)) is not None:  # private runs only
         kept[PRIVACY_KEY] = eps
@@ -149,7 +153,8 @@ def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dic
         "evals": len(evals),
         "accuracy": {k: best_final(evals, k) for k in _accuracy_keys(evals)},
         "final": kept,
-        "peak_mem_mb": max(mems) if mems else None,
+        "peak_mem_mb": peaks.get("peak_mem_mb"),
+        **{k: v for k, v in peaks.items() if k != "peak_mem_mb"},  # a GPU run's peak_gpu_mem_mb
         "headline": headline if headline is not None else _config_headline(records),
     }
 
@@ -170,7 +175,7 @@ def _fmt(key: str, value: float | None) -> str:
         return f"{value / 1e6:.2f} MB"
     if key == "wall_s":
         return f"{value:.1f} s"
-    if key == "peak_mem_mb":
+    if key in PEAK_KEYS:
         return f"{value:.1f} MB"
     if key == "train_loss":
         return f"{value:.4f}"
@@ -191,8 +196,9 @@ def _rows(summary: dict[str, Any]) -> list[list[str]]:
     for key, value in summary["final"].items():
         if value is not None:
             rows.append([key, _fmt(key, value), "", ""])
-    if summary.get("peak_mem_mb") is not None:
-        rows.append(["peak_mem_mb (max)", _fmt("peak_mem_mb", summary["peak_mem_mb"]), "", ""])
+    for key in PEAK_KEYS:
+        if summary.get(key) is not None:
+            rows.append([f"{key} (max)", _fmt(key, summary[key]), "", ""])
     return rows
 
 

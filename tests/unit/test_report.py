@@ -209,3 +209,15 @@ def test_curves_show_loss_and_both_consensus_accuracies(tmp_path):
     assert both[0].get_linestyle() != both[1].get_linestyle() and both[0].get_marker() != both[1].get_marker()
     assert list(loss.lines[0].get_ydata()) == [1.0, 0.5, 1.0 / 3] and loss.get_title() == "Training loss"
     assert cons.lines and cons.get_yscale() == "log"
+
+
+def test_a_gpu_runs_peak_gpu_memory_is_summarised_and_shown(tmp_path: Path) -> None:
+    lines = [
+        {"event": "round", "round": 1, "train_loss": 0.9, "peak_mem_mb": 900.0, "peak_gpu_mem_mb": 2048.0},
+        {"event": "eval", "round": 2, "train_loss": 0.8, "peak_mem_mb": 950.0, "peak_gpu_mem_mb": 3072.5},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    summary = summarize(read_metrics(tmp_path / "metrics.jsonl"))
+    assert (summary["peak_mem_mb"], summary["peak_gpu_mem_mb"]) == (950.0, 3072.5)
+    assert "| peak_gpu_mem_mb (max) | 3072.5 MB" in format_table(summary)
+    assert "peak_gpu_mem_mb" not in summarize(RECORDS)  # a CPU run has none

@@ -732,6 +732,21 @@ def _validate_server(cfg: Config) -> None:
         raise ConfigError(f"server.tau={s.tau} must be non-negative")
     if cfg.algorithm.mu < 0:
         raise ConfigError(f"algorithm.mu={cfg.algorithm.mu} must be non-negative")
+    from declora.algorithms import FOLDS_INTO_BASE
+
+    folds = cfg.algorithm.name in FOLDS_INTO_BASE
+    if folds and cfg.server.optimizer not in ("auto", "average"):
+        raise ConfigError(
+            f"server.optimizer={cfg.server.optimizer} with algorithm.name={cfg.algorithm.name}: its exact "
+            "aggregation is the plain weighted mean; use server.optimizer=average (or auto)"
+        )
+    if folds and (cfg.export != "none" or cfg.model.base_quantization != "none"):
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name} folds each round's aggregate into the frozen base: it "
+            "needs "
+            f"export=none (got {cfg.export!r}; the factors alone would not reproduce the model) and "
+            f"model.base_quantization=none (got {cfg.model.base_quantization!r})"
+        )
     if cfg.algorithm.name == "scaffold" and cfg.train.local_unit != "steps":
         raise ConfigError(
             f"algorithm.name=scaffold with train.local_unit={cfg.train.local_unit!r}: its control variates "

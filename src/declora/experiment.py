@@ -38,6 +38,9 @@ MULTI_PROCESS = {
     "local",
     "fedavg",
     "fedprox",
+    "fedsa_lora",
+    "fedex_lora",
+    "flora",
     "fslora",
     "hetlora",
     "flexlora",
@@ -228,7 +231,7 @@ def _check_guard_processes(cfg: Config, group: Solo) -> None:
     if (
         group.world > 1
         and cfg.robust.aggregator != "mean"
-        and cfg.algorithm.name in ("fedavg", "ffa_lora", "rolora", "fedprox", "scaffold")
+        and cfg.algorithm.name in ("fedavg", "ffa_lora", "rolora", "fedprox", "scaffold", "fedsa_lora")
     ):
         raise ConfigError(
             f"robust.aggregator={cfg.robust.aggregator} at a server needs every upload in one process; "

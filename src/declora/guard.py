@@ -29,7 +29,7 @@ GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl
 SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora")
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
 # upload_masked (and SCAFFOLD's second upload, its control variates): no node-level DP or message attacks yet
-MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "scaffold")
+MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "scaffold", "fedex_lora", "flora")
 
 
 class GuardedExchange:

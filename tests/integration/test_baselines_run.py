@@ -53,6 +53,9 @@ RUNS = {
     "fedprox": ("algorithm.name=fedprox", "algorithm.mu=0.1"),
     "scaffold_sampled": ("algorithm.name=scaffold", "server.fraction=0.5"),
     "dec_lora_cosine": ("train.schedule=cosine", "train.warmup_rounds=1"),
+    "fedsa_lora": ("algorithm.name=fedsa_lora",),
+    "fedex_lora": ("algorithm.name=fedex_lora", "export=none"),
+    "flora": ("algorithm.name=flora", "export=none", "algorithm.ranks=[1,2,2,1]"),
 }
 
 
@@ -64,12 +67,14 @@ def test_two_round_cli_run(name, tiny_bert, tiny_data, tmp_path, capsys):
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["round"] for r in evals] == [1, 2]
     assert all(r["bytes_round"] > 0 and r["train_loss"] == r["train_loss"] for r in evals)  # sent; no NaN
-    assert (run_dir / "adapters" / "consensus" / "adapter_config.json").is_file()
+    exported = (run_dir / "adapters" / "consensus" / "adapter_config.json").is_file()
+    assert exported == ("export=none" not in RUNS[name])
 
 
 CRASHES = {
     "fedadam_cosine": ("algorithm.name=fedavg", "server.optimizer=adam", "train.schedule=cosine"),
     "scaffold_linear": ("algorithm.name=scaffold", "train.schedule=linear", "train.warmup_rounds=1"),
+    "fedex_lora": ("algorithm.name=fedex_lora", "export=none"),  # the folded base deltas
 }
 
 
@@ -98,4 +103,6 @@ def test_server_and_schedule_state_survive_a_crash(name, tiny_bert, tiny_data, t
         assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
     for k, v in full.fed.tensors().items():
         assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach()), k
+    for k, layer in full.fed.lora.items():  # the frozen base too (FedEx-LoRA folds into it)
+        assert torch.equal(layer.base.weight, resumed.fed.lora[k].base.weight), k
     assert torch.equal(full.lr_schedule.progress, resumed.lr_schedule.progress)

@@ -11,9 +11,12 @@ from declora.algorithms.dec_lora import DecLoRA
 from declora.algorithms.decaf import DeCAF
 from declora.algorithms.dlora_fa import DLoRAFA
 from declora.algorithms.fedavg import FedAvg
+from declora.algorithms.fedex_lora import FedExLoRA
 from declora.algorithms.fedprox import FedProx
+from declora.algorithms.fedsa_lora import FedSALoRA
 from declora.algorithms.ffa_lora import FFALoRA
 from declora.algorithms.flexlora import FlexLoRA
+from declora.algorithms.flora import FLoRA
 from declora.algorithms.fslora import FSLoRA
 from declora.algorithms.hetlora import HetLoRA
 from declora.algorithms.local import LocalOnly
@@ -39,8 +42,17 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "flexlora": FlexLoRA,
     "fedprox": FedProx,
     "scaffold": Scaffold,
+    "fedsa_lora": FedSALoRA,
+    "fedex_lora": FedExLoRA,
+    "flora": FLoRA,
 }
 
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying
 # codec is unsound for them (config refuses comm.codec=topk).
-SENDS_STATES = frozenset({"fedavg", "ffa_lora", "rolora", "flexlora", "fedprox", "scaffold"})
+SENDS_STATES = frozenset(
+    {"fedavg", "ffa_lora", "rolora", "flexlora", "fedprox", "scaffold", "fedsa_lora", "fedex_lora", "flora"}
+)
+
+# Algorithms that fold the aggregate into the shared frozen base: the factors alone do not reproduce the
+# model, so the config refuses a PEFT export for them.
+FOLDS_INTO_BASE = frozenset({"fedex_lora", "flora"})

@@ -1,0 +1,109 @@
+"""FedEx-LoRA: FedAvg-LoRA made exact by folding the aggregation's residual into the frozen base.
+
+Singhal, Ponkshe, Vepakomma. "FedEx-LoRA: Exact Aggregation for Federated and Efficient Fine-Tuning of
+Foundation Models." ACL 2025. Round t, participants S with weights p_i (server.weighting):
+
+    server:  A <- sum_i p_i A_i     B <- sum_i p_i B_i                          (as FedAvg-LoRA)
+             R  = sum_i p_i B_i A_i - B A                     (d_out, d_in): the cross-term error
+             W0 <- W0 + s R      in every adapted module's frozen base weight
+    so that  W0' + s B A = W0 + s sum_i p_i B_i A_i   exactly (a tested invariant)
+    head (model.head=train): FedAvg with the same p_i
+
+Possible here because every node shares one frozen base (declora's one idea): one fold serves them all.
+Bytes: each participant uploads (A_i, B_i); every online node downloads (A, B) and R, booked dense
+(d_out d_in floats per module; a factored R of rank (|S| + 1) r would be smaller for large layers).
+Why not for gossip: with W(t) each node would have its own residual, so its own base copy; the shared base
+would become n dense per-node deltas, which is what LoRA avoids. The folded deltas are the algorithm's
+checkpointed state (the adapted modules' base weights); PEFT export of the factors alone would not
+reproduce the model, so the run exports nothing (config refuses export other than none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.ranks import average_head, factor_messages
+from declora.algorithms.server import active_nodes, participants, upload_weights, weighting
+from declora.config import Config
+from declora.model import Federation, averaged_factors
+from declora.schedules import Schedule
+
+
+class BaseFolds:
+    """Adds dense deltas to the adapted modules' frozen base weights; those weights are the checkpointed
+    state (copied back on resume: re-adding a summed delta would round differently)."""
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+
+    def add(self, name: str, d: Tensor) -> None:
+        """W0 <- W0 + d for module ``name``: d (d_out, d_in), already scaled."""
+        base = self.fed.lora[name].base.weight
+        with torch.no_grad():
+            base.add_(d.to(base.device, base.dtype))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"base/{k}": v.base.weight.detach() for k, v in self.fed.lora.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in self.fed.lora.items():
+                v.base.weight.copy_(state[f"base/{k}"])
+
+
+def exact_residual(A: Tensor, B: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(A_mean (r, d_in), B_mean (d_out, r), R (d_out, d_in)) with B_mean A_mean + R = sum_i p_i B_i A_i;
+    A: (n, r, d_in), B: (n, d_out, r), p: (n,) summing to 1 (0 for non-senders)."""
+    w = p.to(A.device, A.dtype)
+    A_mean, B_mean = torch.einsum("n,nri->ri", w, A), torch.einsum("n,nor->or", w, B)
+    product = torch.einsum("n,nor,nri->oi", w, B, A)
+    return A_mean, B_mean, product - B_mean @ A_mean
+
+
+@dataclass
+class FedExLoRA:
+    fed: Federation
+    name: str = "fedex_lora"
+    single_node: bool = False
+    cfg: Config | None = None
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        self.cfg = self.cfg or Config()
+        self.weighting = weighting(self.cfg)
+        self.folds = BaseFolds(self.fed)
+
+    def plan(self, t: int) -> RoundPlan:
+        return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
+
+    def communicate(self, ctx: RoundContext) -> None:
+        fed, online = ctx.fed, ctx.online.cpu()
+        senders = participants(self.cfg, ctx.round)[ctx.node_ids] & online  # this process's rows
+        weights = ctx.exchange.all_nodes(upload_weights(self.weighting, senders, ctx.data_sizes.cpu()))
+        if not (weights > 0).any():
+            return
+        p = weights / weights.sum()  # (n,) over every node
+        keep = torch.ones(fed.n, fed.cfg.rank, dtype=torch.bool)
+        table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)  # (n, ...)
+        for name, layer in fed.lora.items():
+            A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p)
+            self.folds.add(name, fed.scale * R)
+            ctx.exchange.ledger.add_server(int(online.sum()), R.numel() * 4)  # this process's receivers
+            with torch.no_grad():
+                rows = online.to(layer.A.device).view(-1, 1, 1)
+                layer.A.copy_(torch.where(rows, A_mean.expand_as(layer.A), layer.A))
+                layer.B.copy_(torch.where(rows, B_mean.expand_as(layer.B), layer.B))
+        average_head(ctx, trained_kinds(fed), p[ctx.node_ids])
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return averaged_factors(fed.tensors())  # every participant holds (A, B) over the folded base
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.folds.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.folds.load_state_dict(state)

@@ -1,0 +1,113 @@
+"""FLoRA: the server stacks the clients' (heterogeneous-rank) adapters; every node merges the stack into
+its base and starts the next round from a fresh adapter.
+
+Wang, Shen, Ye, Bhuyan, Liu, Jiang, Hu. "FLoRA: Federated Fine-Tuning Large Language Models with
+Heterogeneous Low-Rank Adaptations." NeurIPS 2024. Node i has rank r_i = algorithm.ranks[i] (the first r_i
+components, gate G_i; default model.rank everywhere). Round t, participants S with weights p_i:
+
+    upload   (B_i G_i, A_i): r_i (d_in + d_out) floats per module
+    stack    A_s = [A_1; ...; A_m] (sum r_i, d_in),   B_s = [p_1 B_1 G_1, ..., p_m B_m G_m] (d_out, sum r_i)
+             so that B_s A_s = sum_{i in S} p_i B_i G_i A_i exactly (no cross-term: a tested invariant)
+    download the stack: sum_{j in S} r_j (d_in + d_out) floats per module, to every online node
+    merge    W0 <- W0 + s B_s A_s;  then A <- a fresh draw of the PEFT init from (seed, t, module) (the
+             same on every node), B <- 0, device optimizer reset
+    head (model.head=train): FedAvg with the same p_i
+
+Every node merges the same stack, so the shared frozen base takes it once (``fedex_lora.BaseFolds``: its
+weights are the checkpointed state; the factors alone do not reproduce the model, so no PEFT export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.fedex_lora import BaseFolds
+from declora.algorithms.ranks import (
+    active_components,
+    average_head,
+    factor_messages,
+    first_components,
+    install_gate,
+    node_ranks,
+)
+from declora.algorithms.server import active_nodes, participants, upload_weights, weighting
+from declora.config import Config
+from declora.model import Federation, averaged_factors
+from declora.schedules import Schedule
+from declora.seeding import torch_generator
+
+
+def stack_adapters(A: Tensor, B: Tensor, gate: Tensor | None, p: Tensor) -> tuple[Tensor, Tensor]:
+    """(A_s (k, d_in), B_s (d_out, k)), k = sum of the participants' ranks, with B_s A_s =
+    sum_i p_i B_i G_i A_i; A: (n, r, d_in), B: (n, d_out, r), gate: (n, r) or None, p: (n,), 0 = absent."""
+    keep = torch.ones(A.shape[:2], dtype=torch.bool) if gate is None else gate.cpu() != 0  # (n, r)
+    g = torch.ones(A.shape[:2]) if gate is None else gate.cpu().float()
+    rows, cols = [], []
+    for i in (p > 0).nonzero().flatten().tolist():
+        idx = keep[i].nonzero().flatten().to(A.device)
+        rows.append(A[i].index_select(0, idx))  # (r_i, d_in)
+        scaled = B[i] * (p[i] * g[i]).to(B.device, B.dtype)[None, :]  # p_i B_i G_i
+        cols.append(scaled.index_select(1, idx))  # (d_out, r_i)
+    return torch.cat(rows), torch.cat(cols, dim=1)
+
+
+@dataclass
+class FLoRA:
+    fed: Federation
+    name: str = "flora"
+    single_node: bool = False
+    cfg: Config | None = None
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        self.cfg = self.cfg or Config()
+        self.ranks = node_ranks(self.cfg.algorithm.ranks, self.cfg.nodes, self.fed.cfg.rank)
+        self.gate = first_components(self.ranks, self.fed.cfg.rank)
+        install_gate(self.fed, self.gate)
+        self.weighting = weighting(self.cfg)
+        self.folds = BaseFolds(self.fed)
+
+    def plan(self, t: int) -> RoundPlan:
+        return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
+
+    def communicate(self, ctx: RoundContext) -> None:
+        fed, online = ctx.fed, ctx.online.cpu()
+        senders = participants(self.cfg, ctx.round)[ctx.node_ids] & online  # this process's rows
+        weights = ctx.exchange.all_nodes(upload_weights(self.weighting, senders, ctx.data_sizes.cpu()))
+        if not (weights > 0).any():
+            return
+        p = weights / weights.sum()  # (n,) over every node
+        keep = active_components(fed, self.gate)
+        table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
+        stacked_rank = sum(k for k, w in zip(self.ranks, weights.tolist(), strict=True) if w > 0)
+        for name, layer in fed.lora.items():
+            A_s, B_s = stack_adapters(table[f"{name}.lora_A"], table[f"{name}.lora_B"], self.gate, p)
+            self.folds.add(name, fed.scale * (B_s @ A_s))
+            d_out, d_in = B_s.shape[0], A_s.shape[1]
+            ctx.exchange.ledger.add_server(int(online.sum()), 4 * stacked_rank * (d_in + d_out))
+            fresh = init_A(self.cfg.model.init_seed, ctx.round, name, layer.A.shape[1:])
+            with torch.no_grad():
+                layer.A.copy_(fresh.to(layer.A).expand_as(layer.A))
+                layer.B.zero_()
+        average_head(ctx, trained_kinds(fed), p[ctx.node_ids])
+        ctx.optimizer.reset(list(fed.tensors(trained_kinds(fed))))
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return averaged_factors(fed.tensors())  # every node: the merged base and a fresh adapter
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.folds.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.folds.load_state_dict(state)
+
+
+def init_A(seed: int, t: int, name: str, shape: torch.Size) -> Tensor:
+    """PEFT's lora_A init, U(-1/sqrt(d_in), 1/sqrt(d_in)), drawn from (seed, "flora", t, module)."""
+    bound = 1 / shape[1] ** 0.5
+    g = torch_generator(seed, "flora", t, name)
+    return (torch.rand(shape, generator=g) * 2 - 1) * bound

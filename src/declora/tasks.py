@@ -268,7 +268,7 @@ class Instruction:
             prompt_text, response_text = self._texts(json.loads(turns), response)
             head = self.tokenizer(prompt_text)["input_ids"]  # BOS where the tokenizer adds one
             answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
-            if not self.tokenizer_adds_eos(response_text):
+            if not self._ends_with_eos(response_text):
                 answer += self.eos
             answer = answer[: self.max_length - 1]
             head = list(head)[-(self.max_length - len(answer)) :]
@@ -276,7 +276,7 @@ class Instruction:
             lengths.append(len(answer))
         return rows, np.array(lengths, dtype=np.int64)
 
-    def tokenizer_adds_eos(self, response_text: str) -> bool:
+    def _ends_with_eos(self, response_text: str) -> bool:
         """True when the chat template already ends the turn with EOS (SmolLM2's <|im_end|> is its EOS)."""
         eos = self.tokenizer.eos_token
         return bool(eos) and response_text.rstrip().endswith(eos)

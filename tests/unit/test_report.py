@@ -221,3 +221,21 @@ def test_a_gpu_runs_peak_gpu_memory_is_summarised_and_shown(tmp_path: Path) -> N
     assert (summary["peak_mem_mb"], summary["peak_gpu_mem_mb"]) == (950.0, 3072.5)
     assert "| peak_gpu_mem_mb (max) | 3072.5 MB" in format_table(summary)
     assert "peak_gpu_mem_mb" not in summarize(RECORDS)  # a CPU run has none
+
+
+def test_private_runs_show_the_largest_epsilon_spent_and_honest_min_is_a_spread() -> None:
+    records = [
+        {"event": "round", "round": 1, "privacy_epsilon_max": 3.2, "privacy_epsilon": [3.2, 3.1]},
+        {
+            "event": "eval",
+            "round": 2,
+            "privacy_epsilon_max": 4.5,
+            "acc_honest_mean": 0.8,
+            "acc_honest_min": 0.6,
+        },
+    ]
+    s = summarize(records)
+    assert s["final"]["privacy_epsilon_max"] == 4.5
+    assert "acc_honest_mean" in s["accuracy"] and "acc_honest_min" not in s["accuracy"]
+    assert "| privacy_epsilon_max" in format_table(s) and "4.50" in format_table(s)
+    assert "privacy_epsilon_max" not in summarize([{"event": "eval", "round": 1}])["final"]  # not private

@@ -114,7 +114,7 @@ def test_public_copies_round_trip_through_state_dict():
         (["comm.error_feedback=true"], r"comm.error_feedback=true with gossip.*CHOCO"),
         (["topology.schedule=pairwise"], r"topology.schedule='pairwise' with comm.codec=topk.*'static'"),
         (["topology.link_failure=0.1"], r"topology.link_failure=0.1 with comm.codec=topk"),
-        (["comm.consensus_step=0"], r"comm.consensus_step=0.0 must be in \(0, 1\]"),
+        (["comm.consensus_step=0"], r"comm.consensus_step=0.0 .*\(0, 1\]"),
     ],
 )
 def test_config_refuses_unsound_topk(overrides, match):

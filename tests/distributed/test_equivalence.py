@@ -63,9 +63,10 @@ CASES = {
     "flexlora_sampled": ("flexlora", ["algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
     "fedsa_lora": ("fedsa_lora", ["server.optimizer=avgm"]),
     "fedex_lora": ("fedex_lora", ["export=none", "server.weighting=size"]),  # folds into every rank's base
+    "flora": ("flora", ["export=none", "algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
-SERVER |= {"fslora_sampled", "hetlora_size", "flexlora_sampled", "fedsa_lora", "fedex_lora"}
+SERVER |= {"fslora_sampled", "hetlora_size", "flexlora_sampled", "fedsa_lora", "fedex_lora", "flora"}
 # FlexLoRA's SVD turns last-bit differences into ~1e-6 differences of singular vectors (measured 1.1e-6)
 ADAPTER_ATOL = {"flexlora_sampled": 1e-5}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
@@ -89,6 +90,7 @@ SLICES = {
         "flexlora_sampled": (1, 4),
         "fedsa_lora": (3, 2),
         "fedex_lora": (2, 3),
+        "flora": (3, 2),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # Algorithms whose every step works on a slice of the nodes (verified against the simulator).
 MULTI_PROCESS = {
     "dec_lora",
+    "dec_prox",
     "local",
     "fedavg",
     "fedprox",

@@ -64,6 +64,7 @@ CASES = {
     "fedsa_lora": ("fedsa_lora", ["server.optimizer=avgm"]),
     "fedex_lora": ("fedex_lora", ["export=none", "server.weighting=size"]),  # folds into every rank's base
     "flora": ("flora", ["export=none", "algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
+    "dec_prox": ("dec_prox", ["algorithm.mu=0.5"]),  # gossip with FedProx's pull
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
 SERVER |= {"fslora_sampled", "hetlora_size", "flexlora_sampled", "fedsa_lora", "fedex_lora", "flora"}
@@ -91,6 +92,7 @@ SLICES = {
         "fedsa_lora": (3, 2),
         "fedex_lora": (2, 3),
         "flora": (3, 2),
+        "dec_prox": (2, 3),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

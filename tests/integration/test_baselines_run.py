@@ -51,6 +51,7 @@ RUNS = {
     "hetlora_average": ("algorithm.name=hetlora", "server.optimizer=average", "algorithm.ranks=[1,2,2,1]"),
     "flexlora_adam": ("algorithm.name=flexlora", "server.optimizer=adam", "algorithm.ranks=[1,2,2,1]"),
     "fedprox": ("algorithm.name=fedprox", "algorithm.mu=0.1"),
+    "dec_prox": ("algorithm.name=dec_prox", "algorithm.mu=0.1"),
     "scaffold_sampled": ("algorithm.name=scaffold", "server.fraction=0.5"),
     "dec_lora_cosine": ("train.schedule=cosine", "train.warmup_rounds=1"),
     "fedsa_lora": ("algorithm.name=fedsa_lora",),

@@ -58,6 +58,17 @@ def test_fedprox_with_mu_zero_is_fedavg(tiny_bert, tiny_data, tmp_path):
     assert not all(torch.equal(a[k], q[k]) for k in a)  # mu > 0 changes local training
 
 
+def test_dec_prox_with_mu_zero_is_dec_lora(tiny_bert, tiny_data, tmp_path):
+    gossip = _run(tiny_bert, tiny_data, tmp_path / "g", "algorithm.name=dec_lora", "rounds=2")
+    prox, pulled = (
+        _run(tiny_bert, tiny_data, tmp_path / mu, "algorithm.name=dec_prox", f"algorithm.mu={mu}", "rounds=2")
+        for mu in ("0", "1")
+    )
+    a, p, q = _tensors(gossip), _tensors(prox), _tensors(pulled)
+    assert all(torch.equal(a[k], p[k]) for k in a)
+    assert not all(torch.equal(a[k], q[k]) for k in a)
+
+
 def test_scaffold_round_zero_is_fedavg(tiny_bert, tiny_data, tmp_path):
     extra = ("rounds=1", "server.fraction=0.5")
     avg = _run(tiny_bert, tiny_data, tmp_path / "a", "algorithm.name=fedavg", *extra)

@@ -12,7 +12,7 @@ from declora.algorithms.decaf import DeCAF
 from declora.algorithms.dlora_fa import DLoRAFA
 from declora.algorithms.fedavg import FedAvg
 from declora.algorithms.fedex_lora import FedExLoRA
-from declora.algorithms.fedprox import FedProx
+from declora.algorithms.fedprox import DecProx, FedProx
 from declora.algorithms.fedsa_lora import FedSALoRA
 from declora.algorithms.ffa_lora import FFALoRA
 from declora.algorithms.flexlora import FlexLoRA
@@ -45,6 +45,7 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "fedsa_lora": FedSALoRA,
     "fedex_lora": FedExLoRA,
     "flora": FLoRA,
+    "dec_prox": DecProx,
 }
 
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying

@@ -9,6 +9,9 @@ MLSys 2020. Round t, participants S (algorithms/server.py), each starting from t
 
 over every trained tensor (A, B and a trained head). mu = 0 is FedAvg exactly (a tested invariant). The
 pull costs one copy of the trained tensors (the round's starting point) and sends nothing extra.
+
+``dec_prox`` is the decentralized variant: gossip as Dec-LoRA (x_i <- sum_j W_ij x_j), the pull towards
+the node's last mixed state (where its round starts); mu = 0 is Dec-LoRA exactly (tested).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
+from declora.algorithms.mixing import gossip_kinds
 from declora.algorithms.server import ServerModel, active_nodes
 from declora.config import Config
 from declora.model import Federation, averaged_factors
@@ -65,3 +69,31 @@ class FedProx:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.server.load_state_dict(state)
+
+
+@dataclass
+class DecProx:
+    fed: Federation
+    name: str = "dec_prox"
+    single_node: bool = False
+    cfg: Config | None = None
+    schedule: Schedule | None = None
+    anchor: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mu = (self.cfg or Config()).algorithm.mu
+
+    def plan(self, t: int) -> RoundPlan:
+        kinds = trained_kinds(self.fed)
+        self.anchor = {k: v.detach().clone() for k, v in self.fed.tensors(kinds).items()}
+        return RoundPlan(train=kinds, correction=self.pull)
+
+    def pull(self, params: dict[str, Tensor]) -> None:
+        if self.mu:
+            proximal_pull(params, self.anchor, self.mu)
+
+    def communicate(self, ctx: RoundContext) -> None:
+        gossip_kinds(ctx, trained_kinds(ctx.fed))
+
+    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
+        return None

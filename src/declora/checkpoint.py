@@ -35,6 +35,7 @@ def _stateful(exp: Experiment) -> list[tuple[str, Any]]:
     """Parts with state of their own (state_dict / load_state_dict), by checkpoint prefix."""
     owners = {"algorithm": exp.algorithm, "exchange": exp.exchange, "privacy": exp.privacy}
     owners["lr_schedule"] = exp.lr_schedule
+    owners["stragglers"] = exp.stragglers
     return [(k, v) for k, v in owners.items() if v is not None and hasattr(v, "state_dict")]
 
 

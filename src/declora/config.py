@@ -249,6 +249,27 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class StragglersConfig:
+    """Simulated node speeds, a simulated wall clock, deadlines and asynchronous gossip (declora.stragglers).
+    Nothing here slows the real run: the clock is computed, and a late node is treated as offline."""
+
+    # Each node's time multiplier (2 = twice as slow): () every node 1; one number per node; or "lognormal":
+    # node i's multiplier exp(sigma z_i), z_i ~ N(0, 1) drawn once from (seed, node).
+    speeds: tuple[float, ...] | str = ()
+    sigma: float = 0.5  # speeds=lognormal: spread of the per-node multipliers
+    jitter: float = (
+        0.0  # per-round noise: round t's time is also times exp(jitter z), z from (seed, round, node)
+    )
+    step_s: float = 1.0  # simulated seconds of one local step at multiplier 1
+    link_s_per_mb: float = 0.0  # simulated seconds per MB (1e6 bytes) the busiest node sends in a round
+    deadline: float | None = (
+        None  # simulated seconds: a node whose local work takes longer sits the round out
+    )
+    asynchronous: bool = False  # gossip with the neighbours' last published copies (bounded staleness)
+    max_staleness: int = 0  # asynchronous: a copy is at most this many rounds old (0: synchronous gossip)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     """Experiment trackers (declora.trackers); metrics.jsonl is always written."""
 
@@ -290,6 +311,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    stragglers: StragglersConfig = field(default_factory=StragglersConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -405,6 +427,12 @@ RANGES: dict[str, Range] = {
     "algorithm.mu": NON_NEGATIVE,
     "dist.timeout_s": ABOVE_ZERO,
     "attack.std": NON_NEGATIVE,
+    "stragglers.sigma": NON_NEGATIVE,
+    "stragglers.jitter": NON_NEGATIVE,
+    "stragglers.step_s": ABOVE_ZERO,
+    "stragglers.link_s_per_mb": NON_NEGATIVE,
+    "stragglers.deadline": ABOVE_ZERO,
+    "stragglers.max_staleness": NON_NEGATIVE,
 }
 INFINITE_OK = ("privacy.clip", "robust.clip_radius")  # .inf: no clipping
 # Keys that may change when a run resumes: they do not change what the finished rounds computed or what the
@@ -581,6 +609,9 @@ def validate(cfg: Config) -> Config:
     _validate_task(cfg)
     _validate_topk(cfg)
     _validate_partition(cfg)
+    from declora.stragglers import validate_stragglers
+
+    validate_stragglers(cfg)
     from declora.guard import validate_guard  # privacy, robust mixing and attacks
 
     validate_guard(cfg)

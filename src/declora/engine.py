@@ -170,8 +170,11 @@ def run(
         phases.enter("train")
         torch.manual_seed(seed_for(cfg.seed, "dropout", t))  # a resumed run draws the same dropout masks
         plan = exp.algorithm.plan(t)
-        online = exp.local(exp.schedule.online(t))
+        up = exp.schedule.online(t)  # (n,) global
+        online = exp.local(up)
         active = online if plan.active is None else exp.local(plan.active) & online
+        if exp.stragglers is not None:  # asynchronous: a slow node trains only in the rounds it publishes
+            active = active & exp.local(exp.stragglers.begin_round(t, up))
         names = list(fed.tensors(plan.train))
         exp.trainer.tokens = 0
         exp.trainer.correction = plan.correction  # FedProx's pull, SCAFFOLD's control variates, or None
@@ -200,6 +203,9 @@ def run(
             **speed,
             **exp.exchange.ledger.round_summary(),
         }
+        if exp.stragglers is not None:  # the simulated clock (declora.stragglers)
+            trained = group.gather_nodes(active)
+            record.update(exp.stragglers.end_round(t, W, up, trained, record["bytes_node_max"]))
         if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
             record.update(exp.privacy.summary(group))
         if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:

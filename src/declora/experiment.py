@@ -28,6 +28,7 @@ from declora.optim import NodeAdamW
 from declora.privacy import ExampleDP, PrivacyAccount
 from declora.schedules import build_schedule
 from declora.seeding import numpy_rng
+from declora.stragglers import AsyncExchange, Stragglers, enabled
 from declora.tasks import CAUSAL_KINDS, Task, build_task
 from declora.train import LocalTrainer, NodeStreams
 
@@ -84,6 +85,7 @@ class Experiment:
     honest: Tensor | None = None  # (n,) bool, global: the nodes that do not attack (None: no attack)
     label_names: tuple[str, ...] = ()  # classification: the name of each label id (exported with adapters)
     lr_schedule: RoundSchedule | None = None  # each of this process's nodes' place in train.schedule
+    stragglers: Stragglers | None = None  # simulated speeds, clock, deadlines, asynchrony (None: not set)
 
     @property
     def n(self) -> int:
@@ -142,7 +144,13 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         )
     group.set_nodes(n, cfg.dist.node_slices)
     first, n_local = group.layout.starts[group.rank], group.layout.counts[group.rank]
-    schedule = build_schedule(cfg.topology, n, cfg.seed)  # graph checks first: they cost nothing
+    stragglers = Stragglers(cfg, n) if enabled(cfg) else None
+    if stragglers is not None and cfg.stragglers.asynchronous and group.world > 1:
+        raise ConfigError(
+            "stragglers.asynchronous=true runs in one process only (the held copies are global)"
+        )
+    late = stragglers.late if stragglers is not None and cfg.stragglers.deadline is not None else None
+    schedule = build_schedule(cfg.topology, n, cfg.seed, late)  # graph checks first: they cost nothing
     preflight_model(cfg)
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
@@ -201,6 +209,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
     )
     exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
+    if stragglers is not None and cfg.stragglers.asynchronous:
+        exchange = AsyncExchange(exchange, stragglers, dict(fed.tensors()))
     if needs_guard(cfg):
         _check_guard_processes(cfg, group)
         exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)
@@ -225,6 +235,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         honest=~attackers if cfg.attack.kind != "none" else None,
         label_names=train.label_names,
         lr_schedule=RoundSchedule(cfg.train.schedule, cfg.train.warmup_rounds, cfg.rounds, fed.n),
+        stragglers=stragglers,
     )
 
 

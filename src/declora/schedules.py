@@ -39,6 +39,7 @@ class Schedule(Protocol):
 
 
 RoundGraph = Callable[[int], tuple[nx.Graph, str]]  # t -> (graph of round t, weight rule name)
+Late = Callable[[int], np.ndarray] | None  # t -> (n,) bool: nodes offline in round t beyond dropout
 KindFn = Callable[[TopologyConfig, int, int], tuple[RoundGraph, bool]]  # (cfg, n, seed) -> (rounds, static?)
 
 
@@ -104,9 +105,11 @@ SCHEDULES: dict[str, KindFn] = {
 class GraphSchedule:
     """W(t) = lazy(rule_t(modifiers(G_t))). Rounds are cached (all of them are one round when static)."""
 
-    def __init__(self, cfg: TopologyConfig, n: int, seed: int, rounds: RoundGraph, static_kind: bool) -> None:
-        self.n, self.cfg, self.seed, self._rounds = n, cfg, seed, rounds
-        self.is_static = static_kind and cfg.link_failure == 0.0 and cfg.node_dropout == 0.0
+    def __init__(
+        self, cfg: TopologyConfig, n: int, seed: int, rounds: RoundGraph, static_kind: bool, late: Late = None
+    ) -> None:
+        self.n, self.cfg, self.seed, self._rounds, self._late = n, cfg, seed, rounds, late
+        self.is_static = static_kind and cfg.link_failure == 0.0 and cfg.node_dropout == 0.0 and late is None
         self._cached = functools.lru_cache(maxsize=8)(self._compute)
         g, rule = rounds(0)
         mixing_matrix(g, cfg, rule)  # a rule that is invalid on the configured graph fails now, not mid-run
@@ -120,6 +123,8 @@ class GraphSchedule:
     def _compute(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         g, rule = self._rounds(t)
         up = numpy_rng(self.seed, "node_dropout", t).random(self.n) >= self.cfg.node_dropout  # (n,)
+        if self._late is not None:  # a node that misses the round's deadline is offline (declora.stragglers)
+            up &= ~self._late(t)
         cut = [(i, j) for i, j in g.edges if not (up[i] and up[j])]
         if self.cfg.link_failure > 0.0:
             u = numpy_rng(self.seed, "link_failure", t).random((self.n, self.n))  # one draw per pair of K_n
@@ -136,8 +141,9 @@ class GraphSchedule:
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)), torch.from_numpy(up)
 
 
-def build_schedule(cfg: TopologyConfig, n: int, seed: int) -> Schedule:
-    """The schedule named by ``cfg.schedule`` with ``cfg.link_failure`` / ``cfg.node_dropout`` on top."""
+def build_schedule(cfg: TopologyConfig, n: int, seed: int, late: Late = None) -> Schedule:
+    """The schedule named by ``cfg.schedule`` with ``cfg.link_failure`` / ``cfg.node_dropout`` on top, and
+    offline too the nodes ``late(t)`` names ((n,) bool: stragglers that miss round t's deadline)."""
     if cfg.schedule not in SCHEDULES:
         raise ValueError(
             f"topology.schedule={cfg.schedule!r} is not known; choose one of {sorted(SCHEDULES)}"
@@ -147,7 +153,7 @@ def build_schedule(cfg: TopologyConfig, n: int, seed: int) -> Schedule:
     check_probability("link_failure", cfg.link_failure)
     check_probability("node_dropout", cfg.node_dropout)
     rounds, static_kind = SCHEDULES[cfg.schedule](cfg, n, seed)
-    return GraphSchedule(cfg, n, seed, rounds, static_kind)
+    return GraphSchedule(cfg, n, seed, rounds, static_kind, late)
 
 
 # ---------------------------------------------------------------- diagnostics

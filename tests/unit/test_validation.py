@@ -30,6 +30,7 @@ CHECKED_WITH_OTHER_KEYS = {
     "dist.node_slices",
     "partition.max_per_node",  # _validate_partition
     "train.warmup_rounds",  # in [0, rounds]
+    "stragglers.speeds",  # validate_stragglers: one positive multiplier per node, or lognormal
     *("server.lr", "server.betas", "server.tau", "server.fraction"),  # _validate_server
     *("privacy.clip", "privacy.noise_multiplier", "privacy.target_epsilon", "privacy.delta"),  # guard.py
     *("robust.trim", "robust.clip_radius", "robust.krum_f"),  # guard.py

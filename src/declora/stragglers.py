@@ -1,0 +1,196 @@
+"""Stragglers: simulated node speeds, a simulated wall clock, deadlines and asynchronous gossip.
+
+Nothing here slows the real run down; the time a round would take is computed from each node's speed:
+
+    c_i(t) = m_i * exp(jitter * z_{t,i}) * local_steps * step_s        (simulated compute seconds)
+
+m_i is node i's time multiplier (``stragglers.speeds``: one number per node, or ``lognormal``:
+m_i = exp(sigma * z_i) drawn once from (seed, node)); z_{t,i} ~ N(0, 1) is drawn from (seed, round, node).
+
+- Deadline d: a node with c_i(t) > d sits round t out, exactly as an offline node (``topology.node_dropout``):
+  it neither trains nor sends, and mixing leaves its state as it is (the schedule drops its edges).
+- Clock: a round lasts max_{i trained} c_i(t), or d when a deadline is set and some node was silent (its
+  neighbours wait until the deadline to know), plus link_s_per_mb * (MB sent by the busiest node).
+- Asynchronous gossip: node i publishes its state every p_i = min(max_staleness + 1, round(m_i / min m))
+  rounds (a slow node finishes its local work less often); it trains only in those rounds, and every node
+  mixes its own current state with its neighbours' last published copies:
+
+      x_i <- W_ii x_i + sum_{j != i} W_ij x̂_j,     x̂_j = x_j as of round last_j,  t - last_j <= max_staleness
+
+  A round then lasts max_i c_i(t) / p_i (each node spreads its local work over p_i rounds). With
+  max_staleness = 0 every node publishes every round: synchronous gossip, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from declora.config import Config, ConfigError, StragglersConfig
+from declora.seeding import numpy_rng
+
+# Algorithms whose only exchange is gossip of the node tensors (algorithms/mixing.py): asynchrony replaces
+# that gossip. Server algorithms and DeCAF's product sharing are synchronous by construction.
+ASYNC_GOSSIP = frozenset({"dec_lora", "dec_prox", "dlora_fa", "rolora_dfl", "tad_lora", "adf_lora"})
+
+
+def enabled(cfg: Config) -> bool:
+    return cfg.stragglers != StragglersConfig()
+
+
+def validate_stragglers(cfg: Config) -> None:
+    s = cfg.stragglers
+    if isinstance(s.speeds, str) and s.speeds != "lognormal":
+        raise ConfigError(
+            f"stragglers.speeds={s.speeds!r} is not known; give one time multiplier per node or 'lognormal'"
+        )
+    if not isinstance(s.speeds, str) and s.speeds:
+        if len(s.speeds) != cfg.nodes:
+            raise ConfigError(
+                f"stragglers.speeds has {len(s.speeds)} entries; nodes={cfg.nodes} needs one each"
+            )
+        bad = [x for x in s.speeds if not (math.isfinite(x) and x > 0)]
+        if bad:
+            raise ConfigError(f"stragglers.speeds={list(s.speeds)}: {bad[0]} is not a positive number")
+    if s.max_staleness > 0 and not s.asynchronous:
+        raise ConfigError(
+            f"stragglers.max_staleness={s.max_staleness} needs stragglers.asynchronous=true (synchronous "
+            "gossip has no stale copies)"
+        )
+    if not s.asynchronous:
+        return
+    if cfg.algorithm.name not in ASYNC_GOSSIP:
+        raise ConfigError(
+            f"stragglers.asynchronous=true with algorithm.name={cfg.algorithm.name}: asynchrony replaces "
+            f"plain gossip; choose one of {sorted(ASYNC_GOSSIP)}"
+        )
+    if cfg.comm.codec != "fp32":
+        raise ConfigError(
+            f"stragglers.asynchronous=true with comm.codec={cfg.comm.codec}: neighbours mix a held copy "
+            "exactly as it was sent; use comm.codec=fp32"
+        )
+    from declora.guard import needs_guard
+
+    if needs_guard(cfg):
+        raise ConfigError(
+            "stragglers.asynchronous=true with robust mixing, an attack or node-level privacy is not "
+            "supported; use robust.aggregator=mean, attack.kind=none and privacy.level none or example"
+        )
+
+
+def multipliers(s: StragglersConfig, n: int, seed: int) -> np.ndarray:
+    """(n,) each node's time multiplier m_i."""
+    if s.speeds == "lognormal":
+        return np.array(
+            [math.exp(s.sigma * numpy_rng(seed, "stragglers", i).standard_normal()) for i in range(n)]
+        )
+    return np.array(s.speeds, dtype=np.float64) if s.speeds else np.ones(n)
+
+
+def periods(m: np.ndarray, max_staleness: int) -> np.ndarray:
+    """(n,) rounds between two publications of each node: its slowness relative to the fastest, capped."""
+    return np.clip(np.rint(m / m.min()), 1, max_staleness + 1).astype(np.int64)
+
+
+class Stragglers:
+    """Each round's simulated compute times, deadline misses, publishers and clock (one per process, global:
+    every process derives the same numbers from (seed, round, node))."""
+
+    def __init__(self, cfg: Config, n: int) -> None:
+        self.s, self.n, self.seed = cfg.stragglers, n, cfg.seed
+        self.work = cfg.train.local_steps * self.s.step_s
+        self.m = multipliers(self.s, n, cfg.seed)  # (n,)
+        self.period = torch.from_numpy(periods(self.m, self.s.max_staleness))  # (n,) int64
+        self.last = torch.full((n,), -1, dtype=torch.long)  # round each node last published; -1: initial
+        self.publish = torch.ones(n, dtype=torch.bool)  # this round's publishers
+        self.clock = 0.0
+
+    def compute_s(self, t: int) -> np.ndarray:
+        """(n,) simulated seconds of each node's local work in round t."""
+        c = self.m * self.work
+        if self.s.jitter > 0:
+            c = c * np.exp(
+                self.s.jitter * numpy_rng(self.seed, "straggler_jitter", t).standard_normal(self.n)
+            )
+        return c
+
+    def late(self, t: int) -> np.ndarray:
+        """(n,) bool: nodes whose local work misses round t's deadline."""
+        if self.s.deadline is None:
+            return np.zeros(self.n, dtype=bool)
+        return self.compute_s(t) > self.s.deadline
+
+    def begin_round(self, t: int, online: Tensor) -> Tensor:
+        """(n,) bool: the nodes that train and publish in round t (all online ones unless asynchronous)."""
+        publish = online & (t - self.last >= self.period) if self.s.asynchronous else online.clone()
+        self.last[publish] = t
+        self.publish = publish
+        return publish
+
+    def end_round(
+        self, t: int, W: Tensor, online: Tensor, trained: Tensor, busiest_bytes: int
+    ) -> dict[str, Any]:
+        """Round t's simulated duration and the running clock; the staleness of the copies mixed."""
+        c = torch.from_numpy(self.compute_s(t))  # (n,)
+        if self.s.asynchronous:
+            spent = float((c / self.period)[online].max()) if online.any() else 0.0
+        else:
+            spent = float(c[trained].max()) if trained.any() else 0.0
+        if self.s.deadline is not None and not online.all():
+            spent = self.s.deadline  # a silent node is known to be silent only at the deadline
+        spent += self.s.link_s_per_mb * busiest_bytes / 1e6
+        self.clock += spent
+        out: dict[str, Any] = {"sim_round_s": spent, "sim_s": self.clock}
+        if self.s.deadline is not None:
+            out["late_nodes"] = int(torch.from_numpy(self.late(t)).sum())
+        if self.s.asynchronous:
+            used = (W > 0) & ~torch.eye(self.n, dtype=torch.bool)  # [i, j]: i mixes j's copy
+            age = (t - self.last).expand(self.n, self.n)[used].double()  # (edges,)
+            out["staleness_mean"] = float(age.mean()) if len(age) else 0.0
+            out["staleness_max"] = int(age.max()) if len(age) else 0
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"clock": torch.tensor([self.clock], dtype=torch.float64), "last": self.last.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.clock, self.last = float(state["clock"][0]), state["last"].clone()
+
+
+class AsyncExchange:
+    """An exchange whose gossip mixes the neighbours' last published copies; everything else is the inner
+    exchange's (bytes: only this round's publishers send)."""
+
+    def __init__(self, inner: Any, stragglers: Stragglers, tensors: dict[str, Tensor]) -> None:
+        self.inner, self.stragglers = inner, stragglers
+        self.copies = {k: v.detach().clone() for k, v in tensors.items()}  # x̂: (n, ...) per tensor
+
+    def __getattr__(self, name: str) -> Any:  # ledger, codec, server_mean, ...: the inner exchange's
+        return getattr(self.__dict__["inner"], name)
+
+    def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        publish = self.stragglers.publish.to(next(iter(tensors.values())).device) if tensors else None
+        for k, x in tensors.items():
+            self.copies[k][publish] = x[publish]
+        n = W.shape[0]
+        stale = W * (~torch.eye(n, dtype=torch.bool) & ~self.stragglers.publish[None, :])  # (n, n)
+        if not (stale != 0).any():
+            return self.inner.gossip(tensors, W, round)  # every copy used is fresh: synchronous gossip
+        fresh = self.inner.gossip(tensors, W - stale, round)  # publishers' messages and each own state
+        out = {}
+        for k, x in fresh.items():
+            held = self.copies[k].reshape(n, -1)  # (n, m): the copies this round's receivers hold
+            out[k] = x + (stale.to(x.device, x.dtype) @ held).view_as(x)
+        return out
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**self.inner.state_dict(), **{f"async/{k}": v for k, v in self.copies.items()}}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for k in self.copies:
+            self.copies[k].copy_(state[f"async/{k}"])
+        self.inner.load_state_dict({k: v for k, v in state.items() if not k.startswith("async/")})

@@ -1,0 +1,117 @@
+"""Stragglers on the tiny BERT: neutral speeds change nothing, a deadline silences a node, asynchronous
+gossip at staleness 0 is synchronous gossip, and an asynchronous run resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import write_tiny_data
+
+from declora import engine
+from declora.config import load_config
+from declora.experiment import build_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
+SIMULATED = ("sim_round_s", "sim_s", "late_nodes", "staleness_mean", "staleness_max")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", 48)
+
+
+@pytest.fixture(autouse=True)
+def no_report(monkeypatch):
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+
+
+def _build(tiny_bert, tiny_data, run_dir, *extra):
+    overrides = [
+        f"model.name={tiny_bert}",
+        f"data.dataset={tiny_data}",
+        "model.rank=2",
+        "model.max_length=16",
+        "nodes=4",
+        "partition.kind=iid",
+        "rounds=3",
+        "train.batch_size=4",
+        "train.local_steps=2",
+        "eval.every=3",
+        "eval.node_examples=8",
+        "checkpoint_every=1",
+        "export=none",
+        "threads=1",
+        "topology.graph=complete",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
+    return build_experiment(load_config(None, overrides))
+
+
+def _plain(records):
+    return [{k: v for k, v in r.items() if k not in SIMULATED + engine.MEASURED} for r in records]
+
+
+def _same_tensors(a, b):
+    for k, v in a.fed.tensors().items():
+        assert torch.equal(v.detach(), b.fed.tensors()[k].detach()), k
+
+
+def test_unit_speeds_change_nothing_but_add_a_clock(tiny_bert, tiny_data, tmp_path):
+    plain = _build(tiny_bert, tiny_data, tmp_path / "a")
+    timed = _build(
+        tiny_bert, tiny_data, tmp_path / "b", "stragglers.speeds=[1,1,1,1]", "stragglers.step_s=0.5"
+    )
+    a, b = engine.run(plain), engine.run(timed)
+    assert _plain(a) == _plain(b)
+    _same_tensors(plain, timed)
+    assert [r["sim_round_s"] for r in b] == [1.0, 1.0, 1.0]  # 2 local steps x 0.5 s at speed 1
+    assert b[-1]["sim_s"] == 3.0
+
+
+def test_a_missed_deadline_silences_the_node(tiny_bert, tiny_data, tmp_path):
+    extra = ("stragglers.speeds=[1,1,3,1]", "stragglers.deadline=4", "stragglers.link_s_per_mb=1")
+    exp = _build(tiny_bert, tiny_data, tmp_path / "a", *extra)
+    before = {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
+    records = engine.run(exp)
+    edges = exp.exchange.ledger.edges  # the last round's bytes [sender, receiver]
+    assert int(edges[2].sum()) == 0 and int(edges[:, 2].sum()) == 0 and int(edges.sum()) > 0
+    for k, v in exp.fed.tensors().items():  # node 2 neither trained nor mixed
+        assert torch.equal(v.detach()[2], before[k][2]), k
+        assert not torch.equal(v.detach()[0], before[k][0]), k
+    assert all(r["late_nodes"] == 1 and r["active_nodes"] == 3 for r in records)
+    link = records[0]["bytes_node_max"] / 1e6
+    assert records[0]["sim_round_s"] == pytest.approx(4.0 + link)  # the deadline, then the busiest link
+
+
+def test_asynchronous_at_staleness_zero_is_synchronous_gossip(tiny_bert, tiny_data, tmp_path):
+    sync = _build(tiny_bert, tiny_data, tmp_path / "a", "stragglers.speeds=[1,1,3,1]")
+    asyn = _build(
+        tiny_bert, tiny_data, tmp_path / "b", "stragglers.speeds=[1,1,3,1]", "stragglers.asynchronous=true"
+    )
+    a, b = engine.run(sync), engine.run(asyn)
+    assert _plain(a) == _plain(b)
+    _same_tensors(sync, asyn)
+    assert all(r["staleness_max"] == 0 for r in b)
+
+
+def test_asynchronous_run_is_stale_bounded_and_resumes_exactly(tiny_bert, tiny_data, tmp_path):
+    extra = ("stragglers.speeds=[1,1,3,1]", "stragglers.asynchronous=true", "stragglers.max_staleness=2")
+    full = _build(tiny_bert, tiny_data, tmp_path / "a", *extra)
+    records = engine.run(full)
+    # node 2 publishes every 3 rounds (rounds 2, 5, ...): its copy is 1, 2, 0 rounds old in rounds 0, 1, 2
+    assert [r["staleness_max"] for r in records] == [1, 2, 0]
+    assert [r["active_nodes"] for r in records] == [3, 3, 4]
+    crashed = _build(tiny_bert, tiny_data, tmp_path / "b", *extra)
+
+    def crash(record):
+        if record["round"] == 2:  # logged, not checkpointed: round 1 is the last checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(crashed, on_round=crash)
+    resumed = build_experiment(crashed.cfg, crashed.run_dir)
+    again = engine.run(resumed, resume=True)
+    _same_tensors(full, resumed)
+    assert _plain(again) == _plain(records[1:])
+    assert [r["sim_s"] for r in again] == [r["sim_s"] for r in records[1:]]

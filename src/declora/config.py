@@ -783,12 +783,29 @@ def _validate_server(cfg: Config) -> None:
             f"algorithm.name=scaffold with train.local_unit={cfg.train.local_unit!r}: its control variates "
             "divide by the local step count K, the same for every node; use train.local_unit=steps"
         )
+    if cfg.algorithm.name in ("fed_sb", "dec_sb"):
+        _validate_middle(cfg)
     if not 0 < s.fraction <= 1:
         raise ConfigError(f"server.fraction={s.fraction} must be in (0, 1]")
     if s.fraction < 1 and cfg.algorithm.clients_per_round is not None:
         raise ConfigError(
             f"server.fraction={s.fraction} and algorithm.clients_per_round={cfg.algorithm.clients_per_round} "
             "both sample nodes: set only one"
+        )
+
+
+def _validate_middle(cfg: Config) -> None:
+    """Fed-SB's frozen B is its own seeded draw and R's gradient comes through autograd (not per row)."""
+    name = cfg.algorithm.name
+    if cfg.model.init_adapter:
+        raise ConfigError(
+            f"algorithm.name={name} with model.init_adapter={cfg.model.init_adapter!r}: its B is a frozen "
+            "seeded draw and its R starts at 0; drop model.init_adapter"
+        )
+    if cfg.privacy.level == "example":
+        raise ConfigError(
+            f"algorithm.name={name} with privacy.level=example is not supported (per-example gradients of "
+            "R are not collected); use privacy.level none or node"
         )
 
 

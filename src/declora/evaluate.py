@@ -18,7 +18,7 @@ import torch
 
 from declora.experiment import EvalSet, Experiment
 from declora.metrics import consensus_metrics, gated, head_disagreement, mean_std
-from declora.model import Federation, averaged_factors, averaged_product
+from declora.model import Federation, averaged_factors, averaged_product, fold_middle
 from declora.train import metric_per_node, row_stats
 
 
@@ -63,7 +63,8 @@ def evaluate(exp: Experiment) -> dict[str, float]:
         f"{m}_node_min": float(per_node.min()),
         f"{m}_node_max": float(per_node.max()),
     }
-    stacked = {k: group.gather_nodes(v.detach()) for k, v in fed.tensors().items()}  # (n, ...) each
+    raw = {k: group.gather_nodes(v.detach()) for k, v in fed.tensors().items()}  # (n, ...) each
+    stacked = fold_middle(raw)  # Fed-SB: B R in place of B; every metric reads the adapters B A
     if exp.n > 1:
         out[f"{m}_avg_factors"] = _metric_of(exp, averaged_factors(stacked), exp.consensus_eval)
         out[f"{m}_avg_product"] = _metric_of(exp, averaged_product(stacked), exp.consensus_eval)
@@ -72,7 +73,7 @@ def evaluate(exp: Experiment) -> dict[str, float]:
     if group.world == 1:
         server = exp.algorithm.server_tensors(fed)
     else:
-        with all_nodes(fed, stacked):
+        with all_nodes(fed, raw):
             server = exp.algorithm.server_tensors(fed)
     if server is not None:
         out[f"{m}_server"] = _metric_of(exp, server, exp.consensus_eval)

@@ -22,7 +22,7 @@ from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.lr_schedule import RoundSchedule
-from declora.model import Federation, build_federation, import_peft
+from declora.model import Federation, add_middle_factors, build_federation, import_peft
 from declora.node_data import build_node_data
 from declora.optim import NodeAdamW
 from declora.privacy import ExampleDP, PrivacyAccount
@@ -170,6 +170,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     log.info("device %s, precision %s", device, cfg.precision)
     if cfg.model.init_adapter:
         import_peft(fed, cfg.model.init_adapter)
+    if getattr(algorithm_cls, "middle", False):  # Fed-SB: R between frozen B and A, before the optimizer
+        add_middle_factors(fed)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(fed.path))

@@ -13,7 +13,7 @@ from typing import Any
 
 from declora.adapter_card import AdapterCard
 from declora.experiment import Experiment
-from declora.model import averaged_factors, export_peft, node_adapter
+from declora.model import averaged_factors, export_peft, fold_middle, node_adapter
 from declora.report import lower_is_better, read_metrics
 
 CARD_KEYS = ("acc_", "ppl_", "bytes_total", "train_loss")
@@ -53,6 +53,7 @@ class AdapterExport:
         if exp.cfg.export == "none":
             return
         stacked = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
+        stacked = fold_middle(stacked)  # Fed-SB: B R is a plain LoRA B for PEFT
         gates = exp.fed.rank_mask.gate  # this process's rows: every node's are gathered, as the factors
         gates = None if gates is None else exp.group.gather_nodes(gates.detach())
         if not exp.group.is_main:

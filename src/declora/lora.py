@@ -172,10 +172,21 @@ class StackedLoRALinear(nn.Module):
         # Evaluation may swap in other stacked factors (the averaged adapter, say) without touching A, B.
         self.override: tuple[Tensor, Tensor] | None = None
         self.rank_mask = RankMask()  # Federation shares one mask among all its layers
+        self.R: nn.Parameter | None = None  # Fed-SB's (n, r, r) between B and A (``add_middle``); None: off
+
+    def add_middle(self, init_B: Tensor) -> None:
+        """Fed-SB: delta W = s B R A with B = init_B (d_out, r) and A shared by every node, and a trained
+        per-node R (n, r, r) that starts at 0 (so every node starts at the base model)."""
+        n, rank, _ = self.A.shape
+        with torch.no_grad():
+            self.B.copy_(init_B.float().expand_as(self.B))
+        self.R = nn.Parameter(torch.zeros(n, rank, rank, device=self.A.device))  # (n, r, r)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
         A, B = self.override if self.override is not None else (self.A, self.B)
+        if self.R is not None and self.override is None:  # Fed-SB: R A (n, r, d_in) on both products
+            A = torch.bmm(self.R, A)
         gate = self.rank_mask.gate if self.override is None else None  # an override is ungated
         rows = self.routing.require(x.shape[0])
         h = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])  # (rows, seq, d_in); 2D x: seq 1

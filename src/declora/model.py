@@ -33,7 +33,7 @@ from declora.seeding import torch_generator
 log = logging.getLogger(__name__)
 HEAD_ROOTS = ("classifier", "score")  # where transformers puts sequence-classification heads
 KEEP_FP32 = (*HEAD_ROOTS, "lm_head")  # never quantized: trained heads, and the LM head tied to the embeddings
-KINDS = ("A", "B", "head")
+KINDS = ("A", "B", "head", "R")  # R: Fed-SB's r x r middle factor, present only when a layer has one
 
 
 class Federation(nn.Module):
@@ -77,6 +77,8 @@ class Federation(nn.Module):
                 out[f"{name}.lora_A"] = layer.A
             if "B" in kinds:
                 out[f"{name}.lora_B"] = layer.B
+            if "R" in kinds and layer.R is not None:
+                out[f"{name}.lora_R"] = layer.R
         if "head" in kinds:
             for name, head in self.heads.items():
                 out[f"{name}.weight"], out[f"{name}.bias"] = head.weight, head.bias
@@ -87,7 +89,8 @@ class Federation(nn.Module):
 
     @staticmethod
     def kind_of(tensor_name: str) -> str:
-        return "A" if tensor_name.endswith(".lora_A") else "B" if tensor_name.endswith(".lora_B") else "head"
+        leaf = tensor_name.rpartition(".")[2]
+        return {"lora_A": "A", "lora_B": "B", "lora_R": "R"}.get(leaf, "head")
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +114,7 @@ class Federation(nn.Module):
     @contextmanager
     def override(self, stacked: dict[str, Tensor]) -> Iterator[None]:
         """Evaluate with other stacked tensors (leading axis m, any rank) in place of the nodes' own."""
+        stacked = fold_middle(stacked)
         for name, layer in self.lora.items():
             layer.override = (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"])
         for name, head in self.heads.items():
@@ -152,6 +156,15 @@ def _kaiming_uniform(rank: int, d_in: int, generator: torch.Generator) -> Tensor
     # PEFT's default lora_A init: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
     bound = 1.0 / math.sqrt(d_in)
     return (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
+
+
+def add_middle_factors(fed: Federation) -> None:
+    """Fed-SB: every adapted layer gets a frozen shared B (seeded per module from model.init_seed, as A)
+    and a trained per-node R (n, r, r) = 0 between B and A (lora.StackedLoRALinear.add_middle)."""
+    for name, layer in fed.lora.items():
+        d_out = layer.B.shape[1]
+        init_B = _kaiming_uniform(d_out, fed.cfg.rank, torch_generator(fed.cfg.init_seed, "B", name))
+        layer.add_middle(init_B.to(layer.A.device))  # (d_out, r): U(-1/sqrt(r), 1/sqrt(r))
 
 
 def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
@@ -241,6 +254,19 @@ def build_federation(
 # ---------------------------------------------------------------- derived adapters
 
 
+def fold_middle(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Fed-SB's R folded into B: B_i <- B_i R_i (n, d_out, r), R dropped, so B A is the node's adapter
+    (what PEFT loads). Stacks without R are returned as they are."""
+    middles = [k for k in stacked if k.endswith(".lora_R")]
+    if not middles:
+        return stacked
+    out = {k: v for k, v in stacked.items() if not k.endswith(".lora_R")}
+    for k in middles:
+        b = k.removesuffix(".lora_R") + ".lora_B"
+        out[b] = torch.bmm(stacked[b].detach(), stacked[k].detach())  # (n, d_out, r)
+    return out
+
+
 def node_slice(stacked: dict[str, Tensor], node: int) -> dict[str, Tensor]:
     return {k: v[node : node + 1] for k, v in stacked.items()}
 
@@ -268,7 +294,8 @@ def node_adapter(
 
 
 def averaged_factors(stacked: dict[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
-    """Mean of every stacked tensor over the nodes (optionally weighted), keeping a node axis of 1."""
+    """Mean of every stacked tensor over the nodes (optionally weighted), keeping a node axis of 1.
+    (Fed-SB: with A and B shared, the mean of R is the mean of the adapters B R_i A exactly.)"""
     if weights is None:
         return {k: v.detach().mean(0, keepdim=True) for k, v in stacked.items()}
     w = weights.to(torch.float32) / weights.sum()
@@ -280,8 +307,9 @@ def averaged_factors(stacked: dict[str, Tensor], weights: Tensor | None = None) 
 def averaged_product(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
     """The exact mean of the products B_i A_i as one adapter of rank n*r, never forming B A.
 
-    [B_1 ... B_n] / n  times  [A_1; ...; A_n]  =  mean_i B_i A_i.
+    [B_1 ... B_n] / n  times  [A_1; ...; A_n]  =  mean_i B_i A_i   (Fed-SB: B_i R_i in place of B_i).
     """
+    stacked = fold_middle(stacked)
     out: dict[str, Tensor] = {}
     for k, v in stacked.items():
         v = v.detach()

@@ -57,6 +57,8 @@ RUNS = {
     "fedsa_lora": ("algorithm.name=fedsa_lora",),
     "fedex_lora": ("algorithm.name=fedex_lora", "export=none"),
     "flora": ("algorithm.name=flora", "export=none", "algorithm.ranks=[1,2,2,1]"),
+    "fed_sb": ("algorithm.name=fed_sb",),
+    "dec_sb": ("algorithm.name=dec_sb",),
 }
 
 
@@ -76,6 +78,7 @@ CRASHES = {
     "fedadam_cosine": ("algorithm.name=fedavg", "server.optimizer=adam", "train.schedule=cosine"),
     "scaffold_linear": ("algorithm.name=scaffold", "train.schedule=linear", "train.warmup_rounds=1"),
     "fedex_lora": ("algorithm.name=fedex_lora", "export=none"),  # the folded base deltas
+    "fed_sb_adam": ("algorithm.name=fed_sb", "server.optimizer=adam"),  # R and its server moments
 }
 
 
@@ -107,3 +110,20 @@ def test_server_and_schedule_state_survive_a_crash(name, tiny_bert, tiny_data, t
     for k, layer in full.fed.lora.items():  # the frozen base too (FedEx-LoRA folds into it)
         assert torch.equal(layer.base.weight, resumed.fed.lora[k].base.weight), k
     assert torch.equal(full.lr_schedule.progress, resumed.lr_schedule.progress)
+
+
+def test_fed_sb_trains_only_r_and_sends_r_squared(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    """A and B stay at their shared init, every node ends with the server's R, and a message is R (r x r
+    per module) and the head: nothing that grows with the layer's width."""
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+    exp = build_experiment(
+        load_config(None, _overrides(tiny_bert, tiny_data, tmp_path / "a", "algorithm.name=fed_sb"))
+    )
+    before = {k: v.detach().clone() for k, v in exp.fed.tensors(("A", "B")).items()}
+    records = engine.run(exp)
+    for k, v in exp.fed.tensors(("A", "B")).items():
+        assert torch.equal(v.detach(), before[k]), k
+    for k, v in exp.fed.tensors(("R",)).items():
+        assert v.abs().sum() > 0 and torch.equal(v[0], v[3]), k
+    sent = sum(v[0].numel() * 4 for v in exp.fed.tensors(("R", "head")).values())  # fp32, one node's
+    assert records[-1]["bytes_round"] == 2 * 4 * sent  # 4 nodes, up and down

@@ -21,7 +21,7 @@ CONFIGS = sorted(PAPERS.glob("*.yaml"))
 # Algorithms with a server model (acc_server): their server_tensors is not the protocol's "return None".
 SERVER_ALGORITHMS = frozenset(
     {"fedavg", "ffa_lora", "rolora", "fslora", "flexlora", "hetlora", "fedprox", "scaffold", "fedex_lora"}
-    | {"flora"}
+    | {"flora", "fed_sb"}
 )
 EVERY_ALGORITHM_REPORTS = frozenset({"acc_node_mean", "acc_avg_factors", "acc_avg_product"})
 

@@ -10,6 +10,7 @@ from declora.algorithms.centralized import Centralized
 from declora.algorithms.dec_lora import DecLoRA
 from declora.algorithms.decaf import DeCAF
 from declora.algorithms.dlora_fa import DLoRAFA
+from declora.algorithms.fed_sb import DecSB, FedSB
 from declora.algorithms.fedavg import FedAvg
 from declora.algorithms.fedex_lora import FedExLoRA
 from declora.algorithms.fedprox import DecProx, FedProx
@@ -46,12 +47,25 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "fedex_lora": FedExLoRA,
     "flora": FLoRA,
     "dec_prox": DecProx,
+    "fed_sb": FedSB,
+    "dec_sb": DecSB,
 }
 
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying
 # codec is unsound for them (config refuses comm.codec=topk).
 SENDS_STATES = frozenset(
-    {"fedavg", "ffa_lora", "rolora", "flexlora", "fedprox", "scaffold", "fedsa_lora", "fedex_lora", "flora"}
+    {
+        "fedavg",
+        "ffa_lora",
+        "rolora",
+        "flexlora",
+        "fedprox",
+        "scaffold",
+        "fedsa_lora",
+        "fedex_lora",
+        "flora",
+        "fed_sb",
+    }
 )
 
 # Algorithms that fold the aggregate into the shared frozen base: the factors alone do not reproduce the

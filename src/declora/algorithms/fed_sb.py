@@ -1,7 +1,7 @@
 """Fed-SB: federated LoRA-SB, a trained r x r matrix between frozen shared factors.
 
-Singhal, Ponkshe, Vepakomma, Vepakomma, Kumar. "Fed-SB: A Silver Bullet for Extreme Communication
-Efficiency and Performance in (Private) Federated LoRA Fine-Tuning." arXiv 2502.15436 (2025).
+Singhal, Ponkshe, Vartak, Varshney, Vepakomma. "Fed-SB: A Silver Bullet for Extreme Communication
+Efficiency and Performance in (Private) Federated LoRA Fine-Tuning." arXiv 2502.15436 (ES-FoMo @ ICML 2025).
 
 Every node holds the same frozen A (model.init_seed) and B (seeded from model.init_seed, per module) and
 trains its own R_i (n, r, r), starting at 0:

@@ -54,6 +54,8 @@ MULTI_PROCESS = {
     "tad_lora",
     "rolora",
     "rolora_dfl",
+    "fed_sb",
+    "dec_sb",
 }
 
 

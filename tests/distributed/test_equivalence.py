@@ -65,9 +65,20 @@ CASES = {
     "fedex_lora": ("fedex_lora", ["export=none", "server.weighting=size"]),  # folds into every rank's base
     "flora": ("flora", ["export=none", "algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
     "dec_prox": ("dec_prox", ["algorithm.mu=0.5"]),  # gossip with FedProx's pull
+    # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped
+    "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
+    "dec_sb": ("dec_sb", []),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
-SERVER |= {"fslora_sampled", "hetlora_size", "flexlora_sampled", "fedsa_lora", "fedex_lora", "flora"}
+SERVER |= {
+    "fslora_sampled",
+    "hetlora_size",
+    "flexlora_sampled",
+    "fedsa_lora",
+    "fedex_lora",
+    "flora",
+    "fed_sb",
+}
 # FlexLoRA's SVD turns last-bit differences into ~1e-6 differences of singular vectors (measured 1.1e-6)
 ADAPTER_ATOL = {"flexlora_sampled": 1e-5}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
@@ -93,6 +104,8 @@ SLICES = {
         "fedex_lora": (2, 3),
         "flora": (3, 2),
         "dec_prox": (2, 3),
+        "fed_sb": (3, 2),
+        "dec_sb": (1, 4),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

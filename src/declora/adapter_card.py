@@ -46,7 +46,11 @@ def public_name(model_name: str, base: Path) -> str | None:
     return None
 
 
-def write_card(folder: Path, card: AdapterCard, base: Path, causal: bool, pooling: str | None) -> None:
+def write_card(
+    folder: Path, card: AdapterCard, base: Path, causal: bool, pooling: str | None, shown: Path | None = None
+) -> None:
+    """``shown``: the path the README's loading lines name (the folder's final place, when it is written
+    into a temporary folder first)."""
     names = list(card.label_names)
     public = public_name(card.model_name, base)
     meta = {
@@ -62,7 +66,7 @@ def write_card(folder: Path, card: AdapterCard, base: Path, causal: bool, poolin
         "run": card.run,
     }
     (folder / CARD_FILE).write_text(json.dumps(meta, indent=1))
-    (folder / "README.md").write_text(_readme(folder, card, meta, causal, pooling))
+    (folder / "README.md").write_text(_readme(shown or folder, card, meta, causal, pooling))
 
 
 def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:

@@ -9,12 +9,14 @@ folders always hold the best round seen, also across a resume. Each folder carri
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from declora.adapter_card import AdapterCard
 from declora.experiment import Experiment
 from declora.model import averaged_factors, export_peft, fold_middle, node_adapter
 from declora.report import lower_is_better, read_metrics
+from declora.runfolder import replace_folder, restore_folder
 
 CARD_KEYS = ("acc_", "ppl_", "bytes_total", "train_loss")
 
@@ -24,6 +26,8 @@ class AdapterExport:
         self.exp, self.key = exp, exp.cfg.eval.headline
         self.best = math.nan  # the best headline value whose adapters are on disk
         metrics = exp.run_dir / "metrics.jsonl"
+        if resumed and exp.group.is_main:
+            restore_folder(exp.run_dir / "adapters")
         if resumed and exp.group.is_main and metrics.is_file():  # rounds before the checkpoint
             for record in read_metrics(metrics):
                 if record.get("event") == "eval" and self._improves(record):
@@ -70,9 +74,15 @@ class AdapterExport:
         def card(what: str) -> AdapterCard:
             return AdapterCard(what, cfg.model.name, exp.label_names, record.get("round"), numbers, run)
 
-        consensus = "the consensus adapter (averaged factors mean(B)·mean(A); acc_avg_factors)"
-        export_peft(exp.fed, averaged_factors(stacked), folder / "consensus", card(consensus))
-        if cfg.export == "all":
-            for i in range(exp.n):
-                node = card(f"node {i}'s own adapter (acc_node_*)")
-                export_peft(exp.fed, node_adapter(exp.fed, stacked, i, gates), folder / f"node_{i:03d}", node)
+        def write_all(into: Path) -> None:
+            consensus = "the consensus adapter (averaged factors mean(B)·mean(A); acc_avg_factors)"
+            shown = folder / "consensus"  # the README names the folder's final place, not the .tmp
+            export_peft(exp.fed, averaged_factors(stacked), into / "consensus", card(consensus), shown)
+            if cfg.export == "all":
+                for i in range(exp.n):
+                    node, name = card(f"node {i}'s own adapter (acc_node_*)"), f"node_{i:03d}"
+                    adapter = node_adapter(exp.fed, stacked, i, gates)
+                    export_peft(exp.fed, adapter, into / name, node, folder / name)
+
+        # All folders are replaced together: a kill mid-export never leaves adapters of two rounds.
+        replace_folder(folder, write_all, "export")

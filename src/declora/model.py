@@ -327,10 +327,15 @@ def averaged_product(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def export_peft(
-    fed: Federation, single: dict[str, Tensor], folder: str | Path, card: AdapterCard | None = None
+    fed: Federation,
+    single: dict[str, Tensor],
+    folder: str | Path,
+    card: AdapterCard | None = None,
+    shown: Path | None = None,
 ) -> Path:
     """Write one adapter (tensors with a node axis of 1) as a PEFT folder that PeftModel loads; with a
-    ``card``, also what stock loaders and people need (declora.adapter_card)."""
+    ``card``, also what stock loaders and people need (declora.adapter_card), its README naming the
+    folder as ``shown`` (its final place) when that is given."""
     from peft import LoraConfig
 
     folder = Path(folder)
@@ -359,7 +364,8 @@ def export_peft(
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
         write_pooling_note(folder, fed.pooling, str(fed.path), int(fed.model.config.num_labels))
     if card is not None:
-        write_card(folder, card, Path(fed.path).resolve(), fed.causal, None if fed.causal else fed.pooling)
+        pooling = None if fed.causal else fed.pooling
+        write_card(folder, card, Path(fed.path).resolve(), fed.causal, pooling, shown)
     return folder
 
 

@@ -77,6 +77,38 @@ def atomic_write_text(path: Path, text: str, point: str = "write") -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), point)
 
 
+def replace_folder(path: Path, write: Callable[[Path], Any], point: str = "folder") -> None:
+    """``write(tmp)`` into a fresh ``PATH.tmp`` folder, then swap it in for ``path``.
+
+    A folder cannot be renamed over a non-empty one, so the old one steps aside as ``PATH.old`` first;
+    ``restore_folder`` puts it back if a kill lands between the two renames. Until the swap, ``path``
+    holds the previous complete version; after it, the new one.
+    """
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(
+            err.errno, f"cannot write {path} ({err.strerror}); its previous version is kept"
+        ) from err
+    crash_point(point)  # the new folder is complete in .tmp, the old one still in place
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    crash_point(point + "_swap")  # the old folder set aside, the new one not yet in place
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_folder(path: Path) -> None:
+    """Undo a swap that a kill interrupted: the set-aside complete folder goes back in place."""
+    old = path.with_name(path.name + ".old")
+    if old.exists() and not path.exists():
+        os.replace(old, path)
+
+
 def _entries(run_dir: Path) -> list[Path]:
     """What is in the folder, but this launch's per-rank logs (multi-process runs open them first)."""
     return [p for p in run_dir.iterdir() if not re.fullmatch(r"rank_\d+\.log", p.name)]

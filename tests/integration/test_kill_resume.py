@@ -37,6 +37,7 @@ KILLS = [
     *(("ckpt.latest", k) for k in (1, 2, 3)),  # every shard saved, latest.json not yet
     ("ckpt.committed", 2),  # latest.json written, older shards not pruned
     ("start.config", 1),
+    ("export_swap", 1),  # the adapters folder set aside, the new one not yet in place
     ("exported", 1),
     ("report", 1),
     ("report.plot", 1),

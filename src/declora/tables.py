@@ -116,6 +116,18 @@ def check_text_table(path: Path) -> None:
             raise ValueError(f"{path}:{i}: not a JSON line ({err.msg})") from err
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        _check_field_sizes(path, i, row)
+
+
+def _check_field_sizes(path: Path, line: int, row: dict[str, Any]) -> None:
+    """A JSON line's text fields obey the limit the csv module sets for a CSV cell, so an oversized
+    field (a whole file pasted into one value, say) is refused alike in either format."""
+    limit = csv.field_size_limit()
+    for key, value in row.items():
+        if isinstance(value, str) and len(value) > limit:
+            raise ValueError(
+                f"{path}:{line}: field {key!r} holds {len(value)} characters, over the limit of {limit}"
+            )
 
 
 def row_line(source: str | Path, row: int) -> str:

@@ -242,6 +242,7 @@ DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the me
     ("empty-cell.csv", "text,label\ngood,0\n,1\n", "empty-cell.csv:3"),
     ("huge.csv", "text,label\n" + "good,0\nbad,1\n" * 3 + "x" * 200_000 + ",1\n", "huge.csv"),
     ("broken.json", '[{"text": "a", "label": 0},\n{"text": ', "broken.json:2"),
+    ("huge.jsonl", _jsonl(*GOOD[:3], json.dumps({"text": "x" * 200_000, "label": 1}), *GOOD), "huge.jsonl:4"),
 ]
 CASES += [
     (f"data:{name}", lambda c, n=name, t=text: c.new_run(f"data.dataset={c.file(n, t)}"), want)

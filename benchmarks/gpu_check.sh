@@ -8,6 +8,12 @@
 # 2. benchmarks/gpu.py (declora vs the sequential PEFT swap, MiniLM-L6 and SmolLM2-135M shapes, bf16):
 #    it starts no measurement after the time the tests left of 420 s (at most 330 s) and is stopped
 #    110 s after that, so the whole check ends within about 9 minutes.
+# declora reads data files through HF datasets; an image without it gets the wheels carried in .whl/
+# (made on any machine with pip, for that machine's Python, e.g. 3.12):
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# and this script installs them into /tmp/site (never over the image's own packages) before anything runs.
 # BENCH_ARGS adds arguments to gpu.py; on a CPU (tests skip) BENCH_ARGS="--device cpu --quick" checks
 # the script itself.
 set -u
@@ -15,6 +21,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
+if ! "$PY" -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 export PYTHONUNBUFFERED=1

@@ -343,6 +343,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.headline": (
         *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
         *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
+        *("em_avg_factors", "em_avg_product", "em_node_mean", "em_server"),  # task.kind=instruction
     ),
 }
 POSITIVE = (
@@ -812,8 +813,11 @@ def _validate_middle(cfg: Config) -> None:
 def _validate_task(cfg: Config) -> None:
     kind, head, headline = cfg.task.kind, cfg.model.head, cfg.eval.headline
     prefix = "ppl_" if kind in ("causal_lm", "instruction") else "acc_"  # perplexity for generation
-    if not headline.startswith(prefix):
-        raise ConfigError(f"eval.headline={headline!r} is not measured for task.kind={kind}; use {prefix}*")
+    allowed = (prefix, "em_") if kind == "instruction" else (prefix,)  # exact match: instruction only
+    if not headline.startswith(allowed):
+        raise ConfigError(
+            f"eval.headline={headline!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
+        )
     if kind != "sequence_classification" and cfg.model.pooling == "mean":
         raise ConfigError(
             f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "

@@ -19,19 +19,33 @@ import torch
 from declora.experiment import EvalSet, Experiment
 from declora.metrics import consensus_metrics, gated, head_disagreement, mean_std
 from declora.model import Federation, averaged_factors, averaged_product, fold_middle
-from declora.train import metric_per_node, row_stats
+from declora.train import row_stats, totals_per_node
 
 
-def _metric_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet) -> float:
+def _totals_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet) -> torch.Tensor:
+    """The task's stats (width,) of the model ``stacked`` on ``data``, summed over processes."""
     share = exp.group.share_of(len(data.labels))
     token_ids, labels = data.token_ids[share], torch.as_tensor(data.labels[share])
-    totals = torch.zeros(2)
+    totals = torch.zeros(exp.task.width)
     if len(token_ids):
         with exp.fed.override(stacked):
             rows = torch.zeros(len(token_ids), dtype=torch.long)
             chunk = exp.trainer.tokens_per_chunk
             totals = row_stats(exp.fed, token_ids, labels, rows, exp.pad_id, chunk, exp.task).sum(0)
-    return float(exp.task.finalize(exp.group.all_sum(totals)))  # summed over processes, then finalized
+    return exp.group.all_sum(totals)
+
+
+def _metric_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet) -> float:
+    return float(exp.task.finalize(_totals_of(exp, stacked, data)))  # summed over processes, then finalized
+
+
+def _scored(exp: Experiment, stacked: dict[str, torch.Tensor], mode: str) -> dict[str, float]:
+    """``{metric}_{mode}`` of the model ``stacked`` on the consensus examples, and its extras'
+    (``em_{mode}``: instruction exact match), from one pass."""
+    totals = _totals_of(exp, stacked, exp.consensus_eval)
+    out = {f"{exp.task.metric}_{mode}": float(exp.task.finalize(totals))}
+    out.update({f"{k}_{mode}": float(v) for k, v in exp.task.extras(totals).items()})
+    return out
 
 
 @contextmanager
@@ -54,8 +68,8 @@ def all_nodes(fed: Federation, stacked: dict[str, torch.Tensor]) -> Iterator[Fed
 def evaluate(exp: Experiment) -> dict[str, float]:
     fed, chunk, group = exp.fed, exp.trainer.tokens_per_chunk, exp.group
     data, m = exp.node_eval, exp.task.metric  # m: "acc" | "ppl"
-    own = metric_per_node(fed, data.token_ids, data.labels, fed.n, exp.pad_id, chunk, exp.task)
-    per_node = group.gather_nodes(own)  # (n,)
+    own = totals_per_node(fed, data.token_ids, data.labels, fed.n, exp.pad_id, chunk, exp.task)
+    per_node = group.gather_nodes(exp.task.finalize(own))  # (n,)
     mean, std = mean_std(per_node)
     out: dict[str, float] = {
         f"{m}_node_mean": mean,
@@ -63,20 +77,24 @@ def evaluate(exp: Experiment) -> dict[str, float]:
         f"{m}_node_min": float(per_node.min()),
         f"{m}_node_max": float(per_node.max()),
     }
+    for key, values in exp.task.extras(own).items():  # (local nodes,) each
+        out[f"{key}_node_mean"] = float(group.gather_nodes(values).mean())
     raw = {k: group.gather_nodes(v.detach()) for k, v in fed.tensors().items()}  # (n, ...) each
     stacked = fold_middle(raw)  # Fed-SB: B R in place of B; every metric reads the adapters B A
     if exp.n > 1:
-        out[f"{m}_avg_factors"] = _metric_of(exp, averaged_factors(stacked), exp.consensus_eval)
-        out[f"{m}_avg_product"] = _metric_of(exp, averaged_product(stacked), exp.consensus_eval)
+        out.update(_scored(exp, averaged_factors(stacked), "avg_factors"))
+        out.update(_scored(exp, averaged_product(stacked), "avg_product"))
     else:
-        out[f"{m}_avg_factors"] = out[f"{m}_avg_product"] = _metric_of(exp, stacked, exp.consensus_eval)
+        one = _scored(exp, stacked, "avg_factors")
+        out.update(one)
+        out.update({k.replace("_avg_factors", "_avg_product"): v for k, v in one.items()})
     if group.world == 1:
         server = exp.algorithm.server_tensors(fed)
     else:
         with all_nodes(fed, raw):
             server = exp.algorithm.server_tensors(fed)
     if server is not None:
-        out[f"{m}_server"] = _metric_of(exp, server, exp.consensus_eval)
+        out.update(_scored(exp, server, "server"))
     gate = fed.rank_mask.gate  # (n, r) rank gates: the metrics read the factors the nodes run
     gate = None if gate is None else group.gather_nodes(gate.detach())
     factors = {name: gated(stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"], gate) for name in fed.lora}

@@ -18,7 +18,7 @@ from declora.model import averaged_factors, export_peft, fold_middle, node_adapt
 from declora.report import lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 
-CARD_KEYS = ("acc_", "ppl_", "bytes_total", "train_loss")
+CARD_KEYS = ("acc_", "ppl_", "em_", "bytes_total", "train_loss")
 
 
 class AdapterExport:

@@ -8,10 +8,14 @@
   prediction is the label whose word's first token has the largest logit after the prompt.
 - ``causal_lm``: plain language modelling; the loss is the next-token cross-entropy on every token, and
   the metric perplexity exp(total NLL / total predicted tokens) over the test rows.
+- ``instruction``: prompt then response; the loss and the perplexity read the response tokens only, and
+  the exact match (``extras``: ``em``) is the share of rows whose greedy continuation of the prompt is
+  the reference response, token for token through EOS.
 
 Rows are right-padded (real tokens first), so a row's last real token sits at ``mask.sum() - 1``. The
-metric of a set of rows is ``finalize`` of the column sums of ``row_stats`` (rows, 2), so per-node,
-per-chunk and per-process sums all give the same number.
+metric of a set of rows is ``finalize`` of the column sums of ``row_stats`` (rows, ``width``), so
+per-node, per-chunk and per-process sums all give the same number; columns 0 and 1 are the headline
+metric's (sum, count), further pairs feed ``extras`` (named secondary metrics).
 
 A task may read the logits at a few positions only (``positions``: label words read the answer's
 positions in training and the prompt's last one in evaluation); the model then projects just those onto
@@ -39,6 +43,7 @@ IGNORE = -100  # target of a position that contributes no loss (the transformers
 class Task(Protocol):
     metric: str  # "acc" | "ppl": the prefix of the evaluation keys
     causal: bool  # True: the base is a causal LM (AutoModelForCausalLM), with no classifier head
+    width: int  # columns of ``row_stats``: 2, or more for ``extras``
 
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]: ...
 
@@ -60,7 +65,11 @@ class Task(Protocol):
         ...
 
     def finalize(self, totals: Tensor) -> Tensor:
-        """(..., 2) summed stats -> (...) metric values."""
+        """(..., width) summed stats -> (...) metric values."""
+        ...
+
+    def extras(self, totals: Tensor) -> dict[str, Tensor]:
+        """(..., width) summed stats -> secondary metrics by key prefix (e.g. "em"), each (...)."""
         ...
 
 
@@ -105,14 +114,36 @@ def last_logits(logits: Tensor, mask: Tensor, positions: Tensor | None = None) -
     return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
-def _ratio(totals: Tensor) -> Tensor:
-    return totals[..., 0] / totals[..., 1].clamp(min=1)
+def greedy_matches(logits: Tensor, targets: Tensor, positions: Tensor | None = None) -> Tensor:
+    """(rows,) True where every target (IGNORE: none) is the argmax of its predecessor's logits
+    (arguments as ``token_nll``). Greedy decoding feeds back its own argmax, so it reproduces the targets
+    exactly when each argmax under the reference prefix is the next reference token: this is the exact
+    match of greedy decoding, read from the teacher-forced pass (no generation loop)."""
+    if positions is None:
+        logits, shifted = logits[:, :-1], targets[:, 1:]  # (rows, seq - 1)
+    else:
+        shifted = targets[:, positions + 1]  # (rows, P)
+    hit = (logits.argmax(-1) == shifted) | (shifted == IGNORE)  # (rows, seq - 1 or P)
+    return hit.all(1)
+
+
+def _ratio(totals: Tensor, at: int = 0) -> Tensor:
+    return totals[..., at] / totals[..., at + 1].clamp(min=1)
+
+
+class _OneMetric:
+    """Tasks whose stats are just the headline metric's (sum, count)."""
+
+    width = 2
+
+    def extras(self, totals: Tensor) -> dict[str, Tensor]:
+        return {}
 
 
 # ---------------------------------------------------------------- the tasks
 
 
-class SequenceClassification:
+class SequenceClassification(_OneMetric):
     metric, causal = "acc", False
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
@@ -139,7 +170,7 @@ class SequenceClassification:
         return _ratio(totals)
 
 
-class LabelWords:
+class LabelWords(_OneMetric):
     """Classification as generation: ``template`` with the text, then the label word (see the module)."""
 
     metric, causal = "acc", True
@@ -204,7 +235,7 @@ class LabelWords:
         return _ratio(totals)
 
 
-class CausalLM:
+class CausalLM(_OneMetric):
     metric, causal = "ppl", True
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
@@ -238,10 +269,11 @@ class Instruction:
     """Instruction / chat data: a row is the prompt turns, formatted with the tokenizer's chat template
     when it has one (else ``role: content`` lines and ``assistant:``), then the response and EOS. The
     loss is the next-token cross-entropy on the response tokens only; the metric is the response
-    perplexity. ``encode_pairs`` returns each row's response token count, which stands in for the row's
-    label (``answer_targets`` keeps the last that many real tokens)."""
+    perplexity, and ``extras`` adds the greedy exact match (``em``, see ``greedy_matches``).
+    ``encode_pairs`` returns each row's response token count, which stands in for the row's label
+    (``answer_targets`` keeps the last that many real tokens)."""
 
-    metric, causal = "ppl", True
+    metric, causal, width = "ppl", True, 4  # stats: (NLL, response tokens, exact match, 1)
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -300,12 +332,16 @@ class Instruction:
     def row_stats(
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
-        return torch.stack(
-            [t.to(torch.float32) for t in self._nll(logits, input_ids, mask, labels, positions)], 1
-        )
+        total, count = self._nll(logits, input_ids, mask, labels, positions)
+        exact = greedy_matches(logits, answer_targets(input_ids, mask, labels), positions)
+        columns = (total, count, exact, torch.ones_like(exact))
+        return torch.stack([c.to(torch.float32) for c in columns], 1)
 
     def finalize(self, totals: Tensor) -> Tensor:
         return torch.exp(_ratio(totals))
+
+    def extras(self, totals: Tensor) -> dict[str, Tensor]:
+        return {"em": _ratio(totals, 2)}
 
 
 def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Sequence[str]) -> Task:

@@ -212,9 +212,9 @@ def row_stats(
     tokens_per_chunk: int,
     task: Task = CLASSIFY,
 ) -> Tensor:
-    """The task's (sum, count) of its metric for every row, row k scored by (possibly overridden) node
-    ``nodes[k]``: (rows, 2)."""
-    stats = torch.empty(len(token_ids), 2)
+    """The task's (sum, count) of its metric (and of its extras) for every row, row k scored by (possibly
+    overridden) node ``nodes[k]``: (rows, task.width)."""
+    stats = torch.empty(len(token_ids), task.width)
     fed.set_training(False)
     for chunk in micro_batches([len(x) for x in token_ids], tokens_per_chunk):
         index = torch.as_tensor(chunk)
@@ -238,8 +238,22 @@ def metric_per_node(
 ) -> Tensor:
     """The metric (accuracy, perplexity) of each of ``nodes`` stacked models on the same examples, all in
     one pass: (nodes,)."""
+    return task.finalize(totals_per_node(fed, token_ids, labels, nodes, pad_id, tokens_per_chunk, task))
+
+
+def totals_per_node(
+    fed: Federation,
+    token_ids: list[list[int]],
+    labels: np.ndarray,
+    nodes: int,
+    pad_id: int,
+    tokens_per_chunk: int,
+    task: Task = CLASSIFY,
+) -> Tensor:
+    """Each of ``nodes`` stacked models' summed ``row_stats`` on the same examples, in one pass:
+    (nodes, task.width); ``task.finalize`` / ``task.extras`` turn them into metrics."""
     m = len(token_ids)
     rows = torch.arange(nodes).repeat_interleave(m)
     y = torch.as_tensor(labels).repeat(nodes)
     stats = row_stats(fed, token_ids * nodes, y, rows, pad_id, tokens_per_chunk, task)
-    return task.finalize(stats.view(nodes, m, 2).sum(1))
+    return stats.view(nodes, m, task.width).sum(1)

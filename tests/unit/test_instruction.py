@@ -131,3 +131,75 @@ def test_a_run_learns_the_responses(tiny_llama, tmp_path):
     ppl = [r["ppl_avg_factors"] for r in records]
     assert all(math.isfinite(p) and p > 1 for p in ppl)
     assert all(b < a for a, b in zip(ppl, ppl[1:], strict=False)) and ppl[-1] < 0.9 * ppl[0]  # 332 -> 288
+
+
+def test_greedy_matches_on_constructed_logits():
+    from declora.tasks import IGNORE, greedy_matches
+
+    targets = torch.tensor([[IGNORE, IGNORE, 3, 1], [IGNORE, IGNORE, 3, 1], [IGNORE, 2, 0, 4]])
+    logits = torch.zeros(3, 4, 5)
+    logits[0, 1, 3] = logits[0, 2, 1] = 1.0  # row 0: the argmax after each position is the next target
+    logits[1, 1, 3] = logits[1, 2, 2] = 1.0  # row 1: the last token differs
+    logits[2, 0, 2] = logits[2, 1, 0] = logits[2, 2, 4] = 1.0
+    logits[:, 3] = 9.0 * torch.arange(5)  # the last position predicts nothing: ignored
+    assert greedy_matches(logits, targets).tolist() == [True, False, True]
+    keep = torch.tensor([0, 1, 2])
+    assert greedy_matches(logits[:, keep], targets, keep).tolist() == [True, False, True]
+
+
+def test_exact_match_is_greedy_decoding_of_the_tiny_llama(tiny_llama):
+    """The teacher-forced exact match equals decoding greedily from the prompt and comparing tokens: a
+    reference made of the model's own greedy tokens matches, the same with one token changed does not."""
+    from declora.config import ModelConfig
+    from declora.model import build_federation
+
+    task = _task(tiny_llama)
+    cfg = ModelConfig(name=str(tiny_llama), rank=2, target_modules=("q_proj", "v_proj"))
+    fed = build_federation(cfg, 1, 1, True)
+    fed.set_training(False)
+    (prompt,), _ = task.encode_pairs([_turns("Say hi")], [""])  # prompt + EOS
+    ids = list(prompt[:-1])
+    with torch.no_grad(), fed.route(torch.zeros(1, dtype=torch.long)):
+        for _ in range(4):  # greedy decoding, one token at a time
+            x, m = pad([ids], 0)
+            ids.append(int(fed(x, m)[0, -1].argmax()))
+        greedy = ids[len(prompt) - 1 :]
+        wrong = [*greedy[:-1], greedy[-1] ^ 1]  # another token of the vocabulary
+    rows = [prompt[:-1] + greedy, prompt[:-1] + wrong]
+    x, m = pad(rows, 0)
+    with torch.no_grad(), fed.route(torch.zeros(2, dtype=torch.long)):
+        stats = task.row_stats(fed(x, m), x, m, torch.tensor([4, 4]))
+    assert stats[:, 2].tolist() == [1.0, 0.0] and stats[:, 1].tolist() == [4.0, 4.0]
+    assert float(task.extras(stats.sum(0))["em"]) == 0.5
+
+
+def test_a_run_reports_exact_match_beside_perplexity(tiny_llama, tmp_path):
+    """Every evaluated model gets an em_* key beside its ppl_* key (node mean, both consensus models);
+    the untrained model does not answer "ok" (EM 0.0). The tiny LLaMA's logits are too flat to learn the
+    answer exactly in a few steps: the EM = 1.0 case is the greedy-decoding test above."""
+    from declora.engine import run
+    from declora.evaluate import evaluate
+    from declora.experiment import build_experiment
+
+    data = tmp_path / "ok.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": "ok"}) + "\n" for p, _ in PAIRS * 8))
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += ["model.rank=4", "model.max_length=32", "task.kind=instruction"]
+    overrides += [f"data.dataset={data}", "nodes=2", "rounds=2", "train.batch_size=4", "train.lr=0.1"]
+    overrides += ["eval.headline=ppl_avg_factors", "train.local_steps=2", "eval.node_examples=4"]
+    overrides += ["export=none", "threads=1"]
+    exp = build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
+    before = evaluate(exp)
+    assert before["em_avg_factors"] == before["em_avg_product"] == before["em_node_mean"] == 0.0
+    last = [r for r in run(exp) if "ppl_avg_factors" in r][-1]
+    for mode in ("node_mean", "avg_factors", "avg_product"):
+        assert 0.0 <= last[f"em_{mode}"] <= 1.0 and math.isfinite(last[f"ppl_{mode}"])
+
+
+def test_exact_match_can_be_the_headline_of_instruction_runs_only():
+    from declora.config import ConfigError
+
+    cfg = load_config("configs/smollm2_instructions.yaml", ["eval.headline=em_avg_factors"])
+    assert cfg.eval.headline == "em_avg_factors"
+    with pytest.raises(ConfigError, match="eval.headline='em_avg_factors' is not measured for task.kind=seq"):
+        load_config(None, ["eval.headline=em_avg_factors"])

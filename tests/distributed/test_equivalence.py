@@ -68,6 +68,11 @@ CASES = {
     # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped
     "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
     "dec_sb": ("dec_sb", []),
+    # stragglers: node 2 misses every deadline (offline on every rank alike), jitter drawn per global node
+    "dec_lora_deadline": (
+        "dec_lora",
+        ["stragglers.speeds=[1,1,3,1,1]", "stragglers.deadline=4", "stragglers.jitter=0.2"],
+    ),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
 SERVER |= {
@@ -106,6 +111,7 @@ SLICES = {
         "dec_prox": (2, 3),
         "fed_sb": (3, 2),
         "dec_sb": (1, 4),
+        "dec_lora_deadline": (2, 3),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }

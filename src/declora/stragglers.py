@@ -44,6 +44,11 @@ def enabled(cfg: Config) -> bool:
 
 def validate_stragglers(cfg: Config) -> None:
     s = cfg.stragglers
+    if cfg.algorithm.name == "centralized" and enabled(cfg):
+        raise ConfigError(
+            "stragglers with algorithm.name=centralized: one node has no one to wait for; drop the "
+            "stragglers keys"
+        )
     if isinstance(s.speeds, str) and s.speeds != "lognormal":
         raise ConfigError(
             f"stragglers.speeds={s.speeds!r} is not known; give one time multiplier per node or 'lognormal'"

@@ -115,3 +115,16 @@ def test_asynchronous_run_is_stale_bounded_and_resumes_exactly(tiny_bert, tiny_d
     _same_tensors(full, resumed)
     assert _plain(again) == _plain(records[1:])
     assert [r["sim_s"] for r in again] == [r["sim_s"] for r in records[1:]]
+
+
+def test_a_missed_deadline_keeps_the_node_out_of_the_server_round(tiny_bert, tiny_data, tmp_path):
+    extra = ("algorithm.name=fedavg", "stragglers.speeds=[1,1,3,1]", "stragglers.deadline=4")
+    exp = _build(tiny_bert, tiny_data, tmp_path / "a", *extra)
+    before = {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
+    records = engine.run(exp)
+    plain = engine.run(_build(tiny_bert, tiny_data, tmp_path / "b", "algorithm.name=fedavg"))
+    for k, v in exp.fed.tensors().items():  # node 2 neither uploaded nor received the server model
+        assert torch.equal(v.detach()[2], before[k][2]), k
+        assert torch.equal(v.detach()[0], v.detach()[3]), k
+    assert all(r["active_nodes"] == 3 for r in records)
+    assert records[-1]["bytes_total"] * 4 == plain[-1]["bytes_total"] * 3  # 3 of 4 nodes up and down

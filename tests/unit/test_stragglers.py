@@ -69,6 +69,7 @@ def test_asynchronous_mix_uses_held_copies():
         (["stragglers.asynchronous=true", "comm.codec=fp16"], "use comm.codec=fp32"),
         (["stragglers.deadline=0"], "stragglers.deadline=0"),
         (["stragglers.step_s=-1"], "stragglers.step_s=-1"),
+        (["stragglers.deadline=3", "algorithm.name=centralized"], "one node has no one to wait for"),
     ],
 )
 def test_bad_stragglers_config_is_one_clear_error(overrides, message):

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from declora.config import Config, ConfigError
-from declora.data import TextDataset, encode_rows, label_order, limit, load_dataset, read_rows
+from declora.data import (
+    TextDataset,
+    encode_rows,
+    label_order,
+    limit,
+    load_dataset,
+    read_instructions,
+    read_rows,
+)
 from declora.dist import Solo
 from declora.partition import describe_partition, partition
 from declora.tables import is_table
@@ -66,12 +74,12 @@ def node_file_list(cfg: Config) -> list[str]:
 
 
 def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData:
-    if cfg.task.kind == "instruction":
-        raise ConfigError("data.node_files does not read instruction data yet; use data.dataset")
     files = node_file_list(cfg)
     if cfg.partition.kind != "iid":
         log.warning("data.node_files: each node trains on its own file; partition.kind is not used")
     sources = [files] if n == 1 else [[f] for f in files]  # a single-node algorithm pools every file
+    if cfg.task.kind == "instruction":
+        return _instruction_files(cfg, sources, hosted, group)
     rows = {i: [read_rows(f, cfg.data.split, cfg.data) for f in sources[i]] for i in hosted}
     mine = [r for node_rows in rows.values() for r in node_rows]
     # Label names: a ClassLabel's if the files carry one, else every process's label values, sorted.
@@ -81,18 +89,41 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     names = next((s[0] for s in seen if s[0]), None) or label_order([v for s in seen for v in s[1]])
     nodes = []
     for i in hosted:
-        pooled = [encode_rows(r, names) for r in rows[i]]
-        ds = TextDataset(
-            [t for d in pooled for t in d.texts], np.concatenate([d.labels for d in pooled]), names
-        )
+        ds = _concat([encode_rows(r, names) for r in rows[i]])
         nodes.append(limit(ds, cfg.data.train_limit, cfg.seed + i, "train_limit"))
+    held = read_rows(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, key="data.test_split")
+    test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
+    return _assemble(nodes, test, sources, hosted, group)
+
+
+def _instruction_files(cfg: Config, sources: list[list[str]], hosted: range, group: Solo) -> NodeData:
+    """task.kind=instruction: each node's prompt/response (or messages) tables; every row's label is the
+    one name "text", so the processes have no label names to agree on."""
+    nodes = []
+    for i in hosted:
+        node = _concat([read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]])
+        nodes.append(limit(node, cfg.data.train_limit, cfg.seed + i, "train_limit"))
+    held = read_instructions(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, "data.test_split")
+    test = limit(held, cfg.data.test_limit, cfg.eval.seed, "test_limit")
+    return _assemble(nodes, test, sources, hosted, group)
+
+
+def _concat(parts: list[TextDataset]) -> TextDataset:
+    """Datasets with the same label names, one after another (instruction responses kept)."""
+    responses = None if parts[0].responses is None else [r for d in parts for r in d.responses or ()]
+    texts, labels = [t for d in parts for t in d.texts], np.concatenate([d.labels for d in parts])
+    return TextDataset(texts, labels, parts[0].label_names, responses=responses)
+
+
+def _assemble(
+    nodes: list[TextDataset], test: TextDataset, sources: list[list[str]], hosted: range, group: Solo
+) -> NodeData:
+    """The hosted nodes' rows one after another, each node's part, and every process's node summary."""
     sizes = np.cumsum([0, *(len(d) for d in nodes)])
-    train = TextDataset([t for d in nodes for t in d.texts], np.concatenate([d.labels for d in nodes]), names)
+    train = _concat(nodes)
     parts = [np.arange(sizes[k], sizes[k + 1]) for k in range(len(nodes))]
-    local = describe_partition(parts, train.labels, len(names))
+    local = describe_partition(parts, train.labels, train.num_labels)
     for k, node in enumerate(local):
         node["node"], node["file"] = hosted[k], " + ".join(sources[hosted[k]])
     summary = [node for rank_nodes in group.all_gather_object(local) for node in rank_nodes]
-    held = read_rows(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, key="data.test_split")
-    test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return NodeData(train, test, parts, summary)

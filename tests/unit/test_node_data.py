@@ -69,3 +69,26 @@ def test_node_files_errors(tmp_path):
         load_config(None, [f"data.node_files={tmp_path / 'nodes'}"])
     with pytest.raises(ConfigError, match="is neither a list of files nor a folder"):
         build_node_data(_cfg(tmp_path, str(tmp_path / "absent")), 3, range(3), Solo())
+
+
+def test_instruction_node_files(tmp_path):
+    """task.kind=instruction reads each node's own prompt/response or messages table."""
+    folder = tmp_path / "nodes"
+    folder.mkdir()
+    for i in range(2):
+        rows = [{"prompt": f"q{i}.{k}", "response": f"a{i}.{k}"} for k in range(2 + i)]
+        (folder / f"client_{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    (folder / "client_2.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"prompt": "held", "response": "out"}) + "\n")
+    overrides = ["nodes=3", f"data.node_files={folder}", f"data.test_file={test}"]
+    data = build_node_data(
+        load_config("configs/smollm2_instructions.yaml", overrides), 3, range(1, 3), Solo()
+    )
+    mine = [
+        [(json.loads(data.train.texts[j])[-1]["content"], data.train.responses[j]) for j in p]
+        for p in data.parts
+    ]
+    assert mine == [[("q1.0", "a1.0"), ("q1.1", "a1.1"), ("q1.2", "a1.2")], [("q2", "a2")]]
+    assert [s["size"] for s in data.summary] == [3, 1] and data.test.responses == ["out"]

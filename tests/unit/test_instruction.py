@@ -203,3 +203,23 @@ def test_exact_match_can_be_the_headline_of_instruction_runs_only():
     assert cfg.eval.headline == "em_avg_factors"
     with pytest.raises(ConfigError, match="eval.headline='em_avg_factors' is not measured for task.kind=seq"):
         load_config(None, ["eval.headline=em_avg_factors"])
+
+
+def test_a_run_trains_each_node_on_its_own_instruction_file(tiny_llama, tmp_path):
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    folder = tmp_path / "clients"
+    folder.mkdir()
+    for i, (prompt, response) in enumerate(PAIRS[:2]):
+        (folder / f"c{i}.jsonl").write_text(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += ["model.rank=2", "model.max_length=32", "task.kind=instruction", "export=none"]
+    overrides += [f"data.node_files={folder}", f"data.test_file={test}", "nodes=2", "rounds=1"]
+    overrides += ["eval.headline=ppl_avg_factors", "train.batch_size=1", "threads=1"]
+    exp = build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
+    assert [len(p) for p in exp.parts] == [1, 1] and len(exp.consensus_eval.labels) == 3
+    last = [r for r in run(exp) if "ppl_avg_factors" in r][-1]
+    assert math.isfinite(last["ppl_avg_factors"]) and 0.0 <= last["em_avg_factors"] <= 1.0

@@ -1,8 +1,9 @@
 """Evaluation modes (docs/algorithms.md: evaluation protocols): each node's own model, the averaged-factor
 model, the averaged-product model and, for server algorithms, the server model; plus consensus metrics.
 
-The metric is the task's (``declora.tasks``): accuracy (keys ``acc_*``) or, for plain causal language
-modelling, perplexity (keys ``ppl_*``).
+The metric is the task's (``declora.tasks``): accuracy (keys ``acc_*``) or, for causal language
+modelling and instruction data, perplexity (keys ``ppl_*``); a task's extras come from the same pass
+(instruction data: greedy exact match, keys ``em_*``, beside each perplexity).
 
 In a multi-process run each rank scores its own nodes, and the consensus and server models (built from
 every node's factors, gathered: adapter-sized) are scored on each rank's share of the examples; the

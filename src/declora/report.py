@@ -27,7 +27,8 @@ __all__ = ["format_table", "headline_line", "plot_run", "read_metrics", "summari
 
 log = logging.getLogger(__name__)
 
-# Evaluation modes in the order the table shows them; any other ``acc_*`` key follows, sorted.
+# Evaluation modes in the order the table shows them; any other ``acc_*`` (``em_*``, ``ppl_*``) key
+# follows, sorted. ``em_*``: an instruction run's exact match, a share shown in % like an accuracy.
 ACCURACY_KEYS = ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "acc_server")
 CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
 FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
@@ -88,7 +89,9 @@ def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
         k
         for r in evals
         for k in r
-        if k.startswith(("acc_", LOWER_IS_BETTER)) and k not in SPREAD_KEYS and _number(r, k) is not None
+        if k.startswith(("acc_", "em_", LOWER_IS_BETTER))
+        and k not in SPREAD_KEYS
+        and _number(r, k) is not None
     }
     return [k for k in ACCURACY_KEYS if k in seen] + sorted(seen - set(ACCURACY_KEYS))
 
@@ -280,8 +283,9 @@ LINE_STYLES = (
 
 def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
     keys = _accuracy_keys(evals)
-    if keys and all(lower_is_better(k) for k in keys):  # a causal LM run: perplexity
-        for key in keys:
+    perplexities = [k for k in keys if lower_is_better(k)]
+    if perplexities:  # a causal LM run: perplexity (an instruction run's em_* are in its table)
+        for key in perplexities:
             ax.plot(*_series(evals, key), marker="o", markersize=3, label=key)
         ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")
         return

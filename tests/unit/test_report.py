@@ -239,3 +239,19 @@ def test_private_runs_show_the_largest_epsilon_spent_and_honest_min_is_a_spread(
     assert "acc_honest_mean" in s["accuracy"] and "acc_honest_min" not in s["accuracy"]
     assert "| privacy_epsilon_max" in format_table(s) and "4.50" in format_table(s)
     assert "privacy_epsilon_max" not in summarize([{"event": "eval", "round": 1}])["final"]  # not private
+
+
+def test_instruction_runs_show_exact_match_in_percent_beside_perplexity() -> None:
+    from declora.report import run_figure
+
+    evals = [
+        {"event": "eval", "round": 1, "ppl_avg_factors": 1.5, "em_avg_factors": 0.25, "train_loss": 0.7},
+        {"event": "eval", "round": 2, "ppl_avg_factors": 1.3, "em_avg_factors": 0.4375, "train_loss": 0.5},
+    ]
+    summary = summarize(evals)
+    assert summary["accuracy"]["em_avg_factors"]["best"] == 0.4375  # higher is better
+    assert summary["accuracy"]["ppl_avg_factors"]["best"] == 1.3  # lower is better
+    table = format_table(summary)
+    assert "| em_avg_factors " in table and "43.75" in table and "1.30" in table
+    panel = run_figure(evals).axes[0]
+    assert [line.get_label() for line in panel.get_lines()] == ["ppl_avg_factors"]  # no % on that axis

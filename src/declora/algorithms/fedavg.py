@@ -16,6 +16,7 @@ The mean of the factors is not the mean of the products B_i A_i (the cross-term 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -33,16 +34,20 @@ class FedAvg:
     single_node: bool = False
     cfg: Config | None = None
     schedule: Schedule | None = None
+    # The server variants (ffa_lora, fedsa_lora, fed_sb) differ only in these: the factor kinds each
+    # participant trains (a trained head is added) and, None meaning the same, those the server averages.
+    TRAINS: ClassVar[tuple[str, ...]] = ("A", "B")
+    AGGREGATES: ClassVar[tuple[str, ...] | None] = None
 
     def __post_init__(self) -> None:
         self.cfg = self.cfg or Config()
         self.server = ServerModel(self.fed, self.cfg, self.schedule)
 
     def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
+        return RoundPlan(train=trained_kinds(self.fed, self.TRAINS), active=active_nodes(self.cfg, t))
 
     def communicate(self, ctx: RoundContext) -> None:
-        self.server.aggregate(ctx, self.plan(ctx.round).train)
+        self.server.aggregate(ctx, self.AGGREGATES or self.plan(ctx.round).train)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # after aggregation: what every participant holds

@@ -15,39 +15,18 @@ headline is each node's own accuracy (acc_node_mean). Choice [M]: a trained head
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
-from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.server import ServerModel, active_nodes
-from declora.config import Config
+from declora.algorithms.fedavg import FedAvg
 from declora.model import Federation
-from declora.schedules import Schedule
 
 
 @dataclass
-class FedSALoRA:
-    fed: Federation
+class FedSALoRA(FedAvg):
     name: str = "fedsa_lora"
-    single_node: bool = False
-    cfg: Config | None = None
-    schedule: Schedule | None = None
-
-    def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
-        self.server = ServerModel(self.fed, self.cfg, self.schedule)
-
-    def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
-
-    def communicate(self, ctx: RoundContext) -> None:
-        self.server.aggregate(ctx, ("A",))
+    AGGREGATES: ClassVar[tuple[str, ...] | None] = ("A",)  # B and a trained head stay on their node
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return None  # every node runs the shared A with its own B: no one server model
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.server.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.server.load_state_dict(state)

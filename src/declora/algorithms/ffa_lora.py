@@ -15,39 +15,12 @@ communication of FedAvg-LoRA. The decentralized analogue is dlora_fa.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
-from torch import Tensor
-
-from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.server import ServerModel, active_nodes
-from declora.config import Config
-from declora.model import Federation, averaged_factors
-from declora.schedules import Schedule
+from declora.algorithms.fedavg import FedAvg
 
 
 @dataclass
-class FFALoRA:
-    fed: Federation
+class FFALoRA(FedAvg):
     name: str = "ffa_lora"
-    single_node: bool = False
-    cfg: Config | None = None
-    schedule: Schedule | None = None
-
-    def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
-        self.server = ServerModel(self.fed, self.cfg, self.schedule)
-
-    def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed, ("B",)), active=active_nodes(self.cfg, t))
-
-    def communicate(self, ctx: RoundContext) -> None:
-        self.server.aggregate(ctx, self.plan(ctx.round).train)
-
-    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
-        return averaged_factors(fed.tensors())  # after aggregation: what every participant holds
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self.server.state_dict()
-
-    def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.server.load_state_dict(state)
+    TRAINS: ClassVar[tuple[str, ...]] = ("B",)  # A stays at the shared A^0

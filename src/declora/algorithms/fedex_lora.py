@@ -27,7 +27,7 @@ from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
 from declora.algorithms.ranks import average_head, factor_messages
-from declora.algorithms.server import active_nodes, participants, upload_weights, weighting
+from declora.algorithms.server import active_nodes, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
@@ -82,11 +82,10 @@ class FedExLoRA:
 
     def communicate(self, ctx: RoundContext) -> None:
         fed, online = ctx.fed, ctx.online.cpu()
-        senders = participants(self.cfg, ctx.round)[ctx.node_ids] & online  # this process's rows
-        weights = ctx.exchange.all_nodes(upload_weights(self.weighting, senders, ctx.data_sizes.cpu()))
-        if not (weights > 0).any():
+        shares = upload_shares(self.cfg, self.weighting, ctx)
+        if shares is None:
             return
-        p = weights / weights.sum()  # (n,) over every node
+        senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = torch.ones(fed.n, fed.cfg.rank, dtype=torch.bool)
         table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)  # (n, ...)
         for name, layer in fed.lora.items():

@@ -44,7 +44,7 @@ from declora.algorithms.ranks import (
     install_gate,
     node_ranks,
 )
-from declora.algorithms.server import participants, upload_weights, weighting
+from declora.algorithms.server import participants, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
@@ -117,11 +117,10 @@ class FlexLoRA:
 
     def communicate(self, ctx: RoundContext) -> None:
         fed, kinds = ctx.fed, trained_kinds(ctx.fed)
-        senders = participants(self.run_cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()  # local rows
-        weights = ctx.exchange.all_nodes(upload_weights(self.weighting, senders, ctx.data_sizes.cpu()))
-        if not (weights > 0).any():  # (n,) over every process's nodes: all decide alike
+        shares = upload_shares(self.run_cfg, self.weighting, ctx)
+        if shares is None:
             return
-        p = weights / weights.sum()  # (n,)
+        senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = active_components(fed, self.gate)
         received = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
         for name, layer in fed.lora.items():

@@ -34,7 +34,7 @@ from declora.algorithms.ranks import (
     install_gate,
     node_ranks,
 )
-from declora.algorithms.server import active_nodes, participants, upload_weights, weighting
+from declora.algorithms.server import active_nodes, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
@@ -76,14 +76,13 @@ class FLoRA:
 
     def communicate(self, ctx: RoundContext) -> None:
         fed, online = ctx.fed, ctx.online.cpu()
-        senders = participants(self.cfg, ctx.round)[ctx.node_ids] & online  # this process's rows
-        weights = ctx.exchange.all_nodes(upload_weights(self.weighting, senders, ctx.data_sizes.cpu()))
-        if not (weights > 0).any():
+        shares = upload_shares(self.cfg, self.weighting, ctx)
+        if shares is None:
             return
-        p = weights / weights.sum()  # (n,) over every node
+        senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = active_components(fed, self.gate)
         table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
-        stacked_rank = sum(k for k, w in zip(self.ranks, weights.tolist(), strict=True) if w > 0)
+        stacked_rank = sum(k for k, w in zip(self.ranks, p.tolist(), strict=True) if w > 0)
         for name, layer in fed.lora.items():
             A_s, B_s = stack_adapters(table[f"{name}.lora_A"], table[f"{name}.lora_B"], self.gate, p)
             self.folds.add(name, fed.scale * (B_s @ A_s))

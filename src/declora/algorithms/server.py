@@ -60,6 +60,16 @@ def upload_weights(rule: str, senders: Tensor, sizes: Tensor) -> Tensor:
     return w * sizes.float().to(w.device) if rule == "size" else w
 
 
+def upload_shares(cfg: Config, rule: str, ctx: RoundContext) -> tuple[Tensor, Tensor] | None:
+    """Who uploads this round (this process's rows: sampled and online) and every node's share p (n,),
+    summing to 1 over all processes' senders; None when nobody uploads (every process decides alike)."""
+    senders = participants(cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()
+    weights = ctx.exchange.all_nodes(upload_weights(rule, senders, ctx.data_sizes.cpu()))
+    if not (weights > 0).any():
+        return None
+    return senders, weights / weights.sum()
+
+
 def book_downloads(ctx: RoundContext, receivers: Tensor, senders: Tensor, tensors: dict[str, Tensor]) -> None:
     """The server model goes to receivers that did not upload (server_mean books the senders' copies)."""
     extra = int((receivers & ~senders).sum())

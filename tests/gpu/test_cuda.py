@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import WORDS, write_tiny_data
+from helpers import WORDS, crash_after_round, write_tiny_data
 
 from declora.config import load_config
 from declora.engine import MEASURED, run
@@ -126,12 +126,7 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu(tiny_bert, tmp_path)
     run(full)
     crashed = build_experiment(tiny(tiny_bert, tmp_path / "moved", "device=cuda"))
 
-    def crash(record):
-        if record["round"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(crashed, on_round=crash)
+    crash_after_round(crashed, 2)
     on_cpu = build_experiment(tiny(tiny_bert, tmp_path / "moved", "device=cpu"), crashed.run_dir)
     run(on_cpu, resume=True)
     assert on_cpu.fed.device.type == "cpu"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import write_tiny_data
+from helpers import assert_same_tensors, crash_after_round, write_tiny_data
 
 from declora import engine
 from declora.cli import main
@@ -95,18 +95,12 @@ def test_server_and_schedule_state_survive_a_crash(name, tiny_bert, tiny_data, t
     engine.run(full)
     crashed = build(tmp_path / "b")
 
-    def crash(record):
-        if record["round"] == 3:  # logged, not yet checkpointed: round 2 is the last checkpoint
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(crashed, on_round=crash)
+    crash_after_round(crashed, 3)  # logged, not yet checkpointed: round 2 is the last checkpoint
     resumed = build_experiment(crashed.cfg, crashed.run_dir)
     engine.run(resumed, resume=True)
     for k, v in full.algorithm.state_dict().items():
         assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
-    for k, v in full.fed.tensors().items():
-        assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach()), k
+    assert_same_tensors(full, resumed)
     for k, layer in full.fed.lora.items():  # the frozen base too (FedEx-LoRA folds into it)
         assert torch.equal(layer.base.weight, resumed.fed.lora[k].base.weight), k
     assert torch.equal(full.lr_schedule.progress, resumed.lr_schedule.progress)

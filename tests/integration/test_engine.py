@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_same_tensors, crash_after_round
 
 from declora.algorithms.base import RoundContext
 from declora.comm.exchange import LocalExchange
@@ -120,12 +121,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path, e
 
     crashed = build_experiment(tiny_config(tiny_bert, tmp_path / "b", *extra))
 
-    def crash(record):
-        if record["round"] == 2:  # after round 2 is logged, before its checkpoint: round 1 is the last
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(crashed, on_round=crash)
+    crash_after_round(crashed, 2)  # after round 2 is logged, before its checkpoint: round 1 is the last
     resumed = build_experiment(crashed.cfg, crashed.run_dir)
     run(resumed, resume=True)
 
@@ -136,8 +132,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path, e
     evals_resumed = [r for r in lines(resumed) if r["event"] == "eval"]
     assert [r["round"] for r in evals_resumed] == [1, 2, 3]
     assert _comparable(evals_resumed) == _comparable(evals_full)
-    for k, v in full.fed.tensors().items():
-        assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach())
+    assert_same_tensors(full, resumed)
 
 
 def test_exchange_complete_graph_mean_on_raw_tensors():

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_same_tensors, crash_after_round
 from safetensors.torch import load_file
 
 from declora.config import load_config
@@ -72,12 +73,7 @@ def test_bf16_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_pa
     run(full)
     crashed = build_experiment(tiny(tiny_bert, tmp_path / "b", "precision=bf16", "rounds=3"))
 
-    def crash(record):
-        if record["round"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(crashed, on_round=crash)
+    crash_after_round(crashed, 2)
     resumed = build_experiment(crashed.cfg, crashed.run_dir)
     run(resumed, resume=True)
 
@@ -86,8 +82,7 @@ def test_bf16_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_pa
         return [{k: v for k, v in r.items() if k not in MEASURED} for r in lines if r["event"] == "eval"]
 
     assert evals(resumed) == evals(full)
-    for k, v in full.fed.tensors().items():
-        assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach())
+    assert_same_tensors(full, resumed)
 
 
 def test_cli_names_the_device_and_precision_and_logs_tokens_per_second(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_tiny_data
+from helpers import assert_same_tensors, crash_after_round, write_tiny_data
 
 from declora import engine
 from declora.config import load_config
@@ -52,11 +52,6 @@ def _plain(records):
     return [{k: v for k, v in r.items() if k not in SIMULATED + engine.MEASURED} for r in records]
 
 
-def _same_tensors(a, b):
-    for k, v in a.fed.tensors().items():
-        assert torch.equal(v.detach(), b.fed.tensors()[k].detach()), k
-
-
 def test_unit_speeds_change_nothing_but_add_a_clock(tiny_bert, tiny_data, tmp_path):
     plain = _build(tiny_bert, tiny_data, tmp_path / "a")
     timed = _build(
@@ -64,7 +59,7 @@ def test_unit_speeds_change_nothing_but_add_a_clock(tiny_bert, tiny_data, tmp_pa
     )
     a, b = engine.run(plain), engine.run(timed)
     assert _plain(a) == _plain(b)
-    _same_tensors(plain, timed)
+    assert_same_tensors(plain, timed)
     assert [r["sim_round_s"] for r in b] == [1.0, 1.0, 1.0]  # 2 local steps x 0.5 s at speed 1
     assert b[-1]["sim_s"] == 3.0
 
@@ -91,7 +86,7 @@ def test_asynchronous_at_staleness_zero_is_synchronous_gossip(tiny_bert, tiny_da
     )
     a, b = engine.run(sync), engine.run(asyn)
     assert _plain(a) == _plain(b)
-    _same_tensors(sync, asyn)
+    assert_same_tensors(sync, asyn)
     assert all(r["staleness_max"] == 0 for r in b)
 
 
@@ -104,15 +99,10 @@ def test_asynchronous_run_is_stale_bounded_and_resumes_exactly(tiny_bert, tiny_d
     assert [r["active_nodes"] for r in records] == [3, 3, 4]
     crashed = _build(tiny_bert, tiny_data, tmp_path / "b", *extra)
 
-    def crash(record):
-        if record["round"] == 2:  # logged, not checkpointed: round 1 is the last checkpoint
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(crashed, on_round=crash)
+    crash_after_round(crashed, 2)  # logged, not checkpointed: round 1 is the last checkpoint
     resumed = build_experiment(crashed.cfg, crashed.run_dir)
     again = engine.run(resumed, resume=True)
-    _same_tensors(full, resumed)
+    assert_same_tensors(full, resumed)
     assert _plain(again) == _plain(records[1:])
     assert [r["sim_s"] for r in again] == [r["sim_s"] for r in records[1:]]
 

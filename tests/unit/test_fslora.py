@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import write_tiny_data
+from helpers import assert_same_tensors, crash_after_round, write_tiny_data
 from unit_helpers import perturb, round_context, tiny_experiment
 
 from declora import engine
@@ -137,18 +137,12 @@ def test_server_state_survives_a_crash_and_resume(tiny_bert, tiny_data, tmp_path
     engine.run(full)
     crashed = tiny(tiny_bert, tiny_data, tmp_path / "b", *extra)
 
-    def crash(record):
-        if record["round"] == 2:  # logged, not yet checkpointed: round 1 is the last checkpoint
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(crashed, on_round=crash)
+    crash_after_round(crashed, 2)  # logged, not yet checkpointed: round 1 is the last checkpoint
     resumed = build_experiment(crashed.cfg, crashed.run_dir)
     engine.run(resumed, resume=True)
     for k, v in full.algorithm.state_dict().items():
         assert torch.equal(v, resumed.algorithm.state_dict()[k]), k
-    for k, v in full.fed.tensors().items():
-        assert torch.equal(v.detach(), resumed.fed.tensors()[k].detach()), k
+    assert_same_tensors(full, resumed)
     lines = [json.loads(x) for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     accs = [r["acc_server"] for r in lines if r.get("event") == "eval"]
     full_lines = [json.loads(x) for x in (full.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from declora.compare import expand, group_cells, load_grid
+from declora.compare import expand, final_by_seed, group_cells, load_grid
 from declora.compare_plots import plot_comparison
+from declora.paired import paired_difference, seeds_to_decide, verdict
 from declora.report import read_metrics
 
 COLUMNS = [  # key in the eval records, header, scale
@@ -30,6 +31,156 @@ COLUMNS = [  # key in the eval records, header, scale
     ("bytes_total", "MB sent", 1e-6),
     ("wall_s", "wall s", 1),
 ]
+
+
+def _p(p: float, name: str) -> str:
+    return f"topology.p={p},algorithm.name={name}"
+
+
+# What each claim asserts, as paired contrasts A - B over seeds (declora.paired): (label, A, B, metric,
+# kind, margin). A method is a grid cell's label; "C1b:..." takes it from another grid. Margins (in the
+# metric's display unit) say what "comparable", "close" and "a small cost" mean here: 2 points of
+# accuracy, and 1 point for the quantized base, whose paper difference is 0.05.
+CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
+    "C1": [
+        (
+            f"{part}: Dec-LoRA − centralized, same batch",
+            f"partition.kind={part},algorithm.name=dec_lora",
+            f"partition.kind={part},algorithm.name=centralized",
+            "acc_avg_factors",
+            "equivalent",
+            2.0,
+        )
+        for part in ("iid", "proportions")
+    ]
+    + [
+        (
+            f"{part}: Dec-LoRA − centralized, same steps (C1b)",
+            f"partition.kind={part},algorithm.name=dec_lora",
+            "C1b:algorithm.name=centralized,train.batch_size=80",
+            "acc_avg_factors",
+            "equivalent",
+            2.0,
+        )
+        for part in ("iid", "proportions")
+    ],
+    "C2": [
+        (
+            f"p = {p}: TAD-LoRA − Dec-LoRA",
+            _p(p, "tad_lora"),
+            _p(p, "dec_lora"),
+            "acc_node_mean",
+            "greater",
+            0.0,
+        )
+        for p in (0.5, 0.1, 0.02)
+    ]
+    + [
+        (f"p = {p}: TAD-LoRA − Dec-LoRA", _p(p, "tad_lora"), _p(p, "dec_lora"), "consensus_BA", "less", 0.0)
+        for p in (0.5, 0.1, 0.02)
+    ],
+    "C3": [
+        ("DeCAF − local", "algorithm.name=decaf", "algorithm.name=local", "acc_node_mean", "greater", 0.0),
+        ("DLoRA − local", "algorithm.name=dec_lora", "algorithm.name=local", "acc_node_mean", "greater", 0.0),
+        (
+            "DeCAF − FedAvg",
+            "algorithm.name=decaf",
+            "algorithm.name=fedavg",
+            "acc_node_mean",
+            "equivalent",
+            2.0,
+        ),
+        (
+            "DLoRA − FedAvg",
+            "algorithm.name=dec_lora",
+            "algorithm.name=fedavg",
+            "acc_node_mean",
+            "equivalent",
+            2.0,
+        ),
+        ("DeCAF − DLoRA", "algorithm.name=decaf", "algorithm.name=dec_lora", "consensus_BA", "less", 0.0),
+    ],
+    "C4": [
+        ("FSLoRA − HetLoRA", "algorithm.name=fslora", "algorithm.name=hetlora", "acc_server", "greater", 0.0),
+        (
+            "FSLoRA − FlexLoRA",
+            "algorithm.name=fslora",
+            "algorithm.name=flexlora",
+            "acc_server",
+            "greater",
+            0.0,
+        ),
+        (
+            "FSLoRA − HetLoRA",
+            "algorithm.name=fslora",
+            "algorithm.name=hetlora",
+            "bytes_total",
+            "equivalent",
+            0.0,
+        ),
+    ],
+    "C5": [
+        (
+            f"{label} − Dec-LoRA",
+            f"algorithm.name={name}",
+            "algorithm.name=dec_lora",
+            "acc_avg_factors",
+            kind,
+            m,
+        )
+        for name, label in (("dlora_fa", "DLoRA-FA"), ("ffa_lora", "FFA-LoRA"))
+        for kind, m in (("less", 0.0), ("equivalent", 2.0))
+    ],
+    "C6": [
+        (
+            f"{q} − fp32 base",
+            f"model.base_quantization={q}",
+            "model.base_quantization=none",
+            "acc_avg_factors",
+            "equivalent",
+            1.0,
+        )
+        for q in ("int8", "nf4")
+    ],
+}
+CLAIM_WORDS = {"greater": "A > B", "less": "A < B", "equivalent": "|A − B| ≤ {m:g}"}
+
+
+def unit(metric: str) -> float:
+    return 1e-6 if metric.startswith("bytes") else 1.0 if metric.startswith("consensus") else 100.0
+
+
+def contrast_table(claim: str, all_runs: dict[str, dict[str, list[Path]]]) -> str:
+    """The claim's paired contrasts: per-seed differences, mean ± SE, the 95% t-interval, the verdict and
+    the seeds that would decide it at the measured spread."""
+    lines = [
+        "| contrast (A − B) | metric | claim | per seed | mean ± SE | 95% interval | verdict "
+        "| seeds to decide |",
+        "|---|---|---|---|---:|---|---|---:|",
+    ]
+    for label, a, b, metric, kind, margin in CONTRASTS.get(claim, []):
+        dirs = []
+        for spec in (a, b):
+            grid, _, method = spec.rpartition(":")
+            dirs.append(all_runs.get(grid or claim, {}).get(method, []))
+        finals = [final_by_seed(d, metric) for d in dirs]
+        if len(set(finals[0]) & set(finals[1])) < 2:
+            continue
+        d = paired_difference(*finals)
+        k = unit(metric)
+        spec = "+.3g" if metric.startswith("consensus") else "+.2f"
+
+        def fmt_(x: float, k: float = k, spec: str = spec) -> str:
+            return f"{k * x:{spec}}"
+
+        need = seeds_to_decide(d, kind, margin / k)
+        per_seed = ", ".join(map(fmt_, d.diffs))
+        lines.append(
+            f"| {label} | {metric} | {CLAIM_WORDS[kind].format(m=margin)} | {per_seed} | "
+            f"{fmt_(d.mean)} ± {abs(k * d.se):.2g} | {fmt_(d.lo)} to {fmt_(d.hi)} | "
+            f"**{verdict(d, kind, margin / k)}** | {need if need is not None else '–'} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def short(method: str) -> str:
@@ -115,14 +266,16 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
     text = doc.read_text() if doc.is_file() else "# Fidelity suite\n"
     times, marks = grid_times(root / "times.log")
     counts: dict[str, int] = {}
-    for grid_file in sorted(Path("configs/fidelity").glob("C*.yaml")):
-        claim = grid_file.stem.split("_")[0]  # C1, C1b, C2, ...
-        grid = load_grid(grid_file)
-        runs = {
-            m: [d for d in dirs if (d / "report.md").is_file()]
-            for m, dirs in group_cells(expand(grid)).items()
-        }
-        runs = {m: d for m, d in runs.items() if d}
+    grids = {
+        f.stem.split("_")[0]: (f, load_grid(f)) for f in sorted(Path("configs/fidelity").glob("C*.yaml"))
+    }
+    all_runs = {}  # claim (C1, C1b, C2, ...) -> method -> finished run folders
+    for claim, (_, grid) in grids.items():
+        cells = group_cells(expand(grid))
+        all_runs[claim] = {m: [d for d in dirs if (d / "report.md").is_file()] for m, dirs in cells.items()}
+        all_runs[claim] = {m: d for m, d in all_runs[claim].items() if d}
+    for claim, (grid_file, grid) in grids.items():
+        runs = all_runs[claim]
         if not runs:
             continue
         figure = Path("docs/figures/fidelity") / f"{claim}.png"
@@ -136,6 +289,11 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
                 "Final values (last evaluated round), mean ± std over seeds; best = best over rounds.",
                 "",
                 grid_table(runs, grid.metric),
+                "",
+                "Paired contrasts over seeds (same seed = same partition, batches and test set; 95% "
+                "t-interval; a verdict only where it excludes the other answer):",
+                "",
+                contrast_table(claim, all_runs),
                 "",
                 f"![{claim}](figures/fidelity/{claim}.png)",
             ]

@@ -242,6 +242,50 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
     return "\n".join(lines)
 
 
+def final_by_seed(dirs: list[Path], metric: str) -> dict[int, float]:
+    """Each run's last evaluated value of ``metric``, keyed by the run's seed (from its config.yaml)."""
+    finals = {}
+    for d in dirs:
+        evals = [r[metric] for r in read_metrics(d / "metrics.jsonl") if r.get(metric) is not None]
+        if evals and (d / "config.yaml").is_file():
+            finals[int((read_yaml(d / "config.yaml") or {}).get("seed", 0))] = evals[-1]
+    return finals
+
+
+def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
+    """Every method against the first, paired by seed (declora.paired): per-seed differences of the final
+    value, mean ± SE and the 95% t-interval. Empty when fewer than two seeds are shared."""
+    from declora.paired import paired_difference
+
+    methods = list(runs)
+    if len(methods) < 2:
+        return ""
+    k = display_scale(metric)
+    ref = final_by_seed(runs[methods[0]], metric)
+    lines = []
+    for method in methods[1:]:
+        other = final_by_seed(runs[method], metric)
+        if len(set(ref) & set(other)) < 2:
+            continue
+        d = paired_difference(other, ref)
+        per_seed = ", ".join(f"{k * x:+.2f}" for x in d.diffs)
+        decided = "yes" if d.lo > 0 or d.hi < 0 else "no"
+        lines.append(
+            f"| {method} | {len(d.seeds)} | {per_seed} | {k * d.mean:+.2f} ± {k * d.se:.2f} | "
+            f"{k * d.lo:+.2f} to {k * d.hi:+.2f} | {decided} |"
+        )
+    if not lines:
+        return ""
+    head = [
+        f"Paired by seed against **{methods[0]}** (final {metric}; same seed = same partition, batches and "
+        "test set): difference per seed, mean ± standard error, 95% t-interval, and whether it excludes 0.",
+        "",
+        "| method | seeds | per seed | mean ± SE | 95% interval | excludes 0 |",
+        "|---|---:|---|---:|---|---|",
+    ]
+    return "\n".join(head + lines)
+
+
 def rows_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     if rows:
@@ -257,6 +301,9 @@ def write_comparison(runs: dict[str, list[Path]], out: Path, metric: str, target
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs, metric, target)
     table = format_comparison(rows, metric, target)
+    paired = format_paired(runs, metric)
+    if paired:
+        table = f"{table}\n\n{paired}"
     (out / "comparison.md").write_text(table + "\n\n![curves](comparison.png)\n")
     (out / "comparison.csv").write_text(rows_csv(rows))
     plot_comparison(runs, out / "comparison.png", metric)

@@ -230,3 +230,22 @@ def test_compare_command_overrides_every_cell_and_shows_each_cells_rounds(tmp_pa
             json.loads(x) for x in (tmp_path / "quick" / cell / "metrics.jsonl").read_text().splitlines()
         ]
         assert max(r["round"] for r in evals) == 1  # rounds=1 reached every cell
+
+
+def test_paired_table_pairs_runs_by_seed(tmp_path):
+    # Two methods, three seeds each, listed in different orders: differences are taken seed by seed.
+    finals = {"ref": {0: 0.70, 1: 0.60, 2: 0.65}, "new": {2: 0.70, 0: 0.74, 1: 0.63}}
+    runs = {}
+    for method, by_seed in finals.items():
+        runs[method] = []
+        for seed, acc in by_seed.items():
+            folder = _fake_run(tmp_path / f"{method}{seed}", [0.5, acc], 1_000_000, 1.0)
+            (folder / "config.yaml").write_text(f"seed: {seed}\n")
+            runs[method].append(folder)
+    table = write_comparison(runs, tmp_path / "out", "acc_avg_factors", None)
+    assert "Paired by seed against **ref**" in table
+    # per seed 0, 1, 2: +4, +3, +5 points; mean 4, SE 1/sqrt(3); interval 4 -/+ 4.30 * 0.577
+    assert "| new | 3 | +4.00, +3.00, +5.00 | +4.00 ± 0.58 | +1.52 to +6.48 | yes |" in table
+    assert "Paired by seed" not in write_comparison(
+        {"ref": runs["ref"]}, tmp_path / "o2", "acc_avg_factors", None
+    )

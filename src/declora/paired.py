@@ -1,0 +1,87 @@
+"""Paired comparisons over seeds: the difference of two methods, its standard error and a verdict.
+
+Two methods run with the same seed share the partition, the batch order and the evaluation set, so most of
+the run-to-run noise is common to both; the difference *per seed* removes it. For seeds s = 1..n:
+
+    d_s = m_A(s) - m_B(s),   mean d̄,   SE = sd(d) / sqrt(n),   95% interval d̄ ± t_{0.975, n-1} · SE
+
+(Student's t, because n is a handful of seeds: with 3 seeds t = 4.30, not 2.) A verdict is given only
+where the interval excludes the other answer:
+
+- ``greater`` (A beats B): holds if the interval lies above 0, does not hold if it lies below 0.
+- ``less`` (A costs against B): the mirror image.
+- ``equivalent`` within ±margin: holds if the interval lies inside [-margin, margin], does not hold if it
+  lies wholly outside it; otherwise undecided.
+
+Everything else is "undecided", with the number of seeds that would shrink the interval enough when the
+per-seed spread stays as measured (``seeds_to_decide``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+KINDS = ("greater", "less", "equivalent")
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    diffs: tuple[float, ...]  # d_s, in the order of ``seeds``
+    seeds: tuple[int, ...]
+    mean: float
+    se: float  # NaN with fewer than 2 seeds
+    lo: float  # the 95% t-interval of the mean difference
+    hi: float
+
+
+def t_quantile(n: int) -> float:
+    """t_{0.975, n-1}: the half-width of a 95% interval in standard errors."""
+    return float(stats.t.ppf(0.975, n - 1)) if n >= 2 else math.inf
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
+    """A - B over the seeds both have (keys: seed, values: the metric)."""
+    seeds = tuple(sorted(set(a) & set(b)))
+    d = np.asarray([a[s] - b[s] for s in seeds], dtype=float)
+    if not len(d):
+        raise ValueError(f"no common seed: {sorted(a)} against {sorted(b)}")
+    mean = float(d.mean())
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    half = t_quantile(len(d)) * se if len(d) > 1 else math.nan
+    return PairedDiff(tuple(d.tolist()), seeds, mean, se, mean - half, mean + half)
+
+
+def verdict(diff: PairedDiff, kind: str, margin: float = 0.0) -> str:
+    """ "holds", "does not hold" or "undecided" (see the module docstring)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r} is not one of {list(KINDS)}")
+    lo, hi = diff.lo, diff.hi
+    if math.isnan(lo):
+        return "undecided"
+    if kind == "greater":
+        return "holds" if lo > 0 else "does not hold" if hi < 0 else "undecided"
+    if kind == "less":
+        return "holds" if hi < 0 else "does not hold" if lo > 0 else "undecided"
+    if -margin <= lo and hi <= margin:
+        return "holds"
+    return "does not hold" if lo > margin or hi < -margin else "undecided"
+
+
+def seeds_to_decide(diff: PairedDiff, kind: str, margin: float = 0.0, most: int = 1000) -> int | None:
+    """The fewest seeds whose interval (same mean, same per-seed spread) would decide; None if none up to
+    ``most`` would (a mean on the boundary, or no spread measured)."""
+    if len(diff.diffs) < 2:
+        return None
+    sd = diff.se * math.sqrt(len(diff.diffs))
+    for n in range(len(diff.diffs), most + 1):
+        half = t_quantile(n) * sd / math.sqrt(n)
+        trial = PairedDiff(
+            diff.diffs, diff.seeds, diff.mean, sd / math.sqrt(n), diff.mean - half, diff.mean + half
+        )
+        if verdict(trial, kind, margin) != "undecided":
+            return n
+    return None

@@ -1,0 +1,75 @@
+"""Paired comparisons over seeds (declora.paired): numbers against scipy and a hand computation, verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats
+
+from declora.paired import PairedDiff, paired_difference, seeds_to_decide, verdict
+
+
+def test_paired_difference_equals_hand_computation_and_scipy():
+    a = {0: 0.80, 1: 0.78, 2: 0.83, 7: 0.5}  # seed 7 has no partner: left out
+    b = {0: 0.76, 1: 0.77, 2: 0.78}
+    d = paired_difference(a, b)
+    assert d.seeds == (0, 1, 2)
+    assert d.diffs == pytest.approx((0.04, 0.01, 0.05))
+    assert d.mean == pytest.approx(0.10 / 3)
+    sd = math.sqrt(((0.04 - 0.1 / 3) ** 2 + (0.01 - 0.1 / 3) ** 2 + (0.05 - 0.1 / 3) ** 2) / 2)
+    assert d.se == pytest.approx(sd / math.sqrt(3))
+    # the t statistic and the interval of scipy's paired t-test
+    t = stats.ttest_rel([0.80, 0.78, 0.83], [0.76, 0.77, 0.78])
+    assert d.mean / d.se == pytest.approx(t.statistic)
+    ci = t.confidence_interval(0.95)
+    assert (d.lo, d.hi) == pytest.approx((ci.low, ci.high))
+    assert d.hi - d.mean == pytest.approx(4.302653 * d.se, rel=1e-6)  # t_{0.975, 2}, not 2
+
+
+def test_no_common_seed_is_an_error_and_one_seed_is_undecided():
+    with pytest.raises(ValueError, match="no common seed"):
+        paired_difference({0: 1.0}, {1: 1.0})
+    one = paired_difference({0: 0.9}, {0: 0.1})
+    assert math.isnan(one.se) and verdict(one, "greater") == "undecided"
+
+
+def _diff(lo: float, hi: float) -> PairedDiff:
+    return PairedDiff((0.0, 0.0), (0, 1), (lo + hi) / 2, 1.0, lo, hi)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "kind", "margin", "expected"),
+    [
+        (0.5, 2.0, "greater", 0, "holds"),
+        (-2.0, -0.5, "greater", 0, "does not hold"),
+        (-0.5, 2.0, "greater", 0, "undecided"),
+        (-2.0, -0.5, "less", 0, "holds"),
+        (0.5, 2.0, "less", 0, "does not hold"),
+        (-0.8, 0.9, "equivalent", 1.0, "holds"),
+        (1.2, 3.0, "equivalent", 1.0, "does not hold"),
+        (-3.0, -1.1, "equivalent", 1.0, "does not hold"),
+        (-1.5, 0.5, "equivalent", 1.0, "undecided"),
+    ],
+)
+def test_verdict_only_where_the_interval_excludes_the_other_answer(lo, hi, kind, margin, expected):
+    assert verdict(_diff(lo, hi), kind, margin) == expected
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind='bigger' is not one of"):
+        verdict(_diff(0, 1), "bigger")
+
+
+def test_seeds_to_decide_shrinks_the_interval_at_the_measured_spread():
+    d = paired_difference({0: 2.0, 1: 3.0, 2: 2.5}, {0: 0.0, 1: 0.0, 2: 0.0})  # mean 2.5, sd 0.5
+    assert verdict(d, "greater") == "holds"
+    assert seeds_to_decide(d, "greater") == 3  # already decided
+    close = paired_difference({0: 0.5, 1: -0.3, 2: 0.7}, {0: 0.0, 1: 0.0, 2: 0.0})  # mean 0.3, sd 0.53
+    n = seeds_to_decide(close, "greater")
+    sd = close.se * math.sqrt(3)
+    assert n is not None and n > 3
+    assert 0.3 - stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) > 0  # n seeds decide ...
+    assert 0.3 - stats.t.ppf(0.975, n - 2) * sd / math.sqrt(n - 1) <= 0  # ... and n - 1 do not
+    flat = paired_difference({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0})  # mean 0, no spread: never decided
+    assert seeds_to_decide(flat, "greater") is None

@@ -249,3 +249,23 @@ def test_paired_table_pairs_runs_by_seed(tmp_path):
     assert "Paired by seed" not in write_comparison(
         {"ref": runs["ref"]}, tmp_path / "o2", "acc_avg_factors", None
     )
+
+
+def test_every_fidelity_contrast_names_cells_of_its_grids(monkeypatch):
+    # A misspelt method in benchmarks/fidelity.py would silently drop a claim's verdict from the page.
+    import importlib.util
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks/fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    methods = {
+        f.stem.split("_")[0]: set(group_cells(expand(load_grid(f))))
+        for f in ROOT.glob("configs/fidelity/C*.yaml")
+    }
+    assert set(fidelity.CONTRASTS) <= set(methods)
+    for claim, contrasts in fidelity.CONTRASTS.items():
+        for _, a, b, *_ in contrasts:
+            for spec_ in (a, b):
+                grid, _, method = spec_.rpartition(":")
+                assert method in methods[grid or claim], (claim, spec_)

@@ -216,7 +216,6 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     if stragglers is not None and cfg.stragglers.asynchronous:
         exchange = AsyncExchange(exchange, stragglers, dict(fed.tensors()))
     if needs_guard(cfg):
-        _check_guard_processes(cfg, group)
         exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)
     return Experiment(
         cfg=cfg,
@@ -241,15 +240,3 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         lr_schedule=RoundSchedule(cfg.train.schedule, cfg.train.warmup_rounds, cfg.rounds, fed.n),
         stragglers=stragglers,
     )
-
-
-def _check_guard_processes(cfg: Config, group: Solo) -> None:
-    if (
-        group.world > 1
-        and cfg.robust.aggregator != "mean"
-        and cfg.algorithm.name in ("fedavg", "ffa_lora", "rolora", "fedprox", "scaffold", "fedsa_lora")
-    ):
-        raise ConfigError(
-            f"robust.aggregator={cfg.robust.aggregator} at a server needs every upload in one process; "
-            "run server algorithms with a robust rule without torchrun (gossip rules work under torchrun)"
-        )

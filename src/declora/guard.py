@@ -26,7 +26,8 @@ from declora.robust import robust_gossip, server_aggregate
 
 # Which exchange each algorithm's messages go through: robust rules need a plain gossip or server mean.
 GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
-SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora")
+# (scaffold: both its uploads, the factors and the control-variate changes, go through the server rule)
+SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora", "fedprox", "fedsa_lora", "fed_sb", "scaffold")
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
 # upload_masked (and SCAFFOLD's second upload, its control variates): no node-level DP or message attacks yet
 MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "scaffold", "fedex_lora", "flora")

@@ -14,10 +14,11 @@ Every rule is computed as the plain mean plus a correction that is exactly zero 
 or clipped: without attackers, trimmed_mean with trim 0 and clipped with a large tau give the plain mean
 bit for bit.
 
-Server algorithms (fedavg, ffa_lora, rolora) aggregate the uploads of the senders S with the same rules
-(trimmed_mean, median over S; clipped around the uploads' coordinate median, a robust centre, since the
-server keeps no model of its own between rounds) or with Krum (Blanchard et al., NeurIPS 2017): the upload
-whose summed squared distance to its |S| - f - 2 nearest other uploads is smallest.
+Server algorithms (fedavg, ffa_lora, rolora, fedprox, fedsa_lora, fed_sb, scaffold) aggregate the uploads
+of the senders S with the same rules (trimmed_mean, median over S; clipped around the uploads' coordinate
+median, a robust centre, since the server keeps no model of its own between rounds) or with Krum
+(Blanchard et al., NeurIPS 2017): the upload whose summed squared distance to its |S| - f - 2 nearest
+other uploads is smallest.
 """
 
 from __future__ import annotations

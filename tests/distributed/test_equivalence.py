@@ -52,6 +52,17 @@ CASES = {
         "dec_lora",
         [*DP_SGD, "attack.kind=sign_flip", "attack.nodes=[3]", "robust.aggregator=median"],
     ),
+    # robust server rules: every rank gathers every upload (all_gather of the encoded node rows)
+    "fedavg_trimmed": (
+        "fedavg",
+        [*PRIVATE_NODES, "attack.kind=gaussian", "attack.nodes=[1]", "robust.aggregator=trimmed_mean"]
+        + ["robust.trim=0.25"],
+    ),
+    "fedprox_clipped": (
+        "fedprox",
+        ["algorithm.mu=0.5", "server.fraction=0.6", "attack.kind=sign_flip", "attack.nodes=[0]", *CLIPPED],
+    ),
+    "fedsa_krum": ("fedsa_lora", ["attack.kind=scaled", "attack.nodes=[4]", "robust.aggregator=krum"]),
     # control variates on the node axis, a per-node lr schedule (K lr_i in the variates), FedProx's pull
     "scaffold_cosine": ("scaffold", ["server.fraction=0.6", "train.schedule=cosine"]),
     "fedprox": ("fedprox", ["algorithm.mu=0.5"]),
@@ -75,6 +86,7 @@ CASES = {
     ),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
+SERVER |= {"fedavg_trimmed", "fedprox_clipped", "fedsa_krum"}
 SERVER |= {
     "fslora_sampled",
     "hetlora_size",
@@ -100,6 +112,9 @@ SLICES = {
         "fedadam_sampled": (2, 3),
         "dec_lora_guarded": (3, 2),
         "dec_lora_dp_sgd": (2, 3),
+        "fedavg_trimmed": (3, 2),
+        "fedprox_clipped": (1, 4),
+        "fedsa_krum": (2, 3),
         "scaffold_cosine": (3, 2),
         "fedprox": (1, 4),
         "fslora_sampled": (3, 2),
@@ -144,7 +159,7 @@ def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
         if (sim_dir / "adapters").exists():  # export=none (fedex_lora): the metrics say it all
             assert_same_adapters(sim_dir, out / label, atol=ADAPTER_ATOL.get(label, 1e-6))
         wire = [r["bytes_cross_process"] for r in records(out / label)]
-        if label in SERVER:  # the all_reduce moves one adapter-sized buffer per rank each way
+        if label in SERVER:  # the all_reduce (all_gather for a robust rule): the same buffers every round
             assert len(set(wire)) == 1 and wire[0] > 0, wire
             continue
         expected = [cut_bytes(e, list(counts)) for e in edges]  # (per edge across the cut, on the wire)

@@ -5,6 +5,8 @@ Each rank holds the rows of its own nodes (``group.nodes``, global ids) and the 
 per receiving rank, with ``batch_isend_irecv``), and a rank receives only what its nodes need; there is
 no server. ``server_mean`` is a collective: each rank sums its senders' weighted decoded messages and one
 ``all_reduce`` gives every rank the mean (no rank aggregates for the others).
+A robust server rule (``server_reduce``) needs every upload: one ``all_gather`` of the encoded node rows
+gives every rank the simulator's whole table, and every rank applies the rule itself.
 
 What crosses a process boundary is the codec's payload of adapter tensors (values, and a codec's
 indices and scales), never data or base weights. The ledger books, per rank, its own senders' per-edge
@@ -245,10 +247,26 @@ class DistExchange(LocalExchange):
         return self.codec.decode(enc), enc.nbytes_per_node()
 
     def server_reduce(self, tensors, weights, round, reduce):  # type: ignore[no-untyped-def]
-        raise NotImplementedError(
-            "a robust server rule (robust.aggregator other than mean) needs every upload in one process; "
-            "run it without torchrun"
-        )
+        """As server_mean, for a rule that needs every upload (declora.robust): each rank's encoded
+        uploads are gathered node by node (one all_gather of byte rows), so every rank decodes the whole
+        (n, ...) table, exactly the simulator's, and applies ``reduce(decoded, weights)`` itself."""
+        encs = {name: self._encode_rows(name, x, round) for name, x in tensors.items()}
+        mine = _byte_rows(encs)  # (n_local, bytes of one node's uploads)
+        every = self.group.gather_nodes(mine)  # (n, ...) in node order
+        if self.group.world > 1:  # all_gather: this rank's (padded) rows go to every other rank
+            width = max(self.group.layout.counts)
+            self.ledger.add_cross((self.group.world - 1) * width * mine.shape[1])
+        parts = _from_byte_rows(encs, every)
+        uploads = torch.zeros(self.n, dtype=torch.bool)
+        uploads[self.nodes] = weights > 0
+        decoded = {}
+        for name, x in tensors.items():
+            decoded[name] = self.codec.decode(Encoded(parts[name], (self.n, *x.shape[1:]))).to(
+                x.device, x.dtype
+            )
+            self.ledger.add_edges(torch.diag(uploads), encs[name].nbytes_per_node())
+            self.ledger.add_server(int((weights > 0).sum()), x[0].numel() * x.element_size())
+        return reduce(decoded, self.group.gather_nodes(weights))
 
     def upload_masked(
         self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
@@ -300,5 +318,28 @@ def _unpack(encs: dict[str, Encoded], buf: Tensor, rows: int) -> dict[str, dict[
             size = rows * part[0].numel() * part.element_size()
             piece = buf[at : at + size].clone()  # a fresh buffer: aligned for any dtype
             out[name][key] = piece.view(part.dtype).reshape(rows, *part.shape[1:])
+            at += size
+    return out
+
+
+def _byte_rows(encs: dict[str, Encoded]) -> Tensor:
+    """Every node's encoded message (every tensor and codec part) as one uint8 row: (n_local, bytes)."""
+    m = next(iter(encs.values())).shape[0]
+    cols = [
+        p.reshape(m, -1).contiguous().view(torch.uint8) for enc in encs.values() for p in enc.parts.values()
+    ]
+    return torch.cat(cols, 1) if cols else torch.zeros(m, 0, dtype=torch.uint8)
+
+
+def _from_byte_rows(encs: dict[str, Encoded], rows: Tensor) -> dict[str, dict[str, Tensor]]:
+    """Inverse of :func:`_byte_rows` for ``rows`` (k, bytes) of any k nodes, with this rank's layout."""
+    out: dict[str, dict[str, Tensor]] = {}
+    at = 0
+    for name, enc in encs.items():
+        out[name] = {}
+        for key, part in enc.parts.items():
+            size = part[0].numel() * part.element_size()
+            piece = rows[:, at : at + size].contiguous()
+            out[name][key] = piece.view(part.dtype).reshape(rows.shape[0], *part.shape[1:])
             at += size
     return out

@@ -29,8 +29,8 @@ GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl
 # (scaffold: both its uploads, the factors and the control-variate changes, go through the server rule)
 SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora", "fedprox", "fedsa_lora", "fed_sb", "scaffold")
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
-# upload_masked (and SCAFFOLD's second upload, its control variates): no node-level DP or message attacks yet
-MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "scaffold", "fedex_lora", "flora")
+# Algorithms whose nodes upload only some components (upload_masked): DP and attacks act on those only
+MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "fedex_lora", "flora")
 
 
 class GuardedExchange:
@@ -58,18 +58,40 @@ class GuardedExchange:
     def codec(self):
         return self.inner.codec
 
-    def _outgoing(self, tensors: dict[str, Tensor], senders: Tensor, round: int) -> dict[str, Tensor]:
-        """What the local nodes send; ``senders`` (m,) bool: whose message reaches anyone this time."""
+    def _outgoing(
+        self,
+        tensors: dict[str, Tensor],
+        senders: Tensor,
+        round: int,
+        start: dict[str, Tensor] | None = None,
+        masks: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """What the local nodes send; ``senders`` (m,) bool: whose message reaches anyone this time.
+        Node-level DP clips the change against ``start`` when given (a masked upload; ``masks``: the
+        entries sent), else against the node's previous message of the tensor (zero for a tensor without
+        a public initial value: SCAFFOLD's control-variate changes)."""
         msgs = dict(tensors)
         if self.account is not None and senders.any():
             p = self.cfg.privacy
-            prev = {k: self.prev[k] for k in msgs}
+            ref = (
+                start
+                if start is not None
+                else {k: self.prev.get(k, torch.zeros_like(v)) for k, v in msgs.items()}
+            )
             msgs = privatize(
-                msgs, prev, p.clip, noise_std(self.account.sigma, p.clip), self.nodes, self.cfg.seed, round
+                msgs,
+                ref,
+                p.clip,
+                noise_std(self.account.sigma, p.clip),
+                self.nodes,
+                self.cfg.seed,
+                round,
+                masks,
             )
             for k, v in msgs.items():  # a node that sent nothing keeps its previous message
-                rows = senders.to(v.device).view(-1, *[1] * (v.dim() - 1))
-                self.prev[k] = torch.where(rows, v, self.prev[k])
+                if start is None and k in self.prev:
+                    rows = senders.to(v.device).view(-1, *[1] * (v.dim() - 1))
+                    self.prev[k] = torch.where(rows, v, self.prev[k])
             self.account.spend(senders)
         if self.cfg.attack.kind in MESSAGE_ATTACKS:
             a, seed = self.cfg.attack, self.cfg.seed
@@ -102,10 +124,15 @@ class GuardedExchange:
 
         return self.inner.server_reduce(msgs, weights, round, reduce)
 
-    def upload_masked(self, tensors, keep, senders, round, indices):  # type: ignore[no-untyped-def]
-        if self.account is not None or self.cfg.attack.kind in MESSAGE_ATTACKS:  # the config refuses it first
-            raise NotImplementedError("masked uploads are neither privatized nor attacked yet")
-        return self.inner.upload_masked(tensors, keep, senders, round, indices)
+    def upload_masked(self, tensors, keep, senders, round, indices, start=None):  # type: ignore[no-untyped-def]
+        """Each sender privatizes and corrupts only what it uploads (its ``keep`` slices), its change
+        against ``start`` (its public value at the start of the round; None: zero, the upload is a change)."""
+        x = {k: v for k, (v, _) in tensors.items()}
+        masks = {k: slice_mask(keep, v, dim) for k, (v, dim) in tensors.items()}
+        ref = start if start is not None else {k: torch.zeros_like(v) for k, v in x.items()}
+        msgs = self._outgoing(x, senders, round, ref, masks)
+        sent = {k: (msgs[k], dim) for k, (_, dim) in tensors.items()}
+        return self.inner.upload_masked(sent, keep, senders, round, indices)
 
     def all_nodes(self, x: Tensor) -> Tensor:
         return self.inner.all_nodes(x)
@@ -120,6 +147,13 @@ class GuardedExchange:
         self.inner.load_state_dict({k: v for k, v in state.items() if not k.startswith(PREV)})
         for k in self.prev:
             self.prev[k].copy_(state[f"{PREV}{k}"])
+
+
+def slice_mask(keep: Tensor, x: Tensor, dim: int) -> Tensor:
+    """(m, ...) bool like x: True on the slices ``keep`` (m, r) of x along ``dim`` (the rank axis)."""
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = keep.shape[1]
+    return keep.to(x.device).view(shape).expand_as(x)
 
 
 def build_account(cfg: Config, sizes: list[int], nodes: Tensor) -> PrivacyAccount | None:
@@ -179,11 +213,6 @@ def _validate_privacy(cfg: Config) -> None:
         )
     if not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1)")
-    if p.level == "node" and cfg.algorithm.name in MASKED_UPLOADS:
-        raise ConfigError(
-            f"privacy.level=node is not supported for algorithm.name={cfg.algorithm.name} (masked uploads); "
-            f"use one of {sorted(GOSSIP_ALGORITHMS + SERVER_ALGORITHMS + ('decaf',))}"
-        )
     try:
         import opacus.accountants  # noqa: F401
     except ImportError as err:
@@ -236,7 +265,5 @@ def _validate_attack(cfg: Config) -> None:
         raise ConfigError(f"attack.nodes={a.nodes} as a fraction must be in (0, 1)")
     if isinstance(a.nodes, tuple) and not all(0 <= i < cfg.nodes for i in a.nodes):
         raise ConfigError(f"attack.nodes={list(a.nodes)}: every id must be in [0, nodes={cfg.nodes})")
-    if a.kind in MESSAGE_ATTACKS and cfg.algorithm.name in MASKED_UPLOADS:
-        raise ConfigError(f"attack.kind={a.kind} is not supported for algorithm.name={cfg.algorithm.name}")
     if a.kind in DATA_ATTACKS and cfg.task.kind == "causal_lm":
         raise ConfigError("attack.kind=label_flip needs labels; task.kind=causal_lm has none")

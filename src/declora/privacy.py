@@ -91,10 +91,14 @@ def resolve_sigma(cfg: PrivacyConfig, plans: list[tuple[float, int]]) -> float:
 # ---------------------------------------------------------------- node level: messages
 
 
-def clip_change(x: dict[str, Tensor], prev: dict[str, Tensor], clip: float) -> dict[str, Tensor]:
+def clip_change(
+    x: dict[str, Tensor], prev: dict[str, Tensor], clip: float, masks: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """m_prev + clip(x - m_prev, C) per row (node), the norm over all the tensors together; written as
-    x + (c - 1)(x - m_prev) so that an unclipped row is x exactly. x, prev: name -> (m, ...)."""
-    diffs = {k: v - prev[k] for k, v in x.items()}
+    x + (c - 1)(x - m_prev) so that an unclipped row is x exactly. x, prev: name -> (m, ...); masks:
+    name -> (m, ...) bool, the entries each node sends (a masked upload): the change, its norm and so its
+    clipping are over those entries only, and every other entry stays x."""
+    diffs = {k: v - prev[k] if masks is None else (v - prev[k]) * masks[k] for k, v in x.items()}
     sq = sum(d.double().reshape(d.shape[0], -1).square().sum(1) for d in diffs.values())  # (m,)
     coef = (clip / torch.as_tensor(sq).sqrt()).clamp(max=1.0)  # (m,)
     return {k: v + (coef.to(v.dtype) - 1).view(-1, *[1] * (v.dim() - 1)) * diffs[k] for k, v in x.items()}
@@ -118,16 +122,18 @@ def privatize(
     nodes: Tensor,
     seed: int,
     round: int,
+    masks: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """What the nodes ``nodes`` (m,) send: their clipped change plus noise of std ``std`` (= sigma C)."""
-    out = clip_change(x, prev, clip)
+    """What the nodes ``nodes`` (m,) send: their clipped change plus noise of std ``std`` (= sigma C);
+    with ``masks`` (see clip_change) only on the entries each node sends."""
+    out = clip_change(x, prev, clip, masks)
     if std == 0:
         return out
     for name, v in out.items():
         noise = torch.stack(
             [gaussian_noise(v.shape[1:], std, "privacy", round, name, int(i), seed=seed) for i in nodes]
-        )
-        out[name] = v + noise.to(v.device, v.dtype)
+        ).to(v.device, v.dtype)
+        out[name] = v + (noise if masks is None else noise * masks[name])
     return out
 
 

@@ -75,6 +75,16 @@ CASES = {
     "fedsa_lora": ("fedsa_lora", ["server.optimizer=avgm"]),
     "fedex_lora": ("fedex_lora", ["export=none", "server.weighting=size"]),  # folds into every rank's base
     "flora": ("flora", ["export=none", "algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
+    # private and Byzantine uploads of only some components (noise and attacks on what is sent), and
+    # SCAFFOLD's two uploads (factors, control-variate changes) under DP, a sign flipper and Krum
+    "fslora_guarded": (
+        "fslora",
+        ["server.optimizer=sgd", "server.lr=0.5", *PRIVATE_NODES, "attack.kind=gaussian", "attack.nodes=[2]"],
+    ),
+    "scaffold_guarded": (
+        "scaffold",
+        [*PRIVATE_NODES, "attack.kind=sign_flip", "attack.nodes=[1]", "robust.aggregator=krum"],
+    ),
     "dec_prox": ("dec_prox", ["algorithm.mu=0.5"]),  # gossip with FedProx's pull
     # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped
     "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
@@ -86,7 +96,7 @@ CASES = {
     ),
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
-SERVER |= {"fedavg_trimmed", "fedprox_clipped", "fedsa_krum"}
+SERVER |= {"fedavg_trimmed", "fedprox_clipped", "fedsa_krum", "fslora_guarded", "scaffold_guarded"}
 SERVER |= {
     "fslora_sampled",
     "hetlora_size",
@@ -123,6 +133,8 @@ SLICES = {
         "fedsa_lora": (3, 2),
         "fedex_lora": (2, 3),
         "flora": (3, 2),
+        "fslora_guarded": (2, 3),
+        "scaffold_guarded": (3, 2),
         "dec_prox": (2, 3),
         "fed_sb": (3, 2),
         "dec_sb": (1, 4),

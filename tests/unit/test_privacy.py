@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from declora.attack import attacker_mask, corrupt, flip_labels
+from declora.comm.exchange import LocalExchange
 from declora.config import AttackConfig, ConfigError, PrivacyConfig, load_config
 from declora.dist import Solo
+from declora.guard import GuardedExchange, slice_mask
 from declora.privacy import PrivacyAccount, clip_change, epsilon, privatize, resolve_sigma
 
 pytestmark = pytest.mark.unit
@@ -55,6 +57,36 @@ def test_clip_change_bounds_the_change_over_all_tensors_and_leaves_small_changes
     assert all(torch.equal(same[k], x[k]) for k in x)
 
 
+def test_a_masked_upload_is_clipped_and_noised_on_the_entries_it_sends_only():
+    """FSLoRA-style: node i sends only the rank components keep[i] of A (n, r, d_in); the server sees a
+    change of norm at most C over those entries, noise only there, and zeros elsewhere."""
+    g = torch.Generator().manual_seed(1)
+    A = 3 * torch.randn(3, 4, 5, generator=g)
+    keep = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    mask = slice_mask(keep, A, 1)
+    assert mask.shape == A.shape and torch.equal(mask[:, :, 0], keep)
+    clipped = clip_change({"a": A}, {"a": torch.zeros_like(A)}, 1.0, {"a": mask})["a"]
+    assert torch.equal(clipped[~mask], A[~mask])  # entries not sent are left alone
+    norms = (clipped * mask).reshape(3, -1).norm(dim=1)
+    assert torch.allclose(norms, torch.ones(3), atol=1e-5)  # each node's sent change, over its entries
+    noised = privatize({"a": A}, {"a": torch.zeros_like(A)}, 1.0, 0.5, torch.arange(3), 0, 2, {"a": mask})
+    noise = noised["a"] - clipped
+    assert torch.equal(noise[~mask], torch.zeros_like(noise[~mask])) and bool((noise[mask] != 0).all())
+    cfg = load_config(None, ["privacy.level=node", "privacy.noise_multiplier=0", "privacy.clip=1.0"])
+    account = PrivacyAccount(cfg.privacy, 0.0, torch.ones(3, dtype=torch.float64))
+    guarded = GuardedExchange(LocalExchange(3), cfg, torch.arange(3), {"a": A}, account)
+    senders = torch.tensor([True, False, True])
+    table = guarded.upload_masked({"a": (A, 1)}, keep, senders, 0, True)["a"]  # a change: against zero
+    assert torch.equal(table[1], torch.zeros_like(A[1])) and torch.equal(
+        table[~mask], torch.zeros(int((~mask).sum()))
+    )
+    assert torch.allclose(table[[0, 2]].reshape(2, -1).norm(dim=1), torch.ones(2), atol=1e-5)
+    assert account.steps.tolist() == [1, 0, 1]
+    start = {"a": A - 0.01}  # a small change against the round's start: sent as it is
+    again = guarded.upload_masked({"a": (A, 1)}, keep, senders, 1, True, start)["a"]
+    assert torch.equal(again[mask & senders[:, None, None]], A[mask & senders[:, None, None]])
+
+
 def test_noise_is_drawn_per_global_node_so_a_slice_draws_what_the_whole_draws():
     x = {"a": torch.zeros(4, 3)}
     whole = privatize(x, x, 1.0, 0.5, torch.arange(4), seed=3, round=2)["a"]
@@ -89,7 +121,6 @@ def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
     [
         (["privacy.level=node"], "exactly one of privacy.noise_multiplier"),
         (["privacy.level=node", "privacy.noise_multiplier=1", "privacy.delta=2"], "privacy.delta=2.0"),
-        (["privacy.level=node", "privacy.noise_multiplier=1", "algorithm.name=fslora"], "fslora"),
         (["robust.aggregator=krum"], "robust.aggregator=krum runs at a server"),
         (["robust.aggregator=median", "algorithm.name=decaf"], "algorithm.name=decaf"),
         (["robust.aggregator=foo"], "robust.aggregator='foo' is not allowed"),

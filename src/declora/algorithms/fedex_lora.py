@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.ranks import average_head, factor_messages
+from declora.algorithms.ranks import average_head, factor_messages, round_start
 from declora.algorithms.server import active_nodes, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
@@ -71,6 +71,7 @@ class FedExLoRA:
     single_node: bool = False
     cfg: Config | None = None
     schedule: Schedule | None = None
+    start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
         self.cfg = self.cfg or Config()
@@ -78,6 +79,7 @@ class FedExLoRA:
         self.folds = BaseFolds(self.fed)
 
     def plan(self, t: int) -> RoundPlan:
+        self.start = round_start(self.fed, self.cfg)
         return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
 
     def communicate(self, ctx: RoundContext) -> None:
@@ -87,7 +89,9 @@ class FedExLoRA:
             return
         senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = torch.ones(fed.n, fed.cfg.rank, dtype=torch.bool)
-        table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)  # (n, ...)
+        table = ctx.exchange.upload_masked(
+            factor_messages(fed), keep, senders, ctx.round, False, self.start
+        )  # (n, ...)
         for name, layer in fed.lora.items():
             A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p)
             self.folds.add(name, fed.scale * R)

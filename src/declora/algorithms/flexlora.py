@@ -43,6 +43,7 @@ from declora.algorithms.ranks import (
     first_components,
     install_gate,
     node_ranks,
+    round_start,
 )
 from declora.algorithms.server import participants, upload_shares, weighting
 from declora.config import Config
@@ -73,6 +74,7 @@ class FlexLoRA:
     single_node: bool = False
     cfg: Config | None = None
     schedule: Schedule | None = None
+    start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
         cfg = self.run_cfg = self.cfg or Config()
@@ -112,6 +114,7 @@ class FlexLoRA:
         self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})
 
     def plan(self, t: int) -> RoundPlan:
+        self.start = round_start(self.fed, self.run_cfg)
         active = participants(self.run_cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
@@ -122,7 +125,9 @@ class FlexLoRA:
             return
         senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = active_components(fed, self.gate)
-        received = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
+        received = ctx.exchange.upload_masked(
+            factor_messages(fed), keep, senders, ctx.round, False, self.start
+        )
         for name, layer in fed.lora.items():
             a, b = f"{name}.lora_A", f"{name}.lora_B"
             if self.opt.rule == "average":

@@ -33,6 +33,7 @@ from declora.algorithms.ranks import (
     first_components,
     install_gate,
     node_ranks,
+    round_start,
 )
 from declora.algorithms.server import active_nodes, upload_shares, weighting
 from declora.config import Config
@@ -62,6 +63,7 @@ class FLoRA:
     single_node: bool = False
     cfg: Config | None = None
     schedule: Schedule | None = None
+    start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
         self.cfg = self.cfg or Config()
@@ -72,6 +74,7 @@ class FLoRA:
         self.folds = BaseFolds(self.fed)
 
     def plan(self, t: int) -> RoundPlan:
+        self.start = round_start(self.fed, self.cfg)
         return RoundPlan(train=trained_kinds(self.fed), active=active_nodes(self.cfg, t))
 
     def communicate(self, ctx: RoundContext) -> None:
@@ -81,7 +84,7 @@ class FLoRA:
             return
         senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = active_components(fed, self.gate)
-        table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False)
+        table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False, self.start)
         stacked_rank = sum(k for k, w in zip(self.ranks, p.tolist(), strict=True) if w > 0)
         for name, layer in fed.lora.items():
             A_s, B_s = stack_adapters(table[f"{name}.lora_A"], table[f"{name}.lora_B"], self.gate, p)

@@ -70,6 +70,14 @@ def factor_messages(fed: Federation, minus: dict[str, Tensor] | None = None) -> 
     return out
 
 
+def round_start(fed: Federation, cfg: Config) -> dict[str, Tensor] | None:
+    """Every node's A and B as the round starts (what it downloaded, public): node-level DP clips an
+    upload of factors against it (declora.guard). None without node-level DP: nothing else needs it."""
+    if cfg.privacy.level != "node":
+        return None
+    return {k: v.detach().clone() for k, v in fed.tensors(("A", "B")).items()}
+
+
 def average_head(ctx: RoundContext, kinds: tuple[str, ...], weights: Tensor) -> None:
     """FedAvg of a trained head: nodes with weight > 0 upload it, every node gets the weighted mean."""
     heads = ctx.fed.tensors(tuple(k for k in kinds if k == "head"))

@@ -27,6 +27,8 @@ from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.schedules import Schedule
 
+VARIATE = "control_variate/"  # the name prefix of the uploaded Delta c_i
+
 
 @dataclass
 class Scaffold:
@@ -69,10 +71,12 @@ class Scaffold:
             delta[k] = torch.where(rows, fresh - self.c_i[k], torch.zeros_like(fresh))
             self.c_i[k] = torch.where(rows, fresh, self.c_i[k])
         self.server.aggregate(ctx, trained_kinds(ctx.fed))
-        mean = ctx.exchange.server_mean(delta, senders.float(), ctx.round)  # (1/|S|) sum_S Delta c_i
-        book_downloads(ctx, ctx.online.cpu(), senders, delta)
-        for k, m in mean.items():
-            self.c[k] += (count / self.cfg.nodes) * m.unsqueeze(0)
+        # A message of its own (its own codec draws, DP noise and reference): named apart from the factors
+        sent = {VARIATE + k: d for k, d in delta.items()}
+        mean = ctx.exchange.server_mean(sent, senders.float(), ctx.round)  # (1/|S|) sum_S Delta c_i
+        book_downloads(ctx, ctx.online.cpu(), senders, sent)
+        for k in self.c:
+            self.c[k] += (count / self.cfg.nodes) * mean[VARIATE + k].unsqueeze(0)
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # after aggregation: what every participant holds

@@ -269,7 +269,13 @@ class DistExchange(LocalExchange):
         return reduce(decoded, self.group.gather_nodes(weights))
 
     def upload_masked(
-        self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
+        self,
+        tensors: dict[str, tuple[Tensor, int]],
+        keep: Tensor,
+        senders: Tensor,
+        round: int,
+        indices: bool,
+        start: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """This rank's senders upload as in the simulator (codec draws and bytes by global id); one
         all_reduce then gives every rank the server's whole table (n, ...) (the logical server is every

@@ -47,7 +47,13 @@ class Exchange(Protocol):
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
 
     def upload_masked(
-        self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
+        self,
+        tensors: dict[str, tuple[Tensor, int]],
+        keep: Tensor,
+        senders: Tensor,
+        round: int,
+        indices: bool,
+        start: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]: ...
 
     def all_nodes(self, x: Tensor) -> Tensor: ...
@@ -190,10 +196,18 @@ class LocalExchange:
         self.ledger.add_server(int(senders.sum()), x[0].numel() * x.element_size())
 
     def upload_masked(
-        self, tensors: dict[str, tuple[Tensor, int]], keep: Tensor, senders: Tensor, round: int, indices: bool
+        self,
+        tensors: dict[str, tuple[Tensor, int]],
+        keep: Tensor,
+        senders: Tensor,
+        round: int,
+        indices: bool,
+        start: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """What the server decodes when each node i in ``senders`` (n,) uploads only the slices ``keep[i]``
         ((n, r) bool) of every tensor ``x`` (n, ...) along its ``dim``: zero elsewhere and for other nodes.
+        ``start``: each sender's public value of the tensors at the start of the round (None: zero, the
+        upload is a change), the reference of node-level DP (declora.guard); a plain exchange ignores it.
 
         Bytes, per sender: its encoded sub-tensors, plus int32 slice indices once per call if ``indices``,
         on its diagonal (upload); and the server's download of the same slices (uncoded, as server_mean

@@ -10,6 +10,13 @@ each defined in its own module:
 Encoding, routing and byte counts stay the inner exchange's: a gossip becomes the inner ``share`` (the
 same messages, edges and bytes) followed by the robust rule. Without privacy, attack or a robust rule
 the wrapper is not installed at all.
+
+With CHOCO-gossip (a ``topk`` codec) a node's message is q_i = topk(X_i - X̂_i) against its public copy
+X̂_i, which every receiver holds: node-level DP clips and noises the dense change X_i - X̂_i before the
+top-k (what is released is then post-processing of a Gaussian mechanism, its support included), an
+attacker publishes a corrupted state (its copy X̂_a follows corrupt(X_a)), and the robust rule acts on
+the copies (robust.robust_choco). With asynchronous gossip (stragglers.AsyncExchange) only this round's
+publishers send, privatize and spend privacy, and the rule mixes the neighbours' last published copies.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from torch import Tensor
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
 from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
-from declora.robust import robust_gossip, server_aggregate
+from declora.robust import robust_choco, robust_gossip, server_aggregate
 
 # Which exchange each algorithm's messages go through: robust rules need a plain gossip or server mean.
 GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
@@ -49,6 +56,7 @@ class GuardedExchange:
         self.account = account if cfg.privacy.level == "node" else None
         # Node-level DP clips each message's change since the node's previous message of that tensor.
         self.prev = {k: v.detach().clone() for k, v in (initial or {}).items()}
+        self.public = getattr(inner, "copies", None)  # CHOCO's public copies X̂ (comm/choco.py), or None
 
     @property
     def ledger(self):
@@ -73,11 +81,7 @@ class GuardedExchange:
         msgs = dict(tensors)
         if self.account is not None and senders.any():
             p = self.cfg.privacy
-            ref = (
-                start
-                if start is not None
-                else {k: self.prev.get(k, torch.zeros_like(v)) for k, v in msgs.items()}
-            )
+            ref = start if start is not None else self._previous(msgs)
             msgs = privatize(
                 msgs,
                 ref,
@@ -98,16 +102,28 @@ class GuardedExchange:
             msgs = {k: corrupt(a, k, v, self.attackers, self.nodes, seed, round) for k, v in msgs.items()}
         return msgs
 
+    def _previous(self, msgs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the receivers already hold of each local node: its previous message, or under CHOCO its
+        public copy X̂_i (the codec then sends topk of the clipped, noised change against it)."""
+        if self.public is None:
+            return {k: self.prev.get(k, torch.zeros_like(v)) for k, v in msgs.items()}
+        return {k: self.public.table(k, v)[self.nodes].to(v.dtype) for k, v in msgs.items()}
+
     def _senders(self, W: Tensor) -> Tensor:
         reach = (W.T != 0) & ~torch.eye(W.shape[0], dtype=torch.bool)  # [i, j]: i's message reaches j
-        return reach[self.nodes].any(1)
+        sending = reach[self.nodes].any(1)
+        publishing = getattr(self.inner, "publishing", None)  # asynchronous: only this round's publishers
+        return sending if publishing is None else sending & publishing[self.nodes]
 
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
-        if not tensors or not self._senders(W).any():
-            return dict(tensors)
+        if not tensors or not (W * ~torch.eye(W.shape[0], dtype=torch.bool)).any():
+            return dict(tensors)  # nobody hears anyone (every process sees the same W)
         msgs = self._outgoing(tensors, self._senders(W), round)
-        table = self.inner.share(msgs, W, round)  # name -> (n, ...) decoded, bytes booked per edge
+        table = self.inner.share(msgs, W, round)  # name -> (n, ...) decoded (CHOCO: X̂), bytes per edge
         r = self.cfg.robust
+        if self.public is not None:
+            step = self.public.step
+            return robust_choco(r.aggregator, tensors, table, W, self.nodes, step, r.trim, r.clip_radius)
         return robust_gossip(r.aggregator, tensors, table, W, self.nodes, r.trim, r.clip_radius)
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
@@ -189,7 +205,6 @@ def validate_guard(cfg: Config) -> None:
     _validate_privacy(cfg)
     _validate_robust(cfg)
     _validate_attack(cfg)
-    _validate_codec(cfg)
 
 
 def _validate_privacy(cfg: Config) -> None:
@@ -241,16 +256,6 @@ def _validate_robust(cfg: Config) -> None:
         raise ConfigError(f"robust.clip_radius={r.clip_radius} must be positive (.inf: never clip)")
     if r.krum_f < 0:
         raise ConfigError(f"robust.krum_f={r.krum_f} must be >= 0")
-
-
-def _validate_codec(cfg: Config) -> None:
-    if needs_guard(cfg) and cfg.comm.codec == "topk":
-        raise ConfigError(
-            "comm.codec=topk gossips CHOCO-style on public copies, which node-level DP, message attacks and "
-            "robust rules do not handle yet: use another codec (fp32, fp16, bf16, quantize) with "
-            f"privacy.level={cfg.privacy.level}, attack.kind={cfg.attack.kind}, "
-            f"robust.aggregator={cfg.robust.aggregator}"
-        )
 
 
 def _validate_attack(cfg: Config) -> None:

@@ -14,6 +14,12 @@ Every rule is computed as the plain mean plus a correction that is exactly zero 
 or clipped: without attackers, trimmed_mean with trim 0 and clipped with a large tau give the plain mean
 bit for bit.
 
+CHOCO-gossip (a ``topk`` codec, comm/choco.py) mixes the public copies X̂, not the messages:
+x_i' = x_i + gamma * (agg_i - X̂_i), where agg_i is the rule over node i's own copy X̂_i and its
+neighbours' copies X̂_j (the plain mean gives CHOCO's sum_j W_ij (X̂_j - X̂_i); ``clipped`` clips each
+X̂_j - X̂_i to tau). It is computed as CHOCO's own step plus gamma times the rule's correction, so a rule
+with nothing to cut is plain CHOCO bit for bit.
+
 Server algorithms (fedavg, ffa_lora, rolora, fedprox, fedsa_lora, fed_sb, scaffold) aggregate the uploads
 of the senders S with the same rules (trimmed_mean, median over S; clipped around the uploads' coordinate
 median, a robust centre, since the server keeps no model of its own between rounds) or with Krum
@@ -25,6 +31,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from declora.comm.choco import choco_mix
 
 AGGREGATORS = ("mean", "trimmed_mean", "median", "clipped")  # gossip rules
 SERVER_AGGREGATORS = (*AGGREGATORS, "krum")
@@ -102,6 +110,29 @@ def robust_gossip(
         for r in range(len(nodes)):
             _correct_node(rule, r, off[r], diag[r], own, table, out, trim, tau)
     return {name: out[name].view_as(x) for name, x in own.items()}
+
+
+def robust_choco(
+    rule: str,
+    own: dict[str, Tensor],
+    hats: dict[str, Tensor],
+    W: Tensor,
+    nodes: Tensor,
+    step: float,
+    trim: float = 0.0,
+    tau: float = float("inf"),
+) -> dict[str, Tensor]:
+    """CHOCO's consensus step with ``rule`` over the public copies. own: name -> (m, ...) the exact
+    tensors of this process's nodes ``nodes`` (m,); hats: name -> (n, ...) the copies after this round's
+    messages (rows of nodes no local node hears are never read); step: gamma. Returns name -> (m, ...)."""
+    off = (W * ~torch.eye(W.shape[0], dtype=torch.bool)).to(torch.float32)[nodes]  # (m, n)
+    out = {name: choco_mix(x, hats[name], off, nodes, step) for name, x in own.items()}
+    if rule == "mean":
+        return out
+    mine = {name: hats[name][nodes] for name in own}  # (m, ...): each node's own copy X̂_i
+    robust = robust_gossip(rule, mine, hats, W, nodes, trim, tau)
+    plain = robust_gossip("mean", mine, hats, W, nodes)  # bit for bit the mean inside ``robust``
+    return {name: x + step * (robust[name] - plain[name]).to(x.dtype) for name, x in out.items()}
 
 
 def _correct_node(

@@ -19,6 +19,11 @@ m_i = exp(sigma * z_i) drawn once from (seed, node)); z_{t,i} ~ N(0, 1) is drawn
 
   A round then lasts max_i c_i(t) / p_i (each node spreads its local work over p_i rounds). With
   max_staleness = 0 every node publishes every round: synchronous gossip, bit for bit.
+
+  With node-level DP, an attack or a robust rule (declora.guard), a node privatizes and corrupts at
+  publication: its published copy x̂_j is the message it sent then (an attacker's is corrupted), only a
+  publication spends privacy, and the robust rule mixes the node's own state with its neighbours' last
+  published copies.
 """
 
 from __future__ import annotations
@@ -77,13 +82,6 @@ def validate_stragglers(cfg: Config) -> None:
         raise ConfigError(
             f"stragglers.asynchronous=true with comm.codec={cfg.comm.codec}: neighbours mix a held copy "
             "exactly as it was sent; use comm.codec=fp32"
-        )
-    from declora.guard import needs_guard
-
-    if needs_guard(cfg):
-        raise ConfigError(
-            "stragglers.asynchronous=true with robust mixing, an attack or node-level privacy is not "
-            "supported; use robust.aggregator=mean, attack.kind=none and privacy.level none or example"
         )
 
 
@@ -172,15 +170,32 @@ class AsyncExchange:
 
     def __init__(self, inner: Any, stragglers: Stragglers, tensors: dict[str, Tensor]) -> None:
         self.inner, self.stragglers = inner, stragglers
-        self.copies = {k: v.detach().clone() for k, v in tensors.items()}  # x̂: (n, ...) per tensor
+        self.held = {k: v.detach().clone() for k, v in tensors.items()}  # x̂: (n, ...) per tensor
 
     def __getattr__(self, name: str) -> Any:  # ledger, codec, server_mean, ...: the inner exchange's
         return getattr(self.__dict__["inner"], name)
 
+    @property
+    def publishing(self) -> Tensor:
+        """(n,) bool: this round's publishers, the only nodes that send (declora.guard reads it)."""
+        return self.stragglers.publish
+
+    def share(self, messages: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
+        """The last published copies (n, ...) after this round's publishers that reach a neighbour have
+        sent ``messages`` (as the inner exchange decodes them; bytes for those only). declora.guard
+        mixes them with its robust rule; with every node publishing this is the inner share exactly."""
+        n = W.shape[0]
+        eye = torch.eye(n, dtype=torch.bool)
+        sent = self.stragglers.publish & ((W.T != 0) & ~eye).any(1)  # (n,)
+        table = self.inner.share(messages, W * (eye | sent[None, :]), round)  # non-senders' columns: 0
+        for k, x in table.items():
+            self.held[k][sent] = x[sent.to(x.device)].to(self.held[k].dtype)
+        return {k: self.held[k].clone() for k in table}
+
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         publish = self.stragglers.publish.to(next(iter(tensors.values())).device) if tensors else None
         for k, x in tensors.items():
-            self.copies[k][publish] = x[publish]
+            self.held[k][publish] = x[publish]
         n = W.shape[0]
         stale = W * (~torch.eye(n, dtype=torch.bool) & ~self.stragglers.publish[None, :])  # (n, n)
         if not (stale != 0).any():
@@ -188,14 +203,14 @@ class AsyncExchange:
         fresh = self.inner.gossip(tensors, W - stale, round)  # publishers' messages and each own state
         out = {}
         for k, x in fresh.items():
-            held = self.copies[k].reshape(n, -1)  # (n, m): the copies this round's receivers hold
+            held = self.held[k].reshape(n, -1)  # (n, m): the copies this round's receivers hold
             out[k] = x + (stale.to(x.device, x.dtype) @ held).view_as(x)
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {**self.inner.state_dict(), **{f"async/{k}": v for k, v in self.copies.items()}}
+        return {**self.inner.state_dict(), **{f"async/{k}": v for k, v in self.held.items()}}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k in self.copies:
-            self.copies[k].copy_(state[f"async/{k}"])
+        for k in self.held:
+            self.held[k].copy_(state[f"async/{k}"])
         self.inner.load_state_dict({k: v for k, v in state.items() if not k.startswith("async/")})

@@ -48,6 +48,13 @@ CASES = {
     "fedadam_sampled": ("fedavg", ["server.optimizer=adam", "server.fraction=0.6", "server.weighting=size"]),
     # private and Byzantine nodes, robust receivers (declora.guard): noise and attacks drawn per global node
     "dec_lora_guarded": ("dec_lora", [*PRIVATE_NODES, "attack.kind=gaussian", "attack.nodes=[1]", *CLIPPED]),
+    # CHOCO under guard: DP noises the change against the public copy, a flipper publishes -X, clipped
+    # gossip mixes the copies; every rank's copies of a node must stay equal
+    "dec_lora_topk_guarded": (
+        "dec_lora",
+        ["comm.codec=topk", "comm.fraction=0.25", *PRIVATE_NODES[:3], "attack.kind=sign_flip"]
+        + ["attack.nodes=[1]", *CLIPPED],
+    ),
     "dec_lora_dp_sgd": (
         "dec_lora",
         [*DP_SGD, "attack.kind=sign_flip", "attack.nodes=[3]", "robust.aggregator=median"],
@@ -121,6 +128,7 @@ SLICES = {
         "fedavg_dropout": (3, 2),
         "fedadam_sampled": (2, 3),
         "dec_lora_guarded": (3, 2),
+        "dec_lora_topk_guarded": (1, 4),
         "dec_lora_dp_sgd": (2, 3),
         "fedavg_trimmed": (3, 2),
         "fedprox_clipped": (1, 4),

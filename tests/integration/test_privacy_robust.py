@@ -5,7 +5,9 @@
   zero noise and an infinite clip;
 - two sign-flipping nodes move the honest nodes' adapters away from the attack-free run; the honest
   nodes are reported separately, and clipped gossip keeps them closer to the attack-free run than the
-  plain mean does.
+  plain mean does;
+- the same two statements under CHOCO-gossip (comm.codec=topk), where DP noises the change against the
+  public copy, attackers publish corrupted copies and the robust rule mixes the copies.
 """
 
 from __future__ import annotations
@@ -64,16 +66,32 @@ def plain(tiny_bert, tmp_path_factory, restore_threads) -> Path:
     return _run(tiny_bert, tmp_path_factory.mktemp("plain") / "run")
 
 
+NOTHING_TO_CUT = [
+    "privacy.level=node",
+    "privacy.noise_multiplier=0",
+    "privacy.clip=.inf",
+    "robust.aggregator=clipped",
+    "robust.clip_radius=.inf",
+]
+TOPK = ["comm.codec=topk", "comm.fraction=0.25"]
+
+
 def test_zero_noise_and_infinite_clips_reproduce_the_plain_run_exactly(plain, tiny_bert, tmp_path):
-    private = _run(
-        tiny_bert,
-        tmp_path / "run",
-        "privacy.level=node",
-        "privacy.noise_multiplier=0",
-        "privacy.clip=.inf",
-        "robust.aggregator=clipped",
-        "robust.clip_radius=.inf",
-    )
+    _assert_same_run(plain, _run(tiny_bert, tmp_path / "run", *NOTHING_TO_CUT))
+
+
+@pytest.fixture(scope="module")
+def plain_topk(tiny_bert, tmp_path_factory, restore_threads) -> Path:
+    return _run(tiny_bert, tmp_path_factory.mktemp("plain_topk") / "run", *TOPK)
+
+
+def test_under_choco_zero_noise_and_infinite_clips_reproduce_the_plain_topk_run_exactly(
+    plain_topk, tiny_bert, tmp_path
+):
+    _assert_same_run(plain_topk, _run(tiny_bert, tmp_path / "run", *TOPK, *NOTHING_TO_CUT))
+
+
+def _assert_same_run(plain: Path, private: Path) -> None:
     volatile = set(MEASURED)  # timings and memory
     for a, b in zip(_records(plain), _records(private), strict=True):
         assert {k: v for k, v in a.items() if k not in volatile} == {
@@ -93,10 +111,13 @@ def _distance_to(reference: Path, run_dir: Path) -> float:
     return total**0.5
 
 
+@pytest.mark.parametrize("codec", ["fp32", "topk"])
 def test_sign_flipping_nodes_are_contained_by_clipped_gossip_and_honest_nodes_reported(
-    plain, tiny_bert, tmp_path
+    codec, plain, plain_topk, tiny_bert, tmp_path
 ):
     attack = ["attack.kind=sign_flip", f"attack.nodes=[{','.join(map(str, ATTACKERS))}]"]
+    if codec == "topk":
+        plain, attack = plain_topk, [*TOPK, *attack]
     mean = _run(tiny_bert, tmp_path / "mean", *attack)
     clipped = _run(
         tiny_bert, tmp_path / "clipped", *attack, "robust.aggregator=clipped", "robust.clip_radius=0.05"

@@ -1,5 +1,7 @@
 """Stragglers on the tiny BERT: neutral speeds change nothing, a deadline silences a node, asynchronous
-gossip at staleness 0 is synchronous gossip, and an asynchronous run resumes exactly."""
+gossip at staleness 0 is synchronous gossip (also with a robust rule, an attacker or node-level DP), an
+asynchronous run resumes exactly, and under asynchrony clipped gossip contains a sign flipper while only
+publications spend privacy."""
 
 from __future__ import annotations
 
@@ -88,6 +90,62 @@ def test_asynchronous_at_staleness_zero_is_synchronous_gossip(tiny_bert, tiny_da
     assert _plain(a) == _plain(b)
     assert_same_tensors(sync, asyn)
     assert all(r["staleness_max"] == 0 for r in b)
+
+
+GUARDS = {
+    "median": ["robust.aggregator=median"],
+    "sign_flip": ["attack.kind=sign_flip", "attack.nodes=[1]"],
+    "dp": ["privacy.level=node", "privacy.noise_multiplier=0.5", "privacy.clip=0.5"],
+}
+
+
+@pytest.mark.parametrize("guard", GUARDS)
+def test_guarded_asynchronous_at_staleness_zero_is_the_synchronous_guarded_run(
+    guard, tiny_bert, tiny_data, tmp_path
+):
+    speeds = "stragglers.speeds=[1,1,3,1]"
+    sync = _build(tiny_bert, tiny_data, tmp_path / "a", speeds, *GUARDS[guard])
+    asyn = _build(
+        tiny_bert, tiny_data, tmp_path / "b", speeds, "stragglers.asynchronous=true", *GUARDS[guard]
+    )
+    a, b = engine.run(sync), engine.run(asyn)
+    assert _plain(a) == _plain(b)
+    assert_same_tensors(sync, asyn)
+
+
+def _honest_distance(a, b, honest=(0, 2, 3)) -> float:
+    ta, tb = a.fed.tensors(), b.fed.tensors()
+    return (
+        sum(float((ta[k].detach()[i] - tb[k].detach()[i]).square().sum()) for k in ta for i in honest) ** 0.5
+    )
+
+
+def test_asynchronous_sign_flipper_is_contained_by_clipped_gossip_and_dp_counts_publications(
+    tiny_bert, tiny_data, tmp_path
+):
+    """Node 2 publishes every third round; node 1 flips the sign of every copy it publishes."""
+    asyn = ("stragglers.speeds=[1,1,3,1]", "stragglers.asynchronous=true", "stragglers.max_staleness=2")
+    attack = ("attack.kind=sign_flip", "attack.nodes=[1]")
+    runs = {
+        "clean": (),
+        "mean": attack,
+        "clipped": (*attack, "robust.aggregator=clipped", "robust.clip_radius=0.05"),
+        "private": ("privacy.level=node", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"),
+    }
+    exps = {
+        name: _build(tiny_bert, tiny_data, tmp_path / name, *asyn, *extra) for name, extra in runs.items()
+    }
+    records = {name: engine.run(exp) for name, exp in exps.items()}
+    hit = _honest_distance(exps["clean"], exps["mean"])
+    kept = _honest_distance(exps["clean"], exps["clipped"])
+    assert hit > 0.1  # the flipped copies reach the honest nodes
+    assert kept < hit / 2, (kept, hit)
+    assert "acc_honest_mean" in records["clipped"][-1]
+    # three rounds: node 2 published once (round 2), every other node three times
+    from declora.privacy import epsilon
+
+    once, thrice = epsilon(1.0, 1.0, 1, 1e-5), epsilon(1.0, 1.0, 3, 1e-5)
+    assert records["private"][-1]["privacy_epsilon"] == [thrice, thrice, once, thrice]
 
 
 def test_asynchronous_run_is_stale_bounded_and_resumes_exactly(tiny_bert, tiny_data, tmp_path):

@@ -197,10 +197,17 @@ class AsyncExchange:
         for k, x in tensors.items():
             self.held[k][publish] = x[publish]
         n = W.shape[0]
-        stale = W * (~torch.eye(n, dtype=torch.bool) & ~self.stragglers.publish[None, :])  # (n, n)
+        off = ~torch.eye(n, dtype=torch.bool)
+        stale = W * (off & ~self.stragglers.publish[None, :])  # (n, n)
         if not (stale != 0).any():
             return self.inner.gossip(tensors, W, round)  # every copy used is fresh: synchronous gossip
-        fresh = self.inner.gossip(tensors, W - stale, round)  # publishers' messages and each own state
+        if ((W - stale) * off != 0).any():
+            fresh = self.inner.gossip(tensors, W - stale, round)  # publishers' messages and each own state
+        else:  # no publisher reaches anyone, and the inner gossip would then keep all of each own state
+            own = torch.diagonal(W)
+            fresh = {
+                k: own.to(x.device, x.dtype).view(-1, *[1] * (x.dim() - 1)) * x for k, x in tensors.items()
+            }
         out = {}
         for k, x in fresh.items():
             held = self.held[k].reshape(n, -1)  # (n, m): the copies this round's receivers hold

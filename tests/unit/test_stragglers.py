@@ -58,6 +58,23 @@ def test_asynchronous_mix_uses_held_copies():
     assert int(edges[2].sum()) == 0 and int(edges[0].sum()) > 0  # a non-publisher sends nothing
 
 
+def test_asynchronous_mix_without_any_fresh_message_keeps_each_nodes_own_weight():
+    """Node 0 (the only fast one) is offline and nobody else is due: every copy mixed is held, and each
+    node keeps W_ii of its own state (not all of it)."""
+    cfg = _cfg("stragglers.speeds=[1,3,3,3]", "stragglers.asynchronous=true", "stragglers.max_staleness=2")
+    st = Stragglers(cfg, 4)
+    x0 = torch.arange(8.0).view(4, 2)
+    ex = AsyncExchange(LocalExchange(4), st, {"A": x0})
+    W = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.float64)
+    W[1:, 1:] /= 3  # node 0 offline: isolated by the schedule
+    st.begin_round(0, torch.tensor([False, True, True, True]))
+    assert not st.publish.any()
+    x = x0 + 100.0
+    out = ex.gossip({"A": x}, W, 0)["A"]
+    expect = torch.stack([x[0], *[(x[i] + x0[1:].sum(0) - x0[i]) / 3 for i in (1, 2, 3)]])
+    assert torch.allclose(out, expect)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -77,6 +77,15 @@ def test_nothing_to_clip_noise_or_cut_is_plain_choco_bit_for_bit(overrides):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_decafs_shared_copies_with_zero_noise_and_infinite_clip_are_plain_choco_bit_for_bit():
+    dp = ["algorithm.name=decaf", "privacy.level=node", "privacy.noise_multiplier=0", "privacy.clip=.inf"]
+    plain, guarded = _topk(), _guarded(_topk(), *dp)
+    for t in range(3):
+        x = {k: v + 0.1 * t * _state(20 + t)[k] for k, v in _state(0).items()}
+        a, b = plain.share(x, ring(), t), guarded.share(x, ring(), t)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_clipped_choco_clips_each_copy_difference_to_tau():
     x, hats = _state(1), _state(2)
     W, tau, step = ring(), 0.5, 0.3

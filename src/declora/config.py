@@ -737,6 +737,11 @@ def _validate_topk(cfg: Config) -> None:
             "of a state (not of a change) drops most of it; use comm.codec=quantize or fp16"
             + (", or model.head=frozen" if name not in SENDS_STATES else "")
         )
+    if name == "dec_gt":
+        raise ConfigError(
+            "comm.codec=topk with algorithm.name=dec_gt: CHOCO's public copies are not built for its "
+            "tracking message; use comm.codec=quantize, fp16, bf16 or fp32"
+        )
     if name in ("fslora", "hetlora"):
         return
     if c.error_feedback:
@@ -779,10 +784,11 @@ def _validate_server(cfg: Config) -> None:
             f"export=none (got {cfg.export!r}; the factors alone would not reproduce the model) and "
             f"model.base_quantization=none (got {cfg.model.base_quantization!r})"
         )
-    if cfg.algorithm.name == "scaffold" and cfg.train.local_unit != "steps":
+    if cfg.algorithm.name in ("scaffold", "dec_gt") and cfg.train.local_unit != "steps":
         raise ConfigError(
-            f"algorithm.name=scaffold with train.local_unit={cfg.train.local_unit!r}: its control variates "
-            "divide by the local step count K, the same for every node; use train.local_unit=steps"
+            f"algorithm.name={cfg.algorithm.name} with train.local_unit={cfg.train.local_unit!r}: its "
+            "corrections divide by the local step count K, the same for every node; use "
+            "train.local_unit=steps"
         )
     if cfg.algorithm.name in ("fed_sb", "dec_sb"):
         _validate_middle(cfg)

@@ -56,6 +56,7 @@ MULTI_PROCESS = {
     "rolora_dfl",
     "fed_sb",
     "dec_sb",
+    "dec_gt",
 }
 
 

@@ -38,6 +38,9 @@ SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora", "fedprox", "fedsa_lora", "f
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
 # Algorithms whose nodes upload only some components (upload_masked): DP and attacks act on those only
 MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "fedex_lora", "flora")
+# dec_gt's tracking message d_i is in gradient units, not a model or its change: node-level DP's clip and
+# its one-message-per-round accounting do not cover it
+NO_NODE_DP = ("dec_gt",)
 
 
 class GuardedExchange:
@@ -228,6 +231,12 @@ def _validate_privacy(cfg: Config) -> None:
         )
     if not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1)")
+    if p.level == "node" and cfg.algorithm.name in NO_NODE_DP:
+        raise ConfigError(
+            f"privacy.level=node is not supported for algorithm.name={cfg.algorithm.name}: its tracking "
+            "message is in gradient units, which node-level DP's clip and accounting do not cover; use "
+            "privacy.level=example"
+        )
     try:
         import opacus.accountants  # noqa: F401
     except ImportError as err:

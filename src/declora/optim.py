@@ -77,6 +77,11 @@ class NodeAdamW:
                 self.exp_avg[name].index_copy_(0, nodes, m)
                 self.exp_avg_sq[name].index_copy_(0, nodes, v)
 
+    def node_lrs(self, name: str) -> Tensor:
+        """(n,) float32 on the CPU: every node's learning rate for tensor ``name`` this round (lr_scale)."""
+        scale = torch.ones(self.params[name].shape[0]) if self.lr_scale is None else self.lr_scale.cpu()
+        return self.lrs[name] * scale
+
     def reset(self, names: list[str] | None = None, nodes: Tensor | None = None) -> None:
         """Forget moments and step counts (after a re-factorization, say) for some tensors and nodes."""
         for name in names if names is not None else list(self.params):

@@ -59,6 +59,7 @@ RUNS = {
     "flora": ("algorithm.name=flora", "export=none", "algorithm.ranks=[1,2,2,1]"),
     "fed_sb": ("algorithm.name=fed_sb",),
     "dec_sb": ("algorithm.name=dec_sb",),
+    "dec_gt": ("algorithm.name=dec_gt",),
 }
 
 
@@ -79,6 +80,7 @@ CRASHES = {
     "scaffold_linear": ("algorithm.name=scaffold", "train.schedule=linear", "train.warmup_rounds=1"),
     "fedex_lora": ("algorithm.name=fedex_lora", "export=none"),  # the folded base deltas
     "fed_sb_adam": ("algorithm.name=fed_sb", "server.optimizer=adam"),  # R and its server moments
+    "dec_gt_cosine": ("algorithm.name=dec_gt", "train.schedule=cosine"),  # the tracking corrections
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from declora.algorithms.adf_lora import ADFLoRA
 from declora.algorithms.centralized import Centralized
+from declora.algorithms.dec_gt import DecGT
 from declora.algorithms.dec_lora import DecLoRA
 from declora.algorithms.decaf import DeCAF
 from declora.algorithms.dlora_fa import DLoRAFA
@@ -49,6 +50,7 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "dec_prox": DecProx,
     "fed_sb": FedSB,
     "dec_sb": DecSB,
+    "dec_gt": DecGT,
 }
 
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying

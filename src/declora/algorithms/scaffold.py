@@ -30,6 +30,16 @@ from declora.schedules import Schedule
 VARIATE = "control_variate/"  # the name prefix of the uploaded Delta c_i
 
 
+def mean_step(start: Tensor, end: Tensor, lr: Tensor, steps: int) -> Tensor:
+    """(start - end) / (K lr_i): the mean step of node i's K local steps in gradient units.
+
+    start, end: (n, ...) the trained tensor before and after the local steps; lr: (n,) each node's lr.
+    Under SGD it is the mean of the (corrected) gradients the node stepped on.
+    """
+    lr = lr.to(end.device, end.dtype).view(-1, *([1] * (end.dim() - 1)))
+    return (start - end) / (steps * lr)
+
+
 @dataclass
 class Scaffold:
     fed: Federation
@@ -60,14 +70,12 @@ class Scaffold:
         if count == 0:
             return
         tensors = ctx.fed.tensors(trained_kinds(ctx.fed))
-        scale = ctx.optimizer.lr_scale
         steps = self.cfg.train.local_steps
         delta: dict[str, Tensor] = {}
         for k, y in tensors.items():
-            lr = ctx.optimizer.lrs[k] * (torch.ones(y.shape[0]) if scale is None else scale.cpu())  # (n,)
-            lr = lr.to(y.device, y.dtype).view(-1, *([1] * (y.dim() - 1)))
-            fresh = self.c_i[k] - self.c[k] + (self.start[k] - y.detach()) / (steps * lr)
-            rows = senders.to(y.device).view_as(lr)
+            lr = ctx.optimizer.node_lrs(k)  # (n,)
+            fresh = self.c_i[k] - self.c[k] + mean_step(self.start[k], y.detach(), lr, steps)
+            rows = senders.to(y.device).view(-1, *([1] * (y.dim() - 1)))
             delta[k] = torch.where(rows, fresh - self.c_i[k], torch.zeros_like(fresh))
             self.c_i[k] = torch.where(rows, fresh, self.c_i[k])
         self.server.aggregate(ctx, trained_kinds(ctx.fed))

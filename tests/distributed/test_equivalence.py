@@ -96,6 +96,9 @@ CASES = {
     # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped
     "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
     "dec_sb": ("dec_sb", []),
+    # K-GT: corrections on the node axis tracked by a second gossip, decoded per node (a random codec),
+    # per-node lrs in the tracking message (cosine), offline nodes (identity rows of W)
+    "dec_gt": ("dec_gt", ["comm.codec=quantize", "train.schedule=cosine", "topology.node_dropout=0.2"]),
     # stragglers: node 2 misses every deadline (offline on every rank alike), jitter drawn per global node
     "dec_lora_deadline": (
         "dec_lora",
@@ -146,6 +149,7 @@ SLICES = {
         "dec_prox": (2, 3),
         "fed_sb": (3, 2),
         "dec_sb": (1, 4),
+        "dec_gt": (2, 3),
         "dec_lora_deadline": (2, 3),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),

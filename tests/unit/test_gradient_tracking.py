@@ -92,8 +92,7 @@ def _run(tiny_bert, tiny_data, folder, *extra, same_data=False):
     if same_data:  # every node draws node 0's batches, in node 0's order
         copies = [NodeStreams([exp.parts[0]], exp.cfg.train.batch_size, exp.cfg.seed) for _ in range(exp.n)]
         exp.trainer.streams.next_batch = lambda node: copies[node].next_batch(0)
-    engine.run(exp)
-    return exp
+    return exp, engine.run(exp)
 
 
 def test_corrections_sum_to_zero_every_round_on_a_complete_graph(tiny_bert, tiny_data, tmp_path):
@@ -113,13 +112,19 @@ def test_corrections_sum_to_zero_every_round_on_a_complete_graph(tiny_bert, tiny
 
 
 def test_identical_data_keeps_corrections_zero_and_is_dec_lora(tiny_bert, tiny_data, tmp_path):
-    gossip = _run(tiny_bert, tiny_data, tmp_path / "g", "algorithm.name=dec_lora", "rounds=3", same_data=True)
-    gt = _run(tiny_bert, tiny_data, tmp_path / "t", "algorithm.name=dec_gt", "rounds=3", same_data=True)
+    gossip, plain = _run(
+        tiny_bert, tiny_data, tmp_path / "g", "algorithm.name=dec_lora", "rounds=3", same_data=True
+    )
+    gt, tracked = _run(
+        tiny_bert, tiny_data, tmp_path / "t", "algorithm.name=dec_gt", "rounds=3", same_data=True
+    )
     for k, v in gt.fed.tensors().items():
         assert torch.equal(v.detach()[0], v.detach()[3]), k  # the nodes really are identical
         assert torch.equal(v.detach(), gossip.fed.tensors()[k].detach()), k
     assert all(int(torch.count_nonzero(c)) == 0 for c in gt.algorithm.c.values())
-    other = _run(tiny_bert, tiny_data, tmp_path / "o", "algorithm.name=dec_gt", "rounds=2")
+    assert [r["train_loss"] for r in tracked] == [r["train_loss"] for r in plain]
+    assert [r["bytes_round"] for r in tracked] == [2 * r["bytes_round"] for r in plain]  # z_i and d_i
+    other, _ = _run(tiny_bert, tiny_data, tmp_path / "o", "algorithm.name=dec_gt", "rounds=2")
     assert any(int(torch.count_nonzero(c)) > 0 for c in other.algorithm.c.values())  # different data
 
 

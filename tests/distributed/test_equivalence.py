@@ -97,8 +97,13 @@ CASES = {
     "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
     "dec_sb": ("dec_sb", []),
     # K-GT: corrections on the node axis tracked by a second gossip, decoded per node (a random codec),
-    # per-node lrs in the tracking message (cosine), offline nodes (identity rows of W)
-    "dec_gt": ("dec_gt", ["comm.codec=quantize", "train.schedule=cosine", "topology.node_dropout=0.2"]),
+    # per-node lrs in the tracking message (cosine), offline nodes (identity rows of W), an attacker's
+    # sign flips on both messages (guarded share)
+    "dec_gt": (
+        "dec_gt",
+        ["comm.codec=quantize", "train.schedule=cosine", "topology.node_dropout=0.2"]
+        + ["attack.kind=sign_flip", "attack.nodes=[3]"],
+    ),
     # stragglers: node 2 misses every deadline (offline on every rank alike), jitter drawn per global node
     "dec_lora_deadline": (
         "dec_lora",

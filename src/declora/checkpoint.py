@@ -114,6 +114,8 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
                 f"[{','.join(map(str, saved))}]"
             )
         name = shard_name(int(meta["round"]), group.rank)
+        if group.layout.counts == (1,) and not (state_dir / f"{name}.safetensors").is_file():
+            name = shard_name(int(meta["round"]), 0)  # one node: every rank's shard is the same replica
         tensors = _read_tensors(state_dir / f"{name}.safetensors", exp.fed.device)
         counters = _read_json(state_dir / f"{name}.json")
     with torch.no_grad():

@@ -105,8 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         exp = build_experiment(cfg, run_dir, group)
         if group.world > 1:
             _log_to(exp.run_dir / f"rank_{group.rank}.log")
-            log.info("rank %d hosts nodes %s", group.rank, group.layout.nodes_of(group.rank))
-        bar = _progress(exp, group)
+            log.info("rank %d hosts nodes %s", group.rank, exp.group.nodes.tolist())
+        bar = _progress(exp, exp.group)
         try:
             run(exp, bool(args.resume), bar.on_round if bar else None, overwrite=args.overwrite)
         finally:
@@ -154,9 +154,13 @@ def _progress(exp: Experiment, group: Solo) -> _Bar | None:
     if not group.is_main:
         return None
     cfg = exp.cfg
-    where = (
-        f", {group.world} processes: nodes per rank {list(group.layout.counts)}" if group.world > 1 else ""
-    )
+    from declora.replicas import Replicas
+
+    where = ""
+    if group.world > 1:
+        where = f", {group.world} processes: nodes per rank {list(group.layout.counts)}"
+    if isinstance(group, Replicas):
+        where = f", {group.world} processes: data parallel (a replica each, a share of every batch)"
     run = (
         f"{exp.n} nodes, {cfg.algorithm.name}, {cfg.topology.graph}, {exp.fed.device} {cfg.precision}{where}"
     )

@@ -199,7 +199,7 @@ def run(
             "round": t + 1,
             "train_loss": float(trained.mean()) if len(trained) else math.nan,
             "local_steps": int(group.all_max(torch.tensor(steps))),
-            "active_nodes": int(group.all_sum(active.sum())),
+            "active_nodes": int(group.gather_nodes(active).sum()),  # replicas: each rank has every node
             **speed,
             **exp.exchange.ledger.round_summary(),
         }

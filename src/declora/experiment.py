@@ -26,6 +26,7 @@ from declora.model import Federation, add_middle_factors, build_federation, impo
 from declora.node_data import build_node_data
 from declora.optim import NodeAdamW
 from declora.privacy import ExampleDP, PrivacyAccount
+from declora.replicas import Replicas
 from declora.schedules import build_schedule
 from declora.seeding import numpy_rng
 from declora.stragglers import AsyncExchange, Stragglers, enabled
@@ -35,6 +36,7 @@ from declora.train import LocalTrainer, NodeStreams
 log = logging.getLogger(__name__)
 # Algorithms whose every step works on a slice of the nodes (verified against the simulator).
 MULTI_PROCESS = {
+    "centralized",  # data parallel: every rank holds the one node (declora.replicas)
     "dec_lora",
     "dec_prox",
     "local",
@@ -139,14 +141,17 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         torch.set_num_threads(cfg.threads)
     group = group or Solo()
     algorithm_cls = ALGORITHMS[cfg.algorithm.name]
-    n = 1 if getattr(algorithm_cls, "single_node", False) else cfg.nodes
+    single = getattr(algorithm_cls, "single_node", False)
+    n = 1 if single else cfg.nodes
+    if single and isinstance(group, Distributed):  # one node, P processes: a replica on each
+        group = Replicas(group)
     if group.world > 1 and cfg.algorithm.name not in MULTI_PROCESS:
         raise ConfigError(
             f"algorithm.name={cfg.algorithm.name} runs in one process only; multi-process runs support "
             f"{sorted(MULTI_PROCESS)}"
         )
     group.set_nodes(n, cfg.dist.node_slices)
-    first, n_local = group.layout.starts[group.rank], group.layout.counts[group.rank]
+    first, n_local = int(group.nodes[0]), len(group.nodes)  # this process's contiguous slice
     stragglers = Stragglers(cfg, n) if enabled(cfg) else None
     if stragglers is not None and cfg.stragglers.asynchronous and group.world > 1:
         raise ConfigError(
@@ -207,6 +212,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         task,
         example_dp if cfg.privacy.level == "example" else None,
     )
+    trainer.replicas = group if isinstance(group, Replicas) else None
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
     exchange = (
         DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)

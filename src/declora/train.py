@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from declora.dist import Solo
 from declora.lora import row_gradients
 from declora.model import Federation
 from declora.optim import NodeAdamW, clip_per_node
 from declora.privacy import ExampleDP
+from declora.replicas import replica_rows, sum_gradients
 from declora.seeding import numpy_rng
 from declora.tasks import SequenceClassification, Task
 
@@ -67,6 +69,11 @@ class Rows:
     labels: Tensor  # (rows,)
     nodes: Tensor  # (rows,) long
     weights: Tensor  # (rows,)
+
+    def take(self, index: list[int]) -> Rows:
+        """The rows at ``index``, in that order."""
+        at = torch.as_tensor(index, dtype=torch.long)
+        return Rows([self.ids[k] for k in index], self.labels[at], self.nodes[at], self.weights[at])
 
 
 def micro_batches(lengths: list[int], tokens_per_chunk: int) -> list[list[int]]:
@@ -149,6 +156,7 @@ class LocalTrainer:
         self.max_grad_norm, self.tokens_per_chunk, self.task = max_grad_norm, tokens_per_chunk, task
         self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
         self.correction: Callable[[dict[str, Tensor]], None] | None = None  # RoundPlan.correction
+        self.replicas: Solo | None = None  # data parallel (declora.replicas): this rank's share of each batch
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
@@ -161,7 +169,10 @@ class LocalTrainer:
             nodes.append(torch.full((len(batch),), node, dtype=torch.long))
             weights.append(torch.full((len(batch),), 1.0 / len(batch)))
         rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights))
-        self.tokens += sum(len(x) for x in ids)
+        batch = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) this step's batch sizes
+        if self.replicas is not None:  # the weights stay 1/b of the whole batch: the ranks' sum is the step's
+            rows = rows.take(replica_rows([len(x) for x in ids], self.replicas.rank, self.replicas.world))
+        self.tokens += sum(len(x) for x in rows.ids)
         params = self.optimizer.params
         for name, p in params.items():  # a frozen kind (ADF's inactive factor, say) gets no gradient at all
             p.grad = None
@@ -170,11 +181,12 @@ class LocalTrainer:
         node_loss = accumulate_gradients(
             self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task, self.dp
         )
+        if self.replicas is not None:  # before anything reads the gradient: every replica steps alike
+            node_loss = sum_gradients(self.replicas, params, names, node_loss)
         if self.correction is not None:  # FedProx, SCAFFOLD: deterministic, no data (DP noise follows)
             self.correction({k: params[k] for k in names if params[k].grad is not None})
         grads = [params[k].grad for k in names if params[k].grad is not None]
         if self.dp is not None:
-            batch = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) this step's batch sizes
             self.dp.add_noise(params, names, active, batch)
         elif self.max_grad_norm is not None and grads:
             clip_per_node(grads, self.max_grad_norm)

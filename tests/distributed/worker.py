@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node P tests/distributed/worker.py CASES.json
 
-CASES.json maps a label to the config overrides of one run (run_dir included); they run in order.
+CASES.json maps a label to the config overrides of one run (run_dir included); they run in order. A case
+{"resume": RUN_DIR, "overrides": [...]} resumes RUN_DIR (its config.yaml, with the overrides) instead.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ def main() -> None:
     cases = json.loads(Path(sys.argv[1]).read_text())
     group = Distributed(DistConfig(timeout_s=60))
     with group.guard():
-        for overrides in cases.values():
-            run(build_experiment(load_config(None, overrides), None, group))
+        for case in cases.values():
+            if isinstance(case, dict):
+                folder = Path(case["resume"])
+                cfg = load_config(folder / "config.yaml", case["overrides"])
+                run(build_experiment(cfg, folder, group), resume=True)
+            else:
+                run(build_experiment(load_config(None, case), None, group))
     group.close()
 
 

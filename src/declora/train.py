@@ -169,7 +169,7 @@ class LocalTrainer:
             nodes.append(torch.full((len(batch),), node, dtype=torch.long))
             weights.append(torch.full((len(batch),), 1.0 / len(batch)))
         rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights))
-        batch = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) this step's batch sizes
+        sizes = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) each node's batch size this step
         if self.replicas is not None:  # the weights stay 1/b of the whole batch: the ranks' sum is the step's
             rows = rows.take(replica_rows([len(x) for x in ids], self.replicas.rank, self.replicas.world))
         self.tokens += sum(len(x) for x in rows.ids)
@@ -187,7 +187,7 @@ class LocalTrainer:
             self.correction({k: params[k] for k in names if params[k].grad is not None})
         grads = [params[k].grad for k in names if params[k].grad is not None]
         if self.dp is not None:
-            self.dp.add_noise(params, names, active, batch)
+            self.dp.add_noise(params, names, active, sizes)
         elif self.max_grad_norm is not None and grads:
             clip_per_node(grads, self.max_grad_norm)
         self.optimizer.step(active, names)

@@ -30,6 +30,7 @@ from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
 from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
 from declora.robust import robust_choco, robust_gossip, server_aggregate
+from declora.robust_uploads import slice_mask
 
 # Which exchange each algorithm's messages go through: robust rules need a plain gossip or server mean.
 GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
@@ -168,13 +169,6 @@ class GuardedExchange:
             self.prev[k].copy_(state[f"{PREV}{k}"])
 
 
-def slice_mask(keep: Tensor, x: Tensor, dim: int) -> Tensor:
-    """(m, ...) bool like x: True on the slices ``keep`` (m, r) of x along ``dim`` (the rank axis)."""
-    shape = [x.shape[0]] + [1] * (x.dim() - 1)
-    shape[dim] = keep.shape[1]
-    return keep.to(x.device).view(shape).expand_as(x)
-
-
 def build_account(cfg: Config, sizes: list[int], nodes: Tensor) -> PrivacyAccount | None:
     """The privacy account of this process's nodes ``nodes`` (m,) given every node's data size, with
     sigma as configured or solved for ``target_epsilon`` over the run's planned steps: one message per
@@ -247,17 +241,23 @@ def _validate_privacy(cfg: Config) -> None:
 
 def _validate_robust(cfg: Config) -> None:
     r, name = cfg.robust, cfg.algorithm.name
+    servers = SERVER_ALGORITHMS + MASKED_UPLOADS
     if r.aggregator == "mean":
         pass
-    elif r.aggregator == "krum" and name not in SERVER_ALGORITHMS:
+    elif r.aggregator == "krum" and name in MASKED_UPLOADS and name != "fedex_lora":
         raise ConfigError(
-            f"robust.aggregator=krum runs at a server; algorithm.name={name} is not one of "
-            f"{list(SERVER_ALGORITHMS)}"
+            f"robust.aggregator=krum compares whole uploads, but algorithm.name={name}'s nodes upload "
+            "different rank components (sketches or ranks of their own): there is no common vector to "
+            "compare; use trimmed_mean, median or clipped (per component, over the nodes that sent it)"
         )
-    elif name not in GOSSIP_ALGORITHMS + SERVER_ALGORITHMS:
+    elif r.aggregator == "krum" and name not in servers:
         raise ConfigError(
-            f"robust.aggregator={r.aggregator} needs a plain gossip or server mean; algorithm.name={name} "
-            f"mixes otherwise: use one of {sorted(GOSSIP_ALGORITHMS + SERVER_ALGORITHMS)}"
+            f"robust.aggregator=krum runs at a server; algorithm.name={name} is not one of {list(servers)}"
+        )
+    elif name not in GOSSIP_ALGORITHMS + servers:
+        raise ConfigError(
+            f"robust.aggregator={r.aggregator} needs a plain gossip or a server aggregate; "
+            f"algorithm.name={name} mixes otherwise: use one of {sorted(GOSSIP_ALGORITHMS + servers)}"
         )
     if not 0 <= r.trim < 0.5:
         raise ConfigError(f"robust.trim={r.trim} must be in [0, 0.5)")

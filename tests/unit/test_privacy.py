@@ -13,8 +13,9 @@ from declora.attack import attacker_mask, corrupt, flip_labels
 from declora.comm.exchange import LocalExchange
 from declora.config import AttackConfig, ConfigError, PrivacyConfig, load_config
 from declora.dist import Solo
-from declora.guard import GuardedExchange, slice_mask
+from declora.guard import GuardedExchange
 from declora.privacy import PrivacyAccount, clip_change, epsilon, privatize, resolve_sigma
+from declora.robust_uploads import slice_mask
 
 pytestmark = pytest.mark.unit
 opacus = pytest.importorskip("opacus.accountants")
@@ -123,6 +124,7 @@ def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
         (["privacy.level=node", "privacy.noise_multiplier=1", "privacy.delta=2"], "privacy.delta=2.0"),
         (["robust.aggregator=krum"], "robust.aggregator=krum runs at a server"),
         (["robust.aggregator=median", "algorithm.name=decaf"], "algorithm.name=decaf"),
+        (["robust.aggregator=krum", "algorithm.name=fslora"], "no common vector to compare"),
         (["robust.aggregator=foo"], "robust.aggregator='foo' is not allowed"),
         (["attack.kind=sign_flip"], "needs attack.nodes"),
         (["attack.kind=sign_flip", "attack.nodes=[9]", "nodes=4"], "attack.nodes=[9]"),

@@ -8,6 +8,8 @@ Foundation Models." ACL 2025. Round t, participants S with weights p_i (server.w
              W0 <- W0 + s R      in every adapted module's frozen base weight
     so that  W0' + s B A = W0 + s sum_i p_i B_i A_i   exactly (a tested invariant)
     head (model.head=train): FedAvg with the same p_i
+    robust.aggregator: the three means (A, B, the products) are the rule's (declora.robust_uploads); Krum
+             makes its chosen node's factors the server model (R = 0)
 
 Possible here because every node shares one frozen base (declora's one idea): one fold serves them all.
 Bytes: each participant uploads (A_i, B_i); every online node downloads (A, B) and R, booked dense
@@ -28,8 +30,9 @@ from torch import Tensor
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
 from declora.algorithms.ranks import average_head, factor_messages, round_start
 from declora.algorithms.server import active_nodes, upload_shares, weighting
-from declora.config import Config
+from declora.config import Config, RobustConfig
 from declora.model import Federation, averaged_factors
+from declora.robust_uploads import krum_weights, product_correction, upload_correction
 from declora.schedules import Schedule
 
 
@@ -55,12 +58,19 @@ class BaseFolds:
                 v.base.weight.copy_(state[f"base/{k}"])
 
 
-def exact_residual(A: Tensor, B: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def exact_residual(
+    A: Tensor, B: Tensor, p: Tensor, robust: RobustConfig | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(A_mean (r, d_in), B_mean (d_out, r), R (d_out, d_in)) with B_mean A_mean + R = sum_i p_i B_i A_i;
-    A: (n, r, d_in), B: (n, d_out, r), p: (n,) summing to 1 (0 for non-senders)."""
+    A: (n, r, d_in), B: (n, d_out, r), p: (n,) summing to 1 (0 for non-senders). With a robust rule
+    (robust_uploads) each of the three means is the rule's: of the factors and of the products B_i A_i."""
     w = p.to(A.device, A.dtype)
     A_mean, B_mean = torch.einsum("n,nri->ri", w, A), torch.einsum("n,nor->or", w, B)
     product = torch.einsum("n,nor,nri->oi", w, B, A)
+    if robust is not None and robust.aggregator not in ("mean", "krum"):  # krum: p is its choice already
+        fix = upload_correction(robust, {"A": A, "B": B}, p)
+        A_mean, B_mean = A_mean + fix["A"], B_mean + fix["B"]
+        product = product + product_correction(robust, A, B, None, p)
     return A_mean, B_mean, product - B_mean @ A_mean
 
 
@@ -92,8 +102,11 @@ class FedExLoRA:
         table = ctx.exchange.upload_masked(
             factor_messages(fed), keep, senders, ctx.round, False, self.start
         )  # (n, ...)
+        robust = self.cfg.robust
+        if robust.aggregator == "krum":  # the chosen node's whole upload is the server model
+            p = krum_weights(table, p, robust.krum_f)
         for name, layer in fed.lora.items():
-            A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p)
+            A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p, robust)
             self.folds.add(name, fed.scale * R)
             ctx.exchange.ledger.add_server(int(online.sum()), R.numel() * 4)  # this process's receivers
             with torch.no_grad():

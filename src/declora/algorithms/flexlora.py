@@ -15,6 +15,7 @@ nodes S (``server.participants``), after local training (train.lr):
     every node: B = U Sigma, A = V^T;  its gate keeps the first r_i, so B G_i A = TSVD_{r_i}(M):
                 node i receives B_i = U[:, :r_i] Sigma[:r_i], A_i = V[:, :r_i]^T
     head (model.head=train): FedAvg with the same p_i
+    robust.aggregator: M is the rule's aggregate of the dense products B_i G_i A_i (declora.robust_uploads)
 
 With a server optimizer other than average (server.optimizer), the server keeps the dense product W
 (d_out, d_in) per module and moves it by its rule on Delta = M - W, then sends the factors of TSVD_r(W):
@@ -48,6 +49,7 @@ from declora.algorithms.ranks import (
 from declora.algorithms.server import participants, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
+from declora.robust_uploads import product_correction
 from declora.schedules import Schedule
 from declora.server_opt import build_server_optimizer
 
@@ -94,13 +96,19 @@ class FlexLoRA:
         dense = self.opt.rule != "average"
         self.W = {k: (v.B[0] @ v.A[0]).detach().clone() for k, v in self.fed.lora.items() if dense}
 
-    def server_step(self, name: str, A: Tensor, B: Tensor, p: Tensor) -> tuple[Tensor, Tensor]:
-        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i; the factors of TSVD_r(W): (A', B')."""
+    def server_step(
+        self, name: str, A: Tensor, B: Tensor, p: Tensor, fix: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i (+ a robust rule's correction ``fix``); the
+        factors of TSVD_r(W): (A', B'). Under ``average`` W is M itself."""
         Bg = B if self.gate is None else B * self.gate.to(B.device)[:, None, :]
         M = torch.einsum("n,nor,nri->oi", p.to(A.device, A.dtype), Bg, A)  # (d_out, d_in)
-        self.opt.step(self.W, {name: M - self.W[name]})
+        M = M if fix is None else M + fix.to(M)
+        if self.opt.rule != "average":
+            self.opt.step(self.W, {name: M - self.W[name]})
+            M = self.W[name]
         eye = torch.eye(A.shape[2], dtype=torch.float64, device=A.device)[None]
-        B_new, A_new = tsvd_factors(self.W[name].double()[None], eye, self.fed.cfg.rank, split="left")
+        B_new, A_new = tsvd_factors(M.double()[None], eye, self.fed.cfg.rank, split="left")
         return A_new[0].to(A.dtype), B_new[0].to(B.dtype)
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -129,11 +137,15 @@ class FlexLoRA:
             factor_messages(fed), keep, senders, ctx.round, False, self.start
         )
         for name, layer in fed.lora.items():
-            a, b = f"{name}.lora_A", f"{name}.lora_B"
-            if self.opt.rule == "average":
-                A_new, B_new = flex_aggregate(received[a], received[b], self.gate, p, fed.cfg.rank)
+            A, B = received[f"{name}.lora_A"], received[f"{name}.lora_B"]
+            fix = None  # a robust rule over the nodes' products (robust_uploads), if it cuts anything
+            if self.run_cfg.robust.aggregator != "mean":
+                fix = product_correction(self.run_cfg.robust, A, B, self.gate, p)
+                fix = fix if bool(fix.any()) else None
+            if self.opt.rule == "average" and fix is None:  # never the dense product
+                A_new, B_new = flex_aggregate(A, B, self.gate, p, fed.cfg.rank)
             else:
-                A_new, B_new = self.server_step(name, received[a], received[b], p)
+                A_new, B_new = self.server_step(name, A, B, p, fix)
             with torch.no_grad():
                 layer.A.copy_(A_new.expand_as(layer.A))
                 layer.B.copy_(B_new.expand_as(layer.B))

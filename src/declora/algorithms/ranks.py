@@ -16,7 +16,8 @@ A gate of 0 removes a component: it contributes nothing and gets zero gradient i
       g = (1/|S|) sum_{i in S} pad_i(theta_server - theta_i)      (zero outside node i's components)
 
   (p_i = n_i / sum_S n_j instead of 1/|S| with server.weighting=size). Its factors and moments are the
-  algorithm's checkpointed state.
+  algorithm's checkpointed state. A robust rule (robust.aggregator) replaces each component's mean by the
+  rule's over the nodes that sent that component (declora.robust_uploads).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor
 from declora.algorithms.base import RoundContext
 from declora.config import Config
 from declora.model import Federation
+from declora.robust_uploads import slice_mask, upload_correction
 from declora.server_opt import build_server_optimizer
 
 RANK_DIM = {"A": 1, "B": 2}  # A: (n, r, d_in), B: (n, d_out, r)
@@ -95,7 +97,7 @@ class ServerFactors:
     def __init__(self, fed: Federation, cfg: Config) -> None:
         self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(("A", "B")).items()}
         self.opt = build_server_optimizer(cfg, "adamw")  # the paper's server unless server.optimizer is set
-        self.weighting = cfg.server.weighting
+        self.weighting, self.robust = cfg.server.weighting, cfg.robust
 
     def tensors(self) -> dict[str, Tensor]:
         return dict(self.x)
@@ -106,15 +108,20 @@ class ServerFactors:
         everyone = ctx.exchange.all_nodes(senders)  # (n,) over every process's nodes
         if not everyone.any():
             return
-        decoded = ctx.exchange.upload_masked(  # (n, ...) on every process
-            factor_messages(ctx.fed, self.tensors()), keep, senders, ctx.round, indices
-        )
+        msgs = factor_messages(ctx.fed, self.tensors())
+        decoded = ctx.exchange.upload_masked(msgs, keep, senders, ctx.round, indices)  # (n, ...) everywhere
         if self.weighting == "size":
             p = everyone.float() * ctx.exchange.all_nodes(ctx.data_sizes).float().cpu()
             p = p / p.sum()  # (n,)
             g = {k: torch.einsum("n,n...->...", p.to(d.device, d.dtype), d)[None] for k, d in decoded.items()}
         else:
+            p = everyone.float() / everyone.sum()
             g = {k: d.sum(0, keepdim=True) / everyone.sum().to(d.dtype) for k, d in decoded.items()}
+        if self.robust.aggregator != "mean":  # over the senders of each component (robust_uploads)
+            every = ctx.exchange.all_nodes(keep)  # (n, r)
+            masks = {k: slice_mask(every, d, msgs[k][1]) for k, d in decoded.items()}
+            fix = upload_correction(self.robust, decoded, p, masks)
+            g = {k: v + fix[k][None] for k, v in g.items()}
         self.opt.step(self.x, {k: -v for k, v in g.items()})
 
     def broadcast(self, fed: Federation) -> None:

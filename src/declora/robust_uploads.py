@@ -1,0 +1,120 @@
+"""Robust server rules for uploads that are not whole states (``robust.aggregator`` with fslora, hetlora,
+flexlora, fedex_lora, flora; declora.robust has the rules for whole uploads and for gossip).
+
+Masked uploads (FSLoRA, HetLoRA): node i sends only its rank components keep_i, and the server's plain
+aggregate of a coordinate c is sum_{i in U_c} w_i v_ic = P_c * (the w-weighted mean over U_c), U_c the
+senders of c and P_c = sum_{i in U_c} w_i. A rule replaces that mean by its own, over U_c only:
+
+    trimmed_mean  of the k_c values of U_c, floor(trim k_c) smallest and largest dropped, the rest
+                  renormalized to P_c
+    median        P_c * the w-weighted median over U_c
+    clipped       x_c = plain_c - sum_i w_i (1 - min(1, tau / ||d_i||)) d_ic,  d_i = (v_i - centre) on
+                  keep_i, centre the coordinate-wise median over U_c, ||d_i|| over node i's sent entries
+
+Products (FlexLoRA, FedEx-LoRA, FLoRA aggregate M = sum_i p_i B_i G_i A_i): the same rules on the dense
+products M_i = B_i G_i A_i (d_out, d_in), per module (clipped: the norm of a module's product), so that
+the robust model is still a product the method can refactor (FlexLoRA's SVD) or fold (FedEx-LoRA, FLoRA).
+
+Krum compares whole uploads; nodes that upload different components (sketches, heterogeneous ranks) have
+no common vector to compare, so the config refuses it for them. FedEx-LoRA's nodes upload whole factors:
+Krum picks one node, whose factors become the server model (with a zero residual).
+
+Each rule is computed as a correction to the method's own plain aggregate, exactly zero when nothing is
+trimmed or clipped: trimmed_mean with trim 0 and clipped with an infinite tau are the plain run bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from declora.config import RobustConfig
+from declora.robust import clip_coefficients, krum_index
+
+
+def slice_mask(keep: Tensor, x: Tensor, dim: int) -> Tensor:
+    """(m, ...) bool like x: True on the slices ``keep`` (m, r) of x along ``dim`` (the rank axis)."""
+    shape = [x.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = keep.shape[1]
+    return keep.to(x.device).view(shape).expand_as(x)
+
+
+def masked_median(values: Tensor, w: Tensor, mask: Tensor) -> Tensor:
+    """Per coordinate, the w-weighted median of the values its senders (mask) sent; 0 where none did.
+    values: (k, D), w: (k,), mask: (k, D) bool -> (D,)."""
+    last = torch.where(mask, values, torch.full_like(values, float("inf")))  # unsent values sort last
+    ordered, order = last.sort(dim=0, stable=True)
+    wm = w[:, None] * mask  # (k, D)
+    cum = wm.gather(0, order).cumsum(0)
+    count = mask.sum(0)  # (D,)
+    pick = (cum < wm.sum(0) / 2).sum(0, keepdim=True)
+    pick = torch.minimum(pick, (count - 1).clamp(min=0)[None])  # (1, D)
+    return torch.where(count > 0, ordered.gather(0, pick)[0], torch.zeros_like(values[0]))
+
+
+def masked_trimmed_correction(values: Tensor, w: Tensor, mask: Tensor, trim: float) -> Tensor:
+    """sum_k (w'_k - w_k) v_k per coordinate over its senders: floor(trim k_c) of each tail dropped (at
+    least one value kept), the rest renormalized to the senders' weight; zero where nothing is dropped.
+    values: (k, D), w: (k,), mask: (k, D) bool -> (D,)."""
+    count = mask.sum(0)  # (D,)
+    cut = torch.minimum((trim * count).floor().long(), (count - 1).clamp(min=0) // 2)
+    if int(cut.max()) == 0:
+        return torch.zeros_like(values[0])
+    last = torch.where(mask, values, torch.full_like(values, float("inf")))
+    rank = last.argsort(dim=0, stable=True).argsort(dim=0, stable=True)  # senders first, in order
+    keep = mask & (rank >= cut) & (rank < count - cut)
+    wm = w[:, None] * mask
+    kept = wm * keep
+    total = kept.sum(0)
+    new = kept * torch.where(total > 0, wm.sum(0) / total, torch.zeros_like(total))
+    return ((new - wm) * torch.where(mask, values, torch.zeros_like(values))).sum(0)
+
+
+def upload_correction(
+    cfg: RobustConfig, values: dict[str, Tensor], weights: Tensor, masks: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """What rule ``cfg.aggregator`` adds to the plain aggregate sum_i w_i v_i of the uploads ``values``
+    (name -> (n, ...), zero where not sent) of the senders (weights (n,) > 0, summing to 1); masks:
+    name -> (n, ...) bool, the entries each node sent (None: all). Returns name -> (...)."""
+    senders = (weights > 0).nonzero().flatten()
+    k = len(senders)
+    flat = {n: v[senders].reshape(k, -1) for n, v in values.items()}  # (k, D)
+    sent = {
+        n: torch.ones_like(v, dtype=torch.bool) if masks is None else masks[n][senders].reshape(k, -1)
+        for n, v in flat.items()
+    }
+    w = {n: weights[senders].to(v.device, v.dtype) for n, v in flat.items()}
+    if cfg.aggregator == "clipped":
+        diffs = {n: (v - masked_median(v, w[n], sent[n])) * sent[n] for n, v in flat.items()}  # (k, D)
+        sq = sum(d.double().square().sum(1) for d in diffs.values())  # (k,)
+        shrink = 1 - clip_coefficients(torch.as_tensor(sq), cfg.clip_radius)  # (k,)
+        out = {n: -((shrink.to(d.dtype) * w[n])[:, None] * d).sum(0) for n, d in diffs.items()}
+    elif cfg.aggregator == "trimmed_mean":
+        out = {n: masked_trimmed_correction(v, w[n], sent[n], cfg.trim) for n, v in flat.items()}
+    elif cfg.aggregator == "median":
+        out = {}
+        for n, v in flat.items():
+            wm = w[n][:, None] * sent[n]
+            out[n] = wm.sum(0) * masked_median(v, w[n], sent[n]) - (wm * v).sum(0)
+    else:
+        raise ValueError(f"robust.aggregator={cfg.aggregator!r} has no rule for partial uploads")
+    return {n: out[n].view(values[n].shape[1:]) for n in values}
+
+
+def product_correction(cfg: RobustConfig, A: Tensor, B: Tensor, gate: Tensor | None, p: Tensor) -> Tensor:
+    """The rule's correction of M = sum_i p_i B_i G_i A_i, over the senders' dense products of one module.
+    A: (n, r, d_in), B: (n, d_out, r), gate: (n, r) or None, p: (n,) (0: not a sender) -> (d_out, d_in)."""
+    take = (p > 0).nonzero().flatten()
+    Bg = B[take] if gate is None else B[take] * gate.to(B.device, B.dtype)[take][:, None, :]
+    products = Bg @ A[take]  # (k, d_out, d_in)
+    return upload_correction(cfg, {"M": products}, p[take])["M"]
+
+
+def krum_weights(values: dict[str, Tensor], weights: Tensor, f: int) -> Tensor:
+    """(n,) weights with all the weight on Krum's choice among the senders' whole uploads values:
+    name -> (n, ...)."""
+    senders = (weights > 0).nonzero().flatten()
+    flat = torch.cat([v[senders].reshape(len(senders), -1) for v in values.values()], 1)  # (k, D)
+    chosen = torch.zeros_like(weights)
+    chosen[senders[krum_index(flat, f)]] = 1.0
+    return chosen

@@ -242,13 +242,15 @@ def _validate_privacy(cfg: Config) -> None:
 def _validate_robust(cfg: Config) -> None:
     r, name = cfg.robust, cfg.algorithm.name
     servers = SERVER_ALGORITHMS + MASKED_UPLOADS
+    ranks = cfg.algorithm.ranks or ()
     if r.aggregator == "mean":
         pass
-    elif r.aggregator == "krum" and name in MASKED_UPLOADS and name != "fedex_lora":
+    elif r.aggregator == "krum" and (name == "fslora" or (name in MASKED_UPLOADS and len(set(ranks)) > 1)):
+        which = "random sketches" if name == "fslora" else f"algorithm.ranks={list(ranks)}"
         raise ConfigError(
             f"robust.aggregator=krum compares whole uploads, but algorithm.name={name}'s nodes upload "
-            "different rank components (sketches or ranks of their own): there is no common vector to "
-            "compare; use trimmed_mean, median or clipped (per component, over the nodes that sent it)"
+            f"different rank components ({which}): there is no common vector to compare; use "
+            "trimmed_mean, median or clipped (per component, over the nodes that sent it)"
         )
     elif r.aggregator == "krum" and name not in servers:
         raise ConfigError(

@@ -15,9 +15,9 @@ Products (FlexLoRA, FedEx-LoRA, FLoRA aggregate M = sum_i p_i B_i G_i A_i): the 
 products M_i = B_i G_i A_i (d_out, d_in), per module (clipped: the norm of a module's product), so that
 the robust model is still a product the method can refactor (FlexLoRA's SVD) or fold (FedEx-LoRA, FLoRA).
 
-Krum compares whole uploads; nodes that upload different components (sketches, heterogeneous ranks) have
-no common vector to compare, so the config refuses it for them. FedEx-LoRA's nodes upload whole factors:
-Krum picks one node, whose factors become the server model (with a zero residual).
+Krum compares whole uploads, so every node must upload the same components: FSLoRA's sketches never are,
+nor heterogeneous ranks (HetLoRA, FlexLoRA, FLoRA), and the config refuses it for them. Otherwise Krum
+picks one node (``krum_weights``) and the method builds the server model from its upload alone.
 
 Each rule is computed as a correction to the method's own plain aggregate, exactly zero when nothing is
 trimmed or clipped: trimmed_mean with trim 0 and clipped with an infinite tau are the plain run bit for bit.

@@ -104,3 +104,26 @@ def test_a_scaled_attacker_moves_fslora_s_server_model_and_the_median_keeps_it_o
     robust, last = effect("robust.aggregator=median")
     assert plain > 1.0 and robust < plain / 10, (robust, plain)  # measured: 0.09 against 10.1
     assert {"acc_honest_mean", "acc_honest_min", "acc_honest_avg_factors"} <= set(last)
+
+
+@pytest.mark.parametrize("algorithm", ["hetlora", "flexlora", "flora"])
+def test_krum_with_equal_ranks_leaves_a_scaled_upload_out(algorithm, tiny_bert, tmp_path):
+    """Equal ranks: every node uploads the same components, so Krum has whole uploads to compare (with
+    heterogeneous ranks the config refuses it). Node 1 sends 100 times its upload."""
+    setup = ["nodes=5", "algorithm.ranks=null", "server.fraction=1.0"]
+    attack = ["attack.kind=scaled", "attack.nodes=[1]", "attack.scale=100"]
+
+    def effect(*rule: str) -> float:
+        clean = _run(tiny_bert, tmp_path / f"clean{len(rule)}", algorithm, *setup, *rule)
+        hit = _run(tiny_bert, tmp_path / f"hit{len(rule)}", algorithm, *setup, *rule, *attack)
+        ref, got = (
+            clean.fed.tensors() | clean.algorithm.state_dict(),
+            hit.fed.tensors() | hit.algorithm.state_dict(),
+        )
+        return (
+            sum(float((got[k].detach().double() - ref[k].detach().double()).square().sum()) for k in ref)
+            ** 0.5
+        )
+
+    plain, krum = effect(), effect("robust.aggregator=krum")
+    assert krum < plain / 10, (krum, plain)

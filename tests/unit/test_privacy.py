@@ -124,7 +124,11 @@ def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
         (["privacy.level=node", "privacy.noise_multiplier=1", "privacy.delta=2"], "privacy.delta=2.0"),
         (["robust.aggregator=krum"], "robust.aggregator=krum runs at a server"),
         (["robust.aggregator=median", "algorithm.name=decaf"], "algorithm.name=decaf"),
-        (["robust.aggregator=krum", "algorithm.name=fslora"], "no common vector to compare"),
+        (["robust.aggregator=krum", "algorithm.name=fslora"], "random sketches"),
+        (
+            ["robust.aggregator=krum", "algorithm.name=hetlora", "nodes=3", "algorithm.ranks=[1,2,4]"],
+            "ranks=[1, 2, 4]",
+        ),
         (["robust.aggregator=foo"], "robust.aggregator='foo' is not allowed"),
         (["attack.kind=sign_flip"], "needs attack.nodes"),
         (["attack.kind=sign_flip", "attack.nodes=[9]", "nodes=4"], "attack.nodes=[9]"),

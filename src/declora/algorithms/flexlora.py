@@ -49,7 +49,7 @@ from declora.algorithms.ranks import (
 from declora.algorithms.server import participants, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
-from declora.robust_uploads import product_correction
+from declora.robust_uploads import krum_weights, product_correction
 from declora.schedules import Schedule
 from declora.server_opt import build_server_optimizer
 
@@ -136,10 +136,12 @@ class FlexLoRA:
         received = ctx.exchange.upload_masked(
             factor_messages(fed), keep, senders, ctx.round, False, self.start
         )
+        if self.run_cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's product
+            p = krum_weights(received, p, self.run_cfg.robust.krum_f)
         for name, layer in fed.lora.items():
             A, B = received[f"{name}.lora_A"], received[f"{name}.lora_B"]
             fix = None  # a robust rule over the nodes' products (robust_uploads), if it cuts anything
-            if self.run_cfg.robust.aggregator != "mean":
+            if self.run_cfg.robust.aggregator not in ("mean", "krum"):
                 fix = product_correction(self.run_cfg.robust, A, B, self.gate, p)
                 fix = fix if bool(fix.any()) else None
             if self.opt.rule == "average" and fix is None:  # never the dense product

@@ -39,7 +39,7 @@ from declora.algorithms.ranks import (
 from declora.algorithms.server import active_nodes, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
-from declora.robust_uploads import product_correction
+from declora.robust_uploads import krum_weights, product_correction
 from declora.schedules import Schedule
 from declora.seeding import torch_generator
 
@@ -87,6 +87,8 @@ class FLoRA:
         senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = active_components(fed, self.gate)
         table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False, self.start)
+        if self.cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's adapter
+            p = krum_weights(table, p, self.cfg.robust.krum_f)
         stacked_rank = sum(k for k, w in zip(self.ranks, p.tolist(), strict=True) if w > 0)
         for name, layer in fed.lora.items():
             A, B = table[f"{name}.lora_A"], table[f"{name}.lora_B"]
@@ -95,7 +97,7 @@ class FLoRA:
             d_out, d_in = B_s.shape[0], A_s.shape[1]
             ctx.exchange.ledger.add_server(int(online.sum()), 4 * stacked_rank * (d_in + d_out))
             fix = None  # a robust rule's correction of the products' mean (robust_uploads), sent dense
-            if self.cfg.robust.aggregator != "mean":
+            if self.cfg.robust.aggregator not in ("mean", "krum"):
                 fix = product_correction(self.cfg.robust, A, B, self.gate, p)
             if fix is not None and bool(fix.any()):
                 self.folds.add(name, fed.scale * fix)

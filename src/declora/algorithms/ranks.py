@@ -28,7 +28,7 @@ from torch import Tensor
 from declora.algorithms.base import RoundContext
 from declora.config import Config
 from declora.model import Federation
-from declora.robust_uploads import slice_mask, upload_correction
+from declora.robust_uploads import krum_weights, slice_mask, upload_correction
 from declora.server_opt import build_server_optimizer
 
 RANK_DIM = {"A": 1, "B": 2}  # A: (n, r, d_in), B: (n, d_out, r)
@@ -117,7 +117,10 @@ class ServerFactors:
         else:
             p = everyone.float() / everyone.sum()
             g = {k: d.sum(0, keepdim=True) / everyone.sum().to(d.dtype) for k, d in decoded.items()}
-        if self.robust.aggregator != "mean":  # over the senders of each component (robust_uploads)
+        if self.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's delta
+            p = krum_weights(decoded, p, self.robust.krum_f)
+            g = {k: torch.einsum("n,n...->...", p.to(d.device, d.dtype), d)[None] for k, d in decoded.items()}
+        elif self.robust.aggregator != "mean":  # over the senders of each component (robust_uploads)
             every = ctx.exchange.all_nodes(keep)  # (n, r)
             masks = {k: slice_mask(every, d, msgs[k][1]) for k, d in decoded.items()}
             fix = upload_correction(self.robust, decoded, p, masks)

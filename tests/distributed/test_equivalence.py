@@ -104,6 +104,7 @@ CASES = {
         ["algorithm.ranks=[1,2,4,3,2]", "comm.codec=quantize", "attack.kind=scaled", "attack.nodes=[0]"]
         + ["attack.scale=3", "robust.aggregator=trimmed_mean", "robust.trim=0.25"],
     ),
+    "hetlora_krum": ("hetlora", ["attack.kind=scaled", "attack.nodes=[2]", "robust.aggregator=krum"]),
     "fedex_krum": (
         "fedex_lora",
         ["export=none", "attack.kind=gaussian", "attack.nodes=[2]", "robust.aggregator=krum"],
@@ -136,7 +137,7 @@ CASES = {
 }
 SERVER = {"fedavg_dropout", "fedadam_sampled", "scaffold_cosine", "fedprox"}
 SERVER |= {"fedavg_trimmed", "fedprox_clipped", "fedsa_krum", "fslora_guarded", "scaffold_guarded"}
-SERVER |= {"hetlora_median", "flexlora_trimmed", "fedex_krum", "flora_clipped"}
+SERVER |= {"hetlora_median", "hetlora_krum", "flexlora_trimmed", "fedex_krum", "flora_clipped"}
 SERVER |= {
     "fslora_sampled",
     "hetlora_size",
@@ -179,6 +180,7 @@ SLICES = {
         "scaffold_guarded": (3, 2),
         "hetlora_median": (2, 3),
         "flexlora_trimmed": (1, 4),
+        "hetlora_krum": (1, 4),
         "fedex_krum": (3, 2),
         "flora_clipped": (2, 3),
         "dec_prox": (2, 3),

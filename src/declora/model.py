@@ -224,6 +224,7 @@ def build_federation(
             isinstance(module, (nn.Linear, QuantizedLinear))
             and name.split(".")[-1] in cfg.target_modules
             and not name.startswith(HEAD_ROOTS)
+            and not (pooling != "cls" and "pooler" in name.split("."))  # unread: the head pools itself
         ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
             lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A)
@@ -252,6 +253,19 @@ def build_federation(
 
 
 # ---------------------------------------------------------------- derived adapters
+
+
+def unadapted_targets(fed: Federation) -> list[str]:
+    """Linear layers whose name matches ``model.target_modules`` but that carry no LoRA (the head, and
+    BERT's pooler when the head reads the mean of the token states): PEFT must leave them alone too."""
+    return sorted(
+        name
+        for name, module in fed.model.named_modules()
+        if isinstance(module, (nn.Linear, QuantizedLinear))
+        and name.split(".")[-1] in fed.cfg.target_modules
+        and name not in fed.lora
+        and not name.startswith(HEAD_ROOTS)
+    )
 
 
 def fold_middle(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -353,6 +367,7 @@ def export_peft(
         r=rank,
         lora_alpha=alpha,
         target_modules=sorted(fed.cfg.target_modules),
+        exclude_modules=unadapted_targets(fed) or None,
         lora_dropout=fed.cfg.dropout,
         use_rslora=fed.cfg.rslora,
         task_type="CAUSAL_LM" if fed.causal else "SEQ_CLS",

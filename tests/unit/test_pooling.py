@@ -60,13 +60,20 @@ def test_mean_pooled_logits_do_not_depend_on_padding(tiny_bert):
     torch.testing.assert_close(short, long, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("targets", [("query", "value"), ("query", "value", "dense")])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
-def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_path, pooling):
+def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_path, pooling, targets):
+    # "dense" also names BERT's pooler: adapted when the head reads it (cls), left alone otherwise, in
+    # declora and in the exported PEFT config alike.
     from transformers import AutoTokenizer
 
     fed = build_federation(
-        ModelConfig(name=str(st_bert), rank=4, alpha=8, pooling=pooling), n=3, num_labels=2
+        ModelConfig(name=str(st_bert), rank=4, alpha=8, pooling=pooling, target_modules=targets),
+        n=3,
+        num_labels=2,
     )
+    pooler_adapted = any("pooler" in name for name in fed.lora)
+    assert pooler_adapted == (pooling == "cls" and "dense" in targets)
     _randomize(fed)
     node = 1
     batch = AutoTokenizer.from_pretrained(str(st_bert))(TEXTS, padding=True, return_tensors="pt")
@@ -75,6 +82,8 @@ def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_pa
     stacked = {k: v.detach() for k, v in fed.tensors().items()}
     folder = export_peft(fed, node_adapter(fed, stacked, node), tmp_path / "adapter")
     assert json.loads((folder / POOLING_FILE).read_text()) == {"pooling": pooling, "num_labels": 2}
+    excluded = json.loads((folder / "adapter_config.json").read_text())["exclude_modules"]
+    assert (excluded or []) == (["bert.pooler.dense"] if "dense" in targets and pooling == "mean" else [])
     readme = (folder / "README.md").read_text()
     if pooling == "cls":
         from peft import PeftModel

@@ -284,11 +284,24 @@ def _split_overrides(args: argparse.Namespace) -> None:
         args.config = None
 
 
+def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with key=value overrides allowed on both sides of a flag."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at the first flag: `run a=1 --overwrite b=2` leaves b=2 over.
+    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    _split_overrides(args)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from declora.dist import DistributedRunError
 
-    args = build_parser().parse_args(argv)
-    _split_overrides(args)
+    args = parse_cli(argv)
     # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
     quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(

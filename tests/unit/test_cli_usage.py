@@ -60,3 +60,15 @@ def test_the_repository_documents_itself():
     hits = [f"{p}: {s}" for p in files for s in outside if s in p.read_text(errors="ignore")]
     assert hits == []
     assert (root / "docs" / "algorithms.md").is_file()
+
+
+def test_overrides_may_follow_a_flag():
+    from declora.cli import parse_cli
+
+    args = parse_cli(["run", "run_dir=/tmp/x", "--overwrite", "rounds=2", "train.lr=0.01"])
+    assert args.overwrite and args.config is None
+    assert args.overrides == ["run_dir=/tmp/x", "rounds=2", "train.lr=0.01"]
+    args = parse_cli(["compare", "g.yaml", "--out", "o", "rounds=1"])
+    assert (args.grid, args.out, args.overrides) == ("g.yaml", "o", ["rounds=1"])
+    with pytest.raises(SystemExit):  # an unknown flag is still an error, not an override
+        parse_cli(["run", "rounds=1", "--overwrite", "rounds=2", "--oops"])

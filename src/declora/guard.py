@@ -5,7 +5,8 @@ each defined in its own module:
 
     what a node sends      privacy.privatize (node-level DP), then attack.corrupt (Byzantine senders)
     how a node mixes       robust.robust_gossip over its own exact state and the decoded messages
-    what a server keeps    robust.server_aggregate over the decoded uploads
+    what a server keeps    robust.server_aggregate over the decoded uploads (masked uploads: the method
+                           aggregates them itself, with robust_uploads' rules)
 
 Encoding, routing and byte counts stay the inner exchange's: a gossip becomes the inner ``share`` (the
 same messages, edges and bytes) followed by the robust rule. Without privacy, attack or a robust rule
@@ -251,6 +252,12 @@ def _validate_robust(cfg: Config) -> None:
             f"robust.aggregator=krum compares whole uploads, but algorithm.name={name}'s nodes upload "
             f"different rank components ({which}): there is no common vector to compare; use "
             "trimmed_mean, median or clipped (per component, over the nodes that sent it)"
+        )
+    elif r.aggregator == "krum" and name == "scaffold":
+        raise ConfigError(
+            "robust.aggregator=krum with algorithm.name=scaffold: Krum would make one node's control-variate "
+            "change the server's, so c stops being the mean of the nodes' c_i, the corrections c - c_i no "
+            "longer cancel and the model drifts; use trimmed_mean, median or clipped"
         )
     elif r.aggregator == "krum" and name not in servers:
         raise ConfigError(

@@ -83,7 +83,7 @@ CASES = {
     "fedex_lora": ("fedex_lora", ["export=none", "server.weighting=size"]),  # folds into every rank's base
     "flora": ("flora", ["export=none", "algorithm.ranks=[1,2,4,3,2]", "server.fraction=0.6"]),
     # private and Byzantine uploads of only some components (noise and attacks on what is sent), and
-    # SCAFFOLD's two uploads (factors, control-variate changes) under DP, a sign flipper and Krum
+    # SCAFFOLD's two uploads (factors, control-variate changes) under DP, a sign flipper and a trimmed mean
     "fslora_guarded": (
         "fslora",
         ["server.optimizer=sgd", "server.lr=0.5", *PRIVATE_NODES, "attack.kind=gaussian", "attack.nodes=[2]"]
@@ -115,7 +115,7 @@ CASES = {
     ),
     "scaffold_guarded": (
         "scaffold",
-        [*PRIVATE_NODES, "attack.kind=sign_flip", "attack.nodes=[1]", "robust.aggregator=krum"],
+        [*PRIVATE_NODES, "attack.kind=sign_flip", "attack.nodes=[1]", "robust.aggregator=trimmed_mean"],
     ),
     "dec_prox": ("dec_prox", ["algorithm.mu=0.5"]),  # gossip with FedProx's pull
     # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped

@@ -125,6 +125,7 @@ def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
         (["robust.aggregator=krum"], "robust.aggregator=krum runs at a server"),
         (["robust.aggregator=median", "algorithm.name=decaf"], "algorithm.name=decaf"),
         (["robust.aggregator=krum", "algorithm.name=fslora"], "random sketches"),
+        (["robust.aggregator=krum", "algorithm.name=scaffold"], "corrections c - c_i no longer cancel"),
         (
             ["robust.aggregator=krum", "algorithm.name=hetlora", "nodes=3", "algorithm.ranks=[1,2,4]"],
             "ranks=[1, 2, 4]",

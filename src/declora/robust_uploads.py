@@ -14,6 +14,7 @@ senders of c and P_c = sum_{i in U_c} w_i. A rule replaces that mean by its own,
 Products (FlexLoRA, FedEx-LoRA, FLoRA aggregate M = sum_i p_i B_i G_i A_i): the same rules on the dense
 products M_i = B_i G_i A_i (d_out, d_in), per module (clipped: the norm of a module's product), so that
 the robust model is still a product the method can refactor (FlexLoRA's SVD) or fold (FedEx-LoRA, FLoRA).
+Cost: the senders' products of one module at a time, |S| d_out d_in floats, on the server (every rank).
 
 Krum compares whole uploads, so every node must upload the same components: FSLoRA's sketches never are,
 nor heterogeneous ranks (HetLoRA, FlexLoRA, FLoRA), and the config refuses it for them. Otherwise Krum

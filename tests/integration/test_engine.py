@@ -112,8 +112,14 @@ DP_SGD = ("privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip
 
 @pytest.mark.parametrize(
     "extra",
-    [("model.dropout=0.1",), ("comm.codec=topk", "comm.fraction=0.2"), PRIVATE_ROBUST, DP_SGD],
-    ids=["dropout", "choco", "private_robust", "dp_sgd"],
+    [
+        ("model.dropout=0.1",),
+        ("comm.codec=topk", "comm.fraction=0.2"),
+        PRIVATE_ROBUST,
+        DP_SGD,
+        ("algorithm.name=flexlora", "algorithm.ranks=[1,2,4,3]", *PRIVATE_ROBUST),  # masked uploads
+    ],
+    ids=["dropout", "choco", "private_robust", "dp_sgd", "flexlora_private_robust"],
 )
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path, extra):
     full = build_experiment(tiny_config(tiny_bert, tmp_path / "a", *extra))

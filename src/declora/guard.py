@@ -170,16 +170,27 @@ class GuardedExchange:
             self.prev[k].copy_(state[f"{PREV}{k}"])
 
 
+def node_releases_per_round(cfg: Config) -> int:
+    """Messages a node sends per round under node-level DP, each clipped and noised on its own, so the
+    accountant composes them all: a trained head travels beside a masked upload or DeCAF's products in a
+    message of its own, and SCAFFOLD's control-variate change is a second upload."""
+    name = cfg.algorithm.name
+    if name == "scaffold" or (name in (*MASKED_UPLOADS, "decaf") and cfg.model.head == "train"):
+        return 2
+    return 1
+
+
 def build_account(cfg: Config, sizes: list[int], nodes: Tensor) -> PrivacyAccount | None:
     """The privacy account of this process's nodes ``nodes`` (m,) given every node's data size, with
-    sigma as configured or solved for ``target_epsilon`` over the run's planned steps: one message per
-    round (node level), or every local step at sampling rate b / |D_i| (example level)."""
+    sigma as configured or solved for ``target_epsilon`` over the run's planned steps: every message of
+    every round (node level, ``node_releases_per_round``), or every local step at sampling rate
+    b / |D_i| (example level)."""
     p, t = cfg.privacy, cfg.train
     if p.level == "none":
         return None
     if p.level == "node":
         rates = [1.0] * len(sizes)
-        steps = [cfg.rounds] * len(sizes)
+        steps = [cfg.rounds * node_releases_per_round(cfg)] * len(sizes)
     else:
         rates = [min(1.0, t.batch_size / size) for size in sizes]
         per_round = [

@@ -158,3 +158,26 @@ def test_krum_at_the_server_keeps_a_sign_flippers_upload_out(tiny_bert, tmp_path
     hit, kept = _distance_to(clean, mean), _distance_to(clean, krum)
     assert kept < hit / 2, (kept, hit)
     assert "acc_honest_avg_factors" in _records(krum)[-1]
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "head"),
+    [
+        ("dec_lora", "train"),
+        ("fslora", "train"),
+        ("fslora", "frozen"),
+        ("scaffold", "train"),
+        ("decaf", "train"),
+    ],
+)
+def test_target_epsilon_is_what_the_run_spends_whatever_it_sends_per_round(
+    tiny_bert, tmp_path, algorithm, head
+):
+    # sigma is solved for every message a node releases (a masked upload and its head, SCAFFOLD's two
+    # uploads): the epsilon spent at the end is the target, not more (it was 12.2 for 8 on FSLoRA).
+    extra = ["privacy.level=node", "privacy.target_epsilon=8", "privacy.clip=1.0", f"model.head={head}"]
+    if algorithm == "fslora":
+        extra.append("algorithm.sketch_ratios=[0.5,0.5,0.5,0.5,0.5,0.5]")
+    run = _run(tiny_bert, tmp_path / "run", f"algorithm.name={algorithm}", *extra)
+    spent = [r["privacy_epsilon_max"] for r in _records(run) if "privacy_epsilon_max" in r][-1]
+    assert spent == pytest.approx(8.0, rel=0.02)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from helpers import write_tiny_data
 from unit_helpers import round_context, tiny_experiment
 
 from declora import engine
@@ -15,17 +14,7 @@ from declora.config import ConfigError, load_config
 from declora.lr_schedule import multiplier
 from declora.optim import NodeAdamW
 
-pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
-
-
-@pytest.fixture(autouse=True)
-def no_report(monkeypatch):
-    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread", "no_report")]
 
 
 def _run(tiny_bert, tiny_data, folder, *extra):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_tiny_data
 from unit_helpers import tiny_experiment
 
 from declora import engine
@@ -15,17 +14,7 @@ from declora.config import ConfigError, TopologyConfig, load_config
 from declora.topology import build_graph, mixing_matrix
 from declora.train import NodeStreams
 
-pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
-
-
-@pytest.fixture(autouse=True)
-def no_report(monkeypatch):
-    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread", "no_report")]
 
 
 def ring(n: int) -> torch.Tensor:

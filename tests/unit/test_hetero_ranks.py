@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_tiny_data
 from unit_helpers import perturb, round_context, tiny_experiment
 
 from declora.algorithms.flexlora import flex_aggregate
@@ -13,11 +12,6 @@ from declora.lora import NodeRouting, RankMask, StackedLoRALinear
 from declora.model import build_federation, export_peft, node_adapter
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
 
 
 def tiny(tiny_bert, tiny_data, tmp_path, *extra):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_tiny_data
 from unit_helpers import perturb, round_context, tiny_experiment
 
 from declora.algorithms.fedex_lora import exact_residual
@@ -13,11 +12,6 @@ from declora.algorithms.flora import stack_adapters
 from declora.config import ConfigError, load_config
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
 
 
 def _train_and_snapshot(exp):

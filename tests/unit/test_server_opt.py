@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import write_tiny_data
 from torch import Tensor
 from unit_helpers import perturb, round_context, tiny_experiment
 
@@ -107,11 +106,6 @@ def test_sampling_is_seeded_per_round_and_fraction_one_is_everyone():
 
 
 # ---------------------------------------------------------------- one round on the tiny BERT
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    return write_tiny_data(tmp_path / "tiny.jsonl", rows=80)
 
 
 def _round(exp, t: int = 0) -> dict:

@@ -143,7 +143,7 @@ CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
         for q in ("int8", "nf4")
     ],
 }
-CLAIM_WORDS = {"greater": "A > B", "less": "A < B", "equivalent": "|A − B| ≤ {m:g}"}
+CLAIM_WORDS = {"greater": "A > B", "less": "A < B", "equivalent": "A ≈ B within ±{m:g}"}  # no pipes: a table
 
 
 def unit(metric: str) -> float:

@@ -211,8 +211,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         cfg.train.tokens_per_chunk or default_tokens_per_chunk(device),
         task,
         example_dp if cfg.privacy.level == "example" else None,
+        group if isinstance(group, Replicas) else None,
     )
-    trainer.replicas = group if isinstance(group, Replicas) else None
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
     exchange = (
         DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)

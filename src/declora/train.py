@@ -149,6 +149,7 @@ class LocalTrainer:
         tokens_per_chunk: int,
         task: Task = CLASSIFY,
         dp: ExampleDP | None = None,
+        replicas: Solo | None = None,
     ) -> None:
         self.fed, self.optimizer, self.streams = fed, optimizer, streams
         self.dp = dp  # example-level DP-SGD: per-example clipping and per-node noise replace max_grad_norm
@@ -156,7 +157,7 @@ class LocalTrainer:
         self.max_grad_norm, self.tokens_per_chunk, self.task = max_grad_norm, tokens_per_chunk, task
         self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
         self.correction: Callable[[dict[str, Tensor]], None] | None = None  # RoundPlan.correction
-        self.replicas: Solo | None = None  # data parallel (declora.replicas): this rank's share of each batch
+        self.replicas = replicas  # data parallel (declora.replicas): this rank's share of each batch
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""

@@ -778,11 +778,14 @@ def _validate_server(cfg: Config) -> None:
             "aggregation is the plain weighted mean; use server.optimizer=average (or auto)"
         )
     if folds and (cfg.export != "none" or cfg.model.base_quantization != "none"):
+        bad = [f"export={cfg.export!r}"] if cfg.export != "none" else []
+        bad += [f"model.base_quantization={cfg.model.base_quantization!r}"] * (
+            cfg.model.base_quantization != "none"
+        )
         raise ConfigError(
             f"algorithm.name={cfg.algorithm.name} folds each round's aggregate into the frozen base: it "
-            "needs "
-            f"export=none (got {cfg.export!r}; the factors alone would not reproduce the model) and "
-            f"model.base_quantization=none (got {cfg.model.base_quantization!r})"
+            f"needs export=none (the factors alone would not reproduce the model) and "
+            f"model.base_quantization=none; got {' and '.join(bad)}"
         )
     if cfg.algorithm.name in ("scaffold", "dec_gt") and cfg.train.local_unit != "steps":
         raise ConfigError(

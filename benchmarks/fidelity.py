@@ -44,9 +44,9 @@ def _p(p: float, name: str) -> str:
 CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
     "C1": [
         (
-            f"{part}: Dec-LoRA − centralized, same batch",
+            f"{part}: Dec-LoRA − centralized, same batch (C1c)",
             f"partition.kind={part},algorithm.name=dec_lora",
-            f"partition.kind={part},algorithm.name=centralized",
+            "C1c:algorithm.name=centralized,train.batch_size=8",
             "acc_avg_factors",
             "equivalent",
             2.0,

@@ -71,9 +71,12 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (ax_round, ax_bytes, ax_cons):
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax_round.get_legend_handles_labels()
+    if handles:  # one legend under the panels: inside them it hid points (a grid evaluated once has no lines)
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 2) // 3), 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 

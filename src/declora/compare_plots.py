@@ -66,8 +66,10 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
     ax_bytes.set(title=f"{metric} vs bytes sent", xlabel="MB sent (all nodes)", ylabel=label)
     ax_cons.set(title="product consensus distance", xlabel="round", ylabel="consensus_BA")
     if np.isfinite(smallest):  # log when nothing is 0 (symlog then leaves too few ticks to read)
-        zero = any(0 in line.get_ydata() for line in ax_cons.get_lines())
-        ax_cons.set_yscale("symlog", linthresh=smallest) if zero else ax_cons.set_yscale("log")
+        if any(0 in line.get_ydata() for line in ax_cons.get_lines()):
+            ax_cons.set_yscale("symlog", linthresh=smallest)
+        else:
+            ax_cons.set_yscale("log")
     evaluated = {float(x) for line in ax_round.get_lines() for x in line.get_xdata()}
     for ax in (ax_round, ax_cons):
         if len(evaluated) == 1:  # a grid evaluated once: one tick at that round, not fractions around it

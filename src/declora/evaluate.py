@@ -66,6 +66,20 @@ def all_nodes(fed: Federation, stacked: dict[str, torch.Tensor]) -> Iterator[Fed
         fed.n = n
 
 
+def _rows_agree(stacked: dict[str, torch.Tensor]) -> bool:
+    """Every node's row of every tensor is bit for bit the first node's."""
+    return all(torch.equal(v, v[:1].expand_as(v)) for v in stacked.values())
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def _renamed(scored: dict[str, float], mode: str) -> dict[str, float]:
+    """Scores of the avg_factors model under another mode's keys (the same model)."""
+    return {k.replace("_avg_factors", f"_{mode}"): v for k, v in scored.items()}
+
+
 def evaluate(exp: Experiment) -> dict[str, float]:
     fed, chunk, group = exp.fed, exp.trainer.tokens_per_chunk, exp.group
     data, m = exp.node_eval, exp.task.metric  # m: "acc" | "ppl"
@@ -82,20 +96,26 @@ def evaluate(exp: Experiment) -> dict[str, float]:
         out[f"{key}_node_mean"] = float(group.gather_nodes(values).mean())
     raw = {k: group.gather_nodes(v.detach()) for k, v in fed.tensors().items()}  # (n, ...) each
     stacked = fold_middle(raw)  # Fed-SB: B R in place of B; every metric reads the adapters B A
-    if exp.n > 1:
-        out.update(_scored(exp, averaged_factors(stacked), "avg_factors"))
-        out.update(_scored(exp, averaged_product(stacked), "avg_product"))
+    # Each consensus pass scores the whole held-out set, so a model scored once is not scored again: when
+    # every node holds the same tensors (server methods between rounds, one node) the averaged factors,
+    # the averaged product and a server model equal to them are one model.
+    one_model = exp.n == 1 or _rows_agree(stacked)
+    # one model: its first row exactly (the mean of equal rows can differ from them in the last bit)
+    consensus = {k: v[:1] for k, v in stacked.items()} if one_model else averaged_factors(stacked)
+    scored = _scored(exp, consensus, "avg_factors")
+    out.update(scored)
+    if one_model:
+        out.update(_renamed(scored, "avg_product"))
     else:
-        one = _scored(exp, stacked, "avg_factors")
-        out.update(one)
-        out.update({k.replace("_avg_factors", "_avg_product"): v for k, v in one.items()})
+        out.update(_scored(exp, averaged_product(stacked), "avg_product"))
     if group.world == 1:
         server = exp.algorithm.server_tensors(fed)
     else:
         with all_nodes(fed, raw):
             server = exp.algorithm.server_tensors(fed)
     if server is not None:
-        out.update(_scored(exp, server, "server"))
+        same = one_model and _same_tensors(server, consensus)
+        out.update(_renamed(scored, "server") if same else _scored(exp, server, "server"))
     gate = fed.rank_mask.gate  # (n, r) rank gates: the metrics read the factors the nodes run
     gate = None if gate is None else group.gather_nodes(gate.detach())
     factors = {name: gated(stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"], gate) for name in fed.lora}

@@ -147,9 +147,10 @@ SERVER |= {
     "flora",
     "fed_sb",
 }
-# FlexLoRA's SVD turns last-bit differences into ~1e-6 differences of singular vectors (measured 1.1e-6;
-# 1.8e-5 with the trimmed mean of the products, whose dense SVD is on the robust product; metrics agree)
-ADAPTER_ATOL = {"flexlora_sampled": 1e-5, "flexlora_trimmed": 5e-5}
+# FlexLoRA's factors come from an SVD, so last-bit differences can rotate them within (nearly) equal
+# singular values: its adapters are compared as products B A (measured 5.4e-7 apart on one machine, while
+# the factors were 7e-3 apart; on another the factors were 1.8e-5 apart).
+PRODUCTS_ONLY = {"flexlora_sampled", "flexlora_trimmed"}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
 # other rank: one message on the wire serves two edges of the ledger.
 SLICES = {
@@ -218,7 +219,8 @@ def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
         sim_dir, edges = simulator[label]
         assert_same_metrics(sim_dir, out / label)
         if (sim_dir / "adapters").exists():  # export=none (fedex_lora): the metrics say it all
-            assert_same_adapters(sim_dir, out / label, atol=ADAPTER_ATOL.get(label, 1e-6))
+            products = label in PRODUCTS_ONLY
+            assert_same_adapters(sim_dir, out / label, atol=2e-6 if products else 1e-6, products=products)
         wire = [r["bytes_cross_process"] for r in records(out / label)]
         if label in SERVER:  # the all_reduce (all_gather for a robust rule): the same buffers every round
             assert len(set(wire)) == 1 and wire[0] > 0, wire

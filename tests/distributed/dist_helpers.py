@@ -105,14 +105,20 @@ def records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] in ("round", "eval")]
 
 
-def assert_same_metrics(simulated: Path, distributed: Path, atol: float = 1e-6) -> None:
+def assert_same_metrics(
+    simulated: Path, distributed: Path, atol: float = 1e-6, node_vote: float = 0.0
+) -> None:
+    """Every logged number equal within ``atol``; the nodes' own accuracies (``acc_node_*``) within
+    ``node_vote`` more, for tests whose nodes are scored in batches of another make-up than the
+    simulator's: an untrained tiny model's near-tied logits can then flip one vote."""
     sim, dist = records(simulated), records(distributed)
     assert [r["round"] for r in sim] == [r["round"] for r in dist]
     for a, b in zip(sim, dist, strict=True):
         assert set(a) - NOT_COMPARED == set(b) - NOT_COMPARED
         for key in set(a) - NOT_COMPARED:
             if isinstance(a[key], float):
-                assert abs(a[key] - b[key]) <= atol, (a["round"], key, a[key], b[key])
+                tol = atol + (node_vote if key.startswith("acc_node_") else 0.0)
+                assert abs(a[key] - b[key]) <= tol, (a["round"], key, a[key], b[key])
             else:
                 assert a[key] == b[key], (a["round"], key, a[key], b[key])
 

@@ -89,4 +89,7 @@ def test_each_host_reads_only_its_own_nodes_files(tiny_bert, tmp_path):
     absolute = json.dumps([str(everything / f"node_{i}.jsonl") for i in range(5)])
     local = [f"data.node_files={absolute}", f"data.test_file={everything / 'test.jsonl'}"]
     run(build_experiment(load_config(CONFIG, tiny_overrides(tiny_bert, simulated, "dec_lora", *local))))
-    assert_same_metrics(simulated, main)
+    # Each host scores only its nodes, in batches of another make-up than the simulator's 5 nodes; on one
+    # machine a near-tied logit of the untrained model flipped one of a node's 12 votes at round 3 (train
+    # losses and the consensus accuracy agreed): a node's accuracy may differ by that one vote.
+    assert_same_metrics(simulated, main, node_vote=1 / 12)

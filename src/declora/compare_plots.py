@@ -76,6 +76,7 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
             ax.set_xticks(sorted(evaluated))
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_bytes.xaxis.set_major_locator(MaxNLocator(5))  # methods at near-equal bytes: few, readable ticks
     for ax in (ax_round, ax_bytes, ax_cons):
         ax.grid(alpha=0.3)
     handles, labels = ax_round.get_legend_handles_labels()

@@ -110,7 +110,7 @@ CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
             "greater",
             0.0,
         ),
-        (  # equal within FSLoRA's int32 sketch indices (about 0.01 MB over 40 rounds)
+        (  # equal within FSLoRA's int32 sketch indices (8 KB over 40 rounds)
             "FSLoRA − HetLoRA",
             "algorithm.name=fslora",
             "algorithm.name=hetlora",

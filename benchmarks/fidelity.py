@@ -131,6 +131,18 @@ CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
         for name, label in (("dlora_fa", "DLoRA-FA"), ("ffa_lora", "FFA-LoRA"))
         for kind, m in (("less", 0.0), ("equivalent", 2.0))
     ],
+    "C5b": [  # the frozen-A family at its own learning rate against C5's Dec-LoRA at the shared one
+        (
+            f"{label} (own rate) − Dec-LoRA",
+            f"algorithm.name={name}",
+            "C5:algorithm.name=dec_lora",
+            "acc_avg_factors",
+            kind,
+            m,
+        )
+        for name, label in (("dlora_fa", "DLoRA-FA"), ("ffa_lora", "FFA-LoRA"))
+        for kind, m in (("less", 0.0), ("equivalent", 2.0))
+    ],
     "C6": [
         (
             f"{q} − fp32 base",

@@ -128,11 +128,16 @@ class CommConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # Each node's own optimizer (declora.optim): adamw, or sgd (momentum, nesterov), whose steps average
+    # like one step on the pooled batch. betas and eps are AdamW's; momentum and nesterov are SGD's.
+    optimizer: str = "adamw"
     lr: float = 1e-3
     head_lr: float | None = None  # defaults to lr
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # adamw: decoupled (shrink by lr * wd); sgd: L2 in the gradient, as torch
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
     batch_size: int = 16
     local_steps: int = 5
     local_unit: str = "steps"  # steps | epochs
@@ -325,6 +330,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.base_quantization": ("none", "int8", "nf4"),
     "model.quant_backend": ("auto", "declora", "bitsandbytes"),
     "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
+    "train.optimizer": ("adamw", "sgd"),
     "train.local_unit": ("steps", "epochs"),
     "train.lora_product": ("auto", "per_row", "grouped"),
     "train.schedule": ("constant", "cosine", "linear"),
@@ -412,8 +418,9 @@ RANGES: dict[str, Range] = {
     "comm.consensus_step": FRACTION,
     "train.lr": Range(0, 1, lo_open=True),
     "train.head_lr": Range(0, 1, lo_open=True),
-    "train.weight_decay": PROBABILITY,  # decoupled: each step shrinks weights by lr * weight_decay
+    "train.weight_decay": PROBABILITY,
     "train.betas": BELOW_ONE,
+    "train.momentum": BELOW_ONE,
     "train.eps": OPEN_UNIT,
     "train.max_grad_norm": ABOVE_ZERO,
     "train.tokens_per_chunk": Range(1),
@@ -675,8 +682,22 @@ def _check_slices(cfg: Config) -> None:
         )
 
 
+def _check_optimizer(cfg: Config) -> None:
+    """A setting of the optimizer not chosen would be silently ignored: refuse it instead."""
+    t, defaults = cfg.train, TrainConfig()
+    foreign = {"adamw": ("momentum", "nesterov"), "sgd": ("betas", "eps")}[t.optimizer]
+    for key in foreign:
+        if getattr(t, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"train.{key}={getattr(t, key)!r} has no effect with train.optimizer={t.optimizer}; "
+                f"set train.optimizer={'sgd' if t.optimizer == 'adamw' else 'adamw'} or drop train.{key}"
+            )
+    if t.nesterov and t.momentum == 0:
+        raise ConfigError("train.nesterov=true needs train.momentum > 0 (it is 0)")
+
+
 # Checks that relate several keys; each takes the whole config and raises ConfigError.
-CROSS_CHECKS: list[typing.Callable[[Config], None]] = [_check_degenerate, _check_slices]
+CROSS_CHECKS: list[typing.Callable[[Config], None]] = [_check_degenerate, _check_slices, _check_optimizer]
 
 
 def resume_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:

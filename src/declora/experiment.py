@@ -24,7 +24,7 @@ from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.lr_schedule import RoundSchedule
 from declora.model import Federation, add_middle_factors, build_federation, import_peft
 from declora.node_data import build_node_data
-from declora.optim import NodeAdamW
+from declora.optim import NodeOptimizer, build_optimizer
 from declora.privacy import ExampleDP, PrivacyAccount
 from declora.replicas import Replicas
 from declora.schedules import build_schedule
@@ -76,7 +76,7 @@ class Experiment:
     algorithm: Algorithm
     schedule: object  # declora.topology Schedule: matrix(t), online(t)
     exchange: LocalExchange
-    optimizer: NodeAdamW
+    optimizer: NodeOptimizer
     trainer: LocalTrainer
     streams: NodeStreams
     parts: list[np.ndarray]
@@ -195,7 +195,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
         for k in fed.tensors()
     }
-    optimizer = NodeAdamW(dict(fed.tensors()), lrs, cfg.train.betas, cfg.train.eps, cfg.train.weight_decay)
+    optimizer = build_optimizer(cfg.train, dict(fed.tensors()), lrs)
     streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed, offset=first)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)

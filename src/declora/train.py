@@ -19,7 +19,7 @@ from torch import Tensor
 from declora.dist import Solo
 from declora.lora import row_gradients
 from declora.model import Federation
-from declora.optim import NodeAdamW, clip_per_node
+from declora.optim import NodeOptimizer, clip_per_node
 from declora.privacy import ExampleDP
 from declora.replicas import replica_rows, sum_gradients
 from declora.seeding import numpy_rng
@@ -140,7 +140,7 @@ class LocalTrainer:
     def __init__(
         self,
         fed: Federation,
-        optimizer: NodeAdamW,
+        optimizer: NodeOptimizer,
         streams: NodeStreams,
         token_ids: list[list[int]],
         labels: np.ndarray,

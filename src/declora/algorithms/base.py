@@ -16,7 +16,7 @@ from torch import Tensor
 
 from declora.comm.exchange import Exchange
 from declora.model import Federation
-from declora.optim import NodeAdamW
+from declora.optim import NodeOptimizer
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class RoundContext:
     W: Tensor  # (n, n) mixing matrix of this round (offline nodes: identity rows/columns)
     online: Tensor  # (n,) bool
     exchange: Exchange
-    optimizer: NodeAdamW
+    optimizer: NodeOptimizer
     data_sizes: Tensor  # (n,) examples per node
     # Multi-process runs: the global ids of this process's nodes (the rows of fed's tensors); W is global
     # (n_global, n_global), while online and data_sizes are per local row. None: every node, local = global.

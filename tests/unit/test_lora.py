@@ -61,40 +61,6 @@ def test_one_node_forward_equals_peft(tiny_bert, tmp_path, rslora):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-def test_node_adamw_equals_torch_adamw_for_one_node():
-    torch.manual_seed(0)
-    ours = torch.nn.Parameter(torch.randn(1, 5, 3))
-    ref = torch.nn.Parameter(ours.detach()[0].clone())
-    opt = NodeAdamW({"x": ours}, {"x": 0.01}, weight_decay=0.1)
-    ref_opt = torch.optim.AdamW([ref], lr=0.01, weight_decay=0.1)
-    for step in range(5):
-        g = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
-        ours.grad, ref.grad = g.unsqueeze(0).clone(), g.clone()
-        opt.step(torch.tensor([True]), ["x"])
-        ref_opt.step()
-    torch.testing.assert_close(ours.detach()[0], ref.detach(), atol=1e-6, rtol=0)
-
-
-def test_node_adamw_with_changing_active_sets_equals_one_torch_adamw_per_node():
-    torch.manual_seed(0)
-    ours = torch.nn.Parameter(torch.randn(3, 4, 2))
-    refs = [torch.nn.Parameter(ours.detach()[i].clone()) for i in range(3)]
-    opt = NodeAdamW({"x": ours}, {"x": 0.01}, weight_decay=0.1)
-    ref_opts = [torch.optim.AdamW([r], lr=0.01, weight_decay=0.1) for r in refs]
-    actives = [[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]]
-    for step, active in enumerate(actives):
-        g = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(step))
-        ours.grad = g.clone()
-        opt.step(torch.tensor(active, dtype=torch.bool), ["x"])
-        for i in range(3):
-            if active[i]:
-                refs[i].grad = g[i].clone()
-                ref_opts[i].step()
-    for i in range(3):
-        torch.testing.assert_close(ours.detach()[i], refs[i].detach(), atol=1e-6, rtol=0)
-        assert int(opt.steps["x"][i]) == sum(a[i] for a in actives)
-
-
 def test_gathered_rows_accumulate_the_same_gradient_as_plain_indexing():
     torch.manual_seed(0)
     ours = torch.nn.Parameter(torch.randn(5, 3, 2))

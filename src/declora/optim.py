@@ -49,7 +49,9 @@ class NodeOptimizer:
             k: torch.zeros(p.shape[0], dtype=torch.long, device=p.device) for k, p in params.items()
         }
 
-    def update(self, param: Tensor, grad: Tensor, state: list[Tensor], steps: Tensor, lr) -> None:
+    def update(
+        self, param: Tensor, grad: Tensor, state: list[Tensor], steps: Tensor, lr: float | Tensor
+    ) -> None:
         """Update ``param`` and ``state`` (the active rows) in place; lr: a float or (rows, 1, ...) tensor."""
         raise NotImplementedError
 
@@ -118,9 +120,10 @@ class NodeAdamW(NodeOptimizer):
     ):
         super().__init__(params, lrs)
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
-        self.exp_avg, self.exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
 
-    def update(self, param: Tensor, grad: Tensor, state: list[Tensor], steps: Tensor, lr) -> None:
+    def update(
+        self, param: Tensor, grad: Tensor, state: list[Tensor], steps: Tensor, lr: float | Tensor
+    ) -> None:
         (b1, b2), (m, v) = self.betas, state
         m.mul_(b1).add_(grad, alpha=1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
@@ -148,17 +151,16 @@ class NodeSGD(NodeOptimizer):
         super().__init__(params, lrs)
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
-    def update(self, param: Tensor, grad: Tensor, state: list[Tensor], steps: Tensor, lr) -> None:
+    def update(
+        self, param: Tensor, grad: Tensor, state: list[Tensor], steps: Tensor, lr: float | Tensor
+    ) -> None:
         (buf,) = state
         if self.weight_decay:
             grad = grad.add(param, alpha=self.weight_decay)  # L2 in the gradient, as torch SGD
         # torch starts the buffer at the first gradient; a zero buffer times momentum plus it is the same.
         buf.mul_(self.momentum).add_(grad)
         direction = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
-        if isinstance(lr, float):
-            param.add_(direction, alpha=-lr)
-        else:
-            param.sub_(lr * direction)
+        param.sub_(direction * lr)  # lr: a float, or one per row
 
 
 def build_optimizer(

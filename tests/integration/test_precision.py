@@ -50,9 +50,10 @@ def test_bf16_keeps_fp32_masters_over_a_bf16_base_all_on_the_device(tiny_bert, t
     layer = next(iter(fed.lora.values()))
     assert layer.base.weight.dtype == torch.bfloat16
     assert fed.model.get_input_embeddings().weight.dtype == torch.bfloat16
-    masters = {**fed.tensors(), **exp.optimizer.exp_avg, **exp.optimizer.exp_avg_sq}
-    assert masters and all(t.dtype == torch.float32 for t in masters.values())
-    everything = [*fed.parameters(), *fed.buffers(), *masters.values(), *exp.optimizer.steps.values()]
+    moments = [t for buffer in exp.optimizer.state.values() for t in buffer.values()]
+    masters = [*fed.tensors().values(), *moments]
+    assert moments and all(t.dtype == torch.float32 for t in masters)
+    everything = [*fed.parameters(), *fed.buffers(), *masters, *exp.optimizer.steps.values()]
     assert all(t.device == device for t in everything)
     saved = load_file(str(sorted((tmp_path / "state").glob("*.safetensors"))[-1]))  # round 2
     assert all(t.device.type == "cpu" for t in saved.values())

@@ -86,7 +86,7 @@ def test_inactive_node_keeps_parameters_and_moments():
     p.grad = torch.ones(3, 4)
     opt.step(torch.tensor([True, False, True]), ["x"])
     assert torch.equal(p.detach()[1], torch.ones(4))
-    assert opt.exp_avg["x"][1].abs().sum() == 0 and opt.steps["x"].tolist() == [1, 0, 1]
+    assert opt.state["exp_avg"]["x"][1].abs().sum() == 0 and opt.steps["x"].tolist() == [1, 0, 1]
     assert not torch.equal(p.detach()[0], torch.ones(4))
 
 

@@ -169,6 +169,7 @@ def contrast_table(claim: str, all_runs: dict[str, dict[str, list[Path]]]) -> st
         d = paired_difference(*finals)
         k = unit(metric)
         spec = "+.3g" if metric.startswith("consensus") else "+.2f"
+        se_spec = ".2g" if metric.startswith("consensus") else ".2f"  # accuracy: two decimals, like the mean
 
         def fmt_(x: float, k: float = k, spec: str = spec) -> str:
             return f"{k * x:{spec}}"
@@ -177,7 +178,7 @@ def contrast_table(claim: str, all_runs: dict[str, dict[str, list[Path]]]) -> st
         per_seed = ", ".join(map(fmt_, d.diffs))
         lines.append(
             f"| {label} | {metric} | {CLAIM_WORDS[kind].format(m=margin)} | {per_seed} | "
-            f"{fmt_(d.mean)} ± {abs(k * d.se):.2g} | {fmt_(d.lo)} to {fmt_(d.hi)} | "
+            f"{fmt_(d.mean)} ± {abs(k * d.se):{se_spec}} | {fmt_(d.lo)} to {fmt_(d.hi)} | "
             f"**{verdict(d, kind, margin / k)}** | {need if need is not None else '–'} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
@@ -284,6 +285,15 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
         figure = Path("docs/figures/fidelity") / f"{claim}.png"
         small_figure(runs, grid.metric, figure)
         secs = times.get(grid_file.stem)
+        contrasts = contrast_table(claim, all_runs)
+        # a reference grid (C1b, C1c) has no contrasts of its own: the claim's block holds them
+        contrast_lines = [
+            "Paired contrasts over seeds (same seed = same partition, batches and test set; 95% "
+            "t-interval; a verdict only where it excludes the other answer):",
+            "",
+            contrasts,
+            "",
+        ]
         block = "\n".join(
             [
                 f"`declora compare {grid_file}`: {sum(map(len, runs.values()))} runs, "
@@ -292,11 +302,7 @@ def main(root: Path = Path("runs/fidelity"), doc: Path = Path("docs/results.md")
                 "",
                 grid_table(runs, grid.metric),
                 "",
-                "Paired contrasts over seeds (same seed = same partition, batches and test set; 95% "
-                "t-interval; a verdict only where it excludes the other answer):",
-                "",
-                contrast_table(claim, all_runs),
-                "",
+                *(contrast_lines if contrasts else []),
                 f"![{claim}](figures/fidelity/{claim}.png)",
             ]
         )

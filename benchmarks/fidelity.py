@@ -110,7 +110,9 @@ CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
         ("DeCAF − DLoRA", "algorithm.name=decaf", "algorithm.name=dec_lora", "consensus_BA", "less", 0.0),
     ],
     # C3b: C3's undecided contrast again, on more seeds
-    "C3b": [("DeCAF − local", "algorithm.name=decaf", "algorithm.name=local", "acc_node_mean", "greater", 0.0)],
+    "C3b": [
+        ("DeCAF − local", "algorithm.name=decaf", "algorithm.name=local", "acc_node_mean", "greater", 0.0)
+    ],
     "C4": [
         ("FSLoRA − HetLoRA", "algorithm.name=fslora", "algorithm.name=hetlora", "acc_server", "greater", 0.0),
         (

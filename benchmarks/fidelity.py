@@ -46,6 +46,17 @@ def _frozen_a_vs_dec_lora(suffix: str, dec_lora: str) -> list[tuple[str, str, st
     ]
 
 
+# C3 and C3b judge this one contrast the same way (C3b reruns it on more seeds)
+_DECAF_VS_LOCAL = (
+    "DeCAF − local",
+    "algorithm.name=decaf",
+    "algorithm.name=local",
+    "acc_node_mean",
+    "greater",
+    0.0,
+)
+
+
 # What each claim asserts, as paired contrasts A - B over seeds (declora.paired): (label, A, B, metric,
 # kind, margin). A method is a grid cell's label; "C1b:..." takes it from another grid. Margins (in the
 # metric's display unit) say what "comparable", "close" and "a small cost" mean here: 2 points of
@@ -89,7 +100,7 @@ CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
         for p in (0.5, 0.1, 0.02)
     ],
     "C3": [
-        ("DeCAF − local", "algorithm.name=decaf", "algorithm.name=local", "acc_node_mean", "greater", 0.0),
+        _DECAF_VS_LOCAL,
         ("DLoRA − local", "algorithm.name=dec_lora", "algorithm.name=local", "acc_node_mean", "greater", 0.0),
         (
             "DeCAF − FedAvg",
@@ -110,9 +121,7 @@ CONTRASTS: dict[str, list[tuple[str, str, str, str, str, float]]] = {
         ("DeCAF − DLoRA", "algorithm.name=decaf", "algorithm.name=dec_lora", "consensus_BA", "less", 0.0),
     ],
     # C3b: C3's undecided contrast again, on more seeds
-    "C3b": [
-        ("DeCAF − local", "algorithm.name=decaf", "algorithm.name=local", "acc_node_mean", "greater", 0.0)
-    ],
+    "C3b": [_DECAF_VS_LOCAL],
     "C4": [
         ("FSLoRA − HetLoRA", "algorithm.name=fslora", "algorithm.name=hetlora", "acc_server", "greater", 0.0),
         (

@@ -296,3 +296,23 @@ def test_a_quantized_federation_computes_the_same_with_either_backend(tiny_bert)
     (ours, our_grads), (theirs, their_grads) = results
     assert torch.equal(ours, theirs)
     assert all(torch.equal(our_grads[k], their_grads[k]) for k in our_grads)
+
+
+# ---------------------------------------------------------------- import noise
+
+
+def _stderr_of(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+
+@NEEDS_BNB
+def test_importing_peft_after_declora_prints_no_kernels_hub_warning():
+    """PEFT imports bitsandbytes, which warns about the absent Hub `kernels` package; declora drops that one
+    notice (every run imports PEFT to export), and only that one."""
+    bare = _stderr_of("import peft")
+    if "kernels-community" not in bare:
+        pytest.skip("this bitsandbytes does not log the kernels notice: nothing to drop")
+    assert "kernels-community" not in _stderr_of("import declora, peft")

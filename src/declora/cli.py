@@ -117,10 +117,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from declora.report import format_table, read_metrics, summarize
 
         print(format_table(summarize(read_metrics(exp.run_dir / "metrics.jsonl"))))
-        print(
-            f"\nmetrics: {exp.run_dir / 'metrics.jsonl'}   plot: {exp.run_dir / 'curves.png'}   "
-            f"adapters: {exp.run_dir / 'adapters'}"
-        )
+        adapters = exp.run_dir / "adapters"
+        shown = f"   adapters: {adapters}" if adapters.is_dir() else ""  # none with export=none
+        print(f"\nmetrics: {exp.run_dir / 'metrics.jsonl'}   plot: {exp.run_dir / 'curves.png'}{shown}")
     return 0
 
 

@@ -143,7 +143,9 @@ def cell_state(cell: Cell) -> str:
             "delete that folder to rerun the cell, or restore the grid"
         ) from err
     done = rounds_done >= cfg.rounds and (cell.run_dir / "report.md").is_file()
-    return "done" if done and not resume_changes(saved, cfg) else "partial"
+    # A finished cell asked for the same rounds is done whatever the speed settings (threads, device, ...);
+    # only another export makes it resume, to write the adapters the grid now asks for.
+    return "done" if done and "export" not in resume_changes(saved, cfg) else "partial"
 
 
 def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:

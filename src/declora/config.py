@@ -717,6 +717,13 @@ def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> 
             f"rounds and the checkpoint were made with {changes[k][0]!r}; "
             f"may change on resume: {list(RESUME_SAFE)}"
         )
+    if "export" in changes and new.export_round == "best":
+        old_export, new_export = changes["export"]
+        raise ConfigError(
+            f"export cannot change on resume with export_round=best ({old_export!r} -> {new_export!r}): "
+            f"the best round's adapters were written with export={old_export!r} and its factors are not "
+            "kept; rerun with the export you want, or resume without changing export"
+        )
     if rounds_done is not None and new.rounds < rounds_done:
         raise ConfigError(f"rounds={new.rounds} is below the {rounds_done} rounds already done")
     return changes

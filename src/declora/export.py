@@ -25,6 +25,7 @@ class AdapterExport:
     def __init__(self, exp: Experiment, resumed: bool) -> None:
         self.exp, self.key = exp, exp.cfg.eval.headline
         self.best = math.nan  # the best headline value whose adapters are on disk
+        self.logged: dict[str, Any] = {}  # the last record before a resume: the checkpoint's round
         metrics = exp.run_dir / "metrics.jsonl"
         if resumed and exp.group.is_main:
             restore_folder(exp.run_dir / "adapters")
@@ -32,6 +33,8 @@ class AdapterExport:
             for record in read_metrics(metrics):
                 if record.get("event") == "eval" and self._improves(record):
                     self.best = record[self.key]
+                if record.get("event") in ("round", "eval"):
+                    self.logged = record
         self.best = exp.group.broadcast(self.best)  # every rank decides alike (the export gathers)
 
     def _improves(self, record: dict[str, Any]) -> bool:
@@ -48,8 +51,11 @@ class AdapterExport:
             self.write(record)
 
     def finish(self, last: dict[str, Any] | None) -> None:
+        """After the last round; ``last`` is None when this call ran no round (a finished run resumed,
+        for instance to export every node with export=all): the adapters are then the checkpoint's, the
+        last logged round's."""
         if self.exp.cfg.export_round == "final" or math.isnan(self.best):
-            self.write(last or {})
+            self.write(last or self.logged)
 
     def write(self, record: dict[str, Any]) -> None:
         """Every rank gathers the factors; rank 0 writes the folders (as a one-process run would)."""

@@ -95,6 +95,30 @@ def test_finished_cells_are_skipped_and_half_finished_resume(tmp_path, tiny_bert
     assert rounds == [0, 0, 1, 2]  # start, partition, then each round exactly once
 
 
+def test_a_finished_grid_rerun_with_other_threads_is_skipped_and_left_as_it_was(tmp_path, tiny_bert):
+    grid = load_grid(_grid_file(tmp_path, tiny_bert, ["export=consensus"], seeds=[0]))
+    run_grid(grid)
+    before = {p: p.read_bytes() for p in (tmp_path / "grid").rglob("*") if p.is_file()}
+    faster = load_grid(_grid_file(tmp_path, tiny_bert, ["export=consensus", "threads=2"], seeds=[0]))
+    seen = []
+    run_grid(faster, on_cell=lambda k, total, cell, state: seen.append(state))
+    assert seen == ["done", "done"]
+    after = {p: p.read_bytes() for p in (tmp_path / "grid").rglob("*") if p.is_file()}
+    assert after == before  # no config, resume log or adapter rewritten
+
+
+def test_a_finished_cell_asked_for_another_export_resumes_to_write_it(tmp_path, tiny_bert):
+    grid = load_grid(_grid_file(tmp_path, tiny_bert, seeds=[0]))  # export=none
+    run_grid(grid)
+    wider = load_grid(_grid_file(tmp_path, tiny_bert, ["export=all"], seeds=[0]))
+    seen = []
+    run_grid(wider, on_cell=lambda k, total, cell, state: seen.append(state))
+    assert seen == ["partial", "partial"]
+    for cell in expand(wider):
+        card = json.loads((cell.run_dir / "adapters" / "node_002" / "declora_adapter.json").read_text())
+        assert card["round"] == 2 and "acc_node_mean" in card["metrics"]
+
+
 def _fake_run(folder, accs, bytes_per_round, wall, key="acc_avg_factors"):
     folder.mkdir(parents=True)
     lines = [{"event": "start", "round": 0}]

@@ -60,6 +60,30 @@ def test_resume_with_more_rounds_is_recorded(tiny, tmp_path):
     assert _rounds(run) == [0, 0, 1, 2, 3]
 
 
+def test_a_finished_run_resumed_with_export_all_writes_every_node_at_its_last_round(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    consensus = (run / "adapters" / "consensus" / "adapter_model.safetensors").read_bytes()
+    assert main(["run", "--resume", str(run), "export=all"]) == 0
+    assert _rounds(run) == [0, 0, 1, 2]  # no round ran again
+    assert (run / "adapters" / "consensus" / "adapter_model.safetensors").read_bytes() == consensus
+    for folder in ("consensus", "node_000", "node_001"):
+        card = json.loads((run / "adapters" / folder / "declora_adapter.json").read_text())
+        assert card["round"] == 2 and "acc_avg_factors" in card["metrics"]
+    assert f"adapters: {run / 'adapters'}" in capsys.readouterr().out
+
+
+def test_export_cannot_change_on_resume_when_the_best_round_is_exported(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}", "export=none", "export_round=best"]) == 0
+    assert "adapters:" not in capsys.readouterr().out  # nothing exported, no folder named
+    before = (run / "config.yaml").read_bytes()
+    assert main(["run", "--resume", str(run), "export=all"]) == 2
+    err = capsys.readouterr().err
+    assert "export cannot change on resume with export_round=best" in err and len(err.splitlines()) == 1
+    assert (run / "config.yaml").read_bytes() == before and not (run / "adapters").exists()
+
+
 def test_a_full_disk_is_one_line_and_the_checkpoint_survives(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", *tiny, f"run_dir={run}"]) == 0

@@ -77,23 +77,39 @@ def check_model_folder(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _meta_model(folder: Path, causal: bool) -> nn.Module:
+def _meta_model(cfg: Config, folder: Path, causal: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"model folder {folder}: config.json is not a transformers config ({err})") from err
+    if causal:
+        _check_generates(cfg, config.architectures)
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     with torch.device("meta"):
         return auto.from_config(config)
+
+
+GENERATING = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # transformers' class-name endings
+
+
+def _check_generates(cfg: Config, architectures: list[str] | None) -> None:
+    """A causal task needs a model trained to predict the next token. An encoder's config (BERT, MiniLM)
+    loads as a causal LM too, with an untrained LM head, and its perplexity would mean nothing."""
+    if architectures and not any(name.endswith(GENERATING) for name in architectures):
+        raise ConfigError(
+            f"task.kind={cfg.task.kind} needs a causal LM; model.name={cfg.model.name!r} is {architectures} "
+            "(its config.json architectures): use smollm2 or a model folder whose architectures end in "
+            "ForCausalLM"
+        )
 
 
 def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tuple[int, int]]:
     """max_length, rank and target modules against the model; returns {module: (d_in, d_out)}."""
     from declora.model import HEAD_ROOTS
 
-    model = _meta_model(folder, causal)
+    model = _meta_model(cfg, folder, causal)
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.model.max_length > limit:
         raise ConfigError(

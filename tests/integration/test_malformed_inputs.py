@@ -280,6 +280,19 @@ CASES += [
     for name, edit, want in MODELS
 ]
 CASES.append(("model:missing-folder", lambda c: c.new_run(f"model.name={c.root / 'nomodel'}"), "nomodel"))
+CAUSAL_TASK = ("eval.headline=ppl_avg_factors", "model.head=none", "partition.kind=iid")
+CASES += [  # an encoder loads as a causal LM with an untrained LM head: refused, not trained into nonsense
+    (
+        "model:encoder-for-causal_lm",
+        lambda c: c.new_run("task.kind=causal_lm", *CAUSAL_TASK),
+        "needs a causal LM",
+    ),
+    (
+        "model:encoder-for-label_words",
+        lambda c: c.new_run("task.kind=label_words", "task.label_words=[' no',' yes']", "model.head=none"),
+        "needs a causal LM",
+    ),
+]
 
 
 def _set(key: str, value: object) -> Callable[[dict, dict], None]:

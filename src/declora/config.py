@@ -696,8 +696,32 @@ def _check_optimizer(cfg: Config) -> None:
         raise ConfigError("train.nesterov=true needs train.momentum > 0 (it is 0)")
 
 
+TABLE_KEYS = ("split", "test_file", "test_split", "text_column", "label_column")  # read from a user's table
+
+
+def _check_shipped_data(cfg: Config) -> None:
+    """A shipped corpus has its own columns and its own held-out split (Rotten Tomatoes: by movie); a table's
+    settings given with it would be silently ignored: refuse them instead."""
+    from declora.assets import DATA
+
+    d, defaults = cfg.data, DataConfig()
+    if d.dataset not in DATA or d.node_files is not None:
+        return
+    for key in TABLE_KEYS:
+        if getattr(d, key) != getattr(defaults, key):
+            raise ConfigError(
+                f"data.{key}={getattr(d, key)!r} has no effect with the shipped data.dataset={d.dataset!r} "
+                f"(its own columns and held-out split); data.{key} applies to a user's table or folder"
+            )
+
+
 # Checks that relate several keys; each takes the whole config and raises ConfigError.
-CROSS_CHECKS: list[typing.Callable[[Config], None]] = [_check_degenerate, _check_slices, _check_optimizer]
+CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
+    _check_degenerate,
+    _check_slices,
+    _check_optimizer,
+    _check_shipped_data,
+]
 
 
 def resume_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:

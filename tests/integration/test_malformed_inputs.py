@@ -203,6 +203,14 @@ def _value_case(override: str, culprit: str) -> Case:
 
 
 CASES: list[Case] = [_value_case(o, k) for o, k in CONFIG_VALUES]
+CASES += [  # a table's settings beside a shipped corpus would be ignored
+    (f"config:shipped-{key}", lambda c, o=o: c.new_run("data.dataset=rotten_tomatoes", o), key)
+    for key, o in (
+        ("data.test_file", "data.test_file=dev.csv"),
+        ("data.label_column", "data.label_column=stars"),
+        ("data.split", "data.split=validation"),
+    )
+]
 CASES += [
     ("config:no-equals", lambda c: c.new_run("nodes"), "nodes"),
     ("config:empty-key", lambda c: c.new_run("=5"), "=5"),

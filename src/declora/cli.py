@@ -182,9 +182,10 @@ def _log_to(path: Path) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from declora.compare import write_comparison
+    from declora.compare import check_metric, write_comparison
     from declora.report import write_report
 
+    check_metric(args.metric, args.target, "--")
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "metrics.jsonl").is_file():
             raise ConfigError(f"{run_dir}: no metrics.jsonl there; is it a declora run folder?")
@@ -192,7 +193,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"## {run_dir}\n")
         print(write_report(Path(run_dir)))
     if len(args.run_dirs) > 1:  # one row per run folder, as a grid would show them
-        runs = {Path(d).name: [Path(d)] for d in args.run_dirs}
+        names = [Path(d).name for d in args.run_dirs]  # the full path where two folders share a name
+        labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, args.run_dirs, strict=True)]
+        runs = {label: [Path(d)] for label, d in zip(labels, args.run_dirs, strict=True)}
         print(f"\n## comparison ({args.out})\n")
         print(write_comparison(runs, Path(args.out), args.metric, args.target))
     return 0

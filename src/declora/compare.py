@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from declora.config import (
+    CHOICES,
     Config,
     ConfigError,
     check_resume,
@@ -45,6 +46,11 @@ from declora.config import (
 from declora.report import best_final, display_scale, lower_is_better, read_metrics
 
 log = logging.getLogger(__name__)
+# The metrics a comparison can rank: every headline, and under attack the honest nodes' (declora.attack)
+HEADLINES = (
+    *CHOICES["eval.headline"],
+    *(f"{m}_honest_{w}" for m in ("acc", "ppl") for w in ("avg_factors", "mean", "min")),
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
     unknown = sorted(set(data) - GRID_KEYS)
     if unknown:
         raise ConfigError(f"unknown grid key {unknown[0]!r} in {path}; allowed: {sorted(GRID_KEYS)}")
+    _check_grid_types(path, data)
     axes = data.get("grid") or {}
     for key, values in axes.items():
         if not isinstance(values, list) or not values:
@@ -102,6 +109,36 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
         metric=data.get("metric", "acc_avg_factors"),
         target_accuracy=data.get("target_accuracy"),
     )
+
+
+def check_metric(metric: Any, target: Any, where: str) -> None:
+    """The metric a comparison ranks (one the runs log) and its target (a number or null)."""
+    if metric not in HEADLINES:
+        raise ConfigError(
+            f"{where}metric={metric!r} is not a metric that runs log; choose one of {list(HEADLINES)}"
+        )
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)
+    ):
+        raise ConfigError(
+            f"{where}target_accuracy={target!r} must be a number (the metric's value to reach) or null"
+        )
+
+
+def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
+    """Each key of a grid file has its shape, checked before any cell is expanded or run."""
+    where = f"grid file {path}: "
+    if not isinstance(data.get("grid") or {}, dict):
+        raise ConfigError(f"{where}grid must map each key to its list of values, got {data['grid']!r}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"{where}overrides must be a list of key=value strings, got {overrides!r}")
+    seeds = data.get("seeds") or [0]
+    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}seeds={seeds} repeats a seed; each seed is one run folder per method")
+    check_metric(data.get("metric", "acc_avg_factors"), data.get("target_accuracy"), where)
 
 
 def _slug(text: str) -> str:

@@ -201,6 +201,14 @@ def test_compare_cli_and_multi_run_report(tmp_path, tiny_bert, capsys):
     assert (cells[0].run_dir / "tensorboard").is_dir()
     assert main(["report", *(str(c.run_dir) for c in cells), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "comparison.png").is_file()
+    import shutil  # two folders of the same name (runs of two grids, say): one row each, by their paths
+
+    twin = tmp_path / "other" / cells[0].run_dir.name
+    shutil.copytree(cells[0].run_dir, twin)
+    capsys.readouterr()
+    assert main(["report", str(cells[0].run_dir), str(twin), "--out", str(tmp_path / "rep2")]) == 0
+    table = capsys.readouterr().out.split("## comparison")[1]
+    assert f"| {cells[0].run_dir} |" in table and f"| {twin} |" in table
 
 
 ROOT = Path(__file__).resolve().parents[2]

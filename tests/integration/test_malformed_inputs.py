@@ -437,6 +437,13 @@ CASES += [
     ("cli:compare-unknown-key", lambda c: _grid(c, "out: OUT\ngrids: {}\n"), "grids"),
     ("cli:compare-empty-axis", lambda c: _grid(c, "out: OUT\ngrid: {nodes: []}\n"), "grid.nodes"),
     ("cli:compare-bad-cell", lambda c: _grid(c, "out: OUT\ngrid: {model.rank: [4, 0]}\n"), "model.rank"),
+    ("cli:compare-seeds-not-list", lambda c: _grid(c, "out: OUT\nseeds: 3\n"), "seeds"),
+    ("cli:compare-seeds-repeated", lambda c: _grid(c, "out: OUT\nseeds: [0, 0]\n"), "repeats"),
+    ("cli:compare-grid-a-list", lambda c: _grid(c, "out: OUT\ngrid: [nodes]\n"), "grid must map"),
+    ("cli:compare-overrides-a-string", lambda c: _grid(c, "out: OUT\noverrides: rounds=1\n"), "overrides"),
+    ("cli:compare-metric-typo", lambda c: _grid(c, "out: OUT\nmetric: acc_nod_mean\n"), "acc_nod_mean"),
+    ("cli:compare-target-text", lambda c: _grid(c, "out: OUT\ntarget_accuracy: high\n"), "high"),
+    ("cli:report-metric-typo", lambda c: ["report", str(c.done), "--metric", "acc_nod_mean"], "acc_nod_mean"),
     ("cli:topology-bad-graph", lambda c: ["topology", "topology.graph=moebius"], "moebius"),
     ("cli:topology-bad-degree", lambda c: ["topology", "topology.graph=regular", "nodes=3"], "degree"),
 ]

@@ -879,6 +879,13 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError(
             f"eval.headline={headline!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
         )
+    from declora.algorithms import SERVER_MODEL
+
+    if headline.endswith("_server") and cfg.algorithm.name not in SERVER_MODEL:
+        raise ConfigError(
+            f"eval.headline={headline!r}: algorithm.name={cfg.algorithm.name} has no server model; "
+            f"use {headline.replace('_server', '_avg_factors')} or a server algorithm {sorted(SERVER_MODEL)}"
+        )
     if kind != "sequence_classification" and cfg.model.pooling == "mean":
         raise ConfigError(
             f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "

@@ -9,7 +9,7 @@ import torch
 from helpers import write_tiny_data
 
 from declora import engine
-from declora.algorithms import ALGORITHMS, FOLDS_INTO_BASE
+from declora.algorithms import ALGORITHMS, FOLDS_INTO_BASE, SERVER_MODEL
 from declora.algorithms.base import RoundContext
 from declora.config import load_config
 from declora.experiment import build_experiment
@@ -154,6 +154,7 @@ def test_every_algorithm_runs_and_exports(name, graph, tiny_bert, tiny_data, tmp
     records = engine.run(exp)
     assert len(records) == 3 and all(math.isfinite(r["train_loss"]) for r in records)
     assert math.isfinite(records[-1]["acc_node_mean"])
+    assert ("acc_server" in records[-1]) == (name in SERVER_MODEL)  # the registry config checks against
     silent = name in ("local", "centralized")
     assert (records[-1]["bytes_total"] == 0) if silent else (records[-1]["bytes_total"] > 0)
     if no_export:

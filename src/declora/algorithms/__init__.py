@@ -70,6 +70,24 @@ SENDS_STATES = frozenset(
     }
 )
 
+# Algorithms with one server model (server_tensors), scored as acc_server / ppl_server: a headline on
+# *_server for another algorithm would name a metric the run never logs (config refuses it).
+SERVER_MODEL = frozenset(
+    {
+        "fedavg",
+        "ffa_lora",
+        "fed_sb",
+        "fedprox",
+        "rolora",
+        "scaffold",
+        "fslora",
+        "hetlora",
+        "flexlora",
+        "fedex_lora",
+        "flora",
+    }
+)
+
 # Algorithms that fold the aggregate into the shared frozen base: the factors alone do not reproduce the
 # model, so the config refuses a PEFT export for them.
 FOLDS_INTO_BASE = frozenset({"fedex_lora", "flora"})

@@ -821,8 +821,16 @@ def _validate_server(cfg: Config) -> None:
         raise ConfigError(f"server.tau={s.tau} must be non-negative")
     if cfg.algorithm.mu < 0:
         raise ConfigError(f"algorithm.mu={cfg.algorithm.mu} must be non-negative")
-    from declora.algorithms import FOLDS_INTO_BASE
+    from declora.algorithms import FOLDS_INTO_BASE, SERVED
 
+    if cfg.algorithm.name not in SERVED:  # a server setting for a run with no server would be ignored
+        for f in dataclasses.fields(ServerConfig):
+            value = getattr(s, f.name)
+            if value != getattr(ServerConfig(), f.name):
+                raise ConfigError(
+                    f"server.{f.name}={value!r} has no effect with algorithm.name={cfg.algorithm.name}, "
+                    f"which has no server; server.* applies to {sorted(SERVED)}"
+                )
     folds = cfg.algorithm.name in FOLDS_INTO_BASE
     if folds and cfg.server.optimizer not in ("auto", "average"):
         raise ConfigError(

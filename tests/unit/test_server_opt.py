@@ -94,15 +94,15 @@ def test_bad_server_settings_name_the_key(override, key):
 
 def test_fraction_and_clients_per_round_together_are_refused():
     with pytest.raises(ConfigError, match="set only one"):
-        load_config(None, ["server.fraction=0.5", "algorithm.clients_per_round=2"])
+        load_config(None, ["algorithm.name=fedavg", "server.fraction=0.5", "algorithm.clients_per_round=2"])
 
 
 def test_sampling_is_seeded_per_round_and_fraction_one_is_everyone():
-    cfg = load_config(None, ["nodes=10", "server.fraction=0.3"])
+    cfg = load_config(None, ["algorithm.name=fedavg", "nodes=10", "server.fraction=0.3"])
     rounds = [participants(cfg, t) for t in range(5)]
     assert all(int(r.sum()) == 3 for r in rounds)
     assert torch.equal(rounds[2], participants(cfg, 2)) and not all(torch.equal(rounds[0], r) for r in rounds)
-    assert bool(participants(load_config(None, ["nodes=10"]), 0).all())
+    assert bool(participants(load_config(None, ["algorithm.name=fedavg", "nodes=10"]), 0).all())
 
 
 # ---------------------------------------------------------------- one round on the tiny BERT

@@ -88,6 +88,10 @@ SERVER_MODEL = frozenset(
     }
 )
 
+# Every algorithm with a server (server.* applies): those with a server model, and FedSA-LoRA, whose
+# server aggregates A alone (each node keeps its own B, so there is no one server model).
+SERVED = SERVER_MODEL | {"fedsa_lora"}
+
 # Algorithms that fold the aggregate into the shared frozen base: the factors alone do not reproduce the
 # model, so the config refuses a PEFT export for them.
 FOLDS_INTO_BASE = frozenset({"fedex_lora", "flora"})

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,12 +129,15 @@ class _Bar:
 
     def __init__(self, total: int) -> None:
         self.total, self.bar = total, None  # drawn at the first round: a failed resume shows no bar
+        self.began = time.time()  # the bar's clock starts here, so that its rate covers the first round
 
     def on_round(self, record: dict) -> None:
         from tqdm import tqdm
 
-        if self.bar is None:
-            self.bar = tqdm(total=self.total, desc="rounds", unit="round", dynamic_ncols=True)
+        if self.bar is None:  # initial: the rounds a resume starts after, which the rate must not count
+            first = record["round"] - 1
+            self.bar = tqdm(total=self.total, initial=first, desc="rounds", unit="round", dynamic_ncols=True)
+            self.bar.start_t = self.began
         self.bar.n = record["round"]
         shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
         shown["tok/s"] = f"{record['tokens_per_s']:.0f}"

@@ -72,3 +72,17 @@ def test_overrides_may_follow_a_flag():
     assert (args.grid, args.out, args.overrides) == ("g.yaml", "o", ["rounds=1"])
     with pytest.raises(SystemExit):  # an unknown flag is still an error, not an override
         parse_cli(["run", "rounds=1", "--overwrite", "rounds=2", "--oops"])
+
+
+def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_time(capsys):
+    """The bar is drawn at the first round (a failed start shows none) yet times from the start of the
+    call, and a resume's earlier rounds do not count: 2 rounds after round 3 in 10 s is 0.2 round/s."""
+    bar = declora.cli._Bar(total=6)
+    bar.began -= 10.0  # the call started 10 s ago
+    record = {"train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0}
+    bar.on_round({"round": 4, **record})  # resumed after round 3
+    bar.on_round({"round": 5, **record})
+    shown = bar.bar.format_dict
+    assert shown["initial"] == 3 and shown["n"] == 5 and shown["elapsed"] >= 10.0
+    assert 0.15 < (shown["n"] - shown["initial"]) / shown["elapsed"] <= 0.2
+    bar.close()

@@ -932,7 +932,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        loaded = read_yaml(p) or {}
+        loaded = read_yaml(p)
+        if loaded is None:
+            raise ConfigError(
+                f"config file {str(p)!r} holds no settings (it is empty or all comments); give a config "
+                "with at least one key, or none at all (declora run alone runs configs/default.yaml)"
+            )
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
         tree = loaded
@@ -942,10 +947,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(_build(Config, tree))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    first: dict[Any, int] = {}  # key -> the line it was first given on
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)):
+            continue  # a list or mapping as a key: no config has one, the schema refuses it
+        line = key_node.start_mark.line + 1
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {first[key]} and {line})", key_node.start_mark
+            )
+        first[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_yaml(path: Path) -> Any:
-    """A YAML file's content; a syntax or encoding error names the file and line."""
+    """A YAML file's content; a syntax or encoding error, or a key given twice, names the file and line."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except yaml.YAMLError as err:

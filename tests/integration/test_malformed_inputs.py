@@ -217,6 +217,16 @@ CASES += [
     ("config:no-equals", lambda c: c.new_run("nodes"), "nodes"),
     ("config:empty-key", lambda c: c.new_run("=5"), "=5"),
     (
+        "config:duplicate-key",  # YAML itself would keep the last value silently
+        lambda c: ["run", str(c.file("dup.yaml", "rounds: 3\nnodes: 2\nrounds: 1\n")), *c.new_run()[1:]],
+        "key 'rounds' is given twice (lines 1 and 3)",
+    ),
+    (
+        "config:empty-file",  # would run the built-in defaults, not the default experiment
+        lambda c: ["run", str(c.file("empty.yaml", "# nothing yet\n")), *c.new_run()[1:]],
+        "holds no settings",
+    ),
+    (
         "config:yaml-syntax",
         lambda c: ["run", str(c.file("bad.yaml", "nodes: 4\nmodel: [a\n")), *c.new_run()[1:]],
         "bad.yaml",

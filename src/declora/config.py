@@ -515,14 +515,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _did_you_mean(key: str, prefix: str, names: set[str]) -> str:
+    """' (did you mean ...?)' for a misspelt key of this section, or for a key of another section
+    (``lr`` at the top level: train.lr, server.lr); '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    elsewhere = [k for k in _flatten(to_dict(Config())) if k.rsplit(".", 1)[-1] == key]
+    return f" (did you mean {' or '.join(elsewhere)}?)" if elsewhere else ""
+
+
 def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; allowed under "
-            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+            f"unknown config key {prefix}{unknown[0]!s}{_did_you_mean(str(unknown[0]), prefix, names)}; "
+            f"allowed under {prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
     return cls(**kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from declora.config import ConfigError, load_config, save_config
@@ -50,3 +52,22 @@ def test_missing_file_and_round_trip(tmp_path):
     cfg = load_config(None, ["nodes=5", "partition.proportions=[[0.5, 0.5], [0.1, 0.9]]"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("nodse=3", "(did you mean nodes?)"),
+        ("model.rnak=4", "(did you mean model.rank?)"),
+        ("lr=0.1", "(did you mean train.lr or server.lr?)"),  # a key of another section
+    ],
+)
+def test_an_unknown_key_suggests_the_closest_one(override, hint):
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        load_config(None, [override])
+
+
+def test_an_unknown_key_with_nothing_close_suggests_nothing():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["zzz=1"])
+    assert "did you mean" not in str(err.value)

@@ -52,8 +52,10 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
-    if cfg.run_dir is not None and Path(cfg.run_dir) != run_dir:
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir))  # the folder (moved or not) is the run
+    if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
+        # a moved folder: the run is where --resume points, recorded as an absolute path so that the
+        # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
     check_writable(run_dir)
     return cfg, run_dir

@@ -60,6 +60,20 @@ def test_resume_with_more_rounds_is_recorded(tiny, tmp_path):
     assert _rounds(run) == [0, 0, 1, 2, 3]
 
 
+def test_a_resume_by_a_relative_path_keeps_the_folders_recorded_path(tiny, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", "run", "rounds=3"]) == 0  # the same folder, named relatively
+    assert load_config(run / "config.yaml").run_dir == str(run)
+    (entry,) = read_resumes(run)
+    assert entry["changes"] == {"rounds": {"old": 2, "new": 3}}
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert main(["run", "--resume", "moved", "rounds=4"]) == 0  # a moved folder: recorded where it is now
+    assert load_config(moved / "config.yaml").run_dir == str(moved)
+
+
 def test_a_finished_run_resumed_with_export_all_writes_every_node_at_its_last_round(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", *tiny, f"run_dir={run}"]) == 0

@@ -94,12 +94,15 @@ def check_text_table(path: Path) -> None:
     if path.suffix in (".csv", ".tsv"):
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
         try:
-            width = len(next(reader))
+            width, rows = len(next(reader)), 0
             for row in reader:
                 if len(row) > width:
                     raise ValueError(f"{path}:{reader.line_num}: {len(row)} cells, the header has {width}")
+                rows += any(cell.strip() for cell in row)
         except csv.Error as err:
             raise ValueError(f"{path}:{reader.line_num}: broken CSV ({err})") from err
+        if not rows:
+            raise ValueError(f"data file {str(path)!r} has a header and no rows")
         return
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:

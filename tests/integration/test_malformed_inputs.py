@@ -259,6 +259,7 @@ DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the me
     ("latin1.csv", b"text,label\ngood,0\nbad,1\ncaf\xe9,1\n", "latin1.csv:4"),
     ("no-column.csv", "text,target\n" + "good,0\nbad,1\n" * 5, "label"),
     ("extra-cells.csv", "text,label\ngood,0\nbad,1,oops\n", "extra-cells.csv:3"),
+    ("header-only.csv", "text,label\n", "has a header and no rows"),
     ("empty-cell.csv", "text,label\ngood,0\n,1\n", "empty-cell.csv:3"),
     ("huge.csv", "text,label\n" + "good,0\nbad,1\n" * 3 + "x" * 200_000 + ",1\n", "huge.csv"),
     ("broken.json", '[{"text": "a", "label": 0},\n{"text": ', "broken.json:2"),

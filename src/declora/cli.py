@@ -210,6 +210,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from declora.compare import group_cells, load_grid, run_grid, write_comparison
 
+    if args.grid is None:  # argparse would also call the optional overrides required
+        raise ConfigError("declora compare needs a grid file: declora compare GRID [key=value ...]")
     grid = load_grid(args.grid, tuple(args.overrides), args.out)
 
     bar: list[_Bar] = []  # the running cell's progress bar
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare", help="run a grid of experiments and compare them: declora compare GRID [key=value ...]"
     )
-    p.add_argument("grid", help="grid YAML (configs/grids/smoke.yaml)")
+    p.add_argument("grid", nargs="?", help="grid YAML (configs/grids/smoke.yaml)")  # checked in cmd_compare
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell, e.g. rounds=2")
     p.add_argument("--out", default=None, help="output folder (default: the grid's out)")
     p.set_defaults(func=cmd_compare)

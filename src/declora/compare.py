@@ -21,6 +21,7 @@ Cells already finished are skipped and half-finished ones resume, so a stopped g
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -85,6 +86,8 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
     if not isinstance(data, dict):
         raise ConfigError(f"grid file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - GRID_KEYS)
+    if unknown and not set(data) & GRID_KEYS and {f.name for f in dataclasses.fields(Config)} >= set(data):
+        raise ConfigError(f"{path} is a run config, not a grid: run it with declora run {path}")
     if unknown:
         raise ConfigError(f"unknown grid key {unknown[0]!r} in {path}; allowed: {sorted(GRID_KEYS)}")
     _check_grid_types(path, data)

@@ -450,6 +450,12 @@ CASES += [
     ("cli:compare-unknown-key", lambda c: _grid(c, "out: OUT\ngrids: {}\n"), "grids"),
     ("cli:compare-empty-axis", lambda c: _grid(c, "out: OUT\ngrid: {nodes: []}\n"), "grid.nodes"),
     ("cli:compare-bad-cell", lambda c: _grid(c, "out: OUT\ngrid: {model.rank: [4, 0]}\n"), "model.rank"),
+    ("cli:compare-no-grid", lambda c: ["compare"], "needs a grid file"),
+    (
+        "cli:compare-a-run-config",
+        lambda c: ["compare", str(c.file("run.yaml", "nodes: 2\nrounds: 1\n"))],
+        "declora run",
+    ),
     ("cli:compare-seeds-not-list", lambda c: _grid(c, "out: OUT\nseeds: 3\n"), "seeds"),
     ("cli:compare-seeds-repeated", lambda c: _grid(c, "out: OUT\nseeds: [0, 0]\n"), "repeats"),
     ("cli:compare-grid-a-list", lambda c: _grid(c, "out: OUT\ngrid: [nodes]\n"), "grid must map"),

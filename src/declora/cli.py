@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from declora.config import Config, ConfigError, check_resume, load_config
 
@@ -235,15 +235,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 10 significant digits for display (1/3 as 0.3333333333, not 0.33333333333333337)."""
+    if isinstance(value, float):
+        return float(f"{value:.10g}")
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def cmd_topology(args: argparse.Namespace) -> int:
     from declora.algorithms.alternating import auto_interval
     from declora.schedules import build_schedule, describe, draw
 
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {args.out}: the picture is a PNG; give a path ending in .png")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {args.out}: folder {str(out.parent)!r} does not exist")
     cfg = load_config(_config_path(args.config), args.overrides)
     schedule = build_schedule(cfg.topology, cfg.nodes, cfg.seed)
     info = describe(schedule)
     for key, value in info.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {_rounded(value)}")
     # The interval TAD-LoRA picks with switch_interval=auto (same rho as expected_contraction).
     rho = info["rho"] if "rho" in info else (1.0 - info["spectral_gap"]) ** 2
     c, cap = cfg.algorithm.auto_c, cfg.algorithm.auto_max

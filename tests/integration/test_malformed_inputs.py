@@ -463,6 +463,12 @@ CASES += [
     ("cli:compare-metric-typo", lambda c: _grid(c, "out: OUT\nmetric: acc_nod_mean\n"), "acc_nod_mean"),
     ("cli:compare-target-text", lambda c: _grid(c, "out: OUT\ntarget_accuracy: high\n"), "high"),
     ("cli:report-metric-typo", lambda c: ["report", str(c.done), "--metric", "acc_nod_mean"], "acc_nod_mean"),
+    ("cli:topology-out-not-png", lambda c: ["topology", "--out", str(c.root / "w.txt")], "w.txt"),
+    (
+        "cli:topology-out-no-folder",
+        lambda c: ["topology", "--out", str(c.root / "no" / "w.png")],
+        "does not exist",
+    ),
     ("cli:topology-bad-graph", lambda c: ["topology", "topology.graph=moebius"], "moebius"),
     ("cli:topology-bad-degree", lambda c: ["topology", "topology.graph=regular", "nodes=3"], "degree"),
 ]

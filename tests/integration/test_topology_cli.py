@@ -26,6 +26,7 @@ def test_static_ring_prints_the_graph_w_row_gap_and_writes_a_png(tmp_path, capsy
     shown = _printed(capsys.readouterr().out)
     assert shown["nodes"] == "6" and shown["edges"] == "6"
     assert shown["degrees"] == "[2, 2, 2, 2, 2, 2]" and shown["is_static"] == "True"
+    assert shown["row0"] == "[0.3333333333, 0.3333333333, 0.0, 0.0, 0.0, 0.3333333333]"  # no float noise
     row = [float(x) for x in shown["row0"].strip("[]").split(",")]
     assert row == pytest.approx([1 / 3, 1 / 3, 0, 0, 0, 1 / 3])  # MH on a ring: 1/3 self, left, right
     # Ring eigenvalues 1/3 + 2/3 cos(2 pi k / 6): the second largest modulus is 2/3, so the gap is 1/3.

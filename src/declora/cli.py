@@ -311,11 +311,18 @@ def _split_overrides(args: argparse.Namespace) -> None:
 def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with key=value overrides allowed on both sides of a flag."""
     parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    for flag in ("--resume", "--out", "--metric", "--target"):  # argparse would keep the last silently
+        if sum(w == flag or w.startswith(f"{flag}=") for w in words) > 1:
+            parser.error(f"{flag} is given more than once; give it once")
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting positionals at the first flag: `run a=1 --overwrite b=2` leaves b=2 over.
     stray = [x for x in extra if x.startswith("-") or "=" not in x]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        where = (
+            " (-v goes before the command: declora -v run ...)" if {"-v", "--verbose"} & set(stray) else ""
+        )
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}{where}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     _split_overrides(args)

@@ -74,6 +74,25 @@ def test_overrides_may_follow_a_flag():
         parse_cli(["run", "rounds=1", "--overwrite", "rounds=2", "--oops"])
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (
+            ["run", "--resume", "a", "--resume", "b"],
+            "--resume is given more than once",
+        ),  # not the last silently
+        (["report", "r1", "r2", "--out", "x", "--out=y"], "--out is given more than once"),
+        (["run", "-v", "rounds=1"], "-v goes before the command"),
+    ],
+)
+def test_a_flag_given_twice_or_misplaced_is_named(argv, says, capsys):
+    from declora.cli import parse_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_cli(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_time(capsys):
     """The bar is drawn at the first round (a failed start shows none) yet times from the start of the
     call, and a resume's earlier rounds do not count: 2 rounds after round 3 in 10 s is 0.2 round/s."""

@@ -192,6 +192,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from declora.report import write_report
 
     check_metric(args.metric, args.target, "--")
+    compared = args.out != "runs/report" or args.metric != "acc_avg_factors" or args.target is not None
+    if len(args.run_dirs) == 1 and compared:
+        raise ConfigError(
+            "--out, --metric and --target set the comparison of two or more runs; one run's report goes to "
+            "its own folder (report.md, curves.png)"
+        )
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "metrics.jsonl").is_file():
             raise ConfigError(f"{run_dir}: no metrics.jsonl there; is it a declora run folder?")

@@ -463,6 +463,11 @@ CASES += [
     ("cli:compare-metric-typo", lambda c: _grid(c, "out: OUT\nmetric: acc_nod_mean\n"), "acc_nod_mean"),
     ("cli:compare-target-text", lambda c: _grid(c, "out: OUT\ntarget_accuracy: high\n"), "high"),
     ("cli:report-metric-typo", lambda c: ["report", str(c.done), "--metric", "acc_nod_mean"], "acc_nod_mean"),
+    (
+        "cli:report-one-run-out",
+        lambda c: ["report", str(c.done), "--out", str(c.root / "cmp")],
+        "two or more",
+    ),
     ("cli:topology-out-not-png", lambda c: ["topology", "--out", str(c.root / "w.txt")], "w.txt"),
     (
         "cli:topology-out-no-folder",

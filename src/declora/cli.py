@@ -129,8 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 class _Bar:
     """The rounds progress bar (rank 0 only)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, metric: str | None = None) -> None:
         self.total, self.bar = total, None  # drawn at the first round: a failed resume shows no bar
+        self.metric = metric  # a grid's ranked metric, shown beside the consensus accuracy
         self.began = time.time()  # the bar's clock starts here, so that its rate covers the first round
 
     def on_round(self, record: dict) -> None:
@@ -147,6 +148,9 @@ class _Bar:
             shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"
         if "ppl_avg_factors" in record:  # task.kind=causal_lm
             shown["ppl"] = f"{record['ppl_avg_factors']:.2f}"
+        if self.metric not in (None, "acc_avg_factors", "ppl_avg_factors") and self.metric in record:
+            value = record[self.metric]
+            shown[self.metric] = f"{value:.2f}" if self.metric.startswith("ppl_") else f"{100 * value:.1f}"
         self.bar.set_postfix(shown)
         self.bar.refresh()
 
@@ -228,7 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verb = {"done": "finished, skipped", "partial": "resuming", "new": "running"}[state]
         print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {verb}", flush=True)
         if state != "done":
-            bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds))
+            bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
 
     cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)
     while bar:

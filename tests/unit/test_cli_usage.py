@@ -105,3 +105,11 @@ def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_tim
     assert shown["initial"] == 3 and shown["n"] == 5 and shown["elapsed"] >= 10.0
     assert 0.15 < (shown["n"] - shown["initial"]) / shown["elapsed"] <= 0.2
     bar.close()
+
+
+def test_a_grids_progress_bar_shows_the_metric_the_grid_ranks():
+    bar = declora.cli._Bar(total=2, metric="acc_node_mean")
+    record = {"round": 1, "train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0}
+    bar.on_round({**record, "acc_avg_factors": 0.656, "acc_node_mean": 0.516})
+    assert "acc=65.6" in bar.bar.postfix and "acc_node_mean=51.6" in bar.bar.postfix
+    bar.close()

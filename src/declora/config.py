@@ -753,6 +753,13 @@ def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> 
             f"rounds and the checkpoint were made with {changes[k][0]!r}; "
             f"may change on resume: {list(RESUME_SAFE)}"
         )
+    if "rounds" in changes and new.privacy.level != "none" and new.privacy.target_epsilon is not None:
+        raise ConfigError(
+            f"rounds cannot change on resume with privacy.target_epsilon={new.privacy.target_epsilon} "
+            f"({changes['rounds'][0]} -> {changes['rounds'][1]}): the noise was solved to spend that budget "
+            f"over {changes['rounds'][0]} rounds, and more rounds would spend more than it; start a new run "
+            "with the rounds you want"
+        )
     if "export" in changes and new.export_round == "best":
         old_export, new_export = changes["export"]
         raise ConfigError(

@@ -22,13 +22,14 @@ publishers send, privatize and spend privacy, and the rule mixes the neighbours'
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
-from declora.config import Config, ConfigError
+from declora.config import Config, ConfigError, PrivacyConfig
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
 from declora.robust import robust_choco, robust_gossip, server_aggregate
 from declora.robust_uploads import slice_mask
@@ -218,7 +219,14 @@ def validate_guard(cfg: Config) -> None:
 
 def _validate_privacy(cfg: Config) -> None:
     p = cfg.privacy
-    if p.level == "none":
+    if p.level == "none":  # a budget or noise level asked for with DP off would be silently dropped
+        for f in dataclasses.fields(p):
+            value = getattr(p, f.name)
+            if value != getattr(PrivacyConfig(), f.name):
+                raise ConfigError(
+                    f"privacy.{f.name}={value!r} has no effect with privacy.level=none (no differential "
+                    "privacy); set privacy.level=node or example, or drop it"
+                )
         return
     if not p.clip > 0:
         raise ConfigError(f"privacy.clip={p.clip} must be positive (.inf: no clipping)")

@@ -193,6 +193,7 @@ CONFIG_VALUES: list[tuple[str, str]] = [
     ("export=some", "export"),
     ("eval.headline=acc_server", "has no server model"),  # dec_lora: no server, the metric is never logged
     ("server.optimizer=adam", "server.optimizer"),  # dec_lora has no server: the setting would be ignored
+    ("privacy.target_epsilon=8", "privacy.level=none"),  # a budget with DP off would be silently dropped
     ("foo=1", "foo"),
     ("train.lrr=0.1", "train.lrr"),
     ("topology.graph=regular", "degree"),  # degree 4 with 2 nodes: the graph check, before data/model

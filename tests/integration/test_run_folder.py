@@ -74,6 +74,16 @@ def test_a_resume_by_a_relative_path_keeps_the_folders_recorded_path(tiny, tmp_p
     assert load_config(moved / "config.yaml").run_dir == str(moved)
 
 
+def test_more_rounds_on_resume_are_refused_when_the_noise_spends_a_target_epsilon(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    dp = ("privacy.level=node", "privacy.target_epsilon=8", "privacy.clip=1.0")
+    assert main(["run", *tiny, *dp, f"run_dir={run}"]) == 0
+    before = (run / "config.yaml").read_bytes()
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 2  # sigma was solved for 2 rounds
+    assert "rounds cannot change on resume with privacy.target_epsilon" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == before and _rounds(run) == [0, 0, 1, 2]
+
+
 def test_a_finished_run_resumed_with_export_all_writes_every_node_at_its_last_round(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", *tiny, f"run_dir={run}"]) == 0

@@ -358,6 +358,13 @@ def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Se
                 f"task.label_words has {len(words)} words {list(words)}; the data has {len(label_names)} "
                 f"labels {list(label_names)} (one word each, in that order)"
             )
+        said, names = [w.strip().lower() for w in words], [str(n).strip().lower() for n in label_names]
+        if sorted(said) == sorted(names) and said != names:  # the label names, but out of the data's order
+            in_order = [words[said.index(n)] for n in names]
+            raise ValueError(
+                f"task.label_words={list(words)} name the labels in another order than the data's "
+                f"{list(label_names)} (word k stands for label k): give {in_order}"
+            )
         return LabelWords(tokenizer, max_length, cfg.template, words)
     raise ValueError(
         f"task.kind={cfg.kind!r} is not known; choose one of sequence_classification, label_words, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -179,6 +180,9 @@ def test_label_words_must_match_the_labels_and_start_differently(tiny_llama):
         LabelWords(tok, 32, TEMPLATE, (" positive", " positive"))
     with pytest.raises(ValueError, match="model.max_length=3"):
         LabelWords(tok, 3, TEMPLATE, (" negative", " positive"))
+    swapped = TaskConfig(kind="label_words", label_words=(" positive", " neutral", " negative"))
+    with pytest.raises(ValueError, match=re.escape("give [' negative', ' neutral', ' positive']")):
+        build_task(swapped, tok, 32, ("negative", "neutral", "positive"))  # word k must be label k's
     default = build_task(TaskConfig(kind="label_words"), tok, 32, ("negative", "positive"))
     assert default.answers == [tok(" negative", add_special_tokens=False)["input_ids"], default.answers[1]]
 

@@ -8,8 +8,10 @@ files of the nodes it hosts, and only label names and per-node counts cross proc
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,14 +58,20 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     return NodeData(train, test, parts[hosted.start : hosted.stop], summary)
 
 
+def _natural(name: str) -> list[Any]:
+    """Sort key that compares the digit runs of a name as numbers: node_2 < node_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def node_file_list(cfg: Config) -> list[str]:
-    """data.node_files as one path per node: the list itself, or a folder's tables sorted by name."""
+    """data.node_files as one path per node: the list itself, or a folder's tables sorted by name, numbers
+    by value (node_2 before node_10)."""
     spec = cfg.data.node_files
     if isinstance(spec, str):
         folder = Path(spec).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"data.node_files={spec!r} is neither a list of files nor a folder")
-        files = sorted(str(p) for p in folder.iterdir() if is_table(p))
+        files = sorted((str(p) for p in folder.iterdir() if is_table(p)), key=_natural)
     else:
         files = list(spec or ())
     if len(files) != cfg.nodes:

@@ -92,3 +92,21 @@ def test_instruction_node_files(tmp_path):
     ]
     assert mine == [[("q1.0", "a1.0"), ("q1.1", "a1.1"), ("q1.2", "a1.2")], [("q2", "a2")]]
     assert [s["size"] for s in data.summary] == [3, 1] and data.test.responses == ["out"]
+
+
+def test_a_folders_files_are_nodes_in_natural_order(tmp_path):
+    from declora.node_data import node_file_list
+
+    folder = tmp_path / "nodes"
+    folder.mkdir()
+    for i in (10, 2, 1, 0):  # as strings node_10 would sort before node_2
+        (folder / f"node_{i}.csv").write_text("text,label\na,0\n")
+    test = tmp_path / "test.csv"
+    test.write_text("text,label\nb,0\n")
+    cfg = load_config(None, ["nodes=4", f"data.node_files={folder}", f"data.test_file={test}"])
+    assert [Path(f).name for f in node_file_list(cfg)] == [
+        "node_0.csv",
+        "node_1.csv",
+        "node_2.csv",
+        "node_10.csv",
+    ]

@@ -32,6 +32,8 @@ class AdapterCard:
     round: int | None = None  # the round the adapter was taken at
     numbers: dict[str, Any] = field(default_factory=dict)  # metric -> value at that round
     run: dict[str, Any] = field(default_factory=dict)  # algorithm, nodes, rounds, run folder
+    # What the numbers also depend on: max_length, base_quantization; label_words: template and words
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def public_name(model_name: str, base: Path) -> str | None:
@@ -62,6 +64,7 @@ def write_card(
         "base_model": str(base),
         "base_model_public": public,
         "round": card.round,
+        "inputs": card.inputs,
         "metrics": card.numbers,
         "run": card.run,
     }
@@ -86,6 +89,27 @@ def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:
     )
 
 
+def _input_lines(inputs: dict[str, Any]) -> list[str]:
+    """What a user must repeat to get the numbers above: the truncation, the quantized base, the prompt."""
+    lines = []
+    if "max_length" in inputs:
+        lines.append(
+            f"Texts were cut to {inputs['max_length']} tokens (`truncation=True, max_length=...`).\n"
+        )
+    if inputs.get("base_quantization", "none") != "none":
+        lines.append(
+            f"Trained and scored on the base quantized to {inputs['base_quantization']} (declora "
+            "`model.base_quantization`); the full-precision base gives somewhat different numbers.\n"
+        )
+    if "label_words" in inputs:
+        words = ", ".join(f"{i} = {w!r}" for i, w in enumerate(inputs["label_words"]))
+        lines.append(
+            f"Prompt: {inputs['template']!r} with the text in place of {{text}}; the prediction is the label "
+            f"whose word's first token has the highest logit after the prompt ({words}).\n"
+        )
+    return lines
+
+
 def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool, pooling: str | None) -> str:
     lines = [f"# declora adapter: {card.what}\n"]
     run = ", ".join(f"{k} {v}" for k, v in card.run.items())
@@ -93,8 +117,9 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
     public = meta["base_model_public"] or "(not known: the local folder below)"
     local = meta["base_model"]
     lines.append(f"Base model: `{public}`; on the machine that trained it: `{local}` (BASE below).\n")
-    if not causal:
+    if not causal or "label_words" in card.inputs:  # classification, by a head or by label words
         lines.append(f"Labels: {', '.join(f'{i} = {n}' for i, n in enumerate(card.label_names))}.\n")
+    lines.extend(_input_lines(card.inputs))
     if card.numbers:
         lines.append("| metric | value at that round |\n|---|---|")
         for k, v in card.numbers.items():
@@ -102,7 +127,7 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
         lines.append("")
     if pooling == "mean":  # the recipe comes first: stock logits are not this adapter's prediction
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
-        lines.append(pooling_howto(pooling, len(card.label_names)))
+        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs.get("max_length", 512)))
     lines.append("## Load it\n")
     lines.append("Stock PEFT resolves the base from `base_model_name_or_path` (the local folder above):\n")
     lines.append(_load_lines(folder, meta, causal))
@@ -114,5 +139,5 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
     )
     if pooling == "cls":
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
-        lines.append(pooling_howto(pooling, len(card.label_names)))
+        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs.get("max_length", 512)))
     return "\n".join(lines)

@@ -77,8 +77,15 @@ class AdapterExport:
             "folder": str(exp.run_dir),
         }
 
+        inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
+        inputs["base_quantization"] = cfg.model.base_quantization
+        if cfg.task.kind == "label_words":  # the words build_task used: given, or " <label name>"
+            inputs["template"] = cfg.task.template
+            inputs["label_words"] = list(cfg.task.label_words or [f" {n}" for n in exp.label_names])
+
         def card(what: str) -> AdapterCard:
-            return AdapterCard(what, cfg.model.name, exp.label_names, record.get("round"), numbers, run)
+            names = exp.label_names
+            return AdapterCard(what, cfg.model.name, names, record.get("round"), numbers, run, inputs)
 
         def write_all(into: Path) -> None:
             consensus = "the consensus adapter (averaged factors mean(B)·mean(A); acc_avg_factors)"

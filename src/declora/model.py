@@ -377,7 +377,8 @@ def export_peft(
     config.save_pretrained(str(folder))
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
-        write_pooling_note(folder, fed.pooling, str(fed.path), int(fed.model.config.num_labels))
+        num_labels = int(fed.model.config.num_labels)
+        write_pooling_note(folder, fed.pooling, str(fed.path), num_labels, fed.cfg.max_length)
     if card is not None:
         pooling = None if fed.causal else fed.pooling
         write_card(folder, card, Path(fed.path).resolve(), fed.causal, pooling, shown)

@@ -31,7 +31,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=NUM_LABELS)
 model = PeftModel.from_pretrained(base, FOLDER).eval()
-batch = AutoTokenizer.from_pretrained(BASE)(texts, padding=True, truncation=True, return_tensors="pt")
+tokenize = AutoTokenizer.from_pretrained(BASE)  # the run cut every text to MAX_LENGTH tokens
+batch = tokenize(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
 inner = model.get_base_model()  # the transformers model, with the LoRA layers in it
 with torch.no_grad():
     hidden = inner.base_model(**batch).last_hidden_state  # (rows, seq, hidden)
@@ -88,25 +89,27 @@ def pooled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -
     return model.classifier(masked_mean(hidden, attention_mask))
 
 
-def pooling_howto(pooling: str, num_labels: int) -> str:
+def pooling_howto(pooling: str, num_labels: int, max_length: int) -> str:
     """Markdown: how a stock transformers + PEFT user gets this head's prediction."""
     if pooling == "cls":
         return (
             "The head reads the model's own [CLS] pooler: `model(**batch).logits` of\n"
             "`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, "
-            f"num_labels={num_labels}), FOLDER)` is the prediction.\n"
+            f"num_labels={num_labels}), FOLDER)` is the prediction, for a batch tokenized with "
+            f"`truncation=True, max_length={max_length}` as the run did.\n"
         )
     return (
         "The head reads the MEAN of the last hidden states over the real tokens (attention mask 1), not\n"
         "the [CLS] pooler, so `model(**batch).logits` is NOT this adapter's prediction. Reproduce it:\n\n"
-        + RECIPE.replace("NUM_LABELS", str(num_labels))
+        + RECIPE.replace("NUM_LABELS", str(num_labels)).replace("MAX_LENGTH", str(max_length))
     )
 
 
-def write_pooling_note(folder: Path, pooling: str, base: str, num_labels: int) -> None:
+def write_pooling_note(folder: Path, pooling: str, base: str, num_labels: int, max_length: int) -> None:
     """``declora_pooling.json`` and README.md: how a stock PEFT user reproduces this adapter's prediction."""
-    (folder / POOLING_FILE).write_text(json.dumps({"pooling": pooling, "num_labels": num_labels}, indent=1))
-    how = pooling_howto(pooling, num_labels)
+    note = {"pooling": pooling, "num_labels": num_labels, "max_length": max_length}
+    (folder / POOLING_FILE).write_text(json.dumps(note, indent=1))
+    how = pooling_howto(pooling, num_labels, max_length)
     (folder / "README.md").write_text(
         f"# declora adapter\n\nBase model: `{base}` (BASE below); pooling: `{pooling}` "
         f"({POOLING_FILE}).\n\n{how}"

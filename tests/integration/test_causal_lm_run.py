@@ -100,6 +100,11 @@ def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tm
     assert torch.equal(preds, ours.argmax(-1))
     accuracy = float((preds == torch.as_tensor(data.labels)).float().mean())
     assert accuracy == pytest.approx(record["acc_avg_factors"], abs=1e-6)
+    card = json.loads((exp.run_dir / "adapters" / "consensus" / "declora_adapter.json").read_text())
+    assert card["inputs"]["template"] == exp.cfg.task.template  # the prompt and words, with the folder
+    assert card["inputs"]["label_words"] == [" negative", " positive"]
+    readme = (exp.run_dir / "adapters" / "consensus" / "README.md").read_text()
+    assert "0 = ' negative', 1 = ' positive'" in readme and "Labels: 0 = " in readme
 
 
 def test_cli_language_modelling_on_a_text_file_resumes(tiny_llama, tmp_path, capsys):

@@ -56,6 +56,8 @@ def test_best_round_folder_loads_with_auto_peft_and_predicts_declora_accuracy(ti
     assert card["task_type"] == "SEQ_CLS" and card["num_labels"] == 3 and card["pooling"] == "cls"
     assert card["id2label"] == {"0": "bad", "1": "good", "2": "so-so"} and card["label2id"]["so-so"] == 2
     assert card["round"] == best["best_round"] and card["metrics"]["acc_avg_factors"] == best["best"]
+    assert card["inputs"] == {"max_length": 16, "base_quantization": "none"}  # what the numbers depend on
+    assert "Texts were cut to 16 tokens" in (folder / "README.md").read_text()
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_bert
     )
@@ -104,6 +106,7 @@ def test_causal_folder_loads_with_auto_peft_and_gives_declora_logits(tiny_llama,
     folder = exp.run_dir / "adapters" / "consensus"
     card = json.loads((folder / CARD_FILE).read_text())
     assert card["task_type"] == "CAUSAL_LM" and card["num_labels"] is None and card["round"] == 2
+    assert card["inputs"] == {"max_length": 24, "base_quantization": "none"}  # no prompt: plain text
     model = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
     ids = torch.tensor([exp.node_eval.token_ids[0]])
     with torch.no_grad():

@@ -81,7 +81,8 @@ def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_pa
         ours = fed(batch["input_ids"], batch["attention_mask"])
     stacked = {k: v.detach() for k, v in fed.tensors().items()}
     folder = export_peft(fed, node_adapter(fed, stacked, node), tmp_path / "adapter")
-    assert json.loads((folder / POOLING_FILE).read_text()) == {"pooling": pooling, "num_labels": 2}
+    note = json.loads((folder / POOLING_FILE).read_text())
+    assert note == {"pooling": pooling, "num_labels": 2, "max_length": fed.cfg.max_length}
     excluded = json.loads((folder / "adapter_config.json").read_text())["exclude_modules"]
     assert (excluded or []) == (["bert.pooler.dense"] if "dense" in targets and pooling == "mean" else [])
     readme = (folder / "README.md").read_text()

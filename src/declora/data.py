@@ -222,10 +222,13 @@ def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
 
 def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data.split") -> TextDataset:
     """Prompt turns (JSON lists of {role, content}) and responses: from the messages column when the
-    table has one (the last message is the assistant's answer), else the prompt and response columns."""
+    table has one (the last message is the assistant's answer), else the prompt and response columns;
+    prompt and response columns named in the config win over a messages column."""
     table = open_split(source, split, key)
     where = f"{source!r} (split {split!r})"
-    if cfg.messages_column in table.column_names:
+    defaults = DataConfig()
+    named = (cfg.prompt_column, cfg.response_column) != (defaults.prompt_column, defaults.response_column)
+    if cfg.messages_column in table.column_names and not named:
         chats = column(table, cfg.messages_column, "data.messages_column", where)
         for i, chat in enumerate(chats):
             if not isinstance(chat, list) or not chat or chat[-1].get("role") != "assistant":

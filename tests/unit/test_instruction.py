@@ -106,6 +106,12 @@ def test_messages_and_prompt_response_tables(tmp_path):
     assert train.responses == [r for _, r in PAIRS] and json.loads(train.texts[1]) == [
         {"role": "user", "content": "Name a colour."}
     ]
+    both = tmp_path / "both.jsonl"  # named prompt/response columns win over a messages column
+    chat = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    both.write_text("".join(json.dumps({"q": p, "a": r, "messages": chat}) + "\n" for p, r in PAIRS))
+    cfg = DataConfig(dataset=str(both), test_file=str(both), prompt_column="q", response_column="a")
+    train, _ = load_dataset(cfg, 0, instruction=True)
+    assert train.responses == [r for _, r in PAIRS]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="must end with an assistant message"):

@@ -712,11 +712,19 @@ TABLE_KEYS = ("split", "test_file", "test_split", "text_column", "label_column")
 
 
 def _check_shipped_data(cfg: Config) -> None:
-    """A shipped corpus has its own columns and its own held-out split (Rotten Tomatoes: by movie); a table's
-    settings given with it would be silently ignored: refuse them instead."""
+    """Column and split settings that the data would silently ignore are refused: a table's settings with a
+    shipped corpus (its own columns and held-out split; Rotten Tomatoes: by movie), and the text and label
+    columns with instruction data."""
     from declora.assets import DATA
 
     d, defaults = cfg.data, DataConfig()
+    if cfg.task.kind == "instruction":  # prompts and responses: the text and label columns are not read
+        for key in ("text_column", "label_column"):
+            if getattr(d, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"data.{key}={getattr(d, key)!r} has no effect with task.kind=instruction, which reads "
+                    "data.prompt_column and data.response_column (or data.messages_column)"
+                )
     if d.dataset not in DATA or d.node_files is not None:
         return
     for key in TABLE_KEYS:

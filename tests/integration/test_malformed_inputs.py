@@ -193,7 +193,11 @@ CONFIG_VALUES: list[tuple[str, str]] = [
     ("export=some", "export"),
     ("eval.headline=acc_server", "has no server model"),  # dec_lora: no server, the metric is never logged
     ("server.optimizer=adam", "server.optimizer"),  # dec_lora has no server: the setting would be ignored
-    ("privacy.target_epsilon=8", "privacy.level=none"),  # a budget with DP off would be silently dropped
+    ("privacy.target_epsilon=8", "privacy.level=none"),
+    (
+        "task.kind=instruction data.text_column=review",
+        "data.text_column",
+    ),  # prompts and responses are read  # a budget with DP off would be silently dropped
     ("foo=1", "foo"),
     ("train.lrr=0.1", "train.lrr"),
     ("topology.graph=regular", "degree"),  # degree 4 with 2 nodes: the graph check, before data/model
@@ -206,6 +210,13 @@ def _value_case(override: str, culprit: str) -> Case:
 
 
 CASES: list[Case] = [_value_case(o, k) for o, k in CONFIG_VALUES]
+CASES.append(  # instruction data reads prompts and responses: a text column would be ignored
+    (
+        "config:instruction-text-column",
+        lambda c: c.new_run("task.kind=instruction", "model.head=none", "data.text_column=review"),
+        "data.text_column='review' has no effect with task.kind=instruction",
+    )
+)
 CASES += [  # a table's settings beside a shipped corpus would be ignored
     (f"config:shipped-{key}", lambda c, o=o: c.new_run("data.dataset=rotten_tomatoes", o), key)
     for key, o in (

@@ -121,6 +121,8 @@ def build_graph(cfg: TopologyConfig, n: int, seed: int) -> nx.Graph:
         raise ValueError(f"topology.graph={cfg.graph!r} is not known; choose one of {sorted(GRAPHS)}")
     if n < 1:
         raise ValueError(f"a graph needs n >= 1 nodes, got n={n}")
+    if n == 1:  # one node (centralized training pools the nodes' data): nothing to mix, whatever the graph
+        return nx.empty_graph(1)
     check_probability("p", cfg.p)
     check_probability("rewire", cfg.rewire)
     g = nx.Graph(GRAPHS[cfg.graph](cfg, n, seed))

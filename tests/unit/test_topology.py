@@ -296,3 +296,10 @@ def test_missing_files_are_value_errors(tmp_path: Path) -> None:
         build_graph(replace(CFG, graph="file", edge_list=missing), 4, 0)
     with pytest.raises(ValueError, match="weight_file=.*nope.txt"):
         mixing_matrix(nx.cycle_graph(4), replace(CFG, weights="file", weight_file=missing))
+
+
+@pytest.mark.parametrize("graph", ["regular", "ring", "star", "complete", "small_world"])
+def test_one_node_is_a_graph_of_one_node_whatever_the_kind(graph):
+    """Centralized training runs one node under a config written for many (a 4-regular graph, say)."""
+    g = build_graph(TopologyConfig(graph=graph, degree=4), 1, 0)
+    assert g.number_of_nodes() == 1 and g.number_of_edges() == 0

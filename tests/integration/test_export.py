@@ -116,3 +116,16 @@ def test_causal_folder_loads_with_auto_peft_and_gives_declora_logits(tiny_llama,
             ours = exp.fed(ids, torch.ones_like(ids))
         theirs = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(theirs, ours.to(theirs.dtype), atol=1e-5, rtol=0)
+
+
+def test_a_card_says_when_its_base_is_a_decoded_quantized_copy(tmp_path):
+    from declora.adapter_card import AdapterCard, write_card
+
+    for name, said in (("smollm2", True), ("minilm", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        card = AdapterCard("the consensus adapter", name, round=3, inputs={"max_length": 64})
+        write_card(folder, card, tmp_path, causal=name == "smollm2", pooling=None)
+        readme = (folder / "README.md").read_text()
+        assert ("the Q4_1 GGUF copy of that model" in readme) == said
+        assert json.loads((folder / CARD_FILE).read_text())["inputs"] == {"max_length": 64}

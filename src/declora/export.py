@@ -88,12 +88,16 @@ class AdapterExport:
             return AdapterCard(what, cfg.model.name, names, record.get("round"), numbers, run, inputs)
 
         def write_all(into: Path) -> None:
-            consensus = "the consensus adapter (averaged factors mean(B)·mean(A); acc_avg_factors)"
+            m = exp.task.metric  # acc | ppl: the keys its numbers have in metrics.jsonl
+            consensus = f"the consensus adapter (averaged factors mean(B)·mean(A); {m}_avg_factors)"
             shown = folder / "consensus"  # the README names the folder's final place, not the .tmp
             export_peft(exp.fed, averaged_factors(stacked), into / "consensus", card(consensus), shown)
             if cfg.export == "all":
                 for i in range(exp.n):
-                    node, name = card(f"node {i}'s own adapter (acc_node_*)"), f"node_{i:03d}"
+                    node, name = (
+                        card(f"node {i}'s own adapter ({m}_node_*; the numbers are the run's)"),
+                        f"node_{i:03d}",
+                    )
                     adapter = node_adapter(exp.fed, stacked, i, gates)
                     export_peft(exp.fed, adapter, into / name, node, folder / name)
 

@@ -107,6 +107,7 @@ def test_causal_folder_loads_with_auto_peft_and_gives_declora_logits(tiny_llama,
     card = json.loads((folder / CARD_FILE).read_text())
     assert card["task_type"] == "CAUSAL_LM" and card["num_labels"] is None and card["round"] == 2
     assert card["inputs"] == {"max_length": 24, "base_quantization": "none"}  # no prompt: plain text
+    assert "ppl_avg_factors" in (folder / "README.md").read_text().splitlines()[0]  # its own metric
     model = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
     ids = torch.tensor([exp.node_eval.token_ids[0]])
     with torch.no_grad():

@@ -694,16 +694,24 @@ def _check_slices(cfg: Config) -> None:
         )
 
 
+def refuse_if_set(section: str, values: Any, keys: typing.Iterable[str], why: str) -> None:
+    """A setting that would be silently ignored is refused: the first of ``keys`` of the config
+    section ``values`` (a dataclass named ``section``) that differs from its default, with ``why``."""
+    defaults = type(values)()
+    for key in keys:
+        value = getattr(values, key)
+        if value != getattr(defaults, key):
+            raise ConfigError(f"{section}.{key}={value!r} has no effect {why}")
+
+
 def _check_optimizer(cfg: Config) -> None:
     """A setting of the optimizer not chosen would be silently ignored: refuse it instead."""
-    t, defaults = cfg.train, TrainConfig()
+    t = cfg.train
     foreign = {"adamw": ("momentum", "nesterov"), "sgd": ("betas", "eps")}[t.optimizer]
-    for key in foreign:
-        if getattr(t, key) != getattr(defaults, key):
-            raise ConfigError(
-                f"train.{key}={getattr(t, key)!r} has no effect with train.optimizer={t.optimizer}; "
-                f"set train.optimizer={'sgd' if t.optimizer == 'adamw' else 'adamw'} or drop train.{key}"
-            )
+    other = "sgd" if t.optimizer == "adamw" else "adamw"
+    refuse_if_set(
+        "train", t, foreign, f"with train.optimizer={t.optimizer}; set train.optimizer={other} or drop it"
+    )
     if t.nesterov and t.momentum == 0:
         raise ConfigError("train.nesterov=true needs train.momentum > 0 (it is 0)")
 
@@ -711,28 +719,21 @@ def _check_optimizer(cfg: Config) -> None:
 TABLE_KEYS = ("split", "test_file", "test_split", "text_column", "label_column")  # read from a user's table
 
 
-def _check_shipped_data(cfg: Config) -> None:
+def _check_unread_data_keys(cfg: Config) -> None:
     """Column and split settings that the data would silently ignore are refused: a table's settings with a
     shipped corpus (its own columns and held-out split; Rotten Tomatoes: by movie), and the text and label
     columns with instruction data."""
     from declora.assets import DATA
 
-    d, defaults = cfg.data, DataConfig()
+    d = cfg.data
     if cfg.task.kind == "instruction":  # prompts and responses: the text and label columns are not read
-        for key in ("text_column", "label_column"):
-            if getattr(d, key) != getattr(defaults, key):
-                raise ConfigError(
-                    f"data.{key}={getattr(d, key)!r} has no effect with task.kind=instruction, which reads "
-                    "data.prompt_column and data.response_column (or data.messages_column)"
-                )
-    if d.dataset not in DATA or d.node_files is not None:
-        return
-    for key in TABLE_KEYS:
-        if getattr(d, key) != getattr(defaults, key):
-            raise ConfigError(
-                f"data.{key}={getattr(d, key)!r} has no effect with the shipped data.dataset={d.dataset!r} "
-                f"(its own columns and held-out split); data.{key} applies to a user's table or folder"
-            )
+        why = "with task.kind=instruction, which reads data.prompt_column and data.response_column"
+        why += " (or data.messages_column)"
+        refuse_if_set("data", d, ("text_column", "label_column"), why)
+    if d.dataset in DATA and d.node_files is None:
+        why = f"with the shipped data.dataset={d.dataset!r} (its own columns and held-out split)"
+        why += "; it applies to a user's table or folder"
+        refuse_if_set("data", d, TABLE_KEYS, why)
 
 
 # Checks that relate several keys; each takes the whole config and raises ConfigError.
@@ -740,7 +741,7 @@ CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
     _check_degenerate,
     _check_slices,
     _check_optimizer,
-    _check_shipped_data,
+    _check_unread_data_keys,
 ]
 
 
@@ -851,13 +852,10 @@ def _validate_server(cfg: Config) -> None:
     from declora.algorithms import FOLDS_INTO_BASE, SERVED
 
     if cfg.algorithm.name not in SERVED:  # a server setting for a run with no server would be ignored
-        for f in dataclasses.fields(ServerConfig):
-            value = getattr(s, f.name)
-            if value != getattr(ServerConfig(), f.name):
-                raise ConfigError(
-                    f"server.{f.name}={value!r} has no effect with algorithm.name={cfg.algorithm.name}, "
-                    f"which has no server; server.* applies to {sorted(SERVED)}"
-                )
+        keys = [f.name for f in dataclasses.fields(s)]
+        why = f"with algorithm.name={cfg.algorithm.name}, which has no server"
+        why += f"; server.* applies to {sorted(SERVED)}"
+        refuse_if_set("server", s, keys, why)
     folds = cfg.algorithm.name in FOLDS_INTO_BASE
     if folds and cfg.server.optimizer not in ("auto", "average"):
         raise ConfigError(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
-from declora.config import Config, ConfigError, PrivacyConfig
+from declora.config import Config, ConfigError, refuse_if_set
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
 from declora.robust import robust_choco, robust_gossip, server_aggregate
 from declora.robust_uploads import slice_mask
@@ -220,13 +220,10 @@ def validate_guard(cfg: Config) -> None:
 def _validate_privacy(cfg: Config) -> None:
     p = cfg.privacy
     if p.level == "none":  # a budget or noise level asked for with DP off would be silently dropped
-        for f in dataclasses.fields(p):
-            value = getattr(p, f.name)
-            if value != getattr(PrivacyConfig(), f.name):
-                raise ConfigError(
-                    f"privacy.{f.name}={value!r} has no effect with privacy.level=none (no differential "
-                    "privacy); set privacy.level=node or example, or drop it"
-                )
+        why = (
+            "with privacy.level=none (no differential privacy); set privacy.level=node or example, or drop it"
+        )
+        refuse_if_set("privacy", p, [f.name for f in dataclasses.fields(p)], why)
         return
     if not p.clip > 0:
         raise ConfigError(f"privacy.clip={p.clip} must be positive (.inf: no clipping)")

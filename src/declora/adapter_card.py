@@ -136,7 +136,7 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
         lines.append("")
     if pooling == "mean":  # the recipe comes first: stock logits are not this adapter's prediction
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
-        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs.get("max_length", 512)))
+        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs["max_length"]))
     lines.append("## Load it\n")
     lines.append("Stock PEFT resolves the base from `base_model_name_or_path` (the local folder above):\n")
     lines.append(_load_lines(folder, meta, causal))
@@ -148,5 +148,5 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
     )
     if pooling == "cls":
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
-        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs.get("max_length", 512)))
+        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs["max_length"]))
     return "\n".join(lines)

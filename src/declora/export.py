@@ -17,6 +17,7 @@ from declora.experiment import Experiment
 from declora.model import averaged_factors, export_peft, fold_middle, node_adapter
 from declora.report import lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
+from declora.tasks import label_words_of
 
 CARD_KEYS = ("acc_", "ppl_", "em_", "bytes_total", "train_loss")
 
@@ -79,9 +80,9 @@ class AdapterExport:
 
         inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
         inputs["base_quantization"] = cfg.model.base_quantization
-        if cfg.task.kind == "label_words":  # the words build_task used: given, or " <label name>"
+        if cfg.task.kind == "label_words":  # the prompt and the words build_task used
             inputs["template"] = cfg.task.template
-            inputs["label_words"] = list(cfg.task.label_words or [f" {n}" for n in exp.label_names])
+            inputs["label_words"] = list(label_words_of(cfg.task, exp.label_names))
 
         def card(what: str) -> AdapterCard:
             names = exp.label_names
@@ -94,10 +95,8 @@ class AdapterExport:
             export_peft(exp.fed, averaged_factors(stacked), into / "consensus", card(consensus), shown)
             if cfg.export == "all":
                 for i in range(exp.n):
-                    node, name = (
-                        card(f"node {i}'s own adapter ({m}_node_*; the numbers are the run's)"),
-                        f"node_{i:03d}",
-                    )
+                    node = card(f"node {i}'s own adapter ({m}_node_*; the numbers are the run's)")
+                    name = f"node_{i:03d}"
                     adapter = node_adapter(exp.fed, stacked, i, gates)
                     export_peft(exp.fed, adapter, into / name, node, folder / name)
 

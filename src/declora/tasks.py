@@ -344,6 +344,11 @@ class Instruction:
         return {"em": _ratio(totals, 2)}
 
 
+def label_words_of(cfg: TaskConfig, label_names: Sequence[str]) -> tuple[str, ...]:
+    """label_words' word per label: the given ones, else " <label name>"."""
+    return tuple(cfg.label_words or (f" {name}" for name in label_names))
+
+
 def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Sequence[str]) -> Task:
     if cfg.kind == "instruction":
         return Instruction(tokenizer, max_length)
@@ -352,7 +357,7 @@ def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Se
     if cfg.kind == "causal_lm":
         return CausalLM(tokenizer, max_length)
     if cfg.kind == "label_words":
-        words = cfg.label_words or tuple(f" {name}" for name in label_names)
+        words = label_words_of(cfg, label_names)
         if len(words) != len(label_names):
             raise ValueError(
                 f"task.label_words has {len(words)} words {list(words)}; the data has {len(label_names)} "

@@ -17,9 +17,12 @@ from typing import Any
 from declora.config import ConfigError
 
 # suffix -> (datasets builder, its keyword arguments)
+# Only an empty cell is missing: pandas would also read the words "None", "NA", "null", "nan" (real
+# review text, or a label name) as missing values.
+_ONLY_EMPTY_IS_MISSING = {"keep_default_na": False, "na_values": [""]}
 BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"sep": "\t"}),
+    ".csv": ("csv", _ONLY_EMPTY_IS_MISSING),
+    ".tsv": ("csv", {"sep": "\t", **_ONLY_EMPTY_IS_MISSING}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),

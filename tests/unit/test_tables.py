@@ -138,6 +138,24 @@ def test_clear_errors(tmp_path):
         )
 
 
+@pytest.mark.parametrize("kind", ["csv", "tsv"])
+def test_words_pandas_calls_missing_are_text_and_an_empty_cell_is_missing(tmp_path, kind):
+    words = ["None", "NA", "null", "nan", "N/A"]
+    rows = [dict(r) for r in ROWS]
+    for i, word in enumerate(words):
+        rows[i]["review"] = word
+    rows[5]["stars"] = "NA"  # a label named NA is a class, not a gap
+    cfg = DataConfig(dataset=str(_write(kind, tmp_path, rows)), text_column="review", label_column="stars")
+    train, test = load_dataset(cfg, seed=0)
+    assert set(words) <= set(train.texts) | set(test.texts)
+    assert "NA" in train.label_names
+    rows[7]["review"] = ""
+    (tmp_path / "gap").mkdir()
+    gap = DataConfig(dataset=str(_write(kind, tmp_path / "gap", rows)), text_column="review", label_column="stars")
+    with pytest.raises(ValueError, match=rf"\.{kind}:9: no value in column 'review'"):
+        load_dataset(gap, seed=0)
+
+
 def test_client_column_is_read_as_indices(tmp_path):
     cfg = DataConfig(dataset=str(_write("csv", tmp_path)), text_column="review", label_column="stars")
     train, test = load_dataset(cfg, seed=0, client_column="user")

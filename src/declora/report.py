@@ -33,11 +33,10 @@ ACCURACY_KEYS = ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "acc_ser
 CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
 FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
 STD_KEY = "acc_node_std"  # the spread that goes with acc_node_mean (ADF/TAD: mean ± std over nodes)
-# Per-node spread statistics: companions of *_node_mean, not evaluation modes with a "best".
-SPREAD_KEYS = frozenset(
-    [f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std", "min", "max")]
-    + ["acc_honest_min", "ppl_honest_min"]
-)
+# Per-node spread statistics: companions of *_node_mean, not evaluation modes with a "best". Under attack
+# the honest nodes' minimum (*_honest_min) is a row of its own: the worst honest node is what an attack
+# is judged by.
+SPREAD_KEYS = frozenset(f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std", "min", "max"))
 PRIVACY_KEY = "privacy_epsilon_max"  # privacy.level node/example: the largest epsilon any node has spent
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -223,7 +224,7 @@ def test_a_gpu_runs_peak_gpu_memory_is_summarised_and_shown(tmp_path: Path) -> N
     assert "peak_gpu_mem_mb" not in summarize(RECORDS)  # a CPU run has none
 
 
-def test_private_runs_show_the_largest_epsilon_spent_and_honest_min_is_a_spread() -> None:
+def test_private_runs_show_the_largest_epsilon_spent_and_attacked_runs_the_worst_honest_node() -> None:
     records = [
         {"event": "round", "round": 1, "privacy_epsilon_max": 3.2, "privacy_epsilon": [3.2, 3.1]},
         {
@@ -236,7 +237,9 @@ def test_private_runs_show_the_largest_epsilon_spent_and_honest_min_is_a_spread(
     ]
     s = summarize(records)
     assert s["final"]["privacy_epsilon_max"] == 4.5
-    assert "acc_honest_mean" in s["accuracy"] and "acc_honest_min" not in s["accuracy"]
+    assert s["accuracy"]["acc_honest_min"]["final"] == 0.6 and "acc_honest_mean" in s["accuracy"]
+    assert re.search(r"\| acc_honest_min +\| 60.00 \|", format_table(s))
+    assert "acc_node_min" not in summarize([{"event": "eval", "round": 1, "acc_node_min": 0.5}])["accuracy"]
     assert "| privacy_epsilon_max" in format_table(s) and "4.50" in format_table(s)
     assert "privacy_epsilon_max" not in summarize([{"event": "eval", "round": 1}])["final"]  # not private
 

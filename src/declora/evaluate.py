@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ def _renamed(scored: dict[str, float], mode: str) -> dict[str, float]:
     return {k.replace("_avg_factors", f"_{mode}"): v for k, v in scored.items()}
 
 
-def evaluate(exp: Experiment) -> dict[str, float]:
+def evaluate(exp: Experiment) -> dict[str, Any]:
     fed, chunk, group = exp.fed, exp.trainer.tokens_per_chunk, exp.group
     data, m = exp.node_eval, exp.task.metric  # m: "acc" | "ppl"
     own = totals_per_node(fed, data.token_ids, data.labels, fed.n, exp.pad_id, chunk, exp.task)
@@ -91,6 +92,7 @@ def evaluate(exp: Experiment) -> dict[str, float]:
         f"{m}_node_std": std,
         f"{m}_node_min": float(per_node.min()),
         f"{m}_node_max": float(per_node.max()),
+        f"{m}_node": [float(v) for v in per_node],  # every node's own, in node order (adapter cards)
     }
     for key, values in exp.task.extras(own).items():  # (local nodes,) each
         out[f"{key}_node_mean"] = float(group.gather_nodes(values).mean())

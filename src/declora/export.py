@@ -84,9 +84,9 @@ class AdapterExport:
             inputs["template"] = cfg.task.template
             inputs["label_words"] = list(label_words_of(cfg.task, exp.label_names))
 
-        def card(what: str) -> AdapterCard:
-            names = exp.label_names
-            return AdapterCard(what, cfg.model.name, names, record.get("round"), numbers, run, inputs)
+        def card(what: str, own: dict[str, Any] | None = None) -> AdapterCard:
+            names, shown = exp.label_names, {**(own or {}), **numbers}
+            return AdapterCard(what, cfg.model.name, names, record.get("round"), shown, run, inputs)
 
         def write_all(into: Path) -> None:
             m = exp.task.metric  # acc | ppl: the keys its numbers have in metrics.jsonl
@@ -95,7 +95,10 @@ class AdapterExport:
             export_peft(exp.fed, averaged_factors(stacked), into / "consensus", card(consensus), shown)
             if cfg.export == "all":
                 for i in range(exp.n):
-                    node = card(f"node {i}'s own adapter ({m}_node_*; the numbers are the run's)")
+                    scores = record.get(f"{m}_node")  # every node's own score, when this round evaluated
+                    own = {f"{m}_this_node": scores[i]} if isinstance(scores, list) else None
+                    what = f"node {i}'s own adapter ({m}_this_node; the other numbers are the run's)"
+                    node = card(what, own)
                     name = f"node_{i:03d}"
                     adapter = node_adapter(exp.fed, stacked, i, gates)
                     export_peft(exp.fed, adapter, into / name, node, folder / name)

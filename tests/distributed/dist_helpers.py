@@ -108,7 +108,7 @@ def records(run_dir: Path) -> list[dict]:
 def assert_same_metrics(
     simulated: Path, distributed: Path, atol: float = 1e-6, node_vote: float = 0.0
 ) -> None:
-    """Every logged number equal within ``atol``; the nodes' own accuracies (``acc_node_*``) within
+    """Every logged number equal within ``atol``; the nodes' own accuracies (``acc_node*``) within
     ``node_vote`` more, for tests whose nodes are scored in batches of another make-up than the
     simulator's: an untrained tiny model's near-tied logits can then flip one vote."""
     sim, dist = records(simulated), records(distributed)
@@ -116,9 +116,12 @@ def assert_same_metrics(
     for a, b in zip(sim, dist, strict=True):
         assert set(a) - NOT_COMPARED == set(b) - NOT_COMPARED
         for key in set(a) - NOT_COMPARED:
+            tol = atol + (node_vote if key.startswith("acc_node") else 0.0)
             if isinstance(a[key], float):
-                tol = atol + (node_vote if key.startswith("acc_node_") else 0.0)
                 assert abs(a[key] - b[key]) <= tol, (a["round"], key, a[key], b[key])
+            elif isinstance(a[key], list) and a[key] and isinstance(a[key][0], float):  # per node
+                pairs = zip(a[key], b[key], strict=True)
+                assert all(abs(x - y) <= tol for x, y in pairs), (a["round"], key, a[key], b[key])
             else:
                 assert a[key] == b[key], (a["round"], key, a[key], b[key])
 

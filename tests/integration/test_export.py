@@ -78,6 +78,26 @@ def test_best_round_folder_loads_with_auto_peft_and_predicts_declora_accuracy(ti
     assert float((predicted == labels).mean()) == pytest.approx(best["best"], abs=1e-6)  # float32 mean
     assert isinstance(AutoPeftModelForSequenceClassification, type)
 
+    # A node's card gives that node's own accuracy, which its folder reproduces on the node test examples.
+    node_folder = exp.run_dir / "adapters" / "node_002"
+    node_card = json.loads((node_folder / CARD_FILE).read_text())
+    best_eval = next(r for r in evals if r["round"] == best["best_round"])
+    assert node_card["metrics"]["acc_this_node"] == best_eval["acc_node"][2]
+    assert len(best_eval["acc_node"]) == 3 and min(best_eval["acc_node"]) == best_eval["acc_node_min"]
+    node_scope: dict = {}
+    node_code = re.search(r"```python\n(.*?)```", (node_folder / "README.md").read_text(), re.S).group(1)
+    exec(node_code, node_scope)
+    node_model = node_scope["model"].eval()
+    ids = exp.node_eval.token_ids
+    width = max(map(len, ids))
+    input_ids = torch.tensor([x + [exp.pad_id] * (width - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    with torch.no_grad():
+        node_predicted = node_model(input_ids=input_ids, attention_mask=mask).logits.argmax(-1).numpy()
+    assert float((node_predicted == exp.node_eval.labels).mean()) == pytest.approx(
+        node_card["metrics"]["acc_this_node"], abs=1e-6
+    )
+
     # The best round's folder is the final folder of the same run stopped at that round.
     if best["best_round"] != 4:
         stopped, _ = _classifier_run(tiny_bert, tmp_path, "stopped", f"rounds={best['best_round']}")

@@ -151,7 +151,8 @@ def test_words_pandas_calls_missing_are_text_and_an_empty_cell_is_missing(tmp_pa
     assert "NA" in train.label_names
     rows[7]["review"] = ""
     (tmp_path / "gap").mkdir()
-    gap = DataConfig(dataset=str(_write(kind, tmp_path / "gap", rows)), text_column="review", label_column="stars")
+    gapped = _write(kind, tmp_path / "gap", rows)
+    gap = DataConfig(dataset=str(gapped), text_column="review", label_column="stars")
     with pytest.raises(ValueError, match=rf"\.{kind}:9: no value in column 'review'"):
         load_dataset(gap, seed=0)
 

@@ -121,9 +121,14 @@ class MLflow:
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.log.project)
         )
         id_file = run_dir / "mlflow_run_id"
+        self.logged_until = 0  # the last step already in the run: a resume repeats the rounds after the
+        # checkpoint (with the same numbers), which MLflow would hold twice
         if id_file.is_file():
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
+            keys = self.client.get_run(self.run_id).data.metrics
+            steps = [m.step for key in keys for m in self.client.get_metric_history(self.run_id, key)]
+            self.logged_until = max(steps, default=0)
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
             id_file.write_text(self.run_id)
@@ -137,6 +142,9 @@ class MLflow:
         import time
 
         from mlflow.entities import Metric
+
+        if step <= self.logged_until:
+            return
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in values.items()]

@@ -79,6 +79,26 @@ def test_mlflow_file_store(tmp_path):
         assert sorted((m.step, m.value) for m in history) == points, tag
 
 
+def test_mlflow_resume_does_not_log_a_repeated_round_twice(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config(None, ["log.trackers=[mlflow]"])
+    run_dir = tmp_path / "runs" / "r1"
+    third = {"event": "round", "round": 3, "train_loss": 0.25}
+    # Killed after logging round 2 but before its checkpoint: the resume runs round 2 again.
+    for records in (RECORDS, [RECORDS[1], third]):
+        board = Trackers(cfg, run_dir)
+        for record in records:
+            board(record)
+        board.close()
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    history = client.get_metric_history(run_id, "train/train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.75), (2, 0.5), (3, 0.25)]
+    assert [m.step for m in client.get_metric_history(run_id, "accuracy/acc_avg_factors")] == [2]
+
+
 def _wandb_records(path: Path):
     """The protobuf records of a W&B run file (a LevelDB-style log: 7-byte header, 32 KiB blocks, each
     record a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last) and its bytes)."""

@@ -98,7 +98,7 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     nodes = []
     for i in hosted:
         ds = _concat([encode_rows(r, names) for r in rows[i]])
-        nodes.append(limit(ds, cfg.data.train_limit, cfg.seed + i, "train_limit"))
+        nodes.append(limit(ds, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
     held = read_rows(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, key="data.test_split")
     test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)
@@ -110,7 +110,7 @@ def _instruction_files(cfg: Config, sources: list[list[str]], hosted: range, gro
     nodes = []
     for i in hosted:
         node = _concat([read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]])
-        nodes.append(limit(node, cfg.data.train_limit, cfg.seed + i, "train_limit"))
+        nodes.append(limit(node, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
     held = read_instructions(cfg.data.test_file, cfg.data.test_split or "train", cfg.data, "data.test_split")
     test = limit(held, cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)

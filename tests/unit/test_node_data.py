@@ -110,3 +110,17 @@ def test_a_folders_files_are_nodes_in_natural_order(tmp_path):
         "node_2.csv",
         "node_10.csv",
     ]
+
+
+def test_a_nodes_train_limit_is_drawn_from_eval_seed_not_the_training_seed(tmp_path):
+    _node_files(tmp_path / "nodes")
+
+    def kept(*extra: str) -> list[list[str]]:
+        cfg = _cfg(tmp_path, str(tmp_path / "nodes"), "data.train_limit=3", *extra)
+        data = build_node_data(cfg, 3, range(3), Solo())
+        return [sorted(data.train.texts[j] for j in part) for part in data.parts]
+
+    first = kept("seed=0")
+    assert [len(rows) for rows in first] == [3, 3, 3]
+    assert kept("seed=1") == first  # paired training seeds train on the same rows
+    assert any(a != b for a, b in zip(kept("eval.seed=1"), first, strict=True))

@@ -31,7 +31,7 @@ from declora.runfolder import (
 )
 from declora.schedules import describe
 from declora.seeding import seed_for
-from declora.trackers import Trackers, tracker_names
+from declora.trackers import MLFLOW_RUN_ID, Trackers, tracker_names
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -83,9 +83,9 @@ class MetricsLog:
             raise OSError(err.errno, f"cannot append to {self.path} ({err.strerror})") from err
 
 
-def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool) -> None:
+def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
     check_new_run(exp.run_dir, overwrite)
-    empty_run_folder(exp.run_dir)  # only reached when empty already or with overwrite
+    empty_run_folder(exp.run_dir, keep)  # only reached when empty already or with overwrite
     exp.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(exp.cfg, exp.run_dir / "config.yaml")
     crash_point("start.config")
@@ -108,8 +108,8 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     changes = check_resume(saved, exp.cfg) if main else {}
     if not group.broadcast((exp.run_dir / "state" / LATEST).is_file() if main else None):
         log.info("%s has no checkpoint yet: starting it again from round 0", exp.run_dir)
-        if main:  # killed before its first checkpoint: nothing to keep
-            _start(exp, metrics, overwrite=True)
+        if main:  # killed before its first checkpoint: nothing to keep but the tracker run it continues
+            _start(exp, metrics, overwrite=True, keep=(MLFLOW_RUN_ID,))
             record_resume(exp.run_dir, 0, changes)
         return 0, 0.0
     start, wall_before = load_checkpoint(exp)

@@ -145,11 +145,13 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"run folder {str(run_dir)!r}: {str(existing)!r} is not writable")
 
 
-def empty_run_folder(run_dir: Path) -> None:
-    """--overwrite, after every check passed: remove what an earlier run left."""
+def empty_run_folder(run_dir: Path, keep: tuple[str, ...] = ()) -> None:
+    """--overwrite, after every check passed: remove what an earlier run left (but the entries ``keep``)."""
     if not run_dir.is_dir():
         return
     for entry in _entries(run_dir):
+        if entry.name in keep:
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 from declora.config import Config, to_dict
 from declora.tensorboard import TensorBoardLogger, tag_of
 
+MLFLOW_RUN_ID = "mlflow_run_id"  # RUN_DIR file naming the MLflow run that a resume continues
+
 
 class Tracker(Protocol):
     def log(self, scalars: dict[str, float], step: int) -> None: ...
@@ -120,7 +122,7 @@ class MLflow:
         experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.log.project)
         )
-        id_file = run_dir / "mlflow_run_id"
+        id_file = run_dir / MLFLOW_RUN_ID
         self.logged_until = 0  # the last step already in the run: a resume repeats the rounds after the
         # checkpoint (with the same numbers), which MLflow would hold twice
         if id_file.is_file():

@@ -167,3 +167,33 @@ def test_a_run_logs_to_its_trackers(tiny_bert, tmp_path):
     history = client.get_metric_history(run_id, "accuracy/acc_avg_factors")
     assert [(m.step, m.value) for m in history] == [(2, pytest.approx(records[-1]["acc_avg_factors"]))]
     assert (tmp_path / "runs" / "x" / "tensorboard").is_dir()  # the older switch still works
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(
+    tiny_bert, tmp_path, monkeypatch
+):
+    pytest.importorskip("mlflow")
+    from helpers import write_tiny_data
+    from mlflow.tracking import MlflowClient
+
+    from declora.cli import main
+    from declora.runfolder import CRASH_ENV, CrashPoint, reset_crash_counts
+
+    data = write_tiny_data(tmp_path / "d.jsonl", 40)
+    run_dir = tmp_path / "runs" / "x"
+    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=3"]
+    args += [f"data.dataset={data}", "partition.min_size=2", "train.local_steps=1", "eval.node_examples=4"]
+    args += ["eval.every=1", "checkpoint_every=3", "export=none", "threads=1", "log.trackers=[mlflow]"]
+    args += [f"run_dir={run_dir}"]
+    reset_crash_counts()
+    monkeypatch.setenv(CRASH_ENV, "round.logged:2")  # rounds 1 and 2 logged, no checkpoint yet
+    with pytest.raises(CrashPoint):
+        main(["run", *args])
+    monkeypatch.delenv(CRASH_ENV)
+    reset_crash_counts()
+    assert main(["run", "--resume", str(run_dir)]) == 0  # starts again from round 0
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("declora").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "accuracy/acc_avg_factors")
+    assert sorted(m.step for m in history) == [1, 2, 3]

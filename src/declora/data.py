@@ -21,7 +21,15 @@ import numpy as np
 from declora.assets import data_path
 from declora.config import ConfigError, DataConfig
 from declora.seeding import numpy_rng
-from declora.tables import TABLE_SUFFIXES, class_names, column, is_table, open_split, splits_of
+from declora.tables import (
+    TABLE_SUFFIXES,
+    class_names,
+    column,
+    is_table,
+    open_split,
+    row_line,
+    splits_of,
+)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
@@ -188,10 +196,34 @@ def read_rows(
         if bad is not None:
             raise ValueError(f"row {bad} of {where} has label {raw[bad]}, not one of 0..{len(names) - 1}")
     labels = [names[int(v)] if names else str(v).strip() for v in raw]
+    if names is None:
+        _refuse_mixed_labels(labels, source, cfg.label_column)
     clients = None
     if client_column is not None:
         clients = [str(v) for v in column(table, client_column, "partition.column", where)]
     return Rows(texts, labels, names, clients, where)
+
+
+def _looks_like_int(value: str) -> bool:
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _refuse_mixed_labels(labels: list[str], source: str, name: str) -> None:
+    """Labels are either class ids or class names: a word among ids ("nan", "N/A", "?") is a missing or
+    mistyped label, and taking it as one more class would train a silently wrong classifier."""
+    is_int = [_looks_like_int(v) for v in labels]
+    ints = sum(is_int)
+    if 0 < ints < len(labels):
+        odd = next(i for i, k in enumerate(is_int) if k != (2 * ints >= len(labels)))
+        kind = "a word among class ids" if 2 * ints >= len(labels) else "an id among class names"
+        raise ValueError(
+            f"{row_line(source, odd)}: label {labels[odd]!r} in column {name!r} (data.label_column) is "
+            f"{kind}; a label column holds either integers or names, not both"
+        )
 
 
 def encode_rows(rows: Rows, names: tuple[str, ...]) -> TextDataset:

@@ -189,9 +189,10 @@ def contrast_table(claim: str, all_runs: dict[str, dict[str, list[Path]]]) -> st
 
         need = seeds_to_decide(d, kind, margin / k)
         per_seed = ", ".join(map(fmt_, d.diffs))
+        interval = "none (no spread)" if np.isnan(d.lo) else f"{fmt_(d.lo)} to {fmt_(d.hi)}"
         lines.append(
             f"| {label} | {metric} | {CLAIM_WORDS[kind].format(m=margin)} | {per_seed} | "
-            f"{fmt_(d.mean)} ± {abs(k * d.se):{se_spec}} | {fmt_(d.lo)} to {fmt_(d.hi)} | "
+            f"{fmt_(d.mean)} ± {abs(k * d.se):{se_spec}} | {interval} | "
             f"**{verdict(d, kind, margin / k)}** | {need if need is not None else '–'} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""

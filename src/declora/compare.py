@@ -312,9 +312,12 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
         d = paired_difference(other, ref)
         per_seed = ", ".join(f"{k * x:+.2f}" for x in d.diffs)
         decided = "yes" if d.lo > 0 or d.hi < 0 else "no"
+        interval = f"{k * d.lo:+.2f} to {k * d.hi:+.2f}"
+        if math.isnan(d.lo):  # every seed gave the same difference
+            interval, decided = "none (no spread between seeds)", "undecided"
         lines.append(
             f"| {method} | {len(d.seeds)} | {per_seed} | {k * d.mean:+.2f} ± {k * d.se:.2f} | "
-            f"{k * d.lo:+.2f} to {k * d.hi:+.2f} | {decided} |"
+            f"{interval} | {decided} |"
         )
     if not lines:
         return ""

@@ -13,6 +13,10 @@ where the interval excludes the other answer:
 - ``equivalent`` within ±margin: holds if the interval lies inside [-margin, margin], does not hold if it
   lies wholly outside it; otherwise undecided.
 
+When every seed gives the same difference there is no interval (``lo``/``hi`` are NaN): a spread of zero
+over a handful of seeds says the metric is coarse (a small test set moves in steps of one example), not
+that the difference is exact, so the verdict is "undecided".
+
 Everything else is "undecided", with the number of seeds that would shrink the interval enough when the
 per-seed spread stays as measured (``seeds_to_decide``).
 """
@@ -34,7 +38,7 @@ class PairedDiff:
     seeds: tuple[int, ...]
     mean: float
     se: float  # NaN with fewer than 2 seeds
-    lo: float  # the 95% t-interval of the mean difference
+    lo: float  # the 95% t-interval of the mean difference; NaN with fewer than 2 seeds or no spread
     hi: float
 
 
@@ -51,7 +55,7 @@ def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
         raise ValueError(f"no common seed: {sorted(a)} against {sorted(b)}")
     mean = float(d.mean())
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    half = t_quantile(len(d)) * se if len(d) > 1 else math.nan
+    half = t_quantile(len(d)) * se if len(d) > 1 and se > 0 else math.nan  # no spread: no interval
     return PairedDiff(tuple(d.tolist()), seeds, mean, se, mean - half, mean + half)
 
 
@@ -74,7 +78,7 @@ def verdict(diff: PairedDiff, kind: str, margin: float = 0.0) -> str:
 def seeds_to_decide(diff: PairedDiff, kind: str, margin: float = 0.0, most: int = 1000) -> int | None:
     """The fewest seeds whose interval (same mean, same per-seed spread) would decide; None if none up to
     ``most`` would (a mean on the boundary, or no spread measured)."""
-    if len(diff.diffs) < 2:
+    if len(diff.diffs) < 2 or not diff.se > 0:
         return None
     sd = diff.se * math.sqrt(len(diff.diffs))
     for n in range(len(diff.diffs), most + 1):

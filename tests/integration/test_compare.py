@@ -281,6 +281,16 @@ def test_paired_table_pairs_runs_by_seed(tmp_path):
     assert "Paired by seed" not in write_comparison(
         {"ref": runs["ref"]}, tmp_path / "o2", "acc_avg_factors", None
     )
+    # the same +6.25 points on both seeds (a coarse test set): no spread, so no interval and no verdict
+    same = {}
+    for method, accs in {"ref": [0.5, 0.5], "same": [0.5625, 0.5625]}.items():
+        same[method] = []
+        for seed, acc in enumerate(accs):
+            folder = _fake_run(tmp_path / f"eq_{method}{seed}", [0.5, acc], 1_000_000, 1.0)
+            (folder / "config.yaml").write_text(f"seed: {seed}\n")
+            same[method].append(folder)
+    table = write_comparison(same, tmp_path / "o3", "acc_avg_factors", None)
+    assert "| same | 2 | +6.25, +6.25 | +6.25 ± 0.00 | none (no spread between seeds) | undecided |" in table
 
 
 def test_every_fidelity_contrast_names_cells_of_its_grids(monkeypatch):

@@ -34,6 +34,17 @@ def test_no_common_seed_is_an_error_and_one_seed_is_undecided():
     assert math.isnan(one.se) and verdict(one, "greater") == "undecided"
 
 
+def test_equal_differences_on_every_seed_give_no_interval_and_no_verdict():
+    # coarse accuracies (16 test examples: steps of 6.25 points) often give the same difference twice;
+    # a spread of zero is no evidence, not an exact difference
+    d = paired_difference({0: 0.5625, 1: 0.5625}, {0: 0.5, 1: 0.5})
+    assert d.mean == pytest.approx(0.0625) and d.se == 0.0
+    assert math.isnan(d.lo) and math.isnan(d.hi)
+    for kind in ("greater", "less", "equivalent"):
+        assert verdict(d, kind, margin=0.1) == "undecided"
+    assert seeds_to_decide(d, "greater") is None
+
+
 def _diff(lo: float, hi: float) -> PairedDiff:
     return PairedDiff((0.0, 0.0), (0, 1), (lo + hi) / 2, 1.0, lo, hi)
 

@@ -163,6 +163,11 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
     check_labels(cfg, train.label_names)
+    if stragglers is not None:
+        if cfg.train.local_unit == "epochs":  # a node's round is as long as its data
+            sizes = np.array([node["size"] for node in summary])
+            stragglers.set_steps(cfg.train.local_steps * -(-sizes // cfg.train.batch_size))
+        stragglers.check_someone_trains()
     attackers = attacker_mask(cfg.attack, n, cfg.seed)  # (n,) bool
     labels = train.labels  # label_flip: the attackers train on poisoned labels (their parts unchanged)
     if cfg.attack.kind == "label_flip":

@@ -2,18 +2,20 @@
 
 Nothing here slows the real run down; the time a round would take is computed from each node's speed:
 
-    c_i(t) = m_i * exp(jitter * z_{t,i}) * local_steps * step_s        (simulated compute seconds)
+    c_i(t) = m_i * exp(jitter * z_{t,i}) * K_i * step_s        (simulated compute seconds)
 
 m_i is node i's time multiplier (``stragglers.speeds``: one number per node, or ``lognormal``:
 m_i = exp(sigma * z_i) drawn once from (seed, node)); z_{t,i} ~ N(0, 1) is drawn from (seed, round, node).
+K_i is node i's local steps in a round: ``train.local_steps``, or with ``train.local_unit=epochs`` that many
+passes over its data, ceil(|D_i| / batch_size) steps each (a node with more data takes longer).
 
 - Deadline d: a node with c_i(t) > d sits round t out, exactly as an offline node (``topology.node_dropout``):
   it neither trains nor sends, and mixing leaves its state as it is (the schedule drops its edges).
 - Clock: a round lasts max_{i trained} c_i(t), or d when a deadline is set and some node was silent (its
   neighbours wait until the deadline to know), plus link_s_per_mb * (MB sent by the busiest node).
-- Asynchronous gossip: node i publishes its state every p_i = min(max_staleness + 1, round(m_i / min m))
-  rounds (a slow node finishes its local work less often); it trains only in those rounds, and every node
-  mixes its own current state with its neighbours' last published copies:
+- Asynchronous gossip: node i publishes its state every p_i = min(max_staleness + 1, round(w_i / min w))
+  rounds, w_i = m_i K_i (a slow node finishes its local work less often); it trains only in those
+  rounds, and every node mixes its own current state with its neighbours' last published copies:
 
       x_i <- W_ii x_i + sum_{j != i} W_ij x̂_j,     x̂_j = x_j as of round last_j,  t - last_j <= max_staleness
 
@@ -66,6 +68,8 @@ def validate_stragglers(cfg: Config) -> None:
         bad = [x for x in s.speeds if not (math.isfinite(x) and x > 0)]
         if bad:
             raise ConfigError(f"stragglers.speeds={list(s.speeds)}: {bad[0]} is not a positive number")
+    if s.deadline is not None and cfg.train.local_unit == "steps":  # epochs: checked once the data is read
+        Stragglers(cfg, cfg.nodes).check_someone_trains()
     if s.max_staleness > 0 and not s.asynchronous:
         raise ConfigError(
             f"stragglers.max_staleness={s.max_staleness} needs stragglers.asynchronous=true (synchronous "
@@ -105,16 +109,34 @@ class Stragglers:
 
     def __init__(self, cfg: Config, n: int) -> None:
         self.s, self.n, self.seed = cfg.stragglers, n, cfg.seed
-        self.work = cfg.train.local_steps * self.s.step_s
         self.m = multipliers(self.s, n, cfg.seed)  # (n,)
-        self.period = torch.from_numpy(periods(self.m, self.s.max_staleness))  # (n,) int64
         self.last = torch.full((n,), -1, dtype=torch.long)  # round each node last published; -1: initial
         self.publish = torch.ones(n, dtype=torch.bool)  # this round's publishers
         self.clock = 0.0
+        self.set_steps(np.full(n, cfg.train.local_steps))
+
+    def set_steps(self, steps: np.ndarray) -> None:
+        """Each node's local steps per round, K_i (with ``local_unit=epochs`` they follow its data)."""
+        self.steps = np.asarray(steps, dtype=np.float64)  # (n,)
+        self.period = torch.from_numpy(periods(self.m * self.steps, self.s.max_staleness))  # (n,) int64
+
+    def check_someone_trains(self) -> None:
+        """A fixed deadline (no jitter) that every node misses would train nothing in any round."""
+        d = self.s.deadline
+        if d is None or self.s.jitter > 0:
+            return
+        c = self.compute_s(0)
+        if (c > d).all():
+            i = int(c.argmin())
+            raise ConfigError(
+                f"stragglers.deadline={d:g} is below every node's local work (the fastest, node {i}: "
+                f"{c[i]:g} s = multiplier {self.m[i]:g} x {self.steps[i]:g} steps x stragglers.step_s="
+                f"{self.s.step_s:g}): no node would ever train; raise the deadline"
+            )
 
     def compute_s(self, t: int) -> np.ndarray:
         """(n,) simulated seconds of each node's local work in round t."""
-        c = self.m * self.work
+        c = self.m * self.steps * self.s.step_s
         if self.s.jitter > 0:
             c = c * np.exp(
                 self.s.jitter * numpy_rng(self.seed, "straggler_jitter", t).standard_normal(self.n)

@@ -81,6 +81,55 @@ def test_a_missed_deadline_silences_the_node(tiny_bert, tiny_data, tmp_path):
     assert records[0]["sim_round_s"] == pytest.approx(4.0 + link)  # the deadline, then the busiest link
 
 
+def test_with_local_epochs_a_nodes_time_and_deadline_follow_its_data(tiny_bert, tiny_data, tmp_path):
+    # quantity skew: nodes hold different numbers of rows, so one epoch is a different number of steps
+    extra = (
+        "train.local_unit=epochs",
+        "train.local_steps=1",
+        "partition.kind=quantity_skew",
+        "partition.alpha=0.5",
+        "stragglers.speeds=[1,1,1,1]",
+        "stragglers.step_s=0.5",
+    )
+    exp = _build(tiny_bert, tiny_data, tmp_path / "a", *extra, "rounds=1", "eval.every=1")
+    steps = [-(-node["size"] // 4) for node in exp.partition_summary]  # batch 4
+    assert len(set(steps)) > 1, steps  # the partition must tell the nodes apart
+    record = engine.run(exp)[0]
+    assert record["sim_round_s"] == pytest.approx(0.5 * max(steps))  # the node with the most data
+    # a deadline between the node sizes: exactly the nodes with more steps sit the round out
+    cut = sorted(set(steps))[-2]
+    timed = _build(
+        tiny_bert,
+        tiny_data,
+        tmp_path / "b",
+        *extra,
+        "rounds=1",
+        "eval.every=1",
+        f"stragglers.deadline={0.5 * cut}",
+    )
+    record = engine.run(timed)[0]
+    assert record["late_nodes"] == sum(k > cut for k in steps)
+    assert record["active_nodes"] == sum(k <= cut for k in steps)
+
+
+def test_a_deadline_no_node_can_meet_is_refused_before_the_run(tiny_bert, tiny_data, tmp_path):
+    from declora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stragglers\.deadline=1\.5 is below every node's local work"):
+        load_config(None, ["stragglers.deadline=1.5", "train.local_steps=2"])  # 2 steps x 1 s each
+    # with epochs the steps follow the data, so the check waits for it (and still runs before training)
+    with pytest.raises(ConfigError, match=r"the fastest, node \d: \d+ s = multiplier 1 x \d+ steps"):
+        _build(
+            tiny_bert,
+            tiny_data,
+            tmp_path / "e",
+            "train.local_unit=epochs",
+            "train.local_steps=1",
+            "stragglers.deadline=1.5",
+        )
+    assert not (tmp_path / "e").exists()
+
+
 def test_asynchronous_at_staleness_zero_is_synchronous_gossip(tiny_bert, tiny_data, tmp_path):
     sync = _build(tiny_bert, tiny_data, tmp_path / "a", "stragglers.speeds=[1,1,3,1]")
     asyn = _build(

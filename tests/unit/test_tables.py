@@ -157,8 +157,10 @@ def test_words_pandas_calls_missing_are_text_and_an_empty_cell_is_missing(tmp_pa
         load_dataset(gap, seed=0)
 
 
-@pytest.mark.parametrize(("stars", "odd", "kind"), [(["0", "1"], "nan", "a word among class ids"),
-                                                  (["neg", "pos"], "3", "an id among class names")])
+@pytest.mark.parametrize(
+    ("stars", "odd", "kind"),
+    [(["0", "1"], "nan", "a word among class ids"), (["neg", "pos"], "3", "an id among class names")],
+)
 def test_a_label_column_mixing_ids_and_words_is_refused_at_its_line(tmp_path, stars, odd, kind):
     rows = [dict(r, stars=stars[i % 2]) for i, r in enumerate(ROWS)]
     rows[11]["stars"] = odd

@@ -236,6 +236,19 @@ def test_weight_file_off_graph_support_rejected(tmp_path: Path) -> None:
         mixing_matrix(nx.cycle_graph(4), replace(CFG, weights="file", weight_file=str(f)))
 
 
+def test_weight_file_that_cuts_a_node_off_is_refused_unless_allowed(tmp_path: Path) -> None:
+    # the path 0-1-2 is connected, but these weights never let node 2 mix with anyone
+    f = tmp_path / "w.txt"
+    f.write_text("0.5 0.5 0\n0.5 0.5 0\n0 0 1\n")
+    cfg = replace(CFG, weights="file", weight_file=str(f))
+    with pytest.raises(
+        ValueError, match=r"split the nodes into 2 groups that never mix \(\[\[0, 1\], \[2\]\]\)"
+    ):
+        mixing_matrix(nx.path_graph(3), cfg)
+    w = mixing_matrix(nx.path_graph(3), replace(cfg, allow_disconnected=True))
+    np.testing.assert_allclose(w[2], [0, 0, 1])
+
+
 # ---------------------------------------------------------------- bad inputs
 
 

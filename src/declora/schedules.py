@@ -7,11 +7,13 @@ process of a distributed run derives the same W(t) without talking, and a resume
 
 One round is built in three steps: the kind gives a graph and a weight rule, the modifiers (node dropout,
 then link failure) remove edges, and the rule weighs what survives (Metropolis–Hastings if the rule is not
-valid on the surviving graph). ``cfg.lazy`` then turns W into (I + W)/2, on every round.
+valid on the surviving graph). ``cfg.lazy`` then turns W into (I + W)/2, on every round but the exact
+averages of ``periodic_full`` (a lazy exact average would only half-average).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +40,8 @@ class Schedule(Protocol):
     def online(self, t: int) -> torch.Tensor: ...  # (n,) bool
 
 
-RoundGraph = Callable[[int], tuple[nx.Graph, str]]  # t -> (graph of round t, weight rule name)
+# t -> (graph of round t, weight rule name, whether cfg.lazy applies to it)
+RoundGraph = Callable[[int], tuple[nx.Graph, str, bool]]
 Late = Callable[[int], np.ndarray] | None  # t -> (n,) bool: nodes offline in round t beyond dropout
 KindFn = Callable[[TopologyConfig, int, int], tuple[RoundGraph, bool]]  # (cfg, n, seed) -> (rounds, static?)
 
@@ -52,18 +55,18 @@ def _gnp(n: int, p: float, seed: int, purpose: str, t: int) -> nx.Graph:
 
 def _static(cfg: TopologyConfig, n: int, seed: int) -> tuple[RoundGraph, bool]:
     g = build_graph(cfg, n, seed)
-    return (lambda t: (g, cfg.weights)), True
+    return (lambda t: (g, cfg.weights, True)), True
 
 
 def _dynamic_er(cfg: TopologyConfig, n: int, seed: int) -> tuple[RoundGraph, bool]:
     check_probability("p", cfg.p)
-    return (lambda t: (_gnp(n, cfg.p, seed, "dynamic_er", t), "metropolis_hastings")), False
+    return (lambda t: (_gnp(n, cfg.p, seed, "dynamic_er", t), "metropolis_hastings", True)), False
 
 
 def _pairwise(cfg: TopologyConfig, n: int, seed: int) -> tuple[RoundGraph, bool]:
     # Every pair meets independently: an Erdős–Rényi encounter graph; a lone pair gets MH's 1/2-1/2.
     check_probability("encounter_prob", cfg.encounter_prob)
-    return (lambda t: (_gnp(n, cfg.encounter_prob, seed, "pairwise", t), "metropolis_hastings")), False
+    return (lambda t: (_gnp(n, cfg.encounter_prob, seed, "pairwise", t), "metropolis_hastings", True)), False
 
 
 def _one_peer_exponential(cfg: TopologyConfig, n: int, seed: int) -> tuple[RoundGraph, bool]:
@@ -71,23 +74,28 @@ def _one_peer_exponential(cfg: TopologyConfig, n: int, seed: int) -> tuple[Round
     # of two, log2(n) consecutive rounds multiply to exactly 11^T/n (hypercube averaging).
     cycle = max(1, (n - 1).bit_length())
 
-    def at(t: int) -> tuple[nx.Graph, str]:
+    def at(t: int) -> tuple[nx.Graph, str, bool]:
         hop = 1 << (t % cycle)
         g = nx.empty_graph(n)
         g.add_edges_from((i, i ^ hop) for i in range(n) if i < (i ^ hop) < n)
-        return g, "metropolis_hastings"
+        return g, "metropolis_hastings", True
 
     return at, False
 
 
 def _periodic_full(cfg: TopologyConfig, n: int, seed: int) -> tuple[RoundGraph, bool]:
-    # Rounds period-1, 2*period-1, ... average exactly (uniform on K_n is 1/n); others gossip on the graph.
+    # Rounds period-1, 2*period-1, ... average exactly (uniform on K_n is 1/n, never made lazy); others
+    # gossip on the graph.
     if cfg.period < 1:
         raise ValueError(
             f"topology.period={cfg.period} must be a positive integer (rounds between full averages)"
         )
     g, full = build_graph(cfg, n, seed), nx.complete_graph(n)
-    return (lambda t: (full, "uniform") if (t + 1) % cfg.period == 0 else (g, cfg.weights)), False
+
+    def at(t: int) -> tuple[nx.Graph, str, bool]:
+        return (full, "uniform", False) if (t + 1) % cfg.period == 0 else (g, cfg.weights, True)
+
+    return at, False
 
 
 SCHEDULES: dict[str, KindFn] = {
@@ -111,7 +119,7 @@ class GraphSchedule:
         self.n, self.cfg, self.seed, self._rounds, self._late = n, cfg, seed, rounds, late
         self.is_static = static_kind and cfg.link_failure == 0.0 and cfg.node_dropout == 0.0 and late is None
         self._cached = functools.lru_cache(maxsize=8)(self._compute)
-        g, rule = rounds(0)
+        g, rule, _ = rounds(0)
         mixing_matrix(g, cfg, rule)  # a rule that is invalid on the configured graph fails now, not mid-run
 
     def matrix(self, t: int) -> torch.Tensor:
@@ -121,7 +129,8 @@ class GraphSchedule:
         return self._cached(0 if self.is_static else int(t))[1].clone()
 
     def _compute(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g, rule = self._rounds(t)
+        g, rule, lazy = self._rounds(t)
+        cfg = self.cfg if lazy else dataclasses.replace(self.cfg, lazy=False)
         up = numpy_rng(self.seed, "node_dropout", t).random(self.n) >= self.cfg.node_dropout  # (n,)
         if self._late is not None:  # a node that misses the round's deadline is offline (declora.stragglers)
             up &= ~self._late(t)
@@ -133,11 +142,11 @@ class GraphSchedule:
             g = g.copy()
             g.remove_edges_from(cut)
             try:
-                w = mixing_matrix(g, self.cfg, rule)  # the configured rule, if valid on what survived
+                w = mixing_matrix(g, cfg, rule)  # the configured rule, if valid on what survived
             except ValueError:
-                w = mixing_matrix(g, self.cfg, "metropolis_hastings")
+                w = mixing_matrix(g, cfg, "metropolis_hastings")
         else:
-            w = mixing_matrix(g, self.cfg, rule)
+            w = mixing_matrix(g, cfg, rule)
         return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)), torch.from_numpy(up)
 
 

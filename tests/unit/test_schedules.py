@@ -156,6 +156,11 @@ def test_periodic_full_averages_every_period() -> None:
     full = torch.full((6, 6), 1 / 6, dtype=torch.float64)
     assert [torch.allclose(s.matrix(t), full) for t in range(8)] == [False, False, False, True] * 2
     torch.testing.assert_close(s.matrix(0), build_schedule(CFG, 6, 0).matrix(0))
+    # lazy makes the gossip rounds (I + W)/2 but leaves the full averages exact
+    lazy = build_schedule(replace(CFG, schedule="periodic_full", period=4, lazy=True), 6, seed=0)
+    torch.testing.assert_close(lazy.matrix(3), full)
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(lazy.matrix(0), (eye + s.matrix(0)) / 2)
 
 
 def test_expected_contraction() -> None:

@@ -684,6 +684,15 @@ def _check_degenerate(cfg: Config) -> None:
             "model.alpha=0 makes every LoRA update zero (scale alpha/r = 0); use a positive alpha, or set "
             "allow_degenerate=true if that is what you mean"
         )
+    alternating = ("adf_lora", "tad_lora", "rolora", "rolora_dfl")
+    a, m = cfg.algorithm, cfg.model
+    a_first = a.name in alternating and a.first_phase == "A"
+    if a_first and m.head != "train" and not m.init_adapter and not cfg.allow_degenerate:
+        raise ConfigError(
+            f"algorithm.first_phase=A with algorithm.name={a.name} and model.head={m.head}: B starts at "
+            "0, so A's gradient is zero and nothing trains in the first phase; use first_phase=B, start "
+            "from model.init_adapter, or set allow_degenerate=true if that is what you mean"
+        )
 
 
 def _check_slices(cfg: Config) -> None:

@@ -74,6 +74,16 @@ def test_alpha_zero_needs_the_documented_flag():
     assert load_config(None, ["model.alpha=0", "allow_degenerate=true"]).model.alpha == 0
 
 
+@pytest.mark.parametrize("name", ["adf_lora", "tad_lora", "rolora", "rolora_dfl"])
+def test_training_a_first_while_b_is_zero_and_the_head_frozen_is_refused(name):
+    # B = 0 at init: A's gradient is zero, so the whole first phase would train nothing
+    bad = [f"algorithm.name={name}", "algorithm.first_phase=A", "model.head=frozen"]
+    with pytest.raises(ConfigError, match=r"algorithm\.first_phase=A .* nothing trains in the first phase"):
+        load_config(None, bad)
+    assert load_config(None, [*bad, "allow_degenerate=true"]).algorithm.first_phase == "A"
+    assert load_config(None, bad[:2]).model.head == "train"  # a trained head learns in phase A
+
+
 def test_resume_allows_the_safe_keys_and_names_the_rest():
     saved = load_config(None, ["rounds=4"])
     safe = load_config(None, ["rounds=8", "eval.every=2", "checkpoint_every=2", "threads=1", "export=none"])

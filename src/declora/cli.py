@@ -193,7 +193,7 @@ def _log_to(path: Path) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from declora.compare import check_metric, write_comparison
-    from declora.report import write_report
+    from declora.report import read_metrics, write_report
 
     check_metric(args.metric, args.target, "--")
     compared = args.out != "runs/report" or args.metric != "acc_avg_factors" or args.target is not None
@@ -205,6 +205,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:
         if not (Path(run_dir) / "metrics.jsonl").is_file():
             raise ConfigError(f"{run_dir}: no metrics.jsonl there; is it a declora run folder?")
+    if len(args.run_dirs) > 1 and not any(
+        r.get(args.metric) is not None for d in args.run_dirs for r in read_metrics(Path(d) / "metrics.jsonl")
+    ):
+        raise ConfigError(
+            f"--metric {args.metric}: none of the runs logged it; pick a metric they log "
+            "(acc_avg_factors for every classifier, acc_server for server algorithms)"
+        )
     for run_dir in args.run_dirs:
         print(f"## {run_dir}\n")
         print(write_report(Path(run_dir)))

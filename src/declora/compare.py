@@ -38,6 +38,7 @@ from declora.config import (
     CHOICES,
     Config,
     ConfigError,
+    check_measured,
     check_resume,
     load_config,
     parse_override,
@@ -161,6 +162,10 @@ def expand(grid: Grid) -> list[Cell]:
             run_dir = grid.out / _slug(f"{method},seed={seed}")
             overrides = (*grid.overrides, *point, f"seed={seed}", f"run_dir={run_dir}")
             cfg = load_config(grid.base, overrides)  # a typo in any cell stops the grid before any run
+            try:  # a cell that never logs the grid's metric would vanish from the table
+                check_measured(cfg, grid.metric, "metric")
+            except ConfigError as e:
+                raise ConfigError(f"grid cell {method}: {e}") from None
             cells.append(Cell(method, seed, overrides, run_dir, cfg))
     return cells
 
@@ -234,23 +239,27 @@ def run_summary(records: list[dict[str, Any]], metric: str, target: float | None
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and population std (ddof 0) of the finite values; NaN when there are none."""
     arr = np.asarray(xs, dtype=float)
-    if np.isnan(arr).any():
-        return math.nan, math.nan
-    return float(arr.mean()), float(arr.std())
+    arr = arr[np.isfinite(arr)]
+    return (float(arr.mean()), float(arr.std())) if len(arr) else (math.nan, math.nan)
+
+
+SUMMARY_KEYS = ("best", "final", "bytes_total", "bytes_to_target", "wall_s")
 
 
 def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | None) -> list[dict[str, Any]]:
-    """One row per method: mean and population std over its runs (seeds) of each summary number."""
+    """One row per method: mean and population std over its runs (seeds) of each summary number, over the
+    runs that logged ``metric`` (``runs`` of ``of``; a method with none keeps its row, all NaN).
+    ``bytes_to_target`` is the mean over the ``reached`` runs that reached the target."""
     rows = []
     for method, dirs in runs.items():
         summaries = [run_summary(read_metrics(d / "metrics.jsonl"), metric, target) for d in dirs]
         summaries = [s for s in summaries if s]
-        if not summaries:
-            continue
-        row: dict[str, Any] = {"method": method, "runs": len(summaries)}
-        for key in ("best", "final", "bytes_total", "bytes_to_target", "wall_s"):
+        row: dict[str, Any] = {"method": method, "runs": len(summaries), "of": len(dirs)}
+        for key in SUMMARY_KEYS:
             row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
+        row["reached"] = sum(not math.isnan(s["bytes_to_target"]) for s in summaries)
         rows.append(row)
     return rows
 
@@ -261,8 +270,13 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
     def acc(r: dict[str, Any], key: str) -> str:
         return f"{k * r[key]:.2f} ± {k * r[key + '_std']:.2f}"
 
-    def mb(x: float) -> str:
-        return "not reached" if math.isnan(x) else f"{x / 1e6:.2f}"
+    def to_target(r: dict[str, Any]) -> str:
+        if target is None:
+            return "n/a"
+        if not r["reached"]:
+            return "not reached"
+        mb = f"{r['bytes_to_target'] / 1e6:.2f}"
+        return mb if r["reached"] == r["runs"] else f"{mb} ({r['reached']} of {r['runs']} runs)"
 
     if lower_is_better(metric):
         what = f"Perplexity: {metric}, best = lowest"
@@ -271,16 +285,22 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
         what = f"Accuracy: {metric} in %"
         target_txt = f"{100 * target:.1f}%" if target is not None else "n/a"
     lines = [
-        f"{what} (mean ± std over runs); MB = 1e6 bytes; target {target_txt}.",
+        f"{what} (mean ± population std over runs); MB = 1e6 bytes; target {target_txt}.",
         "",
         "| method | runs | best | final | MB sent | MB to target | wall s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        runs = str(r["runs"]) if r["runs"] == r["of"] else f"{r['runs']} of {r['of']}"
+        if not r["runs"]:
+            lines.append(f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |")
+            continue
         lines.append(
-            f"| {r['method']} | {r['runs']} | {acc(r, 'best')} | {acc(r, 'final')} | "
-            f"{mb(r['bytes_total'])} | {mb(r['bytes_to_target'])} | {r['wall_s']:.1f} |"
+            f"| {r['method']} | {runs} | {acc(r, 'best')} | {acc(r, 'final')} | "
+            f"{r['bytes_total'] / 1e6:.2f} | {to_target(r)} | {r['wall_s']:.1f} |"
         )
+    if any(r["runs"] < r["of"] for r in rows):
+        lines += ["", f"Runs without an evaluation of {metric} (not finished, or not measured) are left out."]
     return "\n".join(lines)
 
 

@@ -33,8 +33,11 @@ def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
         per_run.append({r["round"]: r for r in evals})
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
 
-    def mean_of(key: str) -> np.ndarray:
-        return np.array([np.nanmean([_value(p[t], key) for p in per_run]) for t in rounds])
+    def mean_of(key: str) -> np.ndarray:  # over the runs that logged it (NaN where none did)
+        values = np.array([[_value(p[t], key) for p in per_run] for t in rounds]).reshape(len(rounds), -1)
+        logged = np.isfinite(values)
+        total = np.where(logged, values, 0.0).sum(1)
+        return np.where(logged.any(1), total / np.maximum(logged.sum(1), 1), np.nan)
 
     return {
         "round": np.array(rounds),
@@ -52,7 +55,7 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
     smallest = np.inf  # the smallest positive consensus distance: below it the scale is linear
     for i, (method, dirs) in enumerate(runs.items()):
         c = curves(dirs, metric)
-        if not len(c["round"]):
+        if not np.isfinite(c["acc"]).any():  # no evaluation of the metric: nothing to draw
             continue
         style = {"color": f"C{i % 10}", "marker": "o", "label": method}  # one colour per method
         ax_round.plot(c["round"], k * c["acc"], **style)

@@ -913,21 +913,28 @@ def _validate_middle(cfg: Config) -> None:
         )
 
 
-def _validate_task(cfg: Config) -> None:
-    kind, head, headline = cfg.task.kind, cfg.model.head, cfg.eval.headline
+def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None:
+    """A run of ``cfg`` logs ``metric`` (named ``key`` in the error): the task measures its kind, and a
+    ``*_server`` metric needs an algorithm with a server model."""
+    kind = cfg.task.kind
     prefix = "ppl_" if kind in ("causal_lm", "instruction") else "acc_"  # perplexity for generation
     allowed = (prefix, "em_") if kind == "instruction" else (prefix,)  # exact match: instruction only
-    if not headline.startswith(allowed):
+    if not metric.startswith(allowed):
         raise ConfigError(
-            f"eval.headline={headline!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
+            f"{key}={metric!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
         )
     from declora.algorithms import SERVER_MODEL
 
-    if headline.endswith("_server") and cfg.algorithm.name not in SERVER_MODEL:
+    if metric.endswith("_server") and cfg.algorithm.name not in SERVER_MODEL:
         raise ConfigError(
-            f"eval.headline={headline!r}: algorithm.name={cfg.algorithm.name} has no server model; "
-            f"use {headline.replace('_server', '_avg_factors')} or a server algorithm {sorted(SERVER_MODEL)}"
+            f"{key}={metric!r}: algorithm.name={cfg.algorithm.name} has no server model; "
+            f"use {metric.replace('_server', '_avg_factors')} or a server algorithm {sorted(SERVER_MODEL)}"
         )
+
+
+def _validate_task(cfg: Config) -> None:
+    kind, head = cfg.task.kind, cfg.model.head
+    check_measured(cfg, cfg.eval.headline)
     if kind != "sequence_classification" and cfg.model.pooling == "mean":
         raise ConfigError(
             f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "

@@ -180,7 +180,43 @@ def test_comparison_files_are_written(tmp_path):
     assert "| x | 1 | 70.00 ± 0.00 |" in table
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert (tmp_path / "out" / "comparison.csv").read_text().startswith("method,runs,best")
+    assert (tmp_path / "out" / "comparison.csv").read_text().startswith("method,runs,of,best")
+
+
+def test_runs_without_the_metric_and_the_target_are_shown_not_dropped(tmp_path):
+    reached = _fake_run(tmp_path / "a", [0.5, 0.7], 1_000_000, 1.0)  # reaches 0.6 at round 2: 2 MB
+    missed = _fake_run(tmp_path / "b", [0.5, 0.55], 1_000_000, 1.0)
+    server = _fake_run(tmp_path / "c", [0.5, 0.7], 1_000_000, 1.0, key="acc_server")
+    runs = {"half": [reached, missed], "gossip": [server, tmp_path / "a"]}
+    table = write_comparison(runs, tmp_path / "out", "acc_avg_factors", 0.6)
+    assert "population std" in table
+    assert "| half | 2 | 62.50 ± 7.50 | 62.50 ± 7.50 | 2.00 | 2.00 (1 of 2 runs) |" in table
+    assert "| gossip | 1 of 2 |" in table and "are left out" in table
+    only_server = write_comparison({"s": [server]}, tmp_path / "o2", "acc_avg_factors", None)
+    assert "| s | 0 of 1 | no evaluation of acc_avg_factors | – |" in only_server
+    no_target = write_comparison({"half": [reached, missed]}, tmp_path / "o3", "acc_avg_factors", None)
+    assert "| 2.00 | n/a |" in no_target
+
+
+def test_a_grid_whose_metric_a_cell_never_logs_is_refused_before_any_run(tmp_path, tiny_bert):
+    grid = load_grid(_grid_file(tmp_path, tiny_bert, metric="acc_server"))
+    with pytest.raises(
+        ConfigError, match=r"grid cell algorithm\.name=dec_lora: metric='acc_server': .*no server"
+    ):
+        expand(grid)
+    assert not (tmp_path / "grid").exists()
+
+
+def test_report_of_runs_none_of_which_logged_the_metric_is_an_error(tmp_path, capsys):
+    from declora.cli import main
+
+    a = _fake_run(tmp_path / "a", [0.5, 0.7], 10, 1.0)
+    b = _fake_run(tmp_path / "b", [0.4, 0.8], 20, 1.0)
+    for d in (a, b):
+        (d / "config.yaml").write_text("seed: 0\n")
+    code = main(["report", str(a), str(b), "--metric", "acc_server", "--out", str(tmp_path / "rep")])
+    assert code == 2 and "--metric acc_server: none of the runs logged it" in capsys.readouterr().err
+    assert not (tmp_path / "rep").exists()
 
 
 def test_grid_groups_by_method(tmp_path, tiny_bert):

@@ -45,7 +45,15 @@ from declora.config import (
     read_yaml,
     resume_changes,
 )
-from declora.report import best_final, display_scale, lower_is_better, read_metrics
+from declora.report import (
+    best_final,
+    display_scale,
+    lower_is_better,
+    planned_rounds,
+    read_metrics,
+    run_config,
+    stopped_early,
+)
 
 log = logging.getLogger(__name__)
 # The metrics a comparison can rank: every headline, and under attack the honest nodes' (declora.attack)
@@ -254,9 +262,13 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
     ``bytes_to_target`` is the mean over the ``reached`` runs that reached the target."""
     rows = []
     for method, dirs in runs.items():
-        summaries = [run_summary(read_metrics(d / "metrics.jsonl"), metric, target) for d in dirs]
-        summaries = [s for s in summaries if s]
+        records = [read_metrics(d / "metrics.jsonl") for d in dirs]
+        summaries = [s for r in records if (s := run_summary(r, metric, target))]
         row: dict[str, Any] = {"method": method, "runs": len(summaries), "of": len(dirs)}
+        planned = [planned_rounds(run_config(d)) for d in dirs]
+        row["unfinished"] = sum(
+            stopped_early(r, n) is not None for r, n in zip(records, planned, strict=True)
+        )
         for key in SUMMARY_KEYS:
             row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
         row["reached"] = sum(not math.isnan(s["bytes_to_target"]) for s in summaries)
@@ -292,6 +304,8 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
     ]
     for r in rows:
         runs = str(r["runs"]) if r["runs"] == r["of"] else f"{r['runs']} of {r['of']}"
+        if r["unfinished"]:
+            runs += f" ({r['unfinished']} not finished)"
         if not r["runs"]:
             lines.append(f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |")
             continue
@@ -301,6 +315,11 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
         )
     if any(r["runs"] < r["of"] for r in rows):
         lines += ["", f"Runs without an evaluation of {metric} (not finished, or not measured) are left out."]
+    if any(r["unfinished"] for r in rows):
+        lines += [
+            "",
+            "A run not finished (stopped, or still running) enters with its last evaluation as final.",
+        ]
     return "\n".join(lines)
 
 

@@ -130,7 +130,21 @@ def _config_headline(records: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dict[str, Any]:
+def stopped_early(records: list[dict[str, Any]], planned: int | None = None) -> tuple[int, int] | None:
+    """(last round logged, rounds asked for) of a run that stopped before its last round (killed, or
+    still running); None for a finished run. ``planned``: the run folder's config.yaml ``rounds`` (a resume
+    may ask for more and rewrites it), else the config in the ``start`` line."""
+    starts = [r for r in _events(records, "start") if isinstance(r.get("config"), dict)]
+    if planned is None and starts:
+        planned = starts[-1]["config"].get("rounds")
+    done = [v for r in _events(records, "eval", "round") if (v := _number(r, "round")) is not None]
+    last = int(max(done)) if done else 0
+    return (last, planned) if isinstance(planned, int) and last < planned else None
+
+
+def summarize(
+    records: list[dict[str, Any]], headline: str | None = None, planned: int | None = None
+) -> dict[str, Any]:
     """Best and final of every accuracy key, final consensus/loss/cost values and peak memory.
 
     Returns ``{"rounds", "evals", "accuracy": {key: {final, final_round, best, best_round[, final_std,
@@ -158,6 +172,7 @@ def summarize(records: list[dict[str, Any]], headline: str | None = None) -> dic
         "peak_mem_mb": peaks.get("peak_mem_mb"),
         **{k: v for k, v in peaks.items() if k != "peak_mem_mb"},  # a GPU run's peak_gpu_mem_mb
         "headline": headline if headline is not None else _config_headline(records),
+        "stopped_early": stopped_early(records, planned),
     }
 
 
@@ -235,8 +250,15 @@ def format_table(summary: dict[str, Any], headline: str | None = None) -> str:
         return "| " + " | ".join(padded) + " |"
 
     rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
+    rounds = _round(summary.get("rounds"))
+    if summary.get("stopped_early"):
+        last, planned = summary["stopped_early"]
+        rounds = (
+            f'{last} of {planned}: NOT FINISHED (stopped, or still running), so "final" is round '
+            f"{last}'s; `declora run --resume RUN_DIR` continues a stopped run"
+        )
     note = (
-        f"Rounds: {_round(summary.get('rounds'))}, evaluations: {summary.get('evals', 0)}.\n"
+        f"Rounds: {rounds}, evaluations: {summary.get('evals', 0)}.\n"
         "Accuracies in % (node mean ± population std over nodes), perplexities (ppl_*) as they are;\n"
         "bytes in MB (1 MB = 1e6 bytes); "
         "times in seconds;\nconsensus_* are squared Frobenius distances, cross_term a Frobenius norm."
@@ -342,19 +364,29 @@ def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
     run_figure(records).savefig(path, dpi=120, format="png")
 
 
-def _run_headline(run_dir: Path) -> str | None:
-    """eval.headline from run_dir/config.yaml; None when the file or the key is missing or unreadable."""
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """run_dir/config.yaml as a dict; empty when the file is missing or unreadable (warned)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return None
+        return {}
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        log.warning("%s: cannot read the headline metric (%s)", path, err)
-        return None
-    section = config.get("eval") if isinstance(config, dict) else None
+        log.warning("%s: cannot read the run's config (%s)", path, err)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _run_headline(config: dict[str, Any]) -> str | None:
+    """eval.headline of a run's config; None when the key is missing."""
+    section = config.get("eval")
     value = section.get("headline") if isinstance(section, dict) else None
     return value if isinstance(value, str) else None
+
+
+def planned_rounds(config: dict[str, Any]) -> int | None:
+    value = config.get("rounds")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def write_report(run_dir: str | Path) -> str:
@@ -364,7 +396,8 @@ def write_report(run_dir: str | Path) -> str:
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    table = format_table(summarize(records, _run_headline(run_dir)))
+    config = run_config(run_dir)
+    table = format_table(summarize(records, _run_headline(config), planned_rounds(config)))
     from declora.runfolder import atomic_write, atomic_write_text
 
     atomic_write_text(

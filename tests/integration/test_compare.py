@@ -180,7 +180,7 @@ def test_comparison_files_are_written(tmp_path):
     assert "| x | 1 | 70.00 ± 0.00 |" in table
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert (tmp_path / "out" / "comparison.csv").read_text().startswith("method,runs,of,best")
+    assert (tmp_path / "out" / "comparison.csv").read_text().startswith("method,runs,of,unfinished,best")
 
 
 def test_runs_without_the_metric_and_the_target_are_shown_not_dropped(tmp_path):
@@ -196,6 +196,14 @@ def test_runs_without_the_metric_and_the_target_are_shown_not_dropped(tmp_path):
     assert "| s | 0 of 1 | no evaluation of acc_avg_factors | – |" in only_server
     no_target = write_comparison({"half": [reached, missed]}, tmp_path / "o3", "acc_avg_factors", None)
     assert "| 2.00 | n/a |" in no_target
+    # a run that logged 2 of the 4 rounds its config asked for is counted as not finished
+    (missed / "metrics.jsonl").write_text(
+        json.dumps({"event": "start", "round": 0, "config": {"rounds": 4}})
+        + "\n"
+        + (missed / "metrics.jsonl").read_text()
+    )
+    marked = write_comparison({"half": [reached, missed]}, tmp_path / "o4", "acc_avg_factors", None)
+    assert "| half | 2 (1 not finished) |" in marked and "enters with its last evaluation" in marked
 
 
 def test_a_grid_whose_metric_a_cell_never_logs_is_refused_before_any_run(tmp_path, tiny_bert):

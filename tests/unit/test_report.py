@@ -137,6 +137,19 @@ def test_table_shows_formatted_numbers(run_dir: Path) -> None:
     assert len({len(line) for line in lines}) == 1
 
 
+def test_a_run_that_stopped_before_its_last_round_is_marked_not_finished(run_dir: Path) -> None:
+    finished = format_table(summarize(read_metrics(run_dir / "metrics.jsonl")))
+    assert "Rounds: 3," in finished and "NOT FINISHED" not in finished
+    killed = RECORDS[:6]  # the run asked for 3 rounds and logged 2
+    table = format_table(summarize(killed))
+    assert 'Rounds: 2 of 3: NOT FINISHED (stopped, or still running), so "final" is round 2\'s' in table
+    resumed = [*RECORDS, {"event": "start", "round": 3, "config": {"rounds": 5}}]  # resumed for 5 rounds
+    assert summarize(resumed)["stopped_early"] == (3, 5)
+    # a resume asking for more rounds rewrites config.yaml (not the start line): the report reads it
+    (run_dir / "config.yaml").write_text("rounds: 6\n")
+    assert "Rounds: 3 of 6: NOT FINISHED" in write_report(run_dir)
+
+
 def test_plot_is_a_valid_png(run_dir: Path) -> None:
     path = run_dir / "curves.png"
     plot_run(read_metrics(run_dir / "metrics.jsonl"), path)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from declora.algorithms.base import RoundContext
+from declora.algorithms.base import RoundContext, chosen_settings
 from declora.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from declora.config import ConfigError, check_resume, load_config, save_config, to_dict
 from declora.device import peak_gpu_memory_mb
@@ -92,9 +92,11 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[st
     metrics.path.write_text("")
     topology = {k: v for k, v in describe(exp.schedule).items() if not isinstance(v, (list, dict))}
     log.info("topology: %s", topology)
-    metrics.write(
-        {"event": "start", "round": 0, "nodes": exp.n, "config": to_dict(exp.cfg), "topology": topology}
-    )
+    start = {"event": "start", "round": 0, "nodes": exp.n, "config": to_dict(exp.cfg), "topology": topology}
+    if chosen := chosen_settings(exp.algorithm):
+        log.info("%s chose: %s", exp.cfg.algorithm.name, chosen)
+        start["algorithm"] = chosen
+    metrics.write(start)
     metrics.write({"event": "partition", "round": 0, "nodes": exp.partition_summary})
     for i, node in enumerate(exp.partition_summary):
         log.info("node %d: %s", i, node)

@@ -135,6 +135,12 @@ def test_tad_auto_gives_longer_phases_on_sparser_dynamic_graphs():
     assert algos[0.1].rho > algos[0.5].rho
     assert algos[0.1].interval > algos[0.5].interval >= 1
     assert algos[0.1].clock.interval == algos[0.1].interval
+    # the run's start line records what "auto" chose (config.yaml only says "auto")
+    from declora.algorithms.base import chosen_settings
+
+    assert chosen_settings(algos[0.1]) == {"switch_interval": algos[0.1].interval, "rho": algos[0.1].rho}
+    fixed = TADLoRA(None, cfg=Config(algorithm=AlgorithmConfig(name="tad_lora", switch_interval=3)))
+    assert chosen_settings(fixed) == {"switch_interval": 3}
 
 
 def test_decaf_factors_agree_in_sign_when_products_agree():

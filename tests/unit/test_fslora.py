@@ -58,6 +58,23 @@ def test_sizes_and_ratio_distributions():
     assert draw_ratios("normal", 5, 1) == draw_ratios("normal", 5, 1)
 
 
+def test_ratios_that_are_not_whole_ranks_are_warned_and_the_sizes_used_are_logged(
+    tiny_bert, tiny_data, tmp_path, caplog
+):
+    with caplog.at_level("WARNING", logger="declora.algorithms.fslora"):
+        assert sketch_sizes([0.125, 0.25, 0.3, 0.5], 4) == [1, 1, 1, 2]
+    assert "2 of 4 ratios are not a whole number of ranks at model.rank=4" in caplog.text
+    assert "node 0: 0.125 x 4 = 0.5 ranks, trains k=1, a ratio of 0.25" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="declora.algorithms.fslora"):
+        sketch_sizes([0.25, 0.5], 4)
+    assert not caplog.text  # whole ranks: nothing to say
+    exp = tiny(tiny_bert, tiny_data, tmp_path, "algorithm.sketch_ratios=[0.125,0.25,0.3,0.5]", "rounds=1")
+    engine.run(exp)
+    start = json.loads((exp.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["algorithm"] == {"sketch_ranks": [1, 1, 1, 2]}
+
+
 def test_one_index_set_for_B_and_A_and_a_real_sub_adapter():
     torch.manual_seed(0)
     n, r, d_in, d_out, s = 2, 6, 5, 4, 0.5

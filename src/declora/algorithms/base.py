@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -62,3 +62,18 @@ class Algorithm(Protocol):
 def trained_kinds(fed: Federation, kinds: tuple[str, ...] = ("A", "B")) -> tuple[str, ...]:
     """``kinds`` plus the head when the config trains it."""
     return (*kinds, "head") if fed.cfg.head == "train" and fed.heads else kinds
+
+
+def chosen_settings(algorithm: Any) -> dict[str, Any]:
+    """What an algorithm settled when it was built that its config does not spell out, for the run's
+    ``start`` line: the alternating methods' switch interval (TAD-LoRA's "auto" rule, with the rho it
+    read from the graph) and FSLoRA's sketch sizes k_i (its ratios rounded to whole ranks)."""
+    chosen: dict[str, Any] = {}
+    clock = getattr(algorithm, "clock", None)  # alternating.PhaseClock
+    if clock is not None:
+        chosen["switch_interval"] = clock.interval
+    if getattr(algorithm, "rho", None) is not None:
+        chosen["rho"] = algorithm.rho
+    if getattr(algorithm, "sizes", None) is not None:  # fslora
+        chosen["sketch_ranks"] = list(algorithm.sizes)
+    return chosen

@@ -31,6 +31,7 @@ sent, so the device still trains exactly its sub-adapter.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,8 @@ from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
 from declora.seeding import numpy_rng
+
+log = logging.getLogger(__name__)
 
 LOW, HIGH = 1 / 8, 1 / 2
 
@@ -70,9 +73,29 @@ def draw_ratios(dist: str, n: int, seed: int) -> list[float]:
 
 
 def sketch_sizes(ratios: list[float], r: int) -> list[int]:
+    """k_i = ratio_i * r rounded to a whole rank (at least 1); a ratio that is not a whole number of
+    ranks is warned about, and the k_i go to the run's start line (``chosen``)."""
     if not all(0 < x <= 1 for x in ratios):
         raise ValueError(f"algorithm.sketch_ratios={ratios}: every ratio must be in (0, 1]")
-    return [max(1, round(x * r)) for x in ratios]
+    sizes = [max(1, round(x * r)) for x in ratios]
+    moved = [(i, x, k) for i, (x, k) in enumerate(zip(ratios, sizes, strict=True)) if k != x * r]
+    if moved:
+        i, x, k = moved[0]
+        log.warning(
+            "algorithm.sketch_ratios: %d of %d ratios are not a whole number of ranks at model.rank=%d "
+            "(node %d: %g x %d = %g ranks, trains k=%d, a ratio of %g); the k_i used: %s",
+            len(moved),
+            len(ratios),
+            r,
+            i,
+            x,
+            r,
+            x * r,
+            k,
+            k / r,
+            sizes,
+        )
+    return sizes
 
 
 def sketch_gate(sizes: list[int], r: int, seed: int, t: int) -> Tensor:

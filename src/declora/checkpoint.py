@@ -108,10 +108,16 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     else:
         saved = tuple(meta["node_slices"])
         if saved != group.layout.counts:
+            k = len(saved)  # the run's dist.node_slices, if it set them, come back from its config.yaml
+            launch = (
+                f"declora run --resume {exp.run_dir}"
+                if k == 1
+                else f"torchrun --nproc-per-node {k} -m declora run --resume {exp.run_dir}"
+            )
             raise ConfigError(
-                f"{exp.run_dir} was saved with node slices {list(saved)} (one per process); this launch has "
-                f"{list(group.layout.counts)}: relaunch with {len(saved)} processes and dist.node_slices="
-                f"[{','.join(map(str, saved))}]"
+                f"{exp.run_dir} was saved by {k} process{'es' if k > 1 else ''} (node slices {list(saved)}); "
+                f"this launch has {len(group.layout.counts)} ({list(group.layout.counts)}), and a checkpoint "
+                f"cannot be resharded: relaunch it as it ran, `{launch}`"
             )
         name = shard_name(int(meta["round"]), group.rank)
         if group.layout.counts == (1,) and not (state_dir / f"{name}.safetensors").is_file():

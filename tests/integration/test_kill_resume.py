@@ -129,3 +129,21 @@ def test_sigkilled_process_resumes_bit_identically(setup, tmp_path, point, k):
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert main(["run", "--resume", str(run)]) == 0
     assert _same(_outcome(run), reference)
+
+
+def test_resuming_under_another_process_count_names_the_launch_that_resumes_it(setup, tmp_path, capsys):
+    root, args, _ = setup
+    run = tmp_path / "run"
+    assert main(["run", *args, "rounds=1", f"run_dir={run}"]) == 0
+    latest = run / "state" / "latest.json"
+    meta = json.loads(latest.read_text())
+    meta["node_slices"] = [1, 1]  # as if two processes had saved it
+    latest.write_text(json.dumps(meta))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "rounds=2"]) == 2
+    err = capsys.readouterr().err
+    assert "was saved by 2 processes (node slices [1, 1]); this launch has 1 ([2])" in err
+    assert f"`torchrun --nproc-per-node 2 -m declora run --resume {run}`" in err
+    assert "dist.node_slices" not in err  # it comes back from the run's config.yaml
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

@@ -142,7 +142,9 @@ class _Bar:
             self.bar = tqdm(total=self.total, initial=first, desc="rounds", unit="round", dynamic_ncols=True)
             self.bar.start_t = self.began
         self.bar.n = record["round"]
-        shown = {"loss": f"{record['train_loss']:.3f}", "MB": f"{record['bytes_total'] / 1e6:.1f}"}
+        loss = record["train_loss"]  # None: no node trained this round
+        shown = {"loss": "none trained" if loss is None else f"{loss:.3f}"}
+        shown["MB"] = f"{record['bytes_total'] / 1e6:.1f}"
         shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
         if "acc_avg_factors" in record:
             shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable
@@ -199,7 +198,7 @@ def run(
         record: dict[str, Any] = {
             "event": "round",
             "round": t + 1,
-            "train_loss": float(trained.mean()) if len(trained) else math.nan,
+            "train_loss": float(trained.mean()) if len(trained) else None,  # null: no node trained
             "local_steps": int(group.all_max(torch.tensor(steps))),
             "active_nodes": int(group.gather_nodes(active).sum()),  # replicas: each rank has every node
             **speed,

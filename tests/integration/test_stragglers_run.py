@@ -130,6 +130,17 @@ def test_a_deadline_no_node_can_meet_is_refused_before_the_run(tiny_bert, tiny_d
     assert not (tmp_path / "e").exists()
 
 
+def test_a_round_in_which_no_node_trained_logs_no_loss_not_nan(tiny_bert, tiny_data, tmp_path):
+    exp = _build(tiny_bert, tiny_data, tmp_path / "a", "topology.node_dropout=0.95", "algorithm.name=fedavg")
+    records = engine.run(exp)
+    idle = [r for r in records if r["active_nodes"] == 0]
+    assert idle, [r["active_nodes"] for r in records]  # seed 0 draws such a round
+    assert all(
+        r["train_loss"] is None for r in idle
+    )  # null in metrics.jsonl, not NaN (which reads as divergence)
+    assert all(r["train_loss"] > 0 for r in records if r["active_nodes"])
+
+
 def test_asynchronous_at_staleness_zero_is_synchronous_gossip(tiny_bert, tiny_data, tmp_path):
     sync = _build(tiny_bert, tiny_data, tmp_path / "a", "stragglers.speeds=[1,1,3,1]")
     asyn = _build(

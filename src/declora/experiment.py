@@ -14,7 +14,7 @@ from torch import Tensor
 from declora.algorithms import ALGORITHMS
 from declora.algorithms.base import Algorithm
 from declora.attack import attacker_mask, flip_labels
-from declora.comm.codecs import build_codec
+from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError
@@ -168,6 +168,18 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
             sizes = np.array([node["size"] for node in summary])
             stragglers.set_steps(cfg.train.local_steps * -(-sizes // cfg.train.batch_size))
         stragglers.check_someone_trains()
+        if (
+            cfg.stragglers.asynchronous
+            and cfg.stragglers.max_staleness > 0
+            and bool((stragglers.period == 1).all())
+        ):
+            log.warning(
+                "stragglers.asynchronous=true, but no node is at least 1.5x slower than the fastest "
+                "(stragglers.speeds=%s), so every node publishes every round: this is synchronous gossip",
+                list(cfg.stragglers.speeds)
+                if not isinstance(cfg.stragglers.speeds, str)
+                else cfg.stragglers.speeds,
+            )
     attackers = attacker_mask(cfg.attack, n, cfg.seed)  # (n,) bool
     labels = train.labels  # label_flip: the attackers train on poisoned labels (their parts unchanged)
     if cfg.attack.kind == "label_flip":
@@ -219,6 +231,14 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         group if isinstance(group, Replicas) else None,
     )
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
+    if isinstance(codec, TopKCodec) and codec.fraction >= codec.break_even():
+        log.warning(
+            "comm.fraction=%g with comm.codec=topk sends at least as many bytes as every entry in %s "
+            "(each kept value also sends a 4-byte index; top-k saves bytes below fraction %g)",
+            codec.fraction,
+            codec.value_dtype,
+            codec.break_even(),
+        )
     exchange = (
         DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)
         if isinstance(group, Distributed)

@@ -141,6 +141,17 @@ def test_a_round_in_which_no_node_trained_logs_no_loss_not_nan(tiny_bert, tiny_d
     assert all(r["train_loss"] > 0 for r in records if r["active_nodes"])
 
 
+def test_asynchronous_gossip_where_no_node_is_slow_is_warned_as_synchronous(
+    tiny_bert, tiny_data, tmp_path, caplog
+):
+    quiet = ("stragglers.asynchronous=true", "stragglers.max_staleness=2")
+    with caplog.at_level("WARNING", logger="declora.experiment"):
+        _build(tiny_bert, tiny_data, tmp_path / "a", *quiet, "stragglers.speeds=[1,1,3,1]")
+        assert "synchronous gossip" not in caplog.text
+        _build(tiny_bert, tiny_data, tmp_path / "b", *quiet)
+    assert "so every node publishes every round: this is synchronous gossip" in caplog.text
+
+
 def test_asynchronous_at_staleness_zero_is_synchronous_gossip(tiny_bert, tiny_data, tmp_path):
     sync = _build(tiny_bert, tiny_data, tmp_path / "a", "stragglers.speeds=[1,1,3,1]")
     asyn = _build(

@@ -126,3 +126,20 @@ def test_config_accepts_topk_where_sound():
     load_config(None, ["comm.codec=topk", "algorithm.name=decaf"])
     fslora = ["algorithm.name=fslora", "model.head=frozen", "comm.error_feedback=true"]
     load_config(None, ["comm.codec=topk", *fslora])
+
+
+def test_a_top_k_fraction_past_break_even_is_warned_when_the_run_is_built(
+    tiny_bert, tiny_data, tmp_path, caplog
+):
+    from unit_helpers import tiny_experiment
+
+    assert build_codec("topk", fraction=0.1).break_even() == 0.5  # 4-byte value + 4-byte index
+    assert build_codec("topk", fraction=0.1, value_dtype="fp16").break_even() == pytest.approx(1 / 3)
+    with caplog.at_level("WARNING", logger="declora.experiment"):
+        tiny_experiment(tiny_bert, tiny_data, tmp_path / "a", "comm.codec=topk", "comm.fraction=0.2")
+        assert "top-k saves bytes" not in caplog.text
+        tiny_experiment(tiny_bert, tiny_data, tmp_path / "b", "comm.codec=topk", "comm.fraction=0.6")
+    assert (
+        "comm.fraction=0.6 with comm.codec=topk sends at least as many bytes as every entry in fp32"
+        in caplog.text
+    )

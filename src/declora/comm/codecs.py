@@ -275,6 +275,12 @@ class TopKCodec(_CodecBase):
         if not isinstance(self.error_feedback, bool):
             raise ValueError(f"error_feedback must be true or false; got {self.error_feedback!r}")
 
+    def break_even(self) -> float:
+        """The fraction at which the kept values and their int32 indices cost as much as every entry
+        sent at the value dtype (0.5 for fp32 values): above it top-k sends more, not less."""
+        value = _DTYPES[self.value_dtype].itemsize
+        return value / (value + 4)
+
     def k(self, m: int) -> int:
         """Entries kept out of m; fraction * m is rounded to 9 decimals so 0.1 * 100 keeps 10, not 11."""
         return max(1, min(m, math.ceil(round(self.fraction * m, 9))))

@@ -21,6 +21,7 @@ from declora.config import Config, ConfigError
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
+from declora.ignored import ignored_settings
 from declora.lr_schedule import RoundSchedule
 from declora.model import Federation, add_middle_factors, build_federation, import_peft
 from declora.node_data import build_node_data
@@ -151,6 +152,9 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
             f"{sorted(MULTI_PROCESS)}"
         )
     group.set_nodes(n, cfg.dist.node_slices)
+    if group.is_main:
+        for line in ignored_settings(cfg):  # set, but never read by this algorithm, codec or schedule
+            log.warning(line)
     first, n_local = int(group.nodes[0]), len(group.nodes)  # this process's contiguous slice
     stragglers = Stragglers(cfg, n) if enabled(cfg) else None
     if stragglers is not None and cfg.stragglers.asynchronous and group.world > 1:

@@ -1,0 +1,120 @@
+"""Settings a run would ignore: a key set away from its default that the chosen algorithm, codec or
+topology schedule never reads (``algorithm.mu`` with ``fedavg``, ``comm.bits`` with ``fp16``,
+``topology.p`` on a pairwise schedule).
+
+Such a value still lands in the run's config.yaml, where a reader would take it for part of the run. The
+run therefore names each one in a warning at its start. They are not refused: a grid's shared settings
+describe the experiment for all its methods (C4 gives every server method the same ``ranks`` and
+``sketch_ratios``), and a paper config stays usable with another ``algorithm.name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from declora.config import Config
+
+ALTERNATING = frozenset({"adf_lora", "tad_lora", "rolora", "rolora_dfl"})
+
+
+def _served() -> frozenset[str]:
+    from declora.algorithms import SERVED
+
+    return SERVED
+
+
+def _server_adamw(cfg: Config) -> bool:
+    """The server steps with AdamW, which reads algorithm.server_lr / server_weight_decay."""
+    rule = cfg.server.optimizer
+    if rule == "auto":
+        rule = "adamw" if cfg.algorithm.name in ("fslora", "hetlora") else "average"
+    return cfg.algorithm.name in _served() and rule == "adamw"
+
+
+# key -> (whether this run reads it, who reads it: for the message)
+Reader = tuple[Callable[[Config], bool], str]
+
+ALGORITHM: dict[str, Reader] = {
+    "switch_interval": (lambda c: c.algorithm.name in ALTERNATING, "adf_lora, tad_lora, rolora, rolora_dfl"),
+    "first_phase": (lambda c: c.algorithm.name in ALTERNATING, "adf_lora, tad_lora, rolora, rolora_dfl"),
+    "auto_c": (
+        lambda c: c.algorithm.name == "tad_lora" and c.algorithm.switch_interval == "auto",
+        "tad_lora with switch_interval=auto",
+    ),
+    "auto_max": (
+        lambda c: c.algorithm.name == "tad_lora" and c.algorithm.switch_interval == "auto",
+        "tad_lora with switch_interval=auto",
+    ),
+    "optimizer_policy": (
+        lambda c: c.algorithm.name in ALTERNATING | {"decaf", "hetlora", "flexlora"},
+        "the alternating methods, decaf, hetlora, flexlora",
+    ),
+    "svd_split": (lambda c: c.algorithm.name == "decaf", "decaf"),
+    "ranks": (lambda c: c.algorithm.name in ("hetlora", "flexlora", "flora"), "hetlora, flexlora, flora"),
+    "sketch_ratios": (lambda c: c.algorithm.name == "fslora", "fslora"),
+    "sketch_dist": (lambda c: c.algorithm.name == "fslora" and not c.algorithm.sketch_ratios, "fslora"),
+    "clients_per_round": (lambda c: c.algorithm.name in _served(), "the server algorithms"),
+    "server_lr": (
+        lambda c: _server_adamw(c) and c.server.lr is None,
+        "a server stepping with AdamW (fslora, hetlora, or server.optimizer=adamw) and no server.lr",
+    ),
+    "server_weight_decay": (
+        _server_adamw,
+        "a server stepping with AdamW (fslora, hetlora, server.optimizer=adamw)",
+    ),
+    "flex_weights": (lambda c: c.algorithm.name == "flexlora", "flexlora"),
+    "mu": (lambda c: c.algorithm.name in ("fedprox", "dec_prox"), "fedprox, dec_prox"),
+}
+
+COMM: dict[str, Reader] = {
+    "bits": (lambda c: c.comm.codec == "quantize", "comm.codec=quantize"),
+    "block_size": (lambda c: c.comm.codec == "quantize", "comm.codec=quantize"),
+    "fraction": (lambda c: c.comm.codec == "topk", "comm.codec=topk"),
+    "error_feedback": (lambda c: c.comm.codec == "topk", "comm.codec=topk"),
+    "consensus_step": (lambda c: c.comm.codec == "topk", "comm.codec=topk (CHOCO gossip)"),
+}
+
+
+def _builds_graph(c: Config) -> bool:
+    return c.topology.schedule in ("static", "periodic_full")
+
+
+TOPOLOGY: dict[str, Reader] = {
+    "graph": (_builds_graph, "topology.schedule static or periodic_full"),
+    "weights": (_builds_graph, "topology.schedule static or periodic_full"),
+    "p": (
+        lambda c: (
+            c.topology.schedule == "dynamic_er" or (_builds_graph(c) and c.topology.graph == "erdos_renyi")
+        ),
+        "topology.graph=erdos_renyi or topology.schedule=dynamic_er",
+    ),
+    "degree": (
+        lambda c: _builds_graph(c) and c.topology.graph in ("regular", "small_world"),
+        "topology.graph regular or small_world",
+    ),
+    "rewire": (
+        lambda c: _builds_graph(c) and c.topology.graph == "small_world",
+        "topology.graph=small_world",
+    ),
+    "edge_list": (lambda c: _builds_graph(c) and c.topology.graph == "file", "topology.graph=file"),
+    "weight_file": (lambda c: _builds_graph(c) and c.topology.weights == "file", "topology.weights=file"),
+    "encounter_prob": (lambda c: c.topology.schedule == "pairwise", "topology.schedule=pairwise"),
+    "period": (lambda c: c.topology.schedule == "periodic_full", "topology.schedule=periodic_full"),
+}
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """One line per key that differs from its default but that this run never reads."""
+    out = []
+    for section, readers in (("algorithm", ALGORITHM), ("comm", COMM), ("topology", TOPOLOGY)):
+        values = getattr(cfg, section)
+        defaults = type(values)()
+        for key, (reads, who) in readers.items():
+            value = getattr(values, key)
+            if value != getattr(defaults, key) and not reads(cfg):
+                out.append(f"{section}.{key}={_show(value)} has no effect in this run; it applies to {who}")
+    return out
+
+
+def _show(value: object) -> str:
+    return str(list(value)) if isinstance(value, tuple) else repr(value)

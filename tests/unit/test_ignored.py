@@ -1,0 +1,81 @@
+"""Settings a run would ignore (declora.ignored): every key has a reader; the audit's cases are named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from declora.config import CommConfig, Config, TopologyConfig, load_config
+from declora.ignored import ALGORITHM, COMM, TOPOLOGY, ignored_settings
+
+pytestmark = pytest.mark.unit
+
+
+def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
+    names = {f.name for f in dataclasses.fields(Config().algorithm)}
+    assert names == set(ALGORITHM) | {"name"}
+    assert {f.name for f in dataclasses.fields(CommConfig)} == set(COMM) | {"codec"}
+    always = {"schedule", "lazy", "allow_disconnected", "link_failure", "node_dropout"}
+    assert {f.name for f in dataclasses.fields(TopologyConfig)} == set(TOPOLOGY) | always
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["algorithm.name=fedavg", "algorithm.mu=0.5"],
+            "algorithm.mu=0.5 has no effect in this run; it applies to fedprox",
+        ),
+        (
+            ["algorithm.name=fslora", "algorithm.ranks=[1,2,3,4]"],
+            "algorithm.ranks=[1, 2, 3, 4] has no effect",
+        ),
+        (
+            ["algorithm.name=hetlora", "algorithm.sketch_ratios=[.5,.5,.5,.5]"],
+            "algorithm.sketch_ratios=[0.5, 0.5, 0.5, 0.5]",
+        ),
+        (["algorithm.switch_interval=3"], "algorithm.switch_interval=3 has no effect"),  # dec_lora
+        (["algorithm.name=fedavg", "algorithm.server_lr=0.5"], "algorithm.server_lr=0.5 has no effect"),
+        (["algorithm.clients_per_round=1"], "algorithm.clients_per_round=1 has no effect"),
+        (
+            ["comm.codec=fp16", "comm.bits=2"],
+            "comm.bits=2 has no effect in this run; it applies to comm.codec=quantize",
+        ),
+        (["comm.codec=quantize", "comm.fraction=0.2"], "comm.fraction=0.2 has no effect"),
+        (["topology.schedule=dynamic_er", "topology.graph=star"], "topology.graph='star' has no effect"),
+        (["topology.schedule=pairwise", "topology.p=0.9"], "topology.p=0.9 has no effect"),
+        (["topology.weight_file=w.txt"], "topology.weight_file='w.txt' has no effect"),
+        (["topology.graph=ring", "topology.degree=6"], "topology.degree=6 has no effect"),
+    ],
+)
+def test_a_setting_the_run_never_reads_is_named(overrides, line):
+    lines = ignored_settings(load_config(None, ["nodes=4", *overrides]))
+    assert any(x.startswith(line) for x in lines), lines
+    assert len(lines) == 1, lines
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["algorithm.name=fedprox", "algorithm.mu=0.5"],
+        ["algorithm.name=tad_lora", "algorithm.switch_interval=auto", "algorithm.auto_c=2"],
+        ["algorithm.name=hetlora", "algorithm.ranks=[1,2,3,4]", "algorithm.server_lr=0.01"],
+        ["algorithm.name=fedavg", "server.optimizer=adamw", "algorithm.server_lr=0.01"],
+        ["comm.codec=topk", "comm.fraction=0.2", "comm.consensus_step=0.5"],
+        ["topology.graph=erdos_renyi", "topology.p=0.5"],
+        ["topology.schedule=dynamic_er", "topology.p=0.5"],
+        ["topology.schedule=periodic_full", "topology.period=3", "topology.graph=complete"],
+    ],
+)
+def test_settings_the_run_reads_are_not_named(overrides):
+    assert ignored_settings(load_config(None, ["nodes=4", *overrides])) == []
+
+
+def test_the_shipped_configs_set_nothing_they_ignore():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in [root / "default.yaml", root / "smoke.yaml", *sorted((root / "papers").glob("*.yaml"))]:
+        assert ignored_settings(load_config(str(path))) == [], path.name

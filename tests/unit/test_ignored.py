@@ -79,3 +79,11 @@ def test_the_shipped_configs_set_nothing_they_ignore():
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in [root / "default.yaml", root / "smoke.yaml", *sorted((root / "papers").glob("*.yaml"))]:
         assert ignored_settings(load_config(str(path))) == [], path.name
+
+
+def test_building_a_run_warns_of_each_ignored_setting(tiny_bert, tiny_data, tmp_path, caplog):
+    from unit_helpers import tiny_experiment
+
+    with caplog.at_level("WARNING", logger="declora.experiment"):
+        tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=fedavg", "algorithm.mu=0.5")
+    assert "algorithm.mu=0.5 has no effect in this run; it applies to fedprox, dec_prox" in caplog.text

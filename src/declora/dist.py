@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -245,7 +245,16 @@ class Distributed(Solo):
             raise
         except Exception as err:
             self._failing = True  # from here on SIGTERM waits: the diagnosis takes a few seconds
+            if self.at[1] == "start" and isinstance(err, (ConfigError, FileNotFoundError)):
+                # A bad value or file, found before any training: every rank that sees it says so in the
+                # CLI's one line (exit 2); the others learn it through the store and stop.
+                self._post(f"rank {self.rank} refused the run before it started: {_short(err)}")
+                raise
             raise DistributedRunError(self._diagnose(err)) from err
+
+    def _post(self, message: str) -> None:
+        with suppress(Exception):  # no store: the other ranks time out instead
+            self.store.compare_set("fail", "", message)
 
     def close(self) -> None:
         self._stop.set()

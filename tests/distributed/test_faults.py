@@ -55,3 +55,16 @@ def test_hung_rank_stops_every_rank_after_the_timeout(tiny_bert, tmp_path):
     assert re.search(r"rank 1 hung in round 2", hung.output), hung.output[-4000:]
     assert TIMEOUT - 1 < stopped - fault_time(tmp_path / "run", 1) < 2 * TIMEOUT
     assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 1
+
+
+def test_a_config_error_found_when_the_run_is_built_is_the_one_line_error_on_every_rank(tiny_bert, tmp_path):
+    # asynchronous gossip is refused under torchrun only when the run is built (it needs the process count)
+    overrides = tiny_overrides(
+        tiny_bert, tmp_path / "run", "dec_lora", "stragglers.asynchronous=true", f"dist.timeout_s={TIMEOUT}"
+    )
+    refused = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2)
+    assert refused.returncode != 0
+    line = "declora: error: stragglers.asynchronous=true runs in one process only"
+    assert refused.output.count(line) == 2, refused.output[-4000:]  # each rank, as one process would say it
+    assert "failed in round" not in refused.output  # not a crash in some round
+    assert "src/declora" not in refused.output  # no traceback of ours (torchrun prints its own summary)

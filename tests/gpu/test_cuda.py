@@ -136,7 +136,14 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu(tiny_bert, tmp_path)
 
 
 @pytest.mark.parametrize(("precision", "atol", "rel"), [("fp32", 1e-5, 1e-2), ("bf16", 2e-3, 5e-2)])
-def test_grouped_lora_product_equals_per_row_on_cuda(precision, atol, rel, tiny_bert, tmp_path):
+def test_grouped_lora_product_equals_per_row_on_cuda(
+    precision, atol, rel, tiny_bert, tmp_path, record_property
+):
+    from declora.grouped import _grouped_mm_works
+
+    # whether torch's grouped_mm kernel ran (else the segment loop did), in gpu_tests.xml: a pass says which
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    record_property("grouped_mm_kernel", _grouped_mm_works(torch.device("cuda"), dtype))
     runs = {}
     for product in ("per_row", "grouped"):
         extra = ("device=cuda", f"precision={precision}", f"train.lora_product={product}", "rounds=2")

@@ -397,11 +397,13 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
     if rank != fed.cfg.rank:
         raise ValueError(f"adapter in {folder} has rank {rank}, the run has model.rank={fed.cfg.rank}")
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
+    used = set()
     with torch.no_grad():
         for name, param in fed.tensors().items():
             module, _, leaf = name.rpartition(".")
             key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else name
             if key in state:
+                used.add(key)
                 value = state[key]
                 if tuple(value.shape) != tuple(param.shape[1:]):
                     raise ValueError(
@@ -413,3 +415,9 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
                 param.copy_(value.expand_as(param))
             elif Federation.kind_of(name) != "head":
                 raise KeyError(f"adapter in {folder} has no tensor for {key}")
+    unused = sorted(set(state) - used)
+    if unused:  # e.g. a trained lm_head (modules_to_save), or a head the run does not train
+        raise ValueError(
+            f"adapter in {folder} holds {len(unused)} tensors this run would not apply ({unused[:3]}"
+            f"{' ...' if len(unused) > 3 else ''}): it would start from another model than the adapter's"
+        )

@@ -160,6 +160,24 @@ def check_adapter(cfg: Config, folder: Path) -> None:
             f"adapter {folder} scales its update by {theirs:g} (lora_alpha={alpha}, r={r}, rslora={rslora}); "
             f"the run by {ours:g} (model.alpha={m.alpha}): set model.alpha so the scales agree"
         )
+    unsupported = {  # PEFT features declora's LoRA does not apply: the run would start from another model
+        "use_dora": "DoRA's magnitude vectors",
+        "alpha_pattern": "per-module alphas",
+        "rank_pattern": "per-module ranks",
+        "lora_bias": "a bias on lora_B",
+        "trainable_token_indices": "trained token embeddings",
+        "layer_replication": "replicated layers",
+        "layers_to_transform": "a subset of the layers",
+        "exclude_modules": "excluded modules",
+    }
+    for key, what in unsupported.items():
+        if ac.get(key):
+            raise ConfigError(
+                f"adapter {folder} sets {key}={ac[key]!r} ({what}), which declora cannot apply; start from a "
+                "plain LoRA adapter"
+            )
+    if ac.get("bias", "none") != "none":
+        raise ConfigError(f"adapter {folder} trains biases (bias={ac['bias']!r}), which declora cannot apply")
     targets = ac.get("target_modules")
     targets = sorted([targets] if isinstance(targets, str) else targets or [])
     if targets != sorted(m.target_modules):

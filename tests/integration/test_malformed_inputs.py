@@ -343,6 +343,10 @@ def _reshape(config: dict, tensors: dict) -> None:
     tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
 
 
+def _add_tensor(key: str) -> Callable[[dict, dict], None]:
+    return lambda config, tensors: tensors.__setitem__(key, torch.zeros(4, 4))
+
+
 ADAPTERS: list[tuple[str, Callable[[dict, dict], None], str]] = [
     ("rank", _set("r", 8), "rank"),
     ("alpha", _set("lora_alpha", 3.0), "lora_alpha"),
@@ -350,6 +354,12 @@ ADAPTERS: list[tuple[str, Callable[[dict, dict], None], str]] = [
     ("targets", _set("target_modules", ["query"]), "target"),
     ("nan", _poison, "NaN"),
     ("shape", _reshape, "shape"),
+    # PEFT features declora cannot apply: the nodes would start from another model than the adapter
+    ("dora", _set("use_dora", True), "use_dora=True (DoRA"),
+    ("alpha-pattern", _set("alpha_pattern", {"value": 32}), "alpha_pattern"),
+    ("lora-bias", _set("lora_bias", True), "lora_bias"),
+    ("bias", _set("bias", "all"), "bias='all'"),
+    ("extra-tensor", _add_tensor("base_model.model.lm_head.weight"), "tensors this run would not apply"),
 ]
 CASES += [
     (f"adapter:{name}", lambda c, e=edit: c.new_run(f"model.init_adapter={c.adapter(e)}"), want)

@@ -778,6 +778,13 @@ def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> 
             f"over {changes['rounds'][0]} rounds, and more rounds would spend more than it; start a new run "
             "with the rounds you want"
         )
+    if "rounds" in changes and new.train.schedule != "constant":
+        raise ConfigError(
+            f"rounds cannot change on resume with train.schedule={new.train.schedule} "
+            f"({changes['rounds'][0]} -> {changes['rounds'][1]}): the learning rate decays over the run's "
+            "rounds, so the rounds done followed another schedule than the longer run's; start a new run "
+            "with the rounds you want"
+        )
     if "export" in changes and new.export_round == "best":
         old_export, new_export = changes["export"]
         raise ConfigError(

@@ -84,6 +84,16 @@ def test_more_rounds_on_resume_are_refused_when_the_noise_spends_a_target_epsilo
     assert (run / "config.yaml").read_bytes() == before and _rounds(run) == [0, 0, 1, 2]
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_more_rounds_on_resume_are_refused_under_a_decaying_learning_rate(tiny, tmp_path, capsys, schedule):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"train.schedule={schedule}", f"run_dir={run}"]) == 0
+    before = (run / "config.yaml").read_bytes()
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 2  # its lr decayed to 0 over 2 rounds
+    assert f"rounds cannot change on resume with train.schedule={schedule}" in capsys.readouterr().err
+    assert (run / "config.yaml").read_bytes() == before and _rounds(run) == [0, 0, 1, 2]
+
+
 def test_a_finished_run_resumed_with_export_all_writes_every_node_at_its_last_round(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["run", *tiny, f"run_dir={run}"]) == 0

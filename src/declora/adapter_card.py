@@ -96,7 +96,7 @@ def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:
 def _input_lines(inputs: dict[str, Any]) -> list[str]:
     """What a user must repeat to get the numbers above: the truncation, the quantized base, the prompt."""
     lines = []
-    if "max_length" in inputs:
+    if "max_length" in inputs and "label_words" not in inputs:  # label words: their recipe cuts the text
         lines.append(
             f"Texts were cut to {inputs['max_length']} tokens (`truncation=True, max_length=...`).\n"
         )
@@ -109,9 +109,33 @@ def _input_lines(inputs: dict[str, Any]) -> list[str]:
         words = ", ".join(f"{i} = {w!r}" for i, w in enumerate(inputs["label_words"]))
         lines.append(
             f"Prompt: {inputs['template']!r} with the text in place of {{text}}; the prediction is the label "
-            f"whose word's first token has the highest logit after the prompt ({words}).\n"
+            f"whose word's first token has the highest logit after the prompt ({words}). The prompt is "
+            f"built as below (at most {inputs['max_length']} tokens: the text is cut, never the template's "
+            "end).\n"
         )
     return lines
+
+
+def label_words_recipe(inputs: dict[str, Any]) -> str:
+    """Python that builds a label-words prompt exactly as declora did and predicts, after the loading lines
+    (``model``) of the folder's README: the text before {text} and the text itself in one tokenizer call
+    (it may add BOS), cut so that the template's end and the longest label word fit, then the template's
+    end tokenized on its own (so a cut never removes it)."""
+    return (
+        "```python\nimport torch\nfrom transformers import AutoTokenizer\n\n"
+        "tok = AutoTokenizer.from_pretrained(model.peft_config['default'].base_model_name_or_path)\n"
+        f"TEMPLATE, WORDS, MAX_LENGTH = {inputs['template']!r}, {list(inputs['label_words'])!r}, "
+        f"{inputs['max_length']}\n"
+        "prefix, suffix = TEMPLATE.split('{text}', 1)\n"
+        "tail = tok(suffix, add_special_tokens=False)['input_ids']\n"
+        "answers = [tok(w, add_special_tokens=False)['input_ids'] for w in WORDS]\n"
+        "budget = MAX_LENGTH - len(tail) - max(map(len, answers))\n\n\n"
+        "def predict(text: str) -> int:\n"
+        "    ids = tok(prefix + text)['input_ids'][:budget] + tail\n"
+        "    with torch.no_grad():\n"
+        "        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]\n"
+        "    return int(logits[[a[0] for a in answers]].argmax())\n```\n"
+    )
 
 
 def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool, pooling: str | None) -> str:
@@ -146,6 +170,9 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
         + ("" if causal else ", num_labels=..., id2label=..., label2id=...")
         + "), FOLDER)`.\n"
     )
+    if "label_words" in card.inputs:
+        lines.append("## Its predictions (label words)\n")
+        lines.append(label_words_recipe(card.inputs))
     if pooling == "cls":
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
         lines.append(pooling_howto(pooling, len(card.label_names), card.inputs["max_length"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -105,6 +106,20 @@ def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tm
     assert card["inputs"]["label_words"] == [" negative", " positive"]
     readme = (exp.run_dir / "adapters" / "consensus" / "README.md").read_text()
     assert "0 = ' negative', 1 = ' positive'" in readme and "Labels: 0 = " in readme
+    # The README's own code, run as a user would: it loads the folder and builds declora's prompts, also
+    # for a text too long for max_length (cut inside the prompt; the template's end stays)
+    scope: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        exec(block, scope)
+    texts = ["a fine film", " ".join(["a very long review that goes on"] * 12)]
+    ours_ids = exp.task.encode(texts, [0, 1], train=False)
+    users = [scope["tok"](scope["prefix"] + t)["input_ids"][: scope["budget"]] + scope["tail"] for t in texts]
+    assert users == ours_ids
+    full = len(scope["tok"](scope["prefix"] + texts[1])["input_ids"]) + len(scope["tail"])
+    assert len(ours_ids[1]) == scope["budget"] + len(scope["tail"]) < full  # the long one was cut
+    with torch.no_grad():
+        logits = scope["model"](input_ids=torch.tensor(ours_ids[1:])).logits[0, -1]
+    assert scope["predict"](texts[1]) == int(logits[[a[0] for a in scope["answers"]]].argmax())
 
 
 def test_cli_language_modelling_on_a_text_file_resumes(tiny_llama, tmp_path, capsys):

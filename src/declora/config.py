@@ -959,8 +959,11 @@ def _validate_task(cfg: Config) -> None:
             f"model.head='train' needs a classifier head, and task.kind={kind} runs a causal LM, which has "
             "none: set model.head=none (or frozen)"
         )
-    if "{text}" not in cfg.task.template:
-        raise ConfigError(f"task.template={cfg.task.template!r} must contain {{text}}")
+    if cfg.task.template.count("{text}") != 1:
+        raise ConfigError(
+            f"task.template={cfg.task.template!r} must contain {{text}} exactly once (the review goes there; "
+            "any other {...} stays as written)"
+        )
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""Settings a run would ignore: a key set away from its default that the chosen algorithm, codec or
-topology schedule never reads (``algorithm.mu`` with ``fedavg``, ``comm.bits`` with ``fp16``,
-``topology.p`` on a pairwise schedule).
+"""Settings a run would ignore: a key set away from its default that the chosen algorithm, codec, topology
+schedule or task never reads (``algorithm.mu`` with ``fedavg``, ``comm.bits`` with ``fp16``,
+``topology.p`` on a pairwise schedule, ``task.template`` for plain language modelling).
 
 Such a value still lands in the run's config.yaml, where a reader would take it for part of the run. The
 run therefore names each one in a warning at its start. They are not refused: a grid's shared settings
@@ -103,10 +103,17 @@ TOPOLOGY: dict[str, Reader] = {
 }
 
 
+TASK: dict[str, Reader] = {
+    "template": (lambda c: c.task.kind == "label_words", "task.kind=label_words"),
+    "label_words": (lambda c: c.task.kind == "label_words", "task.kind=label_words"),
+}
+
+
 def ignored_settings(cfg: Config) -> list[str]:
     """One line per key that differs from its default but that this run never reads."""
     out = []
-    for section, readers in (("algorithm", ALGORITHM), ("comm", COMM), ("topology", TOPOLOGY)):
+    sections = (("algorithm", ALGORITHM), ("comm", COMM), ("topology", TOPOLOGY), ("task", TASK))
+    for section, readers in sections:
         values = getattr(cfg, section)
         defaults = type(values)()
         for key, (reads, who) in readers.items():

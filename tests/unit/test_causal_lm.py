@@ -196,6 +196,8 @@ def test_causal_configs_have_no_trained_head():
         load_config(None, ["task.kind=causal_lm", "model.head=none"])
     with pytest.raises(ConfigError, match=r"\{text\}"):
         load_config(None, ["task.kind=label_words", "model.head=none", "task.template='Sentiment:'"])
+    with pytest.raises(ConfigError, match=r"must contain \{text\} exactly once"):  # the second stayed literal
+        load_config(None, ["task.kind=label_words", "model.head=none", "task.template='{text} vs {text}:'"])
     cfg = load_config(None, ["task.kind=causal_lm", "model.head=none", "eval.headline=ppl_avg_factors"])
     assert cfg.task.kind == "causal_lm"
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from declora.config import CommConfig, Config, TopologyConfig, load_config
-from declora.ignored import ALGORITHM, COMM, TOPOLOGY, ignored_settings
+from declora.config import CommConfig, Config, TaskConfig, TopologyConfig, load_config
+from declora.ignored import ALGORITHM, COMM, TASK, TOPOLOGY, ignored_settings
 
 pytestmark = pytest.mark.unit
 
@@ -18,6 +18,7 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
     assert {f.name for f in dataclasses.fields(CommConfig)} == set(COMM) | {"codec"}
     always = {"schedule", "lazy", "allow_disconnected", "link_failure", "node_dropout"}
     assert {f.name for f in dataclasses.fields(TopologyConfig)} == set(TOPOLOGY) | always
+    assert {f.name for f in dataclasses.fields(TaskConfig)} == set(TASK) | {"kind"}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,7 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
         (["topology.schedule=pairwise", "topology.p=0.9"], "topology.p=0.9 has no effect"),
         (["topology.weight_file=w.txt"], "topology.weight_file='w.txt' has no effect"),
         (["topology.graph=ring", "topology.degree=6"], "topology.degree=6 has no effect"),
+        (["task.template='Q: {text} A:'"], "task.template='Q: {text} A:' has no effect"),  # a head classifies
     ],
 )
 def test_a_setting_the_run_never_reads_is_named(overrides, line):

@@ -300,18 +300,19 @@ class Instruction:
             prompt_text, response_text = self._texts(json.loads(turns), response)
             head = self.tokenizer(prompt_text)["input_ids"]  # BOS where the tokenizer adds one
             answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
-            if not self._ends_with_eos(response_text):
+            if (
+                self.eos and self.eos[0] in answer
+            ):  # the template ends the turn with EOS (SmolLM2's <|im_end|>):
+                answer = answer[
+                    : answer.index(self.eos[0]) + 1
+                ]  # what it adds after (a newline) is no answer
+            else:
                 answer += self.eos
             answer = answer[: self.max_length - 1]
             head = list(head)[-(self.max_length - len(answer)) :]
             rows.append(head + answer)
             lengths.append(len(answer))
         return rows, np.array(lengths, dtype=np.int64)
-
-    def _ends_with_eos(self, response_text: str) -> bool:
-        """True when the chat template already ends the turn with EOS (SmolLM2's <|im_end|> is its EOS)."""
-        eos = self.tokenizer.eos_token
-        return bool(eos) and response_text.rstrip().endswith(eos)
 
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
         raise ValueError("task.kind=instruction encodes (prompt, response) pairs: use encode_pairs")

@@ -107,7 +107,17 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _eval_subset(token_ids: list[list[int]], labels: np.ndarray, limit: int | None, seed: int) -> EvalSet:
+def _eval_subset(
+    token_ids: list[list[int]], labels: np.ndarray, limit: int | None, seed: int, key: str = ""
+) -> EvalSet:
+    if limit is not None and limit > len(labels):
+        log.warning(
+            "%s=%d asks for more than the %d held-out examples: all %d are scored",
+            key,
+            limit,
+            len(labels),
+            len(labels),
+        )
     order = numpy_rng(seed, "eval").permutation(len(labels))
     keep = order if limit is None else order[:limit]
     return EvalSet([token_ids[i] for i in keep], labels[keep])
@@ -264,8 +274,12 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         trainer=trainer,
         streams=streams,
         parts=parts,
-        node_eval=_eval_subset(test_ids, test_labels, cfg.eval.node_examples, cfg.eval.seed),
-        consensus_eval=_eval_subset(test_ids, test_labels, cfg.eval.consensus_examples, cfg.eval.seed),
+        node_eval=_eval_subset(
+            test_ids, test_labels, cfg.eval.node_examples, cfg.eval.seed, "eval.node_examples"
+        ),
+        consensus_eval=_eval_subset(
+            test_ids, test_labels, cfg.eval.consensus_examples, cfg.eval.seed, "eval.consensus_examples"
+        ),
         pad_id=pad_id,
         partition_summary=summary,
         task=task,

@@ -168,3 +168,15 @@ def test_a_grid_cell_run_with_another_config_is_refused(tiny, tmp_path):
     states = []
     (cell,) = run_grid(load_grid(path), lambda k, n, c, state: states.append(state))
     assert states == ["partial"] and _rounds(cell.run_dir)[-1] == 3 and len(read_resumes(cell.run_dir)) == 1
+
+
+def test_the_start_line_says_how_many_examples_each_evaluation_scores(tiny, tmp_path, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="declora.experiment"):
+        assert main(["run", *tiny, "eval.consensus_examples=1000", f"run_dir={run}"]) == 0
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["eval_examples"] == {"consensus": 8, "node": 4}  # a quarter of 32 rows held out
+    assert (
+        "eval.consensus_examples=1000 asks for more than the 8 held-out examples: all 8 are scored"
+        in caplog.text
+    )

@@ -123,6 +123,19 @@ def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tupl
         and not name.startswith(HEAD_ROOTS)
     }
     if not dims:
+        other = sorted(  # named as asked, but not nn.Linear: GPT-2's Conv1D, a convolution, an embedding
+            {
+                f"{k.split('.')[-1]} ({type(m).__name__})"
+                for k, m in model.named_modules()
+                if k.split(".")[-1] in cfg.model.target_modules and not isinstance(m, nn.Linear)
+            }
+        )
+        if other:
+            raise ConfigError(
+                f"model.target_modules={list(cfg.model.target_modules)} names layers of {folder} that "
+                f"are not nn.Linear: {other}; declora's LoRA adapts nn.Linear layers only (GPT-2-style "
+                "Conv1D is not supported)"
+            )
         linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(
             f"model.target_modules={list(cfg.model.target_modules)} matches no linear layer of {folder}; "

@@ -259,3 +259,26 @@ def test_report_takes_the_lowest_perplexity_as_best():
     assert (entry["best"], entry["best_round"], entry["final"]) == (12.5, 2, 14.0)
     assert summary["accuracy"]["ppl_node_mean"]["final_std"] == 0.5
     assert "headline (ppl_avg_factors): final 14.00, best 12.50 at round 2" in format_table(summary)
+
+
+def test_a_target_that_is_not_a_linear_layer_is_named_with_its_type(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from declora.preflight import check_model_shape
+
+    folder = tmp_path / "gpt2"
+    config = GPT2Config(
+        n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    causal = [
+        "task.kind=causal_lm",
+        "model.head=none",
+        "eval.headline=ppl_avg_factors",
+        "model.max_length=32",
+    ]
+    cfg = load_config(None, [*causal, f"model.name={folder}", "model.target_modules=[c_attn]"])
+    with pytest.raises(
+        ConfigError, match=r"not nn.Linear: \['c_attn \(Conv1D\)'\]; declora's LoRA adapts nn.Linear"
+    ):
+        check_model_shape(cfg, folder, causal=True)

@@ -950,7 +950,7 @@ def _validate_task(cfg: Config) -> None:
     if kind == "sequence_classification":
         if head == "none":
             raise ConfigError(
-                "model.head='none' is for causal LMs (task.kind=label_words or causal_lm); "
+                "model.head='none' is for causal LMs (task.kind=label_words, causal_lm or instruction); "
                 "task.kind=sequence_classification needs model.head=train or frozen"
             )
         return

@@ -27,6 +27,7 @@ from declora.tables import (
     column,
     is_table,
     open_split,
+    relative_note,
     row_line,
     splits_of,
 )
@@ -309,7 +310,7 @@ def load_user_file(
 
 def _paragraphs(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist{relative_note(path)}")
     blocks = (" ".join(b.split()) for b in _read_text(path).replace("\r\n", "\n").split("\n\n"))
     return [b for b in blocks if b]
 

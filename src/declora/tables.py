@@ -32,6 +32,12 @@ TABLE_SUFFIXES = tuple(BUILDERS)
 SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes
 
 
+def relative_note(path: Path) -> str:
+    """For a missing relative path: where it was looked for (shipped configs name files from the
+    repository root, so a run from elsewhere misses them)."""
+    return "" if path.is_absolute() else f" (relative to the current directory {Path.cwd()})"
+
+
 def is_table(source: str | Path) -> bool:
     path = Path(source).expanduser()
     return path.suffix in BUILDERS or (path.is_dir() and is_saved_dataset(path))
@@ -54,7 +60,7 @@ def splits_of(source: str | Path) -> dict[str, Any]:
     datasets = _quiet()
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist{relative_note(path)}")
     if path.is_dir():
         if not is_saved_dataset(path):
             raise ConfigError(

@@ -180,7 +180,12 @@ class LabelWords(_OneMetric):
         self.prefix, self.suffix = template.split("{text}", 1)
         self.tail = tokenizer(self.suffix, add_special_tokens=False)["input_ids"]
         self.answers = [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
-        firsts = [a[0] if a else None for a in self.answers]
+        empty = [w for w, a in zip(words, self.answers, strict=True) if not a]
+        if empty:
+            raise ValueError(
+                f"task.label_words={list(words)}: {empty[0]!r} has no tokens; give every label a word"
+            )
+        firsts = [a[0] for a in self.answers]
         if None in firsts or len(set(firsts)) != len(firsts):
             raise ValueError(
                 f"task.label_words={list(words)} must each start with a different token (first tokens: "

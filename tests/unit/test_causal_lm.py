@@ -282,3 +282,8 @@ def test_a_target_that_is_not_a_linear_layer_is_named_with_its_type(tmp_path):
         ConfigError, match=r"not nn.Linear: \['c_attn \(Conv1D\)'\]; declora's LoRA adapts nn.Linear"
     ):
         check_model_shape(cfg, folder, causal=True)
+
+
+def test_an_empty_label_word_is_named(tiny_llama):
+    with pytest.raises(ValueError, match=r"task.label_words=\['', ' positive'\]: '' has no tokens"):
+        LabelWords(_tokenizer(tiny_llama), 32, TEMPLATE, ("", " positive"))

@@ -175,3 +175,12 @@ def test_client_column_is_read_as_indices(tmp_path):
     index = {int(t.split()[-1]): c for t, c in zip(train.texts, train.clients, strict=True)}
     assert all(index[i] == i % 4 for i in index)  # "u0".."u3" -> 0..3
     assert isinstance(train.clients, np.ndarray)
+
+
+def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(dataset="configs/data/none.jsonl")
+    with pytest.raises(
+        FileNotFoundError, match=rf"does not exist \(relative to the current directory {tmp_path}\)"
+    ):
+        load_dataset(cfg, seed=0)

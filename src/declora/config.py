@@ -172,6 +172,11 @@ class EvalConfig:
     headline: str = "acc_avg_factors"
 
 
+# The methods that train A and B in alternating phases (algorithms/alternating.py): they read
+# algorithm.switch_interval and first_phase.
+ALTERNATING = frozenset({"adf_lora", "tad_lora", "rolora", "rolora_dfl"})
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: str = "dec_lora"
@@ -684,9 +689,8 @@ def _check_degenerate(cfg: Config) -> None:
             "model.alpha=0 makes every LoRA update zero (scale alpha/r = 0); use a positive alpha, or set "
             "allow_degenerate=true if that is what you mean"
         )
-    alternating = ("adf_lora", "tad_lora", "rolora", "rolora_dfl")
     a, m = cfg.algorithm, cfg.model
-    a_first = a.name in alternating and a.first_phase == "A"
+    a_first = a.name in ALTERNATING and a.first_phase == "A"
     if a_first and m.head != "train" and not m.init_adapter and not cfg.allow_degenerate:
         raise ConfigError(
             f"algorithm.first_phase=A with algorithm.name={a.name} and model.head={m.head}: B starts at "

@@ -181,19 +181,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         if cfg.train.local_unit == "epochs":  # a node's round is as long as its data
             sizes = np.array([node["size"] for node in summary])
             stragglers.set_steps(cfg.train.local_steps * -(-sizes // cfg.train.batch_size))
-        stragglers.check_someone_trains()
-        if (
-            cfg.stragglers.asynchronous
-            and cfg.stragglers.max_staleness > 0
-            and bool((stragglers.period == 1).all())
-        ):
-            log.warning(
-                "stragglers.asynchronous=true, but no node is at least 1.5x slower than the fastest "
-                "(stragglers.speeds=%s), so every node publishes every round: this is synchronous gossip",
-                list(cfg.stragglers.speeds)
-                if not isinstance(cfg.stragglers.speeds, str)
-                else cfg.stragglers.speeds,
-            )
+        stragglers.check()
     attackers = attacker_mask(cfg.attack, n, cfg.seed)  # (n,) bool
     labels = train.labels  # label_flip: the attackers train on poisoned labels (their parts unchanged)
     if cfg.attack.kind == "label_flip":

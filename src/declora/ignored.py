@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from declora.config import Config
-
-ALTERNATING = frozenset({"adf_lora", "tad_lora", "rolora", "rolora_dfl"})
+from declora.config import ALTERNATING, Config
 
 
 def _served() -> frozenset[str]:

@@ -30,6 +30,7 @@ passes over its data, ceil(|D_i| / batch_size) steps each (a node with more data
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -39,6 +40,8 @@ from torch import Tensor
 
 from declora.config import Config, ConfigError, StragglersConfig
 from declora.seeding import numpy_rng
+
+log = logging.getLogger(__name__)
 
 # Algorithms whose only exchange is gossip of the node tensors (algorithms/mixing.py): asynchrony replaces
 # that gossip. Server algorithms and DeCAF's product sharing are synchronous by construction.
@@ -69,7 +72,7 @@ def validate_stragglers(cfg: Config) -> None:
         if bad:
             raise ConfigError(f"stragglers.speeds={list(s.speeds)}: {bad[0]} is not a positive number")
     if s.deadline is not None and cfg.train.local_unit == "steps":  # epochs: checked once the data is read
-        Stragglers(cfg, cfg.nodes).check_someone_trains()
+        Stragglers(cfg, cfg.nodes)._check_someone_trains()
     if s.max_staleness > 0 and not s.asynchronous:
         raise ConfigError(
             f"stragglers.max_staleness={s.max_staleness} needs stragglers.asynchronous=true (synchronous "
@@ -120,8 +123,19 @@ class Stragglers:
         self.steps = np.asarray(steps, dtype=np.float64)  # (n,)
         self.period = torch.from_numpy(periods(self.m * self.steps, self.s.max_staleness))  # (n,) int64
 
-    def check_someone_trains(self) -> None:
-        """A fixed deadline (no jitter) that every node misses would train nothing in any round."""
+    def check(self) -> None:
+        """Refuse a fixed deadline that every node misses (nothing would ever train); warn when
+        asynchronous gossip has no slow node (every node publishes every round: synchronous gossip)."""
+        if self.s.asynchronous and self.s.max_staleness > 0 and bool((self.period == 1).all()):
+            speeds = self.s.speeds if isinstance(self.s.speeds, str) else list(self.s.speeds)
+            log.warning(
+                "stragglers.asynchronous=true, but no node is at least 1.5x slower than the fastest "
+                "(stragglers.speeds=%s), so every node publishes every round: this is synchronous gossip",
+                speeds,
+            )
+        self._check_someone_trains()
+
+    def _check_someone_trains(self) -> None:
         d = self.s.deadline
         if d is None or self.s.jitter > 0:
             return

@@ -145,7 +145,7 @@ def test_asynchronous_gossip_where_no_node_is_slow_is_warned_as_synchronous(
     tiny_bert, tiny_data, tmp_path, caplog
 ):
     quiet = ("stragglers.asynchronous=true", "stragglers.max_staleness=2")
-    with caplog.at_level("WARNING", logger="declora.experiment"):
+    with caplog.at_level("WARNING", logger="declora.stragglers"):
         _build(tiny_bert, tiny_data, tmp_path / "a", *quiet, "stragglers.speeds=[1,1,3,1]")
         assert "synchronous gossip" not in caplog.text
         _build(tiny_bert, tiny_data, tmp_path / "b", *quiet)

@@ -10,6 +10,7 @@ adapter must match the run exactly (rank, scale alpha/r, target modules), or it 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 
 from declora.config import Config, ConfigError
 
+log = logging.getLogger(__name__)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -196,4 +198,24 @@ def check_adapter(cfg: Config, folder: Path) -> None:
     if targets != sorted(m.target_modules):
         raise ConfigError(
             f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
+        )
+    _warn_other_base(cfg, folder, ac.get("base_model_name_or_path"))
+
+
+def _warn_other_base(cfg: Config, folder: Path, theirs: object) -> None:
+    """An adapter made on another base fits every shape of the run's and still starts it from another
+    model: say so (a warning, since one model may live under two names, a hub id and a local folder)."""
+    from declora.assets import GGUF_MODELS, model_path
+
+    if not isinstance(theirs, str) or not theirs or cfg.model.name in GGUF_MODELS:
+        return
+    ours = model_path(cfg.model.name)
+    same = Path(theirs).expanduser().resolve() == ours.resolve() or Path(theirs).name == ours.name
+    if not same:
+        log.warning(
+            "adapter %s was made on base %r; this run's base is %s: if they are not the same model, the "
+            "nodes start from another model than the adapter's",
+            folder,
+            theirs,
+            ours,
         )

@@ -180,3 +180,23 @@ def test_the_start_line_says_how_many_examples_each_evaluation_scores(tiny, tmp_
         "eval.consensus_examples=1000 asks for more than the 8 held-out examples: all 8 are scored"
         in caplog.text
     )
+
+
+def test_an_adapter_made_on_another_base_is_warned_about(tiny, tmp_path, caplog):
+    first = tmp_path / "first"
+    assert main(["run", *tiny, f"run_dir={first}"]) == 0
+    adapter = first / "adapters" / "consensus"
+    with caplog.at_level("WARNING", logger="declora.preflight"):
+        assert (
+            main(["run", *tiny, "rounds=1", f"run_dir={tmp_path / 'same'}", f"model.init_adapter={adapter}"])
+            == 0
+        )
+        assert "was made on base" not in caplog.text  # its own base
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = "/elsewhere/another-model"
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
+        assert (
+            main(["run", *tiny, "rounds=1", f"run_dir={tmp_path / 'other'}", f"model.init_adapter={adapter}"])
+            == 0
+        )
+    assert "was made on base '/elsewhere/another-model'; this run's base is" in caplog.text

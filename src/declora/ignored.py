@@ -1,6 +1,7 @@
 """Settings a run would ignore: a key set away from its default that the chosen algorithm, codec, topology
-schedule or task never reads (``algorithm.mu`` with ``fedavg``, ``comm.bits`` with ``fp16``,
-``topology.p`` on a pairwise schedule, ``task.template`` for plain language modelling).
+schedule, task, partition, robust rule or attack never reads (``algorithm.mu`` with ``fedavg``,
+``comm.bits`` with ``fp16``, ``topology.p`` on a pairwise schedule, ``task.template`` for plain language
+modelling, ``robust.trim`` with the plain mean).
 
 Such a value still lands in the run's config.yaml, where a reader would take it for part of the run. The
 run therefore names each one in a warning at its start. They are not refused: a grid's shared settings
@@ -107,11 +108,48 @@ TASK: dict[str, Reader] = {
 }
 
 
+PARTITION: dict[str, Reader] = {
+    "column": (lambda c: c.partition.kind == "column", "partition.kind=column"),
+    "max_per_node": (lambda c: c.partition.kind == "column", "partition.kind=column"),
+    "alpha": (
+        lambda c: c.partition.kind in ("dirichlet", "quantity_skew"),
+        "partition.kind dirichlet or quantity_skew",
+    ),
+    "min_size": (
+        lambda c: c.partition.kind in ("dirichlet", "quantity_skew"),
+        "partition.kind dirichlet or quantity_skew",
+    ),
+    "proportions": (lambda c: c.partition.kind == "proportions", "partition.kind=proportions"),
+    "shards_per_node": (lambda c: c.partition.kind == "shards", "partition.kind=shards"),
+}
+
+ROBUST: dict[str, Reader] = {
+    "trim": (lambda c: c.robust.aggregator == "trimmed_mean", "robust.aggregator=trimmed_mean"),
+    "clip_radius": (lambda c: c.robust.aggregator == "clipped", "robust.aggregator=clipped"),
+    "krum_f": (lambda c: c.robust.aggregator == "krum", "robust.aggregator=krum"),
+}
+
+ATTACK: dict[str, Reader] = {
+    "nodes": (lambda c: c.attack.kind != "none", "an attack.kind"),
+    "scale": (lambda c: c.attack.kind == "scaled", "attack.kind=scaled"),
+    "std": (lambda c: c.attack.kind == "gaussian", "attack.kind=gaussian"),
+}
+
+SECTIONS = {
+    "algorithm": ALGORITHM,
+    "comm": COMM,
+    "topology": TOPOLOGY,
+    "task": TASK,
+    "partition": PARTITION,
+    "robust": ROBUST,
+    "attack": ATTACK,
+}
+
+
 def ignored_settings(cfg: Config) -> list[str]:
     """One line per key that differs from its default but that this run never reads."""
     out = []
-    sections = (("algorithm", ALGORITHM), ("comm", COMM), ("topology", TOPOLOGY), ("task", TASK))
-    for section, readers in sections:
+    for section, readers in SECTIONS.items():
         values = getattr(cfg, section)
         defaults = type(values)()
         for key, (reads, who) in readers.items():

@@ -6,8 +6,17 @@ import dataclasses
 
 import pytest
 
-from declora.config import CommConfig, Config, TaskConfig, TopologyConfig, load_config
-from declora.ignored import ALGORITHM, COMM, TASK, TOPOLOGY, ignored_settings
+from declora.config import (
+    AttackConfig,
+    CommConfig,
+    Config,
+    PartitionConfig,
+    RobustConfig,
+    TaskConfig,
+    TopologyConfig,
+    load_config,
+)
+from declora.ignored import ALGORITHM, ATTACK, COMM, PARTITION, ROBUST, TASK, TOPOLOGY, ignored_settings
 
 pytestmark = pytest.mark.unit
 
@@ -19,6 +28,9 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
     always = {"schedule", "lazy", "allow_disconnected", "link_failure", "node_dropout"}
     assert {f.name for f in dataclasses.fields(TopologyConfig)} == set(TOPOLOGY) | always
     assert {f.name for f in dataclasses.fields(TaskConfig)} == set(TASK) | {"kind"}
+    assert {f.name for f in dataclasses.fields(PartitionConfig)} == set(PARTITION) | {"kind"}
+    assert {f.name for f in dataclasses.fields(RobustConfig)} == set(ROBUST) | {"aggregator"}
+    assert {f.name for f in dataclasses.fields(AttackConfig)} == set(ATTACK) | {"kind"}
 
 
 @pytest.mark.parametrize(
@@ -49,6 +61,12 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
         (["topology.weight_file=w.txt"], "topology.weight_file='w.txt' has no effect"),
         (["topology.graph=ring", "topology.degree=6"], "topology.degree=6 has no effect"),
         (["task.template='Q: {text} A:'"], "task.template='Q: {text} A:' has no effect"),  # a head classifies
+        (["partition.min_size=32"], "partition.min_size=32 has no effect"),  # iid
+        (
+            ["robust.trim=0.1"],
+            "robust.trim=0.1 has no effect in this run; it applies to robust.aggregator=trimmed",
+        ),
+        (["attack.kind=sign_flip", "attack.nodes=[0]", "attack.scale=3"], "attack.scale=3.0 has no effect"),
     ],
 )
 def test_a_setting_the_run_never_reads_is_named(overrides, line):
@@ -69,6 +87,9 @@ def test_a_setting_the_run_never_reads_is_named(overrides, line):
         ["topology.graph=erdos_renyi", "topology.p=0.5"],
         ["topology.schedule=dynamic_er", "topology.p=0.5"],
         ["topology.schedule=periodic_full", "topology.period=3", "topology.graph=complete"],
+        ["partition.kind=dirichlet", "partition.alpha=0.1", "partition.min_size=4"],
+        ["robust.aggregator=trimmed_mean", "robust.trim=0.1"],
+        ["attack.kind=scaled", "attack.nodes=[0]", "attack.scale=3"],
     ],
 )
 def test_settings_the_run_reads_are_not_named(overrides):
@@ -79,7 +100,9 @@ def test_the_shipped_configs_set_nothing_they_ignore():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "configs"
-    for path in [root / "default.yaml", root / "smoke.yaml", *sorted((root / "papers").glob("*.yaml"))]:
+    for path in sorted(root.glob("**/*.yaml")):
+        if path.parent.name in ("grids", "fidelity", "fidelity_gpu"):  # grid files, not run configs
+            continue
         assert ignored_settings(load_config(str(path))) == [], path.name
 
 

@@ -205,6 +205,13 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
     test_labels = test.labels
     if train.responses is not None:  # task.kind=instruction: a row's "label" is its response length
+        empty = sum(not r.strip() for r in train.responses)
+        if empty:  # such a row teaches only to end the turn at once
+            log.warning(
+                "%d of %d training responses are empty: those rows train on the end of turn alone",
+                empty,
+                len(train.responses),
+            )
         train_ids, labels = task.encode_pairs(train.texts, train.responses)
         test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
     else:

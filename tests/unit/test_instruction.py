@@ -231,3 +231,28 @@ def test_a_run_trains_each_node_on_its_own_instruction_file(tiny_llama, tmp_path
     assert [len(p) for p in exp.parts] == [1, 1] and len(exp.consensus_eval.labels) == 3
     last = [r for r in run(exp) if "ppl_avg_factors" in r][-1]
     assert math.isfinite(last["ppl_avg_factors"]) and 0.0 <= last["em_avg_factors"] <= 1.0
+
+
+def test_empty_responses_are_warned_about(tiny_llama, tmp_path, caplog):
+    from declora.experiment import build_experiment
+
+    chats = tmp_path / "chats.jsonl"
+    rows = [(p, r if i % 2 else "") for i, (p, r) in enumerate(PAIRS * 4)]  # every other answer empty
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
+            + "\n"
+            for p, r in rows
+        )
+    )
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += [
+        "model.rank=2",
+        "model.max_length=32",
+        "task.kind=instruction",
+        "eval.headline=ppl_avg_factors",
+    ]
+    overrides += [f"data.dataset={chats}", "nodes=2", "partition.kind=iid", "export=none", "threads=1"]
+    with caplog.at_level("WARNING", logger="declora.experiment"):
+        build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
+    assert "training responses are empty: those rows train on the end of turn alone" in caplog.text

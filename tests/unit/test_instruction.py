@@ -120,21 +120,21 @@ def test_messages_and_prompt_response_tables(tmp_path):
         load_dataset(DataConfig(dataset=str(bad), test_file=str(bad)), 0, instruction=True)
 
 
+def _instruction_run(tiny_llama, data, *extra: str) -> list[str]:
+    """Overrides of a 2-node instruction run of the tiny LLaMA on ``data``."""
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += ["model.max_length=32", "task.kind=instruction", "eval.headline=ppl_avg_factors"]
+    return [*overrides, f"data.dataset={data}", "nodes=2", "export=none", "threads=1", *extra]
+
+
 def test_a_run_learns_the_responses(tiny_llama, tmp_path):
     from declora.engine import run
     from declora.experiment import build_experiment
 
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS * 12))
-    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
-    overrides += [
-        "model.rank=4",
-        "model.max_length=32",
-        "task.kind=instruction",
-        "eval.headline=ppl_avg_factors",
-    ]
-    overrides += [f"data.dataset={data}", "nodes=2", "rounds=4", "train.batch_size=4", "train.lr=0.1"]
-    overrides += ["train.local_steps=6", "eval.every=1", "eval.node_examples=6", "export=none", "threads=1"]
+    overrides = _instruction_run(tiny_llama, data, "model.rank=4", "rounds=4", "train.batch_size=4")
+    overrides += ["train.lr=0.1", "train.local_steps=6", "eval.every=1", "eval.node_examples=6"]
     records = run(build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"])))
     ppl = [r["ppl_avg_factors"] for r in records]
     assert all(math.isfinite(p) and p > 1 for p in ppl)
@@ -245,14 +245,7 @@ def test_empty_responses_are_warned_about(tiny_llama, tmp_path, caplog):
             for p, r in rows
         )
     )
-    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
-    overrides += [
-        "model.rank=2",
-        "model.max_length=32",
-        "task.kind=instruction",
-        "eval.headline=ppl_avg_factors",
-    ]
-    overrides += [f"data.dataset={chats}", "nodes=2", "partition.kind=iid", "export=none", "threads=1"]
+    overrides = _instruction_run(tiny_llama, chats, "model.rank=2", "partition.kind=iid")
     with caplog.at_level("WARNING", logger="declora.experiment"):
         build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
     assert "training responses are empty: those rows train on the end of turn alone" in caplog.text

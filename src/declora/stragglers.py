@@ -72,7 +72,7 @@ def validate_stragglers(cfg: Config) -> None:
         if bad:
             raise ConfigError(f"stragglers.speeds={list(s.speeds)}: {bad[0]} is not a positive number")
     if s.deadline is not None and cfg.train.local_unit == "steps":  # epochs: checked once the data is read
-        Stragglers(cfg, cfg.nodes)._check_someone_trains()
+        Stragglers(cfg, cfg.nodes).check_deadline()
     if s.max_staleness > 0 and not s.asynchronous:
         raise ConfigError(
             f"stragglers.max_staleness={s.max_staleness} needs stragglers.asynchronous=true (synchronous "
@@ -133,9 +133,10 @@ class Stragglers:
                 "(stragglers.speeds=%s), so every node publishes every round: this is synchronous gossip",
                 speeds,
             )
-        self._check_someone_trains()
+        self.check_deadline()
 
-    def _check_someone_trains(self) -> None:
+    def check_deadline(self) -> None:
+        """A fixed deadline (no jitter) that every node misses would train nothing in any round."""
         d = self.s.deadline
         if d is None or self.s.jitter > 0:
             return

@@ -186,7 +186,7 @@ class LabelWords(_OneMetric):
                 f"task.label_words={list(words)}: {empty[0]!r} has no tokens; give every label a word"
             )
         firsts = [a[0] for a in self.answers]
-        if None in firsts or len(set(firsts)) != len(firsts):
+        if len(set(firsts)) != len(firsts):
             raise ValueError(
                 f"task.label_words={list(words)} must each start with a different token (first tokens: "
                 f"{firsts}): accuracy compares the first token's logits"
@@ -305,12 +305,10 @@ class Instruction:
             prompt_text, response_text = self._texts(json.loads(turns), response)
             head = self.tokenizer(prompt_text)["input_ids"]  # BOS where the tokenizer adds one
             answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
-            if (
-                self.eos and self.eos[0] in answer
-            ):  # the template ends the turn with EOS (SmolLM2's <|im_end|>):
-                answer = answer[
-                    : answer.index(self.eos[0]) + 1
-                ]  # what it adds after (a newline) is no answer
+            # Generation stops at EOS: when the template ends the turn with it (SmolLM2's <|im_end|>),
+            # what the template writes after it (a newline) is no part of the answer.
+            if self.eos and self.eos[0] in answer:
+                answer = answer[: answer.index(self.eos[0]) + 1]
             else:
                 answer += self.eos
             answer = answer[: self.max_length - 1]

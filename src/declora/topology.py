@@ -217,7 +217,7 @@ def from_file(g: nx.Graph, cfg: TopologyConfig | None = None) -> np.ndarray:
             f"weight_file {cfg.weight_file}: matrix is {w.shape}, expected n={g.number_of_nodes()}"
         )
     check_mixing_matrix(w, support=g)
-    mixes = nx.from_numpy_array((w != 0).astype(int) - np.eye(len(w), dtype=int))  # the edges W uses
+    mixes = graph_of(w)  # the edges W actually uses
     if not cfg.allow_disconnected and not nx.is_connected(mixes):
         parts = [sorted(c) for c in nx.connected_components(mixes)]
         raise ValueError(

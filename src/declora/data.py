@@ -377,3 +377,13 @@ def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list
     so a batch of short texts costs short sequences."""
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
     return [list(ids) for ids in enc["input_ids"]]
+
+
+def count_cut(texts: Sequence[str], rows: Sequence[Sequence[int]], tokenizer: Any, max_length: int) -> int:
+    """How many of ``texts`` ``tokenize`` cut short: only rows that reached the limit can have been cut,
+    so only those are tokenized again, whole."""
+    at_limit = [t for t, row in zip(texts, rows, strict=True) if len(row) >= max_length]
+    if not at_limit:
+        return 0
+    whole = tokenizer(at_limit, padding=False, verbose=False)["input_ids"]  # verbose: no length warning
+    return sum(len(ids) > max_length for ids in whole)

@@ -103,6 +103,25 @@ class Experiment:
         return mask[self.group.nodes] if mask.shape[0] == self.n else mask
 
 
+CUT_WARNING = 0.01  # the share of cut texts above which a run warns (a few very long outliers are usual)
+
+
+def _report_cut(cfg: Config, train: tuple[int, int], test: tuple[int, int]) -> None:
+    """Say how many texts model.max_length cut short: a warning when it is more than a few, since the
+    model then learns and is scored on their beginnings only (causal_lm: the rest of a paragraph)."""
+    if not train[0] and not test[0]:
+        return
+    share = max(cut / max(total, 1) for cut, total in (train, test))
+    say = log.warning if share > CUT_WARNING else log.info
+    say(
+        "model.max_length=%d cuts %d of %d training and %d of %d test %s short; raise it to keep them whole",
+        cfg.model.max_length,
+        *train,
+        *test,
+        "prompts" if cfg.task.kind in ("label_words", "instruction") else "texts",
+    )
+
+
 def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -213,10 +232,13 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
                 len(train.responses),
             )
         train_ids, labels = task.encode_pairs(train.texts, train.responses)
+        train_cut = task.cut
         test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
     else:
         train_ids = task.encode(train.texts, labels, train=True)
+        train_cut = task.cut
         test_ids = task.encode(test.texts, test.labels, train=False)
+    _report_cut(cfg, (train_cut, len(train_ids)), (task.cut, len(test_ids)))
     lrs = {
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
         for k in fed.tensors()

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from declora.config import TaskConfig
-from declora.data import tokenize
+from declora.data import count_cut, tokenize
 
 IGNORE = -100  # target of a position that contributes no loss (the transformers convention)
 
@@ -44,6 +44,7 @@ class Task(Protocol):
     metric: str  # "acc" | "ppl": the prefix of the evaluation keys
     causal: bool  # True: the base is a causal LM (AutoModelForCausalLM), with no classifier head
     width: int  # columns of ``row_stats``: 2, or more for ``extras``
+    cut: int  # how many texts (or prompts) of the last ``encode`` lost tokens to ``max_length``
 
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]: ...
 
@@ -143,14 +144,20 @@ class _OneMetric:
 # ---------------------------------------------------------------- the tasks
 
 
-class SequenceClassification(_OneMetric):
-    metric, causal = "acc", False
+class _Truncated(_OneMetric):
+    """Tasks whose row is the text's tokens, cut at ``max_length``."""
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
 
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
-        return tokenize(texts, self.tokenizer, self.max_length)
+        rows = tokenize(texts, self.tokenizer, self.max_length)
+        self.cut = count_cut(texts, rows, self.tokenizer, self.max_length)
+        return rows
+
+
+class SequenceClassification(_Truncated):
+    metric, causal = "acc", False
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
         return None  # the head's logits are (rows, K) already
@@ -176,7 +183,7 @@ class LabelWords(_OneMetric):
     metric, causal = "acc", True
 
     def __init__(self, tokenizer: Any, max_length: int, template: str, words: Sequence[str]) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
         self.prefix, self.suffix = template.split("{text}", 1)
         self.tail = tokenizer(self.suffix, add_special_tokens=False)["input_ids"]
         self.answers = [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
@@ -193,16 +200,19 @@ class LabelWords(_OneMetric):
             )
         self.first_ids = torch.tensor(firsts)  # (K,)
         # Train and test prompts get the same budget, so a test prompt is exactly its training prefix.
-        self.budget = max_length - len(self.tail) - max(len(a) for a in self.answers)
-        if self.budget < 2:
+        longest = max(len(a) for a in self.answers)
+        self.budget = max_length - len(self.tail) - longest
+        start = len(tokenizer(self.prefix)["input_ids"])  # BOS (if the tokenizer adds one) and the prefix
+        if self.budget <= start:
             raise ValueError(
-                f"model.max_length={max_length} leaves no room for the text: the template's end and the "
-                f"longest label word take {max_length - self.budget} tokens"
+                f"model.max_length={max_length} leaves no room for the text: the template takes {start} "
+                f"tokens before it and {len(self.tail)} after it, the longest label word {longest}"
             )
 
     def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
         # prefix + text in one call (the tokenizer may add BOS), truncated; the template's end follows.
-        heads = self.tokenizer([self.prefix + t for t in texts])["input_ids"]
+        heads = self.tokenizer([self.prefix + t for t in texts], verbose=False)["input_ids"]
+        self.cut = sum(len(h) > self.budget for h in heads)
         prompts = [list(h[: self.budget]) + self.tail for h in heads]
         if not train:
             return prompts
@@ -240,14 +250,8 @@ class LabelWords(_OneMetric):
         return _ratio(totals)
 
 
-class CausalLM(_OneMetric):
+class CausalLM(_Truncated):
     metric, causal = "ppl", True
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
-        return tokenize(texts, self.tokenizer, self.max_length)
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
         return None  # every token is predicted
@@ -281,7 +285,7 @@ class Instruction:
     metric, causal, width = "ppl", True, 4  # stats: (NLL, response tokens, exact match, 1)
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def _texts(self, turns: list[dict[str, str]], response: str) -> tuple[str, str]:
@@ -300,10 +304,10 @@ class Instruction:
     ) -> tuple[list[list[int]], np.ndarray]:
         """Token rows (prompt then response; the prompt's start is cut when the row is too long, the
         response keeps at most max_length - 1 tokens) and each row's response token count."""
-        rows, lengths = [], []
+        rows, lengths, self.cut = [], [], 0
         for turns, response in zip(prompts, responses, strict=True):
             prompt_text, response_text = self._texts(json.loads(turns), response)
-            head = self.tokenizer(prompt_text)["input_ids"]  # BOS where the tokenizer adds one
+            head = self.tokenizer(prompt_text, verbose=False)["input_ids"]  # BOS where the tokenizer adds one
             answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
             # Generation stops at EOS: when the template ends the turn with it (SmolLM2's <|im_end|>),
             # what the template writes after it (a newline) is no part of the answer.
@@ -311,6 +315,7 @@ class Instruction:
                 answer = answer[: answer.index(self.eos[0]) + 1]
             else:
                 answer += self.eos
+            self.cut += len(head) + len(answer) > self.max_length
             answer = answer[: self.max_length - 1]
             head = list(head)[-(self.max_length - len(answer)) :]
             rows.append(head + answer)

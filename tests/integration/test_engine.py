@@ -146,3 +146,17 @@ def test_exchange_complete_graph_mean_on_raw_tensors():
     x = torch.randn(5, 3, 4)
     out = LocalExchange(5).gossip({"x": x}, torch.full((5, 5), 0.2, dtype=torch.float64), 0)["x"]
     torch.testing.assert_close(out, x.mean(0, keepdim=True).expand_as(x), atol=1e-6, rtol=0)
+
+
+def test_a_max_length_that_cuts_many_texts_is_warned_about_with_the_counts(tiny_bert, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="declora.experiment"):
+        exp = build_experiment(tiny_config(tiny_bert, tmp_path, "model.max_length=8"))
+    cut = [r for r in caplog.records if "model.max_length=8 cuts" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].levelname == "WARNING"
+    n_train = sum(len(p) for p in exp.parts)
+    assert f"of {n_train} training and" in cut[0].getMessage()
+    assert all(len(ids) <= 8 for ids in exp.consensus_eval.token_ids)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="declora.experiment"):
+        build_experiment(tiny_config(tiny_bert, tmp_path / "roomy", "model.max_length=128"))
+    assert "cuts" not in caplog.text  # every review fits: nothing to say

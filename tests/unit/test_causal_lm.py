@@ -287,3 +287,27 @@ def test_a_target_that_is_not_a_linear_layer_is_named_with_its_type(tmp_path):
 def test_an_empty_label_word_is_named(tiny_llama):
     with pytest.raises(ValueError, match=r"task.label_words=\['', ' positive'\]: '' has no tokens"):
         LabelWords(_tokenizer(tiny_llama), 32, TEMPLATE, ("", " positive"))
+
+
+def test_a_max_length_that_leaves_no_room_for_the_text_names_each_part(tiny_llama):
+    tok = _tokenizer(tiny_llama)
+    start = len(tok(TEMPLATE.split("{text}")[0])["input_ids"])  # BOS and "Review: "
+    tail = len(tok("\nSentiment:", add_special_tokens=False)["input_ids"])
+    fits = start + 1 + tail + 1  # one text token, the template's end, a one-token label word
+    task = LabelWords(tok, fits, TEMPLATE, (" negative", " positive"))
+    assert task.encode(["great fun"], [1], train=False)[0][start:-tail] != []
+    with pytest.raises(
+        ValueError,
+        match=rf"model.max_length={fits - 1} leaves no room for the text: the template takes {start} tokens "
+        rf"before it and {tail} after it, the longest label word 1",
+    ):
+        LabelWords(tok, fits - 1, TEMPLATE, (" negative", " positive"))
+
+
+def test_label_words_count_the_prompts_whose_text_was_cut(tiny_llama):
+    task = LabelWords(_tokenizer(tiny_llama), 12, TEMPLATE, (" negative", " positive"))
+    task.encode(TEXTS, [0, 1, 0, 1], train=True)
+    long = [len(task.tokenizer("Review: " + t)["input_ids"]) > task.budget for t in TEXTS]
+    assert task.cut == sum(long) and 0 < task.cut < len(TEXTS)
+    task.encode(["great fun"], [1], train=False)
+    assert task.cut == 0  # the last call's count

@@ -11,7 +11,7 @@ import pytest
 
 from declora.assets import Asset, AssetNotFoundError, asset_path, data_path, model_path
 from declora.config import DataConfig
-from declora.data import TextDataset, load_dataset, tokenize
+from declora.data import TextDataset, count_cut, load_dataset, tokenize
 
 pytestmark = pytest.mark.unit
 
@@ -154,6 +154,18 @@ def test_tokenize_unpadded_truncated() -> None:
     assert len(ids[0]) < len(ids[1]) == 16
     assert ids[0][0] == tok.cls_token_id and ids[0][-1] == tok.sep_token_id
     assert tok.pad_token_id not in ids[0]
+
+
+def test_count_cut_counts_the_texts_that_lost_tokens_not_those_that_just_fit() -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path("minilm"))
+    fits = "one two three four five six"  # [CLS] + 6 words + [SEP]: exactly 8 tokens
+    texts = ["short", fits, "a much longer sentence " * 20, "another long one " * 10]
+    rows = tokenize(texts, tok, max_length=8)
+    assert len(rows[1]) == len(rows[2]) == 8  # at the limit: fits whole, and cut
+    assert count_cut(texts, rows, tok, 8) == 2
+    assert count_cut(texts, tokenize(texts, tok, 128), tok, 128) == 0
 
 
 def test_a_hidden_test_split_taken_automatically_says_how_to_name_another(tmp_path):

@@ -82,6 +82,10 @@ def test_prompt_is_cut_from_its_start_when_too_long(tiny_llama):
     task = _task(tiny_llama, max_length=12)
     (row,), (n,) = task.encode_pairs([_turns("word " * 40)], ["ok"])
     assert len(row) == 12 and task.tokenizer.decode(row[-n:-1]) == "ok"
+    assert task.cut == 1
+    roomy = _task(tiny_llama, max_length=256)
+    roomy.encode_pairs([_turns("word " * 40)], ["ok"])
+    assert roomy.cut == 0
 
 
 def test_messages_and_prompt_response_tables(tmp_path):

@@ -86,17 +86,23 @@ def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _SUPPORT:
         _SUPPORT[key] = False
         if hasattr(F, "grouped_mm"):
-            try:
-                x = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
-                w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-                offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
-                y = F.grouped_mm(x, w.transpose(1, 2), offs=offs)
-                y.backward(torch.ones_like(y))
-                # Each output is 16; weight g's gradient is its segment's row count (3, then 5) everywhere.
-                _SUPPORT[key] = bool((y == 16).all() and (w.grad[0] == 3).all() and (w.grad[1] == 5).all())
-            except (RuntimeError, NotImplementedError, TypeError):
-                pass
+            # The first product may run in an evaluation (no_grad, inference_mode): the probe needs grad.
+            with torch.inference_mode(False), torch.enable_grad():
+                _SUPPORT[key] = _probe_grouped_mm(device, dtype)
     return _SUPPORT[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        x = torch.ones(8, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+        y = F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+        y.backward(torch.ones_like(y))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    # Each output is 16; weight g's gradient is its segment's row count (3, then 5) everywhere.
+    return bool((y == 16).all() and (w.grad[0] == 3).all() and (w.grad[1] == 5).all())
 
 
 def _compute_dtype(h: Tensor) -> torch.dtype:

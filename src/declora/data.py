@@ -165,12 +165,22 @@ def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]
 
 
 def label_order(values: Sequence[str]) -> tuple[str, ...]:
-    """Distinct labels in sorted order; numerically when all look like integers (so '10' follows '9')."""
+    """Distinct labels in sorted order; numerically when all look like numbers (so '10' follows '9')."""
     distinct = set(values)
-    try:
-        return tuple(sorted(distinct, key=int))
-    except ValueError:
-        return tuple(sorted(distinct))
+    for number in (int, float):
+        try:
+            return tuple(sorted(distinct, key=number))
+        except ValueError:
+            continue
+    return tuple(sorted(distinct))
+
+
+def _label_texts(values: Sequence[Any]) -> list[str]:
+    """Label cells as the texts they are known by; a column of whole floats as integers (tables written
+    by pandas often hold integer labels as floats), so 1.0 is class "1" and 10.0 sorts after 2.0."""
+    if values and all(isinstance(v, float) and v.is_integer() for v in values):
+        return [str(int(v)) for v in values]
+    return [str(v).strip() for v in values]
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ def read_rows(
         bad = next((i for i, v in enumerate(raw) if not 0 <= int(v) < len(names)), None)
         if bad is not None:
             raise ValueError(f"row {bad} of {where} has label {raw[bad]}, not one of 0..{len(names) - 1}")
-    labels = [names[int(v)] if names else str(v).strip() for v in raw]
+    labels = [names[int(v)] for v in raw] if names else _label_texts(raw)
     if names is None:
         _refuse_mixed_labels(labels, source, cfg.label_column)
     clients = None
@@ -244,13 +254,40 @@ def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
     """Where the held-out examples come from: data.test_file, a named split (data.test_split, or the
     source's own "test" split), or None for a seeded split of the training rows."""
     if cfg.test_file is not None:
-        return cfg.test_file, cfg.test_split or "train"
+        held = cfg.test_file, test_file_split(cfg)
+    elif cfg.test_split is not None:
+        held = cfg.dataset, cfg.test_split
+    else:
+        saved = Path(cfg.dataset).expanduser().is_dir()  # a plain file has one split, "train"
+        has_test = saved and cfg.split != "test" and "test" in splits_of(cfg.dataset)
+        return (cfg.dataset, "test") if has_test else None
+    refuse_training_rows(held, [(cfg.dataset, cfg.split)])
+    return held
+
+
+def test_file_split(cfg: DataConfig) -> str:
+    """The split of data.test_file that is held out: data.test_split, else the folder's "test" split
+    when it is a saved DatasetDict with one (as for data.dataset), else "train" (a file's one split)."""
     if cfg.test_split is not None:
-        return cfg.dataset, cfg.test_split
-    saved = Path(cfg.dataset).expanduser().is_dir()  # a plain file has one split, "train"
-    return (
-        (cfg.dataset, "test") if saved and cfg.split != "test" and "test" in splits_of(cfg.dataset) else None
-    )
+        return cfg.test_split
+    path = Path(cfg.test_file).expanduser()
+    return "test" if path.is_dir() and "test" in splits_of(path) else "train"
+
+
+def refuse_training_rows(
+    held: tuple[str, str], training: Sequence[tuple[str, str]], key: str = "data.dataset"
+) -> None:
+    """A held-out split that is a training split would score the model on the rows it trained on."""
+    if any(_same_file(held[0], source) and held[1] == split for source, split in training):
+        raise ConfigError(
+            f"the held-out examples (data.test_file / data.test_split: split {held[1]!r} of {held[0]!r}) are "
+            f"training rows ({key}, data.split); name another split or file"
+            + (", or neither to hold out a seeded part of the training rows" if key == "data.dataset" else "")
+        )
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data.split") -> TextDataset:
@@ -262,7 +299,7 @@ def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data
     defaults = DataConfig()
     named = (cfg.prompt_column, cfg.response_column) != (defaults.prompt_column, defaults.response_column)
     if cfg.messages_column in table.column_names and not named:
-        chats = column(table, cfg.messages_column, "data.messages_column", where)
+        chats = column(table, cfg.messages_column, "data.messages_column", where, nested=True)
         for i, chat in enumerate(chats):
             if not isinstance(chat, list) or not chat or chat[-1].get("role") != "assistant":
                 raise ValueError(

@@ -67,6 +67,7 @@ def splits_of(source: str | Path) -> dict[str, Any]:
                 f"data folder {str(path)!r} is not a datasets save_to_disk folder "
                 f"(no {' / '.join(SAVED_MARKERS)})"
             )
+        _refuse_empty_saved_splits(path)
         saved = datasets.load_from_disk(str(path))
         return dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
     if path.suffix not in BUILDERS:
@@ -79,6 +80,20 @@ def splits_of(source: str | Path) -> dict[str, Any]:
         cause = err.__cause__ or err
         raise ValueError(f"data file {str(path)!r} cannot be read: {type(cause).__name__}: {cause}") from err
     return {"train": table}
+
+
+def _refuse_empty_saved_splits(path: Path) -> None:
+    """``datasets.load_from_disk`` fails with an IndexError on a saved split without rows (it holds no
+    Arrow file), and loads every split, so even an unused empty one would stop the run with a traceback."""
+    index = path / "dataset_dict.json"
+    splits = json.loads(index.read_text()).get("splits", []) if index.is_file() else []
+    for split in splits:
+        state = path / split / "state.json"
+        if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
+            raise ValueError(
+                f"split {split!r} of {str(path)!r} holds no rows, and datasets cannot load a folder with an "
+                "empty split: save the DatasetDict without it"
+            )
 
 
 def _decode(path: Path) -> str:
@@ -169,17 +184,24 @@ def open_split(source: str | Path, split: str, key: str = "data.split") -> Any:
     return found[split]
 
 
-def column(table: Any, name: str, key: str, where: str, source: str | Path | None = None) -> list[Any]:
-    """The values of one column; a missing column, an empty cell or a NaN is an error naming it (with
-    the file and line when ``source`` is a text table)."""
+def column(
+    table: Any, name: str, key: str, where: str, source: str | Path | None = None, nested: bool = False
+) -> list[Any]:
+    """The values of one column; a missing column, an empty cell, a NaN or (unless ``nested``) a list or
+    dict is an error naming it (with the file and line when ``source`` is a text table)."""
     if name not in table.column_names:
         raise ConfigError(f"{key}={name!r} is not a column of {where}; found {sorted(table.column_names)}")
     values = list(table[name])
     for i, v in enumerate(values):
         empty = v is None or (isinstance(v, str) and not v.strip())
-        if empty or (isinstance(v, float) and not math.isfinite(v)):
+        # a list: pre-tokenized words, or a JSON file of columns, which reads as one row of lists
+        many = not nested and isinstance(v, (list, dict))
+        if empty or many or (isinstance(v, float) and not math.isfinite(v)):
             at = row_line(source, i) if source is not None else f"row {i} of {where}"
             what = "no value" if empty else f"{v!r} (not a value)"
+            if many:
+                shown = str(v) if len(str(v)) <= 40 else str(v)[:40] + "..."
+                what = f"a {type(v).__name__} {shown}, not one value (a table has one text and label a row)"
             raise ValueError(f"{at}: {what} in column {name!r} ({key})")
     return values
 

@@ -107,21 +107,24 @@ def test_messages_and_prompt_response_tables(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"q": p, "a": r} for p, r in PAIRS]), table)
-    cfg = DataConfig(dataset=str(table), test_file=str(table), prompt_column="q", response_column="a")
+    held = tmp_path / "qa_test.parquet"
+    pq.write_table(pa.Table.from_pylist([{"q": p, "a": r} for p, r in PAIRS[:2]]), held)
+    cfg = DataConfig(dataset=str(table), test_file=str(held), prompt_column="q", response_column="a")
     train, test = load_dataset(cfg, 0, instruction=True)
+    assert test.responses == [r for _, r in PAIRS[:2]]
     assert train.responses == [r for _, r in PAIRS] and json.loads(train.texts[1]) == [
         {"role": "user", "content": "Name a colour."}
     ]
     both = tmp_path / "both.jsonl"  # named prompt/response columns win over a messages column
     chat = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
     both.write_text("".join(json.dumps({"q": p, "a": r, "messages": chat}) + "\n" for p, r in PAIRS))
-    cfg = DataConfig(dataset=str(both), test_file=str(both), prompt_column="q", response_column="a")
+    cfg = DataConfig(dataset=str(both), test_file=str(held), prompt_column="q", response_column="a")
     train, _ = load_dataset(cfg, 0, instruction=True)
     assert train.responses == [r for _, r in PAIRS]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="must end with an assistant message"):
-        load_dataset(DataConfig(dataset=str(bad), test_file=str(bad)), 0, instruction=True)
+        load_dataset(DataConfig(dataset=str(bad), test_file=str(held)), 0, instruction=True)
 
 
 def _instruction_run(tiny_llama, data, *extra: str) -> list[str]:

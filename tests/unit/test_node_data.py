@@ -124,3 +124,18 @@ def test_a_nodes_train_limit_is_drawn_from_eval_seed_not_the_training_seed(tmp_p
     assert [len(rows) for rows in first] == [3, 3, 3]
     assert kept("seed=1") == first  # paired training seeds train on the same rows
     assert any(a != b for a, b in zip(kept("eval.seed=1"), first, strict=True))
+
+
+def test_a_test_file_that_is_a_nodes_training_file_is_refused(tmp_path):
+    files = _node_files(tmp_path / "nodes")
+    cfg = load_config(
+        None, ["nodes=3", f"data.node_files={tmp_path / 'nodes'}", f"data.test_file={files[1]}"]
+    )
+    with pytest.raises(ConfigError) as err:
+        build_node_data(cfg, 3, range(3), Solo())
+    assert str(err.value).startswith(
+        "the held-out examples (data.test_file / data.test_split: split 'train' of"
+    )
+    assert str(err.value).endswith(
+        "client_1.jsonl') are training rows (data.node_files, data.split); name another split or file"
+    )

@@ -184,3 +184,84 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, mon
         FileNotFoundError, match=rf"does not exist \(relative to the current directory {tmp_path}\)"
     ):
         load_dataset(cfg, seed=0)
+
+
+def _dataset_dict(folder: Path, **splits: int) -> Path:
+    import datasets
+
+    datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {"text": [f"{name} {i}" for i in range(n)], "label": [i % 2 for i in range(n)]},
+                features=datasets.Features(
+                    {"text": datasets.Value("string"), "label": datasets.Value("int64")}
+                ),
+            )
+            for name, n in splits.items()
+        }
+    ).save_to_disk(str(folder))
+    return folder
+
+
+def test_a_test_file_that_is_a_dataset_dict_holds_out_its_test_split(tmp_path):
+    train_file = _write("jsonl", tmp_path, [{"text": f"t {i}", "label": i % 2} for i in range(12)])
+    held = _dataset_dict(tmp_path / "dd", train=10, test=4)
+    _, test = load_dataset(DataConfig(dataset=str(train_file), test_file=str(held)), seed=0)
+    assert test.texts == [f"test {i}" for i in range(4)]  # as data.dataset=FOLDER holds out, not its train
+    _, val = load_dataset(
+        DataConfig(dataset=str(train_file), test_file=str(held), test_split="train"), seed=0
+    )
+    assert len(val) == 10  # a split named is taken as named
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        {"test_split": "train"},  # the training split of the same folder
+        {"test_file": "SAME"},  # the training file itself
+        {"test_file": "SAME_RELATIVE", "test_split": "train"},  # the same file by another path
+    ],
+    ids=["test_split", "test_file", "test_file_relative"],
+)
+def test_held_out_rows_that_are_the_training_rows_are_refused(tmp_path, monkeypatch, held):
+    monkeypatch.chdir(tmp_path)
+    folder = _dataset_dict(tmp_path / "dd", train=10, validation=4)
+    same = {"SAME": str(folder), "SAME_RELATIVE": "./dd/../dd"}
+    cfg = DataConfig(dataset=str(folder), **{k: same.get(v, v) for k, v in held.items()})
+    with pytest.raises(ConfigError, match=r"the held-out examples .* split 'train' of .* are training rows"):
+        load_dataset(cfg, seed=0)
+    _, test = load_dataset(DataConfig(dataset=str(folder), test_split="validation"), seed=0)
+    assert len(test) == 4
+
+
+def test_a_saved_split_without_rows_is_one_clear_error(tmp_path):
+    folder = _dataset_dict(tmp_path / "dd", train=10, validation=0)  # even a split the run does not use
+    with pytest.raises(
+        ValueError, match=r"split 'validation' of .*dd' holds no rows, and datasets cannot load"
+    ):
+        load_dataset(DataConfig(dataset=str(folder)), seed=0)
+
+
+def test_a_cell_holding_a_list_is_refused_naming_the_column(tmp_path):
+    words = [{"text": ["good", "film"], "label": 1}, {"text": ["bad"], "label": 0}] * 5
+    path = _write("parquet", tmp_path, words)
+    with pytest.raises(ValueError, match=r"row 0 of .*: a list \['good', 'film'\], not one value .*'text'"):
+        load_dataset(DataConfig(dataset=str(path)), seed=0)
+    columns = tmp_path / "columns.json"  # a JSON object of columns (DataFrame.to_json's default) is one row
+    columns.write_text(
+        json.dumps({"text": [f"t {i}" for i in range(10)], "label": [i % 2 for i in range(10)]})
+    )
+    with pytest.raises(ValueError, match=r"columns.json:1: a list \['t 0', .*\.\.\., not one value"):
+        load_dataset(DataConfig(dataset=str(columns)), seed=0)
+
+
+def test_float_labels_of_whole_numbers_are_integers_in_numeric_order(tmp_path):
+    rows = [{"text": f"t {i}", "label": float([1, 2, 10][i % 3])} for i in range(12)]
+    train, _ = load_dataset(DataConfig(dataset=str(_write("parquet", tmp_path, rows)), test_fraction=0.25), 0)
+    assert train.label_names == ("1", "2", "10")
+    halves = [{"text": f"t {i}", "label": [0.5, 1.5, 10.0][i % 3]} for i in range(12)]
+    (tmp_path / "h").mkdir()
+    train, _ = load_dataset(
+        DataConfig(dataset=str(_write("parquet", tmp_path / "h", halves)), test_fraction=0.25), 0
+    )
+    assert train.label_names == ("0.5", "1.5", "10.0")  # not all whole: as written, in numeric order

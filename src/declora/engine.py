@@ -92,6 +92,7 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[st
     topology = {k: v for k, v in describe(exp.schedule).items() if not isinstance(v, (list, dict))}
     log.info("topology: %s", topology)
     start = {"event": "start", "round": 0, "nodes": exp.n, "config": to_dict(exp.cfg), "topology": topology}
+    start["cwd"] = str(Path.cwd())  # relative input paths are opened from here (a resume checks it)
     # how many held-out examples each evaluation scores (the standard error of an accuracy depends on it)
     start["eval_examples"] = {"consensus": len(exp.consensus_eval.labels), "node": len(exp.node_eval.labels)}
     if chosen := chosen_settings(exp.algorithm):

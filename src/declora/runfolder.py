@@ -170,6 +170,15 @@ def record_resume(run_dir: Path, round_done: int, changes: dict[str, tuple[Any, 
     atomic_write_text(path, old + json.dumps(entry) + "\n", "resumes")
 
 
+def started_in(run_dir: Path) -> str | None:
+    """The working directory the run started in (its first metrics line), None if not recorded."""
+    try:
+        with (Path(run_dir) / "metrics.jsonl").open(encoding="utf-8") as f:
+            return json.loads(f.readline()).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / RESUMES
     if not path.is_file():

@@ -74,6 +74,36 @@ def test_a_resume_by_a_relative_path_keeps_the_folders_recorded_path(tiny, tmp_p
     assert load_config(moved / "config.yaml").run_dir == str(moved)
 
 
+def test_a_resume_from_another_folder_never_opens_other_files_by_a_relative_path(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    here, there = tmp_path / "a", tmp_path / "b"
+    for folder in (here, there):
+        folder.mkdir()
+        write_tiny_data(folder / "data.jsonl", 32)
+    flipped = [{**row, "label": 1 - row["label"]} for row in map(json.loads, (there / "data.jsonl").open())]
+    (there / "data.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in flipped)
+    )  # same name, other labels
+    relative = [a for a in tiny if not a.startswith("data.dataset=")] + ["data.dataset=data.jsonl"]
+    run = tmp_path / "run"
+    monkeypatch.chdir(here)
+    assert main(["run", *relative, f"run_dir={run}"]) == 0
+    before = (run / "metrics.jsonl").read_bytes()
+    monkeypatch.chdir(there)
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"data.dataset='data.jsonl' is relative, and the run opened it in {here}; from here ({there})" in err
+    )
+    assert f"Resume from {here} (cd there)" in err and (run / "metrics.jsonl").read_bytes() == before
+    monkeypatch.chdir(here)
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 0
+    (here / "data.jsonl").rename(there / "data.jsonl")  # the inputs moved: they are opened where they are
+    monkeypatch.chdir(there)
+    assert main(["run", "--resume", str(run), "rounds=4"]) == 0
+
+
 def test_more_rounds_on_resume_are_refused_when_the_noise_spends_a_target_epsilon(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     dp = ("privacy.level=node", "privacy.target_epsilon=8", "privacy.clip=1.0")

@@ -167,7 +167,7 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
     lines.append(
         "On another machine, load the public base and attach the folder: "
         "`PeftModel.from_pretrained(AutoModelFor...from_pretrained(PUBLIC_NAME"
-        + ("" if causal else ", num_labels=..., id2label=..., label2id=...")
+        + ("" if causal else ", num_labels=..., id2label=..., label2id=..., ignore_mismatched_sizes=True")
         + "), FOLDER)`.\n"
     )
     if "label_words" in card.inputs:

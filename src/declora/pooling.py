@@ -29,7 +29,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=NUM_LABELS)
+base = AutoModelForSequenceClassification.from_pretrained(  # a head the base has gives way to the folder's
+    BASE, num_labels=NUM_LABELS, ignore_mismatched_sizes=True
+)
 model = PeftModel.from_pretrained(base, FOLDER).eval()
 tokenize = AutoTokenizer.from_pretrained(BASE)  # the run cut every text to MAX_LENGTH tokens
 batch = tokenize(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
@@ -95,7 +97,8 @@ def pooling_howto(pooling: str, num_labels: int, max_length: int) -> str:
         return (
             "The head reads the model's own [CLS] pooler: `model(**batch).logits` of\n"
             "`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, "
-            f"num_labels={num_labels}), FOLDER)` is the prediction, for a batch tokenized with "
+            f"num_labels={num_labels}, ignore_mismatched_sizes=True), FOLDER)` is the prediction, for a "
+            "batch tokenized with "
             f"`truncation=True, max_length={max_length}` as the run did.\n"
         )
     return (

@@ -67,10 +67,10 @@ def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_pa
     # declora and in the exported PEFT config alike.
     from transformers import AutoTokenizer
 
-    fed = build_federation(
+    fed = build_federation(  # 3 labels: the saved base's 2-label head must give way to the folder's
         ModelConfig(name=str(st_bert), rank=4, alpha=8, pooling=pooling, target_modules=targets),
         n=3,
-        num_labels=2,
+        num_labels=3,
     )
     pooler_adapted = any("pooler" in name for name in fed.lora)
     assert pooler_adapted == (pooling == "cls" and "dense" in targets)
@@ -82,17 +82,19 @@ def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_pa
     stacked = {k: v.detach() for k, v in fed.tensors().items()}
     folder = export_peft(fed, node_adapter(fed, stacked, node), tmp_path / "adapter")
     note = json.loads((folder / POOLING_FILE).read_text())
-    assert note == {"pooling": pooling, "num_labels": 2, "max_length": fed.cfg.max_length}
+    assert note == {"pooling": pooling, "num_labels": 3, "max_length": fed.cfg.max_length}
     excluded = json.loads((folder / "adapter_config.json").read_text())["exclude_modules"]
     assert (excluded or []) == (["bert.pooler.dense"] if "dense" in targets and pooling == "mean" else [])
     readme = (folder / "README.md").read_text()
-    if pooling == "cls":
+    if pooling == "cls":  # the README's one line, as a user would type it
         from peft import PeftModel
         from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(str(st_bert), num_labels=2)
+        line = re.search(r"`(PeftModel\.from_pretrained\(.*?, FOLDER\))`", readme, re.S).group(1)
+        scope = {"BASE": str(st_bert), "FOLDER": str(folder), "PeftModel": PeftModel}
+        scope["AutoModelForSequenceClassification"] = AutoModelForSequenceClassification
         with torch.no_grad():
-            theirs = PeftModel.from_pretrained(base, str(folder)).eval()(**batch).logits
+            theirs = eval(line, scope).eval()(**batch).logits
     else:  # run the README's own code block, as a user would
         code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
         scope = {"BASE": str(st_bert), "FOLDER": str(folder), "texts": TEXTS}

@@ -285,7 +285,7 @@ class LogConfig:
 
     trackers: tuple[str, ...] = ()  # any of tensorboard, wandb, mlflow
     project: str = "declora"  # the W&B project and the MLflow experiment
-    wandb_mode: str = "offline"  # offline (sync later) | online | disabled
+    wandb_mode: str | None = None  # offline (sync later) | online | disabled; None: $WANDB_MODE, else offline
     mlflow_uri: str | None = None  # tracking URI; None: a file store "mlruns" beside the run folder
 
 
@@ -328,7 +328,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16"),
     "export": ("all", "consensus", "none"),
     "export_round": ("final", "best"),
-    "log.wandb_mode": ("offline", "online", "disabled"),
+    "log.wandb_mode": (None, "offline", "online", "disabled"),
     "model.head": ("train", "frozen", "none"),
     "model.pooling": ("auto", "mean", "cls"),
     "task.kind": ("sequence_classification", "label_words", "causal_lm", "instruction"),
@@ -662,11 +662,13 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"
         )
-    from declora.trackers import TRACKERS
+    from declora.trackers import TRACKERS, missing_packages
 
     unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
     if unknown:
         raise ConfigError(f"log.trackers: {unknown[0]!r} is not a tracker; choose from {sorted(TRACKERS)}")
+    if missing := missing_packages(cfg):  # before any work, not after the run folder is made
+        raise ConfigError(missing)
     return cfg
 
 

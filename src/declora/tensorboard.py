@@ -37,7 +37,7 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:  # torch imports tensorboard lazily
             raise ImportError(
-                "log.tensorboard=true needs the tensorboard package: "
+                "tensorboard=true (or log.trackers=[tensorboard]) needs the tensorboard package: "
                 "pip install 'declora[tensorboard]' (or pip install tensorboard)"
             ) from err
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))

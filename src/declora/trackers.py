@@ -6,9 +6,9 @@ the resolved config, and every round it gets the numeric metrics of the round re
 families of ``declora.tensorboard.tag_of`` (``accuracy/acc_avg_factors``, ...). metrics.jsonl stays the
 record; the trackers mirror it. Only rank 0 of a multi-process run tracks.
 
-W&B runs offline unless ``log.wandb_mode`` says otherwise (``wandb sync RUN_DIR/wandb/offline-run-*``
-uploads one later); MLflow writes to a local file store, by default ``mlruns`` beside the run folder.
-Each is an optional extra: ``pip install 'declora[trackers]'``.
+W&B runs in the mode ``log.wandb_mode`` names, else ``$WANDB_MODE``, else offline (``wandb sync
+RUN_DIR/wandb/offline-run-*`` uploads one later); MLflow writes to a local file store, by default
+``mlruns`` beside the run folder. Each is an optional extra: ``pip install 'declora[trackers]'``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from declora.config import Config, to_dict
+from declora.runfolder import atomic_write_text, read_resumes
 from declora.tensorboard import TensorBoardLogger, tag_of
 
+SENT_ROUND = "trackers_round"  # RUN_DIR file: the last round the trackers were sent
 MLFLOW_RUN_ID = "mlflow_run_id"  # RUN_DIR file naming the MLflow run that a resume continues
 
 
@@ -66,9 +68,11 @@ def _missing(name: str, package: str) -> ImportError:
 
 class TensorBoard:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
+        resumed = any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         self.board = TensorBoardLogger(run_dir)
-        config = "\n".join(f"    {k}: {v}" for k, v in flat_params(cfg).items())  # indented: monospace
-        self.board.writer.add_text("config", config, 0)
+        if not resumed:  # a resume's changes are in resumes.jsonl; the config text is the run's start
+            config = "\n".join(f"    {k}: {v}" for k, v in flat_params(cfg).items())  # indented: monospace
+            self.board.writer.add_text("config", config, 0)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -94,7 +98,7 @@ class WandB:
             id=run_id,
             resume="allow",
             dir=str(run_dir),
-            mode=cfg.log.wandb_mode,
+            mode=cfg.log.wandb_mode or os.environ.get("WANDB_MODE") or "offline",
             config=to_dict(cfg),
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
@@ -131,6 +135,9 @@ class MLflow:
             keys = self.client.get_run(self.run_id).data.metrics
             steps = [m.step for key in keys for m in self.client.get_metric_history(self.run_id, key)]
             self.logged_until = max(steps, default=0)
+            resumes = read_resumes(run_dir)  # params cannot change: what a resume changed goes in as tags
+            for key, change in (resumes[-1]["changes"] if resumes else {}).items():
+                self.client.set_tag(self.run_id, f"resumed.{key}", str(change["new"])[:5000])
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
             id_file.write_text(self.run_id)
@@ -163,6 +170,29 @@ TRACKERS: dict[str, Callable[[Config, Path], Tracker]] = {
 }
 
 
+# tracker -> (the module it imports, what to pip install)
+PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+}
+
+
+def missing_packages(cfg: Config) -> str | None:
+    """The first configured tracker whose package is not installed, as an error message (None: all are)."""
+    import importlib.util
+
+    for name in tracker_names(cfg):
+        module, package = PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            key = "tensorboard=true" if name == "tensorboard" and cfg.tensorboard else "log.trackers"
+            return (
+                f"{key} asks for {name}, which is not installed: pip install 'declora[trackers]' "
+                f"(or pip install {package})"
+            )
+    return None
+
+
 def tracker_names(cfg: Config) -> list[str]:
     names = list(dict.fromkeys(cfg.log.trackers))
     if cfg.tensorboard and "tensorboard" not in names:  # the older switch
@@ -171,16 +201,24 @@ def tracker_names(cfg: Config) -> list[str]:
 
 
 class Trackers:
-    """Every configured tracker, fed the same scalars."""
+    """Every configured tracker, fed the same scalars. A resume repeats the rounds after its checkpoint
+    (with the same numbers): RUN_DIR/trackers_round keeps the last round sent, and those up to it are
+    not sent twice."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.trackers = [TRACKERS[name](cfg, run_dir) for name in tracker_names(cfg)]
+        self.sent = run_dir / SENT_ROUND
+        self.logged_until = int(self.sent.read_text()) if self.sent.is_file() else 0
 
     def __call__(self, record: dict[str, Any]) -> None:
+        step = int(record["round"])
+        if step <= self.logged_until:
+            return
         values = scalars(record)
         for tracker in self.trackers:
-            tracker.log(values, int(record["round"]))
+            tracker.log(values, step)
+        atomic_write_text(self.sent, str(step), "trackers")
 
     def close(self) -> None:
         for tracker in self.trackers:

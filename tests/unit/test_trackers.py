@@ -197,3 +197,83 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_into_the_same_mlflow_r
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "accuracy/acc_avg_factors")
     assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def _scalars_by_tag(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(folder))
+    events.Reload()
+    got: dict = {}
+    for run in events.Runs():
+        for tag in events.Runs()[run]["scalars"]:
+            got.setdefault(tag, []).extend((e.step, e.value) for e in events.Scalars(run, tag))
+        if "config/text_summary" in events.Runs()[run]["tensors"]:
+            got.setdefault("config", []).extend(events.Tensors(run, "config/text_summary"))
+    return got
+
+
+def test_a_resumed_run_sends_no_round_twice_and_records_its_changes(tiny_bert, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from helpers import write_tiny_data
+    from mlflow.tracking import MlflowClient
+
+    from declora.cli import main
+    from declora.runfolder import CRASH_ENV, CrashPoint, reset_crash_counts
+
+    data = write_tiny_data(tmp_path / "d.jsonl", 40)
+    run_dir = tmp_path / "runs" / "x"
+    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=3"]
+    args += [f"data.dataset={data}", "partition.min_size=2", "train.local_steps=1", "eval.node_examples=4"]
+    args += ["eval.every=1", "checkpoint_every=1", "export=none", "threads=1", "log.trackers=[mlflow]"]
+    args += ["tensorboard=true", f"run_dir={run_dir}"]
+    reset_crash_counts()
+    monkeypatch.setenv(CRASH_ENV, "round.logged:2")  # round 2 sent to the trackers, round 1 checkpointed
+    with pytest.raises(CrashPoint):
+        main(["run", *args])
+    monkeypatch.delenv(CRASH_ENV)
+    reset_crash_counts()
+    assert main(["run", "--resume", str(run_dir), "checkpoint_every=2"]) == 0  # runs round 2 again
+    board = _scalars_by_tag(run_dir / "tensorboard")
+    assert sorted(step for step, _ in board["accuracy/acc_avg_factors"]) == [1, 2, 3]
+    assert len(board["config"]) == 1  # the config text of the run's start, once
+    client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "accuracy/acc_avg_factors")) == [1, 2, 3]
+    logged = client.get_run(run_id).data
+    assert logged.params["checkpoint_every"] == "1" and logged.tags["resumed.checkpoint_every"] == "2"
+
+
+def test_wandb_follows_wandb_mode_unless_the_config_names_one(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    board = Trackers(load_config(None, ["log.trackers=[wandb]"]), tmp_path / "a")
+    board(RECORDS[0])
+    board.close()
+    assert not list((tmp_path / "a").glob("wandb/offline-run-*"))  # disabled: nothing written
+    board = Trackers(load_config(None, ["log.trackers=[wandb]", "log.wandb_mode=offline"]), tmp_path / "b")
+    board(RECORDS[0])
+    board.close()
+    assert len(list((tmp_path / "b").glob("wandb/offline-run-*"))) == 1
+
+
+def test_a_tracker_that_is_not_installed_is_refused_when_the_config_loads(monkeypatch):
+    import importlib.util
+
+    from declora.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"log.trackers asks for wandb, which is not installed: pip install 'declora\[trackers\]'",
+    ):
+        load_config(None, ["log.trackers=[wandb]"])
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    with pytest.raises(ConfigError, match=r"^tensorboard=true asks for tensorboard, which is not installed"):
+        load_config(None, ["tensorboard=true"])

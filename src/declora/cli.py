@@ -175,7 +175,8 @@ def _progress(exp: Experiment, group: Solo) -> _Bar | None:
         where = f", {group.world} processes: data parallel (a replica each, a share of every batch)"
     t = cfg.topology  # other schedules draw each round's graph (periodic_full: t.graph between full averages)
     graph = {"static": t.graph, "periodic_full": f"periodic_full on {t.graph}"}.get(t.schedule, t.schedule)
-    run = f"{exp.n} nodes, {cfg.algorithm.name}, {graph}, {exp.fed.device} {cfg.precision}{where}"
+    quantized = "" if cfg.model.base_quantization == "none" else f", {cfg.model.base_quantization} base"
+    run = f"{exp.n} nodes, {cfg.algorithm.name}, {graph}, {exp.fed.device} {cfg.precision}{quantized}{where}"
     print(f"run folder: {exp.run_dir}  ({run})")
     return _Bar(cfg.rounds)
 

@@ -1,5 +1,5 @@
 """Settings a run would ignore: a key set away from its default that the chosen algorithm, codec, topology
-schedule, task, partition, robust rule or attack never reads (``algorithm.mu`` with ``fedavg``,
+schedule, task, partition, robust rule, attack or base never reads (``algorithm.mu`` with ``fedavg``,
 ``comm.bits`` with ``fp16``, ``topology.p`` on a pairwise schedule, ``task.template`` for plain language
 modelling, ``robust.trim`` with the plain mean).
 
@@ -135,7 +135,13 @@ ATTACK: dict[str, Reader] = {
     "std": (lambda c: c.attack.kind == "gaussian", "attack.kind=gaussian"),
 }
 
+MODEL: dict[str, Reader] = {
+    # int8 always decodes with declora's code (bitsandbytes' int8 decode is slower on the CPU)
+    "quant_backend": (lambda c: c.model.base_quantization == "nf4", "model.base_quantization=nf4"),
+}
+
 SECTIONS = {
+    "model": MODEL,
     "algorithm": ALGORITHM,
     "comm": COMM,
     "topology": TOPOLOGY,

@@ -400,8 +400,10 @@ def write_report(run_dir: str | Path) -> str:
     table = format_table(summarize(records, _run_headline(config), planned_rounds(config)))
     from declora.runfolder import atomic_write, atomic_write_text
 
+    quantized = (config or {}).get("model", {}).get("base_quantization", "none")
+    note = "" if quantized == "none" else f"The frozen base was stored quantized ({quantized}).\n\n"
     atomic_write_text(
-        run_dir / "report.md", f"# Report: {run_dir.name}\n\n{table}\n![curves](curves.png)\n", "report"
+        run_dir / "report.md", f"# Report: {run_dir.name}\n\n{note}{table}\n![curves](curves.png)\n", "report"
     )
     atomic_write(run_dir / "curves.png", lambda p: plot_run(records, p), "report.plot")
     return table

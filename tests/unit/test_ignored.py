@@ -67,6 +67,10 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
             "robust.trim=0.1 has no effect in this run; it applies to robust.aggregator=trimmed",
         ),
         (["attack.kind=sign_flip", "attack.nodes=[0]", "attack.scale=3"], "attack.scale=3.0 has no effect"),
+        (
+            ["model.base_quantization=int8", "model.quant_backend=declora"],
+            "model.quant_backend='declora' has no effect in this run; it applies to model.base_quant",
+        ),
     ],
 )
 def test_a_setting_the_run_never_reads_is_named(overrides, line):
@@ -90,6 +94,7 @@ def test_a_setting_the_run_never_reads_is_named(overrides, line):
         ["partition.kind=dirichlet", "partition.alpha=0.1", "partition.min_size=4"],
         ["robust.aggregator=trimmed_mean", "robust.trim=0.1"],
         ["attack.kind=scaled", "attack.nodes=[0]", "attack.scale=3"],
+        ["model.base_quantization=nf4", "model.quant_backend=declora"],
     ],
 )
 def test_settings_the_run_reads_are_not_named(overrides):

@@ -316,3 +316,17 @@ def test_importing_peft_after_declora_prints_no_kernels_hub_warning():
     if "kernels-community" not in bare:
         pytest.skip("this bitsandbytes does not log the kernels notice: nothing to drop")
     assert "kernels-community" not in _stderr_of("import declora, peft")
+
+
+def test_a_quantized_run_says_so_in_its_header_and_report(tiny_bert, tmp_path, capsys, restore_threads):
+    from helpers import write_tiny_data
+
+    from declora.cli import main
+
+    data = write_tiny_data(tmp_path / "d.jsonl", 24)
+    run = tmp_path / "run"
+    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=1"]
+    args += [f"data.dataset={data}", "partition.min_size=2", "eval.node_examples=4", "export=none"]
+    assert main(["run", *args, "threads=1", "model.base_quantization=int8", f"run_dir={run}"]) == 0
+    assert "(2 nodes, dec_lora, ring, cpu fp32, int8 base)" in capsys.readouterr().out
+    assert "The frozen base was stored quantized (int8)." in (run / "report.md").read_text()

@@ -109,7 +109,16 @@ def _decode(path: Path) -> str:
 def check_text_table(path: Path) -> None:
     """Line-exact errors for what ``datasets`` would report vaguely or not at all: bad encoding, a JSON
     line that does not parse or is not an object, a CSV row with more cells than the header or a field
-    over the size limit."""
+    over the size limit, a parquet file without rows."""
+    if path.suffix == ".parquet":  # datasets fails on a parquet file without rows with an Arrow message
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:  # not a parquet file: pyarrow says why
+            raise ValueError(f"data file {str(path)!r} cannot be read: {type(err).__name__}: {err}") from err
+        if rows == 0:
+            raise ValueError(f"data file {str(path)!r} holds no rows")
     if path.suffix not in (".csv", ".tsv", ".jsonl", ".json"):
         return
     text = _decode(path)

@@ -265,3 +265,16 @@ def test_float_labels_of_whole_numbers_are_integers_in_numeric_order(tmp_path):
         DataConfig(dataset=str(_write("parquet", tmp_path / "h", halves)), test_fraction=0.25), 0
     )
     assert train.label_names == ("0.5", "1.5", "10.0")  # not all whole: as written, in numeric order
+
+
+def test_a_parquet_file_without_rows_says_so(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), path)
+    with pytest.raises(ValueError, match=r"empty.parquet' holds no rows$"):
+        load_dataset(DataConfig(dataset=str(path)), seed=0)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"fake.parquet' cannot be read: "):
+        load_dataset(DataConfig(dataset=str(tmp_path / "fake.parquet")), seed=0)

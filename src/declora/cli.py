@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from declora.config import Config, ConfigError, check_resume, check_resume_inputs, load_config
+from declora.config import Config, ConfigError, check_resume, load_config
 
 if TYPE_CHECKING:
     from declora.dist import Solo
@@ -33,7 +33,8 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     """The run's config and folder, checked before any work: a new run needs an empty folder (or
     --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
     from declora.experiment import default_run_dir
-    from declora.runfolder import check_new_run, check_writable, started_in
+    from declora.inputs import check_started_in, warn_changed
+    from declora.runfolder import check_new_run, check_writable, start_record
 
     if not args.resume:
         cfg = load_config(_config_path(args.config), args.overrides)
@@ -57,7 +58,9 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
-    check_resume_inputs(saved, started_in(run_dir))
+    start = start_record(run_dir)
+    check_started_in(saved, start.get("cwd"))
+    warn_changed(start.get("inputs"), saved)
     check_writable(run_dir)
     return cfg, run_dir
 

@@ -766,37 +766,6 @@ def resume_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     return {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
 
 
-def relative_inputs(cfg: Config) -> dict[str, str]:
-    """The input paths (model, data, graph files) given relative to the working directory, by key."""
-    m, d, t = cfg.model, cfg.data, cfg.topology
-    nodes = d.node_files if isinstance(d.node_files, tuple) else (d.node_files,)
-    given = {
-        "model.name": m.name,
-        "model.init_adapter": m.init_adapter,
-        "data.dataset": d.dataset,
-        "data.test_file": d.test_file,
-        **{f"data.node_files[{i}]" if len(nodes) > 1 else "data.node_files": f for i, f in enumerate(nodes)},
-        "topology.edge_list": t.edge_list,
-        "topology.weight_file": t.weight_file,
-    }
-    return {k: v for k, v in given.items() if v is not None and not Path(v).expanduser().is_absolute()}
-
-
-def check_resume_inputs(cfg: Config, started_in: str | None) -> None:
-    """A resume must open the files the run started with: a relative input path that names another
-    existing file from here than from the run's first working directory is refused."""
-    if started_in is None or Path(started_in).resolve() == Path.cwd().resolve():
-        return
-    for key, value in relative_inputs(cfg).items():
-        there = Path(started_in) / Path(value).expanduser()
-        if there.exists() and there.resolve() != Path(value).expanduser().resolve():
-            raise ConfigError(
-                f"{key}={value!r} is relative, and the run opened it in {started_in}; from here "
-                f"({Path.cwd()}) it names another file. Resume from {started_in} (cd there), so that the "
-                "run goes on with the inputs it started with"
-            )
-
-
 def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> dict[str, tuple[Any, Any]]:
     """The changes a resume makes; refuses (ConfigError) any key outside RESUME_SAFE, with the reason."""
     changes = resume_changes(saved, new)

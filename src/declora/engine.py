@@ -20,6 +20,7 @@ from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.export import AdapterExport
 from declora.heap import release_free_memory
+from declora.inputs import fingerprints
 from declora.report import write_report
 from declora.runfolder import (
     atomic_write_text,
@@ -93,6 +94,7 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[st
     log.info("topology: %s", topology)
     start = {"event": "start", "round": 0, "nodes": exp.n, "config": to_dict(exp.cfg), "topology": topology}
     start["cwd"] = str(Path.cwd())  # relative input paths are opened from here (a resume checks it)
+    start["inputs"] = fingerprints(exp.cfg)  # a resume warns when one changed
     # how many held-out examples each evaluation scores (the standard error of an accuracy depends on it)
     start["eval_examples"] = {"consensus": len(exp.consensus_eval.labels), "node": len(exp.node_eval.labels)}
     if chosen := chosen_settings(exp.algorithm):
@@ -110,6 +112,8 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     group, main = exp.group, exp.group.is_main
     saved = load_config(exp.run_dir / "config.yaml") if main else None
     changes = check_resume(saved, exp.cfg) if main else {}
+    if main:
+        _check_same_partition(exp, metrics)
     if not group.broadcast((exp.run_dir / "state" / LATEST).is_file() if main else None):
         log.info("%s has no checkpoint yet: starting it again from round 0", exp.run_dir)
         if main:  # killed before its first checkpoint: nothing to keep but the tracker run it continues
@@ -124,6 +128,23 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
         save_config(exp.cfg, exp.run_dir / "config.yaml")  # the folder describes the run as it goes on
     log.info("resuming %s after round %d", exp.run_dir, start)
     return start, wall_before
+
+
+def _check_same_partition(exp: Experiment, metrics: MetricsLog) -> None:
+    """The checkpointed batch streams index each node's rows: a resume on data that splits into other
+    node sizes (the file was edited) cannot go on with them."""
+    recorded = next((r for _, r in metrics.records() if r.get("event") == "partition"), None)
+    if recorded is None:
+        return
+    before = [node.get("size") for node in recorded["nodes"]]
+    now = [node.get("size") for node in exp.partition_summary]  # the same node count: nodes cannot change
+    changed = [i for i, (a, b) in enumerate(zip(before, now, strict=True)) if a != b]
+    if changed:
+        i = changed[0]
+        raise ConfigError(
+            f"the training data changed since the run started (node {i} had {before[i]} training rows, now "
+            f"{now[i]}): the checkpoint cannot go on with it; restore the data, or start a new run"
+        )
 
 
 class PhaseTimes:

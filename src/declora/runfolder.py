@@ -170,13 +170,14 @@ def record_resume(run_dir: Path, round_done: int, changes: dict[str, tuple[Any, 
     atomic_write_text(path, old + json.dumps(entry) + "\n", "resumes")
 
 
-def started_in(run_dir: Path) -> str | None:
-    """The working directory the run started in (its first metrics line), None if not recorded."""
+def start_record(run_dir: Path) -> dict[str, Any]:
+    """The run's start record (the first metrics line); empty when missing or unreadable."""
     try:
         with (Path(run_dir) / "metrics.jsonl").open(encoding="utf-8") as f:
-            return json.loads(f.readline()).get("cwd")
-    except (OSError, ValueError, AttributeError):
-        return None
+            record = json.loads(f.readline())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("event") == "start" else {}
 
 
 def read_resumes(run_dir: Path) -> list[dict[str, Any]]:

@@ -104,6 +104,27 @@ def test_a_resume_from_another_folder_never_opens_other_files_by_a_relative_path
     assert main(["run", "--resume", str(run), "rounds=4"]) == 0
 
 
+def test_a_resume_warns_when_an_input_changed_since_the_start(tiny, tmp_path, caplog, capsys):
+    data = write_tiny_data(tmp_path / "data.jsonl", 32)
+    args = [a for a in tiny if not a.startswith("data.dataset=")] + [f"data.dataset={data}"]
+    run = tmp_path / "run"
+    assert main(["run", *args, f"run_dir={run}"]) == 0
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["inputs"]["data.dataset"]["bytes"] == data.stat().st_size
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 0
+    assert "changed since the run started" not in caplog.text
+    rows = data.read_text().splitlines()
+    data.write_text("".join(r.replace('"text": "', '"text": "edited ') + "\n" for r in rows))  # same rows
+    assert main(["run", "--resume", str(run), "rounds=4"]) == 0
+    size = start["inputs"]["data.dataset"]["bytes"]
+    assert f"data.dataset ({data}) changed since the run started ({size} bytes" in caplog.text
+    data.write_text("".join(r + "\n" for r in rows + rows[:3]))  # three rows more: other node sizes
+    before = (run / "metrics.jsonl").read_bytes()
+    assert main(["run", "--resume", str(run), "rounds=5"]) == 2
+    assert "the training data changed since the run started (node " in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_bytes() == before  # refused before anything was written
+
+
 def test_more_rounds_on_resume_are_refused_when_the_noise_spends_a_target_epsilon(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     dp = ("privacy.level=node", "privacy.target_epsilon=8", "privacy.clip=1.0")

@@ -146,7 +146,7 @@ class GuardedExchange:
 
         return self.inner.server_reduce(msgs, weights, round, reduce)
 
-    def upload_masked(self, tensors, keep, senders, round, indices, start=None):  # type: ignore[no-untyped-def]
+    def upload_masked(self, tensors, keep, senders, round, indices, start=None, fetched=True):  # type: ignore[no-untyped-def]
         """Each sender privatizes and corrupts only what it uploads (its ``keep`` slices), its change
         against ``start`` (its public value at the start of the round; None: zero, the upload is a change)."""
         x = {k: v for k, (v, _) in tensors.items()}
@@ -154,7 +154,7 @@ class GuardedExchange:
         ref = start if start is not None else {k: torch.zeros_like(v) for k, v in x.items()}
         msgs = self._outgoing(x, senders, round, ref, masks)
         sent = {k: (msgs[k], dim) for k, (_, dim) in tensors.items()}
-        return self.inner.upload_masked(sent, keep, senders, round, indices)
+        return self.inner.upload_masked(sent, keep, senders, round, indices, fetched=fetched)
 
     def all_nodes(self, x: Tensor) -> Tensor:
         return self.inner.all_nodes(x)

@@ -214,3 +214,78 @@ def test_fraction_one_is_no_sampling(tiny_bert, tiny_data, tmp_path):
         out[len(extra)] = _after(exp)
     for k in out[0]:
         assert torch.equal(out[0][k], out[1][k])
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fslora", "hetlora", "flexlora"])
+def test_a_trained_head_follows_size_weighting_like_the_factors(name, tiny_bert, tiny_data, tmp_path):
+    overrides = (f"algorithm.name={name}", "partition.kind=quantity_skew", "server.weighting=size")
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, *overrides, "server.optimizer=average")
+    sizes = torch.tensor([len(p) for p in exp.parts], dtype=torch.float32)
+    assert len(set(sizes.tolist())) > 1  # the test needs unequal data
+    before = _round(exp)
+    for k, v in exp.fed.tensors(("head",)).items():
+        want = torch.einsum("n,n...->...", sizes / sizes.sum(), before[k])
+        torch.testing.assert_close(v.detach(), want.expand_as(v), atol=1e-6, rtol=0, msg=k)
+
+
+SERVED = ["fedavg", "ffa_lora", "rolora", "fedprox", "scaffold", "fedsa_lora", "fedex_lora", "flora"]
+SERVED += ["hetlora", "fslora", "flexlora", "fed_sb"]
+
+
+def _offline_round(exp, t: int, online: Tensor) -> None:
+    plan = exp.algorithm.plan(t)
+    active = online if plan.active is None else plan.active & online
+    exp.trainer.local_work(active, list(exp.fed.tensors(plan.train)), 1, "steps")
+    ctx = round_context(exp, t)
+    ctx.online = online
+    exp.algorithm.communicate(ctx)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_a_node_offline_in_a_round_holds_the_server_model_after_it(name, tiny_bert, tiny_data, tmp_path):
+    """Whoever missed the broadcast holds what the server holds, so acc_server scores the server model and
+    the next round starts from it on every node (RoLoRA's frozen factor stays the same everywhere)."""
+    exp = tiny_experiment(
+        tiny_bert, tiny_data, tmp_path, f"algorithm.name={name}", "algorithm.switch_interval=1"
+    )
+    perturb(exp, same=True)
+    online = torch.tensor([True, True, True, False])
+    _offline_round(exp, 0, online)
+    server = exp.algorithm.server_tensors(exp.fed)
+    for k, v in exp.fed.tensors(("A", "B", "head")).items():
+        if name == "fedsa_lora" and ".lora_A" not in k:
+            continue  # FedSA keeps each node's own B and head
+        torch.testing.assert_close(v.detach()[3], v.detach()[0], atol=1e-6, rtol=0, msg=k)
+        if server is not None and k in server:  # FedSA: no one server model (each node keeps its B)
+            torch.testing.assert_close(server[k][0], v.detach()[0], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedex_lora"])
+def test_a_node_coming_back_books_one_download_of_what_it_missed(name, tiny_bert, tiny_data, tmp_path):
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, f"algorithm.name={name}")
+    perturb(exp)
+    all_on, one_off = torch.ones(4, dtype=torch.bool), torch.tensor([True, True, True, False])
+    ledger = exp.exchange.ledger
+    sent = []
+    for t, online in enumerate([all_on, one_off, one_off, all_on, all_on]):
+        before = ledger.total
+        _offline_round(exp, t, online)
+        sent.append(ledger.total - before)
+    factors = sum(v[0].numel() * 4 for v in exp.fed.tensors(("A", "B", "head")).values())
+    dense = sum(4 * layer.B.shape[1] * layer.A.shape[2] for layer in exp.fed.lora.values())
+    back = factors + (dense if name == "fedex_lora" else 0)  # FedEx: the missed residuals, summed
+    assert sent[3] - sent[4] == back  # round 3: node 3 fetches once what it missed in rounds 1 and 2
+    assert sent[1] == sent[2] and sent[0] == sent[4]
+
+
+def test_flora_books_the_uploads_and_the_stack_once(tiny_bert, tiny_data, tmp_path):
+    """A FLoRA node starts each round from a fresh seeded adapter: it fetches nothing before training, so
+    a round is each node's own slices up and the stack of all of them down to every node."""
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=flora", "algorithm.ranks=[1,2,4,3]")
+    ledger = exp.exchange.ledger
+    before = ledger.total
+    _round(exp)
+    per_rank = sum(4 * (layer.A.shape[2] + layer.B.shape[1]) for layer in exp.fed.lora.values())
+    head = sum(v[0].numel() * 4 for v in exp.fed.tensors(("head",)).values())
+    stack = sum([1, 2, 4, 3]) * per_rank
+    assert ledger.total - before == stack + 4 * stack + 2 * 4 * head  # up; the stack to 4 nodes; heads

@@ -9,8 +9,9 @@ back
 over the sampled participants, with p_i uniform or by data size (server.weighting), or any server
 optimizer on the mean change (server.optimizer; algorithms/server.py, server_opt.py).
 
-The mean of the factors is not the mean of the products B_i A_i (the cross-term error, see cross-term): the
-``cross_term`` metric measures exactly that gap before each aggregation.
+The mean of the factors is not the mean of the products B_i A_i (the cross-term error, see cross-term). The
+``cross_term`` metric is taken at evaluation, after the aggregation, when every node holds the server model:
+it is 0 here, and this gap is not measured.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
 from declora.algorithms.ranks import average_head, factor_messages, round_start
-from declora.algorithms.server import active_nodes, upload_shares, weighting
+from declora.algorithms.server import Rejoin, active_nodes, upload_shares, weighting
 from declora.config import Config, RobustConfig
 from declora.model import Federation, averaged_factors
 from declora.robust_uploads import krum_weights, product_correction, upload_correction
@@ -87,6 +87,7 @@ class FedExLoRA:
         self.cfg = self.cfg or Config()
         self.weighting = weighting(self.cfg)
         self.folds = BaseFolds(self.fed)
+        self.rejoin = Rejoin(self.fed.n)
 
     def plan(self, t: int) -> RoundPlan:
         self.start = round_start(self.fed, self.cfg)
@@ -105,21 +106,27 @@ class FedExLoRA:
         robust = self.cfg.robust
         if robust.aggregator == "krum":  # the chosen node's whole upload is the server model
             p = krum_weights(table, p, robust.krum_f)
+        # A node offline now gets the server model too (the base it shares holds this round's residual): it
+        # fetches what it missed when it comes back, the factors and one dense sum of the residuals per layer.
+        dense = sum(4 * layer.B.shape[1] * layer.A.shape[2] for layer in fed.lora.values())  # d_out d_in
+        self.rejoin.broadcast(
+            ctx, dense + sum(v[0].numel() * 4 for v in fed.tensors(trained_kinds(fed)).values())
+        )
         for name, layer in fed.lora.items():
             A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p, robust)
             self.folds.add(name, fed.scale * R)
             ctx.exchange.ledger.add_server(int(online.sum()), R.numel() * 4)  # this process's receivers
             with torch.no_grad():
-                rows = online.to(layer.A.device).view(-1, 1, 1)
-                layer.A.copy_(torch.where(rows, A_mean.expand_as(layer.A), layer.A))
-                layer.B.copy_(torch.where(rows, B_mean.expand_as(layer.B), layer.B))
+                layer.A.copy_(A_mean.expand_as(layer.A))
+                layer.B.copy_(B_mean.expand_as(layer.B))
         average_head(ctx, trained_kinds(fed), p[ctx.node_ids])
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # every participant holds (A, B) over the folded base
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.folds.state_dict()
+        return self.folds.state_dict() | self.rejoin.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.folds.load_state_dict(state)
+        self.rejoin.load_state_dict(state)

@@ -36,7 +36,7 @@ from declora.algorithms.ranks import (
     node_ranks,
     round_start,
 )
-from declora.algorithms.server import active_nodes, upload_shares, weighting
+from declora.algorithms.server import Rejoin, active_nodes, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
 from declora.robust_uploads import krum_weights, product_correction
@@ -74,6 +74,7 @@ class FLoRA:
         install_gate(self.fed, self.gate)
         self.weighting = weighting(self.cfg)
         self.folds = BaseFolds(self.fed)
+        self.rejoin = Rejoin(self.fed.n)
 
     def plan(self, t: int) -> RoundPlan:
         self.start = round_start(self.fed, self.cfg)
@@ -86,10 +87,17 @@ class FLoRA:
             return
         senders, p = shares  # this process's uploading rows; (n,) shares over every node
         keep = active_components(fed, self.gate)
-        table = ctx.exchange.upload_masked(factor_messages(fed), keep, senders, ctx.round, False, self.start)
+        messages = factor_messages(fed)  # a FLoRA node starts from a fresh seeded adapter: nothing fetched
+        table = ctx.exchange.upload_masked(
+            messages, keep, senders, ctx.round, False, self.start, fetched=False
+        )
         if self.cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's adapter
             p = krum_weights(table, p, self.cfg.robust.krum_f)
         stacked_rank = sum(k for k, w in zip(self.ranks, p.tolist(), strict=True) if w > 0)
+        # every node, an offline one too, merges the stack into the base it shares and restarts: one that
+        # was offline fetches what it missed when it comes back, as one dense sum per layer (and the head)
+        dense = sum(4 * layer.B.shape[1] * layer.A.shape[2] for layer in fed.lora.values())
+        self.rejoin.broadcast(ctx, dense + sum(v[0].numel() * 4 for v in fed.tensors(("head",)).values()))
         for name, layer in fed.lora.items():
             A, B = table[f"{name}.lora_A"], table[f"{name}.lora_B"]
             A_s, B_s = stack_adapters(A, B, self.gate, p)
@@ -113,10 +121,11 @@ class FLoRA:
         return averaged_factors(fed.tensors())  # every node: the merged base and a fresh adapter
 
     def state_dict(self) -> dict[str, Tensor]:
-        return self.folds.state_dict()
+        return self.folds.state_dict() | self.rejoin.state_dict()
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.folds.load_state_dict(state)
+        self.rejoin.load_state_dict(state)
 
 
 def init_A(seed: int, t: int, name: str, shape: torch.Size) -> Tensor:

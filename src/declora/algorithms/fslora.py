@@ -45,7 +45,7 @@ from declora.algorithms.ranks import (
     average_head,
     install_gate,
 )
-from declora.algorithms.server import participants
+from declora.algorithms.server import participants, upload_weights, weighting
 from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
@@ -137,7 +137,7 @@ class FSLoRA(ServedByServerFactors):
         t, kinds = ctx.round, trained_kinds(ctx.fed)
         senders = participants(self.run_cfg, t)[ctx.node_ids] & ctx.online.cpu()  # this process's rows
         self.server.step(ctx, self.gate(t)[ctx.node_ids] != 0, senders, indices=True)
-        average_head(ctx, kinds, senders.float())
+        average_head(ctx, kinds, upload_weights(weighting(self.run_cfg), senders, ctx.data_sizes))
         self.server.broadcast(ctx.fed)
         install_gate(ctx.fed, None)
         ctx.optimizer.reset(list(ctx.fed.tensors(kinds)))  # a fresh device optimizer every round

@@ -35,7 +35,7 @@ from declora.algorithms.ranks import (
     install_gate,
     node_ranks,
 )
-from declora.algorithms.server import participants
+from declora.algorithms.server import participants, upload_weights, weighting
 from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
@@ -67,7 +67,7 @@ class HetLoRA(ServedByServerFactors):
         kinds = trained_kinds(ctx.fed)
         senders = participants(self.run_cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()  # local rows
         self.server.step(ctx, active_components(ctx.fed, self.gate), senders, indices=False)
-        average_head(ctx, kinds, senders.float())
+        average_head(ctx, kinds, upload_weights(weighting(self.run_cfg), senders, ctx.data_sizes))
         self.server.broadcast(ctx.fed)
         if self.acfg.optimizer_policy == "reset":
             ctx.optimizer.reset(list(ctx.fed.tensors(kinds)))

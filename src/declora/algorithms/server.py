@@ -6,9 +6,13 @@ model that the server optimizer (``declora.server_opt``) moves.
   offline this round (topology.node_dropout) does not take part either.
 - Weights: p_i = 1/|S| (server.weighting=uniform) or n_i / sum_{j in S} n_j (size), over the senders S.
 - ``ServerModel`` (fedavg, ffa_lora, rolora): the server keeps x (node axis 1) for every trained tensor and,
-  after local training, moves it by its rule on Delta = sum_i p_i x_i - x; every online node then holds x.
+  after local training, moves it by its rule on Delta = sum_i p_i x_i - x; every node then holds x.
   Under ``average`` this is the weighted mean of the uploads itself and keeps no state. A node that did
   not take part still receives x (the download is booked), so the next round starts from the server model.
+- ``Rejoin``: a node offline in a round cannot receive x then; its row holds x all the same, since it
+  fetches the server model when it comes back, and that download is booked in the round it comes back.
+  So every node always holds the server model: acc_server scores it, and RoLoRA's frozen factor stays
+  the same on every node.
 """
 
 from __future__ import annotations
@@ -77,6 +81,29 @@ def book_downloads(ctx: RoundContext, receivers: Tensor, senders: Tensor, tensor
         ctx.exchange.ledger.add_server(extra, sum(v[0].numel() * v.element_size() for v in tensors.values()))
 
 
+class Rejoin:
+    """The nodes that missed the server's last broadcast (offline): each books one download of the server
+    model at the next broadcast it is online for (it fetched the model before training that round)."""
+
+    def __init__(self, n_local: int) -> None:
+        self.missed = torch.zeros(n_local, dtype=torch.bool)
+
+    def broadcast(self, ctx: RoundContext, size: int) -> None:
+        """Book the returning nodes' downloads of ``size`` bytes each; note who misses this broadcast."""
+        online = ctx.online.cpu()
+        back = int((self.missed & online).sum())
+        if back:
+            ctx.exchange.ledger.add_server(back, size)
+        self.missed = ~online
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"rejoin/missed": self.missed.to(torch.uint8)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if "rejoin/missed" in state:  # a checkpoint of an earlier version has none: nobody missed anything
+            self.missed = state["rejoin/missed"].bool()
+
+
 class ServerModel:
     """Server aggregation with an optimizer for the algorithms whose nodes all hold the server model."""
 
@@ -86,6 +113,7 @@ class ServerModel:
         # Every node starts from the same adapter, so the mean of this process's rows is the server model.
         keep = self.opt.rule != "average"
         self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items() if keep}
+        self.rejoin = Rejoin(fed.n)
 
     def senders(self, ctx: RoundContext) -> tuple[Tensor, int]:
         """(n_local,) bool: this process's nodes that upload in round ctx.round; and how many upload in all,
@@ -96,7 +124,7 @@ class ServerModel:
         return senders, int(total)
 
     def aggregate(self, ctx: RoundContext, kinds: tuple[str, ...]) -> None:
-        """Round ctx.round: the sampled online nodes upload ``kinds``; every online node gets the result."""
+        """Round ctx.round: the sampled online nodes upload ``kinds``; every node gets the result (Rejoin)."""
         tensors = ctx.fed.tensors(kinds)
         online = ctx.online.cpu()
         senders, count = self.senders(ctx)
@@ -105,20 +133,21 @@ class ServerModel:
         weights = upload_weights(self.weighting, senders, ctx.data_sizes)
         means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)
         book_downloads(ctx, online, senders, tensors)
+        self.rejoin.broadcast(ctx, sum(v[0].numel() * v.element_size() for v in tensors.values()))
         if self.opt.rule != "average":
             self.opt.step(self.x, {k: mean.unsqueeze(0) - self.x[k] for k, mean in means.items()})
             means = {k: self.x[k][0] for k in means}
         with torch.no_grad():
             for name, mean in means.items():
-                rows = online.view(-1, *([1] * mean.dim())).to(mean.device)
-                tensors[name].copy_(torch.where(rows, mean.unsqueeze(0), tensors[name]))
+                tensors[name].copy_(mean.unsqueeze(0).expand_as(tensors[name]))
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {f"server/{k}": v for k, v in self.x.items()}
+        state = {f"server/{k}": v for k, v in self.x.items()} | self.rejoin.state_dict()
         return state | {f"server_opt/{k}": v for k, v in self.opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for k in self.x:
             self.x[k].copy_(state[f"server/{k}"])
+        self.rejoin.load_state_dict(state)
         n = len("server_opt/")
         self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})

@@ -276,11 +276,12 @@ class DistExchange(LocalExchange):
         round: int,
         indices: bool,
         start: dict[str, Tensor] | None = None,
+        fetched: bool = True,
     ) -> dict[str, Tensor]:
         """This rank's senders upload as in the simulator (codec draws and bytes by global id); one
         all_reduce then gives every rank the server's whole table (n, ...) (the logical server is every
         rank: no rank aggregates for the others)."""
-        tables = self._upload_rows(tensors, keep, senders, round, indices, self.nodes)
+        tables = self._upload_rows(tensors, keep, senders, round, indices, self.nodes, fetched)
         if not tables:
             return tables
         flat = self.group.all_sum(torch.cat([t.reshape(-1) for t in tables.values()]))

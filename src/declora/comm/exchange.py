@@ -54,6 +54,7 @@ class Exchange(Protocol):
         round: int,
         indices: bool,
         start: dict[str, Tensor] | None = None,
+        fetched: bool = True,
     ) -> dict[str, Tensor]: ...
 
     def all_nodes(self, x: Tensor) -> Tensor: ...
@@ -203,6 +204,7 @@ class LocalExchange:
         round: int,
         indices: bool,
         start: dict[str, Tensor] | None = None,
+        fetched: bool = True,
     ) -> dict[str, Tensor]:
         """What the server decodes when each node i in ``senders`` (n,) uploads only the slices ``keep[i]``
         ((n, r) bool) of every tensor ``x`` (n, ...) along its ``dim``: zero elsewhere and for other nodes.
@@ -210,10 +212,11 @@ class LocalExchange:
         upload is a change), the reference of node-level DP (declora.guard); a plain exchange ignores it.
 
         Bytes, per sender: its encoded sub-tensors, plus int32 slice indices once per call if ``indices``,
-        on its diagonal (upload); and the server's download of the same slices (uncoded, as server_mean
-        books it), which a sender fetched at the start of the round (FSLoRA, HetLoRA, FlexLoRA).
+        on its diagonal (upload); and, unless not ``fetched``, the server's download of the same slices
+        (uncoded, as server_mean books it), which a sender fetched at the start of the round (FSLoRA,
+        HetLoRA, FlexLoRA; a FLoRA node starts each round from a fresh seeded adapter and fetches none).
         """
-        return self._upload_rows(tensors, keep, senders, round, indices, torch.arange(self.ledger.n))
+        return self._upload_rows(tensors, keep, senders, round, indices, torch.arange(self.ledger.n), fetched)
 
     def _upload_rows(
         self,
@@ -223,6 +226,7 @@ class LocalExchange:
         round: int,
         indices: bool,
         ids: Tensor,
+        fetched: bool = True,
     ) -> dict[str, Tensor]:
         """upload_masked for rows whose global ids are ``ids``: the decoded table (n_global, ...), filled at
         the senders' global rows; a sender's codec draws and ledger entries are by its global id."""
@@ -237,7 +241,8 @@ class LocalExchange:
                 out[name][gid : gid + 1].index_copy_(dim, idx.to(x.device), decoded.to(x.dtype))
                 up, down = up + nbytes, down + sub.numel() * sub.element_size()
             self.ledger.add_edges(torch.diag(torch.arange(n) == gid), up)
-            self.ledger.add_server(1, down)
+            if fetched:
+                self.ledger.add_server(1, down)
         return out
 
     def all_nodes(self, x: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ DATA_ATTACKS = ("label_flip",)
 
 
 def attacker_mask(cfg: AttackConfig, n: int, seed: int) -> Tensor:
-    """(n,) bool: the attacking nodes; ids as given, or round(fraction * n) nodes drawn from the seed."""
+    """(n,) bool: the attacking nodes; ids as given, or round(fraction * n) nodes drawn from the seed
+    (Python's round: a half goes to the even count; config refuses a fraction that rounds to none)."""
     mask = torch.zeros(n, dtype=torch.bool)
     if cfg.kind == "none" or cfg.nodes is None:
         return mask

@@ -235,6 +235,11 @@ def _validate_privacy(cfg: Config) -> None:
         )
     if p.noise_multiplier is not None and (p.noise_multiplier < 0 or math.isinf(p.noise_multiplier)):
         raise ConfigError(f"privacy.noise_multiplier={p.noise_multiplier} must be finite and >= 0")
+    if math.isinf(p.clip) and p.noise_multiplier:  # the noise is noise_multiplier x clip
+        raise ConfigError(
+            f"privacy.clip={p.clip} with privacy.noise_multiplier={p.noise_multiplier}: the noise's scale is "
+            "their product, so unbounded; give a finite clip (.inf only with noise_multiplier=0, no DP noise)"
+        )
     if p.target_epsilon is not None and not (0 < p.target_epsilon < math.inf and math.isfinite(p.clip)):
         raise ConfigError(
             f"privacy.target_epsilon={p.target_epsilon} must be positive and finite, with a finite "
@@ -290,6 +295,16 @@ def _validate_robust(cfg: Config) -> None:
         raise ConfigError(f"robust.clip_radius={r.clip_radius} must be positive (.inf: never clip)")
     if r.krum_f < 0:
         raise ConfigError(f"robust.krum_f={r.krum_f} must be >= 0")
+    if r.aggregator == "krum":  # Krum scores each upload by its |S| - f - 2 nearest others: |S| > 2f + 2
+        from declora.algorithms.server import clients_per_round
+
+        senders = clients_per_round(cfg) or cfg.nodes
+        if senders <= 2 * r.krum_f + 2:
+            raise ConfigError(
+                f"robust.krum_f={r.krum_f} with {senders} uploads a round: Krum needs more than 2f + 2 = "
+                f"{2 * r.krum_f + 2} uploads (it scores each by its |S| - f - 2 nearest others); lower "
+                "krum_f or sample more nodes"
+            )
 
 
 def _validate_attack(cfg: Config) -> None:
@@ -302,6 +317,11 @@ def _validate_attack(cfg: Config) -> None:
         raise ConfigError(f"attack.kind={a.kind} needs attack.nodes: a list of node ids or a fraction")
     if isinstance(a.nodes, float) and not 0 < a.nodes < 1:
         raise ConfigError(f"attack.nodes={a.nodes} as a fraction must be in (0, 1)")
+    if isinstance(a.nodes, float) and round(a.nodes * cfg.nodes) == 0:
+        raise ConfigError(
+            f"attack.nodes={a.nodes} of {cfg.nodes} nodes is round({a.nodes * cfg.nodes:g}) = 0 attackers: "
+            "the run would be labelled attacked with nobody attacking; give a larger fraction or node ids"
+        )
     if isinstance(a.nodes, tuple) and not all(0 <= i < cfg.nodes for i in a.nodes):
         raise ConfigError(f"attack.nodes={list(a.nodes)}: every id must be in [0, nodes={cfg.nodes})")
     if a.kind in DATA_ATTACKS and cfg.task.kind == "causal_lm":

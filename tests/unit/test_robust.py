@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from declora.comm.exchange import LocalExchange
-from declora.config import TopologyConfig
+from declora.config import ConfigError, TopologyConfig, load_config
 from declora.robust import (
     krum_index,
     robust_gossip,
@@ -100,3 +100,40 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
         mixed = robust_gossip(rule, x, x, W, torch.arange(3), trim=0.25)
         assert torch.isfinite(mixed["a"]).all()
         assert 1.0 <= float(mixed["a"][0]) <= 3.0, rule  # node 0's own 100 is not one of its values
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["nodes=10", "attack.kind=sign_flip", "attack.nodes=0.04"],
+            r"attack.nodes=0.04 of 10 nodes is round\(0.4\) = 0 attackers",
+        ),
+        (
+            ["nodes=10", "attack.kind=sign_flip", "attack.nodes=0.05"],  # 0.5 rounds to the even 0
+            r"attack.nodes=0.05 of 10 nodes is round\(0.5\) = 0 attackers",
+        ),
+        (
+            ["nodes=4", "algorithm.name=fedavg", "robust.aggregator=krum", "robust.krum_f=1"],
+            r"robust.krum_f=1 with 4 uploads a round: Krum needs more than 2f \+ 2 = 4 uploads",
+        ),
+        (
+            ["nodes=8", "algorithm.name=fedavg", "server.fraction=0.5", "robust.aggregator=krum"],
+            r"robust.krum_f=1 with 4 uploads a round",  # the sampled count, not the nodes
+        ),
+        (
+            ["privacy.level=node", "privacy.clip=.inf", "privacy.noise_multiplier=0.5"],
+            r"privacy.clip=inf with privacy.noise_multiplier=0.5: the noise's scale is their product",
+        ),
+    ],
+    ids=["fraction_rounds_to_none", "half_rounds_to_even_none", "krum_too_few", "krum_sampled", "inf_clip"],
+)
+def test_settings_that_would_silently_do_nothing_or_break_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_the_settings_next_to_those_limits_load():
+    assert load_config(None, ["nodes=10", "attack.kind=sign_flip", "attack.nodes=0.06"]).attack.nodes == 0.06
+    load_config(None, ["nodes=5", "algorithm.name=fedavg", "robust.aggregator=krum", "robust.krum_f=1"])
+    load_config(None, ["privacy.level=node", "privacy.clip=.inf", "privacy.noise_multiplier=0"])

@@ -348,7 +348,12 @@ def run_figure(records: list[dict[str, Any]]) -> Figure:
     _plot_accuracy(ax_acc, evals)
     _plot_loss(ax_loss, records)
     _plot_consensus(ax_cons, evals)
+    # One round axis for the three panels: a run evaluated once (the default) shows its point at the end
+    # of the loss curve's rounds, not alone in the middle of an axis of its own.
+    last = max((r["round"] for r in records if r.get("event") in ("round", "eval")), default=0)
     for ax in (ax_acc, ax_loss, ax_cons):
+        if last:
+            ax.set_xlim(0, last + max(0.5, 0.03 * last))
         if ax.lines:
             ax.legend(fontsize="small")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

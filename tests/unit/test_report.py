@@ -271,3 +271,13 @@ def test_instruction_runs_show_exact_match_in_percent_beside_perplexity() -> Non
     assert "| em_avg_factors " in table and "43.75" in table and "1.30" in table
     panel = run_figure(evals).axes[0]
     assert [line.get_label() for line in panel.get_lines()] == ["ppl_avg_factors"]  # no % on that axis
+
+
+def test_a_run_evaluated_once_shows_its_point_on_the_loss_curves_round_axis(tmp_path):
+    from declora.report import run_figure
+
+    records = [{"event": "round", "round": t, "train_loss": 1.0 / t} for t in range(1, 31)]
+    records.append({"event": "eval", "round": 30, "acc_avg_factors": 0.8, "consensus_A": 0.5})
+    acc, loss, cons = run_figure(records).axes
+    assert acc.get_xlim() == loss.get_xlim() == cons.get_xlim()  # not an axis of its own around round 30
+    assert acc.get_xlim()[0] == 0 and 30 < acc.get_xlim()[1] < 32

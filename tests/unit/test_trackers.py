@@ -169,12 +169,10 @@ def test_a_run_logs_to_its_trackers(tiny_bert, tmp_path):
     assert (tmp_path / "runs" / "x" / "tensorboard").is_dir()  # the older switch still works
 
 
-def test_a_run_killed_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(
-    tiny_bert, tmp_path, monkeypatch
-):
-    pytest.importorskip("mlflow")
+def _killed_after_round_2(tiny_bert, tmp_path, monkeypatch, *extra: str) -> Path:
+    """A 3-round tiny run with an MLflow tracker, killed once round 2 is logged (and sent to the
+    trackers) but before any later checkpoint; its folder."""
     from helpers import write_tiny_data
-    from mlflow.tracking import MlflowClient
 
     from declora.cli import main
     from declora.runfolder import CRASH_ENV, CrashPoint, reset_crash_counts
@@ -183,14 +181,32 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_into_the_same_mlflow_r
     run_dir = tmp_path / "runs" / "x"
     args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=3"]
     args += [f"data.dataset={data}", "partition.min_size=2", "train.local_steps=1", "eval.node_examples=4"]
-    args += ["eval.every=1", "checkpoint_every=3", "export=none", "threads=1", "log.trackers=[mlflow]"]
-    args += [f"run_dir={run_dir}"]
+    args += [
+        "eval.every=1",
+        "export=none",
+        "threads=1",
+        "log.trackers=[mlflow]",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
     reset_crash_counts()
-    monkeypatch.setenv(CRASH_ENV, "round.logged:2")  # rounds 1 and 2 logged, no checkpoint yet
+    monkeypatch.setenv(CRASH_ENV, "round.logged:2")
     with pytest.raises(CrashPoint):
         main(["run", *args])
     monkeypatch.delenv(CRASH_ENV)
     reset_crash_counts()
+    return run_dir
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_into_the_same_mlflow_run(
+    tiny_bert, tmp_path, monkeypatch
+):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from declora.cli import main
+
+    run_dir = _killed_after_round_2(tiny_bert, tmp_path, monkeypatch, "checkpoint_every=3")  # no checkpoint
     assert main(["run", "--resume", str(run_dir)]) == 0  # starts again from round 0
     client = MlflowClient(tracking_uri=(tmp_path / "runs" / "mlruns").as_uri())
     runs = client.search_runs([client.get_experiment_by_name("declora").experiment_id])
@@ -216,24 +232,14 @@ def _scalars_by_tag(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def test_a_resumed_run_sends_no_round_twice_and_records_its_changes(tiny_bert, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     pytest.importorskip("tensorboard")
-    from helpers import write_tiny_data
     from mlflow.tracking import MlflowClient
 
     from declora.cli import main
-    from declora.runfolder import CRASH_ENV, CrashPoint, reset_crash_counts
 
-    data = write_tiny_data(tmp_path / "d.jsonl", 40)
-    run_dir = tmp_path / "runs" / "x"
-    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=3"]
-    args += [f"data.dataset={data}", "partition.min_size=2", "train.local_steps=1", "eval.node_examples=4"]
-    args += ["eval.every=1", "checkpoint_every=1", "export=none", "threads=1", "log.trackers=[mlflow]"]
-    args += ["tensorboard=true", f"run_dir={run_dir}"]
-    reset_crash_counts()
-    monkeypatch.setenv(CRASH_ENV, "round.logged:2")  # round 2 sent to the trackers, round 1 checkpointed
-    with pytest.raises(CrashPoint):
-        main(["run", *args])
-    monkeypatch.delenv(CRASH_ENV)
-    reset_crash_counts()
+    # round 2 sent to the trackers, round 1 checkpointed
+    run_dir = _killed_after_round_2(
+        tiny_bert, tmp_path, monkeypatch, "checkpoint_every=1", "tensorboard=true"
+    )
     assert main(["run", "--resume", str(run_dir), "checkpoint_every=2"]) == 0  # runs round 2 again
     board = _scalars_by_tag(run_dir / "tensorboard")
     assert sorted(step for step, _ in board["accuracy/acc_avg_factors"]) == [1, 2, 3]

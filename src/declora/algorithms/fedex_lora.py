@@ -49,6 +49,11 @@ class BaseFolds:
         with torch.no_grad():
             base.add_(d.to(base.device, base.dtype))
 
+    def dense_bytes(self) -> int:
+        """Bytes of one fp32 update of every folded base weight: what a node that missed rounds fetches
+        when it comes back (the sum of the updates it missed)."""
+        return sum(4 * v.base.weight.numel() for v in self.fed.lora.values())
+
     def state_dict(self) -> dict[str, Tensor]:
         return {f"base/{k}": v.base.weight.detach() for k, v in self.fed.lora.items()}
 
@@ -107,11 +112,9 @@ class FedExLoRA:
         if robust.aggregator == "krum":  # the chosen node's whole upload is the server model
             p = krum_weights(table, p, robust.krum_f)
         # A node offline now gets the server model too (the base it shares holds this round's residual): it
-        # fetches what it missed when it comes back, the factors and one dense sum of the residuals per layer.
-        dense = sum(4 * layer.B.shape[1] * layer.A.shape[2] for layer in fed.lora.values())  # d_out d_in
-        self.rejoin.broadcast(
-            ctx, dense + sum(v[0].numel() * 4 for v in fed.tensors(trained_kinds(fed)).values())
-        )
+        # fetches what it missed when it comes back, the factors and the sum of the residuals it missed.
+        factors = sum(v[0].numel() * 4 for v in fed.tensors(trained_kinds(fed)).values())
+        self.rejoin.broadcast(ctx, self.folds.dense_bytes() + factors)
         for name, layer in fed.lora.items():
             A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p, robust)
             self.folds.add(name, fed.scale * R)

@@ -96,8 +96,8 @@ class FLoRA:
         stacked_rank = sum(k for k, w in zip(self.ranks, p.tolist(), strict=True) if w > 0)
         # every node, an offline one too, merges the stack into the base it shares and restarts: one that
         # was offline fetches what it missed when it comes back, as one dense sum per layer (and the head)
-        dense = sum(4 * layer.B.shape[1] * layer.A.shape[2] for layer in fed.lora.values())
-        self.rejoin.broadcast(ctx, dense + sum(v[0].numel() * 4 for v in fed.tensors(("head",)).values()))
+        head = sum(v[0].numel() * 4 for v in fed.tensors(("head",)).values())
+        self.rejoin.broadcast(ctx, self.folds.dense_bytes() + head)
         for name, layer in fed.lora.items():
             A, B = table[f"{name}.lora_A"], table[f"{name}.lora_B"]
             A_s, B_s = stack_adapters(A, B, self.gate, p)

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from declora.config import ConfigError
 from declora.experiment import Experiment
-from declora.runfolder import atomic_write, atomic_write_text, crash_point
+from declora.runfolder import atomic_write, atomic_write_text, crash_point, save_tensors
 
 LATEST = "latest.json"
 
@@ -49,7 +49,7 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
         tensors.update({f"{prefix}/{k}": v for k, v in owner.state_dict().items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # device-neutral
     name = shard_name(round_done, group.rank)
-    atomic_write(state_dir / f"{name}.safetensors", lambda p: save_file(tensors, str(p)), "ckpt.tensors")
+    atomic_write(state_dir / f"{name}.safetensors", lambda p: save_tensors(tensors, p), "ckpt.tensors")
     counters = {"round": round_done, "streams": exp.streams.state(), "ledger": exp.exchange.ledger.state()}
     atomic_write_text(state_dir / f"{name}.json", json.dumps(counters, indent=1), "ckpt.counters")
     group.barrier()  # every rank's shard of this round is complete

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from declora.adapter_card import AdapterCard, write_card
@@ -28,6 +28,7 @@ from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
 from declora.pooling import pooled_logits, resolve_pooling, write_pooling_note
 from declora.quantize import QuantizedLinear, quantize_linears
+from declora.runfolder import save_tensors
 from declora.seeding import torch_generator
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,7 @@ def export_peft(
         base_model_name_or_path=str(fed.path),
     )
     config.save_pretrained(str(folder))
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
         num_labels = int(fed.model.config.num_labels)
         write_pooling_note(folder, fed.pooling, str(fed.path), num_labels, fed.cfg.max_length)

@@ -73,6 +73,17 @@ def atomic_write(path: Path, write: Callable[[Path], Any], point: str = "write")
     os.replace(tmp, path)
 
 
+def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file mode every other file gets (the umask's): save_file itself
+    creates its file readable by its owner only, so others who may read the run folder could not."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: Path, text: str, point: str = "write") -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), point)
 

@@ -150,3 +150,18 @@ def test_a_card_says_when_its_base_is_a_decoded_quantized_copy(tmp_path):
         readme = (folder / "README.md").read_text()
         assert ("the Q4_1 GGUF copy of that model" in readme) == said
         assert json.loads((folder / CARD_FILE).read_text())["inputs"] == {"max_length": 64}
+
+
+def test_exported_and_checkpointed_tensors_are_as_readable_as_the_other_files(tmp_path, tiny_bert):
+    from helpers import write_tiny_data
+
+    from declora.cli import main
+
+    data = write_tiny_data(tmp_path / "d.jsonl", 24)
+    run = tmp_path / "run"
+    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=1"]
+    args += [f"data.dataset={data}", "partition.min_size=2", "eval.node_examples=4", "export=consensus"]
+    assert main(["run", *args, "threads=1", f"run_dir={run}"]) == 0
+    mode = (run / "adapters/consensus/adapter_config.json").stat().st_mode & 0o777
+    assert (run / "adapters/consensus/adapter_model.safetensors").stat().st_mode & 0o777 == mode
+    assert all(f.stat().st_mode & 0o777 == mode for f in (run / "state").glob("*.safetensors"))

@@ -260,7 +260,7 @@ def test_a_node_offline_in_a_round_holds_the_server_model_after_it(name, tiny_be
             torch.testing.assert_close(server[k][0], v.detach()[0], atol=1e-6, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedex_lora"])
+@pytest.mark.parametrize("name", ["fedavg", "fedex_lora", "scaffold"])
 def test_a_node_coming_back_books_one_download_of_what_it_missed(name, tiny_bert, tiny_data, tmp_path):
     exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, f"algorithm.name={name}")
     perturb(exp)
@@ -274,6 +274,7 @@ def test_a_node_coming_back_books_one_download_of_what_it_missed(name, tiny_bert
     factors = sum(v[0].numel() * 4 for v in exp.fed.tensors(("A", "B", "head")).values())
     dense = sum(4 * layer.B.shape[1] * layer.A.shape[2] for layer in exp.fed.lora.values())
     back = factors + (dense if name == "fedex_lora" else 0)  # FedEx: the missed residuals, summed
+    back += factors if name == "scaffold" else 0  # SCAFFOLD: the server's control variate c too
     assert sent[3] - sent[4] == back  # round 3: node 3 fetches once what it missed in rounds 1 and 2
     assert sent[1] == sent[2] and sent[0] == sent[4]
 

@@ -78,7 +78,8 @@ class Scaffold:
             rows = senders.to(y.device).view(-1, *([1] * (y.dim() - 1)))
             delta[k] = torch.where(rows, fresh - self.c_i[k], torch.zeros_like(fresh))
             self.c_i[k] = torch.where(rows, fresh, self.c_i[k])
-        self.server.aggregate(ctx, trained_kinds(ctx.fed))
+        variates = sum(c.numel() * c.element_size() for c in self.c.values())  # a returning node needs c too
+        self.server.aggregate(ctx, trained_kinds(ctx.fed), also=variates)
         # A message of its own (its own codec draws, DP noise and reference): named apart from the factors
         sent = {VARIATE + k: d for k, d in delta.items()}
         mean = ctx.exchange.server_mean(sent, senders.float(), ctx.round)  # (1/|S|) sum_S Delta c_i

@@ -123,8 +123,9 @@ class ServerModel:
         total = senders.sum() if self.schedule is None else (sampled & self.schedule.online(ctx.round)).sum()
         return senders, int(total)
 
-    def aggregate(self, ctx: RoundContext, kinds: tuple[str, ...]) -> None:
-        """Round ctx.round: the sampled online nodes upload ``kinds``; every node gets the result (Rejoin)."""
+    def aggregate(self, ctx: RoundContext, kinds: tuple[str, ...], also: int = 0) -> None:
+        """Round ctx.round: the sampled online nodes upload ``kinds``; every node gets the result (Rejoin;
+        ``also``: bytes a returning node fetches besides the model, SCAFFOLD's c)."""
         tensors = ctx.fed.tensors(kinds)
         online = ctx.online.cpu()
         senders, count = self.senders(ctx)
@@ -133,7 +134,7 @@ class ServerModel:
         weights = upload_weights(self.weighting, senders, ctx.data_sizes)
         means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)
         book_downloads(ctx, online, senders, tensors)
-        self.rejoin.broadcast(ctx, sum(v[0].numel() * v.element_size() for v in tensors.values()))
+        self.rejoin.broadcast(ctx, also + sum(v[0].numel() * v.element_size() for v in tensors.values()))
         if self.opt.rule != "average":
             self.opt.step(self.x, {k: mean.unsqueeze(0) - self.x[k] for k, mean in means.items()})
             means = {k: self.x[k][0] for k in means}

@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topology", help="describe and draw a config's communication graph")
     p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. nodes=16 topology.graph=ring")
-    p.add_argument("--out", default="topology.png")
+    p.add_argument(
+        "--out", default="topology.png", help="the picture: a .png path (default: topology.png here)"
+    )
     p.set_defaults(func=cmd_topology)
     return parser
 

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator
 
 from declora.report import display_scale, lower_is_better, read_metrics
+
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def _value(record: dict, key: str) -> float:
@@ -57,7 +59,9 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
         c = curves(dirs, metric)
         if not np.isfinite(c["acc"]).any():  # no evaluation of the metric: nothing to draw
             continue
-        style = {"color": f"C{i % 10}", "marker": "o", "label": method}  # one colour per method
+        # one colour and marker per method, the later ones smaller: methods with equal numbers stay visible
+        marker, size = MARKERS[i % len(MARKERS)], max(4.0, 9.0 - 1.0 * i)
+        style = {"color": f"C{i % 10}", "marker": marker, "markersize": size, "label": method}
         ax_round.plot(c["round"], k * c["acc"], **style)
         ax_bytes.plot(c["bytes"] / 1e6, k * c["acc"], **style)
         finite = np.isfinite(c["consensus"])
@@ -71,8 +75,13 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
     if np.isfinite(smallest):  # log when nothing is 0 (symlog then leaves too few ticks to read)
         if any(0 in line.get_ydata() for line in ax_cons.get_lines()):
             ax_cons.set_yscale("symlog", linthresh=smallest)
+            largest = max(float(np.nanmax(line.get_ydata())) for line in ax_cons.get_lines())
+            lo, hi = int(np.floor(np.log10(smallest))), int(np.ceil(np.log10(max(largest, smallest))))
+            step = max(1, -(-(hi - lo) // 5))  # at most about six decades labelled, and 0
+            ax_cons.set_yticks([0.0, *(10.0**k for k in range(hi, lo - 1, -step))])
         else:
             ax_cons.set_yscale("log")
+            ax_cons.yaxis.set_major_locator(LogLocator(numticks=6))  # a few decades labelled, not every one
     evaluated = {float(x) for line in ax_round.get_lines() for x in line.get_xdata()}
     for ax in (ax_round, ax_cons):
         if len(evaluated) == 1:  # a grid evaluated once: one tick at that round, not fractions around it

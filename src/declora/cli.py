@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from declora.config import Config, ConfigError, check_resume, load_config
+from declora.config import Config, ConfigError, load_config
+from declora.validation import check_resume
 
 if TYPE_CHECKING:
     from declora.dist import Solo

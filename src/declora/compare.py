@@ -34,17 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.config import (
-    CHOICES,
-    Config,
-    ConfigError,
-    check_measured,
-    check_resume,
-    load_config,
-    parse_override,
-    read_yaml,
-    resume_changes,
-)
+from declora.config import Config, ConfigError, load_config, parse_override, read_yaml
 from declora.report import (
     best_final,
     display_scale,
@@ -54,6 +44,7 @@ from declora.report import (
     run_config,
     stopped_early,
 )
+from declora.validation import CHOICES, check_measured, check_resume, resume_changes
 
 log = logging.getLogger(__name__)
 # The metrics a comparison can rank: every headline, and under attack the honest nodes' (declora.attack)

@@ -14,7 +14,7 @@ import torch
 
 from declora.algorithms.base import RoundContext, chosen_settings
 from declora.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from declora.config import ConfigError, check_resume, load_config, save_config, to_dict
+from declora.config import ConfigError, load_config, save_config, to_dict
 from declora.device import peak_gpu_memory_mb
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
@@ -32,6 +32,7 @@ from declora.runfolder import (
 from declora.schedules import describe
 from declora.seeding import seed_for
 from declora.trackers import MLFLOW_RUN_ID, Trackers, tracker_names
+from declora.validation import check_resume
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -175,7 +176,7 @@ def run(
 
     Every process of a multi-process run runs this loop on its slice of the nodes; ``exp.group``
     gathers the per-node numbers, and rank 0 alone writes the run folder. A new run needs an empty
-    ``exp.run_dir`` (or ``overwrite``); a resume may change only RESUME_SAFE keys (declora.config).
+    ``exp.run_dir`` (or ``overwrite``); a resume may change only RESUME_SAFE keys (declora.validation).
     """
     cfg, fed, group = exp.cfg, exp.fed, exp.group
     metrics = MetricsLog(exp.run_dir / METRICS)

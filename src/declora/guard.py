@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
-from declora.config import Config, ConfigError, refuse_if_set
+from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
 from declora.robust import robust_choco, robust_gossip, server_aggregate
 from declora.robust_uploads import slice_mask
+from declora.validation import refuse_if_set
 
 # Which exchange each algorithm's messages go through: robust rules need a plain gossip or server mean.
 GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
@@ -208,7 +209,7 @@ def needs_guard(cfg: Config) -> bool:
     )
 
 
-# ---------------------------------------------------------------- validation (config.validate calls it)
+# ---------------------------------------------------------------- validation (validation.validate calls it)
 
 
 def validate_guard(cfg: Config) -> None:

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from declora.algorithms import ALGORITHMS
-from declora.config import CHOICES, load_config
+from declora.config import load_config
 from declora.report import format_table, summarize, write_report
+from declora.validation import CHOICES
 
 pytestmark = pytest.mark.unit
 

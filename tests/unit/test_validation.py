@@ -8,17 +8,9 @@ import typing
 
 import pytest
 
-from declora.config import (
-    POSITIVE,
-    RANGES,
-    RESUME_SAFE,
-    Config,
-    ConfigError,
-    Range,
-    check_resume,
-    load_config,
-)
+from declora.config import Config, ConfigError, load_config
 from declora.runfolder import atomic_write_text, check_new_run
+from declora.validation import POSITIVE, RANGES, RESUME_SAFE, Range, check_resume
 
 pytestmark = pytest.mark.unit
 # Numbers checked with other keys (declora.config CROSS_CHECKS, the _validate_* helpers, guard.py).
@@ -50,7 +42,7 @@ def _numeric_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[str]:
 
 def test_every_numeric_key_has_a_range():
     missing = set(_numeric_keys()) - set(RANGES) - set(POSITIVE) - CHECKED_WITH_OTHER_KEYS
-    assert not missing, f"add these keys to config.RANGES (or POSITIVE): {sorted(missing)}"
+    assert not missing, f"add these keys to validation.RANGES (or POSITIVE): {sorted(missing)}"
     assert not (set(RANGES) - set(_numeric_keys())), "RANGES names a key that does not exist"
 
 

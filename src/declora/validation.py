@@ -1,0 +1,542 @@
+"""Config value checks: the allowed choices and ranges of every key, the checks that relate several keys,
+and which keys may change on resume. Each failure is a ConfigError that names the bad value and what is
+allowed, raised before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from declora.config import ALTERNATING, Config, ConfigError, flatten, to_dict
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("fp32", "bf16"),
+    "export": ("all", "consensus", "none"),
+    "export_round": ("final", "best"),
+    "log.wandb_mode": (None, "offline", "online", "disabled"),
+    "model.head": ("train", "frozen", "none"),
+    "model.pooling": ("auto", "mean", "cls"),
+    "task.kind": ("sequence_classification", "label_words", "causal_lm", "instruction"),
+    "model.base_quantization": ("none", "int8", "nf4"),
+    "model.quant_backend": ("auto", "declora", "bitsandbytes"),
+    "partition.kind": ("iid", "dirichlet", "proportions", "shards", "quantity_skew", "column"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.local_unit": ("steps", "epochs"),
+    "train.lora_product": ("auto", "per_row", "grouped"),
+    "train.schedule": ("constant", "cosine", "linear"),
+    "algorithm.first_phase": ("A", "B"),
+    "algorithm.optimizer_policy": ("reset", "keep"),
+    "algorithm.svd_split": ("balanced", "left", "right"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+    "algorithm.sketch_dist": ("uniform", "normal", "heavy_tailed"),
+    "algorithm.flex_weights": ("data_size", "uniform"),
+    "server.optimizer": ("auto", "average", "sgd", "avgm", "adagrad", "yogi", "adam", "adamw"),
+    "server.weighting": ("auto", "size", "uniform"),
+    "privacy.level": ("none", "node", "example"),
+    "privacy.accountant": ("rdp", "prv"),
+    "robust.aggregator": ("mean", "trimmed_mean", "median", "clipped", "krum"),
+    "attack.kind": ("none", "sign_flip", "gaussian", "scaled", "label_flip"),
+    "eval.headline": (
+        *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
+        *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
+        *("em_avg_factors", "em_avg_product", "em_node_mean", "em_server"),  # task.kind=instruction
+    ),
+}
+POSITIVE = (
+    "nodes",
+    "rounds",
+    "checkpoint_every",
+    "model.rank",
+    "model.max_length",
+    "train.batch_size",
+    "train.local_steps",
+    "eval.every",
+    "eval.batch_size",
+)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``lo``/``hi`` bounds (None: unbounded), open or closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, x: float) -> bool:
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        return f"{left}{lo}, {hi}{right}"
+
+
+PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, lo_open=True)  # [0, 1], (0, 1]
+OPEN_UNIT, BELOW_ONE = Range(0, 1, True, True), Range(0, 1, hi_open=True)  # (0, 1), [0, 1)
+ABOVE_ZERO, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
+# The allowed range of every number that POSITIVE (integers >= 1) does not cover; a null value (where the
+# type allows it) always passes. A list value (betas) is checked entry by entry. Adding a numeric config
+# key means adding it here or to POSITIVE (tests/unit/test_validation.py checks that none is missed).
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE,
+    "threads": Range(1),
+    "model.alpha": NON_NEGATIVE,  # 0 only with allow_degenerate (LoRA then adds nothing)
+    "model.dropout": BELOW_ONE,
+    "model.init_seed": NON_NEGATIVE,
+    "data.test_fraction": OPEN_UNIT,
+    "data.train_limit": Range(1),
+    "data.test_limit": Range(1),
+    "partition.alpha": ABOVE_ZERO,
+    "partition.min_size": NON_NEGATIVE,
+    "partition.shards_per_node": Range(1),
+    "topology.p": FRACTION,
+    "topology.degree": Range(1),
+    "topology.rewire": PROBABILITY,
+    "topology.encounter_prob": FRACTION,
+    "topology.period": Range(1),
+    "topology.link_failure": BELOW_ONE,
+    "topology.node_dropout": BELOW_ONE,
+    "comm.bits": Range(2, 8),
+    "comm.block_size": Range(1),
+    "comm.fraction": FRACTION,
+    "comm.consensus_step": FRACTION,
+    "train.lr": Range(0, 1, lo_open=True),
+    "train.head_lr": Range(0, 1, lo_open=True),
+    "train.weight_decay": PROBABILITY,
+    "train.betas": BELOW_ONE,
+    "train.momentum": BELOW_ONE,
+    "train.eps": OPEN_UNIT,
+    "train.max_grad_norm": ABOVE_ZERO,
+    "train.tokens_per_chunk": Range(1),
+    "eval.node_examples": Range(1),
+    "eval.consensus_examples": Range(1),
+    "eval.seed": NON_NEGATIVE,
+    "algorithm.auto_c": ABOVE_ZERO,
+    "algorithm.auto_max": Range(1),
+    "algorithm.clients_per_round": Range(1),
+    "algorithm.server_lr": Range(0, 1, lo_open=True),
+    "algorithm.server_weight_decay": PROBABILITY,
+    "algorithm.mu": NON_NEGATIVE,
+    "dist.timeout_s": ABOVE_ZERO,
+    "attack.std": NON_NEGATIVE,
+    "stragglers.sigma": NON_NEGATIVE,
+    "stragglers.jitter": NON_NEGATIVE,
+    "stragglers.step_s": ABOVE_ZERO,
+    "stragglers.link_s_per_mb": NON_NEGATIVE,
+    "stragglers.deadline": ABOVE_ZERO,
+    "stragglers.max_staleness": NON_NEGATIVE,
+}
+INFINITE_OK = ("privacy.clip", "robust.clip_radius")  # .inf: no clipping
+# Keys that may change when a run resumes: they do not change what the finished rounds computed or what the
+# checkpoint holds (more rounds, when to evaluate or save, how fast). Anything else is refused on resume.
+RESUME_SAFE = (
+    "rounds",
+    "run_dir",  # a moved folder: the run is where --resume points
+    "checkpoint_every",
+    "eval.every",
+    "threads",
+    "device",  # checkpoints are device-neutral
+    "export",
+    "tensorboard",
+    "log.trackers",  # mirrors of metrics.jsonl
+    "train.tokens_per_chunk",
+    "dist.timeout_s",
+    "dist.backend",
+)
+
+
+def _validate_partition(cfg: Config) -> None:
+    part = cfg.partition
+    if part.kind == "column" and not part.column:
+        raise ConfigError(
+            "partition.kind=column needs partition.column, the column whose values are the nodes"
+        )
+    if part.max_per_node is not None and part.max_per_node <= 0:
+        raise ConfigError(f"partition.max_per_node={part.max_per_node} must be a positive integer or null")
+    if cfg.data.node_files is not None and cfg.data.test_file is None:
+        raise ConfigError(
+            "data.node_files needs data.test_file: every node is scored on the same held-out rows"
+        )
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types alone cannot express; names the bad value and the allowed ones."""
+    flat = flatten(to_dict(cfg))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")
+    for key in POSITIVE:
+        if flat[key] is None or flat[key] <= 0:
+            raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
+    if cfg.model.quant_backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.quant_backend=bitsandbytes but bitsandbytes is not installed "
+            "(pip install 'declora[quant]'); use model.quant_backend=auto or declora"
+        )
+    from declora.device import check_device
+
+    try:
+        check_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _validate_ranges(flat)
+    interval = cfg.algorithm.switch_interval
+    if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
+        raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
+    if not 0 <= cfg.train.warmup_rounds <= cfg.rounds:
+        raise ConfigError(
+            f"train.warmup_rounds={cfg.train.warmup_rounds} must be in [0, rounds={cfg.rounds}]"
+        )
+    for check in CROSS_CHECKS:
+        check(cfg)
+    _validate_heterogeneous(cfg)
+    _validate_server(cfg)
+    _validate_task(cfg)
+    _validate_topk(cfg)
+    _validate_partition(cfg)
+    from declora.stragglers import validate_stragglers
+
+    validate_stragglers(cfg)
+    from declora.guard import validate_guard  # privacy, robust mixing and attacks
+
+    validate_guard(cfg)
+    # Registries are checked here so that a typo stops the run before the model loads.
+    from declora.algorithms import ALGORITHMS
+    from declora.schedules import SCHEDULES
+    from declora.topology import GRAPHS, WEIGHTS
+
+    for key, registry in (
+        ("topology.graph", GRAPHS),
+        ("topology.weights", WEIGHTS),
+        ("topology.schedule", SCHEDULES),
+    ):
+        if flat[key] not in registry:
+            raise ConfigError(f"{key}={flat[key]!r} is not known; choose one of {sorted(registry)}")
+    from declora.comm.codecs import build_codec
+
+    try:
+        build_codec(cfg.comm.codec, **cfg.comm.codec_params())
+    except ValueError as err:
+        raise ConfigError(f"comm: {err}") from err
+    if cfg.algorithm.name not in ALGORITHMS:
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"
+        )
+    from declora.trackers import TRACKERS, missing_packages
+
+    unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
+    if unknown:
+        raise ConfigError(f"log.trackers: {unknown[0]!r} is not a tracker; choose from {sorted(TRACKERS)}")
+    if missing := missing_packages(cfg):  # before any work, not after the run folder is made
+        raise ConfigError(missing)
+    return cfg
+
+
+def _validate_ranges(flat: dict[str, Any]) -> None:
+    """Every number finite (but the INFINITE_OK ones may be .inf) and inside its RANGES entry."""
+    for key, value in flat.items():
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, float) and not math.isfinite(x) and not (key in INFINITE_OK and x == math.inf):
+                raise ConfigError(f"{key}={x!r} must be a finite number")
+    for key, allowed in RANGES.items():
+        value = flat[key]
+        for x in value if isinstance(value, list) else [value]:
+            if x is not None and not allowed.holds(x):
+                raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
+
+
+def _check_degenerate(cfg: Config) -> None:
+    if cfg.model.alpha == 0 and not cfg.allow_degenerate:
+        raise ConfigError(
+            "model.alpha=0 makes every LoRA update zero (scale alpha/r = 0); use a positive alpha, or set "
+            "allow_degenerate=true if that is what you mean"
+        )
+    a, m = cfg.algorithm, cfg.model
+    a_first = a.name in ALTERNATING and a.first_phase == "A"
+    if a_first and m.head != "train" and not m.init_adapter and not cfg.allow_degenerate:
+        raise ConfigError(
+            f"algorithm.first_phase=A with algorithm.name={a.name} and model.head={m.head}: B starts at "
+            "0, so A's gradient is zero and nothing trains in the first phase; use first_phase=B, start "
+            "from model.init_adapter, or set allow_degenerate=true if that is what you mean"
+        )
+
+
+def _check_slices(cfg: Config) -> None:
+    slices = cfg.dist.node_slices
+    if slices is not None and (sum(slices) != cfg.nodes or min(slices) < 1):
+        raise ConfigError(
+            f"dist.node_slices={list(slices)} must be positive counts that sum to nodes={cfg.nodes}"
+        )
+
+
+def refuse_if_set(section: str, values: Any, keys: typing.Iterable[str], why: str) -> None:
+    """A setting that would be silently ignored is refused: the first of ``keys`` of the config
+    section ``values`` (a dataclass named ``section``) that differs from its default, with ``why``."""
+    defaults = type(values)()
+    for key in keys:
+        value = getattr(values, key)
+        if value != getattr(defaults, key):
+            raise ConfigError(f"{section}.{key}={value!r} has no effect {why}")
+
+
+def _check_optimizer(cfg: Config) -> None:
+    """A setting of the optimizer not chosen would be silently ignored: refuse it instead."""
+    t = cfg.train
+    foreign = {"adamw": ("momentum", "nesterov"), "sgd": ("betas", "eps")}[t.optimizer]
+    other = "sgd" if t.optimizer == "adamw" else "adamw"
+    refuse_if_set(
+        "train", t, foreign, f"with train.optimizer={t.optimizer}; set train.optimizer={other} or drop it"
+    )
+    if t.nesterov and t.momentum == 0:
+        raise ConfigError("train.nesterov=true needs train.momentum > 0 (it is 0)")
+
+
+TABLE_KEYS = ("split", "test_file", "test_split", "text_column", "label_column")  # read from a user's table
+
+
+def _check_unread_data_keys(cfg: Config) -> None:
+    """Column and split settings that the data would silently ignore are refused: a table's settings with a
+    shipped corpus (its own columns and held-out split; Rotten Tomatoes: by movie), and the text and label
+    columns with instruction data."""
+    from declora.assets import DATA
+
+    d = cfg.data
+    if cfg.task.kind == "instruction":  # prompts and responses: the text and label columns are not read
+        why = "with task.kind=instruction, which reads data.prompt_column and data.response_column"
+        why += " (or data.messages_column)"
+        refuse_if_set("data", d, ("text_column", "label_column"), why)
+    if d.dataset in DATA and d.node_files is None:
+        why = f"with the shipped data.dataset={d.dataset!r} (its own columns and held-out split)"
+        why += "; it applies to a user's table or folder"
+        refuse_if_set("data", d, TABLE_KEYS, why)
+
+
+# Checks that relate several keys; each takes the whole config and raises ConfigError.
+CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
+    _check_degenerate,
+    _check_slices,
+    _check_optimizer,
+    _check_unread_data_keys,
+]
+
+
+def resume_changes(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved value, new value)}`` for every key that differs between two resolved configs."""
+    old, cur = flatten(to_dict(saved)), flatten(to_dict(new))
+    return {k: (old.get(k), cur[k]) for k in cur if old.get(k) != cur[k]}
+
+
+def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> dict[str, tuple[Any, Any]]:
+    """The changes a resume makes; refuses (ConfigError) any key outside RESUME_SAFE, with the reason."""
+    changes = resume_changes(saved, new)
+    unsafe = sorted(k for k in changes if k not in RESUME_SAFE)
+    if unsafe:
+        k = unsafe[0]
+        raise ConfigError(
+            f"{k} cannot change on resume ({changes[k][0]!r} -> {changes[k][1]!r}): the finished "
+            f"rounds and the checkpoint were made with {changes[k][0]!r}; "
+            f"may change on resume: {list(RESUME_SAFE)}"
+        )
+    if "rounds" in changes and new.privacy.level != "none" and new.privacy.target_epsilon is not None:
+        raise ConfigError(
+            f"rounds cannot change on resume with privacy.target_epsilon={new.privacy.target_epsilon} "
+            f"({changes['rounds'][0]} -> {changes['rounds'][1]}): the noise was solved to spend that budget "
+            f"over {changes['rounds'][0]} rounds, and more rounds would spend more than it; start a new run "
+            "with the rounds you want"
+        )
+    if "rounds" in changes and new.train.schedule != "constant":
+        raise ConfigError(
+            f"rounds cannot change on resume with train.schedule={new.train.schedule} "
+            f"({changes['rounds'][0]} -> {changes['rounds'][1]}): the learning rate decays over the run's "
+            "rounds, so the rounds done followed another schedule than the longer run's; start a new run "
+            "with the rounds you want"
+        )
+    if "export" in changes and new.export_round == "best":
+        old_export, new_export = changes["export"]
+        raise ConfigError(
+            f"export cannot change on resume with export_round=best ({old_export!r} -> {new_export!r}): "
+            f"the best round's adapters were written with export={old_export!r} and its factors are not "
+            "kept; rerun with the export you want, or resume without changing export"
+        )
+    if rounds_done is not None and new.rounds < rounds_done:
+        raise ConfigError(f"rounds={new.rounds} is below the {rounds_done} rounds already done")
+    return changes
+
+
+def _validate_heterogeneous(cfg: Config) -> None:
+    a, r = cfg.algorithm, cfg.model.rank
+    for key, values in (("ranks", a.ranks), ("sketch_ratios", a.sketch_ratios)):
+        if values is not None and len(values) != cfg.nodes:
+            raise ConfigError(f"algorithm.{key} has {len(values)} entries; nodes={cfg.nodes} needs one each")
+    if a.ranks is not None and not all(1 <= k <= r for k in a.ranks):
+        raise ConfigError(f"algorithm.ranks={list(a.ranks)}: every rank must be in [1, model.rank={r}]")
+    if a.sketch_ratios is not None and not all(0 < x <= 1 for x in a.sketch_ratios):
+        raise ConfigError(f"algorithm.sketch_ratios={list(a.sketch_ratios)}: every ratio must be in (0, 1]")
+    m = a.clients_per_round
+    if m is not None and not 1 <= m <= cfg.nodes:
+        raise ConfigError(f"algorithm.clients_per_round={m} must be in [1, nodes={cfg.nodes}] or null")
+    if a.server_lr <= 0 or a.server_weight_decay < 0:
+        raise ConfigError(
+            f"algorithm.server_lr={a.server_lr} must be positive and "
+            f"algorithm.server_weight_decay={a.server_weight_decay} non-negative"
+        )
+
+
+def _validate_topk(cfg: Config) -> None:
+    """topk is sound where a node sends a change against a reference its receivers share: gossip through
+    CHOCO's public copies on a fixed graph, and FSLoRA/HetLoRA's deltas to the server."""
+    from declora.algorithms import SENDS_STATES
+
+    c, t, name = cfg.comm, cfg.topology, cfg.algorithm.name
+    if not 0 < c.consensus_step <= 1:
+        raise ConfigError(f"comm.consensus_step={c.consensus_step} must be in (0, 1]")
+    if c.codec != "topk" or name in ("local", "centralized"):
+        return
+    if name in SENDS_STATES or (name in ("fslora", "hetlora") and cfg.model.head == "train"):
+        what = "its trained head" if name not in SENDS_STATES else "whole factors"
+        raise ConfigError(
+            f"comm.codec=topk with algorithm.name={name}: the nodes upload {what} to the server, and top-k "
+            "of a state (not of a change) drops most of it; use comm.codec=quantize or fp16"
+            + (", or model.head=frozen" if name not in SENDS_STATES else "")
+        )
+    if name == "dec_gt":
+        raise ConfigError(
+            "comm.codec=topk with algorithm.name=dec_gt: CHOCO's public copies are not built for its "
+            "tracking message; use comm.codec=quantize, fp16, bf16 or fp32"
+        )
+    if name in ("fslora", "hetlora"):
+        return
+    if c.error_feedback:
+        raise ConfigError(
+            "comm.error_feedback=true with gossip: CHOCO-gossip already carries what was not sent "
+            "(X - X̂ is sent again next round); set comm.error_feedback=false"
+        )
+    moving = {"topology.schedule": (t.schedule, "static"), "topology.link_failure": (t.link_failure, 0.0)}
+    moving["topology.node_dropout"] = (t.node_dropout, 0.0)
+    for key, (value, needed) in moving.items():
+        if value != needed:
+            raise ConfigError(
+                f"{key}={value!r} with comm.codec=topk: CHOCO-gossip needs every neighbour to hear every "
+                f"message so that their public copies agree; use {key}={needed!r} (or another codec)"
+            )
+
+
+def _validate_server(cfg: Config) -> None:
+    s = cfg.server
+    if s.lr is not None and s.lr <= 0:
+        raise ConfigError(f"server.lr={s.lr} must be positive (or null for the optimizer's default)")
+    if s.betas is not None and not all(0 <= b < 1 for b in s.betas):
+        raise ConfigError(f"server.betas={list(s.betas)}: each must be in [0, 1)")
+    if s.tau < 0:
+        raise ConfigError(f"server.tau={s.tau} must be non-negative")
+    if cfg.algorithm.mu < 0:
+        raise ConfigError(f"algorithm.mu={cfg.algorithm.mu} must be non-negative")
+    from declora.algorithms import FOLDS_INTO_BASE, SERVED
+
+    if cfg.algorithm.name not in SERVED:  # a server setting for a run with no server would be ignored
+        keys = [f.name for f in dataclasses.fields(s)]
+        why = f"with algorithm.name={cfg.algorithm.name}, which has no server"
+        why += f"; server.* applies to {sorted(SERVED)}"
+        refuse_if_set("server", s, keys, why)
+    folds = cfg.algorithm.name in FOLDS_INTO_BASE
+    if folds and cfg.server.optimizer not in ("auto", "average"):
+        raise ConfigError(
+            f"server.optimizer={cfg.server.optimizer} with algorithm.name={cfg.algorithm.name}: its exact "
+            "aggregation is the plain weighted mean; use server.optimizer=average (or auto)"
+        )
+    if folds and (cfg.export != "none" or cfg.model.base_quantization != "none"):
+        bad = [f"export={cfg.export!r}"] if cfg.export != "none" else []
+        bad += [f"model.base_quantization={cfg.model.base_quantization!r}"] * (
+            cfg.model.base_quantization != "none"
+        )
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name} folds each round's aggregate into the frozen base: it "
+            f"needs export=none (the factors alone would not reproduce the model) and "
+            f"model.base_quantization=none; got {' and '.join(bad)}"
+        )
+    if cfg.algorithm.name in ("scaffold", "dec_gt") and cfg.train.local_unit != "steps":
+        raise ConfigError(
+            f"algorithm.name={cfg.algorithm.name} with train.local_unit={cfg.train.local_unit!r}: its "
+            "corrections divide by the local step count K, the same for every node; use "
+            "train.local_unit=steps"
+        )
+    if cfg.algorithm.name in ("fed_sb", "dec_sb"):
+        _validate_middle(cfg)
+    if not 0 < s.fraction <= 1:
+        raise ConfigError(f"server.fraction={s.fraction} must be in (0, 1]")
+    if s.fraction < 1 and cfg.algorithm.clients_per_round is not None:
+        raise ConfigError(
+            f"server.fraction={s.fraction} and algorithm.clients_per_round={cfg.algorithm.clients_per_round} "
+            "both sample nodes: set only one"
+        )
+
+
+def _validate_middle(cfg: Config) -> None:
+    """Fed-SB's frozen B is its own seeded draw and R's gradient comes through autograd (not per row)."""
+    name = cfg.algorithm.name
+    if cfg.model.init_adapter:
+        raise ConfigError(
+            f"algorithm.name={name} with model.init_adapter={cfg.model.init_adapter!r}: its B is a frozen "
+            "seeded draw and its R starts at 0; drop model.init_adapter"
+        )
+    if cfg.privacy.level == "example":
+        raise ConfigError(
+            f"algorithm.name={name} with privacy.level=example is not supported (per-example gradients of "
+            "R are not collected); use privacy.level none or node"
+        )
+
+
+def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None:
+    """A run of ``cfg`` logs ``metric`` (named ``key`` in the error): the task measures its kind, and a
+    ``*_server`` metric needs an algorithm with a server model."""
+    kind = cfg.task.kind
+    prefix = "ppl_" if kind in ("causal_lm", "instruction") else "acc_"  # perplexity for generation
+    allowed = (prefix, "em_") if kind == "instruction" else (prefix,)  # exact match: instruction only
+    if not metric.startswith(allowed):
+        raise ConfigError(
+            f"{key}={metric!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
+        )
+    from declora.algorithms import SERVER_MODEL
+
+    if metric.endswith("_server") and cfg.algorithm.name not in SERVER_MODEL:
+        raise ConfigError(
+            f"{key}={metric!r}: algorithm.name={cfg.algorithm.name} has no server model; "
+            f"use {metric.replace('_server', '_avg_factors')} or a server algorithm {sorted(SERVER_MODEL)}"
+        )
+
+
+def _validate_task(cfg: Config) -> None:
+    kind, head = cfg.task.kind, cfg.model.head
+    check_measured(cfg, cfg.eval.headline)
+    if kind != "sequence_classification" and cfg.model.pooling == "mean":
+        raise ConfigError(
+            f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "
+            f"task.kind={kind} reads the causal LM's own logits: leave model.pooling=auto"
+        )
+    if kind == "sequence_classification":
+        if head == "none":
+            raise ConfigError(
+                "model.head='none' is for causal LMs (task.kind=label_words, causal_lm or instruction); "
+                "task.kind=sequence_classification needs model.head=train or frozen"
+            )
+        return
+    if head == "train":  # a causal LM predicts with its own (frozen, shared) LM head: nothing per node
+        raise ConfigError(
+            f"model.head='train' needs a classifier head, and task.kind={kind} runs a causal LM, which has "
+            "none: set model.head=none (or frozen)"
+        )
+    if cfg.task.template.count("{text}") != 1:
+        raise ConfigError(
+            f"task.template={cfg.task.template!r} must contain {{text}} exactly once (the review goes there; "
+            "any other {...} stays as written)"
+        )

@@ -164,7 +164,6 @@ class EvalConfig:
     seed: int = 0
     node_examples: int = 500  # test examples used for each node's own accuracy
     consensus_examples: int | None = None  # test examples for the consensus models (None: all)
-    batch_size: int = 128
     # The metric the paper reports, marked first in the report (docs/algorithms.md: evaluation
     # protocols): acc_avg_factors (Dec-LoRA), acc_avg_product, acc_node_mean (ADF/TAD: mean ± std over
     # nodes), acc_server (FSLoRA).

@@ -185,6 +185,7 @@ def run(
         start, wall_before = _resume(exp, metrics)
     elif group.is_main:
         _start(exp, metrics, overwrite)
+    saved = start  # the round of the last checkpoint on disk (0: none yet)
     sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
     board = Trackers(cfg, exp.run_dir) if tracker_names(cfg) and group.is_main else None
     export = AdapterExport(exp, resumed=resume)
@@ -217,7 +218,7 @@ def run(
             RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
         )
         loss = group.gather_nodes(loss)  # (n,)
-        check_health(exp, t, loss, active)
+        check_health(exp, t, loss, active, saved)
         crash_point("round.trained")
         trained = loss[~loss.isnan()]
         record: dict[str, Any] = {
@@ -250,6 +251,7 @@ def run(
         if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == cfg.rounds:
             phases.enter("checkpoint")
             save_checkpoint(exp, t + 1, record["wall_s"])
+            saved = t + 1
         release_free_memory()  # see heap.py: without it resident memory creeps up round after round
         phases.done()
     if board is not None:
@@ -282,9 +284,10 @@ class NumericalError(ArithmeticError):
     """A NaN or Inf in a loss or a node's tensor: the run stops at that round."""
 
 
-def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tensor) -> None:
+def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tensor, saved: int = 0) -> None:
     """Stop at round t+1 if a trained node's loss (n,) or any node's tensor after communication is NaN or
-    Inf, naming the node and tensor; every rank agrees on one bad (node, tensor) (the largest index)."""
+    Inf, naming the node, the tensor and ``saved``, the round of the last checkpoint (0: none); every rank
+    agrees on one bad (node, tensor) (the largest index)."""
     names = list(exp.fed.tensors())
     bad = -1  # node * (len(names) + 1) + k: k = 0 for the loss, 1 + tensor index otherwise
     trained = exp.group.gather_nodes(active)  # (n,) bool
@@ -303,8 +306,8 @@ def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tens
         return
     node, k = divmod(bad, len(names) + 1)
     what = "its training loss" if k == 0 else f"tensor {names[k - 1]} after communication"
-    saved = (t // exp.cfg.checkpoint_every) * exp.cfg.checkpoint_every
+    last = f"last checkpoint: round {saved}" if saved else "no checkpoint yet"
     raise NumericalError(
-        f"round {t + 1}: node {node}: {what} is NaN or Inf; the run stops here (last checkpoint: round "
-        f"{saved}); try a lower train.lr or a max_grad_norm"
+        f"round {t + 1}: node {node}: {what} is NaN or Inf; the run stops here ({last}); try a lower "
+        "train.lr or a max_grad_norm"
     )

@@ -35,32 +35,6 @@ from declora.tasks import CAUSAL_KINDS, Task, build_task
 from declora.train import LocalTrainer, NodeStreams
 
 log = logging.getLogger(__name__)
-# Algorithms whose every step works on a slice of the nodes (verified against the simulator).
-MULTI_PROCESS = {
-    "centralized",  # data parallel: every rank holds the one node (declora.replicas)
-    "dec_lora",
-    "dec_prox",
-    "local",
-    "fedavg",
-    "fedprox",
-    "fedsa_lora",
-    "fedex_lora",
-    "flora",
-    "fslora",
-    "hetlora",
-    "flexlora",
-    "scaffold",
-    "decaf",
-    "dlora_fa",
-    "ffa_lora",
-    "adf_lora",
-    "tad_lora",
-    "rolora",
-    "rolora_dfl",
-    "fed_sb",
-    "dec_sb",
-    "dec_gt",
-}
 
 
 @dataclass
@@ -175,11 +149,6 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     n = 1 if single else cfg.nodes
     if single and isinstance(group, Distributed):  # one node, P processes: a replica on each
         group = Replicas(group)
-    if group.world > 1 and cfg.algorithm.name not in MULTI_PROCESS:
-        raise ConfigError(
-            f"algorithm.name={cfg.algorithm.name} runs in one process only; multi-process runs support "
-            f"{sorted(MULTI_PROCESS)}"
-        )
     group.set_nodes(n, cfg.dist.node_slices)
     if group.is_main:
         for line in ignored_settings(cfg):  # set, but never read by this algorithm, codec or schedule

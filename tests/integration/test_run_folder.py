@@ -198,6 +198,7 @@ def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny
     code = main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter.parent}"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "round 1: node" in err and "NaN or Inf" in err and "\n" not in err, err
+    assert "(no checkpoint yet)" in err, err  # the round of the checkpoint on disk, not a guess
     assert not (run / "state").exists()  # nothing bad was saved
     rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in rounds] == ["start", "partition"]  # and no 0.0 or NaN round logged

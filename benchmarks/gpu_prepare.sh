@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run once on the development machine (pip and the installed assets at hand) before a GPU check; it makes
-# the two things a bare CUDA image lacks, both ignored by git and small enough to travel with the tree:
+# the two things a bare CUDA image lacks, both ignored by git and small enough to copy with the tree:
 #
 #   .whl/                HF datasets and the two packages it needs that the image does not hold, as wheels
 #                        for Python 3.12 (benchmarks/gpu_check.sh and fidelity_gpu.sh install them into
@@ -8,7 +8,7 @@
 #   shared/minilm-bf16/  a bf16 copy of the shipped MiniLM (about 45 MB): the tokenizer of the tests'
 #                        tiny BERT and the model of benchmarks/fidelity_gpu.sh (benchmarks/fidelity_gpu.py).
 #
-#     bash benchmarks/gpu_prepare.sh        # then: run with carry [".whl"]; shared/ travels by itself
+#     bash benchmarks/gpu_prepare.sh        # then copy .whl/ and shared/ with the tree to the GPU machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -26,8 +26,8 @@ def restore_threads():
 
 
 def minilm_folder() -> Path:
-    """The shipped MiniLM's folder; on a GPU machine without its package, the bf16 copy that travels in
-    shared/ (benchmarks/gpu_prepare.sh), which has the same tokenizer."""
+    """The shipped MiniLM's folder; on a GPU machine without its package, the bf16 copy in shared/ that
+    benchmarks/gpu_prepare.sh makes, which has the same tokenizer."""
     from declora.assets import AssetNotFoundError, model_path
 
     try:

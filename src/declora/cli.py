@@ -283,8 +283,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
     info = describe(schedule)
     for key, value in info.items():
         print(f"{key}: {_rounded(value)}")
-    # The interval TAD-LoRA picks with switch_interval=auto (same rho as expected_contraction).
-    rho = info["rho"] if "rho" in info else (1.0 - info["spectral_gap"]) ** 2
+    rho = info["rho"]  # the interval TAD-LoRA picks with switch_interval=auto
     c, cap = cfg.algorithm.auto_c, cfg.algorithm.auto_max
     auto_t = auto_interval(rho, c, cap)
     print(f"tad_lora auto T: {auto_t}  (ceil({c} / sqrt(1 - rho)) in [1, {cap}], rho = {rho:.4f})")

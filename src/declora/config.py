@@ -35,7 +35,7 @@ class ModelConfig:
     # folder's sentence-transformers pooling config, else cls). See declora/pooling.py.
     pooling: str = "auto"
     max_length: int = 128
-    init_seed: int = 0  # every node starts from the same A (this seed) and B = 0
+    init_seed: int = 0  # every node starts from the same A (this seed) and B = 0 (Fed-SB: seeded B, R = 0)
     init_adapter: str | None = None  # a PEFT adapter folder that seeds every node
     base_quantization: str = "none"  # none | int8 | nf4: frozen base linears stored quantized (QLoRA-style)
     # Who decodes the quantized base (same bytes either way, declora.quantize_bnb): auto (bitsandbytes'
@@ -146,8 +146,8 @@ class TrainConfig:
     # 256 on the CPU, fastest and leanest on 2 cores; 32768 on a GPU, which needs big batches to be busy).
     tokens_per_chunk: int | None = None
     # The LoRA product: per_row (a batched matmul over rows, each gathering its node's factors), grouped
-    # (rows ordered by node, one grouped matmul per layer over the node segments) or auto (grouped once a
-    # node owns enough tokens of a micro-batch; the measured thresholds are in declora/grouped.py).
+    # (rows ordered by node, one grouped matmul per layer over the node segments) or auto (grouped only
+    # for short rows with many rows per node, grouped.AUTO_GROUPED: measured, almost never on the CPU).
     # The result is the same; only time and memory differ.
     lora_product: str = "auto"
     # Learning rate across rounds, per node (declora.lr_schedule): constant | cosine | linear, after a
@@ -191,7 +191,7 @@ class AlgorithmConfig:
     ranks: tuple[int, ...] | None = None  # hetlora/flexlora: r_i <= model.rank per node; None: model.rank
     sketch_ratios: tuple[float, ...] | None = None  # fslora: k_i / r per node in (0, 1]; None: sketch_dist
     sketch_dist: str = "uniform"  # fslora: uniform over {1/8, 1/4, 1/2} | normal | heavy_tailed (seeded)
-    clients_per_round: int | None = None  # fslora/hetlora/flexlora: nodes the server samples; None: all
+    clients_per_round: int | None = None  # server methods: nodes the server samples per round; None: all
     server_lr: float = 1e-3  # fslora/hetlora: server AdamW on the mean delta
     server_weight_decay: float = 0.0  # [M] upstream FSLoRA uses torch AdamW's default 0.01 (?)
     flex_weights: str = "data_size"  # flexlora: p_i proportional to n_i | uniform

@@ -28,7 +28,7 @@ from declora.node_data import build_node_data
 from declora.optim import NodeOptimizer, build_optimizer
 from declora.privacy import ExampleDP, PrivacyAccount
 from declora.replicas import Replicas
-from declora.schedules import build_schedule
+from declora.schedules import Schedule, build_schedule
 from declora.seeding import numpy_rng
 from declora.stragglers import AsyncExchange, Stragglers, enabled
 from declora.tasks import CAUSAL_KINDS, Task, build_task
@@ -49,7 +49,7 @@ class Experiment:
     run_dir: Path
     fed: Federation
     algorithm: Algorithm
-    schedule: object  # declora.topology Schedule: matrix(t), online(t)
+    schedule: Schedule  # matrix(t), online(t)
     exchange: LocalExchange
     optimizer: NodeOptimizer
     trainer: LocalTrainer

@@ -70,7 +70,8 @@ class Federation(nn.Module):
         for layer in lora.values():
             layer.rank_mask = self.rank_mask
 
-    # ---- the node-stacked tensors, by name: "<module>.lora_A", "<module>.lora_B", "<head>.weight"
+    # ---- the node-stacked tensors, by name: "<module>.lora_A", "<module>.lora_B" (and Fed-SB's
+    # "<module>.lora_R"), "<head>.weight", "<head>.bias"
     def tensors(self, kinds: tuple[str, ...] = KINDS) -> dict[str, nn.Parameter]:
         out: dict[str, nn.Parameter] = {}
         for name, layer in self.lora.items():

@@ -219,6 +219,7 @@ def describe(schedule: Schedule, samples: int = 200) -> dict[str, Any]:
     }
     if schedule.is_static:
         out["spectral_gap"] = spectral_gap(w)
+        out["rho"] = expected_contraction(schedule, samples)[0]  # exact for a static W: (1 - gap)^2
     else:
         out["rho"], out["rho_stderr"] = expected_contraction(schedule, samples)
     out["row0"] = w[0].tolist()

@@ -1,4 +1,4 @@
-"""Settings a run would ignore (declora.ignored): every key has a reader; the audit's cases are named."""
+"""Settings a run would ignore (declora.ignored): every key has a reader; the known cases are named."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Algorithms by name: a plain registry from the name users type to a constructor taking the Federation."""
+"""Algorithms by name: a plain registry from the name users type to a constructor, called as
+``cls(fed, cfg=cfg, schedule=schedule)``."""
 
 from __future__ import annotations
 

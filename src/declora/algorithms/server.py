@@ -5,8 +5,9 @@ model that the server optimizer (``declora.server_opt``) moves.
   m = algorithm.clients_per_round, else max(1, round(server.fraction n)); fraction 1: every node. A node
   offline this round (topology.node_dropout) does not take part either.
 - Weights: p_i = 1/|S| (server.weighting=uniform) or n_i / sum_{j in S} n_j (size), over the senders S.
-- ``ServerModel`` (fedavg, ffa_lora, rolora): the server keeps x (node axis 1) for every trained tensor and,
-  after local training, moves it by its rule on Delta = sum_i p_i x_i - x; every node then holds x.
+- ``ServerModel`` (FedAvg and the methods built on it, FedProx, SCAFFOLD, RoLoRA): the server keeps x
+  (node axis 1) for every trained tensor and, after local training, moves it by its rule on
+  Delta = sum_i p_i x_i - x; every node then holds x.
   Under ``average`` this is the weighted mean of the uploads itself and keeps no state. A node that did
   not take part still receives x (the download is booked), so the next round starts from the server model.
 - ``Rejoin``: a node offline in a round cannot receive x then; its row holds x all the same, since it

@@ -19,7 +19,7 @@ from PIL import Image
 
 from declora.compare import expand, final_by_seed, group_cells, load_grid
 from declora.compare_plots import plot_comparison
-from declora.paired import paired_difference, seeds_to_decide, verdict
+from declora.paired import is_exact, paired_difference, seeds_to_decide, verdict
 from declora.report import read_metrics
 
 COLUMNS = [  # key in the eval records, header, scale
@@ -164,22 +164,27 @@ def unit(metric: str) -> float:
 
 
 def contrast_table(claim: str, all_runs: dict[str, dict[str, list[Path]]]) -> str:
-    """The claim's paired contrasts: per-seed differences, mean ± SE, the 95% t-interval, the verdict and
-    the seeds that would decide it at the measured spread."""
-    lines = [
-        "| contrast (A − B) | metric | claim | per seed | mean ± SE | 95% interval | verdict "
-        "| seeds to decide |",
-        "|---|---|---|---|---:|---|---|---:|",
-    ]
+    """The claim's paired contrasts: per-seed differences, mean ± SE, the 95% t-interval, the verdict, the
+    verdict when the claim's m contrasts are corrected together (Bonferroni: each interval at 1 − 0.05/m)
+    and the seeds that would decide it at the measured spread."""
+    contrasts = []
     for label, a, b, metric, kind, margin in CONTRASTS.get(claim, []):
         dirs = []
         for spec in (a, b):
             grid, _, method = spec.rpartition(":")
             dirs.append(all_runs.get(grid or claim, {}).get(method, []))
         finals = [final_by_seed(d, metric) for d in dirs]
-        if len(set(finals[0]) & set(finals[1])) < 2:
-            continue
-        d = paired_difference(*finals)
+        if len(set(finals[0]) & set(finals[1])) >= 2:
+            contrasts.append((label, metric, kind, margin, finals))
+    m = sum(not is_exact(metric) for _, metric, *_ in contrasts)  # bytes are exact: no chance to correct
+    lines = [
+        "| contrast (A − B) | metric | claim | per seed | mean ± SE | 95% interval | verdict "
+        f"| verdict, {m} corrected together | seeds to decide |",
+        "|---|---|---|---|---:|---|---|---|---:|",
+    ]
+    for label, metric, kind, margin, finals in contrasts:
+        d = paired_difference(*finals, exact=is_exact(metric))
+        together = paired_difference(*finals, exact=is_exact(metric), family=max(m, 1))
         k = unit(metric)
         spec = "+.3g" if metric.startswith("consensus") else "+.2f"
         se_spec = ".2g" if metric.startswith("consensus") else ".2f"  # accuracy: two decimals, like the mean
@@ -193,7 +198,8 @@ def contrast_table(claim: str, all_runs: dict[str, dict[str, list[Path]]]) -> st
         lines.append(
             f"| {label} | {metric} | {CLAIM_WORDS[kind].format(m=margin)} | {per_seed} | "
             f"{fmt_(d.mean)} ± {abs(k * d.se):{se_spec}} | {interval} | "
-            f"**{verdict(d, kind, margin / k)}** | {need if need is not None else '–'} |"
+            f"**{verdict(d, kind, margin / k)}** | {verdict(together, kind, margin / k)} | "
+            f"{need if need is not None else '–'} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
 

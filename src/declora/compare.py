@@ -327,7 +327,7 @@ def final_by_seed(dirs: list[Path], metric: str) -> dict[int, float]:
 def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
     """Every method against the first, paired by seed (declora.paired): per-seed differences of the final
     value, mean ± SE and the 95% t-interval. Empty when fewer than two seeds are shared."""
-    from declora.paired import paired_difference
+    from declora.paired import is_exact, paired_difference
 
     methods = list(runs)
     if len(methods) < 2:
@@ -339,7 +339,7 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
         other = final_by_seed(runs[method], metric)
         if len(set(ref) & set(other)) < 2:
             continue
-        d = paired_difference(other, ref)
+        d = paired_difference(other, ref, exact=is_exact(metric))
         per_seed = ", ".join(f"{k * x:+.2f}" for x in d.diffs)
         decided = "yes" if d.lo > 0 or d.hi < 0 else "no"
         interval = f"{k * d.lo:+.2f} to {k * d.hi:+.2f}"

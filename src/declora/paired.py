@@ -15,10 +15,16 @@ where the interval excludes the other answer:
 
 When every seed gives the same difference there is no interval (``lo``/``hi`` are NaN): a spread of zero
 over a handful of seeds says the metric is coarse (a small test set moves in steps of one example), not
-that the difference is exact, so the verdict is "undecided".
+that the difference is exact, so the verdict is "undecided". The exception is a metric fixed by arithmetic
+(``exact``: the bytes a run sends depend on its shapes and schedule, not on the data): there a zero spread
+is the exact difference, and the interval is that one value.
 
-Everything else is "undecided", with the number of seeds that would shrink the interval enough when the
-per-seed spread stays as measured (``seeds_to_decide``).
+Everything else is "undecided", with the number of seeds at which the interval would decide if the mean
+and the per-seed spread stayed as measured (``seeds_to_decide``). That is a coin flip's chance when the
+true difference is the measured one; a 80 % chance takes about twice as many seeds.
+
+Each interval is at 95 % on its own. A page of many contrasts should say how many it makes, or widen them
+together: ``t_quantile(n, family=m)`` gives the Bonferroni quantile for m contrasts.
 """
 
 from __future__ import annotations
@@ -42,20 +48,33 @@ class PairedDiff:
     hi: float
 
 
-def t_quantile(n: int) -> float:
-    """t_{0.975, n-1}: the half-width of a 95% interval in standard errors."""
-    return float(stats.t.ppf(0.975, n - 1)) if n >= 2 else math.inf
+EXACT_PREFIXES = ("bytes",)  # metrics fixed by arithmetic: the same on every seed by construction
 
 
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
-    """A - B over the seeds both have (keys: seed, values: the metric)."""
+def is_exact(metric: str) -> bool:
+    return metric.startswith(EXACT_PREFIXES)
+
+
+def t_quantile(n: int, family: int = 1) -> float:
+    """t_{1 - 0.025/family, n-1}: the half-width of a 95% interval in standard errors (with ``family`` > 1,
+    of each of ``family`` Bonferroni-corrected intervals, which all hold together with 95%)."""
+    return float(stats.t.ppf(1 - 0.025 / family, n - 1)) if n >= 2 else math.inf
+
+
+def paired_difference(
+    a: dict[int, float], b: dict[int, float], exact: bool = False, family: int = 1
+) -> PairedDiff:
+    """A - B over the seeds both have (keys: seed, values: the metric). ``exact``: a metric fixed by
+    arithmetic (``is_exact``), whose zero spread is an exact difference; ``family``: see ``t_quantile``."""
     seeds = tuple(sorted(set(a) & set(b)))
     d = np.asarray([a[s] - b[s] for s in seeds], dtype=float)
     if not len(d):
         raise ValueError(f"no common seed: {sorted(a)} against {sorted(b)}")
     mean = float(d.mean())
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
-    half = t_quantile(len(d)) * se if len(d) > 1 and se > 0 else math.nan  # no spread: no interval
+    if len(d) > 1 and se == 0 and exact:
+        return PairedDiff(tuple(d.tolist()), seeds, mean, 0.0, mean, mean)
+    half = t_quantile(len(d), family) * se if len(d) > 1 and se > 0 else math.nan  # no spread: no interval
     return PairedDiff(tuple(d.tolist()), seeds, mean, se, mean - half, mean + half)
 
 

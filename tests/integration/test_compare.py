@@ -355,3 +355,53 @@ def test_every_fidelity_contrast_names_cells_of_its_grids(monkeypatch):
             for spec_ in (a, b):
                 grid, _, method = spec_.rpartition(":")
                 assert method in methods[grid or claim], (claim, spec_)
+
+
+def _fidelity_module(monkeypatch):
+    import importlib.util
+
+    monkeypatch.chdir(ROOT)
+    spec = importlib.util.spec_from_file_location("fidelity", ROOT / "benchmarks/fidelity.py")
+    fidelity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fidelity)
+    return fidelity
+
+
+def _fake_runs(root: Path, finals: dict[int, dict[str, float]]) -> list[Path]:
+    """One run folder per seed whose last evaluation holds ``finals[seed]``."""
+    dirs = []
+    for seed, values in finals.items():
+        d = root / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"seed": seed}))
+        (d / "metrics.jsonl").write_text(json.dumps({"event": "eval", "round": 40, **values}) + "\n")
+        dirs.append(d)
+    return dirs
+
+
+def test_fidelity_contrast_table_converts_margins_and_decides_by_the_interval(monkeypatch, tmp_path):
+    # C4 on made-up runs: accuracies in [0, 1] shown in points, bytes in MB; the margins are in those units.
+    fidelity = _fidelity_module(monkeypatch)
+    fs = {
+        s: {"acc_server": 0.80 + d, "bytes_total": 76_200_000} for s, d in ((0, 0.01), (1, 0.02), (2, 0.03))
+    }
+    het = {s: {"acc_server": 0.80, "bytes_total": 76_192_000} for s in (0, 1, 2)}
+    flex = {
+        s: {"acc_server": 0.80 - d, "bytes_total": 90_000_000} for s, d in ((0, 0.05), (1, 0.06), (2, 0.07))
+    }
+    runs = {
+        "C4": {
+            "algorithm.name=fslora": _fake_runs(tmp_path / "fs", fs),
+            "algorithm.name=hetlora": _fake_runs(tmp_path / "het", het),
+            "algorithm.name=flexlora": _fake_runs(tmp_path / "flex", flex),
+        }
+    }
+    lines = fidelity.contrast_table("C4", runs).splitlines()
+    assert "verdict, 2 corrected together" in lines[0]  # the bytes are exact: no chance to correct
+    # FSLoRA − HetLoRA: +1, +2, +3 points: mean 2, SE 0.58, t(2) = 4.30: -0.48 to +4.48, undecided
+    assert "| +1.00, +2.00, +3.00 | +2.00 ± 0.58 | -0.48 to +4.48 | **undecided** | undecided |" in lines[2]
+    # FSLoRA − FlexLoRA: +6, +8, +10 points: +3.03 to +12.97 at 95 %; the two accuracy contrasts
+    # corrected together (t at 1 − 0.025/2 = 6.21): +0.83 to +15.17, still above 0
+    assert "| +8.00 ± 1.15 | +3.03 to +12.97 | **holds** | holds |" in lines[3]
+    # the bytes: 0.008 MB on every seed, exact, inside the ±0.1 MB margin
+    assert "| +0.01 ± 0.00 | +0.01 to +0.01 | **holds** | holds |" in lines[4]

@@ -7,7 +7,7 @@ import math
 import pytest
 from scipy import stats
 
-from declora.paired import PairedDiff, paired_difference, seeds_to_decide, verdict
+from declora.paired import PairedDiff, is_exact, paired_difference, seeds_to_decide, t_quantile, verdict
 
 
 def test_paired_difference_equals_hand_computation_and_scipy():
@@ -84,3 +84,30 @@ def test_seeds_to_decide_shrinks_the_interval_at_the_measured_spread():
     assert 0.3 - stats.t.ppf(0.975, n - 2) * sd / math.sqrt(n - 1) <= 0  # ... and n - 1 do not
     flat = paired_difference({0: 1.0, 1: 1.0}, {0: 1.0, 1: 1.0})  # mean 0, no spread: never decided
     assert seeds_to_decide(flat, "greater") is None
+
+
+def test_a_metric_fixed_by_arithmetic_gives_its_exact_difference():
+    # Bytes are the same on every seed by construction: zero spread is the exact difference, not coarseness.
+    sent = paired_difference({0: 76.200, 1: 76.200, 2: 76.200}, {0: 76.192, 1: 76.192, 2: 76.192}, exact=True)
+    assert sent.lo == sent.hi == pytest.approx(0.008) and sent.se == 0
+    assert verdict(sent, "equivalent", 0.1) == "holds" and verdict(sent, "greater") == "holds"
+    coarse = paired_difference({0: 76.200, 1: 76.200}, {0: 76.192, 1: 76.192})  # an accuracy would not be
+    assert math.isnan(coarse.lo) and verdict(coarse, "equivalent", 0.1) == "undecided"
+    assert is_exact("bytes_total") and not is_exact("acc_avg_factors")
+
+
+def test_seeds_to_decide_in_the_equivalence_and_cost_directions():
+    small = paired_difference({0: -0.5, 1: -1.5, 2: -1.0}, {0: 0.0, 1: 0.0, 2: 0.0})  # mean -1, sd 0.5
+    assert verdict(small, "equivalent", 2.0) == "undecided"  # -1 ± 4.30 * 0.29 reaches below -2
+    n = seeds_to_decide(small, "equivalent", 2.0)
+    assert n is not None and -1 - stats.t.ppf(0.975, n - 1) * 0.5 / math.sqrt(n) >= -2
+    assert -1 - stats.t.ppf(0.975, n - 2) * 0.5 / math.sqrt(n - 1) < -2
+    assert verdict(small, "less") == "undecided"  # -1 + 4.30 * 0.29 = +0.24: the interval reaches 0
+    assert seeds_to_decide(small, "less") == 4  # -1 + 3.18 * 0.5 / 2 = -0.20
+
+
+def test_a_family_of_contrasts_widens_each_interval_by_bonferroni():
+    a, b = {0: 2.0, 1: 3.0, 2: 2.5}, {0: 0.0, 1: 0.0, 2: 0.0}
+    one, six = paired_difference(a, b), paired_difference(a, b, family=6)
+    assert t_quantile(3, 6) == pytest.approx(stats.t.ppf(1 - 0.05 / 12, 2))  # 8.88 against 4.30
+    assert six.hi - six.lo == pytest.approx((one.hi - one.lo) * t_quantile(3, 6) / t_quantile(3))

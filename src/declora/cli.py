@@ -311,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None, help="metric value whose bytes-to-reach is reported")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
-        "compare", help="run a grid of experiments and compare them: declora compare GRID [key=value ...]"
+        "compare",
+        help="run a grid of experiments and compare them: declora compare GRID [key=value ...]",
+        description="Run every cell of a grid (finished cells are skipped) and write OUT/comparison.md, "
+        ".csv and .png: each method's final and best values over seeds and, with two or more seeds, every "
+        "method against the first paired by seed (per-seed differences, mean ± SE, 95% t-interval).",
     )
     p.add_argument("grid", nargs="?", help="grid YAML (configs/grids/smoke.yaml)")  # checked in cmd_compare
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell, e.g. rounds=2")

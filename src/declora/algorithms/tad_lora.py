@@ -22,37 +22,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import Tensor
-
-from declora.algorithms.alternating import PhaseClock, build_clock, end_of_round
-from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
-from declora.algorithms.mixing import gossip_kinds
+from declora.algorithms.adf_lora import ADFLoRA
+from declora.algorithms.alternating import build_clock
 from declora.config import Config
-from declora.model import Federation
-from declora.schedules import Schedule
 
 
 @dataclass
-class TADLoRA:
-    fed: Federation
+class TADLoRA(ADFLoRA):
+    """ADF-LoRA's round with the switching interval read from the graph (``switch_interval=auto``)."""
+
     name: str = "tad_lora"
-    single_node: bool = False
-    cfg: Config | None = None
-    schedule: Schedule | None = None
-    clock: PhaseClock = field(init=False)
     rho: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.acfg = (self.cfg or Config()).algorithm
         self.clock, self.rho = build_clock(self.acfg, self.schedule, self.name, allow_auto=True)
         self.interval = self.clock.interval
-
-    def plan(self, t: int) -> RoundPlan:
-        return RoundPlan(train=trained_kinds(self.fed, (self.clock.phase(t),)))
-
-    def communicate(self, ctx: RoundContext) -> None:
-        gossip_kinds(ctx, trained_kinds(ctx.fed, ("A", "B")))
-        end_of_round(ctx, self.clock, self.acfg.optimizer_policy)
-
-    def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
-        return None

@@ -3,7 +3,7 @@
 ``log.trackers: [tensorboard, wandb, mlflow]`` (the older top-level ``tensorboard: true`` still adds
 TensorBoard). Each declora run is one tracker run (a resumed run continues it), its hyperparameters are
 the resolved config, and every round it gets the numeric metrics of the round record under the
-families of ``declora.tensorboard.tag_of`` (``accuracy/acc_avg_factors``, ...). metrics.jsonl stays the
+families of ``tag_of`` (``accuracy/acc_avg_factors``, ...). metrics.jsonl stays the
 record; the trackers mirror it. Only rank 0 of a multi-process run tracks.
 
 W&B runs in the mode ``log.wandb_mode`` names, else ``$WANDB_MODE``, else offline (``wandb sync
@@ -22,10 +22,27 @@ from typing import Any, Protocol
 
 from declora.config import Config, to_dict
 from declora.runfolder import atomic_write_text, read_resumes
-from declora.tensorboard import TensorBoardLogger, tag_of
 
 SENT_ROUND = "trackers_round"  # RUN_DIR file: the last round the trackers were sent
 MLFLOW_RUN_ID = "mlflow_run_id"  # RUN_DIR file naming the MLflow run that a resume continues
+
+
+# Scalars worth a curve, grouped so that a tracker shows one panel per family.
+GROUPS = {
+    "acc_": "accuracy",
+    "consensus_": "consensus",
+    "cross_term": "consensus",
+    "bytes_": "bytes",
+    "train_loss": "train",
+    "wall_s": "time",
+    "tokens_per_s": "time",
+    "peak_mem_mb": "memory",
+    "peak_gpu_mem_mb": "memory",
+}
+
+
+def tag_of(key: str) -> str | None:
+    return next((f"{group}/{key}" for prefix, group in GROUPS.items() if key.startswith(prefix)), None)
 
 
 class Tracker(Protocol):
@@ -67,20 +84,26 @@ def _missing(name: str, package: str) -> ImportError:
 
 
 class TensorBoard:
+    """Event files in RUN_DIR/tensorboard (``tensorboard --logdir RUN_DIR/tensorboard``)."""
+
     def __init__(self, cfg: Config, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # torch imports tensorboard lazily
+            raise _missing("tensorboard", "tensorboard") from err
         resumed = any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-        self.board = TensorBoardLogger(run_dir)
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         if not resumed:  # a resume's changes are in resumes.jsonl; the config text is the run's start
             config = "\n".join(f"    {k}: {v}" for k, v in flat_params(cfg).items())  # indented: monospace
-            self.board.writer.add_text("config", config, 0)
+            self.writer.add_text("config", config, 0)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
-            self.board.writer.add_scalar(tag, value, step)
-        self.board.writer.flush()
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
 
     def close(self) -> None:
-        self.board.close()
+        self.writer.close()
 
 
 class WandB:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from declora.tensorboard import TensorBoardLogger, tag_of
+from declora.config import Config
+from declora.trackers import TensorBoard, scalars, tag_of
 
 pytestmark = pytest.mark.unit
 
@@ -14,9 +15,9 @@ pytestmark = pytest.mark.unit
 def test_scalars_round_trip_through_event_files(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logger = TensorBoardLogger(tmp_path)
-    logger({"event": "round", "round": 1, "train_loss": 0.7, "bytes_total": 100, "wall_s": 1.5})
-    logger(
+    board = TensorBoard(Config(), tmp_path)
+    records = [
+        {"event": "round", "round": 1, "train_loss": 0.7, "bytes_total": 100, "wall_s": 1.5},
         {
             "event": "eval",
             "round": 2,
@@ -25,9 +26,11 @@ def test_scalars_round_trip_through_event_files(tmp_path):
             "consensus_BA": math.nan,
             "bytes_total": 200,
             "nodes": [1, 2],
-        }
-    )
-    logger.close()
+        },
+    ]
+    for record in records:
+        board.log(scalars(record), record["round"])
+    board.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -35,9 +38,11 @@ def test_scalars_round_trip_through_event_files(tmp_path):
     assert "consensus/consensus_BA" not in tags  # NaN is skipped
     loss = [(e.step, round(e.value, 6)) for e in events.Scalars("train/train_loss")]
     assert loss == [(1, 0.7), (2, 0.5)]
+    assert "config/text_summary" in events.Tags()["tensors"]  # the resolved config, as text
 
 
 def test_only_metric_families_get_tags():
     assert tag_of("acc_node_mean") == "accuracy/acc_node_mean"
     assert tag_of("cross_term") == "consensus/cross_term"
     assert tag_of("round") is None and tag_of("local_steps") is None
+    assert scalars({"round": 3, "event": "eval", "local_steps": 5}) == {"run/local_steps": 5.0}

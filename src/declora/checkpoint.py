@@ -70,9 +70,6 @@ def _prune(state_dir: Path, rank: int, round_done: int) -> None:
     for r in rounds - keep:
         for suffix in ("safetensors", "json"):
             (state_dir / f"{shard_name(r, rank)}.{suffix}").unlink(missing_ok=True)
-    for old in state_dir.iterdir():  # the one-file format of earlier versions, no longer referenced
-        if re.fullmatch(r"round_\d+\.safetensors", old.name):
-            old.unlink()
 
 
 def _read_json(path: Path) -> Any:
@@ -101,29 +98,31 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     meta = group.broadcast(_read_json(latest) if group.is_main and latest.is_file() else None)
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {exp.run_dir}: {latest} is missing (nothing to resume)")
-    if not isinstance(meta, dict) or not isinstance(meta.get("round"), int) or "wall_s" not in meta:
-        raise ConfigError(f"checkpoint {latest}: not a declora latest.json (need round and wall_s)")
-    if "tensors" in meta:  # one file, counters in latest.json: a one-process run of an earlier version
-        tensors, counters = _read_tensors(state_dir / meta["tensors"], exp.fed.device), meta
-    else:
-        saved = tuple(meta["node_slices"])
-        if saved != group.layout.counts:
-            k = len(saved)  # the run's dist.node_slices, if it set them, come back from its config.yaml
-            launch = (
-                f"declora run --resume {exp.run_dir}"
-                if k == 1
-                else f"torchrun --nproc-per-node {k} -m declora run --resume {exp.run_dir}"
-            )
-            raise ConfigError(
-                f"{exp.run_dir} was saved by {k} process{'es' if k > 1 else ''} (node slices {list(saved)}); "
-                f"this launch has {len(group.layout.counts)} ({list(group.layout.counts)}), and a checkpoint "
-                f"cannot be resharded: relaunch it as it ran, `{launch}`"
-            )
-        name = shard_name(int(meta["round"]), group.rank)
-        if group.layout.counts == (1,) and not (state_dir / f"{name}.safetensors").is_file():
-            name = shard_name(int(meta["round"]), 0)  # one node: every rank's shard is the same replica
-        tensors = _read_tensors(state_dir / f"{name}.safetensors", exp.fed.device)
-        counters = _read_json(state_dir / f"{name}.json")
+    needed = ("round", "wall_s", "node_slices")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("round"), int)
+        or any(k not in meta for k in needed)
+    ):
+        raise ConfigError(f"checkpoint {latest}: not a declora latest.json (need {', '.join(needed)})")
+    saved = tuple(meta["node_slices"])
+    if saved != group.layout.counts:
+        k = len(saved)  # the run's dist.node_slices, if it set them, come back from its config.yaml
+        launch = (
+            f"declora run --resume {exp.run_dir}"
+            if k == 1
+            else f"torchrun --nproc-per-node {k} -m declora run --resume {exp.run_dir}"
+        )
+        raise ConfigError(
+            f"{exp.run_dir} was saved by {k} process{'es' if k > 1 else ''} (node slices {list(saved)}); "
+            f"this launch has {len(group.layout.counts)} ({list(group.layout.counts)}), and a checkpoint "
+            f"cannot be resharded: relaunch it as it ran, `{launch}`"
+        )
+    name = shard_name(int(meta["round"]), group.rank)
+    if group.layout.counts == (1,) and not (state_dir / f"{name}.safetensors").is_file():
+        name = shard_name(int(meta["round"]), 0)  # one node: every rank's shard is the same replica
+    tensors = _read_tensors(state_dir / f"{name}.safetensors", exp.fed.device)
+    counters = _read_json(state_dir / f"{name}.json")
     with torch.no_grad():
         for k, v in exp.fed.tensors().items():
             saved_v = tensors.get(f"model/{k}")

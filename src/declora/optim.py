@@ -58,9 +58,15 @@ class NodeOptimizer:
     @torch.no_grad()
     def step(self, active: Tensor, names: list[str]) -> None:
         """One step for the nodes in ``active`` (n,) bool, on the named tensors that have a gradient."""
+        on: dict[torch.device, Tensor] = {}  # the active rows' ids on each device, copied there once a step
+        scales: dict[torch.device, Tensor] = {}  # and their lr_scale
         for name in names:
             p = self.params[name]
-            nodes = torch.nonzero(active).flatten().to(p.device)  # active: (n,) bool, possibly on the CPU
+            if p.device not in on:
+                on[p.device] = torch.nonzero(active).flatten().to(p.device)  # active: maybe on the CPU
+                if self.lr_scale is not None:
+                    scales[p.device] = self.lr_scale.to(p.device)[on[p.device]]
+            nodes = on[p.device]
             if p.grad is None or len(nodes) == 0:
                 continue
             self.steps[name][nodes] += 1
@@ -71,7 +77,7 @@ class NodeOptimizer:
             param, grad, *state = (t if every else t.index_select(0, nodes) for t in full)
             lr = self.lrs[name]
             if self.lr_scale is not None:  # lr * scale_i on node i's rows
-                lr = _rows(lr * self.lr_scale.to(p.device, p.dtype)[nodes], p)
+                lr = _rows(lr * scales[p.device].to(p.dtype), p)
             self.update(param, grad, state, self.steps[name][nodes].to(p.dtype), lr)
             if not every:
                 for target, rows in zip([p, *full[2:]], [param, *state], strict=True):

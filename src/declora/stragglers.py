@@ -198,7 +198,8 @@ class Stragglers:
         return {"clock": torch.tensor([self.clock], dtype=torch.float64), "last": self.last.clone()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.clock, self.last = float(state["clock"][0]), state["last"].clone()
+        # the checkpoint loads onto the run's device; the clock's bookkeeping stays on the CPU
+        self.clock, self.last = float(state["clock"][0]), state["last"].cpu().clone()
 
 
 class AsyncExchange:

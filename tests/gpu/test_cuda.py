@@ -1,7 +1,7 @@
 """On a CUDA GPU (marker ``gpu``, never in CI; benchmarks/gpu_check.sh runs them): the same runs as on the
 CPU, within fp32 or bf16 tolerance, for algorithms and codecs that exercise every device path (gossip,
 CHOCO copies, DeCAF's batched SVDs, the server mean, FSLoRA's rank gates, FlexLoRA's SVD, evaluation);
-causal LMs in bf16; and a checkpoint written on the GPU resumed on the CPU."""
+causal LMs in bf16; a checkpoint written on the GPU resumed on the CPU, and on the GPU."""
 
 from __future__ import annotations
 
@@ -135,20 +135,54 @@ def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu(tiny_bert, tmp_path)
         near(on_cpu.fed.tensors()[k], v, 1e-2)
 
 
+RESUMED_ON_CUDA = {  # algorithm state kept beside the CPU schedule masks: it must come back on the CPU
+    "fedavg_dropout": ["algorithm.name=fedavg", "topology.node_dropout=0.3"],  # Rejoin's missed nodes
+    "async_stragglers": [  # the stragglers' last published rounds
+        "stragglers.asynchronous=true",
+        "stragglers.speeds=lognormal",
+        "stragglers.max_staleness=1",
+    ],
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUMED_ON_CUDA))
+def test_a_run_killed_on_the_gpu_resumes_on_the_gpu(case, tiny_bert, tmp_path):
+    full = build_experiment(tiny(tiny_bert, tmp_path / "full", "device=cuda", *RESUMED_ON_CUDA[case]))
+    run(full)
+    crashed = build_experiment(tiny(tiny_bert, tmp_path / "again", "device=cuda", *RESUMED_ON_CUDA[case]))
+    crash_after_round(crashed, 2)
+    again = build_experiment(
+        tiny(tiny_bert, tmp_path / "again", "device=cuda", *RESUMED_ON_CUDA[case]), crashed.run_dir
+    )
+    run(again, resume=True)
+    close(evals(full.run_dir), evals(again.run_dir), loss_atol=1e-4, acc_atol=ONE_EXAMPLE)
+
+
 @pytest.mark.parametrize(("precision", "atol", "rel"), [("fp32", 1e-5, 1e-2), ("bf16", 2e-3, 5e-2)])
 def test_grouped_lora_product_equals_per_row_on_cuda(
-    precision, atol, rel, tiny_bert, tmp_path, record_property
+    precision, atol, rel, tiny_bert, tmp_path, record_property, monkeypatch
 ):
+    import torch.nn.functional as F
+
     from declora.grouped import _grouped_mm_works
 
-    # whether torch's grouped_mm kernel ran (else the segment loop did), in gpu_tests.xml: a pass says which
+    # How often torch's grouped_mm ran (else the segment loop did), in gpu_tests.xml. Rank 8: in bf16 a
+    # rank-4 factor's rows are 8 bytes, below the kernel's 16-byte alignment, and it would never run.
+    # In fp32 torch's grouped_mm is its own loop of matmuls (the fast kernel is bf16 only).
+    calls = []
+    if hasattr(F, "grouped_mm"):
+        real = F.grouped_mm
+        monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    record_property("grouped_mm_kernel", _grouped_mm_works(torch.device("cuda"), dtype))
+    works = _grouped_mm_works(torch.device("cuda"), dtype)
     runs = {}
     for product in ("per_row", "grouped"):
         extra = ("device=cuda", f"precision={precision}", f"train.lora_product={product}", "rounds=2")
-        runs[product] = build_experiment(tiny(tiny_bert, tmp_path / product, *extra))
+        runs[product] = build_experiment(tiny(tiny_bert, tmp_path / product, *extra, "model.rank=8"))
         run(runs[product])
+    record_property("grouped_mm_supported", works)
+    record_property("grouped_mm_calls", len(calls))
+    assert not works or calls  # a kernel that works is used by the grouped product
     for x, y in zip(evals(runs["per_row"].run_dir), evals(runs["grouped"].run_dir), strict=True):
         assert y["train_loss"] == pytest.approx(x["train_loss"], abs=atol)
     for k, v in runs["per_row"].fed.tensors().items():

@@ -101,7 +101,7 @@ class Rejoin:
         return {"rejoin/missed": self.missed.to(torch.uint8)}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.missed = state["rejoin/missed"].bool()
+        self.missed = state["rejoin/missed"].bool().cpu()  # kept beside the schedule's masks, on the CPU
 
 
 class ServerModel:

@@ -221,18 +221,18 @@ def run(
         loss = group.gather_nodes(loss)  # (n,)
         check_health(exp, t, loss, active, saved)
         crash_point("round.trained")
-        trained = loss[~loss.isnan()]
+        losses = loss[~loss.isnan()]  # the nodes that trained
         record: dict[str, Any] = {
             "event": "round",
             "round": t + 1,
-            "train_loss": float(trained.mean()) if len(trained) else None,  # null: no node trained
+            "train_loss": float(losses.mean()) if len(losses) else None,  # null: no node trained
             "local_steps": int(group.all_max(torch.tensor(steps))),
             "active_nodes": int(group.gather_nodes(active).sum()),  # replicas: each rank has every node
             **speed,
             **exp.exchange.ledger.round_summary(),
         }
         if exp.stragglers is not None:  # the simulated clock (declora.stragglers)
-            trained = group.gather_nodes(active)
+            trained = group.gather_nodes(active)  # (n,) bool
             record.update(exp.stragglers.end_round(t, W, up, trained, record["bytes_node_max"]))
         if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
             record.update(exp.privacy.summary(group))

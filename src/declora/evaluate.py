@@ -51,7 +51,7 @@ def _scored(exp: Experiment, stacked: dict[str, torch.Tensor], mode: str) -> dic
 
 
 @contextmanager
-def all_nodes(fed: Federation, stacked: dict[str, torch.Tensor]) -> Iterator[Federation]:
+def with_all_nodes(fed: Federation, stacked: dict[str, torch.Tensor]) -> Iterator[Federation]:
     """``fed`` seen with every node's tensors (n, ...) in place of this process's rows, for algorithm
     code that reads ``fed.tensors()`` (server_tensors); restored on exit."""
     params = fed.tensors()
@@ -113,7 +113,7 @@ def evaluate(exp: Experiment) -> dict[str, Any]:
     if group.world == 1:
         server = exp.algorithm.server_tensors(fed)
     else:
-        with all_nodes(fed, raw):
+        with with_all_nodes(fed, raw):
             server = exp.algorithm.server_tensors(fed)
     if server is not None:
         same = one_model and _same_tensors(server, consensus)

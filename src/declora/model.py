@@ -154,10 +154,10 @@ class Federation(nn.Module):
 # ---------------------------------------------------------------- building
 
 
-def _kaiming_uniform(rank: int, d_in: int, generator: torch.Generator) -> Tensor:
-    # PEFT's default lora_A init: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in)).
-    bound = 1.0 / math.sqrt(d_in)
-    return (torch.rand(rank, d_in, generator=generator) * 2 - 1) * bound
+def _kaiming_uniform(rows: int, fan_in: int, generator: torch.Generator) -> Tensor:
+    # PEFT's default lora_A init: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(rows, fan_in, generator=generator) * 2 - 1) * bound
 
 
 def add_middle_factors(fed: Federation) -> None:

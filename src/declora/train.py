@@ -244,29 +244,29 @@ def metric_per_node(
     fed: Federation,
     token_ids: list[list[int]],
     labels: np.ndarray,
-    nodes: int,
+    n_models: int,
     pad_id: int,
     tokens_per_chunk: int,
     task: Task = CLASSIFY,
 ) -> Tensor:
-    """The metric (accuracy, perplexity) of each of ``nodes`` stacked models on the same examples, all in
-    one pass: (nodes,)."""
-    return task.finalize(totals_per_node(fed, token_ids, labels, nodes, pad_id, tokens_per_chunk, task))
+    """The metric (accuracy, perplexity) of each of ``n_models`` stacked models on the same examples, all in
+    one pass: (n_models,)."""
+    return task.finalize(totals_per_node(fed, token_ids, labels, n_models, pad_id, tokens_per_chunk, task))
 
 
 def totals_per_node(
     fed: Federation,
     token_ids: list[list[int]],
     labels: np.ndarray,
-    nodes: int,
+    n_models: int,
     pad_id: int,
     tokens_per_chunk: int,
     task: Task = CLASSIFY,
 ) -> Tensor:
-    """Each of ``nodes`` stacked models' summed ``row_stats`` on the same examples, in one pass:
-    (nodes, task.width); ``task.finalize`` / ``task.extras`` turn them into metrics."""
+    """Each of ``n_models`` stacked models' summed ``row_stats`` on the same examples, in one pass:
+    (n_models, task.width); ``task.finalize`` / ``task.extras`` turn them into metrics."""
     m = len(token_ids)
-    rows = torch.arange(nodes).repeat_interleave(m)
-    y = torch.as_tensor(labels).repeat(nodes)
-    stats = row_stats(fed, token_ids * nodes, y, rows, pad_id, tokens_per_chunk, task)
-    return stats.view(nodes, m, task.width).sum(1)
+    rows = torch.arange(n_models).repeat_interleave(m)  # row k is scored by model rows[k]
+    y = torch.as_tensor(labels).repeat(n_models)
+    stats = row_stats(fed, token_ids * n_models, y, rows, pad_id, tokens_per_chunk, task)
+    return stats.view(n_models, m, task.width).sum(1)

@@ -79,7 +79,7 @@ class FlexLoRA:
     start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
-        cfg = self.run_cfg = self.cfg or Config()
+        cfg = self.cfg = self.cfg or Config()
         self.acfg, self.seed = cfg.algorithm, cfg.seed
         weights, policy = self.acfg.flex_weights, self.acfg.optimizer_policy
         if weights not in ("data_size", "uniform") or policy not in ("reset", "keep"):
@@ -94,7 +94,9 @@ class FlexLoRA:
         self.opt = build_server_optimizer(cfg, "average")
         # Any other server rule moves the dense server product W (d_out, d_in) per module (see above).
         dense = self.opt.rule != "average"
-        self.W = {k: (v.B[0] @ v.A[0]).detach().clone() for k, v in self.fed.lora.items() if dense}
+        self.server_product = {
+            k: (v.B[0] @ v.A[0]).detach().clone() for k, v in self.fed.lora.items() if dense
+        }
 
     def server_step(
         self, name: str, A: Tensor, B: Tensor, p: Tensor, fix: Tensor | None = None
@@ -105,30 +107,30 @@ class FlexLoRA:
         M = torch.einsum("n,nor,nri->oi", p.to(A.device, A.dtype), Bg, A)  # (d_out, d_in)
         M = M if fix is None else M + fix.to(M)
         if self.opt.rule != "average":
-            self.opt.step(self.W, {name: M - self.W[name]})
-            M = self.W[name]
+            self.opt.step(self.server_product, {name: M - self.server_product[name]})
+            M = self.server_product[name]
         eye = torch.eye(A.shape[2], dtype=torch.float64, device=A.device)[None]
         B_new, A_new = tsvd_factors(M.double()[None], eye, self.fed.cfg.rank, split="left")
         return A_new[0].to(A.dtype), B_new[0].to(B.dtype)
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {f"server/{k}": v for k, v in self.W.items()}
+        state = {f"server/{k}": v for k, v in self.server_product.items()}
         return state | {f"server_opt/{k}": v for k, v in self.opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for k, v in self.W.items():
+        for k, v in self.server_product.items():
             v.copy_(state[f"server/{k}"])
         n = len("server_opt/")
         self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})
 
     def plan(self, t: int) -> RoundPlan:
-        self.start = round_start(self.fed, self.run_cfg)
-        active = participants(self.run_cfg, t)
+        self.start = round_start(self.fed, self.cfg)
+        active = participants(self.cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
     def communicate(self, ctx: RoundContext) -> None:
         fed, kinds = ctx.fed, trained_kinds(ctx.fed)
-        shares = upload_shares(self.run_cfg, self.weighting, ctx)
+        shares = upload_shares(self.cfg, self.weighting, ctx)
         if shares is None:
             return
         senders, p = shares  # this process's uploading rows; (n,) shares over every node
@@ -136,13 +138,13 @@ class FlexLoRA:
         received = ctx.exchange.upload_masked(
             factor_messages(fed), keep, senders, ctx.round, False, self.start
         )
-        if self.run_cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's product
-            p = krum_weights(received, p, self.run_cfg.robust.krum_f)
+        if self.cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's product
+            p = krum_weights(received, p, self.cfg.robust.krum_f)
         for name, layer in fed.lora.items():
             A, B = received[f"{name}.lora_A"], received[f"{name}.lora_B"]
             fix = None  # a robust rule over the nodes' products (robust_uploads), if it cuts anything
-            if self.run_cfg.robust.aggregator not in ("mean", "krum"):
-                fix = product_correction(self.run_cfg.robust, A, B, self.gate, p)
+            if self.cfg.robust.aggregator not in ("mean", "krum"):
+                fix = product_correction(self.cfg.robust, A, B, self.gate, p)
                 fix = fix if bool(fix.any()) else None
             if self.opt.rule == "average" and fix is None:  # never the dense product
                 A_new, B_new = flex_aggregate(A, B, self.gate, p, fed.cfg.rank)

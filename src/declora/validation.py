@@ -1,6 +1,8 @@
 """Config value checks: the allowed choices and ranges of every key, the checks that relate several keys,
 and which keys may change on resume. Each failure is a ConfigError that names the bad value and what is
-allowed, raised before any work."""
+allowed, raised before any work. The privacy, robust and attack sections are checked beside the code that
+applies them (guard.validate_guard), the stragglers section likewise (stragglers.validate_stragglers);
+``validate`` calls both."""
 
 from __future__ import annotations
 

@@ -109,3 +109,37 @@ def test_new_run_folder_rules(tmp_path):
     with pytest.raises(ConfigError, match="--overwrite"):
         check_new_run(tmp_path / "run", overwrite=False)
     check_new_run(tmp_path / "run", overwrite=True)
+
+
+def test_every_choice_list_matches_the_module_that_implements_it():
+    # The config's allowed values are listed once for early, cheap checks; the modules that apply them
+    # keep their own registries. A value added to one and not the other would be accepted and then fail
+    # mid-run, or be refused though implemented.
+    from declora import (
+        attack,
+        device,
+        grouped,
+        lr_schedule,
+        partition,
+        pooling,
+        quantize_bnb,
+        robust,
+        server_opt,
+    )
+    from declora.algorithms import decaf
+    from declora.validation import CHOICES
+
+    implemented = {
+        "train.lora_product": grouped.PRODUCTS,
+        "model.pooling": pooling.POOLINGS,
+        "model.quant_backend": quantize_bnb.BACKENDS,
+        "train.schedule": lr_schedule.SHAPES,
+        "algorithm.svd_split": decaf.SPLITS,
+        "server.optimizer": ("auto", *server_opt.RULES),  # auto: each algorithm's own default
+        "robust.aggregator": robust.SERVER_AGGREGATORS,
+        "partition.kind": (*partition.PARTITIONERS, "column"),  # column: partition.by_column
+        "attack.kind": ("none", *attack.MESSAGE_ATTACKS, *attack.DATA_ATTACKS),
+        "precision": tuple(device.PRECISIONS),
+    }
+    for key, values in implemented.items():
+        assert set(CHOICES[key]) == set(values), key

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from declora.algorithms import GOSSIP_ALGORITHMS, MASKED_UPLOADS, NO_NODE_DP, SERVER_ALGORITHMS
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
 from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
@@ -35,16 +36,7 @@ from declora.robust import robust_choco, robust_gossip, server_aggregate
 from declora.robust_uploads import slice_mask
 from declora.validation import refuse_if_set
 
-# Which exchange each algorithm's messages go through: robust rules need a plain gossip or server mean.
-GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
-# (scaffold: both its uploads, the factors and the control-variate changes, go through the server rule)
-SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora", "fedprox", "fedsa_lora", "fed_sb", "scaffold")
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
-# Algorithms whose nodes upload only some components (upload_masked): DP and attacks act on those only
-MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "fedex_lora", "flora")
-# dec_gt's tracking message d_i is in gradient units, not a model or its change: node-level DP's clip and
-# its one-message-per-round accounting do not cover it
-NO_NODE_DP = ("dec_gt",)
 
 
 class GuardedExchange:

@@ -38,14 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from declora.algorithms import ASYNC_GOSSIP
 from declora.config import Config, ConfigError, StragglersConfig
 from declora.seeding import numpy_rng
 
 log = logging.getLogger(__name__)
-
-# Algorithms whose only exchange is gossip of the node tensors (algorithms/mixing.py): asynchrony replaces
-# that gossip. Server algorithms and DeCAF's product sharing are synchronous by construction.
-ASYNC_GOSSIP = frozenset({"dec_lora", "dec_prox", "dlora_fa", "rolora_dfl", "tad_lora", "adf_lora"})
 
 
 def enabled(cfg: Config) -> bool:

@@ -96,3 +96,19 @@ SERVED = SERVER_MODEL | {"fedsa_lora"}
 # Algorithms that fold the aggregate into the shared frozen base: the factors alone do not reproduce the
 # model, so the config refuses a PEFT export for them.
 FOLDS_INTO_BASE = frozenset({"fedex_lora", "flora"})
+
+# Which exchange each algorithm's messages go through (declora.guard): robust rules need a plain gossip or
+# a server mean. scaffold: both its uploads, the factors and the control-variate changes, go through the
+# server rule.
+GOSSIP_ALGORITHMS = ("dec_lora", "dlora_fa", "adf_lora", "tad_lora", "rolora_dfl")
+SERVER_ALGORITHMS = ("fedavg", "ffa_lora", "rolora", "fedprox", "fedsa_lora", "fed_sb", "scaffold")
+# Algorithms whose nodes upload only some components (upload_masked): DP and attacks act on those only.
+MASKED_UPLOADS = ("fslora", "hetlora", "flexlora", "fedex_lora", "flora")
+# dec_gt's tracking message d_i is in gradient units, not a model or its change: node-level DP's clip and
+# its one-message-per-round accounting do not cover it.
+NO_NODE_DP = ("dec_gt",)
+
+# Algorithms whose only exchange is gossip of the node tensors (algorithms/mixing.py): asynchronous
+# stragglers replace that gossip (declora.stragglers). Server algorithms and DeCAF's product sharing are
+# synchronous by construction.
+ASYNC_GOSSIP = frozenset({"dec_lora", "dec_prox", "dlora_fa", "rolora_dfl", "tad_lora", "adf_lora"})

@@ -18,6 +18,7 @@ from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError
+from declora.data import TextDataset
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
@@ -138,6 +139,63 @@ def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
         )
 
 
+def _encode(
+    cfg: Config, task: Task, train: TextDataset, test: TextDataset, labels: np.ndarray
+) -> tuple[list[list[int]], np.ndarray, list[list[int]], np.ndarray]:
+    """Token ids of the training and held-out rows, and their labels (instruction data: each row's
+    response length); warns about empty responses and, above CUT_WARNING, about texts cut short."""
+    test_labels = test.labels
+    if train.responses is not None:  # task.kind=instruction: a row's "label" is its response length
+        empty = sum(not r.strip() for r in train.responses)
+        if empty:  # such a row teaches only to end the turn at once
+            log.warning(
+                "%d of %d training responses are empty: those rows train on the end of turn alone",
+                empty,
+                len(train.responses),
+            )
+        train_ids, labels = task.encode_pairs(train.texts, train.responses)
+        train_cut = task.cut
+        test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
+    else:
+        train_ids = task.encode(train.texts, labels, train=True)
+        train_cut = task.cut
+        test_ids = task.encode(test.texts, test.labels, train=False)
+    _report_cut(cfg, (train_cut, len(train_ids)), (task.cut, len(test_ids)))
+    return train_ids, labels, test_ids, test_labels
+
+
+def _build_exchange(
+    cfg: Config,
+    group: Solo,
+    n: int,
+    fed: Federation,
+    stragglers: Stragglers | None,
+    account: PrivacyAccount | None,
+) -> LocalExchange:
+    """The exchange every message goes through: local or torch.distributed, with the codec, then wrapped
+    for asynchronous stragglers and for privacy, robust mixing and attacks where the config asks."""
+    codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
+    if isinstance(codec, TopKCodec) and codec.fraction >= codec.break_even():
+        log.warning(
+            "comm.fraction=%g with comm.codec=topk sends at least as many bytes as every entry in %s "
+            "(each kept value also sends a 4-byte index; top-k saves bytes below fraction %g)",
+            codec.fraction,
+            codec.value_dtype,
+            codec.break_even(),
+        )
+    exchange = (
+        DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)
+        if isinstance(group, Distributed)
+        else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
+    )
+    exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
+    if stragglers is not None and cfg.stragglers.asynchronous:
+        exchange = AsyncExchange(exchange, stragglers, dict(fed.tensors()))
+    if needs_guard(cfg):
+        exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)
+    return exchange
+
+
 def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | None = None) -> Experiment:
     """Everything global (partitions, W(t), data seeds) is derived for all n nodes; this process then
     keeps its slice ``group.nodes`` (all of them in one process) with its own frozen base."""
@@ -191,23 +249,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
 
     tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
     task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
-    test_labels = test.labels
-    if train.responses is not None:  # task.kind=instruction: a row's "label" is its response length
-        empty = sum(not r.strip() for r in train.responses)
-        if empty:  # such a row teaches only to end the turn at once
-            log.warning(
-                "%d of %d training responses are empty: those rows train on the end of turn alone",
-                empty,
-                len(train.responses),
-            )
-        train_ids, labels = task.encode_pairs(train.texts, train.responses)
-        train_cut = task.cut
-        test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
-    else:
-        train_ids = task.encode(train.texts, labels, train=True)
-        train_cut = task.cut
-        test_ids = task.encode(test.texts, test.labels, train=False)
-    _report_cut(cfg, (train_cut, len(train_ids)), (task.cut, len(test_ids)))
+    train_ids, labels, test_ids, test_labels = _encode(cfg, task, train, test, labels)
     lrs = {
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
         for k in fed.tensors()
@@ -230,25 +272,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         example_dp if cfg.privacy.level == "example" else None,
         group if isinstance(group, Replicas) else None,
     )
-    codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
-    if isinstance(codec, TopKCodec) and codec.fraction >= codec.break_even():
-        log.warning(
-            "comm.fraction=%g with comm.codec=topk sends at least as many bytes as every entry in %s "
-            "(each kept value also sends a 4-byte index; top-k saves bytes below fraction %g)",
-            codec.fraction,
-            codec.value_dtype,
-            codec.break_even(),
-        )
-    exchange = (
-        DistExchange(group, n, codec, cfg.seed, cfg.comm.consensus_step)
-        if isinstance(group, Distributed)
-        else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
-    )
-    exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
-    if stragglers is not None and cfg.stragglers.asynchronous:
-        exchange = AsyncExchange(exchange, stragglers, dict(fed.tensors()))
-    if needs_guard(cfg):
-        exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)
+    exchange = _build_exchange(cfg, group, n, fed, stragglers, account)
     return Experiment(
         cfg=cfg,
         run_dir=group.broadcast(run_dir or Path(cfg.run_dir or default_run_dir(cfg))),  # rank 0's clock

@@ -35,7 +35,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
     from declora.experiment import default_run_dir
     from declora.inputs import check_started_in, warn_changed
-    from declora.runfolder import check_new_run, check_writable, start_record
+    from declora.runfolder import check_new_run, check_not_in_use, check_writable, start_record
 
     if not args.resume:
         cfg = load_config(_config_path(args.config), args.overrides)
@@ -52,6 +52,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
+    check_not_in_use(run_dir)
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():

@@ -27,6 +27,7 @@ from declora.runfolder import (
     check_new_run,
     crash_point,
     empty_run_folder,
+    hold_run_folder,
     record_resume,
 )
 from declora.schedules import describe
@@ -175,9 +176,24 @@ def run(
     """Run (or resume) every round of ``exp``; returns the per-round records written to metrics.jsonl.
 
     Every process of a multi-process run runs this loop on its slice of the nodes; ``exp.group``
-    gathers the per-node numbers, and rank 0 alone writes the run folder. A new run needs an empty
-    ``exp.run_dir`` (or ``overwrite``); a resume may change only RESUME_SAFE keys (declora.validation).
+    gathers the per-node numbers, and rank 0 alone writes the run folder, holding its lock throughout
+    (another process on the same folder is refused). A new run needs an empty ``exp.run_dir`` (or
+    ``overwrite``); a resume may change only RESUME_SAFE keys (declora.validation).
     """
+    lock = hold_run_folder(exp.run_dir) if exp.group.is_main else None
+    try:
+        return _run_rounds(exp, resume, on_round, overwrite)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run_rounds(
+    exp: Experiment,
+    resume: bool,
+    on_round: Callable[[dict[str, Any]], None] | None,
+    overwrite: bool,
+) -> list[dict[str, Any]]:
     cfg, fed, group = exp.cfg, exp.fed, exp.group
     metrics = MetricsLog(exp.run_dir / METRICS)
     start, wall_before = 0, 0.0

@@ -5,11 +5,14 @@ after every check has passed (``engine._start``). Every file that is rewritten (
 on resume, report.md, checkpoints) goes through ``atomic_write``: a temporary file beside it, then
 ``os.replace``, so a kill or a full disk leaves either the old file or the new one, never half of one.
 Each resume appends one line to ``resumes.jsonl`` (time, round resumed from, the keys it changed).
+A process writing a run folder holds a lock on ``RUN_DIR/.lock`` (``hold_run_folder``): a second run,
+resume or overwrite of the same folder is refused while the first runs, instead of mixing their rounds.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import os
 import re
@@ -22,6 +25,7 @@ from typing import Any
 from declora.config import ConfigError
 
 RESUMES = "resumes.jsonl"
+LOCK = ".lock"  # held (flock) by the process writing the folder; the file stays, the lock goes with it
 # What a declora run writes at the top of its folder: --overwrite only empties a folder that holds one of
 # these, never some other directory a run_dir typo points at.
 RUN_MARKERS = ("config.yaml", "config.yaml.tmp", "metrics.jsonl", "state")
@@ -121,8 +125,56 @@ def restore_folder(path: Path) -> None:
 
 
 def _entries(run_dir: Path) -> list[Path]:
-    """What is in the folder, but this launch's per-rank logs (multi-process runs open them first)."""
-    return [p for p in run_dir.iterdir() if not re.fullmatch(r"rank_\d+\.log", p.name)]
+    """What is in the folder, but this launch's per-rank logs (multi-process runs open them first) and
+    the lock file."""
+    return [p for p in run_dir.iterdir() if not re.fullmatch(r"rank_\d+\.log", p.name) and p.name != LOCK]
+
+
+def _in_use(run_dir: Path) -> ConfigError:
+    return ConfigError(
+        f"run folder {str(run_dir)!r} is in use by another declora process (it holds {LOCK} there): wait "
+        "for it to finish or stop it; two processes writing one run folder would mix their rounds"
+    )
+
+
+_held: set[Path] = set()  # the run folders this process holds
+
+
+class RunLock:
+    """This process's hold on a run folder (``hold_run_folder``); ``close`` lets it go."""
+
+    def __init__(self, run_dir: Path, handle: Any) -> None:
+        self.run_dir, self.handle = run_dir.resolve(), handle
+        _held.add(self.run_dir)
+
+    def close(self) -> None:
+        _held.discard(self.run_dir)
+        self.handle.close()  # closing the file releases the flock
+
+
+def hold_run_folder(run_dir: Path) -> RunLock:
+    """Lock ``run_dir`` for this process (made if missing) until ``close`` or the end of the process,
+    however it ends; a ConfigError naming the holder if another process has it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a", encoding="utf-8")  # noqa: SIM115 (held open: it is the lock)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise _in_use(run_dir) from None
+    return RunLock(run_dir, handle)  # the file stays empty: a run that holds it changes nothing in it
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Before any work: refuse a folder another process is writing (its lock is held)."""
+    path = run_dir / LOCK
+    if not path.is_file() or run_dir.resolve() in _held:
+        return
+    with open(path, encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(run_dir) from None
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -133,6 +185,8 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """Before any work: a new run may write ``run_dir`` (empty, or a run folder with ``overwrite``)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir={str(run_dir)!r} is a file, not a folder")
+    if run_dir.is_dir():
+        check_not_in_use(run_dir)
     if run_dir.is_dir() and _entries(run_dir):
         if not overwrite:
             raise ConfigError(

@@ -252,3 +252,40 @@ def test_an_adapter_made_on_another_base_is_warned_about(tiny, tmp_path, caplog)
             == 0
         )
     assert "was made on base '/elsewhere/another-model'; this run's base is" in caplog.text
+
+
+def test_a_folder_another_process_is_writing_is_refused_and_free_again_after_it(tiny, tmp_path, capsys):
+    # A real second declora process: while it writes the folder, a resume, an overwrite and a new run of
+    # the same folder are each refused (they would interleave their rounds); a kill releases the lock.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "busy"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    args = [sys.executable, "-m", "declora", "run", *tiny, "rounds=1000", "eval.every=1000", f"run_dir={run}"]
+    other = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run / "state" / "latest.json").is_file():  # it has run a round and checkpointed it
+            assert other.poll() is None and time.time() < deadline, "the other run did not start"
+            time.sleep(0.2)
+        before = (run / "config.yaml").read_bytes()
+        attempts = (
+            ["run", "--resume", str(run)],
+            ["run", *tiny, f"run_dir={run}", "--overwrite"],
+            ["run", *tiny, f"run_dir={run}"],
+        )
+        for attempt in attempts:
+            capsys.readouterr()
+            assert main(attempt) == 2, attempt
+            err = capsys.readouterr().err.strip()
+            assert "is in use by another declora process" in err and "\n" not in err, err
+        assert (run / "config.yaml").read_bytes() == before and other.poll() is None  # untouched, still going
+    finally:
+        other.kill()
+        other.wait()
+    done = json.loads((run / "state" / "latest.json").read_text())["round"]
+    assert main(["run", "--resume", str(run), f"rounds={done + 1}"]) == 0  # a killed holder holds nothing
+    assert _rounds(run)[-1] == done + 1

@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 
 from declora.config import ConfigError
 from declora.experiment import Experiment
-from declora.runfolder import atomic_write, atomic_write_text, crash_point, save_tensors
+from declora.runfolder import (
+    atomic_write,
+    atomic_write_text,
+    crash_point,
+    remove_stray_temporaries,
+    save_tensors,
+)
 
 LATEST = "latest.json"
 
@@ -54,6 +60,7 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
     atomic_write_text(state_dir / f"{name}.json", json.dumps(counters, indent=1), "ckpt.counters")
     group.barrier()  # every rank's shard of this round is complete
     if group.is_main:
+        remove_stray_temporaries(state_dir)  # what a kill inside an earlier save left
         meta = {"round": round_done, "wall_s": wall_s, "node_slices": list(group.layout.counts)}
         atomic_write_text(state_dir / LATEST, json.dumps(meta, indent=1), "ckpt.latest")
     crash_point("ckpt.committed")

@@ -360,6 +360,13 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# What an interrupted command leaves, and how to go on (every write is atomic: nothing is half-written).
+INTERRUPTED = {
+    "run": "the run folder keeps its last checkpoint: declora run --resume RUN_DIR continues from it",
+    "compare": "finished cells are kept: the same declora compare command continues the grid",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     from declora.dist import DistributedRunError
 
@@ -372,6 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the conventional 128 + SIGINT
+        print(f"declora: interrupted; {INTERRUPTED.get(args.command, 'nothing was lost')}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of stdout left (| head): stop quietly, as a pipe's writer does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except DistributedRunError as err:
         _die(str(err))
         return 1

@@ -11,7 +11,9 @@ resume or overwrite of the same folder is refused while the first runs, instead 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -69,7 +71,8 @@ def atomic_write(path: Path, write: Callable[[Path], Any], point: str = "write")
     try:
         write(tmp)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses even this: keep the first error
+            tmp.unlink(missing_ok=True)
         raise OSError(
             err.errno, f"cannot write {path} ({err.strerror}); its previous version is kept"
         ) from err
@@ -82,7 +85,14 @@ def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] |
     creates its file readable by its owner only, so others who may read the run folder could not."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as err:  # safetensors' own SafetensorError for its I/O failures: an OSError like any
+        if isinstance(err, OSError) or type(err).__name__ != "SafetensorError":
+            raise
+        code = re.search(r"os error (\d+)", str(err))
+        errno_ = int(code.group(1)) if code else errno.EIO
+        raise OSError(errno_, f"{os.strerror(errno_)} (safetensors: {err})") from err
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
@@ -163,6 +173,15 @@ def hold_run_folder(run_dir: Path) -> RunLock:
         handle.close()
         raise _in_use(run_dir) from None
     return RunLock(run_dir, handle)  # the file stays empty: a run that holds it changes nothing in it
+
+
+def remove_stray_temporaries(folder: Path) -> None:
+    """safetensors writes a checkpoint through its own ``.tmpXXXXXX`` file: a kill in that write leaves it
+    behind, as big as a checkpoint. Called while this process holds the run folder, so no other writer
+    can own one."""
+    for stray in folder.glob(".tmp*"):
+        with contextlib.suppress(OSError):
+            stray.unlink()
 
 
 def check_not_in_use(run_dir: Path) -> None:

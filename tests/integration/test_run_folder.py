@@ -289,3 +289,57 @@ def test_a_folder_another_process_is_writing_is_refused_and_free_again_after_it(
     done = json.loads((run / "state" / "latest.json").read_text())["round"]
     assert main(["run", "--resume", str(run), f"rounds={done + 1}"]) == 0  # a killed holder holds nothing
     assert _rounds(run)[-1] == done + 1
+
+
+def test_a_checkpoint_temporary_left_by_a_kill_is_removed_at_the_next_checkpoint(tiny, tmp_path):
+    # safetensors writes through its own state/.tmpXXXXXX; a kill inside that write leaves one behind,
+    # as big as a checkpoint, which nothing else would ever remove.
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    stray = run / "state" / ".tmpAbC123"
+    stray.write_bytes(b"\0" * 4096)
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 0
+    assert not stray.exists() and _rounds(run)[-1] == 3
+
+
+def _declora(*args: str, **kwargs):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "declora", *args], env=env, **kwargs)
+
+
+def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tiny, tmp_path):
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    proc = _declora("run", *tiny, "rounds=1000", "eval.every=1000", f"run_dir={run}", stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run / "state" / "latest.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [x for x in err.decode().splitlines() if x.startswith("declora") or "Traceback" in x]
+    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert lines == [
+        "declora: interrupted; the run folder keeps its last checkpoint: declora run --resume "
+        "RUN_DIR continues from it"
+    ], lines
+    done = json.loads((run / "state" / "latest.json").read_text())["round"]
+    assert main(["run", "--resume", str(run), f"rounds={done + 1}"]) == 0
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_error(tiny, tmp_path):
+    import subprocess
+
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    report = _declora("report", str(run), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    report.stdout.readline()
+    report.stdout.close()  # as `| head -1` does
+    err = report.stderr.read().decode()
+    assert report.wait(timeout=60) in (0, 141) and err == "", err

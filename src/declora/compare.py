@@ -186,10 +186,19 @@ def cell_state(cell: Cell) -> str:
             f"grid cell {cell.run_dir} was run with another config than the grid now gives it ({err}); "
             "delete that folder to rerun the cell, or restore the grid"
         ) from err
-    done = rounds_done >= cfg.rounds and (cell.run_dir / "report.md").is_file()
+    finished = rounds_done >= cfg.rounds and (cell.run_dir / "report.md").is_file()
+    done = finished and _exported(cell.run_dir, cfg)
     # A finished cell asked for the same rounds is done whatever the speed settings (threads, device, ...);
     # only another export makes it resume, to write the adapters the grid now asks for.
     return "done" if done and "export" not in resume_changes(saved, cfg) else "partial"
+
+
+def _exported(run_dir: Path, cfg: Config) -> bool:
+    """The run's adapters are complete: none asked, or adapters/ in place with no swap left half done (a
+    kill in the export leaves adapters.tmp or adapters.old; report.md alone can come from declora report)."""
+    folder = run_dir / "adapters"
+    half_done = any(folder.with_name(folder.name + s).exists() for s in (".tmp", ".old"))
+    return cfg.export == "none" or (folder.is_dir() and not half_done)
 
 
 def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:

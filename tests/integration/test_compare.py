@@ -405,3 +405,20 @@ def test_fidelity_contrast_table_converts_margins_and_decides_by_the_interval(mo
     assert "| +8.00 ± 1.15 | +3.03 to +12.97 | **holds** | holds |" in lines[3]
     # the bytes: 0.008 MB on every seed, exact, inside the ±0.1 MB margin
     assert "| +0.01 ± 0.00 | +0.01 to +0.01 | **holds** | holds |" in lines[4]
+
+
+def test_a_cell_killed_in_its_export_is_not_finished_even_with_a_report(tmp_path, tiny_bert):
+    # A kill during the export leaves adapters.tmp; `declora report` on the cell then writes report.md.
+    # The cell must still resume (and write its adapters), not be skipped for good without them.
+    from declora.report import write_report
+
+    grid = load_grid(_grid_file(tmp_path, tiny_bert, ["export=consensus"], seeds=[0]))
+    run_grid(grid)
+    cell = expand(grid)[0]
+    assert cell_state(cell) == "done"
+    adapters = cell.run_dir / "adapters"
+    adapters.rename(cell.run_dir / "adapters.tmp")  # as a kill inside replace_folder's write leaves it
+    write_report(cell.run_dir)
+    assert cell_state(cell) == "partial"
+    run_grid(grid)
+    assert cell_state(cell) == "done" and (adapters / "consensus" / "adapter_config.json").is_file()

@@ -78,6 +78,13 @@ def splits_of(source: str | Path) -> dict[str, Any]:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps the reader's error (pandas, pyarrow) in its own classes
         cause = err.__cause__ or err
+        cache = Path(datasets.config.HF_DATASETS_CACHE)
+        if isinstance(cause, OSError) and cause.filename and Path(cause.filename) != path:
+            raise OSError(  # the file is fine: datasets could not write its cache (read-only HOME, say)
+                cause.errno,
+                f"datasets cannot write its cache {cache} ({cause.strerror}: {cause.filename}); point "
+                "HF_DATASETS_CACHE (or HF_HOME) at a writable folder",
+            ) from err
         raise ValueError(f"data file {str(path)!r} cannot be read: {type(cause).__name__}: {cause}") from err
     return {"train": table}
 

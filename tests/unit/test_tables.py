@@ -278,3 +278,19 @@ def test_a_parquet_file_without_rows_says_so(tmp_path):
     (tmp_path / "fake.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match=r"fake.parquet' cannot be read: "):
         load_dataset(DataConfig(dataset=str(tmp_path / "fake.parquet")), seed=0)
+
+
+def test_a_cache_datasets_cannot_write_is_named_not_the_data_file(tmp_path, monkeypatch):
+    # A read-only HOME (or HF_HOME) stops datasets while it caches a good CSV: the message must send the
+    # user to the cache, not to the file.
+    import datasets
+
+    from declora.tables import splits_of
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\ngood film,1\nbad film,0\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", blocker / "cache")  # a folder under a file
+    with pytest.raises(OSError, match=r"datasets cannot write its cache .*HF_DATASETS_CACHE \(or HF_HOME\)"):
+        splits_of(data)

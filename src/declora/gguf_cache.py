@@ -58,7 +58,18 @@ def convert(gguf: Path, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    log.info("converting %s into %s (once; about 40 s)", gguf, folder)
+    try:  # before the slow part: a cache that cannot be written would fail only after it
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        probe = folder.parent / f".write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"cannot write the model cache {folder.parent} ({err.strerror}); point {CACHE_ENV} (or "
+            "XDG_CACHE_HOME) at a writable folder",
+        ) from err
+    log.warning("converting %s into %s (once; about 40 s)", gguf, folder)
     began = time.perf_counter()
     hf_logging.set_verbosity_error()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -311,3 +311,19 @@ def test_label_words_count_the_prompts_whose_text_was_cut(tiny_llama):
     assert task.cut == sum(long) and 0 < task.cut < len(TEXTS)
     task.encode(["great fun"], [1], train=False)
     assert task.cut == 0  # the last call's count
+
+
+def test_a_model_cache_that_cannot_be_written_is_refused_before_the_conversion(tmp_path, monkeypatch):
+    # The conversion takes about 40 s and 1.6 GB; an unwritable cache must stop it before, naming the
+    # variable that moves the cache.
+    import time
+
+    from declora import gguf_cache
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(blocker / "cache"))  # a folder under a file
+    began = time.perf_counter()
+    with pytest.raises(OSError, match=r"cannot write the model cache .*point DECLORA_CACHE"):
+        gguf_cache.cached_folder(blocker, "smollm2-test")
+    assert time.perf_counter() - began < 5  # nothing was loaded

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from declora.config import Config, ConfigError, load_config
+from declora.config import Config, ConfigError, load_config, refuse_repeated
 from declora.validation import check_resume
 
 if TYPE_CHECKING:
@@ -357,6 +357,10 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     if extra:
         args.overrides = [*args.overrides, *extra]
     _split_overrides(args)
+    try:
+        refuse_repeated(getattr(args, "overrides", ()))
+    except ConfigError as err:
+        parser.error(str(err))
     return args
 
 

@@ -402,22 +402,48 @@ def _build(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` in ``tree``; a mapping given for a section (``model={rank: 8}``) sets its keys one by
+    one, as ``model.rank=8`` would, and leaves the section's other keys as they were."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {part} is not a section")
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for key, inner in value.items():
+            _set_dotted(node, f"{parts[-1]}.{key}", inner)
+        return
     node[parts[-1]] = value
+
+
+def refuse_repeated(overrides: list[str] | tuple[str, ...]) -> None:
+    """A key given twice on one command line (``nodes=5 nodes=6``) is refused, as in a YAML file: which
+    one was meant is not for declora to guess."""
+    seen: dict[str, str] = {}
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in seen:
+            raise ConfigError(f"{key} is given twice ({seen[key]} and {text}): give it once")
+        seen[key] = text
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"topology.graph=ring"`` -> ("topology.graph", "ring"); the value is parsed as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key=value (for example nodes=16)")
+        hint = (
+            "; a config file goes first: declora run CONFIG key=value ..."
+            if text.endswith((".yaml", ".yml"))
+            else ""
+        )
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example nodes=16){hint}")
     key, raw = text.split("=", 1)
     if not key.strip():
         raise ConfigError(f"override {text!r} has no key before '=' (for example nodes=16)")
+    if "" in key.strip().split("."):
+        raise ConfigError(
+            f"override {text!r}: the key {key.strip()!r} has an empty part (for example train.lr=0.001)"
+        )
     try:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:

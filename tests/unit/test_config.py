@@ -71,3 +71,29 @@ def test_an_unknown_key_with_nothing_close_suggests_nothing():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["zzz=1"])
     assert "did you mean" not in str(err.value)
+
+
+def test_a_section_given_as_a_mapping_sets_only_its_keys(tmp_path):
+    # model={rank: 8} means model.rank=8: the file's other model keys stay (it silently reset them).
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  alpha: 8\n  max_length: 48\n")
+    cfg = load_config(path, ["model={rank: 4, dropout: 0.1}"])
+    assert (cfg.model.rank, cfg.model.dropout, cfg.model.alpha, cfg.model.max_length) == (4, 0.1, 8.0, 48)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "nodes=5", "nodes=6"], "nodes is given twice (nodes=5 and nodes=6): give it once"),
+        (["run", "run_dir=x", "configs/smoke.yaml"], "a config file goes first"),
+        (["run", ".nodes=4"], "the key '.nodes' has an empty part"),
+    ],
+)
+def test_command_line_override_mistakes_are_one_line(argv, message, capsys):
+    from declora.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        code = main(argv)
+        raise SystemExit(code)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and message in err, err

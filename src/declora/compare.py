@@ -120,11 +120,15 @@ def check_metric(metric: Any, target: Any, where: str) -> None:
         raise ConfigError(
             f"{where}metric={metric!r} is not a metric that runs log; choose one of {list(HEADLINES)}"
         )
+    name = "--target" if where == "--" else f"{where}target_accuracy"
     if target is not None and (
         isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)
     ):
+        raise ConfigError(f"{name}={target!r} must be a number (the metric's value to reach) or null")
+    if target is not None and not lower_is_better(metric) and not 0 <= target <= 1:
         raise ConfigError(
-            f"{where}target_accuracy={target!r} must be a number (the metric's value to reach) or null"
+            f"{name}={target!r}: {metric} is a fraction in [0, 1] (the tables show it in %); "
+            f"for {target:g} % give {target / 100:g}"
         )
 
 

@@ -36,6 +36,8 @@ def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
 
     def mean_of(key: str) -> np.ndarray:  # over the runs that logged it (NaN where none did)
+        if not rounds:  # a run stopped before its first evaluation: no curve
+            return np.zeros(0)
         values = np.array([[_value(p[t], key) for p in per_run] for t in rounds]).reshape(len(rounds), -1)
         logged = np.isfinite(values)
         total = np.where(logged, values, 0.0).sum(1)

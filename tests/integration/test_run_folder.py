@@ -343,3 +343,22 @@ def test_a_reader_that_leaves_the_pipe_early_gets_no_error(tiny, tmp_path):
     report.stdout.close()  # as `| head -1` does
     err = report.stderr.read().decode()
     assert report.wait(timeout=60) in (0, 141) and err == "", err
+
+
+def test_report_compares_a_run_stopped_before_round_one_and_refuses_a_percent_target(tiny, tmp_path, capsys):
+    done, empty = tmp_path / "done", tmp_path / "empty"
+    assert main(["run", *tiny, f"run_dir={done}"]) == 0
+    empty.mkdir()
+    (empty / "config.yaml").write_bytes((done / "config.yaml").read_bytes())
+    head = (done / "metrics.jsonl").read_text().splitlines()[:2]  # start and partition: killed in round 1
+    (empty / "metrics.jsonl").write_text("\n".join(head) + "\n")
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert main(["report", str(done), str(empty), "--out", str(out)]) == 0  # a numpy reshape error before
+    assert (out / "comparison.png").is_file() and "not finished" in (out / "comparison.md").read_text()
+    assert main(["report", str(done), str(empty), "--out", str(out), "--target", "65"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "declora: error: --target=65.0: acc_avg_factors is a fraction in [0, 1] (the tables show it in %); "
+        "for 65 % give 0.65"
+    ), err

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from declora import __version__
 from declora.config import Config, ConfigError, load_config, refuse_repeated
 from declora.validation import check_resume
 
@@ -53,7 +54,10 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
     check_not_in_use(run_dir)
-    saved = load_config(run_dir / "config.yaml")
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except ConfigError as err:  # a folder of another declora version, or an edited file
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from err
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
         # a moved folder: the run is where --resume points, recorded as an absolute path so that the
@@ -296,20 +300,39 @@ def cmd_topology(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="declora", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every node's partition and more")
+    parser.add_argument("--version", action="version", version=f"declora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run an experiment: declora run [CONFIG] [key=value ...]")
     p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. nodes=16 topology.graph=ring")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. nodes=16 topology.graph=ring; run_dir=PATH names the run folder "
+        "(default: runs/<algorithm>-<date>-<time>)",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the run folder of an earlier run (run_dir=...)"
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="table and plot from existing run folders")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", default="runs/report", help="where the comparison of several runs goes")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        help="run folders: each gets its report.md and curves.png; two or more are also compared",
+    )
+    p.add_argument(
+        "--out",
+        default="runs/report",
+        help="where the comparison of several runs goes (default: runs/report, replaced by the next one)",
+    )
     p.add_argument("--metric", default="acc_avg_factors", help="key to rank (ppl_*: lowest is best)")
-    p.add_argument("--target", type=float, default=None, help="metric value whose bytes-to-reach is reported")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="a value of --metric whose bytes-to-reach is reported (accuracies as fractions: 0.8 for 80%%)",
+    )
     p.set_defaults(func=cmd_report)
     p = sub.add_parser(
         "compare",

@@ -97,3 +97,18 @@ def test_command_line_override_mistakes_are_one_line(argv, message, capsys):
         raise SystemExit(code)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and message in err, err
+
+
+def test_version_and_a_run_folder_config_the_version_does_not_know(tmp_path, capsys):
+    from declora import __version__
+    from declora.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"declora {__version__}"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("nodes: 4\nfuture_key: 3\n")
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"declora: error: {run / 'config.yaml'}: unknown config key future_key"), err

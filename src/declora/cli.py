@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora import __version__
-from declora.config import Config, ConfigError, load_config, refuse_repeated
+from declora.config import Config, ConfigError, load_config, repeated_overrides
 from declora.validation import check_resume
 
 if TYPE_CHECKING:
@@ -137,21 +137,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 class _Bar:
-    """The rounds progress bar (rank 0 only)."""
+    """The rounds progress bar (rank 0 only); when stderr is not a terminal (a log file, a batch job), one
+    plain line per round instead of a bar redrawn with carriage returns."""
 
     def __init__(self, total: int, metric: str | None = None) -> None:
         self.total, self.bar = total, None  # drawn at the first round: a failed resume shows no bar
         self.metric = metric  # a grid's ranked metric, shown beside the consensus accuracy
         self.began = time.time()  # the bar's clock starts here, so that its rate covers the first round
+        self.lines = not sys.stderr.isatty()
 
     def on_round(self, record: dict) -> None:
         from tqdm import tqdm
 
+        if self.lines:
+            shown = ", ".join(f"{k} {v}" for k, v in self._shown(record).items())
+            seconds = time.time() - self.began
+            print(
+                f"round {record['round']}/{self.total}: {shown} ({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
         if self.bar is None:  # initial: the rounds a resume starts after, which the rate must not count
             first = record["round"] - 1
             self.bar = tqdm(total=self.total, initial=first, desc="rounds", unit="round", dynamic_ncols=True)
             self.bar.start_t = self.began
         self.bar.n = record["round"]
+        self.bar.set_postfix(self._shown(record))
+        self.bar.refresh()
+
+    def _shown(self, record: dict) -> dict[str, str]:
         loss = record["train_loss"]  # None: no node trained this round
         shown = {"loss": "none trained" if loss is None else f"{loss:.3f}"}
         shown["MB"] = f"{record['bytes_total'] / 1e6:.1f}"
@@ -163,8 +178,7 @@ class _Bar:
         if self.metric not in (None, "acc_avg_factors", "ppl_avg_factors") and self.metric in record:
             value = record[self.metric]
             shown[self.metric] = f"{value:.2f}" if self.metric.startswith("ppl_") else f"{100 * value:.1f}"
-        self.bar.set_postfix(shown)
-        self.bar.refresh()
+        return shown
 
     def close(self) -> None:
         if self.bar is not None:
@@ -380,10 +394,6 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     if extra:
         args.overrides = [*args.overrides, *extra]
     _split_overrides(args)
-    try:
-        refuse_repeated(getattr(args, "overrides", ()))
-    except ConfigError as err:
-        parser.error(str(err))
     return args
 
 
@@ -404,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for line in repeated_overrides(getattr(args, "overrides", None) or ()):
+        logging.getLogger("declora.cli").warning(line)
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, the conventional 128 + SIGINT

@@ -417,15 +417,17 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def refuse_repeated(overrides: list[str] | tuple[str, ...]) -> None:
-    """A key given twice on one command line (``nodes=5 nodes=6``) is refused, as in a YAML file: which
-    one was meant is not for declora to guess."""
+def repeated_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """A line for each key given twice on one command line (``nodes=5 nodes=6``): the last one counts, as
+    when a script adds its own overrides to shared ones, but it should not pass unnoticed."""
     seen: dict[str, str] = {}
+    lines = []
     for text in overrides:
         key = text.split("=", 1)[0].strip()
         if key in seen:
-            raise ConfigError(f"{key} is given twice ({seen[key]} and {text}): give it once")
+            lines.append(f"{key} is given more than once ({seen[key]}, then {text}): the last one counts")
         seen[key] = text
+    return lines
 
 
 def parse_override(text: str) -> tuple[str, Any]:

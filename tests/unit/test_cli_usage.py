@@ -97,6 +97,7 @@ def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_tim
     """The bar is drawn at the first round (a failed start shows none) yet times from the start of the
     call, and a resume's earlier rounds do not count: 2 rounds after round 3 in 10 s is 0.2 round/s."""
     bar = declora.cli._Bar(total=6)
+    bar.lines = False  # the bar a terminal shows
     bar.began -= 10.0  # the call started 10 s ago
     record = {"train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0}
     bar.on_round({"round": 4, **record})  # resumed after round 3
@@ -109,7 +110,23 @@ def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_tim
 
 def test_a_grids_progress_bar_shows_the_metric_the_grid_ranks():
     bar = declora.cli._Bar(total=2, metric="acc_node_mean")
+    bar.lines = False  # the bar a terminal shows
     record = {"round": 1, "train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0}
     bar.on_round({**record, "acc_avg_factors": 0.656, "acc_node_mean": 0.516})
     assert "acc=65.6" in bar.bar.postfix and "acc_node_mean=51.6" in bar.bar.postfix
     bar.close()
+
+
+def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
+    # stderr is not a terminal here (as in a batch job's log): no carriage-return redraws of a bar
+    from declora.cli import _Bar
+
+    bar = _Bar(2)
+    for t in (1, 2):
+        bar.on_round({"round": t, "train_loss": 0.5, "bytes_total": 2e6, "tokens_per_s": 100.0})
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and [x.split(" (")[0] for x in err.splitlines()] == [
+        "round 1/2: loss 0.500, MB 2.0, tok/s 100",
+        "round 2/2: loss 0.500, MB 2.0, tok/s 100",
+    ]

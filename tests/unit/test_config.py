@@ -84,7 +84,6 @@ def test_a_section_given_as_a_mapping_sets_only_its_keys(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "nodes=5", "nodes=6"], "nodes is given twice (nodes=5 and nodes=6): give it once"),
         (["run", "run_dir=x", "configs/smoke.yaml"], "a config file goes first"),
         (["run", ".nodes=4"], "the key '.nodes' has an empty part"),
     ],
@@ -112,3 +111,11 @@ def test_version_and_a_run_folder_config_the_version_does_not_know(tmp_path, cap
     assert main(["run", "--resume", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"declora: error: {run / 'config.yaml'}: unknown config key future_key"), err
+
+
+def test_a_key_given_twice_on_the_command_line_is_pointed_out(tmp_path, caplog):
+    from declora.cli import main
+
+    with caplog.at_level("WARNING"):
+        main(["topology", "nodes=5", "nodes=6", "--out", str(tmp_path / "t.png")])
+    assert "nodes is given more than once (nodes=5, then nodes=6): the last one counts" in caplog.text

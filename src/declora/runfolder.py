@@ -225,6 +225,8 @@ def check_writable(run_dir: Path) -> None:
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run folder {str(run_dir)!r}: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run folder {str(run_dir)!r}: {str(existing)!r} is not writable")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -261,6 +262,22 @@ def _validate_ranges(flat: dict[str, Any]) -> None:
                 raise ConfigError(f"{key}={value!r} is out of range; allowed: {allowed}")
 
 
+def _check_graph_fits(cfg: Config) -> None:
+    """The mixing matrix W(t) is dense (n x n float64, a few copies while it is built and checked): a
+    node count whose W cannot fit in this machine's memory is refused before any work."""
+    n = cfg.nodes
+    need = 4 * n * n * 8  # bytes: W, its checks and the spectral summary's copies
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not POSIX: nothing to compare with
+        return
+    if need > memory:
+        raise ConfigError(
+            f"nodes={n}: the dense mixing matrix W ({n} x {n}) and its working copies need about "
+            f"{need / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB"
+        )
+
+
 def _check_degenerate(cfg: Config) -> None:
     if cfg.model.alpha == 0 and not cfg.allow_degenerate:
         raise ConfigError(
@@ -329,6 +346,7 @@ def _check_unread_data_keys(cfg: Config) -> None:
 
 # Checks that relate several keys; each takes the whole config and raises ConfigError.
 CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
+    _check_graph_fits,
     _check_degenerate,
     _check_slices,
     _check_optimizer,

@@ -153,6 +153,7 @@ CONFIG_VALUES: list[tuple[str, str]] = [
     ("threads=0", "threads"),
     ("threads=-2", "threads"),
     ("nodes=0", "nodes"),
+    ("nodes=10000000", "nodes"),  # its dense W would take petabytes
     ("nodes=2.5", "nodes"),
     ("rounds=-1", "rounds"),
     ("checkpoint_every=0", "checkpoint_every"),

@@ -362,3 +362,11 @@ def test_report_compares_a_run_stopped_before_round_one_and_refuses_a_percent_ta
         "declora: error: --target=65.0: acc_avg_factors is a fraction in [0, 1] (the tables show it in %); "
         "for 65 % give 0.65"
     ), err
+
+
+def test_a_run_dir_below_a_file_names_the_file(tiny, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert main(["run", *tiny, f"run_dir={blocker / 'sub'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"declora: error: run folder '{blocker / 'sub'}': '{blocker}' is a file, not a folder", err

@@ -75,7 +75,7 @@ class AdapterExport:
             "algorithm": cfg.algorithm.name,
             "nodes": exp.n,
             "rounds": cfg.rounds,
-            "folder": str(exp.run_dir),
+            "folder": str(exp.run_dir.resolve()),  # usable from anywhere, as the load lines are
         }
 
         inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
@@ -91,7 +91,7 @@ class AdapterExport:
         def write_all(into: Path) -> None:
             m = exp.task.metric  # acc | ppl: the keys its numbers have in metrics.jsonl
             consensus = f"the consensus adapter (averaged factors mean(B)·mean(A); {m}_avg_factors)"
-            shown = folder / "consensus"  # the README names the folder's final place, not the .tmp
+            shown = folder.resolve() / "consensus"  # the README names the final place, absolute, not the .tmp
             export_peft(exp.fed, averaged_factors(stacked), into / "consensus", card(consensus), shown)
             if cfg.export == "all":
                 for i in range(exp.n):
@@ -101,7 +101,7 @@ class AdapterExport:
                     node = card(what, own)
                     name = f"node_{i:03d}"
                     adapter = node_adapter(exp.fed, stacked, i, gates)
-                    export_peft(exp.fed, adapter, into / name, node, folder / name)
+                    export_peft(exp.fed, adapter, into / name, node, folder.resolve() / name)
 
         # All folders are replaced together: a kill mid-export never leaves adapters of two rounds.
         replace_folder(folder, write_all, "export")

@@ -101,7 +101,8 @@ def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
         cfg, run_dir = _run_config(args)
     except (ConfigError, FileNotFoundError) as err:
         error = str(err)
-    group = Distributed(cfg.dist if cfg is not None else DistConfig(), on_fatal=_die)
+    device = cfg.device if cfg is not None else "auto"
+    group = Distributed(cfg.dist if cfg is not None else DistConfig(), on_fatal=_die, device=device)
     with group.guard():
         cfg, run_dir, error = group.broadcast((cfg, run_dir, error))
     if error is not None:

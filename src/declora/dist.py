@@ -150,7 +150,9 @@ class Solo:
 class Distributed(Solo):
     """This rank of a torch.distributed run (gloo on CPU; nccl when every rank has its own GPU)."""
 
-    def __init__(self, cfg: DistConfig, on_fatal: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, cfg: DistConfig, on_fatal: Callable[[str], None] | None = None, device: str = "auto"
+    ) -> None:
         self.timeout = timedelta(seconds=cfg.timeout_s)
         store, rank, world = next(dist.rendezvous("env://", timeout=self.timeout))
         self.rank, self.world, self.is_main = rank, world, rank == 0
@@ -158,7 +160,7 @@ class Distributed(Solo):
             int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
         )
-        self.backend = pick_backend(cfg.backend, local_world)
+        self.backend = pick_backend(cfg.backend, local_world, device)
         self.device = torch.device("cpu")
         if self.backend == "nccl":
             self.device = torch.device("cuda", local_rank)
@@ -332,9 +334,22 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def pick_backend(choice: str, local_world: int) -> str:
-    """auto: nccl when this machine has a GPU for each of its ranks, else gloo."""
+def pick_backend(choice: str, local_world: int, device: str = "auto") -> str:
+    """auto: nccl when the run is on GPUs (``device`` auto or cuda) and this machine has one for each of
+    its ranks, else gloo. ``device=cpu`` keeps the tensors on the CPU, which nccl cannot carry; a fixed
+    ``cuda:K`` would put every rank of the machine on one GPU while nccl gives each its own."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if ":" in device and local_world > 1:
+        raise ConfigError(
+            f"device={device} under torchrun with {local_world} ranks on this machine: each rank takes its "
+            "own GPU, cuda:LOCAL_RANK; use device=cuda (or auto)"
+        )
+    if device == "cpu":
+        if choice == "nccl":
+            raise ConfigError(
+                "dist.backend=nccl with device=cpu: nccl carries GPU tensors only; use gloo or auto"
+            )
+        return "gloo"
     if choice == "auto":
         return "nccl" if gpus >= local_world > 0 and dist.is_nccl_available() else "gloo"
     if choice == "nccl" and gpus < local_world:

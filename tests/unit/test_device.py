@@ -48,3 +48,16 @@ def test_bf16_autocast_rounds_matmuls_on_the_cpu_and_fp32_does_not():
         assert (x @ w).dtype == torch.bfloat16
     with autocast(torch.device("cpu"), "fp32"):
         assert (x @ w).dtype == torch.float32
+
+
+def test_the_torchrun_backend_follows_the_run_device():
+    # device=cpu keeps tensors on the CPU, which nccl cannot carry: gloo, whatever GPUs the machine has;
+    # a fixed cuda:K for several ranks of one machine would put them all on one GPU.
+    from declora.dist import pick_backend
+
+    assert pick_backend("auto", 2, "cpu") == "gloo"
+    with pytest.raises(ConfigError, match="dist.backend=nccl with device=cpu"):
+        pick_backend("nccl", 2, "cpu")
+    with pytest.raises(ConfigError, match=r"device=cuda:1 under torchrun with 4 ranks .* use device=cuda"):
+        pick_backend("auto", 4, "cuda:1")
+    assert pick_backend("gloo", 1, "cuda:0") == "gloo"  # one rank on this machine: its own choice

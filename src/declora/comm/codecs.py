@@ -66,7 +66,7 @@ class Codec(Protocol):
     def encode(
         self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
     ) -> Encoded:
-        """x: (n, ...) -> payload."""
+        """x: (n, ...) -> payload. A random codec also takes a list of generators, one per node row."""
         ...
 
     def decode(self, enc: Encoded) -> Tensor:
@@ -180,8 +180,16 @@ def _unpack(packed: Tensor, bits: int, m: int) -> Tensor:
     return (stream.reshape(n, m, bits).to(torch.int64) * weights).sum(-1)
 
 
-def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """U[0, 1) drawn on the generator's own device: a CPU generator gives the same codes on any device."""
+def _uniform(shape: torch.Size, generator: Any, device: torch.device) -> Tensor:
+    """U[0, 1) drawn on the generator's own device: a CPU generator gives the same codes on any device.
+    ``generator`` may be a list, one per row of the node axis: row i draws from generator i what it would
+    draw alone (shape (1, ...)), and the rows travel to ``device`` in one copy."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for {shape[0]} node rows")
+        row = (1, *shape[1:])
+        drawn = [torch.rand(row, generator=g, device=g.device) for g in generator]
+        return torch.cat(drawn).to(device) if drawn else torch.empty(shape, device=device)
     where = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=where).to(device)
 

@@ -86,13 +86,8 @@ class DistExchange(LocalExchange):
         """This rank's messages; a random codec draws per GLOBAL node, as LocalExchange does."""
         if not isinstance(self.codec, RANDOM_CODECS):
             return self.codec.encode(x, torch_generator(self.seed, "codec", round, name), key=name)
-        encs = [
-            self.codec.encode(
-                x[k : k + 1], torch_generator(self.seed, "codec", round, name, int(i)), key=name
-            )
-            for k, i in enumerate(self.nodes)
-        ]
-        return Encoded({p: torch.cat([e.parts[p] for e in encs]) for p in encs[0].parts}, tuple(x.shape))
+        generators = [torch_generator(self.seed, "codec", round, name, int(i)) for i in self.nodes]
+        return self.codec.encode(x, generators, key=name)
 
     def _route(self, reach: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """reach (n, n) bool, [i, j]: node j needs node i's message. Returns, per other rank, the local

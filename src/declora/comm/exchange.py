@@ -134,12 +134,9 @@ class LocalExchange:
         if not isinstance(self.codec, RANDOM_CODECS):
             return self.codec.roundtrip(x, torch_generator(self.seed, "codec", round, name), key=name)
         # Node i draws from (seed, round, tensor, i): a multi-process run, whose ranks encode slices of the
-        # node axis, draws exactly the same (comm/dist_exchange.py).
-        out = [
-            self.codec.roundtrip(x[i : i + 1], torch_generator(self.seed, "codec", round, name, i), key=name)
-            for i in range(x.shape[0])
-        ]
-        return torch.cat([decoded for decoded, _ in out]), out[0][1]
+        # node axis, draws exactly the same (comm/dist_exchange.py). All rows are encoded in one call.
+        generators = [torch_generator(self.seed, "codec", round, name, i) for i in range(x.shape[0])]
+        return self.codec.roundtrip(x, generators, key=name)
 
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         n = W.shape[0]

@@ -21,7 +21,9 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the frozen base's storage dtype
 # Default forward micro-batch budget (padded tokens) when train.tokens_per_chunk is null. 256 was fastest
 # and leanest on 2 CPU cores (benchmarks/README.md); a GPU needs tens of thousands of tokens per kernel
-# launch to be busy, and 32768 tokens of a 30-layer, 576-wide model take a few GB of activations.
+# launch to be busy, and 32768 tokens of a 30-layer, 576-wide model take a few GB of activations. A causal
+# LM scored at every position adds its logits: 32768 x 49152 (SmolLM2's vocabulary) in bf16, fp32 and the
+# loss's buffers is about 16 GB, fine on an 80-141 GB card; on a smaller one lower train.tokens_per_chunk.
 TOKENS_PER_CHUNK = {"cpu": 256, "cuda": 32768}
 
 

@@ -68,6 +68,8 @@ def auto_min_rows_per_node(h: Tensor) -> float:
     max_seq, min_rows = AUTO_GROUPED.get(h.device.type, AUTO_GROUPED["cpu"])
     if h.shape[1] > max_seq or not _grouped_mm_works(h.device, _compute_dtype(h)):
         return math.inf
+    if h.device.type == "cuda" and _compute_dtype(h) != torch.bfloat16:
+        return math.inf  # torch's CUDA grouped_mm is a kernel in bf16 only; otherwise a loop of matmuls
     return min_rows
 
 

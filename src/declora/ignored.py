@@ -24,10 +24,9 @@ def _served() -> frozenset[str]:
 
 def _server_adamw(cfg: Config) -> bool:
     """The server steps with AdamW, which reads algorithm.server_lr / server_weight_decay."""
-    rule = cfg.server.optimizer
-    if rule == "auto":
-        rule = "adamw" if cfg.algorithm.name in ("fslora", "hetlora") else "average"
-    return cfg.algorithm.name in _served() and rule == "adamw"
+    from declora.server_opt import server_rule
+
+    return cfg.algorithm.name in _served() and server_rule(cfg) == "adamw"
 
 
 # key -> (whether this run reads it, who reads it: for the message)

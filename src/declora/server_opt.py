@@ -111,10 +111,22 @@ class ServerOptimizer:
                 getattr(self, part)[name] = t.clone()
 
 
-def build_server_optimizer(cfg: Config, default: str) -> ServerOptimizer:
-    """The run's server rule: server.optimizer, or the method's own ``default`` when it is ``auto``."""
+# The server rule each method uses when server.optimizer is auto: FSLoRA's and HetLoRA's papers step the
+# server with AdamW on the mean delta; every other server method applies the mean as it is.
+PAPER_SERVER_RULE = {"fslora": "adamw", "hetlora": "adamw"}
+
+
+def server_rule(cfg: Config) -> str:
+    """server.optimizer, or the method's own rule when it is ``auto``."""
+    if cfg.server.optimizer != "auto":
+        return cfg.server.optimizer
+    return PAPER_SERVER_RULE.get(cfg.algorithm.name, "average")
+
+
+def build_server_optimizer(cfg: Config) -> ServerOptimizer:
+    """The run's server rule (``server_rule``) with its learning rate, betas and tau."""
     s, a = cfg.server, cfg.algorithm
-    rule = default if s.optimizer == "auto" else s.optimizer
+    rule = server_rule(cfg)
     if rule == "adamw":  # FSLoRA's server: its lr, weight decay and torch's betas unless set
         lr = s.lr if s.lr is not None else a.server_lr
         betas = s.betas if s.betas is not None else (0.9, 0.999)

@@ -91,7 +91,7 @@ class FlexLoRA:
         self.gate = first_components(self.ranks, self.fed.cfg.rank)
         install_gate(self.fed, self.gate)
         self.weighting = weighting(cfg, "size" if weights == "data_size" else "uniform")
-        self.opt = build_server_optimizer(cfg, "average")
+        self.opt = build_server_optimizer(cfg)
         # Any other server rule moves the dense server product W (d_out, d_in) per module (see above).
         dense = self.opt.rule != "average"
         self.server_product = {

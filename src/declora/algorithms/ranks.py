@@ -96,7 +96,7 @@ class ServerFactors:
 
     def __init__(self, fed: Federation, cfg: Config) -> None:
         self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(("A", "B")).items()}
-        self.opt = build_server_optimizer(cfg, "adamw")  # the paper's server unless server.optimizer is set
+        self.opt = build_server_optimizer(cfg)  # the paper's AdamW unless server.optimizer is set
         self.weighting, self.robust = cfg.server.weighting, cfg.robust
 
     def tensors(self) -> dict[str, Tensor]:

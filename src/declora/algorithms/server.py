@@ -107,8 +107,8 @@ class Rejoin:
 class ServerModel:
     """Server aggregation with an optimizer for the algorithms whose nodes all hold the server model."""
 
-    def __init__(self, fed: Federation, cfg: Config, schedule: Schedule | None, default: str = "average"):
-        self.cfg, self.schedule, self.opt = cfg, schedule, build_server_optimizer(cfg, default)
+    def __init__(self, fed: Federation, cfg: Config, schedule: Schedule | None):
+        self.cfg, self.schedule, self.opt = cfg, schedule, build_server_optimizer(cfg)
         self.weighting = weighting(cfg)
         # Every node starts from the same adapter, so the mean of this process's rows is the server model.
         keep = self.opt.rule != "average"

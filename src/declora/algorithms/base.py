@@ -47,6 +47,13 @@ class RoundContext:
 
 
 class Algorithm(Protocol):
+    """One round: the engine calls ``plan(t)`` once, at the start of round t and before local training
+    (an algorithm may record the round's starting state there: FedProx's anchor, SCAFFOLD's x), then
+    trains, then calls ``communicate``. Optional members the engine reads when present: ``middle`` (Fed-SB's
+    r x r factor between B and A), ``state_dict`` / ``load_state_dict`` (checkpointed state), and for the
+    run's start line ``clock`` (alternating phases), ``rho`` (the graph's contraction) and ``sizes``
+    (FSLoRA's sketch ranks)."""
+
     name: str
     single_node: bool  # True: one node holds all the data (centralized)
 

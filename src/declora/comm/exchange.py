@@ -40,6 +40,12 @@ class MessageCodec(Protocol):
 
 
 class Exchange(Protocol):
+    """What an algorithm may call during ``communicate``; every message's bytes go to ``ledger`` (the
+    server-side booking of a download a node makes later, say). The engine also uses ``codec``,
+    ``start``, ``state_dict`` and ``load_state_dict`` (LocalExchange)."""
+
+    ledger: ByteLedger
+
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
 
     def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]: ...

@@ -27,6 +27,7 @@ test: install  ## unit + integration + distributed tests (CPU)
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src/declora
 
 bench: install
 	$(PY) benchmarks/round_cost.py $(ARGS)

@@ -39,7 +39,7 @@ def shard_name(round_done: int, rank: int) -> str:
 
 def _stateful(exp: Experiment) -> list[tuple[str, Any]]:
     """Parts with state of their own (state_dict / load_state_dict), by checkpoint prefix."""
-    owners = {"algorithm": exp.algorithm, "exchange": exp.exchange, "privacy": exp.privacy}
+    owners: dict[str, object] = {"algorithm": exp.algorithm, "exchange": exp.exchange, "privacy": exp.privacy}
     owners["lr_schedule"] = exp.lr_schedule
     owners["stragglers"] = exp.stragglers
     return [(k, v) for k, v in owners.items() if v is not None and hasattr(v, "state_dict")]
@@ -131,12 +131,12 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     tensors = _read_tensors(state_dir / f"{name}.safetensors", exp.fed.device)
     counters = _read_json(state_dir / f"{name}.json")
     with torch.no_grad():
-        for k, v in exp.fed.tensors().items():
-            saved_v = tensors.get(f"model/{k}")
+        for key, v in exp.fed.tensors().items():
+            saved_v = tensors.get(f"model/{key}")
             if saved_v is None or saved_v.shape != v.shape:
                 found = None if saved_v is None else tuple(saved_v.shape)
                 raise ConfigError(
-                    f"checkpoint of {exp.run_dir}: tensor {k} is {found}, the run needs {tuple(v.shape)}"
+                    f"checkpoint of {exp.run_dir}: tensor {key} is {found}, the run needs {tuple(v.shape)}"
                 )
             v.copy_(saved_v)
     exp.optimizer.load_state_dict(

@@ -16,6 +16,8 @@ from declora.config import Config, ConfigError, load_config, repeated_overrides
 from declora.validation import check_resume
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from declora.dist import Solo
     from declora.experiment import Experiment
 
@@ -142,7 +144,8 @@ class _Bar:
     plain line per round instead of a bar redrawn with carriage returns."""
 
     def __init__(self, total: int, metric: str | None = None) -> None:
-        self.total, self.bar = total, None  # drawn at the first round: a failed resume shows no bar
+        self.total = total
+        self.bar: tqdm | None = None  # drawn at the first round: a failed resume shows no bar
         self.metric = metric  # a grid's ranked metric, shown beside the consensus accuracy
         self.began = time.time()  # the bar's clock starts here, so that its rate covers the first round
         self.lines = not sys.stderr.isatty()

@@ -119,10 +119,11 @@ class CommConfig:
     consensus_step: float = 0.3  # fastest of {0.2, 0.3, 0.5, 0.7, 1} for fraction 0.1 on a ring of 8 (README)
 
     def codec_params(self) -> dict[str, object]:
-        return {
+        params: dict[str, dict[str, object]] = {
             "quantize": {"bits": self.bits, "block_size": self.block_size},
             "topk": {"fraction": self.fraction, "error_feedback": self.error_feedback},
-        }.get(self.codec, {})
+        }
+        return params.get(self.codec, {})
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,7 @@ def test_file_split(cfg: DataConfig) -> str:
     when it is a saved DatasetDict with one (as for data.dataset), else "train" (a file's one split)."""
     if cfg.test_split is not None:
         return cfg.test_split
+    assert cfg.test_file is not None  # called only when data.test_file is set
     path = Path(cfg.test_file).expanduser()
     return "test" if path.is_dir() and "test" in splits_of(path) else "train"
 

@@ -79,7 +79,12 @@ class MetricsLog:
         line = json.dumps(record) + "\n"
         try:
             with self.path.open("a", encoding="utf-8") as f:
-                crash_point("metrics.append", partial=lambda: (f.write(line[: len(line) // 2]), f.flush()))
+
+                def torn() -> None:  # half the line, on disk
+                    f.write(line[: len(line) // 2])
+                    f.flush()
+
+                crash_point("metrics.append", partial=torn)
                 f.write(line)
         except OSError as err:  # a torn last line is dropped on resume
             raise OSError(err.errno, f"cannot append to {self.path} ({err.strerror})") from err
@@ -113,7 +118,7 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     writes the folder (other hosts may have none); the CLI has already refused unsafe overrides."""
     group, main = exp.group, exp.group.is_main
     saved = load_config(exp.run_dir / "config.yaml") if main else None
-    changes = check_resume(saved, exp.cfg) if main else {}
+    changes = check_resume(saved, exp.cfg) if saved is not None else {}  # saved: on the main rank
     if main:
         _check_same_partition(exp, metrics)
     if not group.broadcast((exp.run_dir / "state" / LATEST).is_file() if main else None):
@@ -124,6 +129,7 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
         return 0, 0.0
     start, wall_before = load_checkpoint(exp)
     if main:
+        assert saved is not None  # read above on the main rank
         check_resume(saved, exp.cfg, rounds_done=start)
         metrics.truncate_after(start)
         record_resume(exp.run_dir, start, changes)
@@ -153,7 +159,8 @@ class PhaseTimes:
     """Where a round's time goes on this process (logged per rank: rank_K.log in multi-process runs)."""
 
     def __init__(self, exp: Experiment, t: int) -> None:
-        self.exp, self.t, self.seconds, self.mark, self.phase = exp, t, {}, time.perf_counter(), ""
+        self.exp, self.t, self.mark, self.phase = exp, t, time.perf_counter(), ""
+        self.seconds: dict[str, float] = {}  # phase -> seconds this round
 
     def enter(self, phase: str) -> None:
         now = time.perf_counter()

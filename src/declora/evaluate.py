@@ -87,7 +87,7 @@ def evaluate(exp: Experiment) -> dict[str, Any]:
     own = totals_per_node(fed, data.token_ids, data.labels, fed.n, exp.pad_id, chunk, exp.task)
     per_node = group.gather_nodes(exp.task.finalize(own))  # (n,)
     mean, std = mean_std(per_node)
-    out: dict[str, float] = {
+    out: dict[str, float | list[float]] = {
         f"{m}_node_mean": mean,
         f"{m}_node_std": std,
         f"{m}_node_min": float(per_node.min()),

@@ -32,10 +32,14 @@ from declora.replicas import Replicas
 from declora.schedules import Schedule, build_schedule
 from declora.seeding import numpy_rng
 from declora.stragglers import AsyncExchange, Stragglers, enabled
-from declora.tasks import CAUSAL_KINDS, Task, build_task
+from declora.tasks import CAUSAL_KINDS, Instruction, Task, build_task
 from declora.train import LocalTrainer, NodeStreams
 
 log = logging.getLogger(__name__)
+
+# What a run's messages go through: a LocalExchange (DistExchange across processes), possibly wrapped for
+# stragglers and then for privacy, robust mixing and attacks (the wrappers pass the rest to the inner one).
+RunExchange = LocalExchange | AsyncExchange | GuardedExchange
 
 
 @dataclass
@@ -51,7 +55,7 @@ class Experiment:
     fed: Federation
     algorithm: Algorithm
     schedule: Schedule  # matrix(t), online(t)
-    exchange: LocalExchange
+    exchange: RunExchange
     optimizer: NodeOptimizer
     trainer: LocalTrainer
     streams: NodeStreams
@@ -146,6 +150,7 @@ def _encode(
     response length); warns about empty responses and, above CUT_WARNING, about texts cut short."""
     test_labels = test.labels
     if train.responses is not None:  # task.kind=instruction: a row's "label" is its response length
+        assert isinstance(task, Instruction) and test.responses is not None  # instruction data, both sets
         empty = sum(not r.strip() for r in train.responses)
         if empty:  # such a row teaches only to end the turn at once
             log.warning(
@@ -171,7 +176,7 @@ def _build_exchange(
     fed: Federation,
     stragglers: Stragglers | None,
     account: PrivacyAccount | None,
-) -> LocalExchange:
+) -> RunExchange:
     """The exchange every message goes through: local or torch.distributed, with the codec, then wrapped
     for asynchronous stragglers and for privacy, robust mixing and attacks where the config asks."""
     codec = build_codec(cfg.comm.codec, **cfg.comm.codec_params())
@@ -189,11 +194,12 @@ def _build_exchange(
         else LocalExchange(n, codec, cfg.seed, cfg.comm.consensus_step)
     )
     exchange.start(fed.tensors())  # CHOCO's public copies start at the shared initial adapter
+    wrapped: RunExchange = exchange
     if stragglers is not None and cfg.stragglers.asynchronous:
-        exchange = AsyncExchange(exchange, stragglers, dict(fed.tensors()))
+        wrapped = AsyncExchange(wrapped, stragglers, dict(fed.tensors()))
     if needs_guard(cfg):
-        exchange = GuardedExchange(exchange, cfg, group.nodes, dict(fed.tensors()), account)
-    return exchange
+        wrapped = GuardedExchange(wrapped, cfg, group.nodes, dict(fed.tensors()), account)
+    return wrapped
 
 
 def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | None = None) -> Experiment:

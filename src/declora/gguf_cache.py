@@ -77,7 +77,8 @@ def convert(gguf: Path, folder: Path) -> None:
     # A fresh model of the same class from the same config can be saved; the weights are copied over.
     plain = type(loaded)(loaded.config)
     plain.load_state_dict(loaded.state_dict())
-    plain.to(torch.float32)
+    # transformers wraps Module.to with functools.wraps, whose typeshed type keeps the unbound ``self``.
+    plain.to(torch.float32)  # type: ignore[arg-type]
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

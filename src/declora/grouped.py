@@ -103,6 +103,7 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         y.backward(torch.ones_like(y))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
+    assert w.grad is not None  # set by the backward above
     # Each output is 16; weight g's gradient is its segment's row count (3, then 5) everywhere.
     return bool((y == 16).all() and (w.grad[0] == 3).all() and (w.grad[1] == 5).all())
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from declora.grouped import PRODUCTS, NodeGroups, auto_min_rows_per_node, grouped_product, node_groups
+
+if TYPE_CHECKING:
+    from declora.quantize import QuantizedLinear
 
 
 class NodeRouting:
@@ -146,7 +150,7 @@ class StackedLoRALinear(nn.Module):
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Linear | QuantizedLinear,
         n: int,
         rank: int,
         scale: float,

@@ -13,9 +13,10 @@ import inspect
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors.torch import load_file
@@ -30,6 +31,9 @@ from declora.pooling import pooled_logits, resolve_pooling, write_pooling_note
 from declora.quantize import QuantizedLinear, quantize_linears
 from declora.runfolder import save_tensors
 from declora.seeding import torch_generator
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 log = logging.getLogger(__name__)
 HEAD_ROOTS = ("classifier", "score")  # where transformers puts sequence-classification heads
@@ -124,7 +128,8 @@ class Federation(nn.Module):
         try:
             yield
         finally:
-            for module in [*self.lora.values(), *self.heads.values()]:
+            layers: list[StackedLoRALinear | StackedLinear] = [*self.lora.values(), *self.heads.values()]
+            for module in layers:
                 module.override = None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None = None) -> Tensor:
@@ -309,7 +314,7 @@ def node_adapter(
     return out
 
 
-def averaged_factors(stacked: dict[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
+def averaged_factors(stacked: Mapping[str, Tensor], weights: Tensor | None = None) -> dict[str, Tensor]:
     """Mean of every stacked tensor over the nodes (optionally weighted), keeping a node axis of 1.
     (Fed-SB: with A and B shared, the mean of R is the mean of the adapters B R_i A exactly.)"""
     if weights is None:
@@ -367,7 +372,7 @@ def export_peft(
     roots = sorted({name.split(".")[0] for name in fed.heads})
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; it reads any number (alpha / r)
         target_modules=sorted(fed.cfg.target_modules),
         exclude_modules=unadapted_targets(fed) or None,
         lora_dropout=fed.cfg.dropout,
@@ -379,7 +384,8 @@ def export_peft(
     config.save_pretrained(str(folder))
     save_tensors(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
-        num_labels = int(fed.model.config.num_labels)
+        num_labels = cast("PreTrainedConfig", fed.model.config).num_labels  # fed.model: an HF model
+        assert num_labels is not None  # load_base built it with num_labels, so its id2label is set
         write_pooling_note(folder, fed.pooling, str(fed.path), num_labels, fed.cfg.max_length)
     if card is not None:
         pooling = None if fed.causal else fed.pooling

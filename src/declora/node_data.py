@@ -101,7 +101,7 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     for i in hosted:
         ds = _concat([encode_rows(r, names) for r in rows[i]])
         nodes.append(limit(ds, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
-    held = read_rows(cfg.data.test_file, _held_split(cfg, files), cfg.data, key="data.test_split")
+    held = read_rows(*_held_out(cfg, files), cfg.data, key="data.test_split")
     test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)
 
@@ -114,16 +114,18 @@ def _instruction_files(cfg: Config, sources: list[list[str]], hosted: range, gro
         node = _concat([read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]])
         nodes.append(limit(node, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
     files = [f for node in sources for f in node]
-    held = read_instructions(cfg.data.test_file, _held_split(cfg, files), cfg.data, "data.test_split")
+    held = read_instructions(*_held_out(cfg, files), cfg.data, "data.test_split")
     test = limit(held, cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)
 
 
-def _held_split(cfg: Config, files: list[str]) -> str:
-    """data.test_file's held-out split, refused when it is one of the nodes' training splits."""
-    split = test_file_split(cfg.data)
-    refuse_training_rows((cfg.data.test_file, split), [(f, cfg.data.split) for f in files], "data.node_files")
-    return split
+def _held_out(cfg: Config, files: list[str]) -> tuple[str, str]:
+    """(data.test_file, its held-out split), refused when it is one of the nodes' training splits."""
+    test_file = cfg.data.test_file
+    assert test_file is not None  # validation: data.node_files needs data.test_file
+    held = test_file, test_file_split(cfg.data)
+    refuse_training_rows(held, [(f, cfg.data.split) for f in files], "data.node_files")
+    return held
 
 
 def _concat(parts: list[TextDataset]) -> TextDataset:

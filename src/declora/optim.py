@@ -75,7 +75,7 @@ class NodeOptimizer:
             every = len(nodes) == p.shape[0]
             full = [p, p.grad, *(self.state[b][name] for b in self.buffers)]
             param, grad, *state = (t if every else t.index_select(0, nodes) for t in full)
-            lr = self.lrs[name]
+            lr: float | Tensor = self.lrs[name]
             if self.lr_scale is not None:  # lr * scale_i on node i's rows
                 lr = _rows(lr * scales[p.device].to(p.dtype), p)
             self.update(param, grad, state, self.steps[name][nodes].to(p.dtype), lr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -87,8 +88,10 @@ def resolve_pooling(pooling: str, path: Path, model: nn.Module) -> str:
 
 def pooled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(rows, K) logits of the head on the masked mean of the last hidden states (``mean`` pooling)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.classifier(masked_mean(hidden, attention_mask))
+    # Submodules of a BERT-family classifier (mean_poolable); nn.Module types them Tensor | Module.
+    base, classifier = cast(nn.Module, model.base_model), cast(nn.Module, model.classifier)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return classifier(masked_mean(hidden, attention_mask))
 
 
 def pooling_howto(pooling: str, num_labels: int, max_length: int) -> str:

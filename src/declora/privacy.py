@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -195,6 +196,7 @@ class ExampleDP:
         if any(g.shape[0] != weights.shape[0] for _, _, g in captured):
             raise RuntimeError("example-level DP needs one gradient per row: the per-row LoRA product")
         sq = sum(g.double().reshape(g.shape[0], -1).square().sum(1) for _, _, g in captured)  # (rows,)
+        assert isinstance(sq, Tensor)  # captured is not empty
         norms = torch.as_tensor(sq).sqrt() / weights.to(sq.device, torch.float64)  # unweighted ||g_k||
         coef = (self.clip / norms).clamp(max=1.0)  # (rows,)
         for weight, rows, g in captured:
@@ -203,7 +205,9 @@ class ExampleDP:
             scaled = g * coef.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
             weight.grad.index_add_(0, rows, scaled.to(weight.dtype))
 
-    def add_noise(self, params: dict[str, Tensor], names: list[str], active: Tensor, batch: Tensor) -> None:
+    def add_noise(
+        self, params: Mapping[str, Tensor], names: list[str], active: Tensor, batch: Tensor
+    ) -> None:
         """grad_i += sigma C z / b_i for every active node i (batch: (m,) its batch size this step) and
         trained tensor, z from (seed, "privacy", "example", node, its step, tensor); counts the step."""
         std = noise_std(self.account.sigma, self.clip)

@@ -151,6 +151,8 @@ class QuantizedLinear(nn.Module):
     code written for ``nn.Linear`` (StackedLoRALinear reads ``base.weight.shape`` / ``.dtype``) keeps working.
     """
 
+    bias: Tensor | None  # a buffer (register_buffer in __init__); None when the linear layer has no bias
+
     def __init__(self, linear: nn.Linear, kind: str, backend: str = "declora") -> None:
         super().__init__()
         if kind not in QUANTIZERS:

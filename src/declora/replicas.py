@@ -15,7 +15,7 @@ examples and sums the counts, as for node slices. Every rank writes its (identic
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -86,7 +86,7 @@ def replica_rows(lengths: list[int], rank: int, world: int) -> list[int]:
     return order[rank::world]
 
 
-def sum_gradients(group: Solo, params: dict[str, Tensor], names: list[str], node_loss: Tensor) -> Tensor:
+def sum_gradients(group: Solo, params: Mapping[str, Tensor], names: list[str], node_loss: Tensor) -> Tensor:
     """Sum ``.grad`` of the named tensors and the per-node loss (n,) over the ranks, in one all_reduce.
 
     A tensor has a gradient after the sum if it had one on any rank (a rank whose share of the batch is

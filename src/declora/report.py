@@ -98,7 +98,7 @@ def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
 def best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Final and best (earliest round on ties, NaN never best) of one metric key over the evaluations:
     the highest accuracy, or the lowest perplexity."""
-    points = [(r, _number(r, key)) for r in evals if _number(r, key) is not None]
+    points = [(r, v) for r in evals if (v := _number(r, key)) is not None]
     final_rec, final = points[-1]
     finite = [(r, v) for r, v in points if math.isfinite(v)]
     better = min if lower_is_better(key) else max
@@ -159,8 +159,8 @@ def summarize(
     rounds = [v for r in progress if (v := _number(r, "round")) is not None]
     final = {k: _last(evals, k) for k in CONSENSUS_KEYS}
     final |= {k: _last(progress, k) for k in ("train_loss", "bytes_total", "wall_s")}
-    peaks = {k: [v for r in progress if (v := _number(r, k)) is not None] for k in PEAK_KEYS}
-    peaks = {k: max(values) for k, values in peaks.items() if values}
+    seen = {k: [v for r in progress if (v := _number(r, k)) is not None] for k in PEAK_KEYS}
+    peaks = {k: max(values) for k, values in seen.items() if values}
     kept = {k: final[k] for k in FINAL_KEYS}
     if (eps := _last(progress, PRIVACY_KEY)) is not None:  # private runs only
         kept[PRIVACY_KEY] = eps

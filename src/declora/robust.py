@@ -158,6 +158,7 @@ def _correct_node(
     if rule == "clipped":
         diffs = {name: v[1:] - v[:1] for name, v in values.items()}  # (k - 1, D)
         sq = sum(d.double().square().sum(1) for d in diffs.values())  # (k - 1,)
+        assert isinstance(sq, torch.Tensor)  # own is never empty (the exchanges skip mixing no tensors)
         shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(w.dtype) * w[1:].to(sq.device)
         for name, d in diffs.items():  # shrink: (k - 1,)
             out[name][r] -= (shrink.to(d.dtype)[:, None] * d).sum(0)

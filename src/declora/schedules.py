@@ -198,7 +198,9 @@ def expected_contraction(schedule: Schedule, samples: int = 200, batches: int = 
             w = schedule.matrix(int(t)).numpy()
             total += w.T @ w
         sums.append(total)
-    rho = _lambda2(sum(sums) / samples)
+    expected = sum(sums) / samples  # E[W^T W]
+    assert isinstance(expected, np.ndarray)  # sums holds one array per block (>= 2 blocks)
+    rho = _lambda2(expected)
     per_block = np.array([_lambda2(s / len(b)) for s, b in zip(sums, blocks, strict=True)])
     return rho, float(per_block.std(ddof=1) / np.sqrt(len(blocks)))
 

@@ -46,7 +46,9 @@ class Task(Protocol):
     width: int  # columns of ``row_stats``: 2, or more for ``extras``
     cut: int  # how many texts (or prompts) of the last ``encode`` lost tokens to ``max_length``
 
-    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]: ...
+    def encode(
+        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+    ) -> list[list[int]]: ...
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
         """Sorted positions (P,), the same for every row, whose logits ``row_loss`` (``train``) or
@@ -150,7 +152,9 @@ class _Truncated(_OneMetric):
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
 
-    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+    def encode(
+        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+    ) -> list[list[int]]:
         rows = tokenize(texts, self.tokenizer, self.max_length)
         self.cut = count_cut(texts, rows, self.tokenizer, self.max_length)
         return rows
@@ -209,7 +213,9 @@ class LabelWords(_OneMetric):
                 f"tokens before it and {len(self.tail)} after it, the longest label word {longest}"
             )
 
-    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+    def encode(
+        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+    ) -> list[list[int]]:
         # prefix + text in one call (the tokenizer may add BOS), truncated; the template's end follows.
         heads = self.tokenizer([self.prefix + t for t in texts], verbose=False)["input_ids"]
         self.cut = sum(len(h) > self.budget for h in heads)
@@ -322,7 +328,9 @@ class Instruction:
             lengths.append(len(answer))
         return rows, np.array(lengths, dtype=np.int64)
 
-    def encode(self, texts: Sequence[str], labels: Sequence[int], train: bool) -> list[list[int]]:
+    def encode(
+        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+    ) -> list[list[int]]:
         raise ValueError("task.kind=instruction encodes (prompt, response) pairs: use encode_pairs")
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:

@@ -18,13 +18,14 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from declora.config import Config, to_dict
 from declora.runfolder import atomic_write_text, read_resumes
 
 SENT_ROUND = "trackers_round"  # RUN_DIR file: the last round the trackers were sent
 MLFLOW_RUN_ID = "mlflow_run_id"  # RUN_DIR file naming the MLflow run that a resume continues
+WandbMode = Literal["online", "offline", "disabled", "shared"]  # wandb.init(mode=...)
 
 
 # Scalars worth a curve, grouped so that a tracker shows one panel per family.
@@ -115,13 +116,15 @@ class WandB:
         except ImportError as err:
             raise _missing("wandb", "wandb") from err
         run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        # wandb checks the mode itself: WANDB_MODE may hold any string.
+        mode = cast(WandbMode, cfg.log.wandb_mode or os.environ.get("WANDB_MODE") or "offline")
         self.run = wandb.init(
             project=cfg.log.project,
             name=run_dir.name,
             id=run_id,
             resume="allow",
             dir=str(run_dir),
-            mode=cfg.log.wandb_mode or os.environ.get("WANDB_MODE") or "offline",
+            mode=mode,
             config=to_dict(cfg),
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )

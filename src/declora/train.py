@@ -186,7 +186,7 @@ class LocalTrainer:
             node_loss = sum_gradients(self.replicas, params, names, node_loss)
         if self.correction is not None:  # FedProx, SCAFFOLD: deterministic, no data (DP noise follows)
             self.correction({k: params[k] for k in names if params[k].grad is not None})
-        grads = [params[k].grad for k in names if params[k].grad is not None]
+        grads = [g for k in names if (g := params[k].grad) is not None]
         if self.dp is not None:
             self.dp.add_noise(params, names, active, sizes)
         elif self.max_grad_norm is not None and grads:

@@ -16,7 +16,7 @@ from typing import Any
 
 from declora.config import ALTERNATING, Config, ConfigError, flatten, to_dict
 
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str | None, ...]] = {
     "precision": ("fp32", "bf16"),
     "export": ("all", "consensus", "none"),
     "export_round": ("final", "best"),

@@ -63,12 +63,12 @@ class DecGT:
     fed: Federation
     name: str = "dec_gt"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     start: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.steps = (self.cfg or Config()).train.local_steps  # K: the same for every node (config)
+        self.steps = self.cfg.train.local_steps  # K: the same for every node (config)
         tensors = self.fed.tensors(trained_kinds(self.fed))
         self.c = {k: torch.zeros_like(v.detach()) for k, v in tensors.items()}  # (n, ...) per tensor
 
@@ -79,6 +79,7 @@ class DecGT:
 
     def correct(self, params: dict[str, Tensor]) -> None:
         for k, p in params.items():
+            assert p.grad is not None  # RoundPlan.correction: each tensor has its .grad
             p.grad.add_(self.c[k])
 
     def communicate(self, ctx: RoundContext) -> None:

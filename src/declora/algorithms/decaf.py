@@ -25,7 +25,7 @@ gauge, see optimizer state), "keep" leaves them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -115,11 +115,11 @@ class DeCAF:
     fed: Federation
     name: str = "decaf"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
-        self.acfg = (self.cfg or Config()).algorithm
+        self.acfg = self.cfg.algorithm
         if self.acfg.svd_split not in SPLITS or self.acfg.optimizer_policy not in ("reset", "keep"):
             raise ValueError(
                 f"decaf: svd_split={self.acfg.svd_split!r} (one of {list(SPLITS)}), "

@@ -14,7 +14,7 @@ Half the communication and trainable parameters of DLoRA for square layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
@@ -30,7 +30,7 @@ class DLoRAFA:
     fed: Federation
     name: str = "dlora_fa"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
 
     def plan(self, t: int) -> RoundPlan:

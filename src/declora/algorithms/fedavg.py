@@ -16,7 +16,7 @@ it is 0 here, and this gap is not measured.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import Tensor
@@ -33,7 +33,7 @@ class FedAvg:
     fed: Federation
     name: str = "fedavg"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     # The server variants (ffa_lora, fedsa_lora, fed_sb) differ only in these: the factor kinds each
     # participant trains (a trained head is added) and, None meaning the same, those the server averages.
@@ -41,7 +41,6 @@ class FedAvg:
     AGGREGATES: ClassVar[tuple[str, ...] | None] = None
 
     def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
         self.server = ServerModel(self.fed, self.cfg, self.schedule)
 
     def plan(self, t: int) -> RoundPlan:

@@ -22,7 +22,7 @@ reproduce the model, so the run exports nothing (config refuses export other tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -84,12 +84,11 @@ class FedExLoRA:
     fed: Federation
     name: str = "fedex_lora"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
         self.weighting = weighting(self.cfg)
         self.folds = BaseFolds(self.fed)
         self.rejoin = Rejoin(self.fed.n)

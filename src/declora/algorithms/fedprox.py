@@ -31,6 +31,7 @@ from declora.schedules import Schedule
 def proximal_pull(params: dict[str, Tensor], anchor: dict[str, Tensor], mu: float) -> None:
     """grad += mu (theta - anchor) for every parameter, in place: (n, ...) each."""
     for k, p in params.items():
+        assert p.grad is not None  # RoundPlan.correction: each tensor has its .grad
         p.grad.add_(p.detach() - anchor[k], alpha=mu)
 
 
@@ -39,12 +40,11 @@ class FedProx:
     fed: Federation
     name: str = "fedprox"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     anchor: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
         self.mu = self.cfg.algorithm.mu
         self.server = ServerModel(self.fed, self.cfg, self.schedule)
 
@@ -76,12 +76,12 @@ class DecProx:
     fed: Federation
     name: str = "dec_prox"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     anchor: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.mu = (self.cfg or Config()).algorithm.mu
+        self.mu = self.cfg.algorithm.mu
 
     def plan(self, t: int) -> RoundPlan:
         kinds = trained_kinds(self.fed)

@@ -30,7 +30,7 @@ alpha/sqrt(r_i) [C]; nodes here share s [M].) Device optimizer: algorithm.optimi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -74,12 +74,12 @@ class FlexLoRA:
     fed: Federation
     name: str = "flexlora"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
-        cfg = self.cfg = self.cfg or Config()
+        cfg = self.cfg
         self.acfg, self.seed = cfg.algorithm, cfg.seed
         weights, policy = self.acfg.flex_weights, self.acfg.optimizer_policy
         if weights not in ("data_size", "uniform") or policy not in ("reset", "keep"):

@@ -20,7 +20,7 @@ weights are the checkpointed state; the factors alone do not reproduce the model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -63,12 +63,11 @@ class FLoRA:
     fed: Federation
     name: str = "flora"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     start: dict[str, Tensor] | None = None  # the round's starting factors, for node-level DP (round_start)
 
     def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
         self.ranks = node_ranks(self.cfg.algorithm.ranks, self.cfg.nodes, self.fed.cfg.rank)
         self.gate = first_components(self.ranks, self.fed.cfg.rank)
         install_gate(self.fed, self.gate)

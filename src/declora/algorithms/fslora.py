@@ -32,7 +32,7 @@ sent, so the device still trains exactly its sub-adapter.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -112,11 +112,11 @@ class FSLoRA(ServedByServerFactors):
     fed: Federation
     name: str = "fslora"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
-        cfg = self.run_cfg = self.cfg or Config()
+        cfg = self.cfg
         self.acfg, self.seed, n = cfg.algorithm, cfg.seed, cfg.nodes
         ratios = self.acfg.sketch_ratios or draw_ratios(self.acfg.sketch_dist, n, self.seed)
         if len(ratios) != n:
@@ -130,14 +130,14 @@ class FSLoRA(ServedByServerFactors):
     def plan(self, t: int) -> RoundPlan:
         """Round t's devices; installs their sketch gates for local training."""
         install_gate(self.fed, self.gate(t))
-        active = participants(self.run_cfg, t)
+        active = participants(self.cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
     def communicate(self, ctx: RoundContext) -> None:
         t, kinds = ctx.round, trained_kinds(ctx.fed)
-        senders = participants(self.run_cfg, t)[ctx.node_ids] & ctx.online.cpu()  # this process's rows
+        senders = participants(self.cfg, t)[ctx.node_ids] & ctx.online.cpu()  # this process's rows
         self.server.step(ctx, self.gate(t)[ctx.node_ids] != 0, senders, indices=True)
-        average_head(ctx, kinds, upload_weights(weighting(self.run_cfg), senders, ctx.data_sizes))
+        average_head(ctx, kinds, upload_weights(weighting(self.cfg), senders, ctx.data_sizes))
         self.server.broadcast(ctx.fed)
         install_gate(ctx.fed, None)
         ctx.optimizer.reset(list(ctx.fed.tensors(kinds)))  # a fresh device optimizer every round

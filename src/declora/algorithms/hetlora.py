@@ -23,7 +23,7 @@ A node's export (``model.node_adapter``) is its rank-r_i adapter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
 from declora.algorithms.ranks import (
@@ -46,11 +46,11 @@ class HetLoRA(ServedByServerFactors):
     fed: Federation
     name: str = "hetlora"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
 
     def __post_init__(self) -> None:
-        cfg = self.run_cfg = self.cfg or Config()
+        cfg = self.cfg
         self.acfg, self.seed = cfg.algorithm, cfg.seed
         if self.acfg.optimizer_policy not in ("reset", "keep"):
             raise ValueError(f"hetlora: optimizer_policy={self.acfg.optimizer_policy!r} (reset or keep)")
@@ -60,14 +60,14 @@ class HetLoRA(ServedByServerFactors):
         self.server = ServerFactors(self.fed, cfg)
 
     def plan(self, t: int) -> RoundPlan:
-        active = participants(self.run_cfg, t)
+        active = participants(self.cfg, t)
         return RoundPlan(train=trained_kinds(self.fed), active=active)
 
     def communicate(self, ctx: RoundContext) -> None:
         kinds = trained_kinds(ctx.fed)
-        senders = participants(self.run_cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()  # local rows
+        senders = participants(self.cfg, ctx.round)[ctx.node_ids] & ctx.online.cpu()  # local rows
         self.server.step(ctx, active_components(ctx.fed, self.gate), senders, indices=False)
-        average_head(ctx, kinds, upload_weights(weighting(self.run_cfg), senders, ctx.data_sizes))
+        average_head(ctx, kinds, upload_weights(weighting(self.cfg), senders, ctx.data_sizes))
         self.server.broadcast(ctx.fed)
         if self.acfg.optimizer_policy == "reset":
             ctx.optimizer.reset(list(ctx.fed.tensors(kinds)))

@@ -34,12 +34,11 @@ class RoLoRA:
     fed: Federation
     name: str = "rolora"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     clock: PhaseClock = field(init=False)
 
     def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
         self.acfg = self.cfg.algorithm
         self.server = ServerModel(self.fed, self.cfg, self.schedule)
         self.clock, _ = build_clock(self.acfg, self.schedule, self.name)

@@ -33,12 +33,12 @@ class RoLoRADFL:
     fed: Federation
     name: str = "rolora_dfl"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     clock: PhaseClock = field(init=False)
 
     def __post_init__(self) -> None:
-        self.acfg = (self.cfg or Config()).algorithm
+        self.acfg = self.cfg.algorithm
         self.clock, _ = build_clock(self.acfg, self.schedule, self.name)
         self.interval = self.clock.interval
 

@@ -45,12 +45,11 @@ class Scaffold:
     fed: Federation
     name: str = "scaffold"
     single_node: bool = False
-    cfg: Config | None = None
+    cfg: Config = field(default_factory=Config)
     schedule: Schedule | None = None
     start: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cfg = self.cfg or Config()
         self.server = ServerModel(self.fed, self.cfg, self.schedule)
         tensors = self.fed.tensors(trained_kinds(self.fed))
         self.c_i = {k: torch.zeros_like(v.detach()) for k, v in tensors.items()}  # (n, ...)
@@ -63,6 +62,7 @@ class Scaffold:
 
     def correct(self, params: dict[str, Tensor]) -> None:
         for k, p in params.items():
+            assert p.grad is not None  # RoundPlan.correction: each tensor has its .grad
             p.grad.add_(self.c[k] - self.c_i[k])
 
     def communicate(self, ctx: RoundContext) -> None:

@@ -18,6 +18,8 @@ model that the server optimizer (``declora.server_opt``) moves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -75,7 +77,9 @@ def upload_shares(cfg: Config, rule: str, ctx: RoundContext) -> tuple[Tensor, Te
     return senders, weights / weights.sum()
 
 
-def book_downloads(ctx: RoundContext, receivers: Tensor, senders: Tensor, tensors: dict[str, Tensor]) -> None:
+def book_downloads(
+    ctx: RoundContext, receivers: Tensor, senders: Tensor, tensors: Mapping[str, Tensor]
+) -> None:
     """The server model goes to receivers that did not upload (server_mean books the senders' copies)."""
     extra = int((receivers & ~senders).sum())
     if extra:

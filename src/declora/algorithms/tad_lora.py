@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 from declora.algorithms.adf_lora import ADFLoRA
 from declora.algorithms.alternating import build_clock
-from declora.config import Config
 
 
 @dataclass
@@ -35,6 +34,6 @@ class TADLoRA(ADFLoRA):
     rho: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.acfg = (self.cfg or Config()).algorithm
+        self.acfg = self.cfg.algorithm
         self.clock, self.rho = build_clock(self.acfg, self.schedule, self.name, allow_auto=True)
         self.interval = self.clock.interval

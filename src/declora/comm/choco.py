@@ -17,6 +17,8 @@ derives from the seed without communicating (or at zero when none is given, as i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,7 @@ class PublicCopies:
         self.hats: dict[str, Tensor] = {}
         self.initial: dict[str, Tensor] = {}
 
-    def start(self, tensors: dict[str, Tensor]) -> None:
+    def start(self, tensors: Mapping[str, Tensor]) -> None:
         """The run's initial node tensors (every node starts equal, so row 0 is everyone's start)."""
         self.initial = {k: v.detach()[:1].to(torch.float32).clone() for k, v in tensors.items()}
 

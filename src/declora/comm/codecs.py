@@ -32,6 +32,9 @@ from torch import Tensor
 __all__ = ["CODECS", "CastCodec", "Codec", "Encoded", "QuantizeCodec", "TopKCodec", "build_codec"]
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What a codec draws from: one generator, or (a random codec) a list of them, one per node row; None: the
+# global generator.
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,7 @@ class Codec(Protocol):
 
     name: str
 
-    def encode(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
-    ) -> Encoded:
+    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
         """x: (n, ...) -> payload. A random codec also takes a list of generators, one per node row."""
         ...
 
@@ -74,7 +75,7 @@ class Codec(Protocol):
         ...
 
     def roundtrip(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
+        self, x: Tensor, generator: Generators = None, *, key: str | None = None
     ) -> tuple[Tensor, int]:
         """(what the receiver sees, bytes per node message)."""
         ...
@@ -89,16 +90,14 @@ class _CodecBase:
 
     name: str
 
-    def encode(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
-    ) -> Encoded:
+    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
         raise NotImplementedError
 
     def decode(self, enc: Encoded) -> Tensor:
         raise NotImplementedError
 
     def roundtrip(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
+        self, x: Tensor, generator: Generators = None, *, key: str | None = None
     ) -> tuple[Tensor, int]:
         enc = self.encode(x, generator, key=key)
         return self.decode(enc), enc.nbytes_per_node()
@@ -139,9 +138,7 @@ class CastCodec(_CodecBase):
         _check_choice("dtype", self.dtype, _DTYPES)
         self.name = self.dtype
 
-    def encode(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
-    ) -> Encoded:
+    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
         # copy=True: the payload must not alias a parameter that the optimizer later updates in place.
         return Encoded({"values": x.detach().to(_DTYPES[self.dtype], copy=True)}, tuple(x.shape))
 
@@ -180,7 +177,7 @@ def _unpack(packed: Tensor, bits: int, m: int) -> Tensor:
     return (stream.reshape(n, m, bits).to(torch.int64) * weights).sum(-1)
 
 
-def _uniform(shape: torch.Size, generator: Any, device: torch.device) -> Tensor:
+def _uniform(shape: torch.Size, generator: Generators, device: torch.device) -> Tensor:
     """U[0, 1) drawn on the generator's own device: a CPU generator gives the same codes on any device.
     ``generator`` may be a list, one per row of the node axis: row i draws from generator i what it would
     draw alone (shape (1, ...)), and the rows travel to ``device`` in one copy."""
@@ -232,9 +229,7 @@ class QuantizeCodec(_CodecBase):
             x = torch.cat([x, x[..., -1:].expand(n, rows, pad)], dim=-1)
         return x.reshape(n, rows, nb, block)
 
-    def encode(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
-    ) -> Encoded:
+    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
         blocks = self._blocks(x)  # (n, rows, nb, block)
         lo = blocks.amin(-1, keepdim=True)  # (n, rows, nb, 1)
         scale = blocks.amax(-1, keepdim=True) - lo
@@ -306,9 +301,7 @@ class TopKCodec(_CodecBase):
             raise ValueError(f"residual for {key!r} has shape {tuple(residual.shape)}, message has {shape}")
         return flat + residual.reshape(flat.shape).to(flat.device)
 
-    def encode(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
-    ) -> Encoded:
+    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
         shape = tuple(x.shape)
         flat = self._corrected(x.detach().to(torch.float32).reshape(shape[0], -1), shape, key)  # (n, m)
         idx = flat.abs().topk(self.k(flat.shape[1]), dim=1, sorted=False).indices  # (n, k)

@@ -72,6 +72,8 @@ class DistLedger(ByteLedger):
 class DistExchange(LocalExchange):
     """Gossip, share and server_mean over torch.distributed; tensors are this rank's rows (n_local, ...)."""
 
+    codec: Codec  # the whole codec, not LocalExchange's roundtrip alone: ranks send the encoded payloads
+
     def __init__(self, group: Distributed, n: int, codec: Codec, seed: int = 0, step: float = 0.3) -> None:
         super().__init__(n, codec, seed, step)
         self.group, self.n = group, n

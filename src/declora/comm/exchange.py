@@ -10,14 +10,14 @@ of their state against public copies that every neighbour holds, and mix on the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from declora.comm.choco import PublicCopies, choco_mix
-from declora.comm.codecs import CastCodec, QuantizeCodec, TopKCodec
+from declora.comm.codecs import CastCodec, Generators, QuantizeCodec, TopKCodec
 from declora.seeding import torch_generator
 
 RANDOM_CODECS = (QuantizeCodec,)  # codecs that draw from the generator: one generator per node
@@ -29,7 +29,7 @@ class MessageCodec(Protocol):
     name: str
 
     def roundtrip(
-        self, x: Tensor, generator: torch.Generator | None = None, *, key: str | None = None
+        self, x: Tensor, generator: Generators = None, *, key: str | None = None
     ) -> tuple[Tensor, int]:
         """(what the receivers decode, bytes of one node's encoded message) for stacked x: (n, ...)."""
         ...
@@ -44,7 +44,8 @@ class Exchange(Protocol):
     server-side booking of a download a node makes later, say). The engine also uses ``codec``,
     ``start``, ``state_dict`` and ``load_state_dict`` (LocalExchange)."""
 
-    ledger: ByteLedger
+    @property
+    def ledger(self) -> ByteLedger: ...  # read only: GuardedExchange passes on its inner exchange's
 
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
 
@@ -114,7 +115,7 @@ class LocalExchange:
         # CHOCO's public copies (and consensus step size ``step``) for a differential codec, else None.
         self.copies = PublicCopies(n, step) if isinstance(self.codec, DIFFERENTIAL_CODECS) else None
 
-    def start(self, tensors: dict[str, Tensor]) -> None:
+    def start(self, tensors: Mapping[str, Tensor]) -> None:
         """The run's initial node tensors: where the public copies start (every node knows them)."""
         if self.copies is not None:
             self.copies.start(tensors)

@@ -1,0 +1,242 @@
+"""Update rules against hand-computed values, where a property test alone would pass a wrong rule: the
+server optimizers past their first step, the alternating reset, Krum and the clipped server rule, TAD-LoRA's
+interval, quantity skew, SCAFFOLD's and K-GT's corrections in a real round, Metropolis-Hastings weights off
+regular graphs, a DP noise solved for several plans, the byte ledger's per-node mean, and a codec's error
+feedback across a resume."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from declora.server_opt import ServerOptimizer
+
+pytestmark = pytest.mark.unit
+
+
+# the second and later steps of yogi and adam (only step 1 is pinned today)
+@pytest.mark.parametrize("rule", ["adam", "yogi", "adagrad"])
+def test_adaptive_second_moment_over_three_steps(rule):
+    b1, b2, tau, lr = 0.9, 0.99, 1e-3, 0.1
+    ds = [torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.01, 3.0, -0.5]), torch.tensor([-1.0, 0.2, 0.5])]
+    opt = ServerOptimizer(rule, lr=lr, betas=(b1, b2), tau=tau)
+    x = {"w": torch.zeros(3)}
+    m, v, want = torch.zeros(3), torch.zeros(3), torch.zeros(3)
+    for d in ds:
+        opt.step(x, {"w": d.clone()})
+        m = b1 * m + (1 - b1) * d
+        if rule == "adam":
+            v = b2 * v + (1 - b2) * d * d
+        elif rule == "yogi":
+            v = v - (1 - b2) * d * d * torch.sign(v - d * d)
+        else:
+            v = v + d * d
+        want = want + lr * m / (v.sqrt() + tau)
+        torch.testing.assert_close(opt.v["w"], v, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(x["w"], want, atol=1e-6, rtol=1e-6)
+    # hand numbers for the second coordinate after step 2 (independent of the loop above)
+    if rule == "adam":
+        assert float(opt.v["w"][1]) == pytest.approx(0.99 * 0.99 * 0.04 + 0.99 * 0.09 + 0.01 * 0.04, rel=1e-5)
+    if rule == "yogi":  # v1 = 0.04 < 9 = d2^2: v grows by (1-b2) d2^2; then v2 = 0.13 > 0.04 = d3^2: shrinks
+        assert float(opt.v["w"][1]) == pytest.approx(0.04 + 0.09 - 0.01 * 0.04, rel=1e-5)
+
+
+# at a phase switch the factor that OPENS the next phase is reset, not the one that just trained
+def test_end_of_round_resets_the_factor_of_the_next_phase_only():
+    from declora.algorithms.alternating import PhaseClock, end_of_round
+
+    reset = []
+    fed = SimpleNamespace(tensors=lambda kinds: {f"l.lora_{k}": None for k in kinds})
+    opt = SimpleNamespace(reset=lambda names: reset.append(tuple(names)))
+    clock = PhaseClock(2, "B")  # B B A A B B
+    for t in range(5):
+        end_of_round(SimpleNamespace(round=t, fed=fed, optimizer=opt), clock, "reset")
+    assert reset == [("l.lora_A",), ("l.lora_B",)]  # after round 1 (A opens round 2), after round 3
+
+
+# Krum's choice is the argmin of the score over the m - f - 2 nearest
+def test_krum_picks_the_hand_computed_upload():
+    from declora.robust import krum_index
+
+    flat = torch.tensor([[0.0], [1.0], [3.0], [6.0], [100.0]])  # m = 5, f = 1: 2 nearest others
+    # squared distances' two smallest: 0 -> 1 + 9 = 10; 1 -> 1 + 4 = 5; 2 -> 4 + 9 = 13; 3 -> 9 + 25 = 34
+    assert krum_index(flat, f=1) == 1
+    # f = 0: 3 nearest: 0 -> 1+9+36 = 46; 1 -> 1+4+25 = 30; 2 -> 4+9+9 = 22; 3 -> 9+25+36 = 70: now node 2
+    assert krum_index(flat, f=0) == 2
+
+
+# the server's clipped rule clips around the coordinate median, not the mean
+def test_server_clipped_centres_on_the_weighted_median():
+    from declora.robust import server_aggregate
+
+    up = {"a": torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]])}
+    w = torch.ones(5)
+    out = server_aggregate("clipped", up, w, tau=0.5)["a"]
+    # centre = median 2; differences -2, -1, 0, 1, 998 clipped to -0.5, -0.5, 0, 0.5, 0.5 -> mean 0
+    torch.testing.assert_close(out, torch.tensor([2.0]), atol=1e-3, rtol=0)  # mean 201.2 without clipping
+
+
+# TAD-LoRA's T = ceil(c / sqrt(1 - rho)), not round
+def test_auto_interval_rounds_up():
+    from declora.algorithms.alternating import auto_interval
+
+    assert auto_interval(0.5, 1.0, 20) == 2  # 1.414 -> 2
+    assert auto_interval(0.0, 2.2, 20) == 3  # 2.2 -> 3
+
+
+# quantity_skew's sizes follow Dir(alpha): small alpha skews more than large alpha
+def test_quantity_skew_alpha_controls_the_size_spread():
+    from declora.config import PartitionConfig
+    from declora.partition import partition
+
+    labels = np.arange(2000) % 2
+
+    def spread(alpha):
+        cv = []
+        for s in range(5):
+            sizes = np.array(
+                [
+                    len(p)
+                    for p in partition(
+                        labels, 8, PartitionConfig(kind="quantity_skew", alpha=alpha, min_size=1), s
+                    )
+                ]
+            )
+            cv.append(sizes.std() / sizes.mean())
+        return float(np.mean(cv))
+
+    low, mid, high = spread(0.1), spread(1.0), spread(100.0)
+    assert low > 1.5 * mid and mid > 5 * high, (low, mid, high)
+
+
+# SCAFFOLD's c_i+ = c_i - c + (x - y_i)/(K lr) once c != 0 (round 0 has c = c_i = 0)
+def test_scaffold_variates_in_the_second_round(tiny_bert, tiny_data, tmp_path):
+    from unit_helpers import round_context, tiny_experiment
+
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=scaffold", "train.local_steps=2")
+    algo, K = exp.algorithm, exp.cfg.train.local_steps
+    for t in range(2):
+        plan = algo.plan(t)
+        exp.trainer.correction = plan.correction
+        active = torch.ones(exp.n, dtype=torch.bool)
+        exp.trainer.local_work(active, list(exp.fed.tensors(plan.train)), K, "steps")
+        y = {k: v.detach().clone() for k, v in exp.fed.tensors(plan.train).items()}
+        c_i, c = {k: v.clone() for k, v in algo.c_i.items()}, {k: v.clone() for k, v in algo.c.items()}
+        algo.communicate(round_context(exp, t))
+    assert any(float(v.abs().max()) > 0 for v in c.values())  # the second round really has c != 0
+    for k in algo.c_i:
+        lr = exp.optimizer.node_lrs(k).view(-1, *[1] * (y[k].dim() - 1))
+        want = c_i[k] - c[k] + (algo.start[k] - y[k]) / (K * lr)
+        torch.testing.assert_close(algo.c_i[k], want, atol=1e-5, rtol=1e-4)
+
+
+# K-GT's correction after one real round: c_i = sum_j W_ij (d_j - d_i), d = (x - z)/(K lr)
+def test_dec_gt_corrections_after_one_round_follow_the_formula(tiny_bert, tiny_data, tmp_path):
+    from unit_helpers import round_context, tiny_experiment
+
+    exp = tiny_experiment(
+        tiny_bert,
+        tiny_data,
+        tmp_path,
+        "algorithm.name=dec_gt",
+        "train.local_steps=3",
+        "partition.kind=dirichlet",
+        "partition.alpha=0.5",
+        "partition.min_size=2",
+    )
+    algo, K = exp.algorithm, 3
+    plan = algo.plan(0)
+    exp.trainer.correction = plan.correction
+    exp.trainer.local_work(torch.ones(exp.n, dtype=torch.bool), list(exp.fed.tensors(plan.train)), K, "steps")
+    z = {k: v.detach().clone() for k, v in exp.fed.tensors(plan.train).items()}
+    ctx = round_context(exp, 0)
+    algo.communicate(ctx)
+    W = ctx.W.double()
+    for k, c in algo.c.items():
+        lr = exp.optimizer.node_lrs(k).double().view(-1, *[1] * (z[k].dim() - 1))
+        d = ((algo.start[k] - z[k]).double() / (K * lr)).flatten(1)  # (n, D)
+        want = (W @ d - W.sum(1, keepdim=True) * d).view_as(c)
+        torch.testing.assert_close(c.double(), want, atol=1e-4, rtol=1e-4)
+        assert float(want.abs().max()) > 1e-3
+
+
+# the codec's error-feedback residuals must come back on resume (no resume test has codec state)
+def test_fslora_topk_error_feedback_resumes_exactly(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    from helpers import assert_same_tensors, crash_after_round
+    from unit_helpers import tiny_experiment
+
+    from declora import engine
+    from declora.experiment import build_experiment
+
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+    extra = (
+        "rounds=3",
+        "train.local_steps=1",
+        "eval.every=1",
+        "eval.node_examples=4",
+        "checkpoint_every=1",
+        "algorithm.name=fslora",
+        "model.head=frozen",
+        "comm.codec=topk",
+        "comm.fraction=0.3",
+        "comm.error_feedback=true",
+    )
+    full = tiny_experiment(tiny_bert, tiny_data, tmp_path / "a", *extra)
+    engine.run(full)
+    assert any(float(v.abs().max()) > 0 for v in full.exchange.codec.state_dict().values())
+    crashed = tiny_experiment(tiny_bert, tiny_data, tmp_path / "b", *extra)
+    crash_after_round(crashed, 2)
+    resumed = build_experiment(crashed.cfg, crashed.run_dir)
+    engine.run(resumed, resume=True)
+    assert_same_tensors(full, resumed)
+    for k, v in full.exchange.codec.state_dict().items():
+        assert torch.equal(v, resumed.exchange.codec.state_dict()[k]), k
+
+
+# Metropolis-Hastings on an irregular graph (on a ring or complete graph it equals max-degree and uniform)
+def test_metropolis_hastings_weights_on_an_irregular_graph():
+    import networkx as nx
+
+    from declora.topology import max_degree, metropolis_hastings
+
+    g = nx.Graph([(0, 1), (0, 2), (0, 3), (3, 4)])  # degrees 3, 1, 1, 2, 1
+    w = metropolis_hastings(g)
+    assert w[3, 4] == pytest.approx(1 / 3, abs=1e-12) and w[0, 1] == pytest.approx(1 / 4, abs=1e-12)
+    assert w[3, 3] == pytest.approx(1 - 1 / 4 - 1 / 3, abs=1e-12) and w[4, 4] == pytest.approx(
+        2 / 3, abs=1e-12
+    )
+    assert not np.allclose(w, max_degree(g))  # the two rules differ here
+
+
+# A noise solved from privacy.target_epsilon must hold for the most demanding node
+def test_target_epsilon_holds_for_the_most_demanding_of_several_plans():
+    from declora.config import PrivacyConfig
+    from declora.privacy import epsilon, noise_for, resolve_sigma
+
+    cfg = PrivacyConfig(level="node", target_epsilon=4.0, delta=1e-5)
+    plans = [(1.0, 20), (1.0, 60), (0.1, 60)]
+    sigma = resolve_sigma(cfg, plans)
+    spent = [epsilon(sigma, q, s, cfg.delta) for q, s in plans]
+    assert max(spent) <= 4.0 + 1e-6 and max(spent) == pytest.approx(4.0, abs=0.05)
+    assert sigma == noise_for(4.0, 1.0, 60, cfg.delta)
+
+
+# The ledger's per-node numbers: one fp32 gossip of a (5, 3, 4) tensor on a star around node 0
+def test_the_ledger_reports_the_mean_and_max_bytes_a_node_sent():
+    from declora.comm.exchange import LocalExchange
+
+    n = 5
+    W = torch.eye(n) * 0.5
+    for j in range(1, n):
+        W[0, j] = W[j, 0] = 0.125
+    W[0, 0] = 0.5
+    ex = LocalExchange(n)
+    ex.ledger.start_round()
+    ex.gossip({"x": torch.randn(n, 3, 4)}, W, 0)
+    summary = ex.ledger.round_summary()
+    # the hub sends 48 bytes to each of 4 leaves, each leaf 48 bytes to the hub
+    assert summary["bytes_node_max"] == 192 and summary["bytes_node_mean"] == pytest.approx(76.8)
+    assert summary["bytes_round"] == summary["bytes_total"] == 384

@@ -240,3 +240,31 @@ def test_the_ledger_reports_the_mean_and_max_bytes_a_node_sent():
     # the hub sends 48 bytes to each of 4 leaves, each leaf 48 bytes to the hub
     assert summary["bytes_node_max"] == 192 and summary["bytes_node_mean"] == pytest.approx(76.8)
     assert summary["bytes_round"] == summary["bytes_total"] == 384
+
+
+# DeCAF re-factorizes only the nodes that hear a neighbour: an isolated node keeps factors and moments
+def test_decaf_leaves_an_isolated_node_and_its_optimizer_state_alone(tiny_bert, tiny_data, tmp_path):
+    from dataclasses import replace
+
+    from unit_helpers import perturb, round_context, tiny_experiment
+
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=decaf", "nodes=4")
+    perturb(exp, seed=3, same=False)  # each node its own factors, B != 0
+    names = list(exp.fed.tensors(("A", "B")))
+    for name in names:  # as after a few steps: every node with a count and moments
+        exp.optimizer.steps[name].fill_(2)
+        for b in exp.optimizer.buffers:
+            exp.optimizer.state[b][name].normal_()
+    before = {k: v.detach().clone() for k, v in exp.fed.tensors(("A", "B")).items()}
+    moments = {(b, k): exp.optimizer.state[b][k].clone() for b in exp.optimizer.buffers for k in names}
+    W = torch.full((4, 4), 1 / 3)
+    W[3], W[:, 3] = 0.0, 0.0
+    W[3, 3] = 1.0  # node 3 hears nobody this round
+    exp.algorithm.communicate(replace(round_context(exp, 0), W=W))
+    for k in names:
+        assert torch.equal(exp.fed.tensors()[k][3], before[k][3])  # its factors as they were
+        assert not torch.equal(exp.fed.tensors()[k][0], before[k][0])  # the linked nodes re-factorized
+        assert int(exp.optimizer.steps[k][3]) == 2 and (exp.optimizer.steps[k][:3] == 0).all()
+        for b in exp.optimizer.buffers:
+            assert torch.equal(exp.optimizer.state[b][k][3], moments[(b, k)][3])
+            assert (exp.optimizer.state[b][k][:3] == 0).all()

@@ -166,3 +166,19 @@ def test_server_state_survives_a_crash_and_resume(tiny_bert, tiny_data, tmp_path
     assert accs == [r["acc_server"] for r in full_lines if r.get("event") == "eval"]
     assert all(r["active_nodes"] == 2 for r in lines if r.get("event") == "eval")
     assert full.algorithm.server.opt.steps[next(iter(full.algorithm.server.x))] == 3
+
+
+def test_topk_error_feedback_resumes_exactly(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    # the codec's residuals are checkpointed state: a resume must restore them, bit for bit
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+    extra = ("model.head=frozen", "comm.codec=topk", "comm.fraction=0.3", "comm.error_feedback=true")
+    full = tiny(tiny_bert, tiny_data, tmp_path / "a", *extra)
+    engine.run(full)
+    assert any(float(v.abs().max()) > 0 for v in full.exchange.codec.state_dict().values())
+    crashed = tiny(tiny_bert, tiny_data, tmp_path / "b", *extra)
+    crash_after_round(crashed, 2)
+    resumed = build_experiment(crashed.cfg, crashed.run_dir)
+    engine.run(resumed, resume=True)
+    assert_same_tensors(full, resumed)
+    for k, v in full.exchange.codec.state_dict().items():
+        assert torch.equal(v, resumed.exchange.codec.state_dict()[k]), k

@@ -164,7 +164,7 @@ class RunLock:
 
 def hold_run_folder(run_dir: Path) -> RunLock:
     """Lock ``run_dir`` for this process (made if missing) until ``close`` or the end of the process,
-    however it ends; a ConfigError naming the holder if another process has it."""
+    however it ends; a ConfigError if another process holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK, "a", encoding="utf-8")  # noqa: SIM115 (held open: it is the lock)
     try:

@@ -198,11 +198,11 @@ def cell_state(cell: Cell) -> str:
 
 
 def _exported(run_dir: Path, cfg: Config) -> bool:
-    """The run's adapters are complete: none asked, or adapters/ in place with no swap left half done (a
-    kill in the export leaves adapters.tmp or adapters.old; report.md alone can come from declora report)."""
-    folder = run_dir / "adapters"
-    half_done = any(folder.with_name(folder.name + s).exists() for s in (".tmp", ".old"))
-    return cfg.export == "none" or (folder.is_dir() and not half_done)
+    """The run's adapters are complete (report.md alone can come from ``declora report`` after a kill in
+    the export)."""
+    from declora.runfolder import replaced_whole
+
+    return cfg.export == "none" or replaced_whole(run_dir / "adapters")
 
 
 def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:

@@ -127,6 +127,13 @@ def replace_folder(path: Path, write: Callable[[Path], Any], point: str = "folde
     shutil.rmtree(old, ignore_errors=True)
 
 
+def replaced_whole(path: Path) -> bool:
+    """``path`` is a folder written by ``replace_folder`` to its end: in place, with no swap left half
+    done (a kill inside one leaves ``PATH.tmp`` or ``PATH.old``)."""
+    pending = any(path.with_name(path.name + suffix).exists() for suffix in (".tmp", ".old"))
+    return path.is_dir() and not pending
+
+
 def restore_folder(path: Path) -> None:
     """Undo a swap that a kill interrupted: the set-aside complete folder goes back in place."""
     old = path.with_name(path.name + ".old")

@@ -254,18 +254,24 @@ def test_an_adapter_made_on_another_base_is_warned_about(tiny, tmp_path, caplog)
     assert "was made on base '/elsewhere/another-model'; this run's base is" in caplog.text
 
 
-def test_a_folder_another_process_is_writing_is_refused_and_free_again_after_it(tiny, tmp_path, capsys):
-    # A real second declora process: while it writes the folder, a resume, an overwrite and a new run of
-    # the same folder are each refused (they would interleave their rounds); a kill releases the lock.
+def _declora(*args: str, **kwargs):
     import os
     import subprocess
     import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "declora", *args], env=env, **kwargs)
+
+
+def test_a_folder_another_process_is_writing_is_refused_and_free_again_after_it(tiny, tmp_path, capsys):
+    # A real second declora process: while it writes the folder, a resume, an overwrite and a new run of
+    # the same folder are each refused (they would interleave their rounds); a kill releases the lock.
+    import subprocess
     import time
 
     run = tmp_path / "busy"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    args = [sys.executable, "-m", "declora", "run", *tiny, "rounds=1000", "eval.every=1000", f"run_dir={run}"]
-    other = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    other = _declora("run", *tiny, "rounds=1000", "eval.every=1000", f"run_dir={run}", **quiet)
     try:
         deadline = time.time() + 120
         while not (run / "state" / "latest.json").is_file():  # it has run a round and checkpointed it
@@ -300,15 +306,6 @@ def test_a_checkpoint_temporary_left_by_a_kill_is_removed_at_the_next_checkpoint
     stray.write_bytes(b"\0" * 4096)
     assert main(["run", "--resume", str(run), "rounds=3"]) == 0
     assert not stray.exists() and _rounds(run)[-1] == 3
-
-
-def _declora(*args: str, **kwargs):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    return subprocess.Popen([sys.executable, "-m", "declora", *args], env=env, **kwargs)
 
 
 def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tiny, tmp_path):

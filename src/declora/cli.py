@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -408,10 +409,21 @@ INTERRUPTED = {
 }
 
 
+class Terminated(BaseException):
+    """SIGTERM (kill, a batch scheduler's time limit), raised like Ctrl-C's KeyboardInterrupt so that the
+    run unwinds the same way: its lock released, its last checkpoint kept, one line said."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     from declora.dist import DistributedRunError
 
     args = parse_cli(argv)
+    if argv is None:  # the command line's own process (not a caller of main() in its own program)
+        signal.signal(signal.SIGTERM, _raise_terminated)
     # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
     quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
@@ -422,9 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("declora.cli").warning(line)
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C: one line, the conventional 128 + SIGINT
-        print(f"declora: interrupted; {INTERRUPTED.get(args.command, 'nothing was lost')}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stop:  # one line, and the conventional 128 + the signal
+        code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
+        if not quiet:  # under torchrun every rank gets the signal; one says it
+            print(f"declora: {what}; {INTERRUPTED.get(args.command, 'nothing was lost')}", file=sys.stderr)
+        return code
     except BrokenPipeError:  # the reader of stdout left (| head): stop quietly, as a pipe's writer does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141

@@ -308,7 +308,10 @@ def test_a_checkpoint_temporary_left_by_a_kill_is_removed_at_the_next_checkpoint
     assert not stray.exists() and _rounds(run)[-1] == 3
 
 
-def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tiny, tmp_path):
+@pytest.mark.parametrize(
+    ("sig", "code", "what"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_or_a_kill_is_one_line_and_the_run_resumes(tiny, tmp_path, sig, code, what):
     import subprocess
     import time
 
@@ -318,12 +321,12 @@ def test_ctrl_c_is_one_line_with_exit_130_and_the_run_resumes(tiny, tmp_path):
     while not (run / "state" / "latest.json").is_file():
         assert proc.poll() is None and time.time() < deadline, "the run did not start"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     lines = [x for x in err.decode().splitlines() if x.startswith("declora") or "Traceback" in x]
-    assert proc.returncode == 130 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    assert proc.returncode == code and "Traceback" not in err.decode(), err.decode()[-2000:]
     assert lines == [
-        "declora: interrupted; the run folder keeps its last checkpoint: declora run --resume "
+        f"declora: {what}; the run folder keeps its last checkpoint: declora run --resume "
         "RUN_DIR continues from it"
     ], lines
     done = json.loads((run / "state" / "latest.json").read_text())["round"]

@@ -31,7 +31,6 @@ from declora.runfolder import (
     record_resume,
 )
 from declora.schedules import describe
-from declora.seeding import seed_for
 from declora.trackers import MLFLOW_RUN_ID, Trackers, tracker_names
 from declora.validation import check_resume
 
@@ -219,7 +218,6 @@ def _run_rounds(
         phases = PhaseTimes(exp, t)
         phases.enter("round")
         phases.enter("train")
-        torch.manual_seed(seed_for(cfg.seed, "dropout", t))  # a resumed run draws the same dropout masks
         plan = exp.algorithm.plan(t)
         up = exp.schedule.online(t)  # (n,) global
         online = exp.local(up)

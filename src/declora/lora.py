@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from declora.grouped import PRODUCTS, NodeGroups, auto_min_rows_per_node, grouped_product, node_groups
+from declora.keyed_dropout import KeyedDropout
 
 if TYPE_CHECKING:
     from declora.quantize import QuantizedLinear
@@ -36,6 +37,7 @@ class NodeRouting:
         self.product = product
         self._rows: Tensor | None = None  # (batch,) long
         self._groups: NodeGroups | None = None  # the rows grouped by node, computed on first use
+        self.keys: Tensor | None = None  # (batch,) long: each row's dropout key (declora.keyed_dropout)
 
     @property
     def rows(self) -> Tensor | None:
@@ -63,6 +65,14 @@ class NodeRouting:
         if self.rows.shape[0] != batch:
             raise RuntimeError(f"routing holds {self.rows.shape[0]} rows but the batch has {batch}")
         return self.rows
+
+    def require_keys(self, batch: int) -> Tensor:
+        if self.keys is None or self.keys.shape[0] != batch:
+            raise RuntimeError(
+                f"LoRA dropout needs one key per row of the {batch}-row batch: train inside "
+                "Federation.route(node_ids, row_keys)"
+            )
+        return self.keys
 
 
 class RankMask:
@@ -157,6 +167,7 @@ class StackedLoRALinear(nn.Module):
         dropout: float,
         routing: NodeRouting,
         init_A: Tensor,
+        name: str = "",
     ) -> None:
         super().__init__()
         self.base = base
@@ -171,7 +182,7 @@ class StackedLoRALinear(nn.Module):
         self.A = nn.Parameter(init_A.float().expand(n, rank, d_in).clone())  # (n, r, d_in)
         self.B = nn.Parameter(torch.zeros(n, d_out, rank))  # (n, d_out, r)
         self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = KeyedDropout(dropout, name, routing)  # ``name`` (the layer's) salts its masks
         self.routing = routing
         # Evaluation may swap in other stacked factors (the averaged adapter, say) without touching A, B.
         self.override: tuple[Tensor, Tensor] | None = None

@@ -109,13 +109,16 @@ class Federation(nn.Module):
             layer.dropout.train(on)
 
     @contextmanager
-    def route(self, rows: Tensor) -> Iterator[None]:
-        """Run the model with batch row k belonging to node ``rows[k]``."""
-        previous, self.routing.rows = self.routing.rows, rows.to(self.device)
+    def route(self, rows: Tensor, keys: Tensor | None = None) -> Iterator[None]:
+        """Run the model with batch row k belonging to node ``rows[k]``; ``keys`` (rows,): the rows'
+        dropout keys, needed to train with LoRA dropout (``NodeStreams.row_keys``)."""
+        previous = self.routing.rows, self.routing.keys
+        self.routing.rows = rows.to(self.device)
+        self.routing.keys = None if keys is None else keys.to(self.device)
         try:
             yield
         finally:
-            self.routing.rows = previous
+            self.routing.rows, self.routing.keys = previous
 
     @contextmanager
     def override(self, stacked: dict[str, Tensor]) -> Iterator[None]:
@@ -234,7 +237,7 @@ def build_federation(
             and not (pooling != "cls" and "pooler" in name.split("."))  # unread: the head pools itself
         ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
-            lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A)
+            lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A, name)
     if not lora:
         kinds = (nn.Linear, QuantizedLinear)
         linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, kinds)})

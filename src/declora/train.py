@@ -22,7 +22,7 @@ from declora.model import Federation
 from declora.optim import NodeOptimizer, clip_per_node
 from declora.privacy import ExampleDP
 from declora.replicas import replica_rows, sum_gradients
-from declora.seeding import numpy_rng
+from declora.seeding import numpy_rng, seed_for
 from declora.tasks import SequenceClassification, Task
 
 CLASSIFY: Task = SequenceClassification(tokenizer=None, max_length=0)  # its losses need no tokenizer
@@ -54,6 +54,12 @@ class NodeStreams:
             self.pos[node] = 0
         return batch
 
+    def row_keys(self, node: int, epoch: int, pos: int, count: int) -> np.ndarray:
+        """The dropout keys (count,) of the rows drawn at ``pos`` of ``node``'s epoch ``epoch``: one per
+        example drawn, the same in every process, micro-batch and resume (declora.keyed_dropout)."""
+        base = seed_for(self.seed, "dropout", self.offset + node, epoch, pos) >> 1  # base + count < 2**63
+        return base + np.arange(count, dtype=np.int64)
+
     def state(self) -> dict[str, list[int]]:
         return {"epoch": self.epoch.tolist(), "pos": self.pos.tolist()}
 
@@ -63,17 +69,20 @@ class NodeStreams:
 
 @dataclass
 class Rows:
-    """Examples of several nodes laid end to end: token ids, label, owning node and loss weight per row."""
+    """Examples of several nodes laid end to end: token ids, label, owning node, loss weight and dropout
+    key per row."""
 
     ids: list[list[int]]
     labels: Tensor  # (rows,)
     nodes: Tensor  # (rows,) long
     weights: Tensor  # (rows,)
+    keys: Tensor | None = None  # (rows,) long: NodeStreams.row_keys; None: trained without LoRA dropout
 
     def take(self, index: list[int]) -> Rows:
         """The rows at ``index``, in that order."""
         at = torch.as_tensor(index, dtype=torch.long)
-        return Rows([self.ids[k] for k in index], self.labels[at], self.nodes[at], self.weights[at])
+        keys = None if self.keys is None else self.keys[at]
+        return Rows([self.ids[k] for k in index], self.labels[at], self.nodes[at], self.weights[at], keys)
 
 
 def micro_batches(lengths: list[int], tokens_per_chunk: int) -> list[list[int]]:
@@ -120,7 +129,7 @@ def accumulate_gradients(
         input_ids, mask = (t.to(device) for t in pad([rows.ids[k] for k in chunk], pad_id))
         labels, nodes = rows.labels[index].to(device), rows.nodes[index].to(device)
         keep = task.positions(input_ids, mask, labels, train=True)  # None: every position
-        with fed.route(nodes):
+        with fed.route(nodes, None if rows.keys is None else rows.keys[index]):
             logits = fed(input_ids, mask, keep)
         losses = task.row_loss(logits, input_ids, mask, labels, keep)  # (chunk,)
         weighted = losses * rows.weights[index].to(device)
@@ -162,14 +171,16 @@ class LocalTrainer:
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
         ids: list[list[int]] = []
-        labels, nodes, weights = [], [], []
+        labels, nodes, weights, keys = [], [], [], []
         for node in torch.nonzero(active).flatten().tolist():
+            epoch, pos = int(self.streams.epoch[node]), int(self.streams.pos[node])
             batch = self.streams.next_batch(node)
             ids += [self.token_ids[k] for k in batch]
             labels.append(torch.as_tensor(self.labels[batch]))
             nodes.append(torch.full((len(batch),), node, dtype=torch.long))
             weights.append(torch.full((len(batch),), 1.0 / len(batch)))
-        rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights))
+            keys.append(torch.as_tensor(self.streams.row_keys(node, epoch, pos, len(batch))))
+        rows = Rows(ids, torch.cat(labels), torch.cat(nodes), torch.cat(weights), torch.cat(keys))
         sizes = torch.bincount(rows.nodes, minlength=self.fed.n)  # (n,) each node's batch size this step
         if self.replicas is not None:  # the weights stay 1/b of the whole batch: the ranks' sum is the step's
             rows = rows.take(replica_rows([len(x) for x in ids], self.replicas.rank, self.replicas.world))

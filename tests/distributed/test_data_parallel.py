@@ -1,6 +1,6 @@
 """``centralized`` over 2 processes (data parallel: a replica of the one node on each rank, a share of
 every batch, gradients summed before clipping and the step) gives the one-process run's numbers: every
-metric and the final adapter at atol 1e-6, with gradient clipping active and with example-level DP-SGD,
+metric and the final adapter at atol 1e-6, with gradient clipping, LoRA dropout and example-level DP-SGD,
 and a one-process checkpoint resumes over 2 processes to the uninterrupted run's numbers."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ WORKER = Path(__file__).with_name("worker.py")
 CASES = {
     "plain": [],
     "clipped": ["train.max_grad_norm=0.02"],
+    "dropout": ["model.dropout=0.2"],  # each rank masks its share of the rows as one process would
     "dp_sgd": ["privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"],
 }
 

@@ -39,7 +39,7 @@ DP_SGD = ["privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip
 CASES = {
     "dec_lora": ("dec_lora", []),
     "decaf": ("decaf", []),
-    "tad_lora": ("tad_lora", []),
+    "tad_lora": ("tad_lora", ["model.dropout=0.2"]),  # LoRA dropout: masks keyed by example
     "dec_lora_quantize": ("dec_lora", ["comm.codec=quantize", "comm.bits=4", "comm.block_size=16"]),
     "decaf_topk": ("decaf", ["comm.codec=topk", "comm.fraction=0.25"]),
     "dec_lora_topk": ("dec_lora", ["comm.codec=topk", "comm.fraction=0.1"]),

@@ -197,6 +197,9 @@ class AlgorithmConfig:
     server_weight_decay: float = 0.0  # [M] upstream FSLoRA uses torch AdamW's default 0.01 (?)
     flex_weights: str = "data_size"  # flexlora: p_i proportional to n_i | uniform
     mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||theta - theta_round_start||^2
+    # A registered (plugin) algorithm's own settings, read by it from cfg.algorithm.options; shipped
+    # algorithms have none (docs/extending.md). algorithm.options.every=3 on the command line.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,9 @@ class Config:
     # Values that are legal but almost always a mistake (model.alpha=0: LoRA does nothing; a dataset with
     # one label) stop the run unless this is true.
     allow_degenerate: bool = False
+    # Modules (import names or .py files) imported before the config is checked, which register a user's
+    # own algorithms (declora.plugins, docs/extending.md).
+    plugins: tuple[str, ...] = ()
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -347,6 +353,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 f"got {value!r}"
             )
         return _build(tp, value, prefix=f"{key}.")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

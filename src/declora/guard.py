@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from declora.algorithms import GOSSIP_ALGORITHMS, MASKED_UPLOADS, NO_NODE_DP, SERVER_ALGORITHMS
+from declora.algorithms import GOSSIP_ALGORITHMS, MASKED_UPLOADS, NO_NODE_DP, SERVER_ALGORITHMS, SHIPPED
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
 from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
@@ -240,6 +240,12 @@ def _validate_privacy(cfg: Config) -> None:
         )
     if not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1)")
+    if p.level == "node" and cfg.algorithm.name not in SHIPPED:
+        raise ConfigError(
+            f"privacy.level=node with the registered algorithm {cfg.algorithm.name}: the accountant counts "
+            "the messages each shipped method sends per round, and cannot know a new method's; use "
+            "privacy.level=example (DP-SGD inside local training)"
+        )
     if p.level == "node" and cfg.algorithm.name in NO_NODE_DP:
         raise ConfigError(
             f"privacy.level=node is not supported for algorithm.name={cfg.algorithm.name}: its tracking "

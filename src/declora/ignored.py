@@ -153,8 +153,12 @@ SECTIONS = {
 
 def ignored_settings(cfg: Config) -> list[str]:
     """One line per key that differs from its default but that this run never reads."""
+    from declora.algorithms import SHIPPED
+
     out = []
     for section, readers in SECTIONS.items():
+        if section == "algorithm" and cfg.algorithm.name not in SHIPPED:
+            continue  # a registered algorithm may read any algorithm.* key: only it knows which
         values = getattr(cfg, section)
         defaults = type(values)()
         for key, (reads, who) in readers.items():

@@ -32,6 +32,7 @@ def input_paths(cfg: Config) -> dict[str, str]:
         **{f"data.node_files[{i}]" if len(nodes) > 1 else "data.node_files": f for i, f in enumerate(nodes)},
         "topology.edge_list": t.edge_list,
         "topology.weight_file": t.weight_file,
+        **{f"plugins[{i}]": f for i, f in enumerate(cfg.plugins) if f.endswith(".py")},
     }
     return {k: v for k, v in given.items() if v is not None}
 

@@ -178,6 +178,9 @@ def _validate_partition(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; names the bad value and the allowed ones."""
+    from declora.plugins import load_plugins
+
+    load_plugins(cfg.plugins)  # first: they add the algorithm names checked below
     flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
@@ -218,7 +221,7 @@ def validate(cfg: Config) -> Config:
 
     validate_guard(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
-    from declora.algorithms import ALGORITHMS
+    from declora.algorithms import ALGORITHMS, SHIPPED
     from declora.schedules import SCHEDULES
     from declora.topology import GRAPHS, WEIGHTS
 
@@ -237,7 +240,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"comm: {err}") from err
     if cfg.algorithm.name not in ALGORITHMS:
         raise ConfigError(
-            f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)}"
+            f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)} "
+            "(or register your own: plugins=[module or .py file], docs/extending.md)"
+        )
+    own_check = getattr(ALGORITHMS[cfg.algorithm.name], "check_config", None)  # a registered algorithm's
+    if own_check is not None:
+        try:
+            own_check(cfg)
+        except ValueError as err:
+            raise ConfigError(f"algorithm.name={cfg.algorithm.name}: {err}") from err
+    if cfg.algorithm.options and cfg.algorithm.name in SHIPPED:
+        raise ConfigError(
+            f"algorithm.options={cfg.algorithm.options!r} is for registered (plugin) algorithms; "
+            f"{cfg.algorithm.name} reads its own algorithm.* keys and would ignore it"
         )
     from declora.trackers import TRACKERS, missing_packages
 
@@ -452,9 +467,10 @@ def _validate_server(cfg: Config) -> None:
     s = cfg.server
     if s.betas is not None and not all(0 <= b < 1 for b in s.betas):
         raise ConfigError(f"server.betas={list(s.betas)}: each must be in [0, 1)")
-    from declora.algorithms import FOLDS_INTO_BASE, SERVED
+    from declora.algorithms import FOLDS_INTO_BASE, SERVED, SHIPPED
 
-    if cfg.algorithm.name not in SERVED:  # a server setting for a run with no server would be ignored
+    # A server setting for a run with no server would be ignored (a registered algorithm may have one).
+    if cfg.algorithm.name not in SERVED and cfg.algorithm.name in SHIPPED:
         keys = [f.name for f in dataclasses.fields(s)]
         why = f"with algorithm.name={cfg.algorithm.name}, which has no server"
         why += f"; server.* applies to {sorted(SERVED)}"

@@ -24,6 +24,7 @@ from declora.experiment import build_experiment
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("worker.py")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 # label: (algorithm, extra overrides). The codecs: a random one (per-node draws must not depend on the
 # slicing; packed codes and fp32 scales on the wire) and a stateful one (CHOCO's public copies kept per
 # rank, for gossip and for DeCAF's shared factors).
@@ -121,6 +122,8 @@ CASES = {
     # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped
     "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
     "dec_sb": ("dec_sb", []),
+    # a user's algorithm from a plugin file: every rank imports it from the config (docs/extending.md)
+    "periodic_gossip": ("periodic_gossip", [f"plugins=[{EXAMPLES / 'periodic_gossip.py'}]"]),
     # K-GT: corrections on the node axis tracked by a second gossip, decoded per node (a random codec),
     # per-node lrs in the tracking message (cosine), offline nodes (identity rows of W), an attacker's
     # sign flips on both messages (guarded share)
@@ -187,6 +190,7 @@ SLICES = {
         "dec_prox": (2, 3),
         "fed_sb": (3, 2),
         "dec_sb": (1, 4),
+        "periodic_gossip": (3, 2),
         "dec_gt": (2, 3),
         "dec_lora_deadline": (2, 3),
     },

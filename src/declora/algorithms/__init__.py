@@ -54,6 +54,27 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
     "dec_gt": DecGT,
 }
 
+SHIPPED = frozenset(ALGORITHMS)
+
+
+def register(name: str, constructor: Callable[..., Any]) -> None:
+    """Add a user's algorithm under ``name`` (docs/extending.md): ``constructor(fed, cfg=cfg,
+    schedule=schedule)`` returns an object with the members of ``base.Algorithm``; an optional
+    ``constructor.check_config(cfg)`` raising ValueError is called when a config is checked, before any
+    work. Registering the same constructor twice is harmless; a shipped name, or a name another
+    constructor holds, is refused."""
+    if not name.isidentifier():
+        raise ValueError(f"algorithm name {name!r} must be a Python identifier (letters, digits, _)")
+    if not callable(constructor):
+        raise ValueError(f"algorithm {name!r}: {constructor!r} is not a class or function")
+    held = ALGORITHMS.get(name)
+    if held is not None and held is not constructor:
+        if name in SHIPPED:
+            raise ValueError(f"algorithm name {name!r} is declora's own; choose another name")
+        raise ValueError(f"algorithm name {name!r} is already registered by {held!r}")
+    ALGORITHMS[name] = constructor
+
+
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying
 # codec is unsound for them (config refuses comm.codec=topk).
 SENDS_STATES = frozenset(

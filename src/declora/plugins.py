@@ -1,0 +1,61 @@
+"""A user's own algorithms, by name, in every command: ``plugins: [my_package.algos, path/to/algo.py]``.
+
+Each entry is imported before the config is checked (a module on the Python path, or a ``.py`` file),
+and the module registers its algorithms with ``declora.algorithms.register``. The run's config.yaml keeps
+the list, so a resume, a ``declora compare`` cell and every torchrun process import the same code. A
+script that calls declora from Python registers directly and needs no ``plugins`` entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from declora.config import ConfigError
+
+_FILES: dict[Path, ModuleType] = {}  # a file is executed once per process, however often it is named
+
+
+def _import_file(path: Path) -> ModuleType:
+    resolved = path.expanduser().resolve()
+    if resolved in _FILES:
+        return _FILES[resolved]
+    if not resolved.is_file():
+        raise ConfigError(f"plugins: {str(path)!r} is not a file (give a .py file or an importable module)")
+    name = f"declora_plugin_{len(_FILES)}_{resolved.stem}"
+    spec = importlib.util.spec_from_file_location(name, resolved)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"plugins: {str(path)!r} cannot be imported as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    _FILES[resolved] = module
+    return module
+
+
+def load_plugins(entries: tuple[str, ...]) -> None:
+    """Import every entry, in order; any failure is one ConfigError naming the entry."""
+    for entry in entries:
+        try:
+            if entry.endswith(".py"):
+                _import_file(Path(entry))
+            else:
+                importlib.import_module(entry)
+        except ConfigError:
+            raise
+        except ModuleNotFoundError as err:
+            if entry == err.name or entry.startswith(f"{err.name}."):
+                raise ConfigError(
+                    f"plugins: no module named {entry!r} on the Python path (give an importable module "
+                    "name or a .py file)"
+                ) from err
+            raise ConfigError(f"plugins: importing {entry!r} failed: {err}") from err
+        except Exception as err:  # the plugin's own code: say which one, and what it raised
+            raise ConfigError(f"plugins: importing {entry!r} failed: {type(err).__name__}: {err}") from err

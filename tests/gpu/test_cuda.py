@@ -26,7 +26,8 @@ CASES = {
     "fedavg_dropout": ["algorithm.name=fedavg", "topology.node_dropout=0.3"],
     "fslora": ["algorithm.name=fslora"],
     "flexlora": ["algorithm.name=flexlora", "algorithm.ranks=[2,4,4,2]"],
-    "tad_lora": ["algorithm.name=tad_lora", "algorithm.switch_interval=1"],
+    # LoRA dropout: its masks are an integer hash of the example (declora.keyed_dropout), the same on both
+    "tad_lora": ["algorithm.name=tad_lora", "algorithm.switch_interval=1", "model.dropout=0.1"],
 }
 
 
@@ -77,6 +78,14 @@ def close(a: list[dict], b: list[dict], loss_atol: float, acc_atol: float) -> No
         assert y["bytes_total"] == x["bytes_total"]  # the same messages cross the same edges
         for key in (k for k in x if k.startswith("acc_")):
             assert y[key] == pytest.approx(x[key], abs=acc_atol), key
+
+
+def test_dropout_masks_are_the_same_bits_on_cuda_and_the_cpu():
+    from declora.keyed_dropout import keep_mask
+
+    keys = torch.tensor([0, 1, 7, 2**40 + 3, 2**62 + 12345])
+    cpu = keep_mask(keys, 991, (64, 896), 0.1)
+    assert torch.equal(keep_mask(keys.cuda(), 991, (64, 896), 0.1).cpu(), cpu)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -38,7 +38,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     """The run's config and folder, checked before any work: a new run needs an empty folder (or
     --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
     from declora.experiment import default_run_dir
-    from declora.inputs import check_started_in, warn_changed
+    from declora.inputs import check_started_in
     from declora.runfolder import check_new_run, check_not_in_use, check_writable, start_record
 
     if not args.resume:
@@ -68,8 +68,8 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
     start = start_record(run_dir)
-    check_started_in(saved, start.get("cwd"))
-    warn_changed(start.get("inputs"), saved)
+    check_started_in(saved, start.get("cwd"))  # before any work (the engine checks again, and warns of
+    # inputs changed since the start: declora.inputs)
     check_writable(run_dir)
     return cfg, run_dir
 

@@ -64,6 +64,16 @@ class Grid:
     metric: str = "acc_avg_factors"
     target_accuracy: float | None = None
 
+    def __post_init__(self) -> None:  # a Grid built in Python gets what load_grid gives a file's
+        object.__setattr__(self, "out", Path(self.out))
+        if isinstance(self.overrides, str) or isinstance(self.seeds, (str, int)):
+            raise ConfigError("Grid: overrides and seeds are lists (of key=value strings, of integers)")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        for key, values in self.axes.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"Grid: axis {key!r} needs a non-empty list of values, got {values!r}")
+
 
 @dataclass(frozen=True)
 class Cell:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +200,7 @@ class AlgorithmConfig:
     mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||theta - theta_round_start||^2
     # A registered (plugin) algorithm's own settings, read by it from cfg.algorithm.options; shipped
     # algorithms have none (docs/extending.md). algorithm.options.every=3 on the command line.
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)  # hash=False: Config stays hashable
 
 
 @dataclass(frozen=True)
@@ -491,8 +492,13 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load YAML (or defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Config:
+    """Load YAML (or the dataclass defaults when ``path`` is None: not configs/default.yaml, which
+    ``declora run`` reads when given no config), apply the overrides, validate. ``overrides``: command-line
+    style ``"key=value"`` strings (the value is read as YAML), or a mapping of dotted keys to Python values
+    (``{"train.lr": 3e-4, "train.max_grad_norm": None}``)."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides={overrides!r} is one string; give a list of key=value strings")
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -507,12 +513,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
         tree = loaded
-    for text in overrides:
-        key, value = parse_override(text)
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
+    for key, value in pairs:
         _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def from_dict(tree: Mapping[str, Any]) -> Config:
+    """A validated Config from a nested mapping, as a YAML config file holds it (``to_dict`` inverts it).
+    ``from_dict(to_dict(cfg))`` checks a Config built or ``dataclasses.replace``d in Python."""
     from declora.validation import validate
 
-    return validate(_build(Config, tree))
+    return validate(_build(Config, dict(tree)))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

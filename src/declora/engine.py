@@ -20,7 +20,7 @@ from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.export import AdapterExport
 from declora.heap import release_free_memory
-from declora.inputs import fingerprints
+from declora.inputs import check_started_in, fingerprints, warn_changed
 from declora.report import write_report
 from declora.runfolder import (
     atomic_write_text,
@@ -29,6 +29,7 @@ from declora.runfolder import (
     empty_run_folder,
     hold_run_folder,
     record_resume,
+    start_record,
 )
 from declora.schedules import describe
 from declora.trackers import MLFLOW_RUN_ID, Trackers, tracker_names
@@ -36,6 +37,14 @@ from declora.validation import check_resume
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
+
+
+class StopRun(Exception):  # noqa: N818 (a signal, not an error)
+    """Raise from ``run``'s ``on_round`` to end the run after that round (early stopping): the round is
+    checkpointed, the adapters and the report are written as for a run that ends there, and ``run``
+    returns. A later ``run(..., resume=True)`` (on a new Experiment) continues to ``rounds``."""
+
+
 # Record keys that measure the machine, not the run: they differ between two runs of the same config.
 MEASURED = ("wall_s", "tokens_per_s", "peak_mem_mb", "peak_gpu_mem_mb")
 
@@ -116,9 +125,15 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     """Load the last complete checkpoint, drop later metrics, record the resume. Only rank 0 reads or
     writes the folder (other hosts may have none); the CLI has already refused unsafe overrides."""
     group, main = exp.group, exp.group.is_main
+    if main and not (exp.run_dir / "config.yaml").is_file():
+        raise ConfigError(f"nothing to resume in {exp.run_dir}: it holds no declora run (no config.yaml)")
     saved = load_config(exp.run_dir / "config.yaml") if main else None
     changes = check_resume(saved, exp.cfg) if saved is not None else {}  # saved: on the main rank
-    if main:
+    if main:  # what the CLI checks before any work, for a resume from Python too
+        assert saved is not None  # read above on the main rank
+        begun = start_record(exp.run_dir)
+        check_started_in(saved, begun.get("cwd"))
+        warn_changed(begun.get("inputs"), saved)
         _check_same_partition(exp, metrics)
     if not group.broadcast((exp.run_dir / "state" / LATEST).is_file() if main else None):
         log.info("%s has no checkpoint yet: starting it again from round 0", exp.run_dir)
@@ -184,8 +199,18 @@ def run(
     Every process of a multi-process run runs this loop on its slice of the nodes; ``exp.group``
     gathers the per-node numbers, and rank 0 alone writes the run folder, holding its lock throughout
     (another process on the same folder is refused). A new run needs an empty ``exp.run_dir`` (or
-    ``overwrite``); a resume may change only RESUME_SAFE keys (declora.validation).
+    ``overwrite``); a resume may change only RESUME_SAFE keys (declora.validation). An Experiment runs
+    once: to run or resume again, build a new one.
+
+    ``on_round(record)`` is called after each round is logged and, when due, checkpointed; raising
+    ``StopRun`` there ends the run after that round (early stopping); any other exception propagates and
+    leaves the folder at its last checkpoint.
     """
+    if exp.ran:
+        raise ConfigError(
+            f"this Experiment has already run (in {exp.run_dir}): its model, optimizer and data streams hold "
+            "that run's state; build a new one with build_experiment(cfg) to run or resume again"
+        )
     lock = hold_run_folder(exp.run_dir) if exp.group.is_main else None
     try:
         return _run_rounds(exp, resume, on_round, overwrite)
@@ -200,7 +225,7 @@ def _run_rounds(
     on_round: Callable[[dict[str, Any]], None] | None,
     overwrite: bool,
 ) -> list[dict[str, Any]]:
-    cfg, fed, group = exp.cfg, exp.fed, exp.group
+    cfg, group = exp.cfg, exp.group
     metrics = MetricsLog(exp.run_dir / METRICS)
     start, wall_before = 0, 0.0
     if resume:
@@ -208,9 +233,32 @@ def _run_rounds(
     elif group.is_main:
         _start(exp, metrics, overwrite)
     saved = start  # the round of the last checkpoint on disk (0: none yet)
-    reset_gpu_peak(fed.device)
-    sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
+    reset_gpu_peak(exp.fed.device)
+    exp.ran = True  # from here on its tensors, optimizer and streams are this run's
     board = Trackers(cfg, exp.run_dir) if tracker_names(cfg) and group.is_main else None
+    try:
+        records = _rounds(exp, metrics, start, saved, wall_before, resume, board, on_round)
+    finally:  # a run stopped by an exception closes its tracker runs too
+        if board is not None:
+            board.close()
+    if group.is_main:
+        write_report(exp.run_dir)
+    return records
+
+
+def _rounds(
+    exp: Experiment,
+    metrics: MetricsLog,
+    start: int,
+    saved: int,
+    wall_before: float,
+    resume: bool,
+    board: Trackers | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
+    """Rounds ``start`` to the end (or to a StopRun), then the adapters' export."""
+    cfg, fed, group = exp.cfg, exp.fed, exp.group
+    sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
     export = AdapterExport(exp, resumed=resume)
     began = time.perf_counter()
     records = []
@@ -268,21 +316,27 @@ def _run_rounds(
         if board is not None:
             board(record)
         records.append(record)
-        if on_round is not None:
-            on_round(record)
         if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == cfg.rounds:
             phases.enter("checkpoint")
             save_checkpoint(exp, t + 1, record["wall_s"])
             saved = t + 1
+        stop = False
+        if on_round is not None:
+            try:
+                on_round(record)
+            except StopRun:
+                stop = True
+        if bool(group.all_max(torch.tensor(int(stop)))):  # one rank's stop stops every rank
+            if saved != t + 1:
+                save_checkpoint(exp, t + 1, record["wall_s"])
+            log.info("stopped after round %d of %d (StopRun)", t + 1, cfg.rounds)
+            phases.done()
+            break
         release_free_memory()  # see heap.py: without it resident memory creeps up round after round
         phases.done()
-    if board is not None:
-        board.close()
     group.enter(cfg.rounds, "finish")
     export.finish(records[-1] if records else None)
     crash_point("exported")
-    if group.is_main:
-        write_report(exp.run_dir)
     return records
 
 

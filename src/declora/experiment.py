@@ -17,7 +17,7 @@ from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
-from declora.config import Config, ConfigError
+from declora.config import Config, ConfigError, from_dict, to_dict
 from declora.data import TextDataset
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
@@ -71,6 +71,7 @@ class Experiment:
     label_names: tuple[str, ...] = ()  # classification: the name of each label id (exported with adapters)
     lr_schedule: RoundSchedule | None = None  # each of this process's nodes' place in train.schedule
     stragglers: Stragglers | None = None  # simulated speeds, clock, deadlines, asynchrony (None: not set)
+    ran: bool = False  # engine.run has started on it: its state is that run's (an Experiment runs once)
 
     @property
     def n(self) -> int:
@@ -101,8 +102,19 @@ def _report_cut(cfg: Config, train: tuple[int, int], test: tuple[int, int]) -> N
     )
 
 
+_DEFAULT_NAMES: set[Path] = set()  # handed out in this process, whether their folders exist yet or not
+
+
 def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``runs/<algorithm>-<time>``, with ``-2``, ``-3``, ... when that name is taken on disk or was given to
+    an earlier run of this process in the same second (a sweep from Python builds several at once)."""
+    base = Path("runs") / f"{cfg.algorithm.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while path in _DEFAULT_NAMES or path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    _DEFAULT_NAMES.add(path)
+    return path
 
 
 def _eval_subset(
@@ -204,7 +216,9 @@ def _build_exchange(
 
 def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | None = None) -> Experiment:
     """Everything global (partitions, W(t), data seeds) is derived for all n nodes; this process then
-    keeps its slice ``group.nodes`` (all of them in one process) with its own frozen base."""
+    keeps its slice ``group.nodes`` (all of them in one process) with its own frozen base. ``cfg`` is
+    checked first, as load_config checks a file (one built or replaced in Python may not have been)."""
+    cfg = from_dict(to_dict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     group = group or Solo()

@@ -364,6 +364,7 @@ def export_peft(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    single = fold_middle(single)  # Fed-SB's R into B: PEFT has no middle factor and would ignore it
     rank = next(v.shape[1] for k, v in single.items() if k.endswith(".lora_A"))
     state = {}
     for k, v in single.items():

@@ -217,7 +217,8 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ConfigError(
                 f"run folder {str(run_dir)!r} is not empty; continue it with --resume {run_dir}, "
-                "replace it with --overwrite, or choose another run_dir"
+                "replace it with --overwrite (in Python: run(..., resume=True) or overwrite=True), or choose "
+                "another run_dir"
             )
         if not _is_run_folder(run_dir):
             raise ConfigError(

@@ -57,17 +57,25 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
 SHIPPED = frozenset(ALGORITHMS)
 
 
+def _same_definition(a: Any, b: Any) -> bool:
+    where = ("__module__", "__qualname__")
+    return all(getattr(a, k, None) is not None and getattr(a, k, None) == getattr(b, k, None) for k in where)
+
+
 def register(name: str, constructor: Callable[..., Any]) -> None:
     """Add a user's algorithm under ``name`` (docs/extending.md): ``constructor(fed, cfg=cfg,
     schedule=schedule)`` returns an object with the members of ``base.Algorithm``; an optional
     ``constructor.check_config(cfg)`` raising ValueError is called when a config is checked, before any
-    work. Registering the same constructor twice is harmless; a shipped name, or a name another
-    constructor holds, is refused."""
+    work. Registering the same constructor twice, or a new definition of it (the same module and name: a
+    notebook cell run again), replaces it; a shipped name, or a name another constructor holds, is
+    refused."""
     if not name.isidentifier():
         raise ValueError(f"algorithm name {name!r} must be a Python identifier (letters, digits, _)")
     if not callable(constructor):
         raise ValueError(f"algorithm {name!r}: {constructor!r} is not a class or function")
     held = ALGORITHMS.get(name)
+    if held is not None and _same_definition(held, constructor) and name not in SHIPPED:
+        held = None  # the same class defined again (a notebook cell run twice, a module reloaded)
     if held is not None and held is not constructor:
         if name in SHIPPED:
             raise ValueError(f"algorithm name {name!r} is declora's own; choose another name")

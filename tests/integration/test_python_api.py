@@ -1,0 +1,204 @@
+"""declora driven from Python: an Experiment runs once, StopRun ends a run cleanly after a round, configs
+built in Python are checked, default run folders never collide, and a resume checks its inputs as the
+command line does."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_tiny_data
+from safetensors.torch import load_file
+
+from declora.compare import Grid
+from declora.config import ConfigError, load_config
+from declora.engine import MEASURED, StopRun, run
+from declora.experiment import build_experiment, default_run_dir
+from declora.model import averaged_factors, fold_middle
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", 40)
+
+
+@pytest.fixture
+def tiny(tiny_bert, data, restore_threads):
+    return {
+        "model.name": str(tiny_bert),
+        "model.rank": 2,
+        "model.max_length": 16,
+        "nodes": 2,
+        "rounds": 4,
+        "data.dataset": str(data),
+        "partition.min_size": 2,
+        "train.batch_size": 4,
+        "train.local_steps": 1,
+        "eval.every": 1,
+        "eval.node_examples": 4,
+        "checkpoint_every": 3,
+        "export": "consensus",
+        "threads": 1,
+    }
+
+
+def _numbers(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in records]
+
+
+def _folder_records(run_dir: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return _numbers([r for r in lines if r["event"] in ("round", "eval")])
+
+
+def test_stoprun_ends_after_its_round_with_checkpoint_adapters_and_report_then_resumes(tiny, tmp_path):
+    whole = run(build_experiment(load_config(None, {**tiny, "run_dir": str(tmp_path / "whole")})))
+
+    def stop_at_two(record: dict) -> None:
+        if record["round"] == 2:
+            raise StopRun
+
+    cfg = load_config(None, {**tiny, "run_dir": str(tmp_path / "stopped")})
+    exp = build_experiment(cfg)
+    records = run(exp, on_round=stop_at_two)
+    assert [r["round"] for r in records] == [1, 2]
+    folder = tmp_path / "stopped"
+    # round 2 is checkpointed although checkpoint_every is 3; the adapters and the report are written
+    assert json.loads((folder / "state" / "latest.json").read_text())["round"] == 2
+    assert (folder / "adapters" / "consensus" / "adapter_model.safetensors").is_file()
+    assert (folder / "report.md").is_file()
+    with pytest.raises(ConfigError, match="this Experiment has already run"):
+        run(exp, resume=True)  # its state is the stopped run's: a resume needs a new one
+    run(build_experiment(cfg), resume=True)
+    assert _folder_records(folder) == _numbers(whole)
+
+
+def test_an_experiment_runs_once(tiny, tmp_path):
+    exp = build_experiment(load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / "a")}))
+    run(exp)
+    with pytest.raises(ConfigError, match=r"already run .* build a new one with build_experiment"):
+        run(exp, overwrite=True)
+
+
+def test_an_exception_in_on_round_closes_the_trackers(tiny, tmp_path, monkeypatch):
+    from declora import engine
+
+    closed = []
+
+    class Recorded(engine.Trackers):
+        def close(self) -> None:
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(engine, "Trackers", Recorded)
+    exp = build_experiment(load_config(None, {**tiny, "tensorboard": True, "run_dir": str(tmp_path / "tb")}))
+
+    def fail(record: dict) -> None:
+        raise RuntimeError("the user's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        run(exp, on_round=fail)
+    assert closed == [True]
+
+
+def test_a_config_built_in_python_is_checked_before_any_work(tiny, tmp_path, monkeypatch):
+    from declora import experiment
+
+    cfg = load_config(None, {**tiny, "run_dir": str(tmp_path / "x")})
+    loaded = []
+    monkeypatch.setattr(experiment, "build_federation", lambda *a, **k: loaded.append(1))
+    bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=-1.0))
+    with pytest.raises(ConfigError, match="train.lr=-1.0"):
+        build_experiment(bad)
+    with pytest.raises(ConfigError, match="algorithm.name='nope' is not known"):
+        build_experiment(dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name="nope")))
+    with pytest.raises(ConfigError, match="nodes: expected an integer"):
+        build_experiment(dataclasses.replace(cfg, nodes=4.0))
+    assert loaded == []
+    assert hash(cfg) == hash(load_config(None, {**tiny, "run_dir": str(tmp_path / "x")}))  # a dict key
+
+
+def test_overrides_may_be_a_mapping_of_python_values():
+    cfg = load_config(
+        None, {"train.lr": 3e-4, "train.max_grad_norm": None, "model.target_modules": ("query",)}
+    )
+    assert (cfg.train.lr, cfg.train.max_grad_norm, cfg.model.target_modules) == (3e-4, None, ("query",))
+    assert load_config(None, {"model": {"rank": 4}}).model.alpha == load_config(None).model.alpha
+    with pytest.raises(ConfigError, match="one string; give a list"):
+        load_config(None, "nodes=4")
+
+
+def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    first, second = default_run_dir(cfg), default_run_dir(cfg)  # one sweep, the same second
+    assert first != second and second.name.startswith(first.name)
+    taken = default_run_dir(cfg)
+    taken.mkdir(parents=True)
+    assert default_run_dir(cfg) not in (first, second, taken)
+
+
+def test_a_resume_from_python_refuses_a_relative_input_that_names_another_file(tiny, tmp_path, monkeypatch):
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    for folder, rows in ((started, 40), (elsewhere, 24)):
+        folder.mkdir()
+        write_tiny_data(folder / "data.jsonl", rows)
+    monkeypatch.chdir(started)
+    cfg = load_config(None, {**tiny, "data.dataset": "data.jsonl", "run_dir": str(tmp_path / "run")})
+
+    def stop(record: dict) -> None:
+        raise StopRun
+
+    run(build_experiment(cfg), on_round=stop)
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ConfigError, match=r"data.dataset='data.jsonl' is relative.*Resume from"):
+        run(build_experiment(load_config(tmp_path / "run" / "config.yaml")), resume=True)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+
+
+def test_export_peft_folds_fed_sb_middle_factor(tiny, tmp_path):
+    from declora.model import export_peft
+
+    exp = build_experiment(load_config(None, {**tiny, "algorithm.name": "fed_sb", "run_dir": str(tmp_path)}))
+    with torch.no_grad():
+        for name, t in exp.fed.tensors().items():
+            if name.endswith(".lora_R"):
+                t.copy_(torch.randn_like(t))
+    single = averaged_factors(exp.fed.tensors())
+    written = load_file(export_peft(exp.fed, single, tmp_path / "peft") / "adapter_model.safetensors")
+    assert not any("lora_R" in k for k in written)
+    folded = fold_middle(single)
+    for name, value in folded.items():
+        if name.endswith(".lora_B"):
+            module = name.removesuffix(".lora_B")
+            torch.testing.assert_close(written[f"base_model.model.{module}.lora_B.weight"], value[0])
+
+
+def test_a_grid_built_in_python_is_checked():
+    assert Grid(base=None, out="runs/x", seeds=[0, 1]).out == Path("runs/x")
+    with pytest.raises(ConfigError, match="axis 'seed' needs a non-empty list"):
+        Grid(base=None, out=Path("runs/x"), axes={"seed": 3})
+
+
+def test_a_notebook_cell_that_registers_again_replaces_its_algorithm(monkeypatch):
+    from declora import algorithms
+    from declora.algorithms import register
+
+    monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
+
+    def define() -> type:
+        class Mine:  # the same module and qualified name each time, as a cell run twice
+            pass
+
+        return Mine
+
+    first, again = define(), define()
+    register("mine", first)
+    register("mine", again)
+    assert algorithms.ALGORITHMS["mine"] is again

@@ -202,3 +202,17 @@ def test_a_notebook_cell_that_registers_again_replaces_its_algorithm(monkeypatch
     register("mine", first)
     register("mine", again)
     assert algorithms.ALGORITHMS["mine"] is again
+
+
+def test_the_python_api_example_runs_and_stops_early(tiny, tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "python_api.py"
+    spec = importlib.util.spec_from_file_location("python_api_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    finals = example.sweep(out=str(tmp_path), stop_at=0.0, **{**tiny, "rounds": 3})  # stops at round 1
+    assert set(finals) == {(a, s) for a in ("dec_lora", "fedavg") for s in (0, 1)}
+    for result in finals.values():
+        assert result["rounds"] == 1 and result["stopped_early"] == (1, 3)
+        assert 0 <= result["acc_avg_factors"] <= 1 and result["adapter_tensors"] > 0

@@ -52,7 +52,14 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
     tensors.update({f"optim/{k}": v for k, v in exp.optimizer.state_dict().items()})
     tensors.update({f"codec/{k}": v for k, v in exp.exchange.codec.state_dict().items()})
     for prefix, owner in _stateful(exp):
-        tensors.update({f"{prefix}/{k}": v for k, v in owner.state_dict().items()})
+        state = owner.state_dict()
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):  # a registered algorithm's state_dict, say
+                raise ValueError(
+                    f"{prefix} {type(owner).__name__}.state_dict()[{k!r}] is a {type(v).__name__}; a "
+                    "checkpoint holds tensors only (wrap a number as torch.tensor(value))"
+                )
+        tensors.update({f"{prefix}/{k}": v for k, v in state.items()})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}  # device-neutral
     name = shard_name(round_done, group.rank)
     atomic_write(state_dir / f"{name}.safetensors", lambda p: save_tensors(tensors, p), "ckpt.tensors")

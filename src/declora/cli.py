@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora import __version__
-from declora.config import Config, ConfigError, load_config, repeated_overrides
+from declora.config import Config, ConfigError, load_config, parse_override, repeated_overrides
 from declora.validation import check_resume
 
 if TYPE_CHECKING:
@@ -57,18 +57,23 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
     check_not_in_use(run_dir)
+    started_in = start_record(run_dir).get("cwd")
     try:
         saved = load_config(run_dir / "config.yaml")
-    except ConfigError as err:  # a folder of another declora version, or an edited file
-        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}") from err
+    except ConfigError as err:  # a folder of another declora version, an edited file, a moved input
+        elsewhere = started_in and Path(started_in).resolve() != Path.cwd().resolve()
+        where = f" (the run started in {started_in}: relative paths are opened from there)"
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}{where if elsewhere else ''}") from err
+    for key, value in (parse_override(text) for text in args.overrides):  # before a new plugin is imported
+        if key == "plugins" and tuple(value or ()) != saved.plugins:
+            raise ConfigError(f"plugins cannot change on resume ({list(saved.plugins)!r} -> {value!r})")
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
         # a moved folder: the run is where --resume points, recorded as an absolute path so that the
         # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
-    start = start_record(run_dir)
-    check_started_in(saved, start.get("cwd"))  # before any work (the engine checks again, and warns of
+    check_started_in(saved, started_in)  # before any work (the engine checks again, and warns of
     # inputs changed since the start: declora.inputs)
     check_writable(run_dir)
     return cfg, run_dir

@@ -266,6 +266,11 @@ def _validate_robust(cfg: Config) -> None:
     ranks = cfg.algorithm.ranks or ()
     if r.aggregator == "mean":
         pass
+    elif name not in SHIPPED:
+        raise ConfigError(
+            f"robust.aggregator={r.aggregator} is wired into declora's own methods' exchanges one by one; "
+            f"the registered algorithm {name} cannot use it (robust.aggregator=mean)"
+        )
     elif r.aggregator == "krum" and (name == "fslora" or (name in MASKED_UPLOADS and len(set(ranks)) > 1)):
         which = "random sketches" if name == "fslora" else f"algorithm.ranks={list(ranks)}"
         raise ConfigError(

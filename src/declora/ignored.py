@@ -22,6 +22,12 @@ def _served() -> frozenset[str]:
     return SERVED
 
 
+def _shipped() -> frozenset[str]:
+    from declora.algorithms import SHIPPED
+
+    return SHIPPED
+
+
 def _server_adamw(cfg: Config) -> bool:
     """The server steps with AdamW, which reads algorithm.server_lr / server_weight_decay."""
     from declora.server_opt import server_rule
@@ -62,6 +68,7 @@ ALGORITHM: dict[str, Reader] = {
     ),
     "flex_weights": (lambda c: c.algorithm.name == "flexlora", "flexlora"),
     "mu": (lambda c: c.algorithm.name in ("fedprox", "dec_prox"), "fedprox, dec_prox"),
+    "options": (lambda c: c.algorithm.name not in _shipped(), "registered (plugin) algorithms"),
 }
 
 COMM: dict[str, Reader] = {

@@ -6,8 +6,10 @@ is a hash of (the row's key, the layer, the token position, the feature): the sa
 node at the same point of its data stream gets the same mask whatever the chunk size, the number of
 processes, the device or an interruption. Row keys come from ``NodeStreams.row_keys``.
 
-The hash is integer arithmetic in int64 with every product below 2**63, so CPU and GPU compute the same
-bits.
+The hash is integer arithmetic in int64, so CPU and GPU compute the same bits: every product stays below
+2**63 while a row has fewer than 3.4e9 elements (beyond that the int64 product wraps around, which keeps
+the low 32 bits the hash reads). The mask is built a block at a time (its int64 temporaries stay near
+32 MiB whatever the layer) and kept for the backward as one byte per element.
 """
 
 from __future__ import annotations
@@ -40,14 +42,22 @@ def mix32_(v: Tensor) -> Tensor:
     return v
 
 
+_BLOCK = 1 << 22  # elements hashed at once: int64 temporaries of 32 MiB, whatever the layer's size
+
+
 def keep_mask(keys: Tensor, salt: int, shape: tuple[int, ...], p: float) -> Tensor:
     """(rows, *shape) bools: which elements dropout keeps for rows with ``keys`` (rows,) int64 >= 0."""
-    row = mix32_(mix32_((keys & _LOW32) ^ (keys >> 32)) ^ salt)  # (rows,)
-    index = torch.arange(int(torch.Size(shape).numel()), device=keys.device, dtype=torch.int64)
-    bits = row.view(-1, 1) + index * _GOLDEN  # (rows, elements), a fresh tensor hashed in place
-    bits &= _LOW32
-    bits = mix32_(bits) >> (32 - _KEEP_BITS)
-    return (bits >= round(p * (1 << _KEEP_BITS))).view(keys.shape[0], *shape)
+    row = mix32_(mix32_((keys & _LOW32) ^ (keys >> 32)) ^ salt).view(-1, 1)  # (rows, 1)
+    count, threshold = int(torch.Size(shape).numel()), round(p * (1 << _KEEP_BITS))
+    keep = torch.empty((keys.shape[0], count), dtype=torch.bool, device=keys.device)
+    rows_at_once, width = max(1, _BLOCK // max(count, 1)), min(count, _BLOCK)
+    for r in range(0, keys.shape[0], rows_at_once):
+        for e in range(0, count, width):
+            index = torch.arange(e, min(e + width, count), device=keys.device, dtype=torch.int64)
+            bits = row[r : r + rows_at_once] + index.mul_(_GOLDEN)  # a fresh tensor, hashed in place
+            bits &= _LOW32
+            keep[r : r + rows_at_once, e : e + width] = (mix32_(bits) >> (32 - _KEEP_BITS)) >= threshold
+    return keep.view(keys.shape[0], *shape)
 
 
 class KeyedDropout(nn.Module):
@@ -62,7 +72,7 @@ class KeyedDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         keep = keep_mask(self.routing.require_keys(x.shape[0]), self.salt, tuple(x.shape[1:]), self.p)
-        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), x.new_zeros(()))  # saves the bool mask only
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -57,5 +57,5 @@ def load_plugins(entries: tuple[str, ...]) -> None:
                     "name or a .py file)"
                 ) from err
             raise ConfigError(f"plugins: importing {entry!r} failed: {err}") from err
-        except Exception as err:  # the plugin's own code: say which one, and what it raised
+        except (Exception, SystemExit) as err:  # the plugin's own code: say which one, and what it raised
             raise ConfigError(f"plugins: importing {entry!r} failed: {type(err).__name__}: {err}") from err

@@ -239,9 +239,14 @@ def validate(cfg: Config) -> Config:
     except ValueError as err:
         raise ConfigError(f"comm: {err}") from err
     if cfg.algorithm.name not in ALGORITHMS:
+        added = sorted(set(ALGORITHMS) - SHIPPED)
+        hint = (
+            f"plugins {list(cfg.plugins)} were imported; registered algorithms: {added}"
+            if cfg.plugins
+            else "or register your own: plugins=[module or .py file], docs/extending.md"
+        )
         raise ConfigError(
-            f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(ALGORITHMS)} "
-            "(or register your own: plugins=[module or .py file], docs/extending.md)"
+            f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(SHIPPED)} ({hint})"
         )
     own_check = getattr(ALGORITHMS[cfg.algorithm.name], "check_config", None)  # a registered algorithm's
     if own_check is not None:
@@ -249,11 +254,10 @@ def validate(cfg: Config) -> Config:
             own_check(cfg)
         except ValueError as err:
             raise ConfigError(f"algorithm.name={cfg.algorithm.name}: {err}") from err
-    if cfg.algorithm.options and cfg.algorithm.name in SHIPPED:
-        raise ConfigError(
-            f"algorithm.options={cfg.algorithm.options!r} is for registered (plugin) algorithms; "
-            f"{cfg.algorithm.name} reads its own algorithm.* keys and would ignore it"
-        )
+        except Exception as err:  # a bug in the check itself: say whose, and what it raised
+            raise ConfigError(
+                f"algorithm.name={cfg.algorithm.name}: its check_config raised {type(err).__name__}: {err}"
+            ) from err
     from declora.trackers import TRACKERS, missing_packages
 
     unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
@@ -531,8 +535,14 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
         raise ConfigError(
             f"{key}={metric!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
         )
-    from declora.algorithms import SERVER_MODEL
+    from declora.algorithms import SERVER_MODEL, SHIPPED
 
+    if metric.endswith("_server") and cfg.algorithm.name not in SHIPPED:
+        raise ConfigError(
+            f"{key}={metric!r}: a registered algorithm ({cfg.algorithm.name}) cannot rank by a *_server "
+            f"metric (its {metric} is logged all the same when it has a server model); use "
+            f"{metric.replace('_server', '_avg_factors')}"
+        )
     if metric.endswith("_server") and cfg.algorithm.name not in SERVER_MODEL:
         raise ConfigError(
             f"{key}={metric!r}: algorithm.name={cfg.algorithm.name} has no server model; "

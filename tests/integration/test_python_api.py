@@ -189,11 +189,12 @@ def test_a_grid_built_in_python_is_checked():
 def test_a_notebook_cell_that_registers_again_replaces_its_algorithm(monkeypatch):
     from declora import algorithms
     from declora.algorithms import register
+    from declora.algorithms.local import LocalOnly
 
     monkeypatch.setattr(algorithms, "ALGORITHMS", dict(algorithms.ALGORITHMS))
 
     def define() -> type:
-        class Mine:  # the same module and qualified name each time, as a cell run twice
+        class Mine(LocalOnly):  # the same module and qualified name each time, as a cell run twice
             pass
 
         return Mine

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.unit
 
 def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
     names = {f.name for f in dataclasses.fields(Config().algorithm)}
-    assert names == set(ALGORITHM) | {"name", "options"}  # options: refused outright for shipped methods
+    assert names == set(ALGORITHM) | {"name"}
     assert {f.name for f in dataclasses.fields(CommConfig)} == set(COMM) | {"codec"}
     always = {"schedule", "lazy", "allow_disconnected", "link_failure", "node_dropout"}
     assert {f.name for f in dataclasses.fields(TopologyConfig)} == set(TOPOLOGY) | always

@@ -85,3 +85,13 @@ def test_micro_batch_size_does_not_change_a_run_with_dropout(tiny_bert, tiny_dat
         return max((a[k] - b[k]).abs().max().item() for k in a)
 
     assert gap(small_tensors, large_tensors) < 1e-6 < 1e-4 < gap(small_tensors, plain_tensors)
+
+
+def test_the_mask_built_in_small_blocks_is_the_mask_built_at_once(monkeypatch):
+    from declora import keyed_dropout
+
+    keys = torch.arange(7) * 1000 + 3
+    whole = keep_mask(keys, 11, (9, 13), 0.2)
+    for block in (5, 117, 250):  # within a row, a row and a half, several rows
+        monkeypatch.setattr(keyed_dropout, "_BLOCK", block)
+        assert torch.equal(keep_mask(keys, 11, (9, 13), 0.2), whole), block

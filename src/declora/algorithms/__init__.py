@@ -80,6 +80,13 @@ def register(name: str, constructor: Callable[..., Any]) -> None:
         if name in SHIPPED:
             raise ValueError(f"algorithm name {name!r} is declora's own; choose another name")
         raise ValueError(f"algorithm name {name!r} is already registered by {held!r}")
+    needed = ("plan", "communicate", "server_tensors")
+    missing = [m for m in needed if not callable(getattr(constructor, m, None))]
+    if isinstance(constructor, type) and missing:  # a factory function is checked when the run builds it
+        raise ValueError(
+            f"algorithm {name!r}: {constructor.__qualname__} has no {', '.join(missing)} "
+            "(declora.algorithms.base.Algorithm lists what an algorithm needs)"
+        )
     ALGORITHMS[name] = constructor
 
 

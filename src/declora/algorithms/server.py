@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext
-from declora.config import Config
+from declora.config import Config, ConfigError
 from declora.model import KINDS, Federation
 from declora.schedules import Schedule
 from declora.seeding import numpy_rng
@@ -112,6 +112,12 @@ class ServerModel:
     """Server aggregation with an optimizer for the algorithms whose nodes all hold the server model."""
 
     def __init__(self, fed: Federation, cfg: Config, schedule: Schedule | None):
+        if cfg.comm.codec == "topk":  # the config refuses it for declora's own users; a registered one
+            raise ConfigError(
+                f"comm.codec=topk with algorithm.name={cfg.algorithm.name}: its ServerModel uploads whole "
+                "factors, and top-k of a state (not of a change) drops most of it; use comm.codec=quantize "
+                "or fp16"
+            )
         self.cfg, self.schedule, self.opt = cfg, schedule, build_server_optimizer(cfg)
         self.weighting = weighting(cfg)
         # Every node starts from the same adapter, so the mean of this process's rows is the server model.

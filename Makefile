@@ -25,8 +25,8 @@ test: install  ## unit + integration + distributed tests (CPU)
 	$(VENV)/bin/pytest -q $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(VENV)/bin/mypy src/declora
 
 bench: install

@@ -18,18 +18,27 @@ def write_tiny_data(path: Path, rows: int) -> Path:
 
 
 def crash_after_round(exp, k: int) -> None:
-    """Run ``exp`` and stop it as a kill would once round ``k`` is logged, before that round's
+    """Run ``exp`` (a new run) and stop it as a kill would once round ``k`` is logged, before that round's
     checkpoint: round ``k - 1`` is the last one a resume finds."""
+    import os
+
     import pytest
 
     from declora import engine
+    from declora.runfolder import CRASH_ENV, CrashPoint, reset_crash_counts
 
-    def crash(record):
-        if record["round"] == k:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        engine.run(exp, on_round=crash)
+    before = os.environ.get(CRASH_ENV)
+    os.environ[CRASH_ENV] = f"round.logged:{k}"  # the k-th round logged by this run
+    reset_crash_counts()
+    try:
+        with pytest.raises(CrashPoint):
+            engine.run(exp)
+    finally:
+        reset_crash_counts()
+        if before is None:
+            del os.environ[CRASH_ENV]
+        else:
+            os.environ[CRASH_ENV] = before
 
 
 def assert_same_tensors(a, b) -> None:

@@ -14,7 +14,7 @@ import yaml
 from helpers import write_tiny_data
 
 from declora import plugins
-from declora.algorithms import ALGORITHMS, register
+from declora.algorithms import ALGORITHMS, SHIPPED, register
 from declora.cli import main
 from declora.config import ConfigError, load_config
 from declora.engine import MEASURED, run
@@ -27,8 +27,12 @@ USE = [f"plugins=[{EXAMPLE}]", "algorithm.name=periodic_gossip"]
 
 @pytest.fixture(autouse=True)
 def registry():
-    """Each test starts from the shipped registry and leaves it so (a plugin registers for the process)."""
+    """Each test starts from the shipped registry (an earlier test of the session may have imported a
+    plugin: they register for the process) and leaves the registry as it found it."""
     algorithms, files, modules = dict(ALGORITHMS), dict(plugins._FILES), set(sys.modules)
+    for name in set(ALGORITHMS) - SHIPPED:
+        del ALGORITHMS[name]
+    plugins._FILES.clear()
     yield
     ALGORITHMS.clear()
     ALGORITHMS.update(algorithms)

@@ -47,3 +47,21 @@ def assert_same_tensors(a, b) -> None:
 
     for k, v in a.fed.tensors().items():
         assert torch.equal(v.detach(), b.fed.tensors()[k].detach()), k
+
+
+def tiny_run_overrides(tmp_path_factory, tiny_bert: Path, rows: int, *extra: str) -> list[str]:
+    """Command-line overrides for a run of seconds: the tests' tiny BERT at rank 2 on ``rows`` labelled
+    rows (written to a fresh folder), batches of 4, every round evaluated on 4 examples a node and
+    checkpointed, the consensus exported, one thread; then ``extra`` (nodes, rounds, partition, ...)."""
+    data = write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", rows)
+    return [
+        f"model.name={tiny_bert}",
+        *("model.rank=2", "model.max_length=16", f"data.dataset={data}", "train.batch_size=4"),
+        *("eval.every=1", "eval.node_examples=4", "checkpoint_every=1", "export=consensus", "threads=1"),
+        *extra,
+    ]
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    """Every line of a run folder's metrics.jsonl, in order."""
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

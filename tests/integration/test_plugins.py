@@ -5,13 +5,12 @@ option is one line before any work."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_tiny_data
+from helpers import metrics_records, tiny_run_overrides
 
 from declora import plugins
 from declora.algorithms import ALGORITHMS, SHIPPED, register
@@ -43,21 +42,19 @@ def registry():
             del sys.modules[name]
 
 
+# label-skewed nodes on the complete graph: a gossip round leaves them equal, a round without drifts them
+SKEWED = ("nodes=3", "rounds=4", "partition.kind=dirichlet", "partition.alpha=0.3", "partition.min_size=4")
+SKEWED += ("topology.graph=complete", "train.local_steps=2")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_bert, restore_threads):
-    data = write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", 48)
-    return [
-        f"model.name={tiny_bert}",
-        *("model.rank=2", "model.max_length=16", "nodes=3", "rounds=4", f"data.dataset={data}"),
-        *("partition.kind=dirichlet", "partition.alpha=0.3", "partition.min_size=4"),
-        *("topology.graph=complete", "train.batch_size=4", "train.local_steps=2", "eval.every=1"),
-        *("eval.node_examples=4", "checkpoint_every=1", "export=consensus", "threads=1"),
-    ]
+    return tiny_run_overrides(tmp_path_factory, tiny_bert, 48, *SKEWED)
 
 
 def _evals(run_dir: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in MEASURED} for r in lines if r["event"] == "eval"]
+    evals = (r for r in metrics_records(run_dir) if r["event"] == "eval")
+    return [{k: v for k, v in r.items() if k not in MEASURED} for r in evals]
 
 
 def test_a_plugin_algorithm_runs_by_name_gossips_when_it_says_and_resumes(tiny, tmp_path):

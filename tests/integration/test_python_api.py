@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_data
+from helpers import metrics_records, write_tiny_data
 from safetensors.torch import load_file
 
 from declora.compare import Grid
@@ -52,8 +52,7 @@ def _numbers(records: list[dict]) -> list[dict]:
 
 
 def _folder_records(run_dir: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return _numbers([r for r in lines if r["event"] in ("round", "eval")])
+    return _numbers([r for r in metrics_records(run_dir) if r["event"] in ("round", "eval")])
 
 
 def test_stoprun_ends_after_its_round_with_checkpoint_adapters_and_report_then_resumes(tiny, tmp_path):

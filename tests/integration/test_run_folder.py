@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import write_tiny_data
+from helpers import metrics_records, tiny_run_overrides, write_tiny_data
 from safetensors.torch import load_file, save_file
 
 from declora.cli import main
@@ -22,19 +22,16 @@ from declora.runfolder import read_resumes
 pytestmark = pytest.mark.integration
 
 
+SMALL = ("nodes=2", "rounds=2", "data.test_fraction=0.25", "partition.min_size=2", "train.local_steps=1")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_bert, restore_threads):
-    data = write_tiny_data(tmp_path_factory.mktemp("data") / "tiny.jsonl", 32)
-    return [
-        f"model.name={tiny_bert}",
-        *("model.rank=2", "model.max_length=16", "nodes=2", "rounds=2", f"data.dataset={data}"),
-        *("data.test_fraction=0.25", "partition.min_size=2", "train.batch_size=4", "train.local_steps=1"),
-        *("eval.every=1", "eval.node_examples=4", "checkpoint_every=1", "export=consensus", "threads=1"),
-    ]
+    return tiny_run_overrides(tmp_path_factory, tiny_bert, 32, *SMALL)
 
 
 def _rounds(run: Path) -> list[int]:
-    return [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["round"] for r in metrics_records(run)]
 
 
 def test_overwrite_replaces_an_earlier_run_only_when_asked(tiny, tmp_path, capsys):

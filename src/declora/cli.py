@@ -113,8 +113,10 @@ def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
     group = Distributed(cfg.dist if cfg is not None else DistConfig(), on_fatal=_die, device=device)
     with group.guard():
         cfg, run_dir, error = group.broadcast((cfg, run_dir, error))
-    if error is not None:
-        raise ConfigError(error)
+    if error is not None:  # every rank refuses alike: say it, and leave at once (as _die does), since the
+        _error(ConfigError(error), 2)  # group's threads would abort an ordinary exit, and a slow rank's
+        logging.shutdown()  # close would let torchrun kill the others before they said it
+        os._exit(2)
     return cfg, run_dir, group
 
 

@@ -430,6 +430,15 @@ def _validate_heterogeneous(cfg: Config) -> None:
         raise ConfigError(f"algorithm.clients_per_round={m} must be in [1, nodes={cfg.nodes}] or null")
 
 
+def topk_of_states(name: str, who: str, other: str = "") -> ConfigError:
+    """Why top-k cannot carry a whole state to a server (the config's check, and ServerModel's for a
+    registered algorithm)."""
+    return ConfigError(
+        f"comm.codec=topk with algorithm.name={name}: {who} to the server, and top-k of a state (not of a "
+        f"change) drops most of it; use comm.codec=quantize or fp16{other}"
+    )
+
+
 def _validate_topk(cfg: Config) -> None:
     """topk is sound where a node sends a change against a reference its receivers share: gossip through
     CHOCO's public copies on a fixed graph, and FSLoRA/HetLoRA's deltas to the server."""
@@ -438,13 +447,10 @@ def _validate_topk(cfg: Config) -> None:
     c, t, name = cfg.comm, cfg.topology, cfg.algorithm.name
     if c.codec != "topk" or name in ("local", "centralized"):
         return
-    if name in SENDS_STATES or (name in ("fslora", "hetlora") and cfg.model.head == "train"):
-        what = "its trained head" if name not in SENDS_STATES else "whole factors"
-        raise ConfigError(
-            f"comm.codec=topk with algorithm.name={name}: the nodes upload {what} to the server, and top-k "
-            "of a state (not of a change) drops most of it; use comm.codec=quantize or fp16"
-            + (", or model.head=frozen" if name not in SENDS_STATES else "")
-        )
+    if name in SENDS_STATES:
+        raise topk_of_states(name, "the nodes upload whole factors")
+    if name in ("fslora", "hetlora") and cfg.model.head == "train":
+        raise topk_of_states(name, "the nodes upload their trained head", ", or model.head=frozen")
     if name == "dec_gt":
         raise ConfigError(
             "comm.codec=topk with algorithm.name=dec_gt: CHOCO's public copies are not built for its "

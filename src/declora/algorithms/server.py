@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from declora.algorithms.base import RoundContext
-from declora.config import Config, ConfigError
+from declora.config import Config
 from declora.model import KINDS, Federation
 from declora.schedules import Schedule
 from declora.seeding import numpy_rng
 from declora.server_opt import build_server_optimizer
+from declora.validation import topk_of_states
 
 
 def sample_clients(n: int, m: int | None, seed: int, t: int) -> Tensor:
@@ -113,11 +114,7 @@ class ServerModel:
 
     def __init__(self, fed: Federation, cfg: Config, schedule: Schedule | None):
         if cfg.comm.codec == "topk":  # the config refuses it for declora's own users; a registered one
-            raise ConfigError(
-                f"comm.codec=topk with algorithm.name={cfg.algorithm.name}: its ServerModel uploads whole "
-                "factors, and top-k of a state (not of a change) drops most of it; use comm.codec=quantize "
-                "or fp16"
-            )
+            raise topk_of_states(cfg.algorithm.name, "its ServerModel uploads whole factors")
         self.cfg, self.schedule, self.opt = cfg, schedule, build_server_optimizer(cfg)
         self.weighting = weighting(cfg)
         # Every node starts from the same adapter, so the mean of this process's rows is the server model.

@@ -57,13 +57,14 @@ def write_card(
 ) -> None:
     """``shown``: the path the README's loading lines name (the folder's final place, when it is written
     into a temporary folder first)."""
-    names = list(card.label_names)
+    labelled = not causal or "label_words" in card.inputs  # a classifier, or classification as generation
+    names = list(card.label_names) if labelled else []
     public = public_name(card.model_name, base)
     meta = {
         "task_type": "CAUSAL_LM" if causal else "SEQ_CLS",
-        "num_labels": None if causal else len(names),
-        "id2label": None if causal else {str(i): n for i, n in enumerate(names)},
-        "label2id": None if causal else {n: i for i, n in enumerate(names)},
+        "num_labels": len(names) if labelled else None,
+        "id2label": {str(i): n for i, n in enumerate(names)} if labelled else None,
+        "label2id": {n: i for i, n in enumerate(names)} if labelled else None,
         "pooling": pooling,
         "base_model": str(base),
         "base_model_public": public,

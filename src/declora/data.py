@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import csv
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from declora.tables import (
     row_line,
     splits_of,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
@@ -195,11 +198,22 @@ class Rows:
 
 
 def read_rows(
-    source: str, split: str, cfg: DataConfig, client_column: str | None = None, key: str = ""
+    source: str,
+    split: str,
+    cfg: DataConfig,
+    client_column: str | None = None,
+    key: str = "",
+    unlabelled: bool = False,
 ) -> Rows:
+    """``unlabelled`` (language modelling): a table without the label column is read as one label, "text"."""
     table = open_split(source, split, key or "data.split")
     where = f"{source!r} (split {split!r})"
     texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where, source)]
+    clients = None
+    if client_column is not None:
+        clients = [str(v) for v in column(table, client_column, "partition.column", where)]
+    if unlabelled and cfg.label_column not in table.column_names:
+        return Rows(texts, ["text"] * len(texts), None, clients, where)
     raw = column(table, cfg.label_column, "data.label_column", where, source)
     names = class_names(table, cfg.label_column)
     if names is not None:
@@ -209,9 +223,6 @@ def read_rows(
     labels = [names[int(v)] for v in raw] if names else _label_texts(raw)
     if names is None:
         _refuse_mixed_labels(labels, source, cfg.label_column)
-    clients = None
-    if client_column is not None:
-        clients = [str(v) for v in column(table, client_column, "partition.column", where)]
     return Rows(texts, labels, names, clients, where)
 
 
@@ -259,8 +270,17 @@ def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
         held = cfg.dataset, cfg.test_split
     else:
         saved = Path(cfg.dataset).expanduser().is_dir()  # a plain file has one split, "train"
-        has_test = saved and cfg.split != "test" and "test" in splits_of(cfg.dataset)
-        return (cfg.dataset, "test") if has_test else None
+        splits = splits_of(cfg.dataset) if saved else {}
+        if cfg.split != "test" and "test" in splits:
+            return cfg.dataset, "test"
+        if cfg.split != "validation" and "validation" in splits:  # held out by the rule, but say so
+            log.warning(
+                "data.dataset=%r has a 'validation' split but no 'test' one: the held-out rows are a seeded "
+                "%g of the training rows (data.test_fraction); data.test_split=validation scores that split",
+                cfg.dataset,
+                cfg.test_fraction,
+            )
+        return None
     refuse_training_rows(held, [(cfg.dataset, cfg.split)])
     return held
 
@@ -325,10 +345,10 @@ def load_instructions(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextData
 
 
 def load_user_file(
-    cfg: DataConfig, seed: int, client_column: str | None = None
+    cfg: DataConfig, seed: int, client_column: str | None = None, unlabelled: bool = False
 ) -> tuple[TextDataset, TextDataset]:
     """A table (declora.tables) split ``cfg.split``; the test rows per ``held_out_source``."""
-    rows = read_rows(cfg.dataset, cfg.split, cfg, client_column)
+    rows = read_rows(cfg.dataset, cfg.split, cfg, client_column, unlabelled=unlabelled)
     names = rows.names or label_order(rows.labels)
     train = encode_rows(rows, names)
     held = held_out_source(cfg)
@@ -336,7 +356,7 @@ def load_user_file(
         train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
         return train.subset(train_idx), train.subset(test_idx)
     try:
-        return train, encode_rows(read_rows(*held, cfg, key="data.test_split"), names)
+        return train, encode_rows(read_rows(*held, cfg, key="data.test_split", unlabelled=unlabelled), names)
     except ValueError as err:
         if cfg.test_file is not None or cfg.test_split is not None:
             raise
@@ -375,10 +395,20 @@ DATASETS: dict[str, Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]
 
 
 def load_dataset(
-    cfg: DataConfig, seed: int, client_column: str | None = None, instruction: bool = False
+    cfg: DataConfig,
+    seed: int,
+    client_column: str | None = None,
+    instruction: bool = False,
+    unlabelled: bool = False,
 ) -> tuple[TextDataset, TextDataset]:
     """(train, test) for ``cfg.dataset``: a shipped name or a user's table, then train/test limits applied.
-    ``client_column`` (partition.kind=column) is read into ``train.clients``."""
+    ``client_column`` (partition.kind=column) is read into ``train.clients``; ``unlabelled`` (language
+    modelling): a table may lack the label column."""
+    for key, source in (("data.dataset", cfg.dataset), ("data.test_file", cfg.test_file)):
+        path = Path(source).expanduser() if source is not None and source not in DATASETS else None
+        readable = path is not None and (path.suffix in (*TABLE_SUFFIXES, ".txt") or key == "data.test_file")
+        if path is not None and readable and not path.exists():  # another suffix is refused below, as such
+            raise FileNotFoundError(f"{key}={source!r} does not exist{relative_note(path)}")
     if client_column is not None and cfg.dataset in DATASETS:
         raise ConfigError(
             f"partition.kind=column reads partition.column from a user's table; data.dataset={cfg.dataset!r} "
@@ -395,7 +425,7 @@ def load_dataset(
     elif cfg.dataset.endswith(".txt"):
         train, test = load_text_file(cfg, seed)
     elif is_table(cfg.dataset):
-        train, test = load_user_file(cfg, seed, client_column)
+        train, test = load_user_file(cfg, seed, client_column, unlabelled)
     else:
         raise ConfigError(
             f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)}, a file ending in "

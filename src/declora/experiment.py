@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,14 +137,40 @@ def _eval_subset(
 def preflight_model(cfg: Config) -> None:
     """The model folder and the seeding adapter, checked before any weight or data is loaded."""
     from declora.assets import GGUF_MODELS, model_path
-    from declora.preflight import check_adapter, check_model_folder, check_model_shape
+    from declora.preflight import check_adapter, check_model_folder, check_model_shape, check_tokenizer
 
     if cfg.model.name not in GGUF_MODELS:  # a shipped GGUF model becomes a folder on first use
         folder = model_path(cfg.model.name)
         check_model_folder(folder)
         check_model_shape(cfg, folder, causal=cfg.task.kind in CAUSAL_KINDS)
+        check_tokenizer(folder)
     if cfg.model.init_adapter:
         check_adapter(cfg, Path(cfg.model.init_adapter).expanduser())
+
+
+def _warn_unlearnable_labels(cfg: Config, names: tuple[str, ...], summary: list[dict]) -> None:
+    """A label no node trains on (a class only the held-out split has, say) cannot be learned: its
+    held-out rows all count as errors, and the accuracy's ceiling drops by their share."""
+    if cfg.task.kind in ("causal_lm", "instruction"):
+        return
+    totals = np.sum([node["label_counts"] for node in summary], axis=0)
+    absent = [name for name, count in zip(names, totals, strict=True) if count == 0]
+    if absent:
+        log.warning(
+            "labels %s have no training rows on any node: the model cannot learn them, and their held-out "
+            "rows count as errors",
+            absent,
+        )
+
+
+def _pad_id(fed: Federation, tokenizer: Any) -> int:
+    """The id rows are padded with. A LLaMA-family classifier reads each row's last token that is not
+    config.json's pad_token_id, so padding must be that id (the tokenizer may have none, or another);
+    any other model masks padding out, and the tokenizer's pad id (else 0) serves."""
+    from_config = getattr(fed.model.config, "pad_token_id", None)
+    if isinstance(from_config, int):
+        return from_config
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
@@ -243,6 +270,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
     check_labels(cfg, train.label_names)
+    if group.is_main:
+        _warn_unlearnable_labels(cfg, train.label_names, summary)
     if stragglers is not None:
         if cfg.train.local_unit == "epochs":  # a node's round is as long as its data
             sizes = np.array([node["size"] for node in summary])
@@ -276,7 +305,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     }
     optimizer = build_optimizer(cfg.train, dict(fed.tensors()), lrs)
     streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed, offset=first)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = _pad_id(fed, tokenizer)
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)
     example_dp = ExampleDP(cfg.privacy.clip, account, group.nodes, cfg.seed) if account is not None else None
     trainer = LocalTrainer(

@@ -216,21 +216,24 @@ class StackedLoRALinear(nn.Module):
 
 
 class StackedLinear(nn.Module):
-    """A per-node linear layer (the classifier head): weight (n, out, in), bias (n, out)."""
+    """A per-node linear layer (the classifier head): weight (n, out, in), bias (n, out) or None."""
 
     def __init__(self, base: nn.Linear, n: int, routing: NodeRouting) -> None:
         super().__init__()
         weight = base.weight.detach().float()  # fp32 master copies, as the LoRA factors
         self.weight = nn.Parameter(weight.expand(n, *weight.shape).clone())
-        bias = base.bias.detach().float() if base.bias is not None else torch.zeros(weight.shape[0])
-        self.bias = nn.Parameter(bias.expand(n, bias.shape[0]).clone())
+        self.bias: nn.Parameter | None = None  # a head built without one (LLaMA's score) stays without
+        if base.bias is not None:
+            bias = base.bias.detach().float()
+            self.bias = nn.Parameter(bias.expand(n, bias.shape[0]).clone())
         self.routing = routing
-        self.override: tuple[Tensor, Tensor] | None = None
+        self.override: tuple[Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:  # x: (rows, ..., in)
         weight, bias = self.override if self.override is not None else (self.weight, self.bias)
         rows = self.routing.require(x.shape[0])
         h = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, seq, in)
         y = torch.bmm(h, gather_rows(weight, rows).transpose(1, 2))  # (rows, seq, out)
-        y = y + gather_rows(bias, rows).unsqueeze(1)
+        if bias is not None:
+            y = y + gather_rows(bias, rows).unsqueeze(1)
         return y.reshape(*x.shape[:-1], weight.shape[1])

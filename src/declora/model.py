@@ -36,7 +36,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
 log = logging.getLogger(__name__)
-HEAD_ROOTS = ("classifier", "score")  # where transformers puts sequence-classification heads
+# Where transformers puts sequence-classification heads: the head's layers train and gossip as one per-node
+# head (DistilBERT's is pre_classifier, then classifier; LLaMA-family models' is score).
+HEAD_ROOTS = ("pre_classifier", "classifier", "score")
 KEEP_FP32 = (*HEAD_ROOTS, "lm_head")  # never quantized: trained heads, and the LM head tied to the embeddings
 KINDS = ("A", "B", "head", "R")  # R: Fed-SB's r x r middle factor, present only when a layer has one
 
@@ -87,7 +89,9 @@ class Federation(nn.Module):
                 out[f"{name}.lora_R"] = layer.R
         if "head" in kinds:
             for name, head in self.heads.items():
-                out[f"{name}.weight"], out[f"{name}.bias"] = head.weight, head.bias
+                out[f"{name}.weight"] = head.weight
+                if head.bias is not None:  # a head without a bias (LLaMA's score) gets none
+                    out[f"{name}.bias"] = head.bias
         return out
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -127,7 +131,7 @@ class Federation(nn.Module):
         for name, layer in self.lora.items():
             layer.override = (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"])
         for name, head in self.heads.items():
-            head.override = (stacked[f"{name}.weight"], stacked[f"{name}.bias"])
+            head.override = (stacked[f"{name}.weight"], stacked.get(f"{name}.bias"))
         try:
             yield
         finally:
@@ -201,9 +205,14 @@ def load_base(
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
             # A base saved with a head of another label count (a fine-tuned checkpoint) gets a fresh one.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32, ignore_mismatched_sizes=True
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=num_labels,
+                dtype=torch.float32,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
             )
+            _refuse_untrained_frozen(cfg, path, model, loading["missing_keys"])
     for name, p in model.named_parameters():  # the head keeps its fp32 init; buffers (rotary) stay as built
         if not name.startswith(HEAD_ROOTS):
             p.data = p.data.to(PRECISIONS[precision])
@@ -212,6 +221,26 @@ def load_base(
         p.requires_grad_(False)
     quantize_linears(model, cfg.base_quantization, KEEP_FP32, cfg.quant_backend)  # "none": untouched
     return model, path
+
+
+def _refuse_untrained_frozen(cfg: ModelConfig, path: Path, model: nn.Module, missing: list[str]) -> None:
+    """Weights the checkpoint lacks start random. The head's train; any other would stay random and frozen
+    for the whole run (a DeBERTa base's pooler, say), so the run is refused. The pooler is not read when
+    the head pools the token states itself."""
+    unread_pooler = resolve_pooling(cfg.pooling, path, model) != "cls"
+    frozen = [
+        key
+        for key in missing
+        if not key.startswith(HEAD_ROOTS) and not (unread_pooler and "pooler" in key.split("."))
+    ]
+    if frozen:
+        hint = "; or model.pooling=mean, whose head reads the token states" if "pooler" in frozen[0] else ""
+        raise ValueError(
+            f"model.name={cfg.name!r}: {path} holds no weights for {frozen[:3]}"
+            f"{f' and {len(frozen) - 3} more' if len(frozen) > 3 else ''}, which would start random and "
+            "stay frozen (declora trains only the LoRA factors and the classifier head): use a checkpoint "
+            f"that has them{hint}"
+        )
 
 
 def build_federation(

@@ -47,8 +47,10 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     if cfg.data.node_files is not None:
         return _from_node_files(cfg, n, hosted, group)
     column = cfg.partition.column if cfg.partition.kind == "column" else None
-    instruction = cfg.task.kind == "instruction"
-    train, test = load_dataset(cfg.data, cfg.eval.seed, column, instruction)  # held-out set: eval.seed
+    instruction, unlabelled = cfg.task.kind == "instruction", cfg.task.kind == "causal_lm"
+    train, test = load_dataset(
+        cfg.data, cfg.eval.seed, column, instruction, unlabelled
+    )  # held out: eval.seed
     if n == 1:
         parts = [np.arange(len(train))]
     else:
@@ -90,7 +92,10 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     sources = [files] if n == 1 else [[f] for f in files]  # a single-node algorithm pools every file
     if cfg.task.kind == "instruction":
         return _instruction_files(cfg, sources, hosted, group)
-    rows = {i: [read_rows(f, cfg.data.split, cfg.data) for f in sources[i]] for i in hosted}
+    unlabelled = cfg.task.kind == "causal_lm"  # language modelling: a table may have no label column
+    rows = {
+        i: [read_rows(f, cfg.data.split, cfg.data, unlabelled=unlabelled) for f in sources[i]] for i in hosted
+    }
     mine = [r for node_rows in rows.values() for r in node_rows]
     # Label names: a ClassLabel's if the files carry one, else every process's label values, sorted.
     seen = group.all_gather_object(
@@ -101,7 +106,7 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     for i in hosted:
         ds = _concat([encode_rows(r, names) for r in rows[i]])
         nodes.append(limit(ds, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
-    held = read_rows(*_held_out(cfg, files), cfg.data, key="data.test_split")
+    held = read_rows(*_held_out(cfg, files), cfg.data, key="data.test_split", unlabelled=unlabelled)
     test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)
 

@@ -138,11 +138,18 @@ def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tupl
                 f"are not nn.Linear: {other}; declora's LoRA adapts nn.Linear layers only (GPT-2-style "
                 "Conv1D is not supported)"
             )
-        linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(
             f"model.target_modules={list(cfg.model.target_modules)} matches no linear layer of {folder}; "
-            f"its linear layer names are {linears}"
+            f"{_adaptable_names(model)}"
         )
+    unmatched = sorted(set(cfg.model.target_modules) - {name.split(".")[-1] for name in dims})
+    if unmatched:  # a misspelt name beside a right one would leave its layers silently unadapted
+        raise ConfigError(
+            f"model.target_modules names {unmatched}, which match no linear layer of {folder} that LoRA "
+            f"adapts; {_adaptable_names(model)}"
+        )
+    if not causal:
+        _check_last_token_pad(cfg, model)
     smallest = min(min(d) for d in dims.values())
     if cfg.model.rank > smallest:
         raise ConfigError(
@@ -150,6 +157,52 @@ def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tupl
             f"{list(cfg.model.target_modules)}; allowed: 1..{smallest}"
         )
     return dims
+
+
+def _adaptable_names(model: nn.Module) -> str:
+    """The names LoRA can target (a head trains whole, so it is not among them), and any Conv1D layers."""
+    from declora.model import HEAD_ROOTS
+
+    linears = sorted(
+        {
+            k.split(".")[-1]
+            for k, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not k.startswith(HEAD_ROOTS)
+        }
+    )
+    said = f"its linear layer names are {linears}"
+    conv = sorted({k.split(".")[-1] for k, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+    if conv:
+        said += f" (its {conv} are GPT-2-style Conv1D layers, which declora's LoRA does not adapt)"
+    return said
+
+
+def _check_last_token_pad(cfg: Config, model: nn.Module) -> None:
+    """A LLaMA-family classifier (its head is ``score``) reads each row's last token that is not
+    config.json's pad_token_id; without one, transformers cannot classify a padded batch at all."""
+    config = getattr(model, "config", None)  # the transformers config (nn.Module types attributes loosely)
+    if getattr(model, "score", None) is None or getattr(config, "pad_token_id", None) is not None:
+        return
+    eos = getattr(config, "eos_token_id", None)
+    example = f" (e.g. its eos_token_id, {eos})" if isinstance(eos, int) else ""
+    raise ConfigError(
+        f"model.name={cfg.model.name!r}: its classifier reads each row's last real token, found by "
+        f'config.json\'s pad_token_id, which it lacks: set "pad_token_id" in its config.json{example}'
+    )
+
+
+def check_tokenizer(folder: Path) -> None:
+    """A folder without its tokenizer files still loads a tokenizer, one that knows only the special
+    tokens: every word would become [UNK], and the run would train on nothing and end at chance."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ConfigError(
+            f"model folder {folder}: its tokenizer knows only the special tokens "
+            f"{tokenizer.all_special_tokens}; the folder lacks its tokenizer files (tokenizer.json, "
+            "vocab.txt, ...): copy them from the base model"
+        )
 
 
 def check_adapter(cfg: Config, folder: Path) -> None:

@@ -363,6 +363,16 @@ def _check_unread_data_keys(cfg: Config) -> None:
         refuse_if_set("data", d, TABLE_KEYS, why)
 
 
+def _check_columns_differ(cfg: Config) -> None:
+    """A label column that is the text column gives every row its own class (of a user's table)."""
+    d = cfg.data
+    if cfg.task.kind not in ("causal_lm", "instruction") and d.text_column == d.label_column:
+        raise ConfigError(
+            f"data.text_column and data.label_column are both {d.text_column!r}: name the column of the "
+            "labels in data.label_column"
+        )
+
+
 # Checks that relate several keys; each takes the whole config and raises ConfigError.
 CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
     _check_graph_fits,
@@ -370,6 +380,7 @@ CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
     _check_slices,
     _check_optimizer,
     _check_unread_data_keys,
+    _check_columns_differ,
 ]
 
 

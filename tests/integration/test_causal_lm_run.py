@@ -104,6 +104,9 @@ def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tm
     card = json.loads((exp.run_dir / "adapters" / "consensus" / "declora_adapter.json").read_text())
     assert card["inputs"]["template"] == exp.cfg.task.template  # the prompt and words, with the folder
     assert card["inputs"]["label_words"] == [" negative", " positive"]
+    names = dict(enumerate(exp.label_names))  # the data's label names, which the words stand for
+    assert card["num_labels"] == 2 and card["id2label"] == {str(i): n for i, n in names.items()}
+    assert card["label2id"] == {n: i for i, n in names.items()}
     readme = (exp.run_dir / "adapters" / "consensus" / "README.md").read_text()
     assert "0 = ' negative', 1 = ' positive'" in readme and "Labels: 0 = " in readme
     # The README's own code, run as a user would: it loads the folder and builds declora's prompts, also

@@ -186,6 +186,24 @@ def test_a_missing_relative_data_path_says_where_it_was_looked_for(tmp_path, mon
         load_dataset(cfg, seed=0)
 
 
+def test_a_missing_held_out_file_is_named_by_its_key(tmp_path):
+    train_file = _write("jsonl", tmp_path, [{"text": f"t {i}", "label": i % 2} for i in range(12)])
+    cfg = DataConfig(dataset=str(train_file), test_file=str(tmp_path / "none.csv"))
+    with pytest.raises(FileNotFoundError, match=r"^data.test_file='.*none.csv' does not exist$"):
+        load_dataset(cfg, seed=0)
+
+
+def test_a_validation_split_left_unused_is_warned_about(tmp_path, caplog):
+    folder = _dataset_dict(tmp_path / "dd", train=10, validation=4)
+    _, test = load_dataset(DataConfig(dataset=str(folder)), seed=0)
+    assert len(test) == 2  # the rule: a seeded 0.2 of the training rows
+    assert "has a 'validation' split but no 'test' one" in caplog.text
+    assert "data.test_split=validation scores that split" in caplog.text
+    caplog.clear()
+    _, test = load_dataset(DataConfig(dataset=str(folder), test_split="validation"), seed=0)
+    assert len(test) == 4 and "validation" not in caplog.text
+
+
 def _dataset_dict(folder: Path, **splits: int) -> Path:
     import datasets
 

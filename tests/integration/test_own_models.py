@@ -1,0 +1,236 @@
+"""A user's own model folders: other heads than BERT's (DistilBERT's two layers, LLaMA's bias-free score
+that reads the last real token) train, export and load with stock PEFT to the logits declora computed;
+folders that would run silently wrong (random frozen weights, no tokenizer, no pad id, a misspelt
+target module) are refused with one line before any work."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from helpers import WORDS, write_tiny_data
+from safetensors.torch import load_file
+
+from declora.config import ConfigError, load_config
+from declora.engine import run
+from declora.experiment import build_experiment
+from declora.model import averaged_factors
+from declora.train import pad
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
+
+
+def _texts(n: int) -> list[str]:
+    """Texts of 2 to 8 words, so that batches really pad."""
+    return [" ".join(WORDS[(i * k + k) % 10] for k in range(2 + i % 7)) for i in range(n)]
+
+
+def _overrides(folder, tmp_path, *extra: str) -> list[str]:
+    data = write_tiny_data(tmp_path / "train.jsonl", 48)
+    return [
+        f"model.name={folder}",
+        *("model.rank=2", "model.max_length=16", f"data.dataset={data}", "nodes=2", "rounds=2"),
+        *("train.batch_size=4", "train.lr=0.05", "eval.node_examples=4", "threads=1", "export=consensus"),
+        f"run_dir={tmp_path / 'run'}",
+        *extra,
+    ]
+
+
+def _consensus_logits(exp, ids: list[list[int]]) -> torch.Tensor:
+    """declora's logits of the consensus adapter (every node set to it) for rows padded with its pad id."""
+    stacked = averaged_factors({k: v.detach() for k, v in exp.fed.tensors().items()})
+    input_ids, mask = pad(ids, exp.pad_id)
+    with torch.no_grad(), exp.fed.override(stacked), exp.fed.route(torch.zeros(len(ids), dtype=torch.long)):
+        return exp.fed(input_ids, mask)
+
+
+def _readme_model(folder):
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(code, scope)  # the folder's own loading lines, as a user runs them
+    return scope["model"].eval()
+
+
+@pytest.fixture(scope="module")
+def distilbert_without_head(tmp_path_factory, minilm_tokenizer):
+    """A DistilBERT base saved without its classification head (as the public checkpoints are)."""
+    from transformers import DistilBertConfig, DistilBertModel
+
+    folder = tmp_path_factory.mktemp("distilbert")
+    config = DistilBertConfig(
+        vocab_size=minilm_tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64
+    )
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from declora.assets import model_path
+
+    return AutoTokenizer.from_pretrained(str(model_path("minilm")))
+
+
+def test_distilbert_trains_its_two_head_layers_and_exports_what_stock_peft_loads(
+    distilbert_without_head, tmp_path
+):
+    exp = build_experiment(
+        load_config(None, _overrides(distilbert_without_head, tmp_path, "model.target_modules=[q_lin,v_lin]"))
+    )
+    assert sorted(exp.fed.heads) == ["classifier", "pre_classifier"]  # both train: neither stays random
+    start = exp.fed.heads["pre_classifier"].weight.detach().clone()
+    run(exp)
+    assert not torch.equal(exp.fed.heads["pre_classifier"].weight.detach(), start)
+    folder = exp.run_dir / "adapters" / "consensus"
+    assert {"base_model.model.pre_classifier.weight", "base_model.model.classifier.weight"} <= set(
+        load_file(str(folder / "adapter_model.safetensors"))
+    )
+    model = _readme_model(folder)  # loaded twice, the head is the same: nothing random is left
+    tokenizer = exp.task.tokenizer
+    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in _texts(12)]
+    input_ids, mask = pad(ids, exp.pad_id)
+    with torch.no_grad():
+        theirs = model(input_ids=input_ids, attention_mask=mask).logits
+        again = _readme_model(folder)(input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(theirs, _consensus_logits(exp, ids), atol=1e-5, rtol=0)
+    assert torch.equal(theirs, again)
+
+
+def test_a_llama_classifier_has_no_head_bias_and_stock_peft_gives_its_logits(tiny_llama, tmp_path):
+    """LLaMA's score layer has no bias: declora adds none (stock PEFT would drop it), and its rows are
+    padded with config.json's pad_token_id, the id transformers looks past to find the last token."""
+    exp = build_experiment(
+        load_config(None, _overrides(tiny_llama, tmp_path, "model.target_modules=[q_proj,v_proj]"))
+    )
+    assert sorted(exp.fed.tensors(("head",))) == ["score.weight"]
+    run(exp)
+    folder = exp.run_dir / "adapters" / "consensus"
+    assert not any("bias" in k for k in load_file(str(folder / "adapter_model.safetensors")))
+    model = _readme_model(folder)
+    tokenizer = exp.task.tokenizer
+    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in _texts(12)]
+    batch = tokenizer(_texts(12), padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**batch).logits
+    ours = _consensus_logits(exp, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    one_by_one = torch.cat([_consensus_logits(exp, [x]) for x in ids])
+    torch.testing.assert_close(ours, one_by_one, atol=1e-5, rtol=0)  # padding changes nothing
+
+
+def test_padding_uses_the_configs_pad_id_when_the_tokenizer_has_none(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = config["bos_token_id"]  # another id than the old pad (eos)
+    (folder / "config.json").write_text(json.dumps(config))
+    exp = build_experiment(
+        load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]"))
+    )
+    assert exp.pad_id == config["bos_token_id"] and exp.task.tokenizer.pad_token_id is None
+    ids = [exp.task.tokenizer(t)["input_ids"] for t in _texts(10)]
+    torch.testing.assert_close(
+        _consensus_logits(exp, ids), torch.cat([_consensus_logits(exp, [x]) for x in ids]), atol=1e-5, rtol=0
+    )
+
+
+def test_a_llama_classifier_without_a_pad_id_is_refused_before_any_work(tiny_llama, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]"))
+    with pytest.raises(ConfigError, match=r'set "pad_token_id" in its config.json \(e.g. its eos_token_id'):
+        build_experiment(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_the_checkpoint_lacks_outside_the_head_are_refused(minilm_tokenizer, tmp_path):
+    """A BERT saved without its pooler: with the [CLS] pooler read, that layer would start random and stay
+    frozen; with mean pooling it is not read, and the run goes on."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "no-pooler"
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    cfg = load_config(None, _overrides(folder, tmp_path, "model.pooling=cls"))
+    with pytest.raises(
+        ValueError, match=r"holds no weights for \['bert.pooler.dense.*stay frozen.*pooling=mean"
+    ):
+        build_experiment(cfg)
+    assert (
+        build_experiment(load_config(None, _overrides(folder, tmp_path, "model.pooling=mean"))).fed.pooling
+        == "mean"
+    )
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tiny_bert, tmp_path):
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_bert, folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match=r"knows only the special tokens.*lacks its tokenizer files"):
+        build_experiment(load_config(None, _overrides(folder, tmp_path)))
+
+
+def test_a_misspelt_target_module_beside_a_right_one_is_refused(tiny_bert, tmp_path):
+    cfg = load_config(None, _overrides(tiny_bert, tmp_path, "model.target_modules=[query,valu]"))
+    with pytest.raises(ConfigError, match=r"names \['valu'\], which match no linear layer.*'value'"):
+        build_experiment(cfg)
+
+
+def test_language_modelling_reads_a_table_without_labels(tiny_llama, tmp_path):
+    table = tmp_path / "notes.csv"
+    table.write_text("text\n" + "".join(f'"{t}"\n' for t in _texts(40)))
+    overrides = _overrides(tiny_llama, tmp_path, "model.target_modules=[q_proj,v_proj]", "model.head=none")
+    overrides += [f"data.dataset={table}", "task.kind=causal_lm", "eval.headline=ppl_avg_factors"]
+    records = run(build_experiment(load_config(None, overrides)))
+    assert records[-1]["ppl_avg_factors"] > 1
+
+
+def test_a_label_column_that_is_the_text_column_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data.text_column and data.label_column are both 'text'"):
+        load_config(None, ["data.dataset=x.csv", "data.label_column=text"])
+
+
+def test_a_label_no_node_trains_on_is_warned_about(tiny_bert, tmp_path, caplog):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text(
+        "".join(json.dumps({"text": t, "label": ["a", "b"][i % 2]}) + "\n" for i, t in enumerate(_texts(24)))
+    )
+    test.write_text(
+        "".join(json.dumps({"text": t, "label": "abc"[i % 3]}) + "\n" for i, t in enumerate(_texts(9)))
+    )
+    # A test label the training rows lack is refused (data.encode_rows); a ClassLabel may name one.
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["a", "b", "c"])})
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    held = [json.loads(x) for x in test.read_text().splitlines()]
+    DatasetDict(
+        train=Dataset.from_list([{**r, "label": "abc".index(r["label"])} for r in rows], features=features),
+        test=Dataset.from_list([{**r, "label": "abc".index(r["label"])} for r in held], features=features),
+    ).save_to_disk(tmp_path / "saved")
+    overrides = _overrides(tiny_bert, tmp_path, f"data.dataset={tmp_path / 'saved'}")
+    build_experiment(load_config(None, overrides))
+    assert "labels ['c'] have no training rows on any node" in caplog.text

@@ -127,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg, run_dir, group = _launch(args)
     with group.guard():
         exp = build_experiment(cfg, run_dir, group)
+        args.run_dir = exp.run_dir  # an interruption from here on names it in the line it says
         if group.world > 1:
             _log_to(exp.run_dir / f"rank_{group.rank}.log")
             log.info("rank %d hosts nodes %s", group.rank, exp.group.nodes.tolist())
@@ -363,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
         help="run a grid of experiments and compare them: declora compare GRID [key=value ...]",
+        usage="declora compare [-h] [--out OUT] GRID [key=value ...]",  # GRID is required (cmd_compare says)
         description="Run every cell of a grid (finished cells are skipped) and write OUT/comparison.md, "
         ".csv and .png: each method's final and best values over seeds and, with two or more seeds, every "
         "method against the first paired by seed (per-seed differences, mean ± SE, 95% t-interval).",
@@ -411,9 +413,15 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
 
 # What an interrupted command leaves, and how to go on (every write is atomic: nothing is half-written).
 INTERRUPTED = {
-    "run": "the run folder keeps its last checkpoint: declora run --resume RUN_DIR continues from it",
+    "run": "the run folder keeps its last checkpoint: declora run --resume {run_dir} continues from it",
     "compare": "finished cells are kept: the same declora compare command continues the grid",
 }
+
+
+def _interrupted_line(args: argparse.Namespace) -> str:
+    """How to go on after an interruption; a run names its folder once it is known."""
+    hint = INTERRUPTED.get(args.command, "nothing was lost")
+    return hint.format(run_dir=getattr(args, "run_dir", None) or "RUN_DIR")
 
 
 class Terminated(BaseException):
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as stop:  # one line, and the conventional 128 + the signal
         code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
         if not quiet:  # under torchrun every rank gets the signal; one says it
-            print(f"declora: {what}; {INTERRUPTED.get(args.command, 'nothing was lost')}", file=sys.stderr)
+            print(f"declora: {what}; {_interrupted_line(args)}", file=sys.stderr)
         return code
     except BrokenPipeError:  # the reader of stdout left (| head): stop quietly, as a pipe's writer does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

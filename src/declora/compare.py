@@ -110,9 +110,15 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
         if key in axes or key in ("seed", "run_dir"):
             raise ConfigError(f"override {text!r}: {key} is set per cell by the grid; edit the grid file")
     base = data.get("base")
-    if base is not None and not Path(base).exists():  # relative to the grid file, else to the cwd
-        beside = Path(path).parent / base
-        base = str(beside) if beside.exists() else base
+    if base is not None:  # a relative path: beside the grid file, else from the current directory
+        beside = Path(path).parent / Path(base).expanduser()
+        if beside.exists():
+            base = str(beside)
+        elif not Path(base).expanduser().exists():
+            raise ConfigError(
+                f"base: {base!r} in grid file {str(path)!r} does not exist, neither beside the grid file "
+                f"({str(beside)!r}) nor from the current directory {str(Path.cwd())!r}"
+            )
     return Grid(
         base=base,
         out=Path(out or data.get("out", f"runs/compare-{Path(path).stem}")),

@@ -512,6 +512,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
             )
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
+        if "grid" in loaded and not {f.name for f in dataclasses.fields(Config)} >= set(loaded):
+            raise ConfigError(f"{p} is a grid, not a run config: run it with declora compare {p}")
         tree = loaded
     pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     for key, value in pairs:

@@ -1,5 +1,5 @@
 """Settings a run would ignore: a key set away from its default that the chosen algorithm, codec, topology
-schedule, task, partition, robust rule, attack or base never reads (``algorithm.mu`` with ``fedavg``,
+schedule, task, partition, robust rule, attack, base or DP-SGD never reads (``algorithm.mu`` with ``fedavg``,
 ``comm.bits`` with ``fp16``, ``topology.p`` on a pairwise schedule, ``task.template`` for plain language
 modelling, ``robust.trim`` with the plain mean).
 
@@ -146,8 +146,18 @@ MODEL: dict[str, Reader] = {
     "quant_backend": (lambda c: c.model.base_quantization == "nf4", "model.base_quantization=nf4"),
 }
 
+TRAIN: dict[str, Reader] = {
+    # DP-SGD clips each example's own gradient, which only the per-row product has
+    "lora_product": (lambda c: c.privacy.level != "example", "runs without privacy.level=example"),
+    "max_grad_norm": (
+        lambda c: c.privacy.level != "example",
+        "runs without privacy.level=example (DP-SGD clips each example at privacy.clip instead)",
+    ),
+}
+
 SECTIONS = {
     "model": MODEL,
+    "train": TRAIN,
     "algorithm": ALGORITHM,
     "comm": COMM,
     "topology": TOPOLOGY,

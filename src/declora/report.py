@@ -232,7 +232,7 @@ def headline_line(summary: dict[str, Any], headline: str | None = None) -> str |
     return f"headline ({key}): final {final}{unit}, best {best}{unit} at round {_round(e['best_round'])}"
 
 
-def format_table(summary: dict[str, Any], headline: str | None = None) -> str:
+def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: Path | None = None) -> str:
     """A markdown table (metric | final | best | best round), padded so it also reads in a terminal.
 
     With a headline metric (the argument, else ``summary["headline"]``) a first line states its final and
@@ -255,7 +255,7 @@ def format_table(summary: dict[str, Any], headline: str | None = None) -> str:
         last, planned = summary["stopped_early"]
         rounds = (
             f'{last} of {planned}: NOT FINISHED (stopped, or still running), so "final" is round '
-            f"{last}'s; `declora run --resume RUN_DIR` continues a stopped run"
+            f"{last}'s; `declora run --resume {run_dir or 'RUN_DIR'}` continues a stopped run"
         )
     note = (
         f"Rounds: {rounds}, evaluations: {summary.get('evals', 0)}.\n"
@@ -402,7 +402,7 @@ def write_report(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     config = run_config(run_dir)
-    table = format_table(summarize(records, _run_headline(config), planned_rounds(config)))
+    table = format_table(summarize(records, _run_headline(config), planned_rounds(config)), run_dir=run_dir)
     from declora.runfolder import atomic_write, atomic_write_text
 
     quantized = (config or {}).get("model", {}).get("base_quantization", "none")

@@ -296,7 +296,8 @@ def spectral_gap(w: np.ndarray) -> float:
     lam = np.linalg.eigvalsh(np.asarray(w, dtype=np.float64))  # ascending
     if len(lam) < 2:
         return 1.0  # a single node is always at consensus
-    return float(1.0 - max(abs(lam[-2]), abs(lam[0])))
+    # A disconnected graph has lambda_2 = 1, which rounding may put a hair above: its gap is 0, not -4e-16.
+    return max(0.0, float(1.0 - max(abs(lam[-2]), abs(lam[0]))))
 
 
 def graph_of(w: np.ndarray | torch.Tensor) -> nx.Graph:

@@ -63,6 +63,17 @@ def test_expand_is_the_product_of_axes_and_seeds(tmp_path, tiny_bert):
     assert len({c.run_dir for c in cells}) == 4
 
 
+def test_a_grids_base_is_read_beside_the_grid_file_from_any_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    shipped = Path("configs/grids/smoke.yaml").resolve()
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    assert load_grid(shipped).base == str(shipped.parent / "../smoke.yaml")
+    (tmp_path / "grid.yaml").write_text("base: nowhere.yaml\ngrid: {seed: [0]}\n")
+    with pytest.raises(ConfigError, match=r"^base: 'nowhere.yaml' in grid file '.*grid.yaml' does not exist"):
+        load_grid(tmp_path / "grid.yaml")
+
+
 def test_a_typo_in_any_cell_stops_the_grid(tmp_path, tiny_bert):
     path = _grid_file(tmp_path, tiny_bert, grid={"algorithm.name": ["dec_lora", "dec-lora"]})
     with pytest.raises(ConfigError, match="dec-lora"):

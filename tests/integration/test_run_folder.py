@@ -324,7 +324,7 @@ def test_ctrl_c_or_a_kill_is_one_line_and_the_run_resumes(tiny, tmp_path, sig, c
     assert proc.returncode == code and "Traceback" not in err.decode(), err.decode()[-2000:]
     assert lines == [
         f"declora: {what}; the run folder keeps its last checkpoint: declora run --resume "
-        "RUN_DIR continues from it"
+        f"{run} continues from it"
     ], lines
     done = json.loads((run / "state" / "latest.json").read_text())["round"]
     assert main(["run", "--resume", str(run), f"rounds={done + 1}"]) == 0

@@ -119,3 +119,10 @@ def test_a_key_given_twice_on_the_command_line_is_pointed_out(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         main(["topology", "nodes=5", "nodes=6", "--out", str(tmp_path / "t.png")])
     assert "nodes is given more than once (nodes=5, then nodes=6): the last one counts" in caplog.text
+
+
+def test_a_grid_given_to_run_says_to_compare_it():
+    with pytest.raises(
+        ConfigError, match=r"smoke.yaml is a grid, not a run config: run it with declora compare"
+    ):
+        load_config("configs/grids/smoke.yaml")

@@ -71,6 +71,14 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
             ["model.base_quantization=int8", "model.quant_backend=declora"],
             "model.quant_backend='declora' has no effect in this run; it applies to model.base_quant",
         ),
+        (  # DP-SGD multiplies per row and clips each example at privacy.clip
+            ["privacy.level=example", "privacy.noise_multiplier=1", "train.lora_product=grouped"],
+            "train.lora_product='grouped' has no effect in this run; it applies to runs without privacy",
+        ),
+        (
+            ["privacy.level=example", "privacy.noise_multiplier=1", "train.max_grad_norm=0.5"],
+            "train.max_grad_norm=0.5 has no effect in this run; it applies to runs without privacy.level=ex",
+        ),
     ],
 )
 def test_a_setting_the_run_never_reads_is_named(overrides, line):

@@ -141,6 +141,13 @@ def test_tiny_graphs() -> None:
     )
     np.testing.assert_allclose(mixing_matrix(build_graph(CFG, 2, 0), CFG), np.full((2, 2), 0.5))
     assert spectral_gap(np.eye(1)) == 1.0
+    assert spectral_gap(np.eye(5)) == 0.0  # disconnected: 0, never a rounding error below it
+
+
+def test_a_disconnected_graph_has_no_negative_gap() -> None:
+    split = nx.gnp_random_graph(5, 0.2, seed=62)  # disconnected; its lambda_2 rounds to 1 + 2e-16
+    assert not nx.is_connected(split)
+    assert spectral_gap(mixing_matrix(split, CFG)) == 0.0
 
 
 def test_lazy_is_half_identity_plus_w() -> None:

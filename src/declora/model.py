@@ -27,7 +27,13 @@ from declora.assets import model_path
 from declora.config import ModelConfig
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
-from declora.pooling import pooled_logits, resolve_pooling, write_pooling_note
+from declora.pooling import (
+    pooled_logits,
+    resolve_pooling,
+    skipped_by_mean,
+    warn_unfollowed,
+    write_pooling_note,
+)
 from declora.quantize import QuantizedLinear, quantize_linears
 from declora.runfolder import save_tensors
 from declora.seeding import torch_generator
@@ -202,7 +208,9 @@ def load_base(
     with torch.random.fork_rng(devices=[]):  # the draws below are on the CPU; the model moves after
         torch.manual_seed(cfg.init_seed)
         if causal:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model, loading = AutoModelForCausalLM.from_pretrained(  # type: ignore[misc]  # a pair, with info
+                path, dtype=torch.float32, output_loading_info=True
+            )
         else:
             # A base saved with a head of another label count (a fine-tuned checkpoint) gets a fresh one.
             model, loading = AutoModelForSequenceClassification.from_pretrained(
@@ -212,7 +220,8 @@ def load_base(
                 ignore_mismatched_sizes=True,
                 output_loading_info=True,
             )
-            _refuse_untrained_frozen(cfg, path, model, loading["missing_keys"])
+    redrawn = [*loading["missing_keys"], *(m[0] for m in loading.get("mismatched_keys") or ())]
+    _refuse_untrained_frozen(cfg, path, model, redrawn, causal)
     for name, p in model.named_parameters():  # the head keeps its fp32 init; buffers (rotary) stay as built
         if not name.startswith(HEAD_ROOTS):
             p.data = p.data.to(PRECISIONS[precision])
@@ -223,18 +232,23 @@ def load_base(
     return model, path
 
 
-def _refuse_untrained_frozen(cfg: ModelConfig, path: Path, model: nn.Module, missing: list[str]) -> None:
-    """Weights the checkpoint lacks start random. The head's train; any other would stay random and frozen
-    for the whole run (a DeBERTa base's pooler, say), so the run is refused. The pooler is not read when
-    the head pools the token states itself."""
-    unread_pooler = resolve_pooling(cfg.pooling, path, model) != "cls"
+def _refuse_untrained_frozen(
+    cfg: ModelConfig, path: Path, model: nn.Module, redrawn: list[str], causal: bool
+) -> None:
+    """Weights the checkpoint lacks (or holds in another shape) start random. The head's train; any other
+    would stay random and frozen for the whole run (a DeBERTa base's pooler, say), so the run is refused.
+    What the model's own pooling applies before the head is not read when the head pools the token
+    states itself (``pooling.MEAN_SKIPS``)."""
+    mean = not causal and resolve_pooling(cfg.pooling, path, model) != "cls"
     frozen = [
         key
-        for key in missing
-        if not key.startswith(HEAD_ROOTS) and not (unread_pooler and "pooler" in key.split("."))
+        for key in redrawn
+        if not (not causal and key.startswith(HEAD_ROOTS)) and not (mean and skipped_by_mean(key))
     ]
     if frozen:
-        hint = "; or model.pooling=mean, whose head reads the token states" if "pooler" in frozen[0] else ""
+        hint = (
+            "; or model.pooling=mean, whose head reads the token states" if skipped_by_mean(frozen[0]) else ""
+        )
         raise ValueError(
             f"model.name={cfg.name!r}: {path} holds no weights for {frozen[:3]}"
             f"{f' and {len(frozen) - 3} more' if len(frozen) > 3 else ''}, which would start random and "
@@ -255,6 +269,7 @@ def build_federation(
     ``device``; ``precision``: the base's storage dtype and the forward's autocast (declora.device)."""
     model, path = load_base(cfg, num_labels, causal, precision)
     pooling = "cls" if causal else resolve_pooling(cfg.pooling, path, model)  # before heads are stacked
+    warn_unfollowed(cfg.pooling, pooling, path, model)
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     lora: dict[str, StackedLoRALinear] = {}
@@ -284,10 +299,8 @@ def build_federation(
     for name, head in heads.items():
         _replace(model, name, head)
         head.requires_grad_(cfg.head == "train")
-    log.info(
-        "model %s: %d adapted modules, rank %d, %d head tensors (pooling %s), %d nodes",
-        *(path, len(lora), cfg.rank, 2 * len(heads), pooling, n),
-    )
+    head = "no classifier head (a causal LM)" if causal else f"{len(heads)} head layers (pooling {pooling})"
+    log.info("model %s: %d adapted modules, rank %d, %s, %d nodes", path, len(lora), cfg.rank, head, n)
     return Federation(model, n, cfg, path, routing, lora, heads, causal, precision, pooling).to(device)
 
 

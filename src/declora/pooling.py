@@ -15,12 +15,14 @@ the prediction with stock transformers + PEFT (``RECIPE``).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
 POOLINGS = ("auto", "mean", "cls")
 POOLING_FILE = "declora_pooling.json"
 
@@ -44,6 +46,17 @@ with torch.no_grad():
     logits = inner.classifier(pooled)  # (rows, NUM_LABELS)
 ```
 """
+
+
+# What a model's own pooling applies before its classifier, which the mean-pooled head skips: BERT's
+# pooler, ModernBERT's prediction head, DistilBERT's pre_classifier.
+MEAN_SKIPS = ("pooler", "head", "pre_classifier")
+
+
+def skipped_by_mean(key: str) -> bool:
+    """Whether mean pooling never reads this weight (``bert.pooler.dense.weight``, ``head.norm.weight``)."""
+    parts = key.split(".")
+    return "pooler" in parts or parts[0] in MEAN_SKIPS
 
 
 def masked_mean(hidden: Tensor, mask: Tensor) -> Tensor:
@@ -78,12 +91,28 @@ def resolve_pooling(pooling: str, path: Path, model: nn.Module) -> str:
     if pooling == "auto":
         return "mean" if folder_pooling(path) == "mean" and mean_poolable(model) else "cls"
     if pooling == "mean" and not mean_poolable(model):
-        head = type(getattr(model, "classifier", None)).__name__
         raise ValueError(
             f"model.pooling='mean' needs a classifier that is one linear layer on the hidden state (BERT "
-            f"family); {path} has a {head} head: use model.pooling=cls"
+            f"family); {path} has {head_name(model)}: use model.pooling=cls"
         )
     return pooling
+
+
+def head_name(model: nn.Module) -> str:
+    head = getattr(model, "classifier", None)
+    return f"a {type(head).__name__} head" if head is not None else "no 'classifier' head"
+
+
+def warn_unfollowed(pooling: str, resolved: str, path: Path, model: nn.Module) -> None:
+    """``auto`` on a folder whose sentence-transformers config pools the mean, with a head that cannot read
+    it (RoBERTa's, MPNet's): say that the head reads the model's own first-token pooling instead."""
+    if pooling == "auto" and resolved == "cls" and folder_pooling(path) == "mean":
+        log.warning(
+            "model.pooling=auto: %s's sentence-transformers config pools the mean of the tokens, but it has "
+            "%s, which reads its own first-token pooling: the head reads that",
+            path,
+            head_name(model),
+        )
 
 
 def pooled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -98,7 +127,9 @@ def pooling_howto(pooling: str, num_labels: int, max_length: int) -> str:
     """Markdown: how a stock transformers + PEFT user gets this head's prediction."""
     if pooling == "cls":
         return (
-            "The head reads the model's own [CLS] pooler: `model(**batch).logits` of\n"
+            "The head reads the model's own pooling (BERT: the [CLS] pooler; a LLaMA-family `score`: the\n"
+            "last real token, found by config.json's pad_token_id, the id the tokenizer pads with):\n"
+            "`model(**batch).logits` of\n"
             "`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE, "
             f"num_labels={num_labels}, ignore_mismatched_sizes=True), FOLDER)` is the prediction, for a "
             "batch tokenized with "

@@ -86,11 +86,32 @@ def _meta_model(cfg: Config, folder: Path, causal: bool) -> nn.Module:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"model folder {folder}: config.json is not a transformers config ({err})") from err
+    if getattr(config, "is_encoder_decoder", False):  # T5, BART: neither one encoder nor one decoder
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is an encoder-decoder model ({config.model_type}), which declora "
+            "does not train: use an encoder (BERT family) or a decoder-only causal LM (LLaMA family)"
+        )
     if causal:
         _check_generates(cfg, config.architectures)
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     with torch.device("meta"):
-        return auto.from_config(config)
+        model = auto.from_config(config)
+    if not causal:
+        _check_known_head(cfg, model)
+    return model
+
+
+def _check_known_head(cfg: Config, model: nn.Module) -> None:
+    """declora trains, gossips and exports the classification head under the names transformers gives
+    it in the BERT, DistilBERT, RoBERTa and LLaMA families; another head would stay frozen, and random."""
+    from declora.model import HEAD_ROOTS
+
+    roots = {name.split(".")[0] for name, _ in model.named_children()}
+    if not roots & set(HEAD_ROOTS):
+        raise ConfigError(
+            f"model.name={cfg.model.name!r}: its {type(model).__name__} has no classification head declora "
+            f"trains (one named {list(HEAD_ROOTS)}; its top-level modules are {sorted(roots)})"
+        )
 
 
 GENERATING = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # transformers' class-name endings
@@ -149,7 +170,7 @@ def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tupl
             f"adapts; {_adaptable_names(model)}"
         )
     if not causal:
-        _check_last_token_pad(cfg, model)
+        _check_last_token_pad(cfg, model, folder)
     smallest = min(min(d) for d in dims.values())
     if cfg.model.rank > smallest:
         raise ConfigError(
@@ -177,18 +198,35 @@ def _adaptable_names(model: nn.Module) -> str:
     return said
 
 
-def _check_last_token_pad(cfg: Config, model: nn.Module) -> None:
+def _check_last_token_pad(cfg: Config, model: nn.Module, folder: Path) -> None:
     """A LLaMA-family classifier (its head is ``score``) reads each row's last token that is not
-    config.json's pad_token_id; without one, transformers cannot classify a padded batch at all."""
-    config = getattr(model, "config", None)  # the transformers config (nn.Module types attributes loosely)
-    if getattr(model, "score", None) is None or getattr(config, "pad_token_id", None) is not None:
+    config.json's pad_token_id: without one, transformers cannot classify a padded batch at all; with one
+    the tokenizer does not pad with, a stock user's padded batch would be read at a pad token."""
+    from transformers import AutoTokenizer
+
+    if getattr(model, "score", None) is None:
         return
-    eos = getattr(config, "eos_token_id", None)
-    example = f" (e.g. its eos_token_id, {eos})" if isinstance(eos, int) else ""
-    raise ConfigError(
-        f"model.name={cfg.model.name!r}: its classifier reads each row's last real token, found by "
-        f'config.json\'s pad_token_id, which it lacks: set "pad_token_id" in its config.json{example}'
-    )
+    config = getattr(model, "config", None)  # the transformers config (nn.Module types attributes loosely)
+    ours = getattr(config, "pad_token_id", None)
+    theirs = AutoTokenizer.from_pretrained(str(folder)).pad_token_id
+    if ours is None:
+        eos = getattr(config, "eos_token_id", None)
+        fit = theirs if theirs is not None else eos if isinstance(eos, int) else None
+        example = (
+            f" (e.g. {fit}, the tokenizer's {'pad' if theirs is not None else 'eos'} id)"
+            if fit is not None
+            else ""
+        )
+        raise ConfigError(
+            f"model.name={cfg.model.name!r}: its classifier reads each row's last real token, found by "
+            f'config.json\'s pad_token_id, which it lacks: set "pad_token_id" in its config.json{example}'
+        )
+    if theirs is not None and theirs != ours:
+        raise ConfigError(
+            f"model.name={cfg.model.name!r}: config.json's pad_token_id is {ours} but its tokenizer pads "
+            f"with {theirs}; its classifier finds each row's last real token by {ours}, so a batch the "
+            "tokenizer pads would be read at a pad token: set both to one id"
+        )
 
 
 def check_tokenizer(folder: Path) -> None:

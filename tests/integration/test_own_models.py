@@ -153,7 +153,9 @@ def test_a_llama_classifier_without_a_pad_id_is_refused_before_any_work(tiny_lla
     config["pad_token_id"] = None
     (folder / "config.json").write_text(json.dumps(config))
     cfg = load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]"))
-    with pytest.raises(ConfigError, match=r'set "pad_token_id" in its config.json \(e.g. its eos_token_id'):
+    with pytest.raises(
+        ConfigError, match=r'set "pad_token_id" in its config.json \(e.g. 1, the tokenizer.s pad id'
+    ):
         build_experiment(cfg)
     assert not (tmp_path / "run").exists()
 
@@ -234,3 +236,126 @@ def test_a_label_no_node_trains_on_is_warned_about(tiny_bert, tmp_path, caplog):
     overrides = _overrides(tiny_bert, tmp_path, f"data.dataset={tmp_path / 'saved'}")
     build_experiment(load_config(None, overrides))
     assert "labels ['c'] have no training rows on any node" in caplog.text
+
+
+def test_an_encoder_decoder_is_refused_for_every_task(minilm_tokenizer, tmp_path):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    folder = tmp_path / "bart"
+    config = BartConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+    )
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(_texts(20)))
+    causal = [
+        "model.head=none",
+        "task.kind=causal_lm",
+        f"data.dataset={text}",
+        "eval.headline=ppl_avg_factors",
+    ]
+    for extra in ([], causal):
+        cfg = load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]", *extra))
+        with pytest.raises(
+            ConfigError, match=r"is an encoder-decoder model \(bart\), which declora does not"
+        ):
+            build_experiment(cfg)
+
+
+def test_a_classification_head_of_another_name_is_refused(minilm_tokenizer, tmp_path):
+    """XLNet's head (sequence_summary, logits_proj) is none that declora trains: it would stay random."""
+    from transformers import XLNetConfig, XLNetModel
+
+    folder = tmp_path / "xlnet"
+    config = XLNetConfig(vocab_size=minilm_tokenizer.vocab_size, d_model=32, n_layer=1, n_head=2, d_inner=64)
+    XLNetModel(config).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    cfg = load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q,v]"))
+    with pytest.raises(ConfigError, match=r"has no classification head declora trains.*'logits_proj'"):
+        build_experiment(cfg)
+
+
+def test_a_modernbert_without_its_prediction_head_runs_with_mean_pooling(minilm_tokenizer, tmp_path):
+    """ModernBERT's classifier path applies its prediction head (``head``) before ``classifier``; a base
+    saved without it is refused with the [CLS] path, and mean pooling, which never reads it, runs."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    folder = tmp_path / "modernbert"
+    config = ModernBertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=minilm_tokenizer.pad_token_id,
+        bos_token_id=minilm_tokenizer.cls_token_id,
+        eos_token_id=minilm_tokenizer.sep_token_id,
+        cls_token_id=minilm_tokenizer.cls_token_id,
+        sep_token_id=minilm_tokenizer.sep_token_id,
+    )
+    ModernBertModel(config).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    targets = "model.target_modules=[Wqkv,Wo]"
+    with pytest.raises(ValueError, match=r"holds no weights for \['head.*or model.pooling=mean"):
+        build_experiment(load_config(None, _overrides(folder, tmp_path, targets)))
+    exp = build_experiment(load_config(None, _overrides(folder, tmp_path, targets, "model.pooling=mean")))
+    assert exp.fed.pooling == "mean" and sorted(exp.fed.heads) == ["classifier"]
+
+
+def test_a_pad_id_the_tokenizer_does_not_pad_with_is_refused(tiny_llama, tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = 0  # the tokenizer's <s>; it pads with </s> (1)
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]"))
+    with pytest.raises(ConfigError, match=r"config.json's pad_token_id is 0 but its tokenizer pads with 1"):
+        build_experiment(cfg)
+
+
+def test_a_causal_lm_missing_weights_is_refused(tiny_llama, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llama, folder)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.norm.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(_texts(20)))
+    overrides = _overrides(tiny_llama, tmp_path, "model.target_modules=[q_proj,v_proj]", "model.head=none")
+    overrides += [f"model.name={folder}", f"data.dataset={text}", "task.kind=causal_lm"]
+    with pytest.raises(ValueError, match=r"holds no weights for \['model.norm.weight'\]"):
+        build_experiment(load_config(None, [*overrides, "eval.headline=ppl_avg_factors"]))
+
+
+def test_auto_pooling_says_when_a_head_cannot_follow_the_folders_mean(minilm_tokenizer, tmp_path, caplog):
+    from transformers import RobertaConfig, RobertaModel
+
+    folder = tmp_path / "roberta-st"
+    config = RobertaConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=minilm_tokenizer.pad_token_id,
+    )
+    RobertaModel(config).save_pretrained(folder)
+    minilm_tokenizer.save_pretrained(folder)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    exp = build_experiment(
+        load_config(None, _overrides(folder, tmp_path, "model.target_modules=[query,value]"))
+    )
+    assert exp.fed.pooling == "cls"
+    assert "pools the mean of the tokens, but it has a RobertaClassificationHead head" in caplog.text

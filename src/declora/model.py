@@ -299,8 +299,8 @@ def build_federation(
     for name, head in heads.items():
         _replace(model, name, head)
         head.requires_grad_(cfg.head == "train")
-    head = "no classifier head (a causal LM)" if causal else f"{len(heads)} head layers (pooling {pooling})"
-    log.info("model %s: %d adapted modules, rank %d, %s, %d nodes", path, len(lora), cfg.rank, head, n)
+    said = "no classifier head (a causal LM)" if causal else f"{len(heads)} head layers (pooling {pooling})"
+    log.info("model %s: %d adapted modules, rank %d, %s, %d nodes", path, len(lora), cfg.rank, said, n)
     return Federation(model, n, cfg, path, routing, lora, heads, causal, precision, pooling).to(device)
 
 

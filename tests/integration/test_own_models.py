@@ -47,6 +47,19 @@ def _consensus_logits(exp, ids: list[list[int]]) -> torch.Tensor:
         return exp.fed(input_ids, mask)
 
 
+def _save_tiny(folder, model, tokenizer):
+    """A model built from its config, saved with the MiniLM tokenizer as a local model folder."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _bert_sized(config_cls, tokenizer, **extra):
+    """A 1-layer config of the BERT family's field names, hidden 32, on the MiniLM vocabulary."""
+    sizes = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    return config_cls(vocab_size=tokenizer.vocab_size, **sizes, **extra)
+
+
 def _readme_model(folder):
     code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
     scope: dict = {}
@@ -59,14 +72,11 @@ def distilbert_without_head(tmp_path_factory, minilm_tokenizer):
     """A DistilBERT base saved without its classification head (as the public checkpoints are)."""
     from transformers import DistilBertConfig, DistilBertModel
 
-    folder = tmp_path_factory.mktemp("distilbert")
     config = DistilBertConfig(
         vocab_size=minilm_tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2, hidden_dim=64
     )
     torch.manual_seed(0)
-    DistilBertModel(config).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
-    return folder
+    return _save_tiny(tmp_path_factory.mktemp("distilbert"), DistilBertModel(config), minilm_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +175,8 @@ def test_weights_the_checkpoint_lacks_outside_the_head_are_refused(minilm_tokeni
     frozen; with mean pooling it is not read, and the run goes on."""
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path / "no-pooler"
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
+    config = _bert_sized(BertConfig, minilm_tokenizer)
+    folder = _save_tiny(tmp_path / "no-pooler", BertModel(config, add_pooling_layer=False), minilm_tokenizer)
     cfg = load_config(None, _overrides(folder, tmp_path, "model.pooling=cls"))
     with pytest.raises(
         ValueError, match=r"holds no weights for \['bert.pooler.dense.*stay frozen.*pooling=mean"
@@ -241,19 +243,16 @@ def test_a_label_no_node_trains_on_is_warned_about(tiny_bert, tmp_path, caplog):
 def test_an_encoder_decoder_is_refused_for_every_task(minilm_tokenizer, tmp_path):
     from transformers import BartConfig, BartForConditionalGeneration
 
-    folder = tmp_path / "bart"
     config = BartConfig(
         vocab_size=minilm_tokenizer.vocab_size,
         d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
+        **{
+            f"{part}_{k}": v
+            for part in ("encoder", "decoder")
+            for k, v in (("layers", 1), ("attention_heads", 2), ("ffn_dim", 64))
+        },
     )
-    BartForConditionalGeneration(config).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
+    folder = _save_tiny(tmp_path / "bart", BartForConditionalGeneration(config), minilm_tokenizer)
     text = tmp_path / "notes.txt"
     text.write_text("\n\n".join(_texts(20)))
     causal = [
@@ -274,10 +273,8 @@ def test_a_classification_head_of_another_name_is_refused(minilm_tokenizer, tmp_
     """XLNet's head (sequence_summary, logits_proj) is none that declora trains: it would stay random."""
     from transformers import XLNetConfig, XLNetModel
 
-    folder = tmp_path / "xlnet"
     config = XLNetConfig(vocab_size=minilm_tokenizer.vocab_size, d_model=32, n_layer=1, n_head=2, d_inner=64)
-    XLNetModel(config).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
+    folder = _save_tiny(tmp_path / "xlnet", XLNetModel(config), minilm_tokenizer)
     cfg = load_config(None, _overrides(folder, tmp_path, "model.target_modules=[q,v]"))
     with pytest.raises(ConfigError, match=r"has no classification head declora trains.*'logits_proj'"):
         build_experiment(cfg)
@@ -288,21 +285,10 @@ def test_a_modernbert_without_its_prediction_head_runs_with_mean_pooling(minilm_
     saved without it is refused with the [CLS] path, and mean pooling, which never reads it, runs."""
     from transformers import ModernBertConfig, ModernBertModel
 
-    folder = tmp_path / "modernbert"
-    config = ModernBertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pad_token_id=minilm_tokenizer.pad_token_id,
-        bos_token_id=minilm_tokenizer.cls_token_id,
-        eos_token_id=minilm_tokenizer.sep_token_id,
-        cls_token_id=minilm_tokenizer.cls_token_id,
-        sep_token_id=minilm_tokenizer.sep_token_id,
-    )
-    ModernBertModel(config).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
+    ids = {f"{k}_token_id": getattr(minilm_tokenizer, f"{k}_token_id") for k in ("pad", "cls", "sep")}
+    ids.update(bos_token_id=ids["cls_token_id"], eos_token_id=ids["sep_token_id"])
+    config = _bert_sized(ModernBertConfig, minilm_tokenizer, **ids)
+    folder = _save_tiny(tmp_path / "modernbert", ModernBertModel(config), minilm_tokenizer)
     targets = "model.target_modules=[Wqkv,Wo]"
     with pytest.raises(ValueError, match=r"holds no weights for \['head.*or model.pooling=mean"):
         build_experiment(load_config(None, _overrides(folder, tmp_path, targets)))
@@ -341,17 +327,8 @@ def test_a_causal_lm_missing_weights_is_refused(tiny_llama, tmp_path):
 def test_auto_pooling_says_when_a_head_cannot_follow_the_folders_mean(minilm_tokenizer, tmp_path, caplog):
     from transformers import RobertaConfig, RobertaModel
 
-    folder = tmp_path / "roberta-st"
-    config = RobertaConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        pad_token_id=minilm_tokenizer.pad_token_id,
-    )
-    RobertaModel(config).save_pretrained(folder)
-    minilm_tokenizer.save_pretrained(folder)
+    config = _bert_sized(RobertaConfig, minilm_tokenizer, pad_token_id=minilm_tokenizer.pad_token_id)
+    folder = _save_tiny(tmp_path / "roberta-st", RobertaModel(config), minilm_tokenizer)
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
     exp = build_experiment(

@@ -404,11 +404,15 @@ def load_dataset(
     """(train, test) for ``cfg.dataset``: a shipped name or a user's table, then train/test limits applied.
     ``client_column`` (partition.kind=column) is read into ``train.clients``; ``unlabelled`` (language
     modelling): a table may lack the label column."""
-    for key, source in (("data.dataset", cfg.dataset), ("data.test_file", cfg.test_file)):
-        path = Path(source).expanduser() if source is not None and source not in DATASETS else None
-        readable = path is not None and (path.suffix in (*TABLE_SUFFIXES, ".txt") or key == "data.test_file")
-        if path is not None and readable and not path.exists():  # another suffix is refused below, as such
-            raise FileNotFoundError(f"{key}={source!r} does not exist{relative_note(path)}")
+    # A missing file, named by its key (a data.dataset of another suffix is refused below, as such).
+    named = [("data.test_file", cfg.test_file)]
+    if Path(cfg.dataset).suffix in (*TABLE_SUFFIXES, ".txt"):
+        named.append(("data.dataset", cfg.dataset))
+    for key, source in named:
+        if source is not None and not Path(source).expanduser().exists():
+            raise FileNotFoundError(
+                f"{key}={source!r} does not exist{relative_note(Path(source).expanduser())}"
+            )
     if client_column is not None and cfg.dataset in DATASETS:
         raise ConfigError(
             f"partition.kind=column reads partition.column from a user's table; data.dataset={cfg.dataset!r} "

@@ -142,8 +142,8 @@ def preflight_model(cfg: Config) -> None:
     if cfg.model.name not in GGUF_MODELS:  # a shipped GGUF model becomes a folder on first use
         folder = model_path(cfg.model.name)
         check_model_folder(folder)
-        check_model_shape(cfg, folder, causal=cfg.task.kind in CAUSAL_KINDS)
-        check_tokenizer(folder)
+        tokenizer = check_tokenizer(folder)
+        check_model_shape(cfg, folder, cfg.task.kind in CAUSAL_KINDS, tokenizer.pad_token_id)
     if cfg.model.init_adapter:
         check_adapter(cfg, Path(cfg.model.init_adapter).expanduser())
 

@@ -128,8 +128,11 @@ def _check_generates(cfg: Config, architectures: list[str] | None) -> None:
         )
 
 
-def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tuple[int, int]]:
-    """max_length, rank and target modules against the model; returns {module: (d_in, d_out)}."""
+def check_model_shape(
+    cfg: Config, folder: Path, causal: bool, pad_id: int | None = None
+) -> dict[str, tuple[int, int]]:
+    """max_length, rank and target modules against the model, and a last-token classifier's pad id
+    against ``pad_id``, the tokenizer's; returns {module: (d_in, d_out)}."""
     from declora.model import HEAD_ROOTS
 
     model = _meta_model(cfg, folder, causal)
@@ -170,7 +173,7 @@ def check_model_shape(cfg: Config, folder: Path, causal: bool) -> dict[str, tupl
             f"adapts; {_adaptable_names(model)}"
         )
     if not causal:
-        _check_last_token_pad(cfg, model, folder)
+        _check_last_token_pad(cfg, model, pad_id)
     smallest = min(min(d) for d in dims.values())
     if cfg.model.rank > smallest:
         raise ConfigError(
@@ -198,17 +201,14 @@ def _adaptable_names(model: nn.Module) -> str:
     return said
 
 
-def _check_last_token_pad(cfg: Config, model: nn.Module, folder: Path) -> None:
+def _check_last_token_pad(cfg: Config, model: nn.Module, theirs: int | None) -> None:
     """A LLaMA-family classifier (its head is ``score``) reads each row's last token that is not
     config.json's pad_token_id: without one, transformers cannot classify a padded batch at all; with one
-    the tokenizer does not pad with, a stock user's padded batch would be read at a pad token."""
-    from transformers import AutoTokenizer
-
+    the tokenizer does not pad with (``theirs``), a stock user's padded batch would be read at a pad."""
     if getattr(model, "score", None) is None:
         return
     config = getattr(model, "config", None)  # the transformers config (nn.Module types attributes loosely)
     ours = getattr(config, "pad_token_id", None)
-    theirs = AutoTokenizer.from_pretrained(str(folder)).pad_token_id
     if ours is None:
         eos = getattr(config, "eos_token_id", None)
         fit = theirs if theirs is not None else eos if isinstance(eos, int) else None
@@ -229,9 +229,9 @@ def _check_last_token_pad(cfg: Config, model: nn.Module, folder: Path) -> None:
         )
 
 
-def check_tokenizer(folder: Path) -> None:
-    """A folder without its tokenizer files still loads a tokenizer, one that knows only the special
-    tokens: every word would become [UNK], and the run would train on nothing and end at chance."""
+def check_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer. A folder without its tokenizer files still loads one, which knows only the
+    special tokens: every word would become [UNK], and the run would train on nothing and end at chance."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -241,6 +241,7 @@ def check_tokenizer(folder: Path) -> None:
             f"{tokenizer.all_special_tokens}; the folder lacks its tokenizer files (tokenizer.json, "
             "vocab.txt, ...): copy them from the base model"
         )
+    return tokenizer
 
 
 def check_adapter(cfg: Config, folder: Path) -> None:

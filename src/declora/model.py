@@ -278,7 +278,7 @@ def build_federation(
             isinstance(module, (nn.Linear, QuantizedLinear))
             and name.split(".")[-1] in cfg.target_modules
             and not name.startswith(HEAD_ROOTS)
-            and not (pooling != "cls" and "pooler" in name.split("."))  # unread: the head pools itself
+            and not (pooling != "cls" and skipped_by_mean(name))  # unread: the head pools itself
         ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
             lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A, name)
@@ -308,8 +308,8 @@ def build_federation(
 
 
 def unadapted_targets(fed: Federation) -> list[str]:
-    """Linear layers whose name matches ``model.target_modules`` but that carry no LoRA (the head, and
-    BERT's pooler when the head reads the mean of the token states): PEFT must leave them alone too."""
+    """Linear layers whose name matches ``model.target_modules`` but that carry no LoRA (the head, and what
+    mean pooling never reads, such as BERT's pooler: pooling.MEAN_SKIPS): PEFT must leave them alone too."""
     return sorted(
         name
         for name, module in fed.model.named_modules()

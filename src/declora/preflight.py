@@ -297,19 +297,19 @@ def check_adapter(cfg: Config, folder: Path) -> None:
 
 
 def _excludes_only_what_declora_leaves(excluded: object) -> bool:
-    """An adapter's exclude_modules that names only layers declora never adapts itself: the pooler when
-    the head pools the token states (declora's export lists it), and a classifier head. A run with
+    """An adapter's exclude_modules that names only layers declora never adapts itself: what mean pooling
+    never reads (the pooler; declora's export lists it) and a classifier head. A run with
     ``model.pooling=cls`` adapts the pooler, and importing such an adapter then stops at its missing
     tensors, naming them."""
     from declora.model import HEAD_ROOTS
+    from declora.pooling import skipped_by_mean
 
     names = [excluded] if isinstance(excluded, str) else excluded
     return (
         isinstance(names, list)
         and bool(names)
         and all(
-            isinstance(name, str) and ("pooler" in name.split(".") or name.startswith(HEAD_ROOTS))
-            for name in names
+            isinstance(name, str) and (skipped_by_mean(name) or name.startswith(HEAD_ROOTS)) for name in names
         )
     )
 

@@ -53,10 +53,17 @@ def public_name(model_name: str, base: Path) -> str | None:
 
 
 def write_card(
-    folder: Path, card: AdapterCard, base: Path, causal: bool, pooling: str | None, shown: Path | None = None
+    folder: Path,
+    card: AdapterCard,
+    base: Path,
+    causal: bool,
+    pooling: str | None,
+    shown: Path | None = None,
+    head_input: str | None = None,
 ) -> None:
     """``shown``: the path the README's loading lines name (the folder's final place, when it is written
-    into a temporary folder first)."""
+    into a temporary folder first); ``head_input``: how a mean-pooled head is handed the mean
+    (declora.pooling.mean_head_input)."""
     labelled = not causal or "label_words" in card.inputs  # a classifier, or classification as generation
     names = list(card.label_names) if labelled else []
     public = public_name(card.model_name, base)
@@ -66,6 +73,7 @@ def write_card(
         "id2label": {str(i): n for i, n in enumerate(names)} if labelled else None,
         "label2id": {n: i for i, n in enumerate(names)} if labelled else None,
         "pooling": pooling,
+        "head_input": head_input,
         "base_model": str(base),
         "base_model_public": public,
         "round": card.round,
@@ -74,7 +82,7 @@ def write_card(
         "run": card.run,
     }
     (folder / CARD_FILE).write_text(json.dumps(meta, indent=1))
-    (folder / "README.md").write_text(_readme(shown or folder, card, meta, causal, pooling))
+    (folder / "README.md").write_text(_readme(shown or folder, card, meta, causal, pooling, head_input))
 
 
 def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:
@@ -139,7 +147,14 @@ def label_words_recipe(inputs: dict[str, Any]) -> str:
     )
 
 
-def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool, pooling: str | None) -> str:
+def _readme(
+    folder: Path,
+    card: AdapterCard,
+    meta: dict[str, Any],
+    causal: bool,
+    pooling: str | None,
+    head_input: str | None,
+) -> str:
     lines = [f"# declora adapter: {card.what}\n"]
     run = ", ".join(f"{k} {v}" for k, v in card.run.items())
     lines.append(f"Trained by declora ({run}); taken at round {card.round}.\n")
@@ -161,7 +176,7 @@ def _readme(folder: Path, card: AdapterCard, meta: dict[str, Any], causal: bool,
         lines.append("")
     if pooling == "mean":  # the recipe comes first: stock logits are not this adapter's prediction
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")
-        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs["max_length"]))
+        lines.append(pooling_howto(pooling, len(card.label_names), card.inputs["max_length"], head_input))
     lines.append("## Load it\n")
     lines.append("Stock PEFT resolves the base from `base_model_name_or_path` (the local folder above):\n")
     lines.append(_load_lines(folder, meta, causal))

@@ -28,6 +28,7 @@ from declora.config import ModelConfig
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
 from declora.pooling import (
+    mean_head_input,
     pooled_logits,
     resolve_pooling,
     skipped_by_mean,
@@ -64,6 +65,7 @@ class Federation(nn.Module):
         causal: bool = False,
         precision: str = "fp32",
         pooling: str = "cls",
+        head_input: str | None = None,
     ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
@@ -72,6 +74,7 @@ class Federation(nn.Module):
         )
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
         self.pooling = pooling  # what the head reads: "cls" (the model's own) | "mean" (pooling.py)
+        self.head_input = head_input  # mean pooling: how the head is handed the mean (mean_head_input)
         # Most transformers causal LMs apply their LM head only at ``logits_to_keep`` positions.
         self.keeps_logits = causal and "logits_to_keep" in inspect.signature(model.forward).parameters
         self.lora, self.heads = lora, heads
@@ -158,7 +161,7 @@ class Federation(nn.Module):
     def _logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None) -> Tensor:
         if not self.causal:
             if self.pooling == "mean":
-                return pooled_logits(self.model, input_ids, attention_mask)
+                return pooled_logits(self.model, input_ids, attention_mask, self.head_input or "vector")
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         # No generation here: a KV cache would only cost memory.
         if positions is not None and self.keeps_logits:
@@ -270,6 +273,8 @@ def build_federation(
     model, path = load_base(cfg, num_labels, causal, precision)
     pooling = "cls" if causal else resolve_pooling(cfg.pooling, path, model)  # before heads are stacked
     warn_unfollowed(cfg.pooling, pooling, path, model)
+    head_input = mean_head_input(model) if pooling == "mean" else None
+    unread = pooling == "mean"  # what the model's own pooling applies before the head: mean pooling skips it
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     lora: dict[str, StackedLoRALinear] = {}
@@ -278,7 +283,7 @@ def build_federation(
             isinstance(module, (nn.Linear, QuantizedLinear))
             and name.split(".")[-1] in cfg.target_modules
             and not name.startswith(HEAD_ROOTS)
-            and not (pooling != "cls" and skipped_by_mean(name))  # unread: the head pools itself
+            and not (unread and skipped_by_mean(name))
         ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
             lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A, name)
@@ -291,17 +296,18 @@ def build_federation(
         )
     for name, layer in lora.items():
         _replace(model, name, layer)
-    heads = {
+    heads = {  # DistilBERT's pre_classifier under mean pooling stays frozen: nothing reads it
         name: StackedLinear(m, n, routing)
         for name, m in list(model.named_modules())
-        if isinstance(m, nn.Linear) and name.startswith(HEAD_ROOTS)
+        if isinstance(m, nn.Linear) and name.startswith(HEAD_ROOTS) and not (unread and skipped_by_mean(name))
     }
     for name, head in heads.items():
         _replace(model, name, head)
         head.requires_grad_(cfg.head == "train")
     said = "no classifier head (a causal LM)" if causal else f"{len(heads)} head layers (pooling {pooling})"
     log.info("model %s: %d adapted modules, rank %d, %s, %d nodes", path, len(lora), cfg.rank, said, n)
-    return Federation(model, n, cfg, path, routing, lora, heads, causal, precision, pooling).to(device)
+    fed = Federation(model, n, cfg, path, routing, lora, heads, causal, precision, pooling, head_input)
+    return fed.to(device)
 
 
 # ---------------------------------------------------------------- derived adapters
@@ -318,6 +324,19 @@ def unadapted_targets(fed: Federation) -> list[str]:
         and name not in fed.lora
         and not name.startswith(HEAD_ROOTS)
     )
+
+
+def _frozen_saved_modules(fed: Federation) -> dict[str, Tensor]:
+    """The frozen weights of modules that PEFT's modules_to_save also catches, by the end of their names,
+    though the run does not train them (DistilBERT's pre_classifier beside its classifier under mean
+    pooling): stock PEFT loads such a module's copy from the adapter file and fails without it."""
+    roots = {name.split(".")[0] for name in fed.heads}
+    state = {}
+    for name, module in fed.model.named_modules():
+        if name and name.split(".")[0] not in roots and any(name.endswith(root) for root in roots):
+            for key, value in module.state_dict().items():
+                state[f"base_model.model.{name}.{key}"] = value.detach().float().cpu().contiguous().clone()
+    return state
 
 
 def fold_middle(stacked: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -413,6 +432,7 @@ def export_peft(
         module, _, leaf = k.rpartition(".")
         key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else k
         state[f"base_model.model.{key}"] = v[0].detach().cpu().contiguous().clone()  # from any device
+    state.update(_frozen_saved_modules(fed))
     # A rank-m adapter keeps the run's effective scale s: PEFT applies alpha'/m (or alpha'/sqrt(m)).
     alpha = fed.scale * (math.sqrt(rank) if fed.cfg.rslora else rank)
     roots = sorted({name.split(".")[0] for name in fed.heads})
@@ -432,10 +452,10 @@ def export_peft(
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
         num_labels = cast("PreTrainedConfig", fed.model.config).num_labels  # fed.model: an HF model
         assert num_labels is not None  # load_base built it with num_labels, so its id2label is set
-        write_pooling_note(folder, fed.pooling, str(fed.path), num_labels, fed.cfg.max_length)
+        write_pooling_note(folder, fed.pooling, str(fed.path), num_labels, fed.cfg.max_length, fed.head_input)
     if card is not None:
         pooling = None if fed.causal else fed.pooling
-        write_card(folder, card, Path(fed.path).resolve(), fed.causal, pooling, shown)
+        write_card(folder, card, Path(fed.path).resolve(), fed.causal, pooling, shown, fed.head_input)
     return folder
 
 
@@ -469,7 +489,10 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
                 param.copy_(value.expand_as(param))
             elif Federation.kind_of(name) != "head":
                 raise KeyError(f"adapter in {folder} has no tensor for {key}")
-    unused = sorted(set(state) - used)
+    # What mean pooling never reads (DistilBERT's pre_classifier, which declora's own export carries for
+    # stock PEFT) changes no prediction of this run: it is not applied, and not a reason to refuse.
+    unread = {k for k in state if fed.pooling == "mean" and skipped_by_mean(k)}
+    unused = sorted(set(state) - used - unread)
     if unused:  # e.g. a trained lm_head (modules_to_save), or a head the run does not train
         raise ValueError(
             f"adapter in {folder} holds {len(unused)} tensors this run would not apply ({unused[:3]}"

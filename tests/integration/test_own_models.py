@@ -324,15 +324,104 @@ def test_a_causal_lm_missing_weights_is_refused(tiny_llama, tmp_path):
         build_experiment(load_config(None, [*overrides, "eval.headline=ppl_avg_factors"]))
 
 
-def test_auto_pooling_says_when_a_head_cannot_follow_the_folders_mean(minilm_tokenizer, tmp_path, caplog):
+def _sentence_transformers(folder):
+    """Mark a model folder as sentence-transformers' own: its pooling config says mean tokens."""
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return folder
+
+
+def _recipe_logits(folder, base, texts):
+    """The logits of the exported folder's README recipe (stock transformers + PEFT), run as written."""
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    scope = {"BASE": str(base), "FOLDER": str(folder), "texts": texts}
+    exec(code, scope)
+    return scope["logits"], scope["batch"]
+
+
+def test_a_roberta_sentence_model_reads_the_mean_and_stock_peft_reproduces_it(minilm_tokenizer, tmp_path):
+    """all-mpnet-base-v2 / all-distilroberta-v1 form: the head reads the first position of what it is
+    handed, so it is handed the mean; its dense + out_proj train, and the README recipe gives our logits."""
     from transformers import RobertaConfig, RobertaModel
 
     config = _bert_sized(RobertaConfig, minilm_tokenizer, pad_token_id=minilm_tokenizer.pad_token_id)
-    folder = _save_tiny(tmp_path / "roberta-st", RobertaModel(config), minilm_tokenizer)
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    torch.manual_seed(0)
+    base = _sentence_transformers(_save_tiny(tmp_path / "roberta-st", RobertaModel(config), minilm_tokenizer))
     exp = build_experiment(
-        load_config(None, _overrides(folder, tmp_path, "model.target_modules=[query,value]"))
+        load_config(None, _overrides(base, tmp_path, "model.target_modules=[query,value]"))
+    )
+    assert (exp.fed.pooling, exp.fed.head_input) == ("mean", "sequence")
+    assert sorted(exp.fed.heads) == ["classifier.dense", "classifier.out_proj"]
+    start = {name: head.weight.detach().clone() for name, head in exp.fed.heads.items()}
+    run(exp)
+    assert all(not torch.equal(head.weight.detach(), start[name]) for name, head in exp.fed.heads.items())
+    folder = exp.run_dir / "adapters" / "consensus"
+    assert json.loads((folder / "declora_adapter.json").read_text())["head_input"] == "sequence"
+    texts = _texts(12)
+    theirs, batch = _recipe_logits(folder, base, texts)
+    ids = [
+        row[: int(n)]
+        for row, n in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(1), strict=True)
+    ]
+    ours = _consensus_logits(exp, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    with torch.no_grad():  # and the mean is what it reads: the stock forward (first token) differs
+        stock = _readme_model_stock(folder, base)(**batch).logits
+    assert (stock - ours).abs().max() > 1e-3
+
+
+def _readme_model_stock(folder, base):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=2, ignore_mismatched_sizes=True
+    )
+    return PeftModel.from_pretrained(model, str(folder)).eval()
+
+
+def test_distilbert_with_mean_pooling_trains_and_gossips_only_the_head_it_reads(
+    distilbert_without_head, tmp_path
+):
+    """DistilBERT's pre_classifier is applied to the first token only: under mean pooling it is not
+    trained or sent, yet the export carries the base's copy, which stock PEFT needs to load it, and the
+    export seeds a run again."""
+    from declora.model import build_federation, import_peft
+
+    targets = "model.target_modules=[q_lin,v_lin]"
+    cfg = load_config(None, _overrides(distilbert_without_head, tmp_path, targets, "model.pooling=mean"))
+    exp = build_experiment(cfg)
+    assert sorted(exp.fed.heads) == ["classifier"]
+    assert not any("pre_classifier" in name for name in exp.fed.tensors())  # neither trained nor gossiped
+    frozen = exp.fed.model.pre_classifier.weight.detach().clone()
+    run(exp)
+    folder = exp.run_dir / "adapters" / "consensus"
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    assert torch.equal(saved["base_model.model.pre_classifier.weight"], frozen)
+    texts = _texts(12)
+    theirs, batch = _recipe_logits(folder, distilbert_without_head, texts)
+    ids = [
+        row[: int(n)]
+        for row, n in zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(1), strict=True)
+    ]
+    torch.testing.assert_close(theirs, _consensus_logits(exp, ids), atol=1e-5, rtol=0)
+    seeded = build_federation(cfg.model, n=1, num_labels=2)
+    import_peft(seeded, folder)  # the unread pre_classifier in the file is no reason to refuse
+    with torch.no_grad(), seeded.route(torch.zeros(len(ids), dtype=torch.long)):
+        torch.testing.assert_close(
+            seeded(batch["input_ids"], batch["attention_mask"]), theirs, atol=1e-5, rtol=0
+        )
+
+
+def test_auto_pooling_says_when_a_head_cannot_follow_the_folders_mean(minilm_tokenizer, tmp_path, caplog):
+    from transformers import FunnelConfig, FunnelModel
+
+    config = FunnelConfig(
+        vocab_size=minilm_tokenizer.vocab_size, block_sizes=[1, 1], d_model=16, n_head=2, d_head=8, d_inner=32
+    )
+    base = _sentence_transformers(_save_tiny(tmp_path / "funnel-st", FunnelModel(config), minilm_tokenizer))
+    exp = build_experiment(
+        load_config(None, _overrides(base, tmp_path, "model.target_modules=[q_head,v_head]"))
     )
     assert exp.fed.pooling == "cls"
-    assert "pools the mean of the tokens, but it has a RobertaClassificationHead head" in caplog.text
+    assert "pools the mean of the tokens, but it has a FunnelClassificationHead head" in caplog.text

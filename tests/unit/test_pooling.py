@@ -12,7 +12,7 @@ import torch
 
 from declora.config import ConfigError, ModelConfig, load_config
 from declora.model import build_federation, export_peft, node_adapter
-from declora.pooling import POOLING_FILE, masked_mean
+from declora.pooling import POOLING_FILE, masked_mean, mean_head_input
 
 pytestmark = pytest.mark.unit
 TEXTS = ["a fine and moving film", "dull", "great fun from start to end, with a sad plot in the middle"]
@@ -82,7 +82,8 @@ def test_exported_readme_recipe_with_stock_peft_gives_our_logits(st_bert, tmp_pa
     stacked = {k: v.detach() for k, v in fed.tensors().items()}
     folder = export_peft(fed, node_adapter(fed, stacked, node), tmp_path / "adapter")
     note = json.loads((folder / POOLING_FILE).read_text())
-    assert note == {"pooling": pooling, "num_labels": 3, "max_length": fed.cfg.max_length}
+    expected = {"pooling": pooling, "num_labels": 3, "max_length": fed.cfg.max_length}
+    assert note == (expected if pooling == "cls" else {**expected, "head_input": "vector"})
     excluded = json.loads((folder / "adapter_config.json").read_text())["exclude_modules"]
     assert (excluded or []) == (["bert.pooler.dense"] if "dense" in targets and pooling == "mean" else [])
     readme = (folder / "README.md").read_text()
@@ -149,24 +150,54 @@ def test_an_export_that_excludes_the_unread_pooler_seeds_a_run_again(st_bert, tm
         check_adapter(cfg, folder)
 
 
-def test_mean_pooling_needs_a_linear_head(tmp_path):
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+class _LastPositionHead(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(hidden, 2)
+
+    def forward(self, states):
+        return self.out(states[:, -1])
+
+
+def test_a_head_is_handed_the_mean_as_it_reads_states(tiny_bert):
+    """A linear head gets the mean as a vector; a head that reads the first position of the states it is
+    given (RoBERTa's) gets a one-position sequence; any other head cannot read the mean."""
+    from transformers import AutoModelForSequenceClassification, RobertaConfig
+    from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    assert mean_head_input(model) == "vector"
+    roberta_head = RobertaClassificationHead(RobertaConfig(hidden_size=32, num_labels=2))
+    roberta_head.train()
+    for head, expected in [
+        (roberta_head, "sequence"),
+        (_LastPositionHead(32), None),
+        (torch.nn.Linear(16, 2), None),  # not on the hidden state
+        (torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)), None),
+    ]:
+        model.classifier = head
+        assert mean_head_input(model) == expected, head
+    assert roberta_head.training  # the probe left the head's mode as it found it
+
+
+def test_mean_pooling_needs_a_head_that_can_read_the_mean(tmp_path):
+    # Funnel's head runs on the first token's state it is handed as a vector: it cannot take the mean.
+    from transformers import AutoTokenizer, FunnelConfig, FunnelForSequenceClassification
 
     from declora.assets import model_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path("minilm")))
-    config = RobertaConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
+    config = FunnelConfig(
+        vocab_size=tokenizer.vocab_size, block_sizes=[1, 1], d_model=16, n_head=2, d_head=8, d_inner=32
     )
-    RobertaForSequenceClassification(config).save_pretrained(tmp_path / "roberta")
-    with pytest.raises(ValueError, match=r"model.pooling='mean' needs a classifier.*use model.pooling=cls"):
-        build_federation(ModelConfig(name=str(tmp_path / "roberta"), rank=2, pooling="mean"), 1, 2)
-    assert build_federation(ModelConfig(name=str(tmp_path / "roberta"), rank=2), 1, 2).pooling == "cls"
+    FunnelForSequenceClassification(config).save_pretrained(tmp_path / "funnel")
+    with pytest.raises(
+        ValueError,
+        match=r"model.pooling='mean' needs a classifier.*FunnelClassificationHead.*model.pooling=cls",
+    ):
+        build_federation(ModelConfig(name=str(tmp_path / "funnel"), rank=2, pooling="mean"), 1, 2)
+    funnel = ModelConfig(name=str(tmp_path / "funnel"), rank=2, target_modules=("q_head", "v_head"))
+    assert build_federation(funnel, 1, 2).pooling == "cls"
 
 
 def test_config_refuses_mean_pooling_for_a_causal_lm():

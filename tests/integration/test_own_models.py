@@ -203,6 +203,17 @@ def test_a_misspelt_target_module_beside_a_right_one_is_refused(tiny_bert, tmp_p
         build_experiment(cfg)
 
 
+def test_gpt2_conv1d_layers_are_named_as_what_lora_cannot_adapt(minilm_tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=minilm_tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=64
+    )
+    folder = _save_tiny(tmp_path / "gpt2", GPT2LMHeadModel(config), minilm_tokenizer)
+    with pytest.raises(ConfigError, match=r"not nn.Linear: \['c_attn \(Conv1D\)'\].*Conv1D is not supported"):
+        build_experiment(load_config(None, _overrides(folder, tmp_path, "model.target_modules=[c_attn]")))
+
+
 def test_language_modelling_reads_a_table_without_labels(tiny_llama, tmp_path):
     table = tmp_path / "notes.csv"
     table.write_text("text\n" + "".join(f'"{t}"\n' for t in _texts(40)))

@@ -130,3 +130,9 @@ def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
         "round 1/2: loss 0.500, MB 2.0, tok/s 100",
         "round 2/2: loss 0.500, MB 2.0, tok/s 100",
     ]
+
+
+def test_compare_usage_names_its_grid(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--help"])
+    assert "usage: declora compare [-h] [--out OUT] GRID [key=value ...]" in capsys.readouterr().out

@@ -208,3 +208,54 @@ def test_config_refuses_mean_pooling_for_a_causal_lm():
         )
     with pytest.raises(ConfigError, match=r"model.pooling='max' is not allowed.*auto.*mean.*cls"):
         load_config(None, ["model.pooling=max"])
+
+
+ARCHITECTURES = {  # model class, config class, extra config, LoRA targets, how the head takes the mean
+    "albert": ("AlbertModel", "AlbertConfig", {"embedding_size": 16}, ("query", "value"), "vector"),
+    "deberta-v2": ("DebertaV2Model", "DebertaV2Config", {}, ("query_proj", "value_proj"), "vector"),
+    "roberta": ("RobertaModel", "RobertaConfig", {}, ("query", "value"), "sequence"),
+    "xlm-roberta": ("XLMRobertaModel", "XLMRobertaConfig", {}, ("query", "value"), "sequence"),
+    "mpnet": ("MPNetModel", "MPNetConfig", {}, ("q", "v"), "sequence"),
+    "electra": ("ElectraModel", "ElectraConfig", {"embedding_size": 32}, ("query", "value"), "sequence"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_sentence_models_of_each_family_read_the_mean_as_stock_peft_reproduces(arch, tmp_path):
+    """A sentence-transformers folder of each family: auto pooling reads the mean, and the exported
+    README's recipe, run with stock transformers + PEFT, gives declora's logits."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from declora.assets import model_path
+
+    model_cls, config_cls, extra, targets, head_input = ARCHITECTURES[arch]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path("minilm")))
+    config = getattr(transformers, config_cls)(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+    base = tmp_path / arch
+    torch.manual_seed(0)
+    getattr(transformers, model_cls)(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    (base / "1_Pooling").mkdir()
+    (base / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    fed = build_federation(ModelConfig(name=str(base), rank=2, target_modules=targets), n=2, num_labels=3)
+    assert (fed.pooling, fed.head_input) == ("mean", head_input)
+    _randomize(fed)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad(), fed.route(torch.full((len(TEXTS),), 1)):
+        ours = fed(batch["input_ids"], batch["attention_mask"])
+    stacked = {k: v.detach() for k, v in fed.tensors().items()}
+    folder = export_peft(fed, node_adapter(fed, stacked, 1), tmp_path / "adapter")
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    scope = {"BASE": str(base), "FOLDER": str(folder), "texts": TEXTS}
+    exec(code, scope)
+    torch.testing.assert_close(ours, scope["logits"], atol=1e-5, rtol=0)
+    assert not torch.allclose(ours[0], ours[1])

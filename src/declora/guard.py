@@ -293,6 +293,8 @@ def _validate_robust(cfg: Config) -> None:
             f"robust.aggregator={r.aggregator} needs a plain gossip or a server aggregate; "
             f"algorithm.name={name} mixes otherwise: use one of {sorted(GOSSIP_ALGORITHMS + servers)}"
         )
+    if r.aggregator == "trimmed_mean":
+        _refuse_trimming_nothing(cfg)
     if r.aggregator == "krum":  # Krum scores each upload by its |S| - f - 2 nearest others: |S| > 2f + 2
         from declora.algorithms.server import clients_per_round
 
@@ -303,6 +305,38 @@ def _validate_robust(cfg: Config) -> None:
                 f"{2 * r.krum_f + 2} uploads (it scores each by its |S| - f - 2 nearest others); lower "
                 "krum_f or sample more nodes"
             )
+
+
+def _most_values_mixed(cfg: Config) -> tuple[int, str]:
+    """The most values one aggregation can see, and where: a server's uploads in a round; on a static
+    graph, a node's own state and its neighbours' messages; on a graph that changes, all the nodes."""
+    from declora.algorithms.server import clients_per_round
+    from declora.topology import build_graph
+
+    if cfg.algorithm.name not in GOSSIP_ALGORITHMS:
+        return clients_per_round(cfg) or cfg.nodes, "uploads a round at the server"
+    if cfg.topology.schedule != "static":
+        return cfg.nodes, f"nodes (topology.schedule={cfg.topology.schedule})"
+    try:
+        graph = build_graph(cfg.topology, cfg.nodes, cfg.seed)
+    except ValueError:  # the graph's own check reports it, with its own message, later
+        return cfg.nodes, "nodes"
+    most = max((d for _, d in graph.degree()), default=0) + 1
+    return most, f"values a node mixes at most on topology.graph={cfg.topology.graph} (itself and neighbours)"
+
+
+def _refuse_trimming_nothing(cfg: Config) -> None:
+    """trimmed_mean drops floor(trim * k) of k values at each end: where that is 0 for every aggregation the
+    run can make, it is the plain mean, and an attacked run would be reported as defended."""
+    k, where = _most_values_mixed(cfg)
+    trim = cfg.robust.trim
+    if math.floor(trim * k) == 0 and not cfg.allow_degenerate:
+        need = f"robust.trim >= {math.ceil(100 / k) / 100:g}" if k > 2 else "more values (a denser graph)"
+        raise ConfigError(
+            f"robust.trim={trim:g} drops floor({trim:g} x {k}) = 0 of the {k} {where}: trimmed_mean "
+            f"would be the plain mean; use {need}, robust.aggregator=median, or allow_degenerate=true if "
+            "that is what you mean"
+        )
 
 
 def _validate_attack(cfg: Config) -> None:
@@ -322,5 +356,18 @@ def _validate_attack(cfg: Config) -> None:
         )
     if isinstance(a.nodes, tuple) and not all(0 <= i < cfg.nodes for i in a.nodes):
         raise ConfigError(f"attack.nodes={list(a.nodes)}: every id must be in [0, nodes={cfg.nodes})")
+    if isinstance(a.nodes, tuple) and not a.nodes:
+        raise ConfigError(
+            "attack.nodes=[] names no attacker: the run would be labelled attacked with nobody attacking; "
+            "give node ids, or attack.kind=none"
+        )
+    if isinstance(a.nodes, tuple) and len(set(a.nodes)) != len(a.nodes):
+        raise ConfigError(f"attack.nodes={list(a.nodes)} names a node twice; give each attacker once")
+    attackers = len(a.nodes) if isinstance(a.nodes, tuple) else round(a.nodes * cfg.nodes)
+    if attackers >= cfg.nodes:
+        raise ConfigError(
+            f"attack.nodes={list(a.nodes) if isinstance(a.nodes, tuple) else a.nodes} makes all {cfg.nodes} "
+            "nodes attackers: no honest node is left to score; leave at least one node honest"
+        )
     if a.kind in DATA_ATTACKS and cfg.task.kind == "causal_lm":
         raise ConfigError("attack.kind=label_flip needs labels; task.kind=causal_lm has none")

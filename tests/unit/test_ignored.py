@@ -100,7 +100,7 @@ def test_a_setting_the_run_never_reads_is_named(overrides, line):
         ["topology.schedule=dynamic_er", "topology.p=0.5"],
         ["topology.schedule=periodic_full", "topology.period=3", "topology.graph=complete"],
         ["partition.kind=dirichlet", "partition.alpha=0.1", "partition.min_size=4"],
-        ["robust.aggregator=trimmed_mean", "robust.trim=0.1"],
+        ["robust.aggregator=trimmed_mean", "robust.trim=0.4"],
         ["attack.kind=scaled", "attack.nodes=[0]", "attack.scale=3"],
         ["model.base_quantization=nf4", "model.quant_backend=declora"],
     ],

@@ -125,8 +125,39 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
             ["privacy.level=node", "privacy.clip=.inf", "privacy.noise_multiplier=0.5"],
             r"privacy.clip=inf with privacy.noise_multiplier=0.5: the noise's scale is their product",
         ),
+        (
+            ["nodes=3", "attack.kind=sign_flip", "attack.nodes=0.9"],
+            r"attack.nodes=0.9 makes all 3 nodes attackers: no honest node is left",
+        ),
+        (
+            ["nodes=3", "attack.kind=sign_flip", "attack.nodes=[0,1,2]"],
+            r"attack.nodes=\[0, 1, 2\] makes all 3 nodes attackers",
+        ),
+        (["attack.kind=gaussian", "attack.nodes=[]"], r"attack.nodes=\[\] names no attacker"),
+        (["attack.kind=gaussian", "attack.nodes=[0,0]"], r"attack.nodes=\[0, 0\] names a node twice"),
+        (  # a ring: each node mixes 3 values, and floor(0.25 x 3) = 0
+            ["robust.aggregator=trimmed_mean", "robust.trim=0.25"],
+            r"robust.trim=0.25 drops floor\(0.25 x 3\) = 0 of the 3 values a node mixes at most on "
+            r"topology.graph=ring.*plain mean; use robust.trim >= 0.34",
+        ),
+        (
+            ["nodes=6", "algorithm.name=fedavg", "server.fraction=0.5", "robust.aggregator=trimmed_mean"],
+            r"robust.trim=0.25 drops floor\(0.25 x 3\) = 0 of the 3 uploads a round at the server",
+        ),
     ],
-    ids=["fraction_rounds_to_none", "half_rounds_to_even_none", "krum_too_few", "krum_sampled", "inf_clip"],
+    ids=[
+        "fraction_rounds_to_none",
+        "half_rounds_to_even_none",
+        "krum_too_few",
+        "krum_sampled",
+        "inf_clip",
+        "every_node_by_fraction",
+        "every_node_by_id",
+        "no_attacker_listed",
+        "an_attacker_twice",
+        "trim_on_a_ring",
+        "trim_at_a_sampling_server",
+    ],
 )
 def test_settings_that_would_silently_do_nothing_or_break_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -137,3 +168,8 @@ def test_the_settings_next_to_those_limits_load():
     assert load_config(None, ["nodes=10", "attack.kind=sign_flip", "attack.nodes=0.06"]).attack.nodes == 0.06
     load_config(None, ["nodes=5", "algorithm.name=fedavg", "robust.aggregator=krum", "robust.krum_f=1"])
     load_config(None, ["privacy.level=node", "privacy.clip=.inf", "privacy.noise_multiplier=0"])
+    load_config(None, ["nodes=3", "attack.kind=sign_flip", "attack.nodes=[0,1]"])  # one honest node
+    load_config(None, ["robust.aggregator=trimmed_mean", "robust.trim=0.34"])  # drops 1 of 3 on a ring
+    load_config(None, ["robust.aggregator=trimmed_mean", "topology.graph=complete"])  # 2 of 8
+    load_config(None, ["robust.aggregator=trimmed_mean", "topology.schedule=dynamic_er"])  # up to 8
+    load_config(None, ["robust.aggregator=trimmed_mean", "robust.trim=0", "allow_degenerate=true"])

@@ -60,11 +60,13 @@ def trimmed_correction(values: Tensor, w: Tensor, b: int) -> Tensor:
 
 
 def weighted_median(values: Tensor, w: Tensor) -> Tensor:
-    """Per coordinate, the smallest value whose cumulative weight reaches half the total.
-    values: (k, D), w: (k,) -> (D,)."""
+    """Per coordinate, the smallest value whose cumulative weight reaches half the total (for an even count
+    of equal weights, the lower middle value). values: (k, D), w: (k,) -> (D,)."""
     ordered, order = values.sort(dim=0, stable=True)  # (k, D)
-    cum = w[order].cumsum(0)  # (k, D)
-    pick = (cum < w.sum() / 2).sum(0, keepdim=True).clamp(max=values.shape[0] - 1)  # (1, D)
+    w64 = w.double()  # summed in float64 and compared with a relative slack, so that "reaches half" does
+    cum = w64[order].cumsum(0)  # not turn on rounding: ten weights of 0.1 reach half at the fifth, as ten 1s
+    half = w64.sum() / 2 * (1 - 1e-9)
+    pick = (cum < half).sum(0, keepdim=True).clamp(max=values.shape[0] - 1)  # (1, D)
     return ordered.gather(0, pick)[0]
 
 

@@ -173,3 +173,12 @@ def test_the_settings_next_to_those_limits_load():
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.graph=complete"])  # 2 of 8
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.schedule=dynamic_er"])  # up to 8
     load_config(None, ["robust.aggregator=trimmed_mean", "robust.trim=0", "allow_degenerate=true"])
+
+
+def test_the_weighted_median_of_an_even_count_is_the_lower_middle_at_any_weight_scale():
+    ten, four = torch.arange(10.0).view(10, 1), torch.arange(4.0).view(4, 1)
+    for w in (torch.ones(10), torch.full((10,), 0.1), torch.full((10,), 1 / 3)):
+        assert float(weighted_median(ten, w)[0]) == 4.0, w[0]
+        assert float(server_aggregate("median", {"t": ten}, w)["t"]) == 4.0, w[0]
+    assert float(server_aggregate("median", {"t": four}, torch.ones(4))["t"]) == 1.0
+    assert float(weighted_median(four, torch.tensor([1.0, 1.0, 1.0, 3.0]))[0]) == 2.0  # reaches 3 of 6

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -60,7 +61,11 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accounta
 
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
     acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta))
+    with warnings.catch_warnings():
+        # PRV at sample rate 1 (node level: every message is sent) takes log(0) of the rate's complement
+        # on the way; the epsilon is right (it matches the exact Gaussian mechanism), the warning is noise.
+        warnings.filterwarnings("ignore", "divide by zero encountered in log", RuntimeWarning)
+        return float(acc.get_epsilon(delta))
 
 
 @functools.lru_cache(maxsize=256)
@@ -68,16 +73,25 @@ def noise_for(target: float, sample_rate: float, steps: int, delta: float, accou
     """The noise multiplier that spends ``target`` epsilon at ``delta`` in ``steps`` steps (opacus)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
-        )
-    )
+    try:
+        with warnings.catch_warnings():  # the search tries extreme sigmas, whose alpha warnings mean nothing
+            warnings.filterwarnings("ignore", "Optimal order is the", UserWarning)
+            warnings.filterwarnings("ignore", "divide by zero encountered in log", RuntimeWarning)
+            sigma = get_noise_multiplier(
+                target_epsilon=target,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.01,
+            )
+    except ValueError as err:  # opacus: "The privacy budget is too low."
+        raise ValueError(
+            f"privacy.target_epsilon={target:g} cannot be reached at privacy.delta={delta:g} in {steps} "
+            f"steps at sample rate {sample_rate:g} by any noise multiplier the {accountant} accountant "
+            f"finds ({err}); raise privacy.target_epsilon or privacy.delta, or run fewer rounds"
+        ) from err
+    return float(sigma)
 
 
 def resolve_sigma(cfg: PrivacyConfig, plans: list[tuple[float, int]]) -> float:

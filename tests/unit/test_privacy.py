@@ -44,6 +44,25 @@ def test_target_epsilon_gives_a_sigma_that_spends_at_most_the_target():
     assert epsilon(0.0, 1.0, 3, 1e-5) == math.inf and epsilon(1.0, 1.0, 0, 1e-5) == 0.0
 
 
+def test_an_unreachable_target_epsilon_names_the_key_and_what_would_reach_it():
+    cfg = PrivacyConfig(level="node", target_epsilon=0.001, delta=1e-5, clip=1.0)
+    with pytest.raises(
+        ValueError,
+        match=r"privacy.target_epsilon=0.001 cannot be reached at privacy.delta=1e-05 "
+        r"in 2 steps at sample rate 1 .*raise privacy.target_epsilon or privacy.delta",
+    ):
+        resolve_sigma(cfg, [(1.0, 2)])
+
+
+def test_the_prv_accountant_at_sample_rate_one_warns_of_nothing():
+    import warnings
+
+    epsilon.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert 0 < epsilon(1.0, 1.0, 2, 1e-5, "prv") < 10
+
+
 def test_clip_change_bounds_the_change_over_all_tensors_and_leaves_small_changes_exact():
     g = torch.Generator().manual_seed(0)
     x = {"a": torch.randn(3, 4, 5, generator=g), "b": torch.randn(3, 7, generator=g)}

@@ -19,7 +19,9 @@ from declora.report import lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 from declora.tasks import label_words_of
 
-CARD_KEYS = ("acc_", "ppl_", "em_", "bytes_total", "train_loss")
+# What an adapter's card shows of its round's record: scores (honest ones under attack too), bytes, loss,
+# and, for a private run, what was spent (privacy_epsilon_max / _mean, privacy_delta, the noise multiplier).
+CARD_KEYS = ("acc_", "ppl_", "em_", "bytes_total", "train_loss", "privacy_")
 
 
 class AdapterExport:
@@ -77,6 +79,13 @@ class AdapterExport:
             "rounds": cfg.rounds,
             "folder": str(exp.run_dir.resolve()),  # usable from anywhere, as the load lines are
         }
+        if cfg.privacy.level != "none":  # a private release says how it was made private
+            run["privacy"] = f"{cfg.privacy.level} level, clip {cfg.privacy.clip:g}"
+        if cfg.attack.kind != "none":  # and an attacked one what it withstood (its acc_honest_* numbers)
+            nodes = cfg.attack.nodes
+            run["attack"] = f"{cfg.attack.kind} by {list(nodes) if isinstance(nodes, tuple) else nodes} nodes"
+        if cfg.robust.aggregator != "mean":
+            run["robust"] = cfg.robust.aggregator
 
         inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
         inputs["base_quantization"] = cfg.model.base_quantization
@@ -96,7 +105,10 @@ class AdapterExport:
             if cfg.export == "all":
                 for i in range(exp.n):
                     scores = record.get(f"{m}_node")  # every node's own score, when this round evaluated
-                    own = {f"{m}_this_node": scores[i]} if isinstance(scores, list) else None
+                    own = {f"{m}_this_node": scores[i]} if isinstance(scores, list) else {}
+                    spent = record.get("privacy_epsilon")  # every node's epsilon so far, in a private run
+                    if isinstance(spent, list):
+                        own["privacy_epsilon_this_node"] = spent[i]
                     what = f"node {i}'s own adapter ({m}_this_node; the other numbers are the run's)"
                     node = card(what, own)
                     name = f"node_{i:03d}"

@@ -191,3 +191,23 @@ def test_target_epsilon_is_what_the_run_spends_whatever_it_sends_per_round(
     run = _run(tiny_bert, tmp_path / "run", f"algorithm.name={algorithm}", *extra)
     spent = [r["privacy_epsilon_max"] for r in _records(run) if "privacy_epsilon_max" in r][-1]
     assert spent == pytest.approx(8.0, rel=0.02)
+
+
+def test_a_private_attacked_runs_adapters_say_what_was_spent_and_withstood(tiny_bert, tmp_path):
+    from declora.report import read_metrics
+
+    private = ["privacy.level=node", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"]
+    attacked = ["attack.kind=sign_flip", "attack.nodes=[0]", "robust.aggregator=median"]
+    run_dir = _run(tiny_bert, tmp_path / "run", *private, *attacked)
+    last = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "eval"][-1]
+    consensus = json.loads((run_dir / "adapters" / "consensus" / "declora_adapter.json").read_text())
+    assert consensus["metrics"]["privacy_epsilon_max"] == last["privacy_epsilon_max"] > 0
+    assert consensus["metrics"]["privacy_delta"] == 1e-5
+    assert consensus["metrics"]["privacy_noise_multiplier"] == 1.0
+    assert consensus["metrics"]["acc_honest_mean"] == last["acc_honest_mean"]
+    assert consensus["run"]["privacy"] == "node level, clip 0.5"
+    assert consensus["run"]["attack"] == "sign_flip by [0] nodes" and consensus["run"]["robust"] == "median"
+    node = json.loads((run_dir / "adapters" / "node_001" / "declora_adapter.json").read_text())
+    assert node["metrics"]["privacy_epsilon_this_node"] == last["privacy_epsilon"][1]
+    readme = (run_dir / "adapters" / "consensus" / "README.md").read_text()
+    assert "privacy node level, clip 0.5" in readme and "privacy_epsilon_max" in readme

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from declora.algorithms import ALGORITHMS
+from declora.algorithms import ALGORITHMS, build_algorithm
 from declora.algorithms.base import Algorithm
 from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
@@ -326,7 +326,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         cfg=cfg,
         run_dir=group.broadcast(run_dir or Path(cfg.run_dir or default_run_dir(cfg))),  # rank 0's clock
         fed=fed,
-        algorithm=algorithm_cls(fed, cfg=cfg, schedule=schedule),
+        algorithm=build_algorithm(fed, cfg, schedule),  # a registered one checked here
         schedule=schedule,
         exchange=exchange,
         optimizer=optimizer,

@@ -3,29 +3,52 @@
 Each entry is imported before the config is checked (a module on the Python path, or a ``.py`` file),
 and the module registers its algorithms with ``declora.algorithms.register``. The run's config.yaml keeps
 the list, so a resume, a ``declora compare`` cell and every torchrun process import the same code. A
-script that calls declora from Python registers directly and needs no ``plugins`` entry.
+``.py`` file edited within one Python session is executed again when next named, so that a run runs the
+file it records. A script that calls declora from Python registers directly and needs no ``plugins``
+entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 from types import ModuleType
 
+from declora.algorithms import ALGORITHMS, unregister_module
 from declora.config import ConfigError
 
-_FILES: dict[Path, ModuleType] = {}  # a file is executed once per process, however often it is named
+# Each file's module and the hash of the bytes it was executed from: a file is executed once per process
+# however often it is named, and again when its content has changed (edited within one Python session), so
+# that a run runs the code its record names (declora.inputs fingerprints the file as it is now).
+_FILES: dict[Path, tuple[ModuleType, str]] = {}
+_COUNT = itertools.count()  # module names stay unique when a changed file is executed again
 
 
 def _import_file(path: Path) -> ModuleType:
     resolved = path.expanduser().resolve()
-    if resolved in _FILES:
-        return _FILES[resolved]
     if not resolved.is_file():
         raise ConfigError(f"plugins: {str(path)!r} is not a file (give a .py file or an importable module)")
-    name = f"declora_plugin_{len(_FILES)}_{resolved.stem}"
+    digest = hashlib.sha256(resolved.read_bytes()).hexdigest()
+    held = _FILES.get(resolved)
+    if held is not None and held[1] == digest:
+        return held[0]
+    # the old code's registrations make way for the new code's (which may have renamed its class)
+    stale = unregister_module(held[0].__name__) if held is not None else {}
+    try:
+        module = _execute(path, resolved)
+    except BaseException:
+        ALGORITHMS.update(stale)  # a failed import leaves the registry as it was
+        raise
+    _FILES[resolved] = (module, digest)
+    return module
+
+
+def _execute(path: Path, resolved: Path) -> ModuleType:
+    name = f"declora_plugin_{next(_COUNT)}_{resolved.stem}"
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise ConfigError(f"plugins: {str(path)!r} cannot be imported as a Python file")
@@ -36,7 +59,6 @@ def _import_file(path: Path) -> ModuleType:
     except BaseException:
         del sys.modules[name]
         raise
-    _FILES[resolved] = module
     return module
 
 

@@ -280,3 +280,153 @@ def test_a_non_tensor_in_state_dict_is_named(tiny, tmp_path, capsys):
         "declora: error: algorithm Counting.state_dict()['rounds'] is a int; a checkpoint holds tensors "
         "only (wrap a number as torch.tensor(value))"
     )
+
+
+def _gossip_file(path: Path, kinds: str) -> Path:
+    """A plugin file registering 'mine': Dec-LoRA that gossips ``kinds`` (plus a trained head)."""
+    path.write_text(
+        "from dataclasses import dataclass\n"
+        "from declora.algorithms import register\n"
+        "from declora.algorithms.base import trained_kinds\n"
+        "from declora.algorithms.dec_lora import DecLoRA\n"
+        "from declora.algorithms.mixing import gossip_kinds\n"
+        "@dataclass\n"
+        "class Mine(DecLoRA):\n"
+        f"    def communicate(self, ctx): gossip_kinds(ctx, trained_kinds(self.fed, {kinds}))\n"
+        "register('mine', Mine)\n"
+    )
+    return path
+
+
+def test_a_plugin_file_edited_in_the_same_process_runs_its_new_code(tiny, tmp_path):
+    """The run records the file as it is now, so that file must be what runs (not a cached first import)."""
+    plugin = _gossip_file(tmp_path / "mine.py", "('B',)")
+    use = [*tiny, "rounds=1", f"plugins=[{plugin}]", "algorithm.name=mine"]
+    before = run(build_experiment(load_config(None, [*use, f"run_dir={tmp_path / 'b'}"])))
+    _gossip_file(plugin, "('A', 'B')")  # edited within the same session
+    after = run(build_experiment(load_config(None, [*use, f"run_dir={tmp_path / 'ab'}"])))
+    shipped = run(build_experiment(load_config(None, [*tiny, "rounds=1", f"run_dir={tmp_path / 'dec'}"])))
+    assert before[-1]["bytes_total"] < after[-1]["bytes_total"] == shipped[-1]["bytes_total"]
+    start = metrics_records(tmp_path / "ab")[0]
+    assert start["inputs"]["plugins[0]"]["bytes"] == plugin.stat().st_size
+
+
+def test_an_edited_plugin_file_that_fails_to_import_keeps_the_last_good_registration(tmp_path):
+    plugin = _gossip_file(tmp_path / "mine.py", "('B',)")
+    load_config(None, [f"plugins=[{plugin}]", "algorithm.name=mine"])
+    good = ALGORITHMS["mine"]
+    plugin.write_text(plugin.read_text() + "raise RuntimeError('half-saved')\n")
+    with pytest.raises(ConfigError, match="failed: RuntimeError: half-saved"):
+        load_config(None, [f"plugins=[{plugin}]", "algorithm.name=mine"])
+    assert ALGORITHMS["mine"] is good
+
+
+def test_a_module_imported_by_name_and_also_named_in_plugins_is_one_definition(tmp_path, monkeypatch):
+    plugin = _gossip_file(tmp_path / "mine_module.py", "('B',)")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import mine_module  # the notebook's own import, then plugins so that the command line can resume
+
+    assert ALGORITHMS["mine"] is mine_module.Mine
+    assert load_config(None, [f"plugins=[{plugin}]", "algorithm.name=mine"]).algorithm.name == "mine"
+    other = _gossip_file(tmp_path / "other.py", "('A',)")  # another file's class under the same name
+    with pytest.raises(ConfigError, match="algorithm name 'mine' is already registered by"):
+        load_config(None, [f"plugins=[{other}]"])
+    del sys.modules["mine_module"]
+
+
+def test_interface_mistakes_are_one_line_before_the_run_folder(tiny, tmp_path, capsys):
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        "from declora.algorithms import register\n"
+        "class Half:\n"
+        "    single_node = False\n"
+        "    def __init__(self, fed): self.fed = fed\n"
+        "    def communicate(self, ctx): pass\n"
+        "    def server_tensors(self, fed): return None\n"
+        "register('half', lambda fed, cfg=None, schedule=None: Half(fed))\n"
+    )
+    no_cfg = tmp_path / "no_cfg.py"
+    no_cfg.write_text(
+        factory.read_text()
+        .replace("class Half:", "class Half:\n    def plan(self, t): ...")
+        .replace("lambda fed, cfg=None, schedule=None: Half(fed)", "Half")
+    )
+    cases = {
+        factory: (
+            "half",
+            "declora: error: algorithm.name=half: the Half its constructor returned has no plan "
+            "(declora.algorithms.base.Algorithm lists what an algorithm needs)",
+        ),
+        no_cfg: (
+            "half",
+            "declora: error: plugins: importing " + repr(str(no_cfg)) + " failed: ValueError: algorithm "
+            "'half': Half(fed) cannot be called as Half(fed, cfg=cfg, schedule=schedule) (got an unexpected "
+            "keyword argument 'cfg'); give it cfg=None and schedule=None keywords",
+        ),
+    }
+    for plugin, (name, message) in cases.items():
+        plugins._FILES.clear()
+        ALGORITHMS.pop(name, None)
+        capsys.readouterr()
+        args = ["run", *tiny, f"plugins=[{plugin}]", f"algorithm.name={name}", f"run_dir={tmp_path / 'run'}"]
+        assert main(args) == 2, plugin
+        assert capsys.readouterr().err.strip() == message
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_that_returns_no_round_plan_is_named(tiny, tmp_path):
+    """What plan returns is only seen when it runs: then named, not an AttributeError in the engine."""
+    from declora.algorithms.local import LocalOnly
+
+    class Kinds(LocalOnly):
+        def plan(self, t):
+            return ("A", "B")
+
+    register("kinds", Kinds)
+    exp = build_experiment(load_config(None, [*tiny, "algorithm.name=kinds", f"run_dir={tmp_path}"]))
+    with pytest.raises(TypeError, match=r"^algorithm.name=kinds: plan\(0\) returned a tuple; it must return"):
+        run(exp)
+
+
+def _docs_block(marker: str) -> str:
+    text = (EXAMPLE.parents[1] / "docs" / "extending.md").read_text()
+    (block,) = [
+        b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python") and marker in b
+    ]
+    return block
+
+
+def test_the_docs_fedavg_gives_the_shipped_fedavgs_numbers_under_client_sampling(tiny, tmp_path):
+    """docs/extending.md's server example, run as a plugin file: the sampled nodes alone train."""
+    plugin = tmp_path / "my_fedavg.py"
+    plugin.write_text(_docs_block("class MyFedAvg"))
+    sampled = [*tiny, "server.fraction=0.5", "rounds=3"]  # 2 of 3 nodes a round
+    assert main(["run", *sampled, "algorithm.name=fedavg", f"run_dir={tmp_path / 'shipped'}"]) == 0
+    mine = ["algorithm.name=my_fedavg", f"plugins=[{plugin}]", f"run_dir={tmp_path / 'docs'}"]
+    assert main(["run", *sampled, *mine]) == 0
+    assert _evals(tmp_path / "docs") == _evals(tmp_path / "shipped")
+    train = [r["train_tokens"] for r in metrics_records(tmp_path / "docs") if "train_tokens" in r]
+    assert train and train == [
+        r["train_tokens"] for r in metrics_records(tmp_path / "shipped") if "train_tokens" in r
+    ]
+
+
+def test_the_docs_say_the_name_attribute_is_not_read_and_the_registered_name_is_shown(tiny, tmp_path):
+    """The start line and config.yaml name the registered name; the class's own ``name`` is never read."""
+    text = (EXAMPLE.parents[1] / "docs" / "extending.md").read_text()
+    (row,) = [line for line in text.splitlines() if line.startswith("| `name: str`")]
+    assert "not read" in row and "registered" in row
+    from declora.algorithms.local import LocalOnly
+
+    @dataclasses.dataclass
+    class Labelled(LocalOnly):
+        name: str = "SOMETHING_ELSE"
+
+    register("labelled", Labelled)
+    run(
+        build_experiment(
+            load_config(None, [*tiny, "rounds=1", "algorithm.name=labelled", f"run_dir={tmp_path}"])
+        )
+    )
+    assert load_config(tmp_path / "config.yaml").algorithm.name == "labelled"
+    assert "SOMETHING_ELSE" not in (tmp_path / "metrics.jsonl").read_text()

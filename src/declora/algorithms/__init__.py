@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from declora.algorithms.adf_lora import ADFLoRA
+from declora.algorithms.base import RoundPlan
 from declora.algorithms.centralized import Centralized
 from declora.algorithms.dec_gt import DecGT
 from declora.algorithms.dec_lora import DecLoRA
@@ -27,6 +31,7 @@ from declora.algorithms.rolora import RoLoRA
 from declora.algorithms.rolora_dfl import RoLoRADFL
 from declora.algorithms.scaffold import Scaffold
 from declora.algorithms.tad_lora import TADLoRA
+from declora.config import ConfigError
 
 ALGORITHMS: dict[str, Callable[..., Any]] = {
     "dec_lora": DecLoRA,
@@ -57,18 +62,55 @@ ALGORITHMS: dict[str, Callable[..., Any]] = {
 SHIPPED = frozenset(ALGORITHMS)
 
 
+NEEDED = ("plan", "communicate", "server_tensors")  # declora.algorithms.base.Algorithm
+WHAT_IT_NEEDS = "declora.algorithms.base.Algorithm lists what an algorithm needs"
+
+
+def _source(obj: Any) -> Path | None:
+    """The file a class or function was written in; None for one typed at a prompt or built in."""
+    try:
+        path = Path(inspect.getfile(obj))
+    except (TypeError, OSError):
+        return None
+    return path.resolve() if path.is_file() else None
+
+
 def _same_definition(a: Any, b: Any) -> bool:
-    where = ("__module__", "__qualname__")
-    return all(getattr(a, k, None) is not None and getattr(a, k, None) == getattr(b, k, None) for k in where)
+    """One definition executed twice: the same qualified name from the same module (a notebook cell run
+    again) or from the same file (a module imported by name and also executed as a plugins file)."""
+    name = getattr(a, "__qualname__", None)
+    if name is None or name != getattr(b, "__qualname__", None):
+        return False
+    if getattr(a, "__module__", None) == getattr(b, "__module__", None):
+        return True
+    return _source(a) is not None and _source(a) == _source(b)
+
+
+def _check_call(name: str, constructor: Callable[..., Any]) -> None:
+    """The engine builds it as constructor(fed, cfg=cfg, schedule=schedule): a signature that cannot
+    take that fails at register(), not after the model has loaded."""
+    try:
+        signature = inspect.signature(constructor)
+    except (TypeError, ValueError):  # a builtin or C type: nothing to read, the members check still runs
+        return
+    try:
+        signature.bind(None, cfg=None, schedule=None)
+    except TypeError as err:
+        label = getattr(constructor, "__qualname__", repr(constructor))
+        raise ValueError(
+            f"algorithm {name!r}: {label}{signature} cannot be called as {label}(fed, cfg=cfg, "
+            f"schedule=schedule) ({err}); give it cfg=None and schedule=None keywords"
+        ) from None
 
 
 def register(name: str, constructor: Callable[..., Any]) -> None:
     """Add a user's algorithm under ``name`` (docs/extending.md): ``constructor(fed, cfg=cfg,
     schedule=schedule)`` returns an object with the members of ``base.Algorithm``; an optional
     ``constructor.check_config(cfg)`` raising ValueError is called when a config is checked, before any
-    work. Registering the same constructor twice, or a new definition of it (the same module and name: a
-    notebook cell run again), replaces it; a shipped name, or a name another constructor holds, is
-    refused."""
+    work. Registering the same constructor twice, or a new definition of it (the same qualified name from
+    the same module or file: a notebook cell run again, a plugin file edited and executed again, a module
+    imported by name and also named in ``plugins``), replaces it; a shipped name, or a name another
+    constructor holds, is refused."""
     if not name.isidentifier():
         raise ValueError(f"algorithm name {name!r} must be a Python identifier (letters, digits, _)")
     if not callable(constructor):
@@ -80,14 +122,57 @@ def register(name: str, constructor: Callable[..., Any]) -> None:
         if name in SHIPPED:
             raise ValueError(f"algorithm name {name!r} is declora's own; choose another name")
         raise ValueError(f"algorithm name {name!r} is already registered by {held!r}")
-    needed = ("plan", "communicate", "server_tensors")
-    missing = [m for m in needed if not callable(getattr(constructor, m, None))]
-    if isinstance(constructor, type) and missing:  # a factory function is checked when the run builds it
+    missing = [m for m in NEEDED if not callable(getattr(constructor, m, None))]
+    if isinstance(constructor, type) and missing:  # a factory function's object is checked when built
         raise ValueError(
-            f"algorithm {name!r}: {constructor.__qualname__} has no {', '.join(missing)} "
-            "(declora.algorithms.base.Algorithm lists what an algorithm needs)"
+            f"algorithm {name!r}: {constructor.__qualname__} has no {', '.join(missing)} ({WHAT_IT_NEEDS})"
         )
+    _check_call(name, constructor)
     ALGORITHMS[name] = constructor
+
+
+def unregister_module(module: str) -> dict[str, Callable[..., Any]]:
+    """Remove, and return, the registered algorithms defined in ``module``: a plugin file executed again
+    after an edit registers its new code in their place (under a renamed class too)."""
+    gone = {
+        k: c for k, c in ALGORITHMS.items() if k not in SHIPPED and getattr(c, "__module__", None) == module
+    }
+    for k in gone:
+        del ALGORITHMS[k]
+    return gone
+
+
+def build_algorithm(fed: Any, cfg: Any, schedule: Any) -> Any:
+    """The run's algorithm, built as ``constructor(fed, cfg=cfg, schedule=schedule)``. A registered one is
+    checked here, before the run folder is made: a factory's object must have the members register()
+    could not see. What its ``plan`` returns can only be seen when it is called: a value that is not a
+    RoundPlan is then named in one line (not an AttributeError deep in the engine)."""
+    name = cfg.algorithm.name
+    algorithm = ALGORITHMS[name](fed, cfg=cfg, schedule=schedule)
+    if name in SHIPPED:
+        return algorithm
+    missing = [m for m in NEEDED if not callable(getattr(algorithm, m, None))]
+    if missing:
+        raise ConfigError(
+            f"algorithm.name={name}: the {type(algorithm).__qualname__} its constructor returned has no "
+            f"{', '.join(missing)} ({WHAT_IT_NEEDS})"
+        )
+    with contextlib.suppress(AttributeError, TypeError):  # __slots__ without plan: left unchecked
+        object.__setattr__(algorithm, "plan", _checked_plan(name, algorithm.plan))
+    return algorithm
+
+
+def _checked_plan(name: str, plan: Callable[[int], Any]) -> Callable[[int], RoundPlan]:
+    def checked(t: int) -> RoundPlan:
+        out = plan(t)
+        if not isinstance(out, RoundPlan):
+            raise TypeError(
+                f"algorithm.name={name}: plan({t}) returned a {type(out).__name__}; it must return a "
+                "declora.algorithms.base.RoundPlan(train=..., active=...)"
+            )
+        return out
+
+    return checked
 
 
 # Algorithms whose nodes upload whole states (factors, heads) to a server, not changes: a sparsifying

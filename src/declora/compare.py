@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.config import Config, ConfigError, load_config, parse_override, read_yaml
+from declora.config import Config, ConfigError, load_config, parse_override, python_value, read_yaml
 from declora.report import (
     best_final,
     display_scale,
@@ -69,10 +69,16 @@ class Grid:
         if isinstance(self.overrides, str) or isinstance(self.seeds, (str, int)):
             raise ConfigError("Grid: overrides and seeds are lists (of key=value strings, of integers)")
         object.__setattr__(self, "overrides", tuple(self.overrides))
-        object.__setattr__(self, "seeds", tuple(self.seeds))
+        object.__setattr__(self, "seeds", tuple(python_value(list(self.seeds))))  # np.arange(3) too
+        axes = {}
         for key, values in self.axes.items():
+            if isinstance(values, np.ndarray) and values.ndim == 1:  # np.linspace(...): its numbers
+                values = list(values)
             if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
                 raise ConfigError(f"Grid: axis {key!r} needs a non-empty list of values, got {values!r}")
+            axes[key] = python_value(list(values))
+        object.__setattr__(self, "axes", axes)
+        check_runs(self.seeds, self.metric, self.target_accuracy, "Grid: ")
 
 
 @dataclass(frozen=True)
@@ -157,11 +163,21 @@ def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where}overrides must be a list of key=value strings, got {overrides!r}")
     seeds = data.get("seeds") or [0]
-    if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+    if not isinstance(seeds, list):
         raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {seeds!r}")
+    check_runs(seeds, data.get("metric", "acc_avg_factors"), data.get("target_accuracy"), where)
+
+
+def check_runs(seeds: Any, metric: Any, target: Any, where: str) -> None:
+    """The seeds, metric and target of a grid, from a file (load_grid) or built in Python (Grid): checked
+    in this one place, before any cell runs."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {list(seeds)!r}")
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{where}seeds={seeds} repeats a seed; each seed is one run folder per method")
-    check_metric(data.get("metric", "acc_avg_factors"), data.get("target_accuracy"), where)
+        raise ConfigError(
+            f"{where}seeds={list(seeds)} repeats a seed; each seed is one run folder per method"
+        )
+    check_metric(metric, target, where)
 
 
 def _slug(text: str) -> str:
@@ -180,9 +196,9 @@ def expand(grid: Grid) -> list[Cell]:
         for seed in grid.seeds:
             run_dir = grid.out / _slug(f"{method},seed={seed}")
             overrides = (*grid.overrides, *point, f"seed={seed}", f"run_dir={run_dir}")
-            cfg = load_config(grid.base, overrides)  # a typo in any cell stops the grid before any run
-            try:  # a cell that never logs the grid's metric would vanish from the table
-                check_measured(cfg, grid.metric, "metric")
+            try:  # a typo in any cell stops the grid before any run, naming the cell
+                cfg = load_config(grid.base, overrides)
+                check_measured(cfg, grid.metric, "metric")  # else the cell would vanish from the table
             except ConfigError as e:
                 raise ConfigError(f"grid cell {method}: {e}") from None
             cells.append(Cell(method, seed, overrides, run_dir, cfg))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -517,8 +518,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
         tree = loaded
     pairs = overrides.items() if isinstance(overrides, Mapping) else map(parse_override, overrides)
     for key, value in pairs:
-        _set_dotted(tree, key, value)
+        _set_dotted(tree, key, python_value(value))
     return from_dict(tree)
+
+
+def python_value(value: Any) -> Any:
+    """A Python override's value as YAML would give it: a numpy scalar as its Python number (a sweep over
+    np.arange seeds) and a path as its string, inside lists and mappings too."""
+    if isinstance(value, Mapping):
+        return {k: python_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [python_value(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__module__ != "numpy" or getattr(value, "ndim", None) != 0:
+        return value
+    if getattr(value, "dtype", None) is not None and value.dtype.kind == "f":
+        return float(str(value))  # the digits shown, as typed: np.float32(0.1) -> 0.1, not 0.10000000149
+    return value.item()  # np.int64(1) -> 1, np.bool_(True) -> True
 
 
 def from_dict(tree: Mapping[str, Any]) -> Config:

@@ -226,6 +226,43 @@ def test_a_grid_whose_metric_a_cell_never_logs_is_refused_before_any_run(tmp_pat
     assert not (tmp_path / "grid").exists()
 
 
+def test_a_grid_built_in_python_gets_the_grid_files_checks_before_any_run(tmp_path):
+    """One place checks a grid's seeds, metric and target, whether the grid is a file or a Grid."""
+    import numpy as np
+
+    from declora.compare import Grid
+
+    with pytest.raises(ConfigError, match=r"^Grid: metric='acc_node_man' is not a metric that runs log"):
+        Grid(base=None, out=tmp_path, metric="acc_node_man")
+    with pytest.raises(
+        ConfigError, match=r"^Grid: target_accuracy=80: acc_avg_factors is a fraction .* 0\.8$"
+    ):
+        Grid(base=None, out=tmp_path, target_accuracy=80)
+    with pytest.raises(ConfigError, match=r"^Grid: seeds=\[0, 0\] repeats a seed"):
+        Grid(base=None, out=tmp_path, seeds=[0, 0])
+    file = tmp_path / "grid.yaml"
+    file.write_text("metric: acc_node_man\n")
+    with pytest.raises(ConfigError, match=rf"^grid file {file}: metric='acc_node_man' is not a metric"):
+        load_grid(file)
+    # numpy values, as a sweep builds them, are the Python numbers they hold
+    grid = Grid(base=None, out=tmp_path, seeds=np.arange(2), axes={"train.lr": np.array([1e-3, 2e-3])})
+    assert grid.seeds == (0, 1) and [c.method for c in expand(grid)][::2] == [
+        "train.lr=0.001",
+        "train.lr=0.002",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.yaml"]  # nothing ran
+
+
+def test_a_cells_config_error_names_the_cell(tmp_path, tiny_bert):
+    path = _grid_file(
+        tmp_path, tiny_bert, ["attack.nodes=[0]"], grid={"attack.kind": ["none", "sign_flip"]}, seeds=[0]
+    )
+    with pytest.raises(
+        ConfigError, match=r"^grid cell attack\.kind=none: attack\.nodes=.* needs an attack\.kind"
+    ):
+        expand(load_grid(path))
+
+
 def test_report_of_runs_none_of_which_logged_the_metric_is_an_error(tmp_path, capsys):
     from declora.cli import main
 

@@ -132,6 +132,26 @@ def test_overrides_may_be_a_mapping_of_python_values():
         load_config(None, "nodes=4")
 
 
+def test_overrides_take_numpy_scalars_and_paths_as_the_python_values_they_hold(tmp_path):
+    """A sweep over np.arange seeds, or folders built with pathlib, needs no conversion by hand."""
+    import numpy as np
+
+    cfg = load_config(
+        None,
+        {
+            "seed": np.int64(1),
+            "model.dropout": np.float32(0.1),
+            "run_dir": tmp_path / "run",
+            "plugins": [],
+            "model.target_modules": [np.str_("query")],
+        },
+    )
+    assert (cfg.seed, cfg.model.dropout, cfg.run_dir) == (1, 0.1, str(tmp_path / "run"))
+    assert type(cfg.seed) is int and cfg.model.target_modules == ("query",)
+    with pytest.raises(ConfigError, match="seed: expected an integer, got 1.5"):
+        load_config(None, {"seed": np.float64(1.5)})  # still the key's type
+
+
 def test_default_run_folders_do_not_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None)

@@ -343,7 +343,8 @@ def _validate_attack(cfg: Config) -> None:
     a = cfg.attack
     if a.kind == "none":
         if a.nodes is not None:
-            raise ConfigError(f"attack.nodes={a.nodes!r} needs an attack.kind (not 'none')")
+            shown = list(a.nodes) if isinstance(a.nodes, tuple) else a.nodes  # as written: [0], not (0,)
+            raise ConfigError(f"attack.nodes={shown} needs an attack.kind (not 'none')")
         return
     if a.nodes is None:
         raise ConfigError(f"attack.kind={a.kind} needs attack.nodes: a list of node ids or a fraction")

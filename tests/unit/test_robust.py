@@ -134,6 +134,7 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
             r"attack.nodes=\[0, 1, 2\] makes all 3 nodes attackers",
         ),
         (["attack.kind=gaussian", "attack.nodes=[]"], r"attack.nodes=\[\] names no attacker"),
+        (["attack.nodes=[0]"], r"attack.nodes=\[0\] needs an attack.kind \(not 'none'\)"),
         (["attack.kind=gaussian", "attack.nodes=[0,0]"], r"attack.nodes=\[0, 0\] names a node twice"),
         (  # a ring: each node mixes 3 values, and floor(0.25 x 3) = 0
             ["robust.aggregator=trimmed_mean", "robust.trim=0.25"],
@@ -154,6 +155,7 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
         "every_node_by_fraction",
         "every_node_by_id",
         "no_attacker_listed",
+        "attackers_without_an_attack",
         "an_attacker_twice",
         "trim_on_a_ring",
         "trim_at_a_sampling_server",

@@ -40,6 +40,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     from declora.experiment import default_run_dir
     from declora.inputs import check_started_in
     from declora.runfolder import check_new_run, check_not_in_use, check_writable, start_record
+    from declora.trackers import check_tracker_runs, reading_saved_config
 
     if not args.resume:
         cfg = load_config(_config_path(args.config), args.overrides)
@@ -59,7 +60,8 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     check_not_in_use(run_dir)
     started_in = start_record(run_dir).get("cwd")
     try:
-        saved = load_config(run_dir / "config.yaml")
+        with reading_saved_config():  # only compared with: cfg below is checked after the overrides
+            saved = load_config(run_dir / "config.yaml")
     except ConfigError as err:  # a folder of another declora version, an edited file, a moved input
         elsewhere = started_in and Path(started_in).resolve() != Path.cwd().resolve()
         where = f" (the run started in {started_in}: relative paths are opened from there)"
@@ -73,6 +75,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
+    check_tracker_runs(cfg, run_dir)
     check_started_in(saved, started_in)  # before any work (the engine checks again, and warns of
     # inputs changed since the start: declora.inputs)
     check_writable(run_dir)

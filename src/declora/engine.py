@@ -32,7 +32,7 @@ from declora.runfolder import (
     start_record,
 )
 from declora.schedules import describe
-from declora.trackers import MLFLOW_RUN_ID, Trackers, tracker_names
+from declora.trackers import RUN_IDS, Trackers, check_tracker_runs, reading_saved_config, tracker_names
 from declora.validation import check_resume
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     group, main = exp.group, exp.group.is_main
     if main and not (exp.run_dir / "config.yaml").is_file():
         raise ConfigError(f"nothing to resume in {exp.run_dir}: it holds no declora run (no config.yaml)")
-    saved = load_config(exp.run_dir / "config.yaml") if main else None
+    with reading_saved_config():  # only compared with: exp.cfg is the one checked and run
+        saved = load_config(exp.run_dir / "config.yaml") if main else None
     changes = check_resume(saved, exp.cfg) if saved is not None else {}  # saved: on the main rank
     if main:  # what the CLI checks before any work, for a resume from Python too
         assert saved is not None  # read above on the main rank
@@ -135,10 +136,11 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
         check_started_in(saved, begun.get("cwd"))
         warn_changed(begun.get("inputs"), saved)
         _check_same_partition(exp, metrics)
+        check_tracker_runs(exp.cfg, exp.run_dir)
     if not group.broadcast((exp.run_dir / "state" / LATEST).is_file() if main else None):
         log.info("%s has no checkpoint yet: starting it again from round 0", exp.run_dir)
         if main:  # killed before its first checkpoint: nothing to keep but the tracker run it continues
-            _start(exp, metrics, overwrite=True, keep=(MLFLOW_RUN_ID,))
+            _start(exp, metrics, overwrite=True, keep=RUN_IDS)
             record_resume(exp.run_dir, 0, changes)
         return 0, 0.0
     start, wall_before = load_checkpoint(exp)

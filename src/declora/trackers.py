@@ -9,22 +9,33 @@ record; the trackers mirror it. Only rank 0 of a multi-process run tracks.
 W&B runs in the mode ``log.wandb_mode`` names, else ``$WANDB_MODE``, else offline (``wandb sync
 RUN_DIR/wandb/offline-run-*`` uploads one later); MLflow writes to a local file store, by default
 ``mlruns`` beside the run folder. Each is an optional extra: ``pip install 'declora[trackers]'``.
+The run folder names the tracker runs it continues (RUN_DIR/wandb_run_id, RUN_DIR/mlflow_run_id), so a
+moved folder continues them too. What would make a tracker fail at its start (a package not installed,
+a bad ``$WANDB_MODE``, W&B online without credentials) is refused when the config is checked, before
+any run folder is made or changed (``setup_problem``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import contextvars
 import math
 import os
-from collections.abc import Callable
+import re
+import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from declora.config import Config, to_dict
+from declora.config import Config, ConfigError, to_dict
 from declora.runfolder import atomic_write_text, read_resumes
 
 SENT_ROUND = "trackers_round"  # RUN_DIR file: the last round the trackers were sent
 MLFLOW_RUN_ID = "mlflow_run_id"  # RUN_DIR file naming the MLflow run that a resume continues
+WANDB_RUN_ID = "wandb_run_id"  # RUN_DIR file naming the W&B run that a resume continues
+RUN_IDS = (MLFLOW_RUN_ID, WANDB_RUN_ID)  # what a run restarted from round 0 keeps, to go on in the same runs
 WandbMode = Literal["online", "offline", "disabled", "shared"]  # wandb.init(mode=...)
 
 
@@ -108,23 +119,20 @@ class TensorBoard:
 
 
 class WandB:
-    """One W&B run per run folder: its id is derived from the folder, so a resume continues it."""
+    """One W&B run per run folder (its id kept in RUN_DIR/wandb_run_id, so a resume continues it)."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         try:
             import wandb
         except ImportError as err:
             raise _missing("wandb", "wandb") from err
-        run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-        # wandb checks the mode itself: WANDB_MODE may hold any string.
-        mode = cast(WandbMode, cfg.log.wandb_mode or os.environ.get("WANDB_MODE") or "offline")
         self.run = wandb.init(
             project=cfg.log.project,
             name=run_dir.name,
-            id=run_id,
+            id=wandb_run_id(run_dir),
             resume="allow",
             dir=str(run_dir),
-            mode=mode,
+            mode=wandb_mode(cfg),
             config=to_dict(cfg),
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
@@ -136,6 +144,35 @@ class WandB:
         self.run.finish()
 
 
+def wandb_mode(cfg: Config) -> WandbMode:
+    """log.wandb_mode, else $WANDB_MODE, else offline (setup_problem has checked $WANDB_MODE)."""
+    return cast(WandbMode, cfg.log.wandb_mode or os.environ.get("WANDB_MODE") or "offline")
+
+
+# A W&B run's local files: RUN_DIR/wandb/[offline-]run-YYYYMMDD_HHMMSS-ID[-N]/run-ID.wandb
+_LOCAL_RUN = re.compile(r"(?:offline-)?run-(?P<time>\d{8}_\d{6})-.+/run-(?P<id>.+)\.wandb")
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The id of the W&B run this folder continues, kept in RUN_DIR/wandb_run_id from its first start.
+    A new folder gets a new id (not one derived from its path: a folder moved, or overwritten by
+    another run, would split or mix W&B runs)."""
+    id_file = run_dir / WANDB_RUN_ID
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = _older_wandb_run(run_dir) or secrets.token_hex(8)
+    atomic_write_text(id_file, run_id, "trackers")
+    return run_id
+
+
+def _older_wandb_run(run_dir: Path) -> str | None:
+    """The W&B run of a folder an older declora made (no wandb_run_id; the id was a hash of the folder's
+    path, lost once the folder moves): read from its local run folders, the first if there are several."""
+    files = (run_dir / "wandb").glob("*run-*/run-*.wandb")
+    runs = [m for p in files if (m := _LOCAL_RUN.fullmatch(f"{p.parent.name}/{p.name}"))]
+    return min(runs, key=lambda m: m["time"])["id"] if runs else None
+
+
 class MLflow:
     """One MLflow run per run folder (its id kept in RUN_DIR/mlflow_run_id, so a resume continues it)."""
 
@@ -144,10 +181,7 @@ class MLflow:
             from mlflow.tracking import MlflowClient
         except ImportError as err:
             raise _missing("mlflow", "mlflow-skinny") from err
-        uri = cfg.log.mlflow_uri or (run_dir.resolve().parent / "mlruns").as_uri()
-        if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this switch (no database needed)
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=mlflow_uri(cfg, run_dir))
         experiment = self.client.get_experiment_by_name(cfg.log.project)
         experiment_id = (
             experiment.experiment_id if experiment else self.client.create_experiment(cfg.log.project)
@@ -189,6 +223,54 @@ class MLflow:
         self.client.set_terminated(self.run_id)
 
 
+def mlflow_uri(cfg: Config, run_dir: Path) -> str:
+    uri = cfg.log.mlflow_uri or (run_dir.resolve().parent / "mlruns").as_uri()
+    if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this switch (no database needed)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
+
+
+def check_tracker_runs(cfg: Config, run_dir: Path) -> None:
+    """Before a resume changes its folder: the MLflow run it continues is in the store it logs to (a
+    moved folder leaves its default store, mlruns beside it, behind). Refused, not continued as a new
+    MLflow run with a warning: that run would hold only the rounds after the resume, splitting the run's
+    history over two stores with a line in a log to say so. The error says how to get either."""
+    id_file = run_dir / MLFLOW_RUN_ID
+    if "mlflow" not in tracker_names(cfg) or not id_file.is_file():
+        return
+    run_id, uri = id_file.read_text().strip(), mlflow_uri(cfg, run_dir)
+    if _mlflow_has_run(uri, run_id):
+        return
+    where, fix = (
+        ("log.mlflow_uri", "restore that run there")
+        if cfg.log.mlflow_uri
+        else (
+            "log.mlflow_uri=null: mlruns beside the run folder, which did not move with it",
+            f"move that mlruns into {run_dir.resolve().parent}",
+        )
+    )
+    raise ConfigError(
+        f"--resume {run_dir}: the MLflow run {run_id} it continues ({MLFLOW_RUN_ID}) is not in the store "
+        f"{uri} ({where}): {fix}, resume without mlflow in log.trackers (metrics.jsonl keeps every "
+        f"round), or delete {id_file} to start a new MLflow run"
+    )
+
+
+def _mlflow_has_run(uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("file:") and not Path(url2pathname(urlparse(uri).path)).is_dir():
+        return False  # no store there (and opening one would create it)
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 TRACKERS: dict[str, Callable[[Config, Path], Tracker]] = {
     "tensorboard": TensorBoard,
     "wandb": WandB,
@@ -204,8 +286,36 @@ PACKAGES = {
 }
 
 
-def missing_packages(cfg: Config) -> str | None:
-    """The first configured tracker whose package is not installed, as an error message (None: all are)."""
+_CHECK_SETUP = contextvars.ContextVar("declora_check_tracker_setup", default=True)
+
+
+@contextlib.contextmanager
+def reading_saved_config() -> Iterator[None]:
+    """Configs loaded inside are only compared with (a resume's saved config.yaml), never run: their
+    trackers' setup is not checked. The config a resume runs is, after its overrides, so
+    ``--resume DIR log.trackers=[]`` goes on where a tracker's package is missing."""
+    token = _CHECK_SETUP.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_SETUP.reset(token)
+
+
+def setup_problem(cfg: Config) -> str | None:
+    """What would make a configured tracker fail at its start, as a one-line error (None: nothing): a
+    package not installed, a $WANDB_MODE that is not a mode, W&B online without credentials. The config
+    check (validation.validate) calls it, so the run is refused before its folder is made or changed."""
+    if not _CHECK_SETUP.get():
+        return None
+    if missing := _missing_package(cfg):
+        return missing
+    return _wandb_problem(cfg) if "wandb" in tracker_names(cfg) else None
+
+
+missing_packages = setup_problem  # the name validation.validate calls it by
+
+
+def _missing_package(cfg: Config) -> str | None:
     import importlib.util
 
     for name in tracker_names(cfg):
@@ -217,6 +327,46 @@ def missing_packages(cfg: Config) -> str | None:
                 f"(or pip install {package})"
             )
     return None
+
+
+def _wandb_problem(cfg: Config) -> str | None:
+    from declora.validation import CHOICES
+
+    modes = [mode for mode in CHOICES["log.wandb_mode"] if mode is not None]
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and env not in modes:  # wandb reads it even when log.wandb_mode names the mode
+        return f"WANDB_MODE={env!r} (in the environment) is not allowed; choose one of {modes}, or unset it"
+    if wandb_mode(cfg) != "online":
+        return None
+    key = "log.wandb_mode=online" if cfg.log.wandb_mode else "WANDB_MODE=online"
+    return _wandb_credentials_problem(key)
+
+
+def _wandb_credentials_problem(key: str) -> str | None:
+    """Online W&B without credentials fails in wandb.init (no terminal to ask on), after the run folder
+    is made. They are looked up as wandb.init does, without the network: $WANDB_API_KEY or
+    $WANDB_IDENTITY_TOKEN_FILE, a .netrc entry for its host, its settings file."""
+    from wandb.errors import AuthenticationError
+
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        find = wbauth.authenticate_session
+    except (ImportError, AttributeError):  # a wandb whose lookup moved: its own start decides, unguessed
+        return None
+    try:
+        auth = find(host=host, source="declora", prompt=False, update_session=False)
+    except AuthenticationError as err:  # a key of the wrong form, or both variables set
+        return f"{key}: W&B credentials: {' '.join(str(err).split())}"
+    if auth is not None:
+        return None
+    return (
+        f"{key} needs W&B credentials for {host.url}, and none are set: set WANDB_API_KEY or run "
+        "`wandb login`; or use log.wandb_mode=offline (wandb sync RUN_DIR/wandb/offline-run-* uploads later)"
+    )
 
 
 def tracker_names(cfg: Config) -> list[str]:

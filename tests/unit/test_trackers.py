@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -169,26 +171,24 @@ def test_a_run_logs_to_its_trackers(tiny_bert, tmp_path):
     assert (tmp_path / "runs" / "x" / "tensorboard").is_dir()  # the older switch still works
 
 
+def _tiny_run_args(tiny_bert, tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``declora run`` arguments of a 3-round tiny run into ``run_dir`` (``extra`` last)."""
+    from helpers import write_tiny_data
+
+    data = write_tiny_data(tmp_path / "d.jsonl", 40)
+    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=3"]
+    args += [f"data.dataset={data}", "partition.min_size=2", "train.local_steps=1", "eval.node_examples=4"]
+    return [*args, "eval.every=1", "export=none", "threads=1", f"run_dir={run_dir}", *extra]
+
+
 def _killed_after_round_2(tiny_bert, tmp_path, monkeypatch, *extra: str) -> Path:
     """A 3-round tiny run with an MLflow tracker, killed once round 2 is logged (and sent to the
     trackers) but before any later checkpoint; its folder."""
-    from helpers import write_tiny_data
-
     from declora.cli import main
     from declora.runfolder import CRASH_ENV, CrashPoint, reset_crash_counts
 
-    data = write_tiny_data(tmp_path / "d.jsonl", 40)
     run_dir = tmp_path / "runs" / "x"
-    args = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=2", "rounds=3"]
-    args += [f"data.dataset={data}", "partition.min_size=2", "train.local_steps=1", "eval.node_examples=4"]
-    args += [
-        "eval.every=1",
-        "export=none",
-        "threads=1",
-        "log.trackers=[mlflow]",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
+    args = _tiny_run_args(tiny_bert, tmp_path, run_dir, "log.trackers=[mlflow]", *extra)
     reset_crash_counts()
     monkeypatch.setenv(CRASH_ENV, "round.logged:2")
     with pytest.raises(CrashPoint):
@@ -283,3 +283,176 @@ def test_a_tracker_that_is_not_installed_is_refused_when_the_config_loads(monkey
     )
     with pytest.raises(ConfigError, match=r"^tensorboard=true asks for tensorboard, which is not installed"):
         load_config(None, ["tensorboard=true"])
+
+
+def _wandb_run_ids(run_dir: Path) -> set[str]:
+    return {p.stem.removeprefix("run-") for p in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")}
+
+
+def _log_then_move_and_resume(tmp_path: Path, prepare=None) -> Path:
+    """RECORDS[:1] logged to W&B (offline) in runs/A/r1, the folder moved to runs/B/r1 (after
+    ``prepare(folder)``), RECORDS[1:] logged there as its resume; the moved folder."""
+    cfg = load_config(None, ["log.trackers=[wandb]", "log.wandb_mode=offline"])
+    first, moved = tmp_path / "runs" / "A" / "r1", tmp_path / "runs" / "B" / "r1"
+    for run_dir, records in ((first, RECORDS[:1]), (moved, RECORDS[1:])):
+        board = Trackers(cfg, run_dir)
+        for record in records:
+            board(record)
+        board.close()
+        if run_dir == first:
+            if prepare is not None:
+                prepare(first)
+            moved.parent.mkdir(parents=True)
+            first.rename(moved)
+    return moved
+
+
+def test_a_moved_folder_resumes_into_the_same_wandb_run(tmp_path):
+    pytest.importorskip("wandb")
+    run_dir = _log_then_move_and_resume(tmp_path)
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # a start and a resume
+    ids = _wandb_run_ids(run_dir)
+    assert len(ids) == 1 and ids == {(run_dir / "wandb_run_id").read_text()}  # one W&B run
+
+
+def test_a_folder_of_an_older_declora_keeps_its_wandb_run(tmp_path):
+    """Older folders hold no wandb_run_id: the id their W&B run files carry is continued, moved or not."""
+    pytest.importorskip("wandb")
+
+    def as_older_declora(folder: Path) -> None:
+        older = "0123456789abcdef"  # the older id: a hash of the folder's path
+        (folder / "wandb_run_id").unlink()
+        for run in (folder / "wandb").glob("offline-run-*"):
+            new = run.with_name(f"{run.name.rsplit('-', 1)[0]}-{older}")
+            run.rename(new)
+            for file in new.glob("run-*.wandb"):
+                file.rename(file.with_name(f"run-{older}.wandb"))
+
+    run_dir = _log_then_move_and_resume(tmp_path, as_older_declora)
+    assert _wandb_run_ids(run_dir) == {"0123456789abcdef"}
+    assert (run_dir / "wandb_run_id").read_text() == "0123456789abcdef"
+
+
+def _folder_state(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_moved_folder_whose_mlflow_store_stayed_behind_is_refused_untouched(
+    tiny_bert, tmp_path, capsys
+):
+    """The default store (mlruns beside the folder) does not move with it: the resume is refused in one
+    line, before the folder changes, from the command line and from Python."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from declora.cli import main
+    from declora.config import ConfigError
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    first, moved = tmp_path / "A" / "x", tmp_path / "B" / "x"
+    assert (
+        main(["run", *_tiny_run_args(tiny_bert, tmp_path, first, "rounds=2", "log.trackers=[mlflow]")]) == 0
+    )
+    moved.parent.mkdir()
+    first.rename(moved)
+    before = _folder_state(moved)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(moved), "rounds=3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is not in the store" in err and "log.mlflow_uri" in err
+    assert _folder_state(moved) == before and not (tmp_path / "B" / "mlruns").exists()
+    store = MlflowClient(tracking_uri=(tmp_path / "B" / "mlruns").as_uri())
+    store.create_experiment("other")  # a store there now, but without the run
+    cfg = load_config(moved / "config.yaml", ["rounds=3", f"run_dir={moved}"])
+    with pytest.raises(ConfigError, match="is not in the store"):
+        run(build_experiment(cfg), resume=True)
+    assert _folder_state(moved) == before
+
+
+def test_a_run_that_used_wandb_resumes_without_it_when_log_trackers_drops_it(
+    tiny_bert, tmp_path, monkeypatch
+):
+    pytest.importorskip("wandb")
+    import importlib.util
+
+    from declora.cli import main
+
+    run_dir = tmp_path / "runs" / "x"
+    args = _tiny_run_args(
+        tiny_bert, tmp_path, run_dir, "rounds=2", "log.trackers=[wandb]", "log.wandb_mode=disabled"
+    )
+    assert main(["run", *args]) == 0
+    real = importlib.util.find_spec  # wandb not installed, from here on
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb: ImportError
+    assert main(["run", "--resume", str(run_dir), "rounds=3"]) == 2  # still asks for it
+    assert main(["run", "--resume", str(run_dir), "rounds=3", "log.trackers=[]"]) == 0
+    resumes = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[-1]["changes"]["log.trackers"] == {"old": ["wandb"], "new": []}
+
+
+def _refused_before_the_folder(tiny_bert, tmp_path, capsys, *extra: str) -> str:
+    """``declora run`` with ``extra``: exit 2 and no run folder; the one line it said."""
+    from declora.cli import main
+
+    run_dir = tmp_path / "runs" / "x"
+    assert main(["run", *_tiny_run_args(tiny_bert, tmp_path, run_dir, "log.trackers=[wandb]", *extra)]) == 2
+    assert not run_dir.exists()
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_refused_before_the_run_folder(
+    tiny_bert, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "bogus")
+    err = _refused_before_the_folder(tiny_bert, tmp_path, capsys)
+    assert (
+        "WANDB_MODE='bogus' (in the environment) is not allowed; choose one of ['offline', 'online', " in err
+    )
+    # wandb reads the variable even when the config names the mode
+    err = _refused_before_the_folder(tiny_bert, tmp_path, capsys, "log.wandb_mode=offline")
+    assert "WANDB_MODE='bogus'" in err
+
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+    """No W&B credentials anywhere wandb looks (its variables, ~/.netrc, its settings file), with its
+    settings loaded afresh; nothing here contacts the network."""
+    pytest.importorskip("wandb")
+    from wandb.sdk import wandb_setup
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    monkeypatch.setattr(wandb_setup, "_singleton", None)
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+def test_wandb_online_without_credentials_is_refused_before_the_run_folder(
+    tiny_bert, tmp_path, monkeypatch, capsys, no_wandb_credentials
+):
+    from wandb.sdk import wandb_setup
+
+    home = no_wandb_credentials
+    err = _refused_before_the_folder(tiny_bert, tmp_path, capsys, "log.wandb_mode=online")
+    assert "log.wandb_mode=online needs W&B credentials for https://" in err and "WANDB_API_KEY" in err
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert "WANDB_MODE=online needs W&B credentials" in _refused_before_the_folder(
+        tiny_bert, tmp_path, capsys
+    )
+    online = ["log.trackers=[wandb]", "log.wandb_mode=online"]
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # found as wandb finds it: the config is accepted
+    load_config(None, online)
+    monkeypatch.delenv("WANDB_API_KEY")
+    host = urlparse(wandb_setup.singleton().settings.base_url).hostname
+    (home / ".netrc").write_text(f"machine {host}\n  login user\n  password {'0' * 40}\n")
+    (home / ".netrc").chmod(0o600)
+    load_config(None, online)

@@ -212,7 +212,10 @@ def cell_state(cell: Cell) -> str:
     latest = cell.run_dir / "state" / "latest.json"
     if not latest.is_file():
         return "new"
-    saved = load_config(cell.run_dir / "config.yaml")
+    from declora.trackers import reading_saved_config
+
+    with reading_saved_config():  # compared with; the grid's config is the one checked and run
+        saved = load_config(cell.run_dir / "config.yaml")
     cfg = cell.cfg or saved
     rounds_done = json.loads(latest.read_text())["round"]
     try:

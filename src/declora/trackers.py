@@ -246,7 +246,7 @@ def check_tracker_runs(cfg: Config, run_dir: Path) -> None:
         if cfg.log.mlflow_uri
         else (
             "log.mlflow_uri=null: mlruns beside the run folder, which did not move with it",
-            f"move that mlruns into {run_dir.resolve().parent}",
+            f"point log.mlflow_uri at the old store or move that mlruns into {run_dir.resolve().parent}",
         )
     )
     raise ConfigError(
@@ -310,9 +310,6 @@ def setup_problem(cfg: Config) -> str | None:
     if missing := _missing_package(cfg):
         return missing
     return _wandb_problem(cfg) if "wandb" in tracker_names(cfg) else None
-
-
-missing_packages = setup_problem  # the name validation.validate calls it by
 
 
 def _missing_package(cfg: Config) -> str | None:

@@ -158,6 +158,7 @@ RESUME_SAFE = (
     "export",
     "tensorboard",
     "log.trackers",  # mirrors of metrics.jsonl
+    "log.mlflow_uri",  # where that mirror lives: a moved folder may point back at its old store
     "train.tokens_per_chunk",
     "dist.timeout_s",
     "dist.backend",
@@ -258,13 +259,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 f"algorithm.name={cfg.algorithm.name}: its check_config raised {type(err).__name__}: {err}"
             ) from err
-    from declora.trackers import TRACKERS, missing_packages
+    from declora.trackers import TRACKERS, setup_problem
 
     unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
     if unknown:
         raise ConfigError(f"log.trackers: {unknown[0]!r} is not a tracker; choose from {sorted(TRACKERS)}")
-    if missing := missing_packages(cfg):  # before any work, not after the run folder is made
-        raise ConfigError(missing)
+    if problem := setup_problem(cfg):  # before any work, not after the run folder is made
+        raise ConfigError(problem)
     return cfg
 
 

@@ -368,6 +368,11 @@ def test_resuming_a_moved_folder_whose_mlflow_store_stayed_behind_is_refused_unt
     with pytest.raises(ConfigError, match="is not in the store"):
         run(build_experiment(cfg), resume=True)
     assert _folder_state(moved) == before
+    old_store = (tmp_path / "A" / "mlruns").as_uri()  # pointed back at the store it logged to: continued
+    assert main(["run", "--resume", str(moved), "rounds=3", f"log.mlflow_uri={old_store}"]) == 0
+    run_id = (moved / "mlflow_run_id").read_text().strip()
+    history = MlflowClient(tracking_uri=old_store).get_metric_history(run_id, "train/train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]
 
 
 def test_a_run_that_used_wandb_resumes_without_it_when_log_trackers_drops_it(

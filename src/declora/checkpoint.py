@@ -55,7 +55,7 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
         state = owner.state_dict()
         for k, v in state.items():
             if not isinstance(v, torch.Tensor):  # a registered algorithm's state_dict, say
-                raise ValueError(
+                raise ConfigError(
                     f"{prefix} {type(owner).__name__}.state_dict()[{k!r}] is a {type(v).__name__}; a "
                     "checkpoint holds tensors only (wrap a number as torch.tensor(value))"
                 )

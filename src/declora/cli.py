@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -422,9 +423,13 @@ INTERRUPTED = {
 
 
 def _interrupted_line(args: argparse.Namespace) -> str:
-    """How to go on after an interruption; a run names its folder once it is known."""
-    hint = INTERRUPTED.get(args.command, "nothing was lost")
-    return hint.format(run_dir=getattr(args, "run_dir", None) or "RUN_DIR")
+    """How to go on after an interruption: a run names its folder once it holds a run (config.yaml)."""
+    if args.command != "run":
+        return INTERRUPTED.get(args.command, "nothing was lost")
+    folder = getattr(args, "run_dir", None) or args.resume
+    if folder is not None and (Path(folder) / "config.yaml").is_file():
+        return INTERRUPTED["run"].format(run_dir=folder)
+    return "the run had not started (no run folder was written): the same command starts it"
 
 
 class Terminated(BaseException):
@@ -464,7 +469,15 @@ def main(argv: list[str] | None = None) -> int:
         _die(str(err))
         return 1
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
-        return _error(err, 2)  # a bad value or file: nothing ran (or nothing was lost)
+        from declora.engine import failed_in_round
+
+        where = failed_in_round(err)
+        if where is None:
+            return _error(err, 2)  # a bad value or file: nothing ran (or nothing was lost)
+        if isinstance(err, ConfigError):  # declora's own message, found in a round: one line, and rounds ran
+            return _error(ConfigError(f"{where}: {err}"), 1)
+        traceback.print_exception(err)  # a bug in a round's work (a plugin's, say): its note says where
+        return 1
     except (
         ArithmeticError,
         OSError,

@@ -6,7 +6,8 @@ import json
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,11 @@ METRICS = "metrics.jsonl"
 
 class StopRun(Exception):  # noqa: N818 (a signal, not an error)
     """Raise from ``run``'s ``on_round`` to end the run after that round (early stopping): the round is
-    checkpointed, the adapters and the report are written as for a run that ends there, and ``run``
-    returns. A later ``run(..., resume=True)`` (on a new Experiment) continues to ``rounds``."""
+    checkpointed, the adapters and the report are written, and ``run`` returns. A later
+    ``run(..., resume=True)`` (on a new Experiment) continues to ``rounds``. Unlike a run's last round, the
+    round it stops at is evaluated only when ``eval.every`` evaluates it: stop at such a round for the
+    report and the adapters' cards to score the model they hold (a warning says so otherwise); the stop
+    adds no evaluation, so a stopped and resumed run logs what an uninterrupted one does."""
 
 
 # Record keys that measure the machine, not the run: they differ between two runs of the same config.
@@ -213,12 +217,45 @@ def run(
             f"this Experiment has already run (in {exp.run_dir}): its model, optimizer and data streams hold "
             "that run's state; build a new one with build_experiment(cfg) to run or resume again"
         )
+    if exp.group.is_main:  # refused before the lock, whose file a refused folder would otherwise keep
+        _check_folder(exp.run_dir, resume, overwrite)
     lock = hold_run_folder(exp.run_dir) if exp.group.is_main else None
     try:
         return _run_rounds(exp, resume, on_round, overwrite)
     finally:
         if lock is not None:
             lock.close()
+
+
+def _check_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """What the command line checks before any work, for a run from Python too (checked again under the
+    lock, where another process cannot change the folder in between)."""
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"nothing to resume in {run_dir}: it holds no declora run (no config.yaml)")
+    if not resume:
+        check_new_run(run_dir, overwrite)
+
+
+@contextmanager
+def _in_round(t: int, algorithm: str) -> Iterator[None]:
+    """An exception from round ``t``'s work (an algorithm's, a plugin's, an ``on_round``'s) keeps its type
+    and says where it came from; ``failed_in_round`` tells the command line it is not bad input."""
+    try:
+        yield
+    except Exception as err:
+        where = f"round {t + 1} (algorithm {algorithm})"
+        err.add_note(f"declora: raised in {where}; the run folder keeps its last checkpoint")
+        setattr(err, FAILED_IN_ROUND, where)
+        raise
+
+
+FAILED_IN_ROUND = "declora_failed_in_round"  # set on an exception raised by a round's work
+
+
+def failed_in_round(err: BaseException) -> str | None:
+    """Which round's work raised ``err`` ("round 3 (algorithm dec_lora)"); None: it was raised before the
+    rounds, by a check."""
+    return getattr(err, FAILED_IN_ROUND, None)
 
 
 def _run_rounds(
@@ -265,77 +302,85 @@ def _rounds(
     began = time.perf_counter()
     records = []
     for t in range(start, cfg.rounds):
-        phases = PhaseTimes(exp, t)
-        phases.enter("round")
-        phases.enter("train")
-        plan = exp.algorithm.plan(t)
-        up = exp.schedule.online(t)  # (n,) global
-        online = exp.local(up)
-        active = online if plan.active is None else exp.local(plan.active) & online
-        if exp.stragglers is not None:  # asynchronous: a slow node trains only in the rounds it publishes
-            active = active & exp.local(exp.stragglers.begin_round(t, up))
-        names = list(fed.tensors(plan.train))
-        exp.trainer.tokens = 0
-        exp.trainer.correction = plan.correction  # FedProx's pull, SCAFFOLD's control variates, or None
-        if exp.lr_schedule is not None:
-            exp.optimizer.lr_scale = exp.lr_schedule.scale()
-        loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
-        if exp.lr_schedule is not None:
-            exp.lr_schedule.advance(active)
-        phases.enter("communicate")
-        speed = train_speed(exp, phases.seconds["train"])
-        exp.exchange.ledger.start_round()
-        W = exp.schedule.matrix(t)  # global (n, n)
-        exp.algorithm.communicate(
-            RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
-        )
-        loss = group.gather_nodes(loss)  # (n,)
-        check_health(exp, t, loss, active, saved)
-        crash_point("round.trained")
-        losses = loss[~loss.isnan()]  # the nodes that trained
-        record: dict[str, Any] = {
-            "event": "round",
-            "round": t + 1,
-            "train_loss": float(losses.mean()) if len(losses) else None,  # null: no node trained
-            "local_steps": int(group.all_max(torch.tensor(steps))),
-            "active_nodes": int(group.gather_nodes(active).sum()),  # replicas: each rank has every node
-            **speed,
-            **exp.exchange.ledger.round_summary(),
-        }
-        if exp.stragglers is not None:  # the simulated clock (declora.stragglers)
-            trained = group.gather_nodes(active)  # (n,) bool
-            record.update(exp.stragglers.end_round(t, W, up, trained, record["bytes_node_max"]))
-        if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
-            record.update(exp.privacy.summary(group))
-        if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
-            phases.enter("evaluate")
-            record.update(event="eval", **evaluate(exp))
-        record.update(wall_s=wall_before + time.perf_counter() - began, **peak_memory(exp))
-        if group.is_main:
-            metrics.write(record)
-        export.on_round(record)
-        crash_point("round.logged")
-        if board is not None:
-            board(record)
-        records.append(record)
-        if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == cfg.rounds:
-            phases.enter("checkpoint")
-            save_checkpoint(exp, t + 1, record["wall_s"])
-            saved = t + 1
-        stop = False
-        if on_round is not None:
-            try:
-                on_round(record)
-            except StopRun:
-                stop = True
-        if bool(group.all_max(torch.tensor(int(stop)))):  # one rank's stop stops every rank
-            if saved != t + 1:
+        with _in_round(t, cfg.algorithm.name):
+            phases = PhaseTimes(exp, t)
+            phases.enter("round")
+            phases.enter("train")
+            plan = exp.algorithm.plan(t)
+            up = exp.schedule.online(t)  # (n,) global
+            online = exp.local(up)
+            active = online if plan.active is None else exp.local(plan.active) & online
+            if exp.stragglers is not None:  # asynchronous: a slow node trains only in the rounds it publishes
+                active = active & exp.local(exp.stragglers.begin_round(t, up))
+            names = list(fed.tensors(plan.train))
+            exp.trainer.tokens = 0
+            exp.trainer.correction = plan.correction  # FedProx's pull, SCAFFOLD's control variates, or None
+            if exp.lr_schedule is not None:
+                exp.optimizer.lr_scale = exp.lr_schedule.scale()
+            loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
+            if exp.lr_schedule is not None:
+                exp.lr_schedule.advance(active)
+            phases.enter("communicate")
+            speed = train_speed(exp, phases.seconds["train"])
+            exp.exchange.ledger.start_round()
+            W = exp.schedule.matrix(t)  # global (n, n)
+            exp.algorithm.communicate(
+                RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
+            )
+            loss = group.gather_nodes(loss)  # (n,)
+            check_health(exp, t, loss, active, saved)
+            crash_point("round.trained")
+            losses = loss[~loss.isnan()]  # the nodes that trained
+            record: dict[str, Any] = {
+                "event": "round",
+                "round": t + 1,
+                "train_loss": float(losses.mean()) if len(losses) else None,  # null: no node trained
+                "local_steps": int(group.all_max(torch.tensor(steps))),
+                "active_nodes": int(group.gather_nodes(active).sum()),  # replicas: each rank has every node
+                **speed,
+                **exp.exchange.ledger.round_summary(),
+            }
+            if exp.stragglers is not None:  # the simulated clock (declora.stragglers)
+                trained = group.gather_nodes(active)  # (n,) bool
+                record.update(exp.stragglers.end_round(t, W, up, trained, record["bytes_node_max"]))
+            if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
+                record.update(exp.privacy.summary(group))
+            if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
+                phases.enter("evaluate")
+                record.update(event="eval", **evaluate(exp))
+            record.update(wall_s=wall_before + time.perf_counter() - began, **peak_memory(exp))
+            if group.is_main:
+                metrics.write(record)
+            export.on_round(record)
+            crash_point("round.logged")
+            if board is not None:
+                board(record)
+            records.append(record)
+            if (t + 1) % cfg.checkpoint_every == 0 or t + 1 == cfg.rounds:
+                phases.enter("checkpoint")
                 save_checkpoint(exp, t + 1, record["wall_s"])
-            log.info("stopped after round %d of %d (StopRun)", t + 1, cfg.rounds)
+                saved = t + 1
+            stop = False
+            if on_round is not None:
+                try:
+                    on_round(record)
+                except StopRun:
+                    stop = True
+            if bool(group.all_max(torch.tensor(int(stop)))):  # one rank's stop stops every rank
+                if saved != t + 1:
+                    save_checkpoint(exp, t + 1, record["wall_s"])
+                log.info("stopped after round %d of %d (StopRun)", t + 1, cfg.rounds)
+                if record["event"] != "eval" and group.is_main:
+                    log.warning(
+                        "StopRun after round %d, which eval.every=%d does not evaluate: the report and the "
+                        "adapters' cards hold no score of the model they save; stop at an evaluated round",
+                        t + 1,
+                        cfg.eval.every,
+                    )
+                phases.done()
+                break
+            release_free_memory()  # see heap.py: without it resident memory creeps up round after round
             phases.done()
-            break
-        release_free_memory()  # see heap.py: without it resident memory creeps up round after round
-        phases.done()
     group.enter(cfg.rounds, "finish")
     export.finish(records[-1] if records else None)
     crash_point("exported")

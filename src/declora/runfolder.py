@@ -214,16 +214,17 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
     if run_dir.is_dir():
         check_not_in_use(run_dir)
     if run_dir.is_dir() and _entries(run_dir):
+        if not _is_run_folder(run_dir):  # neither --resume nor --overwrite would take it
+            raise ConfigError(
+                f"run folder {str(run_dir)!r} is not empty and is not a declora run folder (no "
+                f"{' / '.join(RUN_MARKERS)}): declora writes only into its own run folders; choose another "
+                "run_dir"
+            )
         if not overwrite:
             raise ConfigError(
                 f"run folder {str(run_dir)!r} is not empty; continue it with --resume {run_dir}, "
                 "replace it with --overwrite (in Python: run(..., resume=True) or overwrite=True), or choose "
                 "another run_dir"
-            )
-        if not _is_run_folder(run_dir):
-            raise ConfigError(
-                f"--overwrite: {str(run_dir)!r} is not a declora run folder (no {' / '.join(RUN_MARKERS)}); "
-                "refusing to empty it"
             )
     check_writable(run_dir)
 

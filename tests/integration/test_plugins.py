@@ -274,12 +274,35 @@ def test_a_non_tensor_in_state_dict_is_named(tiny, tmp_path, capsys):
         "register('counting', Counting)\n"
     )
     run = tmp_path / "run"
-    assert main(["run", *tiny, f"plugins=[{stateful}]", "algorithm.name=counting", f"run_dir={run}"]) == 2
+    # found at the first checkpoint, after rounds ran: one line naming the round, and not exit 2 (bad input)
+    assert main(["run", *tiny, f"plugins=[{stateful}]", "algorithm.name=counting", f"run_dir={run}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
-        "declora: error: algorithm Counting.state_dict()['rounds'] is a int; a checkpoint holds tensors "
-        "only (wrap a number as torch.tensor(value))"
+        "declora: error: round 1 (algorithm counting): algorithm Counting.state_dict()['rounds'] is a int; "
+        "a checkpoint holds tensors only (wrap a number as torch.tensor(value))"
     )
+
+
+def test_a_plugin_that_fails_in_a_round_names_the_round_and_is_not_reported_as_bad_input(
+    tiny, tmp_path, capsys
+):
+    every = tmp_path / "every.py"
+    every.write_text(
+        "from declora.algorithms import register\n"
+        "from declora.algorithms.dec_lora import DecLoRA\n"
+        "class EveryK(DecLoRA):\n"
+        "    def communicate(self, ctx):\n"
+        "        if ctx.round == 1:\n"
+        "            self.cfg.algorithm.options['every']  # a KeyError: a bug of the plugin's\n"
+        "        super().communicate(ctx)\n"
+        "register('every_k', EveryK)\n"
+    )
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"plugins=[{every}]", "algorithm.name=every_k", f"run_dir={run}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'every'" in err  # a bug: where it is, in full
+    assert "declora: raised in round 2 (algorithm every_k); the run folder keeps its last checkpoint" in err
+    assert [r["round"] for r in metrics_records(run) if r["event"] in ("round", "eval")] == [1]
 
 
 def _gossip_file(path: Path, kinds: str) -> Path:

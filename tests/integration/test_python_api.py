@@ -236,3 +236,18 @@ def test_the_python_api_example_runs_and_stops_early(tiny, tmp_path):
     for result in finals.values():
         assert result["rounds"] == 1 and result["stopped_early"] == (1, 3)
         assert 0 <= result["acc_avg_factors"] <= 1 and result["adapter_tensors"] > 0
+
+
+def test_a_stop_at_a_round_that_is_not_evaluated_is_warned_about(tiny, tmp_path, caplog):
+    def stop_at_two(record: dict) -> None:
+        if record["round"] == 2:
+            raise StopRun
+
+    cfg = load_config(None, {**tiny, "eval.every": 3, "run_dir": str(tmp_path / "run")})
+    records = run(build_experiment(cfg), on_round=stop_at_two)
+    assert [r["event"] for r in records] == ["round", "round"]
+    assert "StopRun after round 2, which eval.every=3 does not evaluate" in caplog.text
+    caplog.clear()
+    cfg = load_config(None, {**tiny, "eval.every": 2, "run_dir": str(tmp_path / "evaluated")})
+    run(build_experiment(cfg), on_round=stop_at_two)
+    assert "StopRun after" not in caplog.text

@@ -367,3 +367,47 @@ def test_a_run_dir_below_a_file_names_the_file(tiny, tmp_path, capsys):
     assert main(["run", *tiny, f"run_dir={blocker / 'sub'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"declora: error: run folder '{blocker / 'sub'}': '{blocker}' is a file, not a folder", err
+
+
+def test_a_folder_that_is_not_a_run_is_refused_untouched_with_advice_that_works(tiny, tmp_path, capsys):
+    from declora.engine import run
+    from declora.experiment import build_experiment
+
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for flags in ([], ["--overwrite"]):
+        assert main(["run", *tiny, f"run_dir={mine}", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"declora: error: run folder '{mine}' is not empty and is not a declora run folder (no "
+            "config.yaml / config.yaml.tmp / metrics.jsonl / state): declora writes only into its own run "
+            "folders; choose another run_dir"
+        )
+    cfg = load_config(None, [*tiny, f"run_dir={mine}"])
+    with pytest.raises(ConfigError, match="is not a declora run folder"):
+        run(build_experiment(cfg))  # from Python: refused before its lock file is made there
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    typo = tmp_path / "typo" / "sub"
+    with pytest.raises(ConfigError, match="nothing to resume in .*no config.yaml"):
+        run(build_experiment(load_config(None, [*tiny, f"run_dir={typo}"])), resume=True)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_an_interruption_names_the_folder_only_once_it_holds_a_run(tmp_path):
+    from argparse import Namespace
+
+    from declora.cli import _interrupted_line
+
+    run = tmp_path / "run"
+    fresh = Namespace(command="run", run_dir=None, resume=None)
+    assert _interrupted_line(fresh) == (
+        "the run had not started (no run folder was written): the same command starts it"
+    )
+    assert _interrupted_line(Namespace(command="run", run_dir=run, resume=None)) == _interrupted_line(fresh)
+    run.mkdir()
+    (run / "config.yaml").write_text("nodes: 2\n")
+    hint = f"the run folder keeps its last checkpoint: declora run --resume {run} continues from it"
+    assert _interrupted_line(Namespace(command="run", run_dir=run, resume=None)) == hint
+    assert _interrupted_line(Namespace(command="run", run_dir=None, resume=str(run))) == hint
+    assert _interrupted_line(Namespace(command="compare")).startswith("finished cells are kept")

@@ -263,19 +263,27 @@ def test_a_server_model_plugin_cannot_upload_top_k_of_its_states(tiny, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-def test_a_non_tensor_in_state_dict_is_named(tiny, tmp_path, capsys):
-    stateful = tmp_path / "stateful.py"
-    stateful.write_text(
-        "from declora.algorithms import register\n"
-        "from declora.algorithms.local import LocalOnly\n"
-        "class Counting(LocalOnly):\n"
-        "    def state_dict(self): return {'rounds': 3}\n"
-        "    def load_state_dict(self, state): ...\n"
-        "register('counting', Counting)\n"
-    )
+def _run_plugin(tiny, tmp_path: Path, name: str, *lines: str) -> tuple[int, Path]:
+    """Run a plugin file of ``lines`` that registers ``name``: the exit code and the run folder."""
+    source = tmp_path / f"{name}.py"
+    source.write_text("from declora.algorithms import register\n" + "".join(f"{x}\n" for x in lines))
     run = tmp_path / "run"
+    return main(["run", *tiny, f"plugins=[{source}]", f"algorithm.name={name}", f"run_dir={run}"]), run
+
+
+def test_a_non_tensor_in_state_dict_is_named(tiny, tmp_path, capsys):
+    code, _ = _run_plugin(
+        tiny,
+        tmp_path,
+        "counting",
+        "from declora.algorithms.local import LocalOnly",
+        "class Counting(LocalOnly):",
+        "    def state_dict(self): return {'rounds': 3}",
+        "    def load_state_dict(self, state): ...",
+        "register('counting', Counting)",
+    )
     # found at the first checkpoint, after rounds ran: one line naming the round, and not exit 2 (bad input)
-    assert main(["run", *tiny, f"plugins=[{stateful}]", "algorithm.name=counting", f"run_dir={run}"]) == 1
+    assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
         "declora: error: round 1 (algorithm counting): algorithm Counting.state_dict()['rounds'] is a int; "
@@ -286,19 +294,19 @@ def test_a_non_tensor_in_state_dict_is_named(tiny, tmp_path, capsys):
 def test_a_plugin_that_fails_in_a_round_names_the_round_and_is_not_reported_as_bad_input(
     tiny, tmp_path, capsys
 ):
-    every = tmp_path / "every.py"
-    every.write_text(
-        "from declora.algorithms import register\n"
-        "from declora.algorithms.dec_lora import DecLoRA\n"
-        "class EveryK(DecLoRA):\n"
-        "    def communicate(self, ctx):\n"
-        "        if ctx.round == 1:\n"
-        "            self.cfg.algorithm.options['every']  # a KeyError: a bug of the plugin's\n"
-        "        super().communicate(ctx)\n"
-        "register('every_k', EveryK)\n"
+    code, run = _run_plugin(
+        tiny,
+        tmp_path,
+        "every_k",
+        "from declora.algorithms.dec_lora import DecLoRA",
+        "class EveryK(DecLoRA):",
+        "    def communicate(self, ctx):",
+        "        if ctx.round == 1:",
+        "            self.cfg.algorithm.options['every']  # a KeyError: a bug of the plugin's",
+        "        super().communicate(ctx)",
+        "register('every_k', EveryK)",
     )
-    run = tmp_path / "run"
-    assert main(["run", *tiny, f"plugins=[{every}]", "algorithm.name=every_k", f"run_dir={run}"]) == 1
+    assert code == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError: 'every'" in err  # a bug: where it is, in full
     assert "declora: raised in round 2 (algorithm every_k); the run folder keeps its last checkpoint" in err

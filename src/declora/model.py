@@ -326,11 +326,10 @@ def unadapted_targets(fed: Federation) -> list[str]:
     )
 
 
-def _frozen_saved_modules(fed: Federation) -> dict[str, Tensor]:
-    """The frozen weights of modules that PEFT's modules_to_save also catches, by the end of their names,
-    though the run does not train them (DistilBERT's pre_classifier beside its classifier under mean
-    pooling): stock PEFT loads such a module's copy from the adapter file and fails without it."""
-    roots = {name.split(".")[0] for name in fed.heads}
+def _frozen_saved_modules(fed: Federation, roots: list[str]) -> dict[str, Tensor]:
+    """The frozen weights of modules that PEFT's modules_to_save (``roots``) also catches, by the end of
+    their names, though the run does not train them (DistilBERT's pre_classifier beside its classifier
+    under mean pooling): stock PEFT loads such a module's copy from the adapter file and fails without it."""
     state = {}
     for name, module in fed.model.named_modules():
         if name and name.split(".")[0] not in roots and any(name.endswith(root) for root in roots):
@@ -432,10 +431,10 @@ def export_peft(
         module, _, leaf = k.rpartition(".")
         key = f"{module}.{leaf}.weight" if leaf.startswith("lora_") else k
         state[f"base_model.model.{key}"] = v[0].detach().cpu().contiguous().clone()  # from any device
-    state.update(_frozen_saved_modules(fed))
+    roots = sorted({name.split(".")[0] for name in fed.heads})
+    state.update(_frozen_saved_modules(fed, roots))
     # A rank-m adapter keeps the run's effective scale s: PEFT applies alpha'/m (or alpha'/sqrt(m)).
     alpha = fed.scale * (math.sqrt(rank) if fed.cfg.rslora else rank)
-    roots = sorted({name.split(".")[0] for name in fed.heads})
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; it reads any number (alpha / r)

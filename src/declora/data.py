@@ -322,17 +322,31 @@ def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data
     if cfg.messages_column in table.column_names and not named:
         chats = column(table, cfg.messages_column, "data.messages_column", where, nested=True)
         for i, chat in enumerate(chats):
-            if not isinstance(chat, list) or not chat or chat[-1].get("role") != "assistant":
-                raise ValueError(
-                    f"row {i} of {where}: {cfg.messages_column!r} must end with an assistant message"
-                )
+            _check_chat(chat, f"row {i} of {where}: {cfg.messages_column!r}")
         prompts = [json.dumps(chat[:-1]) for chat in chats]
-        responses = [str(chat[-1]["content"]) for chat in chats]
+        responses = [chat[-1]["content"] for chat in chats]
     else:
         asked = column(table, cfg.prompt_column, "data.prompt_column", where)
         prompts = [json.dumps([{"role": "user", "content": str(p)}]) for p in asked]
         responses = [str(r) for r in column(table, cfg.response_column, "data.response_column", where)]
     return TextDataset(prompts, np.zeros(len(prompts), dtype=np.int64), ("text",), responses=responses)
+
+
+def _check_chat(chat: object, what: str) -> None:
+    """One row's conversation: prompt turns, then the assistant's answer, each a {role, content} of strings.
+    Checked here, whatever the tokenizer: a chat template would render a missing field as empty text."""
+    if not isinstance(chat, list) or not chat:
+        raise ValueError(f"{what} must be a non-empty list of {{role, content}} messages, not {chat!r:.60}")
+    for j, message in enumerate(chat):
+        fields = message if isinstance(message, dict) else {}
+        if not all(isinstance(fields.get(k), str) for k in ("role", "content")):
+            raise ValueError(
+                f"{what}: message {j} needs a string 'role' and a string 'content'; it is {message!r:.80}"
+            )
+    if chat[-1]["role"] != "assistant":
+        raise ValueError(f"{what} must end with an assistant message (the answer to train on)")
+    if len(chat) == 1:
+        raise ValueError(f"{what} has no prompt turn before the assistant's answer")
 
 
 def load_instructions(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from declora.config import DataConfig, load_config
-from declora.data import load_dataset
+from declora.data import load_dataset, read_instructions
 from declora.tasks import Instruction
 from declora.train import pad
 
@@ -125,6 +125,43 @@ def test_messages_and_prompt_response_tables(tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="must end with an assistant message"):
         load_dataset(DataConfig(dataset=str(bad), test_file=str(held)), 0, instruction=True)
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("chat", "says"),
+    [
+        (
+            [USER, {"role": "assistant", "content": None}],
+            r"message 1 needs a string 'role' and a string 'content'",
+        ),
+        ([USER, {"role": "assistant"}], r"message 1 needs a string 'role' and a string 'content'"),
+        ([{"content": "hi"}, {"role": "assistant", "content": "x"}], r"message 0 needs a string 'role'"),
+        ([{"role": "user"}, {"role": "assistant", "content": "x"}], r"message 0 needs a string 'role'"),
+        ([{"role": "assistant", "content": "x"}], r"has no prompt turn before the assistant's answer"),
+        ("hello", r"must be a non-empty list of \{role, content\} messages, not 'hello'"),
+        ([], r"must be a non-empty list of \{role, content\} messages, not \[\]"),
+    ],
+    ids=[
+        "null_answer",
+        "no_content",
+        "no_role",
+        "prompt_without_content",
+        "no_prompt",
+        "a_string",
+        "empty",
+    ],
+)
+def test_a_malformed_conversation_is_named_by_row_whatever_the_tokenizer(tmp_path, chat, says):
+    """Checked when read, before any chat template could render a missing field as empty text (or a
+    null answer as the text 'None')."""
+    good = {"messages": [USER, {"role": "assistant", "content": "hello"}]}
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": chat}) + "\n")
+    with pytest.raises(ValueError, match=rf"^row 1 of '{data}' \(split 'train'\): 'messages'.*{says}"):
+        read_instructions(str(data), "train", DataConfig())
 
 
 def _instruction_run(tiny_llama, data, *extra: str) -> list[str]:

@@ -138,6 +138,8 @@ class DeCAF:
         factors = {k: v.detach() for k, v in ctx.fed.tensors(("A", "B")).items()}
         received = ctx.exchange.share(factors, ctx.W, ctx.round)  # what the neighbours decode
         here = linked[ctx.node_ids]  # (n_local,) this process's rows that hear a neighbour
+        if not here.any():  # all of this process's nodes are alone this round (a graph that changes)
+            return
         nodes = ctx.node_ids[here]  # (k,) their global ids
         for name, layer in ctx.fed.lora.items():
             a, b = f"{name}.lora_A", f"{name}.lora_B"

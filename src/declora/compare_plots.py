@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator
+from matplotlib.ticker import MaxNLocator
 
-from declora.report import display_scale, lower_is_better, read_metrics
+from declora.report import display_scale, log_axis_keeping_zeros, lower_is_better, read_metrics
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -56,7 +56,6 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
     FigureCanvasAgg(fig)
     ax_round, ax_bytes, ax_cons = fig.subplots(1, 3)
     k, label = display_scale(metric), "perplexity" if lower_is_better(metric) else "accuracy (%)"
-    smallest = np.inf  # the smallest positive consensus distance: below it the scale is linear
     for i, (method, dirs) in enumerate(runs.items()):
         c = curves(dirs, metric)
         if not np.isfinite(c["acc"]).any():  # no evaluation of the metric: nothing to draw
@@ -69,21 +68,10 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
         finite = np.isfinite(c["consensus"])
         if finite.any():
             ax_cons.plot(c["round"][finite], c["consensus"][finite], **style)
-            positive = c["consensus"][finite & (c["consensus"] > 0)]
-            smallest = min(smallest, positive.min()) if len(positive) else smallest
     ax_round.set(title=f"{metric} vs round", xlabel="round", ylabel=label)
     ax_bytes.set(title=f"{metric} vs bytes sent", xlabel="MB sent (all nodes)", ylabel=label)
     ax_cons.set(title="product consensus distance", xlabel="round", ylabel="consensus_BA")
-    if np.isfinite(smallest):  # log when nothing is 0 (symlog then leaves too few ticks to read)
-        if any(0 in line.get_ydata() for line in ax_cons.get_lines()):
-            ax_cons.set_yscale("symlog", linthresh=smallest)
-            largest = max(float(np.nanmax(line.get_ydata())) for line in ax_cons.get_lines())
-            lo, hi = int(np.floor(np.log10(smallest))), int(np.ceil(np.log10(max(largest, smallest))))
-            step = max(1, -(-(hi - lo) // 5))  # at most about six decades labelled, and 0
-            ax_cons.set_yticks([0.0, *(10.0**k for k in range(hi, lo - 1, -step))])
-        else:
-            ax_cons.set_yscale("log")
-            ax_cons.yaxis.set_major_locator(LogLocator(numticks=6))  # a few decades labelled, not every one
+    log_axis_keeping_zeros(ax_cons)
     evaluated = {float(x) for line in ax_round.get_lines() for x in line.get_xdata()}
     for ax in (ax_round, ax_cons):
         if len(evaluated) == 1:  # a grid evaluated once: one tick at that round, not fractions around it

@@ -19,9 +19,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator
 
 __all__ = ["format_table", "headline_line", "plot_run", "read_metrics", "summarize", "write_report"]
 
@@ -270,12 +271,12 @@ def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: 
     return "\n".join([*top, note, "", line(header), rule, *(line(r) for r in rows)]) + "\n"
 
 
-def _series(evals: list[dict[str, Any]], key: str, positive: bool = False) -> tuple[list[float], list[float]]:
-    """(rounds, values) of one key over the evaluations, skipping gaps (and values ≤ 0 for log axes)."""
+def _series(evals: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(rounds, values) of one key over the evaluations, skipping gaps."""
     xs, ys = [], []
     for r in evals:
         x, y = _number(r, "round"), _number(r, key)
-        if x is not None and y is not None and math.isfinite(y) and (y > 0 or not positive):
+        if x is not None and y is not None and math.isfinite(y):
             xs.append(x)
             ys.append(y)
     return xs, ys
@@ -328,12 +329,30 @@ def _plot_loss(ax: Any, records: list[dict[str, Any]]) -> None:
 
 def _plot_consensus(ax: Any, evals: list[dict[str, Any]]) -> None:
     for key in CONSENSUS_KEYS[:3]:
-        xs, ys = _series(evals, key, positive=True)
+        xs, ys = _series(evals, key)
         if xs:
             ax.plot(xs, ys, marker="o", markersize=3, label=key)
     ax.set(title="Consensus distance", xlabel="round", ylabel="disagreement (squared Frobenius)")
-    if ax.lines:
+    log_axis_keeping_zeros(ax)
+
+
+def log_axis_keeping_zeros(ax: Any) -> None:
+    """A log y axis for curves of values >= 0 that spread over decades (consensus distances); where a
+    curve touches 0 (exact consensus, a one-node run), symlog, so that 0 is drawn as 0 and not dropped;
+    all zeros stay on a linear axis."""
+    ys = np.array([y for line in ax.get_lines() for y in line.get_ydata()], dtype=float)
+    positive = ys[ys > 0]
+    if not len(positive):
+        return
+    smallest = float(positive.min())
+    if not (ys == 0).any():
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(numticks=6))  # a few decades labelled, not every one
+        return
+    ax.set_yscale("symlog", linthresh=smallest)
+    lo, hi = int(np.floor(np.log10(smallest))), int(np.ceil(np.log10(float(positive.max()))))
+    step = max(1, -(-(hi - lo) // 5))  # at most about six decades labelled, and 0
+    ax.set_yticks([0.0, *(10.0**k for k in range(hi, lo - 1, -step))])
 
 
 def run_figure(records: list[dict[str, Any]]) -> Figure:

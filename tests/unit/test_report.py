@@ -225,6 +225,23 @@ def test_curves_show_loss_and_both_consensus_accuracies(tmp_path):
     assert cons.lines and cons.get_yscale() == "log"
 
 
+def test_curves_draw_a_consensus_of_zero_as_zero(tmp_path):
+    from declora.report import run_figure
+
+    def consensus_panel(values: list[float]):
+        evals = [
+            {"event": "eval", "round": t + 1, "acc_avg_factors": 0.5, "consensus_A": v}
+            for t, v in enumerate(values)
+        ]
+        return run_figure(evals).axes[2]
+
+    started = consensus_panel([0.0, 8.27e-4, 4e-4])  # equal at the start, then drifting
+    assert list(started.lines[0].get_ydata()) == [0.0, 8.27e-4, 4e-4] and started.get_yscale() == "symlog"
+    one_node = consensus_panel([0.0, 0.0])  # centralized: one node, always its own consensus
+    assert list(one_node.lines[0].get_ydata()) == [0.0, 0.0] and one_node.get_yscale() == "linear"
+    assert not one_node.texts  # not "nothing logged"
+
+
 def test_a_gpu_runs_peak_gpu_memory_is_summarised_and_shown(tmp_path: Path) -> None:
     lines = [
         {"event": "round", "round": 1, "train_loss": 0.9, "peak_mem_mb": 900.0, "peak_gpu_mem_mb": 2048.0},

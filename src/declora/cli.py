@@ -216,7 +216,9 @@ def _progress(exp: Experiment, group: Solo) -> _Bar | None:
     t = cfg.topology  # other schedules draw each round's graph (periodic_full: t.graph between full averages)
     graph = {"static": t.graph, "periodic_full": f"periodic_full on {t.graph}"}.get(t.schedule, t.schedule)
     quantized = "" if cfg.model.base_quantization == "none" else f", {cfg.model.base_quantization} base"
-    run = f"{exp.n} nodes, {cfg.algorithm.name}, {graph}, {exp.fed.device} {cfg.precision}{quantized}{where}"
+    nodes = "1 node" if exp.n == 1 else f"{exp.n} nodes"
+    mixing = "" if exp.n == 1 else f", {graph}"  # one node (centralized) mixes over no graph
+    run = f"{nodes}, {cfg.algorithm.name}{mixing}, {exp.fed.device} {cfg.precision}{quantized}{where}"
     print(f"run folder: {exp.run_dir}  ({run})")
     return _Bar(cfg.rounds)
 

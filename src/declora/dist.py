@@ -90,9 +90,10 @@ def make_layout(n: int, world: int, counts: tuple[int, ...] | None = None) -> La
             raise ConfigError(f"nodes={n} cannot be split over {world} processes: every rank needs a node")
         counts = tuple(n // world + (k < n % world) for k in range(world))
     if len(counts) != world or sum(counts) != n or min(counts) < 1:
+        launch = "this launch has 1 process (dist.node_slices splits the nodes of a torchrun launch)"
         raise ConfigError(
             f"dist.node_slices={list(counts)} must give each of the {world} processes at least one node "
-            f"and sum to nodes={n}"
+            f"and sum to nodes={n}" + (f"; {launch}" if world == 1 else "")
         )
     return Layout(tuple(counts))
 

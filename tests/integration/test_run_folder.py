@@ -411,3 +411,14 @@ def test_an_interruption_names_the_folder_only_once_it_holds_a_run(tmp_path):
     assert _interrupted_line(Namespace(command="run", run_dir=run, resume=None)) == hint
     assert _interrupted_line(Namespace(command="run", run_dir=None, resume=str(run))) == hint
     assert _interrupted_line(Namespace(command="compare")).startswith("finished cells are kept")
+
+
+def test_a_one_node_runs_header_names_no_graph_and_node_slices_say_they_split_a_torchrun_launch(
+    tiny, tmp_path, capsys
+):
+    from declora.dist import make_layout
+
+    assert main(["run", *tiny, "algorithm.name=centralized", f"run_dir={tmp_path / 'c'}"]) == 0
+    assert "(1 node, centralized, cpu fp32)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"sum to nodes=4; this launch has 1 process \(dist.node_slices"):
+        make_layout(4, 1, (2, 2))

@@ -27,6 +27,7 @@ from declora.runfolder import (
     atomic_write_text,
     crash_point,
     remove_stray_temporaries,
+    resume_command,
     save_tensors,
 )
 
@@ -122,11 +123,7 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     saved = tuple(meta["node_slices"])
     if saved != group.layout.counts:
         k = len(saved)  # the run's dist.node_slices, if it set them, come back from its config.yaml
-        launch = (
-            f"declora run --resume {exp.run_dir}"
-            if k == 1
-            else f"torchrun --nproc-per-node {k} -m declora run --resume {exp.run_dir}"
-        )
+        launch = resume_command(exp.run_dir)
         raise ConfigError(
             f"{exp.run_dir} was saved by {k} process{'es' if k > 1 else ''} (node slices {list(saved)}); "
             f"this launch has {len(group.layout.counts)} ({list(group.layout.counts)}), and a checkpoint "

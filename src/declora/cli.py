@@ -419,7 +419,7 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
 
 # What an interrupted command leaves, and how to go on (every write is atomic: nothing is half-written).
 INTERRUPTED = {
-    "run": "the run folder keeps its last checkpoint: declora run --resume {run_dir} continues from it",
+    "run": "the run folder keeps its last checkpoint: {resume} continues from it",
     "compare": "finished cells are kept: the same declora compare command continues the grid",
 }
 
@@ -428,9 +428,11 @@ def _interrupted_line(args: argparse.Namespace) -> str:
     """How to go on after an interruption: a run names its folder once it holds a run (config.yaml)."""
     if args.command != "run":
         return INTERRUPTED.get(args.command, "nothing was lost")
+    from declora.runfolder import resume_command
+
     folder = getattr(args, "run_dir", None) or args.resume
     if folder is not None and (Path(folder) / "config.yaml").is_file():
-        return INTERRUPTED["run"].format(run_dir=folder)
+        return INTERRUPTED["run"].format(resume=resume_command(folder))
     return "the run had not started (no run folder was written): the same command starts it"
 
 

@@ -253,10 +253,13 @@ def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: 
     rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
     rounds = _round(summary.get("rounds"))
     if summary.get("stopped_early"):
+        from declora.runfolder import resume_command
+
+        resume = resume_command(run_dir) if run_dir else "declora run --resume RUN_DIR"
         last, planned = summary["stopped_early"]
         rounds = (
             f'{last} of {planned}: NOT FINISHED (stopped, or still running), so "final" is round '
-            f"{last}'s; `declora run --resume {run_dir or 'RUN_DIR'}` continues a stopped run"
+            f"{last}'s; `{resume}` continues a stopped run"
         )
     note = (
         f"Rounds: {rounds}, evaluations: {summary.get('evals', 0)}.\n"

@@ -207,6 +207,19 @@ def _is_run_folder(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS)
 
 
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues ``run_dir``: launched as its last checkpoint was saved (a checkpoint of
+    k > 1 processes resumes under torchrun with k; a checkpoint cannot be resharded)."""
+    try:
+        slices = json.loads((Path(run_dir) / "state" / "latest.json").read_text())["node_slices"]
+    except (OSError, ValueError, KeyError, TypeError):  # no checkpoint yet: one process starts it again
+        slices = []
+    k = len(slices) if isinstance(slices, list) else 1
+    if k > 1:
+        return f"torchrun --nproc-per-node {k} -m declora run --resume {run_dir}"
+    return f"declora run --resume {run_dir}"
+
+
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """Before any work: a new run may write ``run_dir`` (empty, or a run folder with ``overwrite``)."""
     if run_dir.exists() and not run_dir.is_dir():

@@ -422,3 +422,24 @@ def test_a_one_node_runs_header_names_no_graph_and_node_slices_say_they_split_a_
     assert "(1 node, centralized, cpu fp32)" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"sum to nodes=4; this launch has 1 process \(dist.node_slices"):
         make_layout(4, 1, (2, 2))
+
+
+def test_resume_hints_name_the_launch_the_checkpoint_was_saved_by(tmp_path):
+    from argparse import Namespace
+
+    from declora.cli import _interrupted_line
+    from declora.report import format_table
+    from declora.runfolder import resume_command
+
+    run = tmp_path / "run"
+    (run / "state").mkdir(parents=True)
+    (run / "config.yaml").write_text("nodes: 4\n")
+    assert resume_command(run) == f"declora run --resume {run}"  # no checkpoint yet
+    (run / "state" / "latest.json").write_text(json.dumps({"round": 3, "wall_s": 1.0, "node_slices": [2, 2]}))
+    torchrun = f"torchrun --nproc-per-node 2 -m declora run --resume {run}"
+    assert resume_command(run) == torchrun
+    assert torchrun in _interrupted_line(Namespace(command="run", run_dir=run, resume=None))
+    summary = {"rounds": 3, "stopped_early": (3, 30), "accuracy": {}, "final": {}}
+    assert f"`{torchrun}` continues a stopped run" in format_table(summary, run_dir=run)
+    (run / "state" / "latest.json").write_text(json.dumps({"round": 3, "wall_s": 1.0, "node_slices": [4]}))
+    assert resume_command(run) == f"declora run --resume {run}"

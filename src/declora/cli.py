@@ -446,7 +446,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from declora.dist import DistributedRunError
+    from declora.dist import DistributedRunError, JobStopped
 
     args = parse_cli(argv)
     if argv is None:  # the command line's own process (not a caller of main() in its own program)
@@ -461,10 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("declora.cli").warning(line)
     try:
         return args.func(args)
-    except (KeyboardInterrupt, Terminated) as stop:  # one line, and the conventional 128 + the signal
+    except (KeyboardInterrupt, Terminated, JobStopped) as stop:  # one line, and 128 + the signal
         code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
         if not quiet:  # under torchrun every rank gets the signal; one says it
-            print(f"declora: {what}; {_interrupted_line(args)}", file=sys.stderr)
+            print(f"declora: {what}; {_interrupted_line(args)}", file=sys.stderr, flush=True)
+        if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as _die)
+            logging.shutdown()
+            os._exit(code)
         return code
     except BrokenPipeError:  # the reader of stdout left (| head): stop quietly, as a pipe's writer does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush

@@ -35,6 +35,7 @@ from declora.config import ConfigError, DistConfig
 log = logging.getLogger(__name__)
 FAULT_ENV = "DECLORA_FAULT"  # tests: "kill:RANK:ROUND" or "hang:RANK:ROUND" (ROUND counted from 1)
 PHASES = ("start", "round", "train", "communicate", "evaluate", "checkpoint", "finish")
+JOB_STOPPED = "the launcher stopped every rank (SIGTERM), none of which had failed"
 
 
 class DistributedRunError(RuntimeError):
@@ -42,7 +43,13 @@ class DistributedRunError(RuntimeError):
 
 
 class Stopped(Exception):
-    """The launcher asked this rank to stop (SIGTERM): another rank of the run has failed."""
+    """The launcher asked this rank to stop (SIGTERM): another rank of the run has failed, or the whole
+    job was stopped (a batch scheduler's time limit, a kill of torchrun): ``guard`` tells them apart."""
+
+
+class JobStopped(BaseException):
+    """Every rank was asked to stop and none had failed: the job was stopped from outside, as Ctrl-C or a
+    kill stops one process (the command line says how to go on and exits 143)."""
 
 
 class PeerError(RuntimeError):
@@ -253,7 +260,10 @@ class Distributed(Solo):
                 # CLI's one line (exit 2); the others learn it through the store and stop.
                 self._post(f"rank {self.rank} refused the run before it started: {_short(err)}")
                 raise
-            raise DistributedRunError(self._diagnose(err)) from err
+            message = self._diagnose(err)
+            if message == JOB_STOPPED:
+                raise JobStopped(message) from err
+            raise DistributedRunError(message) from err
 
     def _post(self, message: str) -> None:
         with suppress(Exception):  # no store: the other ranks time out instead
@@ -291,14 +301,18 @@ class Distributed(Solo):
         here = f"rank {self.rank} stopped in round {round + 1} ({phase})"
         own = not isinstance(err, (Stopped, PeerError, dist.DistError))
         try:
-            self.store.set(f"failed/{self.rank}", "own" if own else "peer")
-            culprit = self._culprit(own)
+            self.store.set(
+                f"failed/{self.rank}", "own" if own else "stop" if isinstance(err, Stopped) else "peer"
+            )
+            culprit = self._culprit(own, stopped=isinstance(err, Stopped))
+            if culprit == JOB_STOPPED:
+                return JOB_STOPPED
             message = f"{culprit}; {here}: {type(err).__name__}: {_short(err)}"
             return self.store.compare_set("fail", "", message).decode()
         except Exception:  # noqa: BLE001 - no store: say what this rank knows
             return f"{here}: {type(err).__name__}: {_short(err)}"
 
-    def _culprit(self, own: bool) -> str:
+    def _culprit(self, own: bool, stopped: bool = False) -> str:
         if own:
             return f"rank {self.rank} failed in round {self.at[0] + 1} ({self.at[1]})"
         others = [k for k in range(self.world) if k != self.rank]
@@ -312,6 +326,11 @@ class Distributed(Solo):
             return f"rank {k} failed in round {self._where(k)}"
         silent = [k for k in others if reports[k] is None]
         dead = [k for k in silent if self._read(f"beat/{k}") == beats[k]]
+        if not dead and (stopped or "stop" in reports.values()):
+            # torchrun sends SIGTERM to the ranks when one fails (it reported "own", or died) or when it
+            # is stopped itself (a scheduler's limit): none failed, so the job is being stopped. A rank
+            # that is still silent sits in a collective, where its SIGTERM handler waits to run.
+            return JOB_STOPPED
         if dead:
             return ", ".join(f"rank {k} died in round {self._where(k)}" for k in dead)
         if silent:

@@ -1,0 +1,60 @@
+"""How a rank of a multi-process run names what stopped it, from what the ranks posted in the run's
+store (a real torch.distributed HashStore): a rank's own error, a dead or hung rank, or a stop from
+outside (torchrun passing on a scheduler's SIGTERM), which is not a failure."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+import torch.distributed as dist
+
+from declora.dist import JOB_STOPPED, Distributed
+
+pytestmark = pytest.mark.unit
+
+
+def _rank0_of_two() -> Distributed:
+    """Rank 0's diagnosis, on a store without a process group (only the store is read)."""
+    rank = object.__new__(Distributed)
+    rank.store = dist.PrefixStore("declora/", dist.HashStore())
+    rank.rank, rank.world, rank.timeout, rank.at = 0, 2, timedelta(seconds=1), (2, "communicate")
+    rank.store.set("at/1", "2 3")
+    rank.store.set("beat/1", "1")
+    return rank
+
+
+def test_a_stop_of_every_rank_is_not_a_failure():
+    rank = _rank0_of_two()
+    rank.store.set("failed/1", "stop")
+    assert rank._culprit(own=False, stopped=True) == JOB_STOPPED
+    assert rank._culprit(own=False, stopped=False) == JOB_STOPPED  # a collective broke: the peer stopped
+
+
+def test_a_stopped_rank_whose_peer_is_alive_in_a_collective_is_a_stop():
+    rank = _rank0_of_two()  # rank 1 beats but has not said anything: its SIGTERM waits in a collective
+    beating = threading.Event()
+
+    def beat():
+        for k in range(2, 40):
+            if beating.wait(0.1):
+                return
+            rank.store.set("beat/1", str(k))
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        assert rank._culprit(own=False, stopped=True) == JOB_STOPPED
+    finally:
+        beating.set()
+        thread.join()
+
+
+def test_a_failed_or_dead_peer_is_named_even_when_this_rank_was_stopped():
+    rank = _rank0_of_two()
+    rank.store.set("failed/1", "own")
+    assert rank._culprit(own=False, stopped=True) == "rank 1 failed in round 3 (communicate)"
+    silent = _rank0_of_two()  # no report and no heartbeat: it died (torchrun then stops the others)
+    assert silent._culprit(own=False, stopped=True) == "rank 1 died in round 3 (communicate)"
+    assert silent._culprit(own=True) == "rank 0 failed in round 3 (communicate)"

@@ -79,4 +79,3 @@ def test_a_config_error_found_at_launch_is_one_line_and_exit_2_on_every_rank(tin
         assert refused.output.count("declora: error: algorithm.name='nope' is not known") == 2, refused.output
         assert re.findall(r"exitcode\s+: (-?\d+)", refused.output) == ["2", "2"], refused.output[-3000:]
         assert "terminate called" not in refused.output and not (tmp_path / "run").exists()
-

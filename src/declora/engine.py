@@ -129,8 +129,8 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     """Load the last complete checkpoint, drop later metrics, record the resume. Only rank 0 reads or
     writes the folder (other hosts may have none); the CLI has already refused unsafe overrides."""
     group, main = exp.group, exp.group.is_main
-    if main and not (exp.run_dir / "config.yaml").is_file():
-        raise ConfigError(f"nothing to resume in {exp.run_dir}: it holds no declora run (no config.yaml)")
+    if main:  # again, under the lock
+        _check_folder(exp.run_dir, resume=True, overwrite=False)
     with reading_saved_config():  # only compared with: exp.cfg is the one checked and run
         saved = load_config(exp.run_dir / "config.yaml") if main else None
     changes = check_resume(saved, exp.cfg) if saved is not None else {}  # saved: on the main rank

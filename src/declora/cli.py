@@ -39,12 +39,15 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     """The run's config and folder, checked before any work: a new run needs an empty folder (or
     --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
     from declora.experiment import default_run_dir
+    from declora.ignored import without_unread_defaults
     from declora.inputs import check_started_in
     from declora.runfolder import check_new_run, check_not_in_use, check_writable, start_record
     from declora.trackers import check_tracker_runs, reading_saved_config
 
     if not args.resume:
         cfg = load_config(_config_path(args.config), args.overrides)
+        if args.config is None:  # the fallback config: its keys this run ignores were not the user's
+            cfg = without_unread_defaults(cfg, [parse_override(text)[0] for text in args.overrides])
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
         check_new_run(run_dir, args.overwrite)
         return cfg, run_dir

@@ -11,7 +11,8 @@ describe the experiment for all its methods (C4 gives every server method the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Collection
 
 from declora.config import ALTERNATING, Config
 
@@ -168,8 +169,9 @@ SECTIONS = {
 }
 
 
-def ignored_settings(cfg: Config) -> list[str]:
-    """One line per key that differs from its default but that this run never reads."""
+def ignored_keys(cfg: Config) -> list[tuple[str, str, str]]:
+    """(section, key, who reads it) for each key that differs from its default but that this run never
+    reads."""
     from declora.algorithms import SHIPPED
 
     out = []
@@ -179,10 +181,32 @@ def ignored_settings(cfg: Config) -> list[str]:
         values = getattr(cfg, section)
         defaults = type(values)()
         for key, (reads, who) in readers.items():
-            value = getattr(values, key)
-            if value != getattr(defaults, key) and not reads(cfg):
-                out.append(f"{section}.{key}={_show(value)} has no effect in this run; it applies to {who}")
+            if getattr(values, key) != getattr(defaults, key) and not reads(cfg):
+                out.append((section, key, who))
     return out
+
+
+def ignored_settings(cfg: Config) -> list[str]:
+    """One line per key that differs from its default but that this run never reads."""
+    return [
+        f"{section}.{key}={_show(getattr(getattr(cfg, section), key))} has no effect in this run; "
+        f"it applies to {who}"
+        for section, key, who in ignored_keys(cfg)
+    ]
+
+
+def without_unread_defaults(cfg: Config, chosen: Collection[str]) -> Config:
+    """``cfg`` with every ignored key that the user did not choose (``chosen``: dotted keys) set back to
+    its default. For the config a run falls back on when given none (configs/default.yaml): its
+    ``partition.min_size`` means nothing once ``partition.kind=iid`` is asked for, and neither a warning
+    about a key the user never set nor that value in the run's config.yaml would help anyone. Unread
+    keys change nothing, so neither does this."""
+    reset: dict[str, dict[str, object]] = {}
+    for section, key, _ in ignored_keys(cfg):
+        if not {section, f"{section}.{key}"} & set(chosen):  # a whole section counts as chosen too
+            reset.setdefault(section, {})[key] = getattr(type(getattr(cfg, section))(), key)
+    changes = {s: dataclasses.replace(getattr(cfg, s), **keys) for s, keys in reset.items()}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _show(value: object) -> str:

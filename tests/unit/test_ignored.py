@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,17 @@ from declora.config import (
     TopologyConfig,
     load_config,
 )
-from declora.ignored import ALGORITHM, ATTACK, COMM, PARTITION, ROBUST, TASK, TOPOLOGY, ignored_settings
+from declora.ignored import (
+    ALGORITHM,
+    ATTACK,
+    COMM,
+    PARTITION,
+    ROBUST,
+    TASK,
+    TOPOLOGY,
+    ignored_settings,
+    without_unread_defaults,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -110,8 +121,6 @@ def test_settings_the_run_reads_are_not_named(overrides):
 
 
 def test_the_shipped_configs_set_nothing_they_ignore():
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("**/*.yaml")):
         if path.parent.name in ("grids", "fidelity", "fidelity_gpu"):  # grid files, not run configs
@@ -125,3 +134,41 @@ def test_building_a_run_warns_of_each_ignored_setting(tiny_bert, tiny_data, tmp_
     with caplog.at_level("WARNING", logger="declora.experiment"):
         tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=fedavg", "algorithm.mu=0.5")
     assert "algorithm.mu=0.5 has no effect in this run; it applies to fedprox, dec_prox" in caplog.text
+
+
+ROOT_DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def test_keys_of_the_fallback_config_that_a_run_ignores_fall_back_to_their_defaults():
+    cfg = load_config(ROOT_DEFAULT, ["partition.kind=iid"])  # the default config sets min_size: 32
+    assert ignored_settings(cfg) == [
+        "partition.min_size=32 has no effect in this run; "
+        "it applies to partition.kind dirichlet or quantity_skew"
+    ]
+    cleaned = without_unread_defaults(cfg, ["partition.kind"])
+    assert ignored_settings(cleaned) == []
+    assert cleaned.partition.min_size == PartitionConfig().min_size
+    assert dataclasses.replace(cleaned, partition=cfg.partition) == cfg  # nothing else touched
+    # a key the user chose stays, and is warned about
+    for chosen in (["partition.kind", "partition.min_size"], ["partition"]):
+        assert without_unread_defaults(cfg, chosen) == cfg
+
+
+def test_declora_run_without_a_config_does_not_warn_of_keys_the_user_never_set(tmp_path, monkeypatch):
+    import argparse
+    import shutil
+
+    from declora.cli import _run_config
+
+    (tmp_path / "configs").mkdir()
+    shutil.copy(ROOT_DEFAULT, tmp_path / "configs" / "default.yaml")
+    monkeypatch.chdir(tmp_path)
+
+    def run_config(config, *overrides):
+        args = argparse.Namespace(config=config, overrides=list(overrides), resume=None, overwrite=False)
+        return _run_config(args)[0]
+
+    assert run_config(None, "partition.kind=iid").partition.min_size == PartitionConfig().min_size
+    assert run_config(None, "partition.kind=iid", "partition.min_size=32").partition.min_size == 32
+    assert run_config("configs/default.yaml", "partition.kind=iid").partition.min_size == 32  # named: kept
+    assert run_config(None).partition.min_size == 32  # read by the default's Dirichlet partition

@@ -328,7 +328,9 @@ def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data
     else:
         asked = column(table, cfg.prompt_column, "data.prompt_column", where)
         prompts = [json.dumps([{"role": "user", "content": str(p)}]) for p in asked]
-        responses = [str(r) for r in column(table, cfg.response_column, "data.response_column", where)]
+        # an empty answer is kept (and warned about when encoded), as an empty assistant message is
+        answers = column(table, cfg.response_column, "data.response_column", where, blank=True)
+        responses = [str(r) for r in answers]
     return TextDataset(prompts, np.zeros(len(prompts), dtype=np.int64), ("text",), responses=responses)
 
 

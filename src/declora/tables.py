@@ -201,15 +201,22 @@ def open_split(source: str | Path, split: str, key: str = "data.split") -> Any:
 
 
 def column(
-    table: Any, name: str, key: str, where: str, source: str | Path | None = None, nested: bool = False
+    table: Any,
+    name: str,
+    key: str,
+    where: str,
+    source: str | Path | None = None,
+    nested: bool = False,
+    blank: bool = False,
 ) -> list[Any]:
-    """The values of one column; a missing column, an empty cell, a NaN or (unless ``nested``) a list or
-    dict is an error naming it (with the file and line when ``source`` is a text table)."""
+    """The values of one column; a missing column, an empty cell (unless ``blank``: then only a missing
+    one), a NaN or (unless ``nested``) a list or dict is an error naming it (with the file and line when
+    ``source`` is a text table)."""
     if name not in table.column_names:
         raise ConfigError(f"{key}={name!r} is not a column of {where}; found {sorted(table.column_names)}")
     values = list(table[name])
     for i, v in enumerate(values):
-        empty = v is None or (isinstance(v, str) and not v.strip())
+        empty = v is None or (isinstance(v, str) and not v.strip() and not blank)
         # a list: pre-tokenized words, or a JSON file of columns, which reads as one row of lists
         many = not nested and isinstance(v, (list, dict))
         if empty or many or (isinstance(v, float) and not math.isfinite(v)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -277,19 +278,35 @@ def test_a_run_trains_each_node_on_its_own_instruction_file(tiny_llama, tmp_path
     assert math.isfinite(last["ppl_avg_factors"]) and 0.0 <= last["em_avg_factors"] <= 1.0
 
 
-def test_empty_responses_are_warned_about(tiny_llama, tmp_path, caplog):
+@pytest.mark.parametrize("layout", ["messages", "prompt_response"])
+def test_empty_responses_are_warned_about_in_either_layout(tiny_llama, tmp_path, caplog, layout):
     from declora.experiment import build_experiment
 
     chats = tmp_path / "chats.jsonl"
     rows = [(p, r if i % 2 else "") for i, (p, r) in enumerate(PAIRS * 4)]  # every other answer empty
-    chats.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]})
-            + "\n"
+    if layout == "messages":
+        chat = [
+            {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}
             for p, r in rows
-        )
-    )
+        ]
+    else:
+        chat = [{"prompt": p, "response": r} for p, r in rows]
+    chats.write_text("".join(json.dumps(row) + "\n" for row in chat))
     overrides = _instruction_run(tiny_llama, chats, "model.rank=2", "partition.kind=iid")
     with caplog.at_level("WARNING", logger="declora.experiment"):
         build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
-    assert "training responses are empty: those rows train on the end of turn alone" in caplog.text
+    said = re.search(
+        r"(\d+) of (\d+) training responses are empty: those rows train on the end of turn alone", caplog.text
+    )
+    assert said and 0 < int(said[1]) < int(said[2])  # the empty half of the training rows, counted
+
+
+def test_a_missing_response_is_refused_by_row_while_an_empty_one_is_kept(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": ""}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    with pytest.raises(
+        ValueError, match=r"^row 1 of .*: no value in column 'response' \(data.response_column\)"
+    ):
+        read_instructions(str(data), "train", DataConfig())
+    data.write_text(json.dumps({"prompt": "a", "response": ""}) + "\n")
+    assert read_instructions(str(data), "train", DataConfig()).responses == [""]

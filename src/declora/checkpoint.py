@@ -106,11 +106,15 @@ def _read_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
         raise ConfigError(f"checkpoint file {path} is corrupt or truncated ({err})") from err
 
 
-def load_checkpoint(exp: Experiment) -> tuple[int, float]:
-    """Restore the last complete checkpoint of ``exp.run_dir``; returns (rounds done, wall seconds)."""
-    group, state_dir = exp.group, exp.run_dir / "state"
-    latest = state_dir / LATEST
+def check_layout(exp: Experiment, required: bool = True) -> dict[str, Any] | None:
+    """The last complete checkpoint's latest.json, refused (on every rank alike) when it is not
+    declora's, saved by another split of the nodes over processes, or (``required``) missing. Checked
+    before a resumed rank opens its log in the run folder, so that a refused launch adds nothing to it,
+    and again when loading."""
+    group, latest = exp.group, exp.run_dir / "state" / LATEST
     meta = group.broadcast(_read_json(latest) if group.is_main and latest.is_file() else None)
+    if meta is None and not required:
+        return None
     if meta is None:
         raise FileNotFoundError(f"no checkpoint in {exp.run_dir}: {latest} is missing (nothing to resume)")
     needed = ("round", "wall_s", "node_slices")
@@ -129,6 +133,14 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
             f"this launch has {len(group.layout.counts)} ({list(group.layout.counts)}), and a checkpoint "
             f"cannot be resharded: relaunch it as it ran, `{launch}`"
         )
+    return meta
+
+
+def load_checkpoint(exp: Experiment) -> tuple[int, float]:
+    """Restore the last complete checkpoint of ``exp.run_dir``; returns (rounds done, wall seconds)."""
+    group, state_dir = exp.group, exp.run_dir / "state"
+    meta = check_layout(exp)
+    assert meta is not None  # required
     name = shard_name(int(meta["round"]), group.rank)
     if group.layout.counts == (1,) and not (state_dir / f"{name}.safetensors").is_file():
         name = shard_name(int(meta["round"]), 0)  # one node: every rank's shard is the same replica

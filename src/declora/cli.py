@@ -128,6 +128,7 @@ def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from declora.checkpoint import check_layout
     from declora.engine import run
     from declora.experiment import build_experiment
 
@@ -136,6 +137,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         exp = build_experiment(cfg, run_dir, group)
         args.run_dir = exp.run_dir  # an interruption from here on names it in the line it says
         if group.world > 1:
+            if args.resume:  # a launch with another process count is refused before it adds a rank log
+                check_layout(exp, required=False)
             _log_to(exp.run_dir / f"rank_{group.rank}.log")
             log.info("rank %d hosts nodes %s", group.rank, exp.group.nodes.tolist())
         bar = _progress(exp, exp.group)

@@ -25,6 +25,10 @@ def fault_time(run_dir, rank: int) -> float:
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(tiny_bert, tmp_path):
     overrides = tiny_overrides(
         tiny_bert, tmp_path / "run", "dec_lora", "rounds=4", f"dist.timeout_s={TIMEOUT}"
@@ -36,6 +40,12 @@ def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(ti
     assert "declora: error (rank 0)" in killed.output
     assert stopped - fault_time(tmp_path / "run", 1) < TIMEOUT
     assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 2
+
+    before = folder_bytes(tmp_path / "run")
+    refused = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 3)  # another split
+    assert refused.returncode != 0
+    assert "was saved by 2 processes (node slices [3, 2]); this launch has 3" in refused.output
+    assert folder_bytes(tmp_path / "run") == before  # no rank_2.log, nothing appended to the others
 
     resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
     assert resumed.returncode == 0, resumed.output[-4000:]

@@ -49,7 +49,7 @@ from declora.validation import CHOICES, check_measured, check_resume, resume_cha
 log = logging.getLogger(__name__)
 # The metrics a comparison can rank: every headline, and under attack the honest nodes' (declora.attack)
 HEADLINES = (
-    *CHOICES["eval.headline"],
+    *(m for m in CHOICES["eval.headline"] if m != "auto"),
     *(f"{m}_honest_{w}" for m in ("acc", "ppl") for w in ("avg_factors", "mean", "min")),
 )
 

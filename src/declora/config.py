@@ -169,8 +169,10 @@ class EvalConfig:
     consensus_examples: int | None = None  # test examples for the consensus models (None: all)
     # The metric the paper reports, marked first in the report (docs/algorithms.md: evaluation
     # protocols): acc_avg_factors (Dec-LoRA), acc_avg_product, acc_node_mean (ADF/TAD: mean ± std over
-    # nodes), acc_server (FSLoRA).
-    headline: str = "acc_avg_factors"
+    # nodes), acc_server (FSLoRA). "auto" (resolved when the config is checked): the averaged factors,
+    # or each node's own model where the nodes share none (local, fedsa_lora), in the task's measure
+    # (acc_, or ppl_ for causal_lm and instruction).
+    headline: str = "auto"
 
 
 # The methods that train A and B in alternating phases (algorithms/alternating.py): they read

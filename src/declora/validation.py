@@ -44,6 +44,7 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
     "robust.aggregator": ("mean", "trimmed_mean", "median", "clipped", "krum"),
     "attack.kind": ("none", "sign_flip", "gaussian", "scaled", "label_flip"),
     "eval.headline": (
+        "auto",
         *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
         *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
         *("em_avg_factors", "em_avg_product", "em_node_mean", "em_server"),  # task.kind=instruction
@@ -201,6 +202,7 @@ def validate(cfg: Config) -> Config:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     _validate_ranges(flat)
+    cfg = _resolve_headline(cfg)
     interval = cfg.algorithm.switch_interval
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
@@ -543,6 +545,18 @@ def _validate_middle(cfg: Config) -> None:
         )
 
 
+def _resolve_headline(cfg: Config) -> Config:
+    """eval.headline=auto -> the metric a run of this task and algorithm has a model for: the averaged
+    factors, or each node's own model where no model is shared (PERSONAL)."""
+    if cfg.eval.headline != "auto":
+        return cfg
+    from declora.algorithms import PERSONAL
+
+    prefix = "ppl_" if cfg.task.kind in ("causal_lm", "instruction") else "acc_"
+    metric = prefix + ("node_mean" if cfg.algorithm.name in PERSONAL else "avg_factors")
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, headline=metric))
+
+
 def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None:
     """A run of ``cfg`` logs ``metric`` (named ``key`` in the error): the task measures its kind, and a
     ``*_server`` metric needs an algorithm with a server model."""
@@ -553,7 +567,7 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
         raise ConfigError(
             f"{key}={metric!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"
         )
-    from declora.algorithms import SERVER_MODEL, SHIPPED
+    from declora.algorithms import PERSONAL, SERVER_MODEL, SHIPPED
 
     if metric.endswith("_server") and cfg.algorithm.name not in SHIPPED:
         raise ConfigError(
@@ -562,9 +576,10 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
             f"{metric.replace('_server', '_avg_factors')}"
         )
     if metric.endswith("_server") and cfg.algorithm.name not in SERVER_MODEL:
+        own = "_node_mean" if cfg.algorithm.name in PERSONAL else "_avg_factors"
         raise ConfigError(
             f"{key}={metric!r}: algorithm.name={cfg.algorithm.name} has no server model; "
-            f"use {metric.replace('_server', '_avg_factors')} or a server algorithm {sorted(SERVER_MODEL)}"
+            f"use {metric.replace('_server', own)} or a server algorithm {sorted(SERVER_MODEL)}"
         )
 
 

@@ -192,8 +192,9 @@ def test_causal_configs_have_no_trained_head():
         load_config(None, ["task.kind=label_words"])
     with pytest.raises(ConfigError, match="model.head='none'"):
         load_config(None, ["model.head=none"])
-    with pytest.raises(ConfigError, match="ppl_"):
-        load_config(None, ["task.kind=causal_lm", "model.head=none"])
+    with pytest.raises(ConfigError, match="ppl_"):  # an accuracy is not measured by language modelling
+        load_config(None, ["task.kind=causal_lm", "model.head=none", "eval.headline=acc_avg_factors"])
+    assert load_config(None, ["task.kind=causal_lm", "model.head=none"]).eval.headline == "ppl_avg_factors"
     with pytest.raises(ConfigError, match=r"\{text\}"):
         load_config(None, ["task.kind=label_words", "model.head=none", "task.template='Sentiment:'"])
     with pytest.raises(ConfigError, match=r"must contain \{text\} exactly once"):  # the second stayed literal

@@ -126,3 +126,26 @@ def test_a_grid_given_to_run_says_to_compare_it():
         ConfigError, match=r"smoke.yaml is a grid, not a run config: run it with declora compare"
     ):
         load_config("configs/grids/smoke.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "headline"),
+    [
+        ([], "acc_avg_factors"),
+        (["algorithm.name=fedavg"], "acc_avg_factors"),
+        (["algorithm.name=local"], "acc_node_mean"),  # the nodes share no model
+        (["algorithm.name=fedsa_lora"], "acc_node_mean"),  # each node keeps its own B
+        (["task.kind=causal_lm", "model.head=none"], "ppl_avg_factors"),
+        (["task.kind=instruction", "model.head=none", "algorithm.name=fedsa_lora"], "ppl_node_mean"),
+        (["algorithm.name=local", "eval.headline=acc_avg_product"], "acc_avg_product"),  # as asked
+    ],
+)
+def test_the_automatic_headline_is_a_model_the_run_has_in_its_tasks_measure(overrides, headline):
+    assert load_config(None, overrides).eval.headline == headline
+
+
+def test_a_server_headline_without_a_server_names_the_metric_the_algorithm_has():
+    with pytest.raises(ConfigError, match=r"fedsa_lora has no server model; use acc_node_mean or"):
+        load_config(None, ["algorithm.name=fedsa_lora", "eval.headline=acc_server"])
+    with pytest.raises(ConfigError, match=r"dec_lora has no server model; use acc_avg_factors or"):
+        load_config(None, ["eval.headline=acc_server"])

@@ -210,6 +210,10 @@ SERVER_MODEL = frozenset(
     }
 )
 
+# Algorithms whose nodes share no model (local training alone; FedSA-LoRA's B stays on its node): the
+# averaged factors are a model no node holds, so eval.headline=auto reports each node's own model.
+PERSONAL = frozenset({"local", "fedsa_lora"})
+
 # Every algorithm with a server (server.* applies): those with a server model, and FedSA-LoRA, whose
 # server aggregates A alone (each node keeps its own B, so there is no one server model).
 SERVED = SERVER_MODEL | {"fedsa_lora"}

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from declora.experiment import EvalSet, Experiment
-from declora.metrics import consensus_metrics, gated, head_disagreement, mean_std
-from declora.model import Federation, averaged_factors, averaged_product, fold_middle
+from declora.metrics import consensus_metrics, head_disagreement, mean_std
+from declora.model import Federation, as_run, averaged_factors, averaged_product, fold_middle
 from declora.train import row_stats, totals_per_node
 
 
@@ -97,7 +97,9 @@ def evaluate(exp: Experiment) -> dict[str, Any]:
     for key, values in exp.task.extras(own).items():  # (local nodes,) each
         out[f"{key}_node_mean"] = float(group.gather_nodes(values).mean())
     raw = {k: group.gather_nodes(v.detach()) for k, v in fed.tensors().items()}  # (n, ...) each
-    stacked = fold_middle(raw)  # Fed-SB: B R in place of B; every metric reads the adapters B A
+    gate = fed.rank_mask.gate  # (n, r) rank gates (HetLoRA, FlexLoRA): folded into what is scored
+    gate = None if gate is None else group.gather_nodes(gate.detach())
+    stacked = as_run(fed, fold_middle(raw), gate)  # Fed-SB: B R in place of B; every metric reads B A
     # Each consensus pass scores the whole held-out set, so a model scored once is not scored again: when
     # every node holds the same tensors (server methods between rounds, one node) the averaged factors,
     # the averaged product and a server model equal to them are one model.
@@ -118,9 +120,7 @@ def evaluate(exp: Experiment) -> dict[str, Any]:
     if server is not None:
         same = one_model and _same_tensors(server, consensus)
         out.update(_renamed(scored, "server") if same else _scored(exp, server, "server"))
-    gate = fed.rank_mask.gate  # (n, r) rank gates: the metrics read the factors the nodes run
-    gate = None if gate is None else group.gather_nodes(gate.detach())
-    factors = {name: gated(stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"], gate) for name in fed.lora}
+    factors = {name: (stacked[f"{name}.lora_A"], stacked[f"{name}.lora_B"]) for name in fed.lora}
     out.update(consensus_metrics(factors, fed.scale))
     if fed.heads:
         out["consensus_head"] = head_disagreement({k: stacked[k] for k in fed.tensors(("head",))})

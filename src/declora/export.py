@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from declora.adapter_card import AdapterCard
+from declora.evaluate import with_all_nodes
 from declora.experiment import Experiment
-from declora.model import averaged_factors, export_peft, fold_middle, node_adapter
+from declora.model import as_run, averaged_factors, export_peft, fold_middle, node_adapter
 from declora.report import lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 from declora.tasks import label_words_of
@@ -65,10 +66,15 @@ class AdapterExport:
         exp = self.exp
         if exp.cfg.export == "none":
             return
-        stacked = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
-        stacked = fold_middle(stacked)  # Fed-SB: B R is a plain LoRA B for PEFT
+        raw = {k: exp.group.gather_nodes(v.detach()) for k, v in exp.fed.tensors().items()}
+        stacked = fold_middle(raw)  # Fed-SB: B R is a plain LoRA B for PEFT
         gates = exp.fed.rank_mask.gate  # this process's rows: every node's are gathered, as the factors
         gates = None if gates is None else exp.group.gather_nodes(gates.detach())
+        running = as_run(exp.fed, stacked, gates)  # what each node computes: its rank gate folded in
+        server = None
+        if gates is not None:  # HetLoRA, FlexLoRA: the stored model differs from every node's
+            with with_all_nodes(exp.fed, raw):
+                server = exp.algorithm.server_tensors(exp.fed)
         if not exp.group.is_main:
             return
         cfg, folder = exp.cfg, exp.run_dir / "adapters"
@@ -101,7 +107,10 @@ class AdapterExport:
             m = exp.task.metric  # acc | ppl: the keys its numbers have in metrics.jsonl
             consensus = f"the consensus adapter (averaged factors mean(B)·mean(A); {m}_avg_factors)"
             shown = folder.resolve() / "consensus"  # the README names the final place, absolute, not the .tmp
-            export_peft(exp.fed, averaged_factors(stacked), into / "consensus", card(consensus), shown)
+            export_peft(exp.fed, averaged_factors(running), into / "consensus", card(consensus), shown)
+            if server is not None:  # rank-gated nodes run truncations of it: kept as the method's model
+                what = f"the server model, at the full rank r the nodes truncate ({m}_server)"
+                export_peft(exp.fed, server, into / "server", card(what), folder.resolve() / "server")
             if cfg.export == "all":
                 for i in range(exp.n):
                     scores = record.get(f"{m}_node")  # every node's own score, when this round evaluated

@@ -27,6 +27,7 @@ from declora.assets import model_path
 from declora.config import ModelConfig
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
+from declora.metrics import gated
 from declora.pooling import (
     mean_head_input,
     pooled_logits,
@@ -374,6 +375,20 @@ def node_adapter(
         elif k.endswith(".lora_B"):  # (1, d_out, r) -> (1, d_out, k)
             v = v[..., keep.to(v.device)] * gate[keep].to(v)
         out[k] = v
+    return out
+
+
+def as_run(fed: Federation, stacked: dict[str, Tensor], gates: Tensor | None) -> dict[str, Tensor]:
+    """The adapters the nodes run. Under rank gates (n, r) (HetLoRA, FlexLoRA) node i's layer computes
+    s B diag(gate_i) A x: the gates are folded into the factors, so that the consensus models average
+    what the nodes use, and two nodes that store the same server model at different ranks are two models
+    (as the consensus metrics already count them). No gates: ``stacked`` as it is."""
+    if gates is None:
+        return stacked
+    out = dict(stacked)
+    for name in fed.lora:
+        A, B = f"{name}.lora_A", f"{name}.lora_B"
+        out[A], out[B] = gated(stacked[A], stacked[B], gates)
     return out
 
 

@@ -165,3 +165,55 @@ def test_exported_and_checkpointed_tensors_are_as_readable_as_the_other_files(tm
     mode = (run / "adapters/consensus/adapter_config.json").stat().st_mode & 0o777
     assert (run / "adapters/consensus/adapter_model.safetensors").stat().st_mode & 0o777 == mode
     assert all(f.stat().st_mode & 0o777 == mode for f in (run / "state").glob("*.safetensors"))
+
+
+def _folder_accuracy(folder, test, tiny_bert) -> float:
+    """The folder's own README loading lines, then the stock forward on the test rows."""
+    from transformers import AutoTokenizer
+
+    scope: dict = {}
+    exec(re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1), scope)
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    batch = AutoTokenizer.from_pretrained(str(tiny_bert))(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        predicted = scope["model"].eval()(**batch).logits.argmax(-1).numpy()
+    return float((predicted == np.array([NAMES.index(r["label"]) for r in rows])).mean())
+
+
+def test_nodes_of_unequal_ranks_are_scored_and_exported_as_they_run(tiny_bert, tmp_path):
+    """HetLoRA with ranks [1, 2, 2]: every node stores the server model but runs its own truncation, so the
+    consensus adapter averages the truncated factors (as the consensus metrics read them), and the
+    untruncated server model is exported beside it; each folder predicts its own logged score."""
+    hetero = ("algorithm.name=hetlora", "algorithm.ranks=[1,2,2]", "server.optimizer=average", "train.lr=0.1")
+    exp, test = _classifier_run(tiny_bert, tmp_path, "het", *hetero)
+    last = [r for r in read_metrics(exp.run_dir / "metrics.jsonl") if r["event"] == "eval"][-1]
+    adapters = exp.run_dir / "adapters"
+    assert _folder_accuracy(adapters / "consensus", test, tiny_bert) == pytest.approx(last["acc_avg_factors"])
+    assert _folder_accuracy(adapters / "server", test, tiny_bert) == pytest.approx(last["acc_server"])
+    server = json.loads((adapters / "server" / CARD_FILE).read_text())
+    assert server["metrics"]["acc_server"] == last["acc_server"]
+    assert (adapters / "server" / "README.md").read_text().startswith("# declora adapter: the server model")
+
+    def tensors(name):
+        return load_file(str(adapters / name / "adapter_model.safetensors"))
+
+    consensus, stored = tensors("consensus"), tensors("server")
+    nodes = [tensors(f"node_{i:03d}") for i in range(3)]
+    for key, value in consensus.items():
+        if "lora_" not in key:
+            continue
+        # a node's folder keeps its first r_i components: padded back to rank 2, their mean is the consensus
+        padded = [
+            torch.nn.functional.pad(
+                v[key], (0, 2 - v[key].shape[-1]) if "lora_B" in key else (0, 0, 0, 2 - v[key].shape[0])
+            )
+            for v in nodes
+        ]
+        torch.testing.assert_close(value, torch.stack(padded).mean(0))
+        assert not torch.equal(value, stored[key])  # node 0 drops a component the server model has
+    assert last["cross_term"] > 0  # the nodes run different models, and so three models are scored:
+    assert (
+        len({last["acc_avg_factors"], last["acc_avg_product"], last["acc_server"]}) == 3
+    )  # 0.71, 0.75, 0.88

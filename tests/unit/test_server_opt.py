@@ -290,3 +290,38 @@ def test_flora_books_the_uploads_and_the_stack_once(tiny_bert, tiny_data, tmp_pa
     head = sum(v[0].numel() * 4 for v in exp.fed.tensors(("head",)).values())
     stack = sum([1, 2, 4, 3]) * per_rank
     assert ledger.total - before == stack + 4 * stack + 2 * 4 * head  # up; the stack to 4 nodes; heads
+
+
+def test_a_node_back_online_books_the_parts_it_missed_not_this_rounds(tiny_llama, tiny_data, tmp_path):
+    """RoLoRA broadcasts B in one round and A in the next. On a layer that is not square the two differ in
+    size, so the bytes tell which one a returning node is booked for: the latest version of every factor
+    broadcast while it was away (fetched before it trains), beside this round's download."""
+    from declora.engine import run
+
+    exp = tiny_experiment(
+        tiny_llama,
+        tiny_data,
+        tmp_path,
+        "algorithm.name=rolora",
+        "algorithm.switch_interval=1",
+        "model.target_modules=[v_proj]",  # 32 -> 16 (grouped keys and values): A is r x 32, B is 16 x r
+        "model.head=none",
+        "task.kind=label_words",
+        "task.label_words=[' zero', ' one']",
+        "topology.node_dropout=0.4",
+        "rounds=6",
+        "eval.every=6",
+        "seed=1",
+    )
+    size = {kind: sum(v[0].numel() * 4 for v in exp.fed.tensors((kind,)).values()) for kind in ("A", "B")}
+    assert size["A"] == 2 * size["B"]
+    records = run(exp)
+    missed = {kind: torch.zeros(4, dtype=torch.bool) for kind in ("A", "B")}
+    returned = 0
+    for t, record in enumerate(records):
+        online, kind = exp.schedule.online(t).cpu(), exp.algorithm.clock.phase(t)
+        fetched = sum(int((missed[k] & online).sum()) * size[k] for k in ("A", "B"))
+        returned += bool(fetched)
+        assert record["bytes_round"] == 2 * int(online.sum()) * size[kind] + fetched, t
+        missed = {k: (~online if k == kind else m & ~online) for k, m in missed.items()}
+    assert returned >= 2  # the dropout schedule of seed 1 brings nodes back in several rounds

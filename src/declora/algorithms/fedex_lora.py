@@ -113,7 +113,7 @@ class FedExLoRA:
         # A node offline now gets the server model too (the base it shares holds this round's residual): it
         # fetches what it missed when it comes back, the factors and the sum of the residuals it missed.
         factors = sum(v[0].numel() * 4 for v in fed.tensors(trained_kinds(fed)).values())
-        self.rejoin.broadcast(ctx, self.folds.dense_bytes() + factors)
+        self.rejoin.broadcast(ctx, {"model": self.folds.dense_bytes() + factors})
         for name, layer in fed.lora.items():
             A_mean, B_mean, R = exact_residual(table[f"{name}.lora_A"], table[f"{name}.lora_B"], p, robust)
             self.folds.add(name, fed.scale * R)

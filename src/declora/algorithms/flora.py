@@ -96,7 +96,7 @@ class FLoRA:
         # every node, an offline one too, merges the stack into the base it shares and restarts: one that
         # was offline fetches what it missed when it comes back, as one dense sum per layer (and the head)
         head = sum(v[0].numel() * 4 for v in fed.tensors(("head",)).values())
-        self.rejoin.broadcast(ctx, self.folds.dense_bytes() + head)
+        self.rejoin.broadcast(ctx, {"model": self.folds.dense_bytes() + head})
         for name, layer in fed.lora.items():
             A, B = table[f"{name}.lora_A"], table[f"{name}.lora_B"]
             A_s, B_s = stack_adapters(A, B, self.gate, p)

@@ -11,7 +11,8 @@ model that the server optimizer (``declora.server_opt``) moves.
   Under ``average`` this is the weighted mean of the uploads itself and keeps no state. A node that did
   not take part still receives x (the download is booked), so the next round starts from the server model.
 - ``Rejoin``: a node offline in a round cannot receive x then; its row holds x all the same, since it
-  fetches the server model when it comes back, and that download is booked in the round it comes back.
+  fetches what it missed when it comes back (the latest version of each tensor broadcast meanwhile: for
+  RoLoRA the other phase's factor), and that download is booked in the round it comes back.
   So every node always holds the server model: acc_server scores it, and RoLoRA's frozen factor stays
   the same on every node.
 """
@@ -88,25 +89,39 @@ def book_downloads(
 
 
 class Rejoin:
-    """The nodes that missed the server's last broadcast (offline): each books one download of the server
-    model at the next broadcast it is online for (it fetched the model before training that round)."""
+    """The nodes that missed broadcasts of the server (offline): at the next broadcast a node is online
+    for, it books one download of the latest version of each part it missed (it fetched them before
+    training that round). Parts are what a broadcast carries: the whole model, or single tensors when
+    rounds broadcast different ones (RoLoRA's A in one phase, B in the other)."""
 
     def __init__(self, n_local: int) -> None:
-        self.missed = torch.zeros(n_local, dtype=torch.bool)
+        self.n_local = n_local
+        self.missed: dict[str, Tensor] = {}  # part -> (n_local,) bool: its latest version not received
+        self.sizes: dict[str, int] = {}  # part -> bytes of its latest version
 
-    def broadcast(self, ctx: RoundContext, size: int) -> None:
-        """Book the returning nodes' downloads of ``size`` bytes each; note who misses this broadcast."""
+    def broadcast(self, ctx: RoundContext, sizes: Mapping[str, int]) -> None:
+        """Book the returning nodes' downloads of what they missed; this round's parts (``sizes``: bytes
+        each) then are missed by the offline nodes alone."""
         online = ctx.online.cpu()
-        back = int((self.missed & online).sum())
-        if back:
-            ctx.exchange.ledger.add_server(back, size)
-        self.missed = ~online
+        for part, missed in self.missed.items():
+            back = int((missed & online).sum())
+            if back:
+                ctx.exchange.ledger.add_server(back, self.sizes[part])
+            self.missed[part] = missed & ~online
+        for part, size in sizes.items():
+            self.missed[part], self.sizes[part] = ~online, size
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"rejoin/missed": self.missed.to(torch.uint8)}
+        state = {f"rejoin/missed/{p}": m.to(torch.uint8) for p, m in self.missed.items()}
+        return state | {f"rejoin/size/{p}": torch.tensor(size) for p, size in self.sizes.items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.missed = state["rejoin/missed"].bool().cpu()  # kept beside the schedule's masks, on the CPU
+        # kept beside the schedule's masks, on the CPU
+        for key, value in state.items():
+            if key.startswith("rejoin/missed/"):
+                part = key[len("rejoin/missed/") :]
+                self.missed[part] = value.bool().cpu()
+                self.sizes[part] = int(state[f"rejoin/size/{part}"])
 
 
 class ServerModel:
@@ -141,7 +156,8 @@ class ServerModel:
         weights = upload_weights(self.weighting, senders, ctx.data_sizes)
         means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)
         book_downloads(ctx, online, senders, tensors)
-        self.rejoin.broadcast(ctx, also + sum(v[0].numel() * v.element_size() for v in tensors.values()))
+        sizes = {name: v[0].numel() * v.element_size() for name, v in tensors.items()}
+        self.rejoin.broadcast(ctx, sizes | ({"also": also} if also else {}))
         if self.opt.rule != "average":
             self.opt.step(self.x, {k: mean.unsqueeze(0) - self.x[k] for k, mean in means.items()})
             means = {k: self.x[k][0] for k in means}

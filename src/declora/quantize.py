@@ -25,13 +25,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from declora import quantize_bnb
+from declora.heap import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +234,21 @@ def quantize_linears(
         raise ValueError(f"model.base_quantization={kind!r} is not known; choose one of {allowed}")
     before = module_nbytes(model)
     targets = [
-        (name, m)
+        name
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and not name.startswith(skip)  # startswith(()) is False
     ]
-    for name, linear in targets:
+    for name in targets:  # one layer at a time: its fp32 weight is freed before the next is coded
+        linear = cast(nn.Linear, model.get_submodule(name))
         _replace(model, name, QuantizedLinear(linear, kind, backend))
+        linear.weight = None  # type: ignore[assignment]  # a reference held elsewhere keeps no fp32 copy
+        del linear
+    # transformers maps the checkpoint file into memory, and the weights kept in fp32 (embeddings, norms)
+    # are views of that mapping: it would keep every page read to code the layers resident for the whole
+    # run. Copies of them let the mapping go.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
+    release_free_memory()  # the freed pages go back to the system, or the peak RSS would keep them
     after = module_nbytes(model)
     log.info(
         "base quantized to %s (%s backend): %d linear layers, %.1f MB -> %.1f MB (embeddings, norms and "

@@ -190,7 +190,11 @@ def validate(cfg: Config) -> Config:
     for key in POSITIVE:
         if flat[key] is None or flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]!r} must be a positive integer")
-    if cfg.model.quant_backend == "bitsandbytes" and importlib.util.find_spec("bitsandbytes") is None:
+    if (
+        cfg.model.quant_backend == "bitsandbytes"
+        and cfg.model.base_quantization == "nf4"  # the only base it decodes (else warned as unread)
+        and importlib.util.find_spec("bitsandbytes") is None
+    ):
         raise ConfigError(
             "model.quant_backend=bitsandbytes but bitsandbytes is not installed "
             "(pip install 'declora[quant]'); use model.quant_backend=auto or declora"

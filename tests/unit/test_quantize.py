@@ -331,3 +331,28 @@ def test_a_quantized_run_says_so_in_its_header_and_report(tiny_bert, tmp_path, c
     assert main(["run", *args, "threads=1", "model.base_quantization=int8", f"run_dir={run}"]) == 0
     assert "(2 nodes, dec_lora, ring, cpu fp32, int8 base)" in capsys.readouterr().out
     assert "The frozen base was stored quantized (int8)." in (run / "report.md").read_text()
+
+
+def test_an_explicit_bitsandbytes_backend_is_refused_without_it_only_where_it_would_decode(monkeypatch):
+    """nf4 alone reads model.quant_backend: there a missing bitsandbytes stops the run before any work;
+    with int8 or no quantization the setting is unread, so it is warned about as such whether or not the
+    package is installed (declora.ignored), never refused on one machine and accepted on another."""
+    import importlib.util
+
+    from declora.config import ConfigError, load_config
+    from declora.ignored import ignored_settings
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else found(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=r"model.quant_backend=bitsandbytes but bitsandbytes is not installed"
+    ):
+        load_config(None, ["model.base_quantization=nf4", "model.quant_backend=bitsandbytes"])
+    for kind in ("int8", "none"):
+        cfg = load_config(None, [f"model.base_quantization={kind}", "model.quant_backend=bitsandbytes"])
+        assert ignored_settings(cfg) == [
+            "model.quant_backend='bitsandbytes' has no effect in this run; "
+            "it applies to model.base_quantization=nf4"
+        ]

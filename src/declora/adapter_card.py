@@ -36,7 +36,8 @@ class AdapterCard:
     round: int | None = None  # the round the adapter was taken at
     numbers: dict[str, Any] = field(default_factory=dict)  # metric -> value at that round
     run: dict[str, Any] = field(default_factory=dict)  # algorithm, nodes, rounds, run folder
-    # What the numbers also depend on: max_length, base_quantization; label_words: template and words
+    # What the numbers also depend on: max_length, base_quantization (nf4: kept_fp32, the layers left
+    # unquantized), precision; label_words: template and words
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +114,19 @@ def _input_lines(inputs: dict[str, Any]) -> list[str]:
         lines.append(
             f"Trained and scored on the base quantized to {inputs['base_quantization']} (declora "
             "`model.base_quantization`); the full-precision base gives somewhat different numbers.\n"
+        )
+    if inputs.get("base_quantization") == "nf4":  # the same codes as bitsandbytes' NF4 in blocks of 64
+        lines.append(
+            "Stock transformers reproduces that base: `from_pretrained(BASE, ..., quantization_config="
+            'BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+            "bnb_4bit_use_double_quant=False, "
+            f"bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules={inputs.get('kept_fp32')}))`, then "
+            "this folder attached as below.\n"
+        )
+    if inputs.get("precision", "fp32") != "fp32":
+        lines.append(
+            f"Trained and scored with the frozen base stored in {inputs['precision']} (declora `precision`); "
+            "the fp32 base gives slightly different numbers.\n"
         )
     if "label_words" in inputs:
         words = ", ".join(f"{i} = {w!r}" for i, w in enumerate(inputs["label_words"]))

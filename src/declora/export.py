@@ -15,7 +15,7 @@ from typing import Any
 from declora.adapter_card import AdapterCard
 from declora.evaluate import with_all_nodes
 from declora.experiment import Experiment
-from declora.model import as_run, averaged_factors, export_peft, fold_middle, node_adapter
+from declora.model import KEEP_FP32, as_run, averaged_factors, export_peft, fold_middle, node_adapter
 from declora.report import lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 from declora.tasks import label_words_of
@@ -95,6 +95,10 @@ class AdapterExport:
 
         inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
         inputs["base_quantization"] = cfg.model.base_quantization
+        if cfg.model.base_quantization == "nf4":  # stock transformers must leave the same layers unquantized
+            inputs["kept_fp32"] = list(KEEP_FP32)
+        if cfg.precision != "fp32":
+            inputs["precision"] = cfg.precision
         if cfg.task.kind == "label_words":  # the prompt and the words build_task used
             inputs["template"] = cfg.task.template
             inputs["label_words"] = list(label_words_of(cfg.task, exp.label_names))

@@ -217,3 +217,69 @@ def test_nodes_of_unequal_ranks_are_scored_and_exported_as_they_run(tiny_bert, t
     assert (
         len({last["acc_avg_factors"], last["acc_avg_product"], last["acc_server"]}) == 3
     )  # 0.71, 0.75, 0.88
+
+
+def test_an_nf4_card_names_the_stock_loading_that_reproduces_its_score(tiny_bert, tmp_path):
+    """The card's BitsAndBytesConfig gives the same NF4 base (QLoRA's codes in blocks of 64, the head
+    left fp32), so stock transformers + PEFT predict what declora scored; the fp32 base need not."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        BitsAndBytesConfig,
+    )
+
+    # bitsandbytes' CPU kernel wants layers of at least 64 inputs: the tiny BERT at hidden 64
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+    torch.manual_seed(0)
+    wider = tmp_path / "bert64"
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, **shape)).save_pretrained(wider)
+    tokenizer.save_pretrained(wider)
+    tiny_bert = wider
+    exp, test = _classifier_run(
+        tiny_bert,
+        tmp_path,
+        "nf4",
+        "model.base_quantization=nf4",
+        "export=consensus",
+        "rounds=8",
+        "model.rank=8",
+        "train.head_lr=0.05",
+    )
+    last = [r for r in read_metrics(exp.run_dir / "metrics.jsonl") if r["event"] == "eval"][-1]
+    folder = exp.run_dir / "adapters" / "consensus"
+    card = json.loads((folder / CARD_FILE).read_text())
+    assert card["inputs"]["kept_fp32"] == ["pre_classifier", "classifier", "score", "lm_head"]
+    readme = (folder / "README.md").read_text()
+    said = re.search(r"quantization_config=(BitsAndBytesConfig\(.*?\))\)`", readme).group(1)
+    config = eval(said, {"BitsAndBytesConfig": BitsAndBytesConfig, "torch": torch})
+    base = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_bert),
+        num_labels=3,
+        quantization_config=config,
+        dtype=torch.float32,
+        ignore_mismatched_sizes=True,
+    )
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    rows = [json.loads(x) for x in test.read_text().splitlines()]
+    batch = AutoTokenizer.from_pretrained(str(tiny_bert))(
+        [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1).numpy()
+    labels = np.array([NAMES.index(r["label"]) for r in rows])
+    assert float((predicted == labels).mean()) == pytest.approx(last["acc_avg_factors"], abs=1e-6)
+
+
+def test_a_bf16_card_says_the_base_was_bf16(tmp_path):
+    from declora.adapter_card import AdapterCard, write_card
+
+    card = AdapterCard(
+        "the consensus adapter", "minilm", round=3, inputs={"max_length": 64, "precision": "bf16"}
+    )
+    write_card(tmp_path, card, tmp_path, causal=False, pooling=None)
+    assert "with the frozen base stored in bf16 (declora `precision`)" in (tmp_path / "README.md").read_text()

@@ -161,6 +161,7 @@ RESUME_SAFE = (
     "log.trackers",  # mirrors of metrics.jsonl
     "log.mlflow_uri",  # where that mirror lives: a moved folder may point back at its old store
     "train.tokens_per_chunk",
+    "model.quant_backend",  # who decodes the same NF4 bytes: bit-identical numbers
     "dist.timeout_s",
     "dist.backend",
 )

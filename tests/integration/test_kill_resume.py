@@ -147,3 +147,41 @@ def test_resuming_under_another_process_count_names_the_launch_that_resumes_it(s
     assert f"`torchrun --nproc-per-node 2 -m declora run --resume {run}`" in err
     assert "dist.node_slices" not in err  # it comes back from the run's config.yaml
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_nf4_run_resumes_under_the_other_decoder_to_the_same_numbers(tiny_bert, tmp_path):
+    """model.quant_backend only chooses who decodes the same NF4 bytes, so a resume may change it (to
+    move a run to a machine without bitsandbytes) and still end where an uninterrupted run ends."""
+    pytest.importorskip("bitsandbytes")
+    data = write_tiny_data(tmp_path / "tiny.jsonl", 32)
+    args = [
+        *(f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "model.base_quantization=nf4"),
+        *(f"data.dataset={data}", "data.test_fraction=0.25", "partition.min_size=2", "train.batch_size=4"),
+        *(
+            "nodes=2",
+            "train.local_steps=1",
+            "eval.every=1",
+            "eval.node_examples=4",
+            "threads=1",
+            "train.lr=0.01",
+        ),
+    ]
+    assert (
+        main(["run", *args, "rounds=3", "model.quant_backend=bitsandbytes", f"run_dir={tmp_path / 'ref'}"])
+        == 0
+    )
+    assert (
+        main(["run", *args, "rounds=2", "model.quant_backend=bitsandbytes", f"run_dir={tmp_path / 'cut'}"])
+        == 0
+    )
+    assert main(["run", "--resume", str(tmp_path / "cut"), "rounds=3", "model.quant_backend=declora"]) == 0
+
+    def evals(run):
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in MEASURED} for r in records if r["event"] == "eval"]
+
+    assert len(evals(tmp_path / "ref")) == 3 and evals(tmp_path / "cut") == evals(tmp_path / "ref")
+    a, b = (
+        load_file(str(tmp_path / r / "adapters/consensus/adapter_model.safetensors")) for r in ("ref", "cut")
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

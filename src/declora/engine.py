@@ -22,6 +22,7 @@ from declora.experiment import Experiment
 from declora.export import AdapterExport
 from declora.heap import release_free_memory
 from declora.inputs import check_started_in, fingerprints, warn_changed
+from declora.quantize_bnb import uses_bitsandbytes
 from declora.report import write_report
 from declora.runfolder import (
     atomic_write_text,
@@ -116,6 +117,10 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[st
     start["inputs"] = fingerprints(exp.cfg)  # a resume warns when one changed
     # how many held-out examples each evaluation scores (the standard error of an accuracy depends on it)
     start["eval_examples"] = {"consensus": len(exp.consensus_eval.labels), "node": len(exp.node_eval.labels)}
+    model = exp.cfg.model
+    if model.base_quantization != "none":  # what quant_backend=auto resolved to: it sets the speed
+        use = uses_bitsandbytes(model.quant_backend, model.base_quantization, exp.fed.device)
+        start["base_decoder"] = "bitsandbytes" if use else "declora"
     if chosen := chosen_settings(exp.algorithm):
         log.info("%s chose: %s", exp.cfg.algorithm.name, chosen)
         start["algorithm"] = chosen

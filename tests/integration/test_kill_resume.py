@@ -181,6 +181,10 @@ def test_an_nf4_run_resumes_under_the_other_decoder_to_the_same_numbers(tiny_ber
         return [{k: v for k, v in r.items() if k not in MEASURED} for r in records if r["event"] == "eval"]
 
     assert len(evals(tmp_path / "ref")) == 3 and evals(tmp_path / "cut") == evals(tmp_path / "ref")
+    start = json.loads((tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["base_decoder"] == "bitsandbytes"  # who decoded, recorded
+    (resumed,) = read_resumes(tmp_path / "cut")
+    assert resumed["changes"]["model.quant_backend"] == {"old": "bitsandbytes", "new": "declora"}
     a, b = (
         load_file(str(tmp_path / r / "adapters/consensus/adapter_model.safetensors")) for r in ("ref", "cut")
     )

@@ -111,3 +111,17 @@ def test_a_family_of_contrasts_widens_each_interval_by_bonferroni():
     one, six = paired_difference(a, b), paired_difference(a, b, family=6)
     assert t_quantile(3, 6) == pytest.approx(stats.t.ppf(1 - 0.05 / 12, 2))  # 8.88 against 4.30
     assert six.hi - six.lo == pytest.approx((one.hi - one.lo) * t_quantile(3, 6) / t_quantile(3))
+
+
+def test_equal_differences_up_to_float_rounding_give_no_verdict_either():
+    """0.55 - 0.50, 0.60 - 0.55 and 0.65 - 0.60 are one example of a 20-row test set each, but as floats
+    they differ in the last bits: that spread is rounding, not a measurement, and decides nothing."""
+    diff = paired_difference({0: 0.55, 1: 0.60, 2: 0.65}, {0: 0.50, 1: 0.55, 2: 0.60})
+    assert len(set(diff.diffs)) > 1  # the floats do not cancel exactly
+    assert diff.se == 0 and math.isnan(diff.lo) and math.isnan(diff.hi)
+    assert diff.mean == pytest.approx(0.05)
+    assert verdict(diff, "greater") == "undecided" and seeds_to_decide(diff, "greater") is None
+    exact = paired_difference(
+        {0: 1.3e6, 1: 1.4e6}, {0: 0.3e6, 1: 0.4e6}, exact=True
+    )  # bytes: the exact value
+    assert (exact.lo, exact.hi) == (pytest.approx(1e6), pytest.approx(1e6))

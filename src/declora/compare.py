@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.config import Config, ConfigError, load_config, parse_override, python_value, read_yaml
+from declora.config import Config, ConfigError, load_config, parse_override, python_value, read_yaml, to_dict
 from declora.report import (
     best_final,
     display_scale,
@@ -78,6 +78,13 @@ class Grid:
                 raise ConfigError(f"Grid: axis {key!r} needs a non-empty list of values, got {values!r}")
             axes[key] = python_value(list(values))
         object.__setattr__(self, "axes", axes)
+        for key in PER_CELL:
+            if key in axes:
+                raise ConfigError(f"grid.{key}: {PER_CELL[key]}, not a grid axis")
+        for text in self.overrides:
+            key = parse_override(text)[0]
+            if key in PER_CELL:
+                raise ConfigError(f"override {text!r}: {PER_CELL[key]}; edit the grid file")
         check_runs(self.seeds, self.metric, self.target_accuracy, "Grid: ")
 
 
@@ -91,6 +98,11 @@ class Cell:
 
 
 GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy"}
+# Keys the grid sets for each cell itself: an axis or override naming one would be overwritten unseen.
+PER_CELL = {
+    "seed": "each cell's seed comes from the grid's seeds list (seeds: [0, 1, 2])",
+    "run_dir": "each cell's folder is named by the grid inside its out folder",
+}
 
 
 def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None = None) -> Grid:
@@ -113,7 +125,7 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
             raise ConfigError(f"grid.{key} must be a non-empty list, got {values!r}")
     for text in overrides:
         key = parse_override(text)[0]
-        if key in axes or key in ("seed", "run_dir"):
+        if key in axes:
             raise ConfigError(f"override {text!r}: {key} is set per cell by the grid; edit the grid file")
     base = data.get("base")
     if base is not None:  # a relative path: beside the grid file, else from the current directory
@@ -130,7 +142,7 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
         out=Path(out or data.get("out", f"runs/compare-{Path(path).stem}")),
         overrides=(*(data.get("overrides") or ()), *overrides),
         axes=axes,
-        seeds=tuple(data.get("seeds") or (0,)),
+        seeds=tuple(data["seeds"] if data.get("seeds") is not None else (0,)),
         metric=data.get("metric", "acc_avg_factors"),
         target_accuracy=data.get("target_accuracy"),
     )
@@ -162,7 +174,7 @@ def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where}overrides must be a list of key=value strings, got {overrides!r}")
-    seeds = data.get("seeds") or [0]
+    seeds = data["seeds"] if data.get("seeds") is not None else [0]
     if not isinstance(seeds, list):
         raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {seeds!r}")
     check_runs(seeds, data.get("metric", "acc_avg_factors"), data.get("target_accuracy"), where)
@@ -171,6 +183,8 @@ def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
 def check_runs(seeds: Any, metric: Any, target: Any, where: str) -> None:
     """The seeds, metric and target of a grid, from a file (load_grid) or built in Python (Grid): checked
     in this one place, before any cell runs."""
+    if not len(seeds):
+        raise ConfigError(f"{where}seeds is empty; give at least one, such as [0] (or leave it out: [0])")
     if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
         raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {list(seeds)!r}")
     if len(set(seeds)) != len(seeds):
@@ -188,6 +202,7 @@ def expand(grid: Grid) -> list[Cell]:
     """Every combination of the axes, times every seed; validated before anything runs."""
     keys = list(grid.axes)
     cells = []
+    seen: dict[str, str] = {}  # each cell's config (without its folder) -> its grid point
     for values in itertools.product(*(grid.axes[k] for k in keys)):
         point = [
             f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in zip(keys, values, strict=True)
@@ -199,10 +214,27 @@ def expand(grid: Grid) -> list[Cell]:
             try:  # a typo in any cell stops the grid before any run, naming the cell
                 cfg = load_config(grid.base, overrides)
                 check_measured(cfg, grid.metric, "metric")  # else the cell would vanish from the table
+                if "_honest_" in grid.metric and cfg.attack.kind == "none":
+                    raise ConfigError(
+                        f"metric={grid.metric}: the honest nodes' metrics are logged under an attack only, "
+                        "and this cell has attack.kind=none; rank by its acc_* / ppl_* metric instead"
+                    )
             except ConfigError as e:
                 raise ConfigError(f"grid cell {method}: {e}") from None
+            _refuse_same_run(seen, cfg, method)
             cells.append(Cell(method, seed, overrides, run_dir, cfg))
     return cells
+
+
+def _refuse_same_run(seen: dict[str, str], cfg: Config, method: str) -> None:
+    """Two grid points that give one config (a repeated value; 0.001 and "1e-3") would train one run twice,
+    or two folders of one run, and count it twice in the table."""
+    tree = to_dict(cfg)
+    tree.pop("run_dir")
+    key = json.dumps(tree, sort_keys=True, default=str)
+    if key in seen:
+        raise ConfigError(f"grid cells {seen[key]} and {method} are one run (the same config); drop one")
+    seen[key] = method
 
 
 def cell_state(cell: Cell) -> str:

@@ -470,3 +470,47 @@ def test_a_cell_killed_in_its_export_is_not_finished_even_with_a_report(tmp_path
     assert cell_state(cell) == "partial"
     run_grid(grid)
     assert cell_state(cell) == "done" and (adapters / "consensus" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"grid": {"algorithm.name": ["dec_lora", "dec_lora"]}},
+            r"algorithm\.name=dec_lora and algorithm\.name=dec_lora are one run",
+        ),
+        ({"grid": {"train.lr": [0.001, "1e-3"]}}, r"train\.lr=0\.001 and train\.lr=1e-3 are one run"),
+        ({"grid": {"seed": [0, 1]}}, r"^grid\.seed: each cell's seed comes from the grid's seeds list"),
+        ({"grid": {"run_dir": ["a", "b"]}}, r"^grid\.run_dir: each cell's folder is named by the grid"),
+        ({"seeds": []}, r"seeds is empty"),
+        (
+            {"metric": "acc_honest_min"},
+            r"metric=acc_honest_min: the honest nodes' metrics are logged under an attack only",
+        ),
+    ],
+    ids=[
+        "repeated_value",
+        "same_value_spelt_twice",
+        "seed_axis",
+        "run_dir_axis",
+        "no_seeds",
+        "honest_without_attack",
+    ],
+)
+def test_a_grid_that_would_mislabel_or_double_count_its_runs_is_refused_before_any_run(
+    tmp_path, tiny_bert, extra, message
+):
+    with pytest.raises(ConfigError, match=message):
+        expand(load_grid(_grid_file(tmp_path, tiny_bert, **extra)))
+    assert not (tmp_path / "grid").exists()
+
+
+def test_a_seed_in_the_grid_files_overrides_is_refused_as_on_the_command_line(tmp_path, tiny_bert):
+    with pytest.raises(
+        ConfigError, match=r"^override 'seed=5': each cell's seed comes from the grid's seeds"
+    ):
+        load_grid(_grid_file(tmp_path, tiny_bert, more_overrides=["seed=5"]))
+    with pytest.raises(
+        ConfigError, match=r"^override 'seed=5': each cell's seed comes from the grid's seeds"
+    ):
+        load_grid(_grid_file(tmp_path, tiny_bert), overrides=("seed=5",))

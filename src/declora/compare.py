@@ -395,13 +395,24 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
 
 
 def final_by_seed(dirs: list[Path], metric: str) -> dict[int, float]:
-    """Each run's last evaluated value of ``metric``, keyed by the run's seed (from its config.yaml)."""
+    """Each finished run's last evaluated value of ``metric``, keyed by the run's seed (from its
+    config.yaml). A run stopped before its last round is left out: its last value is of another round
+    than the other method's, and a pair of two rounds is no paired difference."""
     finals = {}
     for d in dirs:
-        evals = [r[metric] for r in read_metrics(d / "metrics.jsonl") if r.get(metric) is not None]
-        if evals and (d / "config.yaml").is_file():
-            finals[int((read_yaml(d / "config.yaml") or {}).get("seed", 0))] = evals[-1]
+        records = read_metrics(d / "metrics.jsonl")
+        evals = [r[metric] for r in records if r.get(metric) is not None]
+        if not evals or not (d / "config.yaml").is_file():
+            continue
+        config = read_yaml(d / "config.yaml") or {}
+        if stopped_early(records, planned_rounds(config)) is None:
+            finals[int(config.get("seed", 0))] = evals[-1]
     return finals
+
+
+def _seed_of(run_dir: Path) -> int | None:
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    return int(config.get("seed", 0)) if isinstance(config, dict) else None
 
 
 def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
@@ -420,13 +431,20 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
         if len(set(ref) & set(other)) < 2:
             continue
         d = paired_difference(other, ref, exact=is_exact(metric))
+        everyone = {s for p in (*runs[methods[0]], *runs[method]) if (s := _seed_of(p)) is not None}
+        left_out = sorted(everyone - set(d.seeds))  # not finished (or not run) by one of the two
+        seeds = (
+            f"{len(d.seeds)} (seed {', '.join(map(str, left_out))}: not finished by both)"
+            if left_out
+            else str(len(d.seeds))
+        )
         per_seed = ", ".join(f"{k * x:+.2f}" for x in d.diffs)
         decided = "yes" if d.lo > 0 or d.hi < 0 else "no"
         interval = f"{k * d.lo:+.2f} to {k * d.hi:+.2f}"
         if math.isnan(d.lo):  # every seed gave the same difference
             interval, decided = "none (no spread between seeds)", "undecided"
         lines.append(
-            f"| {method} | {len(d.seeds)} | {per_seed} | {k * d.mean:+.2f} ± {k * d.se:.2f} | "
+            f"| {method} | {seeds} | {per_seed} | {k * d.mean:+.2f} ± {k * d.se:.2f} | "
             f"{interval} | {decided} |"
         )
     if not lines:

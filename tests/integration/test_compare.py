@@ -514,3 +514,17 @@ def test_a_seed_in_the_grid_files_overrides_is_refused_as_on_the_command_line(tm
         ConfigError, match=r"^override 'seed=5': each cell's seed comes from the grid's seeds"
     ):
         load_grid(_grid_file(tmp_path, tiny_bert), overrides=("seed=5",))
+
+
+def test_the_paired_table_leaves_out_a_seed_one_method_did_not_finish_and_says_so(tmp_path):
+    """A stopped run's last value is of an earlier round than its partner's: no paired difference."""
+    from declora.compare import format_paired
+
+    ref = _fake_runs(tmp_path / "ref", {s: {"acc_avg_factors": 0.70} for s in (0, 1, 2)})
+    other = _fake_runs(
+        tmp_path / "other",
+        {0: {"acc_avg_factors": 0.72}, 1: {"acc_avg_factors": 0.90}, 2: {"acc_avg_factors": 0.75}},
+    )
+    (other[1] / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "rounds": 80}))  # stopped at 40 of 80
+    table = format_paired({"ref": ref, "other": other}, "acc_avg_factors")
+    assert "| other | 2 (seed 1: not finished by both) | +2.00, +5.00 | +3.50 ± 1.50 |" in table

@@ -350,8 +350,9 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
 def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | None) -> str:
     k = display_scale(metric)  # accuracies in %, perplexities as they are
 
-    def acc(r: dict[str, Any], key: str) -> str:
-        return f"{k * r[key]:.2f} ± {k * r[key + '_std']:.2f}"
+    def acc(r: dict[str, Any], key: str) -> str:  # one run has no spread to show (not a spread of 0)
+        spread = f" ± {k * r[key + '_std']:.2f}" if r["runs"] > 1 else ""
+        return f"{k * r[key]:.2f}{spread}"
 
     def to_target(r: dict[str, Any]) -> str:
         if target is None:
@@ -391,6 +392,8 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
             "",
             "A run not finished (stopped, or still running) enters with its last evaluation as final.",
         ]
+    if len(rows) > 1 and all(r["runs"] <= 1 for r in rows):
+        lines += ["", "One run per method: no spread, and no paired comparison (it needs two seeds or more)."]
     return "\n".join(lines)
 
 

@@ -188,7 +188,8 @@ def test_comparison_files_are_written(tmp_path):
         "y": [_fake_run(tmp_path / "b", [0.4, 0.8], 20, 1.0)],
     }
     table = write_comparison(runs, tmp_path / "out", "acc_avg_factors", 0.6)
-    assert "| x | 1 | 70.00 ± 0.00 |" in table
+    assert "| x | 1 | 70.00 | 70.00 |" in table  # one run: no spread shown, and the table says why
+    assert "One run per method: no spread, and no paired comparison" in table
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (tmp_path / "out" / "comparison.csv").read_text().startswith("method,runs,of,unfinished,best")

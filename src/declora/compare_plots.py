@@ -28,11 +28,13 @@ def _value(record: dict, key: str) -> float:
 
 
 def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
-    """Mean over runs of (round, metric, bytes_total, consensus_BA) at the rounds every run evaluated."""
+    """Mean over runs of (round, metric, bytes_total, consensus_BA) at the rounds every run that evaluated
+    evaluated (a run stopped before its first evaluation has no point to add, and takes none away)."""
     per_run = []
     for d in dirs:
         evals = [r for r in read_metrics(d / "metrics.jsonl") if r.get("event") == "eval"]
-        per_run.append({r["round"]: r for r in evals})
+        if evals:
+            per_run.append({r["round"]: r for r in evals})
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
 
     def mean_of(key: str) -> np.ndarray:  # over the runs that logged it (NaN where none did)

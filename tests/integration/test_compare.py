@@ -529,3 +529,14 @@ def test_the_paired_table_leaves_out_a_seed_one_method_did_not_finish_and_says_s
     (other[1] / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "rounds": 80}))  # stopped at 40 of 80
     table = format_paired({"ref": ref, "other": other}, "acc_avg_factors")
     assert "| other | 2 (seed 1: not finished by both) | +2.00, +5.00 | +3.50 ± 1.50 |" in table
+
+
+def test_a_method_keeps_its_curve_when_one_of_its_runs_never_evaluated(tmp_path):
+    from declora.compare_plots import curves
+
+    evaluated = _fake_run(tmp_path / "a", [0.5, 0.7], 10, 1.0)
+    never = tmp_path / "b"
+    never.mkdir()
+    (never / "metrics.jsonl").write_text(json.dumps({"event": "start", "round": 0}) + "\n")  # stopped at once
+    c = curves([evaluated, never], "acc_avg_factors")
+    assert c["round"].tolist() == [1, 2] and c["acc"].tolist() == [0.5, 0.7]

@@ -484,6 +484,7 @@ def _validate_topk(cfg: Config) -> None:
         )
     moving = {"topology.schedule": (t.schedule, "static"), "topology.link_failure": (t.link_failure, 0.0)}
     moving["topology.node_dropout"] = (t.node_dropout, 0.0)
+    moving["stragglers.deadline"] = (cfg.stragglers.deadline, None)  # a late node is offline that round
     for key, (value, needed) in moving.items():
         if value != needed:
             raise ConfigError(

@@ -114,6 +114,11 @@ def test_public_copies_round_trip_through_state_dict():
         (["comm.error_feedback=true"], r"comm.error_feedback=true with gossip.*CHOCO"),
         (["topology.schedule=pairwise"], r"topology.schedule='pairwise' with comm.codec=topk.*'static'"),
         (["topology.link_failure=0.1"], r"topology.link_failure=0.1 with comm.codec=topk"),
+        (["topology.node_dropout=0.1"], r"topology.node_dropout=0.1 with comm.codec=topk"),
+        (
+            ["stragglers.speeds=[1,1,1,1]", "stragglers.jitter=0.8", "stragglers.deadline=1.5"],
+            r"stragglers.deadline=1.5 with comm.codec=topk: CHOCO-gossip needs every neighbour",
+        ),
         (["comm.consensus_step=0"], r"comm.consensus_step=0.0 .*\(0, 1\]"),
     ],
 )

@@ -316,6 +316,7 @@ def _rounded(value: Any) -> Any:
 def cmd_topology(args: argparse.Namespace) -> int:
     from declora.algorithms.alternating import auto_interval
     from declora.schedules import build_schedule, describe, draw
+    from declora.stragglers import Stragglers, enabled
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -323,7 +324,11 @@ def cmd_topology(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: folder {str(out.parent)!r} does not exist")
     cfg = load_config(_config_path(args.config), args.overrides)
-    schedule = build_schedule(cfg.topology, cfg.nodes, cfg.seed)
+    # the run's W(t): with a straggler deadline, a node late in a round is offline in it (declora.stragglers)
+    timed = enabled(cfg) and cfg.stragglers.deadline is not None
+    schedule = build_schedule(
+        cfg.topology, cfg.nodes, cfg.seed, Stragglers(cfg, cfg.nodes).late if timed else None
+    )
     info = describe(schedule)
     for key, value in info.items():
         print(f"{key}: {_rounded(value)}")

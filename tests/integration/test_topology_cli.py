@@ -70,3 +70,19 @@ def test_unknown_graph_or_schedule_exits_2_and_lists_the_allowed(override, allow
     err = capsys.readouterr().err
     assert override.split("=")[1] in err and allowed in err and "choose one of" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_straggler_deadline_is_part_of_the_graph_it_describes(tmp_path, capsys):
+    """A node that misses the deadline is offline that round: the topology the run mixes over, and the
+    interval TAD-LoRA picks for it, are those of that schedule, not of the ring alone."""
+    from declora.stragglers import Stragglers
+
+    late = ["nodes=4", "stragglers.speeds=[1,1,1,1.5]", "stragglers.jitter=0.3", "stragglers.deadline=1.3"]
+    overrides = [*late, "train.local_steps=1", "algorithm.name=tad_lora", "algorithm.switch_interval=auto"]
+    assert main(["topology", DEFAULT, *overrides, "--out", str(tmp_path / "late.png")]) == 0
+    shown = _printed(capsys.readouterr().out)
+    cfg = load_config(DEFAULT, overrides)
+    run_schedule = build_schedule(cfg.topology, 4, cfg.seed, Stragglers(cfg, 4).late)  # as build_experiment
+    clock, rho = build_clock(cfg.algorithm, run_schedule, "tad_lora", True)
+    assert shown["is_static"] == "False" and float(shown["rho"]) == pytest.approx(rho) and rho > 0.5
+    assert int(shown["tad_lora auto T"].split()[0]) == clock.interval > 4  # the ring alone: rho 1/9, T 4

@@ -77,6 +77,12 @@ def validate_stragglers(cfg: Config) -> None:
         )
     if not s.asynchronous:
         return
+    if s.deadline is not None:  # the deadline reads a node's whole local work, not its share of a round
+        raise ConfigError(
+            f"stragglers.deadline={s.deadline} with stragglers.asynchronous=true: a slow node spreads its "
+            "local work over several rounds there, and the deadline (on the whole work) would drop it from "
+            "every round; choose one"
+        )
     if cfg.algorithm.name not in ASYNC_GOSSIP:
         raise ConfigError(
             f"stragglers.asynchronous=true with algorithm.name={cfg.algorithm.name}: asynchrony replaces "

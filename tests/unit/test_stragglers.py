@@ -87,6 +87,10 @@ def test_asynchronous_mix_without_any_fresh_message_keeps_each_nodes_own_weight(
         (["stragglers.deadline=0"], "stragglers.deadline=0"),
         (["stragglers.step_s=-1"], "stragglers.step_s=-1"),
         (["stragglers.deadline=3", "algorithm.name=centralized"], "one node has no one to wait for"),
+        (
+            ["stragglers.speeds=[1,1,2,4]", "stragglers.asynchronous=true", "stragglers.deadline=3"],
+            "stragglers.deadline=3.0 with stragglers.asynchronous=true: a slow node spreads its local work",
+        ),
     ],
 )
 def test_bad_stragglers_config_is_one_clear_error(overrides, message):

@@ -46,7 +46,6 @@ def _classifier_run(tiny_bert, tmp_path, name, *extra):
 
 def test_best_round_folder_loads_with_auto_peft_and_predicts_declora_accuracy(tiny_bert, tmp_path):
     from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
 
     exp, test = _classifier_run(tiny_bert, tmp_path, "best", "export_round=best")
     evals = [r for r in read_metrics(exp.run_dir / "metrics.jsonl") if r["event"] == "eval"]
@@ -68,14 +67,7 @@ def test_best_round_folder_loads_with_auto_peft_and_predicts_declora_accuracy(ti
     exec(code, scope)
     model = scope["model"].eval()
     assert isinstance(model.base_model.model.config.id2label, dict) and model.config.id2label[2] == "so-so"
-    rows = [json.loads(x) for x in test.read_text().splitlines()]
-    batch = AutoTokenizer.from_pretrained(str(tiny_bert))(
-        [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
-    )
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1).numpy()
-    labels = np.array([NAMES.index(r["label"]) for r in rows])
-    assert float((predicted == labels).mean()) == pytest.approx(best["best"], abs=1e-6)  # float32 mean
+    assert _test_accuracy(model, test, tiny_bert) == pytest.approx(best["best"], abs=1e-6)  # float32 mean
     assert isinstance(AutoPeftModelForSequenceClassification, type)
 
     # A node's card gives that node's own accuracy, which its folder reproduces on the node test examples.
@@ -167,19 +159,24 @@ def test_exported_and_checkpointed_tensors_are_as_readable_as_the_other_files(tm
     assert all(f.stat().st_mode & 0o777 == mode for f in (run / "state").glob("*.safetensors"))
 
 
-def _folder_accuracy(folder, test, tiny_bert) -> float:
-    """The folder's own README loading lines, then the stock forward on the test rows."""
+def _test_accuracy(model, test, tokenizer_folder) -> float:
+    """A stock model's accuracy on the test rows, tokenized as declora did (16 tokens)."""
     from transformers import AutoTokenizer
 
-    scope: dict = {}
-    exec(re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1), scope)
     rows = [json.loads(x) for x in test.read_text().splitlines()]
-    batch = AutoTokenizer.from_pretrained(str(tiny_bert))(
+    batch = AutoTokenizer.from_pretrained(str(tokenizer_folder))(
         [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
     )
     with torch.no_grad():
-        predicted = scope["model"].eval()(**batch).logits.argmax(-1).numpy()
+        predicted = model.eval()(**batch).logits.argmax(-1).numpy()
     return float((predicted == np.array([NAMES.index(r["label"]) for r in rows])).mean())
+
+
+def _folder_accuracy(folder, test, tiny_bert) -> float:
+    """The folder's own README loading lines, then the stock forward on the test rows."""
+    scope: dict = {}
+    exec(re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1), scope)
+    return _test_accuracy(scope["model"], test, tiny_bert)
 
 
 def test_nodes_of_unequal_ranks_are_scored_and_exported_as_they_run(tiny_bert, tmp_path):
@@ -264,15 +261,8 @@ def test_an_nf4_card_names_the_stock_loading_that_reproduces_its_score(tiny_bert
         dtype=torch.float32,
         ignore_mismatched_sizes=True,
     )
-    model = PeftModel.from_pretrained(base, str(folder)).eval()
-    rows = [json.loads(x) for x in test.read_text().splitlines()]
-    batch = AutoTokenizer.from_pretrained(str(tiny_bert))(
-        [r["text"] for r in rows], padding=True, truncation=True, max_length=16, return_tensors="pt"
-    )
-    with torch.no_grad():
-        predicted = model(**batch).logits.argmax(-1).numpy()
-    labels = np.array([NAMES.index(r["label"]) for r in rows])
-    assert float((predicted == labels).mean()) == pytest.approx(last["acc_avg_factors"], abs=1e-6)
+    model = PeftModel.from_pretrained(base, str(folder))
+    assert _test_accuracy(model, test, tiny_bert) == pytest.approx(last["acc_avg_factors"], abs=1e-6)
 
 
 def test_a_bf16_card_says_the_base_was_bf16(tmp_path):

@@ -551,6 +551,11 @@ def _validate_middle(cfg: Config) -> None:
         )
 
 
+def _measure(kind: str) -> str:
+    """The prefix of the metrics a task logs: perplexity for generation, else accuracy."""
+    return "ppl_" if kind in ("causal_lm", "instruction") else "acc_"
+
+
 def _resolve_headline(cfg: Config) -> Config:
     """eval.headline=auto -> the metric a run of this task and algorithm has a model for: the averaged
     factors, or each node's own model where no model is shared (PERSONAL)."""
@@ -558,8 +563,7 @@ def _resolve_headline(cfg: Config) -> Config:
         return cfg
     from declora.algorithms import PERSONAL
 
-    prefix = "ppl_" if cfg.task.kind in ("causal_lm", "instruction") else "acc_"
-    metric = prefix + ("node_mean" if cfg.algorithm.name in PERSONAL else "avg_factors")
+    metric = _measure(cfg.task.kind) + ("node_mean" if cfg.algorithm.name in PERSONAL else "avg_factors")
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, headline=metric))
 
 
@@ -567,7 +571,7 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
     """A run of ``cfg`` logs ``metric`` (named ``key`` in the error): the task measures its kind, and a
     ``*_server`` metric needs an algorithm with a server model."""
     kind = cfg.task.kind
-    prefix = "ppl_" if kind in ("causal_lm", "instruction") else "acc_"  # perplexity for generation
+    prefix = _measure(kind)
     allowed = (prefix, "em_") if kind == "instruction" else (prefix,)  # exact match: instruction only
     if not metric.startswith(allowed):
         raise ConfigError(

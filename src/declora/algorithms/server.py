@@ -94,8 +94,7 @@ class Rejoin:
     training that round). Parts are what a broadcast carries: the whole model, or single tensors when
     rounds broadcast different ones (RoLoRA's A in one phase, B in the other)."""
 
-    def __init__(self, n_local: int) -> None:
-        self.n_local = n_local
+    def __init__(self, n_local: int) -> None:  # parts and their (n_local,) masks appear as broadcast
         self.missed: dict[str, Tensor] = {}  # part -> (n_local,) bool: its latest version not received
         self.sizes: dict[str, int] = {}  # part -> bytes of its latest version
 

@@ -229,9 +229,12 @@ def test_an_nf4_card_names_the_stock_loading_that_reproduces_its_score(tiny_bert
         BitsAndBytesConfig,
     )
 
-    # bitsandbytes' CPU kernel wants layers of at least 64 inputs: the tiny BERT at hidden 64
+    # bitsandbytes' CPU kernel wants layers of at least 64 inputs: the tiny BERT at hidden 64, saved with
+    # the task's 3 labels (transformers 5.17 loads a saved head of another size as is under a quantization
+    # config, whatever num_labels says; later versions resize it)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
     shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
+    shape["num_labels"] = 3
     torch.manual_seed(0)
     wider = tmp_path / "bert64"
     BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, **shape)).save_pretrained(wider)

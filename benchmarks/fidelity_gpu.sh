@@ -3,7 +3,7 @@
 # Needs only the device keys (device=cuda precision=bf16, set in the grids). Planned to take at most
 # 8 minutes on one H200 (not yet measured: no GPU machine was at hand when it was written), so it is a
 # command of its own, not one to chain after gpu_check.sh within a 10-minute limit.
-#   bash benchmarks/fidelity_gpu.sh [RUNS]        (PY=python3 MODEL=shared/minilm-bf16 by default)
+#   bash benchmarks/fidelity_gpu.sh [RUNS]        (PYTHON=python3 MODEL=shared/minilm-bf16 by default)
 # RUNS (default runs/fidelity_gpu) gets the run folders; RUNS/results.md is rewritten after each grid, so
 # a run cut short still leaves the finished grids' table, and a rerun skips the finished cells.
 # RESULTS_TO=DIR also copies results.md and times.log there (a folder that comes back from a remote run).
@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-runs/fidelity_gpu}
-PY=${PY:-python3}
+PY=${PYTHON:-python3}
 MODEL=${MODEL:-shared/minilm-bf16}
 if ! "$PY" -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl

@@ -22,6 +22,8 @@ FLOPs / s over the bf16 matmul rate measured at startup (useful FLOPs per token:
 matmul parameters + the attention products, twice: the backward into the activations costs another
 forward, and the frozen base computes no weight gradients), peak GPU memory, and the largest N that fits
 (a CUDA out-of-memory ends that model's list). One warm-up step of every node precedes the timed round.
+A measurement that fails otherwise is recorded with its error and the next one runs; the JSON and the
+table are rewritten after every measurement, so a run stopped at its time limit keeps what it measured.
 
     python benchmarks/gpu.py                              # one GPU: both models, N = 1..1024, <= 8 min
     python benchmarks/gpu.py --device cpu --quick         # tiny shapes on the CPU: the harness itself
@@ -284,10 +286,11 @@ def measure(method: str, shape: Shape, folder: Path, n: int, args: argparse.Name
         tokens = one_round(args.steps)
         sync(device)
         seconds = time.perf_counter() - began
-    except RuntimeError as err:
-        if not is_oom(err):
-            raise
-        return {**row, "status": "oom", "error": str(err).splitlines()[0][:200]}
+    except Exception as err:  # one failure (a kernel never run on this GPU) must not lose the other rows
+        first = (str(err).splitlines() or [""])[0][:200]
+        if is_oom(err):
+            return {**row, "status": "oom", "error": first}
+        return {**row, "status": "error", "error": f"{type(err).__name__}: {first}"}
     examples = nodes * args.steps * BATCH
     flops = tokens * flops_per_token(shape, tokens / examples)
     row.update(
@@ -310,8 +313,15 @@ def reused(rows: list[dict], row: dict, peft_nodes: int) -> dict | None:
     return None if done is None else {**done, "n": row["n"], "reused_from_n": peft_nodes}
 
 
-def run_all(shapes: list[Shape], args: argparse.Namespace, rate: float, deadline: float) -> list[dict]:
-    """N ascending, both models at each N (so a time budget cuts the largest N, not a whole model)."""
+def run_all(
+    shapes: list[Shape],
+    args: argparse.Namespace,
+    rate: float,
+    deadline: float,
+    on_row: Callable[[list[dict]], None] = lambda rows: None,
+) -> list[dict]:
+    """N ascending, both models at each N (so a time budget cuts the largest N, not a whole model);
+    ``on_row(rows)`` after each measurement."""
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = {s.name: build_model(s, Path(tmp) / s.name) for s in shapes}
@@ -332,6 +342,7 @@ def run_all(shapes: list[Shape], args: argparse.Namespace, rate: float, deadline
                         continue
                     rows.append(measure(method, shape, folders[shape.name], n, args, rate))
                     print(json.dumps(rows[-1]), flush=True)  # a killed run still leaves its rows in the log
+                    on_row(rows)
     return rows
 
 
@@ -370,6 +381,7 @@ def markdown(doc: dict) -> str:
         f"Command: `{doc['command']}`  ",
         f"Measured {doc['date']}; torch {doc['torch']}; bf16 matmul rate {doc['matmul_tflops']:.1f} TFLOP/s "
         f"(the FLOP utilisation's denominator); wall {doc['wall_s']:.0f} s.",
+        f"torch's grouped_mm kernel: {grouped_note(doc['grouped_mm'])}.",
         "",
         "| model | method | N | status | examples/s | tokens/s | MFU % | peak GPU MB | x sequential PEFT |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|",
@@ -389,6 +401,15 @@ def markdown(doc: dict) -> str:
         f"rows above N = {doc['peft_nodes']} repeat that measurement).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def grouped_note(grouped: dict) -> str:
+    if not grouped["available"]:
+        return "absent from this torch (the grouped rows time a loop of per-node products)"
+    probes = ", ".join(
+        f"{k} {'runs' if v else 'failed its probe (loop instead)'}" for k, v in grouped["probe"].items()
+    )
+    return probes or "available, not used"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -424,14 +445,39 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
     rate = matmul_rate(device, *((256, 4) if args.quick else (8192, 100)))
     shapes = TINY if args.quick else SHAPES
-    rows = run_all([shapes[m] for m in args.models], args, rate, began + args.budget_s)
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict]) -> dict:
+        doc = document(args, argv, copy.deepcopy(rows), device_name, rate, time.perf_counter() - began)
+        stem = "gpu_quick" if args.quick else "gpu"
+        (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(doc))
+        return doc
+
+    doc = write(run_all([shapes[m] for m in args.models], args, rate, began + args.budget_s, write))
+    print(markdown(doc))
+    return doc
+
+
+def document(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    rows: list[dict],
+    device_name: str,
+    rate: float,
+    wall_s: float,
+) -> dict:
+    from declora import grouped
+
     speedups(rows)
-    doc = {
+    shapes = TINY if args.quick else SHAPES
+    return {
         "command": " ".join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or "cpu",
+        "device_name": device_name,
         "torch": torch.__version__,
         "matmul_tflops": rate / 1e12,
         "steps": args.steps,
@@ -441,14 +487,16 @@ def main(argv: list[str] | None = None) -> dict:
         "shapes": {m: asdict(shapes[m]) for m in args.models},
         "rows": rows,
         "largest_n_that_fits": largest_fit(rows),
-        "wall_s": time.perf_counter() - began,
+        # whether the grouped rows ran torch's kernel or declora's loop (probed on first use per dtype)
+        "grouped_mm": {
+            "available": hasattr(torch.nn.functional, "grouped_mm"),
+            "probe": {
+                f"{kind}/{str(dtype).removeprefix('torch.')}": ok
+                for (kind, dtype), ok in grouped._SUPPORT.items()
+            },
+        },
+        "wall_s": wall_s,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_quick" if args.quick else "gpu"
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(doc))
-    print(markdown(doc))
-    return doc
 
 
 if __name__ == "__main__":

@@ -59,6 +59,59 @@ def test_quick_cpu_mode_measures_both_methods_and_writes_json_and_markdown(tmp_p
     assert "| smollm2 | declora | 3 | ok |" in table and "Largest N measured that fits" in table
 
 
+def test_a_failed_measurement_is_recorded_and_the_rows_are_written_as_they_come(
+    tmp_path, one_thread, monkeypatch
+):
+    """One failing product (a kernel never run on that GPU) keeps the other rows; a run stopped at its
+    time limit keeps the JSON and table of what it had measured."""
+    bench = _bench()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available\nmore lines")
+
+    interrupted = {"after": 3}
+
+    def stop_after(rows):
+        if len(rows) == interrupted["after"]:
+            raise KeyboardInterrupt  # as timeout's signal would, between two measurements
+
+    monkeypatch.setitem(bench.SETUPS, "declora_grouped", broken)
+    args = [
+        "--device",
+        "cpu",
+        "--quick",
+        "--nodes",
+        "2",
+        "--steps",
+        "1",
+        "--products-at",
+        "2",
+        "--models",
+        "minilm",
+    ]
+    doc = bench.main([*args, "--peft-nodes", "1", "--out", str(tmp_path / "whole")])
+    statuses = {r["method"]: r["status"] for r in doc["rows"]}
+    assert statuses == {
+        "declora": "ok",
+        "sequential_peft": "ok",
+        "declora_per_row": "ok",
+        "declora_grouped": "error",
+    }
+    failed = next(r for r in doc["rows"] if r["status"] == "error")
+    assert failed["error"] == "RuntimeError: CUDA error: no kernel image is available"
+    assert "| minilm | declora_grouped | 2 | error |" in (tmp_path / "whole" / "gpu_quick.md").read_text()
+    assert doc["grouped_mm"]["available"] == hasattr(torch.nn.functional, "grouped_mm")
+
+    real_run_all = bench.run_all
+    monkeypatch.setattr(
+        bench, "run_all", lambda *a: real_run_all(*a[:4], lambda rows: (a[4](rows), stop_after(rows)))
+    )
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*args, "--peft-nodes", "1", "--out", str(tmp_path / "cut")])
+    kept = json.loads((tmp_path / "cut" / "gpu_quick.json").read_text())["rows"]
+    assert [r["method"] for r in kept] == ["declora", "sequential_peft", "declora_per_row"]
+
+
 def test_useful_flops_of_the_smollm2_shapes():
     bench = _bench()
     shape = bench.SHAPES["smollm2"]

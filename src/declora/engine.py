@@ -422,13 +422,11 @@ def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tens
     for node in torch.nonzero(trained & ~torch.isfinite(loss)).flatten().tolist():
         bad = node * (len(names) + 1)
         break
-    if bad < 0:
-        for k, v in enumerate(exp.fed.tensors().values()):
-            finite = torch.isfinite(v.detach()).flatten(1).all(1)  # (n_local,)
-            if not finite.all():
-                node = int(exp.group.nodes[int((~finite).nonzero()[0])])
-                bad = node * (len(names) + 1) + 1 + k
-                break
+    # (tensors, n_local): one copy to the host for all tensors, not one per tensor (a GPU waits for each)
+    finite = torch.stack([torch.isfinite(v.detach()).flatten(1).all(1) for v in exp.fed.tensors().values()])
+    if bad < 0 and not bool(finite.all()):
+        k, row = ((~finite).nonzero()[0]).tolist()
+        bad = int(exp.group.nodes[row]) * (len(names) + 1) + 1 + k
     bad = int(exp.group.all_max(torch.tensor(bad)))
     if bad < 0:
         return

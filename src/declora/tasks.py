@@ -225,7 +225,8 @@ class LabelWords(_OneMetric):
         return [p + self.answers[int(y)] for p, y in zip(prompts, labels, strict=True)]
 
     def _answer_len(self, labels: Tensor) -> Tensor:
-        return torch.tensor([len(self.answers[int(y)]) for y in labels], device=labels.device)
+        lengths = [len(self.answers[y]) for y in labels.tolist()]  # one copy to the host, not one per row
+        return torch.tensor(lengths, device=labels.device)
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
         """Training: the positions that predict some row's answer tokens (one before each); evaluation:

@@ -341,8 +341,25 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  declora run                                      the default experiment (configs/default.yaml)
+  declora run configs/smoke.yaml nodes=4 rounds=2  a config with overrides; the folder goes under runs/
+  declora run --resume RUN_DIR rounds=40           continue a stopped run (or extend a finished one)
+  declora compare configs/grids/smoke.yaml         a grid of runs, paired by seed, in one table
+  declora report RUN_DIR [RUN_DIR ...]             report.md and curves.png; several runs compared
+  declora topology topology.graph=torus nodes=16   the graph, its mixing rate, a picture
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="declora", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="declora",
+        description="Decentralized and federated LoRA fine-tuning: every node trains its own adapter on its "
+        "own data over one shared frozen base, and the nodes gossip with their neighbours (or meet at a "
+        "server). Each command takes a YAML config and dotted key=value overrides (README: Configuration).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every node's partition and more")
     parser.add_argument("--version", action="version", version=f"declora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -50,6 +50,13 @@ def test_every_readme_usage_line_parses(line):
     assert args.command == words[0]
 
 
+@pytest.mark.parametrize("line", declora.cli.EXAMPLES.splitlines()[1:])
+def test_every_help_example_parses(line):
+    """The examples at the end of --help: the command part (up to the two-space gap) parses."""
+    words = re.sub(r"\[[^\]]*\]", " ", line.strip().split("  ")[0]).split()[1:]
+    assert build_parser().parse_args(words).command == words[0]
+
+
 def test_the_repository_documents_itself():
     """No file points at documents outside the repository (the algorithms are in docs/algorithms.md)."""
     root = README.parent

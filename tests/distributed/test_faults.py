@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from datetime import datetime
 
 import pytest
-from dist_helpers import CONFIG, assert_same_adapters, assert_same_metrics, launch, tiny_overrides
+from dist_helpers import (
+    CONFIG,
+    assert_same_adapters,
+    assert_same_metrics,
+    finish,
+    launch,
+    tiny_overrides,
+    torchrun,
+)
 
 from declora.config import load_config
 from declora.engine import run
@@ -89,3 +98,36 @@ def test_a_config_error_found_at_launch_is_one_line_and_exit_2_on_every_rank(tin
         assert refused.output.count("declora: error: algorithm.name='nope' is not known") == 2, refused.output
         assert re.findall(r"exitcode\s+: (-?\d+)", refused.output) == ["2", "2"], refused.output[-3000:]
         assert "terminate called" not in refused.output and not (tmp_path / "run").exists()
+
+
+def test_a_torchrun_stopped_by_sigterm_exits_143_on_every_rank_and_resumes_to_the_uninterrupted_numbers(
+    tiny_bert, tmp_path
+):
+    """A batch scheduler's time limit: SIGTERM to the launcher, which passes it on to every rank. No rank
+    failed, so the run says `terminated` once with the command that resumes it, and that command
+    finishes the run to the numbers of one that was never stopped."""
+    rounds = "rounds=30"  # more than the time to the signal: the run must still be going when it comes
+    overrides = tiny_overrides(tiny_bert, tmp_path / "run", "dec_lora", rounds, f"dist.timeout_s={TIMEOUT}")
+    began = time.monotonic()
+    proc = torchrun(["-m", "declora", "run", str(CONFIG), *overrides], 2)
+    latest = tmp_path / "run" / "state" / "latest.json"
+    while not (latest.is_file() and json.loads(latest.read_text())["round"] >= 2):
+        assert proc.poll() is None and time.monotonic() - began < 120, "no checkpoint of round 2"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stopped = finish(proc, began)
+    saved = json.loads(latest.read_text())["round"]
+    assert 2 <= saved < 30, stopped.output[-4000:]
+    assert stopped.output.count("declora: terminated; ") == 1, stopped.output[-4000:]  # rank 0 says it
+    assert "--resume" in stopped.output and str(tmp_path / "run") in stopped.output
+    assert "failed in round" not in stopped.output and "died" not in stopped.output
+    assert "Traceback" not in stopped.output.split("declora: terminated")[0], stopped.output[-4000:]
+
+    resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    uninterrupted = build_experiment(
+        load_config(CONFIG, tiny_overrides(tiny_bert, tmp_path / "sim", "dec_lora", rounds))
+    )
+    run(uninterrupted)
+    assert_same_metrics(tmp_path / "sim", tmp_path / "run")
+    assert_same_adapters(tmp_path / "sim", tmp_path / "run")

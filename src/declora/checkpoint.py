@@ -26,6 +26,7 @@ from declora.runfolder import (
     atomic_write,
     atomic_write_text,
     crash_point,
+    read_checkpoint_json,
     remove_stray_temporaries,
     resume_command,
     save_tensors,
@@ -87,16 +88,6 @@ def _prune(state_dir: Path, rank: int, round_done: int) -> None:
             (state_dir / f"{shard_name(r, rank)}.{suffix}").unlink(missing_ok=True)
 
 
-def _read_json(path: Path) -> Any:
-    """A checkpoint's JSON file; missing, truncated or corrupt ones are errors naming the file."""
-    if not path.is_file():
-        raise ConfigError(f"checkpoint file {path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"checkpoint file {path} is corrupt or truncated ({err})") from err
-
-
 def _read_tensors(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"checkpoint file {path} is missing")
@@ -112,7 +103,7 @@ def check_layout(exp: Experiment, required: bool = True) -> dict[str, Any] | Non
     before a resumed rank opens its log in the run folder, so that a refused launch adds nothing to it,
     and again when loading."""
     group, latest = exp.group, exp.run_dir / "state" / LATEST
-    meta = group.broadcast(_read_json(latest) if group.is_main and latest.is_file() else None)
+    meta = group.broadcast(read_checkpoint_json(latest) if group.is_main and latest.is_file() else None)
     if meta is None and not required:
         return None
     if meta is None:
@@ -145,7 +136,7 @@ def load_checkpoint(exp: Experiment) -> tuple[int, float]:
     if group.layout.counts == (1,) and not (state_dir / f"{name}.safetensors").is_file():
         name = shard_name(int(meta["round"]), 0)  # one node: every rank's shard is the same replica
     tensors = _read_tensors(state_dir / f"{name}.safetensors", exp.fed.device)
-    counters = _read_json(state_dir / f"{name}.json")
+    counters = read_checkpoint_json(state_dir / f"{name}.json")
     with torch.no_grad():
         for key, v in exp.fed.tensors().items():
             saved_v = tensors.get(f"model/{key}")

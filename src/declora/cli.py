@@ -41,7 +41,14 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     from declora.experiment import default_run_dir
     from declora.ignored import without_unread_defaults
     from declora.inputs import check_started_in
-    from declora.runfolder import check_new_run, check_not_in_use, check_writable, start_record
+    from declora.runfolder import (
+        check_checkpoint_kept,
+        check_last_round_evaluated,
+        check_new_run,
+        check_not_in_use,
+        check_writable,
+        start_record,
+    )
     from declora.trackers import check_tracker_runs, reading_saved_config
 
     if not args.resume:
@@ -73,12 +80,19 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     for key, value in (parse_override(text) for text in args.overrides):  # before a new plugin is imported
         if key == "plugins" and tuple(value or ()) != saved.plugins:
             raise ConfigError(f"plugins cannot change on resume ({list(saved.plugins)!r} -> {value!r})")
+        if key == "run_dir" and (value is None or Path(str(value)).resolve() != run_dir.resolve()):
+            raise ConfigError(
+                f"run_dir={value} with --resume {run_dir}: a resumed run goes on in the folder --resume "
+                "names; to continue a copy, copy the folder and resume the copy"
+            )
+    check_checkpoint_kept(run_dir, saved.checkpoint_every, saved.rounds)
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
         # a moved folder: the run is where --resume points, recorded as an absolute path so that the
         # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
+    check_last_round_evaluated(run_dir, _rounds_done(run_dir), cfg.rounds)
     check_tracker_runs(cfg, run_dir)
     check_started_in(saved, started_in)  # before any work (the engine checks again, and warns of
     # inputs changed since the start: declora.inputs)

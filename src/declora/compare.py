@@ -241,15 +241,19 @@ def cell_state(cell: Cell) -> str:
     """ "done", "partial" (a checkpoint to resume from) or "new". A cell whose folder was run with a
     config the grid no longer asks for (beyond what a resume may change) is refused, never reported as
     finished with its old numbers."""
-    latest = cell.run_dir / "state" / "latest.json"
-    if not latest.is_file():
-        return "new"
+    from declora.runfolder import check_checkpoint_kept, check_new_run, logged_rounds, read_checkpoint_json
     from declora.trackers import reading_saved_config
 
+    latest = cell.run_dir / "state" / "latest.json"
+    if not latest.is_file() and logged_rounds(cell.run_dir) == 0:
+        # nothing done yet (or a start that failed): whatever is there is replaced, but a folder of other
+        # files is refused before any cell runs
+        check_new_run(cell.run_dir, overwrite=True)
+        return "new"
     with reading_saved_config():  # compared with; the grid's config is the one checked and run
         saved = load_config(cell.run_dir / "config.yaml")
     cfg = cell.cfg or saved
-    rounds_done = json.loads(latest.read_text())["round"]
+    rounds_done = read_checkpoint_json(latest)["round"] if latest.is_file() else None
     try:
         check_resume(saved, cfg, rounds_done)
     except ConfigError as err:
@@ -257,6 +261,11 @@ def cell_state(cell: Cell) -> str:
             f"grid cell {cell.run_dir} was run with another config than the grid now gives it ({err}); "
             "delete that folder to rerun the cell, or restore the grid"
         ) from err
+    if rounds_done is None:  # rounds logged, stopped before the first checkpoint: it starts again
+        check_checkpoint_kept(
+            cell.run_dir, saved.checkpoint_every, saved.rounds, "delete that folder to rerun the cell"
+        )
+        return "new"
     finished = rounds_done >= cfg.rounds and (cell.run_dir / "report.md").is_file()
     done = finished and _exported(cell.run_dir, cfg)
     # A finished cell asked for the same rounds is done whatever the speed settings (threads, device, ...);

@@ -26,6 +26,8 @@ from declora.quantize_bnb import uses_bitsandbytes
 from declora.report import write_report
 from declora.runfolder import (
     atomic_write_text,
+    check_checkpoint_kept,
+    check_last_round_evaluated,
     check_new_run,
     crash_point,
     empty_run_folder,
@@ -141,6 +143,7 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     changes = check_resume(saved, exp.cfg) if saved is not None else {}  # saved: on the main rank
     if main:  # what the CLI checks before any work, for a resume from Python too
         assert saved is not None  # read above on the main rank
+        check_checkpoint_kept(exp.run_dir, saved.checkpoint_every, saved.rounds)
         begun = start_record(exp.run_dir)
         check_started_in(saved, begun.get("cwd"))
         warn_changed(begun.get("inputs"), saved)
@@ -156,6 +159,7 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     if main:
         assert saved is not None  # read above on the main rank
         check_resume(saved, exp.cfg, rounds_done=start)
+        check_last_round_evaluated(exp.run_dir, start, exp.cfg.rounds)
         metrics.truncate_after(start)
         record_resume(exp.run_dir, start, changes)
         save_config(exp.cfg, exp.run_dir / "config.yaml")  # the folder describes the run as it goes on

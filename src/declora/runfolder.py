@@ -220,6 +220,16 @@ def resume_command(run_dir: str | Path) -> str:
     return f"declora run --resume {run_dir}"
 
 
+def read_checkpoint_json(path: Path) -> Any:
+    """A checkpoint's JSON file; missing, truncated or corrupt ones are errors naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"checkpoint file {path} is corrupt or truncated ({err})") from err
+
+
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """Before any work: a new run may write ``run_dir`` (empty, or a run folder with ``overwrite``)."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -293,3 +303,60 @@ def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def logged_rounds(run_dir: Path) -> int:
+    """The last round metrics.jsonl logs (0: none); unreadable lines are the resume's to name."""
+    last = 0
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") in ("round", "eval"):
+                    last = max(last, int(record.get("round", 0)))
+    return last
+
+
+def check_last_round_evaluated(run_dir: Path, rounds_done: int | None, rounds: int) -> None:
+    """A resume whose ``rounds`` is the checkpoint's round runs nothing: that round must have been
+    evaluated, or the run would end with a report and adapter cards that score an earlier model."""
+    if rounds_done is None or rounds != rounds_done:
+        return
+    evaluated = False
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                evaluated |= (
+                    isinstance(record, dict)
+                    and record.get("event") == "eval"
+                    and record.get("round") == rounds
+                )
+    if not evaluated:
+        raise ConfigError(
+            f"rounds={rounds} would end the run at its checkpoint's round {rounds}, which was not evaluated: "
+            f"the report and the adapters would score an earlier round; ask for rounds={rounds + 1} or more"
+        )
+
+
+def check_checkpoint_kept(
+    run_dir: Path, checkpoint_every: int, rounds: int, afresh: str = "start the run afresh with --overwrite"
+) -> None:
+    """A resume without ``state/latest.json`` starts again from round 0. That is right for a run stopped
+    before its first checkpoint, and wrong for one whose checkpoint is gone: it would throw away the rounds
+    done. A checkpoint was complete if a round after a checkpoint round was logged (the next round starts
+    only once the checkpoint is written), the run finished (its report is written after the last
+    checkpoint), or an earlier resume went on from one. A shard alone proves nothing: a kill inside the
+    first checkpoint leaves one."""
+    if (run_dir / "state" / "latest.json").is_file():
+        return
+    logged = logged_rounds(run_dir)
+    shard_rounds = [int(p.name[6:12]) for p in (run_dir / "state").glob("round_*") if p.name[6:12].isdigit()]
+    finished = logged >= rounds and (run_dir / "report.md").is_file()
+    resumed = any(r.get("from_round", 0) > 0 for r in read_resumes(run_dir) if isinstance(r, dict))
+    if logged > checkpoint_every or any(k < logged for k in shard_rounds) or finished or resumed:
+        raise ConfigError(
+            f"{run_dir / 'state' / 'latest.json'} is missing, but the run logged {logged} rounds and saved "
+            f"a checkpoint: resuming would start it again from round 0; restore the folder's state/ from a "
+            f"copy, or {afresh}"
+        )

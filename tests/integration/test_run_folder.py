@@ -4,6 +4,7 @@ cells. Tiny BERT, two rounds, through the real CLI in-process."""
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 from pathlib import Path
@@ -11,12 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import metrics_records, tiny_run_overrides, write_tiny_data
+from helpers import crash_after_round, metrics_records, tiny_run_overrides, write_tiny_data
 from safetensors.torch import load_file, save_file
 
 from declora.cli import main
-from declora.compare import load_grid, run_grid
+from declora.compare import expand, load_grid, run_grid
 from declora.config import ConfigError, load_config
+from declora.engine import run as run_experiment
+from declora.experiment import build_experiment
 from declora.runfolder import read_resumes
 
 pytestmark = pytest.mark.integration
@@ -443,3 +446,114 @@ def test_resume_hints_name_the_launch_the_checkpoint_was_saved_by(tmp_path):
     assert f"`{torchrun}` continues a stopped run" in format_table(summary, run_dir=run)
     (run / "state" / "latest.json").write_text(json.dumps({"round": 3, "wall_s": 1.0, "node_slices": [4]}))
     assert resume_command(run) == f"declora run --resume {run}"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("lost", "every"),
+    [("state", 1), ("state/latest.json", 1), ("state", 5)],  # 5: the only checkpoint was the last round's
+)
+def test_a_resume_whose_checkpoint_is_gone_is_refused_not_restarted_over_the_rounds_done(
+    tiny, tmp_path, capsys, lost, every
+):
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}", f"checkpoint_every={every}"]) == 0
+    (run / "notes.txt").write_text("the user's own notes")
+    gone = run / lost
+    shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
+    before = _files(run)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "export=all"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("declora: error: ") and "\n" not in err, err
+    assert f"{run / 'state' / 'latest.json'} is missing, but the run logged 2 rounds" in err, err
+    assert _files(run) == before  # nothing retrained, nothing deleted
+    with pytest.raises(ConfigError, match="is missing, but the run logged 2 rounds"):  # from Python too
+        run_experiment(build_experiment(load_config(run / "config.yaml")), resume=True)
+    assert _files(run) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_still_starts_again_on_resume(tiny, tmp_path):
+    run = tmp_path / "run"
+    crash_after_round(build_experiment(load_config(None, [*tiny, f"run_dir={run}", "checkpoint_every=2"])), 1)
+    assert not (run / "state" / "latest.json").exists() and _rounds(run)[-1] == 1
+    assert main(["run", "--resume", str(run)]) == 0
+    assert _rounds(run) == [0, 0, 1, 2] and read_resumes(run)[0]["from_round"] == 0
+
+
+def test_a_resume_into_another_run_dir_is_refused(tiny, tmp_path, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    before = _files(run)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), f"run_dir={other}", "rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"run_dir={other} with --resume {run}: a resumed run goes on in the folder --resume names" in err
+    assert not other.exists() and _files(run) == before
+    assert main(["run", "--resume", str(run), f"run_dir={run}", "rounds=3"]) == 0  # its own folder: fine
+
+
+def test_rounds_lowered_to_an_unevaluated_checkpoint_round_are_refused(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = load_config(None, [*tiny, f"run_dir={run}", "rounds=4", "eval.every=3"])
+    crash_after_round(build_experiment(cfg), 3)  # checkpoint of round 2, which eval.every=3 did not score
+    before = _files(run)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "rounds=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rounds=2 would end the run at its checkpoint's round 2, which was not evaluated" in err, err
+    assert _files(run) == before
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 0  # a round to run, evaluated as the last
+    assert [r["round"] for r in metrics_records(run) if r["event"] == "eval"] == [3]
+
+
+def _grid(tmp_path: Path, tiny: list[str], *extra: str, axes: dict | None = None) -> Path:
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({}))
+    grid = {"base": str(base), "out": str(tmp_path / "grid"), "overrides": [*tiny, *extra], "seeds": [0]}
+    if axes:
+        grid["grid"] = axes
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_a_grid_cell_whose_checkpoint_is_gone_is_refused_not_rerun(tiny, tmp_path):
+    import shutil
+
+    (cell,) = run_grid(load_grid(_grid(tmp_path, tiny)))
+    shutil.rmtree(cell.run_dir / "state")
+    (cell.run_dir / "notes.txt").write_text("the user's own notes")
+    before = _files(cell.run_dir)
+    with pytest.raises(ConfigError, match=r"train\.lr cannot change"):  # another config: stale, as ever
+        run_grid(load_grid(_grid(tmp_path, tiny, "train.lr=0.05")))
+    with pytest.raises(
+        ConfigError, match=r"latest\.json is missing, .* delete that folder to rerun the cell"
+    ):
+        run_grid(load_grid(_grid(tmp_path, tiny)))
+    assert _files(cell.run_dir) == before
+
+
+def test_a_grid_cell_with_a_corrupt_checkpoint_is_named(tiny, tmp_path):
+    (cell,) = run_grid(load_grid(_grid(tmp_path, tiny)))
+    latest = cell.run_dir / "state" / "latest.json"
+    latest.write_text('{"round":')
+    with pytest.raises(
+        ConfigError, match=rf"checkpoint file {re.escape(str(latest))} is corrupt or truncated"
+    ):
+        run_grid(load_grid(_grid(tmp_path, tiny)))
+
+
+def test_a_grid_cell_folder_of_other_files_stops_the_grid_before_any_cell_runs(tiny, tmp_path):
+    path = _grid(tmp_path, tiny, axes={"algorithm.name": ["dec_lora", "fedavg"]})
+    first, second = expand(load_grid(path))
+    second.run_dir.mkdir(parents=True)
+    (second.run_dir / "x.txt").write_text("not a run")
+    with pytest.raises(ConfigError, match="is not empty and is not a declora run folder"):
+        run_grid(load_grid(path))
+    assert not first.run_dir.exists() and (second.run_dir / "x.txt").read_text() == "not a run"

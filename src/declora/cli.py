@@ -278,6 +278,13 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"--metric {args.metric}: none of the runs logged it; pick a metric they log "
             "(acc_avg_factors for every classifier, acc_server for server algorithms)"
         )
+    if len(args.run_dirs) > 1:  # the comparison's folder, made before any report is printed
+        if not args.out.strip():
+            raise ConfigError("--out '' names no folder; give the comparison's folder (default runs/report)")
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--out {args.out!r}: cannot make that folder ({err.strerror})") from err
     for run_dir in args.run_dirs:
         print(f"## {run_dir}\n")
         print(write_report(Path(run_dir)))
@@ -295,6 +302,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.grid is None:  # argparse would also call the optional overrides required
         raise ConfigError("declora compare needs a grid file: declora compare GRID [key=value ...]")
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out '' names no folder; give the grid's output folder, or leave --out out")
     grid = load_grid(args.grid, tuple(args.overrides), args.out)
 
     bar: list[_Bar] = []  # the running cell's progress bar

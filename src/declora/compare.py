@@ -174,6 +174,9 @@ def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where}overrides must be a list of key=value strings, got {overrides!r}")
+    for key in ("base", "out"):
+        if key in data and (not isinstance(data[key], str) or not data[key].strip()):
+            raise ConfigError(f"{where}{key} must be a path, got {data[key]!r}")
     seeds = data["seeds"] if data.get("seeds") is not None else [0]
     if not isinstance(seeds, list):
         raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {seeds!r}")

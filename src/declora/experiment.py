@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from declora.algorithms import ALGORITHMS, build_algorithm
+from declora.algorithms import ALGORITHMS, NO_GOSSIP, build_algorithm
 from declora.algorithms.base import Algorithm
 from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
@@ -265,7 +266,10 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
             "stragglers.asynchronous=true runs in one process only (the held copies are global)"
         )
     late = stragglers.late if stragglers is not None and cfg.stragglers.deadline is not None else None
-    schedule = build_schedule(cfg.topology, n, cfg.seed, late)  # graph checks first: they cost nothing
+    topology = cfg.topology
+    if cfg.algorithm.name in NO_GOSSIP:  # only its offline nodes are read: no graph of its is refused
+        topology = dataclasses.replace(topology, allow_disconnected=True)
+    schedule = build_schedule(topology, n, cfg.seed, late)  # graph checks first: they cost nothing
     preflight_model(cfg)
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary

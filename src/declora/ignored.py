@@ -72,7 +72,15 @@ ALGORITHM: dict[str, Reader] = {
     "options": (lambda c: c.algorithm.name not in _shipped(), "registered (plugin) algorithms"),
 }
 
+
+def _sends(c: Config) -> bool:
+    from declora.algorithms import SILENT
+
+    return c.algorithm.name not in SILENT
+
+
 COMM: dict[str, Reader] = {
+    "codec": (_sends, "algorithms that send messages (not local or centralized)"),
     "bits": (lambda c: c.comm.codec == "quantize", "comm.codec=quantize"),
     "block_size": (lambda c: c.comm.codec == "quantize", "comm.codec=quantize"),
     "fraction": (lambda c: c.comm.codec == "topk", "comm.codec=topk"),
@@ -81,31 +89,58 @@ COMM: dict[str, Reader] = {
 }
 
 
+def _gossips(c: Config) -> bool:
+    from declora.algorithms import NO_GOSSIP
+
+    return c.algorithm.name not in NO_GOSSIP
+
+
 def _builds_graph(c: Config) -> bool:
-    return c.topology.schedule in ("static", "periodic_full")
+    return _gossips(c) and c.topology.schedule in ("static", "periodic_full")
 
 
+GOSSIP = "gossip algorithms (not the server methods, local or centralized)"
 TOPOLOGY: dict[str, Reader] = {
-    "graph": (_builds_graph, "topology.schedule static or periodic_full"),
-    "weights": (_builds_graph, "topology.schedule static or periodic_full"),
+    "schedule": (_gossips, GOSSIP),
+    "lazy": (_gossips, GOSSIP),
+    "link_failure": (_gossips, GOSSIP),
+    "allow_disconnected": (_gossips, GOSSIP),
+    "graph": (_builds_graph, f"{GOSSIP} with topology.schedule static or periodic_full"),
+    "weights": (_builds_graph, f"{GOSSIP} with topology.schedule static or periodic_full"),
     "p": (
         lambda c: (
-            c.topology.schedule == "dynamic_er" or (_builds_graph(c) and c.topology.graph == "erdos_renyi")
+            _gossips(c)
+            and (
+                c.topology.schedule == "dynamic_er"
+                or (_builds_graph(c) and c.topology.graph == "erdos_renyi")
+            )
         ),
-        "topology.graph=erdos_renyi or topology.schedule=dynamic_er",
+        f"{GOSSIP} on topology.graph=erdos_renyi or topology.schedule=dynamic_er",
     ),
     "degree": (
         lambda c: _builds_graph(c) and c.topology.graph in ("regular", "small_world"),
-        "topology.graph regular or small_world",
+        f"{GOSSIP} on topology.graph regular or small_world",
     ),
     "rewire": (
         lambda c: _builds_graph(c) and c.topology.graph == "small_world",
-        "topology.graph=small_world",
+        f"{GOSSIP} on topology.graph=small_world",
     ),
-    "edge_list": (lambda c: _builds_graph(c) and c.topology.graph == "file", "topology.graph=file"),
-    "weight_file": (lambda c: _builds_graph(c) and c.topology.weights == "file", "topology.weights=file"),
-    "encounter_prob": (lambda c: c.topology.schedule == "pairwise", "topology.schedule=pairwise"),
-    "period": (lambda c: c.topology.schedule == "periodic_full", "topology.schedule=periodic_full"),
+    "edge_list": (
+        lambda c: _builds_graph(c) and c.topology.graph == "file",
+        f"{GOSSIP} on topology.graph=file",
+    ),
+    "weight_file": (
+        lambda c: _builds_graph(c) and c.topology.weights == "file",
+        f"{GOSSIP} with topology.weights=file",
+    ),
+    "encounter_prob": (
+        lambda c: _gossips(c) and c.topology.schedule == "pairwise",
+        f"{GOSSIP} on topology.schedule=pairwise",
+    ),
+    "period": (
+        lambda c: _gossips(c) and c.topology.schedule == "periodic_full",
+        f"{GOSSIP} on topology.schedule=periodic_full",
+    ),
 }
 
 
@@ -143,11 +178,14 @@ ATTACK: dict[str, Reader] = {
 }
 
 MODEL: dict[str, Reader] = {
+    # the classifier head reads the pooled state; a language model's head reads every position
+    "pooling": (lambda c: c.task.kind == "sequence_classification", "task.kind=sequence_classification"),
     # int8 always decodes with declora's code (bitsandbytes' int8 decode is slower on the CPU)
     "quant_backend": (lambda c: c.model.base_quantization == "nf4", "model.base_quantization=nf4"),
 }
 
 TRAIN: dict[str, Reader] = {
+    "head_lr": (lambda c: c.model.head == "train", "model.head=train"),
     # DP-SGD clips each example's own gradient, which only the per-row product has
     "lora_product": (lambda c: c.privacy.level != "example", "runs without privacy.level=example"),
     "max_grad_norm": (

@@ -9,6 +9,7 @@ example or raises an error that names the setting to change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -88,9 +89,9 @@ def _check_proportions(cfg: PartitionConfig, n_nodes: int, num_labels: int) -> n
                 f"partition.proportions[{node}]={list(dist)} has {len(dist)} entries but the labels take "
                 f"{num_labels} values (0..{num_labels - 1})"
             )
-        if min(dist) < 0 or abs(sum(dist) - 1.0) > 1e-6:
+        if not all(math.isfinite(x) for x in dist) or min(dist) < 0 or abs(sum(dist) - 1.0) > 1e-6:
             raise ValueError(
-                f"partition.proportions[{node}]={list(dist)} must be non-negative and sum to 1 "
+                f"partition.proportions[{node}]={list(dist)} must be finite, non-negative and sum to 1 "
                 f"(sums to {sum(dist)})"
             )
     props = np.asarray(cfg.proportions, dtype=np.float64)

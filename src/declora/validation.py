@@ -92,10 +92,10 @@ ABOVE_ZERO, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
 # key means adding it here or to POSITIVE (tests/unit/test_validation.py checks that none is missed).
 RANGES: dict[str, Range] = {
     "seed": NON_NEGATIVE,
-    "threads": Range(1),
+    "threads": Range(1, 1024),  # torch allocates per thread: a typo like 100000 would exhaust memory
     "model.alpha": NON_NEGATIVE,  # 0 only with allow_degenerate (LoRA then adds nothing)
     "model.dropout": BELOW_ONE,
-    "model.init_seed": NON_NEGATIVE,
+    "model.init_seed": Range(0, 2**63 - 1),  # torch.manual_seed takes a signed 64-bit integer
     "data.test_fraction": OPEN_UNIT,
     "data.train_limit": Range(1),
     "data.test_limit": Range(1),
@@ -137,7 +137,7 @@ RANGES: dict[str, Range] = {
     "robust.trim": Range(0, 0.5, hi_open=True),
     "robust.clip_radius": ABOVE_ZERO,  # .inf: never clip
     "robust.krum_f": NON_NEGATIVE,
-    "dist.timeout_s": ABOVE_ZERO,
+    "dist.timeout_s": Range(1, 10**7),  # at least the rendezvous's own round trip; within a timedelta
     "attack.std": NON_NEGATIVE,
     "stragglers.sigma": NON_NEGATIVE,
     "stragglers.jitter": NON_NEGATIVE,

@@ -488,6 +488,9 @@ def test_a_cell_killed_in_its_export_is_not_finished_even_with_a_report(tmp_path
             {"metric": "acc_honest_min"},
             r"metric=acc_honest_min: the honest nodes' metrics are logged under an attack only",
         ),
+        ({"out": 3}, r"out must be a path, got 3"),
+        ({"out": ""}, r"out must be a path, got ''"),  # would write into the current folder
+        ({"base": ["a"]}, r"base must be a path, got \['a'\]"),
     ],
     ids=[
         "repeated_value",
@@ -496,6 +499,9 @@ def test_a_cell_killed_in_its_export_is_not_finished_even_with_a_report(tmp_path
         "run_dir_axis",
         "no_seeds",
         "honest_without_attack",
+        "out_a_number",
+        "out_empty",
+        "base_a_list",
     ],
 )
 def test_a_grid_that_would_mislabel_or_double_count_its_runs_is_refused_before_any_run(

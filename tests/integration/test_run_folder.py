@@ -557,3 +557,20 @@ def test_a_grid_cell_folder_of_other_files_stops_the_grid_before_any_cell_runs(t
     with pytest.raises(ConfigError, match="is not empty and is not a declora run folder"):
         run_grid(load_grid(path))
     assert not first.run_dir.exists() and (second.run_dir / "x.txt").read_text() == "not a run"
+
+
+def test_a_comparison_folder_that_cannot_be_made_is_refused_before_any_report(tiny, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", *tiny, f"run_dir={a}"]) == 0 and main(["run", *tiny, f"run_dir={b}", "seed=1"]) == 0
+    (tmp_path / "file").write_text("not a folder")
+    for out, said in [
+        ("", "--out '' names no folder"),
+        (str(tmp_path / "file" / "x"), "cannot make that folder"),
+    ]:
+        capsys.readouterr()
+        assert main(["report", str(a), str(b), "--out", out]) == 2
+        printed = capsys.readouterr()
+        assert said in printed.err and "\n" not in printed.err.strip(), printed.err
+        assert printed.out == ""  # no run's report printed before the refusal
+    assert main(["compare", "grid.yaml", "--out", ""]) == 2
+    assert "--out '' names no folder" in capsys.readouterr().err

@@ -35,9 +35,8 @@ pytestmark = pytest.mark.unit
 def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
     names = {f.name for f in dataclasses.fields(Config().algorithm)}
     assert names == set(ALGORITHM) | {"name"}
-    assert {f.name for f in dataclasses.fields(CommConfig)} == set(COMM) | {"codec"}
-    always = {"schedule", "lazy", "allow_disconnected", "link_failure", "node_dropout"}
-    assert {f.name for f in dataclasses.fields(TopologyConfig)} == set(TOPOLOGY) | always
+    assert {f.name for f in dataclasses.fields(CommConfig)} == set(COMM)
+    assert {f.name for f in dataclasses.fields(TopologyConfig)} == set(TOPOLOGY) | {"node_dropout"}
     assert {f.name for f in dataclasses.fields(TaskConfig)} == set(TASK) | {"kind"}
     assert {f.name for f in dataclasses.fields(PartitionConfig)} == set(PARTITION) | {"kind"}
     assert {f.name for f in dataclasses.fields(RobustConfig)} == set(ROBUST) | {"aggregator"}
@@ -78,6 +77,17 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
             "robust.trim=0.1 has no effect in this run; it applies to robust.aggregator=trimmed",
         ),
         (["attack.kind=sign_flip", "attack.nodes=[0]", "attack.scale=3"], "attack.scale=3.0 has no effect"),
+        (  # a server method gossips on no graph
+            ["algorithm.name=fedavg", "topology.graph=star"],
+            "topology.graph='star' has no effect in this run; it applies to gossip algorithms",
+        ),
+        (["algorithm.name=hetlora", "topology.lazy=true"], "topology.lazy=True has no effect"),
+        (["algorithm.name=local", "comm.codec=fp16"], "comm.codec='fp16' has no effect in this run"),
+        (["model.head=frozen", "train.head_lr=0.5"], "train.head_lr=0.5 has no effect in this run"),
+        (
+            ["task.kind=causal_lm", "model.head=none", "model.pooling=cls"],
+            "model.pooling='cls' has no effect",
+        ),
         (
             ["model.base_quantization=int8", "model.quant_backend=declora"],
             "model.quant_backend='declora' has no effect in this run; it applies to model.base_quant",
@@ -114,6 +124,9 @@ def test_a_setting_the_run_never_reads_is_named(overrides, line):
         ["robust.aggregator=trimmed_mean", "robust.trim=0.4"],
         ["attack.kind=scaled", "attack.nodes=[0]", "attack.scale=3"],
         ["model.base_quantization=nf4", "model.quant_backend=declora"],
+        ["algorithm.name=fedavg", "topology.node_dropout=0.2"],  # offline nodes miss the server's round
+        ["algorithm.name=fedavg", "comm.codec=fp16"],
+        ["train.head_lr=0.01"],  # the head trains by default
     ],
 )
 def test_settings_the_run_reads_are_not_named(overrides):
@@ -137,6 +150,16 @@ def test_building_a_run_warns_of_each_ignored_setting(tiny_bert, tiny_data, tmp_
 
 
 ROOT_DEFAULT = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def test_a_server_method_is_not_refused_over_a_graph_it_never_gossips_on(tiny_bert, tiny_data, tmp_path):
+    from unit_helpers import tiny_experiment
+
+    disconnected = ("topology.graph=erdos_renyi", "topology.p=0.01", "nodes=6")
+    with pytest.raises(ValueError, match="is disconnected"):  # gossip would never reach consensus
+        tiny_experiment(tiny_bert, tiny_data, tmp_path / "gossip", *disconnected)
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path / "server", "algorithm.name=fedavg", *disconnected)
+    assert exp.cfg.topology.allow_disconnected is False  # the run's config says what the user set
 
 
 def test_keys_of_the_fallback_config_that_a_run_ignores_fall_back_to_their_defaults():

@@ -117,6 +117,12 @@ def test_proportions_size_capped_by_scarce_label() -> None:
     assert all(np.bincount(labels[p]).tolist() == [50, 50] for p in parts)
 
 
+def test_a_non_finite_proportion_is_named() -> None:
+    cfg = cfg_for("proportions", proportions=((float("nan"), 1.0), (0.5, 0.5)))
+    with pytest.raises(ValueError, match=r"proportions\[0\]=\[nan, 1.0\] must be finite, non-negative"):
+        partition(np.array([0, 1] * 50), 2, cfg, seed=0)
+
+
 def test_mnli_preset_three_classes() -> None:
     labels = synthetic_labels(n=900, k=3)
     parts = partition(labels, 10, cfg_for("proportions", proportions=ADF_TAD_MNLI), seed=0)

@@ -54,7 +54,18 @@ def test_defaults_and_shipped_values_pass():
     load_config(None, [])
 
 
-@pytest.mark.parametrize("override", ["model.alpha=0", "train.lr=.nan", "train.betas=[0.9,1]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.alpha=0",
+        "train.lr=.nan",
+        "train.betas=[0.9,1]",
+        "threads=100000",  # torch would allocate that many threads' state and crash
+        "dist.timeout_s=0.001",  # shorter than the rendezvous itself
+        "dist.timeout_s=1e30",  # beyond what a timedelta holds
+        "model.init_seed=18446744073709551616",  # torch.manual_seed takes a signed 64-bit integer
+    ],
+)
 def test_legal_but_mistaken_or_non_finite_values_are_refused(override):
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config(None, [override])

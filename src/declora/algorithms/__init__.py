@@ -218,6 +218,12 @@ PERSONAL = frozenset({"local", "fedsa_lora"})
 # server aggregates A alone (each node keeps its own B, so there is no one server model).
 SERVED = SERVER_MODEL | {"fedsa_lora"}
 
+# Algorithms that never gossip (a server, or no exchange at all): the graph, its weights and the schedule's
+# links are never read, only which nodes a round takes offline (topology.node_dropout, a deadline).
+NO_GOSSIP = SERVED | {"local", "centralized"}
+# Algorithms that send no message at all: comm.* is never read.
+SILENT = frozenset({"local", "centralized"})
+
 # Algorithms that fold the aggregate into the shared frozen base: the factors alone do not reproduce the
 # model, so the config refuses a PEFT export for them.
 FOLDS_INTO_BASE = frozenset({"fedex_lora", "flora"})

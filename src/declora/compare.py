@@ -288,10 +288,16 @@ def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell
     """Run every cell not finished yet; ``on_cell(k, total, cell, state)`` before each, ``on_round(record)``
     after each round of a cell that runs (the command line's progress bar)."""
     from declora.engine import run
-    from declora.experiment import build_experiment
+    from declora.experiment import build_experiment, check_inputs
 
     cells = expand(grid)
     states = [cell_state(cell) for cell in cells]  # a stale cell stops the grid before any run
+    for cell, state in zip(cells, states, strict=True):  # so does a cell whose data or model is wrong
+        if state != "done":
+            try:
+                check_inputs(cell.cfg or load_config(grid.base, cell.overrides))
+            except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+                raise ConfigError(f"grid cell {cell.run_dir.name}: {err}") from err
     for k, (cell, state) in enumerate(zip(cells, states, strict=True)):
         if on_cell is not None:
             on_cell(k, len(cells), cell, state)

@@ -19,7 +19,7 @@ from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
-from declora.config import Config, ConfigError, from_dict, to_dict
+from declora.config import Config, ConfigError, TopologyConfig, from_dict, to_dict
 from declora.data import TextDataset
 from declora.device import default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
@@ -149,6 +149,44 @@ def preflight_model(cfg: Config) -> None:
         check_adapter(cfg, Path(cfg.model.init_adapter).expanduser())
 
 
+def _task_from_folder(cfg: Config, label_names: tuple[str, ...]) -> tuple[Task, Any] | None:
+    """The task and its tokenizer, built from the model folder before any weight loads, so that the task's
+    checks (task.label_words against the data's labels and the tokenizer) cost nothing; None for a
+    shipped GGUF model, whose tokenizer exists only once the model is converted."""
+    from transformers import AutoTokenizer
+
+    from declora.assets import GGUF_MODELS, model_path
+
+    if cfg.model.name in GGUF_MODELS:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path(cfg.model.name)))
+    return build_task(cfg.task, tokenizer, cfg.model.max_length, label_names), tokenizer
+
+
+def _node_count(cfg: Config) -> int:
+    return 1 if getattr(ALGORITHMS[cfg.algorithm.name], "single_node", False) else cfg.nodes
+
+
+def _read_topology(cfg: Config) -> TopologyConfig:
+    """The topology as the algorithm reads it: one that never gossips reads only which nodes are offline,
+    so no graph of its is refused as disconnected."""
+    if cfg.algorithm.name in NO_GOSSIP:
+        return dataclasses.replace(cfg.topology, allow_disconnected=True)
+    return cfg.topology
+
+
+def check_inputs(cfg: Config) -> None:
+    """What building ``cfg``'s run checks before any weight loads (the graph, the model folder, the data,
+    its partition and labels, the task), for a grid to check each cell before the first one runs."""
+    cfg = from_dict(to_dict(cfg))
+    n = _node_count(cfg)
+    build_schedule(_read_topology(cfg), n, cfg.seed)
+    preflight_model(cfg)
+    train = build_node_data(cfg, n, range(n), Solo()).train
+    check_labels(cfg, train.label_names)
+    _task_from_folder(cfg, train.label_names)
+
+
 def _warn_unlearnable_labels(cfg: Config, names: tuple[str, ...], summary: list[dict]) -> None:
     """A label no node trains on (a class only the held-out split has, say) cannot be learned: its
     held-out rows all count as errors, and the accuracy's ceiling drops by their share."""
@@ -251,8 +289,8 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         torch.set_num_threads(cfg.threads)
     group = group or Solo()
     algorithm_cls = ALGORITHMS[cfg.algorithm.name]
+    n = _node_count(cfg)
     single = getattr(algorithm_cls, "single_node", False)
-    n = 1 if single else cfg.nodes
     if single and isinstance(group, Distributed):  # one node, P processes: a replica on each
         group = Replicas(group)
     group.set_nodes(n, cfg.dist.node_slices)
@@ -266,14 +304,12 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
             "stragglers.asynchronous=true runs in one process only (the held copies are global)"
         )
     late = stragglers.late if stragglers is not None and cfg.stragglers.deadline is not None else None
-    topology = cfg.topology
-    if cfg.algorithm.name in NO_GOSSIP:  # only its offline nodes are read: no graph of its is refused
-        topology = dataclasses.replace(topology, allow_disconnected=True)
-    schedule = build_schedule(topology, n, cfg.seed, late)  # graph checks first: they cost nothing
+    schedule = build_schedule(_read_topology(cfg), n, cfg.seed, late)  # graph checks first: they cost nothing
     preflight_model(cfg)
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
     check_labels(cfg, train.label_names)
+    early = _task_from_folder(cfg, train.label_names)  # before the model: its checks cost nothing
     if group.is_main:
         _warn_unlearnable_labels(cfg, train.label_names, summary)
     if stragglers is not None:
@@ -300,8 +336,11 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         add_middle_factors(fed)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
-    task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
+    if early is None:  # a GGUF model's tokenizer: there once the model is converted
+        tokenizer = AutoTokenizer.from_pretrained(str(fed.path))
+        task = build_task(cfg.task, tokenizer, cfg.model.max_length, train.label_names)
+    else:
+        task, tokenizer = early
     train_ids, labels, test_ids, test_labels = _encode(cfg, task, train, test, labels)
     lrs = {
         k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr

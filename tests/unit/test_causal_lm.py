@@ -328,3 +328,19 @@ def test_a_model_cache_that_cannot_be_written_is_refused_before_the_conversion(t
     with pytest.raises(OSError, match=r"cannot write the model cache .*point DECLORA_CACHE"):
         gguf_cache.cached_folder(blocker, "smollm2-test")
     assert time.perf_counter() - began < 5  # nothing was loaded
+
+
+def test_label_words_are_checked_before_the_model_is_built(tiny_llama, tiny_data, tmp_path, monkeypatch):
+    """The word count needs only the data's labels, the token checks only the tokenizer: a wrong word
+    costs no model load."""
+    from declora import experiment
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the label words were checked")
+
+    monkeypatch.setattr(experiment, "build_federation", built)
+    overrides = [f"model.name={tiny_llama}", f"data.dataset={tiny_data}", "task.kind=label_words"]
+    overrides += ["model.head=none", "model.target_modules=[q_proj,v_proj]", "nodes=2", "threads=1"]
+    overrides += ["export=none", f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ValueError, match=r"task.label_words has 1 words \[' negative'\]; the data has"):
+        experiment.build_experiment(load_config(None, [*overrides, "task.label_words=[' negative']"]))

@@ -187,6 +187,19 @@ def check_inputs(cfg: Config) -> None:
     _task_from_folder(cfg, train.label_names)
 
 
+def _warn_small_partitions(cfg: Config, summary: list[dict]) -> None:
+    """A node with fewer rows than a batch steps on all of them: its batches are smaller than asked."""
+    small = [i for i, node in enumerate(summary) if node["size"] < cfg.train.batch_size]
+    if small:
+        log.warning(
+            "train.batch_size=%d is more than the training rows of node(s) %s (%s): each of their steps "
+            "uses their whole partition",
+            cfg.train.batch_size,
+            small[:10],
+            ", ".join(str(summary[i]["size"]) for i in small[:10]),
+        )
+
+
 def _warn_unlearnable_labels(cfg: Config, names: tuple[str, ...], summary: list[dict]) -> None:
     """A label no node trains on (a class only the held-out split has, say) cannot be learned: its
     held-out rows all count as errors, and the accuracy's ceiling drops by their share."""
@@ -312,6 +325,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
     early = _task_from_folder(cfg, train.label_names)  # before the model: its checks cost nothing
     if group.is_main:
         _warn_unlearnable_labels(cfg, train.label_names, summary)
+        _warn_small_partitions(cfg, summary)
     if stragglers is not None:
         if cfg.train.local_unit == "epochs":  # a node's round is as long as its data
             sizes = np.array([node["size"] for node in summary])

@@ -207,6 +207,7 @@ def validate(cfg: Config) -> Config:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     _validate_ranges(flat)
+    _refuse_empty_names(flat)
     cfg = _resolve_headline(cfg)
     interval = cfg.algorithm.switch_interval
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
@@ -274,6 +275,30 @@ def validate(cfg: Config) -> Config:
     if problem := setup_problem(cfg):  # before any work, not after the run folder is made
         raise ConfigError(problem)
     return cfg
+
+
+# Keys that name a file, folder or layer: an empty string would silently mean the current folder (or none).
+NAMES = (
+    "model.name",
+    "model.init_adapter",
+    "model.target_modules",
+    "data.dataset",
+    "data.test_file",
+    "data.node_files",
+    "topology.edge_list",
+    "topology.weight_file",
+    "run_dir",
+)
+
+
+def _refuse_empty_names(flat: dict[str, Any]) -> None:
+    for key in NAMES:
+        value = flat[key]
+        for x in value if isinstance(value, list) else [value]:
+            if isinstance(x, str) and not x.strip():
+                raise ConfigError(
+                    f"{key}={value!r} holds an empty name; give a path or name (or leave the key out)"
+                )
 
 
 def _validate_ranges(flat: dict[str, Any]) -> None:

@@ -195,3 +195,11 @@ def test_declora_run_without_a_config_does_not_warn_of_keys_the_user_never_set(t
     assert run_config(None, "partition.kind=iid", "partition.min_size=32").partition.min_size == 32
     assert run_config("configs/default.yaml", "partition.kind=iid").partition.min_size == 32  # named: kept
     assert run_config(None).partition.min_size == 32  # read by the default's Dirichlet partition
+
+
+def test_a_batch_larger_than_a_nodes_rows_is_warned_about(tiny_bert, tiny_data, tmp_path, caplog):
+    from unit_helpers import tiny_experiment
+
+    with caplog.at_level("WARNING", logger="declora.experiment"):
+        tiny_experiment(tiny_bert, tiny_data, tmp_path, "partition.kind=iid", "train.batch_size=50")
+    assert "train.batch_size=50 is more than the training rows of node(s) [0, 1, 2, 3]" in caplog.text

@@ -64,6 +64,9 @@ def test_defaults_and_shipped_values_pass():
         "dist.timeout_s=0.001",  # shorter than the rendezvous itself
         "dist.timeout_s=1e30",  # beyond what a timedelta holds
         "model.init_seed=18446744073709551616",  # torch.manual_seed takes a signed 64-bit integer
+        "model.init_adapter=''",  # an empty name would mean no adapter, or the current folder
+        "run_dir=''",
+        "model.target_modules=['']",
     ],
 )
 def test_legal_but_mistaken_or_non_finite_values_are_refused(override):

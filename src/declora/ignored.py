@@ -194,7 +194,19 @@ TRAIN: dict[str, Reader] = {
     ),
 }
 
+LOG: dict[str, Reader] = {
+    "project": (lambda c: bool({"wandb", "mlflow"} & set(c.log.trackers)), "log.trackers wandb or mlflow"),
+    "wandb_mode": (lambda c: "wandb" in c.log.trackers, "log.trackers=[wandb]"),
+    "mlflow_uri": (lambda c: "mlflow" in c.log.trackers, "log.trackers=[mlflow]"),
+}
+
+TOP: dict[str, Reader] = {  # keys of the config's top level
+    "export_round": (lambda c: c.export != "none", "runs that export (export all or consensus)"),
+}
+
 SECTIONS = {
+    "": TOP,
+    "log": LOG,
     "model": MODEL,
     "train": TRAIN,
     "algorithm": ALGORITHM,
@@ -216,7 +228,7 @@ def ignored_keys(cfg: Config) -> list[tuple[str, str, str]]:
     for section, readers in SECTIONS.items():
         if section == "algorithm" and cfg.algorithm.name not in SHIPPED:
             continue  # a registered algorithm may read any algorithm.* key: only it knows which
-        values = getattr(cfg, section)
+        values = _part(cfg, section)
         defaults = type(values)()
         for key, (reads, who) in readers.items():
             if getattr(values, key) != getattr(defaults, key) and not reads(cfg):
@@ -227,10 +239,18 @@ def ignored_keys(cfg: Config) -> list[tuple[str, str, str]]:
 def ignored_settings(cfg: Config) -> list[str]:
     """One line per key that differs from its default but that this run never reads."""
     return [
-        f"{section}.{key}={_show(getattr(getattr(cfg, section), key))} has no effect in this run; "
+        f"{_dotted(section, key)}={_show(getattr(_part(cfg, section), key))} has no effect in this run; "
         f"it applies to {who}"
         for section, key, who in ignored_keys(cfg)
     ]
+
+
+def _part(cfg: Config, section: str) -> object:
+    return getattr(cfg, section) if section else cfg
+
+
+def _dotted(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
 
 
 def without_unread_defaults(cfg: Config, chosen: Collection[str]) -> Config:
@@ -241,10 +261,11 @@ def without_unread_defaults(cfg: Config, chosen: Collection[str]) -> Config:
     keys change nothing, so neither does this."""
     reset: dict[str, dict[str, object]] = {}
     for section, key, _ in ignored_keys(cfg):
-        if not {section, f"{section}.{key}"} & set(chosen):  # a whole section counts as chosen too
-            reset.setdefault(section, {})[key] = getattr(type(getattr(cfg, section))(), key)
+        if not {section, _dotted(section, key)} & set(chosen):  # a whole section counts as chosen too
+            reset.setdefault(section, {})[key] = getattr(type(_part(cfg, section))(), key)
+    top = reset.pop("", {})
     changes = {s: dataclasses.replace(getattr(cfg, s), **keys) for s, keys in reset.items()}
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    return dataclasses.replace(cfg, **changes, **top) if changes or top else cfg
 
 
 def _show(value: object) -> str:

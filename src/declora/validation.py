@@ -390,6 +390,13 @@ def _check_unread_data_keys(cfg: Config) -> None:
         why = "with task.kind=instruction, which reads data.prompt_column and data.response_column"
         why += " (or data.messages_column)"
         refuse_if_set("data", d, ("text_column", "label_column"), why)
+    else:  # a text and (but for plain language modelling) a label per row: no prompt or messages
+        why = f"with task.kind={cfg.task.kind}; it applies to task.kind=instruction"
+        refuse_if_set("data", d, ("prompt_column", "response_column", "messages_column"), why)
+    if cfg.task.kind == "causal_lm":
+        refuse_if_set("data", d, ("label_column",), "with task.kind=causal_lm, which reads the text alone")
+    if d.test_file is not None:
+        refuse_if_set("data", d, ("test_fraction",), "with data.test_file, which holds the held-out rows")
     if d.dataset in DATA and d.node_files is None:
         why = f"with the shipped data.dataset={d.dataset!r} (its own columns and held-out split)"
         why += "; it applies to a user's table or folder"

@@ -89,6 +89,15 @@ def test_every_key_of_the_three_sections_has_a_reader_or_is_always_read():
             "model.pooling='cls' has no effect",
         ),
         (
+            ["export=none", "export_round=best"],
+            "export_round='best' has no effect in this run; it applies to runs",
+        ),
+        (
+            ["log.project=mine"],
+            "log.project='mine' has no effect in this run; it applies to log.trackers wandb",
+        ),
+        (["log.trackers=[tensorboard]", "log.mlflow_uri=x"], "log.mlflow_uri='x' has no effect"),
+        (
             ["model.base_quantization=int8", "model.quant_backend=declora"],
             "model.quant_backend='declora' has no effect in this run; it applies to model.base_quant",
         ),
@@ -127,6 +136,8 @@ def test_a_setting_the_run_never_reads_is_named(overrides, line):
         ["algorithm.name=fedavg", "topology.node_dropout=0.2"],  # offline nodes miss the server's round
         ["algorithm.name=fedavg", "comm.codec=fp16"],
         ["train.head_lr=0.01"],  # the head trains by default
+        ["export_round=best"],
+        ["log.trackers=[mlflow]", "log.project=mine", "log.mlflow_uri=x"],
     ],
 )
 def test_settings_the_run_reads_are_not_named(overrides):

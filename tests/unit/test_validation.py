@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import re
 import typing
 
 import pytest
@@ -157,3 +158,25 @@ def test_every_choice_list_matches_the_module_that_implements_it():
     }
     for key, values in implemented.items():
         assert set(CHOICES[key]) == set(values), key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.prompt_column=question"],
+            "data.prompt_column='question' has no effect with task.kind=sequence_cl",
+        ),
+        (
+            ["task.kind=causal_lm", "model.head=none", "data.label_column=stars"],
+            "data.label_column='stars' has no effect with task.kind=causal_lm",
+        ),
+        (
+            ["data.dataset=rows.csv", "data.test_file=held_out.csv", "data.test_fraction=0.5"],
+            "data.test_fraction=0.5 has no effect with data.test_file",
+        ),
+    ],
+)
+def test_data_keys_the_task_or_the_files_never_read_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)

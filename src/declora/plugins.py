@@ -14,17 +14,20 @@ import hashlib
 import importlib
 import importlib.util
 import itertools
+import logging
 import sys
 from pathlib import Path
 from types import ModuleType
 
-from declora.algorithms import ALGORITHMS, unregister_module
+from declora.algorithms import ALGORITHMS, SHIPPED, unregister_module
 from declora.config import ConfigError
 
 # Each file's module and the hash of the bytes it was executed from: a file is executed once per process
 # however often it is named, and again when its content has changed (edited within one Python session), so
 # that a run runs the code its record names (declora.inputs fingerprints the file as it is now).
+log = logging.getLogger(__name__)
 _FILES: dict[Path, tuple[ModuleType, str]] = {}
+_CHECKED: set[str] = set()  # entries already looked at for their registrations (once per process)
 _COUNT = itertools.count()  # module names stay unique when a changed file is executed again
 
 
@@ -65,11 +68,12 @@ def _execute(path: Path, resolved: Path) -> ModuleType:
 def load_plugins(entries: tuple[str, ...]) -> None:
     """Import every entry, in order; any failure is one ConfigError naming the entry."""
     for entry in entries:
+        before = set(ALGORITHMS)
         try:
             if entry.endswith(".py"):
-                _import_file(Path(entry))
+                name = _import_file(Path(entry)).__name__
             else:
-                importlib.import_module(entry)
+                name = importlib.import_module(entry).__name__
         except ConfigError:
             raise
         except ModuleNotFoundError as err:
@@ -81,3 +85,19 @@ def load_plugins(entries: tuple[str, ...]) -> None:
             raise ConfigError(f"plugins: importing {entry!r} failed: {err}") from err
         except (Exception, SystemExit) as err:  # the plugin's own code: say which one, and what it raised
             raise ConfigError(f"plugins: importing {entry!r} failed: {type(err).__name__}: {err}") from err
+        if entry not in _CHECKED:
+            _CHECKED.add(entry)
+            if set(ALGORITHMS) == before and not _registered_by(name):
+                log.warning(
+                    "plugins: %r registered no algorithm (a plugin registers its algorithms when it is "
+                    "imported: docs/extending.md)",
+                    entry,
+                )
+
+
+def _registered_by(module: str) -> bool:
+    """Whether ``module`` (or a module of its package) defines a registered algorithm."""
+    return any(
+        k not in SHIPPED and (getattr(c, "__module__", "") + ".").startswith(module + ".")
+        for k, c in ALGORITHMS.items()
+    )

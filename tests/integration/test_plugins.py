@@ -461,3 +461,21 @@ def test_the_docs_say_the_name_attribute_is_not_read_and_the_registered_name_is_
     )
     assert load_config(tmp_path / "config.yaml").algorithm.name == "labelled"
     assert "SOMETHING_ELSE" not in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_a_plugin_that_registers_nothing_is_warned_about_once(tmp_path, caplog):
+    from declora.config import load_config
+
+    empty = tmp_path / "registers_nothing.py"
+    empty.write_text("VALUE = 1\n")
+    with caplog.at_level("WARNING", logger="declora.plugins"):
+        load_config(None, [f"plugins=[{empty}]"])
+        load_config(None, [f"plugins=[{empty}]"])  # validated again: said once
+        load_config(None, ["plugins=[json]"])  # a module that is no plugin at all
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"plugins: {str(empty)!r} registered no algorithm (a plugin registers its algorithms when it is "
+        "imported: docs/extending.md)",
+        "plugins: 'json' registered no algorithm (a plugin registers its algorithms when it is imported: "
+        "docs/extending.md)",
+    ], said

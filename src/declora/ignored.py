@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Collection
+from typing import Any
 
 from declora.config import ALTERNATING, Config
 
@@ -263,9 +264,9 @@ def without_unread_defaults(cfg: Config, chosen: Collection[str]) -> Config:
     for section, key, _ in ignored_keys(cfg):
         if not {section, _dotted(section, key)} & set(chosen):  # a whole section counts as chosen too
             reset.setdefault(section, {})[key] = getattr(type(_part(cfg, section))(), key)
-    top = reset.pop("", {})
-    changes = {s: dataclasses.replace(getattr(cfg, s), **keys) for s, keys in reset.items()}
-    return dataclasses.replace(cfg, **changes, **top) if changes or top else cfg
+    changes: dict[str, Any] = dict(reset.pop("", {}))  # top-level keys as they are
+    changes.update({s: dataclasses.replace(getattr(cfg, s), **keys) for s, keys in reset.items()})
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _show(value: object) -> str:

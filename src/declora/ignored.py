@@ -101,6 +101,23 @@ def _builds_graph(c: Config) -> bool:
 
 
 GOSSIP = "gossip algorithms (not the server methods, local or centralized)"
+
+
+def _on(key: str, *values: str) -> Reader:
+    """Read by a gossip algorithm whose graph is built and whose topology.<key> is one of ``values``."""
+    return (
+        lambda c: _builds_graph(c) and getattr(c.topology, key) in values,
+        f"{GOSSIP} on topology.{key} {' or '.join(values)}",
+    )
+
+
+def _on_schedule(schedule: str) -> Reader:
+    return (
+        lambda c: _gossips(c) and c.topology.schedule == schedule,
+        f"{GOSSIP} on topology.schedule={schedule}",
+    )
+
+
 TOPOLOGY: dict[str, Reader] = {
     "schedule": (_gossips, GOSSIP),
     "lazy": (_gossips, GOSSIP),
@@ -118,30 +135,12 @@ TOPOLOGY: dict[str, Reader] = {
         ),
         f"{GOSSIP} on topology.graph=erdos_renyi or topology.schedule=dynamic_er",
     ),
-    "degree": (
-        lambda c: _builds_graph(c) and c.topology.graph in ("regular", "small_world"),
-        f"{GOSSIP} on topology.graph regular or small_world",
-    ),
-    "rewire": (
-        lambda c: _builds_graph(c) and c.topology.graph == "small_world",
-        f"{GOSSIP} on topology.graph=small_world",
-    ),
-    "edge_list": (
-        lambda c: _builds_graph(c) and c.topology.graph == "file",
-        f"{GOSSIP} on topology.graph=file",
-    ),
-    "weight_file": (
-        lambda c: _builds_graph(c) and c.topology.weights == "file",
-        f"{GOSSIP} with topology.weights=file",
-    ),
-    "encounter_prob": (
-        lambda c: _gossips(c) and c.topology.schedule == "pairwise",
-        f"{GOSSIP} on topology.schedule=pairwise",
-    ),
-    "period": (
-        lambda c: _gossips(c) and c.topology.schedule == "periodic_full",
-        f"{GOSSIP} on topology.schedule=periodic_full",
-    ),
+    "degree": _on("graph", "regular", "small_world"),
+    "rewire": _on("graph", "small_world"),
+    "edge_list": _on("graph", "file"),
+    "weight_file": _on("weights", "file"),
+    "encounter_prob": _on_schedule("pairwise"),
+    "period": _on_schedule("periodic_full"),
 }
 
 

@@ -286,7 +286,9 @@ CASES += [
     ("data:missing-file", lambda c: c.new_run(f"data.dataset={c.root / 'gone.jsonl'}"), "gone.jsonl"),
     (
         "data:test-file-unknown-label",
-        lambda c: c.new_run(f"data.test_file={c.file('test.jsonl', _jsonl(UNKNOWN_LABEL))}"),
+        lambda c: c.new_run(  # with test_fraction back at its default: a test file holds the held-out rows
+            "data.test_fraction=0.2", f"data.test_file={c.file('test.jsonl', _jsonl(UNKNOWN_LABEL))}"
+        ),
         "test.jsonl",
     ),
 ]

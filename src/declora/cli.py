@@ -111,10 +111,14 @@ def _rounds_done(run_dir: Path) -> int | None:
 
 
 def _die(message: str) -> None:
-    """A multi-process run failed: say so once per rank, then leave without waiting on dead peers."""
-    print(f"declora: error (rank {os.environ.get('RANK', 0)}): {message}", file=sys.stderr, flush=True)
+    """A multi-process run failed: say so once per rank, then leave without waiting on dead peers (exit 2
+    when a peer refused bad input before the run started, as one process would)."""
+    from declora.dist import REFUSED
+
+    sys.stderr.write(f"declora: error (rank {os.environ.get('RANK', 0)}): {message}\n")
+    sys.stderr.flush()
     logging.shutdown()
-    os._exit(1)
+    os._exit(2 if REFUSED in message else 1)
 
 
 def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
@@ -497,7 +501,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from declora.dist import DistributedRunError, JobStopped
+    from declora.dist import DistributedRunError, JobStopped, launched
 
     args = parse_cli(argv)
     if argv is None:  # the command line's own process (not a caller of main() in its own program)
@@ -530,8 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         from declora.engine import failed_in_round
 
         where = failed_in_round(err)
-        if where is None:
-            return _error(err, 2)  # a bad value or file: nothing ran (or nothing was lost)
+        if where is None:  # a bad value or file: nothing ran (or nothing was lost)
+            if launched():  # the process group is up: an ordinary exit could abort in its teardown
+                _error(err, 2)
+                logging.shutdown()
+                os._exit(2)
+            return _error(err, 2)
         if isinstance(err, ConfigError):  # declora's own message, found in a round: one line, and rounds ran
             return _error(ConfigError(f"{where}: {err}"), 1)
         traceback.print_exception(err)  # a bug in a round's work (a plugin's, say): its note says where
@@ -546,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
 def _error(err: BaseException, code: int) -> int:
     """One line on stderr (a KeyError's message without its quotes, newlines folded)."""
     text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    print(f"declora: error: {' '.join(str(text).split())}", file=sys.stderr)
+    sys.stderr.write(f"declora: error: {' '.join(str(text).split())}\n")  # one write: ranks do not interleave
+    sys.stderr.flush()
     return code
 
 

@@ -35,6 +35,7 @@ from declora.config import ConfigError, DistConfig
 log = logging.getLogger(__name__)
 FAULT_ENV = "DECLORA_FAULT"  # tests: "kill:RANK:ROUND" or "hang:RANK:ROUND" (ROUND counted from 1)
 PHASES = ("start", "round", "train", "communicate", "evaluate", "checkpoint", "finish")
+REFUSED = "refused the run before it started"  # a peer's bad input: the others exit 2 too, as for input
 JOB_STOPPED = "the launcher stopped every rank (SIGTERM), none of which had failed"
 
 
@@ -258,7 +259,7 @@ class Distributed(Solo):
             if self.at[1] == "start" and isinstance(err, (ConfigError, FileNotFoundError)):
                 # A bad value or file, found before any training: every rank that sees it says so in the
                 # CLI's one line (exit 2); the others learn it through the store and stop.
-                self._post(f"rank {self.rank} refused the run before it started: {_short(err)}")
+                self._post(f"rank {self.rank} {REFUSED}: {_short(err)}")
                 raise
             message = self._diagnose(err)
             if message == JOB_STOPPED:

@@ -54,6 +54,9 @@ def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(ti
     refused = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 3)  # another split
     assert refused.returncode != 0
     assert "was saved by 2 processes (node slices [3, 2]); this launch has 3" in refused.output
+    codes = re.findall(r"exitcode\s*: (-?\d+)", refused.output)  # torchrun's summary of failed ranks
+    assert codes and set(codes) == {"2"}, refused.output[-4000:]  # bad input on every rank, no abort
+    assert "terminate called" not in refused.output
     assert folder_bytes(tmp_path / "run") == before  # no rank_2.log, nothing appended to the others
 
     resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)

@@ -305,16 +305,21 @@ def read_resumes(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def logged_rounds(run_dir: Path) -> int:
-    """The last round metrics.jsonl logs (0: none); unreadable lines are the resume's to name."""
-    last = 0
+def _round_records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's round and eval records; unreadable lines are skipped (the resume names them)."""
+    records = []
     with contextlib.suppress(OSError):
         for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if isinstance(record, dict) and record.get("event") in ("round", "eval"):
-                    last = max(last, int(record.get("round", 0)))
-    return last
+                    records.append(record)
+    return records
+
+
+def logged_rounds(run_dir: Path) -> int:
+    """The last round metrics.jsonl logs (0: none)."""
+    return max((int(r.get("round", 0)) for r in _round_records(run_dir)), default=0)
 
 
 def check_last_round_evaluated(run_dir: Path, rounds_done: int | None, rounds: int) -> None:
@@ -322,17 +327,7 @@ def check_last_round_evaluated(run_dir: Path, rounds_done: int | None, rounds: i
     evaluated, or the run would end with a report and adapter cards that score an earlier model."""
     if rounds_done is None or rounds != rounds_done:
         return
-    evaluated = False
-    with contextlib.suppress(OSError):
-        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                evaluated |= (
-                    isinstance(record, dict)
-                    and record.get("event") == "eval"
-                    and record.get("round") == rounds
-                )
-    if not evaluated:
+    if not any(r["event"] == "eval" and r.get("round") == rounds for r in _round_records(run_dir)):
         raise ConfigError(
             f"rounds={rounds} would end the run at its checkpoint's round {rounds}, which was not evaluated: "
             f"the report and the adapters would score an earlier round; ask for rounds={rounds + 1} or more"

@@ -13,7 +13,6 @@ run saved on a GPU resumes on the CPU (``device=cpu``) and the other way round.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,11 @@ from declora.runfolder import (
     remove_stray_temporaries,
     resume_command,
     save_tensors,
+    shard_name,
+    shard_rounds,
 )
 
 LATEST = "latest.json"
-
-
-def shard_name(round_done: int, rank: int) -> str:
-    return f"round_{round_done:06d}.rank_{rank}"
 
 
 def _stateful(exp: Experiment) -> list[tuple[str, Any]]:
@@ -79,8 +76,7 @@ def save_checkpoint(exp: Experiment, round_done: int, wall_s: float) -> Path:
 
 def _prune(state_dir: Path, rank: int, round_done: int) -> None:
     """Keep this rank's shard of ``round_done`` and its newest older one (the last committed round)."""
-    pattern = re.compile(rf"round_(\d+)\.rank_{rank}\.(safetensors|json)$")
-    rounds = {int(m.group(1)) for p in state_dir.iterdir() if (m := pattern.match(p.name))}
+    rounds = shard_rounds(state_dir, rank)
     older = [r for r in rounds if r < round_done]
     keep = {round_done, max(older)} if older else {round_done}
     for r in rounds - keep:

@@ -91,8 +91,9 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         # a moved folder: the run is where --resume points, recorded as an absolute path so that the
         # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
-    check_resume(saved, cfg, rounds_done=_rounds_done(run_dir))
-    check_last_round_evaluated(run_dir, _rounds_done(run_dir), cfg.rounds)
+    done = _rounds_done(run_dir)
+    check_resume(saved, cfg, rounds_done=done)
+    check_last_round_evaluated(run_dir, done, cfg.rounds)
     check_tracker_runs(cfg, run_dir)
     check_started_in(saved, started_in)  # before any work (the engine checks again, and warns of
     # inputs changed since the start: declora.inputs)

@@ -220,6 +220,20 @@ def resume_command(run_dir: str | Path) -> str:
     return f"declora run --resume {run_dir}"
 
 
+def shard_name(round_done: int, rank: int) -> str:
+    """A checkpoint shard's file stem in ``state/`` (declora.checkpoint writes it)."""
+    return f"round_{round_done:06d}.rank_{rank}"
+
+
+def shard_rounds(state_dir: Path, rank: int | None = None) -> set[int]:
+    """The rounds of the shards in ``state_dir`` (of ``rank``'s only, if given)."""
+    who = r"\d+" if rank is None else str(rank)
+    pattern = re.compile(rf"round_(\d+)\.rank_{who}\.(safetensors|json)$")
+    if not state_dir.is_dir():
+        return set()
+    return {int(m.group(1)) for p in state_dir.iterdir() if (m := pattern.match(p.name))}
+
+
 def read_checkpoint_json(path: Path) -> Any:
     """A checkpoint's JSON file; missing, truncated or corrupt ones are errors naming the file."""
     if not path.is_file():
@@ -341,15 +355,19 @@ def check_checkpoint_kept(
     before its first checkpoint, and wrong for one whose checkpoint is gone: it would throw away the rounds
     done. A checkpoint was complete if a round after a checkpoint round was logged (the next round starts
     only once the checkpoint is written), the run finished (its report is written after the last
-    checkpoint), or an earlier resume went on from one. A shard alone proves nothing: a kill inside the
-    first checkpoint leaves one."""
+    checkpoint), an earlier resume went on from one, or a shard is older than the last logged round. A
+    shard of the last logged round proves nothing: a kill inside the first checkpoint leaves one."""
     if (run_dir / "state" / "latest.json").is_file():
         return
     logged = logged_rounds(run_dir)
-    shard_rounds = [int(p.name[6:12]) for p in (run_dir / "state").glob("round_*") if p.name[6:12].isdigit()]
     finished = logged >= rounds and (run_dir / "report.md").is_file()
     resumed = any(r.get("from_round", 0) > 0 for r in read_resumes(run_dir) if isinstance(r, dict))
-    if logged > checkpoint_every or any(k < logged for k in shard_rounds) or finished or resumed:
+    if (
+        logged > checkpoint_every
+        or any(k < logged for k in shard_rounds(run_dir / "state"))
+        or finished
+        or resumed
+    ):
         raise ConfigError(
             f"{run_dir / 'state' / 'latest.json'} is missing, but the run logged {logged} rounds and saved "
             f"a checkpoint: resuming would start it again from round 0; restore the folder's state/ from a "

@@ -307,7 +307,9 @@ class Distributed(Solo):
             )
             culprit = self._culprit(own, stopped=isinstance(err, Stopped))
             if culprit == JOB_STOPPED:
-                return JOB_STOPPED
+                # A polite stop posts nothing. A peer that posted a failure (this rank hung, and its SIGTERM
+                # came after the peer had named the hang) is the story, not the stop that followed it.
+                return self._read("fail") or JOB_STOPPED
             message = f"{culprit}; {here}: {type(err).__name__}: {_short(err)}"
             return self.store.compare_set("fail", "", message).decode()
         except Exception:  # noqa: BLE001 - no store: say what this rank knows

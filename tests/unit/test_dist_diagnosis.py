@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-from declora.dist import JOB_STOPPED, Distributed
+from declora.dist import JOB_STOPPED, Distributed, Stopped
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +58,22 @@ def test_a_failed_or_dead_peer_is_named_even_when_this_rank_was_stopped():
     silent = _rank0_of_two()  # no report and no heartbeat: it died (torchrun then stops the others)
     assert silent._culprit(own=False, stopped=True) == "rank 1 died in round 3 (communicate)"
     assert silent._culprit(own=True) == "rank 0 failed in round 3 (communicate)"
+
+
+def test_a_hung_rank_stopped_after_its_peer_named_the_hang_reports_the_hang():
+    """Rank 0 hangs; rank 1 times out, posts the hang and leaves; torchrun then stops rank 0 with SIGTERM.
+    Rank 1 reported only a broken collective, so the stop alone looks polite: the posted hang decides."""
+    rank = _rank0_of_two()
+    rank.store.set("failed/1", "peer")
+    posted = "rank 0 hung in round 3 (train); rank 1 stopped in round 3 (round): DistError: timed out"
+    rank.store.set("fail", posted)
+    assert rank._culprit(own=False, stopped=True) == JOB_STOPPED  # what the stop alone says
+    assert rank._diagnose(Stopped("stopped by the launcher")) == posted
+    assert rank.store.get("failed/0") == b"stop"
+
+
+def test_a_polite_stop_posts_nothing():
+    rank = _rank0_of_two()
+    rank.store.set("failed/1", "stop")
+    assert rank._diagnose(Stopped("stopped by the launcher")) == JOB_STOPPED
+    assert not rank.store.check(["fail"])

@@ -367,7 +367,25 @@ def label_words_of(cfg: TaskConfig, label_names: Sequence[str]) -> tuple[str, ..
     return tuple(cfg.label_words or (f" {name}" for name in label_names))
 
 
+def check_room(kind: str, tokenizer: Any, max_length: int) -> None:
+    """A row must keep a text token (causal_lm: two, one to predict the next; instruction: a prompt token
+    and a response token), else every row is the tokenizer's special tokens alone and the run trains on
+    nothing. label_words checks its template itself."""
+    specials = tokenizer.num_special_tokens_to_add(pair=False) if kind != "instruction" else 0
+    needed = specials + {"sequence_classification": 1, "causal_lm": 2, "instruction": 2}.get(kind, 0)
+    if max_length < needed:
+        what = (
+            f"the tokenizer adds {specials} special tokens to each text"
+            if specials
+            else "a prompt and its response"
+        )
+        raise ValueError(
+            f"model.max_length={max_length} leaves no room for the text ({what}); allowed: at least {needed}"
+        )
+
+
 def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Sequence[str]) -> Task:
+    check_room(cfg.kind, tokenizer, max_length)
     if cfg.kind == "instruction":
         return Instruction(tokenizer, max_length)
     if cfg.kind == "sequence_classification":

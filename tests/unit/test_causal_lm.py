@@ -305,6 +305,24 @@ def test_a_max_length_that_leaves_no_room_for_the_text_names_each_part(tiny_llam
         LabelWords(tok, fits - 1, TEMPLATE, (" negative", " positive"))
 
 
+@pytest.mark.parametrize("kind", ["sequence_classification", "causal_lm", "instruction"])
+def test_a_max_length_that_keeps_no_text_token_is_refused(tiny_bert, tiny_llama, kind):
+    """[CLS] [SEP] alone (max_length 2 for BERT) or a BOS alone would train on nothing."""
+    folder = tiny_bert if kind == "sequence_classification" else tiny_llama
+    tok = _tokenizer(folder)
+    specials = tok.num_special_tokens_to_add(pair=False)
+    least = {"sequence_classification": specials + 1, "causal_lm": specials + 2, "instruction": 2}[kind]
+    assert build_task(TaskConfig(kind=kind), tok, least, ["neg", "pos"]) is not None
+    with pytest.raises(
+        ValueError, match=rf"model.max_length={least - 1} leaves no room .*allowed: at least {least}"
+    ):
+        build_task(TaskConfig(kind=kind), tok, least - 1, ["neg", "pos"])
+    if kind == "sequence_classification":
+        assert least == 3  # BERT: [CLS] text [SEP]
+        rows = build_task(TaskConfig(kind=kind), tok, least, ["neg", "pos"]).encode(["great fun"], [1], True)
+        assert len(rows[0]) == 3 and rows[0][1] not in tok.all_special_ids
+
+
 def test_label_words_count_the_prompts_whose_text_was_cut(tiny_llama):
     task = LabelWords(_tokenizer(tiny_llama), 12, TEMPLATE, (" negative", " positive"))
     task.encode(TEXTS, [0, 1, 0, 1], train=True)

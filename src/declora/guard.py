@@ -305,31 +305,53 @@ def _validate_robust(cfg: Config) -> None:
                 f"{2 * r.krum_f + 2} uploads (it scores each by its |S| - f - 2 nearest others); lower "
                 "krum_f or sample more nodes"
             )
+        dropping = {
+            "topology.node_dropout": cfg.topology.node_dropout or None,
+            "stragglers.deadline": cfg.stragglers.deadline,
+        }
+        for key, value in dropping.items():
+            if value is not None and not cfg.allow_degenerate:
+                raise ConfigError(
+                    f"robust.aggregator=krum with {key}={value:g}: offline or late nodes do not upload, so a "
+                    f"round can have 2f + 2 = {2 * r.krum_f + 2} uploads or fewer, where Krum may pick an "
+                    "attacker's; use robust.aggregator=median or trimmed_mean, or allow_degenerate=true to "
+                    "run those rounds anyway (each is warned about)"
+                )
 
 
-def _most_values_mixed(cfg: Config) -> tuple[int, str]:
-    """The most values one aggregation can see, and where: a server's uploads in a round; on a static
-    graph, a node's own state and its neighbours' messages; on a graph that changes, all the nodes."""
+def _most_values_mixed(cfg: Config, enough: int) -> tuple[int, str]:
+    """The most values one aggregation of the run can see, and where: a server's uploads in a round; in
+    gossip, the nonzero entries of a row of W(t) (a node's neighbours, and itself where W_ii > 0), over
+    the run's rounds, stopping early once some round reaches ``enough``. Link failures and dropout only
+    remove values, so the graphs are read without them."""
     from declora.algorithms.server import clients_per_round
-    from declora.topology import build_graph
+    from declora.schedules import SCHEDULES
+    from declora.topology import mixing_matrix
 
     if cfg.algorithm.name not in GOSSIP_ALGORITHMS:
         return clients_per_round(cfg) or cfg.nodes, "uploads a round at the server"
-    if cfg.topology.schedule != "static":
-        return cfg.nodes, f"nodes (topology.schedule={cfg.topology.schedule})"
+    topo = cfg.topology
+    on = f"topology.graph={topo.graph}" if topo.schedule == "static" else f"topology.schedule={topo.schedule}"
+    where = f"values a node mixes at most on {on} (its neighbours, and itself where W_ii > 0)"
     try:
-        graph = build_graph(cfg.topology, cfg.nodes, cfg.seed)
-    except ValueError:  # the graph's own check reports it, with its own message, later
+        at, static = SCHEDULES[topo.schedule](topo, cfg.nodes, cfg.seed)
+        most = 0
+        for t in range(1 if static else max(cfg.rounds, 1)):
+            graph, rule, lazy = at(t)
+            w = mixing_matrix(graph, topo if lazy else dataclasses.replace(topo, lazy=False), rule)
+            most = max(most, int((w > 0).sum(1).max()))
+            if most >= enough:
+                break
+    except (ValueError, KeyError, OSError):  # the graph's own check reports it, with its own message, later
         return cfg.nodes, "nodes"
-    most = max((d for _, d in graph.degree()), default=0) + 1
-    return most, f"values a node mixes at most on topology.graph={cfg.topology.graph} (itself and neighbours)"
+    return most, where
 
 
 def _refuse_trimming_nothing(cfg: Config) -> None:
     """trimmed_mean drops floor(trim * k) of k values at each end: where that is 0 for every aggregation the
     run can make, it is the plain mean, and an attacked run would be reported as defended."""
-    k, where = _most_values_mixed(cfg)
     trim = cfg.robust.trim
+    k, where = _most_values_mixed(cfg, enough=math.ceil(1 / trim) if trim > 0 else cfg.nodes + 1)
     if math.floor(trim * k) == 0 and not cfg.allow_degenerate:
         need = f"robust.trim >= {math.ceil(100 / k) / 100:g}" if k > 2 else "more values (a denser graph)"
         raise ConfigError(

@@ -29,6 +29,8 @@ other uploads is smallest.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,7 @@ from declora.comm.choco import choco_mix
 
 AGGREGATORS = ("mean", "trimmed_mean", "median", "clipped")  # gossip rules
 SERVER_AGGREGATORS = (*AGGREGATORS, "krum")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- rules on one node's k values
@@ -77,8 +80,17 @@ def clip_coefficients(sq_norms: Tensor, tau: float) -> Tensor:
 
 def krum_index(flat: Tensor, f: int) -> int:
     """Krum's choice among m uploads flat: (m, D): the smallest sum of squared distances to its
-    m - f - 2 nearest others (at least one)."""
+    m - f - 2 nearest others (at least one). With m <= 2f + 2 (a round that lost uploads to dropout or a
+    deadline, allowed only with allow_degenerate) the choice carries no guarantee: it is warned about."""
     m = flat.shape[0]
+    if m <= 2 * f + 2:
+        log.warning(
+            "Krum over %d uploads with robust.krum_f=%d (it needs more than 2f + 2 = %d): this round's "
+            "choice may be an attacker's",
+            m,
+            f,
+            2 * f + 2,
+        )
     dist = torch.cdist(flat.double(), flat.double()).square()  # (m, m)
     dist.fill_diagonal_(float("inf"))
     near = max(1, min(m - 1, m - f - 2))

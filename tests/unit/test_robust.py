@@ -121,6 +121,15 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
             ["nodes=8", "algorithm.name=fedavg", "server.fraction=0.5", "robust.aggregator=krum"],
             r"robust.krum_f=1 with 4 uploads a round",  # the sampled count, not the nodes
         ),
+        (  # a round may keep 2 of the 5 uploads, and Krum then picks the lower id: the attacker's, say
+            ["nodes=5", "algorithm.name=fedavg", "robust.aggregator=krum", "topology.node_dropout=0.6"],
+            r"robust.aggregator=krum with topology.node_dropout=0.6: offline or late nodes do not upload, "
+            r"so a round can have 2f \+ 2 = 4 uploads or fewer",
+        ),
+        (
+            ["nodes=9", "algorithm.name=fedavg", "robust.aggregator=krum", "stragglers.deadline=8"],
+            r"robust.aggregator=krum with stragglers.deadline=8: offline or late nodes",
+        ),
         (
             ["privacy.level=node", "privacy.clip=.inf", "privacy.noise_multiplier=0.5"],
             r"privacy.clip=inf with privacy.noise_multiplier=0.5: the noise's scale is their product",
@@ -151,6 +160,8 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
         "half_rounds_to_even_none",
         "krum_too_few",
         "krum_sampled",
+        "krum_with_dropout",
+        "krum_with_a_deadline",
         "inf_clip",
         "every_node_by_fraction",
         "every_node_by_id",
@@ -175,6 +186,53 @@ def test_the_settings_next_to_those_limits_load():
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.graph=complete"])  # 2 of 8
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.schedule=dynamic_er"])  # up to 8
     load_config(None, ["robust.aggregator=trimmed_mean", "robust.trim=0", "allow_degenerate=true"])
+
+
+def test_a_trim_that_no_round_of_the_gossip_can_apply_is_refused(tmp_path):
+    """The count is read off W(t): one-peer exponential gossip mixes 2 values in every round, and a weight
+    file without self-weights gives a node of the complete graph on 4 nodes its 3 neighbours only."""
+    trim = ["robust.aggregator=trimmed_mean", "robust.trim=0.49"]
+    with pytest.raises(
+        ConfigError,
+        match=r"floor\(0.49 x 2\) = 0 of the 2 values a node mixes at most on "
+        r"topology.schedule=one_peer_exponential",
+    ):
+        load_config(None, [*trim, "topology.schedule=one_peer_exponential"])
+    weights = tmp_path / "w.txt"
+    weights.write_text(
+        "\n".join(" ".join("0" if i == j else "0.333333333333" for j in range(4)) for i in range(4))
+    )
+    file = ["nodes=4", "topology.graph=complete", "topology.weights=file", f"topology.weight_file={weights}"]
+    with pytest.raises(
+        ConfigError,
+        match=r"floor\(0.25 x 3\) = 0 of the 3 values a node mixes at most on "
+        r"topology.graph=complete",
+    ):
+        load_config(None, [*file, "robust.aggregator=trimmed_mean", "robust.trim=0.25"])
+    load_config(None, [*file, "robust.aggregator=trimmed_mean", "robust.trim=0.34"])  # 1 of 3
+    load_config(None, ["robust.aggregator=trimmed_mean", "topology.schedule=periodic_full", "rounds=10"])
+
+
+def test_krum_over_too_few_uploads_is_warned_about(caplog):
+    """Allowed with allow_degenerate only: two uploads score alike, so the choice is the lower row."""
+    load_config(
+        None,
+        [
+            "nodes=5",
+            "algorithm.name=fedavg",
+            "robust.aggregator=krum",
+            "topology.node_dropout=0.6",
+            "allow_degenerate=true",
+        ],
+    )
+    attacker_first = torch.cat([-50 * torch.ones(1, 10), torch.ones(1, 10)])
+    with caplog.at_level("WARNING", logger="declora.robust"):
+        assert krum_index(attacker_first, 1) == 0
+    assert "Krum over 2 uploads with robust.krum_f=1 (it needs more than 2f + 2 = 4)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="declora.robust"):
+        krum_index(torch.randn(5, 10), 1)
+    assert not caplog.text
 
 
 def test_the_weighted_median_of_an_even_count_is_the_lower_middle_at_any_weight_scale():

@@ -32,6 +32,7 @@ from urllib.request import url2pathname
 from declora.config import Config, ConfigError, to_dict
 from declora.runfolder import atomic_write_text, read_resumes
 
+WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 SENT_ROUND = "trackers_round"  # RUN_DIR file: the last round the trackers were sent
 MLFLOW_RUN_ID = "mlflow_run_id"  # RUN_DIR file naming the MLflow run that a resume continues
 WANDB_RUN_ID = "wandb_run_id"  # RUN_DIR file naming the W&B run that a resume continues
@@ -223,8 +224,16 @@ class MLflow:
         self.client.set_terminated(self.run_id)
 
 
+def _as_uri(uri: str) -> str:
+    """A folder path (what MLflow's docs show for a local store) as the file: URI it stands for."""
+    scheme = urlparse(uri).scheme
+    return Path(uri).expanduser().resolve().as_uri() if len(scheme) <= 1 else uri  # "C:/..": a drive
+
+
 def mlflow_uri(cfg: Config, run_dir: Path) -> str:
-    uri = cfg.log.mlflow_uri or (run_dir.resolve().parent / "mlruns").as_uri()
+    uri = (
+        _as_uri(cfg.log.mlflow_uri) if cfg.log.mlflow_uri else (run_dir.resolve().parent / "mlruns").as_uri()
+    )
     if uri.startswith("file:"):  # MLflow 3 keeps the file store behind this switch (no database needed)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return uri
@@ -309,7 +318,29 @@ def setup_problem(cfg: Config) -> str | None:
         return None
     if missing := _missing_package(cfg):
         return missing
+    if "mlflow" in tracker_names(cfg) and (problem := _mlflow_problem(cfg)):
+        return problem
     return _wandb_problem(cfg) if "wandb" in tracker_names(cfg) else None
+
+
+def _mlflow_problem(cfg: Config) -> str | None:
+    """A log.mlflow_uri whose scheme the installed MLflow has no store for (sqlite: and the other
+    databases need the full mlflow package, not mlflow-skinny)."""
+    if not cfg.log.mlflow_uri:
+        return None
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores
+    except ImportError:  # an MLflow whose store registry moved: its own start decides
+        return None
+    try:
+        stores.get_store_builder(_as_uri(cfg.log.mlflow_uri))
+    except Exception:  # noqa: BLE001 - MLflow's unsupported-URI errors differ between versions
+        schemes = sorted(k for k in stores._registry if k)
+        return (
+            f"log.mlflow_uri={cfg.log.mlflow_uri!r}: the installed MLflow has no store for its scheme; "
+            f"use a folder path or one of {schemes} (a database such as sqlite: needs pip install mlflow)"
+        )
+    return None
 
 
 def _missing_package(cfg: Config) -> str | None:
@@ -329,6 +360,11 @@ def _missing_package(cfg: Config) -> str | None:
 def _wandb_problem(cfg: Config) -> str | None:
     from declora.validation import CHOICES
 
+    bad = sorted(set(cfg.log.project) & set(WANDB_FORBIDDEN))
+    if bad or len(cfg.log.project) > 128:  # W&B refuses these in wandb.init, after the run folder is made
+        why = f"cannot contain {bad}" if bad else f"has {len(cfg.log.project)} characters, more than 128"
+        hint = " (the entity goes in WANDB_ENTITY, not in the project's name)" if "/" in bad else ""
+        return f"log.project={cfg.log.project!r}: a W&B project name {why}{hint}"
     modes = [mode for mode in CHOICES["log.wandb_mode"] if mode is not None]
     env = os.environ.get("WANDB_MODE")
     if env is not None and env not in modes:  # wandb reads it even when log.wandb_mode names the mode

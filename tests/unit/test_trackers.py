@@ -3,8 +3,10 @@ the config and the same per-round numbers as the round records, and a resume con
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import re
 import struct
 import sys
 import time
@@ -461,3 +463,54 @@ def test_wandb_online_without_credentials_is_refused_before_the_run_folder(
     (home / ".netrc").write_text(f"machine {host}\n  login user\n  password {'0' * 40}\n")
     (home / ".netrc").chmod(0o600)
     load_config(None, online)
+
+
+def test_an_mlflow_store_given_as_a_folder_path_is_that_folder(tmp_path, monkeypatch):
+    """MLflow's docs show a local store as a path: absolute or relative (to the current folder), it is
+    the file store there, as if written file:///..."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # MLflow 3 refuses a file store without it
+    monkeypatch.chdir(tmp_path)
+    for given, store in (("store_rel", tmp_path / "store_rel"), (str(tmp_path / "abs"), tmp_path / "abs")):
+        cfg = load_config(None, ["log.trackers=[mlflow]", f"log.mlflow_uri={given}"])
+        board = Trackers(cfg, tmp_path / "runs" / given.replace("/", "_"))
+        board(RECORDS[0])
+        board.close()
+        client = MlflowClient(tracking_uri=store.as_uri())
+        runs = client.search_runs([client.get_experiment_by_name("declora").experiment_id])
+        assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "train/train_loss")] == [0.75]
+
+
+def test_an_mlflow_store_the_installed_mlflow_cannot_open_is_refused_before_the_run_folder(
+    tiny_bert, tmp_path, capsys
+):
+    mlflow = pytest.importorskip("mlflow")
+    if importlib.util.find_spec("sqlalchemy") is not None:
+        pytest.skip(f"mlflow {mlflow.__version__} with SQLAlchemy opens sqlite: stores")
+    uri = f"sqlite:///{tmp_path}/ml.db"
+    err = _refused_before_the_folder(
+        tiny_bert, tmp_path, capsys, "log.trackers=[mlflow]", f"log.mlflow_uri={uri}"
+    )
+    assert (
+        f"log.mlflow_uri='{uri}': the installed MLflow has no store for its scheme; use a folder path " in err
+    )
+    assert "(a database such as sqlite: needs pip install mlflow)" in err
+
+
+@pytest.mark.parametrize(
+    ("project", "why"),
+    [
+        ("team/proj", r"cannot contain \['/'\] \(the entity goes in WANDB_ENTITY"),
+        ("p" * 129, "has 129 characters, more than 128"),
+    ],
+)
+def test_a_project_name_wandb_refuses_is_refused_before_the_run_folder(
+    tiny_bert, tmp_path, capsys, project, why
+):
+    pytest.importorskip("wandb")
+    err = _refused_before_the_folder(
+        tiny_bert, tmp_path, capsys, "log.wandb_mode=offline", f"log.project={project}"
+    )
+    assert re.search(rf"log.project='{project}': a W&B project name {why}", err), err

@@ -295,6 +295,12 @@ def _validate_robust(cfg: Config) -> None:
         )
     if r.aggregator == "trimmed_mean":
         _refuse_trimming_nothing(cfg)
+    if r.aggregator == "clipped" and math.isinf(r.clip_radius) and not cfg.allow_degenerate:
+        raise ConfigError(
+            "robust.aggregator=clipped with robust.clip_radius=inf never clips: it is the plain mean, and an "
+            "attacked run would be reported as defended; give a radius, or allow_degenerate=true if that is "
+            "what you mean"
+        )
     if r.aggregator == "krum":  # Krum scores each upload by its |S| - f - 2 nearest others: |S| > 2f + 2
         from declora.algorithms.server import clients_per_round
 
@@ -370,8 +376,26 @@ def _validate_attack(cfg: Config) -> None:
         return
     if a.nodes is None:
         raise ConfigError(f"attack.kind={a.kind} needs attack.nodes: a list of node ids or a fraction")
+    if cfg.algorithm.name == "centralized":  # one model on all the data: nobody honest, nothing sent
+        raise ConfigError(
+            f"attack.kind={a.kind} with algorithm.name=centralized: its one node trains on all the data "
+            "and sends nothing, so there is no attacker beside honest nodes; use attack.kind=none"
+        )
+    if cfg.algorithm.name == "local" and a.kind in MESSAGE_ATTACKS:
+        raise ConfigError(
+            f"attack.kind={a.kind} corrupts what a node sends; algorithm.name=local sends nothing "
+            "(attack.kind=label_flip or none)"
+        )
+    honest = {"scaled": a.scale == 1, "gaussian": a.std == 0}.get(a.kind, False)  # 1·x, x + 0·z
+    if honest and not cfg.allow_degenerate:
+        key = "attack.scale=1" if a.kind == "scaled" else "attack.std=0"
+        raise ConfigError(
+            f"attack.kind={a.kind} with {key} sends the honest message: the run would be labelled "
+            "attacked with nobody attacking; change it, or allow_degenerate=true if that is what you mean"
+        )
     if isinstance(a.nodes, float) and not 0 < a.nodes < 1:
-        raise ConfigError(f"attack.nodes={a.nodes} as a fraction must be in (0, 1)")
+        ids = f"; node ids go in a list, e.g. attack.nodes=[{int(a.nodes)}]" if a.nodes.is_integer() else ""
+        raise ConfigError(f"attack.nodes={a.nodes:g} as a fraction must be in (0, 1){ids}")
     if isinstance(a.nodes, float) and round(a.nodes * cfg.nodes) == 0:
         raise ConfigError(
             f"attack.nodes={a.nodes} of {cfg.nodes} nodes is round({a.nodes * cfg.nodes:g}) = 0 attackers: "

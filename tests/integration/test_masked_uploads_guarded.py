@@ -32,7 +32,11 @@ METHODS = {
     "flora": ["export=none", RANKS],
 }
 NO_NOISE = ["privacy.level=node", "privacy.noise_multiplier=0", "privacy.clip=.inf"]
-NO_CUT = ["robust.aggregator=clipped", "robust.clip_radius=.inf"]  # the rule with nothing to clip
+NO_CUT = [
+    "robust.aggregator=clipped",
+    "robust.clip_radius=.inf",
+    "allow_degenerate=true",
+]  # the rule with nothing to clip
 
 
 def _run(model: Path, run_dir: Path, algorithm: str, *extra: str):

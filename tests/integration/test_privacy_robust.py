@@ -72,6 +72,7 @@ NOTHING_TO_CUT = [
     "privacy.clip=.inf",
     "robust.aggregator=clipped",
     "robust.clip_radius=.inf",
+    "allow_degenerate=true",  # the rule with nothing to clip, on purpose
 ]
 TOPK = ["comm.codec=topk", "comm.fraction=0.25"]
 

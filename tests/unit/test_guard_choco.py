@@ -58,7 +58,7 @@ def _rounds(exchange, rounds: int = 4) -> list[dict[str, torch.Tensor]]:
     "overrides",
     [
         ["privacy.level=node", "privacy.noise_multiplier=0", "privacy.clip=.inf"],
-        ["robust.aggregator=clipped", "robust.clip_radius=.inf"],
+        ["robust.aggregator=clipped", "robust.clip_radius=.inf", "allow_degenerate=true"],
         ["robust.aggregator=trimmed_mean", "robust.trim=0", "allow_degenerate=true"],
         [
             "privacy.level=node",

@@ -143,6 +143,31 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
             r"attack.nodes=\[0, 1, 2\] makes all 3 nodes attackers",
         ),
         (["attack.kind=gaussian", "attack.nodes=[]"], r"attack.nodes=\[\] names no attacker"),
+        (
+            ["algorithm.name=centralized", "attack.kind=label_flip", "attack.nodes=[0]"],
+            r"attack.kind=label_flip with algorithm.name=centralized: its one node trains on all the data",
+        ),
+        (
+            ["algorithm.name=local", "attack.kind=sign_flip", "attack.nodes=[0]"],
+            r"attack.kind=sign_flip corrupts what a node sends; algorithm.name=local sends nothing",
+        ),
+        (
+            ["attack.kind=scaled", "attack.scale=1", "attack.nodes=[0]"],
+            r"attack.kind=scaled with attack.scale=1 sends the honest message",
+        ),
+        (
+            ["attack.kind=gaussian", "attack.std=0", "attack.nodes=[0]"],
+            r"attack.kind=gaussian with attack.std=0 sends the honest message",
+        ),
+        (
+            ["robust.aggregator=clipped", "robust.clip_radius=.inf"],
+            r"robust.aggregator=clipped with robust.clip_radius=inf never clips: it is the plain mean",
+        ),
+        (
+            ["attack.kind=sign_flip", "attack.nodes=1"],
+            r"attack.nodes=1 as a fraction must be in \(0, 1\); node ids go in a list, e.g. "
+            r"attack.nodes=\[1\]",
+        ),
         (["attack.nodes=[0]"], r"attack.nodes=\[0\] needs an attack.kind \(not 'none'\)"),
         (["attack.kind=gaussian", "attack.nodes=[0,0]"], r"attack.nodes=\[0, 0\] names a node twice"),
         (  # a ring: each node mixes 3 values, and floor(0.25 x 3) = 0
@@ -166,6 +191,12 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
         "every_node_by_fraction",
         "every_node_by_id",
         "no_attacker_listed",
+        "attack_on_centralized",
+        "message_attack_on_local",
+        "scale_one",
+        "std_zero",
+        "infinite_clip_radius",
+        "node_id_as_a_number",
         "attackers_without_an_attack",
         "an_attacker_twice",
         "trim_on_a_ring",
@@ -186,6 +217,8 @@ def test_the_settings_next_to_those_limits_load():
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.graph=complete"])  # 2 of 8
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.schedule=dynamic_er"])  # up to 8
     load_config(None, ["robust.aggregator=trimmed_mean", "robust.trim=0", "allow_degenerate=true"])
+    load_config(None, ["algorithm.name=local", "attack.kind=label_flip", "attack.nodes=[0]"])  # trains on it
+    load_config(None, ["attack.kind=scaled", "attack.scale=1", "attack.nodes=[0]", "allow_degenerate=true"])
 
 
 def test_a_trim_that_no_round_of_the_gossip_can_apply_is_refused(tmp_path):

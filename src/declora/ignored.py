@@ -151,6 +151,7 @@ TASK: dict[str, Reader] = {
 
 
 PARTITION: dict[str, Reader] = {
+    "kind": (lambda c: not c.data.node_files, "data split from one source (not data.node_files)"),
     "column": (lambda c: c.partition.kind == "column", "partition.kind=column"),
     "max_per_node": (lambda c: c.partition.kind == "column", "partition.kind=column"),
     "alpha": (
@@ -259,13 +260,17 @@ def without_unread_defaults(cfg: Config, chosen: Collection[str]) -> Config:
     ``partition.min_size`` means nothing once ``partition.kind=iid`` is asked for, and neither a warning
     about a key the user never set nor that value in the run's config.yaml would help anyone. Unread
     keys change nothing, so neither does this."""
-    reset: dict[str, dict[str, object]] = {}
-    for section, key, _ in ignored_keys(cfg):
-        if not {section, _dotted(section, key)} & set(chosen):  # a whole section counts as chosen too
-            reset.setdefault(section, {})[key] = getattr(type(_part(cfg, section))(), key)
-    changes: dict[str, Any] = dict(reset.pop("", {}))  # top-level keys as they are
-    changes.update({s: dataclasses.replace(getattr(cfg, s), **keys) for s, keys in reset.items()})
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    for _ in range(4):  # a key set back can leave others unread (partition.kind, then min_size)
+        reset: dict[str, dict[str, object]] = {}
+        for section, key, _ in ignored_keys(cfg):
+            if not {section, _dotted(section, key)} & set(chosen):  # a whole section counts as chosen too
+                reset.setdefault(section, {})[key] = getattr(type(_part(cfg, section))(), key)
+        if not reset:
+            break
+        changes: dict[str, Any] = dict(reset.pop("", {}))  # top-level keys as they are
+        changes.update({s: dataclasses.replace(getattr(cfg, s), **keys) for s, keys in reset.items()})
+        cfg = dataclasses.replace(cfg, **changes)
+    return cfg
 
 
 def _show(value: object) -> str:

@@ -87,8 +87,6 @@ def node_file_list(cfg: Config) -> list[str]:
 
 def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData:
     files = node_file_list(cfg)
-    if cfg.partition.kind != "iid":
-        log.warning("data.node_files: each node trains on its own file; partition.kind is not used")
     sources = [files] if n == 1 else [[f] for f in files]  # a single-node algorithm pools every file
     if cfg.task.kind == "instruction":
         return _instruction_files(cfg, sources, hosted, group)

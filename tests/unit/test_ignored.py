@@ -188,6 +188,22 @@ def test_keys_of_the_fallback_config_that_a_run_ignores_fall_back_to_their_defau
         assert without_unread_defaults(cfg, chosen) == cfg
 
 
+def test_a_file_per_node_leaves_the_fallback_partition_unread_and_set_back_whole():
+    """The default config's Dirichlet partition (kind, then the min_size only it reads) means nothing
+    once data.node_files gives each node its file: both go back to their defaults, in one call."""
+    given = ["data.node_files=[a.csv,b.csv]", "data.test_file=t.csv", "nodes=2"]
+    cfg = load_config(ROOT_DEFAULT, given)
+    assert "partition.kind='dirichlet' has no effect in this run" in " ".join(ignored_settings(cfg))
+    keys = ["data.node_files", "data.test_file", "nodes"]
+    cleaned = without_unread_defaults(cfg, keys)
+    assert cleaned.partition == PartitionConfig() and ignored_settings(cleaned) == []
+    chosen = without_unread_defaults(cfg, [*keys, "partition.kind"])
+    assert ignored_settings(chosen) == [
+        "partition.kind='dirichlet' has no effect in this run; it applies to data split from one source "
+        "(not data.node_files)"
+    ]
+
+
 def test_declora_run_without_a_config_does_not_warn_of_keys_the_user_never_set(tmp_path, monkeypatch):
     import argparse
     import shutil

@@ -476,7 +476,7 @@ def document(
     shapes = TINY if args.quick else SHAPES
     return {
         "command": " ".join(["python", "benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device_name": device_name,
         "torch": torch.__version__,
         "matmul_tflops": rate / 1e12,

@@ -69,13 +69,17 @@ def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(ti
     assert sorted(p.name for p in (tmp_path / "run").glob("rank_*.log")) == ["rank_0.log", "rank_1.log"]
 
 
-def test_hung_rank_stops_every_rank_after_the_timeout(tiny_bert, tmp_path):
+@pytest.mark.parametrize("rank", [1, 0])  # rank 0 also hosts the store, and torchrun stops it last
+def test_hung_rank_stops_every_rank_after_the_timeout(tiny_bert, tmp_path, rank):
     overrides = tiny_overrides(tiny_bert, tmp_path / "run", "decaf", f"dist.timeout_s={TIMEOUT}")
-    hung = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2, env={"DECLORA_FAULT": "hang:1:2"})
+    hung = launch(
+        ["-m", "declora", "run", str(CONFIG), *overrides], 2, env={"DECLORA_FAULT": f"hang:{rank}:2"}
+    )
     stopped = time.time()
     assert hung.returncode != 0
-    assert re.search(r"rank 1 hung in round 2", hung.output), hung.output[-4000:]
-    assert TIMEOUT - 1 < stopped - fault_time(tmp_path / "run", 1) < 2 * TIMEOUT
+    assert re.search(rf"rank {rank} hung in round 2", hung.output), hung.output[-4000:]
+    assert "none of which had failed" not in hung.output  # not told as a polite stop by any rank
+    assert TIMEOUT - 1 < stopped - fault_time(tmp_path / "run", rank) < 2 * TIMEOUT
     assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 1
 
 

@@ -11,6 +11,7 @@ master copies, so a step's update is as exact as in fp32 and only the activation
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import os
 import re
@@ -80,3 +81,14 @@ def peak_gpu_memory_mb(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> collections.abc.Iterator[None]:
+    """torch's default dtype set to ``dtype`` inside; the caller's own (a notebook's float64) after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import resource
@@ -16,7 +17,7 @@ import torch
 from declora.algorithms.base import RoundContext, chosen_settings
 from declora.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from declora.config import ConfigError, load_config, save_config, to_dict
-from declora.device import peak_gpu_memory_mb, reset_gpu_peak
+from declora.device import default_dtype, peak_gpu_memory_mb, reset_gpu_peak
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.export import AdapterExport
@@ -226,11 +227,16 @@ def run(
             f"this Experiment has already run (in {exp.run_dir}): its model, optimizer and data streams hold "
             "that run's state; build a new one with build_experiment(cfg) to run or resume again"
         )
+    if resume and overwrite:
+        raise ConfigError("resume=True and overwrite=True contradict each other: resume keeps the folder")
     if exp.group.is_main:  # refused before the lock, whose file a refused folder would otherwise keep
         _check_folder(exp.run_dir, resume, overwrite)
     lock = hold_run_folder(exp.run_dir) if exp.group.is_main else None
     try:
-        return _run_rounds(exp, resume, on_round, overwrite)
+        # Training needs autograd whatever the caller's mode (a notebook's torch.no_grad() or
+        # inference_mode()), and the tensors made during the run in torch's default dtype must be fp32.
+        with torch.inference_mode(False), torch.enable_grad(), default_dtype(torch.float32):
+            return _run_rounds(exp, resume, on_round, overwrite)
     finally:
         if lock is not None:
             lock.close()
@@ -372,7 +378,7 @@ def _rounds(
             stop = False
             if on_round is not None:
                 try:
-                    on_round(record)
+                    on_round(copy.deepcopy(record))  # a callback that edits it changes no card or record
                 except StopRun:
                     stop = True
             if bool(group.all_max(torch.tensor(int(stop)))):  # one rank's stop stops every rank

@@ -21,7 +21,7 @@ from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError, TopologyConfig, from_dict, to_dict
 from declora.data import TextDataset
-from declora.device import default_tokens_per_chunk, resolve_device
+from declora.device import default_dtype, default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.ignored import ignored_settings
@@ -296,7 +296,13 @@ def _build_exchange(
 def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | None = None) -> Experiment:
     """Everything global (partitions, W(t), data seeds) is derived for all n nodes; this process then
     keeps its slice ``group.nodes`` (all of them in one process) with its own frozen base. ``cfg`` is
-    checked first, as load_config checks a file (one built or replaced in Python may not have been)."""
+    checked first, as load_config checks a file (one built or replaced in Python may not have been).
+    The trained tensors are fp32 and trainable whatever the caller's default dtype or grad mode."""
+    with torch.inference_mode(False), default_dtype(torch.float32):
+        return _build_experiment(cfg, run_dir, group)
+
+
+def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> Experiment:
     cfg = from_dict(to_dict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

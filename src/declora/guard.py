@@ -31,7 +31,7 @@ from torch import Tensor
 from declora.algorithms import GOSSIP_ALGORITHMS, MASKED_UPLOADS, NO_NODE_DP, SERVER_ALGORITHMS, SHIPPED
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
 from declora.config import Config, ConfigError
-from declora.privacy import PrivacyAccount, noise_std, privatize, resolve_sigma
+from declora.privacy import PrivacyAccount, import_accountants, noise_std, privatize, resolve_sigma
 from declora.robust import robust_choco, robust_gossip, server_aggregate
 from declora.robust_uploads import slice_mask
 from declora.validation import refuse_if_set
@@ -253,7 +253,7 @@ def _validate_privacy(cfg: Config) -> None:
             "privacy.level=example"
         )
     try:
-        import opacus.accountants  # noqa: F401
+        import_accountants()
     except ImportError as err:
         raise ConfigError(
             f"privacy.level={p.level} needs opacus' accountants: pip install 'declora[privacy]' ({err})"

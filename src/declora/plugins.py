@@ -28,6 +28,7 @@ from declora.config import ConfigError
 log = logging.getLogger(__name__)
 _FILES: dict[Path, tuple[ModuleType, str]] = {}
 _CHECKED: set[str] = set()  # entries already looked at for their registrations (once per process)
+_SOURCES: dict[str, str] = {}  # module name -> the plugins entry that imported it
 _COUNT = itertools.count()  # module names stay unique when a changed file is executed again
 
 
@@ -85,6 +86,7 @@ def load_plugins(entries: tuple[str, ...]) -> None:
             raise ConfigError(f"plugins: importing {entry!r} failed: {err}") from err
         except (Exception, SystemExit) as err:  # the plugin's own code: say which one, and what it raised
             raise ConfigError(f"plugins: importing {entry!r} failed: {type(err).__name__}: {err}") from err
+        _SOURCES[name] = entry
         if entry not in _CHECKED:
             _CHECKED.add(entry)
             if set(ALGORITHMS) == before and not _registered_by(name):
@@ -100,4 +102,23 @@ def _registered_by(module: str) -> bool:
     return any(
         k not in SHIPPED and (getattr(c, "__module__", "") + ".").startswith(module + ".")
         for k, c in ALGORITHMS.items()
+    )
+
+
+def check_listed(algorithm: str, entries: tuple[str, ...]) -> None:
+    """An algorithm that an earlier run of this process imported from a plugin is refused to a config that
+    does not list that plugin: its config.yaml could be neither resumed nor run again by a new process,
+    which would not know the name. (One registered by a script calling declora.algorithms.register is
+    the script's own, docs/extending.md.)"""
+    module = getattr(ALGORITHMS.get(algorithm), "__module__", "")
+    entry = next((e for m, e in _SOURCES.items() if (module + ".").startswith(m + ".")), None)
+    if entry is None or entry in entries:
+        return
+    listed = {Path(e).expanduser().resolve() for e in entries if e.endswith(".py")}
+    if entry.endswith(".py") and Path(entry).expanduser().resolve() in listed:
+        return  # the same file, named another way
+    raise ConfigError(
+        f"algorithm.name={algorithm!r} comes from the plugin {entry!r}, which an earlier run of this process "
+        f"imported but this config does not list (plugins={list(entries)}): add it to plugins, so that the "
+        "run's config.yaml can be run and resumed by a new process"
     )

@@ -38,16 +38,33 @@ come from declora's own stacked layers.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from declora.config import PrivacyConfig
 from declora.seeding import torch_generator
+
+
+def import_accountants() -> Any:
+    """opacus.accountants (with its utils). opacus calls logging.basicConfig when first imported, which
+    would give an application's root logger a handler, so that its own basicConfig did nothing: the root
+    logger's handlers and level are put back as they were."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import opacus.accountants
+        import opacus.accountants.utils
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return opacus.accountants
 
 
 @functools.lru_cache(maxsize=4096)
@@ -57,9 +74,8 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accounta
         return 0.0
     if sigma <= 0:
         return math.inf
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    accountants = import_accountants()
+    acc = accountants.RDPAccountant() if accountant == "rdp" else accountants.PRVAccountant()
     acc.history = [(sigma, sample_rate, steps)]
     with warnings.catch_warnings():
         # PRV at sample rate 1 (node level: every message is sent) takes log(0) of the rate's complement
@@ -71,8 +87,7 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accounta
 @functools.lru_cache(maxsize=256)
 def noise_for(target: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp") -> float:
     """The noise multiplier that spends ``target`` epsilon at ``delta`` in ``steps`` steps (opacus)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
+    get_noise_multiplier = import_accountants().utils.get_noise_multiplier
     try:
         with warnings.catch_warnings():  # the search tries extreme sigmas, whose alpha warnings mean nothing
             warnings.filterwarnings("ignore", "Optimal order is the", UserWarning)

@@ -132,6 +132,7 @@ class WandB:
             name=run_dir.name,
             id=wandb_run_id(run_dir),
             resume="allow",
+            reinit="create_new",  # beside a W&B run the caller has open, which the default would finish
             dir=str(run_dir),
             mode=wandb_mode(cfg),
             config=to_dict(cfg),

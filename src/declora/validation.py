@@ -181,7 +181,7 @@ def _validate_partition(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; names the bad value and the allowed ones."""
-    from declora.plugins import load_plugins
+    from declora.plugins import check_listed, load_plugins
 
     load_plugins(cfg.plugins)  # first: they add the algorithm names checked below
     flat = flatten(to_dict(cfg))
@@ -257,6 +257,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"algorithm.name={cfg.algorithm.name!r} is not known; choose one of {sorted(SHIPPED)} ({hint})"
         )
+    check_listed(cfg.algorithm.name, cfg.plugins)
     own_check = getattr(ALGORITHMS[cfg.algorithm.name], "check_config", None)  # a registered algorithm's
     if own_check is not None:
         try:

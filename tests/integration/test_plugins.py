@@ -29,14 +29,18 @@ def registry():
     """Each test starts from the shipped registry (an earlier test of the session may have imported a
     plugin: they register for the process) and leaves the registry as it found it."""
     algorithms, files, modules = dict(ALGORITHMS), dict(plugins._FILES), set(sys.modules)
+    sources = dict(plugins._SOURCES)
     for name in set(ALGORITHMS) - SHIPPED:
         del ALGORITHMS[name]
     plugins._FILES.clear()
+    plugins._SOURCES.clear()
     yield
     ALGORITHMS.clear()
     ALGORITHMS.update(algorithms)
     plugins._FILES.clear()
     plugins._FILES.update(files)
+    plugins._SOURCES.clear()
+    plugins._SOURCES.update(sources)
     for name in set(sys.modules) - modules:
         if name.startswith("declora_plugin_"):
             del sys.modules[name]
@@ -479,3 +483,17 @@ def test_a_plugin_that_registers_nothing_is_warned_about_once(tmp_path, caplog):
         "plugins: 'json' registered no algorithm (a plugin registers its algorithms when it is imported: "
         "docs/extending.md)",
     ], said
+
+
+def test_a_plugin_an_earlier_run_imported_must_be_listed_by_a_later_config(tiny, tmp_path):
+    """Else the later run's config.yaml (plugins: []) could be neither resumed nor run by a new process."""
+    run(build_experiment(load_config(None, [*tiny, *USE, "rounds=1", f"run_dir={tmp_path / 'a'}"])))
+    with pytest.raises(
+        ConfigError,
+        match=r"algorithm.name='periodic_gossip' comes from the plugin .*periodic_gossip.py"
+        r"', which an earlier run of this process imported but this config does not list",
+    ):
+        load_config(None, [*tiny, "algorithm.name=periodic_gossip", f"run_dir={tmp_path / 'b'}"])
+    assert not (tmp_path / "b").exists()
+    other_name = EXAMPLE.parent / ".." / "examples" / "periodic_gossip.py"  # the same file named another way
+    load_config(None, [*tiny, f"plugins=[{other_name}]", "algorithm.name=periodic_gossip"])

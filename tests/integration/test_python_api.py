@@ -251,3 +251,75 @@ def test_a_stop_at_a_round_that_is_not_evaluated_is_warned_about(tiny, tmp_path,
     cfg = load_config(None, {**tiny, "eval.every": 2, "run_dir": str(tmp_path / "evaluated")})
     run(build_experiment(cfg), on_round=stop_at_two)
     assert "StopRun after" not in caplog.text
+
+
+def test_a_dropped_experiment_is_freed_at_once_after_its_report_is_drawn(tiny, tmp_path):
+    """The run's plot leaves a garbage cycle holding the run's frames (and so the Experiment): without
+    a collection there, a sweep kept every earlier base model alive until Python's next full GC."""
+    import gc
+    import weakref
+
+    gc.disable()  # only reference counting frees it, as between two cells of a sweep
+    try:
+        for cell in range(3):
+            exp = build_experiment(
+                load_config(
+                    None,
+                    {
+                        **tiny,
+                        "nodes": 4,
+                        "rounds": 2,
+                        "checkpoint_every": 1,
+                        "run_dir": str(tmp_path / f"{cell}"),
+                    },
+                )
+            )
+            base = weakref.ref(exp.fed.model)
+            run(exp)
+            del exp
+            assert base() is None, cell
+    finally:
+        gc.enable()
+
+
+def test_the_callback_gets_a_copy_of_the_record(tiny, tmp_path):
+    def percent(record):  # a display edit must not reach the adapter card or the returned records
+        record["acc_avg_factors"] = 100 * record["acc_avg_factors"]
+
+    records = run(
+        build_experiment(load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / "r")})),
+        on_round=percent,
+    )
+    logged = metrics_records(tmp_path / "r")[-1]["acc_avg_factors"]
+    card = json.loads((tmp_path / "r" / "adapters" / "consensus" / "declora_adapter.json").read_text())
+    assert records[-1]["acc_avg_factors"] == logged == card["metrics"]["acc_avg_factors"] <= 1
+
+
+def test_a_run_trains_inside_the_callers_no_grad_or_float64_default_and_restores_them(tiny, tmp_path):
+    reference = run(
+        build_experiment(load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / "ref")}))
+    )
+    before = torch.get_default_dtype()
+    for name, mode in (("no_grad", torch.no_grad), ("inference", torch.inference_mode)):
+        with mode():
+            got = run(
+                build_experiment(load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / name)}))
+            )
+            assert not torch.is_grad_enabled()
+        assert _numbers(got) == _numbers(reference), name
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run(
+            build_experiment(load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / "f64")}))
+        )
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(before)
+    assert _numbers(got) == _numbers(reference)
+
+
+def test_resume_with_overwrite_is_refused_as_on_the_command_line(tiny, tmp_path):
+    exp = build_experiment(load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / "r")}))
+    with pytest.raises(ConfigError, match="resume=True and overwrite=True contradict each other"):
+        run(exp, resume=True, overwrite=True)
+    assert not (tmp_path / "r").exists()

@@ -3,7 +3,10 @@ noise and attacks are seeded per (seed, round, tensor, node), and bad settings s
 
 from __future__ import annotations
 
+import logging
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +161,19 @@ def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
 def test_bad_settings_name_the_key_and_what_is_allowed(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config(None, overrides)
+
+
+def test_checking_a_private_config_leaves_the_applications_logging_alone():
+    """opacus calls logging.basicConfig when first imported: the application's own basicConfig would
+    then do nothing. A fresh process, so that opacus is imported here for the first time."""
+    pytest.importorskip("opacus")
+    code = (
+        "import logging\n"
+        "from declora.config import load_config\n"
+        "load_config(None, {'privacy.level': 'node', 'privacy.noise_multiplier': 1.0})\n"
+        "from declora.privacy import epsilon\n"
+        "epsilon(1.0, 1.0, 4, 1e-5)\n"
+        "print(len(logging.getLogger().handlers), logging.getLogger().level)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", str(logging.WARNING)]

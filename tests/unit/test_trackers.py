@@ -514,3 +514,18 @@ def test_a_project_name_wandb_refuses_is_refused_before_the_run_folder(
         tiny_bert, tmp_path, capsys, "log.wandb_mode=offline", f"log.project={project}"
     )
     assert re.search(rf"log.project='{project}': a W&B project name {why}", err), err
+
+
+def test_the_wandb_tracker_leaves_the_callers_own_wandb_run_open(tmp_path, monkeypatch):
+    """A sweep script's own W&B run stays usable: wandb.init's default would have finished it."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    mine = wandb.init(
+        project="my-sweep", mode="offline", dir=str(tmp_path), settings=wandb.Settings(console="off")
+    )
+    try:
+        _log(tmp_path, "wandb")
+        assert not mine._is_finished
+        mine.log({"outer": 1.0}, step=1)  # raises on a finished run
+    finally:
+        mine.finish()

@@ -246,6 +246,12 @@ def _validate_privacy(cfg: Config) -> None:
             "the messages each shipped method sends per round, and cannot know a new method's; use "
             "privacy.level=example (DP-SGD inside local training)"
         )
+    if p.level == "node" and cfg.algorithm.name in ("local", "centralized"):
+        raise ConfigError(
+            f"privacy.level=node with algorithm.name={cfg.algorithm.name}: node-level DP noises what a node "
+            "sends, and it sends nothing, so the run would be labelled private with nothing noised; use "
+            "privacy.level=example (DP-SGD inside local training) or privacy.level=none"
+        )
     if p.level == "node" and cfg.algorithm.name in NO_NODE_DP:
         raise ConfigError(
             f"privacy.level=node is not supported for algorithm.name={cfg.algorithm.name}: its tracking "

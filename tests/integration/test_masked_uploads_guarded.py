@@ -131,3 +131,21 @@ def test_krum_with_equal_ranks_leaves_a_scaled_upload_out(algorithm, tiny_bert, 
 
     plain, krum = effect(), effect("robust.aggregator=krum")
     assert krum < plain / 10, (krum, plain)
+
+
+@pytest.mark.parametrize("algorithm", ["flexlora", "fedex_lora", "flora"])
+def test_krum_takes_every_nodes_head_upload_and_sends_the_same_bytes_as_the_mean(
+    algorithm, tiny_bert, tmp_path, caplog
+):
+    """The trained head is its own upload: Krum chooses among every sender's head too (the factors' pick
+    had narrowed it to one, which warned of a one-upload Krum each round and booked one node's bytes)."""
+    setup = ["nodes=5", "algorithm.ranks=null", "server.fraction=1.0"]
+    mean = _run(tiny_bert, tmp_path / "mean", algorithm, *setup)
+    with caplog.at_level("WARNING", logger="declora.robust"):
+        krum = _run(tiny_bert, tmp_path / "krum", algorithm, *setup, "robust.aggregator=krum")
+    assert "Krum over" not in caplog.text
+    bytes_of = {
+        name: [r["bytes_total"] for r in _records(exp.run_dir)] for name, exp in (("m", mean), ("k", krum))
+    }
+    if algorithm != "flora":  # FLoRA broadcasts the stack of the chosen adapters: one under Krum
+        assert bytes_of["k"] == bytes_of["m"]

@@ -148,6 +148,11 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
             r"attack.kind=label_flip with algorithm.name=centralized: its one node trains on all the data",
         ),
         (
+            ["algorithm.name=local", "privacy.level=node", "privacy.target_epsilon=1"],
+            r"privacy.level=node with algorithm.name=local: node-level DP noises what a node sends, and it "
+            r"sends nothing",
+        ),
+        (
             ["algorithm.name=local", "attack.kind=sign_flip", "attack.nodes=[0]"],
             r"attack.kind=sign_flip corrupts what a node sends; algorithm.name=local sends nothing",
         ),
@@ -192,6 +197,7 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
         "every_node_by_id",
         "no_attacker_listed",
         "attack_on_centralized",
+        "node_dp_on_local",
         "message_attack_on_local",
         "scale_one",
         "std_zero",
@@ -218,6 +224,9 @@ def test_the_settings_next_to_those_limits_load():
     load_config(None, ["robust.aggregator=trimmed_mean", "topology.schedule=dynamic_er"])  # up to 8
     load_config(None, ["robust.aggregator=trimmed_mean", "robust.trim=0", "allow_degenerate=true"])
     load_config(None, ["algorithm.name=local", "attack.kind=label_flip", "attack.nodes=[0]"])  # trains on it
+    load_config(
+        None, ["algorithm.name=local", "privacy.level=example", "privacy.noise_multiplier=1"]
+    )  # DP-SGD
     load_config(None, ["attack.kind=scaled", "attack.scale=1", "attack.nodes=[0]", "allow_degenerate=true"])
 
 

@@ -108,6 +108,7 @@ class FedExLoRA:
             factor_messages(fed), keep, senders, ctx.round, False, self.start
         )  # (n, ...)
         robust = self.cfg.robust
+        head_p = p  # the head is its own upload, aggregated by the exchange's rule (Krum's own pick)
         if robust.aggregator == "krum":  # the chosen node's whole upload is the server model
             p = krum_weights(table, p, robust.krum_f)
         # A node offline now gets the server model too (the base it shares holds this round's residual): it
@@ -121,7 +122,7 @@ class FedExLoRA:
             with torch.no_grad():
                 layer.A.copy_(A_mean.expand_as(layer.A))
                 layer.B.copy_(B_mean.expand_as(layer.B))
-        average_head(ctx, trained_kinds(fed), p[ctx.node_ids])
+        average_head(ctx, trained_kinds(fed), head_p[ctx.node_ids])
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:
         return averaged_factors(fed.tensors())  # every participant holds (A, B) over the folded base

@@ -138,6 +138,7 @@ class FlexLoRA:
         received = ctx.exchange.upload_masked(
             factor_messages(fed), keep, senders, ctx.round, False, self.start
         )
+        head_p = p  # the head is its own upload, aggregated by the exchange's rule (Krum's own pick)
         if self.cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's product
             p = krum_weights(received, p, self.cfg.robust.krum_f)
         for name, layer in fed.lora.items():
@@ -153,7 +154,7 @@ class FlexLoRA:
             with torch.no_grad():
                 layer.A.copy_(A_new.expand_as(layer.A))
                 layer.B.copy_(B_new.expand_as(layer.B))
-        average_head(ctx, kinds, p[ctx.node_ids])
+        average_head(ctx, kinds, head_p[ctx.node_ids])
         if self.acfg.optimizer_policy == "reset":
             ctx.optimizer.reset(list(fed.tensors(kinds)))
 

@@ -90,6 +90,7 @@ class FLoRA:
         table = ctx.exchange.upload_masked(
             messages, keep, senders, ctx.round, False, self.start, fetched=False
         )
+        head_p = p  # the head is its own upload, aggregated by the exchange's rule (Krum's own pick)
         if self.cfg.robust.aggregator == "krum":  # equal ranks only (config): the chosen node's adapter
             p = krum_weights(table, p, self.cfg.robust.krum_f)
         stacked_rank = sum(k for k, w in zip(self.ranks, p.tolist(), strict=True) if w > 0)
@@ -113,7 +114,7 @@ class FLoRA:
             with torch.no_grad():
                 layer.A.copy_(fresh.to(layer.A).expand_as(layer.A))
                 layer.B.zero_()
-        average_head(ctx, trained_kinds(fed), p[ctx.node_ids])
+        average_head(ctx, trained_kinds(fed), head_p[ctx.node_ids])
         ctx.optimizer.reset(list(fed.tensors(trained_kinds(fed))))
 
     def server_tensors(self, fed: Federation) -> dict[str, Tensor] | None:

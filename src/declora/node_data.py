@@ -7,7 +7,6 @@ files of the nodes it hosts, and only label names and per-node counts cross proc
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ from declora.data import (
 from declora.dist import Solo
 from declora.partition import describe_partition, partition
 from declora.tables import is_table
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -306,7 +306,8 @@ def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell
         cfg = cell.cfg or load_config(grid.base, cell.overrides)
         # "new": whatever a failed start left in the folder (no checkpoint) is replaced
         exp = build_experiment(cfg, cell.run_dir)
-        run(exp, resume=state == "partial", on_round=on_round, overwrite=True)
+        resume = state == "partial"
+        run(exp, resume=resume, on_round=on_round, overwrite=not resume)
     return cells
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -121,6 +122,10 @@ def test_equal_differences_up_to_float_rounding_give_no_verdict_either():
     assert diff.se == 0 and math.isnan(diff.lo) and math.isnan(diff.hi)
     assert diff.mean == pytest.approx(0.05)
     assert verdict(diff, "greater") == "undecided" and seeds_to_decide(diff, "greater") is None
+    # accuracies are logged from fp32: 76/80 - 70/80 and 68/80 - 62/80 differ by about 6e-8 there
+    f32 = {k: float(np.float32(k / 80)) for k in (76, 70, 68, 62)}
+    logged = paired_difference({0: f32[76], 1: f32[68]}, {0: f32[70], 1: f32[62]})
+    assert len(set(logged.diffs)) > 1 and logged.se == 0 and verdict(logged, "greater") == "undecided"
     exact = paired_difference(
         {0: 1.3e6, 1: 1.4e6}, {0: 0.3e6, 1: 0.4e6}, exact=True
     )  # bytes: the exact value

@@ -76,10 +76,10 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
     log_axis_keeping_zeros(ax_cons)
     evaluated = {float(x) for line in ax_round.get_lines() for x in line.get_xdata()}
     for ax in (ax_round, ax_cons):
-        if len(evaluated) == 1:  # a grid evaluated once: one tick at that round, not fractions around it
+        if len(evaluated) <= 6:  # few evaluations: a tick at each evaluated round, not 21, 24, ... between
             ax.set_xticks(sorted(evaluated))
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     ax_bytes.xaxis.set_major_locator(MaxNLocator(5))  # methods at near-equal bytes: few, readable ticks
     for ax in (ax_round, ax_bytes, ax_cons):
         ax.grid(alpha=0.3)

@@ -298,3 +298,18 @@ def test_a_run_evaluated_once_shows_its_point_on_the_loss_curves_round_axis(tmp_
     acc, loss, cons = run_figure(records).axes
     assert acc.get_xlim() == loss.get_xlim() == cons.get_xlim()  # not an axis of its own around round 30
     assert acc.get_xlim()[0] == 0 and 30 < acc.get_xlim()[1] < 32
+
+
+def test_a_comparison_evaluated_at_few_rounds_ticks_those_rounds(tmp_path):
+    """Evaluations at rounds 20 and 40 had ticks at 21, 24, ..., 39: neither evaluated round was named."""
+    from declora.compare_plots import comparison_figure
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    records = [
+        {"event": "eval", "round": t, "acc_avg_factors": a, "bytes_total": 1e6 * t, "consensus_BA": 1e-3}
+        for t, a in ((20, 0.6), (40, 0.7))
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    fig = comparison_figure({"dec_lora": [folder]}, "acc_avg_factors")
+    assert list(fig.axes[0].get_xticks()) == [20, 40] and list(fig.axes[2].get_xticks()) == [20, 40]

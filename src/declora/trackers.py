@@ -336,7 +336,7 @@ def _mlflow_problem(cfg: Config) -> str | None:
     try:
         stores.get_store_builder(_as_uri(cfg.log.mlflow_uri))
     except Exception:  # noqa: BLE001 - MLflow's unsupported-URI errors differ between versions
-        schemes = sorted(k for k in stores._registry if k)
+        schemes = sorted(k for k in getattr(stores, "_registry", {}) if k)  # a private table: may move
         return (
             f"log.mlflow_uri={cfg.log.mlflow_uri!r}: the installed MLflow has no store for its scheme; "
             f"use a folder path or one of {schemes} (a database such as sqlite: needs pip install mlflow)"

@@ -9,6 +9,7 @@ so the consensus panel uses a symmetric log scale that shows 0 as 0.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from declora.report import display_scale, log_axis_keeping_zeros, lower_is_better, read_metrics
+
+log = logging.getLogger(__name__)
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -29,13 +32,15 @@ def _value(record: dict, key: str) -> float:
 
 def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
     """Mean over runs of (round, metric, bytes_total, consensus_BA) at the rounds every run that evaluated
-    evaluated (a run stopped before its first evaluation has no point to add, and takes none away)."""
+    evaluated (a run stopped before its first evaluation has no point to add, and takes none away), and
+    ``"cut"``: the rounds some run evaluated that not all did (a stopped seed ends the mean curve early)."""
     per_run = []
     for d in dirs:
         evals = [r for r in read_metrics(d / "metrics.jsonl") if r.get("event") == "eval"]
         if evals:
             per_run.append({r["round"]: r for r in evals})
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    cut = sorted(set.union(*(set(p) for p in per_run)) - set(rounds)) if per_run else []
 
     def mean_of(key: str) -> np.ndarray:  # over the runs that logged it (NaN where none did)
         if not rounds:  # a run stopped before its first evaluation: no curve
@@ -50,11 +55,23 @@ def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
         "acc": mean_of(metric),
         "bytes": mean_of("bytes_total"),
         "consensus": mean_of("consensus_BA"),
+        "cut": np.array(cut),
     }
 
 
+def _legend_columns(labels: list[str], width_in: float) -> int:
+    """As many legend columns (at most 3) as labels this long fit side by side in ``width_in`` inches
+    (fontsize 8: about 0.07 in a character, plus the marker); long grid-cell names get one column."""
+    longest = max(len(x) for x in labels)
+    return max(1, min(3, len(labels), int(width_in // (0.07 * longest + 0.8))))
+
+
 def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
-    fig = Figure(figsize=(15, 4.5))
+    width = 15.0
+    labels = list(runs)
+    ncol = _legend_columns(labels, width) if labels else 1
+    # the legend goes under the panels and the figure grows by its rows, so the panels keep their height
+    fig = Figure(figsize=(width, 4.3 + 0.2 * -(-len(labels) // ncol)), layout="constrained")
     FigureCanvasAgg(fig)
     ax_round, ax_bytes, ax_cons = fig.subplots(1, 3)
     k, label = display_scale(metric), "perplexity" if lower_is_better(metric) else "accuracy (%)"
@@ -62,9 +79,21 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
         c = curves(dirs, metric)
         if not np.isfinite(c["acc"]).any():  # no evaluation of the metric: nothing to draw
             continue
+        name = method
+        if len(c["cut"]):  # said in the legend and the log: a shorter curve is not a method that stopped
+            last = int(c["round"][-1]) if len(c["round"]) else 0
+            name = f"{method} (to round {last}: not every run evaluated later)"
+            log.warning(
+                "%s: the curve ends at round %d, the last evaluation all %d of its runs made (some go on to "
+                "round %d: the others stopped early)",
+                method,
+                last,
+                len(dirs),
+                int(c["cut"][-1]),
+            )
         # one colour and marker per method, the later ones smaller: methods with equal numbers stay visible
         marker, size = MARKERS[i % len(MARKERS)], max(4.0, 9.0 - 1.0 * i)
-        style = {"color": f"C{i % 10}", "marker": marker, "markersize": size, "label": method}
+        style = {"color": f"C{i % 10}", "marker": marker, "markersize": size, "label": name}
         ax_round.plot(c["round"], k * c["acc"], **style)
         ax_bytes.plot(c["bytes"] / 1e6, k * c["acc"], **style)
         finite = np.isfinite(c["consensus"])
@@ -85,10 +114,8 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
         ax.grid(alpha=0.3)
     handles, labels = ax_round.get_legend_handles_labels()
     if handles:  # one legend under the panels: inside them it hid points (a grid evaluated once has no lines)
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 * ((len(labels) + 2) // 3), 1, 1))
-    else:
-        fig.tight_layout()
+        ncol = _legend_columns(labels, width)
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
     return fig
 
 

@@ -311,17 +311,18 @@ def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
     keys = _accuracy_keys(evals)
     perplexities = [k for k in keys if lower_is_better(k)]
     if perplexities:  # a causal LM run: perplexity (an instruction run's em_* are in its table)
-        for key in perplexities:
-            ax.plot(*_series(evals, key), marker="o", markersize=3, label=key)
-        ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")
-        return
+        keys = perplexities
+    scale = display_scale(keys[0]) if keys else 100
     for j, key in enumerate(keys):
         xs, ys = _series(evals, key)
         # The two consensus models often coincide: distinct dashes and markers keep both lines visible.
-        (line,) = ax.plot(xs, [100 * y for y in ys], label=key, **LINE_STYLES[j % len(LINE_STYLES)])
+        (line,) = ax.plot(xs, [scale * y for y in ys], label=key, **LINE_STYLES[j % len(LINE_STYLES)])
         if key == "acc_node_mean":
             _shade_std(ax, evals, key, line.get_color())
-    ax.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
+    if perplexities:
+        ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")
+    else:
+        ax.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
 
 
 def _plot_loss(ax: Any, records: list[dict[str, Any]]) -> None:
@@ -340,16 +341,29 @@ def _plot_consensus(ax: Any, evals: list[dict[str, Any]]) -> None:
     log_axis_keeping_zeros(ax)
 
 
+# Consensus distances this far below the largest one in the panel are rounding (an average of equal
+# float32 tensors differs from them by ~1e-16), not disagreement: drawn near 0, they do not stretch a log
+# axis over ten empty decades.
+ROUNDING_DECADES = 8
+
+
 def log_axis_keeping_zeros(ax: Any) -> None:
     """A log y axis for curves of values >= 0 that spread over decades (consensus distances); where a
-    curve touches 0 (exact consensus, a one-node run), symlog, so that 0 is drawn as 0 and not dropped;
-    all zeros stay on a linear axis."""
+    curve touches 0 (exact consensus, a one-node run) or falls to rounding (``ROUNDING_DECADES`` below the
+    largest value), symlog, so that 0 is drawn as 0 and not dropped; all zeros stay on a linear axis
+    that starts at 0."""
     ys = np.array([y for line in ax.get_lines() for y in line.get_ydata()], dtype=float)
+    ys = ys[np.isfinite(ys)]
     positive = ys[ys > 0]
     if not len(positive):
+        if len(ys):
+            # all exact 0: a line just above the floor and ticks 0 and 1, not an axis from -0.05 to 0.05
+            ax.set_ylim(-0.03, 1)
+            ax.set_yticks([0.0, 1.0])
         return
-    smallest = float(positive.min())
-    if not (ys == 0).any():
+    floor = float(positive.max()) * 10.0**-ROUNDING_DECADES
+    smallest = float(positive[positive >= floor].min())
+    if not (ys < floor).any():
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(numticks=6))  # a few decades labelled, not every one
         return
@@ -366,7 +380,7 @@ def run_figure(records: list[dict[str, Any]]) -> Figure:
     matplotlib state alone.
     """
     evals = _events(records, "eval")
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    fig = Figure(figsize=(15, 5.0), layout="constrained")
     ax_acc, ax_loss, ax_cons = fig.subplots(1, 3)
     _plot_accuracy(ax_acc, evals)
     _plot_loss(ax_loss, records)
@@ -378,7 +392,10 @@ def run_figure(records: list[dict[str, Any]]) -> Figure:
         if last:
             ax.set_xlim(0, last + max(0.5, 0.03 * last))
         if ax.lines:
-            ax.legend(fontsize="small")
+            # under the panel: inside it, the legend hid the last points or the spread band
+            ax.legend(
+                fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False
+            )
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -313,3 +314,88 @@ def test_a_comparison_evaluated_at_few_rounds_ticks_those_rounds(tmp_path):
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     fig = comparison_figure({"dec_lora": [folder]}, "acc_avg_factors")
     assert list(fig.axes[0].get_xticks()) == [20, 40] and list(fig.axes[2].get_xticks()) == [20, 40]
+
+
+def test_the_run_legends_sit_under_their_panels_and_hide_no_point(tmp_path):
+    from declora.report import run_figure
+
+    run = _fake_run(tmp_path / "r", 1e6, [1e-3, 5e-4, 2e-4], [0.5, 0.6, 0.7])
+    fig = run_figure(read_metrics(run / "metrics.jsonl"))
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        legend, panel = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.y1 <= panel.y0 and legend.y0 >= 0  # below the panel, and inside the figure
+
+
+def test_consensus_at_rounding_level_does_not_stretch_the_log_axis():
+    """Exact averaging leaves ~1e-16 in float32: the axis went down to 1e-16, ten empty decades."""
+    from declora.report import ROUNDING_DECADES, run_figure
+
+    evals = [
+        {"event": "eval", "round": t + 1, "acc_avg_factors": 0.5, "consensus_A": a, "consensus_B": b}
+        for t, (a, b) in enumerate([(3e-17, 2e-3), (1e-16, 1e-3), (5e-17, 4e-4)])
+    ]
+    cons = run_figure(evals).axes[2]
+    assert cons.get_yscale() == "symlog" and list(cons.lines[0].get_ydata()) == [3e-17, 1e-16, 5e-17]
+    positive_ticks = [y for y in cons.get_yticks() if y > 0]
+    assert min(positive_ticks) >= 2e-3 * 10.0**-ROUNDING_DECADES and 0.0 in list(cons.get_yticks())
+
+
+def test_an_all_zero_consensus_panel_has_no_negative_axis():
+    from declora.report import run_figure
+
+    evals = [{"event": "eval", "round": t, "acc_avg_factors": 0.5, "consensus_A": 0.0} for t in (1, 2)]
+    cons = run_figure(evals).axes[2]
+    assert list(cons.get_yticks()) == [0.0, 1.0] and -0.05 < cons.get_ylim()[0] < 0
+
+
+def test_perplexity_lines_have_a_style_each():
+    from declora.report import run_figure
+
+    evals = [
+        {
+            "event": "eval",
+            "round": t,
+            "ppl_avg_factors": 2.0 / t,
+            "ppl_avg_product": 2.0 / t,
+            "ppl_node_mean": 3.0,
+        }
+        for t in (1, 2)
+    ]
+    lines = run_figure(evals).axes[0].get_lines()
+    assert [x.get_label() for x in lines] == ["ppl_avg_factors", "ppl_avg_product", "ppl_node_mean"]
+    assert list(lines[0].get_ydata()) == [2.0, 1.0]  # perplexities as they are, not ×100
+    assert len({(x.get_linestyle(), x.get_marker()) for x in lines}) == 3  # equal curves stay told apart
+
+
+def test_a_comparison_legend_of_long_grid_cell_names_fits_the_figure(tmp_path):
+    """Names of four grid axes ran off both sides of the figure in three columns."""
+    from declora.compare_plots import comparison_figure
+
+    names = [
+        f"algorithm.name={m},train.lr={lr},train.local_steps=3,topology.graph=exponential,partition.alpha=0.5"
+        for m in ("dec_lora", "decaf", "local", "fedavg")
+        for lr in (0.001, 0.003)
+    ]
+    runs = {n: [_fake_run(tmp_path / str(i), 1e6, [1e-3] * 3, [0.5, 0.6, 0.7])] for i, n in enumerate(names)}
+    fig = comparison_figure(runs, "acc_avg_factors")
+    fig.draw_without_rendering()
+    legend, width = fig.legends[0].get_window_extent(), fig.bbox.width
+    assert legend.x0 >= 0 and legend.x1 <= width and legend.y0 >= 0
+    assert all(legend.y1 <= ax.get_window_extent().y0 for ax in fig.axes)  # under the panels
+
+
+def test_a_stopped_seed_ending_a_methods_curve_is_said(tmp_path, caplog):
+    from declora.compare_plots import comparison_figure, curves
+
+    done = _fake_run(tmp_path / "done", 1e6, [1e-3] * 3, [0.5, 0.6, 0.7])
+    stopped = _fake_run(tmp_path / "stopped", 1e6, [1e-3] * 3, [0.5, 0.6, 0.7])
+    lines = (stopped / "metrics.jsonl").read_text().splitlines()
+    (stopped / "metrics.jsonl").write_text(lines[0] + "\n")  # killed after round 1
+    c = curves([done, stopped], "acc_avg_factors")
+    assert list(c["round"]) == [1] and list(c["cut"]) == [2, 3]
+    assert list(curves([done], "acc_avg_factors")["cut"]) == []
+    with caplog.at_level(logging.WARNING):
+        fig = comparison_figure({"dec_lora": [done, stopped]}, "acc_avg_factors")
+    assert "to round 1" in fig.axes[0].lines[0].get_label()
+    assert "dec_lora: the curve ends at round 1" in caplog.text and "round 3" in caplog.text

@@ -439,18 +439,23 @@ def _seed_of(run_dir: Path) -> int | None:
 
 def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
     """Every method against the first, paired by seed (declora.paired): per-seed differences of the final
-    value, mean ± SE and the 95% t-interval. Empty when fewer than two seeds are shared."""
+    value, mean ± SE and the 95% t-interval. A method that shares fewer than two finished seeds with the
+    first is named in a note under the table; empty when every method has one run (the table says so)."""
     from declora.paired import is_exact, paired_difference
 
     methods = list(runs)
     if len(methods) < 2:
         return ""
+    if all(len(dirs) <= 1 for dirs in runs.values()):  # the table's note says it: one run per method
+        return ""
     k = display_scale(metric)
     ref = final_by_seed(runs[methods[0]], metric)
-    lines = []
+    lines, unpaired = [], []
     for method in methods[1:]:
         other = final_by_seed(runs[method], metric)
-        if len(set(ref) & set(other)) < 2:
+        shared = len(set(ref) & set(other))
+        if shared < 2:
+            unpaired.append(f"{method} ({shared} finished seed{'' if shared == 1 else 's'} shared)")
             continue
         d = paired_difference(other, ref, exact=is_exact(metric))
         everyone = {s for p in (*runs[methods[0]], *runs[method]) if (s := _seed_of(p)) is not None}
@@ -460,17 +465,25 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
             if left_out
             else str(len(d.seeds))
         )
-        per_seed = ", ".join(f"{k * x:+.2f}" for x in d.diffs)
+        per_seed = ", ".join(_signed(k * x) for x in d.diffs)
         decided = "yes" if d.lo > 0 or d.hi < 0 else "no"
-        interval = f"{k * d.lo:+.2f} to {k * d.hi:+.2f}"
+        interval = f"{_signed(k * d.lo)} to {_signed(k * d.hi)}"
         if math.isnan(d.lo):  # every seed gave the same difference
             interval, decided = "none (no spread between seeds)", "undecided"
         lines.append(
-            f"| {method} | {seeds} | {per_seed} | {k * d.mean:+.2f} ± {k * d.se:.2f} | "
+            f"| {method} | {seeds} | {per_seed} | {_signed(k * d.mean)} ± {k * d.se:.2f} | "
             f"{interval} | {decided} |"
         )
+    # said, not dropped: a method missing from the paired table would read as one that was compared
+    note = (
+        f"Not paired with **{methods[0]}** (a paired difference needs two seeds both finished): "
+        + ", ".join(unpaired)
+        + "."
+        if unpaired
+        else ""
+    )
     if not lines:
-        return ""
+        return note
     head = [
         f"Paired by seed against **{methods[0]}** (final {metric}; same seed = same partition, batches and "
         "test set): difference per seed, mean ± standard error, 95% t-interval, and whether it excludes 0.",
@@ -478,7 +491,13 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
         "| method | seeds | per seed | mean ± SE | 95% interval | excludes 0 |",
         "|---|---:|---|---:|---|---|",
     ]
-    return "\n".join(head + lines)
+    return "\n".join(head + lines + (["", note] if note else []))
+
+
+def _signed(x: float) -> str:
+    """``x`` to two decimals with its sign; a difference that rounds to zero reads 0.00, not -0.00."""
+    text = f"{x:+.2f}"
+    return "0.00" if text in ("+0.00", "-0.00") else text
 
 
 def rows_csv(rows: list[dict[str, Any]]) -> str:

@@ -537,6 +537,26 @@ def test_the_paired_table_leaves_out_a_seed_one_method_did_not_finish_and_says_s
     assert "| other | 2 (seed 1: not finished by both) | +2.00, +5.00 | +3.50 ± 1.50 |" in table
 
 
+def test_a_method_left_out_of_the_paired_table_is_named_and_a_zero_difference_has_no_sign(tmp_path):
+    """A method with too few shared finished seeds vanished from the paired table without a word."""
+    from declora.compare import format_paired
+
+    ref = _fake_runs(tmp_path / "ref", {s: {"acc_avg_factors": 0.70} for s in (0, 1)})
+    same = _fake_runs(tmp_path / "same", {0: {"acc_avg_factors": 0.70}, 1: {"acc_avg_factors": 0.70 - 1e-9}})
+    alone = _fake_runs(tmp_path / "alone", {0: {"acc_avg_factors": 0.75}})
+    table = format_paired({"ref": ref, "same": same, "alone": alone}, "acc_avg_factors")
+    assert "| same | 2 | 0.00, 0.00 | 0.00 ± 0.00 |" in table and "-0.00" not in table
+    assert table.endswith(
+        "Not paired with **ref** (a paired difference needs two seeds both finished): alone "
+        "(1 finished seed shared)."
+    )
+    only_note = format_paired({"ref": ref[:1] + ref[1:], "alone": alone}, "acc_avg_factors")
+    assert only_note.startswith("Not paired with **ref**") and "|" not in only_note
+    assert (
+        format_paired({"ref": ref[:1], "alone": alone}, "acc_avg_factors") == ""
+    )  # one run each: the table says
+
+
 def test_a_method_keeps_its_curve_when_one_of_its_runs_never_evaluated(tmp_path):
     from declora.compare_plots import curves
 

@@ -303,7 +303,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from declora.compare import group_cells, load_grid, run_grid, write_comparison
+    from declora.compare import SKIPPED, group_cells, load_grid, run_grid, write_comparison
 
     if args.grid is None:  # argparse would also call the optional overrides required
         raise ConfigError("declora compare needs a grid file: declora compare GRID [key=value ...]")
@@ -316,9 +316,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def on_cell(k: int, total: int, cell, state: str) -> None:
         while bar:
             bar.pop().close()
-        verb = {"done": "finished, skipped", "partial": "resuming", "new": "running"}[state]
+        verb = {
+            "done": "finished, skipped",
+            "diverged": "diverged before (NaN or Inf), skipped: delete its folder to run it again",
+            "partial": "resuming",
+            "new": "running",
+        }[state]
         print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {verb}", flush=True)
-        if state != "done":
+        if state not in SKIPPED:
             bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
 
     cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)

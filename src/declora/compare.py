@@ -38,6 +38,7 @@ from declora.config import Config, ConfigError, load_config, parse_override, pyt
 from declora.report import (
     best_final,
     display_scale,
+    diverged_at,
     lower_is_better,
     planned_rounds,
     read_metrics,
@@ -248,7 +249,8 @@ def cell_state(cell: Cell) -> str:
     from declora.trackers import reading_saved_config
 
     latest = cell.run_dir / "state" / "latest.json"
-    if not latest.is_file() and logged_rounds(cell.run_dir) == 0:
+    diverged = _diverged(cell.run_dir)
+    if not diverged and not latest.is_file() and logged_rounds(cell.run_dir) == 0:
         # nothing done yet (or a start that failed): whatever is there is replaced, but a folder of other
         # files is refused before any cell runs
         check_new_run(cell.run_dir, overwrite=True)
@@ -264,6 +266,8 @@ def cell_state(cell: Cell) -> str:
             f"grid cell {cell.run_dir} was run with another config than the grid now gives it ({err}); "
             "delete that folder to rerun the cell, or restore the grid"
         ) from err
+    if diverged:  # a result of the grid (too high a learning rate, say): running it again repeats it
+        return "diverged"
     if rounds_done is None:  # rounds logged, stopped before the first checkpoint: it starts again
         check_checkpoint_kept(
             cell.run_dir, saved.checkpoint_every, saved.rounds, "delete that folder to rerun the cell"
@@ -276,6 +280,12 @@ def cell_state(cell: Cell) -> str:
     return "done" if done and "export" not in resume_changes(saved, cfg) else "partial"
 
 
+def _diverged(run_dir: Path) -> bool:
+    """Whether the run stopped on a NaN or Inf (its metrics.jsonl says so)."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and diverged_at(read_metrics(metrics)) is not None
+
+
 def _exported(run_dir: Path, cfg: Config) -> bool:
     """The run's adapters are complete (report.md alone can come from ``declora report`` after a kill in
     the export)."""
@@ -286,14 +296,16 @@ def _exported(run_dir: Path, cfg: Config) -> bool:
 
 def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:
     """Run every cell not finished yet; ``on_cell(k, total, cell, state)`` before each, ``on_round(record)``
-    after each round of a cell that runs (the command line's progress bar)."""
-    from declora.engine import run
+    after each round of a cell that runs (the command line's progress bar). A cell that diverges (a NaN or
+    Inf: too high a learning rate, say) is a result of the grid: it is warned about, kept as it stopped,
+    shown as diverged in the table, and the grid goes on; later calls skip it."""
+    from declora.engine import NumericalError, run
     from declora.experiment import build_experiment, check_inputs
 
     cells = expand(grid)
     states = [cell_state(cell) for cell in cells]  # a stale cell stops the grid before any run
     for cell, state in zip(cells, states, strict=True):  # so does a cell whose data or model is wrong
-        if state != "done":
+        if state not in SKIPPED:
             try:
                 check_inputs(cell.cfg or load_config(grid.base, cell.overrides))
             except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
@@ -301,14 +313,25 @@ def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell
     for k, (cell, state) in enumerate(zip(cells, states, strict=True)):
         if on_cell is not None:
             on_cell(k, len(cells), cell, state)
-        if state == "done":
+        if state in SKIPPED:
             continue
         cfg = cell.cfg or load_config(grid.base, cell.overrides)
         # "new": whatever a failed start left in the folder (no checkpoint) is replaced
         exp = build_experiment(cfg, cell.run_dir)
         resume = state == "partial"
-        run(exp, resume=resume, on_round=on_round, overwrite=not resume)
+        try:
+            run(exp, resume=resume, on_round=on_round, overwrite=not resume)
+        except NumericalError as err:
+            log.warning(
+                "grid cell %s diverged: %s; the grid goes on (the cell stays as it stopped: delete its "
+                "folder to run it again)",
+                cell.run_dir.name,
+                err,
+            )
     return cells
+
+
+SKIPPED = ("done", "diverged")  # cell states a grid does not run again
 
 
 # ---------------------------------------------------------------- the table
@@ -353,11 +376,16 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
     rows = []
     for method, dirs in runs.items():
         records = [read_metrics(d / "metrics.jsonl") for d in dirs]
-        summaries = [s for r in records if (s := run_summary(r, metric, target))]
+        # a diverged run's last evaluation is from before its NaN: not a final to average with the others
+        diverged = [diverged_at(r) is not None for r in records]
+        kept = [r for r, bad in zip(records, diverged, strict=True) if not bad]
+        summaries = [s for r in kept if (s := run_summary(r, metric, target))]
         row: dict[str, Any] = {"method": method, "runs": len(summaries), "of": len(dirs)}
+        row["diverged"] = sum(diverged)
         planned = [planned_rounds(run_config(d)) for d in dirs]
         row["unfinished"] = sum(
-            stopped_early(r, n) is not None for r, n in zip(records, planned, strict=True)
+            stopped_early(r, n) is not None and not bad
+            for r, n, bad in zip(records, planned, diverged, strict=True)
         )
         for key in SUMMARY_KEYS:
             row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
@@ -397,6 +425,11 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
         runs = str(r["runs"]) if r["runs"] == r["of"] else f"{r['runs']} of {r['of']}"
         if r["unfinished"]:
             runs += f" ({r['unfinished']} not finished)"
+        if r["diverged"]:
+            runs += f" ({r['diverged']} diverged)"
+        if not r["runs"] and r["diverged"] == r["of"]:
+            lines.append(f"| {r['method']} | {runs} | diverged (NaN or Inf) | – | – | – | – |")
+            continue
         if not r["runs"]:
             lines.append(f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |")
             continue
@@ -404,8 +437,10 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
             f"| {r['method']} | {runs} | {acc(r, 'best')} | {acc(r, 'final')} | "
             f"{r['bytes_total'] / 1e6:.2f} | {to_target(r)} | {r['wall_s']:.1f} |"
         )
-    if any(r["runs"] < r["of"] for r in rows):
+    if any(r["runs"] + r["diverged"] < r["of"] for r in rows):
         lines += ["", f"Runs without an evaluation of {metric} (not finished, or not measured) are left out."]
+    if any(r["diverged"] for r in rows):
+        lines += ["", "A diverged run (a NaN or Inf stopped it) is out of its method's numbers and curve."]
     if any(r["unfinished"] for r in rows):
         lines += [
             "",

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from declora.report import display_scale, log_axis_keeping_zeros, lower_is_better, read_metrics
+from declora.report import display_scale, diverged_at, log_axis_keeping_zeros, lower_is_better, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,14 @@ def _value(record: dict, key: str) -> float:
 
 def curves(dirs: list[Path], metric: str) -> dict[str, np.ndarray]:
     """Mean over runs of (round, metric, bytes_total, consensus_BA) at the rounds every run that evaluated
-    evaluated (a run stopped before its first evaluation has no point to add, and takes none away), and
+    evaluated (a run stopped before its first evaluation has no point to add, and takes none away; nor
+    does a diverged run), and
     ``"cut"``: the rounds some run evaluated that not all did (a stopped seed ends the mean curve early)."""
     per_run = []
     for d in dirs:
-        evals = [r for r in read_metrics(d / "metrics.jsonl") if r.get("event") == "eval"]
-        if evals:
+        records = read_metrics(d / "metrics.jsonl")
+        evals = [r for r in records if r.get("event") == "eval"]
+        if evals and diverged_at(records) is None:  # a diverged run is out of the table's numbers too
             per_run.append({r["round"]: r for r in evals})
     rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
     cut = sorted(set.union(*(set(p) for p in per_run)) - set(rounds)) if per_run else []

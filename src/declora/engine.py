@@ -343,7 +343,12 @@ def _rounds(
                 RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
             )
             loss = group.gather_nodes(loss)  # (n,)
-            check_health(exp, t, loss, active, saved)
+            try:
+                check_health(exp, t, loss, active, saved)
+            except NumericalError as err:
+                if group.is_main:  # on record: the report says why the run stopped (a resume would repeat it)
+                    metrics.write({"event": "diverged", "round": t + 1, "reason": str(err)})
+                raise
             crash_point("round.trained")
             losses = loss[~loss.isnan()]  # the nodes that trained
             record: dict[str, Any] = {

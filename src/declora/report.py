@@ -175,7 +175,14 @@ def summarize(
         **{k: v for k, v in peaks.items() if k != "peak_mem_mb"},  # a GPU run's peak_gpu_mem_mb
         "headline": headline if headline is not None else _config_headline(records),
         "stopped_early": stopped_early(records, planned),
+        "diverged": diverged_at(records),
     }
+
+
+def diverged_at(records: list[dict[str, Any]]) -> int | None:
+    """The round at which the run stopped on a NaN or Inf (its ``diverged`` line), None if it did not."""
+    rounds = [v for r in _events(records, "diverged") if (v := _number(r, "round")) is not None]
+    return int(rounds[-1]) if rounds else None
 
 
 def _pct(value: float | None, std: float | None = None, key: str = "acc_") -> str:
@@ -262,6 +269,13 @@ def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: 
             f'{last} of {planned}: NOT FINISHED (stopped, or still running), so "final" is round '
             f"{last}'s; `{resume}` continues a stopped run"
         )
+        if summary.get("diverged") is not None:  # a resume repeats the same steps into the same NaN
+            final = f'so "final" is round {last}\'s' if last else "no round finished"
+            rounds = (
+                f"{last} of {planned}: STOPPED, a NaN or Inf at round {summary['diverged']}, {final}; a "
+                "resume would repeat the same steps: start again with a lower train.lr or a "
+                "train.max_grad_norm"
+            )
     note = (
         f"Rounds: {rounds}, evaluations: {summary.get('evals', 0)}.\n"
         "Accuracies in % (node mean ± population std over nodes), perplexities (ppl_*) as they are;\n"

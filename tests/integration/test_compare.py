@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from declora.compare import (
@@ -566,3 +567,38 @@ def test_a_method_keeps_its_curve_when_one_of_its_runs_never_evaluated(tmp_path)
     (never / "metrics.jsonl").write_text(json.dumps({"event": "start", "round": 0}) + "\n")  # stopped at once
     c = curves([evaluated, never], "acc_avg_factors")
     assert c["round"].tolist() == [1, 2] and c["acc"].tolist() == [0.5, 0.7]
+
+
+def test_a_diverged_cell_is_a_result_of_the_grid_which_goes_on_and_skips_it_later(
+    tmp_path, tiny_bert, capsys, caplog
+):
+    """A learning rate too high for one cell stopped the whole grid, and every later call ran it again."""
+    from safetensors.torch import load_file, save_file
+
+    from declora.cli import main
+
+    seed_run = tmp_path / "seed_run"
+    base = yaml.safe_load(_grid_file(tmp_path, tiny_bert).read_text())["overrides"]
+    kept = [a for a in base if a not in ("export=none", "rounds=2")]
+    assert main(["run", *kept, "rounds=1", "partition.min_size=8", f"run_dir={seed_run}"]) == 0
+    good = seed_run / "adapters" / "consensus"
+    bad = tmp_path / "bad_adapter"
+    bad.mkdir()
+    for f in good.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    weights = bad / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, 1e30) for k, v in load_file(str(weights)).items()}, str(weights))
+    path = _grid_file(tmp_path, tiny_bert, grid={"model.init_adapter": [str(good), str(bad)]}, seeds=[0, 1])
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="declora.compare"):
+        assert main(["compare", str(path)]) == 0  # the grid goes on past the two diverged cells
+    out = capsys.readouterr().out
+    assert caplog.text.count("diverged: round 1: node") == 2, caplog.text
+    cells = expand(load_grid(path))
+    assert [cell_state(c) for c in cells] == ["done", "done", "diverged", "diverged"]
+    row = next(r for r in comparison_rows(group_cells(cells), "acc_avg_factors", None) if r["diverged"])
+    assert (row["runs"], row["of"], row["diverged"]) == (0, 2, 2)
+    assert "| 0 of 2 (2 diverged) | diverged (NaN or Inf) |" in out and "out of its method's numbers" in out
+    assert main(["compare", str(path)]) == 0  # nothing runs again
+    out = capsys.readouterr().out
+    assert out.count("finished, skipped") == 2 and out.count("diverged before (NaN or Inf), skipped") == 2

@@ -201,7 +201,13 @@ def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny
     assert "(no checkpoint yet)" in err, err  # the round of the checkpoint on disk, not a guess
     assert not (run / "state").exists()  # nothing bad was saved
     rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["event"] for r in rounds] == ["start", "partition"]  # and no 0.0 or NaN round logged
+    assert [r["event"] for r in rounds] == ["start", "partition", "diverged"]  # no 0.0 or NaN round logged
+    assert rounds[-1]["round"] == 1 and rounds[-1]["reason"] == err.removeprefix("declora: error: ")
+    # the report says why it stopped: a resume repeats the same steps, so it does not offer one
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "STOPPED, a NaN or Inf at round 1" in report and "lower train.lr" in report, report
+    assert "--resume" not in report
 
 
 def test_a_grid_cell_run_with_another_config_is_refused(tiny, tmp_path):

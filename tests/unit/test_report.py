@@ -399,3 +399,12 @@ def test_a_stopped_seed_ending_a_methods_curve_is_said(tmp_path, caplog):
         fig = comparison_figure({"dec_lora": [done, stopped]}, "acc_avg_factors")
     assert "to round 1" in fig.axes[0].lines[0].get_label()
     assert "dec_lora: the curve ends at round 1" in caplog.text and "round 3" in caplog.text
+
+
+def test_a_comparison_of_methods_that_send_nothing_has_no_negative_bytes_axis(tmp_path):
+    from declora.compare_plots import comparison_figure
+
+    runs = {"centralized": [_fake_run(tmp_path / "c", 0, [0.0] * 3, [0.6, 0.7, 0.8])]}
+    _, sent, cons = comparison_figure(runs, "acc_avg_factors").axes
+    assert list(sent.get_xticks()) == [0.0, 1.0] and -0.05 < sent.get_xlim()[0] < 0
+    assert list(cons.get_yticks()) == [0.0, 1.0]

@@ -113,9 +113,8 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     ax_bytes.xaxis.set_major_locator(MaxNLocator(5))  # methods at near-equal bytes: few, readable ticks
     sent = np.array([x for line in ax_bytes.get_lines() for x in line.get_xdata()], dtype=float)
-    if (
-        len(sent) and not np.nanmax(np.abs(sent)) > 0
-    ):  # nothing sent (local, centralized): 0 to 1 MB, not ±0.05
+    sent = sent[np.isfinite(sent)]
+    if len(sent) and not (sent != 0).any():  # nothing sent (local, centralized): 0 to 1 MB, not ±0.05
         ax_bytes.set_xlim(-0.03, 1)
         ax_bytes.set_xticks([0.0, 1.0])
     for ax in (ax_round, ax_bytes, ax_cons):

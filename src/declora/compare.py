@@ -381,7 +381,6 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
         kept = [r for r, bad in zip(records, diverged, strict=True) if not bad]
         summaries = [s for r in kept if (s := run_summary(r, metric, target))]
         row: dict[str, Any] = {"method": method, "runs": len(summaries), "of": len(dirs)}
-        row["diverged"] = sum(diverged)
         planned = [planned_rounds(run_config(d)) for d in dirs]
         row["unfinished"] = sum(
             stopped_early(r, n) is not None and not bad
@@ -390,6 +389,7 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
         for key in SUMMARY_KEYS:
             row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
         row["reached"] = sum(not math.isnan(s["bytes_to_target"]) for s in summaries)
+        row["diverged"] = sum(diverged)  # the last CSV column: the older ones keep their places
         rows.append(row)
     return rows
 

@@ -41,16 +41,22 @@ class AdapterCard:
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
-def public_name(model_name: str, base: Path) -> str | None:
-    """The hub id of the base: a shipped model's, else the ``_name_or_path`` its config.json records."""
-    if model_name in PUBLIC_NAMES:
-        return PUBLIC_NAMES[model_name]
+def public_name(model_name: str) -> str | None:
+    """The hub id of the base: a shipped model's; None for a local folder (its name is not known)."""
+    return PUBLIC_NAMES.get(model_name)
+
+
+def recorded_name(base: Path) -> str | None:
+    """The hub id a local folder's config.json records as ``_name_or_path``. Not claimed as the base: a
+    fine-tuned model often records the model it was fine-tuned from (all-MiniLM-L6-v2 records
+    nreimers/MiniLM-L6-H384-uncased), whose weights differ but whose shapes fit an adapter silently."""
     config = base / "config.json"
-    if config.is_file():
+    try:
         recorded = json.loads(config.read_text()).get("_name_or_path", "")
-        if recorded.count("/") == 1 and not Path(recorded).exists():
-            return recorded
-    return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    hub_id = isinstance(recorded, str) and recorded.count("/") == 1 and not Path(recorded).exists()
+    return recorded if hub_id else None
 
 
 def write_card(
@@ -67,7 +73,7 @@ def write_card(
     (declora.pooling.mean_head_input)."""
     labelled = not causal or "label_words" in card.inputs  # a classifier, or classification as generation
     names = list(card.label_names) if labelled else []
-    public = public_name(card.model_name, base)
+    public = public_name(card.model_name)
     meta = {
         "task_type": "CAUSAL_LM" if causal else "SEQ_CLS",
         "num_labels": len(names) if labelled else None,
@@ -77,6 +83,7 @@ def write_card(
         "head_input": head_input,
         "base_model": str(base),
         "base_model_public": public,
+        "base_model_recorded": None if public else recorded_name(base),  # config.json's _name_or_path
         "round": card.round,
         "inputs": card.inputs,
         "metrics": card.numbers,
@@ -106,7 +113,23 @@ def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:
 def _input_lines(inputs: dict[str, Any]) -> list[str]:
     """What a user must repeat to get the numbers above: the truncation, the quantized base, the prompt."""
     lines = []
-    if "max_length" in inputs and "label_words" not in inputs:  # label words: their recipe cuts the text
+    if inputs.get("task") == "instruction":  # the prompt's start is cut, never the response
+        prompt = (
+            "the tokenizer's chat template of the prompt turns (`apply_chat_template(turns, "
+            "add_generation_prompt=True)`), then the response and the template's end of turn (EOS)"
+            if inputs.get("chat_template")
+            else "the prompt turns as `role: content` lines and then `assistant: ` (the tokenizer has no "
+            "chat template), then the response and EOS"
+        )
+        lines.append(
+            f"Each row is {prompt}. A row "
+            f"longer than {inputs['max_length']} tokens loses the START of its prompt (`truncation=True` "
+            "would cut the response instead); the response keeps at most "
+            f"{inputs['max_length'] - 1} tokens. The perplexity (`ppl_*`) is exp of the mean negative "
+            "log-likelihood of the response tokens only (with EOS); the exact match (`em_*`) is the share "
+            "of rows whose greedy continuation of the prompt is the response, token for token through EOS.\n"
+        )
+    elif "max_length" in inputs and "label_words" not in inputs:  # label words: their recipe cuts the text
         lines.append(
             f"Texts were cut to {inputs['max_length']} tokens (`truncation=True, max_length=...`).\n"
         )
@@ -175,6 +198,12 @@ def _readme(
     public = meta["base_model_public"] or "(not known: the local folder below)"
     local = meta["base_model"]
     lines.append(f"Base model: `{public}`; on the machine that trained it: `{local}` (BASE below).\n")
+    if meta.get("base_model_recorded"):
+        lines.append(
+            f"That folder's config.json records `{meta['base_model_recorded']}` as its origin: that may be "
+            "the model it was fine-tuned from, not these weights, so check before attaching this adapter "
+            "to it.\n"
+        )
     if card.model_name in DECODED_FROM:
         lines.append(
             f"The local base is {DECODED_FROM[card.model_name]}, decoded to fp32: the public model's own "

@@ -99,6 +99,11 @@ class AdapterExport:
             inputs["kept_fp32"] = list(KEEP_FP32)
         if cfg.precision != "fp32":
             inputs["precision"] = cfg.precision
+        if cfg.task.kind == "instruction":  # its rows are cut at the prompt's start: the card says how
+            inputs["task"] = "instruction"
+            inputs["chat_template"] = bool(
+                getattr(getattr(exp.task, "tokenizer", None), "chat_template", None)
+            )
         if cfg.task.kind == "label_words":  # the prompt and the words build_task used
             inputs["template"] = cfg.task.template
             inputs["label_words"] = list(label_words_of(cfg.task, exp.label_names))

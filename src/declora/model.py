@@ -459,18 +459,42 @@ def export_peft(
         use_rslora=fed.cfg.rslora,
         task_type="CAUSAL_LM" if fed.causal else "SEQ_CLS",
         modules_to_save=roots or None,
-        base_model_name_or_path=str(fed.path),
+        # absolute: a relative folder would be read as a hub id from any other working directory
+        base_model_name_or_path=str(Path(fed.path).resolve()),
     )
     config.save_pretrained(str(folder))
     save_tensors(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
         num_labels = cast("PreTrainedConfig", fed.model.config).num_labels  # fed.model: an HF model
         assert num_labels is not None  # load_base built it with num_labels, so its id2label is set
-        write_pooling_note(folder, fed.pooling, str(fed.path), num_labels, fed.cfg.max_length, fed.head_input)
+        write_pooling_note(
+            folder, fed.pooling, str(Path(fed.path).resolve()), num_labels, fed.cfg.max_length, fed.head_input
+        )
     if card is not None:
         pooling = None if fed.causal else fed.pooling
         write_card(folder, card, Path(fed.path).resolve(), fed.causal, pooling, shown, fed.head_input)
     return folder
+
+
+def check_same_pooling(fed: Federation, folder: Path) -> None:
+    """A classifier head trained on one pooling (declora's export records it) reads another feature under
+    the other: the run would start far from the adapter's accuracy, silently. Known only once the run's
+    ``auto`` is resolved, so checked here, with the model built and nothing of the run written yet."""
+    from declora.pooling import POOLING_FILE
+
+    note = folder / POOLING_FILE
+    if fed.causal or not note.is_file():
+        return
+    try:
+        theirs = json.loads(note.read_text()).get("pooling")
+    except (ValueError, AttributeError):
+        return  # not declora's note: nothing known about the pooling
+    if theirs in ("mean", "cls") and theirs != fed.pooling:
+        raise ValueError(
+            f"adapter {folder} was trained with pooling {theirs!r} ({POOLING_FILE}); this run pools "
+            f"{fed.pooling!r} (model.pooling={fed.cfg.pooling}), so its head would read another feature: "
+            f"set model.pooling={theirs}"
+        )
 
 
 def import_peft(fed: Federation, folder: str | Path) -> None:
@@ -484,6 +508,7 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
     rank = json.loads(cfg_file.read_text())["r"]
     if rank != fed.cfg.rank:
         raise ValueError(f"adapter in {folder} has rank {rank}, the run has model.rank={fed.cfg.rank}")
+    check_same_pooling(fed, folder)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
     used = set()
     with torch.no_grad():

@@ -250,6 +250,14 @@ def check_adapter(cfg: Config, folder: Path) -> None:
 
     if not folder.is_dir():
         raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder")
+    exported = sorted(
+        p.name for p in (folder / "adapters").glob("*") if (p / "adapter_config.json").is_file()
+    )
+    if not (folder / "adapter_config.json").is_file() and exported:
+        raise ConfigError(
+            f"model.init_adapter={str(folder)!r} is a run folder, not an adapter; pass one of its adapters: "
+            + ", ".join(str(folder / "adapters" / name) for name in exported)
+        )
     ac = read_json_file(folder / "adapter_config.json", f"adapter {folder}")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():

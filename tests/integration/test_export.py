@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import numpy as np
@@ -276,3 +277,131 @@ def test_a_bf16_card_says_the_base_was_bf16(tmp_path):
     )
     write_card(tmp_path, card, tmp_path, causal=False, pooling=None)
     assert "with the frozen base stored in bf16 (declora `precision`)" in (tmp_path / "README.md").read_text()
+
+
+def test_a_local_folder_is_not_named_by_the_parent_its_config_records(tmp_path):
+    """A fine-tuned folder records the model it came from (all-MiniLM-L6-v2: nreimers/MiniLM-L6-H384-uncased):
+    named as the public base, a user would attach the adapter to other weights of the same shapes."""
+    from declora.adapter_card import AdapterCard, write_card
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"}))
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    card = AdapterCard("the consensus adapter", str(base), ("neg", "pos"), 3, inputs={"max_length": 64})
+    write_card(folder, card, base, causal=False, pooling="cls")
+    meta = json.loads((folder / CARD_FILE).read_text())
+    assert (
+        meta["base_model_public"] is None and meta["base_model_recorded"] == "nreimers/MiniLM-L6-H384-uncased"
+    )
+    readme = (folder / "README.md").read_text()
+    assert "Base model: `(not known: the local folder below)`" in readme
+    assert (
+        "records `nreimers/MiniLM-L6-H384-uncased` as its origin: that may be the model it was fine-tuned"
+        in (" ".join(readme.split()))
+    )
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    write_card(
+        shipped, AdapterCard("x", "minilm", ("neg", "pos"), 3, inputs={"max_length": 64}), base, False, "cls"
+    )
+    assert (
+        json.loads((shipped / CARD_FILE).read_text())["base_model_public"]
+        == "sentence-transformers/all-MiniLM-L6-v2"
+    )
+
+
+def test_a_relative_model_folder_exports_an_adapter_that_loads_from_anywhere_and_keeps_its_pooling(
+    tiny_bert, tmp_path, monkeypatch
+):
+    """A relative model.name went into adapter_config.json as is: PEFT then took it for a hub id from any
+    other folder. And an adapter's head trained on mean pooling was silently put on the [CLS] pooler."""
+    from declora.config import ConfigError
+
+    monkeypatch.chdir(tiny_bert.parent)
+    exp, test = _classifier_run(
+        tiny_bert, tmp_path, "rel", f"model.name={tiny_bert.name}", "model.pooling=mean"
+    )
+    folder = exp.run_dir / "adapters" / "consensus"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_bert.resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere: the README's loading lines still find the base
+    load_it = (folder / "README.md").read_text().split("## Load it")[1]
+    code = re.search(r"```python\n(.*?)```", load_it, re.S).group(1)
+    scope: dict = {}
+    exec(code, scope)
+    assert scope["model"].peft_config["default"].base_model_name_or_path == str(tiny_bert.resolve())
+
+    def seeded(*extra: str):
+        overrides = [f"model.name={tiny_bert}", "model.rank=2", "model.max_length=16", "nodes=3", "rounds=1"]
+        overrides += [f"data.dataset={tmp_path / 'train.jsonl'}", f"data.test_file={test}", "threads=1"]
+        return load_config(None, [*overrides, "export=none", f"run_dir={tmp_path / 'seeded'}", *extra])
+
+    with pytest.raises(
+        ValueError,
+        match=r"trained with pooling 'mean' \(declora_pooling.json\); this run pools "
+        r"'cls' \(model.pooling=cls\), so its head would read another feature: set model.pooling=mean",
+    ):
+        build_experiment(seeded(f"model.init_adapter={folder}", "model.pooling=cls"))
+    with pytest.raises(ValueError, match=r"this run pools 'cls' \(model.pooling=auto\)"):  # auto: cls here
+        build_experiment(seeded(f"model.init_adapter={folder}"))
+    assert not (tmp_path / "seeded").exists()
+    build_experiment(seeded(f"model.init_adapter={folder}", "model.pooling=mean"))  # the same pooling: fine
+    with pytest.raises(
+        ConfigError,
+        match=r"is a run folder, not an adapter; pass one of its adapters: .*/adapters/consensus, ",
+    ):
+        build_experiment(seeded(f"model.init_adapter={exp.run_dir}"))
+
+
+def test_an_instruction_card_gives_the_recipe_that_reproduces_its_perplexity(tiny_llama, tmp_path):
+    """The card said `truncation=True`, which cuts the response; declora cuts the prompt's start."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    pairs = [
+        ("What is 2 + 3? " * 3, "2 + 3 = 5."),
+        ("Name a colour.", "Blue."),
+        ("Say hi " * 4, "hi there, friend"),
+    ]
+    data, test = tmp_path / "chats.jsonl", tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs * 4))
+    test.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
+    overrides += [
+        "model.rank=2",
+        "model.max_length=20",
+        "task.kind=instruction",
+        "eval.headline=ppl_avg_factors",
+    ]
+    overrides += [f"data.dataset={data}", f"data.test_file={test}", "nodes=2", "rounds=1", "threads=1"]
+    overrides += [
+        "export=consensus",
+        "partition.kind=iid",
+        "partition.min_size=1",
+        f"run_dir={tmp_path / 'r'}",
+    ]
+    exp = build_experiment(load_config(None, overrides))
+    run(exp)
+    folder = exp.run_dir / "adapters" / "consensus"
+    card = json.loads((folder / CARD_FILE).read_text())
+    readme = " ".join((folder / "README.md").read_text().split())
+    assert card["inputs"]["task"] == "instruction" and card["inputs"]["chat_template"] is False
+    assert "loses the START of its prompt" in readme and "`truncation=True` would cut the response" in readme
+    assert "as `role: content` lines and then `assistant: `" in readme  # this tokenizer has no template
+
+    # The card's recipe, with stock PEFT: user/assistant lines, response + EOS, the prompt cut from its start.
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder)).eval()
+    nll, count, limit = 0.0, 0, card["inputs"]["max_length"]
+    for prompt, response in pairs:
+        answer = (tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[: limit - 1]
+        head = tok(f"user: {prompt}\nassistant: ")["input_ids"][-(limit - len(answer)) :]
+        ids = torch.tensor([head + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        targets = ids[0, 1:]
+        picked = logp[torch.arange(len(targets)), targets][-len(answer) :]
+        nll, count = nll - float(picked.sum()), count + len(answer)
+    assert math.exp(nll / count) == pytest.approx(card["metrics"]["ppl_avg_factors"], rel=1e-4)

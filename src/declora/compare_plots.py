@@ -68,31 +68,39 @@ def _legend_columns(labels: list[str], width_in: float) -> int:
     return max(1, min(3, len(labels), int(width_in // (0.07 * longest + 0.8))))
 
 
+def _legend_name(method: str, dirs: list[Path], c: dict[str, np.ndarray]) -> str:
+    """The method's legend entry; a curve cut short by a stopped run says so (and the log does)."""
+    if not len(c["cut"]):
+        return method
+    last = int(c["round"][-1]) if len(c["round"]) else 0
+    log.warning(
+        "%s: the curve ends at round %d, the last evaluation all %d of its runs made (some go on to round "
+        "%d: the others stopped early)",
+        method,
+        last,
+        len(dirs),
+        int(c["cut"][-1]),
+    )
+    return f"{method} (to round {last}: not every run evaluated later)"
+
+
 def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
+    drawn = {}  # method -> (legend name, curves): methods with an evaluation of the metric
+    for method, dirs in runs.items():
+        c = curves(dirs, metric)
+        if np.isfinite(c["acc"]).any():
+            drawn[method] = (_legend_name(method, dirs, c), c)
     width = 15.0
-    labels = list(runs)
-    ncol = _legend_columns(labels, width) if labels else 1
+    ncol = _legend_columns([name for name, _ in drawn.values()], width) if drawn else 1
     # the legend goes under the panels and the figure grows by its rows, so the panels keep their height
-    fig = Figure(figsize=(width, 4.3 + 0.2 * -(-len(labels) // ncol)), layout="constrained")
+    fig = Figure(figsize=(width, 4.3 + 0.2 * -(-len(drawn) // ncol)), layout="constrained")
     FigureCanvasAgg(fig)
     ax_round, ax_bytes, ax_cons = fig.subplots(1, 3)
     k, label = display_scale(metric), "perplexity" if lower_is_better(metric) else "accuracy (%)"
-    for i, (method, dirs) in enumerate(runs.items()):
-        c = curves(dirs, metric)
-        if not np.isfinite(c["acc"]).any():  # no evaluation of the metric: nothing to draw
+    for i, method in enumerate(runs):
+        if method not in drawn:  # no evaluation of the metric: nothing to draw (its colour stays its own)
             continue
-        name = method
-        if len(c["cut"]):  # said in the legend and the log: a shorter curve is not a method that stopped
-            last = int(c["round"][-1]) if len(c["round"]) else 0
-            name = f"{method} (to round {last}: not every run evaluated later)"
-            log.warning(
-                "%s: the curve ends at round %d, the last evaluation all %d of its runs made (some go on to "
-                "round %d: the others stopped early)",
-                method,
-                last,
-                len(dirs),
-                int(c["cut"][-1]),
-            )
+        name, c = drawn[method]
         # one colour and marker per method, the later ones smaller: methods with equal numbers stay visible
         marker, size = MARKERS[i % len(MARKERS)], max(4.0, 9.0 - 1.0 * i)
         style = {"color": f"C{i % 10}", "marker": marker, "markersize": size, "label": name}
@@ -121,7 +129,6 @@ def comparison_figure(runs: dict[str, list[Path]], metric: str) -> Figure:
         ax.grid(alpha=0.3)
     handles, labels = ax_round.get_legend_handles_labels()
     if handles:  # one legend under the panels: inside them it hid points (a grid evaluated once has no lines)
-        ncol = _legend_columns(labels, width)
         fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=8, frameon=False)
     return fig
 

@@ -226,7 +226,7 @@ def read_rows(
     return Rows(texts, labels, names, clients, where)
 
 
-def _looks_like_int(value: str) -> bool:
+def looks_like_int(value: str) -> bool:
     try:
         int(value)
     except ValueError:
@@ -237,7 +237,7 @@ def _looks_like_int(value: str) -> bool:
 def _refuse_mixed_labels(labels: list[str], source: str, name: str) -> None:
     """Labels are either class ids or class names: a word among ids ("nan", "N/A", "?") is a missing or
     mistyped label, and taking it as one more class would train a silently wrong classifier."""
-    is_int = [_looks_like_int(v) for v in labels]
+    is_int = [looks_like_int(v) for v in labels]
     ints = sum(is_int)
     if 0 < ints < len(labels):
         odd = next(i for i, k in enumerate(is_int) if k != (2 * ints >= len(labels)))

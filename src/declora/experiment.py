@@ -100,7 +100,10 @@ def _report_cut(cfg: Config, train: tuple[int, int], test: tuple[int, int]) -> N
         cfg.model.max_length,
         *train,
         *test,
-        "prompts" if cfg.task.kind in ("label_words", "instruction") else "texts",
+        {
+            "label_words": "prompts",
+            "instruction": "rows (the prompt's start goes first; a response keeps max_length - 1 tokens)",
+        }.get(cfg.task.kind, "texts"),
     )
 
 
@@ -228,9 +231,14 @@ def _pad_id(fed: Federation, tokenizer: Any) -> int:
 def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
     """One label is legal but leaves nothing to learn: refused unless allow_degenerate."""
     if cfg.task.kind not in ("causal_lm", "instruction") and len(names) < 2 and not cfg.allow_degenerate:
+        source = (
+            f"data.node_files={cfg.data.node_files!r}"
+            if cfg.data.node_files
+            else f"data.dataset={cfg.data.dataset!r}"
+        )
         raise ConfigError(
-            f"data.dataset={cfg.data.dataset!r} has a single label {list(names)}: nothing to classify; "
-            "use a file with at least two labels, or set allow_degenerate=true"
+            f"{source} has a single label {list(names)}: nothing to classify; "
+            "use files with at least two labels, or set allow_degenerate=true"
         )
 
 

@@ -150,6 +150,14 @@ TASK: dict[str, Reader] = {
 }
 
 
+DATA: dict[str, Reader] = {  # data.node_files replaces the one source and its held-out split
+    "dataset": (lambda c: not c.data.node_files, "data split from one source (not data.node_files)"),
+    "test_fraction": (
+        lambda c: not c.data.node_files and c.data.test_file is None,
+        "a held-out part split from data.dataset (no data.test_file)",
+    ),
+}
+
 PARTITION: dict[str, Reader] = {
     "kind": (lambda c: not c.data.node_files, "data split from one source (not data.node_files)"),
     "column": (lambda c: c.partition.kind == "column", "partition.kind=column"),
@@ -214,6 +222,7 @@ SECTIONS = {
     "comm": COMM,
     "topology": TOPOLOGY,
     "task": TASK,
+    "data": DATA,
     "partition": PARTITION,
     "robust": ROBUST,
     "attack": ATTACK,

@@ -27,7 +27,7 @@ def input_paths(cfg: Config) -> dict[str, str]:
     given = {
         "model.name": m.name,
         "model.init_adapter": m.init_adapter,
-        "data.dataset": d.dataset,
+        "data.dataset": d.dataset if not d.node_files else None,  # node_files replace it: not read
         "data.test_file": d.test_file,
         **{f"data.node_files[{i}]" if len(nodes) > 1 else "data.node_files": f for i, f in enumerate(nodes)},
         "topology.edge_list": t.edge_list,

@@ -7,6 +7,7 @@ files of the nodes it hosts, and only label names and per-node counts cross proc
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from declora.data import (
     label_order,
     limit,
     load_dataset,
+    looks_like_int,
     read_instructions,
     read_rows,
     refuse_training_rows,
@@ -29,6 +31,8 @@ from declora.data import (
 from declora.dist import Solo
 from declora.partition import describe_partition, partition
 from declora.tables import is_table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +55,7 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     if n == 1:
         parts = [np.arange(len(train))]
     else:
-        parts = partition(train.labels, n, cfg.partition, cfg.seed, train.clients)
+        parts = partition(train.labels, n, cfg.partition, cfg.seed, train.clients, train.num_labels)
     summary = describe_partition(parts, train.labels, train.num_labels)
     if train.clients is not None:  # how many column values each node merged
         for node, p in zip(summary, parts, strict=True):
@@ -84,6 +88,11 @@ def node_file_list(cfg: Config) -> list[str]:
 
 def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData:
     files = node_file_list(cfg)
+    repeated = sorted({f for f in files if files.count(f) > 1})
+    if repeated:  # mostly a copy-paste slip; kept, since equal nodes can be the experiment
+        log.warning(
+            "data.node_files gives %s to more than one node: those nodes train on the same rows", repeated
+        )
     sources = [files] if n == 1 else [[f] for f in files]  # a single-node algorithm pools every file
     if cfg.task.kind == "instruction":
         return _instruction_files(cfg, sources, hosted, group)
@@ -96,7 +105,13 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     seen = group.all_gather_object(
         (next((r.names for r in mine if r.names), None), sorted({v for r in mine for v in r.labels}))
     )
-    names = next((s[0] for s in seen if s[0]), None) or label_order([v for s in seen for v in s[1]])
+    values = sorted({v for s in seen for v in s[1]})
+    names = next((s[0] for s in seen if s[0]), None)
+    if names is None:
+        _refuse_ids_and_names(
+            values, {f: r for i in hosted for f, r in zip(sources[i], rows[i], strict=True)}
+        )
+        names = label_order(values)
     nodes = []
     for i in hosted:
         ds = _concat([encode_rows(r, names) for r in rows[i]])
@@ -104,6 +119,25 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
     held = read_rows(*_held_out(cfg, files), cfg.data, key="data.test_split", unlabelled=unlabelled)
     test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)
+
+
+def _refuse_ids_and_names(values: list[str], local: dict[str, Any]) -> None:
+    """Class ids in some node files and class names in others would become separate classes (``0`` and
+    ``neg`` for one class): refused, as a mix inside one file is (declora.data), naming a file of each kind
+    that this process read."""
+    ids = [v for v in values if looks_like_int(v)]
+    words = [v for v in values if not looks_like_int(v)]
+    if not ids or not words:
+        return
+
+    def file_with(kind: list[str]) -> str:
+        found = next((f for f, r in local.items() if set(r.labels) & set(kind)), None)
+        return f" (e.g. {found})" if found else ""
+
+    raise ConfigError(
+        f"data.node_files: labels are class ids {ids[:3]} in some files{file_with(ids)} and class names "
+        f"{words[:3]} in others{file_with(words)}; every file must use one kind, or one class becomes two"
+    )
 
 
 def _instruction_files(cfg: Config, sources: list[list[str]], hosted: range, group: Solo) -> NodeData:

@@ -119,14 +119,17 @@ def _allocate(props: np.ndarray, counts: np.ndarray, n_total: int) -> np.ndarray
     raise ValueError(f"partition.proportions cannot be met: label counts {counts.tolist()} fit no size")
 
 
-def proportions(labels: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def proportions(
+    labels: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int, num_labels: int | None = None
+) -> list[np.ndarray]:
     """Every node gets the same size with its own label distribution ``cfg.proportions[node]``.
 
     The size rule: start from floor(N / n_nodes) and lower it to the largest size at which the nodes'
     rounded per-label counts (largest-remainder rounding of size * p) fit in what each label has. So the
     label fractions match the request up to rounding, nodes are disjoint, and examples may be left unused.
     """
-    num_labels = int(labels.max()) + 1
+    # the dataset's labels (a class no training row has still takes its entry, 0), else those seen
+    num_labels = num_labels or int(labels.max()) + 1
     props = _check_proportions(cfg, n_nodes, num_labels)
     counts = np.bincount(labels, minlength=num_labels)
     alloc = _allocate(props, counts, len(labels))  # (n, K)
@@ -206,10 +209,16 @@ def by_column(clients: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int
 
 
 def partition(
-    labels: np.ndarray, n_nodes: int, cfg: PartitionConfig, seed: int, clients: np.ndarray | None = None
+    labels: np.ndarray,
+    n_nodes: int,
+    cfg: PartitionConfig,
+    seed: int,
+    clients: np.ndarray | None = None,
+    num_labels: int | None = None,
 ) -> list[np.ndarray]:
     """One shuffled index array per node into ``labels`` (disjoint); ``cfg.kind`` picks the partitioner.
-    ``clients`` (kind=column): each row's value of ``cfg.column``, as an index."""
+    ``clients`` (kind=column): each row's value of ``cfg.column``, as an index. ``num_labels``: the
+    dataset's label count (kind=proportions takes one entry per label, also one no training row has)."""
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
         raise ValueError(f"labels must be a 1-D array of ints, got {labels.dtype} {labels.shape}")
@@ -219,6 +228,8 @@ def partition(
         if clients is None or len(clients) != len(labels):
             raise ValueError("partition.kind=column needs each training row's value of partition.column")
         parts = by_column(np.asarray(clients), n_nodes, cfg, seed)
+    elif cfg.kind == "proportions":
+        parts = proportions(labels, n_nodes, cfg, seed, num_labels)
     elif cfg.kind not in PARTITIONERS:
         kinds = sorted([*PARTITIONERS, "column"])
         raise ValueError(f"partition.kind={cfg.kind!r} is not known; choose one of {kinds}")

@@ -139,3 +139,49 @@ def test_a_test_file_that_is_a_nodes_training_file_is_refused(tmp_path):
     assert str(err.value).endswith(
         "client_1.jsonl') are training rows (data.node_files, data.split); name another split or file"
     )
+
+
+def test_class_ids_in_one_node_file_and_names_in_another_are_refused(tmp_path):
+    """0/1 in one file and neg in another trained three classes, neg apart from the 0 it stands for."""
+    ids, names = tmp_path / "ids.jsonl", tmp_path / "names.csv"
+    ids.write_text("".join(json.dumps({"text": f"t {k}", "label": k % 2}) + "\n" for k in range(6)))
+    names.write_text("text,label\n" + "".join(f"w {k},neg\n" for k in range(6)))
+    cfg = _cfg(tmp_path, [str(ids), str(names), str(ids)])
+    with pytest.raises(
+        ConfigError,
+        match=r"labels are class ids \['0', '1'\] in some files \(e.g. .*ids.jsonl\) "
+        r"and class names \['neg'\] in others \(e.g. .*names.csv\)",
+    ):
+        build_node_data(cfg, 3, range(3), Solo())
+
+
+def test_a_file_given_to_two_nodes_is_warned_about(tmp_path, caplog):
+    files = _node_files(tmp_path / "nodes")
+    with caplog.at_level("WARNING", logger="declora.node_data"):
+        build_node_data(_cfg(tmp_path, [str(files[0]), str(files[2]), str(files[0])]), 3, range(3), Solo())
+    assert f"gives ['{files[0]}'] to more than one node: those nodes train" in caplog.text
+
+
+def test_data_dataset_beside_node_files_is_warned_unread_and_not_an_input(tmp_path):
+    from declora.ignored import ignored_settings
+    from declora.inputs import input_paths
+
+    files = _node_files(tmp_path / "nodes")
+    cfg = _cfg(tmp_path, [str(f) for f in files], "data.dataset=unused.jsonl")
+    assert any(
+        s.startswith("data.dataset='unused.jsonl' has no effect in this run") for s in ignored_settings(cfg)
+    )
+    assert "data.dataset" not in input_paths(cfg)  # never read, so neither fingerprinted nor warned changed
+    assert "data.dataset" in input_paths(load_config(None, ["data.dataset=unused.jsonl"]))
+
+
+def test_a_single_label_over_node_files_names_the_files_not_the_unread_dataset(tmp_path):
+    from declora.experiment import check_labels
+
+    cfg = _cfg(tmp_path, ["a.jsonl", "b.jsonl", "c.jsonl"])
+    with pytest.raises(
+        ConfigError, match=r"^data.node_files=\('a.jsonl', 'b.jsonl', 'c.jsonl'\) has a single label"
+    ):
+        check_labels(cfg, ("pos",))
+    with pytest.raises(ConfigError, match=r"^data.dataset='rotten_tomatoes' has a single label"):
+        check_labels(load_config(None, []), ("pos",))

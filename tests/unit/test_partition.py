@@ -219,3 +219,15 @@ def test_column_cap_and_too_few_values() -> None:
     assert all(set(clients[p].tolist()) == {i} for i, p in enumerate(parts))
     with pytest.raises(ConfigError, match=r"partition.column='user' has 3 distinct values .* nodes=4"):
         partition(np.zeros(75, dtype=np.int64), 4, _column_cfg(), seed=0, clients=clients)
+
+
+def test_proportions_take_one_entry_per_label_of_the_dataset_also_one_no_row_has() -> None:
+    """With 3 label names and no training row of the last, 2 entries were demanded (from the largest id)."""
+    labels = np.array([0, 1] * 50)
+    cfg = cfg_for("proportions", proportions=((1.0, 0.0, 0.0), (0.5, 0.5, 0.0)))
+    parts = partition(labels, 2, cfg, seed=0, num_labels=3)
+    assert [np.bincount(labels[p], minlength=3).tolist() for p in parts] == [[33, 0, 0], [17, 16, 0]]
+    with pytest.raises(ValueError, match=r"2 entries but the labels take 3 values"):
+        partition(
+            labels, 2, cfg_for("proportions", proportions=((1.0, 0.0), (0.5, 0.5))), seed=0, num_labels=3
+        )

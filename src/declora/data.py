@@ -211,7 +211,7 @@ def read_rows(
     texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where, source)]
     clients = None
     if client_column is not None:
-        clients = [str(v) for v in column(table, client_column, "partition.column", where)]
+        clients = [str(v) for v in column(table, client_column, "partition.column", where, source)]
     if unlabelled and cfg.label_column not in table.column_names:
         return Rows(texts, ["text"] * len(texts), None, clients, where)
     raw = column(table, cfg.label_column, "data.label_column", where, source)
@@ -320,16 +320,16 @@ def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data
     defaults = DataConfig()
     named = (cfg.prompt_column, cfg.response_column) != (defaults.prompt_column, defaults.response_column)
     if cfg.messages_column in table.column_names and not named:
-        chats = column(table, cfg.messages_column, "data.messages_column", where, nested=True)
+        chats = column(table, cfg.messages_column, "data.messages_column", where, source, nested=True)
         for i, chat in enumerate(chats):
-            _check_chat(chat, f"row {i} of {where}: {cfg.messages_column!r}")
+            _check_chat(chat, f"{row_line(source, i)}: {cfg.messages_column!r}")
         prompts = [json.dumps(chat[:-1]) for chat in chats]
         responses = [chat[-1]["content"] for chat in chats]
     else:
-        asked = column(table, cfg.prompt_column, "data.prompt_column", where)
+        asked = column(table, cfg.prompt_column, "data.prompt_column", where, source)
         prompts = [json.dumps([{"role": "user", "content": str(p)}]) for p in asked]
         # an empty answer is kept (and warned about when encoded), as an empty assistant message is
-        answers = column(table, cfg.response_column, "data.response_column", where, blank=True)
+        answers = column(table, cfg.response_column, "data.response_column", where, source, blank=True)
         responses = [str(r) for r in answers]
     return TextDataset(prompts, np.zeros(len(prompts), dtype=np.int64), ("text",), responses=responses)
 

@@ -161,7 +161,7 @@ def test_a_malformed_conversation_is_named_by_row_whatever_the_tokenizer(tmp_pat
     good = {"messages": [USER, {"role": "assistant", "content": "hello"}]}
     data = tmp_path / "chats.jsonl"
     data.write_text(json.dumps(good) + "\n" + json.dumps({"messages": chat}) + "\n")
-    with pytest.raises(ValueError, match=rf"^row 1 of '{data}' \(split 'train'\): 'messages'.*{says}"):
+    with pytest.raises(ValueError, match=rf"^{data}:2: 'messages'.*{says}"):  # the file's line, as elsewhere
         read_instructions(str(data), "train", DataConfig())
 
 
@@ -305,7 +305,7 @@ def test_a_missing_response_is_refused_by_row_while_an_empty_one_is_kept(tmp_pat
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": ""}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
     with pytest.raises(
-        ValueError, match=r"^row 1 of .*: no value in column 'response' \(data.response_column\)"
+        ValueError, match=r"^.*qa.jsonl:2: no value in column 'response' \(data.response_column\)"
     ):
         read_instructions(str(data), "train", DataConfig())
     data.write_text(json.dumps({"prompt": "a", "response": ""}) + "\n")

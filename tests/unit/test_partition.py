@@ -231,3 +231,14 @@ def test_proportions_take_one_entry_per_label_of_the_dataset_also_one_no_row_has
         partition(
             labels, 2, cfg_for("proportions", proportions=((1.0, 0.0), (0.5, 0.5))), seed=0, num_labels=3
         )
+
+
+def test_a_missing_partition_column_value_is_named_by_its_file_line(tmp_path) -> None:
+    """It said "row 0 of 'users.csv'", a 0-based row where every other table error gives file:line."""
+    from declora.config import DataConfig
+    from declora.data import read_rows
+
+    table = tmp_path / "users.csv"
+    table.write_text("text,label,user\ngood,1,\nbad,0,u2\n")
+    with pytest.raises(ValueError, match=r"users.csv:2: no value in column 'user' \(partition.column\)"):
+        read_rows(str(table), "train", DataConfig(), client_column="user")

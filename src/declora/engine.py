@@ -169,11 +169,20 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
 
 
 def _check_same_partition(exp: Experiment, metrics: MetricsLog) -> None:
-    """The checkpointed batch streams index each node's rows: a resume on data that splits into other
-    node sizes (the file was edited) cannot go on with them."""
+    """The checkpointed batch streams index each node's rows and its head has one row per label: a resume
+    on data that splits into other node sizes or has another label count (the file was edited) cannot go
+    on with them."""
     recorded = next((r for _, r in metrics.records() if r.get("event") == "partition"), None)
     if recorded is None:
         return
+    labels_before = len(recorded["nodes"][0].get("label_counts", [])) if recorded["nodes"] else 0
+    labels_now = len(exp.partition_summary[0]["label_counts"]) if exp.partition_summary else 0
+    if labels_before and labels_before != labels_now:  # else the checkpoint load fails on a head's shape
+        raise ConfigError(
+            f"the training data's labels changed since the run started ({labels_before} labels, now "
+            f"{labels_now}: {list(exp.label_names)}): the checkpoint's classifier cannot go on with them; "
+            "restore the data, or start a new run"
+        )
     before = [node.get("size") for node in recorded["nodes"]]
     now = [node.get("size") for node in exp.partition_summary]  # the same node count: nodes cannot change
     changed = [i for i, (a, b) in enumerate(zip(before, now, strict=True)) if a != b]

@@ -123,6 +123,15 @@ def test_a_resume_warns_when_an_input_changed_since_the_start(tiny, tmp_path, ca
     assert main(["run", "--resume", str(run), "rounds=5"]) == 2
     assert "the training data changed since the run started (node " in capsys.readouterr().err
     assert (run / "metrics.jsonl").read_bytes() == before  # refused before anything was written
+    third = [json.loads(r) for r in rows]
+    third[0]["label"] = 2  # the same rows, one of them now a third class: the head cannot go on
+    data.write_text("".join(json.dumps(r) + "\n" for r in third))
+    assert main(["run", "--resume", str(run), "rounds=5"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "the training data's labels changed since the run started (2 labels, now 3: ['0', '1', '2'])" in err
+    )
+    assert (run / "metrics.jsonl").read_bytes() == before
 
 
 def test_more_rounds_on_resume_are_refused_when_the_noise_spends_a_target_epsilon(tiny, tmp_path, capsys):

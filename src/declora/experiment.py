@@ -140,10 +140,19 @@ def _eval_subset(
 
 def preflight_model(cfg: Config) -> None:
     """The model folder and the seeding adapter, checked before any weight or data is loaded."""
-    from declora.assets import GGUF_MODELS, model_path
-    from declora.preflight import check_adapter, check_model_folder, check_model_shape, check_tokenizer
+    from declora.assets import GGUF_MODELS, asset_path, model_path
+    from declora.gguf_cache import context_length
+    from declora.preflight import (
+        check_adapter,
+        check_max_length,
+        check_model_folder,
+        check_model_shape,
+        check_tokenizer,
+    )
 
-    if cfg.model.name not in GGUF_MODELS:  # a shipped GGUF model becomes a folder on first use
+    if cfg.model.name in GGUF_MODELS:  # a shipped GGUF model becomes a folder on first use: its header
+        check_max_length(cfg, context_length(asset_path(GGUF_MODELS[cfg.model.name])))
+    else:
         folder = model_path(cfg.model.name)
         check_model_folder(folder)
         tokenizer = check_tokenizer(folder)

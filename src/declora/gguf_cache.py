@@ -37,6 +37,21 @@ def _source(gguf: Path) -> dict[str, object]:
     return {"gguf": str(gguf), "bytes": gguf.stat().st_size}
 
 
+def context_length(gguf: Path) -> int | None:
+    """The positions the GGUF model was trained for (``<arch>.context_length`` in its header), read without
+    converting it; None without the gguf package or the key."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None  # the conversion says what is missing
+    fields = GGUFReader(str(gguf)).fields
+    arch = fields.get("general.architecture")
+    if arch is None:
+        return None
+    found = fields.get(f"{bytes(arch.parts[-1]).decode()}.context_length")
+    return int(found.parts[-1][0]) if found is not None else None
+
+
 def cached_folder(gguf: Path, name: str) -> Path:
     """The transformers folder converted from ``gguf`` (built now if missing or from another file)."""
     folder = cache_root() / name

@@ -128,6 +128,14 @@ def _check_generates(cfg: Config, architectures: list[str] | None) -> None:
         )
 
 
+def check_max_length(cfg: Config, limit: object) -> None:
+    """model.max_length within the positions the model was trained for (``limit``; not an int: unknown)."""
+    if isinstance(limit, int) and cfg.model.max_length > limit:
+        raise ConfigError(
+            f"model.max_length={cfg.model.max_length} exceeds the model's max_position_embeddings={limit}"
+        )
+
+
 def check_model_shape(
     cfg: Config, folder: Path, causal: bool, pad_id: int | None = None
 ) -> dict[str, tuple[int, int]]:
@@ -136,11 +144,7 @@ def check_model_shape(
     from declora.model import HEAD_ROOTS
 
     model = _meta_model(cfg, folder, causal)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.model.max_length > limit:
-        raise ConfigError(
-            f"model.max_length={cfg.model.max_length} exceeds the model's max_position_embeddings={limit}"
-        )
+    check_max_length(cfg, getattr(model.config, "max_position_embeddings", None))
     dims = {
         name: (m.in_features, m.out_features)
         for name, m in model.named_modules()

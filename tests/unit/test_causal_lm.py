@@ -362,3 +362,20 @@ def test_label_words_are_checked_before_the_model_is_built(tiny_llama, tiny_data
     overrides += ["export=none", f"run_dir={tmp_path / 'run'}"]
     with pytest.raises(ValueError, match=r"task.label_words has 1 words \[' negative'\]; the data has"):
         experiment.build_experiment(load_config(None, [*overrides, "task.label_words=[' negative']"]))
+
+
+def test_the_shipped_gguf_models_positions_bound_max_length_before_any_conversion(tmp_path, monkeypatch):
+    """Every other model's max_length was checked against its positions; SmolLM2's GGUF (8192) was not."""
+    from declora.assets import asset_path
+    from declora.experiment import preflight_model
+    from declora.gguf_cache import context_length
+
+    assert context_length(asset_path(GGUF_MODELS["smollm2"])) == 8192  # read from the file's header
+    monkeypatch.setenv("DECLORA_CACHE", str(tmp_path / "cache"))  # nothing may be converted into it
+    cfg = load_config("configs/smollm2_instructions.yaml", ["model.max_length=100000"])
+    with pytest.raises(
+        ConfigError, match=r"model.max_length=100000 exceeds the model's max_position_embeddings=8192"
+    ):
+        preflight_model(cfg)
+    preflight_model(load_config("configs/smollm2_instructions.yaml", ["model.max_length=8192"]))
+    assert not (tmp_path / "cache").exists()

@@ -49,7 +49,10 @@ def _min_size(cfg: PartitionConfig, n_nodes: int, n_total: int) -> int:
     """cfg.min_size (at least 1: an empty node cannot train), checked to be reachable at all."""
     min_size = max(cfg.min_size, 1)
     if min_size * n_nodes > n_total:
-        raise ValueError(f"partition.min_size={min_size} x nodes={n_nodes} exceeds the {n_total} examples")
+        raise ValueError(
+            f"partition.min_size={min_size} x nodes={n_nodes} exceeds the {n_total} training examples (those "
+            "left after data.train_limit and the held-out part)"
+        )
     return min_size
 
 

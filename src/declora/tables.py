@@ -213,7 +213,18 @@ def column(
     one), a NaN or (unless ``nested``) a list or dict is an error naming it (with the file and line when
     ``source`` is a text table)."""
     if name not in table.column_names:
-        raise ConfigError(f"{key}={name!r} is not a column of {where}; found {sorted(table.column_names)}")
+        wrapped = (  # {"data": [...]}: datasets reads the one key as the only column
+            source is not None and str(source).endswith(".json") and len(table.column_names) == 1
+        )
+        hint = (
+            " (the file is one object around the rows: a .json table is a list of row objects, or use "
+            "JSON lines, one object a line)"
+            if wrapped
+            else ""
+        )
+        raise ConfigError(
+            f"{key}={name!r} is not a column of {where}; found {sorted(table.column_names)}{hint}"
+        )
     values = list(table[name])
     for i, v in enumerate(values):
         empty = v is None or (isinstance(v, str) and not v.strip() and not blank)

@@ -406,7 +406,16 @@ def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Se
                 f"task.label_words={list(words)} name the labels in another order than the data's "
                 f"{list(label_names)} (word k stands for label k): give {in_order}"
             )
-        return LabelWords(tokenizer, max_length, cfg.template, words)
+        try:
+            return LabelWords(tokenizer, max_length, cfg.template, words)
+        except ValueError as err:
+            if cfg.label_words:
+                raise
+            # the words were derived from the label names: say so, since the user never wrote them
+            raise ValueError(
+                f"{err} (task.label_words is unset, so the words are the label names with a leading space: "
+                "set task.label_words to one word per label, in the data's label order)"
+            ) from None
     raise ValueError(
         f"task.kind={cfg.kind!r} is not known; choose one of sequence_classification, label_words, "
         "causal_lm, instruction"

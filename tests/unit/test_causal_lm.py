@@ -183,6 +183,14 @@ def test_label_words_must_match_the_labels_and_start_differently(tiny_llama):
     swapped = TaskConfig(kind="label_words", label_words=(" positive", " neutral", " negative"))
     with pytest.raises(ValueError, match=re.escape("give [' negative', ' neutral', ' positive']")):
         build_task(swapped, tok, 32, ("negative", "neutral", "positive"))  # word k must be label k's
+    with pytest.raises(
+        ValueError, match=r"different token .*\(task.label_words is unset, so the words are the label"
+    ):
+        build_task(TaskConfig(kind="label_words"), tok, 32, ("1", "2", "3"))  # words the user never wrote
+    with pytest.raises(
+        ValueError, match=r"different token \(first tokens: \[\d+, \d+\]\): accuracy compares [^(]*$"
+    ):
+        build_task(TaskConfig(kind="label_words", label_words=(" 1", " 2")), tok, 32, ("a", "b"))
     default = build_task(TaskConfig(kind="label_words"), tok, 32, ("negative", "positive"))
     assert default.answers == [tok(" negative", add_special_tokens=False)["input_ids"], default.answers[1]]
 

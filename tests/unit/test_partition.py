@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -242,3 +243,26 @@ def test_a_missing_partition_column_value_is_named_by_its_file_line(tmp_path) ->
     table.write_text("text,label,user\ngood,1,\nbad,0,u2\n")
     with pytest.raises(ValueError, match=r"users.csv:2: no value in column 'user' \(partition.column\)"):
         read_rows(str(table), "train", DataConfig(), client_column="user")
+
+
+def test_a_json_file_wrapping_its_rows_in_one_object_gets_the_layout_in_the_error(tmp_path) -> None:
+    from declora.config import ConfigError, DataConfig
+    from declora.data import read_rows
+
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]}))
+    with pytest.raises(
+        ConfigError, match=r"found \['data'\] \(the file is one object around the rows: a \.json"
+    ):
+        read_rows(str(wrapped), "train", DataConfig())
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"review": "good", "label": 1}]))
+    with pytest.raises(ConfigError, match=r"found \['label', 'review'\]$"):  # a real other column: no hint
+        read_rows(str(rows), "train", DataConfig())
+
+
+def test_min_size_beyond_the_data_says_which_examples_it_counts() -> None:
+    with pytest.raises(
+        ValueError, match=r"exceeds the 40 training examples \(those left after data.train_limit"
+    ):
+        partition(np.array([0, 1] * 20), 4, cfg_for("dirichlet", min_size=20), seed=0)

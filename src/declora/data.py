@@ -447,9 +447,15 @@ def load_dataset(
     elif is_table(cfg.dataset):
         train, test = load_user_file(cfg, seed, client_column, unlabelled)
     else:
+        suffix = Path(cfg.dataset).suffix
+        case = (  # .CSV from a Windows export: the suffixes are matched as written
+            f" (suffixes are matched as written: rename it to end in {suffix.lower()!r})"
+            if suffix.lower() in (*TABLE_SUFFIXES, ".txt") and suffix != suffix.lower()
+            else ""
+        )
         raise ConfigError(
             f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)}, a file ending in "
-            f"{[*TABLE_SUFFIXES, '.txt']} nor a datasets save_to_disk folder"
+            f"{[*TABLE_SUFFIXES, '.txt']} nor a datasets save_to_disk folder{case}"
         )
     if len(train) == 0 or len(test) == 0:
         raise ValueError(

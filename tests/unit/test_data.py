@@ -180,3 +180,18 @@ def test_a_hidden_test_split_taken_automatically_says_how_to_name_another(tmp_pa
         load_dataset(DataConfig(dataset=str(tmp_path / "glue_like")), 0)
     _, test = load_dataset(DataConfig(dataset=str(tmp_path / "glue_like"), test_split="validation"), 0)
     assert test.texts == ["fine", "awful"]
+
+
+def test_an_upper_case_suffix_is_refused_with_the_rename_that_fixes_it(tmp_path):
+    from declora.config import ConfigError, DataConfig
+    from declora.data import load_dataset
+
+    table = tmp_path / "REV.CSV"
+    table.write_text("text,label\ngood,1\nbad,0\n" * 5)
+    with pytest.raises(
+        ConfigError,
+        match=r"save_to_disk folder \(suffixes are matched as written: rename it to end in '.csv'\)",
+    ):
+        load_dataset(DataConfig(dataset=str(table)), 0)
+    with pytest.raises(ConfigError, match=r"save_to_disk folder$"):  # no suffix of ours in any case: no hint
+        load_dataset(DataConfig(dataset=str(tmp_path / "rows.xlsx")), 0)

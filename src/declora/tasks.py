@@ -409,7 +409,7 @@ def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Se
         try:
             return LabelWords(tokenizer, max_length, cfg.template, words)
         except ValueError as err:
-            if cfg.label_words:
+            if cfg.label_words or not str(err).startswith("task.label_words="):  # a max_length error, say
                 raise
             # the words were derived from the label names: say so, since the user never wrote them
             raise ValueError(

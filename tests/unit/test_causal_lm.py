@@ -191,6 +191,8 @@ def test_label_words_must_match_the_labels_and_start_differently(tiny_llama):
         ValueError, match=r"different token \(first tokens: \[\d+, \d+\]\): accuracy compares [^(]*$"
     ):
         build_task(TaskConfig(kind="label_words", label_words=(" 1", " 2")), tok, 32, ("a", "b"))
+    with pytest.raises(ValueError, match=r"model.max_length=3[^(]*$"):  # not a words error: no words hint
+        build_task(TaskConfig(kind="label_words"), tok, 3, ("negative", "positive"))
     default = build_task(TaskConfig(kind="label_words"), tok, 32, ("negative", "positive"))
     assert default.answers == [tok(" negative", add_special_tokens=False)["input_ids"], default.answers[1]]
 

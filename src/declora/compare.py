@@ -241,6 +241,9 @@ def _refuse_same_run(seen: dict[str, str], cfg: Config, method: str) -> None:
     seen[key] = method
 
 
+SKIPPED = ("done", "diverged")  # cell states a grid does not run again
+
+
 def cell_state(cell: Cell) -> str:
     """ "done", "partial" (a checkpoint to resume from) or "new". A cell whose folder was run with a
     config the grid no longer asks for (beyond what a resume may change) is refused, never reported as
@@ -329,9 +332,6 @@ def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell
                 err,
             )
     return cells
-
-
-SKIPPED = ("done", "diverged")  # cell states a grid does not run again
 
 
 # ---------------------------------------------------------------- the table

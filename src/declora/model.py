@@ -450,6 +450,8 @@ def export_peft(
     state.update(_frozen_saved_modules(fed, roots))
     # A rank-m adapter keeps the run's effective scale s: PEFT applies alpha'/m (or alpha'/sqrt(m)).
     alpha = fed.scale * (math.sqrt(rank) if fed.cfg.rslora else rank)
+    # absolute: a relative folder would be read as a hub id from any other working directory
+    base = Path(fed.path).resolve()
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; it reads any number (alpha / r)
@@ -459,20 +461,17 @@ def export_peft(
         use_rslora=fed.cfg.rslora,
         task_type="CAUSAL_LM" if fed.causal else "SEQ_CLS",
         modules_to_save=roots or None,
-        # absolute: a relative folder would be read as a hub id from any other working directory
-        base_model_name_or_path=str(Path(fed.path).resolve()),
+        base_model_name_or_path=str(base),
     )
     config.save_pretrained(str(folder))
     save_tensors(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     if not fed.causal:  # how to reproduce the prediction with stock PEFT (what the head reads)
         num_labels = cast("PreTrainedConfig", fed.model.config).num_labels  # fed.model: an HF model
         assert num_labels is not None  # load_base built it with num_labels, so its id2label is set
-        write_pooling_note(
-            folder, fed.pooling, str(Path(fed.path).resolve()), num_labels, fed.cfg.max_length, fed.head_input
-        )
+        write_pooling_note(folder, fed.pooling, str(base), num_labels, fed.cfg.max_length, fed.head_input)
     if card is not None:
         pooling = None if fed.causal else fed.pooling
-        write_card(folder, card, Path(fed.path).resolve(), fed.causal, pooling, shown, fed.head_input)
+        write_card(folder, card, base, fed.causal, pooling, shown, fed.head_input)
     return folder
 
 

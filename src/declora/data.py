@@ -23,11 +23,14 @@ from declora.assets import data_path
 from declora.config import ConfigError, DataConfig
 from declora.seeding import numpy_rng
 from declora.tables import (
+    COMPRESSED,
     TABLE_SUFFIXES,
     class_names,
     column,
+    file_format,
     is_table,
     open_split,
+    read_bytes,
     relative_note,
     row_line,
     splits_of,
@@ -143,7 +146,7 @@ def load_rotten_tomatoes(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextD
 
 def _read_text(path: Path) -> str:
     # One BBC article holds a raw latin-1 pound sign; latin-1 decodes any byte, so it is the fallback.
-    raw = path.read_bytes()
+    raw = read_bytes(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -422,7 +425,7 @@ def load_dataset(
     modelling): a table may lack the label column."""
     # A missing file, named by its key (a data.dataset of another suffix is refused below, as such).
     named = [("data.test_file", cfg.test_file)]
-    if Path(cfg.dataset).suffix in (*TABLE_SUFFIXES, ".txt"):
+    if file_format(cfg.dataset) in (*TABLE_SUFFIXES, ".txt"):
         named.append(("data.dataset", cfg.dataset))
     for key, source in named:
         if source is not None and not Path(source).expanduser().exists():
@@ -442,20 +445,15 @@ def load_dataset(
         train, test = load_instructions(cfg, seed)
     elif cfg.dataset in DATASETS:
         train, test = DATASETS[cfg.dataset](cfg, seed)
-    elif cfg.dataset.endswith(".txt"):
+    elif file_format(cfg.dataset) == ".txt":
         train, test = load_text_file(cfg, seed)
     elif is_table(cfg.dataset):
         train, test = load_user_file(cfg, seed, client_column, unlabelled)
     else:
-        suffix = Path(cfg.dataset).suffix
-        case = (  # .CSV from a Windows export: the suffixes are matched as written
-            f" (suffixes are matched as written: rename it to end in {suffix.lower()!r})"
-            if suffix.lower() in (*TABLE_SUFFIXES, ".txt") and suffix != suffix.lower()
-            else ""
-        )
         raise ConfigError(
             f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)}, a file ending in "
-            f"{[*TABLE_SUFFIXES, '.txt']} nor a datasets save_to_disk folder{case}"
+            f"{[*TABLE_SUFFIXES, '.txt']} (text formats also {' / '.join(COMPRESSED)} compressed) nor a "
+            "datasets save_to_disk folder"
         )
     if len(train) == 0 or len(test) == 0:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""A user's table through Hugging Face ``datasets``: CSV/TSV, JSON/JSONL, parquet, Arrow, save_to_disk.
+"""A user's table through Hugging Face ``datasets``: CSV/TSV, JSON/JSONL (each may be gzip, bzip2 or xz
+compressed), parquet, Arrow, save_to_disk.
 
 ``datasets`` does the reading (encodings such as a UTF-8 byte-order mark, types, memory-mapped Arrow), so
 declora only picks the split and the columns. Everything is local: the packaged builders and
@@ -7,9 +8,12 @@ declora only picks the split and the columns. Everything is local: the packaged 
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
 import json
+import lzma
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,15 @@ BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".arrow": ("arrow", {}),
 }
 TABLE_SUFFIXES = tuple(BUILDERS)
+TEXT_FORMATS = (
+    ".csv",
+    ".tsv",
+    ".json",
+    ".jsonl",
+    ".txt",
+)  # may come compressed; parquet and Arrow compress inside
+# compression suffix -> opener; datasets decompresses these itself, declora's own checks read through them
+COMPRESSED: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes
 
 
@@ -38,9 +51,37 @@ def relative_note(path: Path) -> str:
     return "" if path.is_absolute() else f" (relative to the current directory {Path.cwd()})"
 
 
+def file_format(source: str | Path) -> str:
+    """A file's format suffix, lower-cased and past a compression suffix: "Reviews.JSONL.gz" -> ".jsonl"
+    ("" when the name has none). Suffixes are matched in any case: exports from Windows write ".CSV"."""
+    suffixes = [s.lower() for s in Path(source).suffixes[-2:]]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def compression(source: str | Path) -> str | None:
+    """The compression suffix (".gz", ".bz2", ".xz"), lower-cased, or None for a plain file."""
+    suffix = Path(source).suffix.lower()
+    return suffix if suffix in COMPRESSED else None
+
+
 def is_table(source: str | Path) -> bool:
     path = Path(source).expanduser()
-    return path.suffix in BUILDERS or (path.is_dir() and is_saved_dataset(path))
+    return file_format(path) in BUILDERS or (path.is_dir() and is_saved_dataset(path))
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in a compression suffix; a damaged archive is
+    an error naming the file."""
+    packed = compression(path)
+    if packed is None:
+        return path.read_bytes()
+    try:
+        with COMPRESSED[packed](path, "rb") as stream:
+            return bytes(stream.read())
+    except (OSError, EOFError, lzma.LZMAError) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"data file {str(path)!r} is not a readable {packed} archive ({err})") from err
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -70,9 +111,15 @@ def splits_of(source: str | Path) -> dict[str, Any]:
         _refuse_empty_saved_splits(path)
         saved = datasets.load_from_disk(str(path))
         return dict(saved) if isinstance(saved, datasets.DatasetDict) else {"train": saved}
-    if path.suffix not in BUILDERS:
+    fmt = file_format(path)
+    if fmt not in BUILDERS:
         raise ConfigError(f"data file {str(path)!r}: suffix {path.suffix!r} is not one of {list(BUILDERS)}")
-    builder, kwargs = BUILDERS[path.suffix]
+    if compression(path) and fmt not in TEXT_FORMATS:
+        raise ConfigError(
+            f"data file {str(path)!r}: a {fmt} file is read uncompressed (the format compresses inside); "
+            f"only {list(TEXT_FORMATS[:-1])} may come as {' / '.join(COMPRESSED)}"
+        )
+    builder, kwargs = BUILDERS[fmt]
     check_text_table(path)
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
@@ -105,7 +152,7 @@ def _refuse_empty_saved_splits(path: Path) -> None:
 
 def _decode(path: Path) -> str:
     """A text table as UTF-8 (a byte-order mark allowed); a bad byte names the file and line."""
-    raw = path.read_bytes()
+    raw = read_bytes(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -117,7 +164,8 @@ def check_text_table(path: Path) -> None:
     """Line-exact errors for what ``datasets`` would report vaguely or not at all: bad encoding, a JSON
     line that does not parse or is not an object, a CSV row with more cells than the header or a field
     over the size limit, a parquet file without rows."""
-    if path.suffix == ".parquet":  # datasets fails on a parquet file without rows with an Arrow message
+    fmt = file_format(path)
+    if fmt == ".parquet":  # datasets fails on a parquet file without rows with an Arrow message
         import pyarrow.parquet as pq
 
         try:
@@ -126,13 +174,13 @@ def check_text_table(path: Path) -> None:
             raise ValueError(f"data file {str(path)!r} cannot be read: {type(err).__name__}: {err}") from err
         if rows == 0:
             raise ValueError(f"data file {str(path)!r} holds no rows")
-    if path.suffix not in (".csv", ".tsv", ".jsonl", ".json"):
+    if fmt not in (".csv", ".tsv", ".jsonl", ".json"):
         return
     text = _decode(path)
     if not text.strip():
         raise ValueError(f"data file {str(path)!r} is empty")
-    if path.suffix in (".csv", ".tsv"):
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    if fmt in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == ".tsv" else ",")
         try:
             width, rows = len(next(reader)), 0
             for row in reader:
@@ -144,7 +192,7 @@ def check_text_table(path: Path) -> None:
         if not rows:
             raise ValueError(f"data file {str(path)!r} has a header and no rows")
         return
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if fmt == ".json" and text.lstrip().startswith("["):
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
@@ -176,14 +224,13 @@ def _check_field_sizes(path: Path, line: int, row: dict[str, Any]) -> None:
 def row_line(source: str | Path, row: int) -> str:
     """Where row ``row`` (0-based) of a text table is, as "file:line" (else "row N of source")."""
     path = Path(source).expanduser()
-    if path.suffix in (".csv", ".tsv"):
-        reader = csv.reader(
-            io.StringIO(_decode(path), newline=""), delimiter="\t" if path.suffix == ".tsv" else ","
-        )
+    fmt = file_format(path)
+    if fmt in (".csv", ".tsv"):
+        reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter="\t" if fmt == ".tsv" else ",")
         for k, _ in enumerate(reader):
             if k == row + 1:  # after the header
                 return f"{path}:{reader.line_num}"
-    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _decode(path).lstrip().startswith("[")):
+    if fmt == ".jsonl" or (fmt == ".json" and not _decode(path).lstrip().startswith("[")):
         lines = [i for i, line in enumerate(_decode(path).splitlines(), start=1) if line.strip()]
         if row < len(lines):
             return f"{path}:{lines[row]}"
@@ -214,7 +261,7 @@ def column(
     ``source`` is a text table)."""
     if name not in table.column_names:
         wrapped = (  # {"data": [...]}: datasets reads the one key as the only column
-            source is not None and str(source).endswith(".json") and len(table.column_names) == 1
+            source is not None and file_format(source) == ".json" and len(table.column_names) == 1
         )
         hint = (
             " (the file is one object around the rows: a .json table is a list of row objects, or use "

@@ -221,6 +221,12 @@ def test_text_file_gives_one_example_per_paragraph(tmp_path):
         ["First paragraph still first.", "Second one.", "Third.", "Fourth.", "Fifth."]
     )
     assert len(test) == 1 and train.label_names == ("text",)
+    import gzip
+
+    packed = tmp_path / "book.txt.gz"
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    again = load_dataset(load_config(None, [f"data.dataset={packed}"]).data, seed=0)
+    assert (again[0].texts, again[1].texts) == (train.texts, test.texts)  # the same paragraphs, split alike
 
 
 def test_missing_gguf_package_says_how_to_install(monkeypatch):

@@ -182,16 +182,14 @@ def test_a_hidden_test_split_taken_automatically_says_how_to_name_another(tmp_pa
     assert test.texts == ["fine", "awful"]
 
 
-def test_an_upper_case_suffix_is_refused_with_the_rename_that_fixes_it(tmp_path):
+def test_an_upper_case_suffix_reads_like_a_lower_case_one(tmp_path):
     from declora.config import ConfigError, DataConfig
     from declora.data import load_dataset
 
-    table = tmp_path / "REV.CSV"
-    table.write_text("text,label\ngood,1\nbad,0\n" * 5)
-    with pytest.raises(
-        ConfigError,
-        match=r"save_to_disk folder \(suffixes are matched as written: rename it to end in '.csv'\)",
-    ):
-        load_dataset(DataConfig(dataset=str(table)), 0)
-    with pytest.raises(ConfigError, match=r"save_to_disk folder$"):  # no suffix of ours in any case: no hint
+    rows = "text,label\n" + "good,1\nbad,0\n" * 5
+    (tmp_path / "REV.CSV").write_text(rows)  # as a Windows export names it
+    (tmp_path / "rev.csv").write_text(rows)
+    upper, lower = (load_dataset(DataConfig(dataset=str(tmp_path / n)), 0) for n in ("REV.CSV", "rev.csv"))
+    assert upper[0].texts == lower[0].texts and upper[1].texts == lower[1].texts
+    with pytest.raises(ConfigError, match=r"data.dataset='.*rows.xlsx' is neither .*'.txt'\] \(text formats"):
         load_dataset(DataConfig(dataset=str(tmp_path / "rows.xlsx")), 0)

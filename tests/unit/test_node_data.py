@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -99,13 +100,14 @@ def test_a_folders_files_are_nodes_in_natural_order(tmp_path):
 
     folder = tmp_path / "nodes"
     folder.mkdir()
-    for i in (10, 2, 1, 0):  # as strings node_10 would sort before node_2
+    for i in (10, 2, 1):  # as strings node_10 would sort before node_2
         (folder / f"node_{i}.csv").write_text("text,label\na,0\n")
+    (folder / "node_0.CSV.gz").write_bytes(gzip.compress(b"text,label\na,0\n"))  # any case, compressed
     test = tmp_path / "test.csv"
     test.write_text("text,label\nb,0\n")
     cfg = load_config(None, ["nodes=4", f"data.node_files={folder}", f"data.test_file={test}"])
     assert [Path(f).name for f in node_file_list(cfg)] == [
-        "node_0.csv",
+        "node_0.CSV.gz",
         "node_1.csv",
         "node_2.csv",
         "node_10.csv",

@@ -312,3 +312,53 @@ def test_a_cache_datasets_cannot_write_is_named_not_the_data_file(tmp_path, monk
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", blocker / "cache")  # a folder under a file
     with pytest.raises(OSError, match=r"datasets cannot write its cache .*HF_DATASETS_CACHE \(or HF_HOME\)"):
         splits_of(data)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".GZ"])
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_compressed_text_table_gives_the_examples_of_the_plain_one(tmp_path, kind, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    plain = _write(kind, tmp_path)
+    packed = plain.with_name(plain.name + suffix)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix.lower()]
+    with opener(packed, "wb") as f:
+        f.write(plain.read_bytes())
+    read = [
+        load_dataset(DataConfig(dataset=str(p), text_column="review", label_column="stars"), seed=0)
+        for p in (plain, packed)
+    ]
+    assert read[0][0].texts == read[1][0].texts and read[0][1].texts == read[1][1].texts
+    assert read[1][0].label_names == ("mid", "neg", "pos")
+
+
+def test_a_compressed_table_keeps_its_line_exact_errors(tmp_path):
+    import gzip
+
+    gaps = [dict(r) for r in ROWS]
+    gaps[3]["review"] = None
+    path = tmp_path / "data.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in gaps))
+    cfg = DataConfig(dataset=str(path), text_column="review", label_column="stars")
+    with pytest.raises(ValueError, match=r"data\.jsonl\.gz:4: no value in column 'review'"):
+        load_dataset(cfg, seed=0)
+    with gzip.open(path, "wt") as f:
+        f.write('{"review": "a", "stars": "neg"}\n{"review": oops}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl\.gz:2: not a JSON line"):
+        load_dataset(cfg, seed=0)
+
+
+def test_a_damaged_archive_and_a_compressed_parquet_file_are_refused_by_name(tmp_path):
+    damaged = tmp_path / "rows.csv.gz"
+    damaged.write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"data file '.*rows.csv.gz' is not a readable .gz archive"):
+        load_dataset(DataConfig(dataset=str(damaged)), seed=0)
+    packed = tmp_path / "rows.parquet.gz"
+    packed.write_bytes(b"")
+    with pytest.raises(
+        ConfigError, match=r"a .parquet file is read uncompressed .* may come as .gz / .bz2 / .xz"
+    ):
+        load_dataset(DataConfig(dataset=str(packed)), seed=0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from declora.assets import hub_cached
 from declora.pooling import POOLING_FILE, pooling_howto
 
 CARD_FILE = "declora_adapter.json"
@@ -42,8 +43,13 @@ class AdapterCard:
 
 
 def public_name(model_name: str) -> str | None:
-    """The hub id of the base: a shipped model's; None for a local folder (its name is not known)."""
-    return PUBLIC_NAMES.get(model_name)
+    """The hub id of the base: a shipped model's, or the name of one read from the Hugging Face cache;
+    None for a local folder (its name is not known)."""
+    if model_name in PUBLIC_NAMES:
+        return PUBLIC_NAMES[model_name]
+    if Path(model_name).expanduser().is_dir():  # a folder wins over the cache, as in model_path
+        return None
+    return model_name if hub_cached(model_name) is not None else None
 
 
 def recorded_name(base: Path) -> str | None:

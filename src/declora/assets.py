@@ -8,6 +8,7 @@ dependency. We only need their files, so we ask importlib where the package live
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def asset_path(asset: Asset) -> Path:
 
 
 def model_path(name: str) -> Path:
-    """A shipped model by name (``"minilm"``, ``"smollm2"``), or an existing local model folder as is."""
+    """A shipped model by name (``"minilm"``, ``"smollm2"``), an existing local model folder as is, or a
+    hub model already in the Hugging Face cache (never downloaded)."""
     if name in MODELS:
         return asset_path(MODELS[name])
     if name in GGUF_MODELS:
@@ -71,10 +73,37 @@ def model_path(name: str) -> Path:
     local = Path(name).expanduser()
     if local.is_dir():
         return local
-    raise AssetNotFoundError(
-        f"model {name!r} is neither a shipped model ({sorted([*MODELS, *GGUF_MODELS])}) "
-        "nor an existing local folder"
+    cached = hub_cached(name)
+    if cached is not None:
+        return cached
+    fetch = (
+        f"; declora never downloads: fetch it once with `hf download {name}`, or pass a folder written "
+        "by save_pretrained"
+        if HUB_ID.fullmatch(name)
+        else ""
     )
+    raise AssetNotFoundError(
+        f"model {name!r} is neither a shipped model ({sorted([*MODELS, *GGUF_MODELS])}), an existing local "
+        f"folder nor a model in the Hugging Face cache{fetch}"
+    )
+
+
+# "bert-base-uncased", "org/name": the ids the hub gives models (a path has more than one slash)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def hub_cached(name: str) -> Path | None:
+    """The snapshot folder of hub model ``name`` in the Hugging Face cache (HF_HOME, HF_HUB_CACHE), found
+    offline, as transformers finds it with HF_HUB_OFFLINE=1; None when it is not cached there."""
+    if not HUB_ID.fullmatch(name) or name.endswith((".", "-")):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub would not accept
+        return None
+    return folder if (folder / "config.json").is_file() else None
 
 
 def data_path(name: str) -> Path:

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local transformers model folder
+    name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local model folder | a hub id in the HF cache
     target_modules: tuple[str, ...] = ("query", "value")  # LLaMA family: [q_proj, v_proj]
     rank: int = 8
     alpha: float = 16.0

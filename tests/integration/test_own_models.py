@@ -436,3 +436,37 @@ def test_auto_pooling_says_when_a_head_cannot_follow_the_folders_mean(minilm_tok
     )
     assert exp.fed.pooling == "cls"
     assert "pools the mean of the tokens, but it has a FunnelClassificationHead head" in caplog.text
+
+
+def _as_hub_cache(root, repo_id: str, folder):
+    """``folder`` laid out as the Hugging Face cache keeps a downloaded model: refs/main names the
+    commit whose snapshot holds the files."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_model_in_the_hugging_face_cache_is_found_offline_and_named_in_the_card(
+    tiny_bert, tmp_path, monkeypatch
+):
+    import huggingface_hub.constants
+
+    from declora.adapter_card import CARD_FILE
+    from declora.assets import AssetNotFoundError, model_path
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub is never asked
+    snapshot = _as_hub_cache(tmp_path / "hub", "someone/tiny-bert", tiny_bert)
+    assert model_path("someone/tiny-bert") == snapshot
+    with pytest.raises(
+        AssetNotFoundError, match=r"never downloads: fetch it once with `hf download someone/other`"
+    ):
+        model_path("someone/other")
+    run(build_experiment(load_config(None, _overrides("someone/tiny-bert", tmp_path, "rounds=1"))))
+    card = tmp_path / "run" / "adapters" / "consensus"
+    meta = json.loads((card / CARD_FILE).read_text())
+    assert meta["base_model_public"] == "someone/tiny-bert" and meta["base_model"] == str(snapshot.resolve())
+    assert "Base model: `someone/tiny-bert`" in (card / "README.md").read_text()

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from declora.assets import data_path
+from declora.assets import HUB_ID, data_path
 from declora.config import ConfigError, DataConfig
 from declora.seeding import numpy_rng
 from declora.tables import (
@@ -450,10 +450,16 @@ def load_dataset(
     elif is_table(cfg.dataset):
         train, test = load_user_file(cfg, seed, client_column, unlabelled)
     else:
+        hub = (  # "imdb", "stanfordnlp/sst2": a hub dataset, which declora does not download
+            f"; for a hub dataset run `datasets.load_dataset({cfg.dataset!r}).save_to_disk(FOLDER)` once and "
+            "pass data.dataset=FOLDER"
+            if HUB_ID.fullmatch(cfg.dataset) and not file_format(cfg.dataset)
+            else ""
+        )
         raise ConfigError(
             f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)}, a file ending in "
             f"{[*TABLE_SUFFIXES, '.txt']} (text formats also {' / '.join(COMPRESSED)} compressed) nor a "
-            "datasets save_to_disk folder"
+            f"datasets save_to_disk folder{hub}"
         )
     if len(train) == 0 or len(test) == 0:
         raise ValueError(

@@ -193,3 +193,10 @@ def test_an_upper_case_suffix_reads_like_a_lower_case_one(tmp_path):
     assert upper[0].texts == lower[0].texts and upper[1].texts == lower[1].texts
     with pytest.raises(ConfigError, match=r"data.dataset='.*rows.xlsx' is neither .*'.txt'\] \(text formats"):
         load_dataset(DataConfig(dataset=str(tmp_path / "rows.xlsx")), 0)
+    with pytest.raises(ConfigError, match=r"save_to_disk folder$"):  # a file of another kind: no hub hint
+        load_dataset(DataConfig(dataset="rows.xlsx"), 0)
+    with pytest.raises(
+        ConfigError,
+        match=r"hub dataset run `datasets.load_dataset\('stanfordnlp/sst2'\).save_to_disk\(FOLDER\)`",
+    ):
+        load_dataset(DataConfig(dataset="stanfordnlp/sst2"), 0)

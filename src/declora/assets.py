@@ -92,9 +92,19 @@ def model_path(name: str) -> Path:
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def hub_cached(name: str) -> Path | None:
-    """The snapshot folder of hub model ``name`` in the Hugging Face cache (HF_HOME, HF_HUB_CACHE), found
-    offline, as transformers finds it with HF_HUB_OFFLINE=1; None when it is not cached there."""
+def adapter_path(name: str) -> Path:
+    """A PEFT adapter folder (model.init_adapter): a local folder, else a hub id already in the Hugging Face
+    cache, else the path as given (which the config check then refuses by name)."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    return hub_cached(name, "adapter_config.json") or local
+
+
+def hub_cached(name: str, marker: str = "config.json") -> Path | None:
+    """The snapshot folder of hub repository ``name`` in the Hugging Face cache (HF_HOME, HF_HUB_CACHE),
+    found offline, as transformers finds it with HF_HUB_OFFLINE=1; None when it is not cached there
+    (or its snapshot lacks ``marker``: a model's config.json, an adapter's adapter_config.json)."""
     if not HUB_ID.fullmatch(name) or name.endswith((".", "-")):
         return None
     from huggingface_hub import snapshot_download
@@ -103,7 +113,7 @@ def hub_cached(name: str) -> Path | None:
         folder = Path(snapshot_download(name, local_files_only=True))
     except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub would not accept
         return None
-    return folder if (folder / "config.json").is_file() else None
+    return folder if (folder / marker).is_file() else None
 
 
 def data_path(name: str) -> Path:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from declora.algorithms import ALGORITHMS, NO_GOSSIP, build_algorithm
 from declora.algorithms.base import Algorithm
+from declora.assets import adapter_path
 from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
@@ -158,7 +159,7 @@ def preflight_model(cfg: Config) -> None:
         tokenizer = check_tokenizer(folder)
         check_model_shape(cfg, folder, cfg.task.kind in CAUSAL_KINDS, tokenizer.pad_token_id)
     if cfg.model.init_adapter:
-        check_adapter(cfg, Path(cfg.model.init_adapter).expanduser())
+        check_adapter(cfg, adapter_path(cfg.model.init_adapter))
 
 
 def _task_from_folder(cfg: Config, label_names: tuple[str, ...]) -> tuple[Task, Any] | None:
@@ -368,7 +369,7 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
         log.info("privacy.level=example: train.lora_product=%s runs per_row", cfg.train.lora_product)
     log.info("device %s, precision %s", device, cfg.precision)
     if cfg.model.init_adapter:
-        import_peft(fed, cfg.model.init_adapter)
+        import_peft(fed, adapter_path(cfg.model.init_adapter))
     if getattr(algorithm_cls, "middle", False):  # Fed-SB: R between frozen B and A, before the optimizer
         add_middle_factors(fed)
     from transformers import AutoTokenizer

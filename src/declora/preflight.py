@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from declora.assets import HUB_ID
 from declora.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,12 @@ def check_adapter(cfg: Config, folder: Path) -> None:
     from declora.lora import lora_scale
 
     if not folder.is_dir():
-        raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder")
+        fetch = (
+            f", nor an adapter in the Hugging Face cache (declora never downloads: `hf download {given}`)"
+            if HUB_ID.fullmatch(given := str(cfg.model.init_adapter))
+            else ""
+        )
+        raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder{fetch}")
     exported = sorted(
         p.name for p in (folder / "adapters").glob("*") if (p / "adapter_config.json").is_file()
     )

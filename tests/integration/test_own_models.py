@@ -470,3 +470,17 @@ def test_a_model_in_the_hugging_face_cache_is_found_offline_and_named_in_the_car
     meta = json.loads((card / CARD_FILE).read_text())
     assert meta["base_model_public"] == "someone/tiny-bert" and meta["base_model"] == str(snapshot.resolve())
     assert "Base model: `someone/tiny-bert`" in (card / "README.md").read_text()
+    # the exported adapter, as a hub repository in the cache, seeds another run by its id
+    _as_hub_cache(tmp_path / "hub", "someone/tiny-adapter", card)
+    seeded_run = [f"run_dir={tmp_path / 'seeded'}", "model.init_adapter=someone/tiny-adapter"]
+    seeded = build_experiment(load_config(None, [*_overrides("someone/tiny-bert", tmp_path), *seeded_run]))
+    weights = load_file(str(card / "adapter_model.safetensors"))
+    a = next(k for k in weights if k.endswith("lora_A.weight"))
+    ours = seeded.fed.tensors()[a.removeprefix("base_model.model.").replace(".weight", "")]
+    assert all(torch.equal(row, weights[a]) for row in ours)  # every node starts from the adapter
+    with pytest.raises(
+        ConfigError, match=r"nor an adapter in the Hugging Face cache .*`hf download someone/none`"
+    ):
+        build_experiment(
+            load_config(None, [*_overrides("someone/tiny-bert", tmp_path), "model.init_adapter=someone/none"])
+        )

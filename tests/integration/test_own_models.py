@@ -456,6 +456,7 @@ def test_a_model_in_the_hugging_face_cache_is_found_offline_and_named_in_the_car
 
     from declora.adapter_card import CARD_FILE
     from declora.assets import AssetNotFoundError, model_path
+    from declora.inputs import fingerprints
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub is never asked
@@ -465,7 +466,9 @@ def test_a_model_in_the_hugging_face_cache_is_found_offline_and_named_in_the_car
         AssetNotFoundError, match=r"never downloads: fetch it once with `hf download someone/other`"
     ):
         model_path("someone/other")
-    run(build_experiment(load_config(None, _overrides("someone/tiny-bert", tmp_path, "rounds=1"))))
+    cfg = load_config(None, _overrides("someone/tiny-bert", tmp_path, "rounds=1"))
+    assert fingerprints(cfg)["model.name"]["path"] == str(snapshot.resolve())  # a resume sees a new snapshot
+    run(build_experiment(cfg))
     card = tmp_path / "run" / "adapters" / "consensus"
     meta = json.loads((card / CARD_FILE).read_text())
     assert meta["base_model_public"] == "someone/tiny-bert" and meta["base_model"] == str(snapshot.resolve())

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from declora import __version__
-from declora.config import Config, ConfigError, load_config, parse_override, repeated_overrides
+from declora.config import (
+    Config,
+    ConfigError,
+    flatten,
+    load_config,
+    parse_override,
+    repeated_overrides,
+    to_dict,
+)
 from declora.validation import check_resume
 
 if TYPE_CHECKING:
@@ -124,7 +132,9 @@ def _die(message: str) -> None:
 
 def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
     """Under torchrun, join the process group; rank 0's config is the run's (another host may hold a
-    different file, or no run folder to resume from)."""
+    different file, or no run folder to resume from). Every rank must be launched in the same mode (a new
+    run, --overwrite or --resume), else all refuse at once; a rank whose own command differs from rank
+    0's says which keys it does not get."""
     from declora.config import DistConfig
     from declora.dist import Distributed, Solo, launched
 
@@ -138,12 +148,48 @@ def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
     device = cfg.device if cfg is not None else "auto"
     group = Distributed(cfg.dist if cfg is not None else DistConfig(), on_fatal=_die, device=device)
     with group.guard():
-        cfg, run_dir, error = group.broadcast((cfg, run_dir, error))
-    if error is not None:  # every rank refuses alike: say it, and leave at once (as _die does), since the
-        _error(ConfigError(error), 2)  # group's threads would abort an ordinary exit, and a slow rank's
-        logging.shutdown()  # close would let torchrun kill the others before they said it
+        launches = group.all_gather_object((cfg, run_dir, error, _mode(args)))
+    cfg, run_dir, error, _ = launches[0]
+    modes = [mode for *_, mode in launches]
+    if error is None and len(set(modes)) > 1:
+        error = (
+            "the ranks were launched in different modes ("
+            + ", ".join(f"rank {k}: {mode}" for k, mode in enumerate(modes))
+            + "); launch every rank with the same declora command (a resume: --resume RUN_DIR on every host)"
+        )
+    if error is not None:  # every rank refuses alike: one line per host, and leave at once (as _die does),
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # since the group's threads would abort an ordinary
+            _error(ConfigError(error), 2)  # exit, and a slow rank's close would let torchrun kill the others
+        logging.shutdown()
         os._exit(2)
+    _say_what_differs(group.rank, launches)
     return cfg, run_dir, group
+
+
+def _mode(args: argparse.Namespace) -> str:
+    return "--resume" if args.resume else "--overwrite" if args.overwrite else "a new run"
+
+
+def _say_what_differs(rank: int, launches: list[Any]) -> None:
+    """Rank 0's config is the run's: a rank whose own command line gives other values (or does not
+    parse) says so, on its own console and on rank 0's, instead of running rank 0's values silently."""
+    ours = {**flatten(to_dict(launches[0][0])), "run_dir": str(launches[0][1])}
+    for k, (theirs, their_dir, their_error, _) in enumerate(launches[1:], start=1):
+        if their_error is not None:
+            what = f"does not parse ({their_error})"
+        else:
+            given = {**flatten(to_dict(theirs)), "run_dir": str(their_dir)}
+            keys = [key for key in given if given[key] != ours.get(key)]
+            if not keys:
+                continue
+            what = "gives " + ", ".join(f"{key}={given[key]!r}" for key in keys[:8])
+            what += f" (and {len(keys) - 8} more)" if len(keys) > 8 else ""
+            what += "; it runs " + ", ".join(f"{key}={ours.get(key)!r}" for key in keys[:8])
+        if rank in (0, k):
+            sys.stderr.write(
+                f"declora: warning: rank {k}'s own command {what}: rank 0's config is the run's\n"
+            )
+            sys.stderr.flush()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -243,7 +289,9 @@ def _progress(exp: Experiment, group: Solo) -> _Bar | None:
     quantized = "" if cfg.model.base_quantization == "none" else f", {cfg.model.base_quantization} base"
     nodes = "1 node" if exp.n == 1 else f"{exp.n} nodes"
     mixing = "" if exp.n == 1 else f", {graph}"  # one node (centralized) mixes over no graph
+    attackers = "" if exp.honest is None else f", attackers {(~exp.honest).nonzero().flatten().tolist()}"
     run = f"{nodes}, {cfg.algorithm.name}{mixing}, {exp.fed.device} {cfg.precision}{quantized}{where}"
+    run += attackers
     print(f"run folder: {exp.run_dir}  ({run})")
     return _Bar(cfg.rounds)
 
@@ -520,12 +568,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     for line in repeated_overrides(getattr(args, "overrides", None) or ()):
         logging.getLogger("declora.cli").warning(line)
+    several = launched() and int(os.environ["WORLD_SIZE"]) > 1
+    if args.command != "run" and several:  # every rank would run the whole command, racing on its files
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            _error(
+                ConfigError(
+                    f"declora {args.command} runs in one process: start it without torchrun "
+                    "(a multi-process run is `torchrun ... -m declora run`)"
+                ),
+                2,
+            )
+        return 2
     try:
         return args.func(args)
     except (KeyboardInterrupt, Terminated, JobStopped) as stop:  # one line, and 128 + the signal
         code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
+        line = _interrupted_line(args)
+        if several and isinstance(stop, Terminated):  # torchrun stops the others when one rank fails
+            what += " (torchrun stops every rank when one fails: another rank's error may be above)"
+            line = line.removesuffix(": the same command starts it")  # not after an error
         if not quiet:  # under torchrun every rank gets the signal; one says it
-            print(f"declora: {what}; {_interrupted_line(args)}", file=sys.stderr, flush=True)
+            print(f"declora: {what}; {line}", file=sys.stderr, flush=True)
         if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as _die)
             logging.shutdown()
             os._exit(code)

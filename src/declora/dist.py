@@ -98,10 +98,14 @@ def make_layout(n: int, world: int, counts: tuple[int, ...] | None = None) -> La
             raise ConfigError(f"nodes={n} cannot be split over {world} processes: every rank needs a node")
         counts = tuple(n // world + (k < n % world) for k in range(world))
     if len(counts) != world or sum(counts) != n or min(counts) < 1:
-        launch = "this launch has 1 process (dist.node_slices splits the nodes of a torchrun launch)"
+        launch = (
+            "this launch has 1 process: dist.node_slices splits the nodes of a torchrun launch, and a "
+            "one-process run of the same config needs it removed (dist.node_slices=null)"
+        )
+        entries = f"gives {len(counts)} counts for {world} processes; it " if len(counts) != world else ""
         raise ConfigError(
-            f"dist.node_slices={list(counts)} must give each of the {world} processes at least one node "
-            f"and sum to nodes={n}" + (f"; {launch}" if world == 1 else "")
+            f"dist.node_slices={list(counts)} {entries}must give each process at least one node and sum "
+            f"to nodes={n}" + (f"; {launch}" if world == 1 else "")
         )
     return Layout(tuple(counts))
 

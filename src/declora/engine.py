@@ -24,6 +24,7 @@ from declora.export import AdapterExport
 from declora.heap import release_free_memory
 from declora.inputs import check_started_in, fingerprints, warn_changed
 from declora.quantize_bnb import uses_bitsandbytes
+from declora.replicas import Replicas
 from declora.report import write_report
 from declora.runfolder import (
     atomic_write_text,
@@ -120,6 +121,12 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[st
     start["inputs"] = fingerprints(exp.cfg)  # a resume warns when one changed
     # how many held-out examples each evaluation scores (the standard error of an accuracy depends on it)
     start["eval_examples"] = {"consensus": len(exp.consensus_eval.labels), "node": len(exp.node_eval.labels)}
+    # the layout that ran (a 2-process folder looks like a 1-process one otherwise); null nodes_per_rank:
+    # data parallel, every process a replica of the one node
+    slices = None if isinstance(exp.group, Replicas) else list(exp.group.layout.counts)
+    start["processes"] = {"world": exp.group.world, "nodes_per_rank": slices}
+    if exp.honest is not None:  # which nodes attacked (attack.nodes may be a fraction, drawn from the seed)
+        start["attackers"] = (~exp.honest).nonzero().flatten().tolist()
     model = exp.cfg.model
     if model.base_quantization != "none":  # what quant_backend=auto resolved to: it sets the speed
         use = uses_bitsandbytes(model.quant_backend, model.base_quantization, exp.fed.device)

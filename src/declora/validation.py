@@ -348,7 +348,15 @@ def _check_degenerate(cfg: Config) -> None:
 
 
 def _check_slices(cfg: Config) -> None:
+    from declora.algorithms import ALGORITHMS
+
     slices = cfg.dist.node_slices
+    if slices is not None and getattr(ALGORITHMS.get(cfg.algorithm.name), "single_node", False):
+        raise ConfigError(
+            f"dist.node_slices={list(slices)} does not apply to algorithm.name={cfg.algorithm.name}, a "
+            "single-node algorithm: every process holds a replica of the one node and a share of each "
+            "batch; remove dist.node_slices"
+        )
     if slices is not None and (sum(slices) != cfg.nodes or min(slices) < 1):
         raise ConfigError(
             f"dist.node_slices={list(slices)} must be positive counts that sum to nodes={cfg.nodes}"
@@ -437,9 +445,12 @@ def check_resume(saved: Config, new: Config, rounds_done: int | None = None) -> 
     unsafe = sorted(k for k in changes if k not in RESUME_SAFE)
     if unsafe:
         k = unsafe[0]
+        made = changes[k][0]
+        if k == "dist.node_slices" and made is None:
+            made = "the even split (node_slices null)"
         raise ConfigError(
             f"{k} cannot change on resume ({changes[k][0]!r} -> {changes[k][1]!r}): the finished "
-            f"rounds and the checkpoint were made with {changes[k][0]!r}; "
+            f"rounds and the checkpoint were made with {made if isinstance(made, str) else repr(made)}; "
             f"may change on resume: {list(RESUME_SAFE)}"
         )
     if "rounds" in changes and new.privacy.level != "none" and new.privacy.target_epsilon is not None:

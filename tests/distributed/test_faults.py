@@ -97,12 +97,13 @@ def test_a_config_error_found_when_the_run_is_built_is_the_one_line_error_on_eve
 
 
 def test_a_config_error_found_at_launch_is_one_line_and_exit_2_on_every_rank(tiny_bert, tmp_path):
-    """Refused before the run is built (here, an unknown algorithm): each rank says it and leaves with 2;
-    the process group's threads once aborted a rank at exit ("terminate called"), one launch in three."""
+    """Refused before the run is built (here, an unknown algorithm): every rank leaves with 2, and the
+    line is said once per host (launch), not once per rank; the process group's threads once aborted a
+    rank at exit ("terminate called"), one launch in three."""
     overrides = tiny_overrides(tiny_bert, tmp_path / "run", "nope", f"dist.timeout_s={TIMEOUT}")
     for _ in range(3):
         refused = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2)
-        assert refused.output.count("declora: error: algorithm.name='nope' is not known") == 2, refused.output
+        assert refused.output.count("declora: error: algorithm.name='nope' is not known") == 1, refused.output
         assert re.findall(r"exitcode\s+: (-?\d+)", refused.output) == ["2", "2"], refused.output[-3000:]
         assert "terminate called" not in refused.output and not (tmp_path / "run").exists()
 

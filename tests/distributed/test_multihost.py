@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 from dist_helpers import (
     CONFIG,
     assert_same_adapters,
     assert_same_metrics,
     finish,
     free_port,
+    launch,
     tiny_overrides,
     torchrun,
 )
@@ -93,3 +95,59 @@ def test_each_host_reads_only_its_own_nodes_files(tiny_bert, tmp_path):
     # machine a near-tied logit of the untrained model flipped one of a node's 12 votes at round 3 (train
     # losses and the consensus accuracy agreed): a node's accuracy may differ by that one vote.
     assert_same_metrics(simulated, main, node_vote=1 / 12)
+
+
+def _two_launches(tmp_path, commands: list[list[str]]):
+    """Host A (rank 0) and host B (rank 1), each its own torchrun and working directory, each its own
+    declora command line."""
+    hosts = [tmp_path / "host_a", tmp_path / "host_b"]
+    for _attempt in range(3):
+        port, began = free_port(), time.monotonic()
+        procs = []
+        for k, (cwd, command) in enumerate(zip(hosts, commands, strict=True)):
+            cwd.mkdir(parents=True, exist_ok=True)
+            procs.append(torchrun(["-m", "declora", *command], 1, port=port, hosts=(k, 2), cwd=cwd))
+        results = [finish(p, began) for p in procs]
+        if not any("address already in use" in r.output.lower() for r in results):
+            return hosts, results
+    return hosts, results
+
+
+def test_ranks_launched_in_different_modes_refuse_at_once(tiny_bert, tmp_path):
+    """Host A starts a new run while host B resumes one: every rank refuses in one line (no timeout, no
+    half-made run folder), naming each rank's mode."""
+    new = ["run", str(CONFIG), *tiny_overrides(tiny_bert, "runs/mixed", "dec_lora", "dist.timeout_s=120")]
+    hosts, results = _two_launches(tmp_path, [new, ["run", "--resume", "runs/mixed"]])
+    for result in results:
+        assert result.returncode != 0
+        assert result.seconds < 60, result.output[-2000:]  # refused, not timed out
+        assert (
+            "the ranks were launched in different modes (rank 0: a new run, rank 1: --resume)"
+            in result.output
+        )
+    assert not (hosts[0] / "runs" / "mixed").exists()
+
+
+def test_a_rank_whose_own_command_differs_says_which_values_it_does_not_get(tiny_bert, tmp_path):
+    ours = tiny_overrides(tiny_bert, "runs/differ", "dec_lora", "rounds=1")
+    hosts, results = _two_launches(
+        tmp_path, [["run", str(CONFIG), *ours], ["run", str(CONFIG), *ours, "train.lr=0.5", "nodes=4"]]
+    )
+    for result in results:
+        assert result.returncode == 0, result.output[-4000:]
+        assert "rank 1's own command gives nodes=4, train.lr=0.5; it runs nodes=5, train.lr=" in result.output
+    saved = yaml.safe_load((hosts[0] / "runs" / "differ" / "config.yaml").read_text())
+    assert (saved["nodes"], saved["train"]["lr"]) != (4, 0.5)  # rank 0's values
+    _, results = _two_launches(
+        tmp_path / "again", [["run", str(CONFIG), *ours], ["run", "/nowhere/config.yaml", *ours]]
+    )
+    assert all(r.returncode == 0 for r in results)
+    assert "rank 1's own command does not parse (config file '/nowhere/config.yaml' does not exist)" in (
+        results[0].output
+    )
+
+
+def test_compare_under_torchrun_is_refused_in_one_line(tmp_path):
+    result = launch(["-m", "declora", "compare", "configs/grids/smoke.yaml"], 2)
+    assert result.returncode != 0
+    assert result.output.count("declora: error: declora compare runs in one process") == 1, result.output

@@ -180,3 +180,22 @@ def test_every_choice_list_matches_the_module_that_implements_it():
 def test_data_keys_the_task_or_the_files_never_read_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_node_slice_messages_point_at_the_fix():
+    from declora.dist import make_layout
+    from declora.validation import check_resume
+
+    with pytest.raises(
+        ConfigError, match=r"\[1, 1\] does not apply to algorithm.name=centralized, a single-node"
+    ):
+        load_config(None, ["algorithm.name=centralized", "nodes=4", "dist.node_slices=[1,1]"])
+    with pytest.raises(ConfigError, match=r"\[2, 1, 1\] gives 3 counts for 2 processes; it must give each"):
+        make_layout(4, 2, (2, 1, 1))
+    with pytest.raises(ConfigError, match=r"this launch has 1 process: .* needs it removed"):
+        make_layout(4, 1, (2, 2))
+    saved = load_config(None, ["nodes=4"])
+    with pytest.raises(
+        ConfigError, match=r"\(None -> \[3, 1\]\): .* made with the even split \(node_slices null\)"
+    ):
+        check_resume(saved, load_config(None, ["nodes=4", "dist.node_slices=[3,1]"]))

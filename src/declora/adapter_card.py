@@ -116,6 +116,30 @@ def _load_lines(folder: Path, meta: dict[str, Any], causal: bool) -> str:
     )
 
 
+def _number(v: Any) -> str:
+    """Four decimals, except a small nonzero float (privacy_delta 1e-05 is not 0.0000)."""
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.3g}" if v != 0 and abs(v) < 1e-3 else f"{v:.4f}"
+
+
+def _privacy_lines(privacy: str | None) -> list[str]:
+    """What the privacy_* numbers cover: node-level DP makes the messages private, not the states an
+    adapter is made of; DP-SGD makes everything a node computes private."""
+    if privacy is None:
+        return []
+    if privacy.startswith("node"):
+        return [
+            "Privacy: node-level DP covers the messages each node sent (the privacy_* numbers below are "
+            "theirs). A node keeps its own state exact, and this adapter is made of exact states, so the "
+            "(ε, δ) guarantee does NOT cover it: do not publish it as private.\n"
+        ]
+    return [
+        "Privacy: example-level DP-SGD; everything a node computes from its data, this adapter included, "
+        "is (ε, δ)-private for one example of a node's data (the privacy_* numbers below).\n"
+    ]
+
+
 def _input_lines(inputs: dict[str, Any]) -> list[str]:
     """What a user must repeat to get the numbers above: the truncation, the quantized base, the prompt."""
     lines = []
@@ -218,10 +242,11 @@ def _readme(
     if not causal or "label_words" in card.inputs:  # classification, by a head or by label words
         lines.append(f"Labels: {', '.join(f'{i} = {n}' for i, n in enumerate(card.label_names))}.\n")
     lines.extend(_input_lines(card.inputs))
+    lines.extend(_privacy_lines(card.run.get("privacy")))
     if card.numbers:
         lines.append("| metric | value at that round |\n|---|---|")
         for k, v in card.numbers.items():
-            lines.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+            lines.append(f"| {k} | {_number(v)} |")
         lines.append("")
     if pooling == "mean":  # the recipe comes first: stock logits are not this adapter's prediction
         lines.append(f"## Its predictions (pooling `{pooling}`, {POOLING_FILE})\n")

@@ -23,6 +23,7 @@ publishers send, privatize and spend privacy, and the rule mixes the neighbours'
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import torch
@@ -35,6 +36,8 @@ from declora.privacy import PrivacyAccount, import_accountants, noise_std, priva
 from declora.robust import robust_choco, robust_gossip, server_aggregate
 from declora.robust_uploads import slice_mask
 from declora.validation import refuse_if_set
+
+log = logging.getLogger(__name__)
 
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
 
@@ -191,8 +194,34 @@ def build_account(cfg: Config, sizes: list[int], nodes: Tensor) -> PrivacyAccoun
             t.local_steps * (-(-size // t.batch_size) if t.local_unit == "epochs" else 1) for size in sizes
         ]
         steps = [cfg.rounds * k for k in per_round]
+    _warn_weak_settings(cfg, sizes)
     sigma = resolve_sigma(p, list(zip(rates, steps, strict=True)))
     return PrivacyAccount(p, sigma, torch.tensor(rates, dtype=torch.float64)[nodes])
+
+
+def _warn_weak_settings(cfg: Config, sizes: list[int]) -> None:
+    """Settings that run, and that a user may mean (an ablation), but that protect little or nothing."""
+    p = cfg.privacy
+    if p.noise_multiplier == 0:
+        log.warning(
+            "privacy.noise_multiplier=0 adds no noise: nothing is private (epsilon = inf); the run only "
+            "clips at privacy.clip=%g",
+            p.clip,
+        )
+    # delta is the chance the guarantee fails outright; it should be well below one protected unit's
+    # share: 1/nodes at node level (one node's data), 1/|D_i| at example level (one example of a node)
+    smallest = max(1, min(sizes))
+    units, what = (cfg.nodes, "nodes") if p.level == "node" else (smallest, "examples of the smallest node")
+    if p.delta >= 1 / units:
+        log.warning(
+            "privacy.delta=%g is not below 1/%d (%d %s): a mechanism may then fail for one protected unit "
+            "outright with that chance; the usual choice is delta well below 1/%d",
+            p.delta,
+            units,
+            units,
+            what,
+            units,
+        )
 
 
 def needs_guard(cfg: Config) -> bool:
@@ -297,7 +326,9 @@ def _validate_robust(cfg: Config) -> None:
     elif name not in GOSSIP_ALGORITHMS + servers:
         raise ConfigError(
             f"robust.aggregator={r.aggregator} needs a plain gossip or a server aggregate; "
-            f"algorithm.name={name} mixes otherwise: use one of {sorted(GOSSIP_ALGORITHMS + servers)}"
+            f"algorithm.name={name} "
+            + ("sends nothing" if name in ("local", "centralized") else "mixes otherwise")
+            + f": use one of {sorted(GOSSIP_ALGORITHMS + servers)}"
         )
     if r.aggregator == "trimmed_mean":
         _refuse_trimming_nothing(cfg)

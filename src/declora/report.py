@@ -40,6 +40,9 @@ STD_KEY = "acc_node_std"  # the spread that goes with acc_node_mean (ADF/TAD: me
 # is judged by.
 SPREAD_KEYS = frozenset(f"{m}_node_{s}" for m in ("acc", "ppl") for s in ("std", "min", "max"))
 PRIVACY_KEY = "privacy_epsilon_max"  # privacy.level node/example: the largest epsilon any node has spent
+# with the delta it is spent at and the noise multiplier (solved, for a target epsilon): an epsilon alone
+# says little
+PRIVACY_KEYS = (PRIVACY_KEY, "privacy_delta", "privacy_noise_multiplier")
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 
 
@@ -164,8 +167,9 @@ def summarize(
     seen = {k: [v for r in progress if (v := _number(r, k)) is not None] for k in PEAK_KEYS}
     peaks = {k: max(values) for k, values in seen.items() if values}
     kept = {k: final[k] for k in FINAL_KEYS}
-    if (eps := _last(progress, PRIVACY_KEY)) is not None:  # private runs only
-        kept[PRIVACY_KEY] = eps
+    for key in PRIVACY_KEYS:  # private runs only
+        if (value := _last(progress, key)) is not None:
+            kept[key] = value
     return {
         "rounds": int(max(rounds)) if rounds else None,
         "evals": len(evals),
@@ -207,6 +211,8 @@ def _fmt(key: str, value: float | None) -> str:
         return f"{value:.4f}"
     if key == PRIVACY_KEY:
         return f"{value:.2f}"
+    if key in PRIVACY_KEYS:  # delta 1e-05, sigma 1.276
+        return f"{value:.4g}"
     return f"{value:.3e}"
 
 

@@ -148,6 +148,8 @@ def test_example_level_dp_with_zero_noise_and_infinite_clip_is_the_plain_run(tin
         ref, got = _adapter(plain, node), _adapter(private, node)
         assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert _records(private)[-1]["privacy_epsilon"] == [float("inf")] * 6
+    card = (private / "adapters" / "node_002" / "README.md").read_text()
+    assert "Privacy: example-level DP-SGD; everything a node computes" in card and "NOT" not in card
 
 
 def test_krum_at_the_server_keeps_a_sign_flippers_upload_out(tiny_bert, tmp_path):
@@ -212,3 +214,19 @@ def test_a_private_attacked_runs_adapters_say_what_was_spent_and_withstood(tiny_
     assert node["metrics"]["privacy_epsilon_this_node"] == last["privacy_epsilon"][1]
     readme = (run_dir / "adapters" / "consensus" / "README.md").read_text()
     assert "privacy node level, clip 0.5" in readme and "privacy_epsilon_max" in readme
+    assert "| privacy_delta | 1e-05 |" in readme  # not 0.0000: a delta of 0 would claim pure DP
+    # node-level DP covers the messages; the adapters are exact states, and their card says so
+    assert "the (ε, δ) guarantee does NOT cover it" in readme
+    assert "does NOT cover it" in (run_dir / "adapters" / "node_001" / "README.md").read_text()
+    start = read_metrics(run_dir / "metrics.jsonl")[0]
+    assert start["attackers"] == [0] and start["processes"] == {"world": 1, "nodes_per_rank": [6]}
+
+
+def test_attackers_drawn_from_a_fraction_are_recorded_by_id(tiny_bert, tmp_path):
+    from declora.attack import attacker_mask
+    from declora.config import load_config
+    from declora.report import read_metrics
+
+    run_dir = _run(tiny_bert, tmp_path / "run", "attack.kind=gaussian", "attack.nodes=0.5", "rounds=1")
+    drawn = attacker_mask(load_config(run_dir / "config.yaml").attack, 6, 0).nonzero().flatten().tolist()
+    assert len(drawn) == 3 and read_metrics(run_dir / "metrics.jsonl")[0]["attackers"] == drawn

@@ -177,3 +177,31 @@ def test_checking_a_private_config_leaves_the_applications_logging_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["0", str(logging.WARNING)]
+
+
+def test_settings_that_protect_little_are_warned_about(caplog):
+    import logging
+
+    import torch
+
+    from declora.config import load_config
+    from declora.guard import build_account
+
+    def warnings_of(*overrides: str, sizes=(50, 40, 60, 80)) -> str:
+        caplog.clear()
+        cfg = load_config(None, ["nodes=4", "rounds=2", *overrides])
+        with caplog.at_level(logging.WARNING, logger="declora.guard"):
+            build_account(cfg, list(sizes), torch.arange(4))
+        return caplog.text
+
+    node = ["privacy.level=node", "privacy.clip=1"]
+    assert warnings_of(*node, "privacy.noise_multiplier=1") == ""  # delta 1e-5: nothing to say
+    assert "adds no noise: nothing is private" in warnings_of(*node, "privacy.noise_multiplier=0")
+    assert "privacy.delta=0.5 is not below 1/4 (4 nodes)" in warnings_of(
+        *node, "privacy.noise_multiplier=1", "privacy.delta=0.5"
+    )
+    example = ["privacy.level=example", "privacy.clip=1", "privacy.noise_multiplier=1"]
+    assert "privacy.delta=0.05 is not below 1/40 (40 examples of the smallest node)" in warnings_of(
+        *example, "privacy.delta=0.05"
+    )
+    assert warnings_of(*example, "privacy.delta=0.01") == ""  # below 1/40

@@ -262,6 +262,8 @@ def test_private_runs_show_the_largest_epsilon_spent_and_attacked_runs_the_worst
             "event": "eval",
             "round": 2,
             "privacy_epsilon_max": 4.5,
+            "privacy_delta": 1e-5,
+            "privacy_noise_multiplier": 1.2756,
             "acc_honest_mean": 0.8,
             "acc_honest_min": 0.6,
         },
@@ -272,6 +274,9 @@ def test_private_runs_show_the_largest_epsilon_spent_and_attacked_runs_the_worst
     assert re.search(r"\| acc_honest_min +\| 60.00 \|", format_table(s))
     assert "acc_node_min" not in summarize([{"event": "eval", "round": 1, "acc_node_min": 0.5}])["accuracy"]
     assert "| privacy_epsilon_max" in format_table(s) and "4.50" in format_table(s)
+    # the delta it is spent at, and the noise, beside it (a delta of 1e-05 is not rounded to 0)
+    assert re.search(r"\| privacy_delta +\| 1e-05 ", format_table(s))
+    assert re.search(r"\| privacy_noise_multiplier +\| 1.276 ", format_table(s))
     assert "privacy_epsilon_max" not in summarize([{"event": "eval", "round": 1}])["final"]  # not private
 
 

@@ -306,7 +306,9 @@ class TopKCodec(_CodecBase):
         flat = self._corrected(x.detach().to(torch.float32).reshape(shape[0], -1), shape, key)  # (n, m)
         # a stable sort, not topk: among equal magnitudes the lower index wins, whatever the number of rows
         # (topk's choice among ties depends on the tensor's make-up, so torchrun's slices chose otherwise)
-        idx = flat.abs().sort(dim=1, descending=True, stable=True).indices[:, : self.k(flat.shape[1])]  # (n, k)
+        idx = (
+            flat.abs().sort(dim=1, descending=True, stable=True).indices[:, : self.k(flat.shape[1])]
+        )  # (n, k)
         values = flat.gather(1, idx).to(_DTYPES[self.value_dtype])  # (n, k)
         enc = Encoded({"values": values, "indices": idx.to(torch.int32)}, shape)
         if self.error_feedback:

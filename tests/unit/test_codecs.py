@@ -177,6 +177,17 @@ def test_topk_keeps_exactly_k_largest_per_node(fraction: float) -> None:
     assert nbytes == k * (4 + 4)
 
 
+def test_topk_sends_the_lower_index_among_ties_whatever_the_rows_beside_it() -> None:
+    """Adam's first steps are nearly all of one size: which tied entries cross the cut must not depend on
+    how many nodes a process batches (torchrun's slices), or the runs part ways."""
+    codec = TopKCodec(fraction=0.25)
+    row = torch.tensor([[0.5, -1.0, 1.0, 0.2, -1.0, 1.0, 0.1, 0.3]])  # four tied at 1.0, two are kept
+    alone = codec.encode(row).parts["indices"]
+    assert alone.tolist() == [[1, 2]]
+    batched = codec.encode(torch.cat([torch.randn(3, 8), row, torch.randn(2, 8)])).parts["indices"]
+    assert batched[3].tolist() == [1, 2]
+
+
 def test_topk_fraction_times_size_is_not_inflated_by_float_error() -> None:
     assert TopKCodec(fraction=0.1).k(100) == 10  # 0.1 * 100 is 10.000000000000002 in floating point
     assert TopKCodec(fraction=1e-6).k(100) == 1

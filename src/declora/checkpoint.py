@@ -111,16 +111,32 @@ def check_layout(exp: Experiment, required: bool = True) -> dict[str, Any] | Non
         or any(k not in meta for k in needed)
     ):
         raise ConfigError(f"checkpoint {latest}: not a declora latest.json (need {', '.join(needed)})")
-    saved = tuple(meta["node_slices"])
-    if saved != group.layout.counts:
-        k = len(saved)  # the run's dist.node_slices, if it set them, come back from its config.yaml
-        launch = resume_command(exp.run_dir)
-        raise ConfigError(
-            f"{exp.run_dir} was saved by {k} process{'es' if k > 1 else ''} (node slices {list(saved)}); "
-            f"this launch has {len(group.layout.counts)} ({list(group.layout.counts)}), and a checkpoint "
-            f"cannot be resharded: relaunch it as it ran, `{launch}`"
-        )
+    refuse_other_layout(exp.run_dir, tuple(meta["node_slices"]), group.layout.counts)
     return meta
+
+
+def refuse_other_layout(run_dir: Path, saved: tuple[int, ...], counts: tuple[int, ...]) -> None:
+    """A checkpoint is resumed by the split of the nodes over processes that saved it."""
+    if saved != counts:
+        k = len(saved)  # the run's dist.node_slices, if it set them, come back from its config.yaml
+        raise ConfigError(
+            f"{run_dir} was saved by {k} process{'es' if k > 1 else ''} (node slices {list(saved)}); "
+            f"this launch has {len(counts)} ({list(counts)}), and a checkpoint cannot be resharded: "
+            f"relaunch it as it ran, `{resume_command(run_dir)}`"
+        )
+
+
+def refuse_multi_process_checkpoint_alone(run_dir: Path) -> None:
+    """A one-process resume of a folder saved by several processes, refused before the model loads
+    (a multi-process launch checks its own layout once its group is up: check_layout)."""
+    latest = run_dir / "state" / LATEST
+    try:
+        saved = tuple(json.loads(latest.read_text())["node_slices"])
+        nodes = sum(saved)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none yet, or unreadable: the load says so
+    if len(saved) > 1:
+        refuse_other_layout(run_dir, saved, (nodes,))
 
 
 def load_checkpoint(exp: Experiment) -> tuple[int, float]:

@@ -46,6 +46,8 @@ def _config_path(arg: str | None) -> Path | None:
 def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     """The run's config and folder, checked before any work: a new run needs an empty folder (or
     --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
+    from declora.checkpoint import refuse_multi_process_checkpoint_alone
+    from declora.dist import launched
     from declora.experiment import default_run_dir
     from declora.ignored import without_unread_defaults
     from declora.inputs import check_started_in
@@ -94,6 +96,8 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
                 "names; to continue a copy, copy the folder and resume the copy"
             )
     check_checkpoint_kept(run_dir, saved.checkpoint_every, saved.rounds)
+    if not launched():  # before the model loads (a torchrun launch compares layouts once its group is up)
+        refuse_multi_process_checkpoint_alone(run_dir)
     cfg = load_config(run_dir / "config.yaml", args.overrides)
     if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
         # a moved folder: the run is where --resume points, recorded as an absolute path so that the

@@ -142,7 +142,8 @@ def test_resuming_under_another_process_count_names_the_launch_that_resumes_it(s
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main(["run", "--resume", str(run), "rounds=2"]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "run folder:" not in out  # refused before the experiment (and its model) is built
     assert "was saved by 2 processes (node slices [1, 1]); this launch has 1 ([2])" in err
     assert f"`torchrun --nproc-per-node 2 -m declora run --resume {run}`" in err
     assert "dist.node_slices" not in err  # it comes back from the run's config.yaml

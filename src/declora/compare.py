@@ -36,6 +36,7 @@ import numpy as np
 
 from declora.config import Config, ConfigError, load_config, parse_override, python_value, read_yaml, to_dict
 from declora.report import (
+    PRIVACY_KEY,
     best_final,
     display_scale,
     diverged_at,
@@ -350,12 +351,14 @@ def run_summary(records: list[dict[str, Any]], metric: str, target: float | None
         return {}
     hits = [r["bytes_total"] for r in evals if target is not None and reaches(metric, r[metric], target)]
     reached = hits[0] if hits else math.nan
+    spent = [r[PRIVACY_KEY] for r in records if isinstance(r.get(PRIVACY_KEY), (int, float))]
     return {
         "best": best_final(evals, metric)["best"],
         "final": evals[-1][metric],
         "bytes_total": evals[-1]["bytes_total"],
         "bytes_to_target": reached,
         "wall_s": evals[-1]["wall_s"],
+        "epsilon": spent[-1] if spent else math.nan,  # a private run's largest epsilon spent, at the end
     }
 
 
@@ -389,7 +392,8 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
         for key in SUMMARY_KEYS:
             row[key], row[f"{key}_std"] = _mean_std([s[key] for s in summaries])
         row["reached"] = sum(not math.isnan(s["bytes_to_target"]) for s in summaries)
-        row["diverged"] = sum(diverged)  # the last CSV column: the older ones keep their places
+        row["diverged"] = sum(diverged)  # the CSV columns after the first ones: they keep their places
+        row["epsilon"], row["epsilon_std"] = _mean_std([s["epsilon"] for s in summaries])  # NaN: not private
         rows.append(row)
     return rows
 
@@ -415,11 +419,21 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
     else:
         what = f"Accuracy: {metric} in %"
         target_txt = f"{100 * target:.1f}%" if target is not None else "n/a"
+    private = any(math.isfinite(r.get("epsilon", math.nan)) for r in rows)  # a privacy/utility comparison
+    eps_head, eps_rule, eps_none = (" ε spent |", "---:|", " – |") if private else ("", "", "")
+
+    def eps(r: dict[str, Any]) -> str:
+        if not math.isfinite(r["epsilon"]):
+            return " not private |"
+        return (
+            f" {r['epsilon']:.2f} |" if r["runs"] == 1 else f" {r['epsilon']:.2f} ± {r['epsilon_std']:.2f} |"
+        )
+
     lines = [
         f"{what} (mean ± population std over runs); MB = 1e6 bytes; target {target_txt}.",
         "",
-        "| method | runs | best | final | MB sent | MB to target | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | runs | best | final | MB sent | MB to target | wall s |" + eps_head,
+        "|---|---:|---:|---:|---:|---:|---:|" + eps_rule,
     ]
     for r in rows:
         runs = str(r["runs"]) if r["runs"] == r["of"] else f"{r['runs']} of {r['of']}"
@@ -428,15 +442,18 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
         if r["diverged"]:
             runs += f" ({r['diverged']} diverged)"
         if not r["runs"] and r["diverged"] == r["of"]:
-            lines.append(f"| {r['method']} | {runs} | diverged (NaN or Inf) | – | – | – | – |")
+            lines.append(f"| {r['method']} | {runs} | diverged (NaN or Inf) | – | – | – | – |" + eps_none)
             continue
         if not r["runs"]:
-            lines.append(f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |")
+            lines.append(f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |" + eps_none)
             continue
         lines.append(
             f"| {r['method']} | {runs} | {acc(r, 'best')} | {acc(r, 'final')} | "
             f"{r['bytes_total'] / 1e6:.2f} | {to_target(r)} | {r['wall_s']:.1f} |"
+            + (eps(r) if private else "")
         )
+    if private:
+        lines += ["", "ε spent: the largest epsilon any node spent by the end (privacy_epsilon_max)."]
     if any(r["runs"] + r["diverged"] < r["of"] for r in rows):
         lines += ["", f"Runs without an evaluation of {metric} (not finished, or not measured) are left out."]
     if any(r["diverged"] for r in rows):

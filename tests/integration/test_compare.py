@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,21 @@ def test_perplexity_table_numbers_equal_a_hand_computation(tmp_path):
     table = write_comparison({"m": [a, b]}, tmp_path / "out", "ppl_avg_factors", 20.0)
     assert table.startswith("Perplexity: ppl_avg_factors, best = lowest")
     assert "| m | 2 | 11.00 ± 1.00 | 12.50 ± 2.50 | 4.50 | 3.00 |" in table  # as they are, not in %
+
+
+def test_a_privacy_utility_comparison_shows_the_epsilon_each_method_spent(tmp_path):
+    plain = _fake_run(tmp_path / "plain", [0.5, 0.7], 10, 1.0)
+    private = [_fake_run(tmp_path / f"dp{k}", [0.4, 0.6], 10, 1.0) for k in (0, 1)]
+    for folder, spent in zip(private, (7.9, 8.1), strict=True):  # a round record carries the epsilon
+        with (folder / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"event": "round", "round": 2, "privacy_epsilon_max": spent}) + "\n")
+    table = write_comparison({"plain": [plain], "dp": private}, tmp_path / "out", "acc_avg_factors", None)
+    assert "| wall s | ε spent |" in table
+    assert re.search(r"\| plain \| 1 \|.*\| not private \|", table)
+    assert re.search(r"\| dp \| 2 \|.*\| 8.00 ± 0.10 \|", table)
+    assert "ε spent" not in write_comparison({"plain": [plain]}, tmp_path / "out2", "acc_avg_factors", None)
+    header = (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0]
+    assert header.endswith(",diverged,epsilon,epsilon_std")  # new columns after the old ones
 
 
 def test_comparison_files_are_written(tmp_path):

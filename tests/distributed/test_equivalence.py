@@ -156,6 +156,10 @@ SERVER |= {
 # singular values: its adapters are compared as products B A (measured 5.4e-7 apart on one machine, while
 # the factors were 7e-3 apart; on another the factors were 1.8e-5 apart).
 PRODUCTS_ONLY = {"flexlora_sampled", "flexlora_trimmed"}
+# Top-k gossip: batching other nodes per process changes a state's last bits, and an entry at the cut
+# may then be sent in one run and kept back in the other (README, Message codecs): the metrics agree to
+# 1e-5 (accuracies exactly: a vote is 1/24 here), an adapter entry to the size of one such step.
+TOPK = {"decaf_topk", "dec_lora_topk", "dec_lora_topk_guarded"}
 # Nodes per rank (5 nodes on a ring), uneven everywhere. With (1, 4) node 0's two neighbours sit on the
 # other rank: one message on the wire serves two edges of the ledger.
 SLICES = {
@@ -224,10 +228,11 @@ def simulator(tiny_bert, tmp_path_factory):
 def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
     for label, counts in slices.items():
         sim_dir, edges = simulator[label]
-        assert_same_metrics(sim_dir, out / label)
+        assert_same_metrics(sim_dir, out / label, atol=1e-5 if label in TOPK else 1e-6)
         if (sim_dir / "adapters").exists():  # export=none (fedex_lora): the metrics say it all
             products = label in PRODUCTS_ONLY
-            assert_same_adapters(sim_dir, out / label, atol=2e-6 if products else 1e-6, products=products)
+            atol = 1e-3 if label in TOPK else 2e-6 if products else 1e-6
+            assert_same_adapters(sim_dir, out / label, atol=atol, products=products)
         wire = [r["bytes_cross_process"] for r in records(out / label)]
         if label in SERVER:  # the all_reduce (all_gather for a robust rule): the same buffers every round
             assert len(set(wire)) == 1 and wire[0] > 0, wire

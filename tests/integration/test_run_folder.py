@@ -438,7 +438,7 @@ def test_a_one_node_runs_header_names_no_graph_and_node_slices_say_they_split_a_
 
     assert main(["run", *tiny, "algorithm.name=centralized", f"run_dir={tmp_path / 'c'}"]) == 0
     assert "(1 node, centralized, cpu fp32)" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match=r"sum to nodes=4; this launch has 1 process \(dist.node_slices"):
+    with pytest.raises(ConfigError, match=r"sum to nodes=4; this launch has 1 process: dist.node_slices"):
         make_layout(4, 1, (2, 2))
 
 

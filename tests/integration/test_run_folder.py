@@ -275,7 +275,10 @@ def _declora(*args: str, **kwargs):
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    return subprocess.Popen([sys.executable, "-m", "declora", *args], env=env, **kwargs)
+    # Ctrl-C as at a terminal: a shell that starts the tests in the background (`cmd &`) leaves SIGINT
+    # ignored, which the child would inherit and then never be interrupted
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    return subprocess.Popen([sys.executable, "-m", "declora", *args], env=env, preexec_fn=restore, **kwargs)
 
 
 def test_a_folder_another_process_is_writing_is_refused_and_free_again_after_it(tiny, tmp_path, capsys):

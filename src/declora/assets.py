@@ -60,6 +60,19 @@ def asset_path(asset: Asset) -> Path:
     return path
 
 
+# "bert-base-uncased", "org/name": the ids the hub gives models (a path has more than one slash)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def fetch_hint(name: str) -> str:
+    """For a hub id that is not cached: how to get it (declora never downloads); "" for anything else."""
+    return (
+        f"; declora never downloads: fetch it once with `hf download {name}`"
+        if HUB_ID.fullmatch(name)
+        else ""
+    )
+
+
 def model_path(name: str) -> Path:
     """A shipped model by name (``"minilm"``, ``"smollm2"``), an existing local model folder as is, or a
     hub model already in the Hugging Face cache (never downloaded)."""
@@ -76,20 +89,12 @@ def model_path(name: str) -> Path:
     cached = hub_cached(name)
     if cached is not None:
         return cached
-    fetch = (
-        f"; declora never downloads: fetch it once with `hf download {name}`, or pass a folder written "
-        "by save_pretrained"
-        if HUB_ID.fullmatch(name)
-        else ""
-    )
+    fetch = fetch_hint(name)
     raise AssetNotFoundError(
         f"model {name!r} is neither a shipped model ({sorted([*MODELS, *GGUF_MODELS])}), an existing local "
         f"folder nor a model in the Hugging Face cache{fetch}"
+        + (", or pass a folder written by save_pretrained" if fetch else "")
     )
-
-
-# "bert-base-uncased", "org/name": the ids the hub gives models (a path has more than one slash)
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def adapter_path(name: str) -> Path:

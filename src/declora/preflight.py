@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from declora.assets import HUB_ID
+from declora.assets import fetch_hint
 from declora.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -254,12 +254,9 @@ def check_adapter(cfg: Config, folder: Path) -> None:
     from declora.lora import lora_scale
 
     if not folder.is_dir():
-        fetch = (
-            f", nor an adapter in the Hugging Face cache (declora never downloads: `hf download {given}`)"
-            if HUB_ID.fullmatch(given := str(cfg.model.init_adapter))
-            else ""
-        )
-        raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder{fetch}")
+        fetch = fetch_hint(str(cfg.model.init_adapter))
+        cache = f", nor an adapter in the Hugging Face cache ({fetch.removeprefix('; ')})" if fetch else ""
+        raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder{cache}")
     exported = sorted(
         p.name for p in (folder / "adapters").glob("*") if (p / "adapter_config.json").is_file()
     )

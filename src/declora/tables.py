@@ -33,13 +33,8 @@ BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {
     ".arrow": ("arrow", {}),
 }
 TABLE_SUFFIXES = tuple(BUILDERS)
-TEXT_FORMATS = (
-    ".csv",
-    ".tsv",
-    ".json",
-    ".jsonl",
-    ".txt",
-)  # may come compressed; parquet and Arrow compress inside
+# the text formats, which may come compressed (parquet and Arrow compress inside)
+TEXT_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".txt")
 # compression suffix -> opener; datasets decompresses these itself, declora's own checks read through them
 COMPRESSED: dict[str, Any] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SAVED_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")  # what save_to_disk writes
@@ -117,7 +112,7 @@ def splits_of(source: str | Path) -> dict[str, Any]:
     if compression(path) and fmt not in TEXT_FORMATS:
         raise ConfigError(
             f"data file {str(path)!r}: a {fmt} file is read uncompressed (the format compresses inside); "
-            f"only {list(TEXT_FORMATS[:-1])} may come as {' / '.join(COMPRESSED)}"
+            f"only {[f for f in TEXT_FORMATS if f in BUILDERS]} may come as {' / '.join(COMPRESSED)}"
         )
     builder, kwargs = BUILDERS[fmt]
     check_text_table(path)

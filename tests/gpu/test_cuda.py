@@ -58,11 +58,14 @@ def tiny(model, run_dir, *extra):
 ONE_EXAMPLE = 0.13
 
 
-def near(a: torch.Tensor, b: torch.Tensor, rel: float) -> None:
+def near(a: torch.Tensor, b: torch.Tensor, rel: float, name: str = "") -> None:
     """||a - b|| <= rel ||b|| (per tensor). Not elementwise: AdamW moves an entry whose gradient is ~0 by
     +-lr on either device, and a rounding difference of 1e-7 may flip that sign on a single entry."""
     a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    assert torch.linalg.norm(a - b) <= rel * torch.linalg.norm(b) + 1e-6, float(torch.linalg.norm(a - b))
+    assert torch.linalg.norm(a - b) <= rel * torch.linalg.norm(b) + 1e-6, (
+        name,
+        float(torch.linalg.norm(a - b)),
+    )
 
 
 def evals(run_dir):
@@ -96,8 +99,12 @@ def test_cuda_fp32_run_equals_the_cpu_run(case, tiny_bert, tmp_path):
     run(cpu)
     run(cuda)
     close(evals(cpu.run_dir), evals(cuda.run_dir), loss_atol=1e-4, acc_atol=ONE_EXAMPLE)
+    # top-k keeps the largest entries of each message: a rounding difference between the devices can swap
+    # two near-tied entries, and the one sent instead moves that tensor by a few percent (seen on an H200:
+    # 6% of a 4x2 tensor after 3 rounds), while the metrics above still agree
+    rel = 0.1 if "topk" in case else 1e-2
     for k, v in cpu.fed.tensors().items():
-        near(cuda.fed.tensors()[k], v, 1e-2)
+        near(cuda.fed.tensors()[k], v, rel, k)
     assert all(
         r["peak_gpu_mem_mb"] > 0
         for r in map(json.loads, (cuda.run_dir / "metrics.jsonl").open())

@@ -567,6 +567,8 @@ def write_comparison(runs: dict[str, list[Path]], out: Path, metric: str, target
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(runs, metric, target)
     table = format_comparison(rows, metric, target)
+    if note := attacked_note(runs, metric):
+        table = f"{table}\n\n{note}"
     paired = format_paired(runs, metric)
     if paired:
         table = f"{table}\n\n{paired}"
@@ -574,6 +576,40 @@ def write_comparison(runs: dict[str, list[Path]], out: Path, metric: str, target
     (out / "comparison.csv").write_text(rows_csv(rows))
     plot_comparison(runs, out / "comparison.png", metric)
     return table
+
+
+# A metric over every node and its counterpart over the honest nodes alone (logged under attack).
+HONEST_TWIN = {
+    f"{m}_{w}": f"{m}_honest_{h}"
+    for m in ("acc", "ppl")
+    for w, h in (("avg_factors", "avg_factors"), ("avg_product", "avg_factors"), ("node_mean", "mean"))
+}
+
+
+def attacked_note(runs: dict[str, list[Path]], metric: str) -> str | None:
+    """Where some runs had attacking nodes and ``metric`` counts them too (the mean over every node, the
+    average of every node's factors), a line saying so and naming the honest nodes' metric. None
+    otherwise: the metric is already the honest nodes', a server's model, or no run was attacked."""
+    twin = HONEST_TWIN.get(metric)
+    if twin is None:
+        return None
+    attacked = [
+        method
+        for method, dirs in runs.items()
+        if any(
+            r.get("attackers")
+            for d in dirs
+            for r in read_metrics(d / "metrics.jsonl")
+            if r.get("event") == "start"
+        )
+    ]
+    if not attacked:
+        return None
+    shown = ", ".join(attacked[:3]) + (f" and {len(attacked) - 3} more" if len(attacked) > 3 else "")
+    return (
+        f"Under attack: {shown} ran with attacking nodes, and {metric} counts the attackers' models too; "
+        f"rank by {twin} (--metric {twin}, or a grid's metric: {twin}) for what the honest nodes reached."
+    )
 
 
 def group_cells(cells: list[Cell]) -> dict[str, list[Path]]:

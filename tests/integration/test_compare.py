@@ -618,3 +618,22 @@ def test_a_diverged_cell_is_a_result_of_the_grid_which_goes_on_and_skips_it_late
     assert main(["compare", str(path)]) == 0  # nothing runs again
     out = capsys.readouterr().out
     assert out.count("finished, skipped") == 2 and out.count("diverged before (NaN or Inf), skipped") == 2
+
+
+def test_a_table_of_attacked_runs_by_a_metric_over_every_node_names_the_honest_one(tmp_path):
+    clean = _fake_run(tmp_path / "clean", [0.6, 0.7], 1_000, 1.0)
+    hit = _fake_run(tmp_path / "hit", [0.5, 0.55], 1_000, 1.0)
+    lines = (hit / "metrics.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({"event": "start", "round": 0, "attackers": [0, 5]})
+    (hit / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    table = write_comparison({"clean": [clean], "median": [hit]}, tmp_path / "t", "acc_avg_factors", None)
+    assert table.endswith(
+        "Under attack: median ran with attacking nodes, and acc_avg_factors counts the attackers' models too; "
+        "rank by acc_honest_avg_factors (--metric acc_honest_avg_factors, or a grid's metric: "
+        "acc_honest_avg_factors) for what the honest nodes reached."
+    )
+    assert "Under attack" in (tmp_path / "t" / "comparison.md").read_text()
+    # no note: no run attacked, a metric of the honest nodes, or a server's model
+    assert "Under attack" not in write_comparison({"clean": [clean]}, tmp_path / "u", "acc_avg_factors", None)
+    for metric in ("acc_honest_avg_factors", "acc_server"):
+        assert "Under attack" not in write_comparison({"median": [hit]}, tmp_path / metric, metric, None)

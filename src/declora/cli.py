@@ -300,6 +300,38 @@ def _progress(exp: Experiment, group: Solo) -> _Bar | None:
     return _Bar(cfg.rounds)
 
 
+class _EarlyRecords(logging.Handler):
+    """Under torchrun, the records logged before a rank's rank_K.log opens (the config's and the data's
+    warnings, from every rank, though only rank 0 shows them): held here and written first into the file.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 10_000:  # a bound, should a run log without end before its file opens
+            self.records.append(record)
+
+    def hold(self, console_level: int) -> None:
+        """Catch INFO and up from now on; the console keeps ``console_level``."""
+        root = logging.getLogger()
+        for other in root.handlers:
+            if other.level == logging.NOTSET:
+                other.setLevel(console_level)
+        root.addHandler(self)
+        root.setLevel(min(root.level, logging.INFO))
+
+    def write_into(self, into: logging.Handler) -> None:
+        logging.getLogger().removeHandler(self)
+        for record in self.records:
+            into.handle(record)
+        self.records.clear()
+
+
+_EARLY = _EarlyRecords()
+
+
 def _log_to(path: Path) -> None:
     """Per-rank details (slice, phase times per round) in the run folder, whatever the console shows."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +339,7 @@ def _log_to(path: Path) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
+    _EARLY.write_into(handler)
     for other in root.handlers:  # the console keeps the level it had
         if other.level == logging.NOTSET:
             other.setLevel(root.level)
@@ -566,13 +599,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
     # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
     quiet = os.environ.get("RANK", "0") != "0"
-    logging.basicConfig(
-        level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    level = logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    several = launched() and int(os.environ["WORLD_SIZE"]) > 1
+    if several:  # rank_K.log opens once the run folder is known: keep what is logged before
+        _EARLY.hold(level)
     for line in repeated_overrides(getattr(args, "overrides", None) or ()):
         logging.getLogger("declora.cli").warning(line)
-    several = launched() and int(os.environ["WORLD_SIZE"]) > 1
     if args.command != "run" and several:  # every rank would run the whole command, racing on its files
         if os.environ.get("LOCAL_RANK", "0") == "0":
             _error(

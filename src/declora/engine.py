@@ -213,11 +213,15 @@ class PhaseTimes:
         if self.phase:
             self.seconds[self.phase] = now - self.mark
         self.exp.group.enter(self.t, phase)  # progress stamp; "round" waits for every rank
-        self.phase, self.mark = phase, time.perf_counter()
+        self.phase, self.mark = phase, now  # that wait counts in the phase it starts
 
     def done(self) -> None:
         self.seconds[self.phase] = time.perf_counter() - self.mark
-        log.info("round %d: %s", self.t + 1, ", ".join(f"{k} {v:.3f} s" for k, v in self.seconds.items()))
+        # "round" is the barrier every rank meets at a round's start: in one process, nothing to wait for
+        shown = {("wait for the other ranks" if k == "round" else k): v for k, v in self.seconds.items()}
+        if self.exp.group.world == 1:
+            shown.pop("wait for the other ranks", None)
+        log.info("round %d: %s", self.t + 1, ", ".join(f"{k} {v:.3f} s" for k, v in shown.items()))
 
 
 def run(

@@ -27,7 +27,16 @@ pytestmark = pytest.mark.distributed
 
 def test_two_launches_join_one_run_with_the_simulators_numbers(tiny_bert, tmp_path):
     hosts = [tmp_path / "host_a", tmp_path / "host_b"]
-    args = ["-m", "declora", "run", str(CONFIG), *tiny_overrides(tiny_bert, "runs/two-hosts", "dec_lora")]
+    # comm.bits is read by the quantize codec only: rank 0 warns about it before rank_0.log opens
+    unread = "comm.bits=4"
+    args = [
+        "-m",
+        "declora",
+        "run",
+        str(CONFIG),
+        *tiny_overrides(tiny_bert, "runs/two-hosts", "dec_lora"),
+        unread,
+    ]
     for _attempt in range(3):  # the free port may be taken by another process before the launch binds it
         port, began = free_port(), time.monotonic()
         procs = []
@@ -43,6 +52,13 @@ def test_two_launches_join_one_run_with_the_simulators_numbers(tiny_bert, tmp_pa
     assert {"metrics.jsonl", "report.md", "adapters", "rank_0.log"} <= {p.name for p in main.iterdir()}
     assert sorted(p.name for p in other.iterdir()) == ["rank_1.log", "state"]
     assert all(".rank_1." in p.name for p in (other / "state").iterdir())
+    # each rank's log holds what it logged before the log opened: the data's warning (every rank), the
+    # unread key's (rank 0 alone warns about the config)
+    for log, early in ((main / "rank_0.log", "comm.bits=4 has no effect"), (other / "rank_1.log", "cuts")):
+        text = log.read_text()
+        assert early in text and "model.max_length=32 cuts" in text, text[:2000]
+        assert text.index(early) < text.index("hosts nodes")
+        assert "round 1: wait for the other ranks " in text and ", train " in text  # the barrier, named
 
     simulated = tmp_path / "sim"
     run(build_experiment(load_config(CONFIG, tiny_overrides(tiny_bert, simulated, "dec_lora"))))

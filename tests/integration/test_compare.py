@@ -628,8 +628,8 @@ def test_a_table_of_attacked_runs_by_a_metric_over_every_node_names_the_honest_o
     (hit / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     table = write_comparison({"clean": [clean], "median": [hit]}, tmp_path / "t", "acc_avg_factors", None)
     assert table.endswith(
-        "Under attack: median ran with attacking nodes, and acc_avg_factors counts the attackers' models too; "
-        "rank by acc_honest_avg_factors (--metric acc_honest_avg_factors, or a grid's metric: "
+        "Under attack: median ran with attacking nodes, and acc_avg_factors counts the attackers' models "
+        "too; rank by acc_honest_avg_factors (--metric acc_honest_avg_factors, or a grid's metric: "
         "acc_honest_avg_factors) for what the honest nodes reached."
     )
     assert "Under attack" in (tmp_path / "t" / "comparison.md").read_text()

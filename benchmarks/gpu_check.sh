@@ -7,8 +7,8 @@
 # 1. the tests marked gpu (tests/gpu, tests/distributed/test_gpu_ranks.py), at most 210 s (then stopped
 #    as by Ctrl-C, so pytest still writes its summary), beside
 # 2. the GPU-scale fidelity grids (benchmarks/fidelity_gpu.sh, niced, every cell its own process, cells
-#    still running stopped at FIDELITY_S, default 330 s; FIDELITY_S=0 skips them); $OUT/fidelity gets
-#    their results.md and times.log;
+#    still running stopped at FIDELITY_S, default 360 s: on an H200 they took 336 s; FIDELITY_S=0 skips
+#    them); $OUT/fidelity gets their results.md and times.log;
 # 3. then, on the quiet GPU, benchmarks/gpu.py (declora vs the sequential PEFT swap, MiniLM-L6 and
 #    SmolLM2-135M shapes, bf16): it starts no measurement after 480 s from the start (at most 300 s of
 #    its own) and is stopped 60 s after that (its JSON and table are rewritten after every measurement),
@@ -60,7 +60,7 @@ fsspec.__version__, 'huggingface_hub', huggingface_hub.__version__)"
 } > "$OUT/environment.txt" 2>&1
 
 began=$(date +%s)
-FIDELITY_S=${FIDELITY_S:-330}
+FIDELITY_S=${FIDELITY_S:-360}
 if [ "$FIDELITY_S" -gt 0 ]; then
     DEADLINE_S=$FIDELITY_S RESULTS_TO="$OUT/fidelity" nice -n 10 bash benchmarks/fidelity_gpu.sh \
         /tmp/fidelity_gpu > /dev/null 2>&1 &

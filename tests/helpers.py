@@ -65,3 +65,37 @@ def tiny_run_overrides(tmp_path_factory, tiny_bert: Path, rows: int, *extra: str
 def metrics_records(run_dir: Path) -> list[dict]:
     """Every line of a run folder's metrics.jsonl, in order."""
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_grid_file(tmp_path: Path, tiny_bert: Path, more_overrides=(), **extra) -> Path:
+    """tmp_path/grid.yaml: a grid of seconds-long runs of the tests' tiny BERT (3 nodes, 2 rounds, every
+    round evaluated and checkpointed), dec_lora against local on seeds 0 and 1 into tmp_path/grid;
+    ``extra`` replaces any of the file's keys (grid, seeds, metric, ...)."""
+    import yaml
+
+    grid = {
+        "out": str(tmp_path / "grid"),
+        "overrides": [
+            f"model.name={tiny_bert}",
+            "model.rank=2",
+            "nodes=3",
+            "rounds=2",
+            "data.train_limit=48",
+            "data.test_limit=12",
+            "train.batch_size=4",
+            "train.local_steps=1",
+            "eval.every=1",
+            "eval.node_examples=6",
+            "checkpoint_every=1",
+            "export=none",
+            "threads=1",
+            *more_overrides,
+        ],
+        "grid": {"algorithm.name": ["dec_lora", "local"]},
+        "seeds": [0, 1],
+        "target_accuracy": 0.0,
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path

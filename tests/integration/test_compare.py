@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_grid_file as _grid_file
 
 from declora.compare import (
     cell_state,
@@ -23,35 +24,6 @@ from declora.compare import (
 from declora.config import ConfigError
 
 pytestmark = pytest.mark.integration
-
-
-def _grid_file(tmp_path, tiny_bert, more_overrides=(), **extra):
-    grid = {
-        "out": str(tmp_path / "grid"),
-        "overrides": [
-            f"model.name={tiny_bert}",
-            "model.rank=2",
-            "nodes=3",
-            "rounds=2",
-            "data.train_limit=48",
-            "data.test_limit=12",
-            "train.batch_size=4",
-            "train.local_steps=1",
-            "eval.every=1",
-            "eval.node_examples=6",
-            "checkpoint_every=1",
-            "export=none",
-            "threads=1",
-            *more_overrides,
-        ],
-        "grid": {"algorithm.name": ["dec_lora", "local"]},
-        "seeds": [0, 1],
-        "target_accuracy": 0.0,
-        **extra,
-    }
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    return path
 
 
 def test_expand_is_the_product_of_axes_and_seeds(tmp_path, tiny_bert):

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import tiny_grid_file
 
 from declora.compare import SKIPPED, cell_state, expand, load_grid, run_grid
 
@@ -26,28 +26,8 @@ def _streams():
 
 
 def _grid(tmp_path, tiny_bert, axes=None, seeds=(0, 1)) -> Path:
-    grid = {
-        "overrides": [
-            f"model.name={tiny_bert}",
-            "model.rank=2",
-            "nodes=3",
-            "rounds=2",
-            "data.train_limit=48",
-            "data.test_limit=12",
-            "train.batch_size=4",
-            "train.local_steps=1",
-            "eval.every=1",
-            "eval.node_examples=6",
-            "export=none",
-            "threads=1",
-        ],
-        "grid": axes or {"algorithm.name": ["dec_lora", "fedavg"]},
-        "seeds": list(seeds),
-        "metric": "acc_node_mean",
-    }
-    path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(grid))
-    return path
+    axes = axes or {"algorithm.name": ["dec_lora", "fedavg"]}
+    return tiny_grid_file(tmp_path, tiny_bert, grid=axes, seeds=list(seeds), metric="acc_node_mean")
 
 
 def _evals(run_dir: Path) -> list[dict]:

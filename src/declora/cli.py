@@ -313,14 +313,9 @@ class _EarlyRecords(logging.Handler):
         if len(self.records) < 10_000:  # a bound, should a run log without end before its file opens
             self.records.append(record)
 
-    def hold(self, console_level: int) -> None:
-        """Catch INFO and up from now on; the console keeps ``console_level``."""
-        root = logging.getLogger()
-        for other in root.handlers:
-            if other.level == logging.NOTSET:
-                other.setLevel(console_level)
-        root.addHandler(self)
-        root.setLevel(min(root.level, logging.INFO))
+    def hold(self) -> None:
+        """Catch INFO and up from now on; the console keeps its level."""
+        _root_to_info().addHandler(self)
 
     def write_into(self, into: logging.Handler) -> None:
         logging.getLogger().removeHandler(self)
@@ -332,19 +327,25 @@ class _EarlyRecords(logging.Handler):
 _EARLY = _EarlyRecords()
 
 
+def _root_to_info() -> logging.Logger:
+    """The root logger, letting INFO records through to handlers of their own level; the handlers it
+    has (the console) keep the level they had."""
+    root = logging.getLogger()
+    for other in root.handlers:
+        if other.level == logging.NOTSET:
+            other.setLevel(root.level)
+    root.setLevel(min(root.level, logging.INFO))
+    return root
+
+
 def _log_to(path: Path) -> None:
     """Per-rank details (slice, phase times per round) in the run folder, whatever the console shows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    root = logging.getLogger()
     _EARLY.write_into(handler)
-    for other in root.handlers:  # the console keeps the level it had
-        if other.level == logging.NOTSET:
-            other.setLevel(root.level)
-    root.addHandler(handler)
-    root.setLevel(min(root.level, logging.INFO))
+    _root_to_info().addHandler(handler)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -599,11 +600,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
     # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
     quiet = os.environ.get("RANK", "0") != "0"
-    level = logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     several = launched() and int(os.environ["WORLD_SIZE"]) > 1
     if several:  # rank_K.log opens once the run folder is known: keep what is logged before
-        _EARLY.hold(level)
+        _EARLY.hold()
     for line in repeated_overrides(getattr(args, "overrides", None) or ()):
         logging.getLogger("declora.cli").warning(line)
     if args.command != "run" and several:  # every rank would run the whole command, racing on its files

@@ -9,6 +9,8 @@ cells that is). The cell folders are the ones ``declora compare`` makes, so a la
 --out OUT`` skips the finished cells and resumes the rest.
 
     python benchmarks/grid_streams.py run GRID [--out OUT] [--jobs J] [--deadline-s S] [key=value ...]
+
+On a CPU add ``threads=1`` (or CPUs / J): J processes of several threads each oversubscribe the cores.
 """
 
 from __future__ import annotations

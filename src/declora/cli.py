@@ -389,7 +389,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from declora.compare import SKIPPED, group_cells, load_grid, run_grid, write_comparison
+    from declora.compare import SKIPPED, group_cells, load_grid, pair_groups, run_grid, write_comparison
 
     if args.grid is None:  # argparse would also call the optional overrides required
         raise ConfigError("declora compare needs a grid file: declora compare GRID [key=value ...]")
@@ -415,7 +415,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)
     while bar:
         bar.pop().close()
-    table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy)
+    groups = pair_groups(cells, grid.pair_within)
+    table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy, groups)
     print(
         f"\n{table}\n\ntable: {grid.out / 'comparison.md'}  csv: {grid.out / 'comparison.csv'}  "
         f"figures: {grid.out / 'comparison.png'}"

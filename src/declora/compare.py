@@ -65,6 +65,7 @@ class Grid:
     seeds: tuple[int, ...] = (0,)
     metric: str = "acc_avg_factors"
     target_accuracy: float | None = None
+    pair_within: tuple[str, ...] = ()  # axes whose values the paired table keeps apart (pair_groups)
 
     def __post_init__(self) -> None:  # a Grid built in Python gets what load_grid gives a file's
         object.__setattr__(self, "out", Path(self.out))
@@ -88,6 +89,17 @@ class Grid:
             if key in PER_CELL:
                 raise ConfigError(f"override {text!r}: {PER_CELL[key]}; edit the grid file")
         check_runs(self.seeds, self.metric, self.target_accuracy, "Grid: ")
+        if isinstance(self.pair_within, str):
+            raise ConfigError(f"pair_within is a list of axes, such as [{self.pair_within}]")
+        object.__setattr__(self, "pair_within", tuple(self.pair_within))
+        for key in self.pair_within:
+            if key not in axes:
+                raise ConfigError(f"pair_within: {key!r} is not an axis of the grid; its axes: {list(axes)}")
+        if self.pair_within and set(self.pair_within) == set(axes):
+            raise ConfigError(
+                f"pair_within={list(self.pair_within)} names every axis: no method would be left to compare "
+                "within a group; leave out the axis whose values are the methods"
+            )
 
 
 @dataclass(frozen=True)
@@ -97,9 +109,10 @@ class Cell:
     overrides: tuple[str, ...]
     run_dir: Path
     cfg: Config | None = field(default=None, compare=False)  # the resolved config the grid asks for
+    point: tuple[str, ...] = field(default=(), compare=False)  # the grid point's key=value words
 
 
-GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy"}
+GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy", "pair_within"}
 # Keys the grid sets for each cell itself: an axis or override naming one would be overwritten unseen.
 PER_CELL = {
     "seed": "each cell's seed comes from the grid's seeds list (seeds: [0, 1, 2])",
@@ -147,6 +160,7 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
         seeds=tuple(data["seeds"] if data.get("seeds") is not None else (0,)),
         metric=data.get("metric", "acc_avg_factors"),
         target_accuracy=data.get("target_accuracy"),
+        pair_within=tuple(data.get("pair_within") or ()),
     )
 
 
@@ -179,6 +193,11 @@ def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
     for key in ("base", "out"):
         if key in data and (not isinstance(data[key], str) or not data[key].strip()):
             raise ConfigError(f"{where}{key} must be a path, got {data[key]!r}")
+    within = data.get("pair_within") or []
+    if not isinstance(within, list) or not all(isinstance(k, str) for k in within):
+        raise ConfigError(
+            f"{where}pair_within must be a list of grid axes, such as [topology.p], got {within!r}"
+        )
     seeds = data["seeds"] if data.get("seeds") is not None else [0]
     if not isinstance(seeds, list):
         raise ConfigError(f"{where}seeds must be a list of integers such as [0, 1, 2], got {seeds!r}")
@@ -227,7 +246,7 @@ def expand(grid: Grid) -> list[Cell]:
             except ConfigError as e:
                 raise ConfigError(f"grid cell {method}: {e}") from None
             _refuse_same_run(seen, cfg, method)
-            cells.append(Cell(method, seed, overrides, run_dir, cfg))
+            cells.append(Cell(method, seed, overrides, run_dir, cfg, point=tuple(point)))
     return cells
 
 
@@ -489,16 +508,34 @@ def _seed_of(run_dir: Path) -> int | None:
     return int(config.get("seed", 0)) if isinstance(config, dict) else None
 
 
-def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
+def format_paired(runs: dict[str, list[Path]], metric: str, groups: dict[str, str] | None = None) -> str:
     """Every method against the first, paired by seed (declora.paired): per-seed differences of the final
-    value, mean ± SE and the 95% t-interval. A method that shares fewer than two finished seeds with the
-    first is named in a note under the table; empty when every method has one run (the table says so)."""
+    value, mean ± SE and the 95% t-interval. With ``groups`` (method -> its group, ``pair_groups``), every
+    method against the first of its own group, one table per group. A method that shares fewer than two
+    finished seeds with its reference is named in a note under the table; empty when every method has
+    one run (the table says so)."""
+    if len(runs) < 2 or all(len(dirs) <= 1 for dirs in runs.values()):  # the table's note says it
+        return ""
+    if not groups:
+        return _paired_table(runs, list(runs), metric)
+    labels = list(dict.fromkeys(groups[m] for m in runs))
+    tables = [_paired_table(runs, [m for m in runs if groups[m] == g], metric, g) for g in labels]
+    return "\n\n".join(t for t in tables if t)
+
+
+def pair_groups(cells: list[Cell], within: tuple[str, ...]) -> dict[str, str] | None:
+    """Each cell's method -> the values of the ``within`` axes at its grid point ("topology.p=0.1"):
+    the paired table then compares methods only with the same values. None without ``within``."""
+    if not within:
+        return None
+    return {c.method: ",".join(w for w in c.point if w.split("=", 1)[0] in within) for c in cells}
+
+
+def _paired_table(runs: dict[str, list[Path]], methods: list[str], metric: str, group: str = "") -> str:
+    """The paired table of ``methods[1:]`` against ``methods[0]`` (all of one ``group``, if given)."""
     from declora.paired import is_exact, paired_difference
 
-    methods = list(runs)
     if len(methods) < 2:
-        return ""
-    if all(len(dirs) <= 1 for dirs in runs.values()):  # the table's note says it: one run per method
         return ""
     k = display_scale(metric)
     ref = final_by_seed(runs[methods[0]], metric)
@@ -527,8 +564,11 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
             f"{interval} | {decided} |"
         )
     # said, not dropped: a method missing from the paired table would read as one that was compared
+    unpaired_lead, paired_lead = (
+        (f"Within {group}, not", f"Within {group}, paired") if group else ("Not", "Paired")
+    )
     note = (
-        f"Not paired with **{methods[0]}** (a paired difference needs two seeds both finished): "
+        f"{unpaired_lead} paired with **{methods[0]}** (a paired difference needs two seeds both finished): "
         + ", ".join(unpaired)
         + "."
         if unpaired
@@ -537,8 +577,9 @@ def format_paired(runs: dict[str, list[Path]], metric: str) -> str:
     if not lines:
         return note
     head = [
-        f"Paired by seed against **{methods[0]}** (final {metric}; same seed = same partition, batches and "
-        "test set): difference per seed, mean ± standard error, 95% t-interval, and whether it excludes 0.",
+        f"{paired_lead} by seed against **{methods[0]}** (final {metric}; same seed = same partition, "
+        "batches and test set): difference per seed, mean ± standard error, 95% t-interval, and whether "
+        "it excludes 0.",
         "",
         "| method | seeds | per seed | mean ± SE | 95% interval | excludes 0 |",
         "|---|---:|---|---:|---|---|",
@@ -561,7 +602,13 @@ def rows_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write_comparison(runs: dict[str, list[Path]], out: Path, metric: str, target: float | None) -> str:
+def write_comparison(
+    runs: dict[str, list[Path]],
+    out: Path,
+    metric: str,
+    target: float | None,
+    groups: dict[str, str] | None = None,
+) -> str:
     from declora.compare_plots import plot_comparison
 
     out.mkdir(parents=True, exist_ok=True)
@@ -569,7 +616,7 @@ def write_comparison(runs: dict[str, list[Path]], out: Path, metric: str, target
     table = format_comparison(rows, metric, target)
     if note := attacked_note(runs, metric):
         table = f"{table}\n\n{note}"
-    paired = format_paired(runs, metric)
+    paired = format_paired(runs, metric, groups)
     if paired:
         table = f"{table}\n\n{paired}"
     (out / "comparison.md").write_text(table + "\n\n![curves](comparison.png)\n")

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_grid_file
 from helpers import tiny_grid_file as _grid_file
 
 from declora.compare import (
     cell_state,
     comparison_rows,
     expand,
+    format_paired,
     group_cells,
     load_grid,
+    pair_groups,
     run_grid,
     write_comparison,
 )
@@ -609,3 +612,44 @@ def test_a_table_of_attacked_runs_by_a_metric_over_every_node_names_the_honest_o
     assert "Under attack" not in write_comparison({"clean": [clean]}, tmp_path / "u", "acc_avg_factors", None)
     for metric in ("acc_honest_avg_factors", "acc_server"):
         assert "Under attack" not in write_comparison({"median": [hit]}, tmp_path / metric, metric, None)
+
+
+def test_pair_within_compares_each_method_with_the_first_of_its_own_group(tmp_path):
+    # C2's shape: two graph densities x two methods, two seeds; TAD is paired with LoRA at the same p
+    finals = {
+        "p=0.5,lora": {0: 0.80, 1: 0.78},
+        "p=0.5,tad": {0: 0.75, 1: 0.74},
+        "p=0.1,lora": {0: 0.70, 1: 0.72},
+        "p=0.1,tad": {0: 0.71, 1: 0.74},
+    }
+    runs = {
+        m: _fake_runs(tmp_path / m, {s: {"acc_avg_factors": v, "bytes_total": 1} for s, v in f.items()})
+        for m, f in finals.items()
+    }
+    groups = {m: m.split(",")[0] for m in finals}
+    table = format_paired(runs, "acc_avg_factors", groups)
+    first, second = table.split("\n\nWithin ")
+    assert first.startswith("Within p=0.5, paired by seed against **p=0.5,lora**")
+    assert "| p=0.5,tad | 2 | -5.00, -4.00 | -4.50 ± 0.50 |" in first and "p=0.1" not in first
+    assert second.startswith("p=0.1, paired by seed against **p=0.1,lora**")
+    assert "| p=0.1,tad | 2 | +1.00, +2.00 | +1.50 ± 0.50 |" in second
+    # without groups, every method against the first, as before
+    assert format_paired(runs, "acc_avg_factors").count("Paired by seed against **p=0.5,lora**") == 1
+
+
+def test_pair_within_names_grid_axes_and_leaves_one_to_compare(tmp_path, tiny_bert):
+    axes = {"topology.graph": ["ring", "complete"], "algorithm.name": ["dec_lora", "fedavg"]}
+    grid = load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within=["topology.graph"]))
+    groups = pair_groups(expand(grid), grid.pair_within)
+    assert groups == {  # the file's axes in yaml's (sorted) order
+        "algorithm.name=dec_lora,topology.graph=ring": "topology.graph=ring",
+        "algorithm.name=dec_lora,topology.graph=complete": "topology.graph=complete",
+        "algorithm.name=fedavg,topology.graph=ring": "topology.graph=ring",
+        "algorithm.name=fedavg,topology.graph=complete": "topology.graph=complete",
+    }
+    with pytest.raises(ConfigError, match=r"^pair_within: 'topology.p' is not an axis of the grid; its axes"):
+        load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within=["topology.p"]))
+    with pytest.raises(ConfigError, match=r"names every axis: no method would be left to compare"):
+        load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within=list(axes)))
+    with pytest.raises(ConfigError, match=r"pair_within must be a list of grid axes"):
+        load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within="topology.graph"))

@@ -35,6 +35,7 @@ from declora.compare import (  # noqa: E402 (after the path)
     expand,
     group_cells,
     load_grid,
+    pair_groups,
     run_grid,
     write_comparison,
 )
@@ -78,7 +79,8 @@ def run_cells(args: argparse.Namespace) -> int:
     took = time.monotonic() - began
     print(f"{args.grid}: {len(done)} of {len(cells)} cells finished, {took:.0f} s", flush=True)
     if done:
-        table = write_comparison(group_cells(done), grid.out, grid.metric, grid.target_accuracy)
+        groups = pair_groups(done, grid.pair_within)
+        table = write_comparison(group_cells(done), grid.out, grid.metric, grid.target_accuracy, groups)
         md = grid.out / "comparison.md"
         md.write_text(f"{len(done)} of {len(cells)} cells finished ({took:.0f} s).\n\n{md.read_text()}")
         print(table)

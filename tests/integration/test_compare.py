@@ -653,3 +653,17 @@ def test_pair_within_names_grid_axes_and_leaves_one_to_compare(tmp_path, tiny_be
         load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within=list(axes)))
     with pytest.raises(ConfigError, match=r"pair_within must be a list of grid axes"):
         load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within="topology.graph"))
+
+
+def test_compare_command_writes_one_paired_table_per_pair_within_value(tmp_path, tiny_bert):
+    from declora.cli import main
+
+    axes = {"topology.graph": ["ring", "complete"], "algorithm.name": ["dec_lora", "local"]}
+    path = tiny_grid_file(tmp_path, tiny_bert, grid=axes, pair_within=["topology.graph"])
+    assert main(["compare", str(path), "rounds=1"]) == 0
+    table = (tmp_path / "grid" / "comparison.md").read_text()
+    for graph in ("ring", "complete"):  # local against dec_lora on the same graph, never across graphs
+        ref = f"algorithm.name=dec_lora,topology.graph={graph}"
+        assert f"Within topology.graph={graph}, paired by seed against **{ref}**" in table
+        assert f"| algorithm.name=local,topology.graph={graph} | 2 |" in table
+    assert "Paired by seed against" not in table  # no table across the groups

@@ -317,22 +317,44 @@ def _exported(run_dir: Path, cfg: Config) -> bool:
     return cfg.export == "none" or replaced_whole(run_dir / "adapters")
 
 
+def only_cell(grid: Grid, index: int) -> Grid:
+    """The grid narrowed to its ``index``-th cell in expand's order (the axes' product outside, the seeds
+    inside): what ``declora compare --jobs`` gives each cell's own process."""
+    combos = list(itertools.product(*grid.axes.values()))
+    if not 0 <= index < len(combos) * len(grid.seeds):
+        raise ConfigError(
+            f"grid cell {index}: the grid has {len(combos) * len(grid.seeds)} cells (0 onwards)"
+        )
+    values = combos[index // len(grid.seeds)]
+    axes = {key: [value] for key, value in zip(grid.axes, values, strict=True)}
+    return dataclasses.replace(grid, axes=axes, seeds=(grid.seeds[index % len(grid.seeds)],))
+
+
+def checked_cells(grid: Grid) -> tuple[list[Cell], list[str]]:
+    """Every cell and its state, checked before any cell runs: a stale cell stops the grid, and so does a
+    cell whose data or model is wrong."""
+    from declora.experiment import check_inputs
+
+    cells = expand(grid)
+    states = [cell_state(cell) for cell in cells]
+    for cell, state in zip(cells, states, strict=True):
+        if state not in SKIPPED:
+            try:
+                check_inputs(cell.cfg or load_config(grid.base, cell.overrides))
+            except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+                raise ConfigError(f"grid cell {cell.run_dir.name}: {err}") from err
+    return cells, states
+
+
 def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:
     """Run every cell not finished yet; ``on_cell(k, total, cell, state)`` before each, ``on_round(record)``
     after each round of a cell that runs (the command line's progress bar). A cell that diverges (a NaN or
     Inf: too high a learning rate, say) is a result of the grid: it is warned about, kept as it stopped,
     shown as diverged in the table, and the grid goes on; later calls skip it."""
     from declora.engine import NumericalError, run
-    from declora.experiment import build_experiment, check_inputs
+    from declora.experiment import build_experiment
 
-    cells = expand(grid)
-    states = [cell_state(cell) for cell in cells]  # a stale cell stops the grid before any run
-    for cell, state in zip(cells, states, strict=True):  # so does a cell whose data or model is wrong
-        if state not in SKIPPED:
-            try:
-                check_inputs(cell.cfg or load_config(grid.base, cell.overrides))
-            except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-                raise ConfigError(f"grid cell {cell.run_dir.name}: {err}") from err
+    cells, states = checked_cells(grid)
     for k, (cell, state) in enumerate(zip(cells, states, strict=True)):
         if on_cell is not None:
             on_cell(k, len(cells), cell, state)

@@ -389,13 +389,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from declora.compare import SKIPPED, group_cells, load_grid, pair_groups, run_grid, write_comparison
+    from declora.compare import (
+        SKIPPED,
+        group_cells,
+        load_grid,
+        only_cell,
+        pair_groups,
+        run_grid,
+        write_comparison,
+    )
 
     if args.grid is None:  # argparse would also call the optional overrides required
         raise ConfigError("declora compare needs a grid file: declora compare GRID [key=value ...]")
     if args.out is not None and not args.out.strip():
         raise ConfigError("--out '' names no folder; give the grid's output folder, or leave --out out")
+    if args.jobs < 1:
+        raise ConfigError(
+            f"--jobs {args.jobs}: give how many cells run at once, 1 or more (1: one after another)"
+        )
     grid = load_grid(args.grid, tuple(args.overrides), args.out)
+    if args.cell is not None:  # one cell of a --jobs grid, in the process declora.compare_jobs started
+        grid = only_cell(grid, args.cell)
 
     bar: list[_Bar] = []  # the running cell's progress bar
 
@@ -412,9 +426,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if state not in SKIPPED:
             bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
 
-    cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)
+    if args.jobs > 1:
+        from declora.compare_jobs import run_parallel
+
+        outcome = run_parallel(grid, args.grid, list(args.overrides), args.jobs)
+        if outcome.failed:
+            for line in outcome.failed:
+                print(f"declora: error: {line}", file=sys.stderr)
+            print(
+                "declora: no table: fix the failed cells and run the same command again (finished cells "
+                "are skipped)",
+                file=sys.stderr,
+            )
+            return 1
+        cells = outcome.cells
+    else:
+        cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)
     while bar:
         bar.pop().close()
+    if args.cell is not None:  # the table is the whole grid's, written by the command that started the cell
+        return 0
     groups = pair_groups(cells, grid.pair_within)
     table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy, groups)
     print(
@@ -518,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "compare",
         help="run a grid of experiments and compare them: declora compare GRID [key=value ...]",
-        usage="declora compare [-h] [--out OUT] GRID [key=value ...]",  # GRID is required (cmd_compare says)
+        # GRID is required (cmd_compare says so)
+        usage="declora compare [-h] [--out OUT] [--jobs J] GRID [key=value ...]",
         description="Run every cell of a grid (finished cells are skipped) and write OUT/comparison.md, "
         ".csv and .png: each method's final and best values over seeds and, with two or more seeds, every "
         "method against the first paired by seed (per-seed differences, mean ± SE, 95% t-interval).",
@@ -526,6 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("grid", nargs="?", help="grid YAML (configs/grids/smoke.yaml)")  # checked in cmd_compare
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell, e.g. rounds=2")
     p.add_argument("--out", default=None, help="output folder (default: the grid's out)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="J",
+        help="cells run at once, each in its own process with CPUs/jobs threads unless the grid sets "
+        "threads (default 1: one after another); pays on a GPU or a many-core CPU",
+    )
+    p.add_argument("--cell", type=int, default=None, help=argparse.SUPPRESS)  # one cell: compare_jobs's
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("topology", help="describe and draw a config's communication graph")
     p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")

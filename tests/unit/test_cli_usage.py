@@ -142,4 +142,7 @@ def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
 def test_compare_usage_names_its_grid(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--help"])
-    assert "usage: declora compare [-h] [--out OUT] GRID [key=value ...]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: declora compare [-h] [--out OUT] [--jobs J] GRID [key=value ...]" in out
+    assert "--jobs J " in out and "cells run at once" in out
+    assert "--cell" not in out  # the flag of a cell's own process (declora.compare_jobs), not a user's

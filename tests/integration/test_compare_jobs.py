@@ -1,0 +1,141 @@
+"""``declora compare --jobs J``: a grid's cells in J processes give the sequential grid's numbers; Ctrl-C
+stops every cell and the same command finishes the grid; a failed cell is named with its log."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import tiny_grid_file
+
+from declora.compare import SKIPPED, cell_state, expand, load_grid, only_cell, run_grid
+from declora.compare_jobs import cell_env
+from declora.config import ConfigError
+
+pytestmark = pytest.mark.integration
+
+
+def _grid(tmp_path: Path, tiny_bert: Path, seeds=(0, 1), more=()) -> Path:
+    axes = {"algorithm.name": ["dec_lora", "fedavg"]}
+    return tiny_grid_file(tmp_path, tiny_bert, more, grid=axes, seeds=list(seeds), metric="acc_node_mean")
+
+
+def _compare(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "declora", "compare", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in r.items() if k.startswith(("acc_", "bytes"))}
+        for r in records
+        if r["event"] == "eval"
+    ]
+
+
+def test_only_cell_narrows_the_grid_to_each_cell_in_expands_order(tmp_path, tiny_bert):
+    axes = {"algorithm.name": ["dec_lora", "fedavg"], "topology.graph": ["ring", "complete", "star"]}
+    grid = load_grid(tiny_grid_file(tmp_path, tiny_bert, grid=axes), out=str(tmp_path / "out"))
+    cells = expand(grid)
+    assert len(cells) == 12
+    for k, cell in enumerate(cells):
+        (only,) = expand(only_cell(grid, k))
+        assert (only.run_dir, only.overrides) == (cell.run_dir, cell.overrides)
+    with pytest.raises(ConfigError, match=r"grid cell 12: the grid has 12 cells \(0 onwards\)"):
+        only_cell(grid, 12)
+
+
+def test_cells_in_parallel_processes_equal_the_sequential_grid(tmp_path, tiny_bert):
+    path = _grid(tmp_path, tiny_bert)
+    parallel = _compare(str(path), "--out", str(tmp_path / "par"), "--jobs", "2")
+    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
+    out = parallel.stdout
+    assert "4 of 4 cells to run, 2 at once" in out
+    assert out.count(": finished (") == 4 and "[4/4] algorithm.name=fedavg seed=1: running" in out
+    serial = load_grid(path, out=str(tmp_path / "seq"))
+    run_grid(serial)
+    for cell in expand(serial):
+        twin = tmp_path / "par" / cell.run_dir.name
+        assert _evals(twin) == _evals(cell.run_dir)  # same seed, same process-independent numbers
+        log = (tmp_path / "par" / "cell_logs" / f"{cell.run_dir.name}.log").read_text()
+        assert "round 2/2" in log  # each cell's own progress lines
+    with (tmp_path / "par" / "comparison.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 2 and all(r["runs"] == "2" for r in rows.values())
+    again = _compare(str(path), "--out", str(tmp_path / "par"), "--jobs", "2")  # nothing left to run
+    assert again.returncode == 0 and "0 of 4 cells to run" in again.stdout
+    assert again.stdout.count("done before, skipped") == 4
+
+
+def test_ctrl_c_stops_every_cell_and_the_same_command_finishes_the_grid(tmp_path, tiny_bert):
+    path = _grid(tmp_path, tiny_bert, more=("rounds=40",))
+    out = tmp_path / "grid"
+    cmd = [sys.executable, "-m", "declora", "compare", str(path), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cells = expand(load_grid(path))
+    end = time.monotonic() + 300
+    while time.monotonic() < end and not any((c.run_dir / "state" / "latest.json").is_file() for c in cells):
+        time.sleep(0.2)  # a cell has checkpointed a round
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "stopping 2 running cells" in stdout
+    assert "interrupted; finished cells are kept: the same declora compare command continues" in stderr
+    assert not (out / "comparison.md").exists()
+    for cell in cells[:2]:  # the two that ran stopped as one run does on Ctrl-C
+        assert "declora: interrupted" in (out / "cell_logs" / f"{cell.run_dir.name}.log").read_text()
+    assert not (out / "cell_logs" / f"{cells[2].run_dir.name}.log").exists()  # never started
+    states = [cell_state(c) for c in cells]
+    assert "partial" in states and "done" not in states
+    again = _compare(str(path), "--jobs", "2")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "algorithm.name=dec_lora seed=0: resuming" in again.stdout
+    assert all(cell_state(c) in SKIPPED for c in cells) and (out / "comparison.md").is_file()
+
+
+def test_a_failed_cell_is_named_with_its_log_and_no_new_cell_starts(tmp_path, tiny_bert):
+    axes = {"algorithm.name": ["dec_lora", "fedavg", "local"]}
+    path = tiny_grid_file(tmp_path, tiny_bert, grid=axes, seeds=[0])
+    env = {**os.environ, "DECLORA_CRASH_AT": "round.logged"}  # every cell fails after its first round
+    failed = _compare(str(path), "--jobs", "2", env=env)
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+    lines = failed.stderr.splitlines()
+    named = [line for line in lines if line.startswith("declora: error: [")]
+    assert len(named) == 2  # the two running cells, each with the last line of its log and the log's path
+    assert all("failed (exit 1): declora.runfolder.CrashPoint: round.logged:1; log: " in s for s in named)
+    assert "fix the failed cells and run the same command again" in lines[-1]
+    cells = expand(load_grid(path))
+    assert not cells[-1].run_dir.exists()  # the third cell did not start after the failures
+    assert not (tmp_path / "grid" / "comparison.md").exists()
+
+
+def test_jobs_below_one_is_refused_before_any_work(tmp_path, tiny_bert):
+    path = _grid(tmp_path, tiny_bert)
+    bad = _compare(str(path), "--jobs", "0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "declora: error: --jobs 0: give how many cells run at once, 1 or more (1: one after another)"
+    )
+    assert not (tmp_path / "grid").exists()
+
+
+def test_each_cell_takes_its_share_of_the_cpus_unless_told(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("declora.compare_jobs.cpu_count", lambda: 16)
+    assert cell_env(4)["OMP_NUM_THREADS"] == "4"
+    assert cell_env(32)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting is kept
+    assert cell_env(4)["OMP_NUM_THREADS"] == "3"

@@ -55,11 +55,15 @@ def context_length(gguf: Path) -> int | None:
 def cached_folder(gguf: Path, name: str) -> Path:
     """The transformers folder converted from ``gguf`` (built now if missing or from another file)."""
     folder = cache_root() / name
-    done = folder / DONE
-    if done.is_file() and json.loads(done.read_text()).get("bytes") == gguf.stat().st_size:
-        return folder
-    convert(gguf, folder)
+    if not _converted(gguf, folder):
+        convert(gguf, folder)
     return folder
+
+
+def _converted(gguf: Path, folder: Path) -> bool:
+    """``folder`` holds a finished conversion of ``gguf`` (its marker, written last, names its size)."""
+    done = folder / DONE
+    return done.is_file() and json.loads(done.read_text()).get("bytes") == gguf.stat().st_size
 
 
 def convert(gguf: Path, folder: Path) -> None:
@@ -100,9 +104,12 @@ def convert(gguf: Path, folder: Path) -> None:
         plain.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / DONE).write_text(json.dumps(_source(gguf), indent=1))
-        if folder.exists():  # an older or unfinished conversion
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        # Another process (a cell of `declora compare --jobs`) may have finished the same conversion
+        # meanwhile, and others may be loading it: keep it. Only an older or unfinished one is replaced.
+        if not _converted(gguf, folder):
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
     except OSError:
         if not (folder / DONE).is_file():  # another process finishing first is fine; anything else is not
             raise

@@ -364,6 +364,38 @@ def test_a_model_cache_that_cannot_be_written_is_refused_before_the_conversion(t
     assert time.perf_counter() - began < 5  # nothing was loaded
 
 
+def test_a_conversion_another_process_finished_meanwhile_is_kept(tiny_llama, tmp_path, monkeypatch):
+    # Cells of `declora compare --jobs` may convert the same file at once; the one that finishes last must
+    # not delete the folder the first one finished (others may be loading it). The GGUF reading itself
+    # (40 s for SmolLM2) is replaced by loading the tiny model: what is tested is the folder's handling.
+    import transformers
+
+    from declora import gguf_cache
+
+    real_model, real_tokenizer = (
+        transformers.AutoModelForCausalLM.from_pretrained,
+        transformers.AutoTokenizer.from_pretrained,
+    )
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: real_model(str(tiny_llama))
+    )
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tokenizer(str(tiny_llama))
+    )
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"0" * 100)
+    folder = gguf_cache.cached_folder(gguf, "tiny")  # a first conversion
+    assert (folder / gguf_cache.DONE).is_file() and (folder / "config.json").is_file()
+    (folder / "theirs").write_text("")  # as if another process had written this finished folder
+    gguf_cache.convert(gguf, folder)  # this process ends its own conversion of the same file after it
+    assert (folder / "theirs").is_file()  # kept, not replaced under its readers
+    (folder / gguf_cache.DONE).unlink()  # an unfinished folder (killed mid-write) is replaced
+    gguf_cache.convert(gguf, folder)
+    assert (folder / gguf_cache.DONE).is_file() and not (folder / "theirs").exists()
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]  # no temporary folder left
+
+
 def test_label_words_are_checked_before_the_model_is_built(tiny_llama, tiny_data, tmp_path, monkeypatch):
     """The word count needs only the data's labels, the token checks only the tokenizer: a wrong word
     costs no model load."""

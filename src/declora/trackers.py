@@ -175,6 +175,23 @@ def _older_wandb_run(run_dir: Path) -> str | None:
     return min(runs, key=lambda m: m["time"])["id"] if runs else None
 
 
+def _experiment_id(client: Any, name: str) -> str:
+    """The MLflow experiment ``name``'s id, created if missing. Cells of ``declora compare --jobs`` share
+    one store: another may create the experiment between this one's look and its create."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:  # not the race: the store's own error
+            raise
+        return found.experiment_id
+
+
 class MLflow:
     """One MLflow run per run folder (its id kept in RUN_DIR/mlflow_run_id, so a resume continues it)."""
 
@@ -184,10 +201,7 @@ class MLflow:
         except ImportError as err:
             raise _missing("mlflow", "mlflow-skinny") from err
         self.client = MlflowClient(tracking_uri=mlflow_uri(cfg, run_dir))
-        experiment = self.client.get_experiment_by_name(cfg.log.project)
-        experiment_id = (
-            experiment.experiment_id if experiment else self.client.create_experiment(cfg.log.project)
-        )
+        experiment_id = _experiment_id(self.client, cfg.log.project)
         id_file = run_dir / MLFLOW_RUN_ID
         self.logged_until = 0  # the last step already in the run: a resume repeats the rounds after the
         # checkpoint (with the same numbers), which MLflow would hold twice

@@ -83,6 +83,29 @@ def test_mlflow_file_store(tmp_path):
         assert sorted((m.step, m.value) for m in history) == points, tag
 
 
+def test_an_mlflow_experiment_another_process_created_meanwhile_is_used(tmp_path, monkeypatch):
+    # Two cells of `declora compare --jobs` share OUT/mlruns: both may find no experiment, and the second
+    # to create it would fail. Here the other process's experiment appears between the look and the create.
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "runs" / "mlruns").as_uri()
+    theirs = MlflowClient(tracking_uri=store).create_experiment("declora")
+    looks = []
+    real_look = MlflowClient.get_experiment_by_name
+
+    def first_look_misses(self, name):
+        looks.append(name)
+        return None if len(looks) == 1 else real_look(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", first_look_misses)
+    cfg, run_dir = _log(tmp_path, "mlflow")
+    monkeypatch.undo()
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([theirs])  # this run went into the experiment the other one made
+    assert run.info.run_id == (run_dir / "mlflow_run_id").read_text() and len(looks) >= 2
+
+
 def test_mlflow_resume_does_not_log_a_repeated_round_twice(tmp_path):
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient

@@ -391,6 +391,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from declora.compare import (
         SKIPPED,
+        STATE_WORDS,
         group_cells,
         load_grid,
         only_cell,
@@ -416,13 +417,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     def on_cell(k: int, total: int, cell, state: str) -> None:
         while bar:
             bar.pop().close()
-        verb = {
-            "done": "finished, skipped",
-            "diverged": "diverged before (NaN or Inf), skipped: delete its folder to run it again",
-            "partial": "resuming",
-            "new": "running",
-        }[state]
-        print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {verb}", flush=True)
+        print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {STATE_WORDS[state]}", flush=True)
         if state not in SKIPPED:
             bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
 

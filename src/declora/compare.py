@@ -262,6 +262,12 @@ def _refuse_same_run(seen: dict[str, str], cfg: Config, method: str) -> None:
 
 
 SKIPPED = ("done", "diverged")  # cell states a grid does not run again
+STATE_WORDS = {  # what the command line says of a cell in each state as the grid reaches it
+    "done": "finished, skipped",
+    "diverged": "diverged before (NaN or Inf), skipped: delete its folder to run it again",
+    "partial": "resuming",
+    "new": "running",
+}
 
 
 def cell_state(cell: Cell) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from declora.compare import SKIPPED, Cell, Grid, cell_state, checked_cells
+from declora.compare import SKIPPED, STATE_WORDS, Cell, Grid, cell_state, checked_cells
 from declora.runfolder import logged_rounds
 
 STOP_WAIT_S = 60.0  # a stopped cell's last checkpoint is already on disk; this only lets it exit cleanly
@@ -143,7 +143,7 @@ def run_parallel(
     todo = [k for k, state in enumerate(states) if state not in SKIPPED]
     for k, state in enumerate(states):
         if state in SKIPPED:
-            say(f"{label(k, total, cells[k])}: {state} before, skipped")
+            say(f"{label(k, total, cells[k])}: {STATE_WORDS[state]}")
     logs = grid.out / "cell_logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = cell_env(jobs)
@@ -180,7 +180,7 @@ def run_parallel(
                         start_new_session=True,
                     )
                 running[k] = Job(k, cells[k], proc, log, time.monotonic())
-                say(f"{label(k, total, cells[k])}: {'resuming' if states[k] == 'partial' else 'running'}")
+                say(f"{label(k, total, cells[k])}: {STATE_WORDS[states[k]]}")
             if running and now - last_status >= status_every_s:
                 say(_status(running, finished, total))
                 last_status = now

@@ -77,7 +77,7 @@ def test_cells_in_parallel_processes_equal_the_sequential_grid(tmp_path, tiny_be
     assert len(rows) == 2 and all(r["runs"] == "2" for r in rows.values())
     again = _compare(str(path), "--out", str(tmp_path / "par"), "--jobs", "2")  # nothing left to run
     assert again.returncode == 0 and "0 of 4 cells to run" in again.stdout
-    assert again.stdout.count("done before, skipped") == 4
+    assert again.stdout.count(": finished, skipped") == 4
 
 
 def test_ctrl_c_stops_every_cell_and_the_same_command_finishes_the_grid(tmp_path, tiny_bert):

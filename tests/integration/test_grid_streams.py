@@ -40,7 +40,7 @@ def test_a_deadline_stops_the_cells_and_a_later_grid_finishes_them(tmp_path, tin
     run_grid(only_cell(grid, 1))  # fedavg finished before
     cut = _streams(path, out, "0.5")
     assert cut.returncode == 1, cut.stdout[-3000:] + cut.stderr[-3000:]
-    assert "[2/3] algorithm.name=fedavg seed=0: done before, skipped" in cut.stdout
+    assert "[2/3] algorithm.name=fedavg seed=0: finished, skipped" in cut.stdout
     assert "deadline of 0.5 s: 1 cells running, 1 not started" in cut.stdout
     assert "stopping 1 running cells: algorithm.name=dec_lora_seed=0" in cut.stdout
     assert "1 of 3 cells finished" in cut.stdout

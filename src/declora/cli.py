@@ -243,7 +243,8 @@ class _Bar:
 
         if self.lines:
             shown = ", ".join(f"{k} {v}" for k, v in self._shown(record).items())
-            seconds = time.time() - self.began
+            # the run's own clock (metrics.jsonl's wall_s), which a resume continues
+            seconds = record.get("wall_s", time.time() - self.began)
             print(
                 f"round {record['round']}/{self.total}: {shown} ({seconds:.0f} s)",
                 file=sys.stderr,

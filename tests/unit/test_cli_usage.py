@@ -139,6 +139,16 @@ def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
     ]
 
 
+def test_a_resumed_runs_progress_lines_go_on_with_the_runs_clock(capsys):
+    # after a resume the seconds go on from the run's wall_s (as metrics.jsonl logs it), not from 0
+    from declora.cli import _Bar
+
+    bar = _Bar(6)
+    bar.on_round({"round": 4, "train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0, "wall_s": 123.4})
+    bar.close()
+    assert capsys.readouterr().err.strip().endswith("(123 s)")
+
+
 def test_compare_usage_names_its_grid(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--help"])

@@ -35,6 +35,7 @@ class Job:
     proc: subprocess.Popen
     log: Path
     began: float
+    gpu: str | None = None  # the GPU the cell was given (CUDA_VISIBLE_DEVICES), None: left as it was
 
 
 @dataclass
@@ -66,6 +67,27 @@ def cell_env(jobs: int) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // jobs)))
     return env
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs the cells may spread over: CUDA_VISIBLE_DEVICES's entries where it is set, else every GPU
+    torch sees (none on a machine without CUDA)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [gpu.strip() for gpu in listed.split(",") if gpu.strip()]
+    import torch
+
+    return [str(k) for k in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def pick_gpu(cell: Cell, gpus: list[str], busy: list[str | None]) -> str | None:
+    """With several GPUs, a cell that asks for CUDA without naming one (device auto or cuda) gets the GPU
+    the fewest running cells have, as its only visible GPU; None leaves its environment as it is (one GPU,
+    the CPU, or a cell that names cuda:K itself)."""
+    device = cell.cfg.device if cell.cfg is not None else "auto"
+    if len(gpus) < 2 or device not in ("auto", "cuda"):
+        return None
+    return min(gpus, key=lambda gpu: (busy.count(gpu), gpus.index(gpu)))
 
 
 def cell_command(grid_file: str, overrides: list[str], out: Path, index: int) -> list[str]:
@@ -146,7 +168,7 @@ def run_parallel(
             say(f"{label(k, total, cells[k])}: {STATE_WORDS[state]}")
     logs = grid.out / "cell_logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = cell_env(jobs)
+    env, gpus = cell_env(jobs), visible_gpus()
     say(f"{len(todo)} of {total} cells to run, {min(jobs, len(todo))} at once; their output: {logs}")
     began = time.monotonic()
     outcome = Outcome(cells)
@@ -170,17 +192,20 @@ def run_parallel(
                         outcome.failed.append(line)
             while todo and len(running) < jobs and not outcome.failed:
                 k = todo.pop(0)
+                gpu = pick_gpu(cells[k], gpus, [j.gpu for j in running.values()])
+                its_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
                 log = logs / f"{cells[k].run_dir.name}.log"
                 with log.open("w") as sink:
                     proc = subprocess.Popen(
                         cell_command(grid_file, overrides, grid.out, k),
                         stdout=sink,
                         stderr=subprocess.STDOUT,
-                        env=env,
+                        env=its_env,
                         start_new_session=True,
                     )
-                running[k] = Job(k, cells[k], proc, log, time.monotonic())
-                say(f"{label(k, total, cells[k])}: {STATE_WORDS[states[k]]}")
+                running[k] = Job(k, cells[k], proc, log, time.monotonic(), gpu)
+                on = "" if gpu is None else f" on GPU {gpu}"
+                say(f"{label(k, total, cells[k])}: {STATE_WORDS[states[k]]}{on}")
             if running and now - last_status >= status_every_s:
                 say(_status(running, finished, total))
                 last_status = now

@@ -16,7 +16,7 @@ import pytest
 from helpers import tiny_grid_file
 
 from declora.compare import SKIPPED, cell_state, expand, load_grid, only_cell, run_grid
-from declora.compare_jobs import cell_env
+from declora.compare_jobs import cell_env, pick_gpu, run_parallel
 from declora.config import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -139,3 +139,43 @@ def test_each_cell_takes_its_share_of_the_cpus_unless_told(monkeypatch):
     assert cell_env(32)["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting is kept
     assert cell_env(4)["OMP_NUM_THREADS"] == "3"
+
+
+class _Started:
+    """In place of subprocess.Popen: records each cell's command and environment, and ends at once."""
+
+    envs: list[dict] = []
+
+    def __init__(self, cmd, env=None, **kwargs):
+        self.cmd, self.returncode = cmd, 0
+        _Started.envs.append(env)
+
+    def poll(self):
+        return 0
+
+
+def test_with_several_gpus_each_cell_gets_the_least_busy_one(tmp_path, tiny_bert, monkeypatch):
+    grid = load_grid(_grid(tmp_path, tiny_bert))  # device auto: 4 cells
+    cells = expand(grid)
+    assert pick_gpu(cells[0], ["0"], []) is None  # one GPU: nothing to spread
+    assert pick_gpu(cells[0], ["0", "1", "2"], ["0", "2", None]) == "1"
+    assert pick_gpu(cells[0], ["0", "1"], ["0", "1"]) == "0"  # a tie: the first
+    on_cpu = expand(load_grid(_grid(tmp_path, tiny_bert, more=("device=cpu",))))
+    assert pick_gpu(on_cpu[0], ["0", "1"], []) is None
+    monkeypatch.setattr("declora.compare_jobs.visible_gpus", lambda: ["4", "7"])
+    monkeypatch.setattr("declora.compare_jobs.subprocess.Popen", _Started)
+    _Started.envs = []
+    lines: list[str] = []
+    run_parallel(grid, "grid.yaml", [], jobs=2, say=lines.append)
+    # two at once, each on its own GPU; when both have ended the next two start on them again
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in _Started.envs] == ["4", "7", "4", "7"]
+    assert "[2/4] algorithm.name=dec_lora seed=1: running on GPU 7" in lines
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    from declora.compare_jobs import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU for this process
+    assert visible_gpus() == []

@@ -6,7 +6,8 @@ runs as its own ``declora compare GRID --cell K`` process: the same code and the
 sequential grid, so a later ``declora compare`` skips what finished. A cell's console output goes to
 OUT/cell_logs/CELL.log. Ctrl-C (or SIGTERM) stops every running cell as it stops one run, each keeping
 its last checkpoint, and the same command continues the grid. A cell that fails stops no other: the
-running cells finish, no new one starts, and the command names the failed cell and its log.
+running cells finish, no new one starts, and the command names the failed cell and its log. With
+several GPUs each cell is given the least busy one.
 
 On a 2-core CPU it does not pay: each process pays its own start (benchmarks/README.md measures it).
 """

@@ -394,8 +394,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         SKIPPED,
         STATE_WORDS,
         group_cells,
+        holding_grid,
         load_grid,
-        only_cell,
         pair_groups,
         run_grid,
         write_comparison,
@@ -410,8 +410,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"--jobs {args.jobs}: give how many cells run at once, 1 or more (1: one after another)"
         )
     grid = load_grid(args.grid, tuple(args.overrides), args.out)
-    if args.cell is not None:  # one cell of a --jobs grid, in the process declora.compare_jobs started
-        grid = only_cell(grid, args.cell)
+    if _cell_flags(args):  # one cell of a --jobs grid, in the process declora.compare_jobs started
+        from declora.compare_jobs import stop_with, the_cell
+
+        stop_with(args.cell_parent)
+        grid = the_cell(grid, args.cell, args.cell_config)
 
     bar: list[_Bar] = []  # the running cell's progress bar
 
@@ -422,33 +425,53 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if state not in SKIPPED:
             bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
 
-    if args.jobs > 1:
-        from declora.compare_jobs import run_parallel
+    def on_round(record: dict) -> None:
+        if bar:
+            bar[0].on_round(record)
 
-        outcome = run_parallel(grid, args.grid, list(args.overrides), args.jobs)
-        if outcome.failed:
-            for line in outcome.failed:
-                print(f"declora: error: {line}", file=sys.stderr)
-            print(
-                "declora: no table: fix the failed cells and run the same command again (finished cells "
-                "are skipped)",
-                file=sys.stderr,
-            )
-            return 1
-        cells = outcome.cells
-    else:
-        cells = run_grid(grid, on_cell, on_round=lambda record: bar[0].on_round(record) if bar else None)
-    while bar:
-        bar.pop().close()
     if args.cell is not None:  # the table is the whole grid's, written by the command that started the cell
+        run_grid(grid, on_cell, on_round)
         return 0
-    groups = pair_groups(cells, grid.pair_within)
-    table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy, groups)
+    with holding_grid(grid.out):
+        if args.jobs > 1:
+            from declora.compare_jobs import run_parallel
+
+            outcome = run_parallel(grid, args.grid, list(args.overrides), args.jobs, verbose=args.verbose)
+            if outcome.failed:
+                for line in outcome.failed:
+                    print(f"declora: error: {line}", file=sys.stderr)
+                print(
+                    "declora: no table: see the failed cells' logs, mend what failed and run the same "
+                    "command again (finished cells are skipped)",
+                    file=sys.stderr,
+                )
+                return 1
+            cells = outcome.cells
+        else:
+            cells = run_grid(grid, on_cell, on_round)
+        while bar:
+            bar.pop().close()
+        groups = pair_groups(cells, grid.pair_within)
+        table = write_comparison(group_cells(cells), grid.out, grid.metric, grid.target_accuracy, groups)
     print(
         f"\n{table}\n\ntable: {grid.out / 'comparison.md'}  csv: {grid.out / 'comparison.csv'}  "
         f"figures: {grid.out / 'comparison.png'}"
     )
     return 0
+
+
+def _cell_flags(args: argparse.Namespace) -> bool:
+    """Whether this is a cell's own process (--cell, --cell-config, --cell-parent: compare_jobs gives all
+    three); a user who gives some of them is told what they are."""
+    given = [args.cell is not None, args.cell_config is not None, args.cell_parent is not None]
+    if not any(given):
+        return False
+    if not all(given) or args.jobs != 1:
+        raise ConfigError(
+            "--cell is the flag declora compare --jobs gives the process of one cell; run a grid with "
+            "declora compare GRID [--jobs J]"
+        )
+    return True
 
 
 def _rounded(value: Any) -> Any:
@@ -559,10 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="J",
-        help="cells run at once, each in its own process with CPUs/jobs threads unless the grid sets "
-        "threads (default 1: one after another); pays on a GPU or a many-core CPU",
+        help="cells run at once (default 1: one after another), each in its own process with CPUs/J "
+        "threads unless the grid sets threads, its output in OUT/cell_logs; a failed cell stops no other "
+        "but no new one starts (exit 1); Ctrl-C stops them all, and the same command goes on. Pays on a "
+        "GPU or a many-core CPU",
     )
-    p.add_argument("--cell", type=int, default=None, help=argparse.SUPPRESS)  # one cell: compare_jobs's
+    # one cell's own process (declora.compare_jobs): its place, its config's fingerprint, the command's pid
+    p.add_argument("--cell", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cell-config", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cell-parent", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("topology", help="describe and draw a config's communication graph")
     p.add_argument("config", nargs="?", help="YAML config (default: configs/default.yaml)")
@@ -585,7 +613,13 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, with key=value overrides allowed on both sides of a flag."""
     parser = build_parser()
     words = sys.argv[1:] if argv is None else argv
-    for flag in ("--resume", "--out", "--metric", "--target"):  # argparse would keep the last silently
+    for flag in (
+        "--resume",
+        "--out",
+        "--metric",
+        "--target",
+        "--jobs",
+    ):  # argparse would keep the last silently
         if sum(w == flag or w.startswith(f"{flag}=") for w in words) > 1:
             parser.error(f"{flag} is given more than once; give it once")
     args, extra = parser.parse_known_args(argv)

@@ -28,6 +28,9 @@ import json
 import logging
 import math
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,6 +353,29 @@ def checked_cells(grid: Grid) -> tuple[list[Cell], list[str]]:
             except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
                 raise ConfigError(f"grid cell {cell.run_dir.name}: {err}") from err
     return cells, states
+
+
+@contextmanager
+def holding_grid(out: Path) -> Iterator[None]:
+    """This command's hold on the grid's output folder: a second ``declora compare`` on it is refused
+    (both would start the same cells). A folder made here that holds nothing but the lock at the end (the
+    grid was refused at its check) is removed again."""
+    from declora.runfolder import LOCK, hold_run_folder
+
+    made = not out.exists()
+    try:
+        lock = hold_run_folder(out)
+    except ConfigError:
+        raise ConfigError(
+            f"grid folder {str(out)!r} is in use by another declora compare: wait for it to finish or stop "
+            "it; two grids writing one folder would run the same cells"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.close()
+        if made and [entry.name for entry in out.iterdir()] == [LOCK]:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def run_grid(grid: Grid, on_cell: Any = None, on_round: Any = None) -> list[Cell]:

@@ -16,7 +16,7 @@ import pytest
 from helpers import tiny_grid_file
 
 from declora.compare import SKIPPED, cell_state, expand, load_grid, only_cell, run_grid
-from declora.compare_jobs import cell_env, pick_gpu, run_parallel
+from declora.compare_jobs import cell_digest, cell_env, label, pick_gpu, run_parallel
 from declora.config import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -80,30 +80,65 @@ def test_cells_in_parallel_processes_equal_the_sequential_grid(tmp_path, tiny_be
     assert again.stdout.count(": finished, skipped") == 4
 
 
-def test_ctrl_c_stops_every_cell_and_the_same_command_finishes_the_grid(tmp_path, tiny_bert):
+def _start_grid(tmp_path: Path, tiny_bert: Path) -> tuple[subprocess.Popen, list, Path]:
+    """A --jobs 2 grid of 40-round cells, returned once a cell has checkpointed a round."""
     path = _grid(tmp_path, tiny_bert, more=("rounds=40",))
-    out = tmp_path / "grid"
     cmd = [sys.executable, "-m", "declora", "compare", str(path), "--jobs", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cells = expand(load_grid(path))
     end = time.monotonic() + 300
     while time.monotonic() < end and not any((c.run_dir / "state" / "latest.json").is_file() for c in cells):
-        time.sleep(0.2)  # a cell has checkpointed a round
-    proc.send_signal(signal.SIGINT)
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    return proc, cells, path
+
+
+def _cells_of(parent: int) -> list[str]:
+    """The pids of the cell processes the command ``parent`` started (they name it: --cell-parent)."""
+    found = subprocess.run(["pgrep", "-f", "--", f"--cell-parent {parent}"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "what"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGHUP, 129, "hung up (its terminal closed)")],
+)
+def test_ctrl_c_or_a_closed_terminal_stops_every_cell_and_the_same_command_finishes_the_grid(
+    tmp_path, tiny_bert, sig, code, what
+):
+    proc, cells, path = _start_grid(tmp_path, tiny_bert)
+    out = tmp_path / "grid"
+    assert len(_cells_of(proc.pid)) == 2
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
-    assert "stopping 2 running cells" in stdout
-    assert "interrupted; finished cells are kept: the same declora compare command continues" in stderr
+    assert proc.returncode == code, stdout[-2000:] + stderr[-2000:]
+    assert "stopping 2 cells" in stdout and not _cells_of(proc.pid)
+    assert f"declora: {what}; finished cells are kept: the same declora compare command continues" in stderr
     assert not (out / "comparison.md").exists()
-    for cell in cells[:2]:  # the two that ran stopped as one run does on Ctrl-C
-        assert "declora: interrupted" in (out / "cell_logs" / f"{cell.run_dir.name}.log").read_text()
+    for cell in cells[:2]:  # the two that ran stopped as one run does on SIGTERM, keeping their checkpoint
+        assert "declora: terminated" in (out / "cell_logs" / f"{cell.run_dir.name}.log").read_text()
     assert not (out / "cell_logs" / f"{cells[2].run_dir.name}.log").exists()  # never started
     states = [cell_state(c) for c in cells]
     assert "partial" in states and "done" not in states
     again = _compare(str(path), "--jobs", "2")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "algorithm.name=dec_lora seed=0: resuming" in again.stdout
+    resumed = [c for c, state in zip(cells, states, strict=True) if state == "partial"]
+    assert all(f"{label(cells.index(c), 4, c)}: resuming" in again.stdout for c in resumed)
     assert all(cell_state(c) in SKIPPED for c in cells) and (out / "comparison.md").is_file()
+    log = (out / "cell_logs" / f"{resumed[0].run_dir.name}.log").read_text()  # both tries kept
+    assert log.count("declora compare --jobs starts this cell") == 2 and "declora: terminated" in log
+
+
+def test_cells_stop_when_the_command_that_started_them_is_killed(tmp_path, tiny_bert):
+    proc, cells, _ = _start_grid(tmp_path, tiny_bert)
+    assert len(_cells_of(proc.pid)) == 2
+    proc.kill()  # SIGKILL: the command cannot stop its cells; each notices and stops itself
+    proc.communicate(timeout=60)
+    end = time.monotonic() + 60
+    while _cells_of(proc.pid) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert not _cells_of(proc.pid)
+    assert [cell_state(c) for c in cells[:2]].count("partial") >= 1
 
 
 def test_a_failed_cell_is_named_with_its_log_and_no_new_cell_starts(tmp_path, tiny_bert):
@@ -116,10 +151,42 @@ def test_a_failed_cell_is_named_with_its_log_and_no_new_cell_starts(tmp_path, ti
     named = [line for line in lines if line.startswith("declora: error: [")]
     assert len(named) == 2  # the two running cells, each with the last line of its log and the log's path
     assert all("failed (exit 1): declora.runfolder.CrashPoint: round.logged:1; log: " in s for s in named)
-    assert "fix the failed cells and run the same command again" in lines[-1]
+    assert "mend what failed and run the same command again" in lines[-1]
     cells = expand(load_grid(path))
     assert not cells[-1].run_dir.exists()  # the third cell did not start after the failures
     assert not (tmp_path / "grid" / "comparison.md").exists()
+
+
+def test_a_cell_process_refuses_a_grid_changed_since_the_command_checked_it(tmp_path, tiny_bert):
+    path = _grid(tmp_path, tiny_bert)
+    cell = expand(load_grid(path))[0]
+    wrong = _compare(str(path), "--cell", "0", "--cell-config", "0" * 16, "--cell-parent", str(os.getpid()))
+    assert wrong.returncode == 2
+    assert (
+        wrong.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"declora: error: grid cell {cell.run_dir.name}: the grid file or its base config changed after "
+            "this `declora compare --jobs` started"
+        )
+    )
+    assert not cell.run_dir.exists()  # nothing ran
+    alone = _compare(str(path), "--cell", "0")  # the flag given by hand
+    assert alone.returncode == 2 and "--cell is the flag declora compare --jobs gives" in alone.stderr
+
+
+def test_a_second_compare_on_a_grid_in_use_is_refused(tmp_path, tiny_bert):
+    from declora.compare import holding_grid
+
+    path = _grid(tmp_path, tiny_bert)
+    with holding_grid(tmp_path / "grid"):  # as another declora compare holds it
+        second = _compare(str(path), "--jobs", "2")
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"declora: error: grid folder {str(tmp_path / 'grid')!r} is in use by another declora compare: wait "
+        "for it to finish or stop it; two grids writing one folder would run the same cells"
+    )
+    assert not (tmp_path / "grid").exists()  # the lock's folder, made and removed by the holder
 
 
 def test_jobs_below_one_is_refused_before_any_work(tmp_path, tiny_bert):
@@ -142,16 +209,19 @@ def test_each_cell_takes_its_share_of_the_cpus_unless_told(monkeypatch):
 
 
 class _Started:
-    """In place of subprocess.Popen: records each cell's command and environment, and ends at once."""
+    """In place of subprocess.Popen: records each cell's command and environment, and ends at once with
+    the exit status ``code`` (a negative one: killed by that signal)."""
 
     envs: list[dict] = []
+    cmds: list[list[str]] = []
+    code = 0
 
     def __init__(self, cmd, env=None, **kwargs):
-        self.cmd, self.returncode = cmd, 0
+        _Started.cmds.append(cmd)
         _Started.envs.append(env)
 
     def poll(self):
-        return 0
+        return _Started.code
 
 
 def test_with_several_gpus_each_cell_gets_the_least_busy_one(tmp_path, tiny_bert, monkeypatch):
@@ -164,18 +234,42 @@ def test_with_several_gpus_each_cell_gets_the_least_busy_one(tmp_path, tiny_bert
     assert pick_gpu(on_cpu[0], ["0", "1"], []) is None
     monkeypatch.setattr("declora.compare_jobs.visible_gpus", lambda: ["4", "7"])
     monkeypatch.setattr("declora.compare_jobs.subprocess.Popen", _Started)
-    _Started.envs = []
+    _Started.envs, _Started.cmds = [], []
     lines: list[str] = []
     run_parallel(grid, "grid.yaml", [], jobs=2, say=lines.append)
     # two at once, each on its own GPU; when both have ended the next two start on them again
     assert [env["CUDA_VISIBLE_DEVICES"] for env in _Started.envs] == ["4", "7", "4", "7"]
     assert "[2/4] algorithm.name=dec_lora seed=1: running on GPU 7" in lines
+    cmd = _Started.cmds[1]  # the second cell's own process: its place, its config's fingerprint, our pid
+    assert cmd[cmd.index("--cell") + 1] == "1" and cmd[cmd.index("--cell-parent") + 1] == str(os.getpid())
+    assert cmd[cmd.index("--cell-config") + 1] == cell_digest(cells[1])
+
+
+def test_a_cell_killed_by_a_signal_is_said_so(tmp_path, tiny_bert, monkeypatch):
+    grid = load_grid(_grid(tmp_path, tiny_bert, seeds=(0,)))
+    monkeypatch.setattr("declora.compare_jobs.subprocess.Popen", _Started)
+    monkeypatch.setattr(_Started, "code", -signal.SIGKILL)
+    lines: list[str] = []
+    outcome = run_parallel(grid, "grid.yaml", [], jobs=1, say=lines.append)
+    assert (
+        len(outcome.failed) == 1
+        and "[1/2] algorithm.name=dec_lora seed=0: killed by SIGKILL (out of " in (outcome.failed[0])
+    )
+    assert not any("fedavg" in line for line in lines[1:])  # no new cell after a failure
 
 
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    import torch
+
     from declora.compare_jobs import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert visible_gpus() == []  # no CUDA here: the variable names no GPU a cell could use
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert visible_gpus() == ["2", "5"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU for this process
     assert visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == ["0", "1"]

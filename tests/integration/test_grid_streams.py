@@ -41,8 +41,8 @@ def test_a_deadline_stops_the_cells_and_a_later_grid_finishes_them(tmp_path, tin
     cut = _streams(path, out, "0.5")
     assert cut.returncode == 1, cut.stdout[-3000:] + cut.stderr[-3000:]
     assert "[2/3] algorithm.name=fedavg seed=0: finished, skipped" in cut.stdout
-    assert "deadline of 0.5 s: 1 cells running, 1 not started" in cut.stdout
-    assert "stopping 1 running cells: algorithm.name=dec_lora_seed=0" in cut.stdout
+    assert "deadline of 0.5 s: 1 running, 1 not started" in cut.stdout
+    assert "stopping 1 cell: algorithm.name=dec_lora_seed=0" in cut.stdout
     assert "1 of 3 cells finished" in cut.stdout
     table = (out / "comparison.md").read_text()  # the finished cell's, saying it is one of three
     assert table.startswith("1 of 3 cells finished") and "fedavg" in table and "dec_lora" not in table

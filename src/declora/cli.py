@@ -660,8 +660,12 @@ class Terminated(BaseException):
     run unwinds the same way: its lock released, its last checkpoint kept, one line said."""
 
 
+class HungUp(Terminated):
+    """SIGHUP (the terminal closed, an ssh session dropped): stopped as on SIGTERM, not killed mid-round."""
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
+    raise HungUp if signum == signal.SIGHUP else Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -670,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_cli(argv)
     if argv is None:  # the command line's own process (not a caller of main() in its own program)
         signal.signal(signal.SIGTERM, _raise_terminated)
+        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:  # nohup leaves it ignored
+            signal.signal(hangup, _raise_terminated)
     # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
     quiet = os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
@@ -695,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (KeyboardInterrupt, Terminated, JobStopped) as stop:  # one line, and 128 + the signal
         code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
+        if isinstance(stop, HungUp):
+            code, what = 129, "hung up (its terminal closed)"
         line = _interrupted_line(args)
         if several and isinstance(stop, Terminated):  # torchrun stops the others when one rank fails
             what += " (torchrun stops every rank when one fails: another rank's error may be above)"

@@ -327,7 +327,12 @@ def test_a_checkpoint_temporary_left_by_a_kill_is_removed_at_the_next_checkpoint
 
 
 @pytest.mark.parametrize(
-    ("sig", "code", "what"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+    ("sig", "code", "what"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated"),
+        (signal.SIGHUP, 129, "hung up (its terminal closed)"),  # a closed terminal: a stop, not a kill
+    ],
 )
 def test_ctrl_c_or_a_kill_is_one_line_and_the_run_resumes(tiny, tmp_path, sig, code, what):
     import subprocess

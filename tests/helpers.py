@@ -99,3 +99,13 @@ def tiny_grid_file(tmp_path: Path, tiny_bert: Path, more_overrides=(), **extra) 
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     return path
+
+
+def as_at_a_terminal() -> None:
+    """A started process's signals as at an interactive terminal (Popen's preexec_fn): a shell that runs the
+    tests in the background (`cmd &`) leaves SIGINT ignored and `nohup` leaves SIGHUP ignored, which the
+    process would inherit and then never be stopped by them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_grid_file
+from helpers import as_at_a_terminal, tiny_grid_file
 
 from declora.compare import SKIPPED, cell_state, expand, load_grid, only_cell, run_grid
 from declora.compare_jobs import cell_digest, cell_env, label, pick_gpu, run_parallel
@@ -84,7 +84,8 @@ def _start_grid(tmp_path: Path, tiny_bert: Path) -> tuple[subprocess.Popen, list
     """A --jobs 2 grid of 40-round cells, returned once a cell has checkpointed a round."""
     path = _grid(tmp_path, tiny_bert, more=("rounds=40",))
     cmd = [sys.executable, "-m", "declora", "compare", str(path), "--jobs", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(cmd, preexec_fn=as_at_a_terminal, **pipes)
     cells = expand(load_grid(path))
     end = time.monotonic() + 300
     while time.monotonic() < end and not any((c.run_dir / "state" / "latest.json").is_file() for c in cells):

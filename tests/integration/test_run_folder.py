@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import crash_after_round, metrics_records, tiny_run_overrides, write_tiny_data
+from helpers import as_at_a_terminal, crash_after_round, metrics_records, tiny_run_overrides, write_tiny_data
 from safetensors.torch import load_file, save_file
 
 from declora.cli import main
@@ -275,10 +275,9 @@ def _declora(*args: str, **kwargs):
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    # Ctrl-C as at a terminal: a shell that starts the tests in the background (`cmd &`) leaves SIGINT
-    # ignored, which the child would inherit and then never be interrupted
-    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    return subprocess.Popen([sys.executable, "-m", "declora", *args], env=env, preexec_fn=restore, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "declora", *args], env=env, preexec_fn=as_at_a_terminal, **kwargs
+    )
 
 
 def test_a_folder_another_process_is_writing_is_refused_and_free_again_after_it(tiny, tmp_path, capsys):

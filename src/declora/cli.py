@@ -54,6 +54,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     from declora.runfolder import (
         check_checkpoint_kept,
         check_last_round_evaluated,
+        check_log_covers,
         check_new_run,
         check_not_in_use,
         check_writable,
@@ -76,6 +77,9 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         )
     if args.overwrite:
         raise ConfigError("--overwrite and --resume contradict each other: choose one")
+    if not run_dir.is_dir():
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"--resume {run_dir}: {what}; give the folder of the run to continue")
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
     check_not_in_use(run_dir)
@@ -86,7 +90,9 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     except ConfigError as err:  # a folder of another declora version, an edited file, a moved input
         elsewhere = started_in and Path(started_in).resolve() != Path.cwd().resolve()
         where = f" (the run started in {started_in}: relative paths are opened from there)"
-        raise ConfigError(f"{run_dir / 'config.yaml'}: {err}{where if elsewhere else ''}") from err
+        saved_at = str(run_dir / "config.yaml")  # named once: a YAML error names the file already
+        named = str(err) if str(err).startswith(saved_at) else f"{saved_at}: {err}"
+        raise ConfigError(f"{named}{where if elsewhere else ''}") from err
     for key, value in (parse_override(text) for text in args.overrides):  # before a new plugin is imported
         if key == "plugins" and tuple(value or ()) != saved.plugins:
             raise ConfigError(f"plugins cannot change on resume ({list(saved.plugins)!r} -> {value!r})")
@@ -104,6 +110,7 @@ def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
         # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
         cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
     done = _rounds_done(run_dir)
+    check_log_covers(run_dir, done)
     check_resume(saved, cfg, rounds_done=done)
     check_last_round_evaluated(run_dir, done, cfg.rounds)
     check_tracker_runs(cfg, run_dir)

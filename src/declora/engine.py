@@ -30,6 +30,7 @@ from declora.runfolder import (
     atomic_write_text,
     check_checkpoint_kept,
     check_last_round_evaluated,
+    check_log_covers,
     check_new_run,
     crash_point,
     empty_run_folder,
@@ -167,6 +168,7 @@ def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
     if main:
         assert saved is not None  # read above on the main rank
         check_resume(saved, exp.cfg, rounds_done=start)
+        check_log_covers(exp.run_dir, start)
         check_last_round_evaluated(exp.run_dir, start, exp.cfg.rounds)
         metrics.truncate_after(start)
         record_resume(exp.run_dir, start, changes)
@@ -468,7 +470,10 @@ def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tens
     node, k = divmod(bad, len(names) + 1)
     what = "its training loss" if k == 0 else f"tensor {names[k - 1]} after communication"
     last = f"last checkpoint: round {saved}" if saved else "no checkpoint yet"
+    fix = "a lower train.lr or a max_grad_norm"
+    if exp.privacy is not None:  # the DP noise is the likelier cause: its std is sigma x clip
+        sigma, clip = exp.privacy.sigma, exp.cfg.privacy.clip
+        fix = f"less DP noise (noise multiplier {sigma:g} x privacy.clip {clip:g}), or {fix}"
     raise NumericalError(
-        f"round {t + 1}: node {node}: {what} is NaN or Inf; the run stops here ({last}); try a lower "
-        "train.lr or a max_grad_norm"
+        f"round {t + 1}: node {node}: {what} is NaN or Inf; the run stops here ({last}); try {fix}"
     )

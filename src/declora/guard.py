@@ -40,6 +40,9 @@ from declora.validation import refuse_if_set
 log = logging.getLogger(__name__)
 
 PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
+# The largest privacy.noise_multiplier and privacy.target_epsilon taken: beyond them nothing is learned or
+# nothing is private, and opacus' search for the noise of a huge epsilon never ends (floats run out).
+MAX_PRIVACY = 1e4
 
 
 class GuardedExchange:
@@ -255,17 +258,20 @@ def _validate_privacy(cfg: Config) -> None:
             "privacy.target_epsilon; "
             f"got noise_multiplier={p.noise_multiplier}, target_epsilon={p.target_epsilon}"
         )
-    if p.noise_multiplier is not None and (p.noise_multiplier < 0 or math.isinf(p.noise_multiplier)):
-        raise ConfigError(f"privacy.noise_multiplier={p.noise_multiplier} must be finite and >= 0")
+    if p.noise_multiplier is not None and not 0 <= p.noise_multiplier <= MAX_PRIVACY:
+        raise ConfigError(
+            f"privacy.noise_multiplier={p.noise_multiplier} is out of range; allowed: [0, {MAX_PRIVACY:.0f}] "
+            "(the noise's std is it times privacy.clip; far below the limit the updates already drown)"
+        )
     if math.isinf(p.clip) and p.noise_multiplier:  # the noise is noise_multiplier x clip
         raise ConfigError(
             f"privacy.clip={p.clip} with privacy.noise_multiplier={p.noise_multiplier}: the noise's scale is "
             "their product, so unbounded; give a finite clip (.inf only with noise_multiplier=0, no DP noise)"
         )
-    if p.target_epsilon is not None and not (0 < p.target_epsilon < math.inf and math.isfinite(p.clip)):
+    if p.target_epsilon is not None and not (0 < p.target_epsilon <= MAX_PRIVACY and math.isfinite(p.clip)):
         raise ConfigError(
-            f"privacy.target_epsilon={p.target_epsilon} must be positive and finite, with a finite "
-            f"privacy.clip (got {p.clip})"
+            f"privacy.target_epsilon={p.target_epsilon} must be in (0, {MAX_PRIVACY:.0f}], with a finite "
+            f"privacy.clip (got {p.clip}); an epsilon above about 10 already promises little privacy"
         )
     if not 0 < p.delta < 1:
         raise ConfigError(f"privacy.delta={p.delta} must be in (0, 1)")

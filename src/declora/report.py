@@ -125,14 +125,20 @@ def _last(records: list[dict[str, Any]], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def _config_headline(records: list[dict[str, Any]]) -> str | None:
-    """eval.headline of the config logged in the run's ``start`` line, if any."""
+def _config_section(records: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """One section of the config logged in the run's ``start`` line ({} if none)."""
     for r in _events(records, "start"):
         config = r.get("config")
-        section = config.get("eval") if isinstance(config, dict) else None
-        if isinstance(section, dict) and isinstance(section.get("headline"), str):
-            return section["headline"]
-    return None
+        section = config.get(name) if isinstance(config, dict) else None
+        if isinstance(section, dict):
+            return section
+    return {}
+
+
+def _config_headline(records: list[dict[str, Any]]) -> str | None:
+    """eval.headline of the config logged in the run's ``start`` line, if any."""
+    headline = _config_section(records, "eval").get("headline")
+    return headline if isinstance(headline, str) else None
 
 
 def stopped_early(records: list[dict[str, Any]], planned: int | None = None) -> tuple[int, int] | None:
@@ -180,6 +186,7 @@ def summarize(
         "headline": headline if headline is not None else _config_headline(records),
         "stopped_early": stopped_early(records, planned),
         "diverged": diverged_at(records),
+        "private": _config_section(records, "privacy").get("level", "none") != "none",
     }
 
 
@@ -277,10 +284,12 @@ def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: 
         )
         if summary.get("diverged") is not None:  # a resume repeats the same steps into the same NaN
             final = f'so "final" is round {last}\'s' if last else "no round finished"
+            fix = "a lower train.lr or a train.max_grad_norm"
+            if summary.get("private"):  # differential privacy's noise is the likelier cause
+                fix = f"less DP noise (privacy.noise_multiplier, privacy.clip), or {fix}"
             rounds = (
                 f"{last} of {planned}: STOPPED, a NaN or Inf at round {summary['diverged']}, {final}; a "
-                "resume would repeat the same steps: start again with a lower train.lr or a "
-                "train.max_grad_norm"
+                f"resume would repeat the same steps: start again with {fix}"
             )
     note = (
         f"Rounds: {rounds}, evaluations: {summary.get('evals', 0)}.\n"

@@ -336,6 +336,29 @@ def logged_rounds(run_dir: Path) -> int:
     return max((int(r.get("round", 0)) for r in _round_records(run_dir)), default=0)
 
 
+def check_log_covers(run_dir: Path, round_done: int | None) -> None:
+    """A checkpoint at round R needs metrics.jsonl's start record and one record for each of rounds 1..R:
+    a resume appends to that log, so a log cut short or replaced (an editor, a copy of another file) would
+    end as a run with no start, or with rounds missing, that reads as whole."""
+    if not round_done:  # no checkpoint: the run starts again from round 0 and writes a new log
+        return
+    path = run_dir / "metrics.jsonl"
+    if not start_record(run_dir):
+        raise ConfigError(
+            f"{path} has no start record (its first line) but the checkpoint is at round {round_done}: the "
+            "log was emptied, cut or replaced; restore it, or start the run again with --overwrite"
+        )
+    logged = {r["round"] for r in _round_records(run_dir) if isinstance(r.get("round"), int)}
+    missing = [k for k in range(1, round_done + 1) if k not in logged]
+    if missing:
+        shown = f"round {missing[0]}" if len(missing) == 1 else f"{len(missing)} rounds from {missing[0]}"
+        raise ConfigError(
+            f"{path} lacks {shown} of the {round_done} its checkpoint has done: the log was cut or "
+            "replaced, and the resumed run would read as whole with them missing; restore it, or start the "
+            "run again with --overwrite"
+        )
+
+
 def check_last_round_evaluated(run_dir: Path, rounds_done: int | None, rounds: int) -> None:
     """A resume whose ``rounds`` is the checkpoint's round runs nothing: that round must have been
     evaluated, or the run would end with a report and adapter cards that score an earlier model."""

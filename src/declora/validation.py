@@ -77,11 +77,19 @@ class Range:
         return above and below
 
     def __str__(self) -> str:
-        lo = "-inf" if self.lo is None else f"{self.lo:g}"
-        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        lo = "-inf" if self.lo is None else _number(self.lo)
+        hi = "inf" if self.hi is None else _number(self.hi)
         left = "(" if self.lo_open or self.lo is None else "["
         right = ")" if self.hi_open or self.hi is None else "]"
         return f"{left}{lo}, {hi}{right}"
+
+
+MAX_COUNT, MAX_EPOCHS = 10**6, 1000  # rounds and local steps; local epochs per round
+
+
+def _number(x: float) -> str:
+    """A bound as a person writes it: 1000000, not 1e+06; 0.5 as is."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
 PROBABILITY, FRACTION = Range(0, 1), Range(0, 1, lo_open=True)  # [0, 1], (0, 1]
@@ -92,6 +100,10 @@ ABOVE_ZERO, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
 # key means adding it here or to POSITIVE (tests/unit/test_validation.py checks that none is missed).
 RANGES: dict[str, Range] = {
     "seed": NON_NEGATIVE,
+    # Counts of work: a typo (an extra 0 or 9, 1e12) would otherwise run for days before anyone noticed,
+    # and local_steps cannot change on resume. Epochs per round have their own, lower cap (validate).
+    "rounds": Range(1, MAX_COUNT),
+    "train.local_steps": Range(1, MAX_COUNT),
     "threads": Range(1, 1024),  # torch allocates per thread: a typo like 100000 would exhaust memory
     "model.alpha": NON_NEGATIVE,  # 0 only with allow_degenerate (LoRA then adds nothing)
     "model.dropout": BELOW_ONE,
@@ -212,6 +224,11 @@ def validate(cfg: Config) -> Config:
     interval = cfg.algorithm.switch_interval
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
+    if cfg.train.local_unit == "epochs" and cfg.train.local_steps > MAX_EPOCHS:
+        raise ConfigError(
+            f"train.local_steps={cfg.train.local_steps} epochs per round is out of range with "
+            f"train.local_unit=epochs; allowed: [1, {MAX_EPOCHS}]"
+        )
     if not 0 <= cfg.train.warmup_rounds <= cfg.rounds:
         raise ConfigError(
             f"train.warmup_rounds={cfg.train.warmup_rounds} must be in [0, rounds={cfg.rounds}]"

@@ -156,6 +156,11 @@ CONFIG_VALUES: list[tuple[str, str]] = [
     ("nodes=10000000", "nodes"),  # its dense W would take petabytes
     ("nodes=2.5", "nodes"),
     ("rounds=-1", "rounds"),
+    ("rounds=99999999999999999999", "rounds"),  # a typo would run for days: counts of work have a cap
+    ("train.local_steps=1000000000000", "train.local_steps"),
+    ("train.local_unit=epochs train.local_steps=100000", "train.local_steps"),
+    ("privacy.level=node privacy.target_epsilon=1e300", "privacy.target_epsilon"),  # opacus' search hung
+    ("privacy.level=node privacy.noise_multiplier=1e300", "privacy.noise_multiplier"),
     ("checkpoint_every=0", "checkpoint_every"),
     ("seed=-1", "seed"),
     ("topology.p=0", "topology.p"),

@@ -219,6 +219,21 @@ def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny
     assert "--resume" not in report
 
 
+def test_a_private_run_that_diverges_names_the_dp_noise_first(tiny, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["run", *tiny, f"run_dir={first}"]) == 0
+    adapter = first / "adapters" / "consensus" / "adapter_model.safetensors"
+    save_file({k: torch.full_like(v, 1e30) for k, v in load_file(str(adapter)).items()}, str(adapter))
+    run = tmp_path / "run"
+    private = ["privacy.level=node", "privacy.noise_multiplier=2.5", "privacy.clip=0.5"]
+    capsys.readouterr()
+    assert main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter.parent}", *private]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "NaN or Inf" in err and "try less DP noise (noise multiplier 2.5 x privacy.clip 0.5)" in err, err
+    assert main(["report", str(run)]) == 0
+    assert "start again with less DP noise (privacy.noise_multiplier" in (run / "report.md").read_text()
+
+
 def test_a_grid_cell_run_with_another_config_is_refused(tiny, tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({}))
@@ -608,3 +623,27 @@ def test_a_grid_cell_whose_data_or_model_does_not_fit_stops_the_grid_before_any_
         with pytest.raises(ConfigError, match=said):
             run_grid(load_grid(path))
         assert not first.run_dir.exists()
+
+
+@pytest.mark.parametrize("damage", ["round 1 cut", "start cut", "emptied", "deleted"])
+def test_a_resume_whose_log_lost_checkpointed_rounds_is_refused(tiny, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}", "checkpoint_every=1"]) == 0  # checkpoint at round 2
+    log = run / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    kept = {
+        "round 1 cut": [x for x in lines if json.loads(x).get("round") != 1],
+        "start cut": lines[1:],
+        "emptied": [],
+    }
+    if damage == "deleted":
+        log.unlink()
+    else:
+        log.write_text("".join(kept[damage]))
+    files = _files(run)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "rounds=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    expected = "lacks round 1 of the 2" if damage == "round 1 cut" else "has no start record"
+    assert expected in err and "--overwrite" in err and "\n" not in err, err
+    assert _files(run) == files  # refused before anything was written

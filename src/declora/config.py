@@ -468,6 +468,22 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from err
 
 
+def check_sections(cfg: Config) -> None:
+    """Each section of a Config built or replaced in Python is its dataclass: a dict in its place
+    (``dataclasses.replace(cfg, train={"lr": 0.1})``) would silently reset every key it does not name."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a declora Config, got {type(cfg).__name__}; build one with load_config")
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind, value = hints[f.name], getattr(cfg, f.name)
+        if dataclasses.is_dataclass(kind) and not isinstance(value, kind):
+            raise ConfigError(
+                f"{f.name}: expected a {kind.__name__}, got {type(value).__name__}; change one key with "
+                f"dataclasses.replace(cfg, {f.name}=dataclasses.replace(cfg.{f.name}, key=value)), or give "
+                "load_config overrides"
+            )
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         if isinstance(v, tuple):
@@ -502,9 +518,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
     (``{"train.lr": 3e-4, "train.max_grad_norm": None}``)."""
     if isinstance(overrides, str):
         raise ConfigError(f"overrides={overrides!r} is one string; give a list of key=value strings")
+    if isinstance(overrides, (set, frozenset)):  # a later override of a key wins: the order matters
+        raise ConfigError("overrides is a set, whose order is arbitrary; give a list or a mapping")
+    if isinstance(overrides, Mapping):
+        bad = [k for k in overrides if not isinstance(k, str)]
+    else:
+        bad = [o for o in overrides if not isinstance(o, str)]
+    if bad:
+        raise ConfigError(
+            f"override {bad[0]!r} is not a string: give dotted keys (a mapping) or key=value strings (a list)"
+        )
     tree: dict[str, Any] = {}
     if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"config path {path!r} is not a path; give a YAML file's path, or None")
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {str(p)!r} is a folder; give a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         loaded = read_yaml(p)

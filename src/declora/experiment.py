@@ -20,7 +20,7 @@ from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
-from declora.config import Config, ConfigError, TopologyConfig, from_dict, to_dict
+from declora.config import Config, ConfigError, TopologyConfig, check_sections, from_dict, to_dict
 from declora.data import TextDataset
 from declora.device import default_dtype, default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
@@ -321,6 +321,7 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
 
 
 def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> Experiment:
+    check_sections(cfg)
     cfg = from_dict(to_dict(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

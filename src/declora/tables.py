@@ -157,8 +157,8 @@ def _decode(path: Path) -> str:
 
 def check_text_table(path: Path) -> None:
     """Line-exact errors for what ``datasets`` would report vaguely or not at all: bad encoding, a JSON
-    line that does not parse or is not an object, a CSV row with more cells than the header or a field
-    over the size limit, a parquet file without rows."""
+    line that does not parse or is not an object, a CSV header naming a column twice, a CSV row with more
+    cells than the header or a field over the size limit, a parquet file without rows."""
     fmt = file_format(path)
     if fmt == ".parquet":  # datasets fails on a parquet file without rows with an Arrow message
         import pyarrow.parquet as pq
@@ -177,7 +177,15 @@ def check_text_table(path: Path) -> None:
     if fmt in (".csv", ".tsv"):
         reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == ".tsv" else ",")
         try:
-            width, rows = len(next(reader)), 0
+            header = next(reader)
+            width, rows = len(header), 0
+            names = [name.strip() for name in header]
+            twice = sorted({name for name in names if name and names.count(name) > 1})
+            if twice:  # which of the two columns would be read is not the user's choice: refuse
+                raise ValueError(
+                    f"{path}:1: the header names column {twice[0]!r} {names.count(twice[0])} times; give "
+                    "each column its own name"
+                )
             for row in reader:
                 if len(row) > width:
                     raise ValueError(f"{path}:{reader.line_num}: {len(row)} cells, the header has {width}")

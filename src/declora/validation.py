@@ -657,6 +657,16 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
 def _validate_task(cfg: Config) -> None:
     kind, head = cfg.task.kind, cfg.model.head
     check_measured(cfg, cfg.eval.headline)
+    from declora.tables import file_format
+
+    for key in ("dataset", "test_file"):
+        source = getattr(cfg.data, key)
+        if kind != "causal_lm" and source is not None and file_format(source) == ".txt":
+            raise ConfigError(
+                f"data.{key}={source!r}: a .txt file is plain text, one example per paragraph, for "
+                f"task.kind=causal_lm; task.kind={kind} reads a table with a text and a label column "
+                "(csv, tsv, jsonl, parquet, ...)"
+            )
     if kind != "sequence_classification" and cfg.model.pooling == "mean":
         raise ConfigError(
             f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "

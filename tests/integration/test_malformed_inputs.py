@@ -278,6 +278,8 @@ DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the me
     ("no-column.csv", "text,target\n" + "good,0\nbad,1\n" * 5, "label"),
     ("extra-cells.csv", "text,label\ngood,0\nbad,1,oops\n", "extra-cells.csv:3"),
     ("header-only.csv", "text,label\n", "has a header and no rows"),
+    ("twice.csv", "text,text,label\n" + "good,fine,0\nbad,dull,1\n" * 5, "twice.csv:1"),
+    ("paragraphs.txt", "a first paragraph\n\nand a second\n", "task.kind=causal_lm"),  # a classifier
     ("empty-cell.csv", "text,label\ngood,0\n,1\n", "empty-cell.csv:3"),
     ("huge.csv", "text,label\n" + "good,0\nbad,1\n" * 3 + "x" * 200_000 + ",1\n", "huge.csv"),
     ("broken.json", '[{"text": "a", "label": 0},\n{"text": ', "broken.json:2"),

@@ -149,3 +149,34 @@ def test_a_server_headline_without_a_server_names_the_metric_the_algorithm_has()
         load_config(None, ["algorithm.name=fedsa_lora", "eval.headline=acc_server"])
     with pytest.raises(ConfigError, match=r"dec_lora has no server model; use acc_avg_factors or"):
         load_config(None, ["eval.headline=acc_server"])
+
+
+@pytest.mark.parametrize(
+    ("path", "overrides", "message"),
+    [
+        ("configs/smoke.yaml", {None: 1}, "override None is not a string"),
+        ("configs/smoke.yaml", {1: 1}, "override 1 is not a string"),
+        ("configs/smoke.yaml", [("rounds", 2)], "override ('rounds', 2) is not a string"),
+        ("configs/smoke.yaml", {"rounds=2"}, "overrides is a set"),  # a later key wins: order matters
+        (5, (), "config path 5 is not a path"),
+        ("configs", (), "'configs' is a folder"),
+    ],
+)
+def test_load_config_refuses_what_is_not_a_path_or_an_override(path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("section", [{"lr": 0.1}, None, "model"])
+def test_a_section_replaced_by_another_kind_of_value_is_refused(section):
+    import dataclasses
+
+    from declora.config import check_sections
+
+    cfg = load_config("configs/smoke.yaml")
+    value = cfg.model if section == "model" else section
+    with pytest.raises(ConfigError) as err:  # a dict would have reset batch_size and local_steps silently
+        check_sections(dataclasses.replace(cfg, train=value))
+    assert str(err.value).startswith("train: expected a TrainConfig, got ")
+    check_sections(cfg)

@@ -359,6 +359,7 @@ def _log_to(path: Path) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from declora.compare import check_metric, write_comparison
     from declora.report import read_metrics, write_report
+    from declora.runfolder import in_use, is_run_folder
 
     check_metric(args.metric, args.target, "--")
     compared = args.out != "runs/report" or args.metric != "acc_avg_factors" or args.target is not None
@@ -380,13 +381,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     if len(args.run_dirs) > 1:  # the comparison's folder, made before any report is printed
         if not args.out.strip():
             raise ConfigError("--out '' names no folder; give the comparison's folder (default runs/report)")
+        if is_run_folder(Path(args.out)):
+            raise ConfigError(
+                f"--out {args.out} is a run folder: the comparison goes into a folder of its own "
+                "(default runs/report), not among a run's files"
+            )
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"--out {args.out!r}: cannot make that folder ({err.strerror})") from err
     for run_dir in args.run_dirs:
         print(f"## {run_dir}\n")
-        print(write_report(Path(run_dir)))
+        running = in_use(Path(run_dir))  # its own report.md and curves.png are written as it ends
+        print(write_report(Path(run_dir), write=not running))
+        if running:
+            print(f"\n(still running: another declora process writes {run_dir}; nothing was written there)")
     if len(args.run_dirs) > 1:  # one row per run folder, as a grid would show them
         names = [Path(d).name for d in args.run_dirs]  # the full path where two folders share a name
         labels = [n if names.count(n) == 1 else str(d) for n, d in zip(names, args.run_dirs, strict=True)]

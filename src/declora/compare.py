@@ -128,7 +128,12 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
     the file's own, ``out`` replaces its output folder."""
     if not Path(path).is_file():
         raise ConfigError(f"grid file {str(path)!r} does not exist")
-    data = read_yaml(Path(path)) or {}
+    data = read_yaml(Path(path))
+    if data is None:  # as declora run refuses an empty config: it would run the defaults of every key
+        raise ConfigError(
+            f"grid file {str(path)!r} holds no settings (it is empty or all comments); give at least a base "
+            "config and the grid to sweep (README: Comparing methods)"
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"grid file {str(path)!r} must hold a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - GRID_KEYS)

@@ -467,15 +467,17 @@ def planned_rounds(config: dict[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def write_report(run_dir: str | Path) -> str:
+def write_report(run_dir: str | Path, write: bool = True) -> str:
     """Write run_dir/report.md (the table) and run_dir/curves.png from run_dir/metrics.jsonl.
 
-    Returns the table text.
+    Returns the table text (``write=False``: only that, for a run another process is still writing).
     """
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
     config = run_config(run_dir)
     table = format_table(summarize(records, _run_headline(config), planned_rounds(config)), run_dir=run_dir)
+    if not write:
+        return table
     from declora.runfolder import atomic_write, atomic_write_text
 
     quantized = (config or {}).get("model", {}).get("base_quantization", "none")

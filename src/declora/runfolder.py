@@ -191,6 +191,15 @@ def remove_stray_temporaries(folder: Path) -> None:
             stray.unlink()
 
 
+def in_use(run_dir: Path) -> bool:
+    """Whether another process is writing ``run_dir`` (it holds the lock)."""
+    try:
+        check_not_in_use(run_dir)
+    except ConfigError:
+        return True
+    return False
+
+
 def check_not_in_use(run_dir: Path) -> None:
     """Before any work: refuse a folder another process is writing (its lock is held)."""
     path = run_dir / LOCK
@@ -203,7 +212,7 @@ def check_not_in_use(run_dir: Path) -> None:
             raise _in_use(run_dir) from None
 
 
-def _is_run_folder(path: Path) -> bool:
+def is_run_folder(path: Path) -> bool:
     return any((path / m).exists() for m in RUN_MARKERS)
 
 
@@ -251,7 +260,7 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
     if run_dir.is_dir():
         check_not_in_use(run_dir)
     if run_dir.is_dir() and _entries(run_dir):
-        if not _is_run_folder(run_dir):  # neither --resume nor --overwrite would take it
+        if not is_run_folder(run_dir):  # neither --resume nor --overwrite would take it
             raise ConfigError(
                 f"run folder {str(run_dir)!r} is not empty and is not a declora run folder (no "
                 f"{' / '.join(RUN_MARKERS)}): declora writes only into its own run folders; choose another "

@@ -667,3 +667,11 @@ def test_compare_command_writes_one_paired_table_per_pair_within_value(tmp_path,
         assert f"Within topology.graph={graph}, paired by seed against **{ref}**" in table
         assert f"| algorithm.name=local,topology.graph={graph} | 2 |" in table
     assert "Paired by seed against" not in table  # no table across the groups
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_grid_file_is_refused_as_an_empty_config_is(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"holds no settings \(it is empty or all comments\)"):
+        load_grid(path)

@@ -500,6 +500,12 @@ CASES += [
         lambda c: ["report", str(c.done), "--out", str(c.root / "cmp")],
         "two or more",
     ),
+    (
+        "cli:report-out-a-run-folder",  # the comparison's files would land among the run's own
+        lambda c: ["report", str(c.done), str(c.done), "--out", str(c.done)],
+        "is a run folder",
+    ),
+    ("cli:compare-empty-grid", lambda c: _grid(c, "# nothing yet\n"), "holds no settings"),
     ("cli:topology-out-not-png", lambda c: ["topology", "--out", str(c.root / "w.txt")], "w.txt"),
     (
         "cli:topology-out-no-folder",

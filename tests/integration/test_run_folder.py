@@ -7,6 +7,8 @@ import json
 import re
 import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -647,3 +649,33 @@ def test_a_resume_whose_log_lost_checkpointed_rounds_is_refused(tiny, tmp_path, 
     expected = "lacks round 1 of the 2" if damage == "round 1 cut" else "has no start record"
     assert expected in err and "--overwrite" in err and "\n" not in err, err
     assert _files(run) == files  # refused before anything was written
+
+
+def test_report_on_a_run_another_process_writes_prints_its_table_and_writes_nothing(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["run", *tiny, f"run_dir={run}"]) == 0
+    (run / "report.md").unlink()
+    files = _files(run)
+    holder = subprocess.Popen(  # holds the run folder's lock, as a running declora run does
+        [sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        capsys.readouterr()
+        assert main(["report", str(run)]) == 0
+        out = capsys.readouterr().out
+        assert "acc_avg_factors" in out and "still running" in out and "nothing was written there" in out
+        assert _files(run) == files  # no report.md or curves.png written into the folder in use
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["report", str(run)]) == 0 and (run / "report.md").is_file()  # not in use: written
+
+
+HOLD_LOCK = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(120)
+"""

@@ -510,6 +510,11 @@ def cmd_topology(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: folder {str(out.parent)!r} does not exist")
     cfg = load_config(_config_path(args.config), args.overrides)
+    from declora.ignored import ignored_settings
+
+    for line in ignored_settings(cfg):  # as declora run says it, for the keys that shape the graph
+        if line.startswith(("topology.", "nodes=")):
+            log.warning(line)
     # the run's W(t): with a straggler deadline, a node late in a round is offline in it (declora.stragglers)
     timed = enabled(cfg) and cfg.stragglers.deadline is not None
     schedule = build_schedule(

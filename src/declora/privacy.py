@@ -51,6 +51,8 @@ from torch import Tensor
 from declora.config import PrivacyConfig
 from declora.seeding import torch_generator
 
+log = logging.getLogger(__name__)
+
 
 def import_accountants() -> Any:
     """opacus.accountants (with its utils). opacus calls logging.basicConfig when first imported, which
@@ -77,11 +79,28 @@ def epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accounta
     accountants = import_accountants()
     acc = accountants.RDPAccountant() if accountant == "rdp" else accountants.PRVAccountant()
     acc.history = [(sigma, sample_rate, steps)]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         # PRV at sample rate 1 (node level: every message is sent) takes log(0) of the rate's complement
         # on the way; the epsilon is right (it matches the exact Gaussian mechanism), the warning is noise.
         warnings.filterwarnings("ignore", "divide by zero encountered in log", RuntimeWarning)
-        return float(acc.get_epsilon(delta))
+        value = float(acc.get_epsilon(delta))
+    for warning in caught:  # opacus' own words would break the console's one line per event
+        if "Optimal order is the" in str(warning.message):
+            _loose_rdp_bound()
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return value
+
+
+@functools.cache
+def _loose_rdp_bound() -> None:
+    """Once per process: the RDP accountant's best order was the last it tries, so its epsilon is an
+    upper bound that larger orders would lower (opacus warns of it at every call)."""
+    log.warning(
+        "the RDP accountant's epsilon is an upper bound here, possibly loose (its best order was the "
+        "largest it tries, as with much noise or few steps); privacy.accountant=prv gives a tighter one"
+    )
 
 
 @functools.lru_cache(maxsize=256)

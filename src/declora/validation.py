@@ -258,8 +258,10 @@ def validate(cfg: Config) -> Config:
     ):
         if flat[key] not in registry:
             raise ConfigError(f"{key}={flat[key]!r} is not known; choose one of {sorted(registry)}")
-    from declora.comm.codecs import build_codec
+    from declora.comm.codecs import CODECS, build_codec
 
+    if cfg.comm.codec not in CODECS:
+        raise ConfigError(f"comm.codec={cfg.comm.codec!r} is not known; choose one of {sorted(CODECS)}")
     try:
         build_codec(cfg.comm.codec, **cfg.comm.codec_params())
     except ValueError as err:
@@ -290,6 +292,9 @@ def validate(cfg: Config) -> Config:
     unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
     if unknown:
         raise ConfigError(f"log.trackers: {unknown[0]!r} is not a tracker; choose from {sorted(TRACKERS)}")
+    twice = sorted({t for t in cfg.log.trackers if cfg.log.trackers.count(t) > 1})
+    if twice:  # two mirrors of one kind would write one run folder's logs twice over
+        raise ConfigError(f"log.trackers names {twice[0]!r} twice; list each tracker once")
     if problem := setup_problem(cfg):  # before any work, not after the run folder is made
         raise ConfigError(problem)
     return cfg

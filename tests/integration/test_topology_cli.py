@@ -86,3 +86,13 @@ def test_a_straggler_deadline_is_part_of_the_graph_it_describes(tmp_path, capsys
     clock, rho = build_clock(cfg.algorithm, run_schedule, "tad_lora", True)
     assert shown["is_static"] == "False" and float(shown["rho"]) == pytest.approx(rho) and rho > 0.5
     assert int(shown["tad_lora auto T"].split()[0]) == clock.interval > 4  # the ring alone: rho 1/9, T 4
+
+
+def test_a_graph_key_this_graph_does_not_read_is_named_as_declora_run_names_it(tmp_path, capsys, caplog):
+    edges = tmp_path / "ring4.txt"
+    edges.write_text("0 1\n1 2\n2 3\n3 0\n")
+    argv = ["topology", DEFAULT, "nodes=6", f"topology.edge_list={edges}", "--out", str(tmp_path / "t.png")]
+    assert main(argv) == 0
+    assert _printed(capsys.readouterr().out)["edges"] == "6"  # the config's ring, not the file's
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("topology.edge_list=") and "has no effect" in m for m in said), said

@@ -205,3 +205,17 @@ def test_settings_that_protect_little_are_warned_about(caplog):
         *example, "privacy.delta=0.05"
     )
     assert warnings_of(*example, "privacy.delta=0.01") == ""  # below 1/40
+
+
+def test_opacus_loose_bound_warning_becomes_one_log_line(caplog, recwarn):
+    import logging
+
+    from declora.privacy import _loose_rdp_bound, epsilon
+
+    _loose_rdp_bound.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="declora.privacy"):
+        first = epsilon(5.0, 0.01, 1, 1e-5)  # much noise, one step: opacus' best order is its largest
+        assert epsilon(5.0, 0.01, 10, 1e-5) > first > 0
+    assert not [w for w in recwarn if "Optimal order" in str(w.message)]  # nothing of opacus' leaks
+    said = [r.getMessage() for r in caplog.records if "upper bound" in r.getMessage()]
+    assert len(said) == 1 and "privacy.accountant=prv" in said[0]

@@ -354,41 +354,46 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(
                 f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                f"got {value!r}"
+                f"got {_shown(value)}"
             )
         return _build(tp, value, prefix=f"{key}.")
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
         return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected {len(args)} values, got {_shown(value)}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
         return value
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value in an error: YAML's null (also what ``key=`` with nothing after it gives) said as such."""
+    return "null (no value)" if value is None else repr(value)
 
 
 def _did_you_mean(key: str, prefix: str, names: set[str]) -> str:

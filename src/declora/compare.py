@@ -198,6 +198,11 @@ def _check_grid_types(path: str | Path, data: dict[str, Any]) -> None:
     overrides = data.get("overrides") or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ConfigError(f"{where}overrides must be a list of key=value strings, got {overrides!r}")
+    for text in overrides:
+        try:
+            parse_override(text)
+        except ConfigError as err:
+            raise ConfigError(f"{where}overrides: {err}") from err
     for key in ("base", "out"):
         if key in data and (not isinstance(data[key], str) or not data[key].strip()):
             raise ConfigError(f"{where}{key} must be a path, got {data[key]!r}")

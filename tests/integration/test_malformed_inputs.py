@@ -512,6 +512,11 @@ CASES += [
         "is a run folder",
     ),
     ("cli:compare-empty-grid", lambda c: _grid(c, "# nothing yet\n"), "holds no settings"),
+    (
+        "cli:compare-override-not-key-value",
+        lambda c: _grid(c, "out: OUT\noverrides: [rounds]\n"),
+        "grid.yaml",
+    ),
     ("cli:topology-out-not-png", lambda c: ["topology", "--out", str(c.root / "w.txt")], "w.txt"),
     (
         "cli:topology-out-no-folder",

@@ -159,7 +159,8 @@ def summarize(
     """Best and final of every accuracy key, final consensus/loss/cost values and peak memory.
 
     Returns ``{"rounds", "evals", "accuracy": {key: {final, final_round, best, best_round[, final_std,
-    best_std]}}, "final": {key: value}, "peak_mem_mb", "headline"}``. Consensus keys come from the last
+    best_std]}}, "final": {key: value}, "peak_mem_mb", "headline", "stopped_early", "diverged",
+    "private"}`` (private: the run used differential privacy). Consensus keys come from the last
     evaluation that logged them; bytes_total, wall_s and train_loss from the last eval or round line (round
     lines are the more recent); peak_mem_mb is the maximum over both. ``headline`` is the metric the
     paper reports (config eval.headline): the argument, else the one in the run's ``start`` line, else

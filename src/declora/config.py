@@ -481,7 +481,7 @@ def check_sections(cfg: Config) -> None:
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
         kind, value = hints[f.name], getattr(cfg, f.name)
-        if dataclasses.is_dataclass(kind) and not isinstance(value, kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and not isinstance(value, kind):
             raise ConfigError(
                 f"{f.name}: expected a {kind.__name__}, got {type(value).__name__}; change one key with "
                 f"dataclasses.replace(cfg, {f.name}=dataclasses.replace(cfg.{f.name}, key=value)), or give "

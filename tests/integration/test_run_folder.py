@@ -199,14 +199,20 @@ def test_a_full_disk_is_one_line_and_the_checkpoint_survives(tiny, tmp_path, cap
     assert main(["run", "--resume", str(run), "rounds=3"]) == 0 and _rounds(run)[-1] == 3
 
 
-def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny, tmp_path, capsys):
+def _blown_up_adapter(tiny: list[str], tmp_path: Path) -> Path:
+    """A finished run's consensus adapter with every entry 1e30: a run that starts from it diverges."""
     first = tmp_path / "first"
     assert main(["run", *tiny, f"run_dir={first}"]) == 0
     adapter = first / "adapters" / "consensus" / "adapter_model.safetensors"
     save_file({k: torch.full_like(v, 1e30) for k, v in load_file(str(adapter)).items()}, str(adapter))
+    return adapter.parent
+
+
+def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny, tmp_path, capsys):
+    adapter = _blown_up_adapter(tiny, tmp_path)
     run = tmp_path / "run"
     capsys.readouterr()
-    code = main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter.parent}"])
+    code = main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter}"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "round 1: node" in err and "NaN or Inf" in err and "\n" not in err, err
     assert "(no checkpoint yet)" in err, err  # the round of the checkpoint on disk, not a guess
@@ -222,14 +228,11 @@ def test_a_diverged_run_stops_naming_the_node_and_keeps_its_last_checkpoint(tiny
 
 
 def test_a_private_run_that_diverges_names_the_dp_noise_first(tiny, tmp_path, capsys):
-    first = tmp_path / "first"
-    assert main(["run", *tiny, f"run_dir={first}"]) == 0
-    adapter = first / "adapters" / "consensus" / "adapter_model.safetensors"
-    save_file({k: torch.full_like(v, 1e30) for k, v in load_file(str(adapter)).items()}, str(adapter))
+    adapter = _blown_up_adapter(tiny, tmp_path)
     run = tmp_path / "run"
     private = ["privacy.level=node", "privacy.noise_multiplier=2.5", "privacy.clip=0.5"]
     capsys.readouterr()
-    assert main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter.parent}", *private]) == 1
+    assert main(["run", *tiny, f"run_dir={run}", f"model.init_adapter={adapter}", *private]) == 1
     err = capsys.readouterr().err.strip()
     assert "NaN or Inf" in err and "try less DP noise (noise multiplier 2.5 x privacy.clip 0.5)" in err, err
     assert main(["report", str(run)]) == 0

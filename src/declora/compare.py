@@ -361,7 +361,8 @@ def checked_cells(grid: Grid) -> tuple[list[Cell], list[str]]:
             try:
                 check_inputs(cell.cfg or load_config(grid.base, cell.overrides))
             except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-                raise ConfigError(f"grid cell {cell.run_dir.name}: {err}") from err
+                # the cell named as the progress lines name it, not by its folder's name
+                raise ConfigError(f"grid cell {cell.method} seed={cell.seed}: {err}") from err
     return cells, states
 
 

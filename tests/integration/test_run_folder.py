@@ -620,7 +620,7 @@ def test_a_comparison_folder_that_cannot_be_made_is_refused_before_any_report(ti
 
 def test_a_grid_cell_whose_data_or_model_does_not_fit_stops_the_grid_before_any_cell_runs(tiny, tmp_path):
     for axis, said in [
-        ({"nodes": [2, 100]}, r"grid cell nodes=100_seed=0: nodes=100 must be between 1 and"),
+        ({"nodes": [2, 100]}, r"grid cell nodes=100 seed=0: nodes=100 must be between 1 and"),
         ({"model.target_modules": [["query"], ["valu"]]}, r"grid cell .*valu.*: .* matches no linear layer"),
     ]:
         path = _grid(tmp_path, tiny, axes=axis)

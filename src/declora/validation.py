@@ -672,11 +672,6 @@ def _validate_task(cfg: Config) -> None:
                 f"task.kind=causal_lm; task.kind={kind} reads a table with a text and a label column "
                 "(csv, tsv, jsonl, parquet, ...)"
             )
-    if kind != "sequence_classification" and cfg.model.name == "minilm":  # before any head advice
-        raise ConfigError(
-            f"task.kind={kind} needs a causal LM; model.name=minilm is an encoder (a classifier's base): use "
-            "model.name=smollm2, a LLaMA-family folder, or task.kind=sequence_classification"
-        )
     if kind != "sequence_classification" and cfg.model.pooling == "mean":
         raise ConfigError(
             f"model.pooling='mean' is for encoder classifiers (task.kind=sequence_classification); "

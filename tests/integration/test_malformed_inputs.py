@@ -331,11 +331,6 @@ CASES += [  # an encoder loads as a causal LM with an untrained LM head: refused
         lambda c: c.new_run("task.kind=causal_lm", *CAUSAL_TASK),
         "needs a causal LM",
     ),
-    (  # the shipped encoder: said before any advice on the head, which would not help
-        "model:shipped-encoder-for-causal_lm",
-        lambda c: c.new_run("model.name=minilm", "task.kind=causal_lm"),
-        "model.name=minilm is an encoder",
-    ),
     (
         "model:encoder-for-label_words",
         lambda c: c.new_run("task.kind=label_words", "task.label_words=[' no',' yes']", "model.head=none"),

@@ -686,8 +686,9 @@ def _validate_task(cfg: Config) -> None:
         return
     if head == "train":  # a causal LM predicts with its own (frozen, shared) LM head: nothing per node
         raise ConfigError(
-            f"model.head='train' needs a classifier head, and task.kind={kind} runs a causal LM, which has "
-            "none: set model.head=none (or frozen)"
+            f"model.head='train' needs a classifier head, and task.kind={kind} runs a causal LM (model.name: "
+            "smollm2 or a LLaMA-family folder, not an encoder), which has none: set model.head=none (or "
+            "frozen)"
         )
     if cfg.task.template.count("{text}") != 1:
         raise ConfigError(

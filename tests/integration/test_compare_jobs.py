@@ -80,9 +80,9 @@ def test_cells_in_parallel_processes_equal_the_sequential_grid(tmp_path, tiny_be
     assert again.stdout.count(": finished, skipped") == 4
 
 
-def _start_grid(tmp_path: Path, tiny_bert: Path) -> tuple[subprocess.Popen, list, Path]:
-    """A --jobs 2 grid of 40-round cells, returned once a cell has checkpointed a round."""
-    path = _grid(tmp_path, tiny_bert, more=("rounds=40",))
+def _start_grid(tmp_path: Path, tiny_bert: Path, rounds: int = 40) -> tuple[subprocess.Popen, list, Path]:
+    """A --jobs 2 grid of ``rounds``-round cells, returned once a cell has checkpointed a round."""
+    path = _grid(tmp_path, tiny_bert, more=(f"rounds={rounds}",))
     cmd = [sys.executable, "-m", "declora", "compare", str(path), "--jobs", "2"]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     proc = subprocess.Popen(cmd, preexec_fn=as_at_a_terminal, **pipes)
@@ -131,7 +131,9 @@ def test_ctrl_c_or_a_closed_terminal_stops_every_cell_and_the_same_command_finis
 
 
 def test_cells_stop_when_the_command_that_started_them_is_killed(tmp_path, tiny_bert):
-    proc, cells, _ = _start_grid(tmp_path, tiny_bert)
+    # rounds enough that no cell can finish in the second or two its watch takes to notice (with 40, both
+    # cells of a fast machine once finished first); the grid is never run to its end here
+    proc, cells, _ = _start_grid(tmp_path, tiny_bert, rounds=5000)
     assert len(_cells_of(proc.pid)) == 2
     proc.kill()  # SIGKILL: the command cannot stop its cells; each notices and stops itself
     proc.communicate(timeout=60)

@@ -193,23 +193,21 @@ def remove_stray_temporaries(folder: Path) -> None:
 
 def in_use(run_dir: Path) -> bool:
     """Whether another process is writing ``run_dir`` (it holds the lock)."""
-    try:
-        check_not_in_use(run_dir)
-    except ConfigError:
-        return True
+    path = run_dir / LOCK
+    if not path.is_file() or run_dir.resolve() in _held:
+        return False
+    with open(path, encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
     return False
 
 
 def check_not_in_use(run_dir: Path) -> None:
     """Before any work: refuse a folder another process is writing (its lock is held)."""
-    path = run_dir / LOCK
-    if not path.is_file() or run_dir.resolve() in _held:
-        return
-    with open(path, encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(run_dir) from None
+    if in_use(run_dir):
+        raise _in_use(run_dir)
 
 
 def is_run_folder(path: Path) -> bool:

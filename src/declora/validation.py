@@ -248,20 +248,18 @@ def validate(cfg: Config) -> Config:
     validate_guard(cfg)
     # Registries are checked here so that a typo stops the run before the model loads.
     from declora.algorithms import ALGORITHMS, SHIPPED
+    from declora.comm.codecs import CODECS, build_codec
     from declora.schedules import SCHEDULES
     from declora.topology import GRAPHS, WEIGHTS
 
     for key, registry in (
+        ("comm.codec", CODECS),
         ("topology.graph", GRAPHS),
         ("topology.weights", WEIGHTS),
         ("topology.schedule", SCHEDULES),
     ):
         if flat[key] not in registry:
             raise ConfigError(f"{key}={flat[key]!r} is not known; choose one of {sorted(registry)}")
-    from declora.comm.codecs import CODECS, build_codec
-
-    if cfg.comm.codec not in CODECS:
-        raise ConfigError(f"comm.codec={cfg.comm.codec!r} is not known; choose one of {sorted(CODECS)}")
     try:
         build_codec(cfg.comm.codec, **cfg.comm.codec_params())
     except ValueError as err:

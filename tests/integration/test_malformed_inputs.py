@@ -535,6 +535,11 @@ def test_the_corpus_is_large_enough():
     assert len(CASES) >= 80 and len({name for name, _, _ in CASES}) == len(CASES)
 
 
+def test_the_readme_counts_the_corpus():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"runs {len(CASES)} malformed inputs" in readme  # a case added or dropped updates README's count
+
+
 @pytest.mark.parametrize(("name", "argv", "culprit"), CASES, ids=[c[0] for c in CASES])
 def test_malformed_input_is_one_clear_line(corpus, tmp_path, capsys, name, argv, culprit):
     ctx = Ctx(tmp_path, corpus.bert, corpus.data, corpus.done, tmp_path / "out")

@@ -224,6 +224,13 @@ CASES.append(  # instruction data reads prompts and responses: a text column wou
         "data.text_column='review' has no effect with task.kind=instruction",
     )
 )
+CASES.append(  # refused before the model loads, not by the algorithm's constructor after it
+    (
+        "config:auto-interval-not-tad",
+        lambda c: c.new_run("algorithm.name=adf_lora", "algorithm.switch_interval=auto"),
+        "algorithm.switch_interval='auto' is TAD-LoRA's rule",
+    )
+)
 CASES += [  # a table's settings beside a shipped corpus would be ignored
     (f"config:shipped-{key}", lambda c, o=o: c.new_run("data.dataset=rotten_tomatoes", o), key)
     for key, o in (

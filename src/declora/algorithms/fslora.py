@@ -23,8 +23,7 @@ drawn once per run from (seed, "sketch_ratios") by algorithm.sketch_dist, all on
                 code's "heavy_tail_low", 1/lognormal: most devices near 1/8 [C]; a single node gets 1/8)
 Download: a sampled device fetches B[:, I_i], A[I_i, :] (and the head) at the start of its round, booked
 with its upload. Between rounds the gates are off and every node's rows are the server model, so
-acc_node = acc_server. The released code never applies its masks (see docs/algorithms.md); this is the
-paper's method.
+acc_node = acc_server. The released code never applies its masks; this is the paper's method.
 With train.weight_decay > 0, masked coordinates may decay locally; they are neither used (gate 0) nor
 sent, so the device still trains exactly its sub-adapter.
 """

@@ -12,6 +12,7 @@ import bz2
 import csv
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,7 +389,8 @@ def load_user_file(
 def _paragraphs(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist{relative_note(path)}")
-    blocks = (" ".join(b.split()) for b in _read_text(path).replace("\r\n", "\n").split("\n\n"))
+    # a line of spaces or tabs separates paragraphs as an empty one does (edited prose often keeps them)
+    blocks = (" ".join(b.split()) for b in re.split(r"\n[ \t\r\f\v]*\n", _read_text(path)))
     return [b for b in blocks if b]
 
 

@@ -693,7 +693,7 @@ def _validate_task(cfg: Config) -> None:
             "smollm2 or a LLaMA-family folder, not an encoder), which has none: set model.head=none (or "
             "frozen)"
         )
-    if cfg.task.template.count("{text}") != 1:
+    if kind == "label_words" and cfg.task.template.count("{text}") != 1:  # the other kinds never read it
         raise ConfigError(
             f"task.template={cfg.task.template!r} must contain {{text}} exactly once (the review goes there; "
             "any other {...} stays as written)"

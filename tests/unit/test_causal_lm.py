@@ -211,11 +211,19 @@ def test_causal_configs_have_no_trained_head():
         load_config(None, ["task.kind=label_words", "model.head=none", "task.template='{text} vs {text}:'"])
     cfg = load_config(None, ["task.kind=causal_lm", "model.head=none", "eval.headline=ppl_avg_factors"])
     assert cfg.task.kind == "causal_lm"
+    for kind in ("causal_lm", "instruction"):  # they never read the template: it is warned about, not refused
+        assert (
+            load_config(None, [f"task.kind={kind}", "model.head=none", "task.template=Question"]).task.kind
+            == kind
+        )
 
 
 def test_text_file_gives_one_example_per_paragraph(tmp_path):
     path = tmp_path / "book.txt"
-    path.write_text("First  paragraph\nstill first.\n\n\nSecond one.\n\nThird.\n\nFourth.\n\nFifth.\n")
+    # blank lines may hold spaces, a tab or a Windows line end; a line break inside a paragraph is a space
+    path.write_text(
+        "First  paragraph\nstill first.\n\n\nSecond one.\n  \nThird.\n\t\nFourth.\r\n\r\nFifth.\n"
+    )
     lm = ["task.kind=causal_lm", "model.head=none"]  # a .txt file is read for language modelling only
     train, test = load_dataset(load_config(None, [f"data.dataset={path}", *lm]).data, seed=0)
     assert sorted(train.texts + test.texts) == sorted(

@@ -1,4 +1,5 @@
-# Every target creates the virtual environment first if needed. torch is pinned to the CPU build 2.13.0.
+# Every target creates the virtual environment first if needed. torch is pinned to 2.13.0 (an installed
+# 2.13.0 build, CPU or CUDA, is kept; see README, Training on GPUs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)

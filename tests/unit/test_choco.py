@@ -10,6 +10,8 @@ from declora.comm.codecs import build_codec
 from declora.comm.exchange import LocalExchange
 from declora.config import ConfigError, load_config
 
+pytestmark = pytest.mark.unit
+
 CODECS = [
     ("fp32", {}),
     ("fp16", {}),

@@ -12,6 +12,8 @@ import pytest
 import declora.cli
 from declora.cli import build_parser
 
+pytestmark = pytest.mark.unit
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 

@@ -9,6 +9,8 @@ import torch
 
 from declora.heap import release_free_memory
 
+pytestmark = pytest.mark.unit
+
 
 def resident_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -8,6 +8,8 @@ import torch
 from declora.config import ConfigError, TrainConfig, load_config
 from declora.optim import NodeAdamW, NodeSGD, build_optimizer
 
+pytestmark = pytest.mark.unit
+
 OPTIMIZERS = {  # ours (per node) and torch's (one node), with the same settings
     "adamw": (
         lambda p: NodeAdamW(p, {"x": 0.01}, weight_decay=0.1),

@@ -10,6 +10,8 @@ from scipy import stats
 
 from declora.paired import PairedDiff, is_exact, paired_difference, seeds_to_decide, t_quantile, verdict
 
+pytestmark = pytest.mark.unit
+
 
 def test_paired_difference_equals_hand_computation_and_scipy():
     a = {0: 0.80, 1: 0.78, 2: 0.83, 7: 0.5}  # seed 7 has no partner: left out

@@ -4,6 +4,7 @@ nothing to cut is an exact zero correction; an outlier is cut."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from declora.config import RobustConfig
@@ -16,6 +17,8 @@ from declora.robust_uploads import (
     slice_mask,
     upload_correction,
 )
+
+pytestmark = pytest.mark.unit
 
 
 def _values(k: int = 5, d: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

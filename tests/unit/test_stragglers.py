@@ -10,6 +10,8 @@ from declora.comm.exchange import LocalExchange
 from declora.config import ConfigError, load_config
 from declora.stragglers import AsyncExchange, Stragglers, multipliers, periods
 
+pytestmark = pytest.mark.unit
+
 
 def _cfg(*extra):
     return load_config(None, ["nodes=4", "train.local_steps=2", *extra])

@@ -142,8 +142,9 @@ def _start(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: tuple[st
 
 
 def _resume(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
-    """Load the last complete checkpoint, drop later metrics, record the resume. Only rank 0 reads or
-    writes the folder (other hosts may have none); the CLI has already refused unsafe overrides."""
+    """Load the last complete checkpoint, drop later metrics, record the resume. Every rank reads its
+    own checkpoint shard from the folder on its host; only rank 0 reads and rewrites metrics.jsonl and
+    config.yaml. The CLI has already refused unsafe overrides."""
     group, main = exp.group, exp.group.is_main
     if main:  # again, under the lock
         _check_folder(exp.run_dir, resume=True, overwrite=False)
@@ -235,8 +236,9 @@ def run(
     """Run (or resume) every round of ``exp``; returns the per-round records written to metrics.jsonl.
 
     Every process of a multi-process run runs this loop on its slice of the nodes; ``exp.group``
-    gathers the per-node numbers, and rank 0 alone writes the run folder, holding its lock throughout
-    (another process on the same folder is refused). A new run needs an empty ``exp.run_dir`` (or
+    gathers the per-node numbers, and rank 0 alone writes the run folder's shared files, holding its
+    lock throughout (another process on the same folder is refused); every rank writes its own
+    checkpoint shard and rank_K.log there. A new run needs an empty ``exp.run_dir`` (or
     ``overwrite``); a resume may change only RESUME_SAFE keys (declora.validation). An Experiment runs
     once: to run or resume again, build a new one.
 
@@ -451,8 +453,8 @@ class NumericalError(ArithmeticError):
 
 def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tensor, saved: int = 0) -> None:
     """Stop at round t+1 if a trained node's loss (n,) or any node's tensor after communication is NaN or
-    Inf, naming the node, the tensor and ``saved``, the round of the last checkpoint (0: none); every rank
-    agrees on one bad (node, tensor) (the largest index)."""
+    Inf, naming the node, the tensor and ``saved``, the round of the last checkpoint (0: none); each rank
+    names its first bad node (or else its first bad tensor), and the ranks agree on the largest of those."""
     names = list(exp.fed.tensors())
     bad = -1  # node * (len(names) + 1) + k: k = 0 for the loss, 1 + tensor index otherwise
     trained = exp.group.gather_nodes(active)  # (n,) bool

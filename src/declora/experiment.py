@@ -229,9 +229,10 @@ def _warn_unlearnable_labels(cfg: Config, names: tuple[str, ...], summary: list[
 
 
 def _pad_id(fed: Federation, tokenizer: Any) -> int:
-    """The id rows are padded with. A LLaMA-family classifier reads each row's last token that is not
-    config.json's pad_token_id, so padding must be that id (the tokenizer may have none, or another);
-    any other model masks padding out, and the tokenizer's pad id (else 0) serves."""
+    """The id rows are padded with: config.json's pad_token_id where it has one, else the tokenizer's
+    (else 0). The config's id comes first because a LLaMA-family classifier reads each row's last token
+    that is not that id (the tokenizer may have none, or another); other models mask padding out, so
+    for them any id serves."""
     from_config = getattr(fed.model.config, "pad_token_id", None)
     if isinstance(from_config, int):
         return from_config

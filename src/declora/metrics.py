@@ -8,8 +8,9 @@ and node i's update is ``s * B[i] @ A[i]``. The metrics say how far the nodes ar
 - cross-term norm      ``‖s mean_i(B_iA_i) − s B̄Ā‖_F = ‖(s/n) Σ_i (B_i − B̄)(A_i − Ā)‖_F`` (see cross-term);
 - head disagreement    ``(1/n) Σ_i ‖H_i − H̄‖_F²`` over a classifier head's weight and bias.
 
-Nodes with rank gates (HetLoRA, FlexLoRA, FSLoRA) run ``s B_i diag(g_i) A_i``: the metrics read those
-effective factors (``gated``), so nodes that run different ranks disagree even when the stored tensors agree.
+Nodes with rank gates at evaluation (HetLoRA, FlexLoRA; FSLoRA's are off between rounds) run
+``s B_i diag(g_i) A_i``: the metrics read those effective factors (``gated``), so nodes that run different
+ranks disagree even when the stored tensors agree.
 
 A layer's product is d_out × d_in (4096² for a 7B model) and there may be a thousand nodes, so no product is
 ever formed: Frobenius norms of low-rank products go through r×r Gram matrices,

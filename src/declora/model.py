@@ -531,7 +531,7 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
     # stock PEFT) changes no prediction of this run: it is not applied, and not a reason to refuse.
     unread = {k for k in state if fed.pooling == "mean" and skipped_by_mean(k)}
     unused = sorted(set(state) - used - unread)
-    if unused:  # e.g. a trained lm_head (modules_to_save), or a head the run does not train
+    if unused:  # e.g. a trained lm_head (modules_to_save), or a head for a run that has none (a causal LM)
         raise ValueError(
             f"adapter in {folder} holds {len(unused)} tensors this run would not apply ({unused[:3]}"
             f"{' ...' if len(unused) > 3 else ''}): it would start from another model than the adapter's"

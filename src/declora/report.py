@@ -6,9 +6,11 @@ summary keeps best and final for every evaluation mode that was logged, next to 
 and memory of the run.
 
 metrics.jsonl holds one JSON object per line. ``"event": "eval"`` lines carry ``round`` and any of the
-accuracy, loss, consensus and cost keys; ``"event": "round"`` lines carry the per-round costs. Every other
-event is ignored, and a key may be missing or null in any line. Accuracies are fractions in [0, 1].
-Causal language modelling logs perplexities (``ppl_*``, lower is better) in place of accuracies.
+accuracy, loss, consensus and cost keys; ``"event": "round"`` lines carry the per-round costs; the
+``start`` line gives the headline, the round count and the privacy level, and a ``diverged`` line the round
+a run stopped at. Every other event is ignored, and a key may be missing or null in any line. Accuracies
+are fractions in [0, 1]. Causal language modelling logs perplexities (``ppl_*``, lower is better) in place
+of accuracies.
 """
 
 from __future__ import annotations

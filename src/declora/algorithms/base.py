@@ -21,7 +21,7 @@ from declora.optim import NodeOptimizer
 
 @dataclass(frozen=True)
 class RoundPlan:
-    train: tuple[str, ...]  # kinds of tensors trained this round: a subset of ("A", "B", "head")
+    train: tuple[str, ...]  # kinds of tensors trained this round: a subset of model.KINDS (A, B, head, R)
     active: Tensor | None = None  # (n,) bool: nodes that train this round; None = every online node
     # Added to the trained tensors' gradients before clipping at every local step (FedProx, SCAFFOLD):
     # called with {name: parameter} of the trained tensors, each with its .grad. None: nothing.

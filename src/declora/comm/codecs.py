@@ -8,9 +8,9 @@ DECODED tensors.
 - ``fp32``, ``fp16``, ``bf16``: casts; 4, 2, 2 bytes per entry.
 - ``quantize``: unbiased stochastic rounding onto the asymmetric grid ``lo + j * scale / (2^b - 1)``,
   ``j = 0 .. 2^b - 1``, where ``lo = min`` and ``scale = max - min`` of each row (``block_size=None``) or of
-  each block of ``block_size`` entries along the last dim. Codes are bit-packed per node message
-  (``ceil(m * b / 8)`` bytes for ``m`` entries). ``lo`` and ``scale`` travel as fp32, 8 bytes per block:
-  the decoder then uses exactly the grid the encoder rounded onto, which is what keeps it unbiased.
+  each block of ``block_size`` entries of a node's whole flattened message. Codes are bit-packed per node
+  message (``ceil(m * b / 8)`` bytes for ``m`` entries). ``lo`` and ``scale`` travel as fp32, 8 bytes per
+  block: the decoder then uses exactly the grid the encoder rounded onto, which is what keeps it unbiased.
 - ``topk``: the ``k = ceil(fraction * m)`` largest-magnitude entries per node message, as values (fp32 or
   fp16) plus int32 indices; optional error feedback keeps what was not sent, per tensor name, and adds it
   to the next message.
@@ -285,7 +285,7 @@ class TopKCodec(_CodecBase):
         return value / (value + 4)
 
     def k(self, m: int) -> int:
-        """Entries kept out of m; fraction * m is rounded to 9 decimals so 0.1 * 100 keeps 10, not 11."""
+        """Entries kept out of m; fraction * m is rounded to 9 decimals so 0.07 * 100 keeps 7, not 8."""
         return max(1, min(m, math.ceil(round(self.fraction * m, 9))))
 
     def _corrected(self, flat: Tensor, shape: tuple[int, ...], key: str | None) -> Tensor:

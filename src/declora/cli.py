@@ -1,4 +1,5 @@
-"""Command line: ``declora run | report | compare | topology``. The only module that prints."""
+"""Command line: ``declora run | report | compare | topology``. It prints, as does compare_jobs (the lines
+of cells running in parallel); the other modules log."""
 
 from __future__ import annotations
 

@@ -62,7 +62,8 @@ class DataConfig:
     # .gz/.bz2/.xz) or a datasets save_to_disk folder (read by HF datasets) | a .txt file (causal_lm)
     dataset: str = "rotten_tomatoes"
     split: str = "train"  # the training split of a save_to_disk DatasetDict (a plain file is "train")
-    # held-out rows: test_file (its split test_split or "train"), else the split test_split, else the
+    # held-out rows: test_file (its split test_split, else its own "test" split when it is a saved
+    # DatasetDict with one, else "train"), else the split test_split, else the
     # source's own "test" split, else a seeded split of the training rows
     test_file: str | None = None
     test_split: str | None = None
@@ -75,7 +76,8 @@ class DataConfig:
     messages_column: str = "messages"
     test_fraction: float = 0.2
     # One table per node (the node's own rows; partition is then not used): a list with one path per
-    # node, or a folder whose files (sorted by name) are the nodes'. Each process reads only its nodes'.
+    # node, or a folder whose files (in natural order: node_2 before node_10) are the nodes'. Each process
+    # reads only its nodes'.
     node_files: tuple[str, ...] | str | None = None
     train_limit: int | None = None  # keep at most this many training examples (node_files: per node)
     test_limit: int | None = None
@@ -87,7 +89,7 @@ class PartitionConfig:
     column: str | None = None  # kind=column: one node per distinct value of this column (a user id)
     max_per_node: int | None = None  # kind=column: keep at most this many examples per node (seeded)
     alpha: float = 0.5  # dirichlet concentration (also quantity_skew)
-    min_size: int = 8  # dirichlet / quantity_skew: resample until every node has this many
+    min_size: int = 8  # every node gets this many: dirichlet resamples, quantity_skew gives it first
     proportions: tuple[tuple[float, ...], ...] | None = None  # one label distribution per node
     shards_per_node: int = 2
 
@@ -193,7 +195,9 @@ class AlgorithmConfig:
     optimizer_policy: str = "reset"
     svd_split: str = "balanced"  # DeCAF: B = U S^(1/2), A = S^(1/2) V^T | left: B = U S | right: A = S V^T
     # Heterogeneous ranks and server optimizers (fslora, hetlora, flexlora; see algorithms/ranks.py).
-    ranks: tuple[int, ...] | None = None  # hetlora/flexlora: r_i <= model.rank per node; None: model.rank
+    ranks: tuple[int, ...] | None = (
+        None  # hetlora/flexlora/flora: r_i <= model.rank per node; None: model.rank
+    )
     sketch_ratios: tuple[float, ...] | None = None  # fslora: k_i / r per node in (0, 1]; None: sketch_dist
     sketch_dist: str = "uniform"  # fslora: uniform over {1/8, 1/4, 1/2} | normal | heavy_tailed (seeded)
     clients_per_round: int | None = None  # server methods: nodes the server samples per round; None: all
@@ -208,8 +212,8 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How a server algorithm (fedavg, ffa_lora, rolora, fslora, hetlora, flexlora) aggregates and samples
-    (algorithms/server.py, server_opt.py)."""
+    """How a server algorithm (algorithms.SERVED: fedavg, ffa_lora, rolora, fslora, hetlora, flexlora and
+    the FL baselines) aggregates and samples (algorithms/server.py, server_opt.py)."""
 
     # auto: each method's own rule (fslora, hetlora: adamw at algorithm.server_lr; the others: average) |
     # average | sgd | avgm | adagrad | yogi | adam (Reddi et al. 2021) | adamw (torch AdamW, FSLoRA's server)

@@ -172,8 +172,8 @@ class GuardedExchange:
 
 def node_releases_per_round(cfg: Config) -> int:
     """Messages a node sends per round under node-level DP, each clipped and noised on its own, so the
-    accountant composes them all: a trained head travels beside a masked upload or DeCAF's products in a
-    message of its own, and SCAFFOLD's control-variate change is a second upload."""
+    accountant composes them all: a trained head travels beside a masked upload or DeCAF's shared factors in
+    a message of its own, and SCAFFOLD's control-variate change is a second upload."""
     name = cfg.algorithm.name
     if name == "scaffold" or (name in (*MASKED_UPLOADS, "decaf") and cfg.model.head == "train"):
         return 2

@@ -64,7 +64,8 @@ class Task(Protocol):
     def row_stats(
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
-        """(rows, 2): each row's (sum, count) of the metric; ``logits`` at ``positions`` if given."""
+        """(rows, k): each row's (sum, count) of the metric, then any columns of the task's own (k = 2, or
+        4 for Instruction); ``logits`` at ``positions`` if given."""
         ...
 
     def finalize(self, totals: Tensor) -> Tensor:

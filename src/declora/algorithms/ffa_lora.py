@@ -6,7 +6,8 @@ docs/algorithms.md: cross-term, initialization.
 Every node starts from the same A^0 (model.init_seed) and B^0 = 0. Each round the participants S
 train B_i (and a trained head), and the server sends back
 
-    B <- (1/|S|) sum_{i in S} B_i        head <- (1/|S|) sum_{i in S} head_i        A = A^0 forever
+    B <- sum_{i in S} p_i B_i        head <- sum_{i in S} p_i head_i        A = A^0 forever
+(p_i by server.weighting, uniform 1/|S| by default, and moved by server.optimizer)
 
 Exact aggregation: mean_i(B_i) A^0 = mean_i(B_i A^0), so there is no cross-term error; half the
 communication of FedAvg-LoRA. The decentralized analogue is dlora_fa.

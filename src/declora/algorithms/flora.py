@@ -9,8 +9,8 @@ components, gate G_i; default model.rank everywhere). Round t, participants S wi
     stack    A_s = [A_1; ...; A_m] (sum r_i, d_in),   B_s = [p_1 B_1 G_1, ..., p_m B_m G_m] (d_out, sum r_i)
              so that B_s A_s = sum_{i in S} p_i B_i G_i A_i exactly (no cross-term: a tested invariant)
     download the stack: sum_{j in S} r_j (d_in + d_out) floats per module, to every online node
-    merge    W0 <- W0 + s B_s A_s;  then A <- a fresh draw of the PEFT init from (seed, t, module) (the
-             same on every node), B <- 0, device optimizer reset
+    merge    W0 <- W0 + s B_s A_s;  then A <- a fresh draw of the PEFT init from (model.init_seed, t,
+             module) (the same on every node), B <- 0, device optimizer reset
     head (model.head=train): FedAvg with the same p_i
     robust.aggregator: the rule's correction of the products' mean is folded too, dense (robust_uploads)
 

@@ -73,7 +73,7 @@ def draw_ratios(dist: str, n: int, seed: int) -> list[float]:
 
 def sketch_sizes(ratios: list[float], r: int) -> list[int]:
     """k_i = ratio_i * r rounded to a whole rank (at least 1); a ratio that is not a whole number of
-    ranks is warned about, and the k_i go to the run's start line (``chosen``)."""
+    ranks is warned about, and the k_i go to the run's start line (``base.chosen_settings``)."""
     if not all(0 < x <= 1 for x in ratios):
         raise ValueError(f"algorithm.sketch_ratios={ratios}: every ratio must be in (0, 1]")
     sizes = [max(1, round(x * r)) for x in ratios]

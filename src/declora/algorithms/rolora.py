@@ -6,7 +6,8 @@ NeurIPS 2025. docs/algorithms.md.
 Round t, phase p = phase(t) (the shared clock in ``alternating.py``):
 
     local:  every participant trains only factor p (and a trained head); the other factor is frozen
-    server: X <- (1/|S|) sum_{i in S} X_i  for X = factor p (and the head), sent back to every i in S
+    server: X <- sum_{i in S} p_i X_i  for X = factor p (and the head), p_i by server.weighting (uniform
+            1/|S| by default) and moved by server.optimizer; the server model goes to every online node
 
 The frozen factor is the same on every node (it was averaged in its own phase), so the server's
 product is exact: mean_i(B_i) A = mean_i(B_i A). Half the communication of FedAvg-LoRA.

@@ -1,7 +1,7 @@
 """TAD-LoRA: topology-aware alternating LoRA for dynamic, sparse graphs.
 
 Wang, Li, Zhou, Li, Liu. "TAD-LoRA." arXiv 2602.00451 (2026).
-docs/algorithms.md: phase mismatch, sparse graphs.
+docs/algorithms.md: phase mismatch, sparse dynamic graphs.
 
 The ADF-LoRA round (global phase p = phase(t); train only factor p; mix BOTH factors and a trained
 head with W(t) every round):

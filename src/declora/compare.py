@@ -285,9 +285,8 @@ STATE_WORDS = {  # what the command line says of a cell in each state as the gri
 
 def cell_state(cell: Cell) -> str:
     """ "done", "diverged" (stopped on NaN or Inf: skipped, like done), "partial" (a checkpoint to resume
-    from) or "new". A cell whose folder was run with a
-    config the grid no longer asks for (beyond what a resume may change) is refused, never reported as
-    finished with its old numbers."""
+    from) or "new". A cell whose folder was run with a config the grid no longer asks for (beyond what a
+    resume may change) is refused, never reported as finished with its old numbers."""
     from declora.runfolder import check_checkpoint_kept, check_new_run, logged_rounds, read_checkpoint_json
     from declora.trackers import reading_saved_config
 

@@ -195,9 +195,8 @@ class AlgorithmConfig:
     optimizer_policy: str = "reset"
     svd_split: str = "balanced"  # DeCAF: B = U S^(1/2), A = S^(1/2) V^T | left: B = U S | right: A = S V^T
     # Heterogeneous ranks and server optimizers (fslora, hetlora, flexlora; see algorithms/ranks.py).
-    ranks: tuple[int, ...] | None = (
-        None  # hetlora/flexlora/flora: r_i <= model.rank per node; None: model.rank
-    )
+    # hetlora/flexlora/flora: r_i <= model.rank per node; None: model.rank on every node
+    ranks: tuple[int, ...] | None = None
     sketch_ratios: tuple[float, ...] | None = None  # fslora: k_i / r per node in (0, 1]; None: sketch_dist
     sketch_dist: str = "uniform"  # fslora: uniform over {1/8, 1/4, 1/2} | normal | heavy_tailed (seeded)
     clients_per_round: int | None = None  # server methods: nodes the server samples per round; None: all

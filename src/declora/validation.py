@@ -225,10 +225,9 @@ def validate(cfg: Config) -> Config:
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
     if interval == "auto" and cfg.algorithm.name in ALTERNATING - {"tad_lora"}:
-        raise ConfigError(
-            f"algorithm.switch_interval='auto' is TAD-LoRA's rule; algorithm.name={cfg.algorithm.name} needs "
-            "a positive integer (or use algorithm.name=tad_lora)"
-        )
+        from declora.algorithms.alternating import auto_interval_refused
+
+        raise ConfigError(auto_interval_refused(cfg.algorithm.name))
     if cfg.train.local_unit == "epochs" and cfg.train.local_steps > MAX_EPOCHS:
         raise ConfigError(
             f"train.local_steps={cfg.train.local_steps} epochs per round is out of range with "

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 OTHER = {"A": "B", "B": "A"}
 
 
+def auto_interval_refused(name: str) -> str:
+    """Why switch_interval='auto' is refused for ``name`` (the config check and build_clock say the same)."""
+    return (
+        f"algorithm.switch_interval='auto' is TAD-LoRA's rule; algorithm.name={name} needs a positive "
+        "integer (or use algorithm.name=tad_lora)"
+    )
+
+
 @dataclass(frozen=True)
 class PhaseClock:
     interval: int  # T: rounds per phase
@@ -67,10 +75,7 @@ def build_clock(
             raise ValueError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
         return PhaseClock(interval, acfg.first_phase), None
     if not allow_auto:
-        raise ValueError(
-            f"algorithm.switch_interval='auto' is TAD-LoRA's rule; {name} needs a positive integer "
-            "(or use algorithm.name=tad_lora)"
-        )
+        raise ValueError(auto_interval_refused(name))
     if schedule is None:
         raise ValueError(f"{name} with switch_interval='auto' needs the topology schedule to estimate rho")
     if acfg.auto_max < 1:

@@ -167,6 +167,12 @@ class Distributed(Solo):
         self, cfg: DistConfig, on_fatal: Callable[[str], None] | None = None, device: str = "auto"
     ) -> None:
         self.timeout = timedelta(seconds=cfg.timeout_s)
+        # Imported now, before the group exists: this module's functions take ``group=group.WORLD`` as a
+        # default argument, so a first import after init_process_group (transformers imports it while it
+        # builds a model) would hold the group forever. destroy_process_group then could not free it, and
+        # its gloo threads ran on into the interpreter's exit, where they sometimes aborted the rank.
+        import torch.distributed.nn.functional  # noqa: F401
+
         store, rank, world = next(dist.rendezvous("env://", timeout=self.timeout))
         self.rank, self.world, self.is_main = rank, world, rank == 0
         local_rank, local_world = (

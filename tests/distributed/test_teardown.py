@@ -1,0 +1,51 @@
+"""After ``Distributed.close()`` no thread of the process group is left: a group still alive at the
+interpreter's exit runs its gloo threads into the teardown, where they sometimes abort a finished rank
+(SIGABRT, which torchrun reports as a failed run)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+from dist_helpers import launch, tiny_overrides
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names from /proc"),
+]
+# One tiny run on each rank (building its model imports what once kept the group alive), then close()
+# and the names of the threads still running.
+SCRIPT = """
+import json, os, sys
+from declora.config import DistConfig, load_config
+from declora.dist import Distributed
+from declora.engine import run
+from declora.experiment import build_experiment
+
+group = Distributed(DistConfig(timeout_s=60))
+with group.guard():
+    run(build_experiment(load_config(None, json.loads(sys.argv[1])), None, group))
+group.close()
+names = []
+for task in os.listdir("/proc/self/task"):
+    try:
+        with open(f"/proc/self/task/{task}/comm") as f:
+            names.append(f.read().strip())
+    except OSError:  # a thread that ended while listed
+        pass
+print(f"rank {group.rank} threads after close: {sorted(names)}", flush=True)
+"""
+
+
+def test_close_leaves_no_thread_of_the_process_group(tiny_bert, tmp_path):
+    script = tmp_path / "close_then_list.py"
+    script.write_text(SCRIPT)
+    overrides = tiny_overrides(tiny_bert, tmp_path / "run", "dec_lora")
+    result = launch([str(script), json.dumps(overrides)], 2)
+    assert result.returncode == 0, result.digest
+    left = dict(re.findall(r"rank (\d) threads after close: (\[.*\])", result.output))
+    assert sorted(left) == ["0", "1"], result.digest
+    for rank, names in left.items():
+        assert "gloo" not in names, f"rank {rank}: {names}"  # gloo_tcp_loop, pt_gloo_runloop

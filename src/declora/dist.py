@@ -15,6 +15,7 @@ and exits at once with the same message (non-zero).
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from torch import Tensor
 from declora.config import ConfigError, DistConfig
 
 log = logging.getLogger(__name__)
-FAULT_ENV = "DECLORA_FAULT"  # tests: "kill:RANK:ROUND" or "hang:RANK:ROUND" (ROUND counted from 1)
+FAULT_ENV = "DECLORA_FAULT"  # tests: "kill|abort|hang:RANK:ROUND" (ROUND counted from 1)
 PHASES = ("start", "round", "train", "communicate", "evaluate", "checkpoint", "finish")
 REFUSED = "refused the run before it started"  # a peer's bad input: the others exit 2 too, as for input
 JOB_STOPPED = "the launcher stopped every rank (SIGTERM), none of which had failed"
@@ -170,7 +171,7 @@ class Distributed(Solo):
         # Imported now, before the group exists: this module's functions take ``group=group.WORLD`` as a
         # default argument, so a first import after init_process_group (transformers imports it while it
         # builds a model) would hold the group forever. destroy_process_group then could not free it, and
-        # its gloo threads ran on into the interpreter's exit, where they sometimes aborted the rank.
+        # its gloo threads ran on into the interpreter's exit, where such threads can abort the process.
         import torch.distributed.nn.functional  # noqa: F401
 
         store, rank, world = next(dist.rendezvous("env://", timeout=self.timeout))
@@ -197,6 +198,10 @@ class Distributed(Solo):
         self._watchdog.start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
+        # A rank killed by a fatal signal (an abort in a library's threads, a segfault) leaves every thread's
+        # Python stack on its stderr, which torchrun shows: otherwise all it says is "Signal 6".
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
         log.info("rank %d of %d (backend %s, device %s)", rank, world, self.backend, self.device)
 
     # ---------------------------------------------------------------- collectives
@@ -402,7 +407,8 @@ def _exit_with(message: str) -> None:
 
 
 def _inject_fault(rank: int, round: int) -> None:
-    """Tests only: DECLORA_FAULT=kill:RANK:ROUND (SIGKILL itself) or hang:RANK:ROUND (sleep)."""
+    """Tests only: DECLORA_FAULT=kill:RANK:ROUND (SIGKILL itself), abort:RANK:ROUND (SIGABRT, as a
+    library's failing thread would) or hang:RANK:ROUND (sleep)."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return
@@ -411,5 +417,7 @@ def _inject_fault(rank: int, round: int) -> None:
         log.warning("injected fault: %s in round %d", mode, round + 1)
         if mode == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "abort":
+            os.abort()
         while mode == "hang":
             time.sleep(1)

@@ -19,6 +19,8 @@ from declora.engine import MEASURED
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "default.yaml"  # what `declora run` uses without a config argument
 NOT_COMPARED = {*MEASURED, "bytes_cross_process", "bytes_cross_process_total"}
+# How a rank killed by a fatal signal begins its dump (faulthandler), or a C++ abort its last words.
+CRASH_MARKS = ("Fatal Python error", "terminate called")
 
 
 def tiny_overrides(model: Path, run_dir: Path, algorithm: str, *extra: str) -> list[str]:
@@ -57,6 +59,16 @@ class Launch:
     output: str
     seconds: float
 
+    @property
+    def digest(self) -> str:
+        """The output for a failure message: each line once (every rank repeats the same warnings), a
+        crashed rank's stack dump ahead of the rest, and the last 6000 characters of what follows."""
+        lines = list(dict.fromkeys(self.output.splitlines()))
+        crash = [x for x in lines if x.startswith(CRASH_MARKS)]
+        start = lines.index(crash[0]) if crash else len(lines)
+        dump = "\n".join(lines[start : start + 40])
+        return (dump + "\n...\n" if dump else "") + "\n".join(lines)[-6000:]
+
 
 def torchrun(
     args: list[str],
@@ -91,7 +103,7 @@ def finish(proc: subprocess.Popen, began: float, timeout: float = 240) -> Launch
     except subprocess.TimeoutExpired:
         proc.kill()
         output, _ = proc.communicate()
-        raise AssertionError(f"torchrun did not finish in {timeout} s:\n{output[-4000:]}") from None
+        raise AssertionError(f"torchrun did not finish in {timeout} s:\n{output[-6000:]}") from None
     return Launch(proc.returncode, output, time.monotonic() - began)
 
 

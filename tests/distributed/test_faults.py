@@ -45,7 +45,7 @@ def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(ti
     killed = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2, env={"DECLORA_FAULT": "kill:1:3"})
     stopped = time.time()
     assert killed.returncode != 0
-    assert re.search(r"rank 1 died in round 3", killed.output), killed.output[-4000:]
+    assert re.search(r"rank 1 died in round 3", killed.output), killed.digest
     assert "declora: error (rank 0)" in killed.output
     assert stopped - fault_time(tmp_path / "run", 1) < TIMEOUT
     assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 2
@@ -55,18 +55,31 @@ def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(ti
     assert refused.returncode != 0
     assert "was saved by 2 processes (node slices [3, 2]); this launch has 3" in refused.output
     codes = re.findall(r"exitcode\s*: (-?\d+)", refused.output)  # torchrun's summary of failed ranks
-    assert codes and set(codes) == {"2"}, refused.output[-4000:]  # bad input on every rank, no abort
+    assert codes and set(codes) == {"2"}, refused.digest  # bad input on every rank, no abort
     assert "terminate called" not in refused.output
     assert folder_bytes(tmp_path / "run") == before  # no rank_2.log, nothing appended to the others
 
     resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
-    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert resumed.returncode == 0, resumed.digest
     overrides = tiny_overrides(tiny_bert, tmp_path / "sim", "dec_lora", "rounds=4")
     uninterrupted = build_experiment(load_config(CONFIG, overrides))
     run(uninterrupted)
     assert_same_metrics(tmp_path / "sim", tmp_path / "run")
     assert_same_adapters(tmp_path / "sim", tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").glob("rank_*.log")) == ["rank_0.log", "rank_1.log"]
+
+
+def test_an_aborted_rank_is_named_and_leaves_its_python_stack(tiny_bert, tmp_path):
+    """A rank killed by SIGABRT (as a library's failing thread kills one) is named by its peers, and its
+    own last words are every thread's Python stack, not just torchrun's "Signal 6"."""
+    overrides = tiny_overrides(tiny_bert, tmp_path / "run", "dec_lora", f"dist.timeout_s={TIMEOUT}")
+    aborted = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2, env={"DECLORA_FAULT": "abort:1:2"})
+    assert aborted.returncode != 0
+    assert re.search(r"rank 1 died in round 2", aborted.output), aborted.digest
+    assert "Fatal Python error: Aborted" in aborted.output, aborted.digest
+    dump = aborted.output.split("Fatal Python error: Aborted")[1]
+    assert re.search(r'File ".*dist\.py", line \d+ in _inject_fault', dump), aborted.digest
+    assert aborted.digest.startswith("Fatal Python error: Aborted")  # what a failing test shows first
 
 
 @pytest.mark.parametrize("rank", [1, 0])  # rank 0 also hosts the store, and torchrun stops it last
@@ -77,7 +90,7 @@ def test_hung_rank_stops_every_rank_after_the_timeout(tiny_bert, tmp_path, rank)
     )
     stopped = time.time()
     assert hung.returncode != 0
-    assert re.search(rf"rank {rank} hung in round 2", hung.output), hung.output[-4000:]
+    assert re.search(rf"rank {rank} hung in round 2", hung.output), hung.digest
     assert "none of which had failed" not in hung.output  # not told as a polite stop by any rank
     assert TIMEOUT - 1 < stopped - fault_time(tmp_path / "run", rank) < 2 * TIMEOUT
     assert json.loads((tmp_path / "run" / "state" / "latest.json").read_text())["round"] == 1
@@ -91,7 +104,7 @@ def test_a_config_error_found_when_the_run_is_built_is_the_one_line_error_on_eve
     refused = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2)
     assert refused.returncode != 0
     line = "declora: error: stragglers.asynchronous=true runs in one process only"
-    assert refused.output.count(line) == 2, refused.output[-4000:]  # each rank, as one process would say it
+    assert refused.output.count(line) == 2, refused.digest  # each rank, as one process would say it
     assert "failed in round" not in refused.output  # not a crash in some round
     assert "src/declora" not in refused.output  # no traceback of ours (torchrun prints its own summary)
 
@@ -125,14 +138,14 @@ def test_a_torchrun_stopped_by_sigterm_exits_143_on_every_rank_and_resumes_to_th
     proc.send_signal(signal.SIGTERM)
     stopped = finish(proc, began)
     saved = json.loads(latest.read_text())["round"]
-    assert 2 <= saved < 30, stopped.output[-4000:]
-    assert stopped.output.count("declora: terminated; ") == 1, stopped.output[-4000:]  # rank 0 says it
+    assert 2 <= saved < 30, stopped.digest
+    assert stopped.output.count("declora: terminated; ") == 1, stopped.digest  # rank 0 says it
     assert "--resume" in stopped.output and str(tmp_path / "run") in stopped.output
     assert "failed in round" not in stopped.output and "died" not in stopped.output
-    assert "Traceback" not in stopped.output.split("declora: terminated")[0], stopped.output[-4000:]
+    assert "Traceback" not in stopped.output.split("declora: terminated")[0], stopped.digest
 
     resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
-    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert resumed.returncode == 0, resumed.digest
     uninterrupted = build_experiment(
         load_config(CONFIG, tiny_overrides(tiny_bert, tmp_path / "sim", "dec_lora", rounds))
     )

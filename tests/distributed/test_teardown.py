@@ -1,5 +1,5 @@
 """After ``Distributed.close()`` no thread of the process group is left: a group still alive at the
-interpreter's exit runs its gloo threads into the teardown, where they sometimes abort a finished rank
+interpreter's exit runs its gloo threads into the teardown, where they can abort a finished rank
 (SIGABRT, which torchrun reports as a failed run)."""
 
 from __future__ import annotations

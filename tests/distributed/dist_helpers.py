@@ -61,8 +61,8 @@ class Launch:
 
     @property
     def digest(self) -> str:
-        """The output for a failure message: each line once (every rank repeats the same warnings), a
-        crashed rank's stack dump ahead of the rest, and the last 6000 characters of what follows."""
+        """The output for a failure message: a crashed rank's dump first (40 lines from its start), then
+        the last 6000 characters of the output, each line kept once (every rank repeats its warnings)."""
         lines = list(dict.fromkeys(self.output.splitlines()))
         crash = [x for x in lines if x.startswith(CRASH_MARKS)]
         start = lines.index(crash[0]) if crash else len(lines)

@@ -11,12 +11,13 @@ import sys
 import pytest
 from dist_helpers import launch, tiny_overrides
 
+DP_SGD = ["privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"]
 pytestmark = [
     pytest.mark.distributed,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names from /proc"),
 ]
-# One tiny run on each rank (building its model imports what once kept the group alive), then close()
-# and the names of the threads still running.
+# Tiny runs on each rank (building a model imports what once kept the group alive; privacy and a
+# quantized base import more), then close() and the names of the threads still running.
 SCRIPT = """
 import json, os, sys
 from declora.config import DistConfig, load_config
@@ -26,7 +27,8 @@ from declora.experiment import build_experiment
 
 group = Distributed(DistConfig(timeout_s=60))
 with group.guard():
-    run(build_experiment(load_config(None, json.loads(sys.argv[1])), None, group))
+    for overrides in json.loads(sys.argv[1]):
+        run(build_experiment(load_config(None, overrides), None, group))
 group.close()
 names = []
 for task in os.listdir("/proc/self/task"):
@@ -42,8 +44,12 @@ print(f"rank {group.rank} threads after close: {sorted(names)}", flush=True)
 def test_close_leaves_no_thread_of_the_process_group(tiny_bert, tmp_path):
     script = tmp_path / "close_then_list.py"
     script.write_text(SCRIPT)
-    overrides = tiny_overrides(tiny_bert, tmp_path / "run", "dec_lora")
-    result = launch([str(script), json.dumps(overrides)], 2)
+    runs = [
+        tiny_overrides(tiny_bert, tmp_path / "gossip", "dec_lora"),
+        tiny_overrides(tiny_bert, tmp_path / "dp_sgd", "fedavg", *DP_SGD),
+        tiny_overrides(tiny_bert, tmp_path / "int8", "centralized", "model.base_quantization=int8"),
+    ]
+    result = launch([str(script), json.dumps(runs)], 2)
     assert result.returncode == 0, result.digest
     left = dict(re.findall(r"rank (\d) threads after close: (\[.*\])", result.output))
     assert sorted(left) == ["0", "1"], result.digest

@@ -10,15 +10,16 @@ messages v_j of its neighbours N_i = {j != i : W_ij > 0}, with this round's weig
                   ClippedGossip", arXiv 2202.01545, 2022). ||d|| is over the whole message of the call
                   (every tensor a node sends in it), as the paper clips the whole model difference.
 
-Every rule is computed as the plain mean plus a correction that is exactly zero when nothing is trimmed
-or clipped: without attackers, trimmed_mean with trim 0 and clipped with a large tau give the plain mean
-bit for bit.
+A rule with nothing to cut returns the plain mean bit for bit: trimmed_mean with trim 0 (or too few
+values to trim), and clipped where no difference exceeds tau. Otherwise the rule is computed from what it
+keeps, never as the plain mean plus a correction: a huge outlier in the plain mean would cancel the honest
+values' digits away in float32 (values 0, 1, 2, 3 and 1e9 gave a trimmed mean of 0 instead of 2).
 
 CHOCO-gossip (a ``topk`` codec, comm/choco.py) mixes the public copies X̂, not the messages:
 x_i' = x_i + gamma * (agg_i - X̂_i), where agg_i is the rule over node i's own copy X̂_i and its
 neighbours' copies X̂_j (the plain mean gives CHOCO's sum_j W_ij (X̂_j - X̂_i); ``clipped`` clips each
-X̂_j - X̂_i to tau). It is computed as CHOCO's own step plus gamma times the rule's correction, so a rule
-with nothing to cut is plain CHOCO bit for bit.
+X̂_j - X̂_i to tau). A node whose rule cuts nothing takes CHOCO's own step, so a rule with nothing to
+cut is plain CHOCO bit for bit.
 
 Server algorithms (fedavg, ffa_lora, rolora, fedprox, fedsa_lora, fed_sb, scaffold) aggregate the uploads
 of the senders S with the same rules (trimmed_mean, median over S; clipped around the uploads' coordinate
@@ -44,22 +45,21 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- rules on one node's k values
 
 
-def trimmed_correction(values: Tensor, w: Tensor, b: int) -> Tensor:
-    """sum_k (w'_k - w_k) v_k per coordinate, w' the weights after dropping the b smallest and b largest
-    values of each coordinate and renormalizing; exactly zero where nothing is dropped.
-    values: (k, D), w: (k,) -> (D,)."""
+def trimmed_cut(k: int, trim: float) -> int:
+    """How many of k values each tail loses: floor(trim * k), leaving at least one value."""
+    return min(int(trim * k), (k - 1) // 2)
+
+
+def trimmed_mean(values: Tensor, w: Tensor, b: int) -> Tensor:
+    """Per coordinate, the w-weighted mean of the values left after dropping the b smallest and the b
+    largest, renormalized to the full weight w.sum(). Summed over the kept values only, so a dropped
+    value, however large (or infinite), never enters the sum. values: (k, D), w: (k,) -> (D,)."""
     k = values.shape[0]
-    if b <= 0:
-        return values.new_zeros(values.shape[1:])
-    if 2 * b >= k:
-        b = (k - 1) // 2  # keep at least one value (the median's neighbourhood)
-    rank = values.argsort(dim=0, stable=True).argsort(
-        dim=0, stable=True
-    )  # (k, D): each value's place in its coordinate
+    rank = values.argsort(dim=0, stable=True).argsort(dim=0, stable=True)  # (k, D): place in its coordinate
     keep = (rank >= b) & (rank < k - b)
     kept = w[:, None] * keep  # (k, D)
-    new = kept * (w.sum() / kept.sum(0))  # renormalized to the full weight
-    return ((new - w[:, None]) * values).sum(0)
+    new = kept * (w.sum() / kept.sum(0))
+    return (new * torch.where(keep, values, torch.zeros_like(values))).sum(0)
 
 
 def weighted_median(values: Tensor, w: Tensor) -> Tensor:
@@ -146,7 +146,13 @@ def robust_choco(
     mine = {name: hats[name][nodes] for name in own}  # (m, ...): each node's own copy X̂_i
     robust = robust_gossip(rule, mine, hats, W, nodes, trim, tau)
     plain = robust_gossip("mean", mine, hats, W, nodes)  # bit for bit the mean inside ``robust``
-    return {name: x + step * (robust[name] - plain[name]).to(x.dtype) for name, x in out.items()}
+    cut = torch.zeros(len(nodes), dtype=torch.bool)  # the nodes whose rule changed any tensor
+    for name in own:
+        cut |= (robust[name] != plain[name]).reshape(len(nodes), -1).any(1).cpu()
+    for name, x in own.items():  # x_i + gamma (agg_i - X̂_i) where the rule cut (rows of W sum to 1)
+        step_to = x + step * (robust[name] - mine[name]).to(x.dtype)
+        out[name] = torch.where(cut.to(x.device).view(-1, *[1] * (x.dim() - 1)), step_to, out[name])
+    return out
 
 
 def _correct_node(
@@ -173,16 +179,21 @@ def _correct_node(
         diffs = {name: v[1:] - v[:1] for name, v in values.items()}  # (k - 1, D)
         sq = sum(d.double().square().sum(1) for d in diffs.values())  # (k - 1,)
         assert isinstance(sq, torch.Tensor)  # own is never empty (the exchanges skip mixing no tensors)
-        shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(w.dtype) * w[1:].to(sq.device)
-        for name, d in diffs.items():  # shrink: (k - 1,)
-            out[name][r] -= (shrink.to(d.dtype)[:, None] * d).sum(0)
+        coef = clip_coefficients(torch.as_tensor(sq), tau)  # (k - 1,)
+        if bool((coef < 1).any()):  # x_i (sum of its weights) + sum_j W_ij clip(v_j - x_i, tau)
+            pull = (coef.to(w.dtype) * w[1:].to(coef.device)).cpu()
+            for name, d in diffs.items():
+                x = values[name][0]
+                out[name][r] = w.sum().to(x.dtype) * x + (pull.to(d.device, d.dtype)[:, None] * d).sum(0)
         return
     if float(self_weight) == 0:  # W_ii = 0: the node's own state is not among the values it mixes
         w, values = w[1:], {name: v[1:] for name, v in values.items()}
     for name, v in values.items():
         wv = w.to(v.device, v.dtype)
         if rule == "trimmed_mean":
-            out[name][r] += trimmed_correction(v, wv, int(trim * v.shape[0]))
+            b = trimmed_cut(v.shape[0], trim)
+            if b > 0:
+                out[name][r] = trimmed_mean(v, wv, b)
         elif rule == "median":
             out[name][r] = weighted_median(v, wv)
         else:
@@ -215,13 +226,18 @@ def server_aggregate(
     if rule == "clipped":
         centre = {n: weighted_median(v, ws.to(v.dtype)) for n, v in flat.items()}
         sq = sum((v - centre[n]).double().square().sum(1) for n, v in flat.items())  # (k,)
-        shrink = (1 - clip_coefficients(torch.as_tensor(sq), tau)).to(ws.dtype) * ws  # (k,)
-        for n, v in flat.items():
-            out[n] = out[n] - (shrink.to(v.dtype)[:, None] * (v - centre[n])).sum(0).view_as(out[n])
+        coef = clip_coefficients(torch.as_tensor(sq), tau)  # (k,)
+        if bool((coef < 1).any()):  # the centre (sum of the weights) + sum_i w_i clip(v_i - centre, tau)
+            pull = coef.to(ws.dtype) * ws
+            for n, v in flat.items():
+                moved = (pull.to(v.dtype)[:, None] * (v - centre[n])).sum(0)
+                out[n] = (ws.sum().to(v.dtype) * centre[n] + moved).view_as(out[n])
         return out
     for n, v in flat.items():
         if rule == "trimmed_mean":
-            out[n] = out[n] + trimmed_correction(v, ws.to(v.dtype), int(trim * v.shape[0])).view_as(out[n])
+            b = trimmed_cut(v.shape[0], trim)
+            if b > 0:
+                out[n] = trimmed_mean(v, ws.to(v.dtype), b).view_as(out[n])
         elif rule == "median":
             out[n] = weighted_median(v, ws.to(v.dtype)).view_as(out[n])
         else:

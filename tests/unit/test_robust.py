@@ -12,7 +12,7 @@ from declora.robust import (
     krum_index,
     robust_gossip,
     server_aggregate,
-    trimmed_correction,
+    trimmed_mean,
     weighted_median,
 )
 from declora.topology import build_graph, mixing_matrix
@@ -38,13 +38,15 @@ def test_without_attackers_every_rule_with_nothing_to_cut_is_the_exchanges_gossi
             assert torch.equal(mixed[k], gossip[k]), (rule, k)
 
 
-def test_trimmed_correction_drops_each_coordinates_extremes_and_renormalizes():
+def test_trimmed_mean_drops_each_coordinates_extremes_and_renormalizes():
     values = torch.tensor([[1.0, 10.0], [2.0, -5.0], [3.0, 0.0], [100.0, 1.0], [4.0, 2.0]])  # (k=5, D=2)
     w = torch.full((5,), 0.2)
-    plain = (w[:, None] * values).sum(0)
-    trimmed = plain + trimmed_correction(values, w, 1)
     # column 0 keeps 2, 3, 4; column 1 keeps 0, 1, 2 (each of equal weight)
-    torch.testing.assert_close(trimmed, torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(trimmed_mean(values, w, 1), torch.tensor([3.0, 1.0]))
+    # a dropped value never enters the sum: neither a huge one's rounding nor an infinite one's NaN
+    huge = torch.tensor([[0.0], [1.0], [2.0], [3.0], [1e9]])
+    assert trimmed_mean(huge, w, 1).item() == 2.0
+    assert trimmed_mean(torch.cat([huge[:4], torch.full((1, 1), float("inf"))]), w, 1).item() == 2.0
 
 
 def test_weighted_median_matches_torch_median_for_equal_weights_and_follows_the_weights():
@@ -68,6 +70,18 @@ def test_clipped_gossip_bounds_an_outlier_neighbours_pull_by_its_weight_times_ta
     for i in (3, 4):  # nodes that do not hear node 1: clipping changes them only where a neighbour is far
         for k in tensors:
             assert mixed[k][i].abs().max() < 10 and clean[k][i].abs().max() < 10
+    # every node exactly: x_i + sum_j W_ij min(1, tau / ||x~_j - x_i||) (x~_j - x_i), in float64, the norm
+    # over all of a node's tensors together
+    W64 = W.double()
+    for i in range(6):
+        nb = [j for j in range(6) if j != i and W64[i, j] > 0]
+        diffs = {j: {k: bad[k][j].double() - tensors[k][i].double() for k in tensors} for j in nb}
+        norms = {j: sum(d.square().sum() for d in diffs[j].values()).sqrt() for j in nb}
+        for k in tensors:
+            want = tensors[k][i].double() + sum(
+                W64[i, j] * min(1.0, tau / float(norms[j])) * diffs[j][k] for j in nb
+            )
+            torch.testing.assert_close(mixed[k][i].double(), want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("rule", ["trimmed_mean", "median"])
@@ -78,7 +92,17 @@ def test_coordinate_rules_ignore_one_outlier_among_five(rule):
     bad = {"a": x["a"].clone()}
     bad["a"][4] = 1e9
     mixed = robust_gossip(rule, x, bad, W, torch.arange(n), trim=0.2)
-    assert mixed["a"].abs().max() <= 4.0  # the outlier is cut at every node
+    # nodes 0-3 mix {0, 1, 2, 3, 1e9}: one value dropped at each end (trim) or the middle one (median)
+    assert mixed["a"][:4].tolist() == [[2.0] * 3] * 4  # exactly: the outlier cancels no digits away
+    server = server_aggregate(rule, {"a": bad["a"][:, :1]}, torch.ones(n), trim=0.2)
+    assert server["a"].tolist() == [2.0]
+
+
+def test_clipped_server_rule_is_exact_beside_a_huge_upload():
+    # the centre is the median 2; each upload moves it by at most tau, with weight 1/5:
+    # 2 + (-0.5 - 0.5 + 0 + 0.5 + 0.5) / 5 = 2, and the 1e9 upload adds no rounding
+    up = {"a": torch.tensor([[0.0], [1.0], [2.0], [3.0], [1e9]])}
+    assert server_aggregate("clipped", up, torch.ones(5), tau=0.5)["a"].tolist() == [2.0]
 
 
 def test_server_rules_equal_the_mean_without_outliers_and_krum_picks_a_central_upload():

@@ -69,6 +69,7 @@ def test_scaffold_round_zero_is_fedavg(tiny_bert, tiny_data, tmp_path):
 def test_scaffold_variates_after_a_round(tiny_bert, tiny_data, tmp_path):
     exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=scaffold", "server.fraction=0.5")
     algo, lr, steps = exp.algorithm, exp.cfg.train.lr, exp.cfg.train.local_steps
+    x0 = _tensors(exp)  # the round's start, taken here and not from the algorithm's own snapshot
     plan = algo.plan(0)
     exp.trainer.correction = plan.correction
     exp.trainer.local_work(plan.active, list(exp.fed.tensors(plan.train)), steps, "steps")
@@ -77,10 +78,11 @@ def test_scaffold_variates_after_a_round(tiny_bert, tiny_data, tmp_path):
     sampled = plan.active
     for k, c_i in algo.c_i.items():
         assert c_i[~sampled].abs().sum() == 0  # nodes that sat out keep c_i = 0
-        want = (algo.start[k] - y[k]) / (steps * lr)  # option II with c = c_i = 0
+        want = (x0[k] - y[k]) / (steps * lr)  # option II with c = c_i = 0
         torch.testing.assert_close(c_i[sampled], want[sampled], atol=1e-5, rtol=1e-4)
         # c <- c + (|S| / N) mean_S Delta c_i = (1 / N) sum_S c_i
         torch.testing.assert_close(algo.c[k][0], c_i.sum(0) / exp.n, atol=1e-6, rtol=1e-5)
+    assert max(float(c_i[sampled].abs().max()) for c_i in algo.c_i.values()) > 1e-3  # training moved them
     grads = {k: torch.nn.Parameter(v.clone()) for k, v in y.items()}
     for p in grads.values():
         p.grad = torch.zeros_like(p)
@@ -149,5 +151,9 @@ def test_schedule_counts_each_nodes_rounds(tiny_bert, tiny_data, tmp_path):
         "train.warmup_rounds=1",
     )
     assert int(exp.lr_schedule.progress.sum()) == 3 * 2  # two of four nodes train each round
+    # each node's count is the rounds in which it trained, and its multiplier the schedule's at that count
+    trained = sum(exp.algorithm.plan(t).active.long() for t in range(3))
+    assert exp.lr_schedule.progress.tolist() == trained.tolist()
+    torch.testing.assert_close(exp.lr_schedule.scale(), multiplier("cosine", trained, 1, 3))
     constant = tiny_experiment(tiny_bert, tiny_data, tmp_path / "c")
     assert constant.lr_schedule.scale() is None  # no schedule: the optimizer is untouched

@@ -62,8 +62,11 @@ def test_limits_are_seeded_subsets() -> None:
     assert (len(train), len(test)) == (100, 50)
     again, _ = load_dataset(cfg, seed=0)
     assert again.texts == train.texts
-    full, _ = load_dataset(DataConfig(dataset="bbc_news"), seed=0)
+    full, full_test = load_dataset(DataConfig(dataset="bbc_news"), seed=0)
     assert set(train.texts) <= set(full.texts)
+    assert set(test.texts) <= set(full_test.texts) and len(set(test.texts)) == 50
+    other, _ = load_dataset(cfg, seed=1)
+    assert other.texts != train.texts  # the seed draws the subset
 
 
 def write_csv(path: Path, rows: list[dict[str, object]]) -> None:

@@ -42,3 +42,4 @@ def test_two_training_seeds_score_the_same_test_examples(tiny_bert, tmp_path):
     assert any(differ)  # the training seeds do differ: other partitions
     node2, cons2, _ = _eval_sets(tiny_bert, tmp_path / "c", "seed=0", "eval.seed=1")
     assert cons2.token_ids != cons0.token_ids
+    assert node2.token_ids != node0.token_ids  # eval.seed draws the nodes' sets too

@@ -92,7 +92,15 @@ def test_training_a_first_while_b_is_zero_and_the_head_frozen_is_refused(name):
 def test_resume_allows_the_safe_keys_and_names_the_rest():
     saved = load_config(None, ["rounds=4"])
     safe = load_config(None, ["rounds=8", "eval.every=2", "checkpoint_every=2", "threads=1", "export=none"])
-    assert set(check_resume(saved, safe, rounds_done=4)) <= set(RESUME_SAFE)
+    changed = check_resume(saved, safe, rounds_done=4)
+    assert changed == {
+        "rounds": (4, 8),
+        "eval.every": (saved.eval.every, 2),
+        "checkpoint_every": (saved.checkpoint_every, 2),
+        "threads": (saved.threads, 1),
+        "export": (saved.export, "none"),
+    }
+    assert set(changed) <= set(RESUME_SAFE)
     with pytest.raises(ConfigError, match=r"model\.rank cannot change on resume \(8 -> 4\)"):
         check_resume(saved, load_config(None, ["rounds=4", "model.rank=4"]))
     with pytest.raises(ConfigError, match="rounds=2 is below the 3 rounds already done"):

@@ -68,6 +68,9 @@ def test_8bit_messages_train_as_well_as_fp32(runs):
     assert fp32["acc_avg_factors"] > 0.6  # non-trivial: the majority class is about 25%
     assert abs(q8["acc_avg_factors"] - fp32["acc_avg_factors"]) <= 0.01
     assert abs(q8["acc_node_mean"] - fp32["acc_node_mean"]) <= 0.01
+    # the 8-bit values, not only the 8-bit byte counts, went through: training moved a little
+    assert q8["train_loss"] != fp32["train_loss"] and q8["consensus_BA"] != fp32["consensus_BA"]
+    assert abs(q8["train_loss"] - fp32["train_loss"]) < 0.05 * fp32["train_loss"]
 
 
 def test_8bit_bytes_are_the_codec_payload_on_every_ring_edge(runs):

@@ -79,11 +79,15 @@ def test_local_only_never_touches_other_nodes(tiny_bert, tmp_path):
     before = {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
     active = torch.tensor([True, False, False, False])
     exp.trainer.local_work(active, list(exp.fed.tensors()), 2, "steps")
-    exp.algorithm.communicate(_context(exp, torch.eye(4, dtype=torch.float64)))
+    trained = {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
+    exp.exchange.ledger.start_round()
+    exp.algorithm.communicate(_context(exp, exp.schedule.matrix(0)))  # the run's ring: mixing would move them
     after = exp.fed.tensors()
     assert any(not torch.equal(after[k].detach()[0], before[k][0]) for k in before)
     for k in before:
         assert torch.equal(after[k].detach()[1:], before[k][1:])
+        assert torch.equal(after[k].detach(), trained[k])  # node 0 keeps what it trained, unmixed
+    assert exp.exchange.ledger.round_summary()["bytes_round"] == 0
 
 
 def test_fedavg_server_bytes(tiny_bert, tmp_path):

@@ -78,6 +78,12 @@ def clip_coefficients(sq_norms: Tensor, tau: float) -> Tensor:
     return (tau / sq_norms.sqrt()).clamp(max=1.0)
 
 
+def clipped_sum(pull: Tensor, d: Tensor) -> Tensor:
+    """sum_j pull_j d_j over the rows of d (k, D), pull (k,). A row with an infinite norm has pull 0 and
+    no direction to clip to: it adds nothing (not 0 * inf = NaN)."""
+    return torch.where(pull[:, None] > 0, pull[:, None] * d, torch.zeros_like(d)).sum(0)
+
+
 def krum_index(flat: Tensor, f: int) -> int:
     """Krum's choice among m uploads flat: (m, D): the smallest sum of squared distances to its
     m - f - 2 nearest others (at least one). With m <= 2f + 2 (a round that lost uploads to dropout or a
@@ -184,7 +190,7 @@ def _correct_node(
             pull = (coef.to(w.dtype) * w[1:].to(coef.device)).cpu()
             for name, d in diffs.items():
                 x = values[name][0]
-                out[name][r] = w.sum().to(x.dtype) * x + (pull.to(d.device, d.dtype)[:, None] * d).sum(0)
+                out[name][r] = w.sum().to(x.dtype) * x + clipped_sum(pull.to(d.device, d.dtype), d)
         return
     if float(self_weight) == 0:  # W_ii = 0: the node's own state is not among the values it mixes
         w, values = w[1:], {name: v[1:] for name, v in values.items()}
@@ -230,7 +236,7 @@ def server_aggregate(
         if bool((coef < 1).any()):  # the centre (sum of the weights) + sum_i w_i clip(v_i - centre, tau)
             pull = coef.to(ws.dtype) * ws
             for n, v in flat.items():
-                moved = (pull.to(v.dtype)[:, None] * (v - centre[n])).sum(0)
+                moved = clipped_sum(pull.to(v.dtype), v - centre[n])
                 out[n] = (ws.sum().to(v.dtype) * centre[n] + moved).view_as(out[n])
         return out
     for n, v in flat.items():

@@ -103,6 +103,13 @@ def test_clipped_server_rule_is_exact_beside_a_huge_upload():
     # 2 + (-0.5 - 0.5 + 0 + 0.5 + 0.5) / 5 = 2, and the 1e9 upload adds no rounding
     up = {"a": torch.tensor([[0.0], [1.0], [2.0], [3.0], [1e9]])}
     assert server_aggregate("clipped", up, torch.ones(5), tau=0.5)["a"].tolist() == [2.0]
+    up["a"][4] = float("inf")  # no direction to clip to: it adds nothing (not 0 * inf = NaN)
+    assert server_aggregate("clipped", up, torch.ones(5), tau=0.5)["a"].item() == pytest.approx(2 - 0.5 / 5)
+    W = torch.full((5, 5), 0.2)
+    x = {"a": torch.arange(5.0).view(5, 1)}
+    mixed = robust_gossip("clipped", x, up, W, torch.arange(5), tau=0.5)["a"]
+    assert torch.isfinite(mixed[:4]).all()  # the honest nodes: each far neighbour pulls by 0.2 * 0.5
+    assert mixed[0].item() == pytest.approx(0.2 * (0.5 + 0.5 + 0.5))  # 1, 2, 3 clipped; inf adds 0
 
 
 def test_server_rules_equal_the_mean_without_outliers_and_krum_picks_a_central_upload():

@@ -12,10 +12,11 @@ from declora.robust import trimmed_mean, weighted_median
 from declora.robust_uploads import (
     krum_weights,
     masked_median,
-    masked_trimmed_correction,
-    product_correction,
+    masked_trimmed_mean,
+    mean_product,
+    product_aggregate,
     slice_mask,
-    upload_correction,
+    upload_aggregate,
 )
 
 pytestmark = pytest.mark.unit
@@ -30,11 +31,8 @@ def test_over_full_uploads_the_masked_rules_are_the_whole_upload_rules():
     v, w = _values()
     every = torch.ones_like(v, dtype=torch.bool)
     assert torch.equal(masked_median(v, w, every), weighted_median(v, w))
-    assert torch.allclose(
-        masked_trimmed_correction(v, w, every, 0.25),
-        trimmed_mean(v, w, 1) - (w[:, None] * v).sum(0),
-        atol=1e-6,
-    )
+    plain = (w[:, None] * v).sum(0)
+    assert torch.equal(masked_trimmed_mean(v, w, every, 0.25, plain), trimmed_mean(v, w, 1))
 
 
 def test_a_coordinate_s_rule_sees_only_the_nodes_that_sent_it():
@@ -44,28 +42,46 @@ def test_a_coordinate_s_rule_sees_only_the_nodes_that_sent_it():
     sent = torch.tensor([[True, True], [True, True], [False, True]])
     w = torch.full((3,), 1 / 3)
     assert masked_median(v, w, sent).tolist() == [1.0, 2.0]
-    plain = (w[:, None] * v).sum(0)  # the padded mean the method computes: (1/|S|) sum of what was sent
-    median = plain + upload_correction(RobustConfig("median"), {"x": v}, w, {"x": sent})["x"]
+    plain = {
+        "x": (w[:, None] * v).sum(0)
+    }  # the padded mean the method computes: (1/|S|) sum of what was sent
+    median = upload_aggregate(RobustConfig("median"), {"x": v}, w, plain, {"x": sent})["x"]
     assert torch.allclose(median, torch.tensor([2 / 3 * 1.0, 1.0 * 2.0]))  # P_c times the median over U_c
-    trimmed = (
-        plain + upload_correction(RobustConfig("trimmed_mean", trim=0.34), {"x": v}, w, {"x": sent})["x"]
-    )
+    trimmed = upload_aggregate(RobustConfig("trimmed_mean", trim=0.34), {"x": v}, w, plain, {"x": sent})["x"]
     assert torch.allclose(trimmed, torch.tensor([4 / 3, 2.0]))  # 2 senders: nothing cut; 3: both tails
+    assert trimmed[0] == plain["x"][0]  # a coordinate with nothing cut keeps the method's own mean exactly
 
 
-def test_nothing_to_cut_is_an_exact_zero_correction():
+def test_nothing_to_cut_returns_the_methods_own_aggregate_exactly():
     v, w = _values(6, 9)
     w = w / w.sum()
     keep = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
     x = torch.randn(6, 3, 3)  # a rank axis of 3 on dim 1
     masks = {"x": slice_mask(keep, x, 1)}
     x = x * masks["x"]
+    plain = {"x": torch.einsum("n,n...->...", w, x)}
     for cfg in (RobustConfig("trimmed_mean", trim=0.0), RobustConfig("clipped", clip_radius=float("inf"))):
-        fix = upload_correction(cfg, {"x": x}, w, masks)["x"]
-        assert fix.shape == (3, 3) and not bool(fix.any())
+        got = upload_aggregate(cfg, {"x": x}, w, plain, masks)["x"]
+        assert got.shape == (3, 3) and torch.equal(got, plain["x"])
     A, B = torch.randn(6, 3, 5), torch.randn(6, 4, 3)
     wide = RobustConfig("clipped", clip_radius=float("inf"))
-    assert not bool(product_correction(wide, A, B, keep.float(), w).any())
+    assert product_aggregate(wide, A, B, keep.float(), w, mean_product(A, B, keep.float(), w)) is None
+
+
+@pytest.mark.parametrize("rule", ["trimmed_mean", "median", "clipped"])
+def test_a_huge_or_infinite_upload_adds_no_rounding(rule):
+    # five senders of one coordinate: 0, 1, 2, 3 and an attacker; every rule gives 2 (clipped: the
+    # median centre 2, each difference clipped to 0.5, and an infinite one, with no direction, dropped)
+    cfg = RobustConfig(rule, trim=0.2, clip_radius=0.5)
+    w = torch.full((5,), 0.2)
+    for bad, want in ((1e9, 2.0), (float("inf"), 2.0 - (0.1 if rule == "clipped" else 0.0))):
+        v = torch.tensor([[0.0], [1.0], [2.0], [3.0], [bad]])
+        got = upload_aggregate(cfg, {"x": v}, w, {"x": (w[:, None] * v).sum(0)})["x"]
+        assert got.item() == pytest.approx(want, abs=1e-6), (bad, got)
+    A = torch.tensor([[[0.0]], [[1.0]], [[2.0]], [[3.0]], [[1e9]]])  # products B_i A_i with B_i = 1
+    B = torch.ones(5, 1, 1)
+    robust = product_aggregate(cfg, A, B, None, w, mean_product(A, B, None, w))
+    assert robust is not None and robust.item() == pytest.approx(2.0, abs=1e-6)
 
 
 def test_clipping_bounds_an_outlier_and_krum_leaves_it_out():
@@ -73,8 +89,11 @@ def test_clipping_bounds_an_outlier_and_krum_leaves_it_out():
     v[3] += 50.0  # node 3's upload is far from everyone's
     w = torch.full((5,), 0.2)
     plain = (w[:, None] * v).sum(0)
-    clipped = plain + upload_correction(RobustConfig("clipped", clip_radius=0.5), {"x": v}, w)["x"]
+    clipped = upload_aggregate(RobustConfig("clipped", clip_radius=0.5), {"x": v}, w, {"x": plain})["x"]
     centre = weighted_median(v, w)
     assert float((clipped - centre).norm()) <= 0.5 + 1e-5 and float((plain - centre).norm()) > 10
+    d = v - centre  # the rule exactly: centre + sum_i w_i min(1, tau / ||d_i||) d_i
+    want = centre + (w[:, None] * (0.5 / d.norm(dim=1)).clamp(max=1)[:, None] * d).sum(0)
+    torch.testing.assert_close(clipped, want, atol=1e-5, rtol=0)
     chosen = krum_weights({"x": v}, w, 1)
     assert chosen.sum() == 1 and chosen[3] == 0

@@ -32,7 +32,7 @@ from declora.algorithms.ranks import average_head, factor_messages, round_start
 from declora.algorithms.server import Rejoin, active_nodes, upload_shares, weighting
 from declora.config import Config, RobustConfig
 from declora.model import Federation, averaged_factors
-from declora.robust_uploads import krum_weights, product_correction, upload_correction
+from declora.robust_uploads import krum_weights, product_aggregate, upload_aggregate
 from declora.schedules import Schedule
 
 
@@ -73,9 +73,10 @@ def exact_residual(
     A_mean, B_mean = torch.einsum("n,nri->ri", w, A), torch.einsum("n,nor->or", w, B)
     product = torch.einsum("n,nor,nri->oi", w, B, A)
     if robust is not None and robust.aggregator not in ("mean", "krum"):  # krum: p is its choice already
-        fix = upload_correction(robust, {"A": A, "B": B}, p)
-        A_mean, B_mean = A_mean + fix["A"], B_mean + fix["B"]
-        product = product + product_correction(robust, A, B, None, p)
+        means = upload_aggregate(robust, {"A": A, "B": B}, p, {"A": A_mean, "B": B_mean})
+        A_mean, B_mean = means["A"], means["B"]
+        cut = product_aggregate(robust, A, B, None, p, product)
+        product = product if cut is None else cut
     return A_mean, B_mean, product - B_mean @ A_mean
 
 

@@ -49,7 +49,7 @@ from declora.algorithms.ranks import (
 from declora.algorithms.server import participants, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
-from declora.robust_uploads import krum_weights, product_correction
+from declora.robust_uploads import krum_weights, mean_product, product_aggregate
 from declora.schedules import Schedule
 from declora.server_opt import build_server_optimizer
 
@@ -99,13 +99,11 @@ class FlexLoRA:
         }
 
     def server_step(
-        self, name: str, A: Tensor, B: Tensor, p: Tensor, fix: Tensor | None = None
+        self, name: str, A: Tensor, B: Tensor, p: Tensor, robust: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i (+ a robust rule's correction ``fix``); the
+        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i (or a robust rule's product ``robust``); the
         factors of TSVD_r(W): (A', B'). Under ``average`` W is M itself."""
-        Bg = B if self.gate is None else B * self.gate.to(B.device)[:, None, :]
-        M = torch.einsum("n,nor,nri->oi", p.to(A.device, A.dtype), Bg, A)  # (d_out, d_in)
-        M = M if fix is None else M + fix.to(M)
+        M = mean_product(A, B, self.gate, p) if robust is None else robust.to(A.dtype)  # (d_out, d_in)
         if self.opt.rule != "average":
             self.opt.step(self.server_product, {name: M - self.server_product[name]})
             M = self.server_product[name]
@@ -143,14 +141,15 @@ class FlexLoRA:
             p = krum_weights(received, p, self.cfg.robust.krum_f)
         for name, layer in fed.lora.items():
             A, B = received[f"{name}.lora_A"], received[f"{name}.lora_B"]
-            fix = None  # a robust rule over the nodes' products (robust_uploads), if it cuts anything
+            robust = None  # a robust rule over the nodes' products (robust_uploads), if it cuts anything
             if self.cfg.robust.aggregator not in ("mean", "krum"):
-                fix = product_correction(self.cfg.robust, A, B, self.gate, p)
-                fix = fix if bool(fix.any()) else None
-            if self.opt.rule == "average" and fix is None:  # never the dense product
+                robust = product_aggregate(
+                    self.cfg.robust, A, B, self.gate, p, mean_product(A, B, self.gate, p)
+                )
+            if self.opt.rule == "average" and robust is None:  # never the dense product
                 A_new, B_new = flex_aggregate(A, B, self.gate, p, fed.cfg.rank)
             else:
-                A_new, B_new = self.server_step(name, A, B, p, fix)
+                A_new, B_new = self.server_step(name, A, B, p, robust)
             with torch.no_grad():
                 layer.A.copy_(A_new.expand_as(layer.A))
                 layer.B.copy_(B_new.expand_as(layer.B))

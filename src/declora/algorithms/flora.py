@@ -12,7 +12,8 @@ components, gate G_i; default model.rank everywhere). Round t, participants S wi
     merge    W0 <- W0 + s B_s A_s;  then A <- a fresh draw of the PEFT init from (model.init_seed, t,
              module) (the same on every node), B <- 0, device optimizer reset
     head (model.head=train): FedAvg with the same p_i
-    robust.aggregator: the rule's correction of the products' mean is folded too, dense (robust_uploads)
+    robust.aggregator: where the rule cuts, its product is folded in place of the stack's, sent dense
+             (robust_uploads)
 
 Every node merges the same stack, so the shared frozen base takes it once (``fedex_lora.BaseFolds``: its
 weights are the checkpointed state; the factors alone do not reproduce the model, so no PEFT export).
@@ -39,7 +40,7 @@ from declora.algorithms.ranks import (
 from declora.algorithms.server import Rejoin, active_nodes, upload_shares, weighting
 from declora.config import Config
 from declora.model import Federation, averaged_factors
-from declora.robust_uploads import krum_weights, product_correction
+from declora.robust_uploads import krum_weights, product_aggregate
 from declora.schedules import Schedule
 from declora.seeding import torch_generator
 
@@ -101,15 +102,15 @@ class FLoRA:
         for name, layer in fed.lora.items():
             A, B = table[f"{name}.lora_A"], table[f"{name}.lora_B"]
             A_s, B_s = stack_adapters(A, B, self.gate, p)
-            self.folds.add(name, fed.scale * (B_s @ A_s))
+            stacked = B_s @ A_s  # sum_i p_i B_i G_i A_i
             d_out, d_in = B_s.shape[0], A_s.shape[1]
             ctx.exchange.ledger.add_server(int(online.sum()), 4 * stacked_rank * (d_in + d_out))
-            fix = None  # a robust rule's correction of the products' mean (robust_uploads), sent dense
+            robust = None  # a robust rule's product (robust_uploads) where it cuts anything, sent dense
             if self.cfg.robust.aggregator not in ("mean", "krum"):
-                fix = product_correction(self.cfg.robust, A, B, self.gate, p)
-            if fix is not None and bool(fix.any()):
-                self.folds.add(name, fed.scale * fix)
+                robust = product_aggregate(self.cfg.robust, A, B, self.gate, p, stacked)
+            if robust is not None:
                 ctx.exchange.ledger.add_server(int(online.sum()), 4 * d_out * d_in)
+            self.folds.add(name, fed.scale * (stacked if robust is None else robust))
             fresh = init_A(self.cfg.model.init_seed, ctx.round, name, layer.A.shape[1:])
             with torch.no_grad():
                 layer.A.copy_(fresh.to(layer.A).expand_as(layer.A))

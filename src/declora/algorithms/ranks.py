@@ -28,7 +28,7 @@ from torch import Tensor
 from declora.algorithms.base import RoundContext
 from declora.config import Config
 from declora.model import Federation
-from declora.robust_uploads import krum_weights, slice_mask, upload_correction
+from declora.robust_uploads import krum_weights, slice_mask, upload_aggregate
 from declora.server_opt import build_server_optimizer
 
 RANK_DIM = {"A": 1, "B": 2}  # A: (n, r, d_in), B: (n, d_out, r)
@@ -123,8 +123,8 @@ class ServerFactors:
         elif self.robust.aggregator != "mean":  # over the senders of each component (robust_uploads)
             every = ctx.exchange.all_nodes(keep)  # (n, r)
             masks = {k: slice_mask(every, d, msgs[k][1]) for k, d in decoded.items()}
-            fix = upload_correction(self.robust, decoded, p, masks)
-            g = {k: v + fix[k][None] for k, v in g.items()}
+            robust = upload_aggregate(self.robust, decoded, p, {k: v[0] for k, v in g.items()}, masks)
+            g = {k: robust[k][None] for k in g}
         self.opt.step(self.x, {k: -v for k, v in g.items()})
 
     def broadcast(self, fed: Federation) -> None:

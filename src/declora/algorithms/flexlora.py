@@ -99,11 +99,11 @@ class FlexLoRA:
         }
 
     def server_step(
-        self, name: str, A: Tensor, B: Tensor, p: Tensor, robust: Tensor | None = None
+        self, name: str, A: Tensor, B: Tensor, p: Tensor, M: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i (or a robust rule's product ``robust``); the
-        factors of TSVD_r(W): (A', B'). Under ``average`` W is M itself."""
-        M = mean_product(A, B, self.gate, p) if robust is None else robust.to(A.dtype)  # (d_out, d_in)
+        """W <- rule(W, M - W) with M = sum_i p_i B_i G_i A_i (or the dense product the caller already
+        has: a robust rule's); the factors of TSVD_r(W): (A', B'). Under ``average`` W is M itself."""
+        M = mean_product(A, B, self.gate, p) if M is None else M.to(A.dtype)  # (d_out, d_in)
         if self.opt.rule != "average":
             self.opt.step(self.server_product, {name: M - self.server_product[name]})
             M = self.server_product[name]
@@ -141,15 +141,15 @@ class FlexLoRA:
             p = krum_weights(received, p, self.cfg.robust.krum_f)
         for name, layer in fed.lora.items():
             A, B = received[f"{name}.lora_A"], received[f"{name}.lora_B"]
-            robust = None  # a robust rule over the nodes' products (robust_uploads), if it cuts anything
+            # a robust rule's dense products (robust_uploads): the mean M, and the rule's where it cuts
+            M = cut = None
             if self.cfg.robust.aggregator not in ("mean", "krum"):
-                robust = product_aggregate(
-                    self.cfg.robust, A, B, self.gate, p, mean_product(A, B, self.gate, p)
-                )
-            if self.opt.rule == "average" and robust is None:  # never the dense product
+                M = mean_product(A, B, self.gate, p)
+                cut = product_aggregate(self.cfg.robust, A, B, self.gate, p, M)
+            if self.opt.rule == "average" and cut is None:  # never the dense product
                 A_new, B_new = flex_aggregate(A, B, self.gate, p, fed.cfg.rank)
             else:
-                A_new, B_new = self.server_step(name, A, B, p, robust)
+                A_new, B_new = self.server_step(name, A, B, p, M if cut is None else cut)
             with torch.no_grad():
                 layer.A.copy_(A_new.expand_as(layer.A))
                 layer.B.copy_(B_new.expand_as(layer.B))

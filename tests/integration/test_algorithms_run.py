@@ -13,6 +13,8 @@ from declora.algorithms import ALGORITHMS, FOLDS_INTO_BASE, SERVER_MODEL
 from declora.algorithms.base import RoundContext
 from declora.config import load_config
 from declora.experiment import build_experiment
+from declora.model import as_run, averaged_factors, fold_middle
+from declora.train import pad
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
 
@@ -47,6 +49,17 @@ def tiny(tiny_bert, tiny_data, tmp_path, *extra):
             ],
         )
     )
+
+
+def _consensus_logits(exp, input_ids, mask):
+    """declora's logits of the consensus model its evaluation scores: the mean of the adapters the nodes
+    run (Fed-SB's R folded into B, rank gates into the factors), every row on that one model."""
+    fed = exp.fed
+    gate = None if fed.rank_mask.gate is None else fed.rank_mask.gate.detach()
+    running = as_run(fed, fold_middle({k: v.detach() for k, v in fed.tensors().items()}), gate)
+    rows = torch.zeros(len(input_ids), dtype=torch.long)
+    with torch.no_grad(), fed.override(averaged_factors(running)), fed.route(rows):
+        return fed(input_ids, mask)
 
 
 def _context(exp, t=0):
@@ -159,9 +172,15 @@ def test_every_algorithm_runs_and_exports(name, graph, tiny_bert, tiny_data, tmp
     assert (records[-1]["bytes_total"] == 0) if silent else (records[-1]["bytes_total"] > 0)
     if no_export:
         return
+    # The exported consensus folder, loaded by stock PEFT, gives declora's consensus logits on the held-out
+    # rows and so the accuracy the run reported for it (a folder of wrong, missing or zero tensors would not).
     folder = exp.run_dir / "adapters" / "consensus"
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
     model = PeftModel.from_pretrained(base, str(folder)).eval()
+    input_ids, mask = pad(exp.consensus_eval.token_ids, exp.pad_id)
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[101, 2204, 102]])).logits
-    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+        theirs = model(input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(theirs, _consensus_logits(exp, input_ids, mask), atol=1e-5, rtol=0)
+    labels = torch.as_tensor(exp.consensus_eval.labels)
+    reported = records[-1]["acc_avg_factors"]
+    assert float((theirs.argmax(-1) == labels).float().mean()) == pytest.approx(reported, abs=1e-6)

@@ -15,7 +15,7 @@ from declora.algorithms import ALGORITHMS, FOLDS_INTO_BASE
 from declora.cli import main
 from declora.config import load_config
 from declora.experiment import build_experiment
-from declora.model import averaged_factors
+from declora.model import as_run, averaged_factors, fold_middle
 from declora.train import pad
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
@@ -72,26 +72,23 @@ def test_every_algorithm_runs_on_a_causal_lm(name, tiny_llama, reviews, tmp_path
     if not no_export:
         config = json.loads((exp.run_dir / "adapters" / "consensus" / "adapter_config.json").read_text())
         assert config["task_type"] == "CAUSAL_LM"
+        _assert_export_predicts_what_declora_reports(exp, records[-1], tiny_llama)
 
 
-def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tmp_path, monkeypatch):
-    """AutoModelForCausalLM + PeftModel.from_pretrained on the consensus folder: the same label-word
-    logits, predictions and accuracy as declora's averaged-factor evaluation."""
+def _assert_export_predicts_what_declora_reports(exp, record, tiny_llama):
+    """AutoModelForCausalLM + PeftModel.from_pretrained on the consensus folder give the label-word scores
+    of the model declora's evaluation scores (the mean of the adapters the nodes run: Fed-SB's R folded
+    into B, rank gates into the factors), and so the accuracy the run reported."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
-    exp = tiny(tiny_llama, reviews, tmp_path, "algorithm.name=dec_lora", "train.local_steps=3")
-    record = engine.run(exp)[-1]
-    data = exp.consensus_eval
+    fed, data = exp.fed, exp.consensus_eval
     input_ids, mask = pad(data.token_ids, pad_id=0)
-    stacked = averaged_factors({k: v.detach() for k, v in exp.fed.tensors().items()})
-    with (
-        torch.no_grad(),
-        exp.fed.override(stacked),
-        exp.fed.route(torch.zeros(len(input_ids), dtype=torch.long)),
-    ):
-        ours = exp.task.scores(exp.fed(input_ids, mask), mask)
+    gate = None if fed.rank_mask.gate is None else fed.rank_mask.gate.detach()
+    running = as_run(fed, fold_middle({k: v.detach() for k, v in fed.tensors().items()}), gate)
+    rows = torch.zeros(len(input_ids), dtype=torch.long)
+    with torch.no_grad(), fed.override(averaged_factors(running)), fed.route(rows):
+        ours = exp.task.scores(fed(input_ids, mask), mask)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(exp.run_dir / "adapters" / "consensus")).eval()
     with torch.no_grad():
@@ -101,6 +98,16 @@ def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tm
     assert torch.equal(preds, ours.argmax(-1))
     accuracy = float((preds == torch.as_tensor(data.labels)).float().mean())
     assert accuracy == pytest.approx(record["acc_avg_factors"], abs=1e-6)
+
+
+def test_exported_adapter_predicts_what_declora_predicts(tiny_llama, reviews, tmp_path, monkeypatch):
+    """AutoModelForCausalLM + PeftModel.from_pretrained on the consensus folder: the same label-word
+    logits, predictions and accuracy as declora's averaged-factor evaluation; the folder's card and the
+    README's own code build declora's prompts."""
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+    exp = tiny(tiny_llama, reviews, tmp_path, "algorithm.name=dec_lora", "train.local_steps=3")
+    record = engine.run(exp)[-1]
+    _assert_export_predicts_what_declora_reports(exp, record, tiny_llama)
     card = json.loads((exp.run_dir / "adapters" / "consensus" / "declora_adapter.json").read_text())
     assert card["inputs"]["template"] == exp.cfg.task.template  # the prompt and words, with the folder
     assert card["inputs"]["label_words"] == [" negative", " positive"]

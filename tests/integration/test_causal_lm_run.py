@@ -9,11 +9,14 @@ import re
 import pytest
 import torch
 from helpers import WORDS, write_tiny_data
+from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from declora import engine
 from declora.algorithms import ALGORITHMS, FOLDS_INTO_BASE
 from declora.cli import main
 from declora.config import load_config
+from declora.engine import MEASURED
 from declora.experiment import build_experiment
 from declora.model import as_run, averaged_factors, fold_middle
 from declora.train import pad
@@ -161,10 +164,25 @@ def test_cli_language_modelling_on_a_text_file_resumes(tiny_llama, tmp_path, cap
     assert main(["run", "--resume", str(run_dir), "rounds=3"]) == 0
     out = capsys.readouterr().out
     assert "ppl_avg_factors *" in out and "headline (ppl_avg_factors): final" in out
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["event"] == "eval"]
+    evals = _evals(run_dir)
     assert [r["round"] for r in evals] == [1, 2, 3]
     for key in ("ppl_node_mean", "ppl_avg_factors", "ppl_avg_product"):
         assert all(1.0 < r[key] < 1e6 for r in evals), key
     assert evals[-1]["ppl_avg_factors"] < evals[0]["ppl_avg_factors"]  # the tiny model learns the text
     assert (run_dir / "curves.png").is_file() and (run_dir / "adapters" / "node_001").is_dir()
+    # The resumed run is the run that never stopped: the same numbers every round, the same adapters
+    twin = tmp_path / "twin"
+    assert main(["run", *args[:-1], "rounds=3", f"run_dir={twin}"]) == 0
+    computed = [{k: v for k, v in r.items() if k not in MEASURED} for r in evals]
+    assert computed == [{k: v for k, v in r.items() if k not in MEASURED} for r in _evals(twin)]
+    for folder in ("consensus", "node_000", "node_001"):
+        name = f"adapters/{folder}/adapter_model.safetensors"
+        ours, theirs = load_file(str(run_dir / name)), load_file(str(twin / name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    vocab = AutoConfig.from_pretrained(str(tiny_llama)).vocab_size
+    assert all(r["ppl_avg_factors"] < vocab for r in evals)  # below what a uniform guess scores
+
+
+def _evals(run_dir):
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["event"] == "eval"]

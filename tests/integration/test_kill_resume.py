@@ -92,10 +92,6 @@ def _crash(args: list[str], spec: str, monkeypatch) -> None:
     reset_crash_counts()
 
 
-def test_the_kill_test_covers_twenty_points():
-    assert len(KILLS) + len(DOUBLE) + len(REAL) >= 20
-
-
 @pytest.mark.parametrize(("point", "k"), KILLS, ids=[f"{p}:{k}" for p, k in KILLS])
 def test_killed_then_resumed_equals_uninterrupted(setup, tmp_path, monkeypatch, point, k):
     _, args, reference = setup

@@ -219,8 +219,16 @@ def test_language_modelling_reads_a_table_without_labels(tiny_llama, tmp_path):
     table.write_text("text\n" + "".join(f'"{t}"\n' for t in _texts(40)))
     overrides = _overrides(tiny_llama, tmp_path, "model.target_modules=[q_proj,v_proj]", "model.head=none")
     overrides += [f"data.dataset={table}", "task.kind=causal_lm", "eval.headline=ppl_avg_factors"]
-    records = run(build_experiment(load_config(None, overrides)))
-    assert records[-1]["ppl_avg_factors"] > 1
+    exp = build_experiment(load_config(None, [*overrides, "eval.every=1"]))
+    # Every row of the table is a text once, in training or held out: the header is no row, none is lost
+    decode = exp.task.tokenizer.decode
+    trained = [decode(exp.trainer.token_ids[i], skip_special_tokens=True) for p in exp.parts for i in p]
+    held_out = [decode(x, skip_special_tokens=True) for x in exp.consensus_eval.token_ids]
+    assert sorted(trained + held_out) == sorted(_texts(40)) and len(set(_texts(40))) == 40
+    assert len(held_out) == 8  # data.test_fraction's 0.2 of the 40 rows
+    ppl = [r["ppl_avg_factors"] for r in run(exp) if "ppl_avg_factors" in r]
+    vocab = len(exp.task.tokenizer)
+    assert len(ppl) == 2 and ppl[1] < ppl[0] < vocab  # it learns, from below a uniform guess over the vocab
 
 
 def test_a_label_column_that_is_the_text_column_is_refused(tmp_path):

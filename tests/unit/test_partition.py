@@ -96,18 +96,26 @@ def test_dirichlet_impossible_setting_names_values() -> None:
         partition(labels, 10, cfg_for("dirichlet", min_size=50), seed=0)
 
 
-@pytest.mark.parametrize("n", [100, 1000])
-def test_proportions_match_request(n: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "counts", "size", "skewed"),
+    [
+        (100, [50, 50], 10, (9, 1)),  # floor(50 / 5) = 10 = n // 10; 10 * 0.9 = 9
+        # label 1 allows floor(491 / 5) = 98 < n // 10 = 100; 98 * 0.9 = 88.2 and 98 * 0.1 = 9.8 round
+        # (largest remainder) to 88 and 10, so label 1 gives 3 * 10 + 3 * 88 + 4 * 49 = 490 of its 491
+        (1000, [509, 491], 98, (88, 10)),
+    ],
+)
+def test_proportions_match_request(n: int, counts: list[int], size: int, skewed: tuple[int, int]) -> None:
+    """ADF_TAD_BINARY asks 3 nodes for 0.9/0.1, 3 for 0.1/0.9 and 4 for 0.5/0.5, so one unit of node size
+    takes 3 * 0.9 + 3 * 0.1 + 4 * 0.5 = 5 examples of each label: the size is the largest that the
+    scarcer label allows (and at most n // 10), and each node's label counts are size * p rounded."""
     labels = synthetic_labels(n=n, k=2, seed=3)
-    cfg = cfg_for("proportions", proportions=ADF_TAD_BINARY)
-    parts = partition(labels, 10, cfg, seed=0)
-    sizes = {len(p) for p in parts}
-    assert len(sizes) == 1  # equal share
-    size = sizes.pop()
-    assert size <= n // 10
-    for p, want in zip(parts, ADF_TAD_BINARY, strict=True):
-        got = np.bincount(labels[p], minlength=2) / size
-        assert np.allclose(got, want, atol=1.0 / size + 1e-9)
+    assert np.bincount(labels).tolist() == counts
+    parts = partition(labels, 10, cfg_for("proportions", proportions=ADF_TAD_BINARY), seed=0)
+    assert [len(p) for p in parts] == [size] * 10
+    half = (size // 2, size - size // 2)
+    want = [skewed] * 3 + [skewed[::-1]] * 3 + [half] * 4
+    assert [tuple(np.bincount(labels[p], minlength=2).tolist()) for p in parts] == want
 
 
 def test_proportions_size_capped_by_scarce_label() -> None:

@@ -70,11 +70,25 @@ def test_nf4_error_is_at_most_half_the_widest_gap_times_block_absmax(shape):
     assert (err.reshape(-1, NF4_BLOCK).abs() <= half_gap * absmax + 1e-6).all()
 
 
-def test_nf4_is_better_than_its_worst_case_on_gaussian_weights():
-    """Most NF4 gaps are far narrower than the widest one: the mean error is a fraction of the bound."""
+def _uniform_4bit(w: torch.Tensor) -> torch.Tensor:
+    """A plain 4-bit absmax quantizer on NF4's blocks, decoded: 16 evenly spaced levels on [-1, 1] times
+    the block absmax, each weight rounded to the nearest."""
+    flat = w.reshape(-1, NF4_BLOCK)  # the test's weights fill whole blocks
+    absmax = flat.abs().amax(1, keepdim=True)
+    steps = torch.round((flat / absmax + 1) * 7.5)  # level k is -1 + k / 7.5, k = 0..15
+    return ((steps / 7.5 - 1) * absmax).reshape(w.shape)
+
+
+def test_nf4_beats_uniform_4bit_on_gaussian_weights():
+    """NF4's levels are N(0, 1) quantiles: on Gaussian weights they sit where the weights are dense, so
+    the mean error is below a uniform 16-level grid's with the same blocks and absmax (measured: 0.0720
+    against 0.0845, a ratio of 0.85; seeds 0-4 give 0.846-0.856)."""
     w = torch.randn(256, 256, generator=torch.Generator().manual_seed(2))
-    err = (dequantize_nf4(quantize_nf4(w), w.shape) - w).abs()
-    assert err.mean() < 0.05 * w.abs().max()
+    uniform_err = (_uniform_4bit(w) - w).abs()
+    absmax = w.reshape(-1, NF4_BLOCK).abs().amax(1, keepdim=True)
+    assert (uniform_err.reshape(-1, NF4_BLOCK) <= absmax / 15 + 1e-6).all()  # half its step: a fair baseline
+    nf4 = (dequantize_nf4(quantize_nf4(w), w.shape) - w).abs().mean()
+    assert nf4 < 0.9 * uniform_err.mean()
 
 
 @pytest.mark.parametrize("shape", [(384, 384), (37, 50), (1, 1)])

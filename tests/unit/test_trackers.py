@@ -178,6 +178,7 @@ def test_wandb_offline(tmp_path):
 
 def test_a_run_logs_to_its_trackers(tiny_bert, tmp_path):
     pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
     from helpers import write_tiny_data
     from mlflow.tracking import MlflowClient
 
@@ -193,7 +194,15 @@ def test_a_run_logs_to_its_trackers(tiny_bert, tmp_path):
     run_id = (tmp_path / "runs" / "x" / "mlflow_run_id").read_text()
     history = client.get_metric_history(run_id, "accuracy/acc_avg_factors")
     assert [(m.step, m.value) for m in history] == [(2, pytest.approx(records[-1]["acc_avg_factors"]))]
-    assert (tmp_path / "runs" / "x" / "tensorboard").is_dir()  # the older switch still works
+    # the older switch still works: the event files hold the same headline accuracy (as float32) at step 2
+    assert records[-1]["round"] == 2
+    board = _scalars_by_tag(tmp_path / "runs" / "x" / "tensorboard")
+    assert board.get("accuracy/acc_avg_factors") == [(2, _float32(records[-1]["acc_avg_factors"]))]
+
+
+def _float32(x: float) -> float:
+    """``x`` rounded to float32, as an event file stores a scalar."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 def _tiny_run_args(tiny_bert, tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -453,23 +453,26 @@ class NumericalError(ArithmeticError):
 
 def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tensor, saved: int = 0) -> None:
     """Stop at round t+1 if a trained node's loss (n,) or any node's tensor after communication is NaN or
-    Inf, naming the node, the tensor and ``saved``, the round of the last checkpoint (0: none); each rank
-    names its first bad node (or else its first bad tensor), and the ranks agree on the largest of those."""
-    names = list(exp.fed.tensors())
-    bad = -1  # node * (len(names) + 1) + k: k = 0 for the loss, 1 + tensor index otherwise
-    trained = exp.group.gather_nodes(active)  # (n,) bool
+    Inf, naming the node, the tensor and ``saved``, the round of the last checkpoint (0: none). A bad loss
+    names its lowest node; otherwise the earliest bad tensor names, of the nodes where it is bad, the
+    lowest: the same answer whichever rank hosts which node (the ranks agree on the minimum code)."""
+    names, n = list(exp.fed.tensors()), exp.n
+    none = (len(names) + 1) * n  # above every code: k * n + node, k = 0 for the loss, 1 + tensor index
+    bad = none
+    trained = exp.group.gather_nodes(active)  # (n,) bool; the loss is every node's, the same on every rank
     for node in torch.nonzero(trained & ~torch.isfinite(loss)).flatten().tolist():
-        bad = node * (len(names) + 1)
+        bad = node
         break
     # (tensors, n_local): one copy to the host for all tensors, not one per tensor (a GPU waits for each)
     finite = torch.stack([torch.isfinite(v.detach()).flatten(1).all(1) for v in exp.fed.tensors().values()])
-    if bad < 0 and not bool(finite.all()):
-        k, row = ((~finite).nonzero()[0]).tolist()
-        bad = int(exp.group.nodes[row]) * (len(names) + 1) + 1 + k
-    bad = int(exp.group.all_max(torch.tensor(bad)))
-    if bad < 0:
+    finite = finite.cpu()
+    if bad == none and not bool(finite.all()):
+        ks, rows = (~finite).nonzero(as_tuple=True)
+        bad = int(((1 + ks) * n + exp.group.nodes[rows]).min())
+    bad = -int(exp.group.all_max(torch.tensor(-bad)))  # the minimum over the ranks
+    if bad == none:
         return
-    node, k = divmod(bad, len(names) + 1)
+    k, node = divmod(bad, n)
     what = "its training loss" if k == 0 else f"tensor {names[k - 1]} after communication"
     last = f"last checkpoint: round {saved}" if saved else "no checkpoint yet"
     fix = "a lower train.lr or a max_grad_norm"

@@ -3,6 +3,8 @@
 - node-level DP with zero noise and an infinite clip, mixed by clipped gossip with an infinite radius,
   is the plain run bit for bit (metrics and every exported adapter); so is example-level DP-SGD with
   zero noise and an infinite clip;
+- and both are applied: a tiny clip changes every node's adapter from the plain run's (DP-SGD's bounds
+  how far a round moves it), noise changes it again, and one seed gives the same run bit for bit;
 - two sign-flipping nodes move the honest nodes' adapters away from the attack-free run; the honest
   nodes are reported separately, and clipped gossip keeps them closer to the attack-free run than the
   plain mean does;
@@ -20,15 +22,17 @@ import torch
 from safetensors.torch import load_file
 
 from declora.cli import main
+from declora.config import load_config
 from declora.engine import MEASURED
+from declora.experiment import build_experiment
 
 pytestmark = pytest.mark.integration
 ATTACKERS = (1, 4)
 HONEST = (0, 2, 3, 5)
 
 
-def _run(model: Path, run_dir: Path, *extra: str) -> Path:
-    args = [
+def _args(model: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
         f"model.name={model}",
         "model.rank=4",
         "model.max_length=32",
@@ -48,7 +52,10 @@ def _run(model: Path, run_dir: Path, *extra: str) -> Path:
         f"run_dir={run_dir}",
         *extra,
     ]
-    assert main(["run", *args]) == 0
+
+
+def _run(model: Path, run_dir: Path, *extra: str) -> Path:
+    assert main(["run", *_args(model, run_dir, *extra)]) == 0
     return run_dir
 
 
@@ -104,6 +111,46 @@ def _assert_same_run(plain: Path, private: Path) -> None:
         assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+CLIP = 1e-5  # far below any message's change or example's gradient here: the clip always cuts
+
+
+def _changed(reference: Path, run_dir: Path, node: int) -> bool:
+    ref, got = _adapter(reference, node), _adapter(run_dir, node)
+    assert ref.keys() == got.keys()
+    return any(not torch.equal(ref[k], got[k]) for k in ref)
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    """Two runs of one seed: the same records (timings aside) and adapters, bit for bit."""
+    volatile = set(MEASURED)
+    for x, y in zip(_records(a), _records(b), strict=True):
+        assert {k: v for k, v in x.items() if k not in volatile} == {
+            k: v for k, v in y.items() if k not in volatile
+        }
+    differing = [node for node in range(6) if _changed(a, b, node)]
+    assert not differing, f"one seed, but nodes {differing} differ"
+
+
+@pytest.mark.parametrize("codec", ["fp32", "topk"])
+def test_node_level_dp_with_a_small_clip_or_noise_changes_every_nodes_adapter(
+    codec, plain, plain_topk, tiny_bert, tmp_path
+):
+    """The counterpart of the two plain-run tests above, which a run that never applied DP would pass
+    too. Zero noise with a clip of 1e-5 changes what every node holds from the plain run's (each mixes
+    its neighbours' clipped messages, or under CHOCO their copies built from clipped changes); noise then
+    changes it again; and two noised runs of one seed are the same bit for bit."""
+    reference, extra = (plain, []) if codec == "fp32" else (plain_topk, TOPK)
+    node = ["privacy.level=node", f"privacy.clip={CLIP}"]
+    clipped = _run(tiny_bert, tmp_path / "clipped", *extra, *node, "privacy.noise_multiplier=0")
+    noised = _run(tiny_bert, tmp_path / "noised", *extra, *node, "privacy.noise_multiplier=1")
+    for i in range(6):
+        assert _changed(reference, clipped, i), f"node {i} holds the plain run's adapter: nothing clipped"
+        assert _changed(clipped, noised, i), f"node {i} holds the noiseless run's adapter: no noise"
+    _assert_identical(
+        noised, _run(tiny_bert, tmp_path / "again", *extra, *node, "privacy.noise_multiplier=1")
+    )
+
+
 def _distance_to(reference: Path, run_dir: Path) -> float:
     total = 0.0
     for node in HONEST:
@@ -150,6 +197,46 @@ def test_example_level_dp_with_zero_noise_and_infinite_clip_is_the_plain_run(tin
     assert _records(private)[-1]["privacy_epsilon"] == [float("inf")] * 6
     card = (private / "adapters" / "node_002" / "README.md").read_text()
     assert "Privacy: example-level DP-SGD; everything a node computes" in card and "NOT" not in card
+
+
+def _start(model: Path, run_dir: Path, *extra: str) -> dict[str, torch.Tensor]:
+    """Every node's adapter (n, ...) before the first round, under the exported adapters' names."""
+    exp = build_experiment(load_config(None, _args(model, run_dir, *extra)))
+    start = {}
+    for k, v in exp.fed.tensors().items():
+        factor = k.rpartition(".")[2].startswith("lora_")  # PEFT names a factor's tensor <factor>.weight
+        start["base_model.model." + (f"{k}.weight" if factor else k)] = v.detach()
+    return start
+
+
+def test_example_level_dp_with_a_small_clip_bounds_each_step_and_noise_changes_it(tiny_bert, tmp_path):
+    """The counterpart of the test above, which a run that never applied DP-SGD would pass too. One round
+    of 2 plain SGD steps (no momentum) at lr 1 with zero noise and a clip of 1e-5: each step is the mean
+    of the batch's clipped gradients (the norm over A, B and the head together), at most the clip, so it
+    moves a node at most lr x clip, and the gossip's convex mix keeps every node within 2 lr x clip of
+    the common start. The plain run moves far more. Noise then changes every node's adapter, the same
+    for one seed."""
+    sgd = ["rounds=1", "train.optimizer=sgd", "train.momentum=0", "train.lr=1.0", "train.max_grad_norm=null"]
+    dp = ["privacy.level=example", f"privacy.clip={CLIP}"]
+    plain = _run(tiny_bert, tmp_path / "plain", *sgd, "train.lora_product=per_row")
+    clipped = _run(tiny_bert, tmp_path / "clipped", *sgd, *dp, "privacy.noise_multiplier=0")
+    noised = _run(tiny_bert, tmp_path / "noised", *sgd, *dp, "privacy.noise_multiplier=1")
+    start = _start(tiny_bert, tmp_path / "start", *sgd)
+    bound = 2 * 1.0 * CLIP  # local steps x lr x clip
+
+    def moved(run_dir: Path, node: int) -> float:  # the norm of the node's change, every tensor together
+        adapter = _adapter(run_dir, node)
+        assert adapter.keys() == start.keys()
+        squares = [(v.double() - start[k][node].double()).square().sum() for k, v in adapter.items()]
+        return float(sum(squares)) ** 0.5
+
+    for i in range(6):
+        # 1 %: the mix's float32 rounding of A (norm about 1 a layer), some 1e-7 in all
+        assert moved(clipped, i) <= 1.01 * bound, (i, moved(clipped, i), bound)
+        assert moved(plain, i) > 10 * bound, (i, moved(plain, i))  # the clip did cut
+        assert _changed(plain, clipped, i), f"node {i} holds the plain run's adapter: nothing clipped"
+        assert _changed(clipped, noised, i), f"node {i} holds the noiseless run's adapter: no noise"
+    _assert_identical(noised, _run(tiny_bert, tmp_path / "again", *sgd, *dp, "privacy.noise_multiplier=1"))
 
 
 def test_krum_at_the_server_keeps_a_sign_flippers_upload_out(tiny_bert, tmp_path):

@@ -27,6 +27,37 @@ def _tensors(exp):
     return {k: v.detach().clone() for k, v in exp.fed.tensors().items()}
 
 
+def _hand_round(exp, t, mu=None):
+    """Round ``t`` driven here: the algorithm's plan, train.local_steps local steps, then its communication.
+    With ``mu``, the gradients get ``proximal_pull`` towards a snapshot of the tensors taken here at the
+    round's start, in place of the plan's own correction. Returns the tensors after the local work."""
+    plan = exp.algorithm.plan(t)
+    start = _tensors(exp)
+    exp.trainer.correction = (
+        plan.correction if mu is None else lambda params: proximal_pull(params, start, mu)
+    )
+    active = plan.active if plan.active is not None else torch.ones(exp.n, dtype=torch.bool)
+    exp.trainer.local_work(active, list(exp.fed.tensors(plan.train)), exp.cfg.train.local_steps, "steps")
+    trained = _tensors(exp)
+    exp.algorithm.communicate(round_context(exp, t))
+    return trained
+
+
+def _assert_pull_is_by_hand(tiny_bert, tiny_data, folder, plain, prox):
+    """Two rounds of ``prox`` at mu=1 train exactly as ``plain`` (the same seed) whose gradients get
+    mu (theta - theta_start) added by hand, theta_start each node's tensors where its round begins: not
+    zeros, not the first round's start, not the nodes' mean. The same operations on the same numbers:
+    bit for bit."""
+    steps = "train.local_steps=2"
+    ref = tiny_experiment(tiny_bert, tiny_data, folder / "ref", f"algorithm.name={plain}", steps)
+    got = tiny_experiment(
+        tiny_bert, tiny_data, folder / "got", f"algorithm.name={prox}", "algorithm.mu=1", steps
+    )
+    for t in range(2):  # the second round starts where the first one's communication left each node
+        want, have = _hand_round(ref, t, mu=1.0), _hand_round(got, t)
+        assert all(torch.equal(want[k], have[k]) for k in want), f"round {t}"
+
+
 def test_proximal_pull_adds_mu_times_the_distance_to_the_anchor():
     g = torch.Generator().manual_seed(0)
     p = torch.nn.Parameter(torch.randn(3, 2, 4, generator=g))
@@ -45,6 +76,7 @@ def test_fedprox_with_mu_zero_is_fedavg(tiny_bert, tiny_data, tmp_path):
     a, p, q = _tensors(avg), _tensors(prox), _tensors(pulled)
     assert all(torch.equal(a[k], p[k]) for k in a)
     assert not all(torch.equal(a[k], q[k]) for k in a)  # mu > 0 changes local training
+    _assert_pull_is_by_hand(tiny_bert, tiny_data, tmp_path / "h", "fedavg", "fedprox")
 
 
 def test_dec_prox_with_mu_zero_is_dec_lora(tiny_bert, tiny_data, tmp_path):
@@ -56,6 +88,7 @@ def test_dec_prox_with_mu_zero_is_dec_lora(tiny_bert, tiny_data, tmp_path):
     a, p, q = _tensors(gossip), _tensors(prox), _tensors(pulled)
     assert all(torch.equal(a[k], p[k]) for k in a)
     assert not all(torch.equal(a[k], q[k]) for k in a)
+    _assert_pull_is_by_hand(tiny_bert, tiny_data, tmp_path / "h", "dec_lora", "dec_prox")
 
 
 def test_scaffold_round_zero_is_fedavg(tiny_bert, tiny_data, tmp_path):

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from declora.config import DataConfig, load_config
 from declora.data import load_dataset, read_instructions
+from declora.experiment import EvalSet
+from declora.model import averaged_factors
 from declora.tasks import Instruction
 from declora.train import pad
 
@@ -228,10 +232,69 @@ def test_exact_match_is_greedy_decoding_of_the_tiny_llama(tiny_llama):
     assert float(task.extras(stats.sum(0))["em"]) == 0.5
 
 
+def _scored_by_hand(exp, data, node: int, stacked=None) -> tuple[float, float]:
+    """The response perplexity and exact match of the rows ``data`` scored by node ``node`` (or, given
+    ``stacked``, by that one model in place of every node's own): one padded forward pass of all the rows,
+    read through the task's row_stats, extras and finalize."""
+    input_ids, mask = pad(data.token_ids, exp.pad_id)
+    labels = torch.as_tensor(data.labels)
+    keep = exp.task.positions(input_ids, mask, labels, train=False)
+    exp.fed.set_training(False)
+    model = exp.fed.override(stacked) if stacked is not None else nullcontext()
+    with torch.no_grad(), model, exp.fed.route(torch.full((len(data.labels),), node, dtype=torch.long)):
+        logits = exp.fed(input_ids, mask, keep)
+    totals = exp.task.row_stats(logits, input_ids, mask, labels, keep).sum(0)
+    return float(exp.task.finalize(totals)), float(exp.task.extras(totals)["em"])
+
+
+def _consensus(exp) -> dict[str, torch.Tensor]:
+    """The averaged factors: every tensor's mean over the nodes, one model."""
+    return averaged_factors({k: v.detach() for k, v in exp.fed.tensors().items()})
+
+
+def _hand_scores(exp) -> dict[str, float]:
+    """ppl_* and em_* of the node mean (each node on node_eval, its own rows) and of the averaged factors
+    (one model, the mean of the nodes' tensors, on consensus_eval), recomputed outside declora.evaluate."""
+    ppl, em = _scored_by_hand(exp, exp.consensus_eval, 0, _consensus(exp))
+    nodes = torch.tensor([_scored_by_hand(exp, exp.node_eval, i) for i in range(exp.n)], dtype=torch.float64)
+    ppl_nodes, em_nodes = nodes.mean(0).tolist()
+    return {
+        "ppl_avg_factors": ppl,
+        "em_avg_factors": em,
+        "ppl_node_mean": ppl_nodes,
+        "em_node_mean": em_nodes,
+    }
+
+
+def _assert_scores(reported: dict, hand: dict[str, float]) -> None:
+    # the same sums, padded and batched otherwise than the run's micro-batches: equal here, and equal to
+    # float noise wherever the batching changes the last bits
+    for key, want in hand.items():
+        assert math.isclose(reported[key], want, rel_tol=1e-6, abs_tol=1e-6), (key, reported[key], want)
+
+
+def _greedy_rows(exp, consensus, tokens: int = 3) -> EvalSet:
+    """A held-out prompt followed by the consensus model's own greedy tokens (exact match 1 under that
+    model), and the same row with its last token changed (exact match 0); each row's label is its
+    response length, as the task's rows have."""
+    first = exp.consensus_eval
+    ids = list(first.token_ids[0][: len(first.token_ids[0]) - int(first.labels[0])])  # its prompt alone
+    exp.fed.set_training(False)
+    with torch.no_grad(), exp.fed.override(consensus), exp.fed.route(torch.zeros(1, dtype=torch.long)):
+        for _ in range(tokens):
+            x, m = pad([ids], exp.pad_id)
+            ids.append(int(exp.fed(x, m)[0, -1].argmax()))
+    wrong = [*ids[:-1], ids[-1] ^ 1]
+    return EvalSet([ids, wrong], np.array([tokens, tokens]))
+
+
 def test_a_run_reports_exact_match_beside_perplexity(tiny_llama, tmp_path):
     """Every evaluated model gets an em_* key beside its ppl_* key (node mean, both consensus models);
-    the untrained model does not answer "ok" (EM 0.0). The tiny LLaMA's logits are too flat to learn the
-    answer exactly in a few steps: the EM = 1.0 case is the greedy-decoding test above."""
+    the untrained model does not answer "ok" (EM 0.0). The node mean and the averaged factors' scores
+    equal a forward pass made here: each node on its own rows, and the mean of the nodes' tensors (the
+    lazy ring keeps the two nodes apart, so the consensus is no node's model). The tiny LLaMA's logits
+    are too flat to learn the answer exactly in a few steps, so the run's EM stays 0; a nonzero EM is
+    checked after it, on rows made of the consensus model's own greedy tokens."""
     from declora.engine import run
     from declora.evaluate import evaluate
     from declora.experiment import build_experiment
@@ -242,13 +305,19 @@ def test_a_run_reports_exact_match_beside_perplexity(tiny_llama, tmp_path):
     overrides += ["model.rank=4", "model.max_length=32", "task.kind=instruction"]
     overrides += [f"data.dataset={data}", "nodes=2", "rounds=2", "train.batch_size=4", "train.lr=0.1"]
     overrides += ["eval.headline=ppl_avg_factors", "train.local_steps=2", "eval.node_examples=4"]
-    overrides += ["export=none", "threads=1"]
+    overrides += ["topology.lazy=true", "export=none", "threads=1"]
     exp = build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
     before = evaluate(exp)
     assert before["em_avg_factors"] == before["em_avg_product"] == before["em_node_mean"] == 0.0
     last = [r for r in run(exp) if "ppl_avg_factors" in r][-1]
     for mode in ("node_mean", "avg_factors", "avg_product"):
         assert 0.0 <= last[f"em_{mode}"] <= 1.0 and math.isfinite(last[f"ppl_{mode}"])
+    assert last["ppl_avg_factors"] != last["ppl_avg_product"]  # the nodes differ: two consensus models
+    _assert_scores(last, _hand_scores(exp))
+    exp.consensus_eval = exp.node_eval = _greedy_rows(exp, _consensus(exp))
+    hand = _hand_scores(exp)
+    assert hand["em_avg_factors"] == 0.5  # the greedy row matches, the changed one does not
+    _assert_scores(evaluate(exp), hand)
 
 
 def test_exact_match_can_be_the_headline_of_instruction_runs_only():
@@ -260,7 +329,15 @@ def test_exact_match_can_be_the_headline_of_instruction_runs_only():
         load_config(None, ["eval.headline=em_avg_factors"])
 
 
+def _training_texts(exp, node: int) -> list[str]:
+    """Node ``node``'s training rows as text: the token ids the trainer reads, at the node's indices."""
+    ids = exp.trainer.token_ids
+    return [exp.task.tokenizer.decode(ids[k], skip_special_tokens=True) for k in exp.parts[node]]
+
+
 def test_a_run_trains_each_node_on_its_own_instruction_file(tiny_llama, tmp_path):
+    """Node i trains on c{i}.jsonl's pair, prompt then response, and on nothing else (rows of up to 64
+    tokens: none is cut)."""
     from declora.engine import run
     from declora.experiment import build_experiment
 
@@ -271,11 +348,13 @@ def test_a_run_trains_each_node_on_its_own_instruction_file(tiny_llama, tmp_path
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
     overrides = [f"model.name={tiny_llama}", "model.target_modules=[q_proj,v_proj]", "model.head=none"]
-    overrides += ["model.rank=2", "model.max_length=32", "task.kind=instruction", "export=none"]
+    overrides += ["model.rank=2", "model.max_length=64", "task.kind=instruction", "export=none"]
     overrides += [f"data.node_files={folder}", f"data.test_file={test}", "nodes=2", "rounds=1"]
     overrides += ["eval.headline=ppl_avg_factors", "train.batch_size=1", "threads=1"]
     exp = build_experiment(load_config(None, [*overrides, f"run_dir={tmp_path / 'r'}"]))
     assert [len(p) for p in exp.parts] == [1, 1] and len(exp.consensus_eval.labels) == 3
+    for node, (prompt, response) in enumerate(PAIRS[:2]):
+        assert _training_texts(exp, node) == [f"user: {prompt}\nassistant: {response}"]
     last = [r for r in run(exp) if "ppl_avg_factors" in r][-1]
     assert math.isfinite(last["ppl_avg_factors"]) and 0.0 <= last["em_avg_factors"] <= 1.0
 

@@ -77,7 +77,6 @@ def torchrun(
     hosts: tuple[int, int] | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
-    timeout: float = 240,
 ) -> subprocess.Popen:
     """Start ``torchrun`` on this machine; ``hosts`` = (node rank, number of hosts) for multi-host."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]
@@ -107,9 +106,23 @@ def finish(proc: subprocess.Popen, began: float, timeout: float = 240) -> Launch
     return Launch(proc.returncode, output, time.monotonic() - began)
 
 
-def launch(args: list[str], procs: int, **kwargs) -> Launch:
+def launch(args: list[str], procs: int, timeout: float = 240, **kwargs) -> Launch:
     began = time.monotonic()
-    return finish(torchrun(args, procs, **kwargs), began)
+    return finish(torchrun(args, procs, **kwargs), began, timeout)
+
+
+def finished_lines(run_dir: Path) -> list[str]:
+    """metrics.jsonl as its lines, to compare after a resume: what a run had written stays as it was."""
+    return (run_dir / "metrics.jsonl").read_text().splitlines()
+
+
+def assert_resumed(run_dir: Path, from_rounds: list[int], before: list[str]) -> None:
+    """The run was resumed (not started again) after each round of ``from_rounds`` (resumes.jsonl), and
+    the lines it had written before the last resume are still there, byte for byte (their times too:
+    a run started again from round 0 would rewrite them)."""
+    resumes = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
+    assert [r["from_round"] for r in resumes] == from_rounds
+    assert finished_lines(run_dir)[: len(before)] == before
 
 
 def records(run_dir: Path) -> list[dict]:

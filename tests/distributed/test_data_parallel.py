@@ -9,7 +9,18 @@ import json
 from pathlib import Path
 
 import pytest
-from dist_helpers import assert_same_adapters, assert_same_metrics, free_port, launch, records, tiny_overrides
+import torch
+from dist_helpers import (
+    assert_resumed,
+    assert_same_adapters,
+    assert_same_metrics,
+    finished_lines,
+    free_port,
+    launch,
+    records,
+    tiny_overrides,
+)
+from safetensors.torch import load_file
 
 from declora.config import ConfigError, DistConfig, load_config
 from declora.dist import Distributed
@@ -42,6 +53,7 @@ def simulator(tiny_bert, tmp_path_factory):
 
 def test_two_replicas_give_the_one_process_numbers(simulator, tiny_bert, tmp_path):
     run(build_experiment(load_config(None, overrides(tiny_bert, tmp_path, "resumed", "rounds=2"))))
+    written = finished_lines(tmp_path / "resumed")
     cases: dict = {label: overrides(tiny_bert, tmp_path, label) for label in CASES}
     cases["resumed"] = {"resume": str(tmp_path / "resumed"), "overrides": ["rounds=3"]}
     (tmp_path / "cases.json").write_text(json.dumps(cases))
@@ -50,12 +62,20 @@ def test_two_replicas_give_the_one_process_numbers(simulator, tiny_bert, tmp_pat
     for label in CASES:
         assert_same_metrics(simulator / label, tmp_path / label)
         assert_same_adapters(simulator / label, tmp_path / label)
+    assert_resumed(tmp_path / "resumed", [2], written)
+    changes = json.loads((tmp_path / "resumed" / "resumes.jsonl").read_text())["changes"]
+    assert changes == {"rounds": {"old": 2, "new": 3}}
     assert_same_metrics(simulator / "plain", tmp_path / "resumed")  # one process, then two
     assert_same_adapters(simulator / "plain", tmp_path / "resumed")
     losses = {label: [r["train_loss"] for r in records(simulator / label)] for label in CASES}
     assert losses["clipped"] != losses["plain"]  # the clipping bites
     shards = sorted(p.name for p in (tmp_path / "plain" / "state").glob("round_000003.*"))
     assert shards == [f"round_000003.rank_{k}.{x}" for k in (0, 1) for x in ("json", "safetensors")]
+    replicas = [
+        load_file(str(tmp_path / "plain" / "state" / f"round_000003.rank_{k}.safetensors")) for k in (0, 1)
+    ]
+    assert replicas[0].keys() == replicas[1].keys()  # every replica took the same steps: bit-identical
+    assert all(torch.equal(replicas[0][k], replicas[1][k]) for k in replicas[0])
 
 
 def test_node_slices_do_not_apply_to_replicas(tiny_bert, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from dist_helpers import (
     assert_same_adapters,
     assert_same_metrics,
@@ -16,6 +17,7 @@ from dist_helpers import (
     records,
     tiny_overrides,
 )
+from safetensors.torch import load_file
 
 from declora.config import DistConfig, load_config
 from declora.dist import Distributed
@@ -225,10 +227,41 @@ def simulator(tiny_bert, tmp_path_factory):
     return runs
 
 
+def _last_shards(run_dir: Path, ranks: int) -> list[dict[str, torch.Tensor]]:
+    saved = json.loads((run_dir / "state" / "latest.json").read_text())["round"]
+    return [
+        load_file(str(run_dir / "state" / f"round_{saved:06d}.rank_{k}.safetensors")) for k in range(ranks)
+    ]
+
+
+def assert_same_state(sim_dir: Path, run_dir: Path, label: str, counts: tuple[int, ...]) -> None:
+    """The last checkpoint: rank k's shard holds its counts[k] rows of every node tensor, the ranks' rows
+    together are the simulator's nodes (also for export=none, whose adapters are not compared), and a
+    folded base (FedEx-LoRA, FLoRA) is the simulator's on every rank."""
+    (sim,), shards = _last_shards(sim_dir, 1), _last_shards(run_dir, len(counts))
+    start = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["processes"] == {"world": len(counts), "nodes_per_rank": list(counts)}
+    nodes = [k for k in sim if k.startswith("model/")]
+    assert nodes and all([s[k].shape[0] for s in shards] == list(counts) for k in nodes)
+    if label not in PRODUCTS_ONLY:  # (an SVD's factors: their products are compared with the adapters)
+        for k in nodes:
+            together = torch.cat([s[k] for s in shards])
+            torch.testing.assert_close(together, sim[k], atol=1e-3 if label in TOPK else 1e-6, rtol=0)
+    for k in (k for k in sim if k.startswith("algorithm/base/")):
+        for shard in shards:
+            torch.testing.assert_close(shard[k], sim[k], atol=1e-6, rtol=0)
+
+
+def test_every_case_is_launched_over_two_processes():
+    """A case missing from SLICES would be simulated and never compared."""
+    assert set(SLICES[2]) == set(CASES) and set(SLICES[4]) <= set(CASES)
+
+
 def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
     for label, counts in slices.items():
         sim_dir, edges = simulator[label]
         assert_same_metrics(sim_dir, out / label, atol=1e-5 if label in TOPK else 1e-6)
+        assert_same_state(sim_dir, out / label, label, counts)
         if (sim_dir / "adapters").exists():  # export=none (fedex_lora): the metrics say it all
             products = label in PRODUCTS_ONLY
             atol = 1e-3 if label in TOPK else 2e-6 if products else 1e-6

@@ -12,9 +12,11 @@ from datetime import datetime
 import pytest
 from dist_helpers import (
     CONFIG,
+    assert_resumed,
     assert_same_adapters,
     assert_same_metrics,
     finish,
+    finished_lines,
     launch,
     tiny_overrides,
     torchrun,
@@ -59,8 +61,15 @@ def test_killed_rank_stops_every_rank_then_resume_equals_an_uninterrupted_run(ti
     assert "terminate called" not in refused.output
     assert folder_bytes(tmp_path / "run") == before  # no rank_2.log, nothing appended to the others
 
+    written = finished_lines(tmp_path / "run")
     resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
     assert resumed.returncode == 0, resumed.digest
+    assert_resumed(tmp_path / "run", [2], written)
+    for rank in (0, 1):
+        assert (
+            f"resuming {tmp_path / 'run'} after round 2"
+            in (tmp_path / "run" / f"rank_{rank}.log").read_text()
+        )
     overrides = tiny_overrides(tiny_bert, tmp_path / "sim", "dec_lora", "rounds=4")
     uninterrupted = build_experiment(load_config(CONFIG, overrides))
     run(uninterrupted)
@@ -142,10 +151,13 @@ def test_a_torchrun_stopped_by_sigterm_exits_143_on_every_rank_and_resumes_to_th
     assert stopped.output.count("declora: terminated; ") == 1, stopped.digest  # rank 0 says it
     assert "--resume" in stopped.output and str(tmp_path / "run") in stopped.output
     assert "failed in round" not in stopped.output and "died" not in stopped.output
+    assert "declora: error" not in stopped.output  # no rank took the signal for a fault of another
     assert "Traceback" not in stopped.output.split("declora: terminated")[0], stopped.digest
 
+    written = finished_lines(tmp_path / "run")
     resumed = launch(["-m", "declora", "run", "--resume", str(tmp_path / "run")], 2)
     assert resumed.returncode == 0, resumed.digest
+    assert_resumed(tmp_path / "run", [saved], written)
     uninterrupted = build_experiment(
         load_config(CONFIG, tiny_overrides(tiny_bert, tmp_path / "sim", "dec_lora", rounds))
     )

@@ -51,7 +51,11 @@ def test_two_launches_join_one_run_with_the_simulators_numbers(tiny_bert, tmp_pa
     main, other = (host / "runs" / "two-hosts" for host in hosts)
     assert {"metrics.jsonl", "report.md", "adapters", "rank_0.log"} <= {p.name for p in main.iterdir()}
     assert sorted(p.name for p in other.iterdir()) == ["rank_1.log", "state"]
-    assert all(".rank_1." in p.name for p in (other / "state").iterdir())
+    # host B keeps rank 1's shards, those of the rounds host A's rank 0 saved, and nothing else
+    shards = sorted(p.name for p in (other / "state").iterdir())
+    assert shards and all(".rank_1." in name for name in shards), shards
+    ours = sorted(p.name for p in (main / "state").iterdir() if p.name != "latest.json")
+    assert [name.replace(".rank_1.", ".rank_0.") for name in shards] == ours
     # each rank's log holds what it logged before the log opened: the data's warning (every rank), the
     # unread key's (rank 0 alone warns about the config)
     for log, early in ((main / "rank_0.log", "comm.bits=4 has no effect"), (other / "rank_1.log", "cuts")):
@@ -153,7 +157,8 @@ def test_a_rank_whose_own_command_differs_says_which_values_it_does_not_get(tiny
         assert result.returncode == 0, result.digest
         assert "rank 1's own command gives nodes=4, train.lr=0.5; it runs nodes=5, train.lr=" in result.output
     saved = yaml.safe_load((hosts[0] / "runs" / "differ" / "config.yaml").read_text())
-    assert (saved["nodes"], saved["train"]["lr"]) != (4, 0.5)  # rank 0's values
+    given = load_config(CONFIG, ours)  # rank 0's own command, which every rank runs
+    assert (saved["nodes"], saved["train"]["lr"]) == (given.nodes, given.train.lr) != (4, 0.5)
     _, results = _two_launches(
         tmp_path / "again", [["run", str(CONFIG), *ours], ["run", "/nowhere/config.yaml", *ours]]
     )

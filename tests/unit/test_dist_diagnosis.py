@@ -77,3 +77,19 @@ def test_a_polite_stop_posts_nothing():
     rank.store.set("failed/1", "stop")
     assert rank._diagnose(Stopped("stopped by the launcher")) == JOB_STOPPED
     assert not rank.store.check(["fail"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_the_ranks_shares_of_the_evaluation_cover_every_example_once(world):
+    """Each rank scores its share of the held-out examples and the counts are summed: the shares must be
+    disjoint, contiguous and cover them all (every metric is a ratio, so scoring some twice or not at all
+    would not show in it), as even as possible."""
+    for m in range(31):
+        shares = []
+        for rank in range(world):
+            group = object.__new__(Distributed)
+            group.rank, group.world = rank, world
+            shares.append(group.share_of(m))
+        assert [i for share in shares for i in range(m)[share]] == list(range(m)), (world, m)
+        sizes = [len(range(m)[share]) for share in shares]
+        assert max(sizes) - min(sizes) <= 1, (world, m, sizes)

@@ -207,6 +207,14 @@ SLICES = {
 }
 
 
+# Stopped after round 2 and resumed to round 3 within the launch (on each case's SLICES[2]): what a rank
+# keeps between rounds must come back from its own shard (CHOCO's public copies and the guard's previous
+# messages, a server optimizer's moments, SCAFFOLD's control variates, the privacy accountant, FedEx-LoRA's
+# folded base, Fed-SB's middle factors, the ledger's totals). None has a schedule shaped by the round count.
+RESUMED = ("dec_lora_topk_guarded", "fedadam_sampled", "scaffold_guarded", "fedex_lora", "dec_lora_dp_sgd")
+RESUMED += ("fed_sb",)
+
+
 def overrides(model: Path, out: Path, label: str, *extra: str) -> list[str]:
     algorithm, more = CASES[label]
     return tiny_overrides(model, out / label, algorithm, *more, *extra)
@@ -267,6 +275,8 @@ def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
             atol = 1e-3 if label in TOPK else 2e-6 if products else 1e-6
             assert_same_adapters(sim_dir, out / label, atol=atol, products=products)
         wire = [r["bytes_cross_process"] for r in records(out / label)]
+        totals = [r["bytes_cross_process_total"] for r in records(out / label)]
+        assert totals == [sum(wire[: i + 1]) for i in range(len(wire))], label  # a resume goes on counting
         if label in SERVER:  # the all_reduce (all_gather for a robust rule): the same buffers every round
             assert len(set(wire)) == 1 and wire[0] > 0, wire
             continue
@@ -282,14 +292,23 @@ def check(simulator, out: Path, slices: dict[str, tuple[int, ...]]) -> None:
 
 @pytest.mark.parametrize("procs", [2, 4])
 def test_processes_give_the_simulators_numbers(procs, simulator, tiny_bert, tmp_path):
-    cases = {
-        label: overrides(tiny_bert, tmp_path, label, f"dist.node_slices=[{','.join(map(str, counts))}]")
-        for label, counts in SLICES[procs].items()
-    }
+    def sliced(label: str) -> str:
+        return f"dist.node_slices=[{','.join(map(str, SLICES[procs][label]))}]"
+
+    cases: dict = {label: overrides(tiny_bert, tmp_path, label, sliced(label)) for label in SLICES[procs]}
+    resumed = tmp_path / "resumed"
+    for label in RESUMED if procs == 2 else ():
+        cases[f"{label}, 2 rounds"] = overrides(tiny_bert, resumed, label, sliced(label), "rounds=2")
+        cases[f"{label}, resumed"] = {"resume": str(resumed / label), "overrides": ["rounds=3"]}
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     result = launch([str(WORKER), str(tmp_path / "cases.json")], procs)
     assert result.returncode == 0, result.digest
     check(simulator, tmp_path, SLICES[procs])
+    if procs == 2:
+        check(simulator, resumed, {label: SLICES[2][label] for label in RESUMED})
+        for label in RESUMED:
+            lines = (resumed / label / "resumes.jsonl").read_text().splitlines()
+            assert [json.loads(x)["from_round"] for x in lines] == [2], label
 
 
 def test_one_process_group_gives_the_simulators_numbers(simulator, tiny_bert, tmp_path, monkeypatch):

@@ -260,6 +260,18 @@ def assert_same_state(sim_dir: Path, run_dir: Path, label: str, counts: tuple[in
             torch.testing.assert_close(shard[k], sim[k], atol=1e-6, rtol=0)
 
 
+def test_the_cases_meet_their_premises(simulator):
+    """What a case is there to exercise happens in its simulated run (seeded draws could move it away)."""
+
+    def active(label: str) -> list[int]:
+        return [r["active_nodes"] for r in records(simulator[label][0]) if r["event"] == "eval"]
+
+    assert min(active("fedavg_dropout")) < 5  # some node is offline
+    assert active("dec_lora_deadline") == [4, 4, 4]  # the slow node misses every deadline
+    first = simulator["decaf_dynamic"][1][0]  # round 1's bytes per edge
+    assert first[0].sum() == 0 and first[:, 0].sum() == 0 and first.sum() > 0  # node 0 alone, not all
+
+
 def test_every_case_is_launched_over_two_processes():
     """A case missing from SLICES would be simulated and never compared."""
     assert set(SLICES[2]) == set(CASES) and set(SLICES[4]) <= set(CASES)

@@ -691,7 +691,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from declora.dist import DistributedRunError, JobStopped, launched
+    from declora.dist import AgreedStop, DistributedRunError, JobStopped, launched
 
     args = parse_cli(argv)
     if argv is None:  # the command line's own process (not a caller of main() in its own program)
@@ -739,6 +739,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of stdout left (| head): stop quietly, as a pipe's writer does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141
+    except AgreedStop as err:  # every rank found it together (a NaN): no rank is at fault
+        if several:  # said once per host, as one process says it; no wait on the peers (as _die)
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                _error(err, 1)
+            logging.shutdown()
+            os._exit(1)
+        return _error(err, 1)
     except DistributedRunError as err:
         _die(str(err))
         return 1

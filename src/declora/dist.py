@@ -40,6 +40,11 @@ REFUSED = "refused the run before it started"  # a peer's bad input: the others 
 JOB_STOPPED = "the launcher stopped every rank (SIGTERM), none of which had failed"
 
 
+class AgreedStop(Exception):
+    """An error every rank raises at the same point, from numbers they reduced together (a NaN the health
+    check found): no rank is at fault, so each says it as one process would."""
+
+
 class DistributedRunError(RuntimeError):
     """A multi-process run stopped because a rank died, hung or failed; the message names it."""
 
@@ -271,6 +276,9 @@ class Distributed(Solo):
             raise
         except Exception as err:
             self._failing = True  # from here on SIGTERM waits: the diagnosis takes a few seconds
+            if isinstance(err, AgreedStop):  # the others stop at the same point with the same error
+                self._post(_short(err))  # (a rank somehow still running learns it from the store)
+                raise
             if self.at[1] == "start" and isinstance(err, (ConfigError, FileNotFoundError)):
                 # A bad value or file, found before any training: every rank that sees it says so in the
                 # CLI's one line (exit 2); the others learn it through the store and stop.

@@ -18,6 +18,7 @@ from declora.algorithms.base import RoundContext, chosen_settings
 from declora.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from declora.config import ConfigError, load_config, save_config, to_dict
 from declora.device import default_dtype, peak_gpu_memory_mb, reset_gpu_peak
+from declora.dist import AgreedStop
 from declora.evaluate import evaluate
 from declora.experiment import Experiment
 from declora.export import AdapterExport
@@ -447,15 +448,18 @@ def peak_memory(exp: Experiment) -> dict[str, float]:
     return out
 
 
-class NumericalError(ArithmeticError):
-    """A NaN or Inf in a loss or a node's tensor: the run stops at that round."""
+class NumericalError(AgreedStop, ArithmeticError):
+    """A NaN or Inf in a loss or a node's tensor: the run stops at that round (every rank of a launch, on
+    the numbers they reduced together)."""
 
 
 def check_health(exp: Experiment, t: int, loss: torch.Tensor, active: torch.Tensor, saved: int = 0) -> None:
     """Stop at round t+1 if a trained node's loss (n,) or any node's tensor after communication is NaN or
     Inf, naming the node, the tensor and ``saved``, the round of the last checkpoint (0: none). A bad loss
     names its lowest node; otherwise the earliest bad tensor names, of the nodes where it is bad, the
-    lowest: the same answer whichever rank hosts which node (the ranks agree on the minimum code)."""
+    lowest. The ranks of a launch agree on the minimum of what each found, so for the same bad values they
+    name what one process names; after a non-finite message, though, which nodes it reaches can differ:
+    a node's weighted mix adds 0 x Inf = NaN from every node it mixes with, and each rank mixes its own."""
     names, n = list(exp.fed.tensors()), exp.n
     none = (len(names) + 1) * n  # above every code: k * n + node, k = 0 for the loss, 1 + tensor index
     bad = none

@@ -164,3 +164,26 @@ def test_a_torchrun_stopped_by_sigterm_exits_143_on_every_rank_and_resumes_to_th
     run(uninterrupted)
     assert_same_metrics(tmp_path / "sim", tmp_path / "run")
     assert_same_adapters(tmp_path / "sim", tmp_path / "run")
+
+
+def test_a_run_that_diverges_stops_every_rank_with_the_one_process_line(tiny_bert, tmp_path, capsys):
+    """A NaN is found by all ranks together (the health check reduces what each found): no rank is at
+    fault, so the launch says the one line one process says, every rank exits 1, and the run folder
+    records why it stopped. The attacker's message, scaled past float32's range, reaches node 0's rank
+    here, so one process and the launch name the same node."""
+    from declora.cli import main
+
+    attack = ["attack.kind=scaled", "attack.nodes=[3]", "attack.scale=1e39"]
+    alone = tmp_path / "alone"
+    capsys.readouterr()
+    assert main(["run", str(CONFIG), *tiny_overrides(tiny_bert, alone, "dec_lora", *attack)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("declora: error: round 1: node 0: tensor ") and "NaN or Inf" in line, line
+    overrides = tiny_overrides(tiny_bert, tmp_path / "run", "dec_lora", *attack, "dist.node_slices=[3,2]")
+    stopped = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2)
+    assert re.findall(r"exitcode\s+: (-?\d+)", stopped.output) == ["1", "1"], stopped.digest  # the summary
+    errors = [x for x in stopped.output.splitlines() if x.startswith("declora: error")]
+    assert errors == [line], stopped.digest  # once per host, and no rank named as failed, died or hung
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1] == {"event": "diverged", "round": 1, "reason": line.removeprefix("declora: error: ")}
+    assert not (tmp_path / "run" / "state").exists()  # nothing non-finite was saved

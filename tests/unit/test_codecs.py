@@ -291,3 +291,36 @@ def test_quantize_encodes_all_nodes_at_once_as_it_would_each_alone(block_size):
     alone = [codec.roundtrip(x[i : i + 1], torch_generator(0, "codec", 3, "w", i)) for i in range(5)]
     assert torch.equal(batched, torch.cat([d for d, _ in alone])) and nbytes == alone[0][1]
     assert not torch.equal(batched[0], codec.roundtrip(x[:1], torch_generator(0, "codec", 3, "w", 1))[0])
+
+
+def test_error_feedback_of_a_masked_upload_keeps_each_slice_s_residual():
+    """A masked upload whose slices change every round (FSLoRA's sketch of rank components): what a
+    component did not send comes back when that component is sent again, not with whichever component
+    sits at its position in the next round's draw. So, entry by entry, the sum of the signal minus the
+    sum of what the server decoded is exactly what the codec holds back."""
+    from declora.comm.exchange import LocalExchange
+
+    codec = TopKCodec(fraction=0.5, error_feedback=True)
+    exchange = LocalExchange(2, codec)
+    one = torch.tensor([[[10.0, 10.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]]).expand(2, -1, -1)
+    keep = torch.tensor([[True, True, False, False]] * 2)
+    first = exchange.upload_masked({"A": (one, 1)}, keep, torch.ones(2, dtype=torch.bool), 0, True)
+    assert first["A"][0].tolist() == [[10.0, 10.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    # round 1 draws components 2 and 3, which changed by nothing: component 1's [1, 1] stays held
+    nothing = exchange.upload_masked(
+        {"A": (torch.zeros(2, 4, 2), 1)}, ~keep, torch.ones(2, dtype=torch.bool), 1, True
+    )
+    assert not nothing["A"].any()
+    assert codec.state_dict()["residual.A@0"][0].tolist() == [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+
+    g = torch.Generator().manual_seed(0)
+    signal, decoded = one.clone(), first["A"].clone()
+    for t in range(2, 12):
+        drawn = torch.rand(2, 4, generator=g).argsort(1)[:, :2]  # two of the four components per node
+        keep = torch.zeros(2, 4, dtype=torch.bool).scatter(1, drawn, True)
+        x = torch.randn(2, 4, 2, generator=g) * keep[..., None]  # only the drawn components changed
+        out = exchange.upload_masked({"A": (x, 1)}, keep, torch.ones(2, dtype=torch.bool), t, True)
+        assert not out["A"][~keep].any()  # nothing arrives for a component not drawn
+        signal, decoded = signal + x, decoded + out["A"]
+    held = torch.cat([codec.state_dict()[f"residual.A@{i}"] for i in range(2)])
+    torch.testing.assert_close(signal - decoded, held, atol=1e-5, rtol=0)  # float32 sums near 10

@@ -301,19 +301,45 @@ class TopKCodec(_CodecBase):
             raise ValueError(f"residual for {key!r} has shape {tuple(residual.shape)}, message has {shape}")
         return flat + residual.reshape(flat.shape).to(flat.device)
 
-    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
-        shape = tuple(x.shape)
-        flat = self._corrected(x.detach().to(torch.float32).reshape(shape[0], -1), shape, key)  # (n, m)
+    def _select(self, flat: Tensor, shape: tuple[int, ...]) -> Encoded:
+        """The k largest-magnitude entries of each row of ``flat`` (n, m), a message of ``shape``."""
         # a stable sort, not topk: among equal magnitudes the lower index wins, whatever the number of rows
         # (topk's choice among ties depends on the tensor's make-up, so torchrun's slices chose otherwise)
         idx = (
             flat.abs().sort(dim=1, descending=True, stable=True).indices[:, : self.k(flat.shape[1])]
         )  # (n, k)
         values = flat.gather(1, idx).to(_DTYPES[self.value_dtype])  # (n, k)
-        enc = Encoded({"values": values, "indices": idx.to(torch.int32)}, shape)
+        return Encoded({"values": values, "indices": idx.to(torch.int32)}, shape)
+
+    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
+        shape = tuple(x.shape)
+        flat = self._corrected(x.detach().to(torch.float32).reshape(shape[0], -1), shape, key)  # (n, m)
+        enc = self._select(flat, shape)
         if self.error_feedback:
             assert key is not None  # checked in _corrected
             self._residuals[key] = (flat - self.decode(enc).reshape(flat.shape)).reshape(shape)
+        return enc
+
+    def encode_slices(self, row: Tensor, dim: int, idx: Tensor, *, key: str) -> Encoded:
+        """Top-k of the slices ``idx`` along ``dim`` of one node's ``row`` (1, ...): a masked upload, whose
+        slices may change from round to round (FSLoRA's sketch). With error feedback the residual is kept
+        in the row's full coordinates: what a slice did not send is added to that slice when it is sent
+        again, not to whichever slice sits at its position in the next round's selection; the slices not
+        sent keep theirs."""
+        if not self.error_feedback:
+            return self.encode(row.index_select(dim, idx))
+        full = row.detach().to(torch.float32)
+        held = self._residuals.get(key)
+        if held is not None and held.shape != full.shape:
+            raise ValueError(
+                f"residual for {key!r} has shape {tuple(held.shape)}, the row has {tuple(full.shape)}"
+            )
+        if held is not None:
+            full = full + held.to(full.device)
+        sub = full.index_select(dim, idx)
+        enc = self._select(sub.reshape(1, -1), tuple(sub.shape))
+        residual = torch.zeros_like(full) if held is None else held.to(full.device).clone()
+        self._residuals[key] = residual.index_copy_(dim, idx, sub - self.decode(enc))
         return enc
 
     def decode(self, enc: Encoded) -> Tensor:

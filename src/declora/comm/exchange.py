@@ -241,7 +241,11 @@ class LocalExchange:
             up = down = 4 * len(idx) if indices else 0
             for name, (x, dim) in tensors.items():
                 sub = x[i : i + 1].index_select(dim, idx.to(x.device))
-                decoded, nbytes = self._encode(f"{name}@{gid}", sub, round)
+                if isinstance(self.codec, TopKCodec) and self.codec.error_feedback:  # residual per slice
+                    enc = self.codec.encode_slices(x[i : i + 1], dim, idx.to(x.device), key=f"{name}@{gid}")
+                    decoded, nbytes = self.codec.decode(enc), enc.nbytes_per_node()
+                else:
+                    decoded, nbytes = self._encode(f"{name}@{gid}", sub, round)
                 out[name][gid : gid + 1].index_copy_(dim, idx.to(x.device), decoded.to(x.dtype))
                 up, down = up + nbytes, down + sub.numel() * sub.element_size()
             self.ledger.add_edges(torch.diag(torch.arange(n) == gid), up)

@@ -57,8 +57,11 @@ def _regular(cfg: TopologyConfig, n: int, seed: int) -> nx.Graph:
 
 
 def _small_world(cfg: TopologyConfig, n: int, seed: int) -> nx.Graph:
-    if not 2 <= cfg.degree < n:
-        raise ValueError(f"small_world: degree={cfg.degree} must be in [2, n) with n={n}")
+    if not 2 <= cfg.degree < n or cfg.degree % 2:  # each node joins degree/2 neighbours on either side
+        raise ValueError(
+            f"small_world: degree={cfg.degree} must be even and in [2, n) with n={n} (each node starts "
+            "joined to degree/2 neighbours on either side of the ring)"
+        )
     return nx.connected_watts_strogatz_graph(n, cfg.degree, cfg.rewire, tries=100, seed=_nx_seed(seed, "sw"))
 
 

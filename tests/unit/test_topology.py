@@ -323,3 +323,16 @@ def test_one_node_is_a_graph_of_one_node_whatever_the_kind(graph):
     """Centralized training runs one node under a config written for many (a 4-regular graph, say)."""
     g = build_graph(TopologyConfig(graph=graph, degree=4), 1, 0)
     assert g.number_of_nodes() == 1 and g.number_of_edges() == 0
+
+
+@pytest.mark.parametrize("degree", [3, 5])
+def test_small_world_refuses_an_odd_degree(degree: int) -> None:
+    """Watts-Strogatz joins degree/2 neighbours on either side: an odd degree would silently be degree - 1."""
+    with pytest.raises(ValueError, match=f"small_world: degree={degree} must be even"):
+        build_graph(replace(CFG, graph="small_world", degree=degree), 10, 0)
+    assert {
+        d
+        for _, d in build_graph(
+            replace(CFG, graph="small_world", degree=degree - 1, rewire=0.0), 10, 0
+        ).degree()
+    } == {degree - 1}

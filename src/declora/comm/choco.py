@@ -54,7 +54,7 @@ class PublicCopies:
             start = self.initial.get(name)
             if start is not None and tuple(start.shape[1:]) != tuple(like.shape[1:]):
                 start = None  # a tensor of another shape under this name: start from zero
-            zero = torch.zeros(shape, device=like.device)
+            zero = torch.zeros(shape, dtype=torch.float32, device=like.device)
             self.hats[name] = zero if start is None else start.to(like.device).expand(shape).clone()
         return self.hats[name]
 

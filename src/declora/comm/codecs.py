@@ -344,7 +344,8 @@ class TopKCodec(_CodecBase):
 
     def decode(self, enc: Encoded) -> Tensor:
         values, idx = enc.parts["values"], enc.parts["indices"].to(torch.int64)
-        out = torch.zeros(enc.shape[0], math.prod(enc.shape[1:]), device=values.device)  # (n, m)
+        n, m = enc.shape[0], math.prod(enc.shape[1:])
+        out = torch.zeros(n, m, dtype=torch.float32, device=values.device)  # float32 whatever the default
         return out.scatter(1, idx, values.to(torch.float32)).reshape(enc.shape)
 
     def state_dict(self) -> dict[str, Tensor]:

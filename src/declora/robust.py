@@ -23,7 +23,8 @@ cut is plain CHOCO bit for bit.
 
 Server algorithms (fedavg, ffa_lora, rolora, fedprox, fedsa_lora, fed_sb, scaffold) aggregate the uploads
 of the senders S with the same rules (trimmed_mean, median over S; clipped around the uploads' coordinate
-median, a robust centre, since the server keeps no model of its own between rounds) or with Krum
+median, a robust centre, since the server keeps no model of its own between rounds) or, all but
+SCAFFOLD (one node's control-variate change as the server's would break c = mean c_i), with Krum
 (Blanchard et al., NeurIPS 2017): the upload whose summed squared distance to its |S| - f - 2 nearest
 other uploads is smallest.
 """
@@ -31,6 +32,7 @@ other uploads is smallest.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor
@@ -46,8 +48,9 @@ log = logging.getLogger(__name__)
 
 
 def trimmed_cut(k: int, trim: float) -> int:
-    """How many of k values each tail loses: floor(trim * k), leaving at least one value."""
-    return min(int(trim * k), (k - 1) // 2)
+    """How many of k values each tail loses: floor(trim * k), leaving at least one value. The product is
+    rounded to 9 decimals first, so that 0.29 of 100 cuts 29 (0.29 * 100 is 28.999999999999996)."""
+    return min(math.floor(round(trim * k, 9)), (k - 1) // 2)
 
 
 def trimmed_mean(values: Tensor, w: Tensor, b: int) -> Tensor:

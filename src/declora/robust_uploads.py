@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from declora.config import RobustConfig
-from declora.robust import clip_coefficients, clipped_sum, krum_index
+from declora.robust import clip_coefficients, clipped_sum, krum_index, trimmed_cut
 
 
 def slice_mask(keep: Tensor, x: Tensor, dim: int) -> Tensor:
@@ -49,10 +49,12 @@ def masked_median(values: Tensor, w: Tensor, mask: Tensor) -> Tensor:
     values: (k, D), w: (k,), mask: (k, D) bool -> (D,)."""
     last = torch.where(mask, values, torch.full_like(values, float("inf")))  # unsent values sort last
     ordered, order = last.sort(dim=0, stable=True)
-    wm = w[:, None] * mask  # (k, D)
+    # Summed in float64 and compared with weighted_median's relative slack, so that "reaches half" does
+    # not turn on rounding: ten weights of 0.1 reach half at the fifth (the lower middle value), as there.
+    wm = w.double()[:, None] * mask  # (k, D)
     cum = wm.gather(0, order).cumsum(0)
     count = mask.sum(0)  # (D,)
-    pick = (cum < wm.sum(0) / 2).sum(0, keepdim=True)
+    pick = (cum < wm.sum(0) / 2 * (1 - 1e-9)).sum(0, keepdim=True)
     pick = torch.minimum(pick, (count - 1).clamp(min=0)[None])  # (1, D)
     return torch.where(count > 0, ordered.gather(0, pick)[0], torch.zeros_like(values[0]))
 
@@ -62,7 +64,8 @@ def masked_trimmed_mean(values: Tensor, w: Tensor, mask: Tensor, trim: float, pl
     the rest renormalized to the senders' weight P_c and summed; ``plain`` (D,) where nothing is dropped.
     values: (k, D), w: (k,), mask: (k, D) bool -> (D,)."""
     count = mask.sum(0)  # (D,)
-    cut = torch.minimum((trim * count).floor().long(), (count - 1).clamp(min=0) // 2)
+    cuts = [trimmed_cut(c, trim) for c in range(int(count.max()) + 1)]  # the server rule's cut for c senders
+    cut = torch.tensor(cuts).clamp(min=0).to(count.device)[count]  # (D,); (its float64 floor, not float32's)
     if int(cut.max()) == 0:
         return plain
     last = torch.where(mask, values, torch.full_like(values, float("inf")))

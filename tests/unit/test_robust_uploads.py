@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from declora.config import RobustConfig
-from declora.robust import trimmed_mean, weighted_median
+from declora.robust import trimmed_cut, trimmed_mean, weighted_median
 from declora.robust_uploads import (
     krum_weights,
     masked_median,
@@ -97,3 +97,30 @@ def test_clipping_bounds_an_outlier_and_krum_leaves_it_out():
     torch.testing.assert_close(clipped, want, atol=1e-5, rtol=0)
     chosen = krum_weights({"x": v}, w, 1)
     assert chosen.sum() == 1 and chosen[3] == 0
+
+
+@pytest.mark.parametrize("k", [2, 8, 10, 20, 30, 50])
+def test_the_masked_median_of_full_uploads_is_the_server_rules_median(k):
+    """With every entry sent, the median over each coordinate's senders is the server rule's weighted
+    median, the lower middle value for an even count, whatever the weights' rounding (equal weights
+    1/k summed in float32 reached half one sender early or late, depending on k)."""
+    g = torch.Generator().manual_seed(k)
+    values = torch.randn(k, 7, generator=g)
+    full = torch.ones(k, 7, dtype=torch.bool)
+    for w in (torch.full((k,), 1.0 / k), torch.rand(k, generator=g)):
+        assert torch.equal(masked_median(values, w, full), weighted_median(values, w)), w
+    ranks = torch.arange(k, dtype=torch.float32)[:, None].expand(k, 7)
+    assert masked_median(ranks, torch.full((k,), 1.0 / k), full).tolist() == [float((k - 1) // 2)] * 7
+
+
+@pytest.mark.parametrize("trim", [0.1, 0.145, 0.2, 0.29, 0.3, 0.45])
+def test_the_masked_trimmed_mean_cuts_what_the_server_rule_cuts(trim):
+    """floor(trim x senders) values of each tail, the server rule's count, for every count of senders up
+    to 300 (0.145 of 200 and 0.29 of 100 once cut 29 here and 28 there: float32 against float64)."""
+    assert (trimmed_cut(200, 0.145), trimmed_cut(100, 0.29)) == (29, 29)  # exact, not 28.99999...
+    for k in range(1, 301):
+        values = torch.arange(k, dtype=torch.float64)[:, None] ** 2  # skewed: each cut has its own mean
+        w, full = torch.full((k,), 1.0 / k), torch.ones(k, 1, dtype=torch.bool)  # weights sum to 1
+        got = masked_trimmed_mean(values, w, full, trim, values.mean(0))
+        b = trimmed_cut(k, trim)
+        torch.testing.assert_close(got, values[b : k - b].mean(0), rtol=1e-6, atol=0, msg=f"k={k}")

@@ -33,7 +33,7 @@ from declora.algorithms import GOSSIP_ALGORITHMS, MASKED_UPLOADS, NO_NODE_DP, SE
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
 from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, import_accountants, noise_std, privatize, resolve_sigma
-from declora.robust import robust_choco, robust_gossip, server_aggregate
+from declora.robust import robust_choco, robust_gossip, server_aggregate, trimmed_cut
 from declora.robust_uploads import slice_mask
 from declora.validation import refuse_if_set
 
@@ -401,7 +401,7 @@ def _refuse_trimming_nothing(cfg: Config) -> None:
     run can make, it is the plain mean, and an attacked run would be reported as defended."""
     trim = cfg.robust.trim
     k, where = _most_values_mixed(cfg, enough=math.ceil(1 / trim) if trim > 0 else cfg.nodes + 1)
-    if math.floor(trim * k) == 0 and not cfg.allow_degenerate:
+    if trimmed_cut(k, trim) == 0 and not cfg.allow_degenerate:
         need = f"robust.trim >= {math.ceil(100 / k) / 100:g}" if k > 2 else "more values (a denser graph)"
         raise ConfigError(
             f"robust.trim={trim:g} drops floor({trim:g} x {k}) = 0 of the {k} {where}: trimmed_mean "

@@ -100,13 +100,9 @@ def _cells_of(parent: int) -> list[str]:
     return found.stdout.split()
 
 
-@pytest.mark.parametrize(
-    ("sig", "code", "what"),
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGHUP, 129, "hung up (its terminal closed)")],
-)
-def test_ctrl_c_or_a_closed_terminal_stops_every_cell_and_the_same_command_finishes_the_grid(
-    tmp_path, tiny_bert, sig, code, what
-):
+def _stop_grid(tmp_path, tiny_bert, sig: int, code: int, what: str) -> tuple[list, list[str], Path]:
+    """Start a --jobs 2 grid, send the command ``sig`` once a cell has checkpointed: it exits ``code``,
+    saying ``what`` and how to go on, after stopping its two cells as one run stops on SIGTERM."""
     proc, cells, path = _start_grid(tmp_path, tiny_bert)
     out = tmp_path / "grid"
     assert len(_cells_of(proc.pid)) == 2
@@ -121,6 +117,12 @@ def test_ctrl_c_or_a_closed_terminal_stops_every_cell_and_the_same_command_finis
     assert not (out / "cell_logs" / f"{cells[2].run_dir.name}.log").exists()  # never started
     states = [cell_state(c) for c in cells]
     assert "partial" in states and "done" not in states
+    return cells, states, path
+
+
+def test_ctrl_c_stops_every_cell_and_the_same_command_finishes_the_grid(tmp_path, tiny_bert):
+    cells, states, path = _stop_grid(tmp_path, tiny_bert, signal.SIGINT, 130, "interrupted")
+    out = tmp_path / "grid"
     again = _compare(str(path), "--jobs", "2")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     resumed = [c for c, state in zip(cells, states, strict=True) if state == "partial"]
@@ -128,6 +130,12 @@ def test_ctrl_c_or_a_closed_terminal_stops_every_cell_and_the_same_command_finis
     assert all(cell_state(c) in SKIPPED for c in cells) and (out / "comparison.md").is_file()
     log = (out / "cell_logs" / f"{resumed[0].run_dir.name}.log").read_text()  # both tries kept
     assert log.count("declora compare --jobs starts this cell") == 2 and "declora: terminated" in log
+
+
+def test_a_closed_terminal_stops_every_cell_as_ctrl_c_does(tmp_path, tiny_bert):
+    """SIGHUP: exit 129 and its own words; the cells stop and keep their checkpoints as under Ctrl-C, so
+    the same command goes on from them (shown for Ctrl-C above)."""
+    _stop_grid(tmp_path, tiny_bert, signal.SIGHUP, 129, "hung up (its terminal closed)")
 
 
 def test_cells_stop_when_the_command_that_started_them_is_killed(tmp_path, tiny_bert):

@@ -155,14 +155,19 @@ def _read_text(path: Path) -> str:
 
 
 def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
-    """BBC news articles, one topic label per folder (sorted folder names), stratified seeded split."""
+    """BBC news articles, one topic label per folder (sorted folder names), stratified seeded split.
+    The corpus holds 98 articles twice (each under one topic): the second copy is dropped (2,127 remain),
+    so that no held-out article is also a training one."""
     root = data_path("bbc_news")
     label_names = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")))
-    texts, labels = [], []
+    texts, labels, seen = [], [], set()
     for label, name in enumerate(label_names):
         for file in sorted((root / name).glob("*.txt")):
-            texts.append(_read_text(file).strip())
-            labels.append(label)
+            text = _read_text(file).strip()
+            if text not in seen:
+                seen.add(text)
+                texts.append(text)
+                labels.append(label)
     ds = TextDataset(texts, np.array(labels), label_names)
     train_idx, test_idx = stratified_split(ds.labels, cfg.test_fraction, seed)
     return ds.subset(train_idx), ds.subset(test_idx)
@@ -403,6 +408,7 @@ def load_text_file(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset
         raise ValueError(f"data file {str(path)!r} holds no text")
     train = TextDataset(texts, np.zeros(len(texts), dtype=np.int64), ("text",))
     if cfg.test_file is not None:
+        refuse_training_rows((cfg.test_file, "train"), [(cfg.dataset, "train")])
         held = _paragraphs(Path(cfg.test_file).expanduser())
         return train, TextDataset(held, np.zeros(len(held), dtype=np.int64), ("text",))
     train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from declora.assets import Asset, AssetNotFoundError, asset_path, data_path, model_path
-from declora.config import DataConfig
+from declora.config import ConfigError, DataConfig
 from declora.data import TextDataset, count_cut, load_dataset, tokenize
 
 pytestmark = pytest.mark.unit
@@ -49,9 +49,10 @@ def test_rotten_tomatoes_deterministic(rotten: tuple[TextDataset, TextDataset]) 
 
 def test_bbc_news() -> None:
     train, test = load_dataset(DataConfig(dataset="bbc_news"), seed=0)
-    assert len(train) + len(test) == 2225
+    assert len(train) + len(test) == 2127  # 2,225 articles, 98 of them twice: the copies are dropped
+    assert not set(train.texts) & set(test.texts)  # so no held-out article is a training one
     assert train.num_labels == 5 and train.label_names == tuple(sorted(train.label_names))
-    assert abs(len(test) / 2225 - 0.2) < 0.01
+    assert abs(len(test) / 2127 - 0.2) < 0.01
     assert set(np.unique(test.labels)) == set(range(5))  # stratified: every topic in test
     assert all(t.strip() for t in train.texts)
 
@@ -203,3 +204,11 @@ def test_an_upper_case_suffix_reads_like_a_lower_case_one(tmp_path):
         match=r"hub dataset run `datasets.load_dataset\('stanfordnlp/sst2'\).save_to_disk\(FOLDER\)`",
     ):
         load_dataset(DataConfig(dataset="stanfordnlp/sst2"), 0)
+
+
+def test_a_text_file_cannot_be_its_own_held_out_file(tmp_path: Path) -> None:
+    """As for a table: scoring the paragraphs the model trained on is refused, naming the file."""
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(f"Paragraph {i} of the book." for i in range(10)))
+    with pytest.raises(ConfigError, match=r"the held-out examples .*book\.txt.* are training rows"):
+        load_dataset(DataConfig(dataset=str(book), test_file=str(book)), seed=0)

@@ -313,9 +313,13 @@ class Instruction:
         """Token rows (prompt then response; the prompt's start is cut when the row is too long, the
         response keeps at most max_length - 1 tokens) and each row's response token count."""
         rows, lengths, self.cut = [], [], 0
+        # A chat template writes its own special tokens (a LLaMA or Mistral template starts with BOS), as
+        # apply_chat_template(..., tokenize=True) at inference does: the tokenizer adds none then, or every
+        # row would start with two BOS. The role: content lines get BOS where the tokenizer adds one.
+        templated = bool(getattr(self.tokenizer, "chat_template", None))
         for turns, response in zip(prompts, responses, strict=True):
             prompt_text, response_text = self._texts(json.loads(turns), response)
-            head = self.tokenizer(prompt_text, verbose=False)["input_ids"]  # BOS where the tokenizer adds one
+            head = self.tokenizer(prompt_text, add_special_tokens=not templated, verbose=False)["input_ids"]
             answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
             # Generation stops at EOS: when the template ends the turn with it (SmolLM2's <|im_end|>),
             # what the template writes after it (a newline) is no part of the answer.

@@ -391,3 +391,42 @@ def test_a_missing_response_is_refused_by_row_while_an_empty_one_is_kept(tmp_pat
         read_instructions(str(data), "train", DataConfig())
     data.write_text(json.dumps({"prompt": "a", "response": ""}) + "\n")
     assert read_instructions(str(data), "train", DataConfig()).responses == [""]
+
+
+def _bos_adding_tokenizer():
+    """A byte-level BPE tokenizer that adds BOS to every text, as LLaMA's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "[INST]", "[/INST]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["what is two plus two? four. hello there"] * 20, trainer)
+    bos = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def test_a_template_that_writes_bos_gives_rows_with_one_bos_as_inference_does():
+    """A Mistral-style template starts with {{ bos_token }} and the tokenizer adds BOS too: the training
+    row's prompt is what apply_chat_template(..., add_generation_prompt=True) gives at inference (one BOS),
+    not two; without a template the role: content prompt keeps the tokenizer's one BOS."""
+    from declora.tasks import Instruction
+
+    tokenizer = _bos_adding_tokenizer()
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    turns = [{"role": "user", "content": "what is two plus two?"}]
+    (row,), (n,) = Instruction(tokenizer, 64).encode_pairs([json.dumps(turns)], ["four."])
+    stock = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert row[: len(row) - n] == list(stock["input_ids"]) and row.count(tokenizer.bos_token_id) == 1
+    tokenizer.chat_template = None
+    (plain,), (m,) = Instruction(tokenizer, 64).encode_pairs([json.dumps(turns)], ["four."])
+    assert plain[0] == tokenizer.bos_token_id and plain.count(tokenizer.bos_token_id) == 1

@@ -466,7 +466,8 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
         # a diverged run's last evaluation is from before its NaN: not a final to average with the others
         diverged = [diverged_at(r) is not None for r in records]
         kept = [r for r, bad in zip(records, diverged, strict=True) if not bad]
-        summaries = [s for r in kept if (s := run_summary(r, metric, target))]
+        # a final of Inf or NaN is left out with its run: best, final and runs then cover the same runs
+        summaries = [s for r in kept if (s := run_summary(r, metric, target)) and math.isfinite(s["final"])]
         row: dict[str, Any] = {"method": method, "runs": len(summaries), "of": len(dirs)}
         planned = [planned_rounds(run_config(d)) for d in dirs]
         row["unfinished"] = sum(
@@ -555,7 +556,8 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
 def final_by_seed(dirs: list[Path], metric: str) -> dict[int, float]:
     """Each finished run's last evaluated value of ``metric``, keyed by the run's seed (from its
     config.yaml). A run stopped before its last round is left out: its last value is of another round
-    than the other method's, and a pair of two rounds is no paired difference."""
+    than the other method's, and a pair of two rounds is no paired difference; so is a final that is not
+    finite."""
     finals = {}
     for d in dirs:
         records = read_metrics(d / "metrics.jsonl")
@@ -563,7 +565,8 @@ def final_by_seed(dirs: list[Path], metric: str) -> dict[int, float]:
         if not evals or not (d / "config.yaml").is_file():
             continue
         config = read_yaml(d / "config.yaml") or {}
-        if stopped_early(records, planned_rounds(config)) is None:
+        # a final of Inf or NaN (an fp32 perplexity past exp(88.7)) is no number to difference
+        if stopped_early(records, planned_rounds(config)) is None and math.isfinite(evals[-1]):
             finals[int(config.get("seed", 0))] = evals[-1]
     return finals
 
@@ -615,13 +618,13 @@ def _paired_table(runs: dict[str, list[Path]], methods: list[str], metric: str, 
         everyone = {s for p in (*runs[methods[0]], *runs[method]) if (s := _seed_of(p)) is not None}
         left_out = sorted(everyone - set(d.seeds))  # not finished (or not run) by one of the two
         seeds = (
-            f"{len(d.seeds)} (seed {', '.join(map(str, left_out))}: not finished by both)"
+            f"{len(d.seeds)} (seed {', '.join(map(str, left_out))}: not finished by both, or not finite)"
             if left_out
             else str(len(d.seeds))
         )
         per_seed = ", ".join(_signed(k * x) for x in d.diffs)
         decided = "yes" if d.lo > 0 or d.hi < 0 else "no"
-        interval = f"{_signed(k * d.lo)} to {_signed(k * d.hi)}"
+        interval = f"{k * d.lo:+.2f} to {k * d.hi:+.2f}"  # signed, so that "-0.00 to" reads as "no"
         if math.isnan(d.lo):  # every seed gave the same difference
             interval, decided = "none (no spread between seeds)", "undecided"
         lines.append(

@@ -46,6 +46,7 @@ class PairedDiff:
     se: float  # NaN with fewer than 2 seeds
     lo: float  # the 95% t-interval of the mean difference; NaN with fewer than 2 seeds or no spread
     hi: float
+    family: int = 1  # the Bonferroni family the interval was widened for (t_quantile)
 
 
 EXACT_PREFIXES = ("bytes",)  # metrics fixed by arithmetic: the same on every seed by construction
@@ -74,14 +75,15 @@ def paired_difference(
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.nan
     # The same difference on every seed, up to float rounding: 0.55 - 0.50 and 0.60 - 0.55 differ in the
     # last bits, and a spread of 1e-17 would give a zero-width interval and a verdict from no information.
-    # Metrics are logged from fp32 tensors (a relative step of 6e-8), so rounding reaches 1e-7 there.
-    scale = max(1.0, *(abs(v) for v in (*a.values(), *b.values())))
+    # Metrics are logged from fp32 tensors (a relative step of 6e-8), so rounding reaches 1e-7 of the
+    # values there: relative to them, not to 1, or a real spread of a metric near 1e-9 would be rounding.
+    scale = max(abs(v) for v in (*a.values(), *b.values()))
     if se <= 1e-6 * scale:
         se = 0.0
     if len(d) > 1 and se == 0 and exact:
-        return PairedDiff(tuple(d.tolist()), seeds, mean, 0.0, mean, mean)
+        return PairedDiff(tuple(d.tolist()), seeds, mean, 0.0, mean, mean, family)
     half = t_quantile(len(d), family) * se if len(d) > 1 and se > 0 else math.nan  # no spread: no interval
-    return PairedDiff(tuple(d.tolist()), seeds, mean, se, mean - half, mean + half)
+    return PairedDiff(tuple(d.tolist()), seeds, mean, se, mean - half, mean + half, family)
 
 
 def verdict(diff: PairedDiff, kind: str, margin: float = 0.0) -> str:
@@ -101,15 +103,21 @@ def verdict(diff: PairedDiff, kind: str, margin: float = 0.0) -> str:
 
 
 def seeds_to_decide(diff: PairedDiff, kind: str, margin: float = 0.0, most: int = 1000) -> int | None:
-    """The fewest seeds whose interval (same mean, same per-seed spread) would decide; None if none up to
-    ``most`` would (a mean on the boundary, or no spread measured)."""
+    """The fewest seeds whose interval (same mean, same per-seed spread, same Bonferroni family) would
+    decide; None if none up to ``most`` would (a mean on the boundary, or no spread measured)."""
     if len(diff.diffs) < 2 or not diff.se > 0:
         return None
     sd = diff.se * math.sqrt(len(diff.diffs))
     for n in range(len(diff.diffs), most + 1):
-        half = t_quantile(n) * sd / math.sqrt(n)
+        half = t_quantile(n, diff.family) * sd / math.sqrt(n)
         trial = PairedDiff(
-            diff.diffs, diff.seeds, diff.mean, sd / math.sqrt(n), diff.mean - half, diff.mean + half
+            diff.diffs,
+            diff.seeds,
+            diff.mean,
+            sd / math.sqrt(n),
+            diff.mean - half,
+            diff.mean + half,
+            diff.family,
         )
         if verdict(trial, kind, margin) != "undecided":
             return n

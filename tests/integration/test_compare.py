@@ -12,6 +12,7 @@ import torch
 import yaml
 from helpers import tiny_grid_file
 from helpers import tiny_grid_file as _grid_file
+from scipy import stats
 
 from declora.compare import (
     cell_state,
@@ -526,7 +527,9 @@ def test_the_paired_table_leaves_out_a_seed_one_method_did_not_finish_and_says_s
     )
     (other[1] / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "rounds": 80}))  # stopped at 40 of 80
     table = format_paired({"ref": ref, "other": other}, "acc_avg_factors")
-    assert "| other | 2 (seed 1: not finished by both) | +2.00, +5.00 | +3.50 ± 1.50 |" in table
+    assert (
+        "| other | 2 (seed 1: not finished by both, or not finite) | +2.00, +5.00 | +3.50 ± 1.50 |" in table
+    )
 
 
 def test_a_method_left_out_of_the_paired_table_is_named_and_a_zero_difference_has_no_sign(tmp_path):
@@ -675,3 +678,45 @@ def test_an_empty_grid_file_is_refused_as_an_empty_config_is(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"holds no settings \(it is empty or all comments\)"):
         load_grid(path)
+
+
+def test_a_final_that_is_not_finite_is_left_out_of_both_tables_and_named(tmp_path):
+    """An fp32 perplexity past exp(88.7) is logged as Infinity: that run's final is no number to average or
+    to difference (it read "+inf ± nan | none (no spread between seeds)", and its method's final averaged
+    fewer runs than its best)."""
+    from declora.compare import comparison_rows, format_paired
+
+    logged = {"bytes_total": 100, "wall_s": 1.0}
+    ref = _fake_runs(tmp_path / "ref", {s: {"ppl_avg_factors": 30.0 + s, **logged} for s in (0, 1, 2)})
+    finals = {0: 28.0, 1: math.inf, 2: 29.5}
+    other = _fake_runs(tmp_path / "other", {s: {"ppl_avg_factors": v, **logged} for s, v in finals.items()})
+    table = format_paired({"ref": ref, "other": other}, "ppl_avg_factors")
+    assert (
+        "| other | 2 (seed 1: not finished by both, or not finite) | -2.00, -2.50 | -2.25 ± 0.25 |" in table
+    )
+    row = {r["method"]: r for r in comparison_rows({"ref": ref, "other": other}, "ppl_avg_factors", None)}
+    assert (row["other"]["runs"], row["other"]["of"]) == (2, 3)
+    assert row["other"]["final"] == row["other"]["best"] == pytest.approx(28.75)
+
+
+def test_an_interval_bound_keeps_its_sign_so_it_agrees_with_excludes_0(tmp_path):
+    """Bounds of +0.003 and -0.003 points both printed 0.00, beside "yes" on one row and "no" on the other."""
+    from declora.compare import format_paired
+
+    ref = _fake_runs(tmp_path / "ref", {s: {"acc_avg_factors": 0.5} for s in (0, 1, 2)})
+    half = stats.t.ppf(0.975, 2) * 0.007 / math.sqrt(3)  # the interval's half-width for this spread
+    rows = {}
+    for name, low in (("above", 3e-5), ("below", -3e-5)):
+        mean = low + half
+        rows[name] = _fake_runs(
+            tmp_path / name,
+            {
+                s: {"acc_avg_factors": 0.5 + mean + d}
+                for s, d in zip((0, 1, 2), (-0.007, 0.0, 0.007), strict=True)
+            },
+        )
+    table = format_paired({"ref": ref, **rows}, "acc_avg_factors")
+    assert "| +0.00 to " in table.split("| above |")[1].splitlines()[0]
+    assert table.split("| above |")[1].splitlines()[0].endswith("| yes |")
+    assert "| -0.00 to " in table.split("| below |")[1].splitlines()[0]
+    assert table.split("| below |")[1].splitlines()[0].endswith("| no |")

@@ -132,3 +132,32 @@ def test_equal_differences_up_to_float_rounding_give_no_verdict_either():
         {0: 1.3e6, 1: 1.4e6}, {0: 0.3e6, 1: 0.4e6}, exact=True
     )  # bytes: the exact value
     assert (exact.lo, exact.hi) == (pytest.approx(1e6), pytest.approx(1e6))
+
+
+def test_a_spread_is_judged_against_the_values_not_against_1():
+    """A consensus metric near 1e-9 with a real spread between seeds gets scipy's interval and a verdict,
+    the one the same numbers get in units of 1e-9 (the rounding cut-off was 1e-6 for every value below 1,
+    which called this spread none)."""
+    a = {0: 1.37e-9, 1: 1.52e-9, 2: 1.29e-9}
+    b = {0: 3.10e-9, 1: 3.35e-9, 2: 2.95e-9}
+    d = paired_difference(a, b)
+    ref = stats.ttest_rel([a[s] for s in a], [b[s] for s in b]).confidence_interval()
+    assert math.isclose(d.lo, ref.low, rel_tol=1e-9) and math.isclose(d.hi, ref.high, rel_tol=1e-9)
+    scaled = paired_difference({s: v * 1e9 for s, v in a.items()}, {s: v * 1e9 for s, v in b.items()})
+    assert verdict(d, "less") == verdict(scaled, "less") == "holds"
+    same = paired_difference({0: 1e-9, 1: 2e-9}, {0: 0.5e-9, 1: 1.5e-9})  # the same 5e-10 on both seeds
+    assert same.se == 0 and math.isnan(same.lo)  # rounding, not spread: no interval
+
+
+def test_seeds_to_decide_keeps_the_bonferroni_family():
+    """A difference widened for a family of 4 contrasts needs more seeds to decide than the same
+    difference alone (it was answered with the single contrast's count)."""
+    a, b = {0: 1.0, 1: 2.2, 2: 0.4, 3: 1.9, 4: 0.6}, {s: 0.0 for s in range(5)}
+    alone, widened = paired_difference(a, b), paired_difference(a, b, family=4)
+    assert verdict(alone, "greater") == "holds" and verdict(widened, "greater") == "undecided"
+    assert seeds_to_decide(alone, "greater") == 5
+    n = seeds_to_decide(widened, "greater")
+    assert n is not None and n > 5 and widened.family == 4
+    sd = widened.se * math.sqrt(5)
+    assert widened.mean - t_quantile(n, 4) * sd / math.sqrt(n) > 0  # decided at n ...
+    assert widened.mean - t_quantile(n - 1, 4) * sd / math.sqrt(n - 1) <= 0  # ... and not one seed sooner

@@ -20,7 +20,7 @@ from PIL import Image
 from declora.compare import expand, final_by_seed, group_cells, load_grid
 from declora.compare_plots import plot_comparison
 from declora.paired import is_exact, paired_difference, seeds_to_decide, verdict
-from declora.report import read_metrics
+from declora.report import best_final, diverged_at, planned_rounds, read_metrics, run_config, stopped_early
 
 COLUMNS = [  # key in the eval records, header, scale
     ("acc_node_mean", "node mean %", 100),
@@ -223,18 +223,26 @@ def fmt(values: list[float], scale: float) -> str:
     return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}" if len(arr) > 1 else f"{arr[0]:.{digits}f}"
 
 
+def finished_evals(run_dir: Path) -> list[dict]:
+    """A run's evaluations, if it ran all its rounds without diverging (else none: a diverged or stopped
+    run's last evaluation is of another round than the others', no final to average with them)."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    if diverged_at(records) is not None or stopped_early(records, planned_rounds(run_config(run_dir))):
+        return []
+    return [r for r in records if r.get("event") == "eval"]
+
+
 def grid_table(runs: dict[str, list[Path]], metric: str) -> str:
-    finals: dict[str, list[dict]] = {}
-    for method, dirs in runs.items():
-        evals = [[r for r in read_metrics(d / "metrics.jsonl") if r.get("event") == "eval"] for d in dirs]
-        finals[method] = [e[-1] for e in evals if e]
+    """Mean ± std over each method's finished runs (the seeds column counts them) of its best and final
+    numbers; a diverged or unfinished run is left out, as in declora compare's table."""
+    evals = {method: [e for d in dirs if (e := finished_evals(d))] for method, dirs in runs.items()}
+    finals = {method: [e[-1] for e in es] for method, es in evals.items()}
     cols = [c for c in COLUMNS if any(f.get(c[0]) is not None for fs in finals.values() for f in fs)]
     head = ["method", "seeds", f"**{metric}** best %"] + [h for _, h, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for method, dirs in runs.items():
+    for method in runs:
         best = [
-            max(r[metric] for r in read_metrics(d / "metrics.jsonl") if r.get(metric) is not None)
-            for d in dirs
+            best_final([r for r in e if r.get(metric) is not None], metric)["best"] for e in evals[method]
         ]
         cells = [fmt([f.get(k) for f in finals[method]], s) for k, _, s in cols]
         lines.append(

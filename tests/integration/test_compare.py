@@ -720,3 +720,17 @@ def test_an_interval_bound_keeps_its_sign_so_it_agrees_with_excludes_0(tmp_path)
     assert table.split("| above |")[1].splitlines()[0].endswith("| yes |")
     assert "| -0.00 to " in table.split("| below |")[1].splitlines()[0]
     assert table.split("| below |")[1].splitlines()[0].endswith("| no |")
+
+
+def test_the_fidelity_grid_table_leaves_out_a_diverged_run(monkeypatch, tmp_path):
+    """Seeds 0 and 1 finished at 72 and 74 %; seed 2 diverged at round 3 after 30 % at round 2: its last
+    evaluation is no final (the table averaged it in, 65.33 ± 10.87 over 3 seeds)."""
+    fidelity = _fidelity_module(monkeypatch)
+    runs = _fake_runs(tmp_path / "a", {s: {"acc_avg_factors": 0.72 + 0.02 * s} for s in (0, 1)})
+    gone = tmp_path / "a" / "seed2"
+    gone.mkdir()
+    (gone / "config.yaml").write_text(yaml.safe_dump({"seed": 2, "rounds": 40}))
+    lines = [{"event": "eval", "round": 2, "acc_avg_factors": 0.30}, {"event": "diverged", "round": 3}]
+    (gone / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    table = fidelity.grid_table({"a": [*runs, gone]}, "acc_avg_factors")
+    assert table.splitlines()[-1].endswith("| 2 | 73.00 ± 1.00 | 73.00 ± 1.00 |")  # seeds, best, final

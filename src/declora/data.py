@@ -475,7 +475,29 @@ def load_dataset(
             f"at data.test_fraction={cfg.test_fraction}; both must be non-empty"
         )
     train = limit(train, cfg.train_limit, seed, "train_limit")
-    return train, limit(test, cfg.test_limit, seed, "test_limit")
+    test = limit(test, cfg.test_limit, seed, "test_limit")
+    _warn_held_out_repeats(train, test, cfg.dataset)
+    return train, test
+
+
+def _warn_held_out_repeats(train: TextDataset, test: TextDataset, source: str) -> None:
+    """A table that holds one text several times can put a copy on each side of the split (or a test file
+    can repeat training rows): those held-out scores are of examples the model trained on. Said, with the
+    count, since the split cannot know which copy was meant (the shipped corpora hold none)."""
+
+    def rows(ds: TextDataset) -> list[tuple[str, str]]:
+        return list(zip(ds.texts, ds.responses or [""] * len(ds.texts), strict=True))
+
+    seen = set(rows(train))
+    repeated = sum(row in seen for row in rows(test))
+    if repeated:
+        log.warning(
+            "%d of the %d held-out examples of data.dataset=%r are also training examples (the same text): "
+            "their scores are not held out; remove the repeated rows, or give a data.test_file without them",
+            repeated,
+            len(test),
+            source,
+        )
 
 
 def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:

@@ -212,3 +212,21 @@ def test_a_text_file_cannot_be_its_own_held_out_file(tmp_path: Path) -> None:
     book.write_text("\n\n".join(f"Paragraph {i} of the book." for i in range(10)))
     with pytest.raises(ConfigError, match=r"the held-out examples .*book\.txt.* are training rows"):
         load_dataset(DataConfig(dataset=str(book), test_file=str(book)), seed=0)
+
+
+def test_held_out_rows_that_repeat_training_rows_are_warned_about(tmp_path: Path, caplog) -> None:
+    """50 texts, each 4 times: the seeded split puts copies on both sides, and the run says how many
+    held-out rows it has seen in training; the shipped corpus (no repeats) says nothing."""
+    table = tmp_path / "repeats.csv"
+    write_csv(table, [{"text": f"review number {i % 50}", "label": i % 50 % 2} for i in range(200)])
+    with caplog.at_level("WARNING", logger="declora.data"):
+        train, test = load_dataset(DataConfig(dataset=str(table)), seed=0)
+    repeated = sum(t in set(train.texts) for t in test.texts)
+    assert repeated == 40 == len(test)
+    assert (
+        f"40 of the 40 held-out examples of data.dataset='{table}' are also training examples" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="declora.data"):
+        load_dataset(DataConfig(dataset="rotten_tomatoes"), seed=0)
+    assert "are also training examples" not in caplog.text

@@ -112,13 +112,22 @@ def _from_node_files(cfg: Config, n: int, hosted: range, group: Solo) -> NodeDat
             values, {f: r for i in hosted for f, r in zip(sources[i], rows[i], strict=True)}
         )
         names = label_order(values)
-    nodes = []
-    for i in hosted:
-        ds = _concat([encode_rows(r, names) for r in rows[i]])
-        nodes.append(limit(ds, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
+    nodes = [_limited([encode_rows(r, names) for r in rows[i]], cfg, node=i, pooled=n == 1) for i in hosted]
     held = read_rows(*_held_out(cfg, files), cfg.data, key="data.test_split", unlabelled=unlabelled)
     test = limit(encode_rows(held, names), cfg.data.test_limit, cfg.eval.seed, "test_limit")
     return _assemble(nodes, test, sources, hosted, group)
+
+
+def _limited(parts: list[TextDataset], cfg: Config, node: int, pooled: bool) -> TextDataset:
+    """A node's rows under data.train_limit, drawn from eval.seed + its index. A single-node run pools
+    every file, each limited as its node of an n-node run would be, so that it trains on the union of
+    what those n nodes train on (centralized training as the reference of the same data)."""
+    draws = range(len(parts)) if pooled else [node]
+    limited = [
+        limit(p, cfg.data.train_limit, cfg.eval.seed + k, "train_limit")
+        for p, k in zip(parts, draws, strict=True)
+    ]
+    return _concat(limited)
 
 
 def _refuse_ids_and_names(values: list[str], local: dict[str, Any]) -> None:
@@ -143,10 +152,12 @@ def _refuse_ids_and_names(values: list[str], local: dict[str, Any]) -> None:
 def _instruction_files(cfg: Config, sources: list[list[str]], hosted: range, group: Solo) -> NodeData:
     """task.kind=instruction: each node's prompt/response (or messages) tables; every row's label is the
     one name "text", so the processes have no label names to agree on."""
-    nodes = []
-    for i in hosted:
-        node = _concat([read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]])
-        nodes.append(limit(node, cfg.data.train_limit, cfg.eval.seed + i, "train_limit"))
+    nodes = [
+        _limited(
+            [read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]], cfg, i, len(sources) == 1
+        )
+        for i in hosted
+    ]
     files = [f for node in sources for f in node]
     held = read_instructions(*_held_out(cfg, files), cfg.data, "data.test_split")
     test = limit(held, cfg.data.test_limit, cfg.eval.seed, "test_limit")

@@ -128,6 +128,32 @@ def test_a_nodes_train_limit_is_drawn_from_eval_seed_not_the_training_seed(tmp_p
     assert any(a != b for a, b in zip(kept("eval.seed=1"), first, strict=True))
 
 
+@pytest.mark.parametrize("task", ["seq", "instruction"])
+def test_one_node_pools_the_rows_the_nodes_train_on_under_a_train_limit(tmp_path, task):
+    """Centralized training is the reference of the same data: with data.train_limit its one node trains
+    on the union of what the three nodes train on (9 rows), not on 3 rows of the pooled files."""
+    folder = tmp_path / "nodes"
+    if task == "seq":
+        _node_files(folder)
+        cfg = _cfg(tmp_path, str(folder), "data.train_limit=3")
+    else:
+        folder.mkdir()
+        for i in range(3):
+            rows = [{"prompt": f"q{i}.{k}", "response": f"a{i}.{k}"} for k in range(4 + 3 * i)]
+            (folder / f"client_{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        held = tmp_path / "test.jsonl"
+        held.write_text(json.dumps({"prompt": "held", "response": "out"}) + "\n")
+        overrides = [f"data.node_files={folder}", f"data.test_file={held}", "data.train_limit=3", "nodes=3"]
+        cfg = load_config("configs/smollm2_instructions.yaml", overrides)
+
+    def trained(nodes: int) -> list[str]:  # nodes=1: a single-node algorithm's run (centralized)
+        data = build_node_data(cfg, nodes, range(nodes), Solo())
+        answers = data.train.responses or data.train.texts
+        return sorted(answers[j] for part in data.parts for j in part)
+
+    assert len(trained(3)) == 9 and trained(1) == trained(3)
+
+
 def test_a_test_file_that_is_a_nodes_training_file_is_refused(tmp_path):
     files = _node_files(tmp_path / "nodes")
     cfg = load_config(

@@ -264,7 +264,7 @@ def encode_rows(rows: Rows, names: tuple[str, ...]) -> TextDataset:
         raise ValueError(f"labels {unknown} in {rows.where} do not occur in the training data {list(names)}")
     clients = None
     if rows.clients is not None:
-        order = sorted(set(rows.clients))
+        order = label_order(rows.clients)  # numerically when all are numbers: user 2 before user 10
         index = {c: i for i, c in enumerate(order)}
         clients = np.array([index[c] for c in rows.clients], dtype=np.int64)
     return TextDataset(rows.texts, np.array([ids[v] for v in rows.labels]), names, clients=clients)

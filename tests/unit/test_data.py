@@ -230,3 +230,15 @@ def test_held_out_rows_that_repeat_training_rows_are_warned_about(tmp_path: Path
     with caplog.at_level("WARNING", logger="declora.data"):
         load_dataset(DataConfig(dataset="rotten_tomatoes"), seed=0)
     assert "are also training examples" not in caplog.text
+
+
+def test_numeric_client_ids_are_ordered_by_value() -> None:
+    """partition.kind=column gives node i the i-th value: users 1, 2, ..., 10, 11, 12 in that order, as
+    node files and labels are ordered (as text, node 1 held user 10); names stay in text order."""
+    from declora.data import Rows, encode_rows
+
+    users = [str(u) for u in range(1, 13)]
+    rows = Rows([f"t{u}" for u in users], ["a"] * 12, None, list(reversed(users)), "table")
+    assert encode_rows(rows, ("a",)).clients.tolist() == list(range(11, -1, -1))
+    named = Rows(["x", "y", "z"], ["a"] * 3, None, ["bob", "al", "cy"], "table")
+    assert encode_rows(named, ("a",)).clients.tolist() == [1, 0, 2]

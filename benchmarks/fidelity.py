@@ -227,7 +227,8 @@ def finished_evals(run_dir: Path) -> list[dict]:
     """A run's evaluations, if it ran all its rounds without diverging (else none: a diverged or stopped
     run's last evaluation is of another round than the others', no final to average with them)."""
     records = read_metrics(run_dir / "metrics.jsonl")
-    if diverged_at(records) is not None or stopped_early(records, planned_rounds(run_config(run_dir))):
+    stopped = stopped_early(records, planned_rounds(run_config(run_dir)))
+    if diverged_at(records) is not None or stopped is not None:
         return []
     return [r for r in records if r.get("event") == "eval"]
 

@@ -152,12 +152,9 @@ def _refuse_ids_and_names(values: list[str], local: dict[str, Any]) -> None:
 def _instruction_files(cfg: Config, sources: list[list[str]], hosted: range, group: Solo) -> NodeData:
     """task.kind=instruction: each node's prompt/response (or messages) tables; every row's label is the
     one name "text", so the processes have no label names to agree on."""
-    nodes = [
-        _limited(
-            [read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]], cfg, i, len(sources) == 1
-        )
-        for i in hosted
-    ]
+    pooled = len(sources) == 1  # a single-node run: every file
+    read = [[read_instructions(f, cfg.data.split, cfg.data) for f in sources[i]] for i in hosted]
+    nodes = [_limited(parts, cfg, node=i, pooled=pooled) for i, parts in zip(hosted, read, strict=True)]
     files = [f for node in sources for f in node]
     held = read_instructions(*_held_out(cfg, files), cfg.data, "data.test_split")
     test = limit(held, cfg.data.test_limit, cfg.eval.seed, "test_limit")

@@ -324,3 +324,44 @@ def test_error_feedback_of_a_masked_upload_keeps_each_slice_s_residual():
         signal, decoded = signal + x, decoded + out["A"]
     held = torch.cat([codec.state_dict()[f"residual.A@{i}"] for i in range(2)])
     torch.testing.assert_close(signal - decoded, held, atol=1e-5, rtol=0)  # float32 sums near 10
+
+
+@pytest.mark.parametrize("exchange_kind", ["local", "dist"])
+@pytest.mark.parametrize("rule", ["server_mean", "server_reduce"])
+def test_error_feedback_of_a_server_upload_keeps_the_residual_of_nodes_that_do_not_upload(
+    exchange_kind: str, rule: str
+) -> None:
+    """Under client sampling a node that does not upload sends nothing: its residual waits for its next
+    upload. So the sum of what the nodes meant to send in the rounds they uploaded, minus the sum of what
+    the server decoded from them, is what the codec holds back (node by node where the server sees each
+    upload, in total where it sees only the mean)."""
+    from declora.comm.dist_exchange import DistExchange
+    from declora.comm.exchange import LocalExchange
+    from declora.dist import Solo
+
+    codec = TopKCodec(fraction=0.25, error_feedback=True)
+    if exchange_kind == "local":
+        exchange = LocalExchange(3, codec)
+    else:  # one process of a torchrun launch: its own code path, the same numbers
+        group = Solo()
+        group.set_nodes(3)
+        exchange = DistExchange(group, 3, codec)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    meant, decoded = torch.zeros(3, 8), torch.zeros(3, 8)
+    for t in range(12):
+        x = torch.randn(3, 8, generator=g)
+        senders = torch.rand(3, generator=g) < 0.5
+        senders[t % 3] = True
+        if rule == "server_mean":  # equal weights: the mean times the count is the senders' decoded sum
+            decoded[0] += exchange.server_mean({"A": x}, senders.float(), t)["A"] * senders.sum()
+            meant[0] += x[senders].sum(0)
+        else:
+            table = exchange.server_reduce({"A": x}, senders.float(), t, lambda up, w: up)["A"]
+            decoded[senders] += table[senders]
+            meant[senders] += x[senders]
+    held = codec.state_dict()["residual.A"]
+    assert held.abs().sum() > 1  # top-k of a quarter held much back
+    if rule == "server_mean":
+        torch.testing.assert_close(meant[0] - decoded[0], held.sum(0), atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(meant - decoded, held, atol=1e-5, rtol=0)

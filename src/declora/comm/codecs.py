@@ -311,13 +311,23 @@ class TopKCodec(_CodecBase):
         values = flat.gather(1, idx).to(_DTYPES[self.value_dtype])  # (n, k)
         return Encoded({"values": values, "indices": idx.to(torch.int32)}, shape)
 
-    def encode(self, x: Tensor, generator: Generators = None, *, key: str | None = None) -> Encoded:
+    def encode(
+        self, x: Tensor, generator: Generators = None, *, key: str | None = None, sent: Tensor | None = None
+    ) -> Encoded:
+        """``sent`` (n,) bool, with error feedback: the rows whose message is actually sent (a server
+        upload's senders); the others keep the residual they held, as if they had not encoded (None: all)."""
         shape = tuple(x.shape)
         flat = self._corrected(x.detach().to(torch.float32).reshape(shape[0], -1), shape, key)  # (n, m)
         enc = self._select(flat, shape)
         if self.error_feedback:
             assert key is not None  # checked in _corrected
-            self._residuals[key] = (flat - self.decode(enc).reshape(flat.shape)).reshape(shape)
+            residual = flat - self.decode(enc).reshape(flat.shape)
+            if sent is not None:
+                held = self._residuals.get(key)
+                kept = torch.zeros_like(residual) if held is None else held.reshape(flat.shape)
+                kept = kept.to(flat.device)
+                residual = torch.where(sent.to(flat.device)[:, None], residual, kept)
+            self._residuals[key] = residual.reshape(shape)
         return enc
 
     def encode_slices(self, row: Tensor, dim: int, idx: Tensor, *, key: str) -> Encoded:

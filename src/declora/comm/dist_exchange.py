@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from declora.comm.choco import choco_mix
-from declora.comm.codecs import Codec, Encoded
+from declora.comm.codecs import Codec, Encoded, TopKCodec
 from declora.comm.exchange import RANDOM_CODECS, ByteLedger, LocalExchange
 from declora.dist import Distributed, talking
 from declora.seeding import torch_generator
@@ -84,8 +84,11 @@ class DistExchange(LocalExchange):
 
     # ---------------------------------------------------------------- encoding and routing
 
-    def _encode_rows(self, name: str, x: Tensor, round: int) -> Encoded:
-        """This rank's messages; a random codec draws per GLOBAL node, as LocalExchange does."""
+    def _encode_rows(self, name: str, x: Tensor, round: int, senders: Tensor | None = None) -> Encoded:
+        """This rank's messages; a random codec draws per GLOBAL node, as LocalExchange does. ``senders``
+        (n_local,) bool, for an upload: top-k's error feedback keeps the others' residuals, as there."""
+        if isinstance(self.codec, TopKCodec) and self.codec.error_feedback and senders is not None:
+            return self.codec.encode(x, key=name, sent=senders)
         if not isinstance(self.codec, RANDOM_CODECS):
             return self.codec.encode(x, torch_generator(self.seed, "codec", round, name), key=name)
         generators = [torch_generator(self.seed, "codec", round, name, int(i)) for i in self.nodes]
@@ -222,7 +225,7 @@ class DistExchange(LocalExchange):
         w = (weights / self.group.all_sum(weights.sum())).to(torch.float32)
         sums, nbytes = [], {}
         for name, x in tensors.items():
-            decoded, nbytes[name] = self._encode_local(name, x, round)
+            decoded, nbytes[name] = self._encode_local(name, x, round, senders)
             sums.append(torch.einsum("n,n...->...", w.to(x.device, x.dtype), decoded.to(x.dtype)).reshape(-1))
         flat = torch.cat(sums) if sums else torch.zeros(0)
         total = self.group.all_sum(flat)
@@ -239,15 +242,17 @@ class DistExchange(LocalExchange):
             self.ledger.add_server(int(senders.sum()), size * x.element_size())
         return out
 
-    def _encode_local(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
-        enc = self._encode_rows(name, x, round)
+    def _encode_local(
+        self, name: str, x: Tensor, round: int, senders: Tensor | None = None
+    ) -> tuple[Tensor, int]:
+        enc = self._encode_rows(name, x, round, senders)
         return self.codec.decode(enc), enc.nbytes_per_node()
 
     def server_reduce(self, tensors, weights, round, reduce):  # type: ignore[no-untyped-def]
         """As server_mean, for a rule that needs every upload (declora.robust): each rank's encoded
         uploads are gathered node by node (one all_gather of byte rows), so every rank decodes the whole
         (n, ...) table, exactly the simulator's, and applies ``reduce(decoded, weights)`` itself."""
-        encs = {name: self._encode_rows(name, x, round) for name, x in tensors.items()}
+        encs = {name: self._encode_rows(name, x, round, weights > 0) for name, x in tensors.items()}
         mine = _byte_rows(encs)  # (n_local, bytes of one node's uploads)
         every = self.group.gather_nodes(mine)  # (n, ...) in node order
         if self.group.world > 1:  # all_gather: this rank's (padded) rows go to every other rank

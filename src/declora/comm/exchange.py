@@ -145,6 +145,14 @@ class LocalExchange:
         generators = [torch_generator(self.seed, "codec", round, name, i) for i in range(x.shape[0])]
         return self.codec.roundtrip(x, generators, key=name)
 
+    def _encode_upload(self, name: str, x: Tensor, round: int, senders: Tensor) -> tuple[Tensor, int]:
+        """_encode for an upload to the server: under top-k with error feedback the nodes that do not
+        upload this round keep the residual they hold (what they send nothing of is not lost)."""
+        if isinstance(self.codec, TopKCodec) and self.codec.error_feedback:
+            enc = self.codec.encode(x, key=name, sent=senders)
+            return self.codec.decode(enc), enc.nbytes_per_node()
+        return self._encode(name, x, round)
+
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         n = W.shape[0]
         eye = torch.eye(n, dtype=torch.bool)
@@ -174,7 +182,7 @@ class LocalExchange:
         w = (weights / weights.sum()).to(torch.float32)
         out: dict[str, Tensor] = {}
         for name, x in tensors.items():
-            decoded, nbytes = self._encode(name, x, round)
+            decoded, nbytes = self._encode_upload(name, x, round, senders)
             out[name] = torch.einsum("n,n...->...", w.to(x.device, x.dtype), decoded.to(x.dtype))
             self._book_upload(senders, nbytes, x)
         return out
@@ -190,7 +198,7 @@ class LocalExchange:
         uploads at once (a robust rule, declora.robust); the same bytes."""
         decoded: dict[str, Tensor] = {}
         for name, x in tensors.items():
-            dec, nbytes = self._encode(name, x, round)
+            dec, nbytes = self._encode_upload(name, x, round, weights > 0)
             decoded[name] = dec.to(x.dtype)
             self._book_upload(weights > 0, nbytes, x)
         return reduce(decoded, weights)

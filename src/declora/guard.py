@@ -459,5 +459,9 @@ def _validate_attack(cfg: Config) -> None:
             f"attack.nodes={list(a.nodes) if isinstance(a.nodes, tuple) else a.nodes} makes all {cfg.nodes} "
             "nodes attackers: no honest node is left to score; leave at least one node honest"
         )
-    if a.kind in DATA_ATTACKS and cfg.task.kind == "causal_lm":
-        raise ConfigError("attack.kind=label_flip needs labels; task.kind=causal_lm has none")
+    if a.kind in DATA_ATTACKS and cfg.task.kind in ("causal_lm", "instruction"):
+        raise ConfigError(
+            f"attack.kind=label_flip needs class labels; task.kind={cfg.task.kind} trains on text, which it "
+            "would leave as it is (the attacker would train on honest data); use a classification task or "
+            "an attack on messages (sign_flip, scaled, gaussian)"
+        )

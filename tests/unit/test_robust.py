@@ -181,6 +181,11 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
             ["algorithm.name=centralized", "attack.kind=label_flip", "attack.nodes=[0]"],
             r"attack.kind=label_flip with algorithm.name=centralized: its one node trains on all the data",
         ),
+        (  # instruction rows carry no class: the flip would leave the attacker's data honest
+            ["model.name=smollm2", "model.head=none", "task.kind=instruction", "attack.kind=label_flip"]
+            + ["attack.nodes=[0]"],
+            r"attack.kind=label_flip needs class labels; task.kind=instruction trains on text",
+        ),
         (
             ["algorithm.name=local", "privacy.level=node", "privacy.target_epsilon=1"],
             r"privacy.level=node with algorithm.name=local: node-level DP noises what a node sends, and it "
@@ -231,6 +236,7 @@ def test_a_node_with_no_self_weight_mixes_only_its_neighbours():
         "every_node_by_id",
         "no_attacker_listed",
         "attack_on_centralized",
+        "label_flip_on_instructions",
         "node_dp_on_local",
         "message_attack_on_local",
         "scale_one",

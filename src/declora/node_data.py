@@ -53,7 +53,7 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
         cfg.data, cfg.eval.seed, column, instruction, unlabelled
     )  # held out: eval.seed
     if n == 1:
-        parts = [np.arange(len(train))]
+        parts = [_pooled_rows(train, cfg)]
     else:
         parts = partition(train.labels, n, cfg.partition, cfg.seed, train.clients, train.num_labels)
     summary = describe_partition(parts, train.labels, train.num_labels)
@@ -61,6 +61,28 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
         for node, p in zip(summary, parts, strict=True):
             node["clients"] = len(np.unique(train.clients[p]))
     return NodeData(train, test, parts[hosted.start : hosted.stop], summary)
+
+
+def _pooled_rows(train: TextDataset, cfg: Config) -> np.ndarray:
+    """The rows a single-node run (centralized) trains on: the union of what ``cfg.nodes`` nodes would
+    hold, so that it is the reference of the same data. Only two partitions leave rows to no node
+    (proportions, to meet every node's label mix; column with max_per_node); under the others, and with
+    nodes=1, that union is every row, in the order a single node has always read them."""
+    p = cfg.partition
+    leaves_rows = p.kind == "proportions" or (p.kind == "column" and p.max_per_node is not None)
+    if cfg.nodes == 1 or not leaves_rows:
+        return np.arange(len(train))
+    parts = partition(train.labels, cfg.nodes, p, cfg.seed, train.clients, train.num_labels)
+    union = np.sort(np.concatenate(parts))
+    log.info(
+        "single-node run: it trains on the union of the %d nodes' rows under partition.kind=%s, %d of the "
+        "%d training rows",
+        cfg.nodes,
+        p.kind,
+        len(union),
+        len(train),
+    )
+    return union
 
 
 def _natural(name: str) -> list[Any]:

@@ -213,3 +213,34 @@ def test_a_single_label_over_node_files_names_the_files_not_the_unread_dataset(t
         check_labels(cfg, ("pos",))
     with pytest.raises(ConfigError, match=r"^data.dataset='rotten_tomatoes' has a single label"):
         check_labels(load_config(None, []), ("pos",))
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "unused"),
+    [
+        ("proportions", ["partition.proportions=[[0.9,0.1],[0.9,0.1],[0.1,0.9],[0.5,0.5]]"], True),
+        ("column", ["partition.column=user", "partition.max_per_node=5"], True),
+        ("dirichlet", [], False),
+    ],
+)
+def test_a_single_node_run_trains_on_the_union_of_the_nodes_rows(tmp_path, kind, extra, unused):
+    """Centralized is the reference of the nodes' data: where the partition leaves rows to no node (a
+    label mix that the scarce label caps; a per-node cap), it trains on the rows the nodes hold, not on
+    rows no node has; elsewhere on every row, as before."""
+    table = tmp_path / "train.csv"
+    rows = [f"review {k},{int(k % 3 == 0)},u{k % 6}" for k in range(120)]  # a third positive, 6 users
+    table.write_text("text,label,user\n" + "\n".join(rows) + "\n")
+    cfg = load_config(
+        None,
+        ["nodes=4", f"data.dataset={table}", f"partition.kind={kind}", *extra],
+    )
+    nodes = build_node_data(cfg, 4, range(4), Solo())
+    union = np.sort(np.concatenate(nodes.parts))
+    alone = build_node_data(cfg, 1, range(1), Solo())
+    assert np.array_equal(alone.train.labels, nodes.train.labels)  # the same table, the same split
+    if unused:
+        assert len(union) < len(nodes.train)  # the premise: some rows belong to no node
+        assert np.array_equal(alone.parts[0], union)
+        assert alone.summary[0]["size"] == len(union)
+    else:
+        assert np.array_equal(alone.parts[0], np.arange(len(nodes.train)))

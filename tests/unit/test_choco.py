@@ -107,6 +107,38 @@ def test_public_copies_round_trip_through_state_dict():
     assert torch.equal(a.gossip({"A": x}, ring(n), 1)["A"], b.gossip({"A": x}, ring(n), 1)["A"])
 
 
+@pytest.mark.parametrize("exchange_kind", ["local", "dist"])
+@pytest.mark.parametrize("mix", ["gossip", "share"])
+def test_a_node_that_sends_nothing_leaves_its_public_copy_as_it_was(exchange_kind, mix):
+    """Node 3 has no edge this round: it sends nothing (no bytes booked), so no copy of it may learn
+    anything; the others' copies move as they would without it."""
+    from declora.comm.dist_exchange import DistExchange
+    from declora.dist import Solo
+
+    def build(n: int):
+        if exchange_kind == "local":
+            return LocalExchange(n, build_codec("topk", fraction=0.25))
+        group = Solo()
+        group.set_nodes(n)
+        return DistExchange(group, n, build_codec("topk", fraction=0.25))  # type: ignore[arg-type]
+
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(0))
+    W = torch.zeros(4, 4)
+    W[:3, :3] = ring(3)
+    W[3, 3] = 1.0  # isolated this round
+    exchange = build(4)
+    exchange.start({"A": torch.zeros_like(x)})
+    getattr(exchange, mix)({"A": x}, W, 0)
+    copies = exchange.state_dict()
+    (key,) = copies
+    assert not copies[key][3].any()  # still its start
+    assert exchange.ledger.edges[3].sum() == 0
+    alone = build(3)  # the three connected nodes without node 3: the same copies
+    alone.start({"A": torch.zeros_like(x[:3])})
+    getattr(alone, mix)({"A": x[:3]}, ring(3), 0)
+    assert torch.equal(copies[key][:3], alone.state_dict()[key])
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [

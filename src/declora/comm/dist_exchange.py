@@ -154,16 +154,18 @@ class DistExchange(LocalExchange):
     def _publish_rows(
         self, tensors: dict[str, Tensor], reach: Tensor, round: int
     ) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """CHOCO: send this rank's C(X - X̂), add what was sent and received to the copies.
+        """CHOCO: send this rank's C(X - X̂), add what was sent and received to the copies (a node whose
+        message reaches no neighbour this round sends nothing, and its copy stays, as in one process).
 
         Returns (X̂ tables (n, ...), bytes per node message) per tensor name."""
         assert self.copies is not None
         hats = {name: self.copies.table(name, x) for name, x in tensors.items()}
         diffs = {name: x.to(hats[name].dtype) - hats[name][self.nodes] for name, x in tensors.items()}
         local, remote, ids, nbytes = self._exchange(diffs, reach, round)
+        sending = reach[self.nodes].any(1)  # (n_local,)
         for name, table in hats.items():
-            table[self.nodes] += local[name]
-            table[ids] += remote[name]
+            table[self.nodes[sending]] += local[name][sending.to(local[name].device)]
+            table[ids] += remote[name]  # only neighbours whose message reached this rank
         return hats, nbytes
 
     def _book(self, reach: Tensor, nbytes: int) -> None:

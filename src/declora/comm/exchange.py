@@ -129,12 +129,15 @@ class LocalExchange:
         elif state:
             raise ValueError(f"codec {self.codec.name!r} keeps no public copies; got {sorted(state)}")
 
-    def _publish(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
-        """CHOCO: every node sends C(X_i - X̂_i) and every copy adds it; (the new X̂ (n, ...), bytes)."""
+    def _publish(self, name: str, x: Tensor, round: int, sends: Tensor) -> tuple[Tensor, int]:
+        """CHOCO: every node whose message reaches a neighbour (``sends`` (n, n), [i, j]: i's message
+        reaches j) sends C(X_i - X̂_i) and every copy of it adds that; a node that sends nothing this
+        round leaves its copy as it was. Returns (the new X̂ (n, ...), bytes)."""
         assert self.copies is not None
         hats = self.copies.table(name, x)
         q, nbytes = self._encode(name, x.to(hats.dtype) - hats, round)
-        hats += q.to(hats.dtype)
+        senders = sends.any(1).to(hats.device)
+        hats[senders] += q[senders].to(hats.dtype)
         return hats, nbytes
 
     def _encode(self, name: str, x: Tensor, round: int) -> tuple[Tensor, int]:
@@ -165,7 +168,7 @@ class LocalExchange:
                 out[name] = x
                 continue
             if self.copies is not None:
-                hats, nbytes = self._publish(name, x, round)
+                hats, nbytes = self._publish(name, x, round, sends)
                 out[name] = choco_mix(x, hats, off, torch.arange(n), self.copies.step)
                 self.ledger.add_edges(sends, nbytes)
                 continue
@@ -276,7 +279,7 @@ class LocalExchange:
                 out[name] = x
                 continue
             if self.copies is not None:
-                hats, nbytes = self._publish(name, x, round)
+                hats, nbytes = self._publish(name, x, round, sends)
                 decoded = hats.clone()
             else:
                 decoded, nbytes = self._encode(name, x, round)

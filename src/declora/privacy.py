@@ -227,6 +227,22 @@ class PrivacyAccount:
 # ---------------------------------------------------------------- example level: DP-SGD in the batched pass
 
 
+def _per_weight(captured: list[tuple[Tensor, Tensor, Tensor]]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """One (weight, rows, gradient) per trained tensor: a module that runs several times in a forward
+    (ALBERT shares one layer across its depth) hands one gradient per call, and an example's gradient is
+    their sum; its norm, not the root of the calls' squared norms, is what must stay within the clip."""
+    merged: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    for weight, rows, g in captured:
+        if id(weight) not in merged:
+            merged[id(weight)] = (weight, rows, g)
+            continue
+        _, first_rows, total = merged[id(weight)]
+        if not torch.equal(first_rows, rows):  # every call of one micro-batch gathers the same rows
+            raise RuntimeError("example-level DP: one tensor was gathered for different rows in one pass")
+        merged[id(weight)] = (weight, rows, total + g)
+    return list(merged.values())
+
+
 @dataclass
 class ExampleDP:
     """Per-example clipping and per-node noise for the local steps of this process's nodes."""
@@ -243,6 +259,7 @@ class ExampleDP:
             return
         if any(g.shape[0] != weights.shape[0] for _, _, g in captured):
             raise RuntimeError("example-level DP needs one gradient per row: the per-row LoRA product")
+        captured = _per_weight(captured)
         sq = sum(g.double().reshape(g.shape[0], -1).square().sum(1) for _, _, g in captured)  # (rows,)
         assert isinstance(sq, Tensor)  # captured is not empty
         norms = torch.as_tensor(sq).sqrt() / weights.to(sq.device, torch.float64)  # unweighted ||g_k||

@@ -128,15 +128,26 @@ def _privacy_lines(privacy: str | None) -> list[str]:
     adapter is made of; DP-SGD makes everything a node computes private."""
     if privacy is None:
         return []
+    seeded = (
+        [
+            "The noise was drawn from the run's seed (privacy.secure_noise=false), which config.yaml "
+            "records: anyone who knows it can recompute the noise and remove it, so the guarantee holds "
+            "only for a simulation; a deployment sets privacy.secure_noise=true.\n"
+        ]
+        if privacy.endswith("seeded noise")
+        else []
+    )
     if privacy.startswith("node"):
         return [
             "Privacy: node-level DP covers the messages each node sent (the privacy_* numbers below are "
             "theirs). A node keeps its own state exact, and this adapter is made of exact states, so the "
-            "(ε, δ) guarantee does NOT cover it: do not publish it as private.\n"
+            "(ε, δ) guarantee does NOT cover it: do not publish it as private.\n",
+            *seeded,
         ]
     return [
         "Privacy: example-level DP-SGD; everything a node computes from its data, this adapter included, "
-        "is (ε, δ)-private for one example of a node's data (the privacy_* numbers below).\n"
+        "is (ε, δ)-private for one example of a node's data (the privacy_* numbers below).\n",
+        *seeded,
     ]
 
 

@@ -245,6 +245,10 @@ class PrivacyConfig:
     target_epsilon: float | None = None  # instead of sigma: the sigma that spends this epsilon over the run
     delta: float = 1e-5
     accountant: str = "rdp"  # rdp | prv: opacus' accountants
+    # Where the noise (and DP-SGD's batch order) comes from. false: the run's seed, so a run is reproducible
+    # and anyone who knows the seed can recompute the noise and remove it (a simulation of DP); true: the
+    # operating system's entropy, written nowhere, as a deployment needs (runs then differ every time).
+    secure_noise: bool = False
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,10 +388,13 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
         for k in fed.tensors()
     }
     optimizer = build_optimizer(cfg.train, dict(fed.tensors()), lrs)
-    streams = NodeStreams(parts, cfg.train.batch_size, cfg.seed, offset=first)
+    secret = cfg.privacy.secure_noise and cfg.privacy.level == "example"  # the subsampling stays unknown
+    stream_seed = secrets.randbits(62) if secret else cfg.seed
+    streams = NodeStreams(parts, cfg.train.batch_size, stream_seed, offset=first, secret=secret)
     pad_id = _pad_id(fed, tokenizer)
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)
-    example_dp = ExampleDP(cfg.privacy.clip, account, group.nodes, cfg.seed) if account is not None else None
+    noise_seed = None if cfg.privacy.secure_noise else cfg.seed
+    example_dp = None if account is None else ExampleDP(cfg.privacy.clip, account, group.nodes, noise_seed)
     trainer = LocalTrainer(
         fed,
         optimizer,

@@ -86,7 +86,8 @@ class AdapterExport:
             "folder": str(exp.run_dir.resolve()),  # usable from anywhere, as the load lines are
         }
         if cfg.privacy.level != "none":  # a private release says how it was made private
-            run["privacy"] = f"{cfg.privacy.level} level, clip {cfg.privacy.clip:g}"
+            noise = "secure" if cfg.privacy.secure_noise else "seeded"
+            run["privacy"] = f"{cfg.privacy.level} level, clip {cfg.privacy.clip:g}, {noise} noise"
         if cfg.attack.kind != "none":  # and an attacked one what it withstood (its acc_honest_* numbers)
             nodes = cfg.attack.nodes
             run["attack"] = f"{cfg.attack.kind} by {list(nodes) if isinstance(nodes, tuple) else nodes} nodes"

@@ -93,7 +93,7 @@ class GuardedExchange:
                 p.clip,
                 noise_std(self.account.sigma, p.clip),
                 self.nodes,
-                self.cfg.seed,
+                None if p.secure_noise else self.cfg.seed,
                 round,
                 masks,
             )

@@ -8,6 +8,9 @@ Node level. Every time node i sends (a gossip, a share, a server upload), it sen
 with x_t its tensors of that exchange, m_prev its previous message of those tensors (at first the common
 initial adapter, which is public), ||.|| over all the tensors of the exchange together, and z ~ N(0, I)
 drawn from (seed, "privacy", round, tensor, node): the same numbers in one process and under torchrun.
+Seeded noise makes a run reproducible, and lets anyone who knows the seed (it is in config.yaml) recompute
+the noise and subtract it: a simulation of DP. ``privacy.secure_noise: true`` draws it (and DP-SGD's
+batch order) from the operating system's entropy instead, written nowhere: what a deployment needs.
 Noise is added before the codec encodes the message. The node's own state stays exact; only what it sends
 is private.
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import secrets
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,8 +162,12 @@ def noise_std(sigma: float, clip: float) -> float:
     return sigma * clip if sigma > 0 else 0.0
 
 
-def gaussian_noise(shape: torch.Size, std: float, *keys: int | str, seed: int) -> Tensor:
-    """std * N(0, I) of ``shape`` from the generator of (seed, *keys)."""
+def gaussian_noise(shape: torch.Size, std: float, *keys: int | str, seed: int | None) -> Tensor:
+    """std * N(0, I) of ``shape`` from the generator of (seed, *keys); ``seed=None``
+    (privacy.secure_noise): from a generator seeded with the operating system's entropy, which nothing
+    keeps, so no one can draw the same noise again."""
+    if seed is None:
+        return std * torch.randn(shape, generator=torch.Generator().manual_seed(secrets.randbits(63)))
     return std * torch.randn(shape, generator=torch_generator(seed, *keys))
 
 
@@ -169,12 +177,12 @@ def privatize(
     clip: float,
     std: float,
     nodes: Tensor,
-    seed: int,
+    seed: int | None,
     round: int,
     masks: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """What the nodes ``nodes`` (m,) send: their clipped change plus noise of std ``std`` (= sigma C);
-    with ``masks`` (see clip_change) only on the entries each node sends."""
+    with ``masks`` (see clip_change) only on the entries each node sends; ``seed=None``: secure noise."""
     out = clip_change(x, prev, clip, masks)
     if std == 0:
         return out
@@ -250,7 +258,7 @@ class ExampleDP:
     clip: float
     account: PrivacyAccount  # its steps count each node's DP-SGD steps: the noise's key
     nodes: Tensor  # (m,) global ids of the local rows
-    seed: int
+    seed: int | None  # None: noise from the operating system's entropy (privacy.secure_noise)
 
     def clip_into(self, captured: list[tuple[Tensor, Tensor, Tensor]], weights: Tensor) -> None:
         """Add sum_k w_k clip(g_k, C) to ``.grad`` from the per-row gradients ``captured`` of one

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,11 +33,16 @@ class NodeStreams:
     """Each node's minibatches: its indices reshuffled every epoch from (seed, node, epoch).
 
     ``parts[k]`` belongs to global node ``offset + k``: a process hosting a slice of the nodes draws
-    exactly the batches the one-process run draws for them.
+    exactly the batches the one-process run draws for them. ``secret``: ``seed`` is not the run's but a
+    draw of the operating system's entropy (DP-SGD with privacy.secure_noise, whose subsampling must stay
+    unknown to others); it is kept in this process's checkpoint, so a resumed run goes on with its epochs.
     """
 
-    def __init__(self, parts: list[np.ndarray], batch_size: int, seed: int, offset: int = 0) -> None:
+    def __init__(
+        self, parts: list[np.ndarray], batch_size: int, seed: int, offset: int = 0, secret: bool = False
+    ) -> None:
         self.parts, self.batch_size, self.seed, self.offset = parts, batch_size, seed, offset
+        self.secret = secret
         self.epoch = np.zeros(len(parts), dtype=np.int64)
         self.pos = np.zeros(len(parts), dtype=np.int64)
 
@@ -60,11 +66,14 @@ class NodeStreams:
         base = seed_for(self.seed, "dropout", self.offset + node, epoch, pos) >> 1  # base + count < 2**63
         return base + np.arange(count, dtype=np.int64)
 
-    def state(self) -> dict[str, list[int]]:
-        return {"epoch": self.epoch.tolist(), "pos": self.pos.tolist()}
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch.tolist(), "pos": self.pos.tolist()}
+        return {**state, "seed": self.seed} if self.secret else state
 
-    def load_state(self, state: dict[str, list[int]]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         self.epoch[:], self.pos[:] = state["epoch"], state["pos"]
+        if self.secret:
+            self.seed = int(state["seed"])
 
 
 @dataclass

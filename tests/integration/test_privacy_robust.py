@@ -295,12 +295,13 @@ def test_a_private_attacked_runs_adapters_say_what_was_spent_and_withstood(tiny_
     assert consensus["metrics"]["privacy_delta"] == 1e-5
     assert consensus["metrics"]["privacy_noise_multiplier"] == 1.0
     assert consensus["metrics"]["acc_honest_mean"] == last["acc_honest_mean"]
-    assert consensus["run"]["privacy"] == "node level, clip 0.5"
+    assert consensus["run"]["privacy"] == "node level, clip 0.5, seeded noise"
     assert consensus["run"]["attack"] == "sign_flip by [0] nodes" and consensus["run"]["robust"] == "median"
     node = json.loads((run_dir / "adapters" / "node_001" / "declora_adapter.json").read_text())
     assert node["metrics"]["privacy_epsilon_this_node"] == last["privacy_epsilon"][1]
     readme = (run_dir / "adapters" / "consensus" / "README.md").read_text()
-    assert "privacy node level, clip 0.5" in readme and "privacy_epsilon_max" in readme
+    assert "privacy node level, clip 0.5, seeded noise" in readme and "privacy_epsilon_max" in readme
+    assert "anyone who knows it can recompute the noise and remove it" in readme
     assert "| privacy_delta | 1e-05 |" in readme  # not 0.0000: a delta of 0 would claim pure DP
     # node-level DP covers the messages; the adapters are exact states, and their card says so
     assert "the (ε, δ) guarantee does NOT cover it" in readme
@@ -317,3 +318,26 @@ def test_attackers_drawn_from_a_fraction_are_recorded_by_id(tiny_bert, tmp_path)
     run_dir = _run(tiny_bert, tmp_path / "run", "attack.kind=gaussian", "attack.nodes=0.5", "rounds=1")
     drawn = attacker_mask(load_config(run_dir / "config.yaml").attack, 6, 0).nonzero().flatten().tolist()
     assert len(drawn) == 3 and read_metrics(run_dir / "metrics.jsonl")[0]["attackers"] == drawn
+
+
+@pytest.mark.parametrize("level", ["node", "example"])
+def test_secure_noise_is_drawn_anew_by_every_run(tiny_bert, tmp_path, level):
+    """privacy.secure_noise: two runs of one config differ (seeded noise gives the same messages, so
+    anyone with the seed could remove it: tested bit for bit elsewhere); under DP-SGD the batch order is
+    secret too, its seed kept in the checkpoint only (a resume goes on with its epochs), never in
+    config.yaml or metrics.jsonl."""
+    private = [f"privacy.level={level}", "privacy.noise_multiplier=1.0", "privacy.clip=0.5", "rounds=1"]
+    secure = [
+        _run(tiny_bert, tmp_path / f"secure{k}", *private, "privacy.secure_noise=true", "checkpoint_every=1")
+        for k in (0, 1)
+    ]
+    first, second = (_adapter(run, 0) for run in secure)
+    assert not any(torch.equal(first[k], second[k]) for k in first if "lora_B" in k)
+    streams = [json.loads(next((r / "state").glob("round_*.json")).read_text())["streams"] for r in secure]
+    if level == "example":
+        seeds = [s["seed"] for s in streams]
+        assert seeds[0] != seeds[1] and 0 not in seeds  # not the run's seed: a secret of this process
+        for run, seed in zip(secure, seeds, strict=True):
+            assert str(seed) not in (run / "config.yaml").read_text() + (run / "metrics.jsonl").read_text()
+    else:
+        assert all("seed" not in s for s in streams)  # node level draws its batches as any run

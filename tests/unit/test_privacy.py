@@ -225,3 +225,29 @@ def test_opacus_loose_bound_warning_becomes_one_log_line(caplog, recwarn):
     assert not [w for w in recwarn if "Optimal order" in str(w.message)]  # nothing of opacus' leaks
     said = [r.getMessage() for r in caplog.records if "upper bound" in r.getMessage()]
     assert len(said) == 1 and "privacy.accountant=prv" in said[0]
+
+
+def test_secure_noise_is_fresh_at_every_draw_and_seeded_noise_is_not():
+    x = {"a": torch.zeros(2, 64, 64)}
+    seeded = [privatize(x, x, 1.0, 0.5, torch.arange(2), seed=3, round=1)["a"] for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])  # anyone with the seed draws this noise again
+    secure = [privatize(x, x, 1.0, 0.5, torch.arange(2), seed=None, round=1)["a"] for _ in range(2)]
+    assert not torch.equal(secure[0], secure[1]) and not torch.equal(secure[0], seeded[0])
+    assert float(secure[0].std()) == pytest.approx(0.5, rel=0.03)  # sigma C, as the seeded draw
+
+
+def test_a_secret_batch_seed_is_kept_in_the_streams_state_for_a_resume():
+    import json
+
+    import numpy as np
+
+    from declora.train import NodeStreams
+
+    parts = [np.arange(10), np.arange(10, 17)]
+    run = NodeStreams(parts, 4, seed=123456789, secret=True)
+    for _ in range(3):
+        run.next_batch(0)
+    resumed = NodeStreams(parts, 4, seed=42, secret=True)  # a fresh secret, as a resumed process draws
+    resumed.load_state(json.loads(json.dumps(run.state())))
+    assert all(np.array_equal(run.next_batch(i), resumed.next_batch(i)) for i in (0, 1, 0, 0, 1))
+    assert "seed" not in NodeStreams(parts, 4, seed=0).state()  # the run's seed is in config.yaml

@@ -39,25 +39,44 @@ def minilm_folder() -> Path:
         raise
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer BERT with random weights (hidden 32) saved as a local model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+def _tiny_encoder(folder: Path, config_cls: type, model_cls: type, **shape: int) -> Path:
+    """A classifier with random weights (hidden 32, 2 heads) and MiniLM's tokenizer, saved in ``folder``."""
+    from transformers import AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
-    config = BertConfig(
+    config = config_cls(
         vocab_size=tokenizer.vocab_size,
         hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        **shape,
     )
     torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model_cls(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with random weights (hidden 32) saved as a local model folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    return _tiny_encoder(folder, BertConfig, BertForSequenceClassification, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_albert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-layer ALBERT: one layer shared across its depth, so every adapted module runs three times in a
+    forward."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-albert")
+    return _tiny_encoder(
+        folder, AlbertConfig, AlbertForSequenceClassification, num_hidden_layers=3, embedding_size=16
+    )
 
 
 # Short texts for the tiny LLaMA's tokenizer: the review prompt, the label words and a few sentences.

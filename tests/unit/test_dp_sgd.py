@@ -16,30 +16,6 @@ pytestmark = pytest.mark.unit
 NODES, CLIP, SEED = 3, 0.05, 4
 
 
-@pytest.fixture(scope="module")
-def tiny_albert(tmp_path_factory: pytest.TempPathFactory):
-    """A 3-layer ALBERT: one shared layer, so every adapted module runs three times in a forward."""
-    from transformers import AlbertConfig, AlbertForSequenceClassification, AutoTokenizer
-
-    from tests.conftest import minilm_folder
-
-    folder = tmp_path_factory.mktemp("tiny-albert")
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
-    config = AlbertConfig(
-        vocab_size=tokenizer.vocab_size,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    AlbertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(params=["bert", "albert_shared_layer"])
 def fed(request, tiny_bert, one_thread):
     torch.manual_seed(0)

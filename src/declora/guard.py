@@ -134,8 +134,16 @@ class GuardedExchange:
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         return self.inner.share(self._outgoing(tensors, self._senders(W), round), W, round)
 
-    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]:
-        msgs = self._outgoing(tensors, weights > 0, round)
+    def server_mean(
+        self,
+        tensors: dict[str, Tensor],
+        weights: Tensor,
+        round: int,
+        start: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Node-level DP clips each upload's change against ``start`` when given (the server model the
+        senders fetched, public: DP-FedAvg's reference), else against the node's previous message."""
+        msgs = self._outgoing(tensors, weights > 0, round, start)
         r = self.cfg.robust
         if r.aggregator == "mean":
             return self.inner.server_mean(msgs, weights, round)

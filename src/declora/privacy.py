@@ -6,7 +6,9 @@ Node level. Every time node i sends (a gossip, a share, a server upload), it sen
     m_t = m_prev + clip(x_t - m_prev, C) + sigma * C * z,     clip(d, C) = d * min(1, C / ||d||)
 
 with x_t its tensors of that exchange, m_prev its previous message of those tensors (at first the common
-initial adapter, which is public), ||.|| over all the tensors of the exchange together, and z ~ N(0, I)
+initial adapter, which is public; for a server method whose nodes start each round from the server model,
+that model, which every node fetched: DP-FedAvg's reference), ||.|| over all the tensors of the exchange
+together, and z ~ N(0, I)
 drawn from (seed, "privacy", round, tensor, node): the same numbers in one process and under torchrun.
 Seeded noise makes a run reproducible, and lets anyone who knows the seed (it is in config.yaml) recompute
 the noise and subtract it: a simulation of DP. ``privacy.secure_noise: true`` draws it (and DP-SGD's

@@ -122,9 +122,10 @@ DP_SGD = ("privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip
         PRIVATE_ROBUST,
         DP_SGD,
         ("algorithm.name=flexlora", "algorithm.ranks=[1,2,4,3]", *PRIVATE_ROBUST),  # masked uploads
+        ("algorithm.name=fedavg", *PRIVATE_ROBUST[:3]),  # the server model the uploads are clipped against
         ("train.optimizer=sgd", "train.lr=0.1", "train.nesterov=true"),  # the momentum buffers resume
     ],
-    ids=["dropout", "choco", "private_robust", "dp_sgd", "flexlora_private_robust", "sgd"],
+    ids=["dropout", "choco", "private_robust", "dp_sgd", "flexlora_private_robust", "fedavg_private", "sgd"],
 )
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_bert, tmp_path, extra):
     full = build_experiment(tiny_config(tiny_bert, tmp_path / "a", *extra))

@@ -341,3 +341,31 @@ def test_secure_noise_is_drawn_anew_by_every_run(tiny_bert, tmp_path, level):
             assert str(seed) not in (run / "config.yaml").read_text() + (run / "metrics.jsonl").read_text()
     else:
         assert all("seed" not in s for s in streams)  # node level draws its batches as any run
+
+
+def test_a_server_methods_upload_is_clipped_against_the_server_model_it_fetched(
+    tiny_bert, tmp_path, monkeypatch
+):
+    """DP-FedAvg: a node's upload is the server model it fetched plus its clipped change plus noise; the
+    server model is public, so clipping against it costs no privacy, and the clip is spent on what the
+    node learned. (Against the node's own previous upload, the change held the noise of that upload,
+    which has norm sigma C sqrt(D), so the clip went mostly to undoing it.)"""
+    import declora.guard as guard
+
+    calls = []
+    real = guard.privatize
+
+    def spy(x, prev, *args, **kwargs):
+        out = real(x, prev, *args, **kwargs)
+        calls.append(({k: v.clone() for k, v in prev.items()}, {k: v.clone() for k, v in out.items()}))
+        return out
+
+    monkeypatch.setattr(guard, "privatize", spy)
+    private = ["privacy.level=node", "privacy.noise_multiplier=1.0", "privacy.clip=0.5", "rounds=2"]
+    _run(tiny_bert, tmp_path / "run", "algorithm.name=fedavg", *private)
+    (first_ref, first_uploads), (second_ref, _) = calls  # one upload of every node per round
+    for name, uploads in first_uploads.items():
+        server = uploads.mean(0, keepdim=True)  # 6 nodes, equal weights: the model all of them fetch
+        torch.testing.assert_close(second_ref[name], server.expand_as(uploads), atol=1e-6, rtol=0)
+        assert not torch.allclose(second_ref[name][0], uploads[0])  # not node 0's own last upload
+        assert torch.equal(first_ref[name], first_ref[name][:1].expand_as(uploads))  # the common start

@@ -135,6 +135,12 @@ class ServerModel:
         keep = self.opt.rule != "average"
         self.x = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items() if keep}
         self.rejoin = Rejoin(fed.n)
+        # Node-level DP: the server model every node fetched (1, ...), public, which each upload's change
+        # is clipped against, as DP-FedAvg does; against the node's own previous upload instead, most of
+        # the clip would go to undoing the noise that upload carried.
+        private = cfg.privacy.level == "node"
+        self.fetched = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items()}
+        self.fetched = self.fetched if private else {}
 
     def senders(self, ctx: RoundContext) -> tuple[Tensor, int]:
         """(n_local,) bool: this process's nodes that upload in round ctx.round; and how many upload in all,
@@ -153,7 +159,9 @@ class ServerModel:
         if not tensors or count == 0:
             return
         weights = upload_weights(self.weighting, senders, ctx.data_sizes)
-        means = ctx.exchange.server_mean({k: v.detach() for k, v in tensors.items()}, weights, ctx.round)
+        uploads = {k: v.detach() for k, v in tensors.items()}
+        start = {k: self.fetched[k].expand_as(v) for k, v in uploads.items()} if self.fetched else None
+        means = ctx.exchange.server_mean(uploads, weights, ctx.round, start)
         book_downloads(ctx, online, senders, tensors)
         sizes = {name: v[0].numel() * v.element_size() for name, v in tensors.items()}
         self.rejoin.broadcast(ctx, sizes | ({"also": also} if also else {}))
@@ -163,14 +171,19 @@ class ServerModel:
         with torch.no_grad():
             for name, mean in means.items():
                 tensors[name].copy_(mean.unsqueeze(0).expand_as(tensors[name]))
+                if name in self.fetched:
+                    self.fetched[name].copy_(mean.unsqueeze(0))
 
     def state_dict(self) -> dict[str, Tensor]:
         state = {f"server/{k}": v for k, v in self.x.items()} | self.rejoin.state_dict()
+        state |= {f"fetched/{k}": v for k, v in self.fetched.items()}
         return state | {f"server_opt/{k}": v for k, v in self.opt.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for k in self.x:
             self.x[k].copy_(state[f"server/{k}"])
+        for k in self.fetched:
+            self.fetched[k].copy_(state[f"fetched/{k}"])
         self.rejoin.load_state_dict(state)
         n = len("server_opt/")
         self.opt.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith("server_opt/")})

@@ -221,8 +221,15 @@ class DistExchange(LocalExchange):
             self._book(reach, nbytes[name])
         return out
 
-    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]:
-        """Weighted mean over the senders (weight > 0) of every rank: local sums, one all_reduce."""
+    def server_mean(
+        self,
+        tensors: dict[str, Tensor],
+        weights: Tensor,
+        round: int,
+        start: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted mean over the senders (weight > 0) of every rank: local sums, one all_reduce
+        (``start``: as LocalExchange.server_mean, not read here)."""
         senders = weights > 0  # (n_local,)
         w = (weights / self.group.all_sum(weights.sum())).to(torch.float32)
         sums, nbytes = [], {}

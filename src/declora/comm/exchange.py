@@ -49,7 +49,13 @@ class Exchange(Protocol):
 
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
 
-    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]: ...
+    def server_mean(
+        self,
+        tensors: dict[str, Tensor],
+        weights: Tensor,
+        round: int,
+        start: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]: ...
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]: ...
 
@@ -179,8 +185,16 @@ class LocalExchange:
             self.ledger.add_edges(sends, nbytes)
         return out
 
-    def server_mean(self, tensors: dict[str, Tensor], weights: Tensor, round: int) -> dict[str, Tensor]:
-        """Weighted mean over the nodes with weight > 0; they upload, the server sends the mean back."""
+    def server_mean(
+        self,
+        tensors: dict[str, Tensor],
+        weights: Tensor,
+        round: int,
+        start: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted mean over the nodes with weight > 0; they upload, the server sends the mean back.
+        ``start``: the public value every sender started the round from (the server model it fetched),
+        which node-level DP clips the change against (declora.guard); a plain exchange does not read it."""
         senders = weights > 0
         w = (weights / weights.sum()).to(torch.float32)
         out: dict[str, Tensor] = {}

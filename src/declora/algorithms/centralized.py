@@ -1,4 +1,4 @@
-"""Centralized LoRA: one node holds all the data; the upper reference (docs/algorithms.md).
+"""Centralized LoRA: one node holds the union of the nodes' data; the upper reference (docs/algorithms.md).
 
 The same adapter, optimizer and local-step code as every other algorithm, with n = 1 and nothing sent.
 Compare at equal examples seen by giving it ``train.batch_size`` = nodes x the federated batch size.

@@ -139,8 +139,9 @@ class ServerModel:
         # is clipped against, as DP-FedAvg does; against the node's own previous upload instead, most of
         # the clip would go to undoing the noise that upload carried.
         private = cfg.privacy.level == "node"
-        self.fetched = {k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items()}
-        self.fetched = self.fetched if private else {}
+        self.fetched = {
+            k: v.detach().mean(0, keepdim=True).clone() for k, v in fed.tensors(KINDS).items() if private
+        }
 
     def senders(self, ctx: RoundContext) -> tuple[Tensor, int]:
         """(n_local,) bool: this process's nodes that upload in round ctx.round; and how many upload in all,

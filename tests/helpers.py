@@ -109,3 +109,25 @@ def as_at_a_terminal() -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def special_adding_tokenizer(single: str):
+    """A byte-level BPE tokenizer whose post-processor writes ``single`` around every text: "<s> $A" adds
+    BOS as LLaMA's and Mistral's do, "<s> $A </s>" also EOS, as T5's or a LLaMA tokenizer with
+    add_eos_token do. Its vocabulary is trained on the texts the tests use."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "[INST]", "[/INST]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = "what is two plus two? four. hello there. Review: a fine film\nSentiment: negative positive"
+    bpe.train_from_iterator([corpus] * 20, trainer)
+    ids = [(token, bpe.token_to_id(token)) for token in ("<s>", "</s>") if token in single.split()]
+    bpe.post_processor = processors.TemplateProcessing(single=single, special_tokens=ids)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")

@@ -182,6 +182,22 @@ class SequenceClassification(_Truncated):
         return _ratio(totals)
 
 
+def _appended_specials(tokenizer: Any) -> list[int]:
+    """The special tokens ``tokenizer`` writes after a text (EOS for T5's, or a LLaMA tokenizer with
+    add_eos_token): none of them may sit between a prompt's text and what a task puts after it."""
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    full = list(tokenizer("a")["input_ids"])
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[start + len(plain) :]
+    return []
+
+
+def _without_appended(ids: Sequence[int], appended: list[int]) -> list[int]:
+    ids = list(ids)
+    return ids[: len(ids) - len(appended)] if appended and ids[-len(appended) :] == appended else ids
+
+
 class LabelWords(_OneMetric):
     """Classification as generation: ``template`` with the text, then the label word (see the module)."""
 
@@ -207,7 +223,8 @@ class LabelWords(_OneMetric):
         # Train and test prompts get the same budget, so a test prompt is exactly its training prefix.
         longest = max(len(a) for a in self.answers)
         self.budget = max_length - len(self.tail) - longest
-        start = len(tokenizer(self.prefix)["input_ids"])  # BOS (if the tokenizer adds one) and the prefix
+        self.appended = _appended_specials(tokenizer)  # e.g. EOS: the template's tail follows the text
+        start = len(self.prompt_ids([self.prefix])[0])  # BOS (if the tokenizer adds one) and the prefix
         if self.budget <= start:
             raise ValueError(
                 f"model.max_length={max_length} leaves no room for the text: the template takes {start} "
@@ -218,12 +235,17 @@ class LabelWords(_OneMetric):
         self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
     ) -> list[list[int]]:
         # prefix + text in one call (the tokenizer may add BOS), truncated; the template's end follows.
-        heads = self.tokenizer([self.prefix + t for t in texts], verbose=False)["input_ids"]
+        heads = self.prompt_ids([self.prefix + t for t in texts])
         self.cut = sum(len(h) > self.budget for h in heads)
         prompts = [list(h[: self.budget]) + self.tail for h in heads]
         if not train:
             return prompts
         return [p + self.answers[int(y)] for p, y in zip(prompts, labels, strict=True)]
+
+    def prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's tokens with the specials the tokenizer writes before it (BOS), not after it."""
+        rows = self.tokenizer(list(texts), verbose=False)["input_ids"]
+        return [_without_appended(row, self.appended) for row in rows]
 
     def _answer_len(self, labels: Tensor) -> Tensor:
         lengths = [len(self.answers[y]) for y in labels.tolist()]  # one copy to the host, not one per row
@@ -295,6 +317,7 @@ class Instruction:
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.appended = _appended_specials(tokenizer)  # written after a text (EOS): the response follows
 
     def _texts(self, turns: list[dict[str, str]], response: str) -> tuple[str, str]:
         if getattr(self.tokenizer, "chat_template", None):
@@ -315,11 +338,13 @@ class Instruction:
         rows, lengths, self.cut = [], [], 0
         # A chat template writes its own special tokens (a LLaMA or Mistral template starts with BOS), as
         # apply_chat_template(..., tokenize=True) at inference does: the tokenizer adds none then, or every
-        # row would start with two BOS. The role: content lines get BOS where the tokenizer adds one.
+        # row would start with two BOS. The role: content lines get BOS where the tokenizer adds one, and
+        # not the EOS some tokenizers write after a text (the response follows).
         templated = bool(getattr(self.tokenizer, "chat_template", None))
         for turns, response in zip(prompts, responses, strict=True):
             prompt_text, response_text = self._texts(json.loads(turns), response)
             head = self.tokenizer(prompt_text, add_special_tokens=not templated, verbose=False)["input_ids"]
+            head = head if templated else _without_appended(head, self.appended)
             answer = list(self.tokenizer(response_text, add_special_tokens=False)["input_ids"])
             # Generation stops at EOS: when the template ends the turn with it (SmolLM2's <|im_end|>),
             # what the template writes after it (a newline) is no part of the answer.

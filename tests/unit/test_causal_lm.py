@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import special_adding_tokenizer
 
 from declora.assets import GGUF_MODELS, Asset, AssetNotFoundError, model_path
 from declora.config import ConfigError, ModelConfig, TaskConfig, load_config
@@ -346,6 +347,22 @@ def test_a_max_length_that_keeps_no_text_token_is_refused(tiny_bert, tiny_llama,
         assert least == 3  # BERT: [CLS] text [SEP]
         rows = build_task(TaskConfig(kind=kind), tok, least, ["neg", "pos"]).encode(["great fun"], [1], True)
         assert len(rows[0]) == 3 and rows[0][1] not in tok.all_special_ids
+
+
+@pytest.mark.parametrize("max_length", [24, 96])  # some texts cut, and none
+def test_a_tokenizer_that_appends_eos_gives_the_rows_of_one_that_does_not(max_length):
+    """A tokenizer that writes EOS after every text (T5's, LLaMA's with add_eos_token) must not put it
+    between the review and the template's tail: its prompts and training rows are those of the same
+    tokenizer without the EOS, and no row holds EOS."""
+    with_eos, without = special_adding_tokenizer("<s> $A </s>"), special_adding_tokenizer("<s> $A")
+    assert with_eos("a fine film")["input_ids"][-1] == with_eos.eos_token_id  # it does append EOS
+    for train in (True, False):
+        words = (" negative", " positive")
+        tasks = [LabelWords(tok, max_length, TEMPLATE, words) for tok in (with_eos, without)]
+        rows = [task.encode(TEXTS, [0, 1, 0, 1], train) for task in tasks]
+        assert rows[0] == rows[1] and tasks[0].cut == tasks[1].cut
+        assert (0 < tasks[0].cut < len(TEXTS)) if max_length == 24 else tasks[0].cut == 0
+        assert all(row[0] == with_eos.bos_token_id and with_eos.eos_token_id not in row for row in rows[0])
 
 
 def test_label_words_count_the_prompts_whose_text_was_cut(tiny_llama):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import special_adding_tokenizer
 
 from declora.config import DataConfig, load_config
 from declora.data import load_dataset, read_instructions
@@ -393,32 +394,13 @@ def test_a_missing_response_is_refused_by_row_while_an_empty_one_is_kept(tmp_pat
     assert read_instructions(str(data), "train", DataConfig()).responses == [""]
 
 
-def _bos_adding_tokenizer():
-    """A byte-level BPE tokenizer that adds BOS to every text, as LLaMA's and Mistral's do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>", "[INST]", "[/INST]"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(["what is two plus two? four. hello there"] * 20, trainer)
-    bos = bpe.token_to_id("<s>")
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
-
-
 def test_a_template_that_writes_bos_gives_rows_with_one_bos_as_inference_does():
     """A Mistral-style template starts with {{ bos_token }} and the tokenizer adds BOS too: the training
     row's prompt is what apply_chat_template(..., add_generation_prompt=True) gives at inference (one BOS),
     not two; without a template the role: content prompt keeps the tokenizer's one BOS."""
     from declora.tasks import Instruction
 
-    tokenizer = _bos_adding_tokenizer()
+    tokenizer = special_adding_tokenizer("<s> $A")
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
         "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
@@ -430,3 +412,14 @@ def test_a_template_that_writes_bos_gives_rows_with_one_bos_as_inference_does():
     tokenizer.chat_template = None
     (plain,), (m,) = Instruction(tokenizer, 64).encode_pairs([json.dumps(turns)], ["four."])
     assert plain[0] == tokenizer.bos_token_id and plain.count(tokenizer.bos_token_id) == 1
+
+
+def test_a_tokenizer_that_appends_eos_ends_no_prompt_with_it():
+    """Without a chat template, a tokenizer that writes EOS after every text would end the role: content
+    prompt with EOS, before the response: the rows are those of the same tokenizer without it, where EOS
+    ends the response only."""
+    with_eos, without = special_adding_tokenizer("<s> $A </s>"), special_adding_tokenizer("<s> $A")
+    turns = [json.dumps([{"role": "user", "content": "what is two plus two?"}])]
+    (row, *_), (n, *_) = Instruction(with_eos, 64).encode_pairs(turns, ["four."])
+    assert (row, n) == tuple(x[0] for x in Instruction(without, 64).encode_pairs(turns, ["four."]))
+    assert row.count(with_eos.eos_token_id) == 1 and row[-1] == with_eos.eos_token_id

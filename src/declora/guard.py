@@ -39,7 +39,8 @@ from declora.validation import refuse_if_set
 
 log = logging.getLogger(__name__)
 
-PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's previous messages
+PREV = "dp_previous_message/"  # checkpoint keys of node-level DP's public references (named when all were
+# previous messages; kept so that older checkpoints resume)
 # The largest privacy.noise_multiplier and privacy.target_epsilon taken: beyond them nothing is learned or
 # nothing is private, and opacus' search for the noise of a huge epsilon never ends (floats run out).
 MAX_PRIVACY = 1e4
@@ -59,7 +60,7 @@ class GuardedExchange:
         self.inner, self.cfg, self.nodes = inner, cfg, nodes  # nodes: (m,) global ids of local rows
         self.attackers = attacker_mask(cfg.attack, cfg.nodes, cfg.seed)  # (n,) bool
         self.account = account if cfg.privacy.level == "node" else None
-        # Node-level DP clips each message's change since the node's previous message of that tensor.
+        # Node-level DP clips each message's change since the node's public reference of that tensor.
         self.prev = {k: v.detach().clone() for k, v in (initial or {}).items()}
         self.public = getattr(inner, "copies", None)  # CHOCO's public copies X̂ (comm/choco.py), or None
 
@@ -79,10 +80,22 @@ class GuardedExchange:
         start: dict[str, Tensor] | None = None,
         masks: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """What the local nodes send; ``senders`` (m,) bool: whose message reaches anyone this time.
-        Node-level DP clips the change against ``start`` when given (a masked upload; ``masks``: the
-        entries sent), else against the node's previous message of the tensor (zero for a tensor without
-        a public initial value: SCAFFOLD's control-variate changes)."""
+        """What the local nodes send; ``senders`` (m,) bool: whose message reaches anyone this time."""
+        return self._corrupted(self._privatized(tensors, senders, round, start, masks), round)
+
+    def _privatized(
+        self,
+        tensors: dict[str, Tensor],
+        senders: Tensor,
+        round: int,
+        start: dict[str, Tensor] | None = None,
+        masks: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Node-level DP's messages (``tensors`` as they are without it). The change is clipped against
+        ``start`` when given (the server model, a masked upload's start; ``masks``: the entries sent),
+        else against the node's public reference of the tensor: its previous message, or the state its
+        last gossip mixed (see ``gossip``); zero for a tensor without a public initial value (SCAFFOLD's
+        control-variate changes)."""
         msgs = dict(tensors)
         if self.account is not None and senders.any():
             p = self.cfg.privacy
@@ -97,19 +110,27 @@ class GuardedExchange:
                 round,
                 masks,
             )
-            for k, v in msgs.items():  # a node that sent nothing keeps its previous message
-                if start is None and k in self.prev:
-                    rows = senders.to(v.device).view(-1, *[1] * (v.dim() - 1))
-                    self.prev[k] = torch.where(rows, v, self.prev[k])
+            if start is None:  # a node that sent nothing keeps its previous reference
+                self._keep_reference(msgs, senders)
             self.account.spend(senders)
-        if self.cfg.attack.kind in MESSAGE_ATTACKS:
-            a, seed = self.cfg.attack, self.cfg.seed
-            msgs = {k: corrupt(a, k, v, self.attackers, self.nodes, seed, round) for k, v in msgs.items()}
         return msgs
 
+    def _keep_reference(self, tensors: dict[str, Tensor], senders: Tensor) -> None:
+        for k, v in tensors.items():
+            if k in self.prev:
+                rows = senders.to(v.device).view(-1, *[1] * (v.dim() - 1))
+                self.prev[k] = torch.where(rows, v, self.prev[k])
+
+    def _corrupted(self, msgs: dict[str, Tensor], round: int) -> dict[str, Tensor]:
+        if self.cfg.attack.kind not in MESSAGE_ATTACKS:
+            return msgs
+        a, seed = self.cfg.attack, self.cfg.seed
+        return {k: corrupt(a, k, v, self.attackers, self.nodes, seed, round) for k, v in msgs.items()}
+
     def _previous(self, msgs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """What the receivers already hold of each local node: its previous message, or under CHOCO its
-        public copy X̂_i (the codec then sends topk of the clipped, noised change against it)."""
+        """Each local node's public reference: its previous message (DeCAF's shared factors), the state
+        its last gossip mixed, or under CHOCO its public copy X̂_i (the codec then sends topk of the
+        clipped, noised change against it)."""
         if self.public is None:
             return {k: self.prev.get(k, torch.zeros_like(v)) for k, v in msgs.items()}
         return {k: self.public.table(k, v)[self.nodes].to(v.dtype) for k, v in msgs.items()}
@@ -123,13 +144,24 @@ class GuardedExchange:
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         if not tensors or not (W * ~torch.eye(W.shape[0], dtype=torch.bool)).any():
             return dict(tensors)  # nobody hears anyone (every process sees the same W)
-        msgs = self._outgoing(tensors, self._senders(W), round)
-        table = self.inner.share(msgs, W, round)  # name -> (n, ...) decoded (CHOCO: X̂), bytes per edge
-        r = self.cfg.robust
+        senders = self._senders(W)
+        private = self._privatized(tensors, senders, round)
+        table = self.inner.share(self._corrupted(private, round), W, round)  # name -> (n, ...) decoded
+        r = self.cfg.robust  # (CHOCO: the copies X̂), bytes per edge
         if self.public is not None:
             step = self.public.step
             return robust_choco(r.aggregator, tensors, table, W, self.nodes, step, r.trim, r.clip_radius)
-        return robust_gossip(r.aggregator, tensors, table, W, self.nodes, r.trim, r.clip_radius)
+        if self.account is None:
+            return robust_gossip(r.aggregator, tensors, table, W, self.nodes, r.trim, r.clip_radius)
+        # Node-level DP: a sender mixes its own message, not its exact state, so what it holds after the
+        # mix is a function of released messages, public, and its next message clips the change since
+        # then: what it learned this round. Against its previous message, which holds that message's
+        # noise, the clip would go mostly to undoing the noise, which would pile up round after round.
+        rows = {k: senders.to(v.device).view(-1, *[1] * (v.dim() - 1)) for k, v in tensors.items()}
+        own = {k: torch.where(rows[k], private[k], v) for k, v in tensors.items()}
+        mixed = robust_gossip(r.aggregator, own, table, W, self.nodes, r.trim, r.clip_radius)
+        self._keep_reference(mixed, senders)
+        return mixed
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         return self.inner.share(self._outgoing(tensors, self._senders(W), round), W, round)

@@ -5,16 +5,17 @@ Node level. Every time node i sends (a gossip, a share, a server upload), it sen
 
     m_t = m_prev + clip(x_t - m_prev, C) + sigma * C * z,     clip(d, C) = d * min(1, C / ||d||)
 
-with x_t its tensors of that exchange, m_prev its previous message of those tensors (at first the common
-initial adapter, which is public; for a server method whose nodes start each round from the server model,
-that model, which every node fetched: DP-FedAvg's reference), ||.|| over all the tensors of the exchange
-together, and z ~ N(0, I)
+with x_t its tensors of that exchange, m_prev a public reference of those tensors (declora.guard: at
+first the common initial adapter; in gossip the state the node's last mix gave, which mixed its own
+message; for a server method whose nodes start each round from the server model, that model, which every
+node fetched: DP-FedAvg's reference; else its previous message), ||.|| over all the tensors of the
+exchange together, and z ~ N(0, I)
 drawn from (seed, "privacy", round, tensor, node): the same numbers in one process and under torchrun.
 Seeded noise makes a run reproducible, and lets anyone who knows the seed (it is in config.yaml) recompute
 the noise and subtract it: a simulation of DP. ``privacy.secure_noise: true`` draws it (and DP-SGD's
 batch order) from the operating system's entropy instead, written nowhere: what a deployment needs.
-Noise is added before the codec encodes the message. The node's own state stays exact; only what it sends
-is private.
+Noise is added before the codec encodes the message. Nothing is claimed for the node's own state (in
+gossip it mixes its message, so its state after a mix is public; its training is not).
 
 Guarantee (node level). For each node i, the sequence of all messages i sends during the run is
 (epsilon, delta)-DP with respect to node i's whole local dataset, under the *zero-out* relation: the

@@ -151,8 +151,10 @@ def test_asynchronous_nodes_privatize_and_spend_only_when_they_publish():
                 assert torch.equal(inner.held[k][2], held[k][2])  # its neighbours mix its old copy
             else:
                 assert not torch.equal(inner.held[k][2], held[k][2])
-            # the median of node 1's own state and its neighbours' last published copies
-            values = torch.stack([x[k][1], inner.held[k][0], inner.held[k][2]])
+            # the median of node 1's own message (node-level DP: a sender mixes what it published, not
+            # its exact state) and its neighbours' last published copies
+            assert not torch.equal(inner.held[k][1], x[k][1])
+            values = torch.stack([inner.held[k][1], inner.held[k][0], inner.held[k][2]])
             assert torch.equal(out[k][1], values.median(0).values)
     assert guard.account.steps.tolist() == [3, 3, 1, 3, 3, 3]
     assert int(inner.ledger.edges[2].sum()) > 0

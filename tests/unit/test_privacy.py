@@ -110,6 +110,32 @@ def test_a_masked_upload_is_clipped_and_noised_on_the_entries_it_sends_only():
     assert torch.equal(again[mask & senders[:, None, None]], A[mask & senders[:, None, None]])
 
 
+def test_private_gossip_mixes_each_senders_own_message_and_clips_the_next_against_that_mix():
+    """Under node-level DP a sender mixes its message, not its exact state, so what it holds after the
+    mix (W times the messages) is public; its next message is that mix plus the clipped change since
+    then: a node that learned nothing sends the mix plus fresh noise, and the earlier noise does not pile
+    up in its messages (against the previous message the clip went to undoing that message's noise)."""
+    n, sigma, clip, seed = 4, 0.5, 0.2, 7
+    W = torch.zeros(n, n)
+    for i in range(n):
+        W[i, i] = W[i, (i + 1) % n] = W[i, (i - 1) % n] = 1 / 3
+    g = torch.Generator().manual_seed(0)
+    start = {"a": torch.randn(n, 3, 5, generator=g)}
+    x = {"a": start["a"] + torch.randn(n, 3, 5, generator=g)}
+    keys = ["privacy.level=node", f"privacy.noise_multiplier={sigma}", f"privacy.clip={clip}", f"seed={seed}"]
+    cfg = load_config(None, [f"nodes={n}", *keys])
+    account = PrivacyAccount(cfg.privacy, sigma, torch.ones(n, dtype=torch.float64))
+    guarded = GuardedExchange(LocalExchange(n), cfg, torch.arange(n), start, account)
+    sent = privatize(x, start, clip, sigma * clip, torch.arange(n), seed, 0)
+    mixed = guarded.gossip(x, W, 0)
+    assert torch.allclose(mixed["a"], torch.einsum("ij,j...->i...", W, sent["a"]), atol=1e-6)
+    still = guarded.gossip(mixed, W, 1)  # no training in between: each node sends its mix and noise only
+    zero = {"a": torch.zeros_like(x["a"])}
+    noise = privatize(zero, zero, clip, sigma * clip, torch.arange(n), seed, 1)["a"]  # round 1's draws
+    assert torch.allclose(still["a"], torch.einsum("ij,j...->i...", W, mixed["a"] + noise), atol=1e-6)
+    assert account.steps.tolist() == [2] * n
+
+
 def test_noise_is_drawn_per_global_node_so_a_slice_draws_what_the_whole_draws():
     x = {"a": torch.zeros(4, 3)}
     whole = privatize(x, x, 1.0, 0.5, torch.arange(4), seed=3, round=2)["a"]

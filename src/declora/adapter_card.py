@@ -140,8 +140,9 @@ def _privacy_lines(privacy: str | None) -> list[str]:
     if privacy.startswith("node"):
         return [
             "Privacy: node-level DP covers the messages each node sent (the privacy_* numbers below are "
-            "theirs). A node keeps its own state exact, and this adapter is made of exact states, so the "
-            "(ε, δ) guarantee does NOT cover it: do not publish it as private.\n",
+            "theirs). This adapter is made of the nodes' states, which are not all computed from those "
+            "messages (a node's training since its last one, for instance), so the (ε, δ) guarantee does "
+            "NOT cover it: do not publish it as private.\n",
             *seeded,
         ]
     return [

@@ -4,7 +4,8 @@
 each defined in its own module:
 
     what a node sends      privacy.privatize (node-level DP), then attack.corrupt (Byzantine senders)
-    how a node mixes       robust.robust_gossip over its own exact state and the decoded messages
+    how a node mixes       robust.robust_gossip over its own state (under node-level DP: its own
+                           message) and the decoded messages
     what a server keeps    robust.server_aggregate over the decoded uploads (masked uploads: the method
                            aggregates them itself, with robust_uploads' rules)
 

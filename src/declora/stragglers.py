@@ -24,8 +24,8 @@ passes over its data, ceil(|D_i| / batch_size) steps each (a node with more data
 
   With node-level DP, an attack or a robust rule (declora.guard), a node privatizes and corrupts at
   publication: its published copy x̂_j is the message it sent then (an attacker's is corrupted), only a
-  publication spends privacy, and the robust rule mixes the node's own state with its neighbours' last
-  published copies.
+  publication spends privacy, and the robust rule mixes the node's own state (its message, when it
+  published one under node-level DP) with its neighbours' last published copies.
 """
 
 from __future__ import annotations

@@ -73,17 +73,6 @@ class GuardedExchange:
     def codec(self):
         return self.inner.codec
 
-    def _outgoing(
-        self,
-        tensors: dict[str, Tensor],
-        senders: Tensor,
-        round: int,
-        start: dict[str, Tensor] | None = None,
-        masks: dict[str, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """What the local nodes send; ``senders`` (m,) bool: whose message reaches anyone this time."""
-        return self._corrupted(self._privatized(tensors, senders, round, start, masks), round)
-
     def _privatized(
         self,
         tensors: dict[str, Tensor],
@@ -92,7 +81,8 @@ class GuardedExchange:
         start: dict[str, Tensor] | None = None,
         masks: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Node-level DP's messages (``tensors`` as they are without it). The change is clipped against
+        """Node-level DP's messages of the local nodes (``tensors`` as they are without it); ``senders``
+        (m,) bool: whose message reaches anyone this time. The change is clipped against
         ``start`` when given (the server model, a masked upload's start; ``masks``: the entries sent),
         else against the node's public reference of the tensor: its previous message, or the state its
         last gossip mixed (see ``gossip``); zero for a tensor without a public initial value (SCAFFOLD's
@@ -123,6 +113,7 @@ class GuardedExchange:
                 self.prev[k] = torch.where(rows, v, self.prev[k])
 
     def _corrupted(self, msgs: dict[str, Tensor], round: int) -> dict[str, Tensor]:
+        """What the local nodes send: an attacker's messages corrupted, every other as it is."""
         if self.cfg.attack.kind not in MESSAGE_ATTACKS:
             return msgs
         a, seed = self.cfg.attack, self.cfg.seed
@@ -147,8 +138,9 @@ class GuardedExchange:
             return dict(tensors)  # nobody hears anyone (every process sees the same W)
         senders = self._senders(W)
         private = self._privatized(tensors, senders, round)
-        table = self.inner.share(self._corrupted(private, round), W, round)  # name -> (n, ...) decoded
-        r = self.cfg.robust  # (CHOCO: the copies X̂), bytes per edge
+        # name -> (n, ...) the decoded messages (CHOCO: the copies X̂), bytes booked per edge
+        table = self.inner.share(self._corrupted(private, round), W, round)
+        r = self.cfg.robust
         if self.public is not None:
             step = self.public.step
             return robust_choco(r.aggregator, tensors, table, W, self.nodes, step, r.trim, r.clip_radius)
@@ -165,7 +157,9 @@ class GuardedExchange:
         return mixed
 
     def share(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
-        return self.inner.share(self._outgoing(tensors, self._senders(W), round), W, round)
+        return self.inner.share(
+            self._corrupted(self._privatized(tensors, self._senders(W), round), round), W, round
+        )
 
     def server_mean(
         self,
@@ -176,7 +170,7 @@ class GuardedExchange:
     ) -> dict[str, Tensor]:
         """Node-level DP clips each upload's change against ``start`` when given (the server model the
         senders fetched, public: DP-FedAvg's reference), else against the node's previous message."""
-        msgs = self._outgoing(tensors, weights > 0, round, start)
+        msgs = self._corrupted(self._privatized(tensors, weights > 0, round, start), round)
         r = self.cfg.robust
         if r.aggregator == "mean":
             return self.inner.server_mean(msgs, weights, round)
@@ -192,7 +186,7 @@ class GuardedExchange:
         x = {k: v for k, (v, _) in tensors.items()}
         masks = {k: slice_mask(keep, v, dim) for k, (v, dim) in tensors.items()}
         ref = start if start is not None else {k: torch.zeros_like(v) for k, v in x.items()}
-        msgs = self._outgoing(x, senders, round, ref, masks)
+        msgs = self._corrupted(self._privatized(x, senders, round, ref, masks), round)
         sent = {k: (msgs[k], dim) for k, (_, dim) in tensors.items()}
         return self.inner.upload_masked(sent, keep, senders, round, indices, fetched=fetched)
 

@@ -719,6 +719,12 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 2,
             )
+            return 2
+        # The other ranks wait for torchrun to stop them once local rank 0 has left: leaving first, they
+        # would have torchrun stop rank 0 before it had said why (seen in CI). SIGTERM then ends them
+        # quietly; the wait is bounded should nothing stop them.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(60)
         return 2
     try:
         return args.func(args)

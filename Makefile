@@ -22,8 +22,12 @@ install: $(STAMP)
 run: install  ## the default experiment (configs/default.yaml)
 	$(VENV)/bin/declora run $(ARGS)
 
+# Test processes (pytest-xdist; each runs torch on one thread, tests/conftest.py). worksteal: an idle
+# process takes tests queued for the other, so one slow torchrun test does not leave a core idle.
+TEST_WORKERS ?= 2
+
 test: install  ## unit + integration + distributed tests (CPU)
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples

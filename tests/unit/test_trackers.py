@@ -137,6 +137,8 @@ def _wandb_records(path: Path):
             pos += block - pos % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # wandb-core is still writing this record: the rest comes later
+            break
         parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from declora.algorithms import GOSSIP_ALGORITHMS, MASKED_UPLOADS, NO_NODE_DP, SERVER_ALGORITHMS, SHIPPED
 from declora.attack import DATA_ATTACKS, MESSAGE_ATTACKS, attacker_mask, corrupt
+from declora.comm.exchange import Mix
 from declora.config import Config, ConfigError
 from declora.privacy import PrivacyAccount, import_accountants, noise_std, privatize, resolve_sigma
 from declora.robust import robust_choco, robust_gossip, server_aggregate, trimmed_cut
@@ -84,9 +85,9 @@ class GuardedExchange:
         """Node-level DP's messages of the local nodes (``tensors`` as they are without it); ``senders``
         (m,) bool: whose message reaches anyone this time. The change is clipped against
         ``start`` when given (the server model, a masked upload's start; ``masks``: the entries sent),
-        else against the node's public reference of the tensor: its previous message, or the state its
-        last gossip mixed (see ``gossip``); zero for a tensor without a public initial value (SCAFFOLD's
-        control-variate changes)."""
+        else against the node's public reference of the tensor: the state its last mix gave (see
+        ``share_and_mix``), or its previous message when nothing mixed it (``share``); zero for a
+        tensor without a public initial value (SCAFFOLD's control-variate changes)."""
         msgs = dict(tensors)
         if self.account is not None and senders.any():
             p = self.cfg.privacy
@@ -120,9 +121,9 @@ class GuardedExchange:
         return {k: corrupt(a, k, v, self.attackers, self.nodes, seed, round) for k, v in msgs.items()}
 
     def _previous(self, msgs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each local node's public reference: its previous message (DeCAF's shared factors), the state
-        its last gossip mixed, or under CHOCO its public copy X̂_i (the codec then sends topk of the
-        clipped, noised change against it)."""
+        """Each local node's public reference: the state its last mix gave (gossip, DeCAF's factors), its
+        previous message (a plain ``share``), or under CHOCO its public copy X̂_i (the codec then sends
+        topk of the clipped, noised change against it)."""
         if self.public is None:
             return {k: self.prev.get(k, torch.zeros_like(v)) for k, v in msgs.items()}
         return {k: self.public.table(k, v)[self.nodes].to(v.dtype) for k, v in msgs.items()}
@@ -136,23 +137,39 @@ class GuardedExchange:
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         if not tensors or not (W * ~torch.eye(W.shape[0], dtype=torch.bool)).any():
             return dict(tensors)  # nobody hears anyone (every process sees the same W)
-        senders = self._senders(W)
-        private = self._privatized(tensors, senders, round)
-        # name -> (n, ...) the decoded messages (CHOCO: the copies X̂), bytes booked per edge
-        table = self.inner.share(self._corrupted(private, round), W, round)
-        r = self.cfg.robust
+        r, nodes = self.cfg.robust, self.nodes
         if self.public is not None:
             step = self.public.step
-            return robust_choco(r.aggregator, tensors, table, W, self.nodes, step, r.trim, r.clip_radius)
-        if self.account is None:
-            return robust_gossip(r.aggregator, tensors, table, W, self.nodes, r.trim, r.clip_radius)
-        # Node-level DP: a sender mixes its own message, not its exact state, so what it holds after the
-        # mix is a function of released messages, public, and its next message clips the change since
-        # then: what it learned this round. Against its previous message, which holds that message's
-        # noise, the clip would go mostly to undoing the noise, which would pile up round after round.
+
+            def choco(own: dict[str, Tensor], copies: dict[str, Tensor]) -> dict[str, Tensor]:
+                return robust_choco(r.aggregator, own, copies, W, nodes, step, r.trim, r.clip_radius)
+
+            return self.share_and_mix(tensors, W, round, choco)
+
+        def mix(own: dict[str, Tensor], table: dict[str, Tensor]) -> dict[str, Tensor]:
+            return robust_gossip(r.aggregator, own, table, W, nodes, r.trim, r.clip_radius)
+
+        return self.share_and_mix(tensors, W, round, mix)
+
+    def share_and_mix(self, tensors: dict[str, Tensor], W: Tensor, round: int, mix: Mix) -> dict[str, Tensor]:
+        """comm.exchange.share_and_mix through the guard: the senders' privatized, corrupted messages are
+        shared (``table``: as decoded, or CHOCO's copies X̂) and ``mix(own, table)`` gives the local
+        nodes' new tensors.
+
+        Node-level DP: a sender mixes its own message, not its exact state, so what it holds after the
+        mix is a function of released messages, public, and its next message clips the change since
+        then: what it learned. Against its previous message, which holds that message's noise, the clip
+        would go mostly to undoing the noise, which would pile up round after round. Under CHOCO a node
+        mixes its exact state and its copy X̂_i stays the reference: the consensus step moves the nodes
+        by differences of copies, which sum to zero over the nodes (W doubly stochastic), so the noise
+        does not enter the mean of the states (docs/privacy_robustness.md has the measured alternatives)."""
+        senders = self._senders(W)
+        private = self._privatized(tensors, senders, round)
+        table = self.inner.share(self._corrupted(private, round), W, round)
+        if self.account is None or self.public is not None:
+            return mix(tensors, table)
         rows = {k: senders.to(v.device).view(-1, *[1] * (v.dim() - 1)) for k, v in tensors.items()}
-        own = {k: torch.where(rows[k], private[k], v) for k, v in tensors.items()}
-        mixed = robust_gossip(r.aggregator, own, table, W, self.nodes, r.trim, r.clip_radius)
+        mixed = mix({k: torch.where(rows[k], private[k], v) for k, v in tensors.items()}, table)
         self._keep_reference(mixed, senders)
         return mixed
 

@@ -6,8 +6,8 @@ Node level. Every time node i sends (a gossip, a share, a server upload), it sen
     m_t = m_prev + clip(x_t - m_prev, C) + sigma * C * z,     clip(d, C) = d * min(1, C / ||d||)
 
 with x_t its tensors of that exchange, m_prev a public reference of those tensors (declora.guard: at
-first the common initial adapter; in gossip the state the node's last mix gave, which mixed its own
-message; for a server method whose nodes start each round from the server model, that model, which every
+first the common initial adapter; in gossip and DeCAF the state the node's last mix gave, which mixed its
+own message; for a server method whose nodes start each round from the server model, that model, which every
 node fetched: DP-FedAvg's reference; else its previous message), ||.|| over all the tensors of the
 exchange together, and z ~ N(0, I)
 drawn from (seed, "privacy", round, tensor, node): the same numbers in one process and under torchrun.

@@ -47,6 +47,8 @@ CASES = {
     "decaf_topk": ("decaf", ["comm.codec=topk", "comm.fraction=0.25"]),
     # a graph that changes: in some rounds every node a process hosts is alone (no SVD to run there)
     "decaf_dynamic": ("decaf", ["topology.schedule=dynamic_er", "topology.p=0.2"]),
+    # node-level DP: each node re-factorizes its own message with its neighbours', its next reference
+    "decaf_private": ("decaf", PRIVATE_NODES),
     "dec_lora_topk": ("dec_lora", ["comm.codec=topk", "comm.fraction=0.1"]),
     "fedavg_dropout": ("fedavg", ["topology.node_dropout=0.3"]),
     # a server optimizer with state, sampled clients and size weights: every rank moves its own copy
@@ -156,8 +158,9 @@ SERVER |= {
 }
 # FlexLoRA's factors come from an SVD, so last-bit differences can rotate them within (nearly) equal
 # singular values: its adapters are compared as products B A (measured 5.4e-7 apart on one machine, while
-# the factors were 7e-3 apart; on another the factors were 1.8e-5 apart).
-PRODUCTS_ONLY = {"flexlora_sampled", "flexlora_trimmed"}
+# the factors were 7e-3 apart; on another the factors were 1.8e-5 apart). So are DeCAF's under node-level
+# DP, whose re-factorized messages carry noise (their factors measured 2.4e-6 apart).
+PRODUCTS_ONLY = {"flexlora_sampled", "flexlora_trimmed", "decaf_private"}
 # Top-k gossip: batching other nodes per process changes a state's last bits, and an entry at the cut
 # may then be sent in one run and kept back in the other (README, Message codecs): the metrics agree to
 # 1e-5 (accuracies exactly: a vote is 1/24 here), an adapter entry to the size of one such step.
@@ -202,17 +205,18 @@ SLICES = {
         "dec_gt": (2, 3),
         "dec_lora_deadline": (2, 3),
         "decaf_dynamic": (1, 4),  # round 1: node 0, all of rank 0's, is alone
+        "decaf_private": (1, 4),
     },
     4: dict.fromkeys(("dec_lora", "decaf", "tad_lora"), (2, 1, 1, 1)),
 }
 
 
 # Stopped after round 2 and resumed to round 3 within the launch (on each case's SLICES[2]): what a rank
-# keeps between rounds must come back from its own shard (CHOCO's public copies and the guard's previous
-# messages, a server optimizer's moments, SCAFFOLD's control variates, the privacy accountant, FedEx-LoRA's
+# keeps between rounds must come back from its own shard (CHOCO's public copies and the guard's
+# references, a server optimizer's moments, SCAFFOLD's control variates, the privacy accountant, FedEx-LoRA's
 # folded base, Fed-SB's middle factors, the ledger's totals). None has a schedule shaped by the round count.
 RESUMED = ("dec_lora_topk_guarded", "fedadam_sampled", "scaffold_guarded", "fedex_lora", "dec_lora_dp_sgd")
-RESUMED += ("fed_sb",)
+RESUMED += ("fed_sb", "decaf_private")
 
 
 def overrides(model: Path, out: Path, label: str, *extra: str) -> list[str]:

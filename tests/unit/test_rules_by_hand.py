@@ -235,3 +235,32 @@ def test_decaf_leaves_an_isolated_node_and_its_optimizer_state_alone(tiny_bert, 
         for b in exp.optimizer.buffers:
             assert torch.equal(exp.optimizer.state[b][k][3], moments[(b, k)][3])
             assert (exp.optimizer.state[b][k][:3] == 0).all()
+
+
+# Under node-level DP a DeCAF node re-factorizes its own released message with its neighbours' (not its
+# exact factors), so its new factors are public, and they are the reference of its next message.
+def test_private_decaf_refactorizes_each_senders_own_message_and_clips_the_next_against_that(
+    tiny_bert, tiny_data, tmp_path
+):
+    from unit_helpers import perturb, round_context, tiny_experiment
+
+    from declora.algorithms.decaf import product_mix
+    from declora.privacy import privatize
+
+    sigma, clip = 0.5, 0.2
+    dp = ["privacy.level=node", f"privacy.noise_multiplier={sigma}", f"privacy.clip={clip}"]
+    exp = tiny_experiment(tiny_bert, tiny_data, tmp_path, "algorithm.name=decaf", "model.head=frozen", *dp)
+    perturb(exp, seed=3, same=False)  # each node its own factors, far from the initial adapter
+    factors = {k: v.detach().clone() for k, v in exp.fed.tensors(("A", "B")).items()}
+    initial = {k: exp.exchange.prev[k].clone() for k in factors}
+    sent = privatize(factors, initial, clip, sigma * clip, torch.arange(4), exp.cfg.seed, 0)
+    ctx = round_context(exp, 0)
+    exp.algorithm.communicate(ctx)
+    for name in exp.fed.lora:
+        a, b = f"{name}.lora_A", f"{name}.lora_B"
+        A, B = product_mix(sent[a], sent[b], ctx.W, exp.cfg.algorithm.svd_split)
+        got_a, got_b = exp.fed.tensors()[a], exp.fed.tensors()[b]
+        torch.testing.assert_close(got_b @ got_a, B @ A, atol=1e-5, rtol=0)
+        A0, B0 = product_mix(factors[a], factors[b], ctx.W, exp.cfg.algorithm.svd_split)
+        assert not torch.allclose(got_b @ got_a, B0 @ A0, atol=1e-3)  # the exact factors' mix differs
+        assert torch.equal(exp.exchange.prev[a], got_a) and torch.equal(exp.exchange.prev[b], got_b)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from declora.algorithms.base import RoundContext, RoundPlan, trained_kinds
 from declora.algorithms.mixing import gossip_kinds
+from declora.comm.exchange import share_and_mix
 from declora.config import Config
 from declora.model import Federation
 from declora.schedules import Schedule
@@ -135,26 +136,31 @@ class DeCAF:
         linked = ((ctx.W != 0) & ~torch.eye(n, dtype=torch.bool)).any(1)  # (n,) hears a neighbour
         if not linked.any():
             return
-        factors = {k: v.detach() for k, v in ctx.fed.tensors(("A", "B")).items()}
-        received = ctx.exchange.share(factors, ctx.W, ctx.round)  # what the neighbours decode
         here = linked[ctx.node_ids]  # (n_local,) this process's rows that hear a neighbour
-        if not here.any():  # all of this process's nodes are alone this round (a graph that changes)
-            return
         nodes = ctx.node_ids[here]  # (k,) their global ids
-        for name, layer in ctx.fed.lora.items():
-            a, b = f"{name}.lora_A", f"{name}.lora_B"
-            A_new, B_new = product_mix(
-                factors[a],
-                factors[b],
-                ctx.W,
-                self.acfg.svd_split,
-                (received[a], received[b]),
-                nodes,
-                int(ctx.node_ids[0]),
-            )
-            with torch.no_grad():
-                layer.A[here.to(layer.A.device)] = A_new
-                layer.B[here.to(layer.B.device)] = B_new
+
+        def mix(own: dict[str, Tensor], received: dict[str, Tensor]) -> dict[str, Tensor]:
+            """Each node's new factors from its own (exact, or under node-level DP its message) and its
+            neighbours' as they decode them; a node that hears no one keeps its own."""
+            out = dict(own)
+            if not here.any():  # all of this process's nodes are alone this round (a graph that changes)
+                return out
+            for name in ctx.fed.lora:
+                a, b = f"{name}.lora_A", f"{name}.lora_B"
+                A_new, B_new = product_mix(
+                    own[a], own[b], ctx.W, self.acfg.svd_split, (received[a], received[b]), nodes, first
+                )
+                out[a], out[b] = own[a].clone(), own[b].clone()
+                out[a][here.to(A_new.device)], out[b][here.to(B_new.device)] = A_new, B_new
+            return out
+
+        first = int(ctx.node_ids[0])
+        factors = {k: v.detach() for k, v in ctx.fed.tensors(("A", "B")).items()}
+        mixed = share_and_mix(ctx.exchange, factors, ctx.W, ctx.round, mix)  # bytes: what was shared
+        with torch.no_grad():
+            for name, layer in ctx.fed.lora.items():
+                layer.A.copy_(mixed[f"{name}.lora_A"])
+                layer.B.copy_(mixed[f"{name}.lora_B"])
         if self.acfg.optimizer_policy == "reset":
             ctx.optimizer.reset(list(factors), here)
 

@@ -73,6 +73,20 @@ class Exchange(Protocol):
     def all_nodes(self, x: Tensor) -> Tensor: ...
 
 
+Mix = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
+
+
+def share_and_mix(exchange: Exchange, tensors: dict[str, Tensor], W: Tensor, round: int, mix: Mix):
+    """Share ``tensors`` and return ``mix(own, table)``: the local nodes' new tensors from their own
+    value (m, ...) and the table (n, ...) of what the neighbours decode (``share``). Own is each node's
+    exact tensors; under node-level DP (declora.guard.GuardedExchange.share_and_mix) a sender's own value
+    is the message it released, so that what it holds after the mix is public."""
+    guarded = getattr(exchange, "share_and_mix", None)
+    if guarded is not None:
+        return guarded(tensors, W, round, mix)
+    return mix(tensors, exchange.share(tensors, W, round))
+
+
 class ByteLedger:
     """Bytes sent: per directed edge (sender -> receiver) this round, and in total."""
 

@@ -103,7 +103,9 @@ def _cells_of(parent: int) -> list[str]:
 def _stop_grid(tmp_path, tiny_bert, sig: int, code: int, what: str) -> tuple[list, list[str], Path]:
     """Start a --jobs 2 grid, send the command ``sig`` once a cell has checkpointed: it exits ``code``,
     saying ``what`` and how to go on, after stopping its two cells as one run stops on SIGTERM."""
-    proc, cells, path = _start_grid(tmp_path, tiny_bert)
+    # 200 rounds (about 10 s of a cell on an idle machine): with 40 (2 s) one cell once finished all its
+    # rounds before the command's signal reached it, and so was not stopped
+    proc, cells, path = _start_grid(tmp_path, tiny_bert, rounds=200)
     out = tmp_path / "grid"
     assert len(_cells_of(proc.pid)) == 2
     proc.send_signal(sig)

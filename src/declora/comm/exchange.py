@@ -76,7 +76,9 @@ class Exchange(Protocol):
 Mix = Callable[[dict[str, Tensor], dict[str, Tensor]], dict[str, Tensor]]
 
 
-def share_and_mix(exchange: Exchange, tensors: dict[str, Tensor], W: Tensor, round: int, mix: Mix):
+def share_and_mix(
+    exchange: Exchange, tensors: dict[str, Tensor], W: Tensor, round: int, mix: Mix
+) -> dict[str, Tensor]:
     """Share ``tensors`` and return ``mix(own, table)``: the local nodes' new tensors from their own
     value (m, ...) and the table (n, ...) of what the neighbours decode (``share``). Own is each node's
     exact tensors; under node-level DP (declora.guard.GuardedExchange.share_and_mix) a sender's own value

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -169,9 +170,16 @@ def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
             + ", ".join(f"rank {k}: {mode}" for k, mode in enumerate(modes))
             + "); launch every rank with the same declora command (a resume: --resume RUN_DIR on every host)"
         )
-    if error is not None:  # every rank refuses alike: one line per host, and leave at once (as _die does),
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # since the group's threads would abort an ordinary
-            _error(ConfigError(error), 2)  # exit, and a slow rank's close would let torchrun kill the others
+    if error is not None:
+        # Every rank refuses alike: one line per host, said by local rank 0. The others leave only once it
+        # has said it (leaving first, they had torchrun stop rank 0 before it had: seen in CI); every rank
+        # refuses here, so every rank reaches the barrier. os._exit as _die: the group's threads would
+        # abort an ordinary exit, and a slow rank's close would let torchrun kill the others.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            _error(ConfigError(error), 2)
+            sys.stderr.flush()
+        with suppress(Exception):
+            group.barrier()
         logging.shutdown()
         os._exit(2)
     _say_what_differs(group.rank, launches)

@@ -137,16 +137,11 @@ class GuardedExchange:
     def gossip(self, tensors: dict[str, Tensor], W: Tensor, round: int) -> dict[str, Tensor]:
         if not tensors or not (W * ~torch.eye(W.shape[0], dtype=torch.bool)).any():
             return dict(tensors)  # nobody hears anyone (every process sees the same W)
-        r, nodes = self.cfg.robust, self.nodes
-        if self.public is not None:
-            step = self.public.step
-
-            def choco(own: dict[str, Tensor], copies: dict[str, Tensor]) -> dict[str, Tensor]:
-                return robust_choco(r.aggregator, own, copies, W, nodes, step, r.trim, r.clip_radius)
-
-            return self.share_and_mix(tensors, W, round, choco)
+        r, nodes, copies = self.cfg.robust, self.nodes, self.public
 
         def mix(own: dict[str, Tensor], table: dict[str, Tensor]) -> dict[str, Tensor]:
+            if copies is not None:  # CHOCO: the table is the public copies X̂
+                return robust_choco(r.aggregator, own, table, W, nodes, copies.step, r.trim, r.clip_radius)
             return robust_gossip(r.aggregator, own, table, W, nodes, r.trim, r.clip_radius)
 
         return self.share_and_mix(tensors, W, round, mix)

@@ -172,8 +172,11 @@ class RunLock:
 def hold_run_folder(run_dir: Path) -> RunLock:
     """Lock ``run_dir`` for this process (made if missing) until ``close`` or the end of the process,
     however it ends; a ConfigError if another process holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK, "a", encoding="utf-8")  # noqa: SIM115 (held open: it is the lock)
+    try:  # the checks before found the parent writable; /proc, or a root user on some mounts, disagree here
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK, "a", encoding="utf-8")  # noqa: SIM115 (held open: it is the lock)
+    except OSError as err:
+        raise ConfigError(f"run folder {str(run_dir)!r} cannot be made or written: {err.strerror}") from err
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

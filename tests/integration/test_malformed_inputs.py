@@ -489,6 +489,8 @@ CASES += [
     ("folder:existing-run-bad-value", lambda c: _into_done(c, "train.lr=0", "--overwrite"), "train.lr"),
     ("folder:not-a-run", _into_other, "photos"),
     ("folder:is-a-file", _into_file, "a-file"),
+    # the checks before pass for root (/proc allows it access), the mkdir does not: still one line
+    ("folder:cannot-be-made", lambda c: ["run", *c.tiny(), "run_dir=/proc/declora-run"], "cannot be made"),
 ]
 
 

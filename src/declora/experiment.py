@@ -240,18 +240,40 @@ def _pad_id(fed: Federation, tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+# More distinct labels than this, all numbers and some not whole, are read as a score (a similarity from
+# 0 to 5, a rating), not classes; half-star ratings (0.5 to 5.0: ten classes) stay below it.
+SCORE_CLASSES = 10
+
+
 def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
-    """One label is legal but leaves nothing to learn: refused unless allow_degenerate."""
-    if cfg.task.kind not in ("causal_lm", "instruction") and len(names) < 2 and not cfg.allow_degenerate:
-        source = (
-            f"data.node_files={cfg.data.node_files!r}"
-            if cfg.data.node_files
-            else f"data.dataset={cfg.data.dataset!r}"
-        )
+    """Labels that are legal but almost always a mistake, refused unless allow_degenerate: a single one
+    (nothing to learn), or a score column taken for classes (each value a class of its own)."""
+    if cfg.task.kind in ("causal_lm", "instruction") or cfg.allow_degenerate:
+        return
+    source = (
+        f"data.node_files={cfg.data.node_files!r}"
+        if cfg.data.node_files
+        else f"data.dataset={cfg.data.dataset!r}"
+    )
+    if len(names) < 2:
         raise ConfigError(
             f"{source} has a single label {list(names)}: nothing to classify; "
             "use files with at least two labels, or set allow_degenerate=true"
         )
+    numbers = [x for x in map(_number, names) if x is not None]
+    if len(names) > SCORE_CLASSES and len(numbers) == len(names) and any(not x.is_integer() for x in numbers):
+        raise ConfigError(
+            f"{source} has {len(names)} distinct labels that are numbers, not all whole ({names[0]} to "
+            f"{names[-1]}): a score to regress on, not classes; declora trains classifiers, so bin the "
+            "score into classes, or set allow_degenerate=true to take each value as a class of its own"
+        )
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _encode(

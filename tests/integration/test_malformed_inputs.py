@@ -284,6 +284,11 @@ DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the me
     ("latin1.jsonl", _jsonl(*GOOD[:5]).encode() + b'{"text": "caf\xe9", "label": 1}\n', "latin1.jsonl:6"),
     ("empty.jsonl", "", "empty.jsonl"),
     ("one-label.jsonl", _jsonl(*GOOD[::2] * 3), "single label"),
+    (  # a similarity score from 0 to 1.1, not classes: twelve classes of a silently wrong classifier
+        "score-label.csv",
+        "text,label\n" + "".join(f"pair {i},{i % 12 / 10}\n" for i in range(60)),
+        "12 distinct labels that are numbers, not all whole",
+    ),
     ("nan.csv", "text,label\n" + "good,0\nbad,1\n" * 5 + "meh,nan\n", "nan.csv:12"),
     ("latin1.csv", b"text,label\ngood,0\nbad,1\ncaf\xe9,1\n", "latin1.csv:4"),
     ("no-column.csv", "text,target\n" + "good,0\nbad,1\n" * 5, "data.label_column='label' is not a column"),

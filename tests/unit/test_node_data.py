@@ -215,6 +215,24 @@ def test_a_single_label_over_node_files_names_the_files_not_the_unread_dataset(t
         check_labels(load_config(None, []), ("pos",))
 
 
+def test_a_score_column_is_refused_as_classes_but_ratings_and_class_ids_are_not():
+    from declora.data import label_order
+    from declora.experiment import check_labels
+
+    cfg = load_config(None, [])
+    scores = label_order([f"{x / 10:.1f}" for x in range(11)])  # 0.0 to 1.0: eleven values, not all whole
+    with pytest.raises(
+        ConfigError,
+        match=r"^data.dataset='rotten_tomatoes' has 11 distinct labels that are "
+        r"numbers, not all whole \(0.0 to 1.0\): a score to regress on",
+    ):
+        check_labels(cfg, scores)
+    check_labels(load_config(None, ["allow_degenerate=true"]), scores)  # each value a class, as asked
+    check_labels(cfg, label_order([str(x / 2) for x in range(1, 11)]))  # half-star ratings: ten classes
+    check_labels(cfg, label_order([str(x) for x in range(20)]))  # twenty class ids
+    check_labels(cfg, label_order([f"{x / 10:.1f} stars" for x in range(11)]))  # class names
+
+
 @pytest.mark.parametrize(
     ("kind", "extra", "unused"),
     [

@@ -497,16 +497,16 @@ def check_same_pooling(fed: Federation, folder: Path) -> None:
 
 
 def import_peft(fed: Federation, folder: str | Path) -> None:
-    """Seed every node with the adapter in a PEFT folder (same targets and rank as the run)."""
+    """Seed every node with the adapter in a PEFT folder (same targets, rank and scale as the run)."""
     folder = Path(folder)
     cfg_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise FileNotFoundError(
             f"{folder} is not a PEFT adapter folder: need adapter_config.json and adapter_model.safetensors"
         )
-    rank = json.loads(cfg_file.read_text())["r"]
-    if rank != fed.cfg.rank:
-        raise ValueError(f"adapter in {folder} has rank {rank}, the run has model.rank={fed.cfg.rank}")
+    from declora.preflight import check_adapter_config, read_json_file  # preflight imports this module
+
+    check_adapter_config(read_json_file(cfg_file, f"adapter {folder}"), fed.cfg, folder)
     check_same_pooling(fed, folder)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
     used = set()

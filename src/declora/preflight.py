@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from declora.assets import fetch_hint
-from declora.config import Config, ConfigError
+from declora.config import Config, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -251,8 +251,6 @@ def check_tokenizer(folder: Path) -> Any:
 
 def check_adapter(cfg: Config, folder: Path) -> None:
     """A PEFT adapter that seeds the run must be applied exactly: same rank, scale and target modules."""
-    from declora.lora import lora_scale
-
     if not folder.is_dir():
         fetch = fetch_hint(str(cfg.model.init_adapter))
         cache = f", nor an adapter in the Hugging Face cache ({fetch.removeprefix('; ')})" if fetch else ""
@@ -270,7 +268,15 @@ def check_adapter(cfg: Config, folder: Path) -> None:
     if not weights.is_file():
         raise ConfigError(f"adapter {folder}: adapter_model.safetensors is missing")
     safetensors_header(weights)
-    m = cfg.model
+    check_adapter_config(ac, cfg.model, folder)
+    _warn_other_base(cfg, folder, ac.get("base_model_name_or_path"))
+
+
+def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> None:
+    """An adapter_config.json that the run ``m`` applies exactly: same rank, scale and target modules, and
+    no PEFT feature declora's LoRA lacks (also checked where an adapter is imported, for Python callers)."""
+    from declora.lora import lora_scale
+
     r, alpha, rslora = ac.get("r"), ac.get("lora_alpha"), bool(ac.get("use_rslora", False))
     if not isinstance(r, int) or not isinstance(alpha, (int, float)):
         raise ConfigError(f"adapter {folder}: adapter_config.json needs an integer r and a number lora_alpha")
@@ -308,7 +314,6 @@ def check_adapter(cfg: Config, folder: Path) -> None:
         raise ConfigError(
             f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
         )
-    _warn_other_base(cfg, folder, ac.get("base_model_name_or_path"))
 
 
 def _excludes_only_what_declora_leaves(excluded: object) -> bool:

@@ -148,6 +148,12 @@ def test_an_export_that_excludes_the_unread_pooler_seeds_a_run_again(st_bert, tm
     (folder / "adapter_config.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="exclude_modules"):
         check_adapter(cfg, folder)
+    with pytest.raises(ConfigError, match="exclude_modules"):  # from Python, without the preflight too
+        import_peft(build_federation(cfg.model, n=2, num_labels=2), folder)
+    other["exclude_modules"], other["lora_alpha"] = ["bert.pooler.dense"], 16  # twice the run's scale
+    (folder / "adapter_config.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match=r"scales its update by 4 \(lora_alpha=16, r=4, rslora=False\)"):
+        import_peft(build_federation(cfg.model, n=2, num_labels=2), folder)
 
 
 class _LastPositionHead(torch.nn.Module):

@@ -72,6 +72,7 @@ class Grid:
 
     def __post_init__(self) -> None:  # a Grid built in Python gets what load_grid gives a file's
         object.__setattr__(self, "out", Path(self.out))
+        _check_out(self.out)
         if isinstance(self.overrides, str) or isinstance(self.seeds, (str, int)):
             raise ConfigError("Grid: overrides and seeds are lists (of key=value strings, of integers)")
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -118,7 +119,7 @@ class Cell:
 GRID_KEYS = {"base", "out", "overrides", "grid", "seeds", "metric", "target_accuracy", "pair_within"}
 # Keys the grid sets for each cell itself: an axis or override naming one would be overwritten unseen.
 PER_CELL = {
-    "seed": "each cell's seed comes from the grid's seeds list (seeds: [0, 1, 2])",
+    "seed": "each cell's seed comes from the grid's seeds list (a list such as seeds: [0, 1, 2])",
     "run_dir": "each cell's folder is named by the grid inside its out folder",
 }
 
@@ -170,6 +171,19 @@ def load_grid(path: str | Path, overrides: tuple[str, ...] = (), out: str | None
         target_accuracy=data.get("target_accuracy"),
         pair_within=tuple(data.get("pair_within") or ()),
     )
+
+
+def _check_out(out: Path) -> None:
+    """The grid's folder holds its cells and tables: not a file, and not a run's own folder."""
+    from declora.runfolder import is_run_folder
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"grid out={str(out)!r} is a file, not a folder; name the folder the cells go into")
+    if is_run_folder(out):
+        raise ConfigError(
+            f"grid out={str(out)!r} is a run folder: the grid's cells and tables go into a folder of their "
+            "own (default runs/compare-<grid file name>), not among a run's files"
+        )
 
 
 def check_metric(metric: Any, target: Any, where: str) -> None:
@@ -371,12 +385,12 @@ def holding_grid(out: Path) -> Iterator[None]:
     """This command's hold on the grid's output folder: a second ``declora compare`` on it is refused
     (both would start the same cells). A folder made here that holds nothing but the lock at the end (the
     grid was refused at its check) is removed again."""
-    from declora.runfolder import LOCK, hold_run_folder
+    from declora.runfolder import LOCK, FolderInUse, hold_run_folder
 
     made = not out.exists()
     try:
         lock = hold_run_folder(out)
-    except ConfigError:
+    except FolderInUse:
         raise ConfigError(
             f"grid folder {str(out)!r} is in use by another declora compare: wait for it to finish or stop "
             "it; two grids writing one folder would run the same cells"

@@ -147,8 +147,12 @@ def _entries(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.iterdir() if not re.fullmatch(r"rank_\d+\.log", p.name) and p.name != LOCK]
 
 
+class FolderInUse(ConfigError):
+    """Another process holds the folder's lock."""
+
+
 def _in_use(run_dir: Path) -> ConfigError:
-    return ConfigError(
+    return FolderInUse(
         f"run folder {str(run_dir)!r} is in use by another declora process (it holds {LOCK} there): wait "
         "for it to finish or stop it; two processes writing one run folder would mix their rounds"
     )
@@ -176,7 +180,7 @@ def hold_run_folder(run_dir: Path) -> RunLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / LOCK, "a", encoding="utf-8")  # noqa: SIM115 (held open: it is the lock)
     except OSError as err:
-        raise ConfigError(f"run folder {str(run_dir)!r} cannot be made or written: {err.strerror}") from err
+        raise ConfigError(f"folder {str(run_dir)!r} cannot be made or written: {err.strerror}") from err
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -536,6 +536,12 @@ CASES += [
         "is a run folder",
     ),
     ("cli:compare-empty-grid", lambda c: _grid(c, "# nothing yet\n"), "holds no settings"),
+    (  # the cells and tables would land among the run's own files
+        "cli:compare-out-a-run-folder",
+        lambda c: _grid(c, f"out: {c.done}\ngrid: {{nodes: [2, 3]}}\n"),
+        "is a run folder",
+    ),
+    ("cli:compare-out-a-file", lambda c: _grid(c, f"out: {c.data}\ngrid: {{nodes: [2, 3]}}\n"), "is a file"),
     (
         "cli:compare-override-not-key-value",
         lambda c: _grid(c, "out: OUT\noverrides: [rounds]\n"),

@@ -393,7 +393,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
+            braces = (
+                " (YAML reads an unquoted {...} as a mapping: quote the string)"
+                if isinstance(value, dict)
+                else ""
+            )
+            raise ConfigError(f"{key}: expected a string, got {_shown(value)}{braces}")
         return value
     return value
 
@@ -477,7 +482,12 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or "not valid YAML"
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem})") from err
+        quote = (  # task.template={text} Sentiment:
+            f"; a value with braces is read as YAML: quote it, as in '{key.strip()}=\"{raw}\"'"
+            if "{" in raw
+            else ""
+        )
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}){quote}") from err
 
 
 def check_sections(cfg: Config) -> None:

@@ -272,6 +272,12 @@ CASES += [
         "enc.yaml",
     ),
     ("config:section-not-mapping", lambda c: c.new_run("model=3"), "model: expected a mapping"),
+    (  # a prompt template's braces, unquoted: YAML syntax, or a mapping where a string belongs
+        "config:unquoted-braces",
+        lambda c: c.new_run("task.template={text} {label}"),
+        """quote it, as in 'task.template="{text} {label}"'""",
+    ),
+    ("config:braces-a-mapping", lambda c: c.new_run("task.template={text}"), "mapping: quote the string"),
 ]
 
 DATA: list[tuple[str, str | bytes, str]] = [  # (file name, content, what the message must hold)

@@ -26,7 +26,7 @@ from declora.heap import release_free_memory
 from declora.inputs import check_started_in, fingerprints, warn_changed
 from declora.quantize_bnb import uses_bitsandbytes
 from declora.replicas import Replicas
-from declora.report import write_report
+from declora.report import record_problem, write_report
 from declora.runfolder import (
     atomic_write_text,
     check_checkpoint_kept,
@@ -84,8 +84,8 @@ class MetricsLog:
                 if i == len(lines) - 1:
                     break
                 raise ConfigError(f"{self.path}:{i + 1}: not a JSON line ({err.msg})") from err
-            if record is not None and not isinstance(record, dict):
-                raise ConfigError(f"{self.path}:{i + 1}: not a JSON object")
+            if record is not None and record_problem(record):
+                raise ConfigError(f"{self.path}:{i + 1}: a record that {record_problem(record)}")
             if record is not None:
                 keep.append((line, record))
         return keep

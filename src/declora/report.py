@@ -73,9 +73,23 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             log.warning("%s:%d: skipping unreadable line (%s)", path, lineno, err)
             continue
-        if isinstance(record, dict):
-            records.append(record)
+        problem = record_problem(record)
+        if problem:
+            log.warning("%s:%d: skipping a record that %s", path, lineno, problem)
+            continue
+        records.append(record)
     return records
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes a parsed metrics.jsonl line unusable (a hand edit, another program's file), or None:
+    every record is an object, and a round number is a whole number."""
+    if not isinstance(record, dict):
+        return "is not a JSON object"
+    value = record.get("round", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"has round {value!r}, not a whole number"
+    return None
 
 
 def _number(record: dict[str, Any], key: str) -> float | None:

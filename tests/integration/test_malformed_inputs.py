@@ -456,6 +456,16 @@ CASES += [
         f"{SHARD}.json is corrupt",
     ),
     ("ckpt:metrics-corrupt", _resume(lambda r: _corrupt_metrics(r), "rounds=3"), "metrics.jsonl:2"),
+    (  # valid JSON, but not a record: a hand edit
+        "ckpt:metrics-round-text",
+        _resume(lambda r: _edit_metrics(r, 1, '{"event": "round", "round": "two"}'), "rounds=3"),
+        "metrics.jsonl:2: a record that has round 'two', not a whole number",
+    ),
+    (
+        "ckpt:metrics-not-object",
+        _resume(lambda r: _edit_metrics(r, 1, "[1, 2]"), "rounds=3"),
+        "metrics.jsonl:2: a record that is not a JSON object",
+    ),
     ("ckpt:config-yaml", _resume(lambda r: (r / "config.yaml").write_text("nodes: [\n")), "config.yaml"),
     (
         "resume:config-file",
@@ -475,6 +485,12 @@ CASES += [
 def _corrupt_metrics(run: Path) -> None:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     lines[1] = lines[1][:10]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _edit_metrics(run: Path, index: int, line: str) -> None:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[index] = line
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 

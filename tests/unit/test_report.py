@@ -78,6 +78,20 @@ def test_read_metrics_skips_blank_and_broken_lines(run_dir: Path) -> None:
     assert read_metrics(run_dir / "metrics.jsonl") == RECORDS
 
 
+def test_read_metrics_skips_records_a_report_cannot_use(run_dir: Path, caplog) -> None:
+    path = run_dir / "metrics.jsonl"
+    odd = [
+        '{"event": "eval", "round": "x", "acc_node_mean": 1.0}',
+        "[1, 2]",
+        '{"event": "round", "round": true}',
+    ]
+    path.write_text(path.read_text() + "\n".join(odd) + "\n")
+    assert read_metrics(path) == RECORDS  # a hand edit, not a reason to lose the report
+    assert "has round 'x', not a whole number" in caplog.text and "is not a JSON object" in caplog.text
+    assert "has round True" in caplog.text
+    summarize(read_metrics(path))  # and the report is made from the rest
+
+
 def test_summary_matches_hand_computation(run_dir: Path) -> None:
     s = summarize(read_metrics(run_dir / "metrics.jsonl"))
     assert s["rounds"] == 3

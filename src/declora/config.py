@@ -578,7 +578,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mappi
 
 def python_value(value: Any) -> Any:
     """A Python override's value as YAML would give it: a numpy scalar as its Python number (a sweep over
-    np.arange seeds) and a path as its string, inside lists and mappings too."""
+    np.arange seeds), a 1-D numpy array as a list and a path as its string, inside lists and mappings too."""
     if isinstance(value, Mapping):
         return {k: python_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -586,6 +586,10 @@ def python_value(value: Any) -> Any:
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if (
+        type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 1
+    ):  # np.array(["query", "value"])
+        return [python_value(v) for v in value]
     if type(value).__module__ != "numpy" or getattr(value, "ndim", None) != 0:
         return value
     if getattr(value, "dtype", None) is not None and value.dtype.kind == "f":

@@ -247,6 +247,12 @@ def run(
     ``StopRun`` there ends the run after that round (early stopping); any other exception propagates and
     leaves the folder at its last checkpoint.
     """
+    if not isinstance(exp, Experiment):  # run(cfg): the config, not what build_experiment makes of it
+        raise TypeError(
+            f"run takes an Experiment, got {type(exp).__name__}; build one with build_experiment(cfg)"
+        )
+    if on_round is not None and not callable(on_round):  # found before any round, not after the first
+        raise TypeError(f"on_round must be a function of each round's record (or None), got {on_round!r}")
     if exp.ran:
         raise ConfigError(
             f"this Experiment has already run (in {exp.run_dir}): its model, optimizer and data streams hold "

@@ -84,6 +84,17 @@ def test_an_experiment_runs_once(tiny, tmp_path):
         run(exp, overwrite=True)
 
 
+def test_run_refuses_a_config_or_an_on_round_that_is_no_function_before_any_round(tiny, tmp_path):
+    cfg = load_config(None, {**tiny, "rounds": 1, "run_dir": str(tmp_path / "a")})
+    with pytest.raises(
+        TypeError, match=r"^run takes an Experiment, got Config; build one with build_experiment"
+    ):
+        run(cfg)
+    with pytest.raises(TypeError, match=r"^on_round must be a function .* got 5$"):
+        run(build_experiment(cfg), on_round=5)
+    assert not (tmp_path / "a").exists()  # refused before the folder was made
+
+
 def test_an_exception_in_on_round_closes_the_trackers(tiny, tmp_path, monkeypatch):
     from declora import engine
 
@@ -145,6 +156,10 @@ def test_overrides_take_numpy_scalars_and_paths_as_the_python_values_they_hold(t
             "plugins": [],
             "model.target_modules": [np.str_("query")],
         },
+    )
+    assert load_config(None, {"model.target_modules": np.array(["query", "value"])}).model.target_modules == (
+        "query",
+        "value",
     )
     assert (cfg.seed, cfg.model.dropout, cfg.run_dir) == (1, 0.1, str(tmp_path / "run"))
     assert type(cfg.seed) is int and cfg.model.target_modules == ("query",)

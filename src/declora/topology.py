@@ -201,7 +201,8 @@ def load_matrix(path: str | Path) -> np.ndarray:
                 rows.append([float(x) for x in text])
             except ValueError as err:
                 raise ValueError(
-                    f"weight_file {path}:{lineno}: {line.strip()!r} is not a row of numbers"
+                    f"weight_file {path}:{lineno}: {line.strip()[:60]!r} is not a row of numbers (a weight "
+                    "file holds one row of W per line, its numbers separated by spaces or commas)"
                 ) from err
     if not rows or any(len(r) != len(rows) for r in rows):
         raise ValueError(

@@ -226,6 +226,7 @@ def test_weight_file_csv_and_whitespace(tmp_path: Path) -> None:
         ("0.5 0.5\n0.4 0.6\n", "symmetric"),
         ("0.5 0.5 0\n0.5 0.5\n", "square matrix"),
         ("0.5 x\n0.5 0.5\n", "not a row of numbers"),
+        ("[[0.5, 0.5], [0.5, 0.5]]\n", r"w.txt:1: .* one row of W per line, its numbers separated by spaces"),
         ("1 0 0\n0 1 0\n0 0 1\n", r"matrix is \(3, 3\), expected n=2"),
     ],
 )

@@ -79,9 +79,11 @@ def load_plugins(entries: tuple[str, ...]) -> None:
             raise
         except ModuleNotFoundError as err:
             if entry == err.name or entry.startswith(f"{err.name}."):
+                beside = Path(*entry.split(".")).with_suffix(".py")  # the declora command's path lacks "."
+                hint = f"; there is {beside}: give plugins=[{beside}]" if beside.is_file() else ""
                 raise ConfigError(
                     f"plugins: no module named {entry!r} on the Python path (give an importable module "
-                    "name or a .py file)"
+                    f"name or a .py file){hint}"
                 ) from err
             raise ConfigError(f"plugins: importing {entry!r} failed: {err}") from err
         except (Exception, SystemExit) as err:  # the plugin's own code: say which one, and what it raised

@@ -128,6 +128,15 @@ def test_a_bad_plugin_is_one_line_naming_it(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_plugin_file_named_as_a_module_is_pointed_to(tmp_path, monkeypatch, capsys):
+    # The declora command's Python path does not hold the current directory, where plugins are written.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    (tmp_path / "mine.py").write_text("x = 1\n")
+    assert main(["run", "plugins=[mine]", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err.strip().endswith("there is mine.py: give plugins=[mine.py]")
+
+
 def test_what_a_registered_algorithm_cannot_use_is_refused():
     for extra, message in {
         "robust.aggregator=median": "the registered algorithm periodic_gossip cannot use it",

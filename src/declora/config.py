@@ -586,11 +586,10 @@ def python_value(value: Any) -> Any:
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    if (
-        type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 1
-    ):  # np.array(["query", "value"])
+    numpy = type(value).__module__ == "numpy"
+    if numpy and getattr(value, "ndim", None) == 1:  # np.array(["query", "value"])
         return [python_value(v) for v in value]
-    if type(value).__module__ != "numpy" or getattr(value, "ndim", None) != 0:
+    if not numpy or getattr(value, "ndim", None) != 0:
         return value
     if getattr(value, "dtype", None) is not None and value.dtype.kind == "f":
         return float(str(value))  # the digits shown, as typed: np.float32(0.1) -> 0.1, not 0.10000000149

@@ -84,8 +84,8 @@ class MetricsLog:
                 if i == len(lines) - 1:
                     break
                 raise ConfigError(f"{self.path}:{i + 1}: not a JSON line ({err.msg})") from err
-            if record is not None and record_problem(record):
-                raise ConfigError(f"{self.path}:{i + 1}: a record that {record_problem(record)}")
+            if record is not None and (problem := record_problem(record)):
+                raise ConfigError(f"{self.path}:{i + 1}: a record that {problem}")
             if record is not None:
                 keep.append((line, record))
         return keep

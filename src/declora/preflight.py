@@ -65,6 +65,19 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 def check_model_folder(folder: Path) -> dict[str, Any]:
     """config.json readable and safetensors weights complete; returns the config."""
+    if not (folder / "config.json").exists():  # an adapter or a run folder given as the base model
+        from declora.runfolder import is_run_folder
+
+        if (folder / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"model.name={str(folder)!r} is a LoRA adapter, not a base model: give it as "
+                "model.init_adapter, and the model it was trained on as model.name"
+            )
+        if is_run_folder(folder):
+            raise ConfigError(
+                f"model.name={str(folder)!r} is a run folder, not a base model; to start from its adapter, "
+                f"give model.init_adapter={folder / 'adapters' / 'consensus'} (or a node's)"
+            )
     config = read_json_file(folder / "config.json", f"model folder {folder}")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:

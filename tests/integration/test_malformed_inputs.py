@@ -345,6 +345,14 @@ CASES += [
     for name, edit, want in MODELS
 ]
 CASES.append(("model:missing-folder", lambda c: c.new_run(f"model.name={c.root / 'nomodel'}"), "nomodel"))
+CASES += [  # the run's adapter, or the run itself, given as the base model
+    (
+        "model:an-adapter",
+        lambda c: c.new_run(f"model.name={c.done / 'adapters' / 'consensus'}"),
+        "is a LoRA adapter, not a base model: give it as model.init_adapter",
+    ),
+    ("model:a-run-folder", lambda c: c.new_run(f"model.name={c.done}"), "is a run folder, not a base model"),
+]
 CAUSAL_TASK = ("eval.headline=ppl_avg_factors", "model.head=none", "partition.kind=iid")
 CASES += [  # an encoder loads as a causal LM with an untrained LM head: refused, not trained into nonsense
     (

@@ -39,10 +39,16 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIGS = (Path("configs/default.yaml"), Path(__file__).resolve().parents[2] / "configs/default.yaml")
 
 
-def _config_path(arg: str | None) -> Path | None:
+def _config_path(arg: str | None) -> Path:
     if arg is not None:
         return Path(arg)
-    return next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
+    found = next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
+    if found is None:  # an installed (not editable) declora: the built-in defaults are another experiment
+        raise ConfigError(
+            "no config given, and configs/default.yaml (the default experiment) is neither in the current "
+            "directory nor in declora's source checkout: give a config file, e.g. declora run my.yaml"
+        )
+    return found
 
 
 def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:

@@ -100,3 +100,24 @@ def test_bad_override_stops_before_any_work(tmp_path, capsys):
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "config.yaml" in capsys.readouterr().err
+
+
+def test_no_config_and_no_default_experiment_is_refused_not_the_builtin_defaults(
+    tmp_path, capsys, monkeypatch
+):
+    # An installed (not editable) declora has no configs/default.yaml beside its source: the dataclass
+    # defaults are another experiment than the default one README describes, so they are not run unasked.
+    from declora import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        cli, "DEFAULT_CONFIGS", (Path("configs/default.yaml"), tmp_path / "src/configs/default.yaml")
+    )
+    for command in (["run", f"run_dir={tmp_path / 'r'}"], ["topology"]):
+        assert main(command) == 2
+        assert "configs/default.yaml (the default experiment) is neither in" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "configs").mkdir()  # the current directory's is the one taken
+    (tmp_path / "configs/default.yaml").write_text("nodes: 3\ntopology: {graph: complete}\n")
+    assert main(["topology", "--out", str(tmp_path / "w.png")]) == 0
+    assert "nodes: 3" in capsys.readouterr().out

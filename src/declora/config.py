@@ -317,7 +317,7 @@ class Config:
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:K; torchrun: cuda:LOCAL_RANK
     precision: str = "fp32"  # fp32 | bf16: frozen base in bf16 under autocast, fp32 masters (declora.device)
     # Values that are legal but almost always a mistake (model.alpha=0: LoRA does nothing; a dataset with
-    # one label) stop the run unless this is true.
+    # one label, or with a score column for labels) stop the run unless this is true.
     allow_degenerate: bool = False
     # Modules (import names or .py files) imported before the config is checked, which register a user's
     # own algorithms (declora.plugins, docs/extending.md).

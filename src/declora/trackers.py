@@ -340,9 +340,12 @@ def setup_problem(cfg: Config) -> str | None:
 
 def _mlflow_problem(cfg: Config) -> str | None:
     """A log.mlflow_uri whose scheme the installed MLflow has no store for (sqlite: and the other
-    databases need the full mlflow package, not mlflow-skinny)."""
+    databases need the full mlflow package, not mlflow-skinny), or a tracking server that does not
+    answer (MLflow would retry for minutes before failing)."""
     if not cfg.log.mlflow_uri:
         return None
+    if urlparse(cfg.log.mlflow_uri).scheme in ("http", "https"):
+        return _server_problem(cfg.log.mlflow_uri)
     try:
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry as stores
     except ImportError:  # an MLflow whose store registry moved: its own start decides
@@ -354,6 +357,25 @@ def _mlflow_problem(cfg: Config) -> str | None:
         return (
             f"log.mlflow_uri={cfg.log.mlflow_uri!r}: the installed MLflow has no store for its scheme; "
             f"use a folder path or one of {schemes} (a database such as sqlite: needs pip install mlflow)"
+        )
+    return None
+
+
+def _server_problem(uri: str, timeout_s: float = 10.0) -> str | None:
+    """An MLflow tracking server that cannot be reached: asked once for its /health page. Any HTTP answer
+    (an error status from a proxy or a login too) is a server there, for MLflow to talk to."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()  # noqa: S310 (http(s) only)
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as err:  # refused, no such host, a timeout, a malformed URI
+        reason = getattr(err, "reason", None) or err
+        return (
+            f"log.mlflow_uri={uri!r}: no MLflow tracking server answers there ({reason}); start it, fix the "
+            "URI, or leave log.mlflow_uri out for a local store beside the run folder"
         )
     return None
 

@@ -563,3 +563,38 @@ def test_the_wandb_tracker_leaves_the_callers_own_wandb_run_open(tmp_path, monke
         mine.log({"outer": 1.0}, step=1)  # raises on a finished run
     finally:
         mine.finish()
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_before_the_run_folder(tiny_bert, tmp_path, capsys):
+    """Else MLflow retries its first request for minutes before the run fails."""
+    import socket
+
+    pytest.importorskip("mlflow")
+    with socket.socket() as s:  # a port nothing listens on once this is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    err = _refused_before_the_folder(
+        tiny_bert, tmp_path, capsys, "log.trackers=[mlflow]", f"log.mlflow_uri={uri}"
+    )
+    assert f"log.mlflow_uri='{uri}': no MLflow tracking server answers there (" in err
+    assert "Connection refused" in err
+
+
+def test_any_http_answer_is_a_server_for_mlflow_to_talk_to(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from declora.trackers import _server_problem
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # /health: 404, an answer
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert _server_problem(f"http://127.0.0.1:{server.server_address[1]}/") is None
+        (tmp_path / "health").write_text("OK")  # what an MLflow server says
+        assert _server_problem(f"http://127.0.0.1:{server.server_address[1]}") is None
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -687,6 +687,8 @@ def _interrupted_line(args: argparse.Namespace) -> str:
 
     folder = getattr(args, "run_dir", None) or args.resume
     if folder is not None and (Path(folder) / "config.yaml").is_file():
+        if not (Path(folder) / "state" / "latest.json").is_file():  # stopped in its first rounds
+            return f"the run folder holds no checkpoint yet: {resume_command(folder)} starts it from round 0"
         return INTERRUPTED["run"].format(resume=resume_command(folder))
     return "the run had not started (no run folder was written): the same command starts it"
 

@@ -451,7 +451,11 @@ def test_an_interruption_names_the_folder_only_once_it_holds_a_run(tmp_path):
     )
     assert _interrupted_line(Namespace(command="run", run_dir=run, resume=None)) == _interrupted_line(fresh)
     run.mkdir()
-    (run / "config.yaml").write_text("nodes: 2\n")
+    (run / "config.yaml").write_text("nodes: 2\n")  # started, stopped before its first checkpoint
+    first = f"the run folder holds no checkpoint yet: declora run --resume {run} starts it from round 0"
+    assert _interrupted_line(Namespace(command="run", run_dir=run, resume=None)) == first
+    (run / "state").mkdir()
+    (run / "state" / "latest.json").write_text('{"round": 2}')
     hint = f"the run folder keeps its last checkpoint: declora run --resume {run} continues from it"
     assert _interrupted_line(Namespace(command="run", run_dir=run, resume=None)) == hint
     assert _interrupted_line(Namespace(command="run", run_dir=None, resume=str(run))) == hint

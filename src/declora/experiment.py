@@ -260,20 +260,16 @@ def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
             f"{source} has a single label {list(names)}: nothing to classify; "
             "use files with at least two labels, or set allow_degenerate=true"
         )
-    numbers = [x for x in map(_number, names) if x is not None]
-    if len(names) > SCORE_CLASSES and len(numbers) == len(names) and any(not x.is_integer() for x in numbers):
+    try:
+        numbers = [float(name) for name in names]
+    except ValueError:  # class names, not numbers
+        numbers = []
+    if len(names) > SCORE_CLASSES and any(not x.is_integer() for x in numbers):
         raise ConfigError(
             f"{source} has {len(names)} distinct labels that are numbers, not all whole ({names[0]} to "
             f"{names[-1]}): a score to regress on, not classes; declora trains classifiers, so bin the "
             "score into classes, or set allow_degenerate=true to take each value as a class of its own"
         )
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def _encode(

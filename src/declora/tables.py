@@ -261,7 +261,10 @@ def column(
 ) -> list[Any]:
     """The values of one column; a missing column, an empty cell (unless ``blank``: then only a missing
     one), a NaN or (unless ``nested``) a list or dict is an error naming it (with the file and line when
-    ``source`` is a text table)."""
+    ``source`` is a text table). A field of a nested object is named with dots, as ``datasets`` flattens
+    it: ``meta.text`` for ``{"meta": {"text": ...}}``."""
+    if name not in table.column_names and any(isinstance(f, dict) for f in table.features.values()):
+        table = table.flatten()
     if name not in table.column_names:
         wrapped = (  # {"data": [...]}: datasets reads the one key as the only column
             source is not None and file_format(source) == ".json" and len(table.column_names) == 1

@@ -105,6 +105,18 @@ def test_user_jsonl_int_labels_and_test_file(tmp_path: Path) -> None:
     assert len(train) == 30 and test.texts == ["held"] and test.labels.tolist() == [2]
 
 
+def test_nested_json_fields_are_named_with_dots(tmp_path: Path) -> None:
+    rows = [{"meta": {"review": {"text": f"t{i}"}}, "y": "ab"[i % 2]} for i in range(20)]
+    path = tmp_path / "nested.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = DataConfig(dataset=str(path), text_column="meta.review.text", label_column="y", test_fraction=0.5)
+    train, test = load_dataset(cfg, seed=0)
+    assert sorted(train.texts + test.texts) == sorted(f"t{i}" for i in range(20))
+    assert train.label_names == ("a", "b")
+    with pytest.raises(ConfigError, match=r"'meta.review.txt' is not a column.*\['meta.review.text', 'y'\]"):
+        load_dataset(DataConfig(dataset=str(path), text_column="meta.review.txt", label_column="y"), seed=0)
+
+
 def test_user_test_file_unknown_label(tmp_path: Path) -> None:
     write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     write_csv(tmp_path / "test.csv", [{"text": "c", "label": "z"}])

@@ -25,13 +25,11 @@ from declora.config import (
     repeated_overrides,
     to_dict,
 )
+from declora.console import EARLY_RECORDS, RoundsBar, announce_run, log_to_file
 from declora.validation import check_resume
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from declora.dist import Solo
-    from declora.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +228,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if group.world > 1:
             if args.resume:  # a launch with another process count is refused before it adds a rank log
                 check_layout(exp, required=False)
-            _log_to(exp.run_dir / f"rank_{group.rank}.log")
+            log_to_file(exp.run_dir / f"rank_{group.rank}.log")
             log.info("rank %d hosts nodes %s", group.rank, exp.group.nodes.tolist())
-        bar = _progress(exp, exp.group)
+        bar = announce_run(exp, exp.group)
         try:
             run(exp, bool(args.resume), bar.on_round if bar else None, overwrite=args.overwrite)
         finally:
@@ -247,128 +245,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = f"   adapters: {adapters}" if adapters.is_dir() else ""  # none with export=none
         print(f"\nmetrics: {exp.run_dir / 'metrics.jsonl'}   plot: {exp.run_dir / 'curves.png'}{shown}")
     return 0
-
-
-class _Bar:
-    """The rounds progress bar (rank 0 only); when stderr is not a terminal (a log file, a batch job), one
-    plain line per round instead of a bar redrawn with carriage returns."""
-
-    def __init__(self, total: int, metric: str | None = None) -> None:
-        self.total = total
-        self.bar: tqdm | None = None  # drawn at the first round: a failed resume shows no bar
-        self.metric = metric  # a grid's ranked metric, shown beside the consensus accuracy
-        self.began = time.time()  # the bar's clock starts here, so that its rate covers the first round
-        self.lines = not sys.stderr.isatty()
-
-    def on_round(self, record: dict) -> None:
-        from tqdm import tqdm
-
-        if self.lines:
-            shown = ", ".join(f"{k} {v}" for k, v in self._shown(record).items())
-            # the run's own clock (metrics.jsonl's wall_s), which a resume continues
-            seconds = record.get("wall_s", time.time() - self.began)
-            print(
-                f"round {record['round']}/{self.total}: {shown} ({seconds:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
-        if self.bar is None:  # initial: the rounds a resume starts after, which the rate must not count
-            first = record["round"] - 1
-            self.bar = tqdm(total=self.total, initial=first, desc="rounds", unit="round", dynamic_ncols=True)
-            self.bar.start_t = self.began
-        self.bar.n = record["round"]
-        self.bar.set_postfix(self._shown(record))
-        self.bar.refresh()
-
-    def _shown(self, record: dict) -> dict[str, str]:
-        loss = record["train_loss"]  # None: no node trained this round
-        shown = {"loss": "none trained" if loss is None else f"{loss:.3f}"}
-        shown["MB"] = f"{record['bytes_total'] / 1e6:.1f}"
-        shown["tok/s"] = f"{record['tokens_per_s']:.0f}"
-        if "acc_avg_factors" in record:
-            shown["acc"] = f"{100 * record['acc_avg_factors']:.1f}"
-        if "ppl_avg_factors" in record:  # task.kind=causal_lm
-            shown["ppl"] = f"{record['ppl_avg_factors']:.2f}"
-        if self.metric not in (None, "acc_avg_factors", "ppl_avg_factors") and self.metric in record:
-            value = record[self.metric]
-            shown[self.metric] = f"{value:.2f}" if self.metric.startswith("ppl_") else f"{100 * value:.1f}"
-        return shown
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _progress(exp: Experiment, group: Solo) -> _Bar | None:
-    if not group.is_main:
-        return None
-    cfg = exp.cfg
-    from declora.replicas import Replicas
-
-    where = ""
-    if group.world > 1:
-        where = f", {group.world} processes: nodes per rank {list(group.layout.counts)}"
-    if isinstance(group, Replicas):
-        where = f", {group.world} processes: data parallel (a replica each, a share of every batch)"
-    t = cfg.topology  # other schedules draw each round's graph (periodic_full: t.graph between full averages)
-    graph = {"static": t.graph, "periodic_full": f"periodic_full on {t.graph}"}.get(t.schedule, t.schedule)
-    quantized = "" if cfg.model.base_quantization == "none" else f", {cfg.model.base_quantization} base"
-    nodes = "1 node" if exp.n == 1 else f"{exp.n} nodes"
-    mixing = "" if exp.n == 1 else f", {graph}"  # one node (centralized) mixes over no graph
-    attackers = "" if exp.honest is None else f", attackers {(~exp.honest).nonzero().flatten().tolist()}"
-    run = f"{nodes}, {cfg.algorithm.name}{mixing}, {exp.fed.device} {cfg.precision}{quantized}{where}"
-    run += attackers
-    print(f"run folder: {exp.run_dir}  ({run})")
-    return _Bar(cfg.rounds)
-
-
-class _EarlyRecords(logging.Handler):
-    """Under torchrun, the records logged before a rank's rank_K.log opens (the config's and the data's
-    warnings, from every rank, though only rank 0 shows them): held here and written first into the file.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if len(self.records) < 10_000:  # a bound, should a run log without end before its file opens
-            self.records.append(record)
-
-    def hold(self) -> None:
-        """Catch INFO and up from now on; the console keeps its level."""
-        _root_to_info().addHandler(self)
-
-    def write_into(self, into: logging.Handler) -> None:
-        logging.getLogger().removeHandler(self)
-        for record in self.records:
-            into.handle(record)
-        self.records.clear()
-
-
-_EARLY = _EarlyRecords()
-
-
-def _root_to_info() -> logging.Logger:
-    """The root logger, letting INFO records through to handlers of their own level; the handlers it
-    has (the console) keep the level they had."""
-    root = logging.getLogger()
-    for other in root.handlers:
-        if other.level == logging.NOTSET:
-            other.setLevel(root.level)
-    root.setLevel(min(root.level, logging.INFO))
-    return root
-
-
-def _log_to(path: Path) -> None:
-    """Per-rank details (slice, phase times per round) in the run folder, whatever the console shows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    _EARLY.write_into(handler)
-    _root_to_info().addHandler(handler)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -447,14 +323,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         stop_with(args.cell_parent)
         grid = the_cell(grid, args.cell, args.cell_config)
 
-    bar: list[_Bar] = []  # the running cell's progress bar
+    bar: list[RoundsBar] = []  # the running cell's progress bar
 
     def on_cell(k: int, total: int, cell, state: str) -> None:
         while bar:
             bar.pop().close()
         print(f"[{k + 1}/{total}] {cell.method} seed={cell.seed}: {STATE_WORDS[state]}", flush=True)
         if state not in SKIPPED:
-            bar.append(_Bar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
+            bar.append(RoundsBar((cell.cfg or load_config(grid.base, cell.overrides)).rounds, grid.metric))
 
     def on_round(record: dict) -> None:
         if bar:
@@ -723,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     several = launched() and int(os.environ["WORLD_SIZE"]) > 1
     if several:  # rank_K.log opens once the run folder is known: keep what is logged before
-        _EARLY.hold()
+        EARLY_RECORDS.hold()
     for line in repeated_overrides(getattr(args, "overrides", None) or ()):
         logging.getLogger("declora.cli").warning(line)
     if args.command != "run" and several:  # every rank would run the whole command, racing on its files

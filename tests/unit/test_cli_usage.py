@@ -11,6 +11,7 @@ import pytest
 
 import declora.cli
 from declora.cli import build_parser
+from declora.console import RoundsBar
 
 pytestmark = pytest.mark.unit
 
@@ -105,7 +106,7 @@ def test_a_flag_given_twice_or_misplaced_is_named(argv, says, capsys):
 def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_time(capsys):
     """The bar is drawn at the first round (a failed start shows none) yet times from the start of the
     call, and a resume's earlier rounds do not count: 2 rounds after round 3 in 10 s is 0.2 round/s."""
-    bar = declora.cli._Bar(total=6)
+    bar = RoundsBar(total=6)
     bar.lines = False  # the bar a terminal shows
     bar.began -= 10.0  # the call started 10 s ago
     record = {"train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0}
@@ -118,7 +119,7 @@ def test_the_progress_bar_rate_counts_the_rounds_of_this_call_over_its_whole_tim
 
 
 def test_a_grids_progress_bar_shows_the_metric_the_grid_ranks():
-    bar = declora.cli._Bar(total=2, metric="acc_node_mean")
+    bar = RoundsBar(total=2, metric="acc_node_mean")
     bar.lines = False  # the bar a terminal shows
     record = {"round": 1, "train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0}
     bar.on_round({**record, "acc_avg_factors": 0.656, "acc_node_mean": 0.516})
@@ -128,9 +129,8 @@ def test_a_grids_progress_bar_shows_the_metric_the_grid_ranks():
 
 def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
     # stderr is not a terminal here (as in a batch job's log): no carriage-return redraws of a bar
-    from declora.cli import _Bar
 
-    bar = _Bar(2)
+    bar = RoundsBar(2)
     for t in (1, 2):
         bar.on_round({"round": t, "train_loss": 0.5, "bytes_total": 2e6, "tokens_per_s": 100.0})
     bar.close()
@@ -143,9 +143,8 @@ def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
 
 def test_a_resumed_runs_progress_lines_go_on_with_the_runs_clock(capsys):
     # after a resume the seconds go on from the run's wall_s (as metrics.jsonl logs it), not from 0
-    from declora.cli import _Bar
 
-    bar = _Bar(6)
+    bar = RoundsBar(6)
     bar.on_round({"round": 4, "train_loss": 0.5, "bytes_total": 0, "tokens_per_s": 1.0, "wall_s": 123.4})
     bar.close()
     assert capsys.readouterr().err.strip().endswith("(123 s)")

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from the source tree, no install needed
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
 
-from declora.compare import SKIPPED, cell_state, group_cells, load_grid, pair_groups, write_comparison  # noqa: E402
+from declora.compare import SKIPPED, cell_state, group_cells, load_grid, pair_groups  # noqa: E402
 from declora.compare_jobs import run_parallel  # noqa: E402
+from declora.compare_table import write_comparison  # noqa: E402
 from declora.config import ConfigError  # noqa: E402
 
 

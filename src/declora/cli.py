@@ -248,7 +248,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from declora.compare import check_metric, write_comparison
+    from declora.compare import check_metric
+    from declora.compare_table import write_comparison
     from declora.report import read_metrics, write_report
     from declora.runfolder import in_use, is_run_folder
 
@@ -305,8 +306,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         load_grid,
         pair_groups,
         run_grid,
-        write_comparison,
     )
+    from declora.compare_table import write_comparison
 
     if args.grid is None:  # argparse would also call the optional overrides required
         raise ConfigError("declora compare needs a grid file: declora compare GRID [key=value ...]")

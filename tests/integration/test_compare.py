@@ -16,15 +16,13 @@ from scipy import stats
 
 from declora.compare import (
     cell_state,
-    comparison_rows,
     expand,
-    format_paired,
     group_cells,
     load_grid,
     pair_groups,
     run_grid,
-    write_comparison,
 )
+from declora.compare_table import comparison_rows, format_paired, write_comparison
 from declora.config import ConfigError
 
 pytestmark = pytest.mark.integration
@@ -518,7 +516,6 @@ def test_a_seed_in_the_grid_files_overrides_is_refused_as_on_the_command_line(tm
 
 def test_the_paired_table_leaves_out_a_seed_one_method_did_not_finish_and_says_so(tmp_path):
     """A stopped run's last value is of an earlier round than its partner's: no paired difference."""
-    from declora.compare import format_paired
 
     ref = _fake_runs(tmp_path / "ref", {s: {"acc_avg_factors": 0.70} for s in (0, 1, 2)})
     other = _fake_runs(
@@ -534,7 +531,6 @@ def test_the_paired_table_leaves_out_a_seed_one_method_did_not_finish_and_says_s
 
 def test_a_method_left_out_of_the_paired_table_is_named_and_a_zero_difference_has_no_sign(tmp_path):
     """A method with too few shared finished seeds vanished from the paired table without a word."""
-    from declora.compare import format_paired
 
     ref = _fake_runs(tmp_path / "ref", {s: {"acc_avg_factors": 0.70} for s in (0, 1)})
     same = _fake_runs(tmp_path / "same", {0: {"acc_avg_factors": 0.70}, 1: {"acc_avg_factors": 0.70 - 1e-9}})
@@ -684,7 +680,6 @@ def test_a_final_that_is_not_finite_is_left_out_of_both_tables_and_named(tmp_pat
     """An fp32 perplexity past exp(88.7) is logged as Infinity: that run's final is no number to average or
     to difference (it read "+inf ± nan | none (no spread between seeds)", and its method's final averaged
     fewer runs than its best)."""
-    from declora.compare import comparison_rows, format_paired
 
     logged = {"bytes_total": 100, "wall_s": 1.0}
     ref = _fake_runs(tmp_path / "ref", {s: {"ppl_avg_factors": 30.0 + s, **logged} for s in (0, 1, 2)})
@@ -701,7 +696,6 @@ def test_a_final_that_is_not_finite_is_left_out_of_both_tables_and_named(tmp_pat
 
 def test_an_interval_bound_keeps_its_sign_so_it_agrees_with_excludes_0(tmp_path):
     """Bounds of +0.003 and -0.003 points both printed 0.00, beside "yes" on one row and "no" on the other."""
-    from declora.compare import format_paired
 
     ref = _fake_runs(tmp_path / "ref", {s: {"acc_avg_factors": 0.5} for s in (0, 1, 2)})
     half = stats.t.ppf(0.975, 2) * 0.007 / math.sqrt(3)  # the interval's half-width for this spread

@@ -29,6 +29,8 @@ def bf16_minilm(out: Path) -> Path:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2 or sys.argv[1:2] in (["-h"], ["--help"]):
+        raise SystemExit(__doc__)
     folder = bf16_minilm(Path(sys.argv[1] if len(sys.argv) > 1 else "shared/minilm-bf16"))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     print(f"{folder}: {size / 1e6:.1f} MB")

@@ -3,9 +3,9 @@
     python benchmarks/paired_figure.py OUT.png METRIC MARGIN A_DIRS -- LABEL=B_DIRS [LABEL=B_DIRS ...]
 
 Each *_DIRS is a comma-separated list of folders whose subfolders are runs (their config.yaml gives the
-seed; declora.compare.final_by_seed reads the finals). For each reference, one column of points (one per
-seed both sides finished), its mean with the 95 % t-interval (declora.paired), and the ± MARGIN band of an
-equivalence claim. Used for C1's label-skew references in docs/results.md.
+seed; declora.compare_table.final_by_seed reads the finals). For each reference, one column of points
+(one per seed both sides finished), its mean with the 95 % t-interval (declora.paired), and the ± MARGIN
+band of an equivalence claim. Used for C1's label-skew references in docs/results.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from declora.compare import final_by_seed  # noqa: E402
+from declora.compare_table import final_by_seed  # noqa: E402
 from declora.paired import paired_difference  # noqa: E402
 
 
@@ -28,9 +28,9 @@ def _runs(spec: str) -> list[Path]:
 
 
 def main(argv: list[str]) -> None:
-    out, metric, margin, a_spec, sep, *refs = argv
-    if sep != "--" or not refs:
+    if len(argv) < 6 or argv[4] != "--":  # also --help
         raise SystemExit(__doc__)
+    out, metric, margin, a_spec, _, *refs = argv
     a = final_by_seed(_runs(a_spec), metric)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(refs), 3.6))
     ax.axhspan(-float(margin), float(margin), color="0.92", zorder=0, label=f"± {margin} (equivalence)")

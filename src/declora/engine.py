@@ -9,6 +9,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -352,50 +353,23 @@ def _rounds(
             phases = PhaseTimes(exp, t)
             phases.enter("round")
             phases.enter("train")
-            plan = exp.algorithm.plan(t)
-            up = exp.schedule.online(t)  # (n,) global
-            online = exp.local(up)
-            active = online if plan.active is None else exp.local(plan.active) & online
-            if exp.stragglers is not None:  # asynchronous: a slow node trains only in the rounds it publishes
-                active = active & exp.local(exp.stragglers.begin_round(t, up))
-            names = list(fed.tensors(plan.train))
-            exp.trainer.tokens = 0
-            exp.trainer.correction = plan.correction  # FedProx's pull, SCAFFOLD's control variates, or None
-            if exp.lr_schedule is not None:
-                exp.optimizer.lr_scale = exp.lr_schedule.scale()
-            loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
-            if exp.lr_schedule is not None:
-                exp.lr_schedule.advance(active)
+            work = _local_work(exp, t)
             phases.enter("communicate")
             speed = train_speed(exp, phases.seconds["train"])
             exp.exchange.ledger.start_round()
             W = exp.schedule.matrix(t)  # global (n, n)
             exp.algorithm.communicate(
-                RoundContext(t, fed, W, online, exp.exchange, exp.optimizer, sizes, group.nodes)
+                RoundContext(t, fed, W, work.online, exp.exchange, exp.optimizer, sizes, group.nodes)
             )
-            loss = group.gather_nodes(loss)  # (n,)
+            loss = group.gather_nodes(work.loss)  # (n,)
             try:
-                check_health(exp, t, loss, active, saved)
+                check_health(exp, t, loss, work.active, saved)
             except NumericalError as err:
                 if group.is_main:  # on record: the report says why the run stopped (a resume would repeat it)
                     metrics.write({"event": "diverged", "round": t + 1, "reason": str(err)})
                 raise
             crash_point("round.trained")
-            losses = loss[~loss.isnan()]  # the nodes that trained
-            record: dict[str, Any] = {
-                "event": "round",
-                "round": t + 1,
-                "train_loss": float(losses.mean()) if len(losses) else None,  # null: no node trained
-                "local_steps": int(group.all_max(torch.tensor(steps))),
-                "active_nodes": int(group.gather_nodes(active).sum()),  # replicas: each rank has every node
-                **speed,
-                **exp.exchange.ledger.round_summary(),
-            }
-            if exp.stragglers is not None:  # the simulated clock (declora.stragglers)
-                trained = group.gather_nodes(active)  # (n,) bool
-                record.update(exp.stragglers.end_round(t, W, up, trained, record["bytes_node_max"]))
-            if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
-                record.update(exp.privacy.summary(group))
+            record = _round_record(exp, t, loss, work, W, speed)
             if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
                 phases.enter("evaluate")
                 record.update(event="eval", **evaluate(exp))
@@ -411,23 +385,7 @@ def _rounds(
                 phases.enter("checkpoint")
                 save_checkpoint(exp, t + 1, record["wall_s"])
                 saved = t + 1
-            stop = False
-            if on_round is not None:
-                try:
-                    on_round(copy.deepcopy(record))  # a callback that edits it changes no card or record
-                except StopRun:
-                    stop = True
-            if bool(group.all_max(torch.tensor(int(stop)))):  # one rank's stop stops every rank
-                if saved != t + 1:
-                    save_checkpoint(exp, t + 1, record["wall_s"])
-                log.info("stopped after round %d of %d (StopRun)", t + 1, cfg.rounds)
-                if record["event"] != "eval" and group.is_main:
-                    log.warning(
-                        "StopRun after round %d, which eval.every=%d does not evaluate: the report and the "
-                        "adapters' cards hold no score of the model they save; stop at an evaluated round",
-                        t + 1,
-                        cfg.eval.every,
-                    )
+            if _stop_asked(exp, record, on_round, saved):
                 phases.done()
                 break
             release_free_memory()  # see heap.py: without it resident memory creeps up round after round
@@ -436,6 +394,88 @@ def _rounds(
     export.finish(records[-1] if records else None)
     crash_point("exported")
     return records
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """One round's local training on this process's nodes; the masks are (nodes here,) bool, ``up`` the
+    global (n,) availability."""
+
+    up: torch.Tensor
+    online: torch.Tensor
+    active: torch.Tensor  # online, picked by the algorithm and, asynchronous, publishing this round
+    loss: torch.Tensor  # each node's mean loss, NaN where it did not train
+    steps: int
+
+
+def _local_work(exp: Experiment, t: int) -> LocalWork:
+    """Which nodes train this round and what, then their local steps, all nodes at once."""
+    cfg = exp.cfg
+    plan = exp.algorithm.plan(t)
+    up = exp.schedule.online(t)  # (n,) global
+    online = exp.local(up)
+    active = online if plan.active is None else exp.local(plan.active) & online
+    if exp.stragglers is not None:  # asynchronous: a slow node trains only in the rounds it publishes
+        active = active & exp.local(exp.stragglers.begin_round(t, up))
+    names = list(exp.fed.tensors(plan.train))
+    exp.trainer.tokens = 0
+    exp.trainer.correction = plan.correction  # FedProx's pull, SCAFFOLD's control variates, or None
+    if exp.lr_schedule is not None:
+        exp.optimizer.lr_scale = exp.lr_schedule.scale()
+    loss, steps = exp.trainer.local_work(active, names, cfg.train.local_steps, cfg.train.local_unit)
+    if exp.lr_schedule is not None:
+        exp.lr_schedule.advance(active)
+    return LocalWork(up, online, active, loss, steps)
+
+
+def _round_record(
+    exp: Experiment, t: int, loss: torch.Tensor, work: LocalWork, W: torch.Tensor, speed: dict[str, float]
+) -> dict[str, Any]:
+    """The round's line of metrics.jsonl before evaluation: loss, steps, nodes, speed, bytes, and the
+    stragglers' clock and the privacy budget where a run has them."""
+    group = exp.group
+    losses = loss[~loss.isnan()]  # the nodes that trained
+    record: dict[str, Any] = {
+        "event": "round",
+        "round": t + 1,
+        "train_loss": float(losses.mean()) if len(losses) else None,  # null: no node trained
+        "local_steps": int(group.all_max(torch.tensor(work.steps))),
+        "active_nodes": int(group.gather_nodes(work.active).sum()),  # replicas: each rank has every node
+        **speed,
+        **exp.exchange.ledger.round_summary(),
+    }
+    if exp.stragglers is not None:  # the simulated clock (declora.stragglers)
+        trained = group.gather_nodes(work.active)  # (n,) bool
+        record.update(exp.stragglers.end_round(t, W, work.up, trained, record["bytes_node_max"]))
+    if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
+        record.update(exp.privacy.summary(exp.group))
+    return record
+
+
+def _stop_asked(
+    exp: Experiment, record: dict[str, Any], on_round: Callable[[dict[str, Any]], None] | None, saved: int
+) -> bool:
+    """Hand the record to ``on_round``; on a StopRun (from any rank) checkpoint this round and say stop."""
+    cfg, group, t = exp.cfg, exp.group, record["round"] - 1
+    stop = False
+    if on_round is not None:
+        try:
+            on_round(copy.deepcopy(record))  # a callback that edits it changes no card or record
+        except StopRun:
+            stop = True
+    if not bool(group.all_max(torch.tensor(int(stop)))):  # one rank's stop stops every rank
+        return False
+    if saved != t + 1:
+        save_checkpoint(exp, t + 1, record["wall_s"])
+    log.info("stopped after round %d of %d (StopRun)", t + 1, cfg.rounds)
+    if record["event"] != "eval" and group.is_main:
+        log.warning(
+            "StopRun after round %d, which eval.every=%d does not evaluate: the report and the "
+            "adapters' cards hold no score of the model they save; stop at an evaluated round",
+            t + 1,
+            cfg.eval.every,
+        )
+    return True
 
 
 def train_speed(exp: Experiment, seconds: float) -> dict[str, float]:

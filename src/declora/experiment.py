@@ -340,6 +340,24 @@ def build_experiment(cfg: Config, run_dir: Path | None = None, group: Solo | Non
         return _build_experiment(cfg, run_dir, group)
 
 
+def _build_federation(cfg: Config, group: Solo, num_labels: int, middle: bool) -> Federation:
+    """The frozen base with this process's nodes' LoRA factors (and heads) on this rank's device."""
+    device = resolve_device(cfg.device)  # torchrun: this rank's GPU
+    causal = cfg.task.kind in CAUSAL_KINDS
+    fed = build_federation(cfg.model, len(group.nodes), num_labels, causal, device, cfg.precision)
+    fed.node_ids = group.nodes
+    # Example-level DP reads each row's own gradient: only the per-row product has one per row.
+    fed.routing.product = "per_row" if cfg.privacy.level == "example" else cfg.train.lora_product
+    if fed.routing.product != cfg.train.lora_product:
+        log.info("privacy.level=example: train.lora_product=%s runs per_row", cfg.train.lora_product)
+    log.info("device %s, precision %s", device, cfg.precision)
+    if cfg.model.init_adapter:
+        import_peft(fed, adapter_path(cfg.model.init_adapter))
+    if middle:  # Fed-SB: R between frozen B and A, before the optimizer
+        add_middle_factors(fed)
+    return fed
+
+
 def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> Experiment:
     check_sections(cfg)
     cfg = from_dict(to_dict(cfg))
@@ -380,19 +398,7 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     labels = train.labels  # label_flip: the attackers train on poisoned labels (their parts unchanged)
     if cfg.attack.kind == "label_flip":
         labels = flip_labels(train.labels, parts, attackers[first : first + n_local], train.num_labels)
-    device = resolve_device(cfg.device)  # torchrun: this rank's GPU
-    causal = cfg.task.kind in CAUSAL_KINDS
-    fed = build_federation(cfg.model, n_local, train.num_labels, causal, device, cfg.precision)
-    fed.node_ids = group.nodes
-    # Example-level DP reads each row's own gradient: only the per-row product has one per row.
-    fed.routing.product = "per_row" if cfg.privacy.level == "example" else cfg.train.lora_product
-    if fed.routing.product != cfg.train.lora_product:
-        log.info("privacy.level=example: train.lora_product=%s runs per_row", cfg.train.lora_product)
-    log.info("device %s, precision %s", device, cfg.precision)
-    if cfg.model.init_adapter:
-        import_peft(fed, adapter_path(cfg.model.init_adapter))
-    if getattr(algorithm_cls, "middle", False):  # Fed-SB: R between frozen B and A, before the optimizer
-        add_middle_factors(fed)
+    fed = _build_federation(cfg, group, train.num_labels, getattr(algorithm_cls, "middle", False))
     from transformers import AutoTokenizer
 
     if early is None:  # a GGUF model's tokenizer: there once the model is converted
@@ -421,7 +427,7 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
         labels,
         pad_id,
         cfg.train.max_grad_norm,
-        cfg.train.tokens_per_chunk or default_tokens_per_chunk(device),
+        cfg.train.tokens_per_chunk or default_tokens_per_chunk(fed.device),
         task,
         example_dp if cfg.privacy.level == "example" else None,
         group if isinstance(group, Replicas) else None,

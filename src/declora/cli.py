@@ -1,5 +1,5 @@
-"""Command line: ``declora run | report | compare | topology``. It prints, as does compare_jobs (the lines
-of cells running in parallel); the other modules log."""
+"""Command line: ``declora run | report | compare | topology``. It prints, as do console (a run's opening
+line and progress) and compare_jobs (the lines of cells running in parallel); the other modules log."""
 
 from __future__ import annotations
 

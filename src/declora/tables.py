@@ -250,6 +250,14 @@ def open_split(source: str | Path, split: str, key: str = "data.split") -> Any:
     return found[split]
 
 
+def with_nested(table: Any, name: str) -> Any:
+    """The table, flattened when ``name`` is a nested field (``meta.text`` of ``{"meta": {"text": ...}}``,
+    as ``datasets`` names it) rather than a column of its own."""
+    if name not in table.column_names and any(isinstance(f, dict) for f in table.features.values()):
+        return table.flatten()
+    return table
+
+
 def column(
     table: Any,
     name: str,
@@ -263,8 +271,7 @@ def column(
     one), a NaN or (unless ``nested``) a list or dict is an error naming it (with the file and line when
     ``source`` is a text table). A field of a nested object is named with dots, as ``datasets`` flattens
     it: ``meta.text`` for ``{"meta": {"text": ...}}``."""
-    if name not in table.column_names and any(isinstance(f, dict) for f in table.features.values()):
-        table = table.flatten()
+    table = with_nested(table, name)
     if name not in table.column_names:
         wrapped = (  # {"data": [...]}: datasets reads the one key as the only column
             source is not None and file_format(source) == ".json" and len(table.column_names) == 1
@@ -295,6 +302,6 @@ def column(
 
 def class_names(table: Any, name: str) -> tuple[str, ...] | None:
     """The label names of a ``ClassLabel`` column (ids index them), else None."""
-    feature = table.features.get(name)
+    feature = with_nested(table, name).features.get(name)
     names = getattr(feature, "names", None)
     return tuple(names) if names else None

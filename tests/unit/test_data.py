@@ -117,6 +117,20 @@ def test_nested_json_fields_are_named_with_dots(tmp_path: Path) -> None:
         load_dataset(DataConfig(dataset=str(path), text_column="meta.review.txt", label_column="y"), seed=0)
 
 
+def test_a_nested_class_label_keeps_its_names(tmp_path: Path) -> None:
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    nested = Features({"m": {"t": Value("string"), "l": ClassLabel(names=["neg", "pos"])}})
+    rows = [{"t": f"x{i}", "l": i % 2} for i in range(10)]
+    saved = str(tmp_path / "saved")
+    Dataset.from_dict({"m": rows}, features=nested).save_to_disk(saved)
+    cfg = DataConfig(dataset=saved, text_column="m.t", label_column="m.l", test_fraction=0.5)
+    train, test = load_dataset(cfg, seed=0)
+    assert train.label_names == ("neg", "pos")
+    pairs = zip(train.texts + test.texts, [*train.labels, *test.labels], strict=True)
+    assert sorted(pairs) == [(f"x{i}", i % 2) for i in range(10)]
+
+
 def test_user_test_file_unknown_label(tmp_path: Path) -> None:
     write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     write_csv(tmp_path / "test.csv", [{"text": "c", "label": "z"}])

@@ -133,6 +133,20 @@ def hub_cached(name: str, marker: str = "config.json") -> Path | None:
     return folder if (folder / marker).is_file() else None
 
 
+def hub_dataset(name: str) -> Path | None:
+    """The snapshot folder of hub dataset ``name`` in the Hugging Face cache (the files an earlier
+    ``datasets.load_dataset(name)`` downloaded), found offline; None when it is not cached, or when
+    ``name`` is a local path."""
+    if not HUB_ID.fullmatch(name) or Path(name).expanduser().exists():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub would not accept
+        return None
+
+
 def data_path(name: str) -> Path:
     """A shipped dataset's file or folder by name (``"rotten_tomatoes"``, ``"bbc_news"``)."""
     if name not in DATA:

@@ -59,7 +59,8 @@ class TaskConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # rotten_tomatoes | bbc_news | a .csv/.tsv/.json/.jsonl/.parquet/.arrow file (the text formats also
-    # .gz/.bz2/.xz) or a datasets save_to_disk folder (read by HF datasets) | a .txt file (causal_lm)
+    # .gz/.bz2/.xz), a datasets save_to_disk folder or a hub dataset in the Hugging Face cache (read by HF
+    # datasets, offline) | a .txt file (causal_lm)
     dataset: str = "rotten_tomatoes"
     split: str = "train"  # the training split of a save_to_disk DatasetDict (a plain file is "train")
     # held-out rows: test_file (its split test_split, else its own "test" split when it is a saved

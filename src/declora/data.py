@@ -29,6 +29,7 @@ from declora.tables import (
     class_names,
     column,
     file_format,
+    has_splits,
     is_table,
     open_split,
     read_bytes,
@@ -278,8 +279,7 @@ def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
     elif cfg.test_split is not None:
         held = cfg.dataset, cfg.test_split
     else:
-        saved = Path(cfg.dataset).expanduser().is_dir()  # a plain file has one split, "train"
-        splits = splits_of(cfg.dataset) if saved else {}
+        splits = splits_of(cfg.dataset) if has_splits(cfg.dataset) else {}  # a plain file: "train" alone
         if cfg.split != "test" and "test" in splits:
             return cfg.dataset, "test"
         if cfg.split != "validation" and "validation" in splits:  # held out by the rule, but say so
@@ -459,15 +459,16 @@ def load_dataset(
         train, test = load_user_file(cfg, seed, client_column, unlabelled)
     else:
         hub = (  # "imdb", "stanfordnlp/sst2": a hub dataset, which declora does not download
-            f"; for a hub dataset run `datasets.load_dataset({cfg.dataset!r}).save_to_disk(FOLDER)` once and "
-            "pass data.dataset=FOLDER"
+            f"; declora never downloads: load it once where there is a network (`datasets.load_dataset("
+            f"{cfg.dataset!r})` keeps its files in the Hugging Face cache, which declora then reads), or "
+            "save it with save_to_disk(FOLDER) and pass data.dataset=FOLDER"
             if HUB_ID.fullmatch(cfg.dataset) and not file_format(cfg.dataset)
             else ""
         )
         raise ConfigError(
             f"data.dataset={cfg.dataset!r} is neither a shipped dataset {sorted(DATASETS)}, a file ending in "
-            f"{[*TABLE_SUFFIXES, '.txt']} (text formats also {' / '.join(COMPRESSED)} compressed) nor a "
-            f"datasets save_to_disk folder{hub}"
+            f"{[*TABLE_SUFFIXES, '.txt']} (text formats also {' / '.join(COMPRESSED)} compressed), a "
+            f"datasets save_to_disk folder nor a dataset in the Hugging Face cache{hub}"
         )
     if len(train) == 0 or len(test) == 0:
         raise ValueError(

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from declora.assets import hub_cached
+from declora.assets import hub_cached, hub_dataset
 from declora.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ def fingerprints(cfg: Config) -> dict[str, dict[str, Any]]:
         if not path.exists() and key in ("model.name", "model.init_adapter"):  # a hub id: its cached snapshot
             marker = "config.json" if key == "model.name" else "adapter_config.json"
             path = hub_cached(value, marker) or path
+        if not path.exists() and key == "data.dataset":  # a hub dataset's cached files
+            path = hub_dataset(value) or path
         if not path.exists():  # a shipped name ("minilm", "rotten_tomatoes")
             continue
         files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]

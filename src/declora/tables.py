@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from declora.assets import hub_dataset
 from declora.config import ConfigError
 
 # suffix -> (datasets builder, its keyword arguments)
@@ -63,7 +64,15 @@ def compression(source: str | Path) -> str | None:
 
 def is_table(source: str | Path) -> bool:
     path = Path(source).expanduser()
-    return file_format(path) in BUILDERS or (path.is_dir() and is_saved_dataset(path))
+    if file_format(path) in BUILDERS or (path.is_dir() and is_saved_dataset(path)):
+        return True
+    return hub_dataset(str(source)) is not None
+
+
+def has_splits(source: str | Path) -> bool:
+    """Whether the source can hold several named splits (a saved DatasetDict, a cached hub dataset); a
+    plain file holds one, "train"."""
+    return Path(source).expanduser().is_dir() or hub_dataset(str(source)) is not None
 
 
 def read_bytes(path: Path) -> bytes:
@@ -95,6 +104,9 @@ def splits_of(source: str | Path) -> dict[str, Any]:
     """Every split the source holds, by name: a plain file is one split, "train"."""
     datasets = _quiet()
     path = Path(source).expanduser()
+    cached = None if path.exists() else hub_dataset(str(source))
+    if cached is not None:
+        return _hub_splits(str(source), cached)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist{relative_note(path)}")
     if path.is_dir():
@@ -129,6 +141,22 @@ def splits_of(source: str | Path) -> dict[str, Any]:
             ) from err
         raise ValueError(f"data file {str(path)!r} cannot be read: {type(cause).__name__}: {cause}") from err
     return {"train": table}
+
+
+def _hub_splits(name: str, folder: Path) -> dict[str, Any]:
+    """The splits of a hub dataset's cached files, read by ``datasets`` as a local folder (its README's
+    configs and label names included); nothing is downloaded."""
+    datasets = _quiet()
+    try:
+        loaded = datasets.load_dataset(str(folder))
+    except Exception as err:  # a dataset of several configs, files datasets cannot read, ...
+        shown = " ".join(str(err).split()).replace(repr(folder.name), repr(name))  # the snapshot's hash
+        raise ValueError(
+            f"data.dataset={name!r}: its copy in the Hugging Face cache ({folder}) cannot be read: {shown}; "
+            f"save the split you want once (datasets.load_dataset({name!r}, CONFIG).save_to_disk(FOLDER)) "
+            "and pass data.dataset=FOLDER"
+        ) from err
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
 def _refuse_empty_saved_splits(path: Path) -> None:

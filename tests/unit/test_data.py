@@ -131,6 +131,67 @@ def test_a_nested_class_label_keeps_its_names(tmp_path: Path) -> None:
     assert sorted(pairs) == [(f"x{i}", i % 2) for i in range(10)]
 
 
+def _cached_hub_dataset(cache: Path, repo: str, readme_yaml: str) -> None:
+    """A hub dataset's files laid out as the Hugging Face cache keeps them (what an earlier
+    datasets.load_dataset(repo) downloaded): refs/main names the snapshot that holds them."""
+    import pandas as pd
+
+    root = cache / f"datasets--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / ("0" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    rows = [{"sentence": f"review {i}", "label": i % 2} for i in range(30)]
+    pd.DataFrame(rows[:20]).to_parquet(snapshot / "data" / "train-00000-of-00001.parquet")
+    pd.DataFrame(rows[20:]).to_parquet(snapshot / "data" / "test-00000-of-00001.parquet")
+    (snapshot / "README.md").write_text(f"---\n{readme_yaml}---\n")
+
+
+LABELS_YAML = """dataset_info:
+  features:
+  - name: sentence
+    dtype: string
+  - name: label
+    dtype:
+      class_label:
+        names:
+          '0': negative
+          '1': positive
+"""
+
+
+def test_a_hub_dataset_in_the_hugging_face_cache_is_read_offline(tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    _cached_hub_dataset(tmp_path, "acme/reviews", LABELS_YAML)
+    train, test = load_dataset(DataConfig(dataset="acme/reviews", text_column="sentence"), seed=0)
+    assert train.label_names == ("negative", "positive")  # the README's class names
+    assert len(train) == 20 and len(test) == 10  # its own test split held out, not a seeded part
+    assert test.texts == [f"review {i}" for i in range(20, 30)] and test.labels.tolist() == [0, 1] * 5
+    with pytest.raises(
+        ConfigError, match=r"'acme/other' is neither .* nor a dataset in the Hugging Face cache"
+    ):
+        load_dataset(DataConfig(dataset="acme/other"), seed=0)
+
+
+def test_a_cached_hub_dataset_of_several_configs_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n  - split: train\n    path: data/train-*\n"
+        for name in ("first", "second")
+    )
+    _cached_hub_dataset(tmp_path, "acme/two", f"configs:\n{configs}")
+    with pytest.raises(
+        ValueError, match=r"'acme/two': its copy in the Hugging Face cache .*save_to_disk"
+    ) as err:
+        load_dataset(DataConfig(dataset="acme/two", text_column="sentence"), seed=0)
+    assert "['first', 'second']" in str(err.value) and "load_dataset('acme/two', 'first')" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_user_test_file_unknown_label(tmp_path: Path) -> None:
     write_csv(tmp_path / "train.csv", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
     write_csv(tmp_path / "test.csv", [{"text": "c", "label": "z"}])
@@ -172,10 +233,10 @@ def test_assets_found_and_missing_explained() -> None:
 
 
 def test_a_shipped_models_public_name_says_which_name_loads_the_copy(tmp_path: Path, monkeypatch) -> None:
-    import huggingface_hub
+    from huggingface_hub import constants
 
     # an empty cache (the constant snapshot_download reads): the public names are not in it
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(
         AssetNotFoundError, match=r"never downloads; it ships with declora as model.name=minilm$"
     ):
@@ -236,11 +297,11 @@ def test_an_upper_case_suffix_reads_like_a_lower_case_one(tmp_path):
     assert upper[0].texts == lower[0].texts and upper[1].texts == lower[1].texts
     with pytest.raises(ConfigError, match=r"data.dataset='.*rows.xlsx' is neither .*'.txt'\] \(text formats"):
         load_dataset(DataConfig(dataset=str(tmp_path / "rows.xlsx")), 0)
-    with pytest.raises(ConfigError, match=r"save_to_disk folder$"):  # a file of another kind: no hub hint
+    with pytest.raises(ConfigError, match=r"in the Hugging Face cache$"):  # a file of another kind: no hint
         load_dataset(DataConfig(dataset="rows.xlsx"), 0)
     with pytest.raises(
         ConfigError,
-        match=r"hub dataset run `datasets.load_dataset\('stanfordnlp/sst2'\).save_to_disk\(FOLDER\)`",
+        match=r"never downloads: load it once .*`datasets.load_dataset\('stanfordnlp/sst2'\)` .*save_to_disk",
     ):
         load_dataset(DataConfig(dataset="stanfordnlp/sst2"), 0)
 

@@ -1,9 +1,9 @@
 """A user's table through Hugging Face ``datasets``: CSV/TSV, JSON/JSONL (each may be gzip, bzip2 or xz
-compressed), parquet, Arrow, save_to_disk.
+compressed), parquet, Arrow, save_to_disk, or a hub dataset's files already in the Hugging Face cache.
 
 ``datasets`` does the reading (encodings such as a UTF-8 byte-order mark, types, memory-mapped Arrow), so
-declora only picks the split and the columns. Everything is local: the packaged builders and
-``load_from_disk`` never reach a hub.
+declora only picks the split and the columns. Everything is local: the packaged builders,
+``load_from_disk`` and a cached snapshot read as a local folder never reach a hub.
 """
 
 from __future__ import annotations

@@ -62,6 +62,8 @@ class DataConfig:
     # .gz/.bz2/.xz), a datasets save_to_disk folder or a hub dataset in the Hugging Face cache (read by HF
     # datasets, offline) | a .txt file (causal_lm)
     dataset: str = "rotten_tomatoes"
+    # a subset of a cached hub dataset that has several (datasets' config name): sst2 of nyu-mll/glue
+    subset: str | None = None
     split: str = "train"  # the training split of a save_to_disk DatasetDict (a plain file is "train")
     # held-out rows: test_file (its split test_split, else its own "test" split when it is a saved
     # DatasetDict with one, else "train"), else the split test_split, else the

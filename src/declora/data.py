@@ -216,7 +216,7 @@ def read_rows(
     unlabelled: bool = False,
 ) -> Rows:
     """``unlabelled`` (language modelling): a table without the label column is read as one label, "text"."""
-    table = open_split(source, split, key or "data.split")
+    table = open_split(source, split, key or "data.split", _subset_of(source, cfg))
     where = f"{source!r} (split {split!r})"
     texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where, source)]
     clients = None
@@ -234,6 +234,11 @@ def read_rows(
     if names is None:
         _refuse_mixed_labels(labels, source, cfg.label_column)
     return Rows(texts, labels, names, clients, where)
+
+
+def _subset_of(source: str, cfg: DataConfig) -> str | None:
+    """data.subset applies to data.dataset, not to a held-out file."""
+    return cfg.subset if source == cfg.dataset else None
 
 
 def looks_like_int(value: str) -> bool:
@@ -279,7 +284,8 @@ def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
     elif cfg.test_split is not None:
         held = cfg.dataset, cfg.test_split
     else:
-        splits = splits_of(cfg.dataset) if has_splits(cfg.dataset) else {}  # a plain file: "train" alone
+        # a plain file: "train" alone
+        splits = splits_of(cfg.dataset, cfg.subset) if has_splits(cfg.dataset) else {}
         if cfg.split != "test" and "test" in splits:
             return cfg.dataset, "test"
         if cfg.split != "validation" and "validation" in splits:  # held out by the rule, but say so
@@ -324,7 +330,7 @@ def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data
     """Prompt turns (JSON lists of {role, content}) and responses: from the messages column when the
     table has one (the last message is the assistant's answer), else the prompt and response columns;
     prompt and response columns named in the config win over a messages column."""
-    table = open_split(source, split, key)
+    table = open_split(source, split, key, _subset_of(source, cfg))
     where = f"{source!r} (split {split!r})"
     defaults = DataConfig()
     named = (cfg.prompt_column, cfg.response_column) != (defaults.prompt_column, defaults.response_column)

@@ -100,13 +100,19 @@ def _quiet() -> Any:
     return datasets
 
 
-def splits_of(source: str | Path) -> dict[str, Any]:
-    """Every split the source holds, by name: a plain file is one split, "train"."""
+def splits_of(source: str | Path, subset: str | None = None) -> dict[str, Any]:
+    """Every split the source holds, by name: a plain file is one split, "train". ``subset``: of a cached
+    hub dataset (data.subset), refused for any other source."""
     datasets = _quiet()
     path = Path(source).expanduser()
     cached = None if path.exists() else hub_dataset(str(source))
     if cached is not None:
-        return _hub_splits(str(source), cached)
+        return _hub_splits(str(source), cached, subset)
+    if subset is not None:
+        raise ConfigError(
+            f"data.subset={subset!r} picks a subset of a hub dataset in the Hugging Face cache; "
+            f"data.dataset={str(source)!r} is not one: leave data.subset out"
+        )
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist{relative_note(path)}")
     if path.is_dir():
@@ -143,18 +149,19 @@ def splits_of(source: str | Path) -> dict[str, Any]:
     return {"train": table}
 
 
-def _hub_splits(name: str, folder: Path) -> dict[str, Any]:
-    """The splits of a hub dataset's cached files, read by ``datasets`` as a local folder (its README's
-    configs and label names included); nothing is downloaded."""
+def _hub_splits(name: str, folder: Path, subset: str | None) -> dict[str, Any]:
+    """The splits of a hub dataset's cached files (of one subset), read by ``datasets`` as a local folder
+    (its README's configs and label names included); nothing is downloaded."""
     datasets = _quiet()
     try:
-        loaded = datasets.load_dataset(str(folder))
+        loaded = datasets.load_dataset(str(folder), subset)
     except Exception as err:  # a dataset of several configs, files datasets cannot read, ...
         shown = " ".join(str(err).split()).replace(repr(folder.name), repr(name))  # the snapshot's hash
         raise ValueError(
-            f"data.dataset={name!r}: its copy in the Hugging Face cache ({folder}) cannot be read: {shown}; "
-            f"save the split you want once (datasets.load_dataset({name!r}, CONFIG).save_to_disk(FOLDER)) "
-            "and pass data.dataset=FOLDER"
+            f"data.dataset={name!r}"
+            + (f" data.subset={subset!r}" if subset is not None else "")
+            + f": its copy in the Hugging Face cache ({folder}) cannot be read: {shown} (a subset is "
+            "picked with data.subset)"
         ) from err
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
@@ -268,9 +275,9 @@ def row_line(source: str | Path, row: int) -> str:
     return f"row {row} of {str(source)!r}"
 
 
-def open_split(source: str | Path, split: str, key: str = "data.split") -> Any:
+def open_split(source: str | Path, split: str, key: str = "data.split", subset: str | None = None) -> Any:
     """One ``datasets.Dataset``; an unknown split is an error naming the ones there are."""
-    found = splits_of(source)
+    found = splits_of(source, subset)
     if split not in found:
         raise ConfigError(f"{key}={split!r} is not a split of {str(source)!r}; it has {sorted(found)}")
     if len(found[split]) == 0:

@@ -328,6 +328,7 @@ NAMES = (
     "model.init_adapter",
     "model.target_modules",
     "data.dataset",
+    "data.subset",
     "data.test_file",
     "data.node_files",
     "topology.edge_list",
@@ -429,7 +430,8 @@ def _check_optimizer(cfg: Config) -> None:
         raise ConfigError("train.nesterov=true needs train.momentum > 0 (it is 0)")
 
 
-TABLE_KEYS = ("split", "test_file", "test_split", "text_column", "label_column")  # read from a user's table
+# read from a user's table
+TABLE_KEYS = ("subset", "split", "test_file", "test_split", "text_column", "label_column")
 
 
 def _check_unread_data_keys(cfg: Config) -> None:

@@ -175,7 +175,7 @@ def test_a_hub_dataset_in_the_hugging_face_cache_is_read_offline(tmp_path: Path,
         load_dataset(DataConfig(dataset="acme/other"), seed=0)
 
 
-def test_a_cached_hub_dataset_of_several_configs_is_refused_in_one_line(tmp_path, monkeypatch) -> None:
+def test_a_cached_hub_dataset_of_several_subsets_takes_data_subset(tmp_path, monkeypatch) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
@@ -184,12 +184,19 @@ def test_a_cached_hub_dataset_of_several_configs_is_refused_in_one_line(tmp_path
         for name in ("first", "second")
     )
     _cached_hub_dataset(tmp_path, "acme/two", f"configs:\n{configs}")
-    with pytest.raises(
-        ValueError, match=r"'acme/two': its copy in the Hugging Face cache .*save_to_disk"
-    ) as err:
+    train, test = load_dataset(DataConfig(dataset="acme/two", subset="second", text_column="sentence"), 0)
+    assert len(train) + len(test) == 20  # the subset's one split, "train", a seeded part of it held out
+    with pytest.raises(ValueError, match=r"data.subset='third': .*'first', 'second'"):
+        load_dataset(DataConfig(dataset="acme/two", subset="third", text_column="sentence"), 0)
+    pick = r"'acme/two': its copy in the Hugging Face cache .*\(a subset is picked with data.subset\)$"
+    with pytest.raises(ValueError, match=pick) as err:
         load_dataset(DataConfig(dataset="acme/two", text_column="sentence"), seed=0)
     assert "['first', 'second']" in str(err.value) and "load_dataset('acme/two', 'first')" in str(err.value)
     assert "\n" not in str(err.value)
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\na,0\nb,1\n" * 5)
+    with pytest.raises(ConfigError, match=r"data.subset='first' picks a subset .*t.csv' is not one"):
+        load_dataset(DataConfig(dataset=str(table), subset="first"), seed=0)
 
 
 def test_user_test_file_unknown_label(tmp_path: Path) -> None:

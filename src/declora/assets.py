@@ -118,33 +118,30 @@ def adapter_path(name: str) -> Path:
     return hub_cached(name, "adapter_config.json") or local
 
 
-def hub_cached(name: str, marker: str = "config.json") -> Path | None:
+def _cached_snapshot(name: str, repo_type: str) -> Path | None:
     """The snapshot folder of hub repository ``name`` in the Hugging Face cache (HF_HOME, HF_HUB_CACHE),
-    found offline, as transformers finds it with HF_HUB_OFFLINE=1; None when it is not cached there
-    (or its snapshot lacks ``marker``: a model's config.json, an adapter's adapter_config.json)."""
+    found offline, as transformers and datasets find it with HF_HUB_OFFLINE=1; None when not there."""
     if not HUB_ID.fullmatch(name) or name.endswith((".", "-")):
         return None
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(name, local_files_only=True))
+        return Path(snapshot_download(name, repo_type=repo_type, local_files_only=True))
     except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub would not accept
         return None
-    return folder if (folder / marker).is_file() else None
+
+
+def hub_cached(name: str, marker: str = "config.json") -> Path | None:
+    """A cached hub model or adapter (see ``_cached_snapshot``), None also when its snapshot lacks
+    ``marker``: a model's config.json, an adapter's adapter_config.json."""
+    folder = _cached_snapshot(name, "model")
+    return folder if folder is not None and (folder / marker).is_file() else None
 
 
 def hub_dataset(name: str) -> Path | None:
-    """The snapshot folder of hub dataset ``name`` in the Hugging Face cache (the files an earlier
-    ``datasets.load_dataset(name)`` downloaded), found offline; None when it is not cached, or when
-    ``name`` is a local path."""
-    if not HUB_ID.fullmatch(name) or Path(name).expanduser().exists():
-        return None
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub would not accept
-        return None
+    """A cached hub dataset (the files an earlier ``datasets.load_dataset(name)`` downloaded; see
+    ``_cached_snapshot``), None also when ``name`` is a local path."""
+    return None if Path(name).expanduser().exists() else _cached_snapshot(name, "dataset")
 
 
 def data_path(name: str) -> Path:

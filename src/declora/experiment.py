@@ -358,6 +358,57 @@ def _build_federation(cfg: Config, group: Solo, num_labels: int, middle: bool) -
     return fed
 
 
+def _build_stragglers(cfg: Config, n: int, group: Solo) -> Stragglers | None:
+    """Simulated node speeds, deadlines and asynchrony (None: stragglers not set)."""
+    if not enabled(cfg):
+        return None
+    if cfg.stragglers.asynchronous and group.world > 1:
+        raise ConfigError(
+            "stragglers.asynchronous=true runs in one process only (the held copies are global)"
+        )
+    return Stragglers(cfg, n)
+
+
+def _build_trainer(
+    cfg: Config,
+    fed: Federation,
+    group: Solo,
+    parts: list[np.ndarray],
+    train_ids: list[list[int]],
+    labels: np.ndarray,
+    pad_id: int,
+    task: Task,
+    account: PrivacyAccount | None,
+) -> LocalTrainer:
+    """Local training of this process's nodes: their optimizer, batch streams and example-level DP."""
+    lrs = {
+        k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
+        for k in fed.tensors()
+    }
+    optimizer = build_optimizer(cfg.train, dict(fed.tensors()), lrs)
+    secret = cfg.privacy.secure_noise and cfg.privacy.level == "example"  # the subsampling stays unknown
+    stream_seed = secrets.randbits(62) if secret else cfg.seed
+    first = int(group.nodes[0])
+    streams = NodeStreams(parts, cfg.train.batch_size, stream_seed, offset=first, secret=secret)
+    noise_seed = None if cfg.privacy.secure_noise else cfg.seed
+    example_dp = None
+    if account is not None and cfg.privacy.level == "example":
+        example_dp = ExampleDP(cfg.privacy.clip, account, group.nodes, noise_seed)
+    return LocalTrainer(
+        fed,
+        optimizer,
+        streams,
+        train_ids,
+        labels,
+        pad_id,
+        cfg.train.max_grad_norm,
+        cfg.train.tokens_per_chunk or default_tokens_per_chunk(fed.device),
+        task,
+        example_dp,
+        group if isinstance(group, Replicas) else None,
+    )
+
+
 def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> Experiment:
     check_sections(cfg)
     cfg = from_dict(to_dict(cfg))
@@ -374,11 +425,7 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
         for line in ignored_settings(cfg):  # set, but never read by this algorithm, codec or schedule
             log.warning(line)
     first, n_local = int(group.nodes[0]), len(group.nodes)  # this process's contiguous slice
-    stragglers = Stragglers(cfg, n) if enabled(cfg) else None
-    if stragglers is not None and cfg.stragglers.asynchronous and group.world > 1:
-        raise ConfigError(
-            "stragglers.asynchronous=true runs in one process only (the held copies are global)"
-        )
+    stragglers = _build_stragglers(cfg, n, group)
     late = stragglers.late if stragglers is not None and cfg.stragglers.deadline is not None else None
     schedule = build_schedule(_read_topology(cfg), n, cfg.seed, late)  # graph checks first: they cost nothing
     preflight_model(cfg)
@@ -407,31 +454,10 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     else:
         task, tokenizer = early
     train_ids, labels, test_ids, test_labels = _encode(cfg, task, train, test, labels)
-    lrs = {
-        k: (cfg.train.head_lr or cfg.train.lr) if fed.kind_of(k) == "head" else cfg.train.lr
-        for k in fed.tensors()
-    }
-    optimizer = build_optimizer(cfg.train, dict(fed.tensors()), lrs)
-    secret = cfg.privacy.secure_noise and cfg.privacy.level == "example"  # the subsampling stays unknown
-    stream_seed = secrets.randbits(62) if secret else cfg.seed
-    streams = NodeStreams(parts, cfg.train.batch_size, stream_seed, offset=first, secret=secret)
     pad_id = _pad_id(fed, tokenizer)
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)
-    noise_seed = None if cfg.privacy.secure_noise else cfg.seed
-    example_dp = None if account is None else ExampleDP(cfg.privacy.clip, account, group.nodes, noise_seed)
-    trainer = LocalTrainer(
-        fed,
-        optimizer,
-        streams,
-        train_ids,
-        labels,
-        pad_id,
-        cfg.train.max_grad_norm,
-        cfg.train.tokens_per_chunk or default_tokens_per_chunk(fed.device),
-        task,
-        example_dp if cfg.privacy.level == "example" else None,
-        group if isinstance(group, Replicas) else None,
-    )
+    trainer = _build_trainer(cfg, fed, group, parts, train_ids, labels, pad_id, task, account)
+    optimizer, streams = trainer.optimizer, trainer.streams
     exchange = _build_exchange(cfg, group, n, fed, stragglers, account)
     return Experiment(
         cfg=cfg,

@@ -98,13 +98,12 @@ LLAMA_CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer LlamaForCausalLM with random weights (hidden 32) and a byte-level BPE tokenizer of a few
-    hundred tokens trained here (as SmolLM2's, byte-level), saved together as a local model folder."""
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer of a few hundred tokens (as SmolLM2's) trained here on LLAMA_CORPUS,
+    with </s> as its pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -115,9 +114,17 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
         show_progress=False,
     )
     bpe.train_from_iterator(LLAMA_CORPUS * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, byte_level_tokenizer) -> Path:
+    """A 2-layer LlamaForCausalLM with random weights (hidden 32) and the byte-level tokenizer, saved
+    together as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = byte_level_tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

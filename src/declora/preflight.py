@@ -108,8 +108,20 @@ def _meta_model(cfg: Config, folder: Path, causal: bool) -> nn.Module:
     if causal:
         _check_generates(cfg, config.architectures)
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-    with torch.device("meta"):
-        model = auto.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    except ValueError as err:  # a model type transformers has no class of this kind for
+        if causal:
+            raise ConfigError(
+                f"model.name={cfg.model.name!r} is a {config.model_type} model, which transformers cannot "
+                "load as a causal LM (AutoModelForCausalLM): use a decoder-only causal LM (LLaMA family)"
+            ) from err
+        raise ConfigError(
+            f"model.name={cfg.model.name!r} is a {config.model_type} model, which transformers cannot load "
+            "as a classifier (AutoModelForSequenceClassification); classify with its language-model head "
+            "instead: task.kind=label_words model.head=none (README: Causal language models)"
+        ) from err
     if not causal:
         _check_known_head(cfg, model)
     return model
@@ -216,7 +228,34 @@ def _adaptable_names(model: nn.Module) -> str:
     conv = sorted({k.split(".")[-1] for k, m in model.named_modules() if type(m).__name__ == "Conv1D"})
     if conv:
         said += f" (its {conv} are GPT-2-style Conv1D layers, which declora's LoRA does not adapt)"
+    suggested = _suggested_targets(getattr(model.config, "model_type", ""), linears)
+    if suggested:
+        said += f"; the usual choice for this model: model.target_modules=[{','.join(suggested)}]"
     return said
+
+
+# The attention's query and value projections under the names the common families give them, for a
+# model type PEFT has no default targets for (its names must all be linear layers of the model).
+ATTENTION_PAIRS = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("query_proj", "value_proj"),
+    ("q_lin", "v_lin"),
+    ("Wqkv",),
+    ("qkv_proj",),
+    ("query_key_value",),
+)
+
+
+def _suggested_targets(model_type: str, linears: list[str]) -> list[str]:
+    """What PEFT adapts by default in a model of this type (where those are linear layers here), else the
+    attention's query and value projections found among ``linears``; [] when neither is there."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    peft = PEFT_DEFAULTS.get(model_type) or []
+    if peft and set(peft) <= set(linears):
+        return list(peft)
+    return next((list(pair) for pair in ATTENTION_PAIRS if set(pair) <= set(linears)), [])
 
 
 def _check_last_token_pad(cfg: Config, model: nn.Module, theirs: int | None) -> None:

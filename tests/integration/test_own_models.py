@@ -18,6 +18,7 @@ from declora.config import ConfigError, load_config
 from declora.engine import run
 from declora.experiment import build_experiment
 from declora.model import averaged_factors
+from declora.tasks import LabelWords
 from declora.train import pad
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("restore_threads")]
@@ -133,6 +134,113 @@ def test_a_llama_classifier_has_no_head_bias_and_stock_peft_gives_its_logits(tin
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     one_by_one = torch.cat([_consensus_logits(exp, [x]) for x in ids])
     torch.testing.assert_close(ours, one_by_one, atol=1e-5, rtol=0)  # padding changes nothing
+
+
+# Decoder families whose attention and MLP differ from LLaMA's, each with the layers LoRA adapts in it:
+# biased q/k/v (Qwen2), soft-capped logits (Gemma 2), a fused qkv_proj (Phi-3), a partial rotary and MLP
+# targets (Phi), a fused query_key_value with a parallel residual (GPT-NeoX) and ALiBi positions (BLOOM).
+DECODERS = {
+    "qwen2": ("Qwen2", ["q_proj", "v_proj"], {"num_key_value_heads": 2}),
+    "gemma2": ("Gemma2", ["q_proj", "v_proj"], {"num_key_value_heads": 2, "head_dim": 8}),
+    "phi3": ("Phi3", ["qkv_proj"], {"num_key_value_heads": 2}),
+    "phi": ("Phi", ["q_proj", "v_proj", "fc1", "fc2"], {}),
+    "gpt_neox": ("GPTNeoX", ["query_key_value"], {}),
+    "bloom": ("Bloom", ["query_key_value"], {"n_head": 4, "n_layer": 2}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def tiny_decoder(request, byte_level_tokenizer, tmp_path_factory):
+    """(model type, folder): a 2-layer decoder of one of DECODERS' families, random weights, hidden 32."""
+    import transformers
+
+    family, _, shape = DECODERS[request.param]
+    tokenizer = byte_level_tokenizer
+    config = getattr(transformers, f"{family}Config")(
+        **{"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2},
+        **{"num_attention_heads": 4, "max_position_embeddings": 256, "pad_token_id": tokenizer.pad_token_id},
+        **shape,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(request.param)
+    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return request.param, folder
+
+
+def test_decoders_of_other_families_classify_as_stock_peft_does(tiny_decoder, tmp_path):
+    """A classifier on each family's last token, trained and exported: the folder's own loading lines give
+    declora's consensus logits, padded or one row at a time."""
+    model_type, folder = tiny_decoder
+    targets = DECODERS[model_type][1]
+    overrides = _overrides(folder, tmp_path, f"model.target_modules=[{','.join(targets)}]", "train.lr=0.02")
+    exp = build_experiment(load_config(None, overrides))
+    run(exp)
+    model = _readme_model(exp.run_dir / "adapters" / "consensus")
+    tokenizer = exp.task.tokenizer
+    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in _texts(12)]
+    batch = tokenizer(_texts(12), padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**batch).logits
+    ours = _consensus_logits(exp, ids)
+    assert float(ours.std()) > 0.1  # rows are told apart: the comparison is not of constants
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, torch.cat([_consensus_logits(exp, [x]) for x in ids]), atol=1e-5, rtol=0)
+
+
+def test_target_modules_that_match_nothing_name_the_usual_choice_for_the_model(tiny_decoder, tmp_path):
+    """The error names what PEFT adapts in this family by default, or the attention's query and value
+    projections where PEFT has no default (Phi-3), and that choice runs (the test above)."""
+    model_type, folder = tiny_decoder
+    usual = DECODERS[model_type][1]
+    with pytest.raises(
+        ConfigError, match=re.escape(f"usual choice for this model: model.target_modules=[{','.join(usual)}]")
+    ):
+        build_experiment(load_config(None, _overrides(folder, tmp_path)))  # [query, value]: a BERT's names
+
+
+def test_a_decoder_transformers_cannot_classify_is_pointed_to_label_words(byte_level_tokenizer, tmp_path):
+    """Granite has a causal-LM class but no sequence-classification one: one line says to classify with
+    its language-model head (task.kind=label_words), before any weight is read."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    config = GraniteConfig(
+        vocab_size=len(byte_level_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        pad_token_id=byte_level_tokenizer.pad_token_id,
+    )
+    folder = _save_tiny(tmp_path / "granite", GraniteForCausalLM(config), byte_level_tokenizer)
+    overrides = _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]")
+    with pytest.raises(
+        ConfigError,
+        match=r"granite model, which transformers cannot load as a classifier .*task.kind=label_words",
+    ):
+        build_experiment(load_config(None, overrides))
+    words = ["task.kind=label_words", "model.head=none", 'task.template="Review: {text}\\nSentiment:"']
+    exp = build_experiment(
+        load_config(None, [*overrides, *words, "task.label_words=[' negative',' positive']"])
+    )
+    assert isinstance(exp.task, LabelWords) and len(run(exp)) == 2  # what the line says runs
+
+
+def test_a_model_with_no_causal_lm_class_is_refused_for_a_causal_task(distilbert_without_head, tmp_path):
+    """A config.json without architectures passes the check that the model generates; transformers has
+    no causal-LM class for DistilBERT: one line says so, not transformers' list of classes."""
+    folder = tmp_path / "no-architectures"
+    shutil.copytree(distilbert_without_head, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("architectures", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    overrides = _overrides(folder, tmp_path, "model.target_modules=[q_lin,v_lin]", "task.kind=label_words")
+    with pytest.raises(
+        ConfigError, match=r"^model.name=.* is a distilbert model, which transformers cannot "
+    ):
+        build_experiment(
+            load_config(None, [*overrides, "model.head=none", "task.label_words=[' bad',' good']"])
+        )
 
 
 def test_padding_uses_the_configs_pad_id_when_the_tokenizer_has_none(tiny_llama, tmp_path):

@@ -250,8 +250,10 @@ ATTENTION_PAIRS = (
 def _suggested_targets(model_type: str, linears: list[str]) -> list[str]:
     """What PEFT adapts by default in a model of this type (where those are linear layers here), else the
     attention's query and value projections found among ``linears``; [] when neither is there."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-
+    try:  # PEFT's table of default targets per model type (an internal module: it may move)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+    except ImportError:
+        PEFT_DEFAULTS = {}
     peft = PEFT_DEFAULTS.get(model_type) or []
     if peft and set(peft) <= set(linears):
         return list(peft)

@@ -187,10 +187,10 @@ def check_model_shape(
             }
         )
         if other:
+            conv = " (GPT-2-style Conv1D is not supported)" if any("(Conv1D)" in o for o in other) else ""
             raise ConfigError(
                 f"model.target_modules={list(cfg.model.target_modules)} names layers of {folder} that "
-                f"are not nn.Linear: {other}; declora's LoRA adapts nn.Linear layers only (GPT-2-style "
-                "Conv1D is not supported)"
+                f"are not nn.Linear: {other}; declora's LoRA adapts nn.Linear layers only{conv}"
             )
         raise ConfigError(
             f"model.target_modules={list(cfg.model.target_modules)} matches no linear layer of {folder}; "

@@ -223,6 +223,8 @@ ARCHITECTURES = {  # model class, config class, extra config, LoRA targets, how 
     "xlm-roberta": ("XLMRobertaModel", "XLMRobertaConfig", {}, ("query", "value"), "sequence"),
     "mpnet": ("MPNetModel", "MPNetConfig", {}, ("q", "v"), "sequence"),
     "electra": ("ElectraModel", "ElectraConfig", {"embedding_size": 32}, ("query", "value"), "sequence"),
+    "deberta": ("DebertaModel", "DebertaConfig", {}, ("in_proj",), "vector"),  # one fused q/k/v layer
+    "roformer": ("RoFormerModel", "RoFormerConfig", {"embedding_size": 32}, ("query", "value"), "sequence"),
 }
 
 

@@ -111,20 +111,30 @@ def _meta_model(cfg: Config, folder: Path, causal: bool) -> nn.Module:
     try:
         with torch.device("meta"):
             model = auto.from_config(config)
-    except ValueError as err:  # a model type transformers has no class of this kind for
-        if causal:
-            raise ConfigError(
-                f"model.name={cfg.model.name!r} is a {config.model_type} model, which transformers cannot "
-                "load as a causal LM (AutoModelForCausalLM): use a decoder-only causal LM (LLaMA family)"
-            ) from err
-        raise ConfigError(
-            f"model.name={cfg.model.name!r} is a {config.model_type} model, which transformers cannot load "
-            "as a classifier (AutoModelForSequenceClassification); classify with its language-model head "
-            "instead: task.kind=label_words model.head=none (README: Causal language models)"
-        ) from err
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        raise _unbuildable(cfg, folder, config.model_type, causal, err) from err
     if not causal:
         _check_known_head(cfg, model)
     return model
+
+
+def _unbuildable(cfg: Config, folder: Path, model_type: str, causal: bool, err: Exception) -> ConfigError:
+    """Why transformers could not build the model of a folder's config.json, and what to do instead."""
+    if "Unrecognized configuration class" not in str(err):  # a config its own model class refuses
+        return ConfigError(
+            f"model folder {folder}: transformers cannot build the model its config.json describes "
+            f"({type(err).__name__}: {err})"
+        )
+    if causal:  # transformers has no class of the kind the task needs for this model type
+        return ConfigError(
+            f"model.name={cfg.model.name!r} is a {model_type} model, which transformers cannot load as a "
+            "causal LM (AutoModelForCausalLM): use a decoder-only causal LM (LLaMA family)"
+        )
+    return ConfigError(
+        f"model.name={cfg.model.name!r} is a {model_type} model, which transformers cannot load as a "
+        "classifier (AutoModelForSequenceClassification); classify with its language-model head instead: "
+        "task.kind=label_words model.head=none (README: Causal language models)"
+    )
 
 
 def _check_known_head(cfg: Config, model: nn.Module) -> None:

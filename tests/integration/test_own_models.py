@@ -243,6 +243,19 @@ def test_a_model_with_no_causal_lm_class_is_refused_for_a_causal_task(distilbert
         )
 
 
+def test_a_config_its_model_class_refuses_is_named_with_its_folder(tiny_bert, tmp_path):
+    """A hand-edited config.json (32 hidden units over 3 heads): one ConfigError naming the folder and
+    transformers' reason, not a bare ValueError from inside transformers."""
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_bert, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3}))
+    with pytest.raises(
+        ConfigError, match=r"^model folder .*edited: transformers cannot build the model its "
+    ):
+        build_experiment(load_config(None, _overrides(folder, tmp_path)))
+
+
 def test_padding_uses_the_configs_pad_id_when_the_tokenizer_has_none(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

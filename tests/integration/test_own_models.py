@@ -48,6 +48,21 @@ def _consensus_logits(exp, ids: list[list[int]]) -> torch.Tensor:
         return exp.fed(input_ids, mask)
 
 
+def _check_stock_peft_gives_consensus_logits(exp) -> torch.Tensor:
+    """The exported consensus folder, loaded by its README's lines, gives declora's consensus logits on
+    12 padded texts, and so does each text alone (padding changes nothing); returns declora's logits."""
+    model = _readme_model(exp.run_dir / "adapters" / "consensus")
+    tokenizer = exp.task.tokenizer
+    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in _texts(12)]
+    batch = tokenizer(_texts(12), padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**batch).logits
+    ours = _consensus_logits(exp, ids)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, torch.cat([_consensus_logits(exp, [x]) for x in ids]), atol=1e-5, rtol=0)
+    return ours
+
+
 def _save_tiny(folder, model, tokenizer):
     """A model built from its config, saved with the MiniLM tokenizer as a local model folder."""
     model.save_pretrained(folder)
@@ -124,16 +139,7 @@ def test_a_llama_classifier_has_no_head_bias_and_stock_peft_gives_its_logits(tin
     run(exp)
     folder = exp.run_dir / "adapters" / "consensus"
     assert not any("bias" in k for k in load_file(str(folder / "adapter_model.safetensors")))
-    model = _readme_model(folder)
-    tokenizer = exp.task.tokenizer
-    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in _texts(12)]
-    batch = tokenizer(_texts(12), padding=True, truncation=True, max_length=16, return_tensors="pt")
-    with torch.no_grad():
-        theirs = model(**batch).logits
-    ours = _consensus_logits(exp, ids)
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-    one_by_one = torch.cat([_consensus_logits(exp, [x]) for x in ids])
-    torch.testing.assert_close(ours, one_by_one, atol=1e-5, rtol=0)  # padding changes nothing
+    _check_stock_peft_gives_consensus_logits(exp)
 
 
 # Decoder families whose attention and MLP differ from LLaMA's, each with the layers LoRA adapts in it:
@@ -151,21 +157,24 @@ DECODERS = {
 
 @pytest.fixture(scope="module", params=sorted(DECODERS))
 def tiny_decoder(request, byte_level_tokenizer, tmp_path_factory):
-    """(model type, folder): a 2-layer decoder of one of DECODERS' families, random weights, hidden 32."""
+    """(model type, folder): a 2-layer decoder of one of DECODERS' families."""
+    family, _, shape = DECODERS[request.param]
+    folder = tmp_path_factory.mktemp(request.param)
+    return request.param, _save_decoder(folder, family, byte_level_tokenizer, **shape)
+
+
+def _save_decoder(folder, family: str, tokenizer, **shape):
+    """A causal LM of the transformers family ``family`` (hidden 32, 4 heads, random weights) with the
+    byte-level tokenizer, saved as a local model folder."""
     import transformers
 
-    family, _, shape = DECODERS[request.param]
-    tokenizer = byte_level_tokenizer
     config = getattr(transformers, f"{family}Config")(
         **{"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2},
         **{"num_attention_heads": 4, "max_position_embeddings": 256, "pad_token_id": tokenizer.pad_token_id},
         **shape,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp(request.param)
-    getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return request.param, folder
+    return _save_tiny(folder, getattr(transformers, f"{family}ForCausalLM")(config), tokenizer)
 
 
 def test_decoders_of_other_families_classify_as_stock_peft_does(tiny_decoder, tmp_path):
@@ -176,16 +185,8 @@ def test_decoders_of_other_families_classify_as_stock_peft_does(tiny_decoder, tm
     overrides = _overrides(folder, tmp_path, f"model.target_modules=[{','.join(targets)}]", "train.lr=0.02")
     exp = build_experiment(load_config(None, overrides))
     run(exp)
-    model = _readme_model(exp.run_dir / "adapters" / "consensus")
-    tokenizer = exp.task.tokenizer
-    ids = [tokenizer(t, truncation=True, max_length=16)["input_ids"] for t in _texts(12)]
-    batch = tokenizer(_texts(12), padding=True, truncation=True, max_length=16, return_tensors="pt")
-    with torch.no_grad():
-        theirs = model(**batch).logits
-    ours = _consensus_logits(exp, ids)
+    ours = _check_stock_peft_gives_consensus_logits(exp)
     assert float(ours.std()) > 0.1  # rows are told apart: the comparison is not of constants
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours, torch.cat([_consensus_logits(exp, [x]) for x in ids]), atol=1e-5, rtol=0)
 
 
 def test_target_modules_that_match_nothing_name_the_usual_choice_for_the_model(tiny_decoder, tmp_path):
@@ -202,17 +203,7 @@ def test_target_modules_that_match_nothing_name_the_usual_choice_for_the_model(t
 def test_a_decoder_transformers_cannot_classify_is_pointed_to_label_words(byte_level_tokenizer, tmp_path):
     """Granite has a causal-LM class but no sequence-classification one: one line says to classify with
     its language-model head (task.kind=label_words), before any weight is read."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    config = GraniteConfig(
-        vocab_size=len(byte_level_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        pad_token_id=byte_level_tokenizer.pad_token_id,
-    )
-    folder = _save_tiny(tmp_path / "granite", GraniteForCausalLM(config), byte_level_tokenizer)
+    folder = _save_decoder(tmp_path / "granite", "Granite", byte_level_tokenizer)
     overrides = _overrides(folder, tmp_path, "model.target_modules=[q_proj,v_proj]")
     with pytest.raises(
         ConfigError,

@@ -24,10 +24,15 @@ class ConfigError(ValueError):
     """A config key or value that is not allowed."""
 
 
+# model.target_modules=all-linear (PEFT's shorthand): every linear layer of the model but the classifier
+# head, which trains whole, and a causal LM's output layer (lm_head).
+ALL_LINEAR = "all-linear"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local model folder | a hub id in the HF cache
-    target_modules: tuple[str, ...] = ("query", "value")  # LLaMA family: [q_proj, v_proj]
+    target_modules: tuple[str, ...] = ("query", "value")  # LLaMA family: [q_proj, v_proj]; or all-linear
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
@@ -372,6 +377,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
         return dict(value)
     if origin is tuple:
+        if key == "model.target_modules" and value == ALL_LINEAR:  # as a string, as PEFT takes it
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
         if len(args) == 2 and args[1] is Ellipsis:

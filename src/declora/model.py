@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from declora.adapter_card import AdapterCard, write_card
 from declora.assets import model_path
-from declora.config import ModelConfig
+from declora.config import ALL_LINEAR, ModelConfig
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
 from declora.metrics import gated
@@ -282,7 +282,7 @@ def build_federation(
     for name, module in list(model.named_modules()):
         if (
             isinstance(module, (nn.Linear, QuantizedLinear))
-            and name.split(".")[-1] in cfg.target_modules
+            and is_target(cfg.target_modules, name)
             and not name.startswith(HEAD_ROOTS)
             and not (unread and skipped_by_mean(name))
         ):
@@ -314,14 +314,31 @@ def build_federation(
 # ---------------------------------------------------------------- derived adapters
 
 
+def is_target(target_modules: tuple[str, ...], name: str) -> bool:
+    """Whether ``model.target_modules`` names the linear layer ``name`` (by its last part; all-linear: every
+    one but lm_head; the callers leave out the classifier head)."""
+    leaf = name.split(".")[-1]
+    return leaf != "lm_head" if ALL_LINEAR in target_modules else leaf in target_modules
+
+
+def export_targets(fed: Federation) -> list[str]:
+    """The target_modules an exported adapter names: the config's, or under all-linear the names of the
+    layers it resolved to (explicit, so that stock PEFT adapts exactly these whatever its own shorthand
+    takes in)."""
+    if ALL_LINEAR in fed.cfg.target_modules:
+        return sorted({name.split(".")[-1] for name in fed.lora})
+    return sorted(fed.cfg.target_modules)
+
+
 def unadapted_targets(fed: Federation) -> list[str]:
-    """Linear layers whose name matches ``model.target_modules`` but that carry no LoRA (the head, and what
-    mean pooling never reads, such as BERT's pooler: pooling.MEAN_SKIPS): PEFT must leave them alone too."""
+    """Linear layers whose name matches the exported target_modules but that carry no LoRA (the head, and
+    what mean pooling never reads, such as BERT's pooler: pooling.MEAN_SKIPS): PEFT must leave them alone."""
+    targets = export_targets(fed)
     return sorted(
         name
         for name, module in fed.model.named_modules()
         if isinstance(module, (nn.Linear, QuantizedLinear))
-        and name.split(".")[-1] in fed.cfg.target_modules
+        and name.split(".")[-1] in targets
         and name not in fed.lora
         and not name.startswith(HEAD_ROOTS)
     )
@@ -455,7 +472,7 @@ def export_peft(
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; it reads any number (alpha / r)
-        target_modules=sorted(fed.cfg.target_modules),
+        target_modules=export_targets(fed),
         exclude_modules=unadapted_targets(fed) or None,
         lora_dropout=fed.cfg.dropout,
         use_rslora=fed.cfg.rslora,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from declora.assets import fetch_hint
-from declora.config import Config, ConfigError, ModelConfig
+from declora.config import ALL_LINEAR, Config, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -177,7 +177,7 @@ def check_model_shape(
 ) -> dict[str, tuple[int, int]]:
     """max_length, rank and target modules against the model, and a last-token classifier's pad id
     against ``pad_id``, the tokenizer's; returns {module: (d_in, d_out)}."""
-    from declora.model import HEAD_ROOTS
+    from declora.model import HEAD_ROOTS, is_target
 
     model = _meta_model(cfg, folder, causal)
     check_max_length(cfg, getattr(model.config, "max_position_embeddings", None))
@@ -185,7 +185,7 @@ def check_model_shape(
         name: (m.in_features, m.out_features)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
-        and name.split(".")[-1] in cfg.model.target_modules
+        and is_target(cfg.model.target_modules, name)
         and not name.startswith(HEAD_ROOTS)
     }
     if not dims:
@@ -206,7 +206,7 @@ def check_model_shape(
             f"model.target_modules={list(cfg.model.target_modules)} matches no linear layer of {folder}; "
             f"{_adaptable_names(model)}"
         )
-    unmatched = sorted(set(cfg.model.target_modules) - {name.split(".")[-1] for name in dims})
+    unmatched = sorted(set(cfg.model.target_modules) - {name.split(".")[-1] for name in dims} - {ALL_LINEAR})
     if unmatched:  # a misspelt name beside a right one would leave its layers silently unadapted
         raise ConfigError(
             f"model.target_modules names {unmatched}, which match no linear layer of {folder} that LoRA "
@@ -374,7 +374,8 @@ def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> No
         raise ConfigError(f"adapter {folder} trains biases (bias={ac['bias']!r}), which declora cannot apply")
     targets = ac.get("target_modules")
     targets = sorted([targets] if isinstance(targets, str) else targets or [])
-    if targets != sorted(m.target_modules):
+    # all-linear resolves against the model: import_peft then finds a tensor for every adapted layer or stops
+    if targets != sorted(m.target_modules) and ALL_LINEAR not in m.target_modules:
         raise ConfigError(
             f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
         )

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from declora.config import ALTERNATING, Config, ConfigError, flatten, to_dict
+from declora.config import ALL_LINEAR, ALTERNATING, Config, ConfigError, flatten, to_dict
 
 CHOICES: dict[str, tuple[str | None, ...]] = {
     "precision": ("fp32", "bf16"),
@@ -243,6 +243,12 @@ def _check_values(cfg: Config, flat: dict[str, Any]) -> None:
         raise ConfigError(str(err)) from err
     _validate_ranges(flat)
     _refuse_empty_names(flat)
+    targets = cfg.model.target_modules
+    if ALL_LINEAR in targets and len(targets) > 1:
+        raise ConfigError(
+            f"model.target_modules={list(targets)}: {ALL_LINEAR} already names every linear layer; give it "
+            "alone, or list the layers"
+        )
 
 
 def _check_training_keys(cfg: Config) -> None:

@@ -247,6 +247,49 @@ def test_a_config_its_model_class_refuses_is_named_with_its_folder(tiny_bert, tm
         build_experiment(load_config(None, _overrides(folder, tmp_path)))
 
 
+def test_all_linear_adapts_every_linear_layer_but_the_heads_and_stock_peft_agrees(tiny_bert, tmp_path):
+    """model.target_modules=all-linear (PEFT's shorthand, as a string): every linear layer of the encoder,
+    the pooler included ([CLS] pooling reads it), none of the head, which trains whole; the export names
+    the layers it resolved to, stock PEFT reproduces its logits, and it seeds another all-linear run."""
+    overrides = _overrides(tiny_bert, tmp_path, "model.target_modules=all-linear", "train.lr=0.02")
+    exp = build_experiment(load_config(None, overrides))
+    assert exp.cfg.model.target_modules == ("all-linear",)
+    adapted = {name.split(".")[-1] for name in exp.fed.lora}
+    assert adapted == {"query", "key", "value", "dense"} and "bert.pooler.dense" in exp.fed.lora
+    assert len(exp.fed.lora) == 2 * 6 + 1 and not any(name.startswith("classifier") for name in exp.fed.lora)
+    run(exp)
+    ours = _check_stock_peft_gives_consensus_logits(exp)
+    assert float(ours.std()) > 0.01
+    folder = exp.run_dir / "adapters" / "consensus"
+    assert sorted(json.loads((folder / "adapter_config.json").read_text())["target_modules"]) == sorted(
+        adapted
+    )
+    (tmp_path / "again").mkdir()
+    seeded = _overrides(
+        tiny_bert, tmp_path / "again", "model.target_modules=[all-linear]", f"model.init_adapter={folder}"
+    )
+    again = build_experiment(load_config(None, seeded))
+    for name, layer in again.fed.lora.items():
+        torch.testing.assert_close(layer.A[0], exp.fed.lora[name].A.detach().mean(0), atol=1e-6, rtol=0)
+    with pytest.raises(
+        ConfigError,
+        match=r"targets \['dense', 'key', 'query', 'value'\], the run model.target_modules=\['query', 'v",
+    ):
+        build_experiment(load_config(None, [*seeded, "model.target_modules=[query,value]"]))
+    with pytest.raises(ConfigError, match=r"all-linear already names every linear layer; give it alone"):
+        load_config(None, [*overrides, "model.target_modules=[all-linear,query]"])
+
+
+def test_all_linear_leaves_a_causal_lms_output_layer_alone(tiny_llama, tmp_path):
+    """all-linear on a causal LM: the attention and MLP projections, not lm_head (as PEFT's shorthand)."""
+    words = ["task.kind=label_words", "model.head=none", "task.label_words=[' negative',' positive']"]
+    exp = build_experiment(
+        load_config(None, _overrides(tiny_llama, tmp_path, "model.target_modules=all-linear", *words))
+    )
+    adapted = {name.split(".")[-1] for name in exp.fed.lora}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 def test_padding_uses_the_configs_pad_id_when_the_tokenizer_has_none(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
 

@@ -188,6 +188,15 @@ def _input_lines(inputs: dict[str, Any]) -> list[str]:
             f"Trained and scored with the frozen base stored in {inputs['precision']} (declora `precision`); "
             "the fp32 base gives slightly different numbers.\n"
         )
+    if "logit_adjustment" in inputs:
+        tau = inputs["logit_adjustment"]
+        lines.append(
+            f"Trained with the logit-adjusted loss (declora `train.logit_adjustment={tau:g}`): each node's "
+            f"loss read the logits plus {tau:g} × the log of its own label frequencies, so the logits below "
+            "score a text as if every label were equally likely; the accuracies above are of their argmax. "
+            f"To predict under label frequencies `prior` (a tensor, one per label), add `{tau:g} * "
+            "prior.log()` to the logits first.\n"
+        )
     if "label_words" in inputs:
         words = ", ".join(f"{i} = {w!r}" for i, w in enumerate(inputs["label_words"]))
         lines.append(

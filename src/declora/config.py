@@ -167,6 +167,10 @@ class TrainConfig:
     # linear warm-up over each node's first warmup_rounds rounds of training.
     schedule: str = "constant"
     warmup_rounds: int = 0
+    # Label skew: each node trains on logits + tau * log(its own label frequencies) (the logit-adjusted
+    # loss; balanced softmax at 1), so no node's prior enters the shared head (declora.train). 0: plain
+    # cross-entropy. Classifier heads (task.kind=sequence_classification) only.
+    logit_adjustment: float = 0.0
 
 
 @dataclass(frozen=True)

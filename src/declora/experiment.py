@@ -37,7 +37,7 @@ from declora.schedules import Schedule, build_schedule
 from declora.seeding import numpy_rng
 from declora.stragglers import AsyncExchange, Stragglers, enabled
 from declora.tasks import CAUSAL_KINDS, Instruction, Task, build_task
-from declora.train import LocalTrainer, NodeStreams
+from declora.train import LocalTrainer, NodeStreams, label_prior_offsets
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +379,7 @@ def _build_trainer(
     pad_id: int,
     task: Task,
     account: PrivacyAccount | None,
+    num_labels: int,
 ) -> LocalTrainer:
     """Local training of this process's nodes: their optimizer, batch streams and example-level DP."""
     lrs = {
@@ -394,6 +395,9 @@ def _build_trainer(
     example_dp = None
     if account is not None and cfg.privacy.level == "example":
         example_dp = ExampleDP(cfg.privacy.clip, account, group.nodes, noise_seed)
+    offsets = None
+    if cfg.train.logit_adjustment:  # the labels each node trains on (label_flip's too)
+        offsets = label_prior_offsets(parts, labels, num_labels, cfg.train.logit_adjustment)
     return LocalTrainer(
         fed,
         optimizer,
@@ -406,6 +410,7 @@ def _build_trainer(
         task,
         example_dp,
         group if isinstance(group, Replicas) else None,
+        offsets,
     )
 
 
@@ -456,7 +461,9 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     train_ids, labels, test_ids, test_labels = _encode(cfg, task, train, test, labels)
     pad_id = _pad_id(fed, tokenizer)
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)
-    trainer = _build_trainer(cfg, fed, group, parts, train_ids, labels, pad_id, task, account)
+    trainer = _build_trainer(
+        cfg, fed, group, parts, train_ids, labels, pad_id, task, account, train.num_labels
+    )
     optimizer, streams = trainer.optimizer, trainer.streams
     exchange = _build_exchange(cfg, group, n, fed, stragglers, account)
     return Experiment(

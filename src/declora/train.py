@@ -5,6 +5,13 @@ micro-batches under a token budget, each padded only to its own longest row: the
 would waste is gone, and the result is the same as one big batch (the loss is a per-row weighted sum,
 weight 1/b_i for node i's rows, so node i's gradient is the gradient of its own mean loss). What a row's
 loss and metric are is the task's (``declora.tasks``): a classifier head's cross-entropy by default.
+
+Under label skew a node's classifier learns its own label prior along with the evidence, and the average
+of such heads carries a prior no node's data had. ``train.logit_adjustment`` (tau) trains every node on
+``logits + tau * log(prior_i)``, prior_i the label frequencies of node i's own data (the logit-adjusted
+loss; balanced softmax at tau = 1): the prior is then supplied by the loss, so the model learns the
+evidence alone and predicts as if every label were equally likely. Only training sees the offsets;
+evaluation and the exported adapter read the plain logits.
 """
 
 from __future__ import annotations
@@ -119,6 +126,15 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return input_ids, mask
 
 
+def label_prior_offsets(parts: list[np.ndarray], labels: np.ndarray, num_labels: int, tau: float) -> Tensor:
+    """tau * log of each node's label frequencies (n, num_labels), from its rows ``parts[i]``.
+
+    The counts are add-one smoothed: a label a node never saw gets a finite offset (the most negative),
+    so that label's logit still learns to stay low where the node has no evidence for it."""
+    counts = np.stack([np.bincount(labels[part], minlength=num_labels) for part in parts]) + 1.0
+    return tau * torch.log(torch.as_tensor(counts / counts.sum(1, keepdims=True), dtype=torch.float32))
+
+
 def accumulate_gradients(
     fed: Federation,
     rows: Rows,
@@ -126,11 +142,14 @@ def accumulate_gradients(
     tokens_per_chunk: int,
     task: Task = CLASSIFY,
     dp: ExampleDP | None = None,
+    logit_offsets: Tensor | None = None,
 ) -> Tensor:
     """Forward/backward every row in micro-batches; returns each node's mean loss (n,), on the CPU.
 
     Each micro-batch goes to ``fed.device``; the per-node bookkeeping of the engine stays on the CPU.
-    With ``dp`` (example-level DP) each row's gradient is clipped before it is added to ``.grad``."""
+    With ``dp`` (example-level DP) each row's gradient is clipped before it is added to ``.grad``.
+    ``logit_offsets`` (n, K), a classifier's only: added to each row's logits, by its node, before the loss
+    (``label_prior_offsets``)."""
     device = fed.device
     node_loss = torch.zeros(fed.n, device=device)
     for chunk in micro_batches([len(x) for x in rows.ids], tokens_per_chunk):
@@ -140,6 +159,8 @@ def accumulate_gradients(
         keep = task.positions(input_ids, mask, labels, train=True)  # None: every position
         with fed.route(nodes, None if rows.keys is None else rows.keys[index]):
             logits = fed(input_ids, mask, keep)
+        if logit_offsets is not None:
+            logits = logits + logit_offsets.to(device)[nodes]
         losses = task.row_loss(logits, input_ids, mask, labels, keep)  # (chunk,)
         weighted = losses * rows.weights[index].to(device)
         if dp is None:
@@ -168,6 +189,7 @@ class LocalTrainer:
         task: Task = CLASSIFY,
         dp: ExampleDP | None = None,
         replicas: Solo | None = None,
+        logit_offsets: Tensor | None = None,
     ) -> None:
         self.fed, self.optimizer, self.streams = fed, optimizer, streams
         self.dp = dp  # example-level DP-SGD: per-example clipping and per-node noise replace max_grad_norm
@@ -176,6 +198,7 @@ class LocalTrainer:
         self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
         self.correction: Callable[[dict[str, Tensor]], None] | None = None  # RoundPlan.correction
         self.replicas = replicas  # data parallel (declora.replicas): this rank's share of each batch
+        self.logit_offsets = logit_offsets  # (n, K): train.logit_adjustment's, by node; None: plain loss
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""
@@ -200,7 +223,7 @@ class LocalTrainer:
             p.requires_grad_(name in names)
         self.fed.set_training(True)
         node_loss = accumulate_gradients(
-            self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task, self.dp
+            self.fed, rows, self.pad_id, self.tokens_per_chunk, self.task, self.dp, self.logit_offsets
         )
         if self.replicas is not None:  # before anything reads the gradient: every replica steps alike
             node_loss = sum_gradients(self.replicas, params, names, node_loss)

@@ -132,6 +132,7 @@ RANGES: dict[str, Range] = {
     "train.momentum": BELOW_ONE,
     "train.eps": OPEN_UNIT,
     "train.max_grad_norm": ABOVE_ZERO,
+    "train.logit_adjustment": Range(0, 10),  # tau: 1 is balanced softmax; beyond a few it only distorts
     "train.tokens_per_chunk": Range(1),
     "eval.node_examples": Range(1),
     "eval.consensus_examples": Range(1),
@@ -436,6 +437,22 @@ def _check_optimizer(cfg: Config) -> None:
         raise ConfigError("train.nesterov=true needs train.momentum > 0 (it is 0)")
 
 
+def _check_logit_adjustment(cfg: Config) -> None:
+    """The offsets are a classifier's, and read each node's label counts, which DP-SGD does not cover."""
+    tau = cfg.train.logit_adjustment
+    if tau and cfg.task.kind != "sequence_classification":
+        raise ConfigError(
+            f"train.logit_adjustment={tau} adjusts a classifier head's logits (task.kind="
+            f"sequence_classification); task.kind={cfg.task.kind} has none: set train.logit_adjustment=0"
+        )
+    if tau and cfg.privacy.level == "example":
+        raise ConfigError(
+            f"train.logit_adjustment={tau} with privacy.level=example: the offsets come from each node's "
+            "label counts, which example-level DP does not account for; set train.logit_adjustment=0 or use "
+            "privacy.level=node"
+        )
+
+
 # read from a user's table
 TABLE_KEYS = ("subset", "split", "test_file", "test_split", "text_column", "label_column")
 
@@ -480,6 +497,7 @@ CROSS_CHECKS: list[typing.Callable[[Config], None]] = [
     _check_degenerate,
     _check_slices,
     _check_optimizer,
+    _check_logit_adjustment,
     _check_unread_data_keys,
     _check_columns_differ,
 ]

@@ -34,6 +34,7 @@ CASES = {
     "plain": [],
     "clipped": ["train.max_grad_norm=0.02"],
     "dropout": ["model.dropout=0.2"],  # each rank masks its share of the rows as one process would
+    "logit_adjusted": ["train.logit_adjustment=1"],  # every replica shifts by the pooled label prior
     "dp_sgd": ["privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"],
 }
 

@@ -125,6 +125,11 @@ CASES = {
         [*PRIVATE_NODES, "attack.kind=sign_flip", "attack.nodes=[1]", "robust.aggregator=trimmed_mean"],
     ),
     "dec_prox": ("dec_prox", ["algorithm.mu=0.5"]),  # gossip with FedProx's pull
+    # each rank's nodes shifted by their own label priors (a flipper's from its poisoned labels)
+    "dec_lora_logit_adjusted": (
+        "dec_lora",
+        ["train.logit_adjustment=1", "attack.kind=label_flip", "attack.nodes=[1]"],
+    ),
     # Fed-SB: the r x r middle factor R on the node axis, averaged by a server (with sampling) or gossiped
     "fed_sb": ("fed_sb", ["server.fraction=0.6", "server.optimizer=adam"]),
     "dec_sb": ("dec_sb", []),
@@ -199,6 +204,7 @@ SLICES = {
         "fedex_krum": (3, 2),
         "flora_clipped": (2, 3),
         "dec_prox": (2, 3),
+        "dec_lora_logit_adjusted": (1, 4),  # the flipper (node 1) and three others on rank 1
         "fed_sb": (3, 2),
         "dec_sb": (1, 4),
         "periodic_gossip": (3, 2),

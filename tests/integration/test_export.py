@@ -406,3 +406,21 @@ def test_an_instruction_card_gives_the_recipe_that_reproduces_its_perplexity(tin
         picked = logp[torch.arange(len(targets)), targets][-len(answer) :]
         nll, count = nll - float(picked.sum()), count + len(answer)
     assert math.exp(nll / count) == pytest.approx(card["metrics"]["ppl_avg_factors"], rel=1e-4)
+
+
+def test_a_logit_adjusted_adapter_scores_as_declora_did_and_its_card_says_how_to_add_a_prior(
+    tiny_bert, tmp_path
+):
+    exp, test = _classifier_run(
+        tiny_bert, tmp_path, "adjusted", "train.logit_adjustment=1", "partition.kind=dirichlet"
+    )
+    last = [r for r in read_metrics(exp.run_dir / "metrics.jsonl") if r["event"] == "eval"][-1]
+    folder = exp.run_dir / "adapters" / "consensus"
+    assert json.loads((folder / CARD_FILE).read_text())["inputs"]["logit_adjustment"] == 1.0
+    readme = (folder / "README.md").read_text()
+    assert "`train.logit_adjustment=1`" in readme and "add `1 * prior.log()` to the logits" in readme
+    scope: dict = {}
+    exec(re.search(r"```python\n(.*?)```", readme, re.S).group(1), scope)  # the folder's own load lines
+    assert _test_accuracy(scope["model"].eval(), test, tiny_bert) == pytest.approx(
+        last["acc_avg_factors"], abs=1e-6
+    )

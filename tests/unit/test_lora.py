@@ -9,7 +9,7 @@ from declora.config import ModelConfig
 from declora.lora import gather_rows
 from declora.model import build_federation, export_peft, node_slice
 from declora.optim import NodeAdamW, clip_per_node
-from declora.train import LocalTrainer, NodeStreams
+from declora.train import LocalTrainer, NodeStreams, label_prior_offsets
 
 pytestmark = pytest.mark.unit
 
@@ -101,7 +101,7 @@ def test_clipping_uses_each_nodes_own_norm():
     torch.testing.assert_close(g1[1], torch.tensor([0.3, 0.4]))  # under the limit: untouched
 
 
-def _trainer(tiny_bert, n, parts, token_ids, labels, chunk, start=None):
+def _trainer(tiny_bert, n, parts, token_ids, labels, chunk, start=None, tau=0.0):
     cfg = ModelConfig(name=str(tiny_bert), rank=4, alpha=8)
     fed = build_federation(cfg, n=n, num_labels=2)
     _randomize(fed, seed=3)
@@ -111,25 +111,36 @@ def _trainer(tiny_bert, n, parts, token_ids, labels, chunk, start=None):
                 v.copy_(start[k])
     opt = NodeAdamW(dict(fed.tensors()), {k: 1e-2 for k in fed.tensors()})
     streams = NodeStreams(parts, batch_size=4, seed=0)
+    offsets = label_prior_offsets(parts, labels, 2, tau) if tau else None
     return fed, LocalTrainer(
-        fed, opt, streams, token_ids, labels, pad_id=0, max_grad_norm=1.0, tokens_per_chunk=chunk
-    )
+        fed, opt, streams, token_ids, labels, pad_id=0, max_grad_norm=1.0, tokens_per_chunk=chunk,
+        logit_offsets=offsets,
+    )  # fmt: skip
 
 
-def test_batched_training_equals_each_node_alone(tiny_bert):
+@pytest.mark.parametrize("tau", [0.0, 1.0])  # 1: each node's loss shifted by its own label prior
+def test_batched_training_equals_each_node_alone(tiny_bert, tau):
     import numpy as np
 
     g = np.random.default_rng(0)
     token_ids = [list(g.integers(1000, 3000, size=int(g.integers(3, 20)))) for _ in range(40)]
     labels = g.integers(0, 2, size=40)
+    labels[10:25] = 1  # node 1 saw one label only: its offsets differ most from the others'
     parts = [np.arange(0, 10), np.arange(10, 25), np.arange(25, 40)]
-    fed, trainer = _trainer(tiny_bert, 3, parts, token_ids, labels, chunk=64)
+    fed, trainer = _trainer(tiny_bert, 3, parts, token_ids, labels, chunk=64, tau=tau)
     start = {k: v.detach().clone() for k, v in fed.tensors().items()}
     names = list(fed.tensors())
     trainer.local_work(torch.ones(3, dtype=torch.bool), names, amount=3, unit="steps")
     for node in range(3):
         solo_fed, solo = _trainer(
-            tiny_bert, 1, [parts[node]], token_ids, labels, chunk=10_000, start=node_slice(start, node)
+            tiny_bert,
+            1,
+            [parts[node]],
+            token_ids,
+            labels,
+            chunk=10_000,
+            start=node_slice(start, node),
+            tau=tau,
         )
         # node `node` of the batched run drew from stream (seed, node); make the solo run do the same
         solo.streams.next_batch = _shifted(solo.streams, node)  # type: ignore[method-assign]

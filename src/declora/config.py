@@ -25,14 +25,21 @@ class ConfigError(ValueError):
 
 
 # model.target_modules=all-linear (PEFT's shorthand): every linear layer of the model but the classifier
-# head, which trains whole, and a causal LM's output layer (lm_head).
+# head, which trains whole, and a causal LM's output layer (lm_head). Any other string is, as in PEFT, a
+# regular expression that a layer's full name (bert.encoder.layer.5.attention.self.query) matches whole.
 ALL_LINEAR = "all-linear"
+
+
+def shown_targets(targets: tuple[str, ...] | str) -> str:
+    """model.target_modules as a message shows it: a list of names, or the regular expression."""
+    return repr(targets) if isinstance(targets, str) else str(list(targets))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local model folder | a hub id in the HF cache
-    target_modules: tuple[str, ...] = ("query", "value")  # LLaMA family: [q_proj, v_proj]; or all-linear
+    # LLaMA family: [q_proj, v_proj]; or all-linear; or a regular expression on the full names (a string)
+    target_modules: tuple[str, ...] | str = ("query", "value")
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r

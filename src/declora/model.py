@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from declora.adapter_card import AdapterCard, write_card
 from declora.assets import model_path
-from declora.config import ALL_LINEAR, ModelConfig
+from declora.config import ALL_LINEAR, ModelConfig, shown_targets
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
 from declora.metrics import gated
@@ -292,7 +293,7 @@ def build_federation(
         kinds = (nn.Linear, QuantizedLinear)
         linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, kinds)})
         raise ValueError(
-            f"model.target_modules={list(cfg.target_modules)} matches no linear layer of "
+            f"model.target_modules={shown_targets(cfg.target_modules)} matches no linear layer of "
             f"{path}; its linear layer names are {linears}"
         )
     for name, layer in lora.items():
@@ -314,9 +315,12 @@ def build_federation(
 # ---------------------------------------------------------------- derived adapters
 
 
-def is_target(target_modules: tuple[str, ...], name: str) -> bool:
+def is_target(target_modules: tuple[str, ...] | str, name: str) -> bool:
     """Whether ``model.target_modules`` names the linear layer ``name`` (by its last part; all-linear: every
-    one but lm_head; the callers leave out the classifier head)."""
+    one but lm_head; a string: a regular expression the full name matches whole, PEFT's rule; the callers
+    leave out the classifier head)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
     leaf = name.split(".")[-1]
     return leaf != "lm_head" if ALL_LINEAR in target_modules else leaf in target_modules
 
@@ -324,7 +328,9 @@ def is_target(target_modules: tuple[str, ...], name: str) -> bool:
 def export_targets(fed: Federation) -> list[str]:
     """The target_modules an exported adapter names: the config's, or under all-linear the names of the
     layers it resolved to (explicit, so that stock PEFT adapts exactly these whatever its own shorthand
-    takes in)."""
+    takes in); under a regular expression the full names of the adapted layers, which PEFT matches exactly."""
+    if isinstance(fed.cfg.target_modules, str):
+        return sorted(fed.lora)
     if ALL_LINEAR in fed.cfg.target_modules:
         return sorted({name.split(".")[-1] for name in fed.lora})
     return sorted(fed.cfg.target_modules)

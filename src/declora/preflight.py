@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from declora.assets import fetch_hint
-from declora.config import ALL_LINEAR, Config, ConfigError, ModelConfig
+from declora.config import ALL_LINEAR, Config, ConfigError, ModelConfig, shown_targets
 
 log = logging.getLogger(__name__)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -188,6 +188,18 @@ def check_model_shape(
         and is_target(cfg.model.target_modules, name)
         and not name.startswith(HEAD_ROOTS)
     }
+    targets = cfg.model.target_modules
+    if not dims and isinstance(targets, str):  # a regular expression: show full names to match
+        linears = [
+            k for k, m in model.named_modules() if isinstance(m, nn.Linear) and not k.startswith(HEAD_ROOTS)
+        ]
+        raise ConfigError(
+            f"model.target_modules={targets!r} (a regular expression, matched whole against each layer's "
+            f"full name, as PEFT does) matches no linear layer of {folder}; their names run from "
+            f"{linears[0]!r} to {linears[-1]!r}"
+            if linears
+            else f"{folder} has no linear layer to adapt"
+        )
     if not dims:
         other = sorted(  # named as asked, but not nn.Linear: GPT-2's Conv1D, a convolution, an embedding
             {
@@ -199,14 +211,15 @@ def check_model_shape(
         if other:
             conv = " (GPT-2-style Conv1D is not supported)" if any("(Conv1D)" in o for o in other) else ""
             raise ConfigError(
-                f"model.target_modules={list(cfg.model.target_modules)} names layers of {folder} that "
+                f"model.target_modules={list(targets)} names layers of {folder} that "
                 f"are not nn.Linear: {other}; declora's LoRA adapts nn.Linear layers only{conv}"
             )
         raise ConfigError(
-            f"model.target_modules={list(cfg.model.target_modules)} matches no linear layer of {folder}; "
+            f"model.target_modules={list(targets)} matches no linear layer of {folder}; "
             f"{_adaptable_names(model)}"
         )
-    unmatched = sorted(set(cfg.model.target_modules) - {name.split(".")[-1] for name in dims} - {ALL_LINEAR})
+    named = set() if isinstance(targets, str) else set(targets)
+    unmatched = sorted(named - {name.split(".")[-1] for name in dims} - {ALL_LINEAR})
     if unmatched:  # a misspelt name beside a right one would leave its layers silently unadapted
         raise ConfigError(
             f"model.target_modules names {unmatched}, which match no linear layer of {folder} that LoRA "
@@ -218,7 +231,7 @@ def check_model_shape(
     if cfg.model.rank > smallest:
         raise ConfigError(
             f"model.rank={cfg.model.rank} exceeds the smallest adapted dimension ({smallest}) of "
-            f"{list(cfg.model.target_modules)}; allowed: 1..{smallest}"
+            f"model.target_modules={shown_targets(targets)}; allowed: 1..{smallest}"
         )
     return dims
 
@@ -375,7 +388,9 @@ def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> No
     targets = ac.get("target_modules")
     targets = sorted([targets] if isinstance(targets, str) else targets or [])
     # all-linear resolves against the model: import_peft then finds a tensor for every adapted layer or stops
-    if targets != sorted(m.target_modules) and ALL_LINEAR not in m.target_modules:
+    # a regular expression too: the run's own export lists the full names it resolved to
+    resolved = isinstance(m.target_modules, str) or ALL_LINEAR in m.target_modules
+    if not resolved and targets != sorted(m.target_modules):
         raise ConfigError(
             f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
         )

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -245,7 +246,16 @@ def _check_values(cfg: Config, flat: dict[str, Any]) -> None:
     _validate_ranges(flat)
     _refuse_empty_names(flat)
     targets = cfg.model.target_modules
-    if ALL_LINEAR in targets and len(targets) > 1:
+    if isinstance(targets, str):  # a regular expression (PEFT's rule): it must compile
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ConfigError(
+                f"model.target_modules={targets!r} is not a regular expression ({err}); a string other "
+                f"than {ALL_LINEAR} is matched whole against each layer's full name, as in PEFT, or give a "
+                "list of layer names"
+            ) from err
+    elif ALL_LINEAR in targets and len(targets) > 1:
         raise ConfigError(
             f"model.target_modules={list(targets)}: {ALL_LINEAR} already names every linear layer; give it "
             "alone, or list the layers"

@@ -280,6 +280,38 @@ def test_all_linear_adapts_every_linear_layer_but_the_heads_and_stock_peft_agree
         load_config(None, [*overrides, "model.target_modules=[all-linear,query]"])
 
 
+def test_a_regular_expression_adapts_the_layers_whose_full_names_it_matches_and_stock_peft_agrees(
+    tiny_bert, tmp_path
+):
+    """A string for model.target_modules is PEFT's regular expression on the full names: here layer 1's
+    query and value alone; the export lists those full names, stock PEFT reproduces the logits, and the
+    adapter seeds another run with the same expression."""
+    expression = r"bert\.encoder\.layer\.1\..*\.(query|value)"
+    overrides = _overrides(tiny_bert, tmp_path, f"model.target_modules={expression}", "train.lr=0.02")
+    exp = build_experiment(load_config(None, overrides))
+    assert exp.cfg.model.target_modules == expression
+    adapted = ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value"]
+    assert sorted(exp.fed.lora) == adapted
+    run(exp)
+    assert float(_check_stock_peft_gives_consensus_logits(exp).std()) > 1e-3  # texts told apart
+    folder = exp.run_dir / "adapters" / "consensus"
+    assert sorted(json.loads((folder / "adapter_config.json").read_text())["target_modules"]) == adapted
+    (tmp_path / "again").mkdir()
+    seeded = _overrides(
+        tiny_bert, tmp_path / "again", f"model.target_modules={expression}", f"model.init_adapter={folder}"
+    )
+    again = build_experiment(load_config(None, seeded))
+    for name, layer in again.fed.lora.items():
+        torch.testing.assert_close(layer.A[0], exp.fed.lora[name].A.detach().mean(0), atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match=r"model.target_modules='\(query' is not a regular expression"):
+        load_config(None, [*overrides, "model.target_modules=(query"])
+    with pytest.raises(
+        ConfigError,
+        match=r"matches no linear layer of .*; their names run from 'bert.encoder.layer.0.attention.self.q",
+    ):
+        build_experiment(load_config(None, [*overrides, r"model.target_modules=.*\.layer\.7\..*"]))
+
+
 def test_all_linear_leaves_a_causal_lms_output_layer_alone(tiny_llama, tmp_path):
     """all-linear on a causal LM: the attention and MLP projections, not lm_head (as PEFT's shorthand)."""
     words = ["task.kind=label_words", "model.head=none", "task.label_words=[' negative',' positive']"]

@@ -129,8 +129,8 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 def label_prior_offsets(parts: list[np.ndarray], labels: np.ndarray, num_labels: int, tau: float) -> Tensor:
     """tau * log of each node's label frequencies (n, num_labels), from its rows ``parts[i]``.
 
-    The counts are add-one smoothed: a label a node never saw gets a finite offset (the most negative),
-    so that label's logit still learns to stay low where the node has no evidence for it."""
+    The counts are add-one smoothed: a label a node never saw gets a finite offset (its most negative one)
+    rather than log 0, so every logit stays finite and keeps a gradient."""
     counts = np.stack([np.bincount(labels[part], minlength=num_labels) for part in parts]) + 1.0
     return tau * torch.log(torch.as_tensor(counts / counts.sum(1, keepdims=True), dtype=torch.float32))
 

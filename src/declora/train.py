@@ -198,7 +198,8 @@ class LocalTrainer:
         self.tokens = 0  # real (unpadded) tokens trained on since the engine last reset it: tokens/s
         self.correction: Callable[[dict[str, Tensor]], None] | None = None  # RoundPlan.correction
         self.replicas = replicas  # data parallel (declora.replicas): this rank's share of each batch
-        self.logit_offsets = logit_offsets  # (n, K): train.logit_adjustment's, by node; None: plain loss
+        # (n, K): train.logit_adjustment's, by node; None: the plain loss. On the device once, not per batch.
+        self.logit_offsets = None if logit_offsets is None else logit_offsets.to(fed.device)
 
     def step(self, active: Tensor, names: list[str]) -> Tensor:
         """One optimizer step for every active node; returns per-node loss (n,), NaN for idle nodes."""

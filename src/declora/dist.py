@@ -158,6 +158,9 @@ class Solo:
     def barrier(self) -> None:
         return None
 
+    def stop_together(self) -> None:
+        return None
+
     @contextmanager
     def guard(self) -> Iterator[None]:
         yield
@@ -257,6 +260,14 @@ class Distributed(Solo):
             dist.monitored_barrier(group=self.ctrl, timeout=self.timeout, wait_all_ranks=True)
 
     # ---------------------------------------------------------------- progress and faults
+
+    def stop_together(self) -> None:
+        """Every rank found the same error in numbers they reduced together (an AgreedStop): meet once
+        more, so that rank 0 has written why the run stopped before any rank leaves, and from here on let
+        SIGTERM wait. Otherwise the first rank to exit makes torchrun stop the others on the way to their
+        own line, and they would report the stop as a peer's failure."""
+        self._failing = True
+        self.barrier()
 
     def enter(self, round: int, phase: str) -> None:
         """Stamp where this rank is; a new round starts with a monitored barrier (all ranks meet)."""

@@ -367,6 +367,8 @@ def _rounds(
             except NumericalError as err:
                 if group.is_main:  # on record: the report says why the run stopped (a resume would repeat it)
                     metrics.write({"event": "diverged", "round": t + 1, "reason": str(err)})
+                    crash_point("round.diverged")  # tests: rank 0 reaches the stop after its peers
+                group.stop_together()
                 raise
             crash_point("round.trained")
             record = _round_record(exp, t, loss, work, W, speed)

@@ -70,6 +70,9 @@ class Replicas(Solo):
     def barrier(self) -> None:
         self.procs.barrier()
 
+    def stop_together(self) -> None:
+        self.procs.stop_together()
+
     @contextmanager
     def guard(self) -> Iterator[None]:
         with self.procs.guard():

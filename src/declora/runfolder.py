@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ _reached: dict[str, int] = {}
 
 def crash_point(name: str, partial: Callable[[], Any] | None = None) -> None:
     """Tests only: stop here when DECLORA_CRASH_AT names this point (``partial`` first writes half of
-    what comes next: a torn write). DECLORA_CRASH_MODE=kill sends SIGKILL instead of raising."""
+    what comes next: a torn write). DECLORA_CRASH_MODE=kill sends SIGKILL instead of raising; =lag
+    sleeps 3 s there and goes on (a slow rank, for races between ranks)."""
     spec = os.environ.get(CRASH_ENV)
     if not spec:
         return
@@ -55,6 +57,9 @@ def crash_point(name: str, partial: Callable[[], Any] | None = None) -> None:
         return
     if partial is not None:
         partial()
+    if os.environ.get("DECLORA_CRASH_MODE") == "lag":
+        time.sleep(3.0)
+        return
     if os.environ.get("DECLORA_CRASH_MODE") == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     raise CrashPoint(f"{name}:{_reached[name]}")

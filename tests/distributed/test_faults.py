@@ -25,6 +25,7 @@ from dist_helpers import (
 from declora.config import load_config
 from declora.engine import run
 from declora.experiment import build_experiment
+from declora.runfolder import CRASH_ENV
 
 pytestmark = pytest.mark.distributed
 TIMEOUT = 10  # dist.timeout_s in these tests
@@ -174,7 +175,9 @@ def test_a_run_that_diverges_stops_every_rank_with_the_one_process_line(tiny_ber
     """A NaN is found by all ranks together (the health check reduces what each found): no rank is at
     fault, so the launch says the one line one process says, every rank exits 1, and the run folder
     records why it stopped. The attacker's message, scaled past float32's range, reaches node 0's rank
-    here, so one process and the launch name the same node."""
+    here, so one process and the launch name the same node. Rank 0 is made to reach the stop 3 s after
+    rank 1 (it writes the record first; a busy machine does the same): it still says the one line itself,
+    not the line its watchdog would pass on from the peer's post, prefixed with its rank."""
     from declora.cli import main
 
     attack = ["attack.kind=scaled", "attack.nodes=[3]", "attack.scale=1e39"]
@@ -184,7 +187,9 @@ def test_a_run_that_diverges_stops_every_rank_with_the_one_process_line(tiny_ber
     line = capsys.readouterr().err.strip()
     assert line.startswith("declora: error: round 1: node 0: tensor ") and "NaN or Inf" in line, line
     overrides = tiny_overrides(tiny_bert, tmp_path / "run", "dec_lora", *attack, "dist.node_slices=[3,2]")
-    stopped = launch(["-m", "declora", "run", str(CONFIG), *overrides], 2)
+    lag = {CRASH_ENV: "round.diverged", "DECLORA_CRASH_MODE": "lag"}
+    began = time.monotonic()
+    stopped = finish(torchrun(["-m", "declora", "run", str(CONFIG), *overrides], 2, env=lag), began)
     assert re.findall(r"exitcode\s+: (-?\d+)", stopped.output) == ["1", "1"], stopped.digest  # the summary
     errors = [x for x in stopped.output.splitlines() if x.startswith("declora: error")]
     assert errors == [line], stopped.digest  # once per host, and no rank named as failed, died or hung

@@ -1,226 +1,25 @@
 """Command line: ``declora run | report | compare | topology``. It prints, as do console (a run's opening
-line and progress) and compare_jobs (the lines of cells running in parallel); the other modules log."""
+line and progress), run_setup (what a run runs, and under torchrun which rank's) and compare_jobs (the
+lines of cells running in parallel); the other modules log."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
-from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from declora import __version__
-from declora.config import (
-    Config,
-    ConfigError,
-    flatten,
-    load_config,
-    parse_override,
-    repeated_overrides,
-    to_dict,
-)
-from declora.console import EARLY_RECORDS, RoundsBar, announce_run, log_to_file
-from declora.validation import check_resume
-
-if TYPE_CHECKING:
-    from declora.dist import Solo
+from declora.config import ConfigError, load_config, repeated_overrides
+from declora.console import EARLY_RECORDS, RoundsBar, announce_run, log_to_file, say_error
+from declora.run_setup import config_path, die, join_run
 
 log = logging.getLogger(__name__)
-
-# configs/default.yaml of the working directory, else of the source checkout (editable installs).
-DEFAULT_CONFIGS = (Path("configs/default.yaml"), Path(__file__).resolve().parents[2] / "configs/default.yaml")
-
-
-def _config_path(arg: str | None) -> Path:
-    if arg is not None:
-        return Path(arg)
-    found = next((p for p in DEFAULT_CONFIGS if p.is_file()), None)
-    if found is None:  # an installed (not editable) declora: the built-in defaults are another experiment
-        raise ConfigError(
-            "no config given, and configs/default.yaml (the default experiment) is neither in the current "
-            "directory nor in declora's source checkout: give a config file, e.g. declora run my.yaml"
-        )
-    return found
-
-
-def _run_config(args: argparse.Namespace) -> tuple[Config, Path]:
-    """The run's config and folder, checked before any work: a new run needs an empty folder (or
-    --overwrite); a resume takes its folder's config.yaml and only RESUME_SAFE overrides."""
-    if args.resume:
-        return _resumed_config(args)
-    from declora.experiment import default_run_dir
-    from declora.ignored import without_unread_defaults
-    from declora.runfolder import check_new_run
-
-    cfg = load_config(_config_path(args.config), args.overrides)
-    if args.config is None:  # the fallback config: its keys this run ignores were not the user's
-        cfg = without_unread_defaults(cfg, [parse_override(text)[0] for text in args.overrides])
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    check_new_run(run_dir, args.overwrite)
-    return cfg, run_dir
-
-
-def _resumed_config(args: argparse.Namespace) -> tuple[Config, Path]:
-    """--resume DIR: the folder's saved config with the overrides a resume allows, after every check
-    that the folder can go on (not in use, checkpoint kept, log complete, inputs where they were)."""
-    from declora.checkpoint import refuse_multi_process_checkpoint_alone
-    from declora.dist import launched
-    from declora.inputs import check_started_in
-    from declora.runfolder import (
-        check_checkpoint_kept,
-        check_last_round_evaluated,
-        check_log_covers,
-        check_not_in_use,
-        check_writable,
-        start_record,
-    )
-    from declora.trackers import check_tracker_runs, reading_saved_config
-
-    run_dir = Path(args.resume)
-    if args.config is not None:
-        raise ConfigError(
-            f"--resume {run_dir} takes its config from {run_dir / 'config.yaml'}; a config file "
-            f"({args.config}) is not allowed with it (key=value overrides are, where safe)"
-        )
-    if args.overwrite:
-        raise ConfigError("--overwrite and --resume contradict each other: choose one")
-    if not run_dir.is_dir():
-        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
-        raise ConfigError(f"--resume {run_dir}: {what}; give the folder of the run to continue")
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a declora run folder?")
-    check_not_in_use(run_dir)
-    started_in = start_record(run_dir).get("cwd")
-    try:
-        with reading_saved_config():  # only compared with: cfg below is checked after the overrides
-            saved = load_config(run_dir / "config.yaml")
-    except ConfigError as err:  # a folder of another declora version, an edited file, a moved input
-        elsewhere = started_in and Path(started_in).resolve() != Path.cwd().resolve()
-        where = f" (the run started in {started_in}: relative paths are opened from there)"
-        saved_at = str(run_dir / "config.yaml")  # named once: a YAML error names the file already
-        named = str(err) if str(err).startswith(saved_at) else f"{saved_at}: {err}"
-        raise ConfigError(f"{named}{where if elsewhere else ''}") from err
-    for key, value in (parse_override(text) for text in args.overrides):  # before a new plugin is imported
-        if key == "plugins" and tuple(value or ()) != saved.plugins:
-            raise ConfigError(f"plugins cannot change on resume ({list(saved.plugins)!r} -> {value!r})")
-        if key == "run_dir" and (value is None or Path(str(value)).resolve() != run_dir.resolve()):
-            raise ConfigError(
-                f"run_dir={value} with --resume {run_dir}: a resumed run goes on in the folder --resume "
-                "names; to continue a copy, copy the folder and resume the copy"
-            )
-    check_checkpoint_kept(run_dir, saved.checkpoint_every, saved.rounds)
-    if not launched():  # before the model loads (a torchrun launch compares layouts once its group is up)
-        refuse_multi_process_checkpoint_alone(run_dir)
-    cfg = load_config(run_dir / "config.yaml", args.overrides)
-    if cfg.run_dir is not None and Path(cfg.run_dir).resolve() != run_dir.resolve():
-        # a moved folder: the run is where --resume points, recorded as an absolute path so that the
-        # adapters' load snippet works from anywhere (the same folder keeps the path it was given)
-        cfg = dataclasses.replace(cfg, run_dir=str(run_dir.resolve()))
-    done = _rounds_done(run_dir)
-    check_log_covers(run_dir, done)
-    check_resume(saved, cfg, rounds_done=done)
-    check_last_round_evaluated(run_dir, done, cfg.rounds)
-    check_tracker_runs(cfg, run_dir)
-    check_started_in(saved, started_in)  # before any work (the engine checks again, and warns of
-    # inputs changed since the start: declora.inputs)
-    check_writable(run_dir)
-    return cfg, run_dir
-
-
-def _rounds_done(run_dir: Path) -> int | None:
-    """The round of the last complete checkpoint (None: none yet, or unreadable: the load will say)."""
-    import json
-
-    try:
-        return int(json.loads((run_dir / "state" / "latest.json").read_text())["round"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _die(message: str) -> None:
-    """A multi-process run failed: say so once per rank, then leave without waiting on dead peers (exit 2
-    when a peer refused bad input before the run started, as one process would)."""
-    from declora.dist import REFUSED
-
-    sys.stderr.write(f"declora: error (rank {os.environ.get('RANK', 0)}): {message}\n")
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(2 if REFUSED in message else 1)
-
-
-def _launch(args: argparse.Namespace) -> tuple[Config, Path | None, Solo]:
-    """Under torchrun, join the process group; rank 0's config is the run's (another host may hold a
-    different file, or no run folder to resume from). Every rank must be launched in the same mode (a new
-    run, --overwrite or --resume), else all refuse at once; a rank whose own command differs from rank
-    0's says which keys it does not get."""
-    from declora.config import DistConfig
-    from declora.dist import Distributed, Solo, launched
-
-    if not launched():
-        return (*_run_config(args), Solo())
-    cfg, run_dir, error = None, None, None
-    try:
-        cfg, run_dir = _run_config(args)
-    except (ConfigError, FileNotFoundError) as err:
-        error = str(err)
-    device = cfg.device if cfg is not None else "auto"
-    group = Distributed(cfg.dist if cfg is not None else DistConfig(), on_fatal=_die, device=device)
-    with group.guard():
-        launches = group.all_gather_object((cfg, run_dir, error, _mode(args)))
-    cfg, run_dir, error, _ = launches[0]
-    modes = [mode for *_, mode in launches]
-    if error is None and len(set(modes)) > 1:
-        error = (
-            "the ranks were launched in different modes ("
-            + ", ".join(f"rank {k}: {mode}" for k, mode in enumerate(modes))
-            + "); launch every rank with the same declora command (a resume: --resume RUN_DIR on every host)"
-        )
-    if error is not None:
-        # Every rank refuses alike: one line per host, said by local rank 0. The others leave only once it
-        # has said it (leaving first, they had torchrun stop rank 0 before it had: seen in CI); every rank
-        # refuses here, so every rank reaches the barrier. os._exit as _die: the group's threads would
-        # abort an ordinary exit, and a slow rank's close would let torchrun kill the others.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            _error(ConfigError(error), 2)
-            sys.stderr.flush()
-        with suppress(Exception):
-            group.barrier()
-        logging.shutdown()
-        os._exit(2)
-    _say_what_differs(group.rank, launches)
-    return cfg, run_dir, group
-
-
-def _mode(args: argparse.Namespace) -> str:
-    return "--resume" if args.resume else "--overwrite" if args.overwrite else "a new run"
-
-
-def _say_what_differs(rank: int, launches: list[Any]) -> None:
-    """Rank 0's config is the run's: a rank whose own command line gives other values (or does not
-    parse) says so, on its own console and on rank 0's, instead of running rank 0's values silently."""
-    ours = {**flatten(to_dict(launches[0][0])), "run_dir": str(launches[0][1])}
-    for k, (theirs, their_dir, their_error, _) in enumerate(launches[1:], start=1):
-        if their_error is not None:
-            what = f"does not parse ({their_error})"
-        else:
-            given = {**flatten(to_dict(theirs)), "run_dir": str(their_dir)}
-            keys = [key for key in given if given[key] != ours.get(key)]
-            if not keys:
-                continue
-            what = "gives " + ", ".join(f"{key}={given[key]!r}" for key in keys[:8])
-            what += f" (and {len(keys) - 8} more)" if len(keys) > 8 else ""
-            what += "; it runs " + ", ".join(f"{key}={ours.get(key)!r}" for key in keys[:8])
-        if rank in (0, k):
-            sys.stderr.write(
-                f"declora: warning: rank {k}'s own command {what}: rank 0's config is the run's\n"
-            )
-            sys.stderr.flush()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -228,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from declora.engine import run
     from declora.experiment import build_experiment
 
-    cfg, run_dir, group = _launch(args)
+    cfg, run_dir, group = join_run(args)
     with group.guard():
         exp = build_experiment(cfg, run_dir, group)
         args.run_dir = exp.run_dir  # an interruption from here on names it in the line it says
@@ -408,7 +207,7 @@ def cmd_topology(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: the picture is a PNG; give a path ending in .png")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {args.out}: folder {str(out.parent)!r} does not exist")
-    cfg = load_config(_config_path(args.config), args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     from declora.ignored import ignored_settings
 
     for line in ignored_settings(cfg):  # as declora run says it, for the keys that shape the graph
@@ -605,14 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141
     except AgreedStop as err:  # every rank found it together (a NaN): no rank is at fault
-        if several:  # said once per host, as one process says it; no wait on the peers (as _die)
+        if several:  # said once per host, as one process says it; no wait on the peers (as run_setup.die)
             if os.environ.get("LOCAL_RANK", "0") == "0":
-                _error(err, 1)
+                say_error(err, 1)
             logging.shutdown()
             os._exit(1)
-        return _error(err, 1)
+        return say_error(err, 1)
     except DistributedRunError as err:
-        _die(str(err))
+        die(str(err))
         return 1
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
         from declora.engine import failed_in_round
@@ -620,19 +419,19 @@ def main(argv: list[str] | None = None) -> int:
         where = failed_in_round(err)
         if where is None:  # a bad value or file: nothing ran (or nothing was lost)
             if launched():  # the process group is up: an ordinary exit could abort in its teardown
-                _error(err, 2)
+                say_error(err, 2)
                 logging.shutdown()
                 os._exit(2)
-            return _error(err, 2)
+            return say_error(err, 2)
         if isinstance(err, ConfigError):  # declora's own message, found in a round: one line, and rounds ran
-            return _error(ConfigError(f"{where}: {err}"), 1)
+            return say_error(ConfigError(f"{where}: {err}"), 1)
         traceback.print_exception(err)  # a bug in a round's work (a plugin's, say): its note says where
         return 1
     except (
         ArithmeticError,
         OSError,
     ) as err:  # NumericalError (diverged), disk full, read-only: the last checkpoint is kept
-        return _error(err, 1)
+        return say_error(err, 1)
 
 
 def _set_up_process(args: argparse.Namespace, own_process: bool) -> tuple[bool, bool]:
@@ -663,7 +462,7 @@ def _set_up_process(args: argparse.Namespace, own_process: bool) -> tuple[bool, 
 def _refuse_torchrun(args: argparse.Namespace) -> int:
     """A command other than run under torchrun: local rank 0 says so, the others wait to be stopped."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        _error(
+        say_error(
             ConfigError(
                 f"declora {args.command} runs in one process: start it without torchrun "
                 "(a multi-process run is `torchrun ... -m declora run`)"
@@ -692,17 +491,9 @@ def _stopped(stop: BaseException, args: argparse.Namespace, several: bool, quiet
         line = line.removesuffix(": the same command starts it")  # not after an error
     if not quiet:  # under torchrun every rank gets the signal; one says it
         print(f"declora: {what}; {line}", file=sys.stderr, flush=True)
-    if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as _die)
+    if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as run_setup.die)
         logging.shutdown()
         os._exit(code)
-    return code
-
-
-def _error(err: BaseException, code: int) -> int:
-    """One line on stderr (a KeyError's message without its quotes, newlines folded)."""
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    sys.stderr.write(f"declora: error: {' '.join(str(text).split())}\n")  # one write: ranks do not interleave
-    sys.stderr.flush()
     return code
 
 

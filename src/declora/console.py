@@ -136,3 +136,11 @@ def log_to_file(path: Path) -> None:
     handler.setLevel(logging.INFO)
     EARLY_RECORDS.write_into(handler)
     _root_to_info().addHandler(handler)
+
+
+def say_error(err: BaseException, code: int) -> int:
+    """One line on stderr (a KeyError's message without its quotes, newlines folded)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    sys.stderr.write(f"declora: error: {' '.join(str(text).split())}\n")  # one write: ranks do not interleave
+    sys.stderr.flush()
+    return code

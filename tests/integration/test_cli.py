@@ -107,11 +107,11 @@ def test_no_config_and_no_default_experiment_is_refused_not_the_builtin_defaults
 ):
     # An installed (not editable) declora has no configs/default.yaml beside its source: the dataclass
     # defaults are another experiment than the default one README describes, so they are not run unasked.
-    from declora import cli
+    from declora import run_setup
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(
-        cli, "DEFAULT_CONFIGS", (Path("configs/default.yaml"), tmp_path / "src/configs/default.yaml")
+        run_setup, "DEFAULT_CONFIGS", (Path("configs/default.yaml"), tmp_path / "src/configs/default.yaml")
     )
     for command in (["run", f"run_dir={tmp_path / 'r'}"], ["topology"]):
         assert main(command) == 2

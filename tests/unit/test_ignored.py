@@ -208,7 +208,7 @@ def test_declora_run_without_a_config_does_not_warn_of_keys_the_user_never_set(t
     import argparse
     import shutil
 
-    from declora.cli import _run_config
+    from declora import run_setup
 
     (tmp_path / "configs").mkdir()
     shutil.copy(ROOT_DEFAULT, tmp_path / "configs" / "default.yaml")
@@ -216,7 +216,7 @@ def test_declora_run_without_a_config_does_not_warn_of_keys_the_user_never_set(t
 
     def run_config(config, *overrides):
         args = argparse.Namespace(config=config, overrides=list(overrides), resume=None, overwrite=False)
-        return _run_config(args)[0]
+        return run_setup.run_config(args)[0]
 
     assert run_config(None, "partition.kind=iid").partition.min_size == PartitionConfig().min_size
     assert run_config(None, "partition.kind=iid", "partition.min_size=32").partition.min_size == 32

@@ -35,13 +35,15 @@ from typing import Any
 
 import numpy as np
 
+from declora.allowed import CHOICES
 from declora.config import Config, ConfigError, load_config, parse_override, python_value, read_yaml, to_dict
 from declora.report import (
     diverged_at,
     lower_is_better,
     read_metrics,
 )
-from declora.validation import CHOICES, check_measured, check_resume, resume_changes
+from declora.resume_rules import check_resume, resume_changes
+from declora.validation import check_measured
 
 log = logging.getLogger(__name__)
 # The metrics a comparison can rank: every headline, and under attack the honest nodes' (declora.attack)

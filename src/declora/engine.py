@@ -28,6 +28,7 @@ from declora.inputs import check_started_in, fingerprints, warn_changed
 from declora.quantize_bnb import uses_bitsandbytes
 from declora.replicas import Replicas
 from declora.report import record_problem, write_report
+from declora.resume_rules import check_resume
 from declora.runfolder import (
     atomic_write_text,
     check_checkpoint_kept,
@@ -42,7 +43,6 @@ from declora.runfolder import (
 )
 from declora.schedules import describe
 from declora.trackers import RUN_IDS, Trackers, check_tracker_runs, reading_saved_config, tracker_names
-from declora.validation import check_resume
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from declora.config import Config, ConfigError, flatten, load_config, parse_override, to_dict
 from declora.console import say_error
-from declora.validation import check_resume
+from declora.resume_rules import check_resume
 
 if TYPE_CHECKING:
     from declora.dist import Solo

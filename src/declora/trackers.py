@@ -395,7 +395,7 @@ def _missing_package(cfg: Config) -> str | None:
 
 
 def _wandb_problem(cfg: Config) -> str | None:
-    from declora.validation import CHOICES
+    from declora.allowed import CHOICES
 
     bad = sorted(set(cfg.log.project) & set(WANDB_FORBIDDEN))
     if bad or len(cfg.log.project) > 128:  # W&B refuses these in wandb.init, after the run folder is made

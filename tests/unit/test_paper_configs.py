@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from declora.algorithms import ALGORITHMS
+from declora.allowed import CHOICES
 from declora.config import load_config
 from declora.report import format_table, summarize, write_report
-from declora.validation import CHOICES
 
 pytestmark = pytest.mark.unit
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from declora import quantize_bnb
+from declora.allowed import CHOICES
 from declora.config import ConfigError, ModelConfig, load_config
 from declora.model import build_federation, export_peft, node_slice
 from declora.quantize import (
@@ -21,7 +22,6 @@ from declora.quantize import (
     quantize_linears,
     quantize_nf4,
 )
-from declora.validation import CHOICES
 
 pytestmark = pytest.mark.unit
 NEEDS_BNB = pytest.mark.skipif(not quantize_bnb.installed(), reason="bitsandbytes is not installed")

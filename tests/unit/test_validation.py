@@ -9,9 +9,10 @@ import typing
 
 import pytest
 
+from declora.allowed import POSITIVE, RANGES, Range
 from declora.config import Config, ConfigError, load_config
+from declora.resume_rules import RESUME_SAFE, check_resume
 from declora.runfolder import atomic_write_text, check_new_run
-from declora.validation import POSITIVE, RANGES, RESUME_SAFE, Range, check_resume
 
 pytestmark = pytest.mark.unit
 # Numbers checked with other keys (declora.validation CROSS_CHECKS, the _validate_* helpers, guard.py).
@@ -41,7 +42,7 @@ def _numeric_keys(cls: type = Config, prefix: str = "") -> typing.Iterator[str]:
 
 def test_every_numeric_key_has_a_range():
     missing = set(_numeric_keys()) - set(RANGES) - set(POSITIVE) - CHECKED_WITH_OTHER_KEYS
-    assert not missing, f"add these keys to validation.RANGES (or POSITIVE): {sorted(missing)}"
+    assert not missing, f"add these keys to allowed.RANGES (or POSITIVE): {sorted(missing)}"
     assert not (set(RANGES) - set(_numeric_keys())), "RANGES names a key that does not exist"
 
 
@@ -150,7 +151,7 @@ def test_every_choice_list_matches_the_module_that_implements_it():
         server_opt,
     )
     from declora.algorithms import decaf
-    from declora.validation import CHOICES
+    from declora.allowed import CHOICES
 
     implemented = {
         "train.lora_product": grouped.PRODUCTS,
@@ -192,7 +193,7 @@ def test_data_keys_the_task_or_the_files_never_read_are_refused(overrides, messa
 
 def test_node_slice_messages_point_at_the_fix():
     from declora.dist import make_layout
-    from declora.validation import check_resume
+    from declora.resume_rules import check_resume
 
     with pytest.raises(
         ConfigError, match=r"\[1, 1\] does not apply to algorithm.name=centralized, a single-node"

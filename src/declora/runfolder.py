@@ -1,10 +1,10 @@
 """Run folders are never lost: atomic rewrites, the new-run check, the resume history, crash points.
 
 A new run refuses a non-empty folder unless ``--overwrite``; and even then the folder is emptied only
-after every check has passed (``engine._start``). Every file that is rewritten (config.yaml, metrics.jsonl
-on resume, report.md, checkpoints) goes through ``atomic_write``: a temporary file beside it, then
-``os.replace``, so a kill or a full disk leaves either the old file or the new one, never half of one.
-Each resume appends one line to ``resumes.jsonl`` (time, round resumed from, the keys it changed).
+after every check has passed (``run_start.start_new_run``). Every file that is rewritten (config.yaml,
+metrics.jsonl on resume, report.md, checkpoints) goes through ``atomic_write``: a temporary file beside
+it, then ``os.replace``, so a kill or a full disk leaves either the old file or the new one, never half
+of one. Each resume appends one line to ``resumes.jsonl`` (time, round resumed from, the keys it changed).
 A process writing a run folder holds a lock on ``RUN_DIR/.lock`` (``hold_run_folder``): a second run,
 resume or overwrite of the same folder is refused while the first runs, instead of mixing their rounds.
 """

@@ -28,9 +28,10 @@ from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.ignored import ignored_settings
 from declora.lr_schedule import RoundSchedule
-from declora.model import Federation, add_middle_factors, build_federation, import_peft
+from declora.model import Federation, add_middle_factors, build_federation
 from declora.node_data import build_node_data
 from declora.optim import NodeOptimizer, build_optimizer
+from declora.peft_io import import_peft
 from declora.privacy import ExampleDP, PrivacyAccount
 from declora.replicas import Replicas
 from declora.schedules import Schedule, build_schedule

@@ -15,7 +15,8 @@ from typing import Any
 from declora.adapter_card import AdapterCard
 from declora.evaluate import with_all_nodes
 from declora.experiment import Experiment
-from declora.model import KEEP_FP32, as_run, averaged_factors, export_peft, fold_middle, node_adapter
+from declora.model import KEEP_FP32, as_run, averaged_factors, fold_middle, node_adapter
+from declora.peft_io import export_peft
 from declora.report import lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 from declora.tasks import label_words_of

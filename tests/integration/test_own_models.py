@@ -592,7 +592,8 @@ def test_distilbert_with_mean_pooling_trains_and_gossips_only_the_head_it_reads(
     """DistilBERT's pre_classifier is applied to the first token only: under mean pooling it is not
     trained or sent, yet the export carries the base's copy, which stock PEFT needs to load it, and the
     export seeds a run again."""
-    from declora.model import build_federation, import_peft
+    from declora.model import build_federation
+    from declora.peft_io import import_peft
 
     targets = "model.target_modules=[q_lin,v_lin]"
     cfg = load_config(None, _overrides(distilbert_without_head, tmp_path, targets, "model.pooling=mean"))

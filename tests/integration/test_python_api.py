@@ -197,7 +197,7 @@ def test_a_resume_from_python_refuses_a_relative_input_that_names_another_file(t
 
 
 def test_export_peft_folds_fed_sb_middle_factor(tiny, tmp_path):
-    from declora.model import export_peft
+    from declora.peft_io import export_peft
 
     exp = build_experiment(load_config(None, {**tiny, "algorithm.name": "fed_sb", "run_dir": str(tmp_path)}))
     with torch.no_grad():

@@ -15,7 +15,8 @@ from declora.assets import GGUF_MODELS, Asset, AssetNotFoundError, model_path
 from declora.config import ConfigError, ModelConfig, TaskConfig, load_config
 from declora.data import load_dataset
 from declora.gguf_cache import cache_root
-from declora.model import build_federation, export_peft, node_slice
+from declora.model import build_federation, node_slice
+from declora.peft_io import export_peft
 from declora.tasks import CausalLM, LabelWords, build_task
 from declora.train import metric_per_node, pad, row_stats
 

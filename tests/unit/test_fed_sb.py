@@ -7,14 +7,8 @@ import pytest
 import torch
 
 from declora.config import ModelConfig
-from declora.model import (
-    add_middle_factors,
-    averaged_factors,
-    build_federation,
-    export_peft,
-    fold_middle,
-    node_slice,
-)
+from declora.model import add_middle_factors, averaged_factors, build_federation, fold_middle, node_slice
+from declora.peft_io import export_peft
 
 pytestmark = pytest.mark.unit
 

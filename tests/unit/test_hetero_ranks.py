@@ -9,7 +9,8 @@ from unit_helpers import perturb, round_context, tiny_experiment
 from declora.algorithms.flexlora import flex_aggregate
 from declora.config import ConfigError, ModelConfig, load_config
 from declora.lora import NodeRouting, RankMask, StackedLoRALinear
-from declora.model import build_federation, export_peft, node_adapter
+from declora.model import build_federation, node_adapter
+from declora.peft_io import export_peft
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 

@@ -7,8 +7,9 @@ import torch
 
 from declora.config import ModelConfig
 from declora.lora import gather_rows
-from declora.model import build_federation, export_peft, node_slice
+from declora.model import build_federation, node_slice
 from declora.optim import NodeAdamW, clip_per_node
+from declora.peft_io import export_peft
 from declora.train import LocalTrainer, NodeStreams, label_prior_offsets
 
 pytestmark = pytest.mark.unit

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from declora.config import ConfigError, ModelConfig, load_config
-from declora.model import build_federation, export_peft, node_adapter
+from declora.model import build_federation, node_adapter
+from declora.peft_io import export_peft
 from declora.pooling import POOLING_FILE, masked_mean, mean_head_input
 
 pytestmark = pytest.mark.unit
@@ -110,7 +111,7 @@ def test_an_export_that_excludes_the_unread_pooler_seeds_a_run_again(st_bert, tm
     # stock PEFT feature declora otherwise refuses; its own export must still seed a run exactly.
     from transformers import AutoTokenizer
 
-    from declora.model import import_peft
+    from declora.peft_io import import_peft
     from declora.preflight import check_adapter
 
     overrides = [

@@ -10,7 +10,8 @@ from torch import nn
 from declora import quantize_bnb
 from declora.allowed import CHOICES
 from declora.config import ConfigError, ModelConfig, load_config
-from declora.model import build_federation, export_peft, node_slice
+from declora.model import build_federation, node_slice
+from declora.peft_io import export_peft
 from declora.quantize import (
     NF4_BLOCK,
     NF4_LEVELS,

@@ -17,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from declora.report import display_scale, diverged_at, log_axis_keeping_zeros, lower_is_better, read_metrics
+from declora.report import display_scale, diverged_at, lower_is_better, read_metrics
+from declora.run_plots import log_axis_keeping_zeros
 
 log = logging.getLogger(__name__)
 

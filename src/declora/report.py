@@ -1,4 +1,4 @@
-"""Tables and plots from a run folder's metrics.jsonl.
+"""Tables from a run folder's metrics.jsonl, and its report (report.md; curves.png: declora.run_plots).
 
 The papers disagree on what they report (docs/algorithms.md: evaluation protocols): Dec-LoRA the *best*
 score of the averaged model, ADF/TAD the *final* mean ± std over nodes, FSLoRA the server model. So the
@@ -15,19 +15,15 @@ of accuracies.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, MaxNLocator
 
-__all__ = ["format_table", "headline_line", "plot_run", "read_metrics", "summarize", "write_report"]
+__all__ = ["format_table", "headline_line", "read_metrics", "summarize", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +88,7 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
-def _number(record: dict[str, Any], key: str) -> float | None:
+def number_at(record: dict[str, Any], key: str) -> float | None:
     """The value of ``key`` as a float, or None when it is missing, null or not a number."""
     value = record.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -100,18 +96,18 @@ def _number(record: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
-def _events(records: list[dict[str, Any]], *events: str) -> list[dict[str, Any]]:
+def events_of(records: list[dict[str, Any]], *events: str) -> list[dict[str, Any]]:
     return [r for r in records if r.get("event") in events]
 
 
-def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
+def accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
     seen = {
         k
         for r in evals
         for k in r
         if k.startswith(("acc_", "em_", LOWER_IS_BETTER))
         and k not in SPREAD_KEYS
-        and _number(r, k) is not None
+        and number_at(r, k) is not None
     }
     return [k for k in ACCURACY_KEYS if k in seen] + sorted(seen - set(ACCURACY_KEYS))
 
@@ -119,7 +115,7 @@ def _accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
 def best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Final and best (earliest round on ties, NaN never best) of one metric key over the evaluations:
     the highest accuracy, or the lowest perplexity."""
-    points = [(r, v) for r in evals if (v := _number(r, key)) is not None]
+    points = [(r, v) for r in evals if (v := number_at(r, key)) is not None]
     final_rec, final = points[-1]
     finite = [(r, v) for r, v in points if math.isfinite(v)]
     better = min if lower_is_better(key) else max
@@ -132,18 +128,18 @@ def best_final(evals: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
     if key.endswith("_node_mean"):
         std = key.replace("_mean", "_std")
-        entry["final_std"], entry["best_std"] = _number(final_rec, std), _number(best_rec, std)
+        entry["final_std"], entry["best_std"] = number_at(final_rec, std), number_at(best_rec, std)
     return entry
 
 
 def _last(records: list[dict[str, Any]], key: str) -> float | None:
-    values = [v for r in records if (v := _number(r, key)) is not None]
+    values = [v for r in records if (v := number_at(r, key)) is not None]
     return values[-1] if values else None
 
 
 def _config_section(records: list[dict[str, Any]], name: str) -> dict[str, Any]:
     """One section of the config logged in the run's ``start`` line ({} if none)."""
-    for r in _events(records, "start"):
+    for r in events_of(records, "start"):
         config = r.get("config")
         section = config.get(name) if isinstance(config, dict) else None
         if isinstance(section, dict):
@@ -161,10 +157,10 @@ def stopped_early(records: list[dict[str, Any]], planned: int | None = None) -> 
     """(last round logged, rounds asked for) of a run that stopped before its last round (killed, or
     still running); None for a finished run. ``planned``: the run folder's config.yaml ``rounds`` (a resume
     may ask for more and rewrites it), else the config in the ``start`` line."""
-    starts = [r for r in _events(records, "start") if isinstance(r.get("config"), dict)]
+    starts = [r for r in events_of(records, "start") if isinstance(r.get("config"), dict)]
     if planned is None and starts:
         planned = starts[-1]["config"].get("rounds")
-    done = [v for r in _events(records, "eval", "round") if (v := _number(r, "round")) is not None]
+    done = [v for r in events_of(records, "eval", "round") if (v := number_at(r, "round")) is not None]
     last = int(max(done)) if done else 0
     return (last, planned) if isinstance(planned, int) and last < planned else None
 
@@ -182,12 +178,12 @@ def summarize(
     paper reports (config eval.headline): the argument, else the one in the run's ``start`` line, else
     None. Absent values are None.
     """
-    evals = _events(records, "eval")
-    progress = _events(records, "eval", "round")
-    rounds = [v for r in progress if (v := _number(r, "round")) is not None]
+    evals = events_of(records, "eval")
+    progress = events_of(records, "eval", "round")
+    rounds = [v for r in progress if (v := number_at(r, "round")) is not None]
     final = {k: _last(evals, k) for k in CONSENSUS_KEYS}
     final |= {k: _last(progress, k) for k in ("train_loss", "bytes_total", "wall_s")}
-    seen = {k: [v for r in progress if (v := _number(r, k)) is not None] for k in PEAK_KEYS}
+    seen = {k: [v for r in progress if (v := number_at(r, k)) is not None] for k in PEAK_KEYS}
     peaks = {k: max(values) for k, values in seen.items() if values}
     kept = {k: final[k] for k in FINAL_KEYS}
     for key in PRIVACY_KEYS:  # private runs only
@@ -196,7 +192,7 @@ def summarize(
     return {
         "rounds": int(max(rounds)) if rounds else None,
         "evals": len(evals),
-        "accuracy": {k: best_final(evals, k) for k in _accuracy_keys(evals)},
+        "accuracy": {k: best_final(evals, k) for k in accuracy_keys(evals)},
         "final": kept,
         "peak_mem_mb": peaks.get("peak_mem_mb"),
         **{k: v for k, v in peaks.items() if k != "peak_mem_mb"},  # a GPU run's peak_gpu_mem_mb
@@ -209,7 +205,7 @@ def summarize(
 
 def diverged_at(records: list[dict[str, Any]]) -> int | None:
     """The round at which the run stopped on a NaN or Inf (its ``diverged`` line), None if it did not."""
-    rounds = [v for r in _events(records, "diverged") if (v := _number(r, "round")) is not None]
+    rounds = [v for r in events_of(records, "diverged") if (v := number_at(r, "round")) is not None]
     return int(rounds[-1]) if rounds else None
 
 
@@ -321,144 +317,6 @@ def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: 
     return "\n".join([*top, note, "", line(header), rule, *(line(r) for r in rows)]) + "\n"
 
 
-def _series(evals: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(rounds, values) of one key over the evaluations, skipping gaps."""
-    xs, ys = [], []
-    for r in evals:
-        x, y = _number(r, "round"), _number(r, key)
-        if x is not None and y is not None and math.isfinite(y):
-            xs.append(x)
-            ys.append(y)
-    return xs, ys
-
-
-def _shade_std(ax: Any, evals: list[dict[str, Any]], key: str, color: str) -> None:
-    """Shade mean ± std over nodes at the evaluations that logged both."""
-    xs, lo, hi = [], [], []
-    for r in evals:
-        x, y, s = _number(r, "round"), _number(r, key), _number(r, STD_KEY)
-        if x is not None and y is not None and s is not None:
-            xs.append(x)
-            lo.append(100 * (y - s))
-            hi.append(100 * (y + s))
-    if xs:
-        ax.fill_between(xs, lo, hi, color=color, alpha=0.2, label=f"{key} ± std")
-
-
-LINE_STYLES = (
-    {"linestyle": "-", "marker": "o", "markersize": 4, "linewidth": 2.2},
-    {"linestyle": "--", "marker": "x", "markersize": 6, "linewidth": 1.4},
-    {"linestyle": ":", "marker": "s", "markersize": 3, "linewidth": 1.6},
-    {"linestyle": "-.", "marker": "^", "markersize": 4, "linewidth": 1.2},
-)
-
-
-def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
-    keys = _accuracy_keys(evals)
-    perplexities = [k for k in keys if lower_is_better(k)]
-    if perplexities:  # a causal LM run: perplexity (an instruction run's em_* are in its table)
-        keys = perplexities
-    scale = display_scale(keys[0]) if keys else 100
-    for j, key in enumerate(keys):
-        xs, ys = _series(evals, key)
-        # The two consensus models often coincide: distinct dashes and markers keep both lines visible.
-        (line,) = ax.plot(xs, [scale * y for y in ys], label=key, **LINE_STYLES[j % len(LINE_STYLES)])
-        if key == "acc_node_mean":
-            _shade_std(ax, evals, key, line.get_color())
-    if perplexities:
-        ax.set(title="Perplexity", xlabel="round", ylabel="perplexity")
-    else:
-        ax.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
-
-
-def _plot_loss(ax: Any, records: list[dict[str, Any]]) -> None:
-    xs, ys = _series(_events(records, "round", "eval"), "train_loss")
-    if xs:
-        ax.plot(xs, ys, marker=".", label="train_loss (mean over nodes)")
-    ax.set(title="Training loss", xlabel="round", ylabel="loss")
-
-
-def _plot_consensus(ax: Any, evals: list[dict[str, Any]]) -> None:
-    for key in CONSENSUS_KEYS[:3]:
-        xs, ys = _series(evals, key)
-        if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, label=key)
-    ax.set(title="Consensus distance", xlabel="round", ylabel="disagreement (squared Frobenius)")
-    log_axis_keeping_zeros(ax)
-
-
-# Consensus distances this far below the largest one in the panel are rounding (an average of equal
-# float32 tensors differs from them by ~1e-16), not disagreement: drawn near 0, they do not stretch a log
-# axis over ten empty decades.
-ROUNDING_DECADES = 8
-
-
-def log_axis_keeping_zeros(ax: Any) -> None:
-    """A log y axis for curves of values >= 0 that spread over decades (consensus distances); where a
-    curve touches 0 (exact consensus, a one-node run) or falls to rounding (``ROUNDING_DECADES`` below the
-    largest value), symlog, so that 0 is drawn as 0 and not dropped; all zeros stay on a linear axis
-    that starts at 0."""
-    ys = np.array([y for line in ax.get_lines() for y in line.get_ydata()], dtype=float)
-    ys = ys[np.isfinite(ys)]
-    positive = ys[ys > 0]
-    if not len(positive):
-        if len(ys):
-            # all exact 0: a line just above the floor and ticks 0 and 1, not an axis from -0.05 to 0.05
-            ax.set_ylim(-0.03, 1)
-            ax.set_yticks([0.0, 1.0])
-        return
-    floor = float(positive.max()) * 10.0**-ROUNDING_DECADES
-    smallest = float(positive[positive >= floor].min())
-    if not (ys < floor).any():
-        ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(numticks=6))  # a few decades labelled, not every one
-        return
-    ax.set_yscale("symlog", linthresh=smallest)
-    lo, hi = int(np.floor(np.log10(smallest))), int(np.ceil(np.log10(float(positive.max()))))
-    step = max(1, -(-(hi - lo) // 5))  # at most about six decades labelled, and 0
-    ax.set_yticks([0.0, *(10.0**k for k in range(hi, lo - 1, -step))])
-
-
-def run_figure(records: list[dict[str, Any]]) -> Figure:
-    """Accuracy (or perplexity) vs round, training loss vs round, consensus distances vs round (log).
-
-    A bare ``Figure`` (Agg canvas) rather than pyplot: it needs no display and leaves the process-wide
-    matplotlib state alone.
-    """
-    evals = _events(records, "eval")
-    fig = Figure(figsize=(15, 5.0), layout="constrained")
-    ax_acc, ax_loss, ax_cons = fig.subplots(1, 3)
-    _plot_accuracy(ax_acc, evals)
-    _plot_loss(ax_loss, records)
-    _plot_consensus(ax_cons, evals)
-    # One round axis for the three panels: a run evaluated once (the default) shows its point at the end
-    # of the loss curve's rounds, not alone in the middle of an axis of its own.
-    last = max((r["round"] for r in records if r.get("event") in ("round", "eval")), default=0)
-    for ax in (ax_acc, ax_loss, ax_cons):
-        if last:
-            ax.set_xlim(0, last + max(0.5, 0.03 * last))
-        if ax.lines:
-            # under the panel: inside it, the legend hid the last points or the spread band
-            ax.legend(
-                fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False
-            )
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-        else:
-            ax.text(0.5, 0.5, "nothing logged", ha="center", va="center", transform=ax.transAxes)
-    return fig
-
-
-def plot_run(records: list[dict[str, Any]], path: str | Path) -> None:
-    """RUN_DIR/curves.png (``run_figure``)."""
-    # an explicit format: the atomic writer's path ends in .tmp
-    run_figure(records).savefig(path, dpi=120, format="png")
-    # Drawing leaves a garbage cycle (exceptions matplotlib raises and catches, whose tracebacks hold the
-    # caller's frames, among them the one that holds the Experiment): freed now, a dropped Experiment's
-    # base model goes with its last reference instead of waiting for a full collection.
-    gc.collect()
-
-
 def run_config(run_dir: Path) -> dict[str, Any]:
     """run_dir/config.yaml as a dict; empty when the file is missing or unreadable (warned)."""
     path = run_dir / "config.yaml"
@@ -495,6 +353,7 @@ def write_report(run_dir: str | Path, write: bool = True) -> str:
     table = format_table(summarize(records, _run_headline(config), planned_rounds(config)), run_dir=run_dir)
     if not write:
         return table
+    from declora.run_plots import plot_run  # it imports this module
     from declora.runfolder import atomic_write, atomic_write_text
 
     quantized = (config or {}).get("model", {}).get("base_quantization", "none")

@@ -10,7 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from declora.report import format_table, plot_run, read_metrics, summarize, write_report
+from declora.report import format_table, read_metrics, summarize, write_report
+from declora.run_plots import plot_run
 
 pytestmark = pytest.mark.unit
 
@@ -227,7 +228,7 @@ def test_comparison_keeps_one_colour_per_method_and_plots_zeros(tmp_path):
 
 
 def test_curves_show_loss_and_both_consensus_accuracies(tmp_path):
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     run = _fake_run(tmp_path / "r", 1e6, [1e-3, 5e-4, 2e-4], [0.5, 0.6, 0.7])
     fig = run_figure(read_metrics(run / "metrics.jsonl"))
@@ -241,7 +242,7 @@ def test_curves_show_loss_and_both_consensus_accuracies(tmp_path):
 
 
 def test_curves_draw_a_consensus_of_zero_as_zero(tmp_path):
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     def consensus_panel(values: list[float]):
         evals = [
@@ -295,7 +296,7 @@ def test_private_runs_show_the_largest_epsilon_spent_and_attacked_runs_the_worst
 
 
 def test_instruction_runs_show_exact_match_in_percent_beside_perplexity() -> None:
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     evals = [
         {"event": "eval", "round": 1, "ppl_avg_factors": 1.5, "em_avg_factors": 0.25, "train_loss": 0.7},
@@ -311,7 +312,7 @@ def test_instruction_runs_show_exact_match_in_percent_beside_perplexity() -> Non
 
 
 def test_a_run_evaluated_once_shows_its_point_on_the_loss_curves_round_axis(tmp_path):
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     records = [{"event": "round", "round": t, "train_loss": 1.0 / t} for t in range(1, 31)]
     records.append({"event": "eval", "round": 30, "acc_avg_factors": 0.8, "consensus_A": 0.5})
@@ -336,7 +337,7 @@ def test_a_comparison_evaluated_at_few_rounds_ticks_those_rounds(tmp_path):
 
 
 def test_the_run_legends_sit_under_their_panels_and_hide_no_point(tmp_path):
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     run = _fake_run(tmp_path / "r", 1e6, [1e-3, 5e-4, 2e-4], [0.5, 0.6, 0.7])
     fig = run_figure(read_metrics(run / "metrics.jsonl"))
@@ -348,7 +349,7 @@ def test_the_run_legends_sit_under_their_panels_and_hide_no_point(tmp_path):
 
 def test_consensus_at_rounding_level_does_not_stretch_the_log_axis():
     """Exact averaging leaves ~1e-16 in float32: the axis went down to 1e-16, ten empty decades."""
-    from declora.report import ROUNDING_DECADES, run_figure
+    from declora.run_plots import ROUNDING_DECADES, run_figure
 
     evals = [
         {"event": "eval", "round": t + 1, "acc_avg_factors": 0.5, "consensus_A": a, "consensus_B": b}
@@ -361,7 +362,7 @@ def test_consensus_at_rounding_level_does_not_stretch_the_log_axis():
 
 
 def test_an_all_zero_consensus_panel_has_no_negative_axis():
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     evals = [{"event": "eval", "round": t, "acc_avg_factors": 0.5, "consensus_A": 0.0} for t in (1, 2)]
     cons = run_figure(evals).axes[2]
@@ -369,7 +370,7 @@ def test_an_all_zero_consensus_panel_has_no_negative_axis():
 
 
 def test_perplexity_lines_have_a_style_each():
-    from declora.report import run_figure
+    from declora.run_plots import run_figure
 
     evals = [
         {

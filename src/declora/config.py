@@ -1,8 +1,8 @@
 """Experiment configuration: frozen dataclasses, YAML loading and dotted overrides.
 
 A config is YAML plus ``key=value`` overrides (``nodes=16 topology.graph=ring``). Unknown keys and bad
-values stop the run before any work, with an error that names the bad value and what is allowed (the
-value checks live in declora.validation).
+values stop the run before any work, with an error that names the bad value and what is allowed (each
+key's allowed values live in declora.allowed, the checks that relate keys in declora.validation).
 """
 
 from __future__ import annotations

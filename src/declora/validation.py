@@ -1,8 +1,9 @@
 """Config value checks: each key on its own against its allowed values (declora.allowed), then the checks
 that relate several keys. Each failure is a ConfigError that names the bad value and what is allowed,
-raised before any work. The privacy, robust and attack sections are checked beside the code that applies
-them (guard.validate_guard), the stragglers section likewise (stragglers.validate_stragglers); ``validate``
-calls both. Which keys may change on resume: declora.resume_rules."""
+raised before any work. The privacy, robust and attack sections have their own module
+(guard_rules.validate_guard), the stragglers section is checked beside its code
+(stragglers.validate_stragglers); ``validate`` calls both. Which keys may change on resume:
+declora.resume_rules."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def validate(cfg: Config) -> Config:
     from declora.stragglers import validate_stragglers
 
     validate_stragglers(cfg)
-    from declora.guard import validate_guard  # privacy, robust mixing and attacks
+    from declora.guard_rules import validate_guard  # privacy, robust mixing and attacks
 
     validate_guard(cfg)
     _check_registered(cfg, flat)  # a typo stops the run before the model loads

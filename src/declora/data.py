@@ -1,20 +1,17 @@
-"""Text datasets: the shipped corpora, a user's table (CSV, JSON(L), parquet, Arrow, save_to_disk folder,
-read by ``datasets``) or plain text file, and tokenization.
+"""Text datasets: the shipped corpora or a user's data (declora.user_data), then the train/test limits;
+and tokenization.
 
-Every loader returns a ``(train, test)`` pair of ``TextDataset`` with labels already mapped to
-``0..K-1``; partitioning across nodes happens later (``declora.partition``), on the train labels only.
-Splits and limits are seeded through ``declora.seeding`` so that every process builds the same data.
+Every loader returns a ``(train, test)`` pair of ``TextDataset`` (declora.text_dataset) with labels
+already mapped to ``0..K-1``; partitioning across nodes happens later (``declora.partition``), on the train
+labels only.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
-import json
 import logging
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,102 +19,11 @@ import numpy as np
 
 from declora.assets import HUB_ID, data_path
 from declora.config import ConfigError, DataConfig
-from declora.seeding import numpy_rng
-from declora.tables import (
-    COMPRESSED,
-    TABLE_SUFFIXES,
-    class_names,
-    column,
-    file_format,
-    has_splits,
-    is_table,
-    open_split,
-    read_bytes,
-    relative_note,
-    row_line,
-    splits_of,
-)
+from declora.tables import COMPRESSED, TABLE_SUFFIXES, file_format, is_table, relative_note
+from declora.text_dataset import TextDataset, group_split, limit, stratified_split
+from declora.user_data import load_instructions, load_text_file, load_user_file, read_text
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: numpy fields make field-wise == ambiguous
-class TextDataset:
-    """Texts with integer labels; ``groups`` (e.g. a movie id) keep related examples together in splits."""
-
-    texts: list[str]
-    labels: np.ndarray  # (N,) int64 in 0..num_labels-1
-    label_names: tuple[str, ...]
-    groups: np.ndarray | None = None  # (N,) int64
-    clients: np.ndarray | None = None  # (N,) int64: the row's value of partition.column, as an index
-    responses: list[str] | None = None  # task.kind=instruction: the answers (texts: the prompt turns, JSON)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
-        if len(self.texts) != len(self.labels):
-            raise ValueError(f"{len(self.texts)} texts but {len(self.labels)} labels")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.label_names)):
-            raise ValueError(f"labels must lie in 0..{len(self.label_names) - 1} ({self.label_names})")
-        if self.groups is not None and len(self.groups) != len(self.labels):
-            raise ValueError(f"{len(self.groups)} groups but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-    def subset(self, idx: np.ndarray) -> TextDataset:
-        """The examples at ``idx``, in that order (label names kept, so label ids stay comparable)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        groups = None if self.groups is None else self.groups[idx]
-        clients = None if self.clients is None else self.clients[idx]
-        responses = None if self.responses is None else [self.responses[i] for i in idx]
-        texts = [self.texts[i] for i in idx]
-        return TextDataset(texts, self.labels[idx], self.label_names, groups, clients, responses)
-
-
-# ---------------------------------------------------------------- seeded splits
-
-
-def _check_fraction(fraction: float) -> None:
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.test_fraction={fraction} must be strictly between 0 and 1")
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx): each label contributes round(fraction * its count) examples to test."""
-    _check_fraction(fraction)
-    rng = numpy_rng(seed, "data", "split")
-    test: list[np.ndarray] = []
-    for label in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        test.append(idx[: int(round(fraction * len(idx)))])
-    test_idx = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
-    train_idx = np.setdiff1d(np.arange(len(labels)), test_idx)
-    return train_idx, test_idx
-
-
-def group_split(groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx) holding out round(fraction * #groups) whole groups, so test groups are unseen."""
-    _check_fraction(fraction)
-    rng = numpy_rng(seed, "data", "group_split")
-    unique = np.unique(groups)
-    n_test = max(1, int(round(fraction * len(unique))))
-    test_groups = rng.choice(unique, size=n_test, replace=False)
-    in_test = np.isin(groups, test_groups)
-    return np.flatnonzero(~in_test), np.flatnonzero(in_test)
-
-
-def limit(ds: TextDataset, limit: int | None, seed: int, purpose: str) -> TextDataset:
-    """A seeded random subset of ``limit`` examples (original order kept), or ``ds`` if it is small enough."""
-    if limit is not None and limit <= 0:
-        raise ValueError(f"data.{purpose}={limit} must be a positive integer or null")
-    if limit is None or limit >= len(ds):
-        return ds
-    keep = numpy_rng(seed, "data", purpose).choice(len(ds), size=limit, replace=False)
-    return ds.subset(np.sort(keep))
 
 
 # ---------------------------------------------------------------- shipped corpora
@@ -146,15 +52,6 @@ def load_rotten_tomatoes(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextD
     return ds.subset(train_idx), ds.subset(test_idx)
 
 
-def _read_text(path: Path) -> str:
-    # One BBC article holds a raw latin-1 pound sign; latin-1 decodes any byte, so it is the fallback.
-    raw = read_bytes(path)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
 def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
     """BBC news articles, one topic label per folder (sorted folder names), stratified seeded split.
     The corpus holds 98 articles twice (each under one topic): the second copy is dropped (2,127 remain),
@@ -164,7 +61,7 @@ def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]
     texts, labels, seen = [], [], set()
     for label, name in enumerate(label_names):
         for file in sorted((root / name).glob("*.txt")):
-            text = _read_text(file).strip()
+            text = read_text(file).strip()
             if text not in seen:
                 seen.add(text)
                 texts.append(text)
@@ -172,253 +69,6 @@ def load_bbc_news(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]
     ds = TextDataset(texts, np.array(labels), label_names)
     train_idx, test_idx = stratified_split(ds.labels, cfg.test_fraction, seed)
     return ds.subset(train_idx), ds.subset(test_idx)
-
-
-# ---------------------------------------------------------------- a user's table (declora.tables)
-
-
-def label_order(values: Sequence[str]) -> tuple[str, ...]:
-    """Distinct labels in sorted order; numerically when all look like numbers (so '10' follows '9')."""
-    distinct = set(values)
-    for number in (int, float):
-        try:
-            return tuple(sorted(distinct, key=number))
-        except ValueError:
-            continue
-    return tuple(sorted(distinct))
-
-
-def _label_texts(values: Sequence[Any]) -> list[str]:
-    """Label cells as the texts they are known by; a column of whole floats as integers (tables written
-    by pandas often hold integer labels as floats), so 1.0 is class "1" and 10.0 sorts after 2.0."""
-    if values and all(isinstance(v, float) and v.is_integer() for v in values):
-        return [str(int(v)) for v in values]
-    return [str(v).strip() for v in values]
-
-
-@dataclass(frozen=True)
-class Rows:
-    """One split's columns as read: label values as strings, the ClassLabel names when the column has them."""
-
-    texts: list[str]
-    labels: list[str]
-    names: tuple[str, ...] | None
-    clients: list[str] | None  # partition.column's values (kind=column)
-    where: str
-
-
-def read_rows(
-    source: str,
-    split: str,
-    cfg: DataConfig,
-    client_column: str | None = None,
-    key: str = "",
-    unlabelled: bool = False,
-) -> Rows:
-    """``unlabelled`` (language modelling): a table without the label column is read as one label, "text"."""
-    table = open_split(source, split, key or "data.split", _subset_of(source, cfg))
-    where = f"{source!r} (split {split!r})"
-    texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where, source)]
-    clients = None
-    if client_column is not None:
-        clients = [str(v) for v in column(table, client_column, "partition.column", where, source)]
-    if unlabelled and cfg.label_column not in table.column_names:
-        return Rows(texts, ["text"] * len(texts), None, clients, where)
-    raw = column(table, cfg.label_column, "data.label_column", where, source)
-    names = class_names(table, cfg.label_column)
-    if names is not None:
-        bad = next((i for i, v in enumerate(raw) if not 0 <= int(v) < len(names)), None)
-        if bad is not None:
-            raise ValueError(f"row {bad} of {where} has label {raw[bad]}, not one of 0..{len(names) - 1}")
-    labels = [names[int(v)] for v in raw] if names else _label_texts(raw)
-    if names is None:
-        _refuse_mixed_labels(labels, source, cfg.label_column)
-    return Rows(texts, labels, names, clients, where)
-
-
-def _subset_of(source: str, cfg: DataConfig) -> str | None:
-    """data.subset applies to data.dataset, not to a held-out file."""
-    return cfg.subset if source == cfg.dataset else None
-
-
-def looks_like_int(value: str) -> bool:
-    try:
-        int(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _refuse_mixed_labels(labels: list[str], source: str, name: str) -> None:
-    """Labels are either class ids or class names: a word among ids ("nan", "N/A", "?") is a missing or
-    mistyped label, and taking it as one more class would train a silently wrong classifier."""
-    is_int = [looks_like_int(v) for v in labels]
-    ints = sum(is_int)
-    if 0 < ints < len(labels):
-        odd = next(i for i, k in enumerate(is_int) if k != (2 * ints >= len(labels)))
-        kind = "a word among class ids" if 2 * ints >= len(labels) else "an id among class names"
-        raise ValueError(
-            f"{row_line(source, odd)}: label {labels[odd]!r} in column {name!r} (data.label_column) is "
-            f"{kind}; a label column holds either integers or names, not both"
-        )
-
-
-def encode_rows(rows: Rows, names: tuple[str, ...]) -> TextDataset:
-    ids = {name: i for i, name in enumerate(names)}
-    unknown = sorted(set(rows.labels) - set(ids))
-    if unknown:
-        raise ValueError(f"labels {unknown} in {rows.where} do not occur in the training data {list(names)}")
-    clients = None
-    if rows.clients is not None:
-        order = label_order(rows.clients)  # numerically when all are numbers: user 2 before user 10
-        index = {c: i for i, c in enumerate(order)}
-        clients = np.array([index[c] for c in rows.clients], dtype=np.int64)
-    return TextDataset(rows.texts, np.array([ids[v] for v in rows.labels]), names, clients=clients)
-
-
-def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:
-    """Where the held-out examples come from: data.test_file, a named split (data.test_split, or the
-    source's own "test" split), or None for a seeded split of the training rows."""
-    if cfg.test_file is not None:
-        held = cfg.test_file, test_file_split(cfg)
-    elif cfg.test_split is not None:
-        held = cfg.dataset, cfg.test_split
-    else:
-        # a plain file: "train" alone
-        splits = splits_of(cfg.dataset, cfg.subset) if has_splits(cfg.dataset) else {}
-        if cfg.split != "test" and "test" in splits:
-            return cfg.dataset, "test"
-        if cfg.split != "validation" and "validation" in splits:  # held out by the rule, but say so
-            log.warning(
-                "data.dataset=%r has a 'validation' split but no 'test' one: the held-out rows are a seeded "
-                "%g of the training rows (data.test_fraction); data.test_split=validation scores that split",
-                cfg.dataset,
-                cfg.test_fraction,
-            )
-        return None
-    refuse_training_rows(held, [(cfg.dataset, cfg.split)])
-    return held
-
-
-def test_file_split(cfg: DataConfig) -> str:
-    """The split of data.test_file that is held out: data.test_split, else the folder's "test" split
-    when it is a saved DatasetDict with one (as for data.dataset), else "train" (a file's one split)."""
-    if cfg.test_split is not None:
-        return cfg.test_split
-    assert cfg.test_file is not None  # called only when data.test_file is set
-    path = Path(cfg.test_file).expanduser()
-    return "test" if path.is_dir() and "test" in splits_of(path) else "train"
-
-
-def refuse_training_rows(
-    held: tuple[str, str], training: Sequence[tuple[str, str]], key: str = "data.dataset"
-) -> None:
-    """A held-out split that is a training split would score the model on the rows it trained on."""
-    if any(_same_file(held[0], source) and held[1] == split for source, split in training):
-        raise ConfigError(
-            f"the held-out examples (data.test_file / data.test_split: split {held[1]!r} of {held[0]!r}) are "
-            f"training rows ({key}, data.split); name another split or file"
-            + (", or neither to hold out a seeded part of the training rows" if key == "data.dataset" else "")
-        )
-
-
-def _same_file(a: str, b: str) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
-def read_instructions(source: str, split: str, cfg: DataConfig, key: str = "data.split") -> TextDataset:
-    """Prompt turns (JSON lists of {role, content}) and responses: from the messages column when the
-    table has one (the last message is the assistant's answer), else the prompt and response columns;
-    prompt and response columns named in the config win over a messages column."""
-    table = open_split(source, split, key, _subset_of(source, cfg))
-    where = f"{source!r} (split {split!r})"
-    defaults = DataConfig()
-    named = (cfg.prompt_column, cfg.response_column) != (defaults.prompt_column, defaults.response_column)
-    if cfg.messages_column in table.column_names and not named:
-        chats = column(table, cfg.messages_column, "data.messages_column", where, source, nested=True)
-        for i, chat in enumerate(chats):
-            _check_chat(chat, f"{row_line(source, i)}: {cfg.messages_column!r}")
-        prompts = [json.dumps(chat[:-1]) for chat in chats]
-        responses = [chat[-1]["content"] for chat in chats]
-    else:
-        asked = column(table, cfg.prompt_column, "data.prompt_column", where, source)
-        prompts = [json.dumps([{"role": "user", "content": str(p)}]) for p in asked]
-        # an empty answer is kept (and warned about when encoded), as an empty assistant message is
-        answers = column(table, cfg.response_column, "data.response_column", where, source, blank=True)
-        responses = [str(r) for r in answers]
-    return TextDataset(prompts, np.zeros(len(prompts), dtype=np.int64), ("text",), responses=responses)
-
-
-def _check_chat(chat: object, what: str) -> None:
-    """One row's conversation: prompt turns, then the assistant's answer, each a {role, content} of strings.
-    Checked here, whatever the tokenizer: a chat template would render a missing field as empty text."""
-    if not isinstance(chat, list) or not chat:
-        raise ValueError(f"{what} must be a non-empty list of {{role, content}} messages, not {chat!r:.60}")
-    for j, message in enumerate(chat):
-        fields = message if isinstance(message, dict) else {}
-        if not all(isinstance(fields.get(k), str) for k in ("role", "content")):
-            raise ValueError(
-                f"{what}: message {j} needs a string 'role' and a string 'content'; it is {message!r:.80}"
-            )
-    if chat[-1]["role"] != "assistant":
-        raise ValueError(f"{what} must end with an assistant message (the answer to train on)")
-    if len(chat) == 1:
-        raise ValueError(f"{what} has no prompt turn before the assistant's answer")
-
-
-def load_instructions(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
-    train = read_instructions(cfg.dataset, cfg.split, cfg)
-    held = held_out_source(cfg)
-    if held is not None:
-        return train, read_instructions(*held, cfg, key="data.test_split")
-    train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
-    return train.subset(train_idx), train.subset(test_idx)
-
-
-def load_user_file(
-    cfg: DataConfig, seed: int, client_column: str | None = None, unlabelled: bool = False
-) -> tuple[TextDataset, TextDataset]:
-    """A table (declora.tables) split ``cfg.split``; the test rows per ``held_out_source``."""
-    rows = read_rows(cfg.dataset, cfg.split, cfg, client_column, unlabelled=unlabelled)
-    names = rows.names or label_order(rows.labels)
-    train = encode_rows(rows, names)
-    held = held_out_source(cfg)
-    if held is None:
-        train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
-        return train.subset(train_idx), train.subset(test_idx)
-    try:
-        return train, encode_rows(read_rows(*held, cfg, key="data.test_split", unlabelled=unlabelled), names)
-    except ValueError as err:
-        if cfg.test_file is not None or cfg.test_split is not None:
-            raise
-        raise ValueError(  # the user never named this split: say where it came from and how to change it
-            f"{err}; the held-out rows are the folder's own 'test' split, taken because no other was "
-            "named: if its labels are hidden (GLUE's are -1), name another, e.g. data.test_split=validation"
-        ) from err
-
-
-def _paragraphs(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist{relative_note(path)}")
-    # a line of spaces or tabs separates paragraphs as an empty one does (edited prose often keeps them)
-    blocks = (" ".join(b.split()) for b in re.split(r"\n[ \t\r\f\v]*\n", _read_text(path)))
-    return [b for b in blocks if b]
-
-
-def load_text_file(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
-    """Plain text for causal language modelling: one example per paragraph (blank-line separated), all
-    with the one label "text"; ``cfg.test_file`` (another .txt) or a seeded split holds out paragraphs."""
-    path = Path(cfg.dataset).expanduser()
-    texts = _paragraphs(path)
-    if not texts:
-        raise ValueError(f"data file {str(path)!r} holds no text")
-    train = TextDataset(texts, np.zeros(len(texts), dtype=np.int64), ("text",))
-    if cfg.test_file is not None:
-        refuse_training_rows((cfg.test_file, "train"), [(cfg.dataset, "train")])
-        held = _paragraphs(Path(cfg.test_file).expanduser())
-        return train, TextDataset(held, np.zeros(len(held), dtype=np.int64), ("text",))
-    train_idx, test_idx = stratified_split(train.labels, cfg.test_fraction, seed)
-    return train.subset(train_idx), train.subset(test_idx)
 
 
 DATASETS: dict[str, Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]] = {

@@ -22,7 +22,6 @@ from declora.comm.codecs import TopKCodec, build_codec
 from declora.comm.dist_exchange import DistExchange
 from declora.comm.exchange import LocalExchange
 from declora.config import Config, ConfigError, TopologyConfig, check_sections, from_dict, to_dict
-from declora.data import TextDataset
 from declora.device import default_dtype, default_tokens_per_chunk, resolve_device
 from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
@@ -38,6 +37,7 @@ from declora.schedules import Schedule, build_schedule
 from declora.seeding import numpy_rng
 from declora.stragglers import AsyncExchange, Stragglers, enabled
 from declora.tasks import CAUSAL_KINDS, Instruction, Task, build_task
+from declora.text_dataset import TextDataset
 from declora.train import LocalTrainer, NodeStreams, label_prior_offsets
 
 log = logging.getLogger(__name__)

@@ -16,21 +16,20 @@ from typing import Any
 import numpy as np
 
 from declora.config import Config, ConfigError
-from declora.data import (
-    TextDataset,
+from declora.data import load_dataset
+from declora.dist import Solo
+from declora.partition import describe_partition, partition
+from declora.tables import is_table
+from declora.text_dataset import TextDataset, limit
+from declora.user_data import (
     encode_rows,
     label_order,
-    limit,
-    load_dataset,
     looks_like_int,
     read_instructions,
     read_rows,
     refuse_training_rows,
     test_file_split,
 )
-from declora.dist import Solo
-from declora.partition import describe_partition, partition
-from declora.tables import is_table
 
 log = logging.getLogger(__name__)
 

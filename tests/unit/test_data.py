@@ -11,7 +11,8 @@ import pytest
 
 from declora.assets import Asset, AssetNotFoundError, asset_path, data_path, model_path
 from declora.config import ConfigError, DataConfig
-from declora.data import TextDataset, count_cut, load_dataset, tokenize
+from declora.data import count_cut, load_dataset, tokenize
+from declora.text_dataset import TextDataset
 
 pytestmark = pytest.mark.unit
 
@@ -342,7 +343,7 @@ def test_held_out_rows_that_repeat_training_rows_are_warned_about(tmp_path: Path
 def test_numeric_client_ids_are_ordered_by_value() -> None:
     """partition.kind=column gives node i the i-th value: users 1, 2, ..., 10, 11, 12 in that order, as
     node files and labels are ordered (as text, node 1 held user 10); names stay in text order."""
-    from declora.data import Rows, encode_rows
+    from declora.user_data import Rows, encode_rows
 
     users = [str(u) for u in range(1, 13)]
     rows = Rows([f"t{u}" for u in users], ["a"] * 12, None, list(reversed(users)), "table")

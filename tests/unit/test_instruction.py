@@ -15,11 +15,12 @@ import torch.nn.functional as F
 from helpers import special_adding_tokenizer
 
 from declora.config import DataConfig, load_config
-from declora.data import load_dataset, read_instructions
+from declora.data import load_dataset
 from declora.experiment import EvalSet
 from declora.model import averaged_factors
 from declora.tasks import Instruction
 from declora.train import pad
+from declora.user_data import read_instructions
 
 pytestmark = pytest.mark.unit
 PAIRS = [("What is 2 + 3?", "2 + 3 = 5."), ("Name a colour.", "Blue."), ("Say hi", "hi there, friend")]

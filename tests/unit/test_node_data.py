@@ -216,8 +216,8 @@ def test_a_single_label_over_node_files_names_the_files_not_the_unread_dataset(t
 
 
 def test_a_score_column_is_refused_as_classes_but_ratings_and_class_ids_are_not():
-    from declora.data import label_order
     from declora.experiment import check_labels
+    from declora.user_data import label_order
 
     cfg = load_config(None, [])
     scores = label_order([f"{x / 10:.1f}" for x in range(11)])  # 0.0 to 1.0: eleven values, not all whole

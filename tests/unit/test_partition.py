@@ -245,7 +245,7 @@ def test_proportions_take_one_entry_per_label_of_the_dataset_also_one_no_row_has
 def test_a_missing_partition_column_value_is_named_by_its_file_line(tmp_path) -> None:
     """It said "row 0 of 'users.csv'", a 0-based row where every other table error gives file:line."""
     from declora.config import DataConfig
-    from declora.data import read_rows
+    from declora.user_data import read_rows
 
     table = tmp_path / "users.csv"
     table.write_text("text,label,user\ngood,1,\nbad,0,u2\n")
@@ -255,7 +255,7 @@ def test_a_missing_partition_column_value_is_named_by_its_file_line(tmp_path) ->
 
 def test_a_json_file_wrapping_its_rows_in_one_object_gets_the_layout_in_the_error(tmp_path) -> None:
     from declora.config import ConfigError, DataConfig
-    from declora.data import read_rows
+    from declora.user_data import read_rows
 
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"data": [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]}))

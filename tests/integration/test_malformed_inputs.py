@@ -389,6 +389,7 @@ def _add_tensor(key: str) -> Callable[[dict, dict], None]:
 
 ADAPTERS: list[tuple[str, Callable[[dict, dict], None], str]] = [
     ("rank", _set("r", 8), "rank"),
+    ("rank-as-text", _set("r", "2"), "needs an integer r and a number lora_alpha"),
     ("alpha", _set("lora_alpha", 3.0), "lora_alpha"),
     ("rslora", _set("use_rslora", True), "rslora"),
     ("targets", _set("target_modules", ["query"]), "target"),
@@ -411,6 +412,11 @@ CASES += [
         "adapter:no-config",
         lambda c: c.new_run(f"model.init_adapter={_edit(c.adapter(), _drop('adapter_config.json'))}"),
         "adapter_config.json",
+    ),
+    (
+        "adapter:no-weights",
+        lambda c: c.new_run(f"model.init_adapter={_edit(c.adapter(), _drop('adapter_model.safetensors'))}"),
+        "adapter_model.safetensors is missing",
     ),
     (
         "adapter:truncated",

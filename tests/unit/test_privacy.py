@@ -176,6 +176,20 @@ def test_attackers_by_id_or_seeded_fraction_and_their_corrupted_messages():
     [
         (["privacy.level=node"], "exactly one of privacy.noise_multiplier"),
         (["privacy.level=node", "privacy.noise_multiplier=1", "privacy.delta=2"], "privacy.delta=2.0"),
+        (
+            ["privacy.level=node", "privacy.noise_multiplier=1", "privacy.clip=0"],
+            "privacy.clip=0.0 must be positive",
+        ),
+        (["privacy.level=node", "privacy.noise_multiplier=-1"], "noise_multiplier=-1.0 is out of range"),
+        (["privacy.level=node", "privacy.noise_multiplier=1e5"], "allowed: [0, 10000]"),
+        (
+            ["privacy.level=node", "privacy.noise_multiplier=1", "privacy.clip=.inf"],
+            "the noise's scale is their product, so unbounded",
+        ),
+        (
+            ["privacy.level=node", "privacy.target_epsilon=1", "privacy.clip=.inf"],
+            "with a finite privacy.clip",
+        ),
         (["robust.aggregator=krum"], "robust.aggregator=krum runs at a server"),
         (["robust.aggregator=median", "algorithm.name=decaf"], "algorithm.name=decaf"),
         (["robust.aggregator=krum", "algorithm.name=fslora"], "random sketches"),

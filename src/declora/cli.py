@@ -490,7 +490,8 @@ def _stopped(stop: BaseException, args: argparse.Namespace, several: bool, quiet
         what += " (torchrun stops every rank when one fails: another rank's error may be above)"
         line = line.removesuffix(": the same command starts it")  # not after an error
     if not quiet:  # under torchrun every rank gets the signal; one says it
-        print(f"declora: {what}; {line}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"declora: {what}; {line}\n")  # one write, as console.say_error's
+        sys.stderr.flush()
     if isinstance(stop, JobStopped):  # leave without waiting on the process group's peers (as run_setup.die)
         logging.shutdown()
         os._exit(code)

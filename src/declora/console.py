@@ -34,11 +34,10 @@ class RoundsBar:
             shown = ", ".join(f"{k} {v}" for k, v in self._shown(record).items())
             # the run's own clock (metrics.jsonl's wall_s), which a resume continues
             seconds = record.get("wall_s", time.time() - self.began)
-            print(
-                f"round {record['round']}/{self.total}: {shown} ({seconds:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
+            # One write, newline included: print() writes the text and its newline apart, and a signal
+            # between the two (Ctrl-C, SIGTERM, SIGHUP) left the stop's own line glued to the round's.
+            sys.stderr.write(f"round {record['round']}/{self.total}: {shown} ({seconds:.0f} s)\n")
+            sys.stderr.flush()
             return
         if self.bar is None:  # initial: the rounds a resume starts after, which the rate must not count
             first = record["round"] - 1

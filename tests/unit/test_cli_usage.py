@@ -141,6 +141,26 @@ def test_progress_in_a_log_file_is_one_plain_line_per_round(capsys):
     ]
 
 
+def test_each_progress_line_is_written_whole(monkeypatch):
+    """A round's line and its newline in one write: with print()'s two writes, a stop signal between
+    them glued the stop's one line ("declora: interrupted; ...") to the end of the round's line."""
+    import io
+
+    writes: list[str] = []
+
+    class Recording(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr("sys.stderr", Recording())
+    bar = RoundsBar(2)
+    for t in (1, 2):
+        bar.on_round({"round": t, "train_loss": 0.5, "bytes_total": 2e6, "tokens_per_s": 100.0})
+    bar.close()
+    assert len(writes) == 2 and all(w.startswith("round ") and w.endswith(" s)\n") for w in writes), writes
+
+
 def test_a_resumed_runs_progress_lines_go_on_with_the_runs_clock(capsys):
     # after a resume the seconds go on from the run's wall_s (as metrics.jsonl logs it), not from 0
 

@@ -19,9 +19,9 @@ import numpy as np
 
 from declora.assets import HUB_ID, data_path
 from declora.config import ConfigError, DataConfig
-from declora.tables import COMPRESSED, TABLE_SUFFIXES, file_format, is_table, relative_note
+from declora.tables import COMPRESSED, TABLE_SUFFIXES, file_format, is_table, read_text, relative_note
 from declora.text_dataset import TextDataset, group_split, limit, stratified_split
-from declora.user_data import load_instructions, load_text_file, load_user_file, read_text
+from declora.user_data import load_instructions, load_text_file, load_user_file
 
 log = logging.getLogger(__name__)
 

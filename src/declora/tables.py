@@ -88,6 +88,16 @@ def read_bytes(path: Path) -> bytes:
         raise ValueError(f"data file {str(path)!r} is not a readable {packed} archive ({err})") from err
 
 
+def read_text(path: Path) -> str:
+    """The file's text (decompressed as ``read_bytes``): UTF-8, else latin-1, which decodes any byte (one
+    shipped BBC article holds a raw latin-1 pound sign)."""
+    raw = read_bytes(path)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def is_saved_dataset(path: Path) -> bool:
     return any((path / marker).is_file() for marker in SAVED_MARKERS)
 

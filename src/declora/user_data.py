@@ -21,7 +21,7 @@ from declora.tables import (
     column,
     has_splits,
     open_split,
-    read_bytes,
+    read_text,
     relative_note,
     row_line,
     splits_of,
@@ -29,15 +29,6 @@ from declora.tables import (
 from declora.text_dataset import TextDataset, stratified_split
 
 log = logging.getLogger(__name__)
-
-
-def read_text(path: Path) -> str:
-    # One BBC article holds a raw latin-1 pound sign; latin-1 decodes any byte, so it is the fallback.
-    raw = read_bytes(path)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 def label_order(values: Sequence[str]) -> tuple[str, ...]:

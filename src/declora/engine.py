@@ -115,15 +115,53 @@ def run(
             lock.close()
 
 
+@dataclass(frozen=True)
+class Trial:
+    """The first rounds of an experiment played in memory (``trial_rounds``): ``declora run --dry-run``."""
+
+    records: list[dict[str, Any]]  # each round's record as run logs it before evaluation (bytes, speed...)
+    seconds: list[dict[str, float]]  # each round's seconds per phase (train, communicate)
+    eval_s: float  # one evaluation after the last of them
+    peak: dict[str, float]  # peak_memory after it all
+
+
+def trial_rounds(exp: Experiment, rounds: int) -> Trial:
+    """Play the first ``rounds`` rounds of ``exp`` as ``run`` does (local work, communication, the health
+    check, the round's record) and evaluate once, writing nothing. ``exp`` is spent: its tensors,
+    optimizer and streams have moved, so a run needs a new Experiment."""
+    if exp.ran:
+        raise ConfigError("this Experiment has already run; build a new one with build_experiment(cfg)")
+    exp.ran = True
+    records, seconds = [], []
+    with torch.inference_mode(False), torch.enable_grad(), default_dtype(torch.float32):
+        for t in range(min(rounds, exp.cfg.rounds)):
+            with _in_round(t, exp.cfg.algorithm.name, "nothing was written (a dry run)"):
+                phases = PhaseTimes(exp, t)
+                phases.enter("round")
+                work, W, speed = train_and_communicate(exp, t, phases)
+                loss = exp.group.gather_nodes(work.loss)  # (n,)
+                check_health(exp, t, loss, work.active)
+                records.append(round_record(exp, t, loss, work, W, speed))
+                phases.done()
+                seconds.append({k: v for k, v in phases.seconds.items() if k != "round"})
+        began = time.perf_counter()
+        evaluate(exp)
+        eval_s = time.perf_counter() - began
+    return Trial(records, seconds, eval_s, peak_memory(exp))
+
+
 @contextmanager
-def _in_round(t: int, algorithm: str) -> Iterator[None]:
+def _in_round(
+    t: int, algorithm: str, after: str = "the run folder keeps its last checkpoint"
+) -> Iterator[None]:
     """An exception from round ``t``'s work (an algorithm's, a plugin's, an ``on_round``'s) keeps its type
-    and says where it came from; ``failed_in_round`` tells the command line it is not bad input."""
+    and says where it came from and ``after`` it; ``failed_in_round`` tells the command line it is not bad
+    input."""
     try:
         yield
     except Exception as err:
         where = f"round {t + 1} (algorithm {algorithm})"
-        err.add_note(f"declora: raised in {where}; the run folder keeps its last checkpoint")
+        err.add_note(f"declora: raised in {where}; {after}")
         setattr(err, FAILED_IN_ROUND, where)
         raise
 
@@ -175,8 +213,7 @@ def _rounds(
     on_round: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
     """Rounds ``start`` to the end (or to a StopRun), then the adapters' export."""
-    cfg, fed, group = exp.cfg, exp.fed, exp.group
-    sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
+    cfg, group = exp.cfg, exp.group
     export = AdapterExport(exp, resumed=resume)
     began = time.perf_counter()
     records = []
@@ -184,15 +221,7 @@ def _rounds(
         with _in_round(t, cfg.algorithm.name):
             phases = PhaseTimes(exp, t)
             phases.enter("round")
-            phases.enter("train")
-            work = _local_work(exp, t)
-            phases.enter("communicate")
-            speed = train_speed(exp, phases.seconds["train"])
-            exp.exchange.ledger.start_round()
-            W = exp.schedule.matrix(t)  # global (n, n)
-            exp.algorithm.communicate(
-                RoundContext(t, fed, W, work.online, exp.exchange, exp.optimizer, sizes, group.nodes)
-            )
+            work, W, speed = train_and_communicate(exp, t, phases)
             loss = group.gather_nodes(work.loss)  # (n,)
             try:
                 check_health(exp, t, loss, work.active, saved)
@@ -203,7 +232,7 @@ def _rounds(
                 group.stop_together()
                 raise
             crash_point("round.trained")
-            record = _round_record(exp, t, loss, work, W, speed)
+            record = round_record(exp, t, loss, work, W, speed)
             if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
                 phases.enter("evaluate")
                 record.update(event="eval", **evaluate(exp))
@@ -242,6 +271,24 @@ class LocalWork:
     steps: int
 
 
+def train_and_communicate(
+    exp: Experiment, t: int, phases: PhaseTimes
+) -> tuple[LocalWork, torch.Tensor, dict[str, float]]:
+    """Round t's local steps on every active node, then its communication, booked on a fresh ledger
+    round: the work, the round's global W(t) (n, n) and the training speed."""
+    phases.enter("train")
+    work = _local_work(exp, t)
+    phases.enter("communicate")
+    speed = train_speed(exp, phases.seconds["train"])
+    exp.exchange.ledger.start_round()
+    W = exp.schedule.matrix(t)
+    sizes = torch.tensor([len(p) for p in exp.parts])  # this process's nodes
+    exp.algorithm.communicate(
+        RoundContext(t, exp.fed, W, work.online, exp.exchange, exp.optimizer, sizes, exp.group.nodes)
+    )
+    return work, W, speed
+
+
 def _local_work(exp: Experiment, t: int) -> LocalWork:
     """Which nodes train this round and what, then their local steps, all nodes at once."""
     cfg = exp.cfg
@@ -262,7 +309,7 @@ def _local_work(exp: Experiment, t: int) -> LocalWork:
     return LocalWork(up, online, active, loss, steps)
 
 
-def _round_record(
+def round_record(
     exp: Experiment, t: int, loss: torch.Tensor, work: LocalWork, W: torch.Tensor, speed: dict[str, float]
 ) -> dict[str, Any]:
     """The round's line of metrics.jsonl before evaluation: loss, steps, nodes, speed, bytes, and the

@@ -17,7 +17,7 @@ from typing import Any
 from declora import __version__
 from declora.config import ConfigError, load_config, repeated_overrides
 from declora.console import EARLY_RECORDS, RoundsBar, announce_run, log_to_file, say_error
-from declora.run_setup import config_path, die, join_run
+from declora.run_setup import config_path, die, join_run, run_config
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from declora.engine import run
     from declora.experiment import build_experiment
 
+    if args.dry_run:
+        return _dry_run(args)
     cfg, run_dir, group = join_run(args)
     with group.guard():
         exp = build_experiment(cfg, run_dir, group)
@@ -50,6 +52,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         adapters = exp.run_dir / "adapters"
         shown = f"   adapters: {adapters}" if adapters.is_dir() else ""  # none with export=none
         print(f"\nmetrics: {exp.run_dir / 'metrics.jsonl'}   plot: {exp.run_dir / 'curves.png'}{shown}")
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """declora run --dry-run: the checks, the first rounds in memory and the plan (declora.dry_run)."""
+    from declora.dist import launched
+    from declora.dry_run import ONE_PROCESS, TRIAL_ROUNDS, plan
+    from declora.experiment import build_experiment
+
+    if args.resume:
+        raise ConfigError("--dry-run plans a new run; --resume continues one: give one of them")
+    if launched():
+        raise ConfigError(ONE_PROCESS)
+    cfg, run_dir = run_config(args)
+    exp = build_experiment(cfg, run_dir)
+    print(f"dry run: {TRIAL_ROUNDS} rounds and an evaluation in memory, to time them; nothing is written")
+    lines = plan(exp, args.overwrite)
+    print("\n".join(["what the run would do:", *lines]))
     return 0
 
 
@@ -234,6 +254,7 @@ EXAMPLES = """examples:
   declora run                                      the default experiment (configs/default.yaml)
   declora run configs/smoke.yaml nodes=4 rounds=2  a config with overrides; the folder goes under runs/
   declora run --resume RUN_DIR rounds=40           continue a stopped run (or extend a finished one)
+  declora run configs/smoke.yaml --dry-run         check a run, time 2 rounds, print its plan; writes nothing
   declora compare configs/grids/smoke.yaml         a grid of runs, paired by seed, in one table
   declora report RUN_DIR [RUN_DIR ...]             report.md and curves.png; several runs compared
   declora topology topology.graph=torus nodes=16   the graph, its mixing rate, a picture
@@ -263,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument(
         "--overwrite", action="store_true", help="replace the run folder of an earlier run (run_dir=...)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="make every check a run makes, time its first two rounds and an evaluation in memory, and "
+        "print what the run would do and cost (examples, messages, time, memory); nothing is written",
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="table and plot from existing run folders")

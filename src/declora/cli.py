@@ -66,9 +66,11 @@ def _dry_run(args: argparse.Namespace) -> int:
     if launched():
         raise ConfigError(ONE_PROCESS)
     cfg, run_dir = run_config(args)
+    began = time.perf_counter()
     exp = build_experiment(cfg, run_dir)
+    setup_s = time.perf_counter() - began
     print(f"dry run: {TRIAL_ROUNDS} rounds and an evaluation in memory, to time them; nothing is written")
-    lines = plan(exp, args.overwrite)
+    lines = plan(exp, args.overwrite, setup_s)
     print("\n".join(["what the run would do:", *lines]))
     return 0
 
@@ -144,6 +146,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f"--jobs {args.jobs}: give how many cells run at once, 1 or more (1: one after another)"
         )
     grid = load_grid(args.grid, tuple(args.overrides), args.out)
+    if args.dry_run:
+        from declora.dry_run import grid_plan
+
+        if _cell_flags(args):
+            raise ConfigError("--dry-run plans the whole grid, not one --cell of it")
+        grid_plan(grid, lambda line: print(line, flush=True))
+        return 0
     if _cell_flags(args):  # one cell of a --jobs grid, in the process declora.compare_jobs started
         from declora.compare_jobs import stop_with, the_cell
 
@@ -315,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run a grid of experiments and compare them: declora compare GRID [key=value ...]",
         # GRID is required (cmd_compare says so)
-        usage="declora compare [-h] [--out OUT] [--jobs J] GRID [key=value ...]",
+        usage="declora compare [-h] [--out OUT] [--jobs J] [--dry-run] GRID [key=value ...]",
         description="Run every cell of a grid (finished cells are skipped) and write OUT/comparison.md, "
         ".csv and .png: each method's final and best values over seeds and, with two or more seeds, every "
         "method against the first paired by seed (per-seed differences, mean ± SE, 95% t-interval).",
@@ -332,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         "threads unless the grid sets threads, its output in OUT/cell_logs; a failed cell stops no other "
         "but no new one starts (exit 1); Ctrl-C stops them all, and the same command goes on. Pays on a "
         "GPU or a many-core CPU",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every cell, say what the grid would do with each, time one cell of each method as "
+        "declora run --dry-run does, and estimate the grid's time; nothing is written",
     )
     # one cell's own process (declora.compare_jobs): its place, its config's fingerprint, the command's pid
     p.add_argument("--cell", type=int, default=None, help=argparse.SUPPRESS)

@@ -11,24 +11,32 @@ checkpoint, metrics, tracker run or adapter.
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from declora.config import ConfigError
+from declora.config import ConfigError, load_config
 from declora.engine import Trial, trial_rounds
-from declora.experiment import Experiment
+from declora.experiment import Experiment, build_experiment
 from declora.run_start import check_folder
 from declora.topology import spectral_gap
 
+if TYPE_CHECKING:
+    from declora.compare import Cell, Grid
+
 TRIAL_ROUNDS = 2
+RUNS = ("new", "partial")  # the states of a grid cell that a grid runs
 ONE_PROCESS = (
     "a dry run runs in one process: start it without torchrun (the plan is the same for any number of "
     "processes)"
 )
 
 
-def plan(exp: Experiment, overwrite: bool = False) -> list[str]:
+def plan(exp: Experiment, overwrite: bool = False, setup_s: float = 0.0) -> list[str]:
     """The plan of a new run of ``exp``, one line per aspect, after its folder's checks (as ``run(exp,
-    overwrite=overwrite)`` makes them) and a trial of its first rounds. ``exp`` is spent: to run it, build
-    a new Experiment. One process only: a multi-process run's plan is this one's with the nodes sliced."""
+    overwrite=overwrite)`` makes them) and a trial of its first rounds; ``setup_s``: the seconds
+    build_experiment took, counted in the run's time. ``exp`` is spent: to run it, build a new Experiment.
+    One process only: a multi-process run's plan is this one's with the nodes sliced."""
     if exp.group.world > 1:
         raise ConfigError(ONE_PROCESS)
     check_folder(exp.run_dir, resume=False, overwrite=overwrite)
@@ -42,7 +50,7 @@ def plan(exp: Experiment, overwrite: bool = False) -> list[str]:
         ("training", _training(exp)),
         ("evaluation", _evaluation(exp)),
         ("messages", _messages(exp, trial)),
-        ("time", _time(exp, trial)),
+        ("time", _time(exp, trial, setup_s)),
         ("memory", _memory(trial)),
     ]
     width = max(len(name) for name, _ in rows)
@@ -154,15 +162,23 @@ def _messages(exp: Experiment, trial: Trial) -> str:
     )
 
 
-def _time(exp: Experiment, trial: Trial) -> str:
+def run_seconds(exp: Experiment, trial: Trial, setup_s: float) -> float:
+    """The whole run's time at the trial's rates: its set-up, its rounds at the last trial round's rate,
+    its evaluations."""
+    rounds = exp.cfg.rounds * sum(trial.seconds[-1].values())
+    return setup_s + rounds + len(_evaluated_rounds(exp)) * trial.eval_s
+
+
+def _time(exp: Experiment, trial: Trial, setup_s: float) -> str:
+    total = _duration(run_seconds(exp, trial, setup_s))
+    setup = f"set-up {setup_s:.1f} s, " if setup_s else ""
+    return f"{setup}{_rates(trial)}: about {total} in all (checkpoints, exports and reports not counted)"
+
+
+def _rates(trial: Trial) -> str:
     last = trial.seconds[-1]
-    round_s = sum(last.values())
-    total = exp.cfg.rounds * round_s + len(_evaluated_rounds(exp)) * trial.eval_s
     phases = ", ".join(f"{name} {s:.2f}" for name, s in last.items())
-    return (
-        f"{round_s:.2f} s a round ({phases}), {trial.eval_s:.1f} s an evaluation: about "
-        f"{_duration(total)} in all (checkpoints and exports not counted)"
-    )
+    return f"{sum(last.values()):.2f} s a round ({phases}), {trial.eval_s:.1f} s an evaluation"
 
 
 def _memory(trial: Trial) -> str:
@@ -177,9 +193,60 @@ def _count(k: int, thing: str) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 0.5:
+        return "under 1 s"
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
         return f"{hours} h {minutes:02d} min"
     return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def grid_plan(grid: Grid, say: Callable[[str], None]) -> None:
+    """``declora compare GRID --dry-run``: every cell checked as the grid checks them and what the grid
+    would do with it, then one cell of each method that would run timed as a run's dry run times it, and
+    the grid's time one cell after another. Nothing is written, not even the grid's folder."""
+    from declora.compare import STATE_WORDS, checked_cells
+
+    cells, states = checked_cells(grid)
+    say(f"dry run of a grid of {_count(len(cells), 'cell')} in {grid.out}: nothing is written")
+    todo: dict[str, list[float]] = {}  # method -> the share of a whole run each of its cells has left
+    for k, (cell, state) in enumerate(zip(cells, states, strict=True)):
+        left = _share_left(cell) if state == "partial" else 1.0
+        word = {"new": "would run", "partial": f"would resume ({left:.0%} of it left)"}
+        say(f"  [{k + 1}/{len(cells)}] {cell.method} seed={cell.seed}: {word.get(state, STATE_WORDS[state])}")
+        if state in RUNS:
+            todo.setdefault(cell.method, []).append(left)
+    if not todo:
+        say("every cell is finished: the grid would only write its table")
+        return
+    say(f"timing one cell of each method that would run ({TRIAL_ROUNDS} rounds and an evaluation each):")
+    total = 0.0
+    for method, shares in todo.items():
+        cell = next(c for c, st in zip(cells, states, strict=True) if c.method == method and st in RUNS)
+        began = time.perf_counter()
+        exp = build_experiment(cell.cfg or load_config(grid.base, cell.overrides), cell.run_dir)
+        setup_s = time.perf_counter() - began
+        trial = trial_rounds(exp, TRIAL_ROUNDS)
+        seconds = run_seconds(exp, trial, setup_s)
+        total += sum(setup_s + share * (seconds - setup_s) for share in shares)  # each cell sets up whole
+        rates = (
+            f"set-up {setup_s:.1f} s, {sum(trial.seconds[-1].values()):.2f} s a round, {trial.eval_s:.1f} s "
+            "an evaluation"
+        )
+        say(f"  {method}: {rates}: about {_duration(seconds)} a run")
+    cpus = "--jobs J runs J at once, each with 1/J of the CPUs"
+    say(
+        f"about {_duration(total)} for the {_count(sum(map(len, todo.values())), 'cell')} to run, one after "
+        f"another ({cpus})"
+    )
+
+
+def _share_left(cell: Cell) -> float:
+    """The share of a half-finished cell's rounds still to run (from its last checkpoint)."""
+    from declora.runfolder import read_checkpoint_json
+
+    done = read_checkpoint_json(cell.run_dir / "state" / "latest.json")["round"]
+    rounds = cell.cfg.rounds if cell.cfg is not None else done
+    return max(0.0, (rounds - done) / rounds)

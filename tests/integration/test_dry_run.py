@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import tiny_grid_file
 
 from declora.cli import main
 from declora.config import ConfigError, load_config
@@ -64,7 +65,9 @@ def test_dry_run_predicts_the_run_and_writes_nothing(smoke_run, tmp_path, capsys
     assert lines["messages"].startswith(f"{per_round / 1e6:.2f} MB in round 2")
     assert f"{records[-1]['bytes_total'] / 1e6:.2f} MB in 3 rounds" in lines["messages"]
     assert re.match(
-        r"[\d.]+ s a round \(train [\d.]+, communicate [\d.]+\), [\d.]+ s an evaluation", lines["time"]
+        r"set-up [\d.]+ s, [\d.]+ s a round \(train [\d.]+, communicate [\d.]+\), "
+        r"[\d.]+ s an evaluation: about ",
+        lines["time"],
     )
     assert re.match(r"peak [\d,]+ MB resident", lines["memory"])
 
@@ -126,3 +129,45 @@ def test_the_plan_names_how_the_nodes_meet(tmp_path, override, nodes, messages):
     assert lines["nodes"] == nodes
     assert re.match(messages, lines["messages"])
     assert not (tmp_path / "run").exists()
+
+
+def test_compare_dry_run_says_what_the_grid_would_do_and_writes_nothing(tmp_path, tiny_bert, capsys):
+    """A grid's dry run names each cell's fate (a half-finished cell resumes, a finished one is skipped),
+    times the methods that would run, and changes no folder."""
+    out = tmp_path / "out"
+    for name in ("short", "whole"):
+        (tmp_path / name).mkdir()
+    # dec_lora alone, 1 round of 2: its cell is then half done
+    short = tiny_grid_file(
+        tmp_path / "short",
+        tiny_bert,
+        ("rounds=1",),
+        grid={"algorithm.name": ["dec_lora"]},
+        seeds=[0],
+        out=str(out),
+    )
+    assert main(["compare", str(short)]) == 0
+    whole = tiny_grid_file(tmp_path / "whole", tiny_bert, seeds=[0], out=str(out))
+    before = folder_hash(out)
+    capsys.readouterr()
+    assert main(["compare", str(whole), "--dry-run"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"dry run of a grid of 2 cells in {out}: nothing is written"
+    assert said[1] == "  [1/2] algorithm.name=dec_lora seed=0: would resume (50% of it left)"
+    assert said[2] == "  [2/2] algorithm.name=local seed=0: would run"
+    assert re.match(
+        r"  algorithm.name=dec_lora: set-up [\d.]+ s, [\d.]+ s a round, [\d.]+ s an evaluation: "
+        r"about (\d+ s|under 1 s) a run",
+        said[4],
+    )
+    assert said[-1].startswith("about ") and "for the 2 cells to run, one after another" in said[-1]
+    assert folder_hash(out) == before
+    assert main(["compare", str(whole)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(whole), "--dry-run"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[1:] == [
+        "  [1/2] algorithm.name=dec_lora seed=0: finished, skipped",
+        "  [2/2] algorithm.name=local seed=0: finished, skipped",
+        "every cell is finished: the grid would only write its table",
+    ]

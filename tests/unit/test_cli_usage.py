@@ -174,6 +174,6 @@ def test_compare_usage_names_its_grid(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--help"])
     out = capsys.readouterr().out
-    assert "usage: declora compare [-h] [--out OUT] [--jobs J] GRID [key=value ...]" in out
+    assert "usage: declora compare [-h] [--out OUT] [--jobs J] [--dry-run] GRID [key=value ...]" in out
     assert "--jobs J " in out and "cells run at once" in out
     assert "--cell" not in out  # the flag of a cell's own process (declora.compare_jobs), not a user's

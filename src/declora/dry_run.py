@@ -170,9 +170,9 @@ def run_seconds(exp: Experiment, trial: Trial, setup_s: float) -> float:
 
 
 def _time(exp: Experiment, trial: Trial, setup_s: float) -> str:
-    total = _duration(run_seconds(exp, trial, setup_s))
+    total = _about(run_seconds(exp, trial, setup_s))
     setup = f"set-up {setup_s:.1f} s, " if setup_s else ""
-    return f"{setup}{_rates(trial)}: about {total} in all (checkpoints, exports and reports not counted)"
+    return f"{setup}{_rates(trial)}: {total} in all (checkpoints, exports and reports not counted)"
 
 
 def _rates(trial: Trial) -> str:
@@ -192,15 +192,16 @@ def _count(k: int, thing: str) -> str:
     return f"{k} {thing}" if k == 1 else f"{k} {thing}s"
 
 
-def _duration(seconds: float) -> str:
+def _about(seconds: float) -> str:
+    """An estimate of a time, as people say it: "about 2 min 37 s"."""
     if seconds < 0.5:
-        return "under 1 s"
+        return "under a second"
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+        return f"about {hours} h {minutes:02d} min"
+    return f"about {minutes} min {secs:02d} s" if minutes else f"about {secs} s"
 
 
 def grid_plan(grid: Grid, say: Callable[[str], None]) -> None:
@@ -235,10 +236,10 @@ def grid_plan(grid: Grid, say: Callable[[str], None]) -> None:
             f"set-up {setup_s:.1f} s, {sum(trial.seconds[-1].values()):.2f} s a round, {trial.eval_s:.1f} s "
             "an evaluation"
         )
-        say(f"  {method}: {rates}: about {_duration(seconds)} a run")
+        say(f"  {method}: {rates}: {_about(seconds)} a run")
     cpus = "--jobs J runs J at once, each with 1/J of the CPUs"
     say(
-        f"about {_duration(total)} for the {_count(sum(map(len, todo.values())), 'cell')} to run, one after "
+        f"{_about(total)} for the {_count(sum(map(len, todo.values())), 'cell')} to run, one after "
         f"another ({cpus})"
     )
 

@@ -203,3 +203,21 @@ def test_grouped_lora_product_equals_per_row_on_cuda(
         assert y["train_loss"] == pytest.approx(x["train_loss"], abs=atol)
     for k, v in runs["per_row"].fed.tensors().items():
         near(runs["grouped"].fed.tensors()[k], v, rel)  # bf16: 1.1% measured on the CPU
+
+
+def test_the_dry_run_plans_a_cuda_run(tiny_bert, tmp_path):
+    """--dry-run on the GPU: the plan names the device and the GPU memory the trial rounds allocated, and
+    the trial's first rounds are the run's."""
+    from declora.dry_run import plan
+    from declora.engine import trial_rounds
+
+    cfg = tiny(tiny_bert, tmp_path / "run", "device=cuda")
+    lines = plan(build_experiment(cfg))
+    assert any("; cuda:0 fp32" in line for line in lines)
+    assert any("MB of GPU memory allocated" in line for line in lines)
+    assert not (tmp_path / "run").exists()
+    trial = trial_rounds(build_experiment(cfg), 2)
+    logged = run(build_experiment(cfg))
+    for played, record in zip(trial.records, logged, strict=False):
+        assert played["bytes_round"] == record["bytes_round"]
+        assert played["train_loss"] == pytest.approx(record["train_loss"], rel=1e-5)

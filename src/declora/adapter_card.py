@@ -170,6 +170,13 @@ def _input_lines(inputs: dict[str, Any]) -> list[str]:
         lines.append(
             f"Texts were cut to {inputs['max_length']} tokens (`truncation=True, max_length=...`).\n"
         )
+    if "pair_column" in inputs:
+        lines.append(
+            f"Each row is a pair: its text and its second text (the run's `data.pair_column` "
+            f"{inputs['pair_column']!r}), tokenized together: `tokenize(texts, second_texts, ...)` in place "
+            "of `tokenize(texts, ...)` below (BERT and MiniLM: `[CLS] text [SEP] second [SEP]`, whose token "
+            "types 0 then 1 the batch carries into the model).\n"
+        )
     if inputs.get("base_quantization", "none") != "none":
         lines.append(
             f"Trained and scored on the base quantized to {inputs['base_quantization']} (declora "

@@ -84,6 +84,9 @@ class DataConfig:
     test_split: str | None = None
     text_column: str = "text"
     label_column: str = "label"
+    # sentence-pair tasks (GLUE's MRPC, QNLI, RTE, MNLI): the second text's column (sentence2, hypothesis);
+    # each row is tokenized as the pair (text, pair), as a transformers tokenizer joins two sentences
+    pair_column: str | None = None
     # task.kind=instruction: the messages column (a list of {role, content}, the last the assistant's
     # answer) if the table has it, else the prompt and response columns
     prompt_column: str = "prompt"

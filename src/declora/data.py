@@ -142,8 +142,9 @@ def _warn_held_out_repeats(train: TextDataset, test: TextDataset, source: str) -
     can repeat training rows): those held-out scores are of examples the model trained on. Said, with the
     count, since the split cannot know which copy was meant (the shipped corpora hold none)."""
 
-    def rows(ds: TextDataset) -> list[tuple[str, str]]:
-        return list(zip(ds.texts, ds.responses or [""] * len(ds.texts), strict=True))
+    def rows(ds: TextDataset) -> list[tuple[str, str, str]]:
+        blank = [""] * len(ds.texts)
+        return list(zip(ds.texts, ds.responses or blank, ds.pairs or blank, strict=True))
 
     seen = set(rows(train))
     repeated = sum(row in seen for row in rows(test))
@@ -157,18 +158,30 @@ def _warn_held_out_repeats(train: TextDataset, test: TextDataset, source: str) -
         )
 
 
-def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int) -> list[list[int]]:
-    """Input ids per text, truncated to ``max_length`` and NOT padded: training pads per micro-batch,
-    so a batch of short texts costs short sequences."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+def tokenize(
+    texts: Sequence[str], tokenizer: Any, max_length: int, pairs: Sequence[str] | None = None
+) -> list[list[int]]:
+    """Input ids per text (per pair (text, pairs[i]) when ``pairs``, joined as the tokenizer joins two
+    sentences: BERT's [CLS] a [SEP] b [SEP]), truncated to ``max_length`` (the longer text first) and NOT
+    padded: training pads per micro-batch, so a batch of short texts costs short sequences."""
+    second = None if pairs is None else list(pairs)
+    enc = tokenizer(list(texts), second, truncation=True, max_length=max_length, padding=False)
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def count_cut(texts: Sequence[str], rows: Sequence[Sequence[int]], tokenizer: Any, max_length: int) -> int:
-    """How many of ``texts`` ``tokenize`` cut short: only rows that reached the limit can have been cut,
-    so only those are tokenized again, whole."""
-    at_limit = [t for t, row in zip(texts, rows, strict=True) if len(row) >= max_length]
+def count_cut(
+    texts: Sequence[str],
+    rows: Sequence[Sequence[int]],
+    tokenizer: Any,
+    max_length: int,
+    pairs: Sequence[str] | None = None,
+) -> int:
+    """How many of ``texts`` (pairs) ``tokenize`` cut short: only rows that reached the limit can have
+    been cut, so only those are tokenized again, whole."""
+    at_limit = [i for i, row in enumerate(rows) if len(row) >= max_length]
     if not at_limit:
         return 0
-    whole = tokenizer(at_limit, padding=False, verbose=False)["input_ids"]  # verbose: no length warning
+    second = None if pairs is None else [pairs[i] for i in at_limit]
+    # verbose=False: no warning about the length
+    whole = tokenizer([texts[i] for i in at_limit], second, padding=False, verbose=False)["input_ids"]
     return sum(len(ids) > max_length for ids in whole)

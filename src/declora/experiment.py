@@ -27,7 +27,7 @@ from declora.dist import Distributed, Solo
 from declora.guard import GuardedExchange, build_account, needs_guard
 from declora.ignored import ignored_settings
 from declora.lr_schedule import RoundSchedule
-from declora.model import Federation, add_middle_factors, build_federation
+from declora.model import Federation, add_middle_factors, build_federation, takes_segments
 from declora.node_data import build_node_data
 from declora.optim import NodeOptimizer, build_optimizer
 from declora.peft_io import import_peft
@@ -230,6 +230,13 @@ def _warn_unlearnable_labels(cfg: Config, names: tuple[str, ...], summary: list[
         )
 
 
+def _set_segments(cfg: Config, fed: Federation, tokenizer: Any) -> None:
+    """Sentence pairs on a model that embeds two segments: its forward gets the pair's token types."""
+    sep = getattr(tokenizer, "sep_token_id", None)
+    if cfg.data.pair_column is not None and sep is not None and takes_segments(fed.model):
+        fed.segment_sep = int(sep)
+
+
 def _pad_id(fed: Federation, tokenizer: Any) -> int:
     """The id rows are padded with: config.json's pad_token_id where it has one, else the tokenizer's
     (else 0). The config's id comes first because a LLaMA-family classifier reads each row's last token
@@ -292,9 +299,9 @@ def _encode(
         train_cut = task.cut
         test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
     else:
-        train_ids = task.encode(train.texts, labels, train=True)
+        train_ids = task.encode(train.texts, labels, train=True, pairs=train.pairs)
         train_cut = task.cut
-        test_ids = task.encode(test.texts, test.labels, train=False)
+        test_ids = task.encode(test.texts, test.labels, train=False, pairs=test.pairs)
     _report_cut(cfg, (train_cut, len(train_ids)), (task.cut, len(test_ids)))
     return train_ids, labels, test_ids, test_labels
 
@@ -460,6 +467,7 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     else:
         task, tokenizer = early
     train_ids, labels, test_ids, test_labels = _encode(cfg, task, train, test, labels)
+    _set_segments(cfg, fed, tokenizer)
     pad_id = _pad_id(fed, tokenizer)
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)
     trainer = _build_trainer(

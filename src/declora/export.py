@@ -136,6 +136,8 @@ def _how_made(exp: Experiment) -> tuple[dict[str, Any], dict[str, Any]]:
         inputs["kept_fp32"] = list(KEEP_FP32)
     if cfg.precision != "fp32":
         inputs["precision"] = cfg.precision
+    if cfg.data.pair_column is not None:  # two texts a row: the card says how to tokenize them
+        inputs["pair_column"] = cfg.data.pair_column
     if cfg.train.logit_adjustment:  # its logits leave out the label prior: the card says how to add one
         inputs["logit_adjustment"] = cfg.train.logit_adjustment
     if cfg.task.kind == "instruction":  # its rows are cut at the prompt's start: the card says how

@@ -72,6 +72,9 @@ class Federation(nn.Module):
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
         self.pooling = pooling  # what the head reads: "cls" (the model's own) | "mean" (pooling.py)
         self.head_input = head_input  # mean pooling: how the head is handed the mean (mean_head_input)
+        # Sentence pairs on a model that embeds two segments (BERT's token types): the separator id after
+        # whose first occurrence the second text starts (set by build_experiment); None: one segment.
+        self.segment_sep: int | None = None
         # Most transformers causal LMs apply their LM head only at ``logits_to_keep`` positions.
         self.keeps_logits = causal and "logits_to_keep" in inspect.signature(model.forward).parameters
         self.lora, self.heads = lora, heads
@@ -157,9 +160,13 @@ class Federation(nn.Module):
 
     def _logits(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor | None) -> Tensor:
         if not self.causal:
+            segments = {}
+            if self.segment_sep is not None:
+                segments["token_type_ids"] = segment_ids(input_ids, self.segment_sep)
             if self.pooling == "mean":
-                return pooled_logits(self.model, input_ids, attention_mask, self.head_input or "vector")
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                head_input = self.head_input or "vector"
+                return pooled_logits(self.model, input_ids, attention_mask, head_input, **segments)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits
         # No generation here: a KV cache would only cost memory.
         if positions is not None and self.keeps_logits:
             return self.model(
@@ -167,6 +174,21 @@ class Federation(nn.Module):
             ).logits
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return logits if positions is None else logits[:, positions]
+
+
+def segment_ids(input_ids: Tensor, sep: int) -> Tensor:
+    """The token types a BERT tokenizer gives a pair's rows ``[CLS] a [SEP] b [SEP]``: 0 up to and with
+    the first ``sep``, 1 after it (padding after the last [SEP] gets 1 where the tokenizer writes 0; it is
+    masked out of attention and pooling, so the logits are the same)."""
+    is_sep = (input_ids == sep).long()
+    return ((is_sep.cumsum(1) - is_sep) > 0).long()
+
+
+def takes_segments(model: nn.Module) -> bool:
+    """Whether the model embeds two segments apart (BERT, MiniLM: token_type_ids with 2 types or more);
+    RoBERTa's one type, DistilBERT and causal LMs read a pair as one sequence."""
+    types = getattr(getattr(model, "config", None), "type_vocab_size", 0) or 0
+    return types >= 2 and "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 # ---------------------------------------------------------------- building

@@ -194,8 +194,9 @@ def _held_out(cfg: Config, files: list[str]) -> tuple[str, str]:
 def _concat(parts: list[TextDataset]) -> TextDataset:
     """Datasets with the same label names, one after another (instruction responses kept)."""
     responses = None if parts[0].responses is None else [r for d in parts for r in d.responses or ()]
+    pairs = None if parts[0].pairs is None else [p for d in parts for p in d.pairs or ()]
     texts, labels = [t for d in parts for t in d.texts], np.concatenate([d.labels for d in parts])
-    return TextDataset(texts, labels, parts[0].label_names, responses=responses)
+    return TextDataset(texts, labels, parts[0].label_names, responses=responses, pairs=pairs)
 
 
 def _assemble(

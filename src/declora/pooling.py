@@ -155,12 +155,19 @@ def warn_unfollowed(pooling: str, resolved: str, path: Path, model: nn.Module) -
         )
 
 
-def pooled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, head_input: str) -> Tensor:
+def pooled_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    head_input: str,
+    token_type_ids: Tensor | None = None,
+) -> Tensor:
     """(rows, K) logits of the head on the masked mean of the last hidden states (``mean`` pooling),
-    handed to it as ``head_input`` says (``mean_head_input``)."""
+    handed to it as ``head_input`` says (``mean_head_input``); ``token_type_ids``: a pair's segments."""
     # Submodules of a classifier that mean_head_input accepted; nn.Module types them Tensor | Module.
     base, classifier = cast(nn.Module, model.base_model), cast(nn.Module, model.classifier)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask, **segments).last_hidden_state
     pooled = masked_mean(hidden, attention_mask)
     return classifier(pooled if head_input == "vector" else pooled[:, None])
 

@@ -47,7 +47,11 @@ class Task(Protocol):
     cut: int  # how many texts (or prompts) of the last ``encode`` lost tokens to ``max_length``
 
     def encode(
-        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        train: bool,
+        pairs: Sequence[str] | None = None,
     ) -> list[list[int]]: ...
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
@@ -154,10 +158,14 @@ class _Truncated(_OneMetric):
         self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
 
     def encode(
-        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        train: bool,
+        pairs: Sequence[str] | None = None,
     ) -> list[list[int]]:
-        rows = tokenize(texts, self.tokenizer, self.max_length)
-        self.cut = count_cut(texts, rows, self.tokenizer, self.max_length)
+        rows = tokenize(texts, self.tokenizer, self.max_length, pairs)
+        self.cut = count_cut(texts, rows, self.tokenizer, self.max_length, pairs)
         return rows
 
 
@@ -232,8 +240,14 @@ class LabelWords(_OneMetric):
             )
 
     def encode(
-        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        train: bool,
+        pairs: Sequence[str] | None = None,
     ) -> list[list[int]]:
+        if pairs is not None:  # validation refuses data.pair_column with a prompt template
+            raise ValueError("task.kind=label_words reads one text a row; data.pair_column is not read")
         # prefix + text in one call (the tokenizer may add BOS), truncated; the template's end follows.
         heads = self.prompt_ids([self.prefix + t for t in texts])
         self.cut = sum(len(h) > self.budget for h in heads)
@@ -360,7 +374,11 @@ class Instruction:
         return rows, np.array(lengths, dtype=np.int64)
 
     def encode(
-        self, texts: Sequence[str], labels: Sequence[int] | np.ndarray, train: bool
+        self,
+        texts: Sequence[str],
+        labels: Sequence[int] | np.ndarray,
+        train: bool,
+        pairs: Sequence[str] | None = None,
     ) -> list[list[int]]:
         raise ValueError("task.kind=instruction encodes (prompt, response) pairs: use encode_pairs")
 

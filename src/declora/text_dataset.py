@@ -21,6 +21,7 @@ class TextDataset:
     groups: np.ndarray | None = None  # (N,) int64
     clients: np.ndarray | None = None  # (N,) int64: the row's value of partition.column, as an index
     responses: list[str] | None = None  # task.kind=instruction: the answers (texts: the prompt turns, JSON)
+    pairs: list[str] | None = None  # data.pair_column: each row's second text (sentence-pair tasks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", np.asarray(self.labels, dtype=np.int64))
@@ -30,6 +31,8 @@ class TextDataset:
             raise ValueError(f"labels must lie in 0..{len(self.label_names) - 1} ({self.label_names})")
         if self.groups is not None and len(self.groups) != len(self.labels):
             raise ValueError(f"{len(self.groups)} groups but {len(self.labels)} labels")
+        if self.pairs is not None and len(self.pairs) != len(self.texts):
+            raise ValueError(f"{len(self.pairs)} second texts but {len(self.texts)} texts")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -45,7 +48,8 @@ class TextDataset:
         clients = None if self.clients is None else self.clients[idx]
         responses = None if self.responses is None else [self.responses[i] for i in idx]
         texts = [self.texts[i] for i in idx]
-        return TextDataset(texts, self.labels[idx], self.label_names, groups, clients, responses)
+        pairs = None if self.pairs is None else [self.pairs[i] for i in idx]
+        return TextDataset(texts, self.labels[idx], self.label_names, groups, clients, responses, pairs)
 
 
 # ---------------------------------------------------------------- seeded splits

@@ -59,6 +59,7 @@ class Rows:
     names: tuple[str, ...] | None
     clients: list[str] | None  # partition.column's values (kind=column)
     where: str
+    pairs: list[str] | None = None  # data.pair_column's texts (sentence-pair tasks)
 
 
 def read_rows(
@@ -73,6 +74,9 @@ def read_rows(
     table = open_split(source, split, key or "data.split", _subset_of(source, cfg))
     where = f"{source!r} (split {split!r})"
     texts = [str(t) for t in column(table, cfg.text_column, "data.text_column", where, source)]
+    pairs = None
+    if cfg.pair_column is not None:
+        pairs = [str(t) for t in column(table, cfg.pair_column, "data.pair_column", where, source)]
     clients = None
     if client_column is not None:
         clients = [str(v) for v in column(table, client_column, "partition.column", where, source)]
@@ -87,7 +91,7 @@ def read_rows(
     labels = [names[int(v)] for v in raw] if names else _label_texts(raw)
     if names is None:
         _refuse_mixed_labels(labels, source, cfg.label_column)
-    return Rows(texts, labels, names, clients, where)
+    return Rows(texts, labels, names, clients, where, pairs)
 
 
 def _subset_of(source: str, cfg: DataConfig) -> str | None:
@@ -127,7 +131,8 @@ def encode_rows(rows: Rows, names: tuple[str, ...]) -> TextDataset:
         order = label_order(rows.clients)  # numerically when all are numbers: user 2 before user 10
         index = {c: i for i, c in enumerate(order)}
         clients = np.array([index[c] for c in rows.clients], dtype=np.int64)
-    return TextDataset(rows.texts, np.array([ids[v] for v in rows.labels]), names, clients=clients)
+    labels = np.array([ids[v] for v in rows.labels])
+    return TextDataset(rows.texts, labels, names, clients=clients, pairs=rows.pairs)
 
 
 def held_out_source(cfg: DataConfig) -> tuple[str, str] | None:

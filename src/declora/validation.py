@@ -258,7 +258,7 @@ def _check_logit_adjustment(cfg: Config) -> None:
 
 
 # read from a user's table
-TABLE_KEYS = ("subset", "split", "test_file", "test_split", "text_column", "label_column")
+TABLE_KEYS = ("subset", "split", "test_file", "test_split", "text_column", "label_column", "pair_column")
 
 
 def _check_unread_data_keys(cfg: Config) -> None:
@@ -277,6 +277,9 @@ def _check_unread_data_keys(cfg: Config) -> None:
         refuse_if_set("data", d, ("prompt_column", "response_column", "messages_column"), why)
     if cfg.task.kind == "causal_lm":
         refuse_if_set("data", d, ("label_column",), "with task.kind=causal_lm, which reads the text alone")
+    if cfg.task.kind != "sequence_classification":  # a prompt template or a text alone: no second text
+        why = f"with task.kind={cfg.task.kind}; a pair is classified with task.kind=sequence_classification"
+        refuse_if_set("data", d, ("pair_column",), why)
     if d.test_file is not None:
         refuse_if_set("data", d, ("test_fraction",), "with data.test_file, which holds the held-out rows")
     if d.dataset in DATA and d.node_files is None:
@@ -292,6 +295,12 @@ def _check_columns_differ(cfg: Config) -> None:
         raise ConfigError(
             f"data.text_column and data.label_column are both {d.text_column!r}: name the column of the "
             "labels in data.label_column"
+        )
+    if d.pair_column is not None and d.pair_column in (d.text_column, d.label_column):
+        other = "text" if d.pair_column == d.text_column else "label"
+        raise ConfigError(
+            f"data.pair_column and data.{other}_column are both {d.pair_column!r}: data.pair_column names "
+            "the column of each row's second text (sentence2, hypothesis)"
         )
 
 

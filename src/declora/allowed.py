@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
         *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
         *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
         *("em_avg_factors", "em_avg_product", "em_node_mean", "em_server"),  # task.kind=instruction
+        *("f1_avg_factors", "f1_avg_product", "f1_node_mean", "f1_server"),  # classification, two labels
     ),
 }
 POSITIVE = (

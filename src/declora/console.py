@@ -23,7 +23,7 @@ class RoundsBar:
     def __init__(self, total: int, metric: str | None = None) -> None:
         self.total = total
         self.bar: tqdm | None = None  # drawn at the first round: a failed resume shows no bar
-        self.metric = metric  # a grid's ranked metric, shown beside the consensus accuracy
+        self.metric = metric  # the run's headline or a grid's ranked metric, beside the consensus accuracy
         self.began = time.time()  # the bar's clock starts here, so that its rate covers the first round
         self.lines = not sys.stderr.isatty()
 
@@ -86,7 +86,7 @@ def announce_run(exp: Experiment, group: Solo) -> RoundsBar | None:
     run = f"{nodes}, {cfg.algorithm.name}{mixing}, {exp.fed.device} {cfg.precision}{quantized}{where}"
     run += attackers
     print(f"run folder: {exp.run_dir}  ({run})")
-    return RoundsBar(cfg.rounds)
+    return RoundsBar(cfg.rounds, cfg.eval.headline)  # its value beside the consensus accuracy
 
 
 class _EarlyRecords(logging.Handler):

@@ -256,7 +256,15 @@ SCORE_CLASSES = 10
 def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
     """Labels that are legal but almost always a mistake, refused unless allow_degenerate: a single one
     (nothing to learn), or a score column taken for classes (each value a class of its own)."""
-    if cfg.task.kind in ("causal_lm", "instruction") or cfg.allow_degenerate:
+    if cfg.task.kind in ("causal_lm", "instruction"):
+        return
+    if cfg.eval.headline.startswith("f1_") and len(names) != 2:  # the F1 of label 1 needs two labels
+        raise ConfigError(
+            f"eval.headline={cfg.eval.headline!r}: the F1 score is logged for two labels (label 1 the "
+            f"positive one), and the data has {len(names)} {list(names)[:5]}; rank by "
+            f"{cfg.eval.headline.replace('f1_', 'acc_')}"
+        )
+    if cfg.allow_degenerate:
         return
     source = (
         f"data.node_files={cfg.data.node_files!r}"

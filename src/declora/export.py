@@ -23,7 +23,7 @@ from declora.tasks import label_words_of
 
 # What an adapter's card shows of its round's record: scores (honest ones under attack too), bytes, loss,
 # and, for a private run, what was spent (privacy_epsilon_max / _mean, privacy_delta, the noise multiplier).
-CARD_KEYS = ("acc_", "ppl_", "em_", "bytes_total", "train_loss", "privacy_")
+CARD_KEYS = ("acc_", "ppl_", "em_", "f1_", "bytes_total", "train_loss", "privacy_")
 
 
 class AdapterExport:

@@ -27,8 +27,9 @@ __all__ = ["format_table", "headline_line", "read_metrics", "summarize", "write_
 
 log = logging.getLogger(__name__)
 
-# Evaluation modes in the order the table shows them; any other ``acc_*`` (``em_*``, ``ppl_*``) key
-# follows, sorted. ``em_*``: an instruction run's exact match, a share shown in % like an accuracy.
+# Evaluation modes in the order the table shows them; any other ``acc_*`` (``em_*``, ``f1_*``, ``ppl_*``)
+# key follows, sorted. ``em_*``: an instruction run's exact match, ``f1_*``: a two-label classification's
+# F1 of label 1, each shown in % like an accuracy.
 ACCURACY_KEYS = ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "acc_server")
 CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
 FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
@@ -105,7 +106,7 @@ def accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
         k
         for r in evals
         for k in r
-        if k.startswith(("acc_", "em_", LOWER_IS_BETTER))
+        if k.startswith(("acc_", "em_", "f1_", LOWER_IS_BETTER))
         and k not in SPREAD_KEYS
         and number_at(r, k) is not None
     }

@@ -1,7 +1,7 @@
 """What a model learns from a row of tokens: how the row is encoded, its loss, and its metric.
 
 - ``sequence_classification``: an encoder with a per-node classifier head; logits (rows, K); cross-entropy;
-  accuracy.
+  accuracy, and with two labels the F1 score of label 1 (``extras``: ``f1``), as for label words.
 - ``label_words``: classification as generation with a causal LM. A training row is the prompt (the
   template around the text) followed by the label word's tokens; the loss is the next-token cross-entropy
   on the label word's tokens only, the prompt masked out. A test row is the prompt alone, and its
@@ -68,8 +68,8 @@ class Task(Protocol):
     def row_stats(
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
-        """(rows, k): each row's (sum, count) of the metric, then any columns of the task's own (k = 2, or
-        4 for Instruction); ``logits`` at ``positions`` if given."""
+        """(rows, k): each row's (sum, count) of the metric, then any columns of the task's own (k = 2; 4
+        for Instruction, 5 for two-label classification); ``logits`` at ``positions`` if given."""
         ...
 
     def finalize(self, totals: Tensor) -> Tensor:
@@ -148,6 +148,32 @@ class _OneMetric:
         return {}
 
 
+class _Classes:
+    """Classification's stats: (correct, 1) a row, and with two labels also its (true positive, false
+    positive, false negative) of label 1, from which ``extras`` gives the F1 score (``f1``) that GLUE's
+    MRPC and QQP report (label 1: "equivalent", "duplicate")."""
+
+    width, binary = 2, False
+
+    def count_positives(self, num_labels: int) -> None:
+        self.binary = num_labels == 2
+        self.width = 5 if self.binary else 2
+
+    def class_stats(self, predicted: Tensor, labels: Tensor) -> Tensor:
+        correct = (predicted == labels).float()
+        columns = [correct, torch.ones_like(correct)]
+        if self.binary:
+            said, true = predicted == 1, labels == 1
+            columns += [(said & true).float(), (said & ~true).float(), (~said & true).float()]
+        return torch.stack(columns, 1)
+
+    def extras(self, totals: Tensor) -> dict[str, Tensor]:
+        if not self.binary:
+            return {}
+        tp, fp, fn = totals[..., 2], totals[..., 3], totals[..., 4]
+        return {"f1": 2 * tp / (2 * tp + fp + fn).clamp(min=1)}  # 0 when label 1 is neither said nor true
+
+
 # ---------------------------------------------------------------- the tasks
 
 
@@ -169,8 +195,12 @@ class _Truncated(_OneMetric):
         return rows
 
 
-class SequenceClassification(_Truncated):
+class SequenceClassification(_Classes, _Truncated):
     metric, causal = "acc", False
+
+    def __init__(self, tokenizer: Any, max_length: int, num_labels: int = 0) -> None:
+        super().__init__(tokenizer, max_length)
+        self.count_positives(num_labels)
 
     def positions(self, input_ids: Tensor, mask: Tensor, labels: Tensor, train: bool) -> Tensor | None:
         return None  # the head's logits are (rows, K) already
@@ -183,8 +213,7 @@ class SequenceClassification(_Truncated):
     def row_stats(
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
-        correct = (logits.argmax(-1) == labels).float()
-        return torch.stack([correct, torch.ones_like(correct)], 1)
+        return self.class_stats(logits.argmax(-1), labels)
 
     def finalize(self, totals: Tensor) -> Tensor:
         return _ratio(totals)
@@ -206,7 +235,7 @@ def _without_appended(ids: Sequence[int], appended: list[int]) -> list[int]:
     return ids[: len(ids) - len(appended)] if appended and ids[-len(appended) :] == appended else ids
 
 
-class LabelWords(_OneMetric):
+class LabelWords(_Classes, _OneMetric):
     """Classification as generation: ``template`` with the text, then the label word (see the module)."""
 
     metric, causal = "acc", True
@@ -228,6 +257,7 @@ class LabelWords(_OneMetric):
                 f"{firsts}): accuracy compares the first token's logits"
             )
         self.first_ids = torch.tensor(firsts)  # (K,)
+        self.count_positives(len(words))
         # Train and test prompts get the same budget, so a test prompt is exactly its training prefix.
         longest = max(len(a) for a in self.answers)
         self.budget = max_length - len(self.tail) - longest
@@ -287,8 +317,7 @@ class LabelWords(_OneMetric):
     def row_stats(
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
-        correct = (self.scores(logits, mask, positions).argmax(-1) == labels).float()
-        return torch.stack([correct, torch.ones_like(correct)], 1)
+        return self.class_stats(self.scores(logits, mask, positions).argmax(-1), labels)
 
     def finalize(self, totals: Tensor) -> Tensor:
         return _ratio(totals)
@@ -437,7 +466,7 @@ def build_task(cfg: TaskConfig, tokenizer: Any, max_length: int, label_names: Se
     if cfg.kind == "instruction":
         return Instruction(tokenizer, max_length)
     if cfg.kind == "sequence_classification":
-        return SequenceClassification(tokenizer, max_length)
+        return SequenceClassification(tokenizer, max_length, len(label_names))
     if cfg.kind == "causal_lm":
         return CausalLM(tokenizer, max_length)
     if cfg.kind == "label_words":

@@ -43,6 +43,7 @@ WandbMode = Literal["online", "offline", "disabled", "shared"]  # wandb.init(mod
 # Scalars worth a curve, grouped so that a tracker shows one panel per family.
 GROUPS = {
     "acc_": "accuracy",
+    "f1_": "accuracy",
     "consensus_": "consensus",
     "cross_term": "consensus",
     "bytes_": "bytes",

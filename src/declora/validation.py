@@ -456,7 +456,8 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
     ``*_server`` metric needs an algorithm with a server model."""
     kind = cfg.task.kind
     prefix = _measure(kind)
-    allowed = (prefix, "em_") if kind == "instruction" else (prefix,)  # exact match: instruction only
+    # exact match: instruction only; F1 of label 1: classification (two labels, checked with the data)
+    allowed = {"instruction": (prefix, "em_"), "causal_lm": (prefix,)}.get(kind, (prefix, "f1_"))
     if not metric.startswith(allowed):
         raise ConfigError(
             f"{key}={metric!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"

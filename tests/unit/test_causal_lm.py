@@ -93,7 +93,10 @@ def test_label_word_scores_equal_a_hand_computation_from_logits(tiny_llama):
     torch.testing.assert_close(scores, torch.stack(hand), atol=1e-5, rtol=1e-5)
     labels = torch.stack(hand).argmax(-1)
     stats = row_stats(fed, prompts, labels, torch.full((4,), node), 0, 64, task)
-    assert torch.equal(stats, torch.stack([torch.ones(4), torch.ones(4)], 1))  # predicted = hand argmax
+    # predicted = hand argmax: every row right; two labels, so the F1 columns follow (tp, fp, fn of label 1)
+    positive = (labels == 1).float()
+    zeros = torch.zeros(4)
+    assert torch.equal(stats, torch.stack([torch.ones(4), torch.ones(4), positive, zeros, zeros], 1))
 
 
 def _answer_loss_and_grads(fed, task, input_ids, mask, labels, keep):

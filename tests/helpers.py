@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -131,3 +132,15 @@ def special_adding_tokenizer(single: str):
     ids = [(token, bpe.token_to_id(token)) for token in ("<s>", "</s>") if token in single.split()]
     bpe.post_processor = processors.TemplateProcessing(single=single, special_tokens=ids)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def folder_digest(folder: Path) -> str | None:
+    """A hash of a folder's file names and contents (None: no folder): did a command leave it as it was?"""
+    if not folder.exists():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

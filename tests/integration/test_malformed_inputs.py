@@ -8,7 +8,6 @@ corrupt a copy of a finished tiny run, which must not change.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_tiny_data
+from helpers import folder_digest, write_tiny_data
 from safetensors.torch import load_file, save_file
 
 from declora.cli import main
@@ -82,17 +81,6 @@ class Ctx:
         shutil.copytree(self.bert, folder)
         edit(folder)
         return folder
-
-
-def _digest(folder: Path) -> str | None:
-    if not folder.exists():
-        return None
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -614,14 +602,14 @@ def test_the_readme_counts_the_corpus():
 @pytest.mark.parametrize(("name", "argv", "culprit"), CASES, ids=[c[0] for c in CASES])
 def test_malformed_input_is_one_clear_line(corpus, tmp_path, capsys, name, argv, culprit):
     ctx = Ctx(tmp_path, corpus.bert, corpus.data, corpus.done, tmp_path / "out")
-    done_before = _digest(corpus.done)
+    done_before = folder_digest(corpus.done)
     args = argv(ctx)
-    target_before = _digest(ctx.target)
+    target_before = folder_digest(ctx.target)
     capsys.readouterr()
     code = main(args)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("declora: error: ") and "\n" not in err, err
     assert culprit in err, err
-    assert _digest(ctx.target) == target_before, "the run folder changed"
-    assert _digest(corpus.done) == done_before
+    assert folder_digest(ctx.target) == target_before, "the run folder changed"
+    assert folder_digest(corpus.done) == done_before

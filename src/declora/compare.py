@@ -367,7 +367,7 @@ def checked_cells(grid: Grid) -> tuple[list[Cell], list[str]]:
     for cell, state in zip(cells, states, strict=True):
         if state not in SKIPPED:
             try:
-                check_inputs(cell.cfg or load_config(grid.base, cell.overrides))
+                check_inputs(cell.cfg or load_config(grid.base, cell.overrides), grid.metric)
             except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
                 # the cell named as the progress lines name it, not by its folder's name
                 raise ConfigError(f"grid cell {cell.method} seed={cell.seed}: {err}") from err

@@ -190,15 +190,16 @@ def _read_topology(cfg: Config) -> TopologyConfig:
     return cfg.topology
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, metric: str | None = None) -> None:
     """What building ``cfg``'s run checks before any weight loads (the graph, the model folder, the data,
-    its partition and labels, the task), for a grid to check each cell before the first one runs."""
+    its partition and labels, the task), for a grid to check each cell before the first one runs; ``metric``:
+    the grid's, which the cell must log (an F1 needs two labels)."""
     cfg = from_dict(to_dict(cfg))
     n = _node_count(cfg)
     build_schedule(_read_topology(cfg), n, cfg.seed)
     preflight_model(cfg)
     train = build_node_data(cfg, n, range(n), Solo()).train
-    check_labels(cfg, train.label_names)
+    check_labels(cfg, train.label_names, metric)
     _task_from_folder(cfg, train.label_names)
 
 
@@ -253,16 +254,17 @@ def _pad_id(fed: Federation, tokenizer: Any) -> int:
 SCORE_CLASSES = 10
 
 
-def check_labels(cfg: Config, names: tuple[str, ...]) -> None:
+def check_labels(cfg: Config, names: tuple[str, ...], metric: str | None = None) -> None:
     """Labels that are legal but almost always a mistake, refused unless allow_degenerate: a single one
-    (nothing to learn), or a score column taken for classes (each value a class of its own)."""
+    (nothing to learn), or a score column taken for classes (each value a class of its own); and an F1
+    to rank by (``metric``, a grid's, else eval.headline) without two labels."""
     if cfg.task.kind in ("causal_lm", "instruction"):
         return
-    if cfg.eval.headline.startswith("f1_") and len(names) != 2:  # the F1 of label 1 needs two labels
+    key, metric = ("eval.headline", cfg.eval.headline) if metric is None else ("metric", metric)
+    if metric.startswith("f1_") and len(names) != 2:  # the F1 of label 1 needs two labels
         raise ConfigError(
-            f"eval.headline={cfg.eval.headline!r}: the F1 score is logged for two labels (label 1 the "
-            f"positive one), and the data has {len(names)} {list(names)[:5]}; rank by "
-            f"{cfg.eval.headline.replace('f1_', 'acc_')}"
+            f"{key}={metric!r}: the F1 score is logged for two labels (label 1 the positive one), and the "
+            f"data has {len(names)} {list(names)[:5]}; rank by {metric.replace('f1_', 'acc_')}"
         )
     if cfg.allow_degenerate:
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,3 +48,30 @@ def test_an_f1_headline_is_refused_where_it_is_not_logged():
     with pytest.raises(ConfigError, match="not measured for task.kind=causal_lm"):
         load_config(None, ["eval.headline=f1_avg_factors", "task.kind=causal_lm", "data.dataset=x.txt"])
     assert load_config(None, ["eval.headline=f1_node_mean"]).eval.headline == "f1_node_mean"
+
+
+@pytest.mark.integration
+def test_a_grid_ranked_by_f1_on_more_than_two_labels_is_refused_before_any_cell(tmp_path, capsys):
+    import yaml
+
+    from declora.cli import main
+
+    grid = tmp_path / "grid.yaml"
+    smoke = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(smoke),
+                "out": str(tmp_path / "out"),
+                "overrides": ["data.dataset=bbc_news", "rounds=1"],
+                "grid": {"algorithm.name": ["dec_lora", "local"]},
+                "seeds": [0],
+                "metric": "f1_avg_factors",
+            }
+        )
+    )
+    assert main(["compare", str(grid)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "metric='f1_avg_factors': the F1 score is logged for two labels" in err
+    assert "rank by acc_avg_factors" in err
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ from declora.config import ConfigError, load_config
 from declora.engine import Trial, trial_rounds
 from declora.experiment import Experiment, build_experiment
 from declora.run_start import check_folder
-from declora.topology import spectral_gap
+from declora.topology import graph_of, spectral_gap
 
 if TYPE_CHECKING:
     from declora.compare import Cell, Grid
@@ -74,8 +74,8 @@ def _nodes(exp: Experiment) -> str:
         return f"{exp.n} nodes, {cfg.algorithm.name} ({where}); {device}"
     if exp.schedule.is_static:
         w = exp.schedule.matrix(0).numpy()
-        degrees = (w != 0).sum(1) - 1
-        low, high = int(degrees.min()), int(degrees.max())
+        degrees = [d for _, d in graph_of(w).degree()]
+        low, high = min(degrees), max(degrees)
         degree = f"degree {low}" if low == high else f"degrees {low} to {high}"
         graph = f"{t.graph}, {degree}, spectral gap {spectral_gap(w):.3f}"
     else:
@@ -248,6 +248,6 @@ def _share_left(cell: Cell) -> float:
     """The share of a half-finished cell's rounds still to run (from its last checkpoint)."""
     from declora.runfolder import read_checkpoint_json
 
+    assert cell.cfg is not None  # compare.expand resolves every cell's config
     done = read_checkpoint_json(cell.run_dir / "state" / "latest.json")["round"]
-    rounds = cell.cfg.rounds if cell.cfg is not None else done
-    return max(0.0, (rounds - done) / rounds)
+    return max(0.0, (cell.cfg.rounds - done) / cell.cfg.rounds)

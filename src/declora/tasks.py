@@ -167,6 +167,9 @@ class _Classes:
             columns += [(said & true).float(), (said & ~true).float(), (~said & true).float()]
         return torch.stack(columns, 1)
 
+    def finalize(self, totals: Tensor) -> Tensor:
+        return _ratio(totals)  # the accuracy
+
     def extras(self, totals: Tensor) -> dict[str, Tensor]:
         if not self.binary:
             return {}
@@ -214,9 +217,6 @@ class SequenceClassification(_Classes, _Truncated):
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
         return self.class_stats(logits.argmax(-1), labels)
-
-    def finalize(self, totals: Tensor) -> Tensor:
-        return _ratio(totals)
 
 
 def _appended_specials(tokenizer: Any) -> list[int]:
@@ -318,9 +318,6 @@ class LabelWords(_Classes, _OneMetric):
         self, logits: Tensor, input_ids: Tensor, mask: Tensor, labels: Tensor, positions: Tensor | None = None
     ) -> Tensor:
         return self.class_stats(self.scores(logits, mask, positions).argmax(-1), labels)
-
-    def finalize(self, totals: Tensor) -> Tensor:
-        return _ratio(totals)
 
 
 class CausalLM(_Truncated):

@@ -42,9 +42,14 @@ CHOICES: dict[str, tuple[str | None, ...]] = {
         *("acc_avg_factors", "acc_avg_product", "acc_node_mean", "acc_server"),
         *("ppl_avg_factors", "ppl_avg_product", "ppl_node_mean", "ppl_server"),  # task.kind=causal_lm
         *("em_avg_factors", "em_avg_product", "em_node_mean", "em_server"),  # task.kind=instruction
-        *("f1_avg_factors", "f1_avg_product", "f1_node_mean", "f1_server"),  # classification, two labels
+        # classification with two labels (TWO_LABEL_METRICS)
+        *("f1_avg_factors", "f1_avg_product", "f1_node_mean", "f1_server"),
+        *("mcc_avg_factors", "mcc_avg_product", "mcc_node_mean", "mcc_server"),
     ),
 }
+# Metrics of label 1 that two-label classification logs beside its accuracy (declora.tasks): the F1 score
+# (GLUE's MRPC, QQP) and Matthews' correlation (CoLA), both shown ×100 like an accuracy.
+TWO_LABEL_METRICS = ("f1_", "mcc_")
 POSITIVE = (
     "nodes",
     "rounds",

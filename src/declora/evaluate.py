@@ -4,7 +4,7 @@ model, the averaged-product model and, for server algorithms, the server model; 
 The metric is the task's (``declora.tasks``): accuracy (keys ``acc_*``) or, for causal language
 modelling and instruction data, perplexity (keys ``ppl_*``); a task's extras come from the same pass
 (instruction data: greedy exact match, keys ``em_*``, beside each perplexity; two-label classification:
-the F1 score of label 1, keys ``f1_*``, beside each accuracy).
+the F1 score and Matthews' correlation of label 1, keys ``f1_*`` and ``mcc_*``, beside each accuracy).
 
 In a multi-process run each rank scores its own nodes, and the consensus and server models (built from
 every node's factors, gathered: adapter-sized) are scored on each rank's share of the examples; the

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from declora.algorithms import ALGORITHMS, NO_GOSSIP, build_algorithm
 from declora.algorithms.base import Algorithm
+from declora.allowed import TWO_LABEL_METRICS
 from declora.assets import adapter_path
 from declora.attack import attacker_mask, flip_labels
 from declora.comm.codecs import TopKCodec, build_codec
@@ -261,10 +262,11 @@ def check_labels(cfg: Config, names: tuple[str, ...], metric: str | None = None)
     if cfg.task.kind in ("causal_lm", "instruction"):
         return
     key, metric = ("eval.headline", cfg.eval.headline) if metric is None else ("metric", metric)
-    if metric.startswith("f1_") and len(names) != 2:  # the F1 of label 1 needs two labels
+    if metric.startswith(TWO_LABEL_METRICS) and len(names) != 2:  # metrics of label 1
+        accuracy = "acc_" + metric.split("_", 1)[1]
         raise ConfigError(
-            f"{key}={metric!r}: the F1 score is logged for two labels (label 1 the positive one), and the "
-            f"data has {len(names)} {list(names)[:5]}; rank by {metric.replace('f1_', 'acc_')}"
+            f"{key}={metric!r}: the F1 and Matthews' correlation are logged for two labels (label 1 the "
+            f"positive one), and the data has {len(names)} {list(names)[:5]}; rank by {accuracy}"
         )
     if cfg.allow_degenerate:
         return

@@ -23,13 +23,15 @@ from typing import Any
 
 import yaml
 
+from declora.allowed import TWO_LABEL_METRICS
+
 __all__ = ["format_table", "headline_line", "read_metrics", "summarize", "write_report"]
 
 log = logging.getLogger(__name__)
 
-# Evaluation modes in the order the table shows them; any other ``acc_*`` (``em_*``, ``f1_*``, ``ppl_*``)
-# key follows, sorted. ``em_*``: an instruction run's exact match, ``f1_*``: a two-label classification's
-# F1 of label 1, each shown in % like an accuracy.
+# Evaluation modes in the order the table shows them; any other ``acc_*`` (``em_*``, ``f1_*``, ``mcc_*``,
+# ``ppl_*``) key follows, sorted. ``em_*``: an instruction run's exact match, ``f1_*`` and ``mcc_*``: a
+# two-label classification's F1 and Matthews' correlation of label 1, each shown ×100 like an accuracy.
 ACCURACY_KEYS = ("acc_node_mean", "acc_avg_factors", "acc_avg_product", "acc_server")
 CONSENSUS_KEYS = ("consensus_A", "consensus_B", "consensus_BA", "cross_term")
 FINAL_KEYS = ("train_loss", *CONSENSUS_KEYS, "bytes_total", "wall_s")
@@ -106,7 +108,7 @@ def accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
         k
         for r in evals
         for k in r
-        if k.startswith(("acc_", "em_", "f1_", LOWER_IS_BETTER))
+        if k.startswith(("acc_", "em_", *TWO_LABEL_METRICS, LOWER_IS_BETTER))
         and k not in SPREAD_KEYS
         and number_at(r, k) is not None
     }
@@ -264,7 +266,7 @@ def headline_line(summary: dict[str, Any], headline: str | None = None) -> str |
     if e is None:
         return f"headline ({key}): not logged by this run"
     final, best = _pct(e["final"], e.get("final_std"), key), _pct(e["best"], e.get("best_std"), key)
-    unit = "" if lower_is_better(key) else "%"
+    unit = "" if lower_is_better(key) or key.startswith("mcc_") else "%"  # a correlation ×100 is no share
     return f"headline ({key}): final {final}{unit}, best {best}{unit} at round {_round(e['best_round'])}"
 
 

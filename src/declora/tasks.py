@@ -151,7 +151,7 @@ class _OneMetric:
 class _Classes:
     """Classification's stats: (correct, 1) a row, and with two labels also its (true positive, false
     positive, false negative) of label 1, from which ``extras`` gives the F1 score (``f1``) that GLUE's
-    MRPC and QQP report (label 1: "equivalent", "duplicate")."""
+    MRPC and QQP report (label 1: "equivalent", "duplicate") and Matthews' correlation (``mcc``), CoLA's."""
 
     width, binary = 2, False
 
@@ -174,7 +174,11 @@ class _Classes:
         if not self.binary:
             return {}
         tp, fp, fn = totals[..., 2], totals[..., 3], totals[..., 4]
-        return {"f1": 2 * tp / (2 * tp + fp + fn).clamp(min=1)}  # 0 when label 1 is neither said nor true
+        tn = totals[..., 1] - tp - fp - fn
+        f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)  # 0 when label 1 is neither said nor true
+        spread = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).double().sqrt()
+        mcc = (tp * tn - fp * fn).double() / spread.clamp(min=1e-12)  # 0 when one label is never said
+        return {"f1": f1, "mcc": mcc.where(spread > 0, torch.zeros_like(mcc)).to(f1.dtype)}
 
 
 # ---------------------------------------------------------------- the tasks

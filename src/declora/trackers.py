@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, cast
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+from declora.allowed import TWO_LABEL_METRICS
 from declora.config import Config, ConfigError, to_dict
 from declora.runfolder import atomic_write_text, read_resumes
 
@@ -43,7 +44,7 @@ WandbMode = Literal["online", "offline", "disabled", "shared"]  # wandb.init(mod
 # Scalars worth a curve, grouped so that a tracker shows one panel per family.
 GROUPS = {
     "acc_": "accuracy",
-    "f1_": "accuracy",
+    **dict.fromkeys(TWO_LABEL_METRICS, "accuracy"),
     "consensus_": "consensus",
     "cross_term": "consensus",
     "bytes_": "bytes",

@@ -14,7 +14,7 @@ import re
 import typing
 from typing import Any
 
-from declora.allowed import MAX_EPOCHS, check_choices, check_ranges, refuse_empty_names
+from declora.allowed import MAX_EPOCHS, TWO_LABEL_METRICS, check_choices, check_ranges, refuse_empty_names
 from declora.config import ALL_LINEAR, ALTERNATING, Config, ConfigError, flatten, to_dict
 
 
@@ -456,8 +456,9 @@ def check_measured(cfg: Config, metric: str, key: str = "eval.headline") -> None
     ``*_server`` metric needs an algorithm with a server model."""
     kind = cfg.task.kind
     prefix = _measure(kind)
-    # exact match: instruction only; F1 of label 1: classification (two labels, checked with the data)
-    allowed = {"instruction": (prefix, "em_"), "causal_lm": (prefix,)}.get(kind, (prefix, "f1_"))
+    # exact match: instruction only; F1 and MCC of label 1: classification (two labels: checked with the data)
+    classes = (prefix, *TWO_LABEL_METRICS)
+    allowed = {"instruction": (prefix, "em_"), "causal_lm": (prefix,)}.get(kind, classes)
     if not metric.startswith(allowed):
         raise ConfigError(
             f"{key}={metric!r} is not measured for task.kind={kind}; use {' or '.join(allowed)}*"

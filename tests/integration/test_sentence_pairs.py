@@ -174,3 +174,6 @@ def test_a_pair_run_exports_what_stock_peft_reads_with_both_texts(tmp_path):
     assert float((preds == truth).mean()) == pytest.approx(last["acc_avg_factors"], abs=1e-6)  # fp32 log
     tp, fp, fn = [int(((preds == a) & (truth == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1))]
     assert last["f1_avg_factors"] == pytest.approx(2 * tp / max(1, 2 * tp + fp + fn), abs=1e-6)  # of "yes"
+    tn = len(truth) - tp - fp - fn
+    spread = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert last["mcc_avg_factors"] == pytest.approx((tp * tn - fp * fn) / spread if spread else 0.0, abs=1e-6)

@@ -16,6 +16,7 @@ from typing import Any
 
 from declora.assets import PUBLIC_NAMES, hub_cached
 from declora.pooling import POOLING_FILE, pooling_howto
+from declora.tasks import split_template
 
 CARD_FILE = "declora_adapter.json"
 
@@ -170,7 +171,7 @@ def _input_lines(inputs: dict[str, Any]) -> list[str]:
         lines.append(
             f"Texts were cut to {inputs['max_length']} tokens (`truncation=True, max_length=...`).\n"
         )
-    if "pair_column" in inputs:
+    if "pair_column" in inputs and "label_words" not in inputs:  # label words: the template holds both
         lines.append(
             f"Each row is a pair: its text and its second text (the run's `data.pair_column` "
             f"{inputs['pair_column']!r}), tokenized together: `tokenize(texts, second_texts, ...)` in place "
@@ -206,9 +207,10 @@ def _input_lines(inputs: dict[str, Any]) -> list[str]:
         )
     if "label_words" in inputs:
         words = ", ".join(f"{i} = {w!r}" for i, w in enumerate(inputs["label_words"]))
+        pair = " and the second text in place of {pair}" if "{pair}" in inputs["template"] else ""
         lines.append(
-            f"Prompt: {inputs['template']!r} with the text in place of {{text}}; the prediction is the label "
-            f"whose word's first token has the highest logit after the prompt ({words}). The prompt is "
+            f"Prompt: {inputs['template']!r} with the text in place of {{text}}{pair}; the prediction is the "
+            f"label whose word's first token has the highest logit after the prompt ({words}). The prompt is "
             f"built as below (at most {inputs['max_length']} tokens: the text is cut, never the template's "
             "end).\n"
         )
@@ -220,17 +222,26 @@ def label_words_recipe(inputs: dict[str, Any]) -> str:
     (``model``) of the folder's README: the text before {text} and the text itself in one tokenizer call
     (it may add BOS), cut so that the template's end and the longest label word fit, then the template's
     end tokenized on its own (so a cut never removes it)."""
+    fields = split_template(inputs["template"])[1]  # ("text",), or the two texts in the template's order
+    if len(fields) == 1:
+        split, signature, body = "prefix, suffix = TEMPLATE.split('{text}', 1)\n", "text: str", "text"
+    else:  # a pair: the second text (data.pair_column) goes in place of {pair}
+        split = (
+            f"prefix, rest = TEMPLATE.split('{{{fields[0]}}}', 1)\n"
+            f"middle, suffix = rest.split('{{{fields[1]}}}', 1)\n"
+        )
+        signature, body = "text: str, pair: str", f"{fields[0]} + middle + {fields[1]}"
     return (
         "```python\nimport torch\nfrom transformers import AutoTokenizer\n\n"
         "tok = AutoTokenizer.from_pretrained(model.peft_config['default'].base_model_name_or_path)\n"
         f"TEMPLATE, WORDS, MAX_LENGTH = {inputs['template']!r}, {list(inputs['label_words'])!r}, "
         f"{inputs['max_length']}\n"
-        "prefix, suffix = TEMPLATE.split('{text}', 1)\n"
+        f"{split}"
         "tail = tok(suffix, add_special_tokens=False)['input_ids']\n"
         "answers = [tok(w, add_special_tokens=False)['input_ids'] for w in WORDS]\n"
         "budget = MAX_LENGTH - len(tail) - max(map(len, answers))\n\n\n"
-        "def predict(text: str) -> int:\n"
-        "    ids = tok(prefix + text)['input_ids'][:budget] + tail\n"
+        f"def predict({signature}) -> int:\n"
+        f"    ids = tok(prefix + {body})['input_ids'][:budget] + tail\n"
         "    with torch.no_grad():\n"
         "        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]\n"
         "    return int(logits[[a[0] for a in answers]].argmax())\n```\n"

@@ -223,6 +223,19 @@ class SequenceClassification(_Classes, _Truncated):
         return self.class_stats(logits.argmax(-1), labels)
 
 
+def split_template(template: str) -> tuple[str, tuple[str, ...], str, str]:
+    """A label-words template as (before the first field, the fields in order, between them, after the
+    last): ``"Q: {pair}\nP: {text}\nA:"`` -> ("Q: ", ("pair", "text"), "\nP: ", "\nA:"). Validation
+    requires {text} once, and {pair} once with data.pair_column (else not at all)."""
+    if "{pair}" not in template:
+        prefix, suffix = template.split("{text}", 1)
+        return prefix, ("text",), "", suffix
+    fields = ("text", "pair") if template.index("{text}") < template.index("{pair}") else ("pair", "text")
+    prefix, rest = template.split("{" + fields[0] + "}", 1)
+    middle, suffix = rest.split("{" + fields[1] + "}", 1)
+    return prefix, fields, middle, suffix
+
+
 def _appended_specials(tokenizer: Any) -> list[int]:
     """The special tokens ``tokenizer`` writes after a text (EOS for T5's, or a LLaMA tokenizer with
     add_eos_token): none of them may sit between a prompt's text and what a task puts after it."""
@@ -246,7 +259,7 @@ class LabelWords(_Classes, _OneMetric):
 
     def __init__(self, tokenizer: Any, max_length: int, template: str, words: Sequence[str]) -> None:
         self.tokenizer, self.max_length, self.cut = tokenizer, max_length, 0
-        self.prefix, self.suffix = template.split("{text}", 1)
+        self.prefix, self.fields, self.middle, self.suffix = split_template(template)
         self.tail = tokenizer(self.suffix, add_special_tokens=False)["input_ids"]
         self.answers = [list(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in words]
         empty = [w for w, a in zip(words, self.answers, strict=True) if not a]
@@ -280,10 +293,16 @@ class LabelWords(_Classes, _OneMetric):
         train: bool,
         pairs: Sequence[str] | None = None,
     ) -> list[list[int]]:
-        if pairs is not None:  # validation refuses data.pair_column with a prompt template
-            raise ValueError("task.kind=label_words reads one text a row; data.pair_column is not read")
-        # prefix + text in one call (the tokenizer may add BOS), truncated; the template's end follows.
-        heads = self.prompt_ids([self.prefix + t for t in texts])
+        if (pairs is not None) != ("pair" in self.fields):  # validation refuses either without the other
+            raise ValueError("task.template has {pair} exactly when data.pair_column gives second texts")
+        bodies = list(texts)
+        if pairs is not None:  # the two texts in the template's order, the template between them
+            by_field = {"text": texts, "pair": pairs}
+            first, second = by_field[self.fields[0]], by_field[self.fields[1]]
+            bodies = [a + self.middle + b for a, b in zip(first, second, strict=True)]
+        # prefix + the texts in one call (the tokenizer may add BOS), cut at its end; the template's end
+        # follows.
+        heads = self.prompt_ids([self.prefix + body for body in bodies])
         self.cut = sum(len(h) > self.budget for h in heads)
         prompts = [list(h[: self.budget]) + self.tail for h in heads]
         if not train:

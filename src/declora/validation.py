@@ -277,8 +277,8 @@ def _check_unread_data_keys(cfg: Config) -> None:
         refuse_if_set("data", d, ("prompt_column", "response_column", "messages_column"), why)
     if cfg.task.kind == "causal_lm":
         refuse_if_set("data", d, ("label_column",), "with task.kind=causal_lm, which reads the text alone")
-    if cfg.task.kind != "sequence_classification":  # a prompt template or a text alone: no second text
-        why = f"with task.kind={cfg.task.kind}; a pair is classified with task.kind=sequence_classification"
+    if cfg.task.kind not in ("sequence_classification", "label_words"):  # a text alone: no second one
+        why = f"with task.kind={cfg.task.kind}; pairs are classified (sequence_classification, label_words)"
         refuse_if_set("data", d, ("pair_column",), why)
     if d.test_file is not None:
         refuse_if_set("data", d, ("test_fraction",), "with data.test_file, which holds the held-out rows")
@@ -515,3 +515,15 @@ def _validate_task(cfg: Config) -> None:
             f"task.template={cfg.task.template!r} must contain {{text}} exactly once (the review goes there; "
             "any other {...} stays as written)"
         )
+    if kind == "label_words":  # {pair} where data.pair_column's text goes: both or neither
+        pairs, slots = cfg.data.pair_column is not None, cfg.task.template.count("{pair}")
+        if pairs and slots != 1:
+            raise ConfigError(
+                f"task.template={cfg.task.template!r} must contain {{pair}} exactly once with "
+                f"data.pair_column={cfg.data.pair_column!r} (the second text goes there)"
+            )
+        if slots and not pairs:
+            raise ConfigError(
+                f"task.template={cfg.task.template!r} has {{pair}}, and no data.pair_column gives a second "
+                "text to put there; name its column, or drop {pair}"
+            )

@@ -186,3 +186,33 @@ def test_cli_language_modelling_on_a_text_file_resumes(tiny_llama, tmp_path, cap
 def _evals(run_dir):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["event"] == "eval"]
+
+
+def test_label_words_on_sentence_pairs_export_a_recipe_that_builds_declora_s_prompts(
+    tiny_llama, tmp_path, monkeypatch
+):
+    """task.template with {pair} (data.pair_column): each prompt holds both texts in the template's order,
+    and the consensus folder's README code builds the same prompts for a user's (text, pair)."""
+    monkeypatch.setattr(engine, "write_report", lambda run_dir: None)
+    rows = [
+        {"text": " ".join(WORDS[(i * k) % 10] for k in range(1, 4)), "hint": WORDS[i % 10], "label": i % 2}
+        for i in range(40)
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    template = "task.template='Hint: {pair}\nReview: {text}\nSentiment:'"
+    exp = tiny(tiny_llama, data, tmp_path, f"data.dataset={data}", "data.pair_column=hint", template)
+    engine.run(exp)
+    readme = (exp.run_dir / "adapters" / "consensus" / "README.md").read_text()
+    assert "the second text in place of {pair}" in readme
+    scope: dict = {}
+    for block in re.findall(r"```python\n(.*?)```", readme, re.S):
+        exec(block, scope)
+    texts, hints = ["a fine film", " ".join(["a very long review that goes on"] * 12)], ["cat", "dog"]
+    ours = exp.task.encode(texts, [0, 1], train=False, pairs=hints)
+    prompts = [scope["prefix"] + h + scope["middle"] + t for t, h in zip(texts, hints, strict=True)]
+    users = [scope["tok"](p)["input_ids"][: scope["budget"]] + scope["tail"] for p in prompts]
+    assert users == ours  # the hint first, as the template has it; the long one cut before the tail
+    with torch.no_grad():
+        logits = scope["model"](input_ids=torch.tensor(ours[:1])).logits[0, -1]
+    assert scope["predict"](texts[0], hints[0]) == int(logits[[a[0] for a in scope["answers"]]].argmax())

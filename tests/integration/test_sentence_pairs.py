@@ -98,8 +98,21 @@ def test_the_head_reads_the_pair_with_its_segments():
     [
         (["data.pair_column=claim"], "data.pair_column='claim' has no effect with the shipped"),
         (
-            ["data.dataset=DATA", "data.pair_column=claim", "task.kind=label_words", "model.name=smollm2"],
-            "data.pair_column='claim' has no effect with task.kind=label_words",
+            ["data.dataset=DATA", "data.pair_column=claim", "task.kind=causal_lm", "model.name=smollm2"],
+            "data.pair_column='claim' has no effect with task.kind=causal_lm",
+        ),
+        (  # a prompt template takes the second text where it says {pair}
+            ["data.dataset=DATA", "data.pair_column=claim", "task.kind=label_words", "model.head=none"],
+            "must contain {pair} exactly once with data.pair_column='claim'",
+        ),
+        (
+            [
+                "data.dataset=DATA",
+                "task.kind=label_words",
+                "model.head=none",
+                "task.template='{text}{pair}:'",
+            ],
+            "has {pair}, and no data.pair_column gives a second text",
         ),
         (["data.dataset=DATA", "data.text_column=review", "data.pair_column=review"], "are both 'review'"),
         (["data.dataset=DATA", "data.text_column=review", "data.pair_column=label"], "are both 'label'"),

@@ -459,3 +459,20 @@ def test_the_shipped_gguf_models_positions_bound_max_length_before_any_conversio
         preflight_model(cfg)
     preflight_model(load_config("configs/smollm2_instructions.yaml", ["model.max_length=8192"]))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_template_splits_around_its_fields_in_their_order():
+    from declora.tasks import split_template
+
+    assert split_template("Review: {text}\nSentiment:") == ("Review: ", ("text",), "", "\nSentiment:")
+    assert split_template("P: {text} H: {pair} ->") == ("P: ", ("text", "pair"), " H: ", " ->")
+    assert split_template("Q: {pair}\nP: {text}\nA:") == ("Q: ", ("pair", "text"), "\nP: ", "\nA:")
+
+
+def test_label_word_prompts_hold_both_texts_and_refuse_a_missing_one(tiny_llama):
+    tok = _tokenizer(tiny_llama)
+    task = LabelWords(tok, 32, "P: {text} H: {pair} ->", (" negative", " positive"))
+    ids = task.encode(["a fine film"], [0], train=False, pairs=["it is good"])
+    assert ids == [task.prompt_ids(["P: a fine film H: it is good"])[0] + task.tail]
+    with pytest.raises(ValueError, match=r"has \{pair\} exactly when data.pair_column"):
+        task.encode(["a fine film"], [0], train=False)

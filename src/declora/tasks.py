@@ -177,8 +177,9 @@ class _Classes:
         tn = totals[..., 1] - tp - fp - fn
         f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)  # 0 when label 1 is neither said nor true
         spread = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).double().sqrt()
-        mcc = (tp * tn - fp * fn).double() / spread.clamp(min=1e-12)  # 0 when one label is never said
-        return {"f1": f1, "mcc": mcc.where(spread > 0, torch.zeros_like(mcc)).to(f1.dtype)}
+        # a label never said (or never true) zeroes the spread and the numerator alike: an MCC of 0
+        mcc = (tp * tn - fp * fn).double() / spread.clamp(min=1e-12)
+        return {"f1": f1, "mcc": mcc.to(f1.dtype)}
 
 
 # ---------------------------------------------------------------- the tasks

@@ -165,8 +165,7 @@ def _messages(exp: Experiment, trial: Trial) -> str:
 def run_seconds(exp: Experiment, trial: Trial, setup_s: float) -> float:
     """The whole run's time at the trial's rates: its set-up, its rounds at the last trial round's rate,
     its evaluations."""
-    rounds = exp.cfg.rounds * sum(trial.seconds[-1].values())
-    return setup_s + rounds + len(_evaluated_rounds(exp)) * trial.eval_s
+    return setup_s + exp.cfg.rounds * trial.round_s + len(_evaluated_rounds(exp)) * trial.eval_s
 
 
 def _time(exp: Experiment, trial: Trial, setup_s: float) -> str:
@@ -175,10 +174,10 @@ def _time(exp: Experiment, trial: Trial, setup_s: float) -> str:
     return f"{setup}{_rates(trial)}: {total} in all (checkpoints, exports and reports not counted)"
 
 
-def _rates(trial: Trial) -> str:
-    last = trial.seconds[-1]
-    phases = ", ".join(f"{name} {s:.2f}" for name, s in last.items())
-    return f"{sum(last.values()):.2f} s a round ({phases}), {trial.eval_s:.1f} s an evaluation"
+def _rates(trial: Trial, phases: bool = True) -> str:
+    """The last trial round's seconds (and its phases'), and the evaluation's."""
+    each = f" ({', '.join(f'{name} {s:.2f}' for name, s in trial.seconds[-1].items())})" if phases else ""
+    return f"{trial.round_s:.2f} s a round{each}, {trial.eval_s:.1f} s an evaluation"
 
 
 def _memory(trial: Trial) -> str:
@@ -232,11 +231,7 @@ def grid_plan(grid: Grid, say: Callable[[str], None]) -> None:
         trial = trial_rounds(exp, TRIAL_ROUNDS)
         seconds = run_seconds(exp, trial, setup_s)
         total += sum(setup_s + share * (seconds - setup_s) for share in shares)  # each cell sets up whole
-        rates = (
-            f"set-up {setup_s:.1f} s, {sum(trial.seconds[-1].values()):.2f} s a round, {trial.eval_s:.1f} s "
-            "an evaluation"
-        )
-        say(f"  {method}: {rates}: {_about(seconds)} a run")
+        say(f"  {method}: set-up {setup_s:.1f} s, {_rates(trial, phases=False)}: {_about(seconds)} a run")
     cpus = "--jobs J runs J at once, each with 1/J of the CPUs"
     say(
         f"{_about(total)} for the {_count(sum(map(len, todo.values())), 'cell')} to run, one after "

@@ -95,11 +95,7 @@ def run(
         )
     if on_round is not None and not callable(on_round):  # found before any round, not after the first
         raise TypeError(f"on_round must be a function of each round's record (or None), got {on_round!r}")
-    if exp.ran:
-        raise ConfigError(
-            f"this Experiment has already run (in {exp.run_dir}): its model, optimizer and data streams hold "
-            "that run's state; build a new one with build_experiment(cfg) to run or resume again"
-        )
+    _refuse_spent(exp)
     if resume and overwrite:
         raise ConfigError("resume=True and overwrite=True contradict each other: resume keeps the folder")
     if exp.group.is_main:  # refused before the lock, whose file a refused folder would otherwise keep
@@ -115,6 +111,15 @@ def run(
             lock.close()
 
 
+def _refuse_spent(exp: Experiment) -> None:
+    """An Experiment runs (or is tried) once: after that its tensors, optimizer and streams are moved."""
+    if exp.ran:
+        raise ConfigError(
+            f"this Experiment has already run (in {exp.run_dir}): its model, optimizer and data streams hold "
+            "that run's state; build a new one with build_experiment(cfg) to run or resume again"
+        )
+
+
 @dataclass(frozen=True)
 class Trial:
     """The first rounds of an experiment played in memory (``trial_rounds``): ``declora run --dry-run``."""
@@ -124,13 +129,17 @@ class Trial:
     eval_s: float  # one evaluation after the last of them
     peak: dict[str, float]  # peak_memory after it all
 
+    @property
+    def round_s(self) -> float:
+        """The last trial round's seconds: the rate, the first round also paying one-off costs."""
+        return sum(self.seconds[-1].values())
+
 
 def trial_rounds(exp: Experiment, rounds: int) -> Trial:
     """Play the first ``rounds`` rounds of ``exp`` as ``run`` does (local work, communication, the health
     check, the round's record) and evaluate once, writing nothing. ``exp`` is spent: its tensors,
     optimizer and streams have moved, so a run needs a new Experiment."""
-    if exp.ran:
-        raise ConfigError("this Experiment has already run; build a new one with build_experiment(cfg)")
+    _refuse_spent(exp)
     exp.ran = True
     records, seconds = [], []
     with torch.inference_mode(False), torch.enable_grad(), default_dtype(torch.float32):

@@ -61,6 +61,23 @@ def recorded_name(base: Path) -> str | None:
     return recorded if hub_id else None
 
 
+def read_card(folder: Path) -> dict[str, Any]:
+    """``declora_adapter.json`` of a declora export; {} for another adapter (or a card that is not JSON)."""
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def card_labels(folder: Path) -> list[str] | None:
+    """The label names a declora export's head was trained on, in label order; None when not recorded."""
+    recorded = read_card(folder).get("id2label")
+    if not isinstance(recorded, dict) or not recorded or not all(str(k).isdigit() for k in recorded):
+        return None
+    return [str(recorded[k]) for k in sorted(recorded, key=int)]
+
+
 def write_card(
     folder: Path,
     card: AdapterCard,

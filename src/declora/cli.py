@@ -1,5 +1,5 @@
-"""Command line: ``declora run | report | compare | topology``. It prints, as do console (a run's opening
-line and progress), run_setup (what a run runs, and under torchrun which rank's) and compare_jobs (the
+"""Command line: ``declora run | eval | report | compare | topology``. It prints, as do console (a run's
+opening line and progress), run_setup (what a run runs, and under torchrun which rank's) and compare_jobs (the
 lines of cells running in parallel); the other modules log."""
 
 from __future__ import annotations
@@ -72,6 +72,22 @@ def _dry_run(args: argparse.Namespace) -> int:
     print(f"dry run: {TRIAL_ROUNDS} rounds and an evaluation in memory, to time them; nothing is written")
     lines = plan(exp, args.overwrite, setup_s)
     print("\n".join(["what the run would do:", *lines]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """declora eval ADAPTER [CONFIG] [key=value ...]: one adapter scored on held-out rows (adapter_eval)."""
+    import json
+
+    from declora.adapter_eval import eval_config, lines, score
+
+    if args.adapter is None or "=" in args.adapter:  # argparse would also call the overrides required
+        raise ConfigError("declora eval needs an adapter folder: declora eval ADAPTER [CONFIG] [key=value]")
+    cfg, origin = eval_config(args.adapter, args.config, args.overrides)
+    if not args.json:
+        print(f"scoring {args.adapter} ...", file=sys.stderr, flush=True)
+    result = score(cfg)
+    print(json.dumps(result) if args.json else "\n".join(lines(result, origin)))
     return 0
 
 
@@ -264,6 +280,7 @@ EXAMPLES = """examples:
   declora run configs/smoke.yaml nodes=4 rounds=2  a config with overrides; the folder goes under runs/
   declora run --resume RUN_DIR rounds=40           continue a stopped run (or extend a finished one)
   declora run configs/smoke.yaml --dry-run         check a run, time 2 rounds, print its plan; writes nothing
+  declora eval RUN_DIR/adapters/consensus          score an adapter on held-out rows (data.test_file=...)
   declora compare configs/grids/smoke.yaml         a grid of runs, paired by seed, in one table
   declora report RUN_DIR [RUN_DIR ...]             report.md and curves.png; several runs compared
   declora topology topology.graph=torus nodes=16   the graph, its mixing rate, a picture
@@ -301,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
         "print what the run would do and cost (examples, messages, time, memory); nothing is written",
     )
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser(
+        "eval",
+        help="score one adapter on held-out rows: declora eval ADAPTER [CONFIG] [key=value ...]",
+        usage="declora eval [-h] [--json] ADAPTER [CONFIG] [key=value ...]",  # ADAPTER: cmd_eval says so
+        description="Score a LoRA adapter folder (a declora export, or one PEFT saved) on a config's "
+        "held-out rows with a run's metrics and fixed evaluation set. Config: the one given, else the "
+        "adapter's own run's (a declora export whose run folder is there), else configs/default.yaml; the "
+        "adapter's rank, alpha and target modules are its own. Nothing is written.",
+    )
+    p.add_argument("adapter", nargs="?", help="an adapter folder (RUN_DIR/adapters/consensus, or PEFT's)")
+    p.add_argument("config", nargs="?", help="YAML config (default: the adapter's run's, else the default)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test_file=other.csv")
+    p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("report", help="table and plot from existing run folders")
     p.add_argument(
         "run_dirs",

@@ -42,13 +42,18 @@ def _metric_of(exp: Experiment, stacked: dict[str, torch.Tensor], data: EvalSet)
     return float(exp.task.finalize(_totals_of(exp, stacked, data)))  # summed over processes, then finalized
 
 
-def _scored(exp: Experiment, stacked: dict[str, torch.Tensor], mode: str) -> dict[str, float]:
-    """``{metric}_{mode}`` of the model ``stacked`` on the consensus examples, and its extras'
-    (``em_{mode}``: instruction exact match), from one pass."""
+def scores_of(exp: Experiment, stacked: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The task's metric (``acc`` or ``ppl``) of the model ``stacked`` on the consensus examples, and its
+    extras (``em``: instruction exact match; ``f1``, ``mcc``: two labels), from one pass."""
     totals = _totals_of(exp, stacked, exp.consensus_eval)
-    out = {f"{exp.task.metric}_{mode}": float(exp.task.finalize(totals))}
-    out.update({f"{k}_{mode}": float(v) for k, v in exp.task.extras(totals).items()})
+    out = {exp.task.metric: float(exp.task.finalize(totals))}
+    out.update({k: float(v) for k, v in exp.task.extras(totals).items()})
     return out
+
+
+def _scored(exp: Experiment, stacked: dict[str, torch.Tensor], mode: str) -> dict[str, float]:
+    """``scores_of`` under the evaluation keys of ``mode``: ``acc_avg_factors``, ``f1_avg_factors``..."""
+    return {f"{k}_{mode}": v for k, v in scores_of(exp, stacked).items()}
 
 
 @contextmanager

@@ -457,6 +457,10 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     data = build_node_data(cfg, n, range(first, first + n_local), group)
     train, test, parts, summary = data.train, data.test, data.parts, data.summary
     check_labels(cfg, train.label_names)
+    if cfg.model.init_adapter:
+        from declora.preflight import check_adapter_labels
+
+        check_adapter_labels(cfg, train.label_names)
     early = _task_from_folder(cfg, train.label_names)  # before the model: its checks cost nothing
     if group.is_main:
         _warn_unlearnable_labels(cfg, train.label_names, summary)

@@ -349,6 +349,32 @@ def check_adapter(cfg: Config, folder: Path) -> None:
     _warn_other_base(cfg, folder, ac.get("base_model_name_or_path"))
 
 
+def check_adapter_labels(cfg: Config, names: tuple[str, ...]) -> None:
+    """A declora export records the labels its head was trained on, in order. Data with another number of
+    labels cannot use the head; data naming the same labels in another order would read label k as the
+    adapter's label k, silently wrong (refused unless allow_degenerate). Other names are taken in order,
+    with a warning: "0"/"1" for "rotten"/"fresh" is how most files write labels."""
+    from declora.adapter_card import card_labels
+    from declora.assets import adapter_path
+
+    if not cfg.model.init_adapter or cfg.task.kind in ("causal_lm", "instruction"):
+        return
+    folder = adapter_path(cfg.model.init_adapter)
+    theirs, ours = card_labels(folder), [str(name) for name in names]
+    if theirs is None or theirs == ours:
+        return
+    said = f"adapter {folder} was trained on the labels {theirs} (label k is the k-th); the data's are {ours}"
+    if len(theirs) != len(ours):
+        raise ConfigError(f"{said}: its head cannot classify these; give data with its {len(theirs)} labels")
+    if sorted(theirs) == sorted(ours) and not cfg.allow_degenerate:
+        raise ConfigError(
+            f"{said}: the same labels in another order, so each would be read as another; give the labels in "
+            "the adapter's order, or set allow_degenerate=true if the order is meant"
+        )
+    if sorted(theirs) != sorted(ours):
+        log.warning("%s: each data label k is taken as the adapter's label k", said)
+
+
 def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> None:
     """An adapter_config.json that the run ``m`` applies exactly: same rank, scale and target modules, and
     no PEFT feature declora's LoRA lacks (also checked where an adapter is imported, for Python callers)."""

@@ -69,7 +69,10 @@ def _dry_run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     exp = build_experiment(cfg, run_dir)
     setup_s = time.perf_counter() - began
-    print(f"dry run: {TRIAL_ROUNDS} rounds and an evaluation in memory, to time them; nothing is written")
+    print(
+        f"dry run: {TRIAL_ROUNDS} rounds and an evaluation in memory, and the run's writes in a temporary "
+        "folder, to time them; nothing is kept"
+    )
     lines = plan(exp, args.overwrite, setup_s)
     print("\n".join(["what the run would do:", *lines]))
     return 0
@@ -315,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="make every check a run makes, time its first two rounds and an evaluation in memory, and "
-        "print what the run would do and cost (examples, messages, time, memory); nothing is written",
+        "print what the run would do and cost (examples, messages, time, memory); nothing is kept",
     )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
@@ -377,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="check every cell, say what the grid would do with each, time one cell of each method as "
-        "declora run --dry-run does, and estimate the grid's time; nothing is written",
+        "declora run --dry-run does, and estimate the grid's time; nothing is kept",
     )
     # one cell's own process (declora.compare_jobs): its place, its config's fingerprint, the command's pid
     p.add_argument("--cell", type=int, default=None, help=argparse.SUPPRESS)

@@ -4,15 +4,20 @@ A run that would be refused is refused the same way (config, run folder, data, m
 experiment is then built as the run builds it, its first two rounds train and communicate and one
 evaluation scores them, all in memory, and the plan says what the whole run would do and cost at the
 second round's rate: examples per node, messages, time, memory. The first round also pays one-off costs
-(allocations, lazy set-up), which is why the second sets the rate. Nothing is written: no run folder,
-checkpoint, metrics, tracker run or adapter.
+(allocations, lazy set-up), which is why the second sets the rate. A checkpoint, the adapters' export
+and the report are timed as the run writes them, into a temporary folder that is then removed. Nothing
+is written to the run folder (it is not even made), and no tracker run is opened.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from declora.config import ConfigError, load_config
@@ -41,6 +46,7 @@ def plan(exp: Experiment, overwrite: bool = False, setup_s: float = 0.0) -> list
         raise ConfigError(ONE_PROCESS)
     check_folder(exp.run_dir, resume=False, overwrite=overwrite)
     trial = trial_rounds(exp, TRIAL_ROUNDS)
+    writes = time_writes(exp, trial)
     rows = [
         ("run folder", _folder(exp, overwrite)),
         ("nodes", _nodes(exp)),
@@ -50,7 +56,7 @@ def plan(exp: Experiment, overwrite: bool = False, setup_s: float = 0.0) -> list
         ("training", _training(exp)),
         ("evaluation", _evaluation(exp)),
         ("messages", _messages(exp, trial)),
-        ("time", _time(exp, trial, setup_s)),
+        ("time", _time(exp, trial, writes, setup_s)),
         ("memory", _memory(trial)),
     ]
     width = max(len(name) for name, _ in rows)
@@ -162,16 +168,82 @@ def _messages(exp: Experiment, trial: Trial) -> str:
     )
 
 
-def run_seconds(exp: Experiment, trial: Trial, setup_s: float) -> float:
+@dataclass(frozen=True)
+class Writes:
+    """Seconds of what a run writes besides its rounds: one checkpoint, one export, the report."""
+
+    checkpoint_s: float
+    export_s: float
+    report_s: float
+
+
+def time_writes(exp: Experiment, trial: Trial) -> Writes:
+    """A checkpoint of the trial's last round, the adapters' export and the report, written as the run
+    writes them into a temporary folder that is removed afterwards: their seconds. ``exp.run_dir`` points
+    there meanwhile, so the run folder is never touched."""
+    from declora.checkpoint import save_checkpoint
+    from declora.config import save_config
+    from declora.export import AdapterExport
+    from declora.report import write_report
+
+    last = {**trial.records[-1], "event": "eval", **trial.evaluation, "wall_s": 0.0}
+    real = exp.run_dir
+    with tempfile.TemporaryDirectory(prefix="declora-dry-run-") as folder:
+        exp.run_dir = Path(folder) / real.name
+        try:
+            exp.run_dir.mkdir()
+            began = time.perf_counter()
+            save_checkpoint(exp, last["round"], 0.0)
+            checkpoint_s = time.perf_counter() - began
+            began = time.perf_counter()
+            AdapterExport(exp, resumed=False).write(last)  # nothing with export=none, as in the run
+            export_s = time.perf_counter() - began
+            save_config(exp.cfg, exp.run_dir / "config.yaml")
+            lines = [*trial.records[:-1], last]
+            (exp.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+            began = time.perf_counter()
+            write_report(exp.run_dir)
+            report_s = time.perf_counter() - began
+        finally:
+            exp.run_dir = real
+    return Writes(checkpoint_s, export_s, report_s)
+
+
+def _checkpoints(exp: Experiment) -> int:
+    rounds, every = exp.cfg.rounds, exp.cfg.checkpoint_every
+    return sum(1 for t in range(1, rounds + 1) if t % every == 0 or t == rounds)
+
+
+def _exports(exp: Experiment) -> int:
+    """How many times the run writes its adapters: once, or (export_round=best) at most at every
+    evaluation that improves on the last."""
+    if exp.cfg.export == "none":
+        return 0
+    return len(_evaluated_rounds(exp)) if exp.cfg.export_round == "best" else 1
+
+
+def run_seconds(exp: Experiment, trial: Trial, writes: Writes, setup_s: float) -> float:
     """The whole run's time at the trial's rates: its set-up, its rounds at the last trial round's rate,
-    its evaluations."""
-    return setup_s + exp.cfg.rounds * trial.round_s + len(_evaluated_rounds(exp)) * trial.eval_s
+    its evaluations, checkpoints and exports, and its report."""
+    rounds = exp.cfg.rounds * trial.round_s + len(_evaluated_rounds(exp)) * trial.eval_s
+    written = _checkpoints(exp) * writes.checkpoint_s + _exports(exp) * writes.export_s + writes.report_s
+    return setup_s + rounds + written
 
 
-def _time(exp: Experiment, trial: Trial, setup_s: float) -> str:
-    total = _about(run_seconds(exp, trial, setup_s))
+def _time(exp: Experiment, trial: Trial, writes: Writes, setup_s: float) -> str:
+    total = _about(run_seconds(exp, trial, writes, setup_s))
     setup = f"set-up {setup_s:.1f} s, " if setup_s else ""
-    return f"{setup}{_rates(trial)}: {total} in all (checkpoints, exports and reports not counted)"
+    saved = f"{_short(writes.checkpoint_s)} a checkpoint ({_checkpoints(exp)})"
+    exports = _exports(exp)
+    export = f", {_short(writes.export_s)} an export" + (f" (up to {exports})" if exports > 1 else "")
+    written = f"{saved}{export if exports else ''}, {_short(writes.report_s)} the report"
+    trackers = " (trackers not counted)" if exp.cfg.log.trackers else ""
+    return f"{setup}{_rates(trial)}, {written}: {total} in all{trackers}"
+
+
+def _short(seconds: float) -> str:
+    """A short time: "12 ms", "0.6 s"."""
+    return f"{1000 * seconds:.0f} ms" if seconds < 0.1 else f"{seconds:.1f} s"
 
 
 def _rates(trial: Trial, phases: bool = True) -> str:
@@ -210,7 +282,7 @@ def grid_plan(grid: Grid, say: Callable[[str], None]) -> None:
     from declora.compare import STATE_WORDS, checked_cells
 
     cells, states = checked_cells(grid)
-    say(f"dry run of a grid of {_count(len(cells), 'cell')} in {grid.out}: nothing is written")
+    say(f"dry run of a grid of {_count(len(cells), 'cell')} in {grid.out}: nothing is kept")
     todo: dict[str, list[float]] = {}  # method -> the share of a whole run each of its cells has left
     for k, (cell, state) in enumerate(zip(cells, states, strict=True)):
         left = _share_left(cell) if state == "partial" else 1.0
@@ -229,7 +301,7 @@ def grid_plan(grid: Grid, say: Callable[[str], None]) -> None:
         exp = build_experiment(cell.cfg or load_config(grid.base, cell.overrides), cell.run_dir)
         setup_s = time.perf_counter() - began
         trial = trial_rounds(exp, TRIAL_ROUNDS)
-        seconds = run_seconds(exp, trial, setup_s)
+        seconds = run_seconds(exp, trial, time_writes(exp, trial), setup_s)
         total += sum(setup_s + share * (seconds - setup_s) for share in shares)  # each cell sets up whole
         say(f"  {method}: set-up {setup_s:.1f} s, {_rates(trial, phases=False)}: {_about(seconds)} a run")
     cpus = "--jobs J runs J at once, each with 1/J of the CPUs"

@@ -128,6 +128,7 @@ class Trial:
     seconds: list[dict[str, float]]  # each round's seconds per phase (train, communicate)
     eval_s: float  # one evaluation after the last of them
     peak: dict[str, float]  # peak_memory after it all
+    evaluation: dict[str, Any]  # what that evaluation logged (the last record's eval keys)
 
     @property
     def round_s(self) -> float:
@@ -154,9 +155,9 @@ def trial_rounds(exp: Experiment, rounds: int) -> Trial:
                 phases.done()
                 seconds.append({k: v for k, v in phases.seconds.items() if k != "round"})
         began = time.perf_counter()
-        evaluate(exp)
+        evaluation = evaluate(exp)
         eval_s = time.perf_counter() - began
-    return Trial(records, seconds, eval_s, peak_memory(exp))
+    return Trial(records, seconds, eval_s, peak_memory(exp), evaluation)
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,17 @@ def plan_lines(text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in rows if m}
 
 
-def test_dry_run_predicts_the_run_and_writes_nothing(smoke_run, tmp_path, capsys):
+def test_dry_run_predicts_the_run_and_writes_nothing(smoke_run, tmp_path, capsys, monkeypatch):
     _, records = smoke_run
     target = tmp_path / "planned"
+    scratch = tmp_path / "scratch"  # the temporary folder the run's writes are timed in
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     capsys.readouterr()
     assert main(["run", str(SMOKE), "--dry-run", f"run_dir={target}"]) == 0
     lines = plan_lines(capsys.readouterr().out)
     assert not target.exists()  # not even the folder
+    assert not list(scratch.iterdir())  # the timed checkpoint, export and report are removed
     assert lines["run folder"] == f"{target} (new)"
     # The smoke partition: 64 rows, IID over 4 nodes; 3 rounds of 2 steps of batch 4 each.
     assert lines["data"] == "64 training rows over the nodes, 16 a node"
@@ -56,7 +61,7 @@ def test_dry_run_predicts_the_run_and_writes_nothing(smoke_run, tmp_path, capsys
     assert f"{records[-1]['bytes_total'] / 1e6:.2f} MB in 3 rounds" in lines["messages"]
     assert re.match(
         r"set-up [\d.]+ s, [\d.]+ s a round \(train [\d.]+, communicate [\d.]+\), "
-        r"[\d.]+ s an evaluation: about ",
+        r"[\d.]+ s an evaluation, [\d.]+ m?s a checkpoint \(3\), [\d.]+ m?s an export, [\d.]+ m?s the report: about ",
         lines["time"],
     )
     assert re.match(r"peak [\d,]+ MB resident", lines["memory"])
@@ -142,7 +147,7 @@ def test_compare_dry_run_says_what_the_grid_would_do_and_writes_nothing(tmp_path
     capsys.readouterr()
     assert main(["compare", str(whole), "--dry-run"]) == 0
     said = capsys.readouterr().out.splitlines()
-    assert said[0] == f"dry run of a grid of 2 cells in {out}: nothing is written"
+    assert said[0] == f"dry run of a grid of 2 cells in {out}: nothing is kept"
     assert said[1] == "  [1/2] algorithm.name=dec_lora seed=0: would resume (50% of it left)"
     assert said[2] == "  [2/2] algorithm.name=local seed=0: would run"
     assert re.match(

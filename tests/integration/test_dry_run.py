@@ -61,7 +61,8 @@ def test_dry_run_predicts_the_run_and_writes_nothing(smoke_run, tmp_path, capsys
     assert f"{records[-1]['bytes_total'] / 1e6:.2f} MB in 3 rounds" in lines["messages"]
     assert re.match(
         r"set-up [\d.]+ s, [\d.]+ s a round \(train [\d.]+, communicate [\d.]+\), "
-        r"[\d.]+ s an evaluation, [\d.]+ m?s a checkpoint \(3\), [\d.]+ m?s an export, [\d.]+ m?s the report: about ",
+        r"[\d.]+ s an evaluation, [\d.]+ m?s a checkpoint \(3\), [\d.]+ m?s an export, "
+        r"[\d.]+ m?s the report: about ",
         lines["time"],
     )
     assert re.match(r"peak [\d,]+ MB resident", lines["memory"])

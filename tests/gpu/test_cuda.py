@@ -221,3 +221,15 @@ def test_the_dry_run_plans_a_cuda_run(tiny_bert, tmp_path):
     for played, record in zip(trial.records, logged, strict=False):
         assert played["bytes_round"] == record["bytes_round"]
         assert played["train_loss"] == pytest.approx(record["train_loss"], rel=1e-5)
+
+
+def test_declora_eval_scores_a_cuda_run_s_adapter_as_the_run_did(tiny_bert, tmp_path, capsys):
+    """declora eval on the GPU: the consensus adapter of a CUDA run gets the run's accuracy back."""
+    from declora.cli import main
+
+    cfg = tiny(tiny_bert, tmp_path / "run", "device=cuda")
+    last = run(build_experiment(cfg))[-1]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run" / "adapters" / "consensus"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["acc"] == pytest.approx(last["acc_avg_factors"], abs=1e-6)

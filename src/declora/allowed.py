@@ -109,6 +109,7 @@ RANGES: dict[str, Range] = {
     "model.dropout": BELOW_ONE,
     "model.init_seed": Range(0, 2**63 - 1),  # torch.manual_seed takes a signed 64-bit integer
     "data.test_fraction": OPEN_UNIT,
+    "data.validation_fraction": OPEN_UNIT,
     "data.train_limit": Range(1),
     "data.test_limit": Range(1),
     "partition.alpha": ABOVE_ZERO,

@@ -93,6 +93,10 @@ class DataConfig:
     response_column: str = "response"
     messages_column: str = "messages"
     test_fraction: float = 0.2
+    # A seeded share of the training rows (whole movies for the shipped reviews) held out from every node
+    # to choose a round by (export_round=best, the report's "selected on validation"), so that the test
+    # rows are never used to choose; None: no validation rows. Drawn from eval.seed, as the test rows.
+    validation_fraction: float | None = None
     # One table per node (the node's own rows; partition is then not used): a list with one path per
     # node, or a folder whose files (in natural order: node_2 before node_10) are the nodes'. Each process
     # reads only its nodes'.

@@ -153,6 +153,8 @@ def _evaluation(exp: Experiment) -> str:
     scored = f"the model on {held_out}" if exp.n == 1 else f"the consensus models on {held_out}"
     if exp.n > 1:
         scored += f", each node on {len(exp.node_eval.labels):,}"
+    if exp.validation is not None:  # data.validation_fraction: every evaluation scores those rows too
+        scored += f"; the same on {len(exp.validation[0].labels):,} validation rows"
     return f"{times} (after round {shown}): {scored}"
 
 

@@ -18,7 +18,7 @@ from declora.checkpoint import save_checkpoint
 from declora.config import ConfigError
 from declora.device import default_dtype, peak_gpu_memory_mb, reset_gpu_peak
 from declora.dist import AgreedStop
-from declora.evaluate import evaluate
+from declora.evaluate import evaluate_all
 from declora.experiment import Experiment
 from declora.export import AdapterExport
 from declora.heap import release_free_memory
@@ -155,7 +155,7 @@ def trial_rounds(exp: Experiment, rounds: int) -> Trial:
                 phases.done()
                 seconds.append({k: v for k, v in phases.seconds.items() if k != "round"})
         began = time.perf_counter()
-        evaluation = evaluate(exp)
+        evaluation = evaluate_all(exp)
         eval_s = time.perf_counter() - began
     return Trial(records, seconds, eval_s, peak_memory(exp), evaluation)
 
@@ -245,7 +245,7 @@ def _rounds(
             record = round_record(exp, t, loss, work, W, speed)
             if (t + 1) % cfg.eval.every == 0 or t + 1 == cfg.rounds:
                 phases.enter("evaluate")
-                record.update(event="eval", **evaluate(exp))
+                record.update(event="eval", **evaluate_all(exp))
             record.update(wall_s=wall_before + time.perf_counter() - began, **peak_memory(exp))
             if group.is_main:
                 metrics.write(record)

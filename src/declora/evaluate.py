@@ -22,6 +22,7 @@ import torch
 from declora.experiment import EvalSet, Experiment
 from declora.metrics import consensus_metrics, head_disagreement, mean_std
 from declora.model import Federation, as_run, averaged_factors, averaged_product, fold_middle
+from declora.report import VALIDATION
 from declora.train import row_stats, totals_per_node
 
 
@@ -85,6 +86,30 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def _renamed(scored: dict[str, float], mode: str) -> dict[str, float]:
     """Scores of the avg_factors model under another mode's keys (the same model)."""
     return {k.replace("_avg_factors", f"_{mode}"): v for k, v in scored.items()}
+
+
+METRIC_PREFIXES = ("acc_", "ppl_", "em_", "f1_", "mcc_")  # the task metrics' keys (not consensus_*)
+
+
+def evaluate_all(exp: Experiment) -> dict[str, Any]:
+    """``evaluate`` on the test rows and, with data.validation_fraction, its metrics on the validation
+    rows too, under ``val_`` keys (``val_acc_avg_factors``): the numbers a round is chosen by."""
+    out = evaluate(exp)
+    if exp.validation is not None:
+        test = exp.consensus_eval, exp.node_eval
+        exp.consensus_eval, exp.node_eval = exp.validation
+        try:
+            on_validation = evaluate(exp)
+        finally:
+            exp.consensus_eval, exp.node_eval = test
+        out.update(
+            {
+                VALIDATION + k: v
+                for k, v in on_validation.items()
+                if k.startswith(METRIC_PREFIXES) and isinstance(v, (int, float))
+            }
+        )
+    return out
 
 
 def evaluate(exp: Experiment) -> dict[str, Any]:

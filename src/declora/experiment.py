@@ -77,6 +77,8 @@ class Experiment:
     label_names: tuple[str, ...] = ()  # classification: the name of each label id (exported with adapters)
     lr_schedule: RoundSchedule | None = None  # each of this process's nodes' place in train.schedule
     stragglers: Stragglers | None = None  # simulated speeds, clock, deadlines, asynchrony (None: not set)
+    # data.validation_fraction: the validation rows the consensus models and each node are scored on
+    validation: tuple[EvalSet, EvalSet] | None = None
     ran: bool = False  # engine.run has started on it: its state is that run's (an Experiment runs once)
 
     @property
@@ -318,6 +320,20 @@ def _encode(
     return train_ids, labels, test_ids, test_labels
 
 
+def _validation_sets(cfg: Config, task: Task, rows: TextDataset | None) -> tuple[EvalSet, EvalSet] | None:
+    """The validation rows encoded as the test rows are: all of them for the consensus models, at most
+    eval.node_examples of them for each node (the same seeded choice as the test rows')."""
+    if rows is None:
+        return None
+    if rows.responses is not None:  # instruction data: a row's "label" is its response length
+        assert isinstance(task, Instruction)
+        ids, labels = task.encode_pairs(rows.texts, rows.responses)
+    else:
+        ids, labels = task.encode(rows.texts, rows.labels, train=False, pairs=rows.pairs), rows.labels
+    seed, node_limit = cfg.eval.seed, min(cfg.eval.node_examples, len(labels))
+    return _eval_subset(ids, labels, None, seed), _eval_subset(ids, labels, node_limit, seed)
+
+
 def _build_exchange(
     cfg: Config,
     group: Solo,
@@ -465,6 +481,11 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     if group.is_main:
         _warn_unlearnable_labels(cfg, train.label_names, summary)
         _warn_small_partitions(cfg, summary)
+        if cfg.export_round == "best" and cfg.export != "none" and data.validation is None:
+            log.warning(
+                "export_round=best chooses the round by its score on the test rows, which then "
+                "overstate it; set data.validation_fraction (0.1, say) to choose on validation rows"
+            )
     if stragglers is not None:
         if cfg.train.local_unit == "epochs":  # a node's round is as long as its data
             sizes = np.array([node["size"] for node in summary])
@@ -483,6 +504,7 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
     else:
         task, tokenizer = early
     train_ids, labels, test_ids, test_labels = _encode(cfg, task, train, test, labels)
+    validation = _validation_sets(cfg, task, data.validation)
     _set_segments(cfg, fed, tokenizer)
     pad_id = _pad_id(fed, tokenizer)
     account = build_account(cfg, [node["size"] for node in summary], group.nodes)
@@ -517,4 +539,5 @@ def _build_experiment(cfg: Config, run_dir: Path | None, group: Solo | None) -> 
         label_names=train.label_names,
         lr_schedule=RoundSchedule(cfg.train.schedule, cfg.train.warmup_rounds, cfg.rounds, fed.n),
         stragglers=stragglers,
+        validation=validation,
     )

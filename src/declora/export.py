@@ -18,7 +18,7 @@ from declora.evaluate import with_all_nodes
 from declora.experiment import Experiment
 from declora.model import KEEP_FP32, as_run, averaged_factors, fold_middle, node_adapter
 from declora.peft_io import export_peft
-from declora.report import lower_is_better, read_metrics
+from declora.report import VALIDATION, lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 from declora.tasks import label_words_of
 
@@ -29,7 +29,9 @@ CARD_KEYS = ("acc_", "ppl_", "em_", *TWO_LABEL_METRICS, "bytes_total", "train_lo
 
 class AdapterExport:
     def __init__(self, exp: Experiment, resumed: bool) -> None:
-        self.exp, self.key = exp, exp.cfg.eval.headline
+        # export_round=best chooses by the validation rows where the run has them, never by the test rows
+        validated = exp.validation is not None
+        self.exp, self.key = exp, (VALIDATION if validated else "") + exp.cfg.eval.headline
         self.best = math.nan  # the best headline value whose adapters are on disk
         self.logged: dict[str, Any] = {}  # the last record before a resume: the checkpoint's round
         metrics = exp.run_dir / "metrics.jsonl"

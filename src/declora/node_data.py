@@ -20,7 +20,7 @@ from declora.data import load_dataset
 from declora.dist import Solo
 from declora.partition import describe_partition, partition
 from declora.tables import is_table
-from declora.text_dataset import TextDataset, limit
+from declora.text_dataset import TextDataset, group_split, limit, stratified_split
 from declora.user_data import (
     encode_rows,
     label_order,
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 class NodeData:
     train: TextDataset  # the rows the hosted nodes train on (every row, for a partitioned dataset)
     test: TextDataset
+    validation: TextDataset | None  # data.validation_fraction: held out from train, to choose rounds by
     parts: list[np.ndarray]  # per hosted node: its indices into ``train``
     summary: list[dict]  # every node's size and label histogram, on every process
 
@@ -51,6 +52,7 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     train, test = load_dataset(
         cfg.data, cfg.eval.seed, column, instruction, unlabelled
     )  # held out: eval.seed
+    train, validation = hold_out_validation(train, cfg)
     if n == 1:
         parts = [_pooled_rows(train, cfg)]
     else:
@@ -59,7 +61,27 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     if train.clients is not None:  # how many column values each node merged
         for node, p in zip(summary, parts, strict=True):
             node["clients"] = len(np.unique(train.clients[p]))
-    return NodeData(train, test, parts[hosted.start : hosted.stop], summary)
+    return NodeData(train, test, validation, parts[hosted.start : hosted.stop], summary)
+
+
+def hold_out_validation(train: TextDataset, cfg: Config) -> tuple[TextDataset, TextDataset | None]:
+    """(the training rows left, the validation rows): data.validation_fraction of the training rows,
+    whole groups where rows have them (the shipped reviews' movies, as the test split), else a share of
+    each label; drawn from eval.seed, as the test rows, so every training seed and method holds out the
+    same ones. No node trains on them."""
+    fraction = cfg.data.validation_fraction
+    if fraction is None:
+        return train, None
+    if train.groups is not None:
+        keep, held = group_split(train.groups, fraction, cfg.eval.seed, "validation_fraction")
+    else:
+        keep, held = stratified_split(train.labels, fraction, cfg.eval.seed, "validation_fraction")
+    if len(held) == 0 or len(keep) == 0:
+        raise ConfigError(
+            f"data.validation_fraction={fraction} of {len(train)} training rows leaves {len(held)} "
+            f"validation and {len(keep)} training rows; both must be non-empty"
+        )
+    return train.subset(keep), train.subset(held)
 
 
 def _pooled_rows(train: TextDataset, cfg: Config) -> np.ndarray:
@@ -210,4 +232,4 @@ def _assemble(
     for k, node in enumerate(local):
         node["node"], node["file"] = hosted[k], " + ".join(sources[hosted[k]])
     summary = [node for rank_nodes in group.all_gather_object(local) for node in rank_nodes]
-    return NodeData(train, test, parts, summary)
+    return NodeData(train, test, None, parts, summary)

@@ -45,6 +45,7 @@ PRIVACY_KEY = "privacy_epsilon_max"  # privacy.level node/example: the largest e
 # says little
 PRIVACY_KEYS = (PRIVACY_KEY, "privacy_delta", "privacy_noise_multiplier")
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
+VALIDATION = "val_"  # a metric on the validation rows (data.validation_fraction): val_acc_avg_factors
 
 
 PEAK_KEYS = ("peak_mem_mb", "peak_gpu_mem_mb")  # resident memory; a GPU run's allocated GPU memory
@@ -52,7 +53,7 @@ PEAK_KEYS = ("peak_mem_mb", "peak_gpu_mem_mb")  # resident memory; a GPU run's a
 
 def lower_is_better(key: str) -> bool:
     """Whether a metric improves as it falls: perplexities (``ppl_*``) do, accuracies rise."""
-    return key.startswith(LOWER_IS_BETTER)
+    return key.removeprefix(VALIDATION).startswith(LOWER_IS_BETTER)
 
 
 def display_scale(key: str) -> int:
@@ -108,8 +109,8 @@ def accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
         k
         for r in evals
         for k in r
-        if k.startswith(("acc_", "em_", *TWO_LABEL_METRICS, LOWER_IS_BETTER))
-        and k not in SPREAD_KEYS
+        if k.removeprefix(VALIDATION).startswith(("acc_", "em_", *TWO_LABEL_METRICS, LOWER_IS_BETTER))
+        and k.removeprefix(VALIDATION) not in SPREAD_KEYS
         and number_at(r, k) is not None
     }
     return [k for k in ACCURACY_KEYS if k in seen] + sorted(seen - set(ACCURACY_KEYS))
@@ -150,7 +151,7 @@ def _config_section(records: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return {}
 
 
-def _config_headline(records: list[dict[str, Any]]) -> str | None:
+def config_headline(records: list[dict[str, Any]]) -> str | None:
     """eval.headline of the config logged in the run's ``start`` line, if any."""
     headline = _config_section(records, "eval").get("headline")
     return headline if isinstance(headline, str) else None
@@ -174,12 +175,12 @@ def summarize(
     """Best and final of every accuracy key, final consensus/loss/cost values and peak memory.
 
     Returns ``{"rounds", "evals", "accuracy": {key: {final, final_round, best, best_round[, final_std,
-    best_std]}}, "final": {key: value}, "peak_mem_mb", "headline", "stopped_early", "diverged",
-    "private"}`` (private: the run used differential privacy). Consensus keys come from the last
-    evaluation that logged them; bytes_total, wall_s and train_loss from the last eval or round line (round
-    lines are the more recent); peak_mem_mb is the maximum over both. ``headline`` is the metric the
-    paper reports (config eval.headline): the argument, else the one in the run's ``start`` line, else
-    None. Absent values are None.
+    best_std]}}, "final": {key: value}, "peak_mem_mb", "headline", "selected", "stopped_early",
+    "diverged", "private"}`` (selected: ``selected_by_validation``; private: the run used differential
+    privacy). Consensus keys come from the last evaluation that logged them; bytes_total, wall_s and
+    train_loss from the last eval or round line (round lines are the more recent); peak_mem_mb is the
+    maximum over both. ``headline`` is the metric the paper reports (config eval.headline): the argument,
+    else the one in the run's ``start`` line, else None. Absent values are None.
     """
     evals = events_of(records, "eval")
     progress = events_of(records, "eval", "round")
@@ -189,6 +190,7 @@ def summarize(
     seen = {k: [v for r in progress if (v := number_at(r, k)) is not None] for k in PEAK_KEYS}
     peaks = {k: max(values) for k, values in seen.items() if values}
     kept = {k: final[k] for k in FINAL_KEYS}
+    headline = headline if headline is not None else config_headline(records)
     for key in PRIVACY_KEYS:  # private runs only
         if (value := _last(progress, key)) is not None:
             kept[key] = value
@@ -199,11 +201,23 @@ def summarize(
         "final": kept,
         "peak_mem_mb": peaks.get("peak_mem_mb"),
         **{k: v for k, v in peaks.items() if k != "peak_mem_mb"},  # a GPU run's peak_gpu_mem_mb
-        "headline": headline if headline is not None else _config_headline(records),
+        "headline": headline,
+        "selected": selected_by_validation(evals, headline),
         "stopped_early": stopped_early(records, planned),
         "diverged": diverged_at(records),
         "private": _config_section(records, "privacy").get("level", "none") != "none",
     }
+
+
+def selected_by_validation(evals: list[dict[str, Any]], key: str | None) -> dict[str, Any] | None:
+    """The evaluated round whose validation score of ``key`` (``val_<key>``) is best, and ``key``'s test
+    value there: the number of the round a run chooses without looking at its test rows. None for a run
+    without validation rows (data.validation_fraction)."""
+    if not key or not any(number_at(r, VALIDATION + key) is not None for r in evals):
+        return None
+    chosen = best_final(evals, VALIDATION + key)["best_round"]
+    record = next(r for r in evals if r.get("round") == chosen)
+    return {"round": chosen, "value": number_at(record, key)}
 
 
 def diverged_at(records: list[dict[str, Any]]) -> int | None:
@@ -246,6 +260,8 @@ def _round(value: Any) -> str:
 def _rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for key, e in summary["accuracy"].items():
+        if key.startswith(VALIDATION) and key != VALIDATION + str(summary.get("headline")):
+            continue  # of the validation scores, the table shows the one rounds are chosen by
         best = _pct(e["best"], e.get("best_std"), key)
         rows.append([key, _pct(e["final"], e.get("final_std"), key), best, _round(e["best_round"])])
     for key, value in summary["final"].items():
@@ -267,7 +283,12 @@ def headline_line(summary: dict[str, Any], headline: str | None = None) -> str |
         return f"headline ({key}): not logged by this run"
     final, best = _pct(e["final"], e.get("final_std"), key), _pct(e["best"], e.get("best_std"), key)
     unit = "" if lower_is_better(key) or key.startswith("mcc_") else "%"  # a correlation ×100 is no share
-    return f"headline ({key}): final {final}{unit}, best {best}{unit} at round {_round(e['best_round'])}"
+    line = f"headline ({key}): final {final}{unit}, best {best}{unit} at round {_round(e['best_round'])}"
+    chosen = summary.get("selected")
+    if chosen is not None:  # the honest "best": the round the validation rows chose, scored on the test rows
+        value = "-" if chosen["value"] is None else f"{_pct(chosen['value'], key=key)}{unit}"
+        line += f"; at round {chosen['round']}, the best on the validation rows: {value}"
+    return line
 
 
 def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: Path | None = None) -> str:

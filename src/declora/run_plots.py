@@ -15,7 +15,9 @@ from matplotlib.ticker import LogLocator, MaxNLocator
 from declora.report import (
     CONSENSUS_KEYS,
     STD_KEY,
+    VALIDATION,
     accuracy_keys,
+    config_headline,
     display_scale,
     events_of,
     lower_is_better,
@@ -55,8 +57,9 @@ LINE_STYLES = (
 )
 
 
-def _plot_accuracy(ax: Any, evals: list[dict[str, Any]]) -> None:
-    keys = accuracy_keys(evals)
+def _plot_accuracy(ax: Any, evals: list[dict[str, Any]], headline: str | None = None) -> None:
+    # of the validation scores, the one a round is chosen by (val_<eval.headline>), beside the test ones
+    keys = [k for k in accuracy_keys(evals) if not k.startswith(VALIDATION) or k == f"{VALIDATION}{headline}"]
     perplexities = [k for k in keys if lower_is_better(k)]
     if perplexities:  # a causal LM run: perplexity (an instruction run's em_* are in its table)
         keys = perplexities
@@ -130,7 +133,7 @@ def run_figure(records: list[dict[str, Any]]) -> Figure:
     evals = events_of(records, "eval")
     fig = Figure(figsize=(15, 5.0), layout="constrained")
     ax_acc, ax_loss, ax_cons = fig.subplots(1, 3)
-    _plot_accuracy(ax_acc, evals)
+    _plot_accuracy(ax_acc, evals, config_headline(records))
     _plot_loss(ax_loss, records)
     _plot_consensus(ax_cons, evals)
     # One round axis for the three panels: a run evaluated once (the default) shows its point at the end

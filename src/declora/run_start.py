@@ -94,7 +94,10 @@ def start_new_run(exp: Experiment, metrics: MetricsLog, overwrite: bool, keep: t
     start["cwd"] = str(Path.cwd())  # relative input paths are opened from here (a resume checks it)
     start["inputs"] = fingerprints(exp.cfg)  # a resume warns when one changed
     # how many held-out examples each evaluation scores (the standard error of an accuracy depends on it)
-    start["eval_examples"] = {"consensus": len(exp.consensus_eval.labels), "node": len(exp.node_eval.labels)}
+    examples = {"consensus": len(exp.consensus_eval.labels), "node": len(exp.node_eval.labels)}
+    if exp.validation is not None:  # the validation rows: all for the consensus models, some for each node
+        examples["validation"] = len(exp.validation[0].labels)
+    start["eval_examples"] = examples
     # the layout that ran (a 2-process folder looks like a 1-process one otherwise); null nodes_per_rank:
     # data parallel, every process a replica of the one node
     slices = None if isinstance(exp.group, Replicas) else list(exp.group.layout.counts)

@@ -55,15 +55,18 @@ class TextDataset:
 # ---------------------------------------------------------------- seeded splits
 
 
-def _check_fraction(fraction: float) -> None:
+def _check_fraction(fraction: float, key: str) -> None:
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"data.test_fraction={fraction} must be strictly between 0 and 1")
+        raise ValueError(f"data.{key}={fraction} must be strictly between 0 and 1")
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx): each label contributes round(fraction * its count) examples to test."""
-    _check_fraction(fraction)
-    rng = numpy_rng(seed, "data", "split")
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int, key: str = "test_fraction"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx): each label contributes round(fraction * its count) examples to test.
+    ``key``: the config key of the fraction (the test or the validation rows: each its own draw)."""
+    _check_fraction(fraction, key)
+    rng = numpy_rng(seed, "data", "split" if key == "test_fraction" else key)
     test: list[np.ndarray] = []
     for label in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == label))
@@ -73,10 +76,12 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return train_idx, test_idx
 
 
-def group_split(groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def group_split(
+    groups: np.ndarray, fraction: float, seed: int, key: str = "test_fraction"
+) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, test_idx) holding out round(fraction * #groups) whole groups, so test groups are unseen."""
-    _check_fraction(fraction)
-    rng = numpy_rng(seed, "data", "group_split")
+    _check_fraction(fraction, key)
+    rng = numpy_rng(seed, "data", "group_split" if key == "test_fraction" else f"group_{key}")
     unique = np.unique(groups)
     n_test = max(1, int(round(fraction * len(unique))))
     test_groups = rng.choice(unique, size=n_test, replace=False)

@@ -282,6 +282,9 @@ def _check_unread_data_keys(cfg: Config) -> None:
         refuse_if_set("data", d, ("pair_column",), why)
     if d.test_file is not None:
         refuse_if_set("data", d, ("test_fraction",), "with data.test_file, which holds the held-out rows")
+    if d.node_files is not None:
+        why = "with data.node_files: each node's file is its own; hold out validation rows of each file"
+        refuse_if_set("data", d, ("validation_fraction",), why)
     if d.dataset in DATA and d.node_files is None:
         why = f"with the shipped data.dataset={d.dataset!r} (its own columns and held-out split)"
         why += "; it applies to a user's table or folder"

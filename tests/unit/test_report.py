@@ -428,3 +428,30 @@ def test_a_comparison_of_methods_that_send_nothing_has_no_negative_bytes_axis(tm
     _, sent, cons = comparison_figure(runs, "acc_avg_factors").axes
     assert list(sent.get_xticks()) == [0.0, 1.0] and -0.05 < sent.get_xlim()[0] < 0
     assert list(cons.get_yticks()) == [0.0, 1.0]
+
+
+def test_the_round_the_validation_rows_choose_is_scored_on_the_test_rows() -> None:
+    from declora.report import lower_is_better, selected_by_validation
+
+    evals = [
+        {"event": "eval", "round": 1, "acc_avg_factors": 0.70, "val_acc_avg_factors": 0.60},
+        {"event": "eval", "round": 2, "acc_avg_factors": 0.80, "val_acc_avg_factors": 0.65},
+        {"event": "eval", "round": 3, "acc_avg_factors": 0.75, "val_acc_avg_factors": 0.66},
+    ]
+    assert selected_by_validation(evals, "acc_avg_factors") == {"round": 3, "value": 0.75}
+    assert summarize(evals, "acc_avg_factors")["accuracy"]["acc_avg_factors"]["best_round"] == 2
+    assert (
+        selected_by_validation(
+            [{k: v for k, v in e.items() if not k.startswith("val_")} for e in evals], "acc_avg_factors"
+        )
+        is None
+    )
+    # a perplexity chosen on validation rows is the lowest one
+    ppl = [
+        {"event": "eval", "round": t, "ppl_avg_factors": 9.0 - t, "val_ppl_avg_factors": v}
+        for t, v in ((1, 5.0), (2, 4.0), (3, 4.5))
+    ]
+    assert (
+        lower_is_better("val_ppl_avg_factors")
+        and selected_by_validation(ppl, "ppl_avg_factors")["round"] == 2
+    )

@@ -40,7 +40,8 @@ PRIVATE_NODES = [
 CLIPPED = ["robust.aggregator=clipped", "robust.clip_radius=0.3"]
 DP_SGD = ["privacy.level=example", "privacy.noise_multiplier=1.0", "privacy.clip=0.5"]
 CASES = {
-    "dec_lora": ("dec_lora", []),
+    # validation rows (val_* keys): each rank scores its share of them, as of the test rows
+    "dec_lora": ("dec_lora", ["data.validation_fraction=0.25"]),
     "decaf": ("decaf", []),
     "tad_lora": ("tad_lora", ["model.dropout=0.2"]),  # LoRA dropout: masks keyed by example
     "dec_lora_quantize": ("dec_lora", ["comm.codec=quantize", "comm.bits=4", "comm.block_size=16"]),

@@ -167,17 +167,64 @@ def check_has_head(exp: Any, adapter: Path) -> None:
 def score(cfg: Config) -> dict[str, Any]:
     """Build the one-node experiment and score its model on the held-out rows: the metric, its extras
     (f1 and mcc with two labels, em for instruction data) and how many rows."""
-    from declora.evaluate import scores_of
-    from declora.experiment import build_experiment
+    return score_all([cfg])[0]
 
-    exp = build_experiment(cfg)
-    adapter = Path(str(cfg.model.init_adapter))
+
+def score_all(configs: list[Config]) -> list[dict[str, Any]]:
+    """``score`` of each config's adapter. Adapters whose configs agree but for the adapter share one
+    experiment (one base loaded, the rows tokenized once): each is imported into it in turn, with the
+    checks a run makes of an adapter it starts from."""
+    from declora.experiment import build_experiment
+    from declora.peft_io import import_peft
+    from declora.preflight import check_adapter, check_adapter_labels
+
+    results, exp, built_for = [], None, None
+    for cfg in configs:
+        adapter = Path(str(cfg.model.init_adapter))
+        others = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_adapter=None))
+        if exp is None or others != built_for:
+            exp, built_for = build_experiment(cfg), others
+        else:  # the same base, task and rows: only the adapter changes
+            check_adapter(cfg, adapter)
+            check_adapter_labels(cfg, exp.label_names)
+            import_peft(exp.fed, adapter)
+        results.append(_scored(exp, adapter))
+    return results
+
+
+def _scored(exp: Any, adapter: Path) -> dict[str, Any]:
+    from declora.evaluate import scores_of
+
     check_has_head(exp, adapter)
     began = time.perf_counter()
     out: dict[str, Any] = {"adapter": str(adapter), "rows": len(exp.consensus_eval.labels)}
     out.update(scores_of(exp, {k: v.detach() for k, v in exp.fed.tensors().items()}))
     out["seconds"] = round(time.perf_counter() - began, 2)
     return out
+
+
+METRICS = ("acc", "f1", "mcc", "ppl", "em")
+
+
+def table(results: list[dict[str, Any]]) -> list[str]:
+    """Several adapters' results, one row each: accuracies and F1 in %, Matthews' correlation ×100."""
+    keys = [k for k in METRICS if k in results[0]]
+    header = ["adapter", "rows", *(f"{k} %" if k in ("acc", "em") else k for k in keys)]
+    rows = [
+        [
+            r["adapter"],
+            f"{r['rows']:,}",
+            *(f"{r[k]:.4g}" if k == "ppl" else f"{100 * r[k]:.2f}" for k in keys),
+        ]
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(cells))
+
+    return [line(row) for row in [header, *rows]]
 
 
 def lines(result: dict[str, Any], origin: str) -> list[str]:
@@ -188,7 +235,7 @@ def lines(result: dict[str, Any], origin: str) -> list[str]:
         f"rows      {result['rows']:,} held out",
     ]
     rows = result["rows"]
-    for key in ("acc", "f1", "mcc", "ppl", "em"):
+    for key in METRICS:
         if key not in result:
             continue
         value = result[key]

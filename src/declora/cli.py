@@ -79,18 +79,31 @@ def _dry_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """declora eval ADAPTER [CONFIG] [key=value ...]: one adapter scored on held-out rows (adapter_eval)."""
+    """declora eval ADAPTER [ADAPTER ...] [CONFIG] [key=value ...]: adapters scored on held-out rows
+    (declora.adapter_eval); a CONFIG is a .yaml/.yml file, every other path an adapter folder."""
     import json
 
-    from declora.adapter_eval import eval_config, lines, score
+    from declora.adapter_eval import eval_config, lines, score_all, table
 
-    if args.adapter is None or "=" in args.adapter:  # argparse would also call the overrides required
+    overrides = [*(p for p in args.paths if "=" in p), *args.overrides]
+    configs = [p for p in args.paths if "=" not in p and p.endswith((".yaml", ".yml"))]
+    adapters = [p for p in args.paths if "=" not in p and p not in configs]
+    if not adapters:
         raise ConfigError("declora eval needs an adapter folder: declora eval ADAPTER [CONFIG] [key=value]")
-    cfg, origin = eval_config(args.adapter, args.config, args.overrides)
+    if len(configs) > 1:
+        raise ConfigError(f"declora eval takes one config file; got {configs}")
+    config = configs[0] if configs else None
+    prepared = [eval_config(adapter, config, overrides) for adapter in adapters]  # all checked first
     if not args.json:
-        print(f"scoring {args.adapter} ...", file=sys.stderr, flush=True)
-    result = score(cfg)
-    print(json.dumps(result) if args.json else "\n".join(lines(result, origin)))
+        print(f"scoring {', '.join(adapters)} ...", file=sys.stderr, flush=True)
+    results = score_all([cfg for cfg, _ in prepared])
+    if args.json:  # one JSON object a line, an adapter each
+        print("\n".join(json.dumps(result) for result in results))
+    elif len(results) == 1:
+        print("\n".join(lines(results[0], prepared[0][1])))
+    else:
+        origins = dict.fromkeys(origin for _, origin in prepared)
+        print("\n".join([*(f"config    {origin}" for origin in origins), *table(results)]))
     return 0
 
 
@@ -323,17 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
         "eval",
-        help="score one adapter on held-out rows: declora eval ADAPTER [CONFIG] [key=value ...]",
-        usage="declora eval [-h] [--json] ADAPTER [CONFIG] [key=value ...]",  # ADAPTER: cmd_eval says so
-        description="Score a LoRA adapter folder (a declora export, or one PEFT saved) on a config's "
-        "held-out rows with a run's metrics and fixed evaluation set. Config: the one given, else the "
-        "adapter's own run's (a declora export whose run folder is there), else configs/default.yaml; the "
-        "adapter's rank, alpha and target modules are its own. Nothing is written.",
+        help="score adapters on held-out rows: declora eval ADAPTER [ADAPTER ...] [CONFIG] [key=value ...]",
+        usage="declora eval [-h] [--json] ADAPTER [ADAPTER ...] [CONFIG] [key=value ...]",
+        description="Score LoRA adapter folders (declora exports, or PEFT's save_pretrained folders) on a "
+        "config's held-out rows with a run's metrics and fixed evaluation set. Config: the .yaml given, "
+        "else the adapter's own run's (a declora export whose run folder is there), else "
+        "configs/default.yaml; each adapter's rank, alpha and target modules are its own. Nothing is "
+        "written.",
     )
-    p.add_argument("adapter", nargs="?", help="an adapter folder (RUN_DIR/adapters/consensus, or PEFT's)")
-    p.add_argument("config", nargs="?", help="YAML config (default: the adapter's run's, else the default)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.test_file=other.csv")
-    p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="ADAPTER [CONFIG] [key=value]",
+        help="adapter folders (RUN_DIR/adapters/consensus, RUN_DIR/adapters/node_*, PEFT folders), at most "
+        "one .yaml config, and dotted overrides (data.test_file=other.csv)",
+    )
+    p.add_argument("--json", action="store_true", help="print each adapter's numbers as a JSON line")
+    p.set_defaults(overrides=[])
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("report", help="table and plot from existing run folders")
     p.add_argument(

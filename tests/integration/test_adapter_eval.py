@@ -275,3 +275,35 @@ def test_an_adapter_of_a_run_on_one_file_per_node_gets_its_numbers_back(tiny_ber
     assert code == 0, result
     assert result["rows"] == 20
     assert result["acc"] == pytest.approx(last["acc_avg_factors"], abs=1e-7)
+
+
+def test_several_adapters_share_one_base_and_score_as_each_alone(trained, capsys):
+    run_dir, last, _ = trained
+    folders = [run_dir / "adapters" / name for name in ("consensus", "node_000", "node_002")]
+    alone = [_eval(capsys, folder)[1] for folder in folders]
+    assert main(["eval", *map(str, folders), "--json"]) == 0
+    together = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for a, b in zip(alone, together, strict=True):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {
+            k: v for k, v in b.items() if k != "seconds"
+        }
+    assert together[0]["acc"] == pytest.approx(last["acc_avg_factors"], abs=1e-7)
+    assert main(["eval", *map(str, folders)]) == 0  # a table, a row an adapter
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"config    its run's config {run_dir / 'config.yaml'}"
+    assert out[1].split() == ["adapter", "rows", "acc", "%", "f1", "mcc"]
+    assert [line.split()[0] for line in out[2:]] == [str(f) for f in folders]
+    assert "takes one config file" in _refused(capsys, folders[0], "a.yaml", "b.yml")
+
+
+def test_a_headless_adapter_after_another_is_refused_not_scored_with_the_other_s_head(
+    trained, tmp_path, capsys
+):
+    from safetensors.torch import load_file, save_file
+
+    run_dir, _, _ = trained
+    headless = Path(shutil.copytree(run_dir / "adapters" / "node_000", tmp_path / "headless"))
+    weights = headless / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if "classifier" not in k}, str(weights))
+    line = _refused(capsys, run_dir / "adapters" / "consensus", headless)
+    assert "holds no trained classifier head" in line and str(headless) in line

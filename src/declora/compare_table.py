@@ -22,6 +22,7 @@ from declora.report import (
     planned_rounds,
     read_metrics,
     run_config,
+    selected_by_validation,
     stopped_early,
 )
 
@@ -40,6 +41,7 @@ def run_summary(records: list[dict[str, Any]], metric: str, target: float | None
     hits = [r["bytes_total"] for r in evals if target is not None and reaches(metric, r[metric], target)]
     reached = hits[0] if hits else math.nan
     spent = [r[PRIVACY_KEY] for r in records if isinstance(r.get(PRIVACY_KEY), (int, float))]
+    chosen = selected_by_validation(evals, metric)  # data.validation_fraction: the round it chose
     return {
         "best": best_final(evals, metric)["best"],
         "final": evals[-1][metric],
@@ -47,6 +49,7 @@ def run_summary(records: list[dict[str, Any]], metric: str, target: float | None
         "bytes_to_target": reached,
         "wall_s": evals[-1]["wall_s"],
         "epsilon": spent[-1] if spent else math.nan,  # a private run's largest epsilon spent, at the end
+        "chosen": math.nan if chosen is None or chosen["value"] is None else chosen["value"],
     }
 
 
@@ -83,6 +86,7 @@ def comparison_rows(runs: dict[str, list[Path]], metric: str, target: float | No
         row["reached"] = sum(not math.isnan(s["bytes_to_target"]) for s in summaries)
         row["diverged"] = sum(diverged)  # the CSV columns after the first ones: they keep their places
         row["epsilon"], row["epsilon_std"] = _mean_std([s["epsilon"] for s in summaries])  # NaN: not private
+        row["chosen"], row["chosen_std"] = _mean_std([s["chosen"] for s in summaries])  # NaN: no validation
         rows.append(row)
     return rows
 
@@ -110,6 +114,11 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
         target_txt = f"{100 * target:.1f}%" if target is not None else "n/a"
     private = any(math.isfinite(r.get("epsilon", math.nan)) for r in rows)  # a privacy/utility comparison
     eps_head, eps_rule, eps_none = (" ε spent |", "---:|", " – |") if private else ("", "", "")
+    validated = any(math.isfinite(r.get("chosen", math.nan)) for r in rows)  # runs with validation rows
+    val_head, val_rule, val_none = (" chosen |", "---:|", " – |") if validated else ("", "", "")
+
+    def chosen(r: dict[str, Any]) -> str:
+        return f" {acc(r, 'chosen')} |" if math.isfinite(r["chosen"]) else " no validation rows |"
 
     def eps(r: dict[str, Any]) -> str:
         if not math.isfinite(r["epsilon"]):
@@ -121,8 +130,8 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
     lines = [
         f"{what} (mean ± population std over runs); MB = 1e6 bytes; target {target_txt}.",
         "",
-        "| method | runs | best | final | MB sent | MB to target | wall s |" + eps_head,
-        "|---|---:|---:|---:|---:|---:|---:|" + eps_rule,
+        "| method | runs | best | final | MB sent | MB to target | wall s |" + val_head + eps_head,
+        "|---|---:|---:|---:|---:|---:|---:|" + val_rule + eps_rule,
     ]
     for r in rows:
         runs = str(r["runs"]) if r["runs"] == r["of"] else f"{r['runs']} of {r['of']}"
@@ -131,16 +140,29 @@ def format_comparison(rows: list[dict[str, Any]], metric: str, target: float | N
         if r["diverged"]:
             runs += f" ({r['diverged']} diverged)"
         if not r["runs"] and r["diverged"] == r["of"]:
-            lines.append(f"| {r['method']} | {runs} | diverged (NaN or Inf) | – | – | – | – |" + eps_none)
+            lines.append(
+                f"| {r['method']} | {runs} | diverged (NaN or Inf) | – | – | – | – |" + val_none + eps_none
+            )
             continue
         if not r["runs"]:
-            lines.append(f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |" + eps_none)
+            lines.append(
+                f"| {r['method']} | {runs} | no evaluation of {metric} | – | – | – | – |"
+                + val_none
+                + eps_none
+            )
             continue
         lines.append(
             f"| {r['method']} | {runs} | {acc(r, 'best')} | {acc(r, 'final')} | "
             f"{r['bytes_total'] / 1e6:.2f} | {to_target(r)} | {r['wall_s']:.1f} |"
+            + (chosen(r) if validated else "")
             + (eps(r) if private else "")
         )
+    if validated:
+        lines += [
+            "",
+            f"chosen: {metric} at the round its validation rows chose (val_{metric}), the honest best; "
+            "best is the best over rounds on the test rows themselves.",
+        ]
     if private:
         lines += ["", "ε spent: the largest epsilon any node spent by the end (privacy_epsilon_max)."]
     if any(r["runs"] + r["diverged"] < r["of"] for r in rows):

@@ -139,6 +139,25 @@ def test_table_numbers_equal_a_hand_computation(tmp_path):
     assert math.isnan(never["bytes_to_target"])
 
 
+def test_with_validation_rows_the_table_gives_the_test_value_of_the_round_they_chose(tmp_path):
+    a = _fake_run(tmp_path / "a", [0.5, 0.7, 0.6], 1_000_000, 2.0)
+    b = _fake_run(tmp_path / "b", [0.6, 0.65, 0.8], 2_000_000, 3.0)
+    for folder, val in ((a, [0.55, 0.6, 0.65]), (b, [0.7, 0.6, 0.65])):  # a chooses round 3, b round 1
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        for line, v in zip(lines[1:], val, strict=True):
+            line["val_acc_avg_factors"] = v
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    row = comparison_rows({"m": [a, b]}, "acc_avg_factors", target=None)[0]
+    assert row["chosen"] == pytest.approx((0.6 + 0.6) / 2) and row["best"] == pytest.approx((0.7 + 0.8) / 2)
+    table = write_comparison({"m": [a, b]}, tmp_path / "out", "acc_avg_factors", None)
+    assert "| wall s | chosen |" in table and "| 7.5 | 60.00 ± 0.00 |" in table
+    assert "chosen: acc_avg_factors at the round its validation rows chose" in table
+    plain = write_comparison(
+        {"m": [_fake_run(tmp_path / "c", [0.5], 1, 1.0)]}, tmp_path / "o2", "acc_avg_factors", None
+    )
+    assert "chosen" not in plain  # no validation rows, no column
+
+
 def test_perplexity_table_numbers_equal_a_hand_computation(tmp_path):
     # Lower is better: best is each run's lowest, the target is reached at the first value <= it.
     a = _fake_run(tmp_path / "a", [30.0, 12.0, 15.0], 1_000_000, 2.0, key="ppl_avg_factors")
@@ -170,7 +189,8 @@ def test_a_privacy_utility_comparison_shows_the_epsilon_each_method_spent(tmp_pa
     assert re.search(r"\| dp \| 2 \|.*\| 8.00 ± 0.10 \|", table)
     assert "ε spent" not in write_comparison({"plain": [plain]}, tmp_path / "out2", "acc_avg_factors", None)
     header = (tmp_path / "out" / "comparison.csv").read_text().splitlines()[0]
-    assert header.endswith(",diverged,epsilon,epsilon_std")  # new columns after the old ones
+    columns = header.split(",")  # new columns after the old ones, which keep their places
+    assert columns[14:] == ["reached", "diverged", "epsilon", "epsilon_std", "chosen", "chosen_std"]
 
 
 def test_comparison_files_are_written(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from declora.experiment import EvalSet, Experiment
 from declora.metrics import consensus_metrics, head_disagreement, mean_std
 from declora.model import Federation, as_run, averaged_factors, averaged_product, fold_middle
-from declora.report import VALIDATION
+from declora.report import METRIC_PREFIXES, VALIDATION
 from declora.train import row_stats, totals_per_node
 
 
@@ -86,9 +86,6 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def _renamed(scored: dict[str, float], mode: str) -> dict[str, float]:
     """Scores of the avg_factors model under another mode's keys (the same model)."""
     return {k.replace("_avg_factors", f"_{mode}"): v for k, v in scored.items()}
-
-
-METRIC_PREFIXES = ("acc_", "ppl_", "em_", "f1_", "mcc_")  # the task metrics' keys (not consensus_*)
 
 
 def evaluate_all(exp: Experiment) -> dict[str, Any]:

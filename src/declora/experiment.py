@@ -310,14 +310,21 @@ def _encode(
                 len(train.responses),
             )
         train_ids, labels = task.encode_pairs(train.texts, train.responses)
-        train_cut = task.cut
-        test_ids, test_labels = task.encode_pairs(test.texts, test.responses)
     else:
         train_ids = task.encode(train.texts, labels, train=True, pairs=train.pairs)
-        train_cut = task.cut
-        test_ids = task.encode(test.texts, test.labels, train=False, pairs=test.pairs)
+    train_cut = task.cut
+    test_ids, test_labels = _encode_held_out(task, test)
     _report_cut(cfg, (train_cut, len(train_ids)), (task.cut, len(test_ids)))
     return train_ids, labels, test_ids, test_labels
+
+
+def _encode_held_out(task: Task, rows: TextDataset) -> tuple[list[list[int]], np.ndarray]:
+    """Token ids of rows to score (the prompt alone for label words) and their labels (instruction
+    data: each row's response length)."""
+    if rows.responses is not None:
+        assert isinstance(task, Instruction)  # instruction data
+        return task.encode_pairs(rows.texts, rows.responses)
+    return task.encode(rows.texts, rows.labels, train=False, pairs=rows.pairs), rows.labels
 
 
 def _validation_sets(cfg: Config, task: Task, rows: TextDataset | None) -> tuple[EvalSet, EvalSet] | None:
@@ -325,11 +332,7 @@ def _validation_sets(cfg: Config, task: Task, rows: TextDataset | None) -> tuple
     eval.node_examples of them for each node (the same seeded choice as the test rows')."""
     if rows is None:
         return None
-    if rows.responses is not None:  # instruction data: a row's "label" is its response length
-        assert isinstance(task, Instruction)
-        ids, labels = task.encode_pairs(rows.texts, rows.responses)
-    else:
-        ids, labels = task.encode(rows.texts, rows.labels, train=False, pairs=rows.pairs), rows.labels
+    ids, labels = _encode_held_out(task, rows)
     seed, node_limit = cfg.eval.seed, min(cfg.eval.node_examples, len(labels))
     return _eval_subset(ids, labels, None, seed), _eval_subset(ids, labels, node_limit, seed)
 

@@ -13,18 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from declora.adapter_card import AdapterCard
-from declora.allowed import TWO_LABEL_METRICS
 from declora.evaluate import with_all_nodes
 from declora.experiment import Experiment
 from declora.model import KEEP_FP32, as_run, averaged_factors, fold_middle, node_adapter
 from declora.peft_io import export_peft
-from declora.report import VALIDATION, lower_is_better, read_metrics
+from declora.report import METRIC_PREFIXES, VALIDATION, lower_is_better, read_metrics
 from declora.runfolder import replace_folder, restore_folder
 from declora.tasks import label_words_of
 
 # What an adapter's card shows of its round's record: scores (honest ones under attack too), bytes, loss,
 # and, for a private run, what was spent (privacy_epsilon_max / _mean, privacy_delta, the noise multiplier).
-CARD_KEYS = ("acc_", "ppl_", "em_", *TWO_LABEL_METRICS, "bytes_total", "train_loss", "privacy_")
+CARD_KEYS = (*METRIC_PREFIXES, "bytes_total", "train_loss", "privacy_")
 
 
 class AdapterExport:

@@ -46,6 +46,8 @@ PRIVACY_KEY = "privacy_epsilon_max"  # privacy.level node/example: the largest e
 PRIVACY_KEYS = (PRIVACY_KEY, "privacy_delta", "privacy_noise_multiplier")
 LOWER_IS_BETTER = "ppl_"  # perplexity keys (task.kind=causal_lm)
 VALIDATION = "val_"  # a metric on the validation rows (data.validation_fraction): val_acc_avg_factors
+# The task metrics' key prefixes (an evaluation's other keys are consensus distances, bytes, times).
+METRIC_PREFIXES = ("acc_", "em_", *TWO_LABEL_METRICS, LOWER_IS_BETTER)
 
 
 PEAK_KEYS = ("peak_mem_mb", "peak_gpu_mem_mb")  # resident memory; a GPU run's allocated GPU memory
@@ -109,7 +111,7 @@ def accuracy_keys(evals: list[dict[str, Any]]) -> list[str]:
         k
         for r in evals
         for k in r
-        if k.removeprefix(VALIDATION).startswith(("acc_", "em_", *TWO_LABEL_METRICS, LOWER_IS_BETTER))
+        if k.removeprefix(VALIDATION).startswith(METRIC_PREFIXES)
         and k.removeprefix(VALIDATION) not in SPREAD_KEYS
         and number_at(r, k) is not None
     }

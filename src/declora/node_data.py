@@ -52,6 +52,9 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
     train, test = load_dataset(
         cfg.data, cfg.eval.seed, column, instruction, unlabelled
     )  # held out: eval.seed
+    order = adapter_label_order(cfg, train.label_names)
+    if order is not None:
+        train, test = train.in_order(order), test.in_order(order)
     train, validation = hold_out_validation(train, cfg)
     if n == 1:
         parts = [_pooled_rows(train, cfg)]
@@ -62,6 +65,23 @@ def build_node_data(cfg: Config, n: int, hosted: range, group: Solo) -> NodeData
         for node, p in zip(summary, parts, strict=True):
             node["clients"] = len(np.unique(train.clients[p]))
     return NodeData(train, test, validation, parts[hosted.start : hosted.stop], summary)
+
+
+def adapter_label_order(cfg: Config, names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The label order of the declora export the run starts from (model.init_adapter), when the data
+    names the same labels in another order (a table's labels are numbered in sorted order: "fresh" before
+    "rotten", where the shipped reviews number "rotten" 0): its head's label k must be the data's label
+    k. None when there is nothing to renumber."""
+    from declora.adapter_card import card_labels
+    from declora.assets import adapter_path
+
+    if not cfg.model.init_adapter or cfg.task.kind in ("causal_lm", "instruction"):
+        return None
+    theirs = card_labels(adapter_path(cfg.model.init_adapter))
+    if theirs is None or sorted(theirs) != sorted(names) or tuple(theirs) == names:
+        return None
+    log.info("labels numbered as adapter %s numbers them: %s", cfg.model.init_adapter, theirs)
+    return tuple(theirs)
 
 
 def hold_out_validation(train: TextDataset, cfg: Config) -> tuple[TextDataset, TextDataset | None]:

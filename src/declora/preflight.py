@@ -351,7 +351,8 @@ def check_adapter(cfg: Config, folder: Path) -> None:
 
 def check_adapter_labels(cfg: Config, names: tuple[str, ...]) -> None:
     """A declora export records the labels its head was trained on, in order. Data with another number of
-    labels cannot use the head; data naming the same labels in another order would read label k as the
+    labels cannot use the head; data naming the same labels in another order is numbered in the adapter's
+    order (node_data.adapter_label_order), except per-node files, where it would read label k as the
     adapter's label k, silently wrong (refused unless allow_degenerate). Other names are taken in order,
     with a warning: "0"/"1" for "rotten"/"fresh" is how most files write labels."""
     from declora.adapter_card import card_labels
@@ -368,8 +369,9 @@ def check_adapter_labels(cfg: Config, names: tuple[str, ...]) -> None:
         raise ConfigError(f"{said}: its head cannot classify these; give data with its {len(theirs)} labels")
     if sorted(theirs) == sorted(ours) and not cfg.allow_degenerate:
         raise ConfigError(
-            f"{said}: the same labels in another order, so each would be read as another; give the labels in "
-            "the adapter's order, or set allow_degenerate=true if the order is meant"
+            f"{said}: the same labels in another order, so each would be read as another; per-node files "
+            "are not renumbered: give the labels as numbers in the adapter's order, or set "
+            "allow_degenerate=true if the order is meant"
         )
     if sorted(theirs) != sorted(ours):
         log.warning("%s: each data label k is taken as the adapter's label k", said)

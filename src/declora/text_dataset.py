@@ -41,6 +41,14 @@ class TextDataset:
     def num_labels(self) -> int:
         return len(self.label_names)
 
+    def in_order(self, names: tuple[str, ...]) -> TextDataset:
+        """The same rows with the labels numbered as ``names`` (the same names, in another order) number
+        them: label k becomes the id of its name in ``names``."""
+        ids = np.array([names.index(name) for name in self.label_names], dtype=np.int64)  # old id -> new
+        return TextDataset(
+            self.texts, ids[self.labels], names, self.groups, self.clients, self.responses, self.pairs
+        )
+
     def subset(self, idx: np.ndarray) -> TextDataset:
         """The examples at ``idx``, in that order (label names kept, so label ids stay comparable)."""
         idx = np.asarray(idx, dtype=np.int64)

@@ -218,16 +218,21 @@ def _relabelled(consensus, folder, names):
     return copy
 
 
-def test_labels_the_adapter_names_in_another_order_are_refused_and_other_names_taken_in_order(
+def test_labels_the_adapter_names_in_another_order_are_renumbered_and_other_names_taken_in_order(
     trained, tmp_path, capsys, caplog
 ):
-    run_dir, last, _ = trained
+    run_dir, last, folder = trained
     consensus = run_dir / "adapters" / "consensus"
-    swapped = _relabelled(consensus, tmp_path / "swapped", ["1", "0"])  # the data's '0' is its label 1
-    line = _refused(capsys, swapped)
-    assert "the same labels in another order" in line and "allow_degenerate=true" in line
-    code, result, _ = _eval(capsys, swapped, "allow_degenerate=true")
-    assert code == 0 and result["acc"] == pytest.approx(last["acc_avg_factors"], abs=1e-7)
+    # a card whose head says '1' at output 0: the data's labels are numbered so, and every answer that
+    # was right is now wrong (two labels)
+    swapped = _relabelled(consensus, tmp_path / "swapped", ["1", "0"])
+    code, result, _ = _eval(capsys, swapped)
+    assert code == 0 and result["acc"] == pytest.approx(1 - last["acc_avg_factors"], abs=1e-6)
+    # per-node files are not renumbered (each process reads its own): refused, unless meant
+    files = [str(write_tiny_data(tmp_path / f"node_{i}.jsonl", 12)) for i in range(3)]
+    by_node = (f"data.node_files={files}", f"data.test_file={folder / 'train.jsonl'}")
+    line = _refused(capsys, swapped, *by_node)
+    assert "the same labels in another order" in line and "per-node files are not renumbered" in line
     named = _relabelled(consensus, tmp_path / "named", ["rotten", "fresh"])
     code, result, _ = _eval(capsys, named)
     assert code == 0 and result["acc"] == pytest.approx(last["acc_avg_factors"], abs=1e-7)

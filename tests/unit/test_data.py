@@ -350,3 +350,13 @@ def test_numeric_client_ids_are_ordered_by_value() -> None:
     assert encode_rows(rows, ("a",)).clients.tolist() == list(range(11, -1, -1))
     named = Rows(["x", "y", "z"], ["a"] * 3, None, ["bob", "al", "cy"], "table")
     assert encode_rows(named, ("a",)).clients.tolist() == [1, 0, 2]
+
+
+def test_renumbering_labels_keeps_each_row_s_label_name():
+    from declora.text_dataset import TextDataset
+
+    ds = TextDataset(["a", "b", "c"], np.array([0, 1, 1]), ("fresh", "rotten"))
+    renumbered = ds.in_order(("rotten", "fresh"))
+    assert renumbered.label_names == ("rotten", "fresh") and renumbered.labels.tolist() == [1, 0, 0]
+    names = [renumbered.label_names[y] for y in renumbered.labels]
+    assert names == [ds.label_names[y] for y in ds.labels]

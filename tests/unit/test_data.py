@@ -353,8 +353,6 @@ def test_numeric_client_ids_are_ordered_by_value() -> None:
 
 
 def test_renumbering_labels_keeps_each_row_s_label_name():
-    from declora.text_dataset import TextDataset
-
     ds = TextDataset(["a", "b", "c"], np.array([0, 1, 1]), ("fresh", "rotten"))
     renumbered = ds.in_order(("rotten", "fresh"))
     assert renumbered.label_names == ("rotten", "fresh") and renumbered.labels.tolist() == [1, 0, 0]

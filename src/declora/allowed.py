@@ -136,6 +136,7 @@ RANGES: dict[str, Range] = {
     "train.logit_adjustment": Range(0, 10),  # tau: 1 is balanced softmax; beyond a few it only distorts
     "train.tokens_per_chunk": Range(1),
     "eval.node_examples": Range(1),
+    "eval.patience": Range(1, MAX_COUNT),
     "eval.consensus_examples": Range(1),
     "eval.seed": NON_NEGATIVE,
     "algorithm.auto_c": ABOVE_ZERO,

@@ -40,6 +40,7 @@ from declora.config import Config, ConfigError, load_config, parse_override, pyt
 from declora.report import (
     diverged_at,
     lower_is_better,
+    patience_stopped_at,
     read_metrics,
 )
 from declora.resume_rules import check_resume, resume_changes
@@ -323,11 +324,15 @@ def cell_state(cell: Cell) -> str:
             cell.run_dir, saved.checkpoint_every, saved.rounds, "delete that folder to rerun the cell"
         )
         return "new"
-    finished = rounds_done >= cfg.rounds and (cell.run_dir / "report.md").is_file()
+    stopped = patience_stopped_at(read_metrics(cell.run_dir / "metrics.jsonl")) == rounds_done  # early
+    finished = (rounds_done >= cfg.rounds or stopped) and (cell.run_dir / "report.md").is_file()
     done = finished and _exported(cell.run_dir, cfg)
     # A finished cell asked for the same rounds is done whatever the speed settings (threads, device, ...);
-    # only another export makes it resume, to write the adapters the grid now asks for.
-    return "done" if done and "export" not in resume_changes(saved, cfg) else "partial"
+    # only another export makes it resume, to write the adapters the grid now asks for, or, for a cell
+    # early stopping ended, another eval.patience.
+    changed = resume_changes(saved, cfg)
+    again = "export" in changed or (stopped and "eval.patience" in changed)
+    return "done" if done and not again else "partial"
 
 
 def _diverged(run_dir: Path) -> bool:

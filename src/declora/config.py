@@ -201,6 +201,9 @@ class EvalConfig:
     # or each node's own model where the nodes share none (local, fedsa_lora), in the task's measure
     # (acc_, or ppl_ for causal_lm and instruction).
     headline: str = "auto"
+    # Early stopping: stop once the headline's score on the validation rows (data.validation_fraction) has
+    # not improved for this many evaluations in a row; None: run every round (declora.patience).
+    patience: int | None = None
 
 
 # The methods that train A and B in alternating phases (algorithms/alternating.py): they read

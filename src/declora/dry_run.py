@@ -240,7 +240,8 @@ def _time(exp: Experiment, trial: Trial, writes: Writes, setup_s: float) -> str:
     export = f", {_short(writes.export_s)} an export" + (f" (up to {exports})" if exports > 1 else "")
     written = f"{saved}{export if exports else ''}, {_short(writes.report_s)} the report"
     trackers = " (trackers not counted)" if exp.cfg.log.trackers else ""
-    return f"{setup}{_rates(trial)}, {written}: {total} in all{trackers}"
+    sooner = ", less if eval.patience stops it early" if exp.cfg.eval.patience else ""
+    return f"{setup}{_rates(trial)}, {written}: {total} in all{sooner}{trackers}"
 
 
 def _short(seconds: float) -> str:

@@ -22,6 +22,7 @@ from declora.evaluate import evaluate_all
 from declora.experiment import Experiment
 from declora.export import AdapterExport
 from declora.heap import release_free_memory
+from declora.patience import Patience
 from declora.report import write_report
 from declora.run_start import METRICS, MetricsLog, check_folder, resume_run, start_new_run
 from declora.runfolder import crash_point, hold_run_folder
@@ -225,6 +226,8 @@ def _rounds(
     """Rounds ``start`` to the end (or to a StopRun), then the adapters' export."""
     cfg, group = exp.cfg, exp.group
     export = AdapterExport(exp, resumed=resume)
+    patience = Patience(cfg, [r for _, r in metrics.records()] if resume and group.is_main else ())
+    patience.evals = group.broadcast(patience.evals)  # read on rank 0: every rank stops alike
     began = time.perf_counter()
     records = []
     for t in range(start, cfg.rounds):
@@ -258,6 +261,16 @@ def _rounds(
                 phases.enter("checkpoint")
                 save_checkpoint(exp, t + 1, record["wall_s"])
                 saved = t + 1
+            if patience.after(record):  # early stopping: the validation score stopped improving
+                if saved != t + 1:
+                    save_checkpoint(exp, t + 1, record["wall_s"])
+                if group.is_main:
+                    metrics.write(patience.line(t + 1))
+                log.info(
+                    "stopped after round %d of %d: %s", t + 1, cfg.rounds, patience.line(t + 1)["reason"]
+                )
+                phases.done()
+                break
             if _stop_asked(exp, record, on_round, saved):
                 phases.done()
                 break

@@ -163,6 +163,8 @@ def stopped_early(records: list[dict[str, Any]], planned: int | None = None) -> 
     """(last round logged, rounds asked for) of a run that stopped before its last round (killed, or
     still running); None for a finished run. ``planned``: the run folder's config.yaml ``rounds`` (a resume
     may ask for more and rewrites it), else the config in the ``start`` line."""
+    if patience_stopped_at(records) is not None:  # early stopping ended it: a finished run
+        return None
     starts = [r for r in events_of(records, "start") if isinstance(r.get("config"), dict)]
     if planned is None and starts:
         planned = starts[-1]["config"].get("rounds")
@@ -178,11 +180,12 @@ def summarize(
 
     Returns ``{"rounds", "evals", "accuracy": {key: {final, final_round, best, best_round[, final_std,
     best_std]}}, "final": {key: value}, "peak_mem_mb", "headline", "selected", "stopped_early",
-    "diverged", "private"}`` (selected: ``selected_by_validation``; private: the run used differential
-    privacy). Consensus keys come from the last evaluation that logged them; bytes_total, wall_s and
-    train_loss from the last eval or round line (round lines are the more recent); peak_mem_mb is the
-    maximum over both. ``headline`` is the metric the paper reports (config eval.headline): the argument,
-    else the one in the run's ``start`` line, else None. Absent values are None.
+    "diverged", "patience", "private"}`` (selected: ``selected_by_validation``; patience: why early
+    stopping ended the run; private: the run used differential privacy). Consensus keys come from the
+    last evaluation that logged them; bytes_total, wall_s and train_loss from the last eval or round line
+    (round lines are the more recent); peak_mem_mb is the maximum over both. ``headline`` is the metric
+    the paper reports (config eval.headline): the argument, else the one in the run's ``start`` line,
+    else None. Absent values are None.
     """
     evals = events_of(records, "eval")
     progress = events_of(records, "eval", "round")
@@ -207,6 +210,7 @@ def summarize(
         "selected": selected_by_validation(evals, headline),
         "stopped_early": stopped_early(records, planned),
         "diverged": diverged_at(records),
+        "patience": _patience_reason(records),
         "private": _config_section(records, "privacy").get("level", "none") != "none",
     }
 
@@ -220,6 +224,26 @@ def selected_by_validation(evals: list[dict[str, Any]], key: str | None) -> dict
     chosen = best_final(evals, VALIDATION + key)["best_round"]
     record = next(r for r in evals if r.get("round") == chosen)
     return {"round": chosen, "value": number_at(record, key)}
+
+
+STOPPED = "stopped"  # the metrics.jsonl event of a run that eval.patience stopped (declora.patience)
+
+
+def patience_stopped_at(records: list[dict[str, Any]]) -> int | None:
+    """The round at which eval.patience stopped the run (its ``stopped`` line, when no round came after
+    it: a resume with more patience goes on), None if it did not stop so."""
+    progress = events_of(records, STOPPED, "round", "eval")
+    if not progress or progress[-1].get("event") != STOPPED:
+        return None
+    at = number_at(progress[-1], "round")
+    return None if at is None else int(at)
+
+
+def _patience_reason(records: list[dict[str, Any]]) -> str | None:
+    """Why early stopping ended the run (its ``stopped`` line), None if it did not."""
+    if patience_stopped_at(records) is None:
+        return None
+    return str(events_of(records, STOPPED)[-1].get("reason", "eval.patience"))
 
 
 def diverged_at(records: list[dict[str, Any]]) -> int | None:
@@ -312,6 +336,8 @@ def format_table(summary: dict[str, Any], headline: str | None = None, run_dir: 
 
     rule = "|" + "|".join([":" + "-" * (widths[0] + 1)] + ["-" * (w + 1) + ":" for w in widths[1:]]) + "|"
     rounds = _round(summary.get("rounds"))
+    if summary.get("patience"):
+        rounds += f", stopped early: {summary['patience']}"
     if summary.get("stopped_early"):
         from declora.runfolder import resume_command
 

@@ -14,6 +14,7 @@ RESUME_SAFE = (
     "run_dir",  # a moved folder: the run is where --resume points
     "checkpoint_every",
     "eval.every",
+    "eval.patience",  # a run it stopped goes on with more patience (or none)
     "threads",
     "device",  # checkpoints are device-neutral
     "export",

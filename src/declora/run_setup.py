@@ -60,6 +60,8 @@ def _resumed_config(args: argparse.Namespace) -> tuple[Config, Path]:
     from declora.checkpoint import refuse_multi_process_checkpoint_alone
     from declora.dist import launched
     from declora.inputs import check_started_in
+    from declora.patience import check_patience_left
+    from declora.report import read_metrics
     from declora.runfolder import (
         check_checkpoint_kept,
         check_last_round_evaluated,
@@ -114,6 +116,9 @@ def _resumed_config(args: argparse.Namespace) -> tuple[Config, Path]:
     check_log_covers(run_dir, done)
     check_resume(saved, cfg, rounds_done=done)
     check_last_round_evaluated(run_dir, done, cfg.rounds)
+    metrics = run_dir / "metrics.jsonl"
+    if done and metrics.is_file():  # a run early stopping ended would stop again at once
+        check_patience_left(cfg, [r for r in read_metrics(metrics) if r.get("round", 0) <= done], run_dir)
     check_tracker_runs(cfg, run_dir)
     check_started_in(saved, started_in)  # before any work (the engine checks again, and warns of
     # inputs changed since the start: declora.inputs)

@@ -14,6 +14,7 @@ from declora.checkpoint import LATEST, load_checkpoint
 from declora.config import ConfigError, load_config, save_config, to_dict
 from declora.experiment import Experiment
 from declora.inputs import check_started_in, fingerprints, warn_changed
+from declora.patience import check_patience_left
 from declora.quantize_bnb import uses_bitsandbytes
 from declora.replicas import Replicas
 from declora.report import record_problem
@@ -147,6 +148,9 @@ def resume_run(exp: Experiment, metrics: MetricsLog) -> tuple[int, float]:
         check_resume(saved, exp.cfg, rounds_done=start)
         check_log_covers(exp.run_dir, start)
         check_last_round_evaluated(exp.run_dir, start, exp.cfg.rounds)
+        check_patience_left(
+            exp.cfg, [r for _, r in metrics.records() if r.get("round", 0) <= start], exp.run_dir
+        )
         metrics.truncate_after(start)
         record_resume(exp.run_dir, start, changes)
         save_config(exp.cfg, exp.run_dir / "config.yaml")  # the folder describes the run as it goes on

@@ -285,6 +285,11 @@ def _check_unread_data_keys(cfg: Config) -> None:
     if d.node_files is not None:
         why = "with data.node_files: each node's file is its own; hold out validation rows of each file"
         refuse_if_set("data", d, ("validation_fraction",), why)
+    if cfg.eval.patience is not None and d.validation_fraction is None:
+        raise ConfigError(
+            f"eval.patience={cfg.eval.patience} stops on the score of validation rows, and the run has none: "
+            "set data.validation_fraction (0.1, say); stopping on the test rows would choose by them"
+        )
     if d.dataset in DATA and d.node_files is None:
         why = f"with the shipped data.dataset={d.dataset!r} (its own columns and held-out split)"
         why += "; it applies to a user's table or folder"

@@ -467,6 +467,33 @@ def test_fidelity_contrast_table_converts_margins_and_decides_by_the_interval(mo
     assert "| +0.01 ± 0.00 | +0.01 to +0.01 | **holds** | holds |" in lines[4]
 
 
+def test_a_cell_early_stopping_ended_is_done_and_goes_on_when_the_grid_gives_it_more_patience(
+    tmp_path, tiny_bert
+):
+    from declora.report import patience_stopped_at, read_metrics
+
+    def grid_with(patience):
+        more = [
+            "rounds=6",
+            "data.train_limit=null",
+            "data.validation_fraction=0.25",
+            f"eval.patience={patience}",
+        ]
+        one = {"algorithm.name": ["dec_lora"]}
+        return load_grid(_grid_file(tmp_path, tiny_bert, more, seeds=[0], grid=one))
+
+    run_grid(grid_with(1))
+    cell = expand(grid_with(1))[0]
+    stopped = patience_stopped_at(read_metrics(cell.run_dir / "metrics.jsonl"))
+    assert stopped is not None and stopped < 6  # the premise: it stopped early on this seed
+    assert cell_state(cell) == "done"  # finished: the grid does not resume it
+    cell = expand(grid_with("null"))[0]
+    assert cell_state(cell) == "partial"  # more patience: the grid goes on with it
+    run_grid(grid_with("null"))
+    assert cell_state(cell) == "done"
+    assert patience_stopped_at(read_metrics(cell.run_dir / "metrics.jsonl")) is None
+
+
 def test_a_cell_killed_in_its_export_is_not_finished_even_with_a_report(tmp_path, tiny_bert):
     # A kill during the export leaves adapters.tmp; `declora report` on the cell then writes report.md.
     # The cell must still resume (and write its adapters), not be skipped for good without them.

@@ -142,7 +142,7 @@ def one_node(cfg: Config, adapter: str) -> Config:
         task=cfg.task,
         data=cfg.data,
         # one model: node_examples sets aside rows no one scores (1, so no warning says it asks for too many)
-        eval=dataclasses.replace(cfg.eval, headline="auto", node_examples=1),
+        eval=dataclasses.replace(cfg.eval, headline="auto", node_examples=1, patience=None),
         algorithm=AlgorithmConfig(name="centralized"),
     )
 

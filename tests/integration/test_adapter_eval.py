@@ -74,6 +74,12 @@ def test_a_run_s_consensus_adapter_gets_the_run_s_numbers_back(trained, capsys):
     assert result["mcc"] == pytest.approx(last["mcc_avg_factors"], abs=1e-6)
     assert result["rows"] == 12  # the run's held-out rows (its own config: a fifth of 60)
     assert folder_digest(run_dir) == before  # nothing written, not even a run folder
+    # the run's training settings play no part: early stopping, and validation rows it holds out (the
+    # test rows stay the same)
+    code, again, _ = _eval(
+        capsys, run_dir / "adapters" / "consensus", "data.validation_fraction=0.2", "eval.patience=2"
+    )
+    assert code == 0 and again["acc"] == result["acc"] and again["rows"] == 12
 
 
 def test_other_rows_are_scored_as_stock_peft_predicts_them(trained, capsys):

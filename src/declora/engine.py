@@ -226,8 +226,7 @@ def _rounds(
     """Rounds ``start`` to the end (or to a StopRun), then the adapters' export."""
     cfg, group = exp.cfg, exp.group
     export = AdapterExport(exp, resumed=resume)
-    patience = Patience(cfg, [r for _, r in metrics.records()] if resume and group.is_main else ())
-    patience.evals = group.broadcast(patience.evals)  # read on rank 0: every rank stops alike
+    patience = Patience(cfg, _logged(exp, metrics) if resume and cfg.eval.patience else [])
     began = time.perf_counter()
     records = []
     for t in range(start, cfg.rounds):
@@ -261,14 +260,13 @@ def _rounds(
                 phases.enter("checkpoint")
                 save_checkpoint(exp, t + 1, record["wall_s"])
                 saved = t + 1
-            if patience.after(record):  # early stopping: the validation score stopped improving
+            if patience.after(record) and t + 1 < cfg.rounds:  # early stopping: no better validation score
                 if saved != t + 1:
                     save_checkpoint(exp, t + 1, record["wall_s"])
+                line = patience.line(t + 1)
                 if group.is_main:
-                    metrics.write(patience.line(t + 1))
-                log.info(
-                    "stopped after round %d of %d: %s", t + 1, cfg.rounds, patience.line(t + 1)["reason"]
-                )
+                    metrics.write(line)
+                log.info("stopped after round %d of %d: %s", t + 1, cfg.rounds, line["reason"])
                 phases.done()
                 break
             if _stop_asked(exp, record, on_round, saved):
@@ -354,6 +352,12 @@ def round_record(
     if exp.privacy is not None:  # every node's epsilon so far (declora.privacy)
         record.update(exp.privacy.summary(exp.group))
     return record
+
+
+def _logged(exp: Experiment, metrics: MetricsLog) -> list[dict[str, Any]]:
+    """The records a resumed run logged before its checkpoint, read on rank 0 and given to every rank (so
+    that every rank counts the same evaluations and stops alike)."""
+    return exp.group.broadcast([r for _, r in metrics.records()] if exp.group.is_main else None)
 
 
 def _stop_asked(

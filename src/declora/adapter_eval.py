@@ -87,18 +87,13 @@ def adapter_folder(name: str) -> Path:
     """The adapter folder ``name`` names (a folder, or an adapter's hub id already in the cache); a run
     folder, or any folder without adapter_config.json, is refused naming what to give."""
     from declora.assets import adapter_path
-    from declora.runfolder import is_run_folder
+    from declora.preflight import check_adapter_folder
 
     folder = adapter_path(name)
-    if (folder / "adapter_config.json").is_file():
-        return folder
-    if not folder.is_dir():
-        raise ConfigError(f"adapter {name!r} is not a folder (nor an adapter in the Hugging Face cache)")
-    exported = sorted(p for p in (folder / "adapters").glob("*") if (p / "adapter_config.json").is_file())
-    if is_run_folder(folder) or exported:
-        shown = ", ".join(str(p) for p in exported) or "none (it ran with export=none)"
-        raise ConfigError(f"{name} is a run folder, not an adapter; its adapters: {shown}")
-    raise ConfigError(f"{name} is not a PEFT adapter folder: it has no adapter_config.json")
+    check_adapter_folder(folder, f"adapter {name!r}", name)
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"{name} is not a PEFT adapter folder: it has no adapter_config.json")
+    return folder
 
 
 def eval_config(adapter: str, config: str | None, overrides: list[str]) -> tuple[Config, str]:

@@ -326,20 +326,26 @@ def check_tokenizer(folder: Path) -> Any:
     return tokenizer
 
 
+def check_adapter_folder(folder: Path, named: str, given: str) -> None:
+    """An adapter folder (``given`` as the user wrote it, ``folder`` where it resolved, ``named`` how a
+    message names it): a missing folder, and a run folder given for one of its adapters, are refused."""
+    from declora.runfolder import is_run_folder
+
+    if not folder.is_dir():
+        fetch = fetch_hint(given)
+        cache = f", nor an adapter in the Hugging Face cache ({fetch.removeprefix('; ')})" if fetch else ""
+        raise ConfigError(f"{named} is not a folder{cache}")
+    if (folder / "adapter_config.json").is_file():
+        return
+    exported = sorted(p for p in (folder / "adapters").glob("*") if (p / "adapter_config.json").is_file())
+    if exported or is_run_folder(folder):
+        shown = ", ".join(map(str, exported)) or "none (it ran with export=none)"
+        raise ConfigError(f"{named} is a run folder, not an adapter; pass one of its adapters: {shown}")
+
+
 def check_adapter(cfg: Config, folder: Path) -> None:
     """A PEFT adapter that seeds the run must be applied exactly: same rank, scale and target modules."""
-    if not folder.is_dir():
-        fetch = fetch_hint(str(cfg.model.init_adapter))
-        cache = f", nor an adapter in the Hugging Face cache ({fetch.removeprefix('; ')})" if fetch else ""
-        raise ConfigError(f"model.init_adapter={str(folder)!r} is not a folder{cache}")
-    exported = sorted(
-        p.name for p in (folder / "adapters").glob("*") if (p / "adapter_config.json").is_file()
-    )
-    if not (folder / "adapter_config.json").is_file() and exported:
-        raise ConfigError(
-            f"model.init_adapter={str(folder)!r} is a run folder, not an adapter; pass one of its adapters: "
-            + ", ".join(str(folder / "adapters" / name) for name in exported)
-        )
+    check_adapter_folder(folder, f"model.init_adapter={str(folder)!r}", str(cfg.model.init_adapter))
     ac = read_json_file(folder / "adapter_config.json", f"adapter {folder}")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():

@@ -295,7 +295,7 @@ EXAMPLES = """examples:
   declora run                                      the default experiment (configs/default.yaml)
   declora run configs/smoke.yaml nodes=4 rounds=2  a config with overrides; the folder goes under runs/
   declora run --resume RUN_DIR rounds=40           continue a stopped run (or extend a finished one)
-  declora run configs/smoke.yaml --dry-run         check a run, time 2 rounds, print its plan; writes nothing
+  declora run configs/smoke.yaml --dry-run         check a run, time 2 rounds, print its plan; keeps nothing
   declora eval RUN_DIR/adapters/consensus          score an adapter on held-out rows (data.test_file=...)
   declora compare configs/grids/smoke.yaml         a grid of runs, paired by seed, in one table
   declora report RUN_DIR [RUN_DIR ...]             report.md and curves.png; several runs compared
@@ -352,8 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one .yaml config, and dotted overrides (data.test_file=other.csv)",
     )
     p.add_argument("--json", action="store_true", help="print each adapter's numbers as a JSON line")
-    p.set_defaults(overrides=[])
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, overrides=[])
     p = sub.add_parser("report", help="table and plot from existing run folders")
     p.add_argument(
         "run_dirs",

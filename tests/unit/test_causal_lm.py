@@ -14,7 +14,6 @@ from helpers import special_adding_tokenizer
 from declora.assets import GGUF_MODELS, Asset, AssetNotFoundError, model_path
 from declora.config import ConfigError, ModelConfig, TaskConfig, load_config
 from declora.data import load_dataset
-from declora.gguf_cache import cache_root
 from declora.model import build_federation, node_slice
 from declora.peft_io import export_peft
 from declora.tasks import CausalLM, LabelWords, build_task
@@ -249,14 +248,6 @@ def test_missing_gguf_package_says_how_to_install(monkeypatch):
         model_path("nothere")
 
 
-def test_cache_root_env_overrides(monkeypatch, tmp_path):
-    monkeypatch.setenv("DECLORA_CACHE", str(tmp_path / "c"))
-    assert cache_root() == tmp_path / "c"
-    monkeypatch.delenv("DECLORA_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert cache_root() == tmp_path / "x" / "declora"
-
-
 @pytest.mark.slow
 def test_smollm2_loads_from_its_gguf_as_a_llama():
     """The shipped SmolLM2 (first call: ~40 s conversion into the user cache; then under a second)."""
@@ -391,15 +382,14 @@ def test_a_model_cache_that_cannot_be_written_is_refused_before_the_conversion(t
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(blocker / "cache"))  # a folder under a file
+    monkeypatch.setenv("DECLORA_CACHE", str(blocker / "cache"))  # a folder under a file
     with pytest.raises(OSError, match=r"cannot write the model cache .*point DECLORA_CACHE"):
         gguf_cache.cached_folder(blocker, "smollm2-test")
 
 
-def test_a_conversion_another_process_finished_meanwhile_is_kept(tiny_llama, tmp_path, monkeypatch):
-    # Cells of `declora compare --jobs` may convert the same file at once; the one that finishes last must
-    # not delete the folder the first one finished (others may be loading it). The GGUF reading itself
-    # (40 s for SmolLM2) is replaced by loading the tiny model: what is tested is the folder's handling.
+def test_a_gguf_is_converted_once_into_the_cache(tiny_llama, tmp_path, monkeypatch):
+    # The GGUF reading itself (40 s for SmolLM2) is replaced by loading the tiny model: what is tested is
+    # that the first use converts and saves, and a later one reads the saved folder.
     import transformers
 
     from declora import gguf_cache
@@ -408,24 +398,24 @@ def test_a_conversion_another_process_finished_meanwhile_is_kept(tiny_llama, tmp
         transformers.AutoModelForCausalLM.from_pretrained,
         transformers.AutoTokenizer.from_pretrained,
     )
+    loads = []
     monkeypatch.setattr(
-        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: real_model(str(tiny_llama))
+        transformers.AutoModelForCausalLM,
+        "from_pretrained",
+        lambda *a, **k: loads.append(a) or real_model(str(tiny_llama)),
     )
     monkeypatch.setattr(
         transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: real_tokenizer(str(tiny_llama))
     )
-    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv("DECLORA_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"0" * 100)
-    folder = gguf_cache.cached_folder(gguf, "tiny")  # a first conversion
-    assert (folder / gguf_cache.DONE).is_file() and (folder / "config.json").is_file()
-    (folder / "theirs").write_text("")  # as if another process had written this finished folder
-    gguf_cache.convert(gguf, folder)  # this process ends its own conversion of the same file after it
-    assert (folder / "theirs").is_file()  # kept, not replaced under its readers
-    (folder / gguf_cache.DONE).unlink()  # an unfinished folder (killed mid-write) is replaced
-    gguf_cache.convert(gguf, folder)
-    assert (folder / gguf_cache.DONE).is_file() and not (folder / "theirs").exists()
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["tiny"]  # no temporary folder left
+    folder = gguf_cache.cached_folder(gguf, "tiny")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert gguf_cache.cached_folder(gguf, "tiny") == folder and len(loads) == 1  # read, not converted again
+    gguf.write_bytes(b"0" * 101)  # another file under the same name: converted again
+    gguf_cache.cached_folder(gguf, "tiny")
+    assert len(loads) == 2
 
 
 def test_label_words_are_checked_before_the_model_is_built(tiny_llama, tiny_data, tmp_path, monkeypatch):

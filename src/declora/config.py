@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 # head, which trains whole, and a causal LM's output layer (lm_head). Any other string is, as in PEFT, a
 # regular expression that a layer's full name (bert.encoder.layer.5.attention.self.query) matches whole.
 ALL_LINEAR = "all-linear"
+AUTO_TARGETS = "auto"  # model.target_modules: the attention's query and value projections (declora.targets)
 
 
 def shown_targets(targets: tuple[str, ...] | str) -> str:
@@ -38,8 +39,10 @@ def shown_targets(targets: tuple[str, ...] | str) -> str:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local model folder | a hub id in the HF cache
-    # LLaMA family: [q_proj, v_proj]; or all-linear; or a regular expression on the full names (a string)
-    target_modules: tuple[str, ...] | str = ("query", "value")
+    # auto: the attention's query and value projections, as PEFT picks them for the model's type (BERT:
+    # [query, value]; MPNet: [q, v]; LLaMA: [q_proj, v_proj]); or layer names; or all-linear; or a regular
+    # expression on the full names (a string). See declora/targets.py.
+    target_modules: tuple[str, ...] | str = (AUTO_TARGETS,)
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
@@ -398,7 +401,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
         return dict(value)
     if origin is tuple:
-        if key == "model.target_modules" and value == ALL_LINEAR:  # as a string, as PEFT takes it
+        if key == "model.target_modules" and value in (ALL_LINEAR, AUTO_TARGETS):  # a string, as in PEFT
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {_shown(value)}")

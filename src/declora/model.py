@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from declora.assets import model_path
-from declora.config import ALL_LINEAR, ModelConfig, shown_targets
+from declora.config import ModelConfig, shown_targets
 from declora.device import PRECISIONS, autocast
 from declora.lora import NodeRouting, RankMask, StackedLinear, StackedLoRALinear, lora_scale
 from declora.metrics import gated
@@ -35,6 +34,7 @@ from declora.pooling import (
 )
 from declora.quantize import QuantizedLinear, quantize_linears
 from declora.seeding import torch_generator
+from declora.targets import is_target, resolved_targets
 
 if TYPE_CHECKING:
     pass
@@ -63,6 +63,7 @@ class Federation(nn.Module):
         precision: str = "fp32",
         pooling: str = "cls",
         head_input: str | None = None,
+        targets: tuple[str, ...] | str | None = None,
     ) -> None:
         super().__init__()
         self.model, self.n, self.cfg, self.path, self.routing = model, n, cfg, path, routing
@@ -72,6 +73,8 @@ class Federation(nn.Module):
         self.causal = causal  # a causal LM: logits (rows, seq, vocab), no classifier head
         self.pooling = pooling  # what the head reads: "cls" (the model's own) | "mean" (pooling.py)
         self.head_input = head_input  # mean pooling: how the head is handed the mean (mean_head_input)
+        # model.target_modules with auto resolved (declora.targets): what the adapters name on export
+        self.targets = cfg.target_modules if targets is None else targets
         # Sentence pairs on a model that embeds two segments (BERT's token types): the separator id after
         # whose first occurrence the second text starts (set by build_experiment); None: one segment.
         self.segment_sep: int | None = None
@@ -296,19 +299,20 @@ def build_federation(
     unread = pooling == "mean"  # what the model's own pooling applies before the head: mean pooling skips it
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
+    kinds = (nn.Linear, QuantizedLinear)
+    linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, kinds)})
+    targets = resolved_targets(cfg.target_modules, getattr(model.config, "model_type", ""), linears)
     lora: dict[str, StackedLoRALinear] = {}
     for name, module in list(model.named_modules()):
         if (
-            isinstance(module, (nn.Linear, QuantizedLinear))
-            and is_target(cfg.target_modules, name)
+            isinstance(module, kinds)
+            and is_target(targets, name)
             and not name.startswith(HEAD_ROOTS)
             and not (unread and skipped_by_mean(name))
         ):
             init_A = _kaiming_uniform(cfg.rank, module.in_features, torch_generator(cfg.init_seed, "A", name))
             lora[name] = StackedLoRALinear(module, n, cfg.rank, scale, cfg.dropout, routing, init_A, name)
     if not lora:
-        kinds = (nn.Linear, QuantizedLinear)
-        linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, kinds)})
         raise ValueError(
             f"model.target_modules={shown_targets(cfg.target_modules)} matches no linear layer of "
             f"{path}; its linear layer names are {linears}"
@@ -325,21 +329,13 @@ def build_federation(
         head.requires_grad_(cfg.head == "train")
     said = "no classifier head (a causal LM)" if causal else f"{len(heads)} head layers (pooling {pooling})"
     log.info("model %s: %d adapted modules, rank %d, %s, %d nodes", path, len(lora), cfg.rank, said, n)
-    fed = Federation(model, n, cfg, path, routing, lora, heads, causal, precision, pooling, head_input)
+    fed = Federation(
+        model, n, cfg, path, routing, lora, heads, causal, precision, pooling, head_input, targets
+    )
     return fed.to(device)
 
 
 # ---------------------------------------------------------------- derived adapters
-
-
-def is_target(target_modules: tuple[str, ...] | str, name: str) -> bool:
-    """Whether ``model.target_modules`` names the linear layer ``name`` (by its last part; all-linear: every
-    one but lm_head; a string: a regular expression the full name matches whole, PEFT's rule; the callers
-    leave out the classifier head)."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    leaf = name.split(".")[-1]
-    return leaf != "lm_head" if ALL_LINEAR in target_modules else leaf in target_modules
 
 
 def fold_middle(stacked: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -25,14 +25,15 @@ if TYPE_CHECKING:
 
 
 def export_targets(fed: Federation) -> list[str]:
-    """The target_modules an exported adapter names: the config's, or under all-linear the names of the
-    layers it resolved to (explicit, so that stock PEFT adapts exactly these whatever its own shorthand
-    takes in); under a regular expression the full names of the adapted layers, which PEFT matches exactly."""
-    if isinstance(fed.cfg.target_modules, str):
+    """The target_modules an exported adapter names: the config's (auto: the names it picked), or under
+    all-linear the names of the layers it resolved to (explicit, so that stock PEFT adapts exactly these
+    whatever its own shorthand takes in); under a regular expression the full names of the adapted layers,
+    which PEFT matches exactly."""
+    if isinstance(fed.targets, str):
         return sorted(fed.lora)
-    if ALL_LINEAR in fed.cfg.target_modules:
+    if ALL_LINEAR in fed.targets:
         return sorted({name.split(".")[-1] for name in fed.lora})
-    return sorted(fed.cfg.target_modules)
+    return sorted(fed.targets)
 
 
 def unadapted_targets(fed: Federation) -> list[str]:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from declora.assets import fetch_hint
-from declora.config import ALL_LINEAR, Config, ConfigError, ModelConfig, shown_targets
+from declora.config import ALL_LINEAR, AUTO_TARGETS, Config, ConfigError, ModelConfig, shown_targets
+from declora.targets import is_target, resolved_targets, suggested_targets
 
 log = logging.getLogger(__name__)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -177,18 +178,17 @@ def check_model_shape(
 ) -> dict[str, tuple[int, int]]:
     """max_length, rank and target modules against the model, and a last-token classifier's pad id
     against ``pad_id``, the tokenizer's; returns {module: (d_in, d_out)}."""
-    from declora.model import HEAD_ROOTS, is_target
+    from declora.model import HEAD_ROOTS
 
     model = _meta_model(cfg, folder, causal)
     check_max_length(cfg, getattr(model.config, "max_position_embeddings", None))
+    linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
+    targets = resolved_targets(cfg.model.target_modules, getattr(model.config, "model_type", ""), linears)
     dims = {
         name: (m.in_features, m.out_features)
         for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and is_target(cfg.model.target_modules, name)
-        and not name.startswith(HEAD_ROOTS)
+        if isinstance(m, nn.Linear) and is_target(targets, name) and not name.startswith(HEAD_ROOTS)
     }
-    targets = cfg.model.target_modules
     if not dims and isinstance(targets, str):  # a regular expression: show full names to match
         linears = [
             k for k, m in model.named_modules() if isinstance(m, nn.Linear) and not k.startswith(HEAD_ROOTS)
@@ -205,7 +205,7 @@ def check_model_shape(
             {
                 f"{k.split('.')[-1]} ({type(m).__name__})"
                 for k, m in model.named_modules()
-                if k.split(".")[-1] in cfg.model.target_modules and not isinstance(m, nn.Linear)
+                if k.split(".")[-1] in targets and not isinstance(m, nn.Linear)
             }
         )
         if other:
@@ -251,36 +251,10 @@ def _adaptable_names(model: nn.Module) -> str:
     conv = sorted({k.split(".")[-1] for k, m in model.named_modules() if type(m).__name__ == "Conv1D"})
     if conv:
         said += f" (its {conv} are GPT-2-style Conv1D layers, which declora's LoRA does not adapt)"
-    suggested = _suggested_targets(getattr(model.config, "model_type", ""), linears)
+    suggested = suggested_targets(getattr(model.config, "model_type", ""), linears)
     if suggested:
         said += f"; the usual choice for this model: model.target_modules=[{','.join(suggested)}]"
     return said
-
-
-# The attention's query and value projections under the names the common families give them, for a
-# model type PEFT has no default targets for (its names must all be linear layers of the model).
-ATTENTION_PAIRS = (
-    ("q_proj", "v_proj"),
-    ("query", "value"),
-    ("query_proj", "value_proj"),
-    ("q_lin", "v_lin"),
-    ("Wqkv",),
-    ("qkv_proj",),
-    ("query_key_value",),
-)
-
-
-def _suggested_targets(model_type: str, linears: list[str]) -> list[str]:
-    """What PEFT adapts by default in a model of this type (where those are linear layers here), else the
-    attention's query and value projections found among ``linears``; [] when neither is there."""
-    try:  # PEFT's table of default targets per model type (an internal module: it may move)
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
-    except ImportError:
-        PEFT_DEFAULTS = {}
-    peft = PEFT_DEFAULTS.get(model_type) or []
-    if peft and set(peft) <= set(linears):
-        return list(peft)
-    return next((list(pair) for pair in ATTENTION_PAIRS if set(pair) <= set(linears)), [])
 
 
 def _check_last_token_pad(cfg: Config, model: nn.Module, theirs: int | None) -> None:
@@ -423,7 +397,7 @@ def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> No
     targets = sorted([targets] if isinstance(targets, str) else targets or [])
     # all-linear resolves against the model: import_peft then finds a tensor for every adapted layer or stops
     # a regular expression too: the run's own export lists the full names it resolved to
-    resolved = isinstance(m.target_modules, str) or ALL_LINEAR in m.target_modules
+    resolved = isinstance(m.target_modules, str) or {ALL_LINEAR, AUTO_TARGETS} & set(m.target_modules)
     if not resolved and targets != sorted(m.target_modules):
         raise ConfigError(
             f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"

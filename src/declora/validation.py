@@ -15,7 +15,7 @@ import typing
 from typing import Any
 
 from declora.allowed import MAX_EPOCHS, TWO_LABEL_METRICS, check_choices, check_ranges, refuse_empty_names
-from declora.config import ALL_LINEAR, ALTERNATING, Config, ConfigError, flatten, to_dict
+from declora.config import ALL_LINEAR, ALTERNATING, AUTO_TARGETS, Config, ConfigError, flatten, to_dict
 
 
 def _validate_partition(cfg: Config) -> None:
@@ -91,6 +91,11 @@ def _check_values(cfg: Config, flat: dict[str, Any]) -> None:
         raise ConfigError(
             f"model.target_modules={list(targets)}: {ALL_LINEAR} already names every linear layer; give it "
             "alone, or list the layers"
+        )
+    elif AUTO_TARGETS in targets and len(targets) > 1:
+        raise ConfigError(
+            f"model.target_modules={list(targets)}: {AUTO_TARGETS} picks the layers itself; give it alone, "
+            "or list the layers"
         )
 
 

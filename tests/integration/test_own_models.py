@@ -191,13 +191,19 @@ def test_decoders_of_other_families_classify_as_stock_peft_does(tiny_decoder, tm
 
 def test_target_modules_that_match_nothing_name_the_usual_choice_for_the_model(tiny_decoder, tmp_path):
     """The error names what PEFT adapts in this family by default, or the attention's query and value
-    projections where PEFT has no default (Phi-3), and that choice runs (the test above)."""
+    projections where PEFT has no default (Phi-3), and that choice runs (the test above); it is what
+    model.target_modules=auto, the default, adapts."""
     model_type, folder = tiny_decoder
     usual = DECODERS[model_type][1]
+    bert_names = _overrides(folder, tmp_path, "model.target_modules=[query,value]")
     with pytest.raises(
         ConfigError, match=re.escape(f"usual choice for this model: model.target_modules=[{','.join(usual)}]")
     ):
-        build_experiment(load_config(None, _overrides(folder, tmp_path)))  # [query, value]: a BERT's names
+        build_experiment(load_config(None, bert_names))
+    (tmp_path / "auto").mkdir()
+    exp = build_experiment(load_config(None, _overrides(folder, tmp_path / "auto")))
+    assert exp.cfg.model.target_modules == ("auto",) and exp.fed.targets == tuple(usual)
+    assert sorted({name.split(".")[-1] for name in exp.fed.lora}) == sorted(usual)
 
 
 def test_a_decoder_transformers_cannot_classify_is_pointed_to_label_words(byte_level_tokenizer, tmp_path):

@@ -205,6 +205,8 @@ def test_mean_pooling_needs_a_head_that_can_read_the_mean(tmp_path):
         build_federation(ModelConfig(name=str(tmp_path / "funnel"), rank=2, pooling="mean"), 1, 2)
     funnel = ModelConfig(name=str(tmp_path / "funnel"), rank=2, target_modules=("q_head", "v_head"))
     assert build_federation(funnel, 1, 2).pooling == "cls"
+    with pytest.raises(ConfigError, match=r"target_modules=auto knows no attention projections of this funn"):
+        build_federation(ModelConfig(name=str(tmp_path / "funnel"), rank=2, pooling="cls"), 1, 2)
 
 
 def test_config_refuses_mean_pooling_for_a_causal_lm():
@@ -217,7 +219,7 @@ def test_config_refuses_mean_pooling_for_a_causal_lm():
         load_config(None, ["model.pooling=max"])
 
 
-ARCHITECTURES = {  # model class, config class, extra config, LoRA targets, how the head takes the mean
+ARCHITECTURES = {  # model class, config class, extra config, auto's LoRA targets, how the head takes the mean
     "albert": ("AlbertModel", "AlbertConfig", {"embedding_size": 16}, ("query", "value"), "vector"),
     "deberta-v2": ("DebertaV2Model", "DebertaV2Config", {}, ("query_proj", "value_proj"), "vector"),
     "roberta": ("RobertaModel", "RobertaConfig", {}, ("query", "value"), "sequence"),
@@ -255,8 +257,8 @@ def test_sentence_models_of_each_family_read_the_mean_as_stock_peft_reproduces(a
     tokenizer.save_pretrained(base)
     (base / "1_Pooling").mkdir()
     (base / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    fed = build_federation(ModelConfig(name=str(base), rank=2, target_modules=targets), n=2, num_labels=3)
-    assert (fed.pooling, fed.head_input) == ("mean", head_input)
+    fed = build_federation(ModelConfig(name=str(base), rank=2), n=2, num_labels=3)  # target_modules: auto
+    assert (fed.pooling, fed.head_input, fed.targets) == ("mean", head_input, targets)
     _randomize(fed)
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad(), fed.route(torch.full((len(TEXTS),), 1)):

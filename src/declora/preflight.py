@@ -357,9 +357,12 @@ def check_adapter_labels(cfg: Config, names: tuple[str, ...]) -> None:
         log.warning("%s: each data label k is taken as the adapter's label k", said)
 
 
-def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> None:
+def check_adapter_config(
+    ac: dict[str, Any], m: ModelConfig, folder: Path, resolved: tuple[str, ...] | str | None = None
+) -> None:
     """An adapter_config.json that the run ``m`` applies exactly: same rank, scale and target modules, and
-    no PEFT feature declora's LoRA lacks (also checked where an adapter is imported, for Python callers)."""
+    no PEFT feature declora's LoRA lacks (also checked where an adapter is imported, for Python callers,
+    with ``resolved``: the targets the built model resolved ``auto`` to)."""
     from declora.lora import lora_scale
 
     r, alpha, rslora = ac.get("r"), ac.get("lora_alpha"), bool(ac.get("use_rslora", False))
@@ -396,12 +399,13 @@ def check_adapter_config(ac: dict[str, Any], m: ModelConfig, folder: Path) -> No
     targets = ac.get("target_modules")
     targets = sorted([targets] if isinstance(targets, str) else targets or [])
     # all-linear resolves against the model: import_peft then finds a tensor for every adapted layer or stops
-    # a regular expression too: the run's own export lists the full names it resolved to
-    resolved = isinstance(m.target_modules, str) or {ALL_LINEAR, AUTO_TARGETS} & set(m.target_modules)
-    if not resolved and targets != sorted(m.target_modules):
-        raise ConfigError(
-            f"adapter {folder} targets {targets}, the run model.target_modules={sorted(m.target_modules)}"
-        )
+    # a regular expression too: the run's own export lists the full names it resolved to; auto is compared
+    # once resolved (where the adapter is imported into the built model)
+    run = m.target_modules if resolved is None or m.target_modules != (AUTO_TARGETS,) else resolved
+    if isinstance(run, str) or {ALL_LINEAR, AUTO_TARGETS} & set(run) or targets == sorted(run):
+        return
+    said = f"auto, which adapts {sorted(run)} here" if run != m.target_modules else str(sorted(run))
+    raise ConfigError(f"adapter {folder} targets {targets}, the run model.target_modules={said}")
 
 
 def _excludes_only_what_declora_leaves(excluded: object) -> bool:

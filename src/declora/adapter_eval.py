@@ -5,9 +5,10 @@ Flower or PEFT script) is measured on the same terms as declora's runs. Nothing 
 Which config: the one given; else, for a declora export whose run folder is still there, that run's own
 config.yaml (so the adapter is scored on the rows its run scored, and the consensus adapter gets the
 run's ``acc_avg_factors`` back); else configs/default.yaml. Overrides apply on top (``data.test_file``:
-other rows). The adapter fixes what it was made with: rank, scale and target modules from its
-``adapter_config.json`` unless an override names them, and an encoder classifier head with no declora
-pooling note is read as stock transformers reads it, from the [CLS] pooler (``model.pooling=cls``).
+other rows). The adapter fixes what it was made with: its base (where ``base_model_name_or_path`` loads
+here), rank, scale and target modules from its ``adapter_config.json`` unless an override names them,
+and an encoder classifier head with no declora pooling note is read as stock transformers reads it, from
+the [CLS] pooler (``model.pooling=cls``).
 
 The scoring is a one-node experiment seeded by the adapter (``model.init_adapter``): one model, so the
 averaged factors, the averaged product and the node's own model are the adapter itself; its training
@@ -43,12 +44,29 @@ def run_config_of(card: dict[str, Any]) -> Path | None:
     return config if config is not None and config.is_file() else None
 
 
+def base_of(recorded: object) -> str | None:
+    """The model.name that loads an adapter's ``base_model_name_or_path`` here: a folder on this machine,
+    a shipped model's public name (as the shipped copy), a hub id in the Hugging Face cache; else None."""
+    from declora.assets import PUBLIC_NAMES, hub_cached
+
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    if Path(recorded).expanduser().is_dir():
+        return recorded
+    shipped = next((k for k, v in PUBLIC_NAMES.items() if v.lower() == recorded.strip("/").lower()), None)
+    return shipped or (recorded if hub_cached(recorded) is not None else None)
+
+
 def adapter_model_keys(adapter: Path, named: set[str]) -> dict[str, Any]:
-    """The model.* overrides the adapter's own files fix, leaving out those the command line ``named``."""
+    """The model.* overrides the adapter's own files fix, leaving out those the command line ``named``:
+    its rank, scale and targets, and its base where that loads here."""
     from declora.preflight import read_json_file
 
     ac = read_json_file(adapter / "adapter_config.json", f"adapter {adapter}")
     keys: dict[str, Any] = {}
+    base = base_of(ac.get("base_model_name_or_path"))
+    if base is not None and "model.name" not in named:
+        keys["model.name"] = base
     for theirs, ours in ADAPTER_KEYS.items():
         value = ac.get(theirs)
         if value is None or f"model.{ours}" in named:

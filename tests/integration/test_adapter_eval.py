@@ -142,6 +142,10 @@ def test_a_stock_peft_adapter_is_scored_with_its_own_rank_and_the_cls_pooler(tin
     # a pooling named on the command line is what is read: the mean gives other predictions here
     code, mean_read, _ = _eval(capsys, tmp_path / "theirs", *given, "model.pooling=mean")
     assert code == 0 and mean_read["acc"] != result["acc"]
+    # without model.name the adapter's own base (base_model_name_or_path, a folder here) is loaded, not the
+    # default experiment's model
+    code, own_base, _ = _eval(capsys, tmp_path / "theirs", *given[1:])
+    assert code == 0 and own_base == {**result, "seconds": own_base["seconds"]}
 
 
 def _stock_accuracy(model, base, rows_file):
@@ -318,3 +322,13 @@ def test_a_headless_adapter_after_another_is_refused_not_scored_with_the_other_s
     save_file({k: v for k, v in load_file(str(weights)).items() if "classifier" not in k}, str(weights))
     line = _refused(capsys, run_dir / "adapters" / "consensus", headless)
     assert "holds no trained classifier head" in line and str(headless) in line
+
+
+def test_an_adapter_s_recorded_base_names_the_model_that_loads_it_here(tmp_path):
+    from declora.adapter_eval import base_of
+
+    assert base_of(str(tmp_path)) == str(tmp_path)  # a folder on this machine
+    assert base_of("sentence-transformers/all-MiniLM-L6-v2") == "minilm"  # a shipped model's public name
+    assert base_of("sentence-transformers/all-mpnet-base-v2/") == "mpnet"
+    assert base_of("nobody/no-such-model") is None  # neither: the config's model, with the base warning
+    assert base_of(None) is None and base_of("") is None

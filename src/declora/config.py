@@ -38,7 +38,8 @@ def shown_targets(targets: tuple[str, ...] | str) -> str:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "minilm"  # "minilm" | "smollm2" (shipped) | a local model folder | a hub id in the HF cache
+    # "minilm" | "mpnet" | "smollm2" (shipped) | a local model folder | a hub id in the HF cache
+    name: str = "minilm"
     # auto: the attention's query and value projections, as PEFT picks them for the model's type (BERT:
     # [query, value]; MPNet: [q, v]; LLaMA: [q_proj, v_proj]); or layer names; or all-linear; or a regular
     # expression on the full names (a string). See declora/targets.py.

@@ -34,7 +34,7 @@ from declora.pooling import (
 )
 from declora.quantize import QuantizedLinear, quantize_linears
 from declora.seeding import torch_generator
-from declora.targets import is_target, resolved_targets
+from declora.targets import is_target, layer_names, resolved_targets
 
 if TYPE_CHECKING:
     pass
@@ -300,8 +300,7 @@ def build_federation(
     routing = NodeRouting()
     scale = lora_scale(cfg.alpha, cfg.rank, cfg.rslora)
     kinds = (nn.Linear, QuantizedLinear)
-    linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, kinds)})
-    targets = resolved_targets(cfg.target_modules, getattr(model.config, "model_type", ""), linears)
+    targets = resolved_targets(cfg.target_modules, model, kinds)
     lora: dict[str, StackedLoRALinear] = {}
     for name, module in list(model.named_modules()):
         if (
@@ -315,7 +314,7 @@ def build_federation(
     if not lora:
         raise ValueError(
             f"model.target_modules={shown_targets(cfg.target_modules)} matches no linear layer of "
-            f"{path}; its linear layer names are {linears}"
+            f"{path}; its linear layer names are {layer_names(model, kinds)}"
         )
     for name, layer in lora.items():
         _replace(model, name, layer)

@@ -182,8 +182,7 @@ def check_model_shape(
 
     model = _meta_model(cfg, folder, causal)
     check_max_length(cfg, getattr(model.config, "max_position_embeddings", None))
-    linears = sorted({k.split(".")[-1] for k, m in model.named_modules() if isinstance(m, nn.Linear)})
-    targets = resolved_targets(cfg.model.target_modules, getattr(model.config, "model_type", ""), linears)
+    targets = resolved_targets(cfg.model.target_modules, model)
     dims = {
         name: (m.in_features, m.out_features)
         for name, m in model.named_modules()

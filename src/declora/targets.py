@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from torch import nn
+
 from declora.config import ALL_LINEAR, AUTO_TARGETS, ConfigError
 
 # The attention's query and value projections (or its fused projection) as the common families name them,
@@ -37,18 +39,24 @@ def suggested_targets(model_type: str, linears: list[str]) -> list[str]:
     return next((list(pair) for pair in ATTENTION_PAIRS if set(pair) <= set(linears)), [])
 
 
+def layer_names(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """The names (last parts, once each, sorted) of ``model``'s layers of ``kinds``."""
+    return sorted({name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, kinds)})
+
+
 def resolved_targets(
-    targets: tuple[str, ...] | str, model_type: str, linears: list[str]
+    targets: tuple[str, ...] | str, model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)
 ) -> tuple[str, ...] | str:
-    """``targets`` with ``auto`` replaced by the layer names it picks among ``linears`` (the model's linear
-    layer names, its head left out); a ConfigError naming them where it finds none."""
+    """``targets`` with ``auto`` replaced by the names it picks among ``model``'s layers of ``kinds``; a
+    ConfigError naming them where it finds none."""
     if targets != (AUTO_TARGETS,):
         return targets
+    model_type, linears = getattr(model.config, "model_type", ""), layer_names(model, kinds)
     picked = suggested_targets(model_type, linears)
     if not picked:
         raise ConfigError(
             f"model.target_modules=auto knows no attention projections of this {model_type or 'model'} "
-            f"(its linear layer names are {sorted(set(linears))}): name the layers to adapt"
+            f"(its linear layer names are {linears}): name the layers to adapt"
         )
     return tuple(picked)
 

@@ -8,6 +8,7 @@ missing, truncated or of another release stops the run with the command that rei
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import logging
@@ -51,7 +52,7 @@ class JoinedParts(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         if self.pos >= self.size:
             return 0
-        k = max(i for i, start in enumerate(self.starts) if start <= self.pos)
+        k = bisect.bisect_right(self.starts, self.pos) - 1  # the last part that starts at or before pos
         file = self.files[k]
         file.seek(self.pos - self.starts[k])
         got = file.readinto(buffer)  # at most to the end of this part; the next call reads the next one

@@ -47,14 +47,13 @@ def run_config_of(card: dict[str, Any]) -> Path | None:
 def base_of(recorded: object) -> str | None:
     """The model.name that loads an adapter's ``base_model_name_or_path`` here: a folder on this machine,
     a shipped model's public name (as the shipped copy), a hub id in the Hugging Face cache; else None."""
-    from declora.assets import PUBLIC_NAMES, hub_cached
+    from declora.assets import hub_cached, shipped_name
 
     if not isinstance(recorded, str) or not recorded:
         return None
     if Path(recorded).expanduser().is_dir():
         return recorded
-    shipped = next((k for k, v in PUBLIC_NAMES.items() if v.lower() == recorded.strip("/").lower()), None)
-    return shipped or (recorded if hub_cached(recorded) is not None else None)
+    return shipped_name(recorded) or (recorded if hub_cached(recorded) is not None else None)
 
 
 def adapter_model_keys(adapter: Path, named: set[str]) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def model_path(name: str) -> Path:
     cached = hub_cached(name)
     if cached is not None:
         return cached
-    shipped = next((k for k, v in PUBLIC_NAMES.items() if v.lower() == name.strip("/").lower()), None)
+    shipped = shipped_name(name)
     if shipped is not None:  # the public name of a model declora ships: say which name loads the copy
         copy = "a 4-bit (Q4_1) GGUF copy of it" if shipped in GGUF_MODELS else "it"
         raise AssetNotFoundError(
@@ -143,6 +143,11 @@ def model_path(name: str) -> Path:
         f"existing local folder nor a model in the Hugging Face cache{fetch}"
         + (", or pass a folder written by save_pretrained" if fetch else "")
     )
+
+
+def shipped_name(public: str) -> str | None:
+    """The model.name of the shipped copy of the model whose public (hub) name is ``public``, else None."""
+    return next((k for k, v in PUBLIC_NAMES.items() if v.lower() == public.strip("/").lower()), None)
 
 
 def _unzipped(name: str, model: ZippedModel) -> Path:
